@@ -1,0 +1,185 @@
+//! Sliding window counter.
+//!
+//! The window `(now − w, now]` is covered by `precision` whole sub-buckets of
+//! length `w / precision` plus the part of one older sub-bucket that still
+//! overlaps it. That older bucket's count is weighted by its overlap, assuming
+//! its hits were spread evenly (Cloudflare's estimator, generalised to
+//! several sub-buckets). The exact count of the window therefore lies in
+//! `[full, full + oldest]` and the estimate never strays from it by more than
+//! the oldest bucket's count times the unknown part of the overlap.
+
+use std::num::NonZeroU32;
+
+use super::{nanos_u128, nonzero, ParamError, RateAlgorithm, Verdict};
+use crate::core::time::Nanos;
+use crate::core::window::{WindowCounts, WindowSpec, MAX_BUCKETS};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlidingWindow {
+    limit: NonZeroU32,
+    window: Nanos,
+    spec: WindowSpec,
+}
+
+impl SlidingWindow {
+    /// `precision` is the number of sub-buckets per window (1 keeps two
+    /// buckets per key: the classic and smallest form).
+    pub fn new(limit: u32, window: Nanos, precision: u32) -> Result<Self, ParamError> {
+        let limit = nonzero("limit", limit)?;
+        let k = nonzero("precision", precision)?.get();
+        if k as usize + 1 > MAX_BUCKETS {
+            return Err(ParamError::Range {
+                field: "precision",
+                reason: format!("at most {} sub-buckets", MAX_BUCKETS - 1),
+            });
+        }
+        if window.as_u64() % u64::from(k) != 0 {
+            return Err(ParamError::Precision { window, precision: k });
+        }
+        let granularity = Nanos::new(window.as_u64() / u64::from(k));
+        let spec = WindowSpec::new(granularity, k as usize + 1)
+            .map_err(|_| ParamError::Precision { window, precision: k })?;
+        Ok(SlidingWindow { limit, window, spec })
+    }
+}
+
+impl RateAlgorithm for SlidingWindow {
+    fn window(&self) -> WindowSpec {
+        self.spec
+    }
+    fn quota(&self) -> u64 {
+        u64::from(self.limit.get())
+    }
+    fn quota_period(&self) -> Nanos {
+        self.window
+    }
+
+    fn decide(&self, counts: &WindowCounts<'_>, cost: u32) -> Verdict {
+        let limit = u128::from(self.limit.get());
+        let cost = u128::from(cost);
+        if cost > limit {
+            return Verdict::Never { capacity: limit as u64 };
+        }
+        let g = u128::from(self.spec.granularity().as_u64());
+        let start = self.spec.epoch_start(counts.current_epoch());
+        let elapsed = u128::from((counts.now - start).as_u64());
+        let nets = counts.nets;
+        let full: u128 = nets[1..].iter().map(|&n| u128::from(n)).sum();
+        let oldest = u128::from(nets[0]);
+        // Everything scaled by g to stay in integers.
+        let used_scaled = full * g + oldest * (g - elapsed);
+        let budget_scaled = limit * g;
+        let reset_after = self.reset_after(nets, elapsed, g);
+        if used_scaled + cost * g <= budget_scaled {
+            let remaining = (budget_scaled - used_scaled) / g - cost;
+            return Verdict::Allow {
+                remaining: remaining as u64,
+                reset_after,
+            };
+        }
+        Verdict::Deny {
+            remaining: (budget_scaled.saturating_sub(used_scaled) / g) as u64,
+            retry_after: self.retry_after(nets, elapsed, g, limit, cost),
+            reset_after,
+        }
+    }
+}
+
+impl SlidingWindow {
+    /// The wait, with no new arrivals, until `cost` fits. Phase `j` is the
+    /// time during which `nets[j]` is the partially overlapping bucket.
+    fn retry_after(&self, nets: &[u64], elapsed: u128, g: u128, limit: u128, cost: u128) -> Nanos {
+        let mut offset: u128 = 0;
+        for j in 0..nets.len() {
+            let x_start = if j == 0 { elapsed } else { 0 };
+            let partial = u128::from(nets[j]);
+            let full: u128 = nets[j + 1..].iter().map(|&n| u128::from(n)).sum();
+            if full + cost <= limit {
+                // Need full·g + partial·(g − x) + cost·g ≤ limit·g.
+                let room = (limit - full - cost) * g;
+                let x_needed = if partial == 0 {
+                    x_start
+                } else {
+                    g.saturating_sub(room / partial).max(x_start)
+                };
+                // Integer division rounded `room / partial` down, so x_needed
+                // is never early.
+                if x_needed < g || partial == 0 {
+                    return nanos_u128(offset + x_needed - x_start);
+                }
+            }
+            offset += g - x_start;
+        }
+        nanos_u128(offset)
+    }
+
+    fn reset_after(&self, nets: &[u64], elapsed: u128, g: u128) -> Nanos {
+        match nets.iter().rposition(|&n| n > 0) {
+            None => Nanos::ZERO,
+            Some(j) => nanos_u128(g - elapsed + j as u128 * g),
+        }
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decide(a: &SlidingWindow, now: Nanos, nets: &[u64], cost: u32) -> Verdict {
+        a.decide(&WindowCounts { spec: a.window(), now, nets }, cost)
+    }
+
+    #[test]
+    fn weights_the_previous_window_by_its_overlap() {
+        let a = SlidingWindow::new(10, Nanos::from_secs(1), 1).unwrap();
+        // 25% into the current second: previous counts 75%.
+        let now = Nanos::from_millis(7_250);
+        // 8 * 0.75 + 3 = 9 used: one more fits, two do not.
+        assert!(decide(&a, now, &[8, 3], 1).is_allowed());
+        assert!(!decide(&a, now, &[8, 3], 2).is_allowed());
+    }
+
+    #[test]
+    fn retry_after_is_when_the_overlap_has_shrunk_enough() {
+        let a = SlidingWindow::new(10, Nanos::from_secs(1), 1).unwrap();
+        let now = Nanos::from_millis(7_250);
+        // 8·(1 − x) + 3 + 1 ≤ 10  ⇔  x ≥ 0.25 … already there; ask for 2:
+        // 8·(1 − x) + 5 ≤ 10  ⇔  x ≥ 0.375, i.e. 125 ms from now.
+        match decide(&a, now, &[8, 3], 2) {
+            Verdict::Deny { retry_after, .. } => assert_eq!(retry_after, Nanos::from_millis(125)),
+            v => panic!("expected a denial, got {v:?}"),
+        }
+        // And at that moment it is indeed allowed.
+        assert!(decide(&a, Nanos::from_millis(7_375), &[8, 3], 2).is_allowed());
+    }
+
+    #[test]
+    fn retry_after_crosses_bucket_boundaries() {
+        let a = SlidingWindow::new(10, Nanos::from_secs(1), 1).unwrap();
+        let now = Nanos::from_millis(7_500);
+        // Current bucket full: must wait until it is the old one and has
+        // shrunk to 9: 10·(1 − x) ≤ 9 ⇔ x ≥ 0.1 into the next second.
+        match decide(&a, now, &[0, 10], 1) {
+            Verdict::Deny { retry_after, reset_after, .. } => {
+                assert_eq!(retry_after, Nanos::from_millis(600));
+                assert_eq!(reset_after, Nanos::from_millis(1_500));
+            }
+            v => panic!("expected a denial, got {v:?}"),
+        }
+    }
+
+    #[test]
+    fn precision_must_divide_the_window() {
+        assert!(SlidingWindow::new(10, Nanos::from_millis(1000), 3).is_err());
+        assert!(SlidingWindow::new(10, Nanos::from_millis(1200), 3).is_ok());
+        assert!(SlidingWindow::new(0, Nanos::from_secs(1), 1).is_err());
+        assert!(SlidingWindow::new(10, Nanos::from_secs(1), 64).is_err());
+    }
+
+    #[test]
+    fn cost_above_the_limit_is_never_admitted() {
+        let a = SlidingWindow::new(10, Nanos::from_secs(1), 1).unwrap();
+        assert_eq!(decide(&a, Nanos::ZERO, &[0, 0], 11), Verdict::Never { capacity: 10 });
+    }
+}

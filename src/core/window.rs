@@ -1,0 +1,452 @@
+//! Time-bucketed windows of slot counters.
+//!
+//! A window is a ring of `buckets` rows; row `e % buckets` holds the slot
+//! counters of bucket epoch `e = t / granularity`, where `t` is absolute time
+//! since the Unix epoch. Nodes therefore agree on bucket boundaries without
+//! talking, and a row is wiped the moment the ring advances past it, so expired
+//! counts drop out on their own.
+//!
+//! The ring logic here is written once against [`SlotGrid`], the storage of
+//! one window: the owned [`BucketWindow`] (gossip, tests, oracle) and the key
+//! table of the in-process limiter (atomic words) both implement it.
+
+use crate::core::slot::{sum_slots, NodeSlot, PnSlot};
+use crate::core::time::Nanos;
+
+/// The most buckets one window may have. Reads are done into a stack buffer
+/// of this size, so a decision never allocates.
+pub const MAX_BUCKETS: usize = 64;
+
+/// The bucket layout of one limit: bucket length and how many are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WindowSpec {
+    granularity: Nanos,
+    buckets: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowSpecError {
+    #[error("bucket granularity must be at least 1ms, got {0}")]
+    GranularityTooSmall(Nanos),
+    #[error("a window keeps between 1 and {MAX_BUCKETS} buckets, got {0}")]
+    BucketCount(usize),
+}
+
+impl WindowSpec {
+    /// Granularity of at least 1 ms keeps epochs inside 32 bits for 49 days,
+    /// which the packed key table relies on (see `unpack_epoch`).
+    pub fn new(granularity: Nanos, buckets: usize) -> Result<Self, WindowSpecError> {
+        if granularity < Nanos::from_millis(1) {
+            return Err(WindowSpecError::GranularityTooSmall(granularity));
+        }
+        if buckets == 0 || buckets > MAX_BUCKETS {
+            return Err(WindowSpecError::BucketCount(buckets));
+        }
+        Ok(WindowSpec {
+            granularity,
+            buckets: buckets as u16,
+        })
+    }
+    pub fn granularity(&self) -> Nanos {
+        self.granularity
+    }
+    pub fn buckets(&self) -> usize {
+        usize::from(self.buckets)
+    }
+    /// The bucket epoch that contains `t`.
+    pub fn epoch(&self, t: Nanos) -> u64 {
+        t.as_u64() / self.granularity.as_u64()
+    }
+    pub fn epoch_start(&self, epoch: u64) -> Nanos {
+        Nanos::new(epoch.saturating_mul(self.granularity.as_u64()))
+    }
+    /// How long the ring remembers: all buckets together.
+    pub fn span(&self) -> Nanos {
+        Nanos::new(self.granularity.as_u64() * u64::from(self.buckets))
+    }
+}
+
+/// The merged usage of one window as an algorithm sees it at `now`.
+///
+/// `nets[i]` is the cluster-wide net count (Σp − Σn, floored at zero) of
+/// bucket epoch `epoch(now) − (len − 1) + i`: the last entry is the current
+/// bucket. Algorithms are pure functions of this view, the cost and their
+/// parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct WindowCounts<'a> {
+    pub spec: WindowSpec,
+    pub now: Nanos,
+    pub nets: &'a [u64],
+}
+
+impl WindowCounts<'_> {
+    pub fn current_epoch(&self) -> u64 {
+        self.spec.epoch(self.now)
+    }
+    /// The epoch of `nets[i]`.
+    pub fn epoch_at(&self, i: usize) -> u64 {
+        (self.current_epoch() + 1).saturating_sub((self.nets.len() - i) as u64)
+    }
+    pub fn total(&self) -> u64 {
+        self.nets.iter().sum()
+    }
+}
+
+/// Storage for one window: `buckets` rows of `slots` slot values, plus the
+/// newest epoch the ring has advanced to.
+pub trait SlotGrid {
+    fn slot_count(&self) -> usize;
+    fn get(&self, row: usize, slot: usize) -> PnSlot;
+    fn set(&mut self, row: usize, slot: usize, value: PnSlot);
+    /// The newest epoch, given the caller's current epoch (packed stores keep
+    /// only 32 bits and rebuild the rest relative to `now_epoch`).
+    fn newest(&self, now_epoch: u64) -> u64;
+    fn set_newest(&mut self, epoch: u64);
+
+    fn clear_row(&mut self, row: usize) {
+        for slot in 0..self.slot_count() {
+            self.set(row, slot, PnSlot::ZERO);
+        }
+    }
+    fn row_net(&self, row: usize) -> u64 {
+        let (p, n) = (0..self.slot_count()).fold((0u64, 0u64), |(p, n), s| {
+            let v = self.get(row, s);
+            (p + u64::from(v.p), n + u64::from(v.n))
+        });
+        p.saturating_sub(n)
+    }
+}
+
+/// Rebuilds a full epoch from its low 32 bits, taking the one nearest to
+/// `now_epoch`. Exact while the stored epoch is within 2^31 buckets of now;
+/// the key table's idle sweep frees entries long before that.
+pub fn unpack_epoch(now_epoch: u64, stored: u32) -> u64 {
+    let back = (now_epoch as u32).wrapping_sub(stored) as i32 as i64;
+    (now_epoch as i64).wrapping_sub(back) as u64
+}
+
+/// What happened to one merged slot value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeOutcome {
+    /// The value was newer than what the grid held and is now counted.
+    Applied,
+    /// The value was already covered, or its bucket has expired.
+    Stale,
+    /// The bucket lies further in the future than the caller allows; nothing
+    /// changed. A peer whose clock runs far ahead cannot wipe current counts.
+    TooFarAhead,
+}
+
+/// Ring operations, written once for every [`SlotGrid`].
+pub struct Ring;
+
+impl Ring {
+    fn row(spec: &WindowSpec, epoch: u64) -> usize {
+        (epoch % spec.buckets as u64) as usize
+    }
+
+    /// Moves the ring forward to `epoch`, wiping the rows it passes.
+    pub fn advance<G: SlotGrid + ?Sized>(grid: &mut G, spec: &WindowSpec, epoch: u64) {
+        let newest = grid.newest(epoch);
+        if epoch <= newest {
+            return;
+        }
+        let steps = (epoch - newest).min(spec.buckets as u64);
+        for e in (epoch + 1 - steps)..=epoch {
+            grid.clear_row(Self::row(spec, e));
+        }
+        grid.set_newest(epoch);
+    }
+
+    /// True when the row of `epoch` currently holds that epoch's counts.
+    fn holds(spec: &WindowSpec, newest: u64, epoch: u64) -> bool {
+        epoch <= newest && newest - epoch < spec.buckets as u64
+    }
+
+    /// Fills `out` (one entry per bucket, oldest first) with the net counts
+    /// seen at `now`. Counts in buckets ahead of `now`, written by a node whose
+    /// clock runs ahead, are added to the current bucket: usage is never
+    /// hidden by skew.
+    pub fn read<G: SlotGrid + ?Sized>(grid: &G, spec: &WindowSpec, now: Nanos, out: &mut [u64]) {
+        let b = spec.buckets();
+        debug_assert_eq!(out.len(), b);
+        let now_epoch = spec.epoch(now);
+        let newest = grid.newest(now_epoch);
+        for (i, slot) in out.iter_mut().enumerate() {
+            let e = (now_epoch + 1 + i as u64).checked_sub(b as u64);
+            *slot = match e {
+                Some(e) if Self::holds(spec, newest, e) => grid.row_net(Self::row(spec, e)),
+                _ => 0,
+            };
+        }
+        if newest > now_epoch {
+            let ahead: u64 = (now_epoch + 1..=newest)
+                .filter(|&e| Self::holds(spec, newest, e))
+                .map(|e| grid.row_net(Self::row(spec, e)))
+                .sum();
+            out[b - 1] += ahead;
+        }
+    }
+
+    /// Counts `hits` admitted now by the node owning `own`.
+    pub fn add<G: SlotGrid + ?Sized>(grid: &mut G, spec: &WindowSpec, now: Nanos, own: NodeSlot, hits: u32) {
+        let epoch = Self::writable_epoch(grid, spec, now);
+        let row = Self::row(spec, epoch);
+        let mut v = grid.get(row, own.index());
+        v.p = v.p.saturating_add(hits);
+        grid.set(row, own.index(), v);
+    }
+
+    /// The epoch a local write goes to: the current one, or the oldest live
+    /// one if a far-ahead peer has already pushed the ring past it.
+    fn writable_epoch<G: SlotGrid + ?Sized>(grid: &mut G, spec: &WindowSpec, now: Nanos) -> u64 {
+        let epoch = spec.epoch(now);
+        Self::advance(grid, spec, epoch);
+        let newest = grid.newest(epoch);
+        epoch.max((newest + 1).saturating_sub(spec.buckets as u64))
+    }
+
+    /// Gives back up to `hits`, newest bucket first, never more than a
+    /// bucket's merged net count (hits that already expired cannot be
+    /// refunded). Returns how many were given back.
+    pub fn refund<G: SlotGrid + ?Sized>(grid: &mut G, spec: &WindowSpec, now: Nanos, own: NodeSlot, hits: u32) -> u32 {
+        let current = Self::writable_epoch(grid, spec, now);
+        let newest = grid.newest(current);
+        let mut left = hits;
+        let mut e = newest;
+        while left > 0 && Self::holds(spec, newest, e) {
+            let row = Self::row(spec, e);
+            let take = grid.row_net(row).min(u64::from(left)) as u32;
+            if take > 0 {
+                let mut v = grid.get(row, own.index());
+                v.n = v.n.saturating_add(take);
+                grid.set(row, own.index(), v);
+                left -= take;
+            }
+            if e == 0 {
+                break;
+            }
+            e -= 1;
+        }
+        hits - left
+    }
+
+    /// Merges one slot value of bucket `epoch` received from a peer.
+    /// `max_ahead` bounds how many buckets past the local current epoch a
+    /// value may be (clock skew allowance).
+    pub fn merge<G: SlotGrid + ?Sized>(
+        grid: &mut G,
+        spec: &WindowSpec,
+        now: Nanos,
+        max_ahead: u64,
+        epoch: u64,
+        slot: NodeSlot,
+        value: PnSlot,
+    ) -> MergeOutcome {
+        let now_epoch = spec.epoch(now);
+        if epoch > now_epoch.saturating_add(max_ahead) {
+            return MergeOutcome::TooFarAhead;
+        }
+        let newest = grid.newest(now_epoch);
+        if epoch > newest {
+            Self::advance(grid, spec, epoch);
+        } else if !Self::holds(spec, newest, epoch) {
+            return MergeOutcome::Stale;
+        }
+        let row = Self::row(spec, epoch);
+        let mut v = grid.get(row, slot.index());
+        if v.covers(value) {
+            return MergeOutcome::Stale;
+        }
+        v.merge(value);
+        grid.set(row, slot.index(), v);
+        MergeOutcome::Applied
+    }
+
+    /// True when nothing in the ring can count at `now` any more.
+    pub fn is_idle<G: SlotGrid + ?Sized>(grid: &G, spec: &WindowSpec, now: Nanos) -> bool {
+        let now_epoch = spec.epoch(now);
+        let newest = grid.newest(now_epoch);
+        newest + (spec.buckets as u64) <= now_epoch
+    }
+}
+
+/// An owned window: what gossip carries, what tests and the simulation
+/// oracle hold. Same ring semantics as the key table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketWindow {
+    spec: WindowSpec,
+    slots: usize,
+    newest: u64,
+    rows: Vec<PnSlot>,
+}
+
+impl BucketWindow {
+    pub fn new(spec: WindowSpec, slots: usize) -> Self {
+        BucketWindow {
+            spec,
+            slots,
+            newest: 0,
+            rows: vec![PnSlot::ZERO; spec.buckets() * slots],
+        }
+    }
+    pub fn spec(&self) -> &WindowSpec {
+        &self.spec
+    }
+    pub fn add(&mut self, now: Nanos, own: NodeSlot, hits: u32) {
+        let spec = self.spec;
+        Ring::add(self, &spec, now, own, hits)
+    }
+    pub fn refund(&mut self, now: Nanos, own: NodeSlot, hits: u32) -> u32 {
+        let spec = self.spec;
+        Ring::refund(self, &spec, now, own, hits)
+    }
+    pub fn merge(&mut self, now: Nanos, max_ahead: u64, epoch: u64, slot: NodeSlot, value: PnSlot) -> MergeOutcome {
+        let spec = self.spec;
+        Ring::merge(self, &spec, now, max_ahead, epoch, slot, value)
+    }
+    pub fn read(&self, now: Nanos, out: &mut [u64]) {
+        Ring::read(self, &self.spec, now, out)
+    }
+    /// Every live `(epoch, slot, value)` with a non-zero value: a full-state
+    /// delta of this window.
+    pub fn live_slots(&self) -> impl Iterator<Item = (u64, NodeSlot, PnSlot)> + '_ {
+        let b = self.spec.buckets() as u64;
+        let oldest = (self.newest + 1).saturating_sub(b);
+        (oldest..=self.newest).flat_map(move |e| {
+            let row = (e % b) as usize;
+            (0..self.slots).filter_map(move |s| {
+                let v = self.rows[row * self.slots + s];
+                (v != PnSlot::ZERO).then_some((e, NodeSlot::new(s as u16), v))
+            })
+        })
+    }
+    /// Sum of all slots of the bucket of `epoch`, or zero if not held.
+    pub fn bucket_sum(&self, epoch: u64) -> (u64, u64) {
+        if !Ring::holds(&self.spec, self.newest, epoch) {
+            return (0, 0);
+        }
+        let row = Ring::row(&self.spec, epoch);
+        sum_slots(&self.rows[row * self.slots..(row + 1) * self.slots])
+    }
+}
+
+impl SlotGrid for BucketWindow {
+    fn slot_count(&self) -> usize {
+        self.slots
+    }
+    fn get(&self, row: usize, slot: usize) -> PnSlot {
+        if slot >= self.slots {
+            return PnSlot::ZERO;
+        }
+        self.rows[row * self.slots + slot]
+    }
+    fn set(&mut self, row: usize, slot: usize, value: PnSlot) {
+        if slot >= self.slots {
+            // Owned windows grow to fit a new node's slot.
+            let grown = slot + 1;
+            let mut rows = vec![PnSlot::ZERO; self.spec.buckets() * grown];
+            for r in 0..self.spec.buckets() {
+                rows[r * grown..r * grown + self.slots]
+                    .copy_from_slice(&self.rows[r * self.slots..(r + 1) * self.slots]);
+            }
+            self.rows = rows;
+            self.slots = grown;
+        }
+        self.rows[row * self.slots + slot] = value;
+    }
+    fn newest(&self, _now_epoch: u64) -> u64 {
+        self.newest
+    }
+    fn set_newest(&mut self, epoch: u64) {
+        self.newest = epoch;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(ms: u64, buckets: usize) -> WindowSpec {
+        WindowSpec::new(Nanos::from_millis(ms), buckets).unwrap()
+    }
+
+    fn read(w: &BucketWindow, now: Nanos) -> Vec<u64> {
+        let mut out = vec![0; w.spec().buckets()];
+        w.read(now, &mut out);
+        out
+    }
+
+    #[test]
+    fn buckets_follow_absolute_time() {
+        let mut w = BucketWindow::new(spec(1000, 2), 3);
+        let t = Nanos::from_millis(10_500);
+        w.add(t, NodeSlot::new(0), 2);
+        assert_eq!(read(&w, t), vec![0, 2]);
+        // Next second: the hits move to the previous bucket.
+        assert_eq!(read(&w, Nanos::from_millis(11_000)), vec![2, 0]);
+        // Two seconds on they have dropped out on their own.
+        assert_eq!(read(&w, Nanos::from_millis(12_000)), vec![0, 0]);
+    }
+
+    #[test]
+    fn advancing_wipes_only_passed_rows() {
+        let mut w = BucketWindow::new(spec(1000, 3), 1);
+        w.add(Nanos::from_millis(0), NodeSlot::new(0), 1);
+        w.add(Nanos::from_millis(1000), NodeSlot::new(0), 2);
+        w.add(Nanos::from_millis(3000), NodeSlot::new(0), 4);
+        // Epoch 0 was wiped when epoch 3 took its row; epoch 1 survives.
+        assert_eq!(read(&w, Nanos::from_millis(3000)), vec![2, 0, 4]);
+    }
+
+    #[test]
+    fn refunds_never_exceed_what_is_counted() {
+        let mut w = BucketWindow::new(spec(1000, 2), 2);
+        w.add(Nanos::from_millis(0), NodeSlot::new(0), 3);
+        w.add(Nanos::from_millis(1000), NodeSlot::new(0), 1);
+        let t = Nanos::from_millis(1500);
+        // Through another node: newest bucket first, then the older one.
+        assert_eq!(w.refund(t, NodeSlot::new(1), 10), 4);
+        assert_eq!(read(&w, t), vec![0, 0]);
+    }
+
+    #[test]
+    fn merges_are_idempotent_and_ignore_expired_buckets() {
+        let mut w = BucketWindow::new(spec(1000, 2), 2);
+        let now = Nanos::from_millis(5_000);
+        let v = PnSlot { p: 3, n: 0 };
+        assert_eq!(w.merge(now, 1, 5, NodeSlot::new(1), v), MergeOutcome::Applied);
+        assert_eq!(w.merge(now, 1, 5, NodeSlot::new(1), v), MergeOutcome::Stale);
+        assert_eq!(w.merge(now, 1, 2, NodeSlot::new(1), v), MergeOutcome::Stale);
+        assert_eq!(w.merge(now, 1, 9, NodeSlot::new(1), v), MergeOutcome::TooFarAhead);
+        assert_eq!(read(&w, now), vec![0, 3]);
+    }
+
+    #[test]
+    fn counts_from_a_clock_ahead_are_not_hidden() {
+        let mut w = BucketWindow::new(spec(1000, 2), 2);
+        let now = Nanos::from_millis(5_500);
+        w.merge(now, 1, 6, NodeSlot::new(1), PnSlot { p: 4, n: 0 });
+        w.add(now, NodeSlot::new(0), 1);
+        // The local hit lands in the current bucket; the one from ahead is
+        // folded into it rather than hidden.
+        assert_eq!(read(&w, now), vec![0, 5]);
+    }
+
+    #[test]
+    fn packed_epochs_unpack_near_now() {
+        assert_eq!(unpack_epoch(10, 10), 10);
+        assert_eq!(unpack_epoch(10, 8), 8);
+        assert_eq!(unpack_epoch(10, 12), 12);
+        let big = (1u64 << 33) + 5;
+        assert_eq!(unpack_epoch(big, (big - 3) as u32), big - 3);
+        assert_eq!(unpack_epoch(big, (big + 2) as u32), big + 2);
+    }
+
+    #[test]
+    fn spec_rejects_nonsense() {
+        assert!(WindowSpec::new(Nanos::new(10), 2).is_err());
+        assert!(WindowSpec::new(Nanos::from_secs(1), 0).is_err());
+        assert!(WindowSpec::new(Nanos::from_secs(1), MAX_BUCKETS + 1).is_err());
+    }
+}

@@ -1,0 +1,42 @@
+//! `drl`: a distributed rate limiter.
+//!
+//! Every node answers "may this request pass?" locally, in memory, from
+//! replicated counters: per-key PN-counters with one slot per node, kept in
+//! time-bucketed windows. Each algorithm (sliding and fixed window, token
+//! bucket, leaky bucket, GCRA) is a pure function of those merged windows and
+//! the clock. DESIGN.md explains the model and its bounds.
+//!
+//! # Layout
+//!
+//! - [`core`]: the I/O-free core. Time ([`core::time`]), the slot counter
+//!   ([`core::slot`]), bucketed windows ([`core::window`]), the algorithms
+//!   ([`core::algorithm`]), descriptors, key digests and rules
+//!   ([`core::rules`]). Never touches a socket, a task or the system clock.
+//! - [`limiter`]: the in-process limiter: one fixed-capacity key table per
+//!   limit, with per-entry locks, CLOCK eviction and idle expiry.
+//! - [`clock`]: the one place that reads real time.
+//! - [`cli`]: the commands behind the `drl` binary.
+//!
+//! # Example
+//!
+//! ```
+//! use drl::core::rules::RuleSet;
+//! use drl::limiter::{Limiter, LimiterConfig};
+//!
+//! let rules = RuleSet::from_toml(r#"
+//!     [[rules]]
+//!     name = "per-user"
+//!     match = { user = "*" }
+//!     limits = [ { algorithm = "sliding_window", limit = 2, window = "1m" } ]
+//! "#).unwrap();
+//! let limiter = Limiter::new(rules, LimiterConfig::default()).unwrap();
+//! assert!(limiter.allow_request("alice", "/search"));
+//! assert!(limiter.allow_request("alice", "/search"));
+//! assert!(!limiter.allow_request("alice", "/search"));
+//! assert!(limiter.allow_request("bob", "/search"));
+//! ```
+
+pub mod cli;
+pub mod clock;
+pub mod core;
+pub mod limiter;

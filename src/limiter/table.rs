@@ -1,0 +1,458 @@
+//! The key table of one limit: a fixed-capacity arena of packed windows.
+//!
+//! Every tracked key owns one arena entry of `stride` 32-bit words:
+//!
+//! ```text
+//! word 0      flags: bit 0 lock, bit 1 referenced (CLOCK), bit 2 dirty
+//! word 1      newest bucket epoch, low 32 bits
+//! words 2..4  key digest (0 = vacant)
+//! words 4..   buckets × slots × (p, n)
+//! ```
+//!
+//! For one sliding-window limit on a three-node cluster that is 16 words, one
+//! cache line. The index maps digests to entry numbers. An entry is read and
+//! written only under its own lock, so concurrent hits on one key are
+//! serialised without any lock shared between keys; decisions on different
+//! keys never touch the same memory.
+//!
+//! The arena never grows past `capacity`: when it is full a new key evicts an
+//! old one by the CLOCK algorithm (an approximation of least recently used),
+//! preferring keys whose window has already expired. Idle keys are swept back
+//! to a free list as their windows pass.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use crate::core::slot::PnSlot;
+use crate::core::time::Nanos;
+use crate::core::window::{unpack_epoch, Ring, SlotGrid, WindowSpec};
+
+use super::index::{KeyIndex, PapayaIndex};
+
+const LOCK: u32 = 1;
+const REFERENCED: u32 = 2;
+/// Set on every local write; cleared by whoever ships the entry's delta.
+pub const DIRTY: u32 = 4;
+const HEADER_WORDS: usize = 4;
+const CHUNK_ENTRIES: usize = 4096;
+const FREE_SHARDS: usize = 16;
+
+/// Counts of what the table has done to stay within its capacity.
+#[derive(Debug, Default)]
+pub struct TableStats {
+    /// Live keys pushed out to make room for new ones.
+    pub evictions: AtomicU64,
+    /// Keys removed because their whole window had passed.
+    pub expirations: AtomicU64,
+}
+
+pub struct KeyTable<I: KeyIndex = PapayaIndex> {
+    spec: WindowSpec,
+    slots: usize,
+    stride: usize,
+    capacity: u32,
+    chunks: Box<[OnceLock<Box<[AtomicU32]>>]>,
+    fresh: AtomicU32,
+    free: [Mutex<Vec<u32>>; FREE_SHARDS],
+    hand: AtomicU32,
+    sweep_cursor: AtomicU32,
+    index: I,
+    stats: TableStats,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    #[error("a key table needs room for at least one key")]
+    ZeroCapacity,
+    #[error("a key table holds at most {} keys", u32::MAX - 1)]
+    TooLarge,
+    #[error("a cluster needs at least one node slot")]
+    ZeroSlots,
+}
+
+impl<I: KeyIndex> KeyTable<I> {
+    /// A table for windows of `spec` with `slots` node slots, holding at most
+    /// `capacity` keys. Memory is taken a chunk at a time as keys arrive.
+    pub fn new(spec: WindowSpec, slots: usize, capacity: usize) -> Result<Self, TableError> {
+        if capacity == 0 {
+            return Err(TableError::ZeroCapacity);
+        }
+        if capacity >= u32::MAX as usize {
+            return Err(TableError::TooLarge);
+        }
+        if slots == 0 {
+            return Err(TableError::ZeroSlots);
+        }
+        let chunks = capacity.div_ceil(CHUNK_ENTRIES);
+        Ok(KeyTable {
+            spec,
+            slots,
+            stride: HEADER_WORDS + spec.buckets() * slots * 2,
+            capacity: capacity as u32,
+            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
+            fresh: AtomicU32::new(0),
+            free: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            hand: AtomicU32::new(0),
+            sweep_cursor: AtomicU32::new(0),
+            index: I::with_capacity(capacity),
+            stats: TableStats::default(),
+        })
+    }
+
+    pub fn spec(&self) -> &WindowSpec {
+        &self.spec
+    }
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity as usize
+    }
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+    pub fn stats(&self) -> &TableStats {
+        &self.stats
+    }
+
+    fn words(&self, entry: u32) -> &[AtomicU32] {
+        let e = entry as usize;
+        let chunk = self.chunks[e / CHUNK_ENTRIES].get_or_init(|| {
+            let words = CHUNK_ENTRIES.min(self.capacity as usize - (e / CHUNK_ENTRIES) * CHUNK_ENTRIES)
+                * self.stride;
+            std::iter::repeat_with(|| AtomicU32::new(0)).take(words).collect()
+        });
+        let at = (e % CHUNK_ENTRIES) * self.stride;
+        &chunk[at..at + self.stride]
+    }
+
+    fn lock_entry(&self, entry: u32) -> Entry<'_> {
+        let words = self.words(entry);
+        let mut spins = 0u32;
+        loop {
+            let cur = words[0].load(Ordering::Relaxed);
+            if cur & LOCK == 0
+                && words[0]
+                    .compare_exchange_weak(cur, cur | LOCK | REFERENCED, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return Entry { words, slots: self.slots, entry, spec: self.spec };
+            }
+            spins += 1;
+            if spins % 64 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn try_lock_entry(&self, entry: u32) -> Option<Entry<'_>> {
+        let words = self.words(entry);
+        let cur = words[0].load(Ordering::Relaxed);
+        (cur & LOCK == 0
+            && words[0]
+                .compare_exchange(cur, cur | LOCK, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok())
+        .then_some(Entry { words, slots: self.slots, entry, spec: self.spec })
+    }
+
+    /// Locks the entry of `key` if the key is tracked.
+    pub fn get(&self, key: u64) -> Option<Entry<'_>> {
+        let entry = self.index.get(key)?;
+        let e = self.lock_entry(entry);
+        (e.key() == key).then_some(e)
+    }
+
+    /// Locks the entry of `key`, creating it (and making room) if needed.
+    pub fn get_or_insert(&self, key: u64, now: Nanos) -> Entry<'_> {
+        debug_assert_ne!(key, 0, "key digests are never zero");
+        loop {
+            if let Some(e) = self.get(key) {
+                return e;
+            }
+            let mut e = self.allocate(key, now);
+            e.set_key(key);
+            e.words[1].store(self.spec.epoch(now) as u32, Ordering::Relaxed);
+            match self.index.insert_if_absent(key, e.entry) {
+                Ok(()) => {
+                    // Amortised expiry: every new key pays for looking at two old ones.
+                    self.sweep(now, 2);
+                    return e;
+                }
+                Err(_) => {
+                    // Another thread created it first: give ours back, use theirs.
+                    self.vacate(&mut e);
+                    self.release(e);
+                }
+            }
+        }
+    }
+
+    /// Returns a locked, vacant entry.
+    fn allocate(&self, key: u64, now: Nanos) -> Entry<'_> {
+        let shard = (key as usize) % FREE_SHARDS;
+        for i in 0..FREE_SHARDS {
+            let popped = self.free[(shard + i) % FREE_SHARDS]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            if let Some(entry) = popped {
+                return self.lock_entry(entry);
+            }
+        }
+        let fresh = self.fresh.fetch_add(1, Ordering::Relaxed);
+        if fresh < self.capacity {
+            return self.lock_entry(fresh);
+        }
+        self.fresh.fetch_min(self.capacity, Ordering::Relaxed);
+        self.evict(now)
+    }
+
+    /// CLOCK: sweep the hand over live entries, clearing referenced bits, and
+    /// take the first entry that was not used since the hand last passed.
+    fn evict(&self, now: Nanos) -> Entry<'_> {
+        let n = self.capacity;
+        let mut passes = 0u64;
+        loop {
+            let entry = self.hand.fetch_add(1, Ordering::Relaxed) % n;
+            passes += 1;
+            let Some(mut e) = self.try_lock_entry(entry) else {
+                continue;
+            };
+            if e.key() == 0 {
+                // Vacant entries belong to the free list or to an allocation
+                // under way elsewhere.
+                drop(e);
+                continue;
+            }
+            if Ring::is_idle(&e, &self.spec, now) {
+                self.forget(&mut e);
+                self.stats.expirations.fetch_add(1, Ordering::Relaxed);
+                return e;
+            }
+            // After two full turns every bit has been cleared once: take it.
+            if e.take_referenced() && passes < 2 * u64::from(n) {
+                drop(e);
+                continue;
+            }
+            self.forget(&mut e);
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            return e;
+        }
+    }
+
+    /// Removes a locked live entry from the index and wipes it.
+    fn forget(&self, e: &mut Entry<'_>) {
+        self.index.remove_if(e.key(), e.entry);
+        self.vacate(e);
+    }
+
+    fn vacate(&self, e: &mut Entry<'_>) {
+        for w in &e.words[1..] {
+            w.store(0, Ordering::Relaxed);
+        }
+        e.words[0].fetch_and(LOCK, Ordering::Relaxed);
+    }
+
+    fn release(&self, e: Entry<'_>) {
+        let entry = e.entry;
+        drop(e);
+        self.free[(entry as usize) % FREE_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(entry);
+    }
+
+    /// Looks at up to `budget` entries and frees those whose window has passed.
+    /// Returns how many were freed.
+    pub fn sweep(&self, now: Nanos, budget: usize) -> usize {
+        let live = self.fresh.load(Ordering::Relaxed).min(self.capacity);
+        if live == 0 {
+            return 0;
+        }
+        let mut freed = 0;
+        for _ in 0..budget.min(live as usize) {
+            let entry = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % live;
+            let Some(mut e) = self.try_lock_entry(entry) else {
+                continue;
+            };
+            if e.key() != 0 && Ring::is_idle(&e, &self.spec, now) {
+                self.forget(&mut e);
+                self.release(e);
+                self.stats.expirations.fetch_add(1, Ordering::Relaxed);
+                freed += 1;
+            }
+        }
+        freed
+    }
+
+    /// Visits every live entry (locking each in turn). For full-state sync
+    /// and snapshots; not for the decision path.
+    pub fn for_each(&self, mut f: impl FnMut(&mut Entry<'_>)) {
+        let live = self.fresh.load(Ordering::Relaxed).min(self.capacity);
+        for entry in 0..live {
+            let mut e = self.lock_entry(entry);
+            if e.key() != 0 {
+                f(&mut e);
+            }
+        }
+    }
+}
+
+/// A locked arena entry. Unlocks on drop.
+pub struct Entry<'t> {
+    words: &'t [AtomicU32],
+    slots: usize,
+    entry: u32,
+    spec: WindowSpec,
+}
+
+impl Entry<'_> {
+    /// The window layout of the table this entry belongs to.
+    pub fn spec(&self) -> WindowSpec {
+        self.spec
+    }
+    pub fn key(&self) -> u64 {
+        u64::from(self.words[2].load(Ordering::Relaxed)) | (u64::from(self.words[3].load(Ordering::Relaxed)) << 32)
+    }
+    fn set_key(&mut self, key: u64) {
+        self.words[2].store(key as u32, Ordering::Relaxed);
+        self.words[3].store((key >> 32) as u32, Ordering::Relaxed);
+    }
+    fn take_referenced(&mut self) -> bool {
+        self.words[0].fetch_and(!REFERENCED, Ordering::Relaxed) & REFERENCED != 0
+    }
+    pub fn mark_dirty(&mut self) {
+        self.words[0].fetch_or(DIRTY, Ordering::Relaxed);
+    }
+    /// Clears the dirty flag and says whether it was set.
+    pub fn take_dirty(&mut self) -> bool {
+        self.words[0].fetch_and(!DIRTY, Ordering::Relaxed) & DIRTY != 0
+    }
+    fn at(&self, row: usize, slot: usize) -> usize {
+        HEADER_WORDS + (row * self.slots + slot) * 2
+    }
+}
+
+impl SlotGrid for Entry<'_> {
+    fn slot_count(&self) -> usize {
+        self.slots
+    }
+    #[inline]
+    fn get(&self, row: usize, slot: usize) -> PnSlot {
+        if slot >= self.slots {
+            return PnSlot::ZERO;
+        }
+        let at = self.at(row, slot);
+        PnSlot {
+            p: self.words[at].load(Ordering::Relaxed),
+            n: self.words[at + 1].load(Ordering::Relaxed),
+        }
+    }
+    #[inline]
+    fn set(&mut self, row: usize, slot: usize, value: PnSlot) {
+        // Slots beyond the table's width are refused by the caller (merge
+        // validates slot numbers); dropping here keeps a bad value harmless.
+        if slot >= self.slots {
+            return;
+        }
+        let at = self.at(row, slot);
+        self.words[at].store(value.p, Ordering::Relaxed);
+        self.words[at + 1].store(value.n, Ordering::Relaxed);
+    }
+    #[inline]
+    fn newest(&self, now_epoch: u64) -> u64 {
+        unpack_epoch(now_epoch, self.words[1].load(Ordering::Relaxed))
+    }
+    fn set_newest(&mut self, epoch: u64) {
+        self.words[1].store(epoch as u32, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Entry<'_> {
+    fn drop(&mut self) {
+        self.words[0].fetch_and(!LOCK, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::slot::NodeSlot;
+
+    fn table(capacity: usize) -> KeyTable {
+        KeyTable::new(WindowSpec::new(Nanos::from_secs(1), 2).unwrap(), 3, capacity).unwrap()
+    }
+
+    fn hits(t: &KeyTable, key: u64, now: Nanos) -> u64 {
+        let mut out = [0u64; 2];
+        match t.get(key) {
+            Some(e) => Ring::read(&e, t.spec(), now, &mut out),
+            None => return 0,
+        }
+        out.iter().sum()
+    }
+
+    #[test]
+    fn a_three_node_sliding_window_entry_is_one_cache_line() {
+        assert_eq!(table(1).stride * 4, 64);
+    }
+
+    #[test]
+    fn keys_keep_their_own_counts() {
+        let t = table(16);
+        let now = Nanos::from_secs(100);
+        for key in 1..=5u64 {
+            let mut e = t.get_or_insert(key, now);
+            Ring::add(&mut e, &WindowSpec::new(Nanos::from_secs(1), 2).unwrap(), now, NodeSlot::new(1), key as u32);
+        }
+        for key in 1..=5u64 {
+            assert_eq!(hits(&t, key, now), key);
+        }
+        assert_eq!(t.len(), 5);
+    }
+
+    #[test]
+    fn a_full_table_evicts_instead_of_growing() {
+        let t = table(8);
+        let spec = *t.spec();
+        let now = Nanos::from_secs(100);
+        for key in 1..=100u64 {
+            let mut e = t.get_or_insert(key, now);
+            Ring::add(&mut e, &spec, now, NodeSlot::new(0), 1);
+        }
+        assert!(t.len() <= 8, "{} keys tracked", t.len());
+        assert!(t.stats().evictions.load(Ordering::Relaxed) >= 92);
+        // The newest key survived.
+        assert_eq!(hits(&t, 100, now), 1);
+    }
+
+    #[test]
+    fn expired_keys_are_swept_and_their_entries_reused() {
+        let t = table(4);
+        let spec = *t.spec();
+        let now = Nanos::from_secs(100);
+        for key in 1..=4u64 {
+            let mut e = t.get_or_insert(key, now);
+            Ring::add(&mut e, &spec, now, NodeSlot::new(0), 1);
+        }
+        let later = Nanos::from_secs(103);
+        assert_eq!(t.sweep(later, 10), 4);
+        assert!(t.is_empty());
+        let _ = t.get_or_insert(77, later);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.stats().evictions.load(Ordering::Relaxed), 0);
+        assert_eq!(t.stats().expirations.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let spec = WindowSpec::new(Nanos::from_secs(1), 2).unwrap();
+        assert_eq!(KeyTable::<PapayaIndex>::new(spec, 3, 0).err(), Some(TableError::ZeroCapacity));
+        assert_eq!(KeyTable::<PapayaIndex>::new(spec, 0, 1).err(), Some(TableError::ZeroSlots));
+    }
+}
