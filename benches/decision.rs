@@ -73,8 +73,12 @@ limits = [ { algorithm = "sliding_window", limit = 1000000000, window = "1s" } ]
 /// Room for the largest key set without eviction.
 const MAX_KEYS: usize = 11_000_000;
 
-type GovernorFrozen =
-    RateLimiter<String, DashMapStateStore<String>, FakeRelativeClock, NoOpMiddleware<<FakeRelativeClock as GovernorClock>::Instant>>;
+type GovernorFrozen = RateLimiter<
+    String,
+    DashMapStateStore<String>,
+    FakeRelativeClock,
+    NoOpMiddleware<<FakeRelativeClock as GovernorClock>::Instant>,
+>;
 
 fn drl_limiter() -> Limiter {
     let rules = RuleSet::from_toml(RULES).expect("bench rules parse");
@@ -98,7 +102,10 @@ fn governor_frozen() -> GovernorFrozen {
 fn drl_check(limiter: &Limiter, now: Nanos, user: &str) -> bool {
     let fields = [("user", user)];
     let d = Descriptors::new(&fields).expect("bench keys are valid descriptors");
-    limiter.check_at(now, &d, 1).expect("no endpoint list").is_allowed()
+    limiter
+        .check_at(now, &d, 1)
+        .expect("no endpoint list")
+        .is_allowed()
 }
 
 /// Marsaglia's xorshift64: a handful of cycles, identical for both limiters.
@@ -106,7 +113,9 @@ struct XorShift(u64);
 
 impl XorShift {
     fn new(stream: u64) -> Self {
-        XorShift(0x9E37_79B9_7F4A_7C15 ^ (stream.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03)))
+        XorShift(
+            0x9E37_79B9_7F4A_7C15 ^ (stream.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03)),
+        )
     }
     /// A number below `n` (multiply-shift: no division).
     #[inline]
@@ -124,7 +133,12 @@ impl XorShift {
 /// returns wall time ÷ `threads`: the time per operation of all threads
 /// together (see the module docs). Thread `t` of round `round` draws from
 /// stream `round · threads + t`, so no two samples replay the same keys.
-fn run_threads(threads: usize, round: u64, iters: u64, op: impl Fn(&mut XorShift) -> bool + Sync) -> Duration {
+fn run_threads(
+    threads: usize,
+    round: u64,
+    iters: u64,
+    op: impl Fn(&mut XorShift) -> bool + Sync,
+) -> Duration {
     let start_line = Barrier::new(threads + 1);
     thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
@@ -150,12 +164,20 @@ fn run_threads(threads: usize, round: u64, iters: u64, op: impl Fn(&mut XorShift
 
 /// One thread, one key stream that runs on across warm-up and samples
 /// (criterion calls the routine once per sample).
-fn bench_1_thread(group: &mut BenchmarkGroup<'_, WallTime>, id: &str, op: impl Fn(&mut XorShift) -> bool) {
+fn bench_1_thread(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    op: impl Fn(&mut XorShift) -> bool,
+) {
     let mut rng = XorShift::new(u64::MAX);
     group.bench_function(format!("{id}/1_thread"), |b| b.iter(|| op(&mut rng)));
 }
 
-fn bench_2_threads(group: &mut BenchmarkGroup<'_, WallTime>, id: &str, op: impl Fn(&mut XorShift) -> bool + Sync) {
+fn bench_2_threads(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    op: impl Fn(&mut XorShift) -> bool + Sync,
+) {
     let mut round = 0;
     group.bench_function(format!("{id}/2_threads"), |b| {
         b.iter_custom(|iters| {
@@ -224,12 +246,17 @@ fn hot_key(c: &mut Criterion) {
     bench_1_thread(&mut group, "drl-allow_request-system-clock", |_| {
         drl.allow_request(user, "/v1/search")
     });
-    assert!(drl.allow_request(user, "/v1/search"), "drl must still allow");
+    assert!(
+        drl.allow_request(user, "/v1/search"),
+        "drl must still allow"
+    );
     drop(drl);
 
     let gov: RateLimiter<String, _, _> = RateLimiter::keyed(quota());
     let key = user.to_owned();
-    bench_1_thread(&mut group, "governor-keyed-quanta-clock", |_| gov.check_key(&key).is_ok());
+    bench_1_thread(&mut group, "governor-keyed-quanta-clock", |_| {
+        gov.check_key(&key).is_ok()
+    });
     assert!(gov.check_key(&key).is_ok(), "governor must still allow");
     group.finish();
 }

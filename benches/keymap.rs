@@ -41,7 +41,10 @@ struct DashMapIndex(DashMap<u64, u32, BuildDigestHasher>);
 impl KeyIndex for DashMapIndex {
     fn with_capacity(capacity: usize) -> Self {
         // The same initial size as `PapayaIndex`: both grow as keys arrive.
-        DashMapIndex(DashMap::with_capacity_and_hasher(capacity.min(1 << 16), BuildDigestHasher))
+        DashMapIndex(DashMap::with_capacity_and_hasher(
+            capacity.min(1 << 16),
+            BuildDigestHasher,
+        ))
     }
     #[inline]
     fn get(&self, key: u64) -> Option<u32> {
@@ -70,7 +73,9 @@ struct XorShift(u64);
 
 impl XorShift {
     fn new(stream: u64) -> Self {
-        XorShift(0x9E37_79B9_7F4A_7C15 ^ (stream.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03)))
+        XorShift(
+            0x9E37_79B9_7F4A_7C15 ^ (stream.wrapping_add(1).wrapping_mul(0xD1B5_4A32_D192_ED03)),
+        )
     }
     #[inline]
     fn next_u64(&mut self) -> u64 {
@@ -113,7 +118,12 @@ fn full_table<I: KeyIndex>(keys: &[u64], now: Nanos) -> KeyTable<I> {
 
 /// See the module docs; thread `t` of round `round` draws from stream
 /// `round · threads + t`, so no two samples replay the same keys.
-fn run_threads(threads: usize, round: u64, iters: u64, op: impl Fn(&mut XorShift) -> u64 + Sync) -> Duration {
+fn run_threads(
+    threads: usize,
+    round: u64,
+    iters: u64,
+    op: impl Fn(&mut XorShift) -> u64 + Sync,
+) -> Duration {
     let start_line = Barrier::new(threads + 1);
     thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
@@ -139,12 +149,20 @@ fn run_threads(threads: usize, round: u64, iters: u64, op: impl Fn(&mut XorShift
 
 /// One thread, one stream that runs on across warm-up and samples
 /// (criterion calls the routine once per sample).
-fn bench_1_thread(group: &mut BenchmarkGroup<'_, WallTime>, id: &str, op: impl Fn(&mut XorShift) -> u64) {
+fn bench_1_thread(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    op: impl Fn(&mut XorShift) -> u64,
+) {
     let mut rng = XorShift::new(u64::MAX);
     group.bench_function(format!("{id}/1_thread"), |b| b.iter(|| op(&mut rng)));
 }
 
-fn bench_2_threads(group: &mut BenchmarkGroup<'_, WallTime>, id: &str, op: impl Fn(&mut XorShift) -> u64 + Sync) {
+fn bench_2_threads(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: &str,
+    op: impl Fn(&mut XorShift) -> u64 + Sync,
+) {
     let mut round = 0;
     group.bench_function(format!("{id}/2_threads"), |b| {
         b.iter_custom(|iters| {
@@ -206,11 +224,22 @@ fn keymap(c: &mut Criterion) {
         bench_2_threads(&mut group, "dashmap", insert_dash);
         group.finish();
         for (name, len, evictions) in [
-            ("papaya", papaya.len(), papaya.stats().evictions.load(Ordering::Relaxed)),
-            ("dashmap", dash.len(), dash.stats().evictions.load(Ordering::Relaxed)),
+            (
+                "papaya",
+                papaya.len(),
+                papaya.stats().evictions.load(Ordering::Relaxed),
+            ),
+            (
+                "dashmap",
+                dash.len(),
+                dash.stats().evictions.load(Ordering::Relaxed),
+            ),
         ] {
             assert!(len <= KEYS, "{name}: {len} keys in a table of {KEYS}");
-            assert!(evictions > 0, "{name}: inserts into a full table must evict");
+            assert!(
+                evictions > 0,
+                "{name}: inserts into a full table must evict"
+            );
         }
     }
 }

@@ -9,7 +9,10 @@ use crate::limiter::{Limiter, LimiterConfig, Outcome};
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Rules {
         path: PathBuf,
@@ -84,7 +87,8 @@ pub fn check(args: &CheckArgs) -> Result<(), CliError> {
         };
         match decision.quota {
             None => println!("{i}: {verdict} (no limit applies)"),
-            Some(q) => println!(
+            Some(q) => {
+                println!(
                 "{i}: {verdict}  limit {} per {}  remaining {}  reset {}ms  retry-after {}ms  ({})",
                 q.limit,
                 q.period,
@@ -92,7 +96,8 @@ pub fn check(args: &CheckArgs) -> Result<(), CliError> {
                 q.reset_after.as_millis_ceil(),
                 if decision.is_allowed() { 0 } else { q.retry_after.as_millis_ceil() },
                 limiter.rules().limits()[q.limit_index].rule,
-            ),
+            )
+            }
         }
     }
     Ok(())

@@ -64,7 +64,10 @@ impl<'a> Descriptors<'a> {
     }
 
     pub fn get(&self, name: &str) -> Option<&'a str> {
-        self.fields.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+        self.fields
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a str)> + '_ {
@@ -75,7 +78,9 @@ impl<'a> Descriptors<'a> {
 fn validate_name(name: &str) -> Result<(), DescriptorError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if ok {
         Ok(())
     } else {
@@ -101,7 +106,8 @@ fn validate_value(name: &str, value: &str) -> Result<(), DescriptorError> {
 
 /// Checks that raw bytes are a valid descriptor value and borrows them as text.
 pub fn value_from_bytes<'b>(name: &str, bytes: &'b [u8]) -> Result<&'b str, DescriptorError> {
-    let text = std::str::from_utf8(bytes).map_err(|_| DescriptorError::InvalidUtf8(name.to_owned()))?;
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| DescriptorError::InvalidUtf8(name.to_owned()))?;
     validate_value(name, text)?;
     Ok(text)
 }
@@ -129,10 +135,22 @@ mod tests {
         let cases: Vec<(Vec<(&str, &str)>, DescriptorError)> = vec![
             (vec![], DescriptorError::NoFields),
             (vec![(USER, "")], DescriptorError::Empty(USER.into())),
-            (vec![(USER, &long)], DescriptorError::TooLong { field: USER.into(), len: long.len() }),
+            (
+                vec![(USER, &long)],
+                DescriptorError::TooLong {
+                    field: USER.into(),
+                    len: long.len(),
+                },
+            ),
             (vec![("User", "a")], DescriptorError::BadName("User".into())),
-            (vec![(USER, "a"), (USER, "b")], DescriptorError::Duplicate(USER.into())),
-            (vec![(USER, "a\nb")], DescriptorError::ControlCharacter(USER.into())),
+            (
+                vec![(USER, "a"), (USER, "b")],
+                DescriptorError::Duplicate(USER.into()),
+            ),
+            (
+                vec![(USER, "a\nb")],
+                DescriptorError::ControlCharacter(USER.into()),
+            ),
         ];
         for (fields, want) in cases {
             assert_eq!(Descriptors::new(&fields).unwrap_err(), want, "{fields:?}");

@@ -25,7 +25,11 @@ impl Default for KeySeed {
 ///
 /// Values are length-prefixed so that `("ab", "c")` and `("a", "bc")` differ.
 /// Zero is reserved for "no key" in the key table and never returned.
-pub fn key_digest<'v>(seed: KeySeed, limit_id: u64, values: impl IntoIterator<Item = &'v str>) -> u64 {
+pub fn key_digest<'v>(
+    seed: KeySeed,
+    limit_id: u64,
+    values: impl IntoIterator<Item = &'v str>,
+) -> u64 {
     let mut h = SipHasher13::new_with_keys(seed.0, seed.1);
     h.write_u64(limit_id);
     for v in values {

@@ -12,3 +12,4 @@ pub mod rules;
 pub mod slot;
 pub mod time;
 pub mod window;
+pub mod wire;

@@ -180,7 +180,10 @@ mod tests {
         b.merge_slot(NodeSlot::new(0), PnSlot { p: 1, n: 0 });
         b.add(NodeSlot::new(2), 4);
         a.merge_from(&b);
-        assert_eq!(a.slots(), &[PnSlot { p: 3, n: 0 }, PnSlot::ZERO, PnSlot { p: 4, n: 0 }]);
+        assert_eq!(
+            a.slots(),
+            &[PnSlot { p: 3, n: 0 }, PnSlot::ZERO, PnSlot { p: 4, n: 0 }]
+        );
         assert_eq!(a.value(), 7);
     }
 

@@ -176,8 +176,14 @@ mod tests {
     fn rejects_malformed_durations() {
         assert_eq!(parse_duration("10"), Err(DurationError::MissingUnit));
         assert_eq!(parse_duration("s"), Err(DurationError::MissingNumber));
-        assert!(matches!(parse_duration("1w"), Err(DurationError::UnknownUnit(_))));
-        assert_eq!(parse_duration("99999999999999d"), Err(DurationError::TooLarge));
+        assert!(matches!(
+            parse_duration("1w"),
+            Err(DurationError::UnknownUnit(_))
+        ));
+        assert_eq!(
+            parse_duration("99999999999999d"),
+            Err(DurationError::TooLarge)
+        );
     }
 
     #[test]

@@ -117,11 +117,16 @@ pub trait SlotGrid {
     }
 }
 
-/// Rebuilds a full epoch from its low 32 bits, taking the one nearest to
-/// `now_epoch`. Exact while the stored epoch is within 2^31 buckets of now;
-/// the key table's idle sweep frees entries long before that.
-pub fn unpack_epoch(now_epoch: u64, stored: u32) -> u64 {
-    let back = (now_epoch as u32).wrapping_sub(stored) as i32 as i64;
+/// Rebuilds a full epoch from its low `bits` bits, taking the one nearest to
+/// `now_epoch`. Exact while the stored epoch is within `2^(bits−1)` buckets of
+/// now; the key table's idle sweep frees entries long before that.
+pub fn unpack_epoch(now_epoch: u64, stored: u32, bits: u32) -> u64 {
+    let modulus = 1i64 << bits;
+    let mask = (modulus - 1) as u64;
+    let mut back = ((now_epoch & mask).wrapping_sub(u64::from(stored)) & mask) as i64;
+    if back >= modulus / 2 {
+        back -= modulus;
+    }
     (now_epoch as i64).wrapping_sub(back) as u64
 }
 
@@ -189,7 +194,13 @@ impl Ring {
     }
 
     /// Counts `hits` admitted now by the node owning `own`.
-    pub fn add<G: SlotGrid + ?Sized>(grid: &mut G, spec: &WindowSpec, now: Nanos, own: NodeSlot, hits: u32) {
+    pub fn add<G: SlotGrid + ?Sized>(
+        grid: &mut G,
+        spec: &WindowSpec,
+        now: Nanos,
+        own: NodeSlot,
+        hits: u32,
+    ) {
         let epoch = Self::writable_epoch(grid, spec, now);
         let row = Self::row(spec, epoch);
         let mut v = grid.get(row, own.index());
@@ -209,7 +220,13 @@ impl Ring {
     /// Gives back up to `hits`, newest bucket first, never more than a
     /// bucket's merged net count (hits that already expired cannot be
     /// refunded). Returns how many were given back.
-    pub fn refund<G: SlotGrid + ?Sized>(grid: &mut G, spec: &WindowSpec, now: Nanos, own: NodeSlot, hits: u32) -> u32 {
+    pub fn refund<G: SlotGrid + ?Sized>(
+        grid: &mut G,
+        spec: &WindowSpec,
+        now: Nanos,
+        own: NodeSlot,
+        hits: u32,
+    ) -> u32 {
         let current = Self::writable_epoch(grid, spec, now);
         let newest = grid.newest(current);
         let mut left = hits;
@@ -301,7 +318,14 @@ impl BucketWindow {
         let spec = self.spec;
         Ring::refund(self, &spec, now, own, hits)
     }
-    pub fn merge(&mut self, now: Nanos, max_ahead: u64, epoch: u64, slot: NodeSlot, value: PnSlot) -> MergeOutcome {
+    pub fn merge(
+        &mut self,
+        now: Nanos,
+        max_ahead: u64,
+        epoch: u64,
+        slot: NodeSlot,
+        value: PnSlot,
+    ) -> MergeOutcome {
         let spec = self.spec;
         Ring::merge(self, &spec, now, max_ahead, epoch, slot, value)
     }
@@ -415,10 +439,16 @@ mod tests {
         let mut w = BucketWindow::new(spec(1000, 2), 2);
         let now = Nanos::from_millis(5_000);
         let v = PnSlot { p: 3, n: 0 };
-        assert_eq!(w.merge(now, 1, 5, NodeSlot::new(1), v), MergeOutcome::Applied);
+        assert_eq!(
+            w.merge(now, 1, 5, NodeSlot::new(1), v),
+            MergeOutcome::Applied
+        );
         assert_eq!(w.merge(now, 1, 5, NodeSlot::new(1), v), MergeOutcome::Stale);
         assert_eq!(w.merge(now, 1, 2, NodeSlot::new(1), v), MergeOutcome::Stale);
-        assert_eq!(w.merge(now, 1, 9, NodeSlot::new(1), v), MergeOutcome::TooFarAhead);
+        assert_eq!(
+            w.merge(now, 1, 9, NodeSlot::new(1), v),
+            MergeOutcome::TooFarAhead
+        );
         assert_eq!(read(&w, now), vec![0, 3]);
     }
 
@@ -435,12 +465,15 @@ mod tests {
 
     #[test]
     fn packed_epochs_unpack_near_now() {
-        assert_eq!(unpack_epoch(10, 10), 10);
-        assert_eq!(unpack_epoch(10, 8), 8);
-        assert_eq!(unpack_epoch(10, 12), 12);
-        let big = (1u64 << 33) + 5;
-        assert_eq!(unpack_epoch(big, (big - 3) as u32), big - 3);
-        assert_eq!(unpack_epoch(big, (big + 2) as u32), big + 2);
+        for bits in [31, 32] {
+            let mask = (1u64 << bits) - 1;
+            assert_eq!(unpack_epoch(10, 10, bits), 10);
+            assert_eq!(unpack_epoch(10, 8, bits), 8);
+            assert_eq!(unpack_epoch(10, 12, bits), 12);
+            let big = (1u64 << 33) + 5;
+            assert_eq!(unpack_epoch(big, ((big - 3) & mask) as u32, bits), big - 3);
+            assert_eq!(unpack_epoch(big, ((big + 2) & mask) as u32, bits), big + 2);
+        }
     }
 
     #[test]

@@ -74,7 +74,10 @@ impl KeyIndex for PapayaIndex {
         }
     }
     fn remove_if(&self, key: u64, entry: u32) -> bool {
-        matches!(self.0.pin().remove_if(&key, |_, &v| v == entry), Ok(Some(_)))
+        matches!(
+            self.0.pin().remove_if(&key, |_, &v| v == entry),
+            Ok(Some(_))
+        )
     }
     fn len(&self) -> usize {
         self.0.len()

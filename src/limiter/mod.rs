@@ -179,7 +179,10 @@ impl<C: Clock> Limiter<C> {
     /// The simplest call: may `user_id` call `endpoint` now? Invalid input is
     /// answered with `false` (fail closed); use [`Limiter::check`] to learn why.
     pub fn allow_request(&self, user_id: &str, endpoint: &str) -> bool {
-        let fields = [(descriptor::USER, user_id), (descriptor::ENDPOINT, endpoint)];
+        let fields = [
+            (descriptor::USER, user_id),
+            (descriptor::ENDPOINT, endpoint),
+        ];
         match Descriptors::new(&fields) {
             Ok(d) => self.check(&d, 1).is_ok_and(|d| d.is_allowed()),
             Err(_) => false,
@@ -193,13 +196,21 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// [`Limiter::check`] at an explicit time (simulations and tests).
-    pub fn check_at(&self, now: Nanos, d: &Descriptors<'_>, cost: u32) -> Result<Decision, CheckError> {
+    pub fn check_at(
+        &self,
+        now: Nanos,
+        d: &Descriptors<'_>,
+        cost: u32,
+    ) -> Result<Decision, CheckError> {
         let compiled = self.compiled.load();
         compiled.rules.check_endpoint(d)?;
         let mut matches = Matches::new();
         compiled.rules.for_each_match(d, |m| {
             let values = m.key_fields.iter().map(|f| d.get(f).unwrap_or(""));
-            matches.push((m.limit.index, key_digest(self.config.seed, m.limit.id, values)));
+            matches.push((
+                m.limit.index,
+                key_digest(self.config.seed, m.limit.id, values),
+            ));
         });
         // Lock order: by limit, so that requests sharing keys cannot deadlock.
         matches.sort_by_key(|&(index, _)| index);
@@ -217,7 +228,14 @@ impl<C: Clock> Limiter<C> {
             let nets = counts.get(spec.buckets());
             Ring::read(&entry, spec, now, nets);
             let limit = &compiled.rules.limits()[index];
-            let verdict = limit.algorithm.decide(&WindowCounts { spec: *spec, now, nets }, cost);
+            let verdict = limit.algorithm.decide(
+                &WindowCounts {
+                    spec: *spec,
+                    now,
+                    nets,
+                },
+                cost,
+            );
             decision.absorb(index, limit.id, &limit.algorithm, verdict);
             entries.push(entry);
         }
@@ -248,7 +266,8 @@ impl<C: Clock> Limiter<C> {
             let table = &compiled.tables[m.limit.index];
             let given = match table.get(key) {
                 Some(mut entry) => {
-                    let given = Ring::refund(&mut entry, table.spec(), now, self.config.own_slot, cost);
+                    let given =
+                        Ring::refund(&mut entry, table.spec(), now, self.config.own_slot, cost);
                     if given > 0 {
                         entry.mark_dirty();
                     }
@@ -284,7 +303,12 @@ impl<C: Clock> Limiter<C> {
     }
 
     fn sum_stat(&self, f: impl Fn(&TableStats) -> u64) -> u64 {
-        self.compiled.load().tables.iter().map(|t| f(t.stats())).sum()
+        self.compiled
+            .load()
+            .tables
+            .iter()
+            .map(|t| f(t.stats()))
+            .sum()
     }
 
     /// The key table of the limit at `index` in the rules in force.
@@ -297,9 +321,18 @@ impl Decision {
     /// Folds one limit's verdict into the decision: `Never` beats a denial,
     /// a denial beats an allowance, a longer wait beats a shorter one, and
     /// among allowances the one with least left describes the decision.
-    fn absorb(&mut self, limit_index: usize, limit_id: u64, algorithm: &dyn RateAlgorithm, verdict: Verdict) {
+    fn absorb(
+        &mut self,
+        limit_index: usize,
+        limit_id: u64,
+        algorithm: &dyn RateAlgorithm,
+        verdict: Verdict,
+    ) {
         let (outcome, remaining, reset_after, retry_after) = match verdict {
-            Verdict::Allow { remaining, reset_after } => (Outcome::Allowed, remaining, reset_after, Nanos::ZERO),
+            Verdict::Allow {
+                remaining,
+                reset_after,
+            } => (Outcome::Allowed, remaining, reset_after, Nanos::ZERO),
             Verdict::Deny {
                 remaining,
                 retry_after,
@@ -350,12 +383,12 @@ fn compile(
         let spec = limit.algorithm.window();
         let table = match reuse.get(&limit.id) {
             Some(t) if *t.spec() == spec && t.slots() == config.slots => t.clone(),
-            _ => Arc::new(
-                KeyTable::new(spec, config.slots, config.max_keys).map_err(|source| SetupError::Table {
+            _ => Arc::new(KeyTable::new(spec, config.slots, config.max_keys).map_err(
+                |source| SetupError::Table {
                     limit: format!("{}#{}", limit.rule, limit.index),
                     source,
-                })?,
-            ),
+                },
+            )?),
         };
         tables.push(table);
     }
@@ -384,7 +417,8 @@ impl<T, const N: usize> Inline<T, N> {
             self.len += 1;
         } else {
             if self.spill.is_empty() {
-                self.spill.extend(self.inline.iter_mut().filter_map(Option::take));
+                self.spill
+                    .extend(self.inline.iter_mut().filter_map(Option::take));
             }
             self.spill.push(v);
         }
@@ -393,7 +427,10 @@ impl<T, const N: usize> Inline<T, N> {
         self.inline.iter().flatten().chain(self.spill.iter())
     }
     fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.inline.iter_mut().flatten().chain(self.spill.iter_mut())
+        self.inline
+            .iter_mut()
+            .flatten()
+            .chain(self.spill.iter_mut())
     }
     fn sort_by_key<K: Ord>(&mut self, f: impl Fn(&T) -> K) {
         if self.spill.is_empty() {
@@ -416,7 +453,10 @@ struct CountsBuf {
 
 impl CountsBuf {
     fn new() -> Self {
-        CountsBuf { small: [0; 8], large: None }
+        CountsBuf {
+            small: [0; 8],
+            large: None,
+        }
     }
     fn get(&mut self, buckets: usize) -> &mut [u64] {
         if buckets <= self.small.len() {

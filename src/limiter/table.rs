@@ -3,11 +3,16 @@
 //! Every tracked key owns one arena entry of `stride` 32-bit words:
 //!
 //! ```text
-//! word 0      flags: bit 0 lock, bit 1 referenced (CLOCK), bit 2 dirty
-//! word 1      newest bucket epoch, low 32 bits
+//! word 0      bit 0 lock; bits 1..32 newest bucket epoch (low 31 bits)
+//! word 1      bits 0..15 hits not yet shipped to peers, bits 15..30 hits
+//!             shipped but not yet acknowledged, bit 30 dirty, bit 31
+//!             referenced (CLOCK)
 //! words 2..4  key digest (0 = vacant)
 //! words 4..   buckets × slots × (p, n)
 //! ```
+//!
+//! Word 0 is the only word ever compared-and-swapped (to take the lock); every
+//! other word, and word 0's epoch bits, change only under the lock.
 //!
 //! For one sliding-window limit on a three-node cluster that is 16 words, one
 //! cache line. The index maps digests to entry numbers. An entry is read and
@@ -30,9 +35,13 @@ use crate::core::window::{unpack_epoch, Ring, SlotGrid, WindowSpec};
 use super::index::{KeyIndex, PapayaIndex};
 
 const LOCK: u32 = 1;
-const REFERENCED: u32 = 2;
-/// Set on every local write; cleared by whoever ships the entry's delta.
-pub const DIRTY: u32 = 4;
+const EPOCH_BITS: u32 = 31;
+const INFLIGHT_BITS: u32 = 15;
+const INFLIGHT_MASK: u32 = (1 << INFLIGHT_BITS) - 1;
+const DIRTY: u32 = 1 << 30;
+const REFERENCED: u32 = 1 << 31;
+/// Most hits one key may have in flight (unacknowledged by peers) on one node.
+pub const MAX_INFLIGHT: u32 = INFLIGHT_MASK;
 const HEADER_WORDS: usize = 4;
 const CHUNK_ENTRIES: usize = 4096;
 const FREE_SHARDS: usize = 16;
@@ -121,9 +130,12 @@ impl<I: KeyIndex> KeyTable<I> {
     fn words(&self, entry: u32) -> &[AtomicU32] {
         let e = entry as usize;
         let chunk = self.chunks[e / CHUNK_ENTRIES].get_or_init(|| {
-            let words = CHUNK_ENTRIES.min(self.capacity as usize - (e / CHUNK_ENTRIES) * CHUNK_ENTRIES)
+            let words = CHUNK_ENTRIES
+                .min(self.capacity as usize - (e / CHUNK_ENTRIES) * CHUNK_ENTRIES)
                 * self.stride;
-            std::iter::repeat_with(|| AtomicU32::new(0)).take(words).collect()
+            std::iter::repeat_with(|| AtomicU32::new(0))
+                .take(words)
+                .collect()
         });
         let at = (e % CHUNK_ENTRIES) * self.stride;
         &chunk[at..at + self.stride]
@@ -136,10 +148,17 @@ impl<I: KeyIndex> KeyTable<I> {
             let cur = words[0].load(Ordering::Relaxed);
             if cur & LOCK == 0
                 && words[0]
-                    .compare_exchange_weak(cur, cur | LOCK | REFERENCED, Ordering::Acquire, Ordering::Relaxed)
+                    .compare_exchange_weak(cur, cur | LOCK, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
-                return Entry { words, slots: self.slots, entry, spec: self.spec };
+                let e = Entry {
+                    words,
+                    slots: self.slots,
+                    entry,
+                    spec: self.spec,
+                };
+                e.set_flags(REFERENCED);
+                return e;
             }
             spins += 1;
             if spins % 64 == 0 {
@@ -157,7 +176,12 @@ impl<I: KeyIndex> KeyTable<I> {
             && words[0]
                 .compare_exchange(cur, cur | LOCK, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok())
-        .then_some(Entry { words, slots: self.slots, entry, spec: self.spec })
+        .then_some(Entry {
+            words,
+            slots: self.slots,
+            entry,
+            spec: self.spec,
+        })
     }
 
     /// Locks the entry of `key` if the key is tracked.
@@ -176,7 +200,7 @@ impl<I: KeyIndex> KeyTable<I> {
             }
             let mut e = self.allocate(key, now);
             e.set_key(key);
-            e.words[1].store(self.spec.epoch(now) as u32, Ordering::Relaxed);
+            e.set_newest(self.spec.epoch(now));
             match self.index.insert_if_absent(key, e.entry) {
                 Ok(()) => {
                     // Amortised expiry: every new key pays for looking at two old ones.
@@ -255,7 +279,7 @@ impl<I: KeyIndex> KeyTable<I> {
         for w in &e.words[1..] {
             w.store(0, Ordering::Relaxed);
         }
-        e.words[0].fetch_and(LOCK, Ordering::Relaxed);
+        e.words[0].store(LOCK, Ordering::Relaxed);
     }
 
     fn release(&self, e: Entry<'_>) {
@@ -317,21 +341,69 @@ impl Entry<'_> {
         self.spec
     }
     pub fn key(&self) -> u64 {
-        u64::from(self.words[2].load(Ordering::Relaxed)) | (u64::from(self.words[3].load(Ordering::Relaxed)) << 32)
+        u64::from(self.words[2].load(Ordering::Relaxed))
+            | (u64::from(self.words[3].load(Ordering::Relaxed)) << 32)
     }
     fn set_key(&mut self, key: u64) {
         self.words[2].store(key as u32, Ordering::Relaxed);
         self.words[3].store((key >> 32) as u32, Ordering::Relaxed);
     }
-    fn take_referenced(&mut self) -> bool {
-        self.words[0].fetch_and(!REFERENCED, Ordering::Relaxed) & REFERENCED != 0
+    fn meta(&self) -> u32 {
+        self.words[1].load(Ordering::Relaxed)
     }
-    pub fn mark_dirty(&mut self) {
-        self.words[0].fetch_or(DIRTY, Ordering::Relaxed);
+    fn set_meta(&self, v: u32) {
+        self.words[1].store(v, Ordering::Relaxed);
+    }
+    fn set_flags(&self, flags: u32) {
+        self.set_meta(self.meta() | flags);
+    }
+    fn take_referenced(&mut self) -> bool {
+        let m = self.meta();
+        self.set_meta(m & !REFERENCED);
+        m & REFERENCED != 0
+    }
+    /// Marks the entry as changed locally; true if it was clean (so that the
+    /// caller journals it once per shipping round).
+    pub fn mark_dirty(&mut self) -> bool {
+        let m = self.meta();
+        self.set_meta(m | DIRTY);
+        m & DIRTY == 0
     }
     /// Clears the dirty flag and says whether it was set.
     pub fn take_dirty(&mut self) -> bool {
-        self.words[0].fetch_and(!DIRTY, Ordering::Relaxed) & DIRTY != 0
+        let m = self.meta();
+        self.set_meta(m & !DIRTY);
+        m & DIRTY != 0
+    }
+    /// Hits admitted here that peers have not yet acknowledged.
+    pub fn inflight(&self) -> u32 {
+        let m = self.meta();
+        (m & INFLIGHT_MASK) + ((m >> INFLIGHT_BITS) & INFLIGHT_MASK)
+    }
+    /// Records hits admitted here, not yet shipped. Saturates at
+    /// [`MAX_INFLIGHT`]; callers cap admissions well below it.
+    pub fn add_unshipped(&mut self, hits: u32) {
+        let m = self.meta();
+        let unshipped = ((m & INFLIGHT_MASK) + hits).min(INFLIGHT_MASK);
+        self.set_meta((m & !INFLIGHT_MASK) | unshipped);
+    }
+    /// Moves the unshipped hits to shipped-but-unacknowledged and returns
+    /// how many moved.
+    pub fn ship(&mut self) -> u32 {
+        let m = self.meta();
+        let unshipped = m & INFLIGHT_MASK;
+        let unacked = (((m >> INFLIGHT_BITS) & INFLIGHT_MASK) + unshipped).min(INFLIGHT_MASK);
+        self.set_meta(
+            (m & !(INFLIGHT_MASK | (INFLIGHT_MASK << INFLIGHT_BITS))) | (unacked << INFLIGHT_BITS),
+        );
+        unshipped
+    }
+    /// Settles `hits` shipped hits that every peer that must know them has
+    /// acknowledged.
+    pub fn settle(&mut self, hits: u32) {
+        let m = self.meta();
+        let unacked = ((m >> INFLIGHT_BITS) & INFLIGHT_MASK).saturating_sub(hits);
+        self.set_meta((m & !(INFLIGHT_MASK << INFLIGHT_BITS)) | (unacked << INFLIGHT_BITS));
     }
     fn at(&self, row: usize, slot: usize) -> usize {
         HEADER_WORDS + (row * self.slots + slot) * 2
@@ -366,10 +438,15 @@ impl SlotGrid for Entry<'_> {
     }
     #[inline]
     fn newest(&self, now_epoch: u64) -> u64 {
-        unpack_epoch(now_epoch, self.words[1].load(Ordering::Relaxed))
+        unpack_epoch(
+            now_epoch,
+            self.words[0].load(Ordering::Relaxed) >> 1,
+            EPOCH_BITS,
+        )
     }
     fn set_newest(&mut self, epoch: u64) {
-        self.words[1].store(epoch as u32, Ordering::Relaxed);
+        // Under the lock: keep the lock bit, replace the epoch bits.
+        self.words[0].store(LOCK | ((epoch as u32) << 1), Ordering::Relaxed);
     }
 }
 
@@ -385,7 +462,12 @@ mod tests {
     use crate::core::slot::NodeSlot;
 
     fn table(capacity: usize) -> KeyTable {
-        KeyTable::new(WindowSpec::new(Nanos::from_secs(1), 2).unwrap(), 3, capacity).unwrap()
+        KeyTable::new(
+            WindowSpec::new(Nanos::from_secs(1), 2).unwrap(),
+            3,
+            capacity,
+        )
+        .unwrap()
     }
 
     fn hits(t: &KeyTable, key: u64, now: Nanos) -> u64 {
@@ -408,7 +490,13 @@ mod tests {
         let now = Nanos::from_secs(100);
         for key in 1..=5u64 {
             let mut e = t.get_or_insert(key, now);
-            Ring::add(&mut e, &WindowSpec::new(Nanos::from_secs(1), 2).unwrap(), now, NodeSlot::new(1), key as u32);
+            Ring::add(
+                &mut e,
+                &WindowSpec::new(Nanos::from_secs(1), 2).unwrap(),
+                now,
+                NodeSlot::new(1),
+                key as u32,
+            );
         }
         for key in 1..=5u64 {
             assert_eq!(hits(&t, key, now), key);
@@ -450,9 +538,47 @@ mod tests {
     }
 
     #[test]
+    fn inflight_hits_move_from_unshipped_to_settled() {
+        let t = table(4);
+        let mut e = t.get_or_insert(9, Nanos::from_secs(100));
+        e.add_unshipped(3);
+        assert_eq!(e.inflight(), 3);
+        assert_eq!(e.ship(), 3);
+        e.add_unshipped(2);
+        assert_eq!(e.inflight(), 5);
+        e.settle(3);
+        assert_eq!(e.inflight(), 2);
+        e.settle(10);
+        assert_eq!(e.inflight(), 2, "unshipped hits cannot be settled");
+        assert!(e.mark_dirty());
+        assert!(!e.mark_dirty());
+        assert!(e.take_dirty());
+        assert_eq!(e.inflight(), 2, "flags leave the counters alone");
+    }
+
+    #[test]
+    fn epochs_survive_the_lock_bit() {
+        let t = table(4);
+        let spec = *t.spec();
+        let now = Nanos::from_secs(1 << 33);
+        let mut e = t.get_or_insert(5, now);
+        Ring::add(&mut e, &spec, now, NodeSlot::new(2), 4);
+        drop(e);
+        assert_eq!(hits(&t, 5, now), 4);
+        assert_eq!(hits(&t, 5, now + Nanos::from_secs(1)), 4);
+        assert_eq!(hits(&t, 5, now + Nanos::from_secs(2)), 0);
+    }
+
+    #[test]
     fn bad_sizes_are_refused() {
         let spec = WindowSpec::new(Nanos::from_secs(1), 2).unwrap();
-        assert_eq!(KeyTable::<PapayaIndex>::new(spec, 3, 0).err(), Some(TableError::ZeroCapacity));
-        assert_eq!(KeyTable::<PapayaIndex>::new(spec, 0, 1).err(), Some(TableError::ZeroSlots));
+        assert_eq!(
+            KeyTable::<PapayaIndex>::new(spec, 3, 0).err(),
+            Some(TableError::ZeroCapacity)
+        );
+        assert_eq!(
+            KeyTable::<PapayaIndex>::new(spec, 0, 1).err(),
+            Some(TableError::ZeroSlots)
+        );
     }
 }

@@ -98,7 +98,11 @@ impl DrainMeter {
                 WindowSpec::new(Nanos::new(g), buckets as usize)?
             }
         };
-        Ok(DrainMeter { capacity, rate, spec })
+        Ok(DrainMeter {
+            capacity,
+            rate,
+            spec,
+        })
     }
 
     fn refill_time(&self) -> Nanos {
@@ -163,7 +167,11 @@ pub struct TokenBucket {
 impl TokenBucket {
     /// `granularity` overrides the bucket length of the underlying window
     /// (default: a quarter of the refill time, at least 1 ms).
-    pub fn new(capacity: u32, refill: Rate, granularity: Option<Nanos>) -> Result<Self, ParamError> {
+    pub fn new(
+        capacity: u32,
+        refill: Rate,
+        granularity: Option<Nanos>,
+    ) -> Result<Self, ParamError> {
         DrainMeter::new(capacity, refill, granularity).map(|meter| TokenBucket { meter })
     }
 }
@@ -192,7 +200,12 @@ pub struct Gcra {
 }
 
 impl Gcra {
-    pub fn new(limit: u32, period: Nanos, burst: u32, granularity: Option<Nanos>) -> Result<Self, ParamError> {
+    pub fn new(
+        limit: u32,
+        period: Nanos,
+        burst: u32,
+        granularity: Option<Nanos>,
+    ) -> Result<Self, ParamError> {
         let rate = Rate::new(limit, period)?;
         Ok(Gcra {
             meter: DrainMeter::new(burst, rate, granularity)?,
@@ -223,20 +236,47 @@ macro_rules! drain_algorithm {
     };
 }
 
-drain_algorithm!(TokenBucket, meter, |s| quota = u64::from(s.meter.capacity.get()), period = s.meter.refill_time());
-drain_algorithm!(LeakyBucket, meter, |s| quota = u64::from(s.meter.capacity.get()), period = s.meter.refill_time());
-drain_algorithm!(Gcra, meter, |s| quota = u64::from(s.limit.get()), period = s.period);
+drain_algorithm!(
+    TokenBucket,
+    meter,
+    |s| quota = u64::from(s.meter.capacity.get()),
+    period = s.meter.refill_time()
+);
+drain_algorithm!(
+    LeakyBucket,
+    meter,
+    |s| quota = u64::from(s.meter.capacity.get()),
+    period = s.meter.refill_time()
+);
+drain_algorithm!(
+    Gcra,
+    meter,
+    |s| quota = u64::from(s.limit.get()),
+    period = s.period
+);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn tb(capacity: u32, per_sec: u32) -> TokenBucket {
-        TokenBucket::new(capacity, Rate::new(per_sec, Nanos::from_secs(1)).unwrap(), None).unwrap()
+        TokenBucket::new(
+            capacity,
+            Rate::new(per_sec, Nanos::from_secs(1)).unwrap(),
+            None,
+        )
+        .unwrap()
     }
 
     fn decide(a: &dyn RateAlgorithm, now: Nanos, nets: &[u64], cost: u32) -> Verdict {
-        a.decide(&WindowCounts { spec: a.window(), now, nets }, cost)
+        a.decide(
+            &WindowCounts {
+                spec: a.window(),
+                now,
+                nets,
+            },
+            cost,
+        )
     }
 
     #[test]
@@ -246,7 +286,10 @@ mod tests {
         let now = Nanos::from_secs(1_000);
         assert_eq!(
             decide(&a, now, &nets, 10),
-            Verdict::Allow { remaining: 0, reset_after: Nanos::from_secs(2) }
+            Verdict::Allow {
+                remaining: 0,
+                reset_after: Nanos::from_secs(2)
+            }
         );
         assert_eq!(decide(&a, now, &nets, 11), Verdict::Never { capacity: 10 });
     }
@@ -261,7 +304,11 @@ mod tests {
         let mut nets = vec![0; b];
         nets[b - 1] = 10;
         match decide(&a, start, &nets, 1) {
-            Verdict::Deny { retry_after, reset_after, remaining } => {
+            Verdict::Deny {
+                retry_after,
+                reset_after,
+                remaining,
+            } => {
                 assert_eq!(remaining, 0);
                 assert_eq!(retry_after, Nanos::from_millis(200));
                 assert_eq!(reset_after, Nanos::from_secs(2));

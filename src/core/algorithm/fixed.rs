@@ -69,14 +69,45 @@ mod tests {
         let a = FixedWindow::new(3, Nanos::from_secs(1)).unwrap();
         let now = Nanos::from_millis(10_250);
         let counts = |used: u64| [used];
-        let v = a.decide(&WindowCounts { spec: a.window(), now, nets: &counts(2) }, 1);
-        assert_eq!(v, Verdict::Allow { remaining: 0, reset_after: Nanos::from_millis(750) });
-        let v = a.decide(&WindowCounts { spec: a.window(), now, nets: &counts(3) }, 1);
+        let v = a.decide(
+            &WindowCounts {
+                spec: a.window(),
+                now,
+                nets: &counts(2),
+            },
+            1,
+        );
         assert_eq!(
             v,
-            Verdict::Deny { remaining: 0, retry_after: Nanos::from_millis(750), reset_after: Nanos::from_millis(750) }
+            Verdict::Allow {
+                remaining: 0,
+                reset_after: Nanos::from_millis(750)
+            }
         );
-        let v = a.decide(&WindowCounts { spec: a.window(), now, nets: &counts(0) }, 4);
+        let v = a.decide(
+            &WindowCounts {
+                spec: a.window(),
+                now,
+                nets: &counts(3),
+            },
+            1,
+        );
+        assert_eq!(
+            v,
+            Verdict::Deny {
+                remaining: 0,
+                retry_after: Nanos::from_millis(750),
+                reset_after: Nanos::from_millis(750)
+            }
+        );
+        let v = a.decide(
+            &WindowCounts {
+                spec: a.window(),
+                now,
+                nets: &counts(0),
+            },
+            4,
+        );
         assert_eq!(v, Verdict::Never { capacity: 3 });
     }
 }

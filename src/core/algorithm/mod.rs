@@ -9,7 +9,7 @@ mod drain;
 mod fixed;
 mod sliding;
 
-pub use drain::{Gcra, LeakyBucket, TokenBucket};
+pub use drain::{Gcra, LeakyBucket, Rate, TokenBucket};
 pub use fixed::FixedWindow;
 pub use sliding::SlidingWindow;
 

@@ -34,12 +34,22 @@ impl SlidingWindow {
             });
         }
         if window.as_u64() % u64::from(k) != 0 {
-            return Err(ParamError::Precision { window, precision: k });
+            return Err(ParamError::Precision {
+                window,
+                precision: k,
+            });
         }
         let granularity = Nanos::new(window.as_u64() / u64::from(k));
-        let spec = WindowSpec::new(granularity, k as usize + 1)
-            .map_err(|_| ParamError::Precision { window, precision: k })?;
-        Ok(SlidingWindow { limit, window, spec })
+        let spec =
+            WindowSpec::new(granularity, k as usize + 1).map_err(|_| ParamError::Precision {
+                window,
+                precision: k,
+            })?;
+        Ok(SlidingWindow {
+            limit,
+            window,
+            spec,
+        })
     }
 }
 
@@ -58,7 +68,9 @@ impl RateAlgorithm for SlidingWindow {
         let limit = u128::from(self.limit.get());
         let cost = u128::from(cost);
         if cost > limit {
-            return Verdict::Never { capacity: limit as u64 };
+            return Verdict::Never {
+                capacity: limit as u64,
+            };
         }
         let g = u128::from(self.spec.granularity().as_u64());
         let start = self.spec.epoch_start(counts.current_epoch());
@@ -97,10 +109,9 @@ impl SlidingWindow {
             if full + cost <= limit {
                 // Need full·g + partial·(g − x) + cost·g ≤ limit·g.
                 let room = (limit - full - cost) * g;
-                let x_needed = if partial == 0 {
-                    x_start
-                } else {
-                    g.saturating_sub(room / partial).max(x_start)
+                let x_needed = match room.checked_div(partial) {
+                    None => x_start,
+                    Some(fits) => g.saturating_sub(fits).max(x_start),
                 };
                 // Integer division rounded `room / partial` down, so x_needed
                 // is never early.
@@ -121,13 +132,19 @@ impl SlidingWindow {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn decide(a: &SlidingWindow, now: Nanos, nets: &[u64], cost: u32) -> Verdict {
-        a.decide(&WindowCounts { spec: a.window(), now, nets }, cost)
+        a.decide(
+            &WindowCounts {
+                spec: a.window(),
+                now,
+                nets,
+            },
+            cost,
+        )
     }
 
     #[test]
@@ -161,7 +178,11 @@ mod tests {
         // Current bucket full: must wait until it is the old one and has
         // shrunk to 9: 10·(1 − x) ≤ 9 ⇔ x ≥ 0.1 into the next second.
         match decide(&a, now, &[0, 10], 1) {
-            Verdict::Deny { retry_after, reset_after, .. } => {
+            Verdict::Deny {
+                retry_after,
+                reset_after,
+                ..
+            } => {
                 assert_eq!(retry_after, Nanos::from_millis(600));
                 assert_eq!(reset_after, Nanos::from_millis(1_500));
             }
@@ -180,6 +201,9 @@ mod tests {
     #[test]
     fn cost_above_the_limit_is_never_admitted() {
         let a = SlidingWindow::new(10, Nanos::from_secs(1), 1).unwrap();
-        assert_eq!(decide(&a, Nanos::ZERO, &[0, 0], 11), Verdict::Never { capacity: 10 });
+        assert_eq!(
+            decide(&a, Nanos::ZERO, &[0, 0], 11),
+            Verdict::Never { capacity: 10 }
+        );
     }
 }

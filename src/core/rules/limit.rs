@@ -12,11 +12,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::core::algorithm::{
-    Algorithm, FixedWindow, Gcra, ParamError, RateAlgorithm, SlidingWindow, Verdict,
+    Algorithm, FixedWindow, Gcra, LeakyBucket, ParamError, Rate, SlidingWindow, TokenBucket,
 };
 use crate::core::key::stable_digest;
 use crate::core::time::{parse_duration, Nanos};
-use crate::core::window::{WindowCounts, WindowSpec};
 
 use super::error::RulesErrorKind;
 use super::Scope;
@@ -251,11 +250,6 @@ impl RawLimit {
 }
 
 /// Builds a token bucket (`name == "token_bucket"`) or a leaky bucket.
-///
-/// Stand-in: `algorithm` does not re-export `Rate` yet, and both buckets take
-/// one. Once it does, this body becomes
-/// `Rate::new(amount, per).and_then(|rate| TokenBucket::new(capacity, rate, granularity).map(Algorithm::TokenBucket))`
-/// (likewise `LeakyBucket`) and [`DrainStandIn`] goes away.
 fn drain_bucket(
     name: &'static str,
     capacity: u32,
@@ -263,41 +257,11 @@ fn drain_bucket(
     per: Nanos,
     granularity: Option<Nanos>,
 ) -> Result<Algorithm, ParamError> {
-    // GCRA with `burst = capacity` runs the very same drain meter as both
-    // buckets, so decisions are identical; only what the quota is reported
-    // as differs, and that is restored here.
-    let meter = Gcra::new(amount, per, capacity, granularity)?;
-    let refill_time = u128::from(capacity) * u128::from(per.as_u64()) / u128::from(amount);
-    Ok(Algorithm::Custom(Box::new(DrainStandIn {
-        name,
-        meter,
-        capacity,
-        refill_time: Nanos::new(u64::try_from(refill_time).unwrap_or(u64::MAX)),
-    })))
-}
-
-/// A token or leaky bucket until `Rate` is reachable; see [`drain_bucket`].
-#[derive(Debug)]
-struct DrainStandIn {
-    #[allow(dead_code, reason = "tells the buckets apart in Debug output")]
-    name: &'static str,
-    meter: Gcra,
-    capacity: u32,
-    refill_time: Nanos,
-}
-
-impl RateAlgorithm for DrainStandIn {
-    fn window(&self) -> WindowSpec {
-        self.meter.window()
-    }
-    fn quota(&self) -> u64 {
-        u64::from(self.capacity)
-    }
-    fn quota_period(&self) -> Nanos {
-        self.refill_time
-    }
-    fn decide(&self, counts: &WindowCounts<'_>, cost: u32) -> Verdict {
-        self.meter.decide(counts, cost)
+    let rate = Rate::new(amount, per)?;
+    if name == "token_bucket" {
+        TokenBucket::new(capacity, rate, granularity).map(Algorithm::TokenBucket)
+    } else {
+        LeakyBucket::new(capacity, rate, granularity).map(Algorithm::LeakyBucket)
     }
 }
 
@@ -385,6 +349,7 @@ pub(super) fn limit_id(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::algorithm::RateAlgorithm;
 
     fn build(text: &str) -> Result<BuiltLimit, LimitError> {
         let raw: RawLimit = toml::from_str(text).unwrap();

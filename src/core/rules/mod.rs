@@ -535,6 +535,19 @@ limits = [ { algorithm = "fixed_window", limit = 1, window = "1s" } ]
             .filter(|l| l.trim_start().starts_with("{ algorithm"))
             .count();
         assert_eq!(rules.limits().len(), entries);
+        let mut names: Vec<_> = rules.limits().iter().map(|l| l.algorithm.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(
+            names,
+            [
+                "fixed_window",
+                "gcra",
+                "leaky_bucket",
+                "sliding_window",
+                "token_bucket"
+            ]
+        );
         for name in [
             "sliding_window",
             "fixed_window",

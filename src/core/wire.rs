@@ -1,0 +1,550 @@
+//! The wire codec: frames nodes exchange, as written in `proto-spec/`.
+//!
+//! A frame is one byte of protocol version, one byte of kind, and a
+//! postcard-encoded body. Decoding never panics and never trusts a length:
+//! every frame is checked against the limits below before anything reads it,
+//! and a frame that fails any check is refused whole (nothing of it is
+//! applied). What a receiver does with a well-formed frame (which slots it
+//! may carry, which epochs it may touch) is the gossip state machine's job.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this code speaks.
+pub const VERSION: u8 = 1;
+/// Largest frame accepted from a stream.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+/// Most limit groups in one frame.
+pub const MAX_GROUPS: usize = 4096;
+/// Most keys in one group.
+pub const MAX_KEYS_PER_GROUP: usize = 1 << 16;
+/// Most buckets carried for one key.
+pub const MAX_BUCKETS_PER_KEY: usize = 64;
+/// Longest node name.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// Frame kinds, the second byte of every frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Delta = 2,
+    Ack = 3,
+    Sync = 4,
+    Recovery = 5,
+    Swim = 6,
+}
+
+impl Kind {
+    fn from_byte(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Hello,
+            2 => Kind::Delta,
+            3 => Kind::Ack,
+            4 => Kind::Sync,
+            5 => Kind::Recovery,
+            6 => Kind::Swim,
+            _ => return None,
+        })
+    }
+}
+
+/// First frame on every connection, both ways.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's slot.
+    pub slot: u16,
+    /// The sender's node name (also in its certificate).
+    pub name: String,
+    /// Grows every time the node starts: tells a restart from a reconnect.
+    pub incarnation: u64,
+    /// Digest of the sender's rules, to notice divergent rule sets.
+    #[serde(with = "postcard::fixint::le")]
+    pub rules_digest: u64,
+    /// True while the sender is recovering its own slots after a restart.
+    pub recovering: bool,
+}
+
+/// Values of one slot for some keys: a delta round, a full-state sync
+/// chunk, or (for recovery) the receiver's own slot as the sender knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slots {
+    /// Whose slot the values are.
+    pub slot: u16,
+    /// Delta round, or chunk number of a sync.
+    pub round: u64,
+    /// The sender's clock when it sent the frame, in ns since the Unix epoch.
+    pub sent_at: u64,
+    /// True on the last chunk of a sync or recovery.
+    pub last: bool,
+    pub groups: Vec<LimitGroup>,
+}
+
+/// The keys of one limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitGroup {
+    #[serde(with = "postcard::fixint::le")]
+    pub limit: u64,
+    /// The newest bucket epoch in the group; buckets say how far back they are.
+    pub newest: u64,
+    pub keys: Vec<KeySlots>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySlots {
+    #[serde(with = "postcard::fixint::le")]
+    pub key: u64,
+    pub buckets: Vec<BucketSlot>,
+}
+
+/// One bucket's value of the slot: epoch `newest − back`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketSlot {
+    pub back: u8,
+    pub p: u32,
+    pub n: u32,
+}
+
+/// Acknowledges delta rounds and echoes timestamps for clock-offset and
+/// round-trip estimation (the four timestamps of NTP).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub slot: u16,
+    /// Rounds received since the previous ack.
+    pub rounds: Vec<u64>,
+    /// `sent_at` of the newest acknowledged delta (t1).
+    pub echo_sent_at: u64,
+    /// When that delta arrived, by the acknowledger's clock (t2).
+    pub received_at: u64,
+    /// When this ack left, by the acknowledger's clock (t3).
+    pub replied_at: u64,
+}
+
+/// Membership traffic, opaque to the codec (SWIM messages).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Swim {
+    pub payload: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Hello(Hello),
+    Delta(Slots),
+    Ack(Ack),
+    Sync(Slots),
+    Recovery(Slots),
+    Swim(Swim),
+}
+
+/// Why a frame was refused. The frame changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty frame")]
+    Empty,
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("unsupported protocol version {0} (this node speaks {VERSION})")]
+    UnknownVersion(u8),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed {kind:?} body: {reason}")]
+    Malformed { kind: Kind, reason: String },
+    #[error("{0} trailing bytes after the body")]
+    Trailing(usize),
+    #[error("invalid frame: {0}")]
+    Invalid(&'static str),
+}
+
+impl Frame {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Frame::Hello(_) => Kind::Hello,
+            Frame::Delta(_) => Kind::Delta,
+            Frame::Ack(_) => Kind::Ack,
+            Frame::Sync(_) => Kind::Sync,
+            Frame::Recovery(_) => Kind::Recovery,
+            Frame::Swim(_) => Kind::Swim,
+        }
+    }
+
+    /// Appends the encoded frame to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.push(VERSION);
+        out.push(self.kind() as u8);
+        let body = match self {
+            Frame::Hello(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::Delta(b) | Frame::Sync(b) | Frame::Recovery(b) => {
+                postcard::to_extend(b, std::mem::take(out))
+            }
+            Frame::Ack(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::Swim(b) => postcard::to_extend(b, std::mem::take(out)),
+        };
+        // Serialising plain structs into a Vec cannot fail.
+        *out = body.unwrap_or_default();
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Decodes and checks one frame.
+    pub fn decode(bytes: &[u8]) -> Result<Frame, DecodeError> {
+        if bytes.len() > MAX_FRAME_BYTES {
+            return Err(DecodeError::TooLarge(bytes.len()));
+        }
+        let (&version, rest) = bytes.split_first().ok_or(DecodeError::Empty)?;
+        if version != VERSION {
+            return Err(DecodeError::UnknownVersion(version));
+        }
+        let (&kind_byte, body) = rest.split_first().ok_or(DecodeError::Empty)?;
+        let kind = Kind::from_byte(kind_byte).ok_or(DecodeError::UnknownKind(kind_byte))?;
+        let frame = match kind {
+            Kind::Hello => Frame::Hello(body_of(kind, body)?),
+            Kind::Delta => Frame::Delta(body_of(kind, body)?),
+            Kind::Ack => Frame::Ack(body_of(kind, body)?),
+            Kind::Sync => Frame::Sync(body_of(kind, body)?),
+            Kind::Recovery => Frame::Recovery(body_of(kind, body)?),
+            Kind::Swim => Frame::Swim(body_of(kind, body)?),
+        };
+        frame.check()?;
+        Ok(frame)
+    }
+
+    fn check(&self) -> Result<(), DecodeError> {
+        match self {
+            Frame::Hello(h) if h.name.is_empty() || h.name.len() > MAX_NAME_BYTES => {
+                Err(DecodeError::Invalid("node name must be 1 to 64 bytes"))
+            }
+            Frame::Delta(s) | Frame::Sync(s) | Frame::Recovery(s) => s.check(),
+            Frame::Ack(a) if a.rounds.len() > 4096 => {
+                Err(DecodeError::Invalid("too many acknowledged rounds"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Slots {
+    fn check(&self) -> Result<(), DecodeError> {
+        if self.groups.len() > MAX_GROUPS {
+            return Err(DecodeError::Invalid("too many limit groups"));
+        }
+        for g in &self.groups {
+            if g.keys.len() > MAX_KEYS_PER_GROUP {
+                return Err(DecodeError::Invalid("too many keys in a group"));
+            }
+            for k in &g.keys {
+                if k.key == 0 {
+                    return Err(DecodeError::Invalid("key digest zero is reserved"));
+                }
+                if k.buckets.is_empty() || k.buckets.len() > MAX_BUCKETS_PER_KEY {
+                    return Err(DecodeError::Invalid("a key carries 1 to 64 buckets"));
+                }
+                for b in &k.buckets {
+                    if usize::from(b.back) >= MAX_BUCKETS_PER_KEY || u64::from(b.back) > g.newest {
+                        return Err(DecodeError::Invalid("bucket lies outside any window"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of `(key, bucket)` values carried.
+    pub fn values(&self) -> usize {
+        self.groups
+            .iter()
+            .flat_map(|g| &g.keys)
+            .map(|k| k.buckets.len())
+            .sum()
+    }
+}
+
+fn body_of<'a, T: Deserialize<'a>>(kind: Kind, body: &'a [u8]) -> Result<T, DecodeError> {
+    let (value, rest) =
+        postcard::take_from_bytes::<T>(body).map_err(|e| DecodeError::Malformed {
+            kind,
+            reason: e.to_string(),
+        })?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Trailing(rest.len()));
+    }
+    Ok(value)
+}
+
+/// Bytes a postcard varint of `v` takes.
+pub fn varint_len(v: u64) -> usize {
+    ((64 - (v | 1).leading_zeros()) as usize).div_ceil(7)
+}
+
+/// Cuts a stream of `(limit, key, buckets)` values into frames that each
+/// encode to at most `max_bytes`, so that a delta fits a datagram.
+pub struct SlotsPacker {
+    max_bytes: usize,
+    slot: u16,
+    sent_at: u64,
+    next_round: u64,
+    current: Slots,
+    size: usize,
+    done: Vec<Slots>,
+}
+
+impl SlotsPacker {
+    /// Frames are numbered from `first_round` on.
+    pub fn new(max_bytes: usize, slot: u16, first_round: u64, sent_at: u64) -> Self {
+        let mut p = SlotsPacker {
+            max_bytes,
+            slot,
+            sent_at,
+            next_round: first_round,
+            current: Slots {
+                slot,
+                round: first_round,
+                sent_at,
+                last: false,
+                groups: Vec::new(),
+            },
+            size: 0,
+            done: Vec::new(),
+        };
+        p.size = p.header_len();
+        p
+    }
+
+    fn header_len(&self) -> usize {
+        // version, kind, slot, round, sent_at, last, group count (≤ 2 bytes).
+        2 + varint_len(u64::from(self.slot))
+            + varint_len(self.current.round)
+            + varint_len(self.sent_at)
+            + 1
+            + 2
+    }
+
+    fn key_len(key: &KeySlots) -> usize {
+        8 + 1
+            + key
+                .buckets
+                .iter()
+                .map(|b| 1 + varint_len(u64::from(b.p)) + varint_len(u64::from(b.n)))
+                .sum::<usize>()
+    }
+
+    /// Adds one key's values under `limit`, whose newest epoch is `newest`.
+    pub fn push(&mut self, limit: u64, newest: u64, key: KeySlots) {
+        let key_len = Self::key_len(&key);
+        // A group costs its limit, newest epoch and key count (≤ 3 bytes).
+        let same_group = matches!(self.current.groups.last(), Some(g) if g.limit == limit && g.newest == newest && g.keys.len() < MAX_KEYS_PER_GROUP);
+        let group_len = if same_group {
+            0
+        } else {
+            8 + varint_len(newest) + 3
+        };
+        let full = self.current.groups.len() >= MAX_GROUPS && !same_group;
+        if (self.size + group_len + key_len > self.max_bytes || full)
+            && !self.current.groups.is_empty()
+        {
+            self.flush();
+            return self.push(limit, newest, key);
+        }
+        if same_group {
+            if let Some(g) = self.current.groups.last_mut() {
+                g.keys.push(key);
+            }
+        } else {
+            self.current.groups.push(LimitGroup {
+                limit,
+                newest,
+                keys: vec![key],
+            });
+        }
+        self.size += group_len + key_len;
+    }
+
+    fn flush(&mut self) {
+        self.next_round += 1;
+        let next = Slots {
+            slot: self.slot,
+            round: self.next_round,
+            sent_at: self.sent_at,
+            last: false,
+            groups: Vec::new(),
+        };
+        self.done.push(std::mem::replace(&mut self.current, next));
+        self.size = self.header_len();
+    }
+
+    /// The frames, in order; the last one has `last` set. Empty when nothing
+    /// was pushed.
+    pub fn finish(mut self) -> Vec<Slots> {
+        if !self.current.groups.is_empty() {
+            self.flush();
+        }
+        if let Some(l) = self.done.last_mut() {
+            l.last = true;
+        }
+        self.done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Slots {
+        Slots {
+            slot: 2,
+            round: 7,
+            sent_at: 1_700_000_000_000_000_000,
+            last: false,
+            groups: vec![LimitGroup {
+                limit: 0x0102_0304_0506_0708,
+                newest: 28_333_333,
+                keys: vec![KeySlots {
+                    key: 0xdead_beef_0000_0001,
+                    buckets: vec![
+                        BucketSlot {
+                            back: 0,
+                            p: 300,
+                            n: 0,
+                        },
+                        BucketSlot {
+                            back: 1,
+                            p: 2,
+                            n: 1,
+                        },
+                    ],
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        let frames = vec![
+            Frame::Hello(Hello {
+                slot: 1,
+                name: "node-1".into(),
+                incarnation: 3,
+                rules_digest: 9,
+                recovering: true,
+            }),
+            Frame::Delta(sample()),
+            Frame::Sync(sample()),
+            Frame::Recovery(sample()),
+            Frame::Ack(Ack {
+                slot: 0,
+                rounds: vec![5, 6, 7],
+                echo_sent_at: 10,
+                received_at: 20,
+                replied_at: 25,
+            }),
+            Frame::Swim(Swim {
+                payload: vec![1, 2, 3],
+            }),
+        ];
+        for f in frames {
+            assert_eq!(Frame::decode(&f.encode()), Ok(f.clone()), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_does_not_understand() {
+        let good = Frame::Delta(sample()).encode();
+        assert_eq!(Frame::decode(&[]), Err(DecodeError::Empty));
+        assert_eq!(Frame::decode(&[VERSION]), Err(DecodeError::Empty));
+        let mut v2 = good.clone();
+        v2[0] = 2;
+        assert_eq!(Frame::decode(&v2), Err(DecodeError::UnknownVersion(2)));
+        let mut k = good.clone();
+        k[1] = 99;
+        assert_eq!(Frame::decode(&k), Err(DecodeError::UnknownKind(99)));
+        for cut in 2..good.len() {
+            assert!(Frame::decode(&good[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut extra = good.clone();
+        extra.push(0);
+        assert_eq!(Frame::decode(&extra), Err(DecodeError::Trailing(1)));
+        assert!(matches!(
+            Frame::decode(&vec![VERSION; MAX_FRAME_BYTES + 1]),
+            Err(DecodeError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_values_outside_any_window() {
+        let mut s = sample();
+        s.groups[0].keys[0].buckets[0].back = 64;
+        assert!(matches!(
+            Frame::decode(&Frame::Delta(s).encode()),
+            Err(DecodeError::Invalid(_))
+        ));
+        let mut s = sample();
+        s.groups[0].keys[0].key = 0;
+        assert!(matches!(
+            Frame::decode(&Frame::Delta(s).encode()),
+            Err(DecodeError::Invalid(_))
+        ));
+        let mut s = sample();
+        s.groups[0].keys[0].buckets.clear();
+        assert!(matches!(
+            Frame::decode(&Frame::Delta(s).encode()),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_huge_declared_length_is_refused_without_allocating_it() {
+        // Delta with a group count of 2^63 and nothing behind it.
+        let mut bytes = vec![VERSION, Kind::Delta as u8, 2, 7, 0, 0];
+        bytes.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        assert!(matches!(
+            Frame::decode(&bytes),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn varint_lengths() {
+        assert_eq!(varint_len(0), 1);
+        assert_eq!(varint_len(127), 1);
+        assert_eq!(varint_len(128), 2);
+        assert_eq!(varint_len(u64::from(u32::MAX)), 5);
+        assert_eq!(varint_len(u64::MAX), 10);
+    }
+
+    #[test]
+    fn packed_frames_fit_the_budget_and_carry_everything() {
+        let mut p = SlotsPacker::new(1200, 3, 100, 1_700_000_000_000_000_000);
+        let mut sent = 0;
+        for limit in 0..3u64 {
+            for key in 1..=500u64 {
+                let buckets = vec![
+                    BucketSlot {
+                        back: 0,
+                        p: (key * 37) as u32,
+                        n: 0,
+                    },
+                    BucketSlot {
+                        back: 1,
+                        p: 1,
+                        n: 0,
+                    },
+                ];
+                p.push(limit + 1, 1000, KeySlots { key, buckets });
+                sent += 2;
+            }
+        }
+        let frames = p.finish();
+        assert!(frames.len() > 1);
+        assert!(frames.last().unwrap().last);
+        let mut got = 0;
+        for (i, f) in frames.iter().enumerate() {
+            assert_eq!(f.round, 100 + i as u64);
+            let bytes = Frame::Delta(f.clone()).encode();
+            assert!(bytes.len() <= 1200, "frame {i} is {} bytes", bytes.len());
+            got += f.values();
+        }
+        assert_eq!(got, sent);
+    }
+}
