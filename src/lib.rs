@@ -38,5 +38,6 @@
 
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod core;
 pub mod limiter;

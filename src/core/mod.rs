@@ -9,6 +9,7 @@ pub mod algorithm;
 pub mod descriptor;
 pub mod key;
 pub mod rules;
+pub mod share;
 pub mod slot;
 pub mod time;
 pub mod window;

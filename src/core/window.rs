@@ -280,6 +280,29 @@ impl Ring {
         MergeOutcome::Applied
     }
 
+    /// Adds each slot's hits (`p`) over the live buckets at `now` into
+    /// `out[slot]`: the traffic shares of a key.
+    pub fn slot_hits<G: SlotGrid + ?Sized>(
+        grid: &G,
+        spec: &WindowSpec,
+        now: Nanos,
+        out: &mut [u64],
+    ) {
+        let now_epoch = spec.epoch(now);
+        let newest = grid.newest(now_epoch);
+        let b = spec.buckets() as u64;
+        let oldest = (now_epoch + 1).saturating_sub(b);
+        for e in oldest..=newest.max(now_epoch) {
+            if !Self::holds(spec, newest, e) {
+                continue;
+            }
+            let row = Self::row(spec, e);
+            for (slot, total) in out.iter_mut().enumerate().take(grid.slot_count()) {
+                *total += u64::from(grid.get(row, slot).p);
+            }
+        }
+    }
+
     /// True when nothing in the ring can count at `now` any more.
     pub fn is_idle<G: SlotGrid + ?Sized>(grid: &G, spec: &WindowSpec, now: Nanos) -> bool {
         let now_epoch = spec.epoch(now);

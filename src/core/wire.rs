@@ -19,6 +19,9 @@ pub const MAX_GROUPS: usize = 4096;
 pub const MAX_KEYS_PER_GROUP: usize = 1 << 16;
 /// Most buckets carried for one key.
 pub const MAX_BUCKETS_PER_KEY: usize = 64;
+/// Largest hit count a slot may report for one bucket: far above any limit a
+/// rule can hold, far below the point where saturation would hide a bug.
+pub const MAX_COUNT: u32 = 1 << 31;
 /// Longest node name.
 pub const MAX_NAME_BYTES: usize = 64;
 
@@ -245,6 +248,9 @@ impl Slots {
                     if usize::from(b.back) >= MAX_BUCKETS_PER_KEY || u64::from(b.back) > g.newest {
                         return Err(DecodeError::Invalid("bucket lies outside any window"));
                     }
+                    if b.p > MAX_COUNT || b.n > MAX_COUNT {
+                        return Err(DecodeError::Invalid("absurd count"));
+                    }
                 }
             }
         }
@@ -330,8 +336,9 @@ impl SlotsPacker {
                 .sum::<usize>()
     }
 
-    /// Adds one key's values under `limit`, whose newest epoch is `newest`.
-    pub fn push(&mut self, limit: u64, newest: u64, key: KeySlots) {
+    /// Adds one key's values under `limit`, whose newest epoch is `newest`,
+    /// and returns the round number of the frame it went into.
+    pub fn push(&mut self, limit: u64, newest: u64, key: KeySlots) -> u64 {
         let key_len = Self::key_len(&key);
         // A group costs its limit, newest epoch and key count (≤ 3 bytes).
         let same_group = matches!(self.current.groups.last(), Some(g) if g.limit == limit && g.newest == newest && g.keys.len() < MAX_KEYS_PER_GROUP);
@@ -347,6 +354,7 @@ impl SlotsPacker {
             self.flush();
             return self.push(limit, newest, key);
         }
+        let round = self.current.round;
         if same_group {
             if let Some(g) = self.current.groups.last_mut() {
                 g.keys.push(key);
@@ -359,6 +367,7 @@ impl SlotsPacker {
             });
         }
         self.size += group_len + key_len;
+        round
     }
 
     fn flush(&mut self) {

@@ -8,10 +8,11 @@
 //! and a denial by one limit leaves all others untouched.
 
 pub mod index;
+pub mod journal;
 pub mod table;
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -21,11 +22,13 @@ use crate::core::algorithm::{RateAlgorithm, Verdict};
 use crate::core::descriptor::{self, DescriptorError, Descriptors};
 use crate::core::key::{key_digest, KeySeed};
 use crate::core::rules::{RuleSet, UnknownEndpoint};
+use crate::core::share::{ShareView, Shares, MAX_NODES};
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
-use crate::core::window::{Ring, WindowCounts, MAX_BUCKETS};
+use crate::core::window::{Ring, SlotGrid, WindowCounts, MAX_BUCKETS};
 
-pub use table::{Entry, KeyTable, TableError, TableStats};
+pub use journal::Journal;
+pub use table::{Entry, KeyTable, TableError, TableStats, MAX_INFLIGHT};
 
 /// How the limiter is sized and where it sits in the cluster.
 #[derive(Clone, Debug)]
@@ -97,6 +100,10 @@ pub enum CheckError {
     Descriptor(#[from] DescriptorError),
     #[error(transparent)]
     UnknownEndpoint(#[from] UnknownEndpoint),
+    /// The node restarted and has not yet recovered its counts from its
+    /// peers or its snapshot; admitting now could reset someone's quota.
+    #[error("this node is recovering its counts after a restart and admits nothing yet")]
+    Recovering,
 }
 
 /// Errors from building a limiter or loading rules into it. The running rules,
@@ -107,12 +114,23 @@ pub enum SetupError {
     SlotOutOfRange { own: usize, slots: usize },
     #[error("limit {limit}: {source}")]
     Table { limit: String, source: TableError },
+    #[error("a cluster has at most {MAX_NODES} slots, got {0}")]
+    TooManySlots(usize),
 }
 
 /// A rule set with one key table per limit.
 struct Compiled {
     rules: Arc<RuleSet>,
     tables: Vec<Arc<KeyTable>>,
+    by_id: HashMap<u64, usize>,
+}
+
+/// What a clustered limiter adds: shares, the journal of changed keys, and
+/// the recovery gate.
+struct ClusterHooks {
+    view: ArcSwap<ShareView>,
+    journal: Arc<Journal>,
+    admitting: AtomicBool,
 }
 
 /// Most limits one request may match before the check falls back to a heap
@@ -123,6 +141,7 @@ pub struct Limiter<C: Clock = SystemClock> {
     clock: C,
     config: LimiterConfig,
     compiled: ArcSwap<Compiled>,
+    cluster: Option<ClusterHooks>,
 }
 
 impl Limiter<SystemClock> {
@@ -144,7 +163,72 @@ impl<C: Clock> Limiter<C> {
             clock,
             config,
             compiled: ArcSwap::from_pointee(compiled),
+            cluster: None,
         })
+    }
+
+    /// Makes this limiter a cluster node: decisions reserve the peers'
+    /// shares described by `view`, every local change is journaled for the
+    /// replicator, and nothing is admitted until [`Limiter::set_admitting`]
+    /// says the node has recovered its counts.
+    pub fn clustered(mut self, view: ShareView) -> Result<Self, SetupError> {
+        if self.config.slots > MAX_NODES {
+            return Err(SetupError::TooManySlots(self.config.slots));
+        }
+        self.cluster = Some(ClusterHooks {
+            view: ArcSwap::from_pointee(view),
+            journal: Arc::new(Journal::default()),
+            admitting: AtomicBool::new(false),
+        });
+        Ok(self)
+    }
+
+    /// Replaces the cluster picture (after a membership change).
+    pub fn set_share_view(&self, view: ShareView) {
+        if let Some(c) = &self.cluster {
+            c.view.store(Arc::new(view));
+        }
+    }
+
+    pub fn share_view(&self) -> Option<Arc<ShareView>> {
+        self.cluster.as_ref().map(|c| c.view.load_full())
+    }
+
+    /// Keys changed locally, for the replicator. `None` when not clustered.
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.cluster.as_ref().map(|c| &c.journal)
+    }
+
+    /// Opens (or closes) the recovery gate of a clustered limiter.
+    pub fn set_admitting(&self, admitting: bool) {
+        if let Some(c) = &self.cluster {
+            c.admitting.store(admitting, Ordering::Release);
+        }
+    }
+
+    /// False while a clustered node is still recovering its counts.
+    pub fn is_admitting(&self) -> bool {
+        self.cluster
+            .as_ref()
+            .is_none_or(|c| c.admitting.load(Ordering::Acquire))
+    }
+
+    /// The key table of the limit with stable id `id` in the rules in force.
+    pub fn table_by_id(&self, id: u64) -> Option<Arc<KeyTable>> {
+        let compiled = self.compiled.load();
+        compiled.by_id.get(&id).map(|&i| compiled.tables[i].clone())
+    }
+
+    /// Every `(limit id, table)` of the rules in force.
+    pub fn tables(&self) -> Vec<(u64, Arc<KeyTable>)> {
+        let compiled = self.compiled.load();
+        compiled
+            .rules
+            .limits()
+            .iter()
+            .zip(&compiled.tables)
+            .map(|(l, t)| (l.id, t.clone()))
+            .collect()
     }
 
     pub fn config(&self) -> &LimiterConfig {
@@ -204,6 +288,10 @@ impl<C: Clock> Limiter<C> {
     ) -> Result<Decision, CheckError> {
         let compiled = self.compiled.load();
         compiled.rules.check_endpoint(d)?;
+        if !self.is_admitting() {
+            return Err(CheckError::Recovering);
+        }
+        let view = self.cluster.as_ref().map(|c| c.view.load());
         let mut matches = Matches::new();
         compiled.rules.for_each_match(d, |m| {
             let values = m.key_fields.iter().map(|f| d.get(f).unwrap_or(""));
@@ -228,22 +316,31 @@ impl<C: Clock> Limiter<C> {
             let nets = counts.get(spec.buckets());
             Ring::read(&entry, spec, now, nets);
             let limit = &compiled.rules.limits()[index];
-            let verdict = limit.algorithm.decide(
-                &WindowCounts {
-                    spec: *spec,
-                    now,
-                    nets,
-                },
-                cost,
-            );
+            let verdict = match view.as_deref() {
+                None => limit.algorithm.decide(
+                    &WindowCounts {
+                        spec: *spec,
+                        now,
+                        nets,
+                    },
+                    cost,
+                ),
+                Some(view) => decide_shared(view, &limit.algorithm, &entry, nets, now, cost),
+            };
             decision.absorb(index, limit.id, &limit.algorithm, verdict);
-            entries.push(entry);
+            entries.push((limit.id, entry));
         }
         if decision.outcome == Outcome::Allowed && cost > 0 {
-            for entry in entries.iter_mut() {
+            let journal = self.cluster.as_ref().map(|c| &c.journal);
+            for (limit_id, entry) in entries.iter_mut() {
                 // Every entry of one check lives in its own limit's table.
                 Ring::add(entry, &entry.spec(), now, self.config.own_slot, cost);
-                entry.mark_dirty();
+                if let Some(journal) = journal {
+                    entry.add_unshipped(cost);
+                    if entry.mark_dirty() {
+                        journal.push(*limit_id, entry.key());
+                    }
+                }
             }
         }
         Ok(decision)
@@ -268,8 +365,10 @@ impl<C: Clock> Limiter<C> {
                 Some(mut entry) => {
                     let given =
                         Ring::refund(&mut entry, table.spec(), now, self.config.own_slot, cost);
-                    if given > 0 {
-                        entry.mark_dirty();
+                    if given > 0 && entry.mark_dirty() {
+                        if let Some(c) = &self.cluster {
+                            c.journal.push(m.limit.id, entry.key());
+                        }
                     }
                     given
                 }
@@ -392,7 +491,48 @@ fn compile(
         };
         tables.push(table);
     }
-    Ok(Compiled { rules, tables })
+    let by_id = rules.limits().iter().map(|l| (l.id, l.index)).collect();
+    Ok(Compiled {
+        rules,
+        tables,
+        by_id,
+    })
+}
+
+/// A decision on a cluster node: the peers' shares are counted as if already
+/// arrived, and an allowance is also held to this node's own in-flight share
+/// (see `core::share`).
+fn decide_shared(
+    view: &ShareView,
+    algorithm: &crate::core::algorithm::Algorithm,
+    entry: &Entry<'_>,
+    nets: &mut [u64],
+    now: Nanos,
+    cost: u32,
+) -> Verdict {
+    let spec = entry.spec();
+    let quota = algorithm.quota();
+    let mut totals = [0u64; MAX_NODES];
+    let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
+    Ring::slot_hits(entry, &spec, now, totals);
+    let shares = Shares::new(view, view.budget(quota, u64::from(MAX_INFLIGHT)), totals);
+    if let Some(last) = nets.last_mut() {
+        *last += shares.reserved();
+    }
+    let verdict = algorithm.decide(&WindowCounts { spec, now, nets }, cost);
+    match verdict {
+        Verdict::Allow {
+            remaining,
+            reset_after,
+        } if u64::from(entry.inflight()) + u64::from(cost) > shares.own_cap(quota) => {
+            Verdict::Deny {
+                remaining,
+                retry_after: view.ack_wait,
+                reset_after,
+            }
+        }
+        v => v,
+    }
 }
 
 /// A small vector that stays on the stack for the common case: a check
@@ -442,7 +582,7 @@ impl<T, const N: usize> Inline<T, N> {
 }
 
 type Matches = Inline<(usize, u64), INLINE_MATCHES>;
-type Guards<'t> = Inline<Entry<'t>, INLINE_MATCHES>;
+type Guards<'t> = Inline<(u64, Entry<'t>), INLINE_MATCHES>;
 
 /// Stack space for one window's bucket counts: small windows use a small
 /// buffer so that a check does not clear 512 bytes it will not read.

@@ -1,0 +1,919 @@
+//! Delta replication between nodes, as a sans-IO state machine.
+//!
+//! Every sync interval the replicator drains the limiter's journal of keys
+//! changed here, reads the *absolute* values of this node's own slot in each
+//! key's live buckets, and sends them to every peer, cut into datagram-sized
+//! frames. Peers merge them (per-slot maximum) and acknowledge each frame.
+//! Because values are absolute, a lost frame is repaired by retransmitting
+//! the current values, and duplicates or reordering change nothing.
+//!
+//! Acknowledgements also settle in-flight hits: the hits a node admitted that
+//! its peers have not yet confirmed. A frame's hits are settled once every
+//! peer that must know them has acknowledged it (see [`SharePolicy`]); until
+//! then they count against the node's in-flight share.
+//!
+//! When a peer connects (first time, after a partition, or after restarting)
+//! it is sent a full-state sync of this node's own slots over reliable
+//! streams, and, if it says it is recovering, a recovery sync of *its own*
+//! slot as this node knows it, so a restart never resets anyone's quota.
+//!
+//! # Calling order
+//!
+//! After any `handle_*` call or [`Replicator::peer_connected`], drain
+//! [`Replicator::poll_transmit`], then re-arm the timer from
+//! [`Replicator::poll_timeout`] and call [`Replicator::handle_timeout`] when
+//! it expires. Time is always an argument; nothing here reads a clock.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use crate::core::share::SharePolicy;
+use crate::core::slot::{NodeSlot, PnSlot};
+use crate::core::time::Nanos;
+use crate::core::window::{MergeOutcome, Ring, SlotGrid};
+use crate::core::wire::{Ack, BucketSlot, DecodeError, Frame, Hello, KeySlots, Slots, SlotsPacker};
+use crate::limiter::{Entry, Limiter};
+
+/// Settings of the replicator.
+#[derive(Clone, Debug)]
+pub struct ReplicationConfig {
+    pub own: NodeSlot,
+    pub name: String,
+    /// How often deltas are shipped (default 5 ms).
+    pub sync_interval: Nanos,
+    /// A frame not acknowledged after this long is sent again.
+    pub retransmit_after: Nanos,
+    /// After this many resends a peer gets a full-state sync instead.
+    pub max_retransmits: u32,
+    /// Largest delta frame (fits one QUIC datagram).
+    pub datagram_bytes: usize,
+    /// Largest full-sync chunk (sent on a stream).
+    pub chunk_bytes: usize,
+    /// How many buckets ahead of the local clock a peer's value may be.
+    pub max_ahead: u64,
+    /// How long a restarted node waits for its peers before admitting anyway.
+    pub recovery_timeout: Nanos,
+    pub policy: SharePolicy,
+}
+
+impl ReplicationConfig {
+    pub fn new(own: NodeSlot, name: impl Into<String>) -> Self {
+        ReplicationConfig {
+            own,
+            name: name.into(),
+            sync_interval: Nanos::from_millis(5),
+            retransmit_after: Nanos::from_millis(30),
+            max_retransmits: 20,
+            datagram_bytes: 1100,
+            chunk_bytes: 60_000,
+            max_ahead: 1,
+            recovery_timeout: Nanos::from_secs(3),
+            policy: SharePolicy::Strict,
+        }
+    }
+}
+
+/// Bytes for one peer. `reliable` frames go on a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: u16,
+    pub bytes: Vec<u8>,
+    pub reliable: bool,
+}
+
+/// Why an incoming frame was refused. The frame changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("frame from slot {from} carries slot {carried}: nodes only send their own slot")]
+    ForeignSlot { from: u16, carried: u16 },
+    #[error("slot {0} is outside the cluster")]
+    UnknownSlot(u16),
+    #[error("recovery data arrived while not recovering")]
+    UnexpectedRecovery,
+    #[error("hello names slot {claimed} on the connection of slot {from}")]
+    HelloMismatch { from: u16, claimed: u16 },
+}
+
+/// Counters the node exports as metrics.
+#[derive(Clone, Debug, Default)]
+pub struct ReplicationStats {
+    pub frames_sent: u64,
+    pub bytes_sent: u64,
+    pub frames_received: u64,
+    pub frames_refused: u64,
+    pub values_sent: u64,
+    pub values_merged: u64,
+    pub values_stale: u64,
+    pub values_too_far_ahead: u64,
+    pub retransmissions: u64,
+    pub full_syncs: u64,
+    pub rules_mismatches: u64,
+}
+
+/// What this node knows about one peer.
+#[derive(Clone, Debug, Default)]
+pub struct PeerState {
+    pub connected: bool,
+    /// Alive according to the failure detector.
+    pub live: bool,
+    pub incarnation: Option<u64>,
+    pub name: String,
+    /// Estimated `peer clock − our clock`, smoothed.
+    pub clock_offset_ns: i64,
+    pub rtt: Nanos,
+    /// When the last frame from the peer arrived.
+    pub last_heard: Option<Nanos>,
+    /// Rounds of ours the peer has not acknowledged yet.
+    pub unacked_rounds: usize,
+    to_ack: Vec<u64>,
+    newest_delta: Option<(u64, Nanos)>,
+    needs_sync: bool,
+    /// Round at which our current full sync to this peer started.
+    sync_start: Option<u64>,
+    /// The peer finished sending us our own slot after our restart.
+    recovered_from: bool,
+}
+
+struct Round {
+    /// `(limit, key, hits settled when acknowledged)`.
+    records: Vec<(u64, u64, u32)>,
+    waiting: BTreeSet<u16>,
+    sent_at: Nanos,
+    resends: u32,
+    /// Set on the last chunk of a full sync to this peer.
+    completes_sync_of: Option<u16>,
+}
+
+/// The replication state machine of one node.
+pub struct Replicator {
+    cfg: ReplicationConfig,
+    incarnation: u64,
+    peers: BTreeMap<u16, PeerState>,
+    next_round: u64,
+    rounds: BTreeMap<u64, Round>,
+    /// Resent frame → the lost rounds whose keys it carries again.
+    aliases: HashMap<u64, Vec<u64>>,
+    outbox: VecDeque<Transmit>,
+    next_tick: Nanos,
+    recovering: bool,
+    recovery_started: Option<Nanos>,
+    stats: ReplicationStats,
+}
+
+impl Replicator {
+    /// `recovering`: this node has restarted and must recover its own slots
+    /// before it admits.
+    pub fn new(cfg: ReplicationConfig, incarnation: u64, recovering: bool, now: Nanos) -> Self {
+        Replicator {
+            next_tick: now + cfg.sync_interval,
+            cfg,
+            incarnation,
+            peers: BTreeMap::new(),
+            // Round numbers start from the incarnation so that a restarted
+            // node never reuses a number a peer may still be acknowledging.
+            next_round: incarnation << 32,
+            rounds: BTreeMap::new(),
+            aliases: HashMap::new(),
+            outbox: VecDeque::new(),
+            recovering,
+            recovery_started: recovering.then_some(now),
+            stats: ReplicationStats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &ReplicationConfig {
+        &self.cfg
+    }
+    pub fn stats(&self) -> &ReplicationStats {
+        &self.stats
+    }
+    pub fn peers(&self) -> &BTreeMap<u16, PeerState> {
+        &self.peers
+    }
+    pub fn is_recovering(&self) -> bool {
+        self.recovering
+    }
+    /// Rounds still waiting for some peer's acknowledgement.
+    pub fn unacked_rounds(&self) -> usize {
+        self.rounds.len()
+    }
+
+    /// Adds a member of the cluster (from configuration or membership).
+    pub fn add_peer(&mut self, slot: u16) {
+        if slot != self.own() {
+            self.peers.entry(slot).or_insert_with(|| PeerState {
+                live: true,
+                ..PeerState::default()
+            });
+        }
+    }
+
+    /// Removes a member that left for good: nobody waits for it any more.
+    pub fn remove_peer(&mut self, limiter: &Limiter<impl crate::core::time::Clock>, slot: u16) {
+        self.peers.remove(&slot);
+        self.stop_waiting_for(limiter, slot, u64::MAX);
+    }
+
+    fn own(&self) -> u16 {
+        self.cfg.own.index() as u16
+    }
+
+    /// True when this node and the live peers are at most half the cluster.
+    pub fn in_minority(&self) -> bool {
+        let live = 1 + self.peers.values().filter(|p| p.live).count();
+        let members = 1 + self.peers.len();
+        live * 2 <= members && !self.peers.is_empty()
+    }
+
+    /// Whether frames must wait for `slot`'s acknowledgement before their
+    /// hits are settled.
+    fn must_wait_for(&self, peer: &PeerState) -> bool {
+        peer.live || (self.cfg.policy != SharePolicy::Available && self.in_minority())
+    }
+
+    /// The failure detector's verdict on a peer changed.
+    pub fn set_liveness(
+        &mut self,
+        limiter: &Limiter<impl crate::core::time::Clock>,
+        slot: u16,
+        live: bool,
+    ) {
+        let Some(p) = self.peers.get_mut(&slot) else {
+            return;
+        };
+        p.live = live;
+        if !live {
+            let waiting = self.peers.get(&slot).is_some_and(|p| self.must_wait_for(p));
+            if !waiting {
+                self.stop_waiting_for(limiter, slot, u64::MAX);
+            }
+        }
+    }
+
+    /// A connection to `slot` is up: introduce ourselves.
+    pub fn peer_connected(&mut self, now: Nanos, slot: u16, rules_digest: u64) {
+        self.add_peer(slot);
+        if let Some(p) = self.peers.get_mut(&slot) {
+            p.connected = true;
+            p.last_heard = Some(now);
+        }
+        let hello = Frame::Hello(Hello {
+            slot: self.own(),
+            name: self.cfg.name.clone(),
+            incarnation: self.incarnation,
+            rules_digest,
+            recovering: self.recovering,
+        });
+        self.send(slot, hello.encode(), true);
+    }
+
+    pub fn peer_disconnected(&mut self, slot: u16) {
+        if let Some(p) = self.peers.get_mut(&slot) {
+            p.connected = false;
+            p.sync_start = None;
+        }
+    }
+
+    fn send(&mut self, to: u16, bytes: Vec<u8>, reliable: bool) {
+        self.stats.frames_sent += 1;
+        self.stats.bytes_sent += bytes.len() as u64;
+        let reliable = reliable || bytes.len() > self.cfg.datagram_bytes;
+        self.outbox.push_back(Transmit {
+            to,
+            bytes,
+            reliable,
+        });
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outbox.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Nanos {
+        self.next_tick
+    }
+
+    /// Handles one frame that arrived from the (authenticated) peer `from`.
+    /// Returns a membership payload for the membership state machine, if the
+    /// frame carried one.
+    pub fn handle_frame<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        from: u16,
+        bytes: &[u8],
+        limiter: &Limiter<C>,
+        rules_digest: u64,
+    ) -> Result<Option<Vec<u8>>, FrameError> {
+        let result = self.apply_frame(now, from, bytes, limiter, rules_digest);
+        match &result {
+            Ok(_) => self.stats.frames_received += 1,
+            Err(_) => self.stats.frames_refused += 1,
+        }
+        result
+    }
+
+    fn apply_frame<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        from: u16,
+        bytes: &[u8],
+        limiter: &Limiter<C>,
+        rules_digest: u64,
+    ) -> Result<Option<Vec<u8>>, FrameError> {
+        if usize::from(from) >= limiter.config().slots || from == self.own() {
+            return Err(FrameError::UnknownSlot(from));
+        }
+        let frame = Frame::decode(bytes)?;
+        // Check everything about the frame before any state changes.
+        match &frame {
+            Frame::Hello(h) if h.slot != from => {
+                return Err(FrameError::HelloMismatch {
+                    from,
+                    claimed: h.slot,
+                })
+            }
+            Frame::Delta(s) | Frame::Sync(s) if s.slot != from => {
+                return Err(FrameError::ForeignSlot {
+                    from,
+                    carried: s.slot,
+                })
+            }
+            Frame::Recovery(s) if s.slot != self.own() => {
+                return Err(FrameError::ForeignSlot {
+                    from,
+                    carried: s.slot,
+                })
+            }
+            Frame::Recovery(_) if !self.recovering => return Err(FrameError::UnexpectedRecovery),
+            Frame::Ack(a) if a.slot != from => {
+                return Err(FrameError::ForeignSlot {
+                    from,
+                    carried: a.slot,
+                })
+            }
+            _ => {}
+        }
+        self.add_peer(from);
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.last_heard = Some(now);
+        }
+        match frame {
+            Frame::Hello(h) => self.on_hello(now, from, h, limiter, rules_digest),
+            Frame::Delta(s) | Frame::Sync(s) => {
+                self.merge_slots(now, from, &s, limiter);
+                self.note_received(now, from, &s);
+            }
+            Frame::Recovery(s) => {
+                self.merge_slots(now, self.own(), &s, limiter);
+                self.note_received(now, from, &s);
+                if s.last {
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.recovered_from = true;
+                    }
+                    self.check_recovered(now, limiter);
+                }
+            }
+            Frame::Ack(a) => self.on_ack(now, from, &a, limiter),
+            Frame::Swim(s) => return Ok(Some(s.payload)),
+        }
+        Ok(None)
+    }
+
+    fn on_hello<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        from: u16,
+        h: Hello,
+        limiter: &Limiter<C>,
+        rules_digest: u64,
+    ) {
+        if h.rules_digest != rules_digest {
+            self.stats.rules_mismatches += 1;
+        }
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.incarnation = Some(h.incarnation);
+            p.name = h.name;
+            p.connected = true;
+            p.live = true;
+            p.to_ack.clear();
+            p.newest_delta = None;
+        }
+        // Whatever the peer missed while apart (or ever, if it restarted):
+        // our whole own state, reliably.
+        self.full_sync(now, from, limiter);
+        if h.recovering {
+            self.recovery_sync(now, from, limiter);
+        }
+    }
+
+    fn note_received(&mut self, now: Nanos, from: u16, s: &Slots) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.to_ack.push(s.round);
+            if p.newest_delta.is_none_or(|(t, _)| s.sent_at >= t) {
+                p.newest_delta = Some((s.sent_at, now));
+            }
+        }
+    }
+
+    /// Merges the values of `slot` carried by `s`.
+    fn merge_slots<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        slot: u16,
+        s: &Slots,
+        limiter: &Limiter<C>,
+    ) {
+        let node = NodeSlot::new(slot);
+        for group in &s.groups {
+            // An unknown limit is not an error: the rules may be mid-reload.
+            let Some(table) = limiter.table_by_id(group.limit) else {
+                continue;
+            };
+            let spec = *table.spec();
+            for k in &group.keys {
+                let mut entry = table.get_or_insert(k.key, now);
+                for b in &k.buckets {
+                    let epoch = group.newest - u64::from(b.back);
+                    let value = PnSlot { p: b.p, n: b.n };
+                    match Ring::merge(
+                        &mut entry,
+                        &spec,
+                        now,
+                        self.cfg.max_ahead,
+                        epoch,
+                        node,
+                        value,
+                    ) {
+                        MergeOutcome::Applied => self.stats.values_merged += 1,
+                        MergeOutcome::Stale => self.stats.values_stale += 1,
+                        MergeOutcome::TooFarAhead => self.stats.values_too_far_ahead += 1,
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_ack<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        from: u16,
+        a: &Ack,
+        limiter: &Limiter<C>,
+    ) {
+        // Clock offset and round trip from the echoed timestamps (NTP's four).
+        let (t1, t2, t3, t4) = (
+            a.echo_sent_at as i128,
+            a.received_at as i128,
+            a.replied_at as i128,
+            now.as_u64() as i128,
+        );
+        if t1 > 0 && t4 >= t1 && t3 >= t2 {
+            let offset = ((t2 - t1) + (t3 - t4)) / 2;
+            let rtt = ((t4 - t1) - (t3 - t2)).max(0);
+            if let Some(p) = self.peers.get_mut(&from) {
+                p.clock_offset_ns = if p.rtt == Nanos::ZERO {
+                    offset as i64
+                } else {
+                    (p.clock_offset_ns as i128 * 7 / 8 + offset / 8) as i64
+                };
+                p.rtt = Nanos::new(rtt as u64);
+            }
+        }
+        let acked: Vec<u64> = a
+            .rounds
+            .iter()
+            .flat_map(|r| self.aliases.remove(r).unwrap_or_else(|| vec![*r]))
+            .collect();
+        for original in acked {
+            let Some(round) = self.rounds.get_mut(&original) else {
+                continue;
+            };
+            round.waiting.remove(&from);
+            if let Some(peer) = round.completes_sync_of.filter(|&p| p == from) {
+                let start = self.peers.get(&peer).and_then(|p| p.sync_start);
+                if let Some(start) = start {
+                    self.stop_waiting_for(limiter, peer, start);
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.sync_start = None;
+                        p.needs_sync = false;
+                    }
+                }
+            }
+            if self
+                .rounds
+                .get(&original)
+                .is_some_and(|r| r.waiting.is_empty())
+            {
+                self.settle(original, limiter);
+            }
+        }
+        self.recount_unacked();
+    }
+
+    /// Nobody needs `slot`'s acknowledgement for rounds before `before` any
+    /// more (it left, died under a policy that does not wait, or a full
+    /// sync covered them).
+    fn stop_waiting_for<C: crate::core::time::Clock>(
+        &mut self,
+        limiter: &Limiter<C>,
+        slot: u16,
+        before: u64,
+    ) {
+        let done: Vec<u64> = self
+            .rounds
+            .range_mut(..before)
+            .filter_map(|(&r, round)| {
+                round.waiting.remove(&slot);
+                round.waiting.is_empty().then_some(r)
+            })
+            .collect();
+        for r in done {
+            self.settle(r, limiter);
+        }
+        self.recount_unacked();
+    }
+
+    fn settle<C: crate::core::time::Clock>(&mut self, round: u64, limiter: &Limiter<C>) {
+        let Some(r) = self.rounds.remove(&round) else {
+            return;
+        };
+        for (limit, key, hits) in r.records {
+            if hits == 0 {
+                continue;
+            }
+            if let Some(table) = limiter.table_by_id(limit) {
+                if let Some(mut e) = table.get(key) {
+                    e.settle(hits);
+                }
+            }
+        }
+    }
+
+    fn recount_unacked(&mut self) {
+        for (slot, p) in self.peers.iter_mut() {
+            p.unacked_rounds = self
+                .rounds
+                .values()
+                .filter(|r| r.waiting.contains(slot))
+                .count();
+        }
+    }
+
+    fn check_recovered<C: crate::core::time::Clock>(&mut self, now: Nanos, limiter: &Limiter<C>) {
+        if !self.recovering {
+            return;
+        }
+        let connected: Vec<&PeerState> = self.peers.values().filter(|p| p.connected).collect();
+        let all_answered = !connected.is_empty() && connected.iter().all(|p| p.recovered_from);
+        let timed_out = self
+            .recovery_started
+            .is_some_and(|t| now.saturating_sub(t) >= self.cfg.recovery_timeout);
+        if all_answered || timed_out || self.peers.is_empty() {
+            self.recovering = false;
+            limiter.set_admitting(true);
+        }
+    }
+
+    /// The sync tick: acknowledge what arrived, ship what changed, resend
+    /// what was lost.
+    pub fn handle_timeout<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        limiter: &Limiter<C>,
+    ) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + self.cfg.sync_interval;
+        self.check_recovered(now, limiter);
+        self.send_acks(now);
+        self.ship_deltas(now, limiter);
+        self.resend_lost(now, limiter);
+    }
+
+    fn send_acks(&mut self, now: Nanos) {
+        let own = self.own();
+        let mut acks = Vec::new();
+        for (&slot, p) in self.peers.iter_mut() {
+            if p.to_ack.is_empty() || !p.connected {
+                continue;
+            }
+            let rounds = std::mem::take(&mut p.to_ack);
+            let (echo, received) = p.newest_delta.take().unwrap_or((0, Nanos::ZERO));
+            for chunk in rounds.chunks(1024) {
+                acks.push((
+                    slot,
+                    Frame::Ack(Ack {
+                        slot: own,
+                        rounds: chunk.to_vec(),
+                        echo_sent_at: echo,
+                        received_at: received.as_u64(),
+                        replied_at: now.as_u64(),
+                    }),
+                ));
+            }
+        }
+        for (slot, frame) in acks {
+            self.send(slot, frame.encode(), false);
+        }
+    }
+
+    /// Which peers a frame sent now must hear back from.
+    fn waiting_set(&self) -> BTreeSet<u16> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| self.must_wait_for(p))
+            .map(|(&s, _)| s)
+            .collect()
+    }
+
+    fn ship_deltas<C: crate::core::time::Clock>(&mut self, now: Nanos, limiter: &Limiter<C>) {
+        let Some(journal) = limiter.journal() else {
+            return;
+        };
+        let changed = journal.drain();
+        if changed.is_empty() {
+            return;
+        }
+        let mut packer = SlotsPacker::new(
+            self.cfg.datagram_bytes,
+            self.own(),
+            self.next_round,
+            now.as_u64(),
+        );
+        let mut records: Vec<(u64, (u64, u64, u32))> = Vec::with_capacity(changed.len());
+        for (limit, key) in changed {
+            let Some(table) = limiter.table_by_id(limit) else {
+                continue;
+            };
+            let Some(mut entry) = table.get(key) else {
+                continue;
+            };
+            if !entry.take_dirty() {
+                continue;
+            }
+            let hits = entry.ship();
+            if let Some((newest, slots)) = own_values(&entry, now, self.cfg.own) {
+                let round = packer.push(
+                    limit,
+                    newest,
+                    KeySlots {
+                        key,
+                        buckets: slots,
+                    },
+                );
+                records.push((round, (limit, key, hits)));
+                self.stats.values_sent += 1;
+            }
+        }
+        let frames = packer.finish();
+        let waiting = self.waiting_set();
+        let mut by_round: BTreeMap<u64, Vec<(u64, u64, u32)>> = BTreeMap::new();
+        for (round, rec) in records {
+            by_round.entry(round).or_default().push(rec);
+        }
+        for frame in frames {
+            self.next_round = frame.round + 1;
+            let bytes = Frame::Delta(frame.clone()).encode();
+            for (&slot, p) in &self.peers {
+                if p.connected {
+                    self.outbox.push_back(Transmit {
+                        to: slot,
+                        reliable: bytes.len() > self.cfg.datagram_bytes,
+                        bytes: bytes.clone(),
+                    });
+                    self.stats.frames_sent += 1;
+                    self.stats.bytes_sent += bytes.len() as u64;
+                }
+            }
+            let round = Round {
+                records: by_round.remove(&frame.round).unwrap_or_default(),
+                waiting: waiting.clone(),
+                sent_at: now,
+                resends: 0,
+                completes_sync_of: None,
+            };
+            if round.waiting.is_empty() {
+                self.rounds.insert(frame.round, round);
+                self.settle(frame.round, limiter);
+            } else {
+                self.rounds.insert(frame.round, round);
+            }
+        }
+        self.recount_unacked();
+    }
+
+    /// Sends again, with current values, every round a peer has not
+    /// acknowledged in time; a peer that keeps missing gets a full sync.
+    fn resend_lost<C: crate::core::time::Clock>(&mut self, now: Nanos, limiter: &Limiter<C>) {
+        let due: Vec<(u64, u16)> = self
+            .rounds
+            .iter()
+            .filter(|(_, r)| {
+                r.completes_sync_of.is_none()
+                    && now.saturating_sub(r.sent_at) >= self.cfg.retransmit_after
+            })
+            .flat_map(|(&id, r)| r.waiting.iter().map(move |&s| (id, s)))
+            .collect();
+        let mut per_peer: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
+        for (id, slot) in due {
+            per_peer.entry(slot).or_default().push(id);
+        }
+        for (slot, ids) in per_peer {
+            let Some(peer) = self.peers.get(&slot) else {
+                continue;
+            };
+            if !peer.connected {
+                continue;
+            }
+            let over = ids.iter().any(|id| {
+                self.rounds
+                    .get(id)
+                    .is_some_and(|r| r.resends >= self.cfg.max_retransmits)
+            });
+            if over || peer.needs_sync {
+                if peer.sync_start.is_none() {
+                    self.full_sync(now, slot, limiter);
+                }
+                continue;
+            }
+            let mut packer = SlotsPacker::new(
+                self.cfg.datagram_bytes,
+                self.own(),
+                self.next_round,
+                now.as_u64(),
+            );
+            let mut alias_of: Vec<(u64, u64)> = Vec::new();
+            for id in &ids {
+                let Some(round) = self.rounds.get_mut(id) else {
+                    continue;
+                };
+                round.resends += 1;
+                round.sent_at = now;
+                for &(limit, key, _) in &round.records {
+                    let Some(table) = limiter.table_by_id(limit) else {
+                        continue;
+                    };
+                    let Some(entry) = table.get(key) else {
+                        continue;
+                    };
+                    if let Some((newest, slots)) = own_values(&entry, now, self.cfg.own) {
+                        let r = packer.push(
+                            limit,
+                            newest,
+                            KeySlots {
+                                key,
+                                buckets: slots,
+                            },
+                        );
+                        alias_of.push((r, *id));
+                    }
+                }
+            }
+            let frames = packer.finish();
+            // A resent frame may carry keys of several lost rounds; its
+            // acknowledgement settles each of them for this peer.
+            let mut covers: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+            for (r, id) in alias_of {
+                covers.entry(r).or_default().insert(id);
+            }
+            for frame in frames {
+                self.next_round = frame.round + 1;
+                let originals = covers.remove(&frame.round).unwrap_or_default();
+                self.aliases
+                    .insert(frame.round, originals.into_iter().collect());
+                self.stats.retransmissions += 1;
+                self.send(slot, Frame::Delta(frame).encode(), false);
+            }
+        }
+    }
+
+    /// Our whole own state, in stream-sized chunks, to `to`.
+    fn full_sync<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        to: u16,
+        limiter: &Limiter<C>,
+    ) {
+        self.stats.full_syncs += 1;
+        let start = self.next_round;
+        let own = self.cfg.own;
+        let frames = self.collect_slots(now, limiter, start, |entry| own_values(entry, now, own));
+        if let Some(p) = self.peers.get_mut(&to) {
+            p.sync_start = Some(start);
+        }
+        self.send_sync_frames(now, to, frames, false);
+    }
+
+    /// The peer's own slot as we know it, for its recovery after a restart.
+    fn recovery_sync<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        to: u16,
+        limiter: &Limiter<C>,
+    ) {
+        let start = self.next_round;
+        let theirs = NodeSlot::new(to);
+        let mut frames =
+            self.collect_slots(now, limiter, start, |entry| own_values(entry, now, theirs));
+        for f in &mut frames {
+            f.slot = to;
+        }
+        if frames.is_empty() {
+            // Nothing known of its slot: still say so, so it need not wait.
+            frames.push(Slots {
+                slot: to,
+                round: start,
+                sent_at: now.as_u64(),
+                last: true,
+                groups: Vec::new(),
+            });
+        }
+        self.send_sync_frames(now, to, frames, true);
+    }
+
+    fn collect_slots<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        limiter: &Limiter<C>,
+        start: u64,
+        mut values: impl FnMut(&Entry<'_>) -> Option<(u64, Vec<BucketSlot>)>,
+    ) -> Vec<Slots> {
+        let mut packer = SlotsPacker::new(self.cfg.chunk_bytes, self.own(), start, now.as_u64());
+        for (limit, table) in limiter.tables() {
+            table.for_each(|entry| {
+                if let Some((newest, slots)) = values(entry) {
+                    packer.push(
+                        limit,
+                        newest,
+                        KeySlots {
+                            key: entry.key(),
+                            buckets: slots,
+                        },
+                    );
+                }
+            });
+        }
+        packer.finish()
+    }
+
+    fn send_sync_frames(&mut self, now: Nanos, to: u16, mut frames: Vec<Slots>, recovery: bool) {
+        if frames.is_empty() {
+            frames.push(Slots {
+                slot: self.own(),
+                round: self.next_round,
+                sent_at: now.as_u64(),
+                last: true,
+                groups: Vec::new(),
+            });
+        }
+        let count = frames.len();
+        for (i, frame) in frames.into_iter().enumerate() {
+            self.next_round = frame.round + 1;
+            let last = i + 1 == count;
+            if !recovery {
+                self.rounds.insert(
+                    frame.round,
+                    Round {
+                        records: Vec::new(),
+                        waiting: BTreeSet::from([to]),
+                        sent_at: now,
+                        resends: 0,
+                        completes_sync_of: last.then_some(to),
+                    },
+                );
+            }
+            let bytes = if recovery {
+                Frame::Recovery(frame)
+            } else {
+                Frame::Sync(frame)
+            }
+            .encode();
+            self.send(to, bytes, true);
+        }
+    }
+}
+
+/// This node's (or `slot`'s) values in the entry's live buckets, as
+/// `(newest epoch, buckets)`; `None` when all are zero.
+fn own_values(entry: &Entry<'_>, now: Nanos, slot: NodeSlot) -> Option<(u64, Vec<BucketSlot>)> {
+    let spec = entry.spec();
+    let now_epoch = spec.epoch(now);
+    let newest = entry.newest(now_epoch);
+    let b = spec.buckets() as u64;
+    let mut out = Vec::new();
+    for back in 0..b.min(newest + 1) {
+        let epoch = newest - back;
+        let row = (epoch % b) as usize;
+        let v = entry.get(row, slot.index());
+        if v != PnSlot::ZERO {
+            out.push(BucketSlot {
+                back: back as u8,
+                p: v.p,
+                n: v.n,
+            });
+        }
+    }
+    (!out.is_empty()).then_some((newest, out))
+}

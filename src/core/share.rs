@@ -1,0 +1,210 @@
+//! Per-node shares: how much a node may admit that its peers do not yet know.
+//!
+//! A node cannot see its peers' newest admissions; it can bound them. Every
+//! node caps, per key, the hits it has admitted that its peers have not yet
+//! acknowledged (its *in-flight* hits) at its *share* `q_i` of an in-flight
+//! budget `Q`, and, when it decides, counts every peer `j` it must not assume
+//! idle as if `q_j` more hits had already arrived. Since a peer's unseen hits
+//! are at most its unacknowledged hits, which it keeps at most `q_j`, every
+//! admission keeps the true cluster-wide count within the limit: the
+//! reservation replaces the peers' unknown with its bound.
+//!
+//! Shares follow traffic (flow-proportional): `q_j = Q·(P_j + 1)/(ΣP + n)`,
+//! where `P_j` is slot `j`'s hits in the key's window as merged so far. All
+//! nodes compute shares from (nearly) the same merged counts, so they agree on
+//! them up to the in-flight hits themselves; that disagreement is the only
+//! source of overshoot while the cluster is connected.
+
+use crate::core::time::Nanos;
+
+/// What a node does about peers it cannot reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharePolicy {
+    /// Never assume an unreachable peer idle: keep reserving its share. A node
+    /// cut off from the majority admits no more than its own in-flight share
+    /// until it hears from its peers again. No overshoot beyond in-flight
+    /// deltas.
+    Strict,
+    /// After the failure detector declares a peer dead, stop reserving for it
+    /// and stop waiting for its acknowledgements. Every side of a split brain
+    /// may spend the whole remaining budget.
+    Available,
+    /// As strict, but a node cut off from the majority may admit up to
+    /// `fraction_ppm` millionths of the limit (its share of it) beyond its
+    /// in-flight share.
+    Bounded { fraction_ppm: u32 },
+}
+
+impl SharePolicy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            SharePolicy::Strict => "strict",
+            SharePolicy::Available => "available",
+            SharePolicy::Bounded { .. } => "bounded",
+        }
+    }
+}
+
+/// Most nodes the share masks can describe.
+pub const MAX_NODES: usize = 64;
+
+/// The cluster as the decision path needs to see it. Built by the node
+/// driver from membership; swapped in whole when it changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareView {
+    /// This node's slot.
+    pub own: u16,
+    /// Every member of the cluster, this node included (bit per slot).
+    pub members: u64,
+    /// Peers whose share is reserved when deciding.
+    pub reserve: u64,
+    /// True when this node cannot reach a majority of the members.
+    pub minority: bool,
+    pub policy: SharePolicy,
+    /// The in-flight budget `Q` as millionths of each limit's quota.
+    pub inflight_ppm: u32,
+    /// Roughly how long an acknowledgement takes: the wait suggested to a
+    /// request refused only because this node's in-flight share is spent.
+    pub ack_wait: Nanos,
+}
+
+impl ShareView {
+    /// A single node: no peers, nothing to reserve.
+    pub fn alone(own: u16) -> Self {
+        ShareView {
+            own,
+            members: 1 << own,
+            reserve: 0,
+            minority: false,
+            policy: SharePolicy::Strict,
+            inflight_ppm: 20_000,
+            ack_wait: Nanos::from_millis(10),
+        }
+    }
+
+    pub fn node_count(&self) -> u64 {
+        u64::from(self.members.count_ones())
+    }
+
+    /// The in-flight budget `Q` of a limit whose quota is `quota`: a fraction
+    /// of it, but at least one hit per node so that every node can admit.
+    pub fn budget(&self, quota: u64, max_inflight: u64) -> u64 {
+        let fraction = (quota.saturating_mul(u64::from(self.inflight_ppm))).div_ceil(1_000_000);
+        fraction.max(self.node_count()).min(max_inflight)
+    }
+}
+
+/// Shares of one key, computed from the per-slot hit totals of its window.
+pub struct Shares<'a> {
+    view: &'a ShareView,
+    budget: u64,
+    totals: &'a [u64],
+    sum: u64,
+}
+
+impl<'a> Shares<'a> {
+    /// `totals[j]` is slot `j`'s hits over the key's live buckets.
+    pub fn new(view: &'a ShareView, budget: u64, totals: &'a [u64]) -> Self {
+        let sum = members(view.members, totals.len()).map(|j| totals[j]).sum();
+        Shares {
+            view,
+            budget,
+            totals,
+            sum,
+        }
+    }
+
+    /// `q_j`: the most in-flight hits slot `j` may have. At least one.
+    pub fn of(&self, slot: usize) -> u64 {
+        let p = self.totals.get(slot).copied().unwrap_or(0);
+        let n = self.view.node_count();
+        let q = u128::from(self.budget) * u128::from(p + 1) / u128::from(self.sum + n);
+        (q as u64).max(1)
+    }
+
+    /// Hits to count as already arrived on behalf of peers.
+    pub fn reserved(&self) -> u64 {
+        members(self.view.reserve, self.totals.len())
+            .filter(|&j| j != usize::from(self.view.own))
+            .map(|j| self.of(j))
+            .sum()
+    }
+
+    /// The most in-flight hits this node may have for the key, given a limit
+    /// of `quota`.
+    pub fn own_cap(&self, quota: u64) -> u64 {
+        let own = usize::from(self.view.own);
+        let base = self.of(own);
+        match self.view.policy {
+            SharePolicy::Bounded { fraction_ppm } if self.view.minority => {
+                let extra = u128::from(quota) * u128::from(fraction_ppm) / 1_000_000;
+                let p = self.totals.get(own).copied().unwrap_or(0);
+                let extra =
+                    extra * u128::from(p + 1) / u128::from(self.sum + self.view.node_count());
+                base + extra as u64
+            }
+            _ => base,
+        }
+    }
+}
+
+/// Slots set in `mask`, below `width`.
+fn members(mask: u64, width: usize) -> impl Iterator<Item = usize> {
+    (0..width.min(MAX_NODES)).filter(move |&j| mask & (1 << j) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(members: u64, reserve: u64) -> ShareView {
+        ShareView {
+            members,
+            reserve,
+            ..ShareView::alone(0)
+        }
+    }
+
+    #[test]
+    fn shares_follow_traffic_and_sum_to_the_budget() {
+        let v = view(0b111, 0b110);
+        let totals = [900, 50, 50];
+        let s = Shares::new(&v, 100, &totals);
+        assert_eq!(s.of(0), 89);
+        assert_eq!(s.of(1), 5);
+        assert_eq!(s.of(2), 5);
+        assert!(s.of(0) + s.of(1) + s.of(2) <= 100);
+        assert_eq!(s.reserved(), 10);
+    }
+
+    #[test]
+    fn a_quiet_key_splits_evenly_and_every_node_gets_at_least_one() {
+        let v = view(0b111, 0b110);
+        let s = Shares::new(&v, 3, &[0, 0, 0]);
+        assert_eq!((s.of(0), s.of(1), s.of(2)), (1, 1, 1));
+        assert_eq!(v.budget(10, 1000), 3, "at least one per node");
+        assert_eq!(v.budget(100_000, 1000), 1000, "capped");
+        assert_eq!(v.budget(10_000, 100_000), 200, "2% of the quota");
+    }
+
+    #[test]
+    fn bounded_policy_lets_a_cut_off_node_spend_its_fraction() {
+        let mut v = view(0b111, 0b110);
+        v.policy = SharePolicy::Bounded {
+            fraction_ppm: 100_000,
+        };
+        let totals = [0, 0, 0];
+        assert_eq!(Shares::new(&v, 30, &totals).own_cap(1000), 10);
+        v.minority = true;
+        // 10% of 1000, of which this node's third.
+        assert_eq!(Shares::new(&v, 30, &totals).own_cap(1000), 10 + 33);
+    }
+
+    #[test]
+    fn alone_there_is_nothing_to_reserve() {
+        let v = ShareView::alone(3);
+        let s = Shares::new(&v, 10, &[0, 0, 0, 7]);
+        assert_eq!(s.reserved(), 0);
+        assert_eq!(s.own_cap(100), 10);
+    }
+}

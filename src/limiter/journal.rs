@@ -1,0 +1,66 @@
+//! Keys changed locally since the last shipping round.
+//!
+//! The decision path journals a key the first time it dirties the key's entry
+//! in a round (the entry's dirty bit says whether it already did), so a hot
+//! key costs one journal push per round, not one per hit. The replicator
+//! drains the journal every sync interval. Shards keep threads that dirty
+//! different keys off each other's lock.
+
+use std::sync::Mutex;
+
+const SHARDS: usize = 16;
+
+/// `(limit id, key digest)` pairs waiting to be shipped.
+#[derive(Debug)]
+pub struct Journal {
+    shards: [Mutex<Vec<(u64, u64)>>; SHARDS],
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal {
+            shards: std::array::from_fn(|_| Mutex::new(Vec::new())),
+        }
+    }
+}
+
+impl Journal {
+    pub fn push(&self, limit: u64, key: u64) {
+        self.shards[(key as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((limit, key));
+    }
+
+    /// Takes everything journaled so far, leaving the journal empty.
+    pub fn drain(&self) -> Vec<(u64, u64)> {
+        let mut all = Vec::new();
+        for shard in &self.shards {
+            let mut s = shard.lock().unwrap_or_else(|p| p.into_inner());
+            if all.is_empty() {
+                all = std::mem::take(&mut *s);
+            } else {
+                all.append(&mut s);
+            }
+        }
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_takes_everything_once() {
+        let j = Journal::default();
+        for k in 0..100u64 {
+            j.push(7, k);
+        }
+        let mut got = j.drain();
+        got.sort();
+        assert_eq!(got.len(), 100);
+        assert_eq!(got[99], (7, 99));
+        assert!(j.drain().is_empty());
+    }
+}
