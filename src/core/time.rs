@@ -24,6 +24,9 @@ impl Nanos {
     pub const fn new(nanos: u64) -> Self {
         Nanos(nanos)
     }
+    pub const fn from_micros(micros: u64) -> Self {
+        Nanos(micros.saturating_mul(1_000))
+    }
     pub const fn from_millis(millis: u64) -> Self {
         Nanos(millis.saturating_mul(1_000_000))
     }
@@ -61,6 +64,13 @@ impl Sub for Nanos {
     type Output = Nanos;
     fn sub(self, rhs: Nanos) -> Nanos {
         self.saturating_sub(rhs)
+    }
+}
+
+impl std::ops::Mul<u64> for Nanos {
+    type Output = Nanos;
+    fn mul(self, rhs: u64) -> Nanos {
+        Nanos(self.0.saturating_mul(rhs))
     }
 }
 

@@ -172,11 +172,16 @@ impl<I: KeyIndex> KeyTable<I> {
     fn try_lock_entry(&self, entry: u32) -> Option<Entry<'_>> {
         let words = self.words(entry);
         let cur = words[0].load(Ordering::Relaxed);
-        (cur & LOCK == 0
+        let locked = cur & LOCK == 0
             && words[0]
                 .compare_exchange(cur, cur | LOCK, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok())
-        .then_some(Entry {
+                .is_ok();
+        // An `Entry` unlocks when dropped, so one must exist only once the
+        // lock is really ours.
+        if !locked {
+            return None;
+        }
+        Some(Entry {
             words,
             slots: self.slots,
             entry,

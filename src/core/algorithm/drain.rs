@@ -58,21 +58,6 @@ struct DrainMeter {
     spec: WindowSpec,
 }
 
-/// What the meter found, in scaled units.
-struct Reading {
-    debt: u128,
-    capacity: u128,
-    cost: u128,
-    per_token: u128,
-    refill_per_ns: u128,
-}
-
-impl Reading {
-    fn wait_for(&self, excess: u128) -> Nanos {
-        nanos_u128(div_ceil_u128(excess, self.refill_per_ns))
-    }
-}
-
 impl DrainMeter {
     fn new(capacity: u32, rate: Rate, granularity: Option<Nanos>) -> Result<Self, ParamError> {
         let capacity = nonzero("capacity", capacity)?;
@@ -90,10 +75,10 @@ impl DrainMeter {
                 WindowSpec::new(g, usize::try_from(buckets).unwrap_or(usize::MAX))?
             }
             None => {
-                // A quarter of the refill time, coarser if the horizon would
+                // An eighth of the refill time, coarser if the horizon would
                 // need more buckets than a window may have.
                 let min_g = horizon.div_ceil(MAX_BUCKETS as u64 - 1);
-                let g = (refill / 4).max(min_g).max(1_000_000);
+                let g = (refill / 8).max(min_g).max(1_000_000);
                 let buckets = horizon.div_ceil(g) + 1;
                 WindowSpec::new(Nanos::new(g), buckets as usize)?
             }
@@ -111,26 +96,85 @@ impl DrainMeter {
         nanos_u128(t)
     }
 
-    fn read(&self, counts: &WindowCounts<'_>, cost: u32) -> Reading {
-        let per_token = u128::from(self.rate.period.as_u64());
-        let refill_per_ns = u128::from(self.rate.amount.get());
-        let capacity = u128::from(self.capacity.get()) * per_token;
-        let spec = &counts.spec;
-        let mut prev = spec.epoch_start(counts.epoch_at(0));
-        let mut debt = capacity;
-        for (i, &net) in counts.nets.iter().enumerate() {
-            let end = spec.epoch_start(counts.epoch_at(i) + 1).min(counts.now);
-            let refilled = refill_per_ns * u128::from((end - prev).as_u64());
-            debt = debt.saturating_sub(refilled) + u128::from(net) * per_token;
+    fn per_token(&self) -> u128 {
+        u128::from(self.rate.period.as_u64())
+    }
+    fn refill_per_ns(&self) -> u128 {
+        u128::from(self.rate.amount.get())
+    }
+    fn capacity_scaled(&self) -> u128 {
+        u128::from(self.capacity.get()) * self.per_token()
+    }
+
+    /// The debt at the start of the current bucket `current`: Lindley's
+    /// recursion over the closed buckets before it, from a fully spent
+    /// bucket at the window's oldest edge. `net(i)` is the count of the
+    /// window's `i`-th bucket (oldest first).
+    fn debt_before_current(
+        &self,
+        spec: &WindowSpec,
+        current: u64,
+        net: impl Fn(usize) -> u64,
+    ) -> u128 {
+        let b = spec.buckets();
+        let first = (current + 1).saturating_sub(b as u64);
+        let mut prev = spec.epoch_start(first);
+        let mut debt = self.capacity_scaled();
+        for i in 0..b - 1 {
+            let end = spec.epoch_start(first + i as u64 + 1);
+            let refilled = self.refill_per_ns() * u128::from((end - prev).as_u64());
+            debt = debt.saturating_sub(refilled) + u128::from(net(i)) * self.per_token();
             prev = end;
         }
-        Reading {
-            debt,
-            capacity,
-            cost: u128::from(cost) * per_token,
-            per_token,
-            refill_per_ns,
+        debt
+    }
+
+    /// The debt at `now`: the current bucket's hits are placed at `now`.
+    fn debt_now(&self, counts: &WindowCounts<'_>) -> u128 {
+        let spec = &counts.spec;
+        let current = counts.current_epoch();
+        let before = self.debt_before_current(spec, current, |i| counts.nets[i]);
+        let elapsed = u128::from((counts.now - spec.epoch_start(current)).as_u64());
+        let last = counts.nets[counts.nets.len() - 1];
+        before.saturating_sub(self.refill_per_ns() * elapsed) + u128::from(last) * self.per_token()
+    }
+
+    /// How long, with no new arrivals (and `extra` more hits in the current
+    /// bucket), until this meter's own reading of the debt is at most
+    /// `target`. Solved phase by phase as the window slides: within a bucket
+    /// only the closed buckets' debt drains; at each boundary the current
+    /// bucket closes and the oldest leaves.
+    fn wait_until(&self, counts: &WindowCounts<'_>, extra: u64, target: u128) -> Nanos {
+        let spec = &counts.spec;
+        let b = counts.nets.len();
+        let g = u128::from(spec.granularity().as_u64());
+        let current = counts.current_epoch();
+        let net = |j: usize| {
+            counts.nets.get(j).copied().unwrap_or(0) + if j == b - 1 { extra } else { 0 }
+        };
+        for k in 0..=b {
+            let start = spec.epoch_start(current + k as u64);
+            let before = self.debt_before_current(spec, current + k as u64, |i| net(i + k));
+            let open = u128::from(net(b - 1 + k)) * self.per_token();
+            let x0 = if k == 0 {
+                u128::from((counts.now - start).as_u64())
+            } else {
+                0
+            };
+            if open > target {
+                continue;
+            }
+            let room = target - open;
+            let x = if before <= room {
+                x0
+            } else {
+                div_ceil_u128(before - room, self.refill_per_ns()).max(x0)
+            };
+            if x < g || (k == 0 && x == x0) {
+                return (start + nanos_u128(x)) - counts.now;
+            }
         }
+        spec.epoch_start(current + b as u64 + 1) - counts.now
     }
 
     /// Common decision: admit when the debt plus the cost fits the capacity.
@@ -140,18 +184,21 @@ impl DrainMeter {
                 capacity: u64::from(self.capacity.get()),
             };
         }
-        let r = self.read(counts, cost);
-        let free = r.capacity.saturating_sub(r.debt);
-        if r.cost <= free {
+        let per_token = self.per_token();
+        let capacity = self.capacity_scaled();
+        let debt = self.debt_now(counts);
+        let cost_scaled = u128::from(cost) * per_token;
+        let free = capacity.saturating_sub(debt);
+        if cost_scaled <= free {
             Verdict::Allow {
-                remaining: ((free - r.cost) / r.per_token) as u64,
-                reset_after: r.wait_for(r.debt + r.cost),
+                remaining: ((free - cost_scaled) / per_token) as u64,
+                reset_after: self.wait_until(counts, u64::from(cost), 0),
             }
         } else {
             Verdict::Deny {
-                remaining: (free / r.per_token) as u64,
-                retry_after: r.wait_for(r.cost - free),
-                reset_after: r.wait_for(r.debt),
+                remaining: (free / per_token) as u64,
+                retry_after: self.wait_until(counts, 0, capacity - cost_scaled),
+                reset_after: self.wait_until(counts, 0, 0),
             }
         }
     }
@@ -166,7 +213,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// `granularity` overrides the bucket length of the underlying window
-    /// (default: a quarter of the refill time, at least 1 ms).
+    /// (default: an eighth of the refill time, at least 1 ms).
     pub fn new(
         capacity: u32,
         refill: Rate,
@@ -284,11 +331,13 @@ mod tests {
         let a = tb(10, 5);
         let nets = vec![0; a.window().buckets()];
         let now = Nanos::from_secs(1_000);
+        // The ten hits count from the end of the current bucket (250 ms, an
+        // eighth of the 2 s refill time); then 2 s refill all of them.
         assert_eq!(
             decide(&a, now, &nets, 10),
             Verdict::Allow {
                 remaining: 0,
-                reset_after: Nanos::from_secs(2)
+                reset_after: Nanos::from_millis(2_250)
             }
         );
         assert_eq!(decide(&a, now, &nets, 11), Verdict::Never { capacity: 10 });
@@ -310,8 +359,10 @@ mod tests {
                 remaining,
             } => {
                 assert_eq!(remaining, 0);
-                assert_eq!(retry_after, Nanos::from_millis(200));
-                assert_eq!(reset_after, Nanos::from_secs(2));
+                // Hits in the open bucket start to drain when it closes
+                // (250 ms), then one token takes 200 ms.
+                assert_eq!(retry_after, Nanos::from_millis(450));
+                assert_eq!(reset_after, Nanos::from_millis(2_250));
             }
             v => panic!("expected a denial, got {v:?}"),
         }

@@ -1,0 +1,509 @@
+//! A deterministic in-memory cluster: real limiters and replicators on
+//! virtual time, joined by a network that loses, duplicates, delays,
+//! reorders and partitions frames as told.
+//!
+//! This is the sans-IO core driven directly: the same decision, share and
+//! replication code a node runs, with the QUIC transport replaced by a queue
+//! and the failure detector by a rule (a peer unheard from for
+//! `detect_after` is declared dead). Everything random comes from one seeded
+//! generator, so a run is replayed exactly from its seed. Tests use it, and
+//! so does the simulation harness.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::cluster::replication::{ReplicationConfig, Replicator};
+use crate::core::descriptor::Descriptors;
+use crate::core::rules::RuleSet;
+use crate::core::share::{SharePolicy, ShareView};
+use crate::core::slot::NodeSlot;
+use crate::core::time::{ManualClock, Nanos};
+use crate::limiter::{CheckError, Decision, Limiter, LimiterConfig};
+
+/// How the network misbehaves.
+#[derive(Clone, Debug)]
+pub struct NetFaults {
+    /// One-way delay of every frame.
+    pub latency: Nanos,
+    /// Extra random delay, uniform in `[0, jitter)`: reorders frames.
+    pub jitter: Nanos,
+    /// Probability that an unreliable frame is lost.
+    pub loss: f64,
+    /// Probability that an unreliable frame arrives twice.
+    pub duplicate: f64,
+}
+
+impl Default for NetFaults {
+    fn default() -> Self {
+        NetFaults {
+            latency: Nanos::from_micros(200),
+            jitter: Nanos::ZERO,
+            loss: 0.0,
+            duplicate: 0.0,
+        }
+    }
+}
+
+/// Settings of a simulated cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub rules: String,
+    pub policy: SharePolicy,
+    pub sync_interval: Nanos,
+    pub inflight_ppm: u32,
+    /// A peer unheard from this long is declared dead.
+    pub detect_after: Nanos,
+    pub max_keys: usize,
+    pub seed: u64,
+    /// Reference time at the start (Unix epoch ns).
+    pub start: Nanos,
+}
+
+impl ClusterSpec {
+    pub fn new(nodes: usize, rules: &str, seed: u64) -> Self {
+        ClusterSpec {
+            nodes,
+            rules: rules.to_owned(),
+            policy: SharePolicy::Strict,
+            sync_interval: Nanos::from_millis(5),
+            inflight_ppm: 20_000,
+            detect_after: Nanos::from_millis(1500),
+            max_keys: 1 << 16,
+            seed,
+            start: Nanos::from_secs(1_700_000_000),
+        }
+    }
+}
+
+type SimLimiter = Limiter<Arc<ManualClock>>;
+
+struct SimNode {
+    limiter: Arc<SimLimiter>,
+    repl: Replicator,
+    clock: Arc<ManualClock>,
+    /// This node's clock minus the reference clock, in ns.
+    skew: i64,
+    up: bool,
+    incarnation: u64,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct InFlight {
+    at: Nanos,
+    seq: u64,
+    from: u16,
+    to: u16,
+    bytes: Vec<u8>,
+}
+
+/// A cluster of simulated nodes.
+pub struct MemCluster {
+    spec: ClusterSpec,
+    rules_digest: u64,
+    now: Nanos,
+    nodes: Vec<SimNode>,
+    net: BinaryHeap<Reverse<InFlight>>,
+    seq: u64,
+    rng: StdRng,
+    pub faults: NetFaults,
+    /// Directed links that drop everything.
+    cut: BTreeSet<(u16, u16)>,
+    /// `(observer, peer)` → when the observer last heard from the peer.
+    heard: BTreeMap<(u16, u16), Nanos>,
+    /// `(observer, peer)` pairs currently believed connected.
+    linked: BTreeSet<(u16, u16)>,
+    /// Bytes carried between nodes, by kind of traffic.
+    pub bytes_on_wire: u64,
+    pub frames_on_wire: u64,
+}
+
+impl MemCluster {
+    pub fn new(spec: ClusterSpec) -> Result<Self, String> {
+        let rules = RuleSet::from_toml(&spec.rules).map_err(|e| e.to_string())?;
+        let rules_digest = rules.digest();
+        let mut c = MemCluster {
+            now: spec.start,
+            rng: StdRng::seed_from_u64(spec.seed),
+            rules_digest,
+            nodes: Vec::new(),
+            net: BinaryHeap::new(),
+            seq: 0,
+            faults: NetFaults::default(),
+            cut: BTreeSet::new(),
+            heard: BTreeMap::new(),
+            linked: BTreeSet::new(),
+            bytes_on_wire: 0,
+            frames_on_wire: 0,
+            spec,
+        };
+        for slot in 0..c.spec.nodes {
+            let node = c.boot(slot as u16, 1, false)?;
+            c.nodes.push(node);
+        }
+        for a in 0..c.spec.nodes as u16 {
+            for b in 0..c.spec.nodes as u16 {
+                if a != b {
+                    c.connect(a, b);
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    fn boot(&mut self, slot: u16, incarnation: u64, recovering: bool) -> Result<SimNode, String> {
+        let rules = RuleSet::from_toml(&self.spec.rules).map_err(|e| e.to_string())?;
+        let clock = Arc::new(ManualClock::new(self.now));
+        let config = LimiterConfig {
+            own_slot: NodeSlot::new(slot),
+            slots: self.spec.nodes,
+            max_keys: self.spec.max_keys,
+            ..LimiterConfig::default()
+        };
+        let limiter = Limiter::with_clock(rules, config, clock.clone())
+            .and_then(|l| l.clustered(self.view(slot, &BTreeSet::new())))
+            .map_err(|e| e.to_string())?;
+        limiter.set_admitting(!recovering);
+        let mut rc = ReplicationConfig::new(NodeSlot::new(slot), format!("node-{slot}"));
+        rc.sync_interval = self.spec.sync_interval;
+        rc.policy = self.spec.policy;
+        let mut repl = Replicator::new(rc, incarnation, recovering, self.now);
+        for peer in 0..self.spec.nodes as u16 {
+            repl.add_peer(peer);
+        }
+        Ok(SimNode {
+            limiter: Arc::new(limiter),
+            repl,
+            clock,
+            skew: 0,
+            up: true,
+            incarnation,
+        })
+    }
+
+    fn view(&self, own: u16, dead: &BTreeSet<u16>) -> ShareView {
+        let members = (0..self.spec.nodes as u16).fold(0u64, |m, s| m | 1 << s);
+        let live = members & !dead.iter().fold(0u64, |m, &s| m | 1 << s);
+        let minority = (live.count_ones() as usize) * 2 <= self.spec.nodes && self.spec.nodes > 1;
+        let reserve = match self.spec.policy {
+            SharePolicy::Available => live,
+            _ => members,
+        } & !(1 << own);
+        ShareView {
+            own,
+            members,
+            reserve,
+            minority,
+            policy: self.spec.policy,
+            inflight_ppm: self.spec.inflight_ppm,
+            ack_wait: self.spec.sync_interval * 2,
+        }
+    }
+
+    pub fn now(&self) -> Nanos {
+        self.now
+    }
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn limiter(&self, node: usize) -> &SimLimiter {
+        &self.nodes[node].limiter
+    }
+    pub fn replicator(&self, node: usize) -> &Replicator {
+        &self.nodes[node].repl
+    }
+    pub fn is_up(&self, node: usize) -> bool {
+        self.nodes[node].up
+    }
+
+    /// Sets a node's clock offset from the reference clock.
+    pub fn set_skew(&mut self, node: usize, skew_ns: i64) {
+        self.nodes[node].skew = skew_ns;
+        self.sync_clock(node);
+    }
+
+    fn local_now(&self, node: usize) -> Nanos {
+        Nanos::new((self.now.as_u64() as i64 + self.nodes[node].skew).max(0) as u64)
+    }
+
+    fn sync_clock(&self, node: usize) {
+        self.nodes[node].clock.set(self.local_now(node));
+    }
+
+    /// A request at `node` now.
+    pub fn check(
+        &mut self,
+        node: usize,
+        fields: &[(&str, &str)],
+        cost: u32,
+    ) -> Result<Decision, CheckError> {
+        if !self.nodes[node].up {
+            return Err(CheckError::Recovering);
+        }
+        let d = Descriptors::new(fields)?;
+        self.sync_clock(node);
+        let n = &self.nodes[node];
+        n.limiter.check(&d, cost)
+    }
+
+    /// Cuts (or heals) both directions between `a` and `b`.
+    pub fn set_link(&mut self, a: u16, b: u16, up: bool) {
+        self.set_one_way(a, b, up);
+        self.set_one_way(b, a, up);
+    }
+
+    /// Cuts (or heals) frames from `from` to `to` only.
+    pub fn set_one_way(&mut self, from: u16, to: u16, up: bool) {
+        if up {
+            self.cut.remove(&(from, to));
+        } else {
+            self.cut.insert((from, to));
+        }
+    }
+
+    /// Cuts `group` off from everyone else (or heals it).
+    pub fn isolate(&mut self, group: &[u16], cut: bool) {
+        for &a in group {
+            for b in 0..self.nodes.len() as u16 {
+                if !group.contains(&b) {
+                    self.set_link(a, b, !cut);
+                }
+            }
+        }
+    }
+
+    /// Stops a node dead: it sends and receives nothing and loses its memory.
+    pub fn crash(&mut self, node: usize) {
+        self.nodes[node].up = false;
+    }
+
+    /// Starts a crashed node again: new process, next incarnation, empty
+    /// memory, recovering its own slot from its peers before it admits.
+    pub fn restart(&mut self, node: usize) -> Result<(), String> {
+        let incarnation = self.nodes[node].incarnation + 1;
+        let skew = self.nodes[node].skew;
+        let mut fresh = self.boot(node as u16, incarnation, true)?;
+        fresh.skew = skew;
+        self.nodes[node] = fresh;
+        self.sync_clock(node);
+        for peer in 0..self.nodes.len() as u16 {
+            if peer as usize != node {
+                self.linked.remove(&(node as u16, peer));
+                self.linked.remove(&(peer, node as u16));
+            }
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self, a: u16, b: u16) {
+        self.linked.insert((a, b));
+        self.heard.insert((a, b), self.now);
+        let digest = self.rules_digest;
+        let now = self.local_now(a as usize);
+        self.nodes[a as usize].repl.peer_connected(now, b, digest);
+        self.flush(a as usize);
+    }
+
+    /// Moves every node's outgoing frames onto the network.
+    fn flush(&mut self, node: usize) {
+        while let Some(t) = self.nodes[node].repl.poll_transmit() {
+            let from = node as u16;
+            if !self.nodes[node].up || self.cut.contains(&(from, t.to)) {
+                continue;
+            }
+            let copies = if t.reliable {
+                1
+            } else if self.rng.random::<f64>() < self.faults.loss {
+                0
+            } else if self.rng.random::<f64>() < self.faults.duplicate {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                let jitter = if self.faults.jitter > Nanos::ZERO && !t.reliable {
+                    Nanos::new(self.rng.random_range(0..self.faults.jitter.as_u64()))
+                } else {
+                    Nanos::ZERO
+                };
+                self.seq += 1;
+                self.bytes_on_wire += t.bytes.len() as u64;
+                self.frames_on_wire += 1;
+                self.net.push(Reverse(InFlight {
+                    at: self.now + self.faults.latency + jitter,
+                    seq: self.seq,
+                    from,
+                    to: t.to,
+                    bytes: t.bytes.clone(),
+                }));
+            }
+        }
+    }
+
+    /// Runs the cluster for `dt` of reference time: every delivery and sync
+    /// tick in time order.
+    pub fn advance(&mut self, dt: Nanos) {
+        let until = self.now + dt;
+        loop {
+            let next_frame = self.net.peek().map(|r| r.0.at);
+            let next_tick = (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].up)
+                .map(|i| {
+                    let local = self.nodes[i].repl.poll_timeout();
+                    // Convert the node's local deadline to reference time.
+                    Nanos::new((local.as_u64() as i64 - self.nodes[i].skew).max(0) as u64)
+                })
+                .min();
+            let next = match (next_frame, next_tick) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => a.or(b).unwrap_or(until),
+            };
+            if next > until {
+                break;
+            }
+            self.now = self.now.max(next);
+            if next_frame == Some(next) {
+                let Some(Reverse(f)) = self.net.pop() else {
+                    break;
+                };
+                self.deliver(f);
+            } else {
+                for i in 0..self.nodes.len() {
+                    if !self.nodes[i].up {
+                        continue;
+                    }
+                    let local = self.local_now(i);
+                    if self.nodes[i].repl.poll_timeout() <= local {
+                        self.sync_clock(i);
+                        let limiter = self.nodes[i].limiter.clone();
+                        self.nodes[i].repl.handle_timeout(local, &limiter);
+                        self.flush(i);
+                    }
+                }
+                self.detect_failures();
+            }
+        }
+        self.now = until;
+        for i in 0..self.nodes.len() {
+            self.sync_clock(i);
+        }
+    }
+
+    fn deliver(&mut self, f: InFlight) {
+        let to = f.to as usize;
+        if !self.nodes[to].up
+            || !self.nodes[f.from as usize].up
+            || self.cut.contains(&(f.from, f.to))
+        {
+            return;
+        }
+        if !self.linked.contains(&(f.to, f.from)) {
+            // First contact since a restart or a heal: the transport would
+            // report a new connection.
+            self.connect(f.to, f.from);
+        }
+        self.heard.insert((f.to, f.from), self.now);
+        let local = self.local_now(to);
+        self.sync_clock(to);
+        let limiter = self.nodes[to].limiter.clone();
+        let digest = self.rules_digest;
+        // Refused frames are counted by the replicator; nothing else to do.
+        let _ = self.nodes[to]
+            .repl
+            .handle_frame(local, f.from, &f.bytes, &limiter, digest);
+        self.flush(to);
+    }
+
+    /// The failure-detector model: silence for `detect_after` means dead;
+    /// hearing again means alive.
+    fn detect_failures(&mut self) {
+        for a in 0..self.nodes.len() {
+            if !self.nodes[a].up {
+                continue;
+            }
+            let mut dead = BTreeSet::new();
+            for b in 0..self.nodes.len() {
+                if a == b {
+                    continue;
+                }
+                let key = (a as u16, b as u16);
+                let last = self.heard.get(&key).copied().unwrap_or(self.spec.start);
+                let silent = self.now.saturating_sub(last) >= self.spec.detect_after;
+                let was_live = self.nodes[a]
+                    .repl
+                    .peers()
+                    .get(&(b as u16))
+                    .is_some_and(|p| p.live);
+                if silent {
+                    dead.insert(b as u16);
+                    if was_live {
+                        let limiter = self.nodes[a].limiter.clone();
+                        self.nodes[a].repl.set_liveness(&limiter, b as u16, false);
+                        self.nodes[a].repl.peer_disconnected(b as u16);
+                        self.linked.remove(&key);
+                    }
+                } else if !was_live {
+                    let limiter = self.nodes[a].limiter.clone();
+                    self.nodes[a].repl.set_liveness(&limiter, b as u16, true);
+                }
+                // Keep probing a silent peer, as a transport reconnects.
+                if silent
+                    && self.now.as_u64() % (self.spec.detect_after.as_u64() / 4).max(1)
+                        < self.spec.sync_interval.as_u64()
+                {
+                    let (local, digest) = (self.local_now(a), self.rules_digest);
+                    self.nodes[a].repl.peer_connected(local, b as u16, digest);
+                    self.flush(a);
+                }
+            }
+            let view = self.view(a as u16, &dead);
+            if self.nodes[a].limiter.share_view().as_deref() != Some(&view) {
+                self.nodes[a].limiter.set_share_view(view);
+            }
+        }
+    }
+
+    /// Net hits counted for the key of `fields` at `node` now, from its
+    /// merged view (cost-0 check: counts nothing).
+    pub fn remaining(&mut self, node: usize, fields: &[(&str, &str)]) -> Option<u64> {
+        self.check(node, fields, 0)
+            .ok()
+            .and_then(|d| d.quota.map(|q| q.remaining))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: &str = r#"
+        [[rules]]
+        name = "per-user"
+        match = { user = "*" }
+        limits = [ { algorithm = "fixed_window", limit = 1000, window = "1h" } ]
+    "#;
+
+    #[test]
+    fn hits_on_one_node_reach_the_others() {
+        let mut c = MemCluster::new(ClusterSpec::new(3, RULES, 1)).unwrap();
+        for _ in 0..10 {
+            assert!(c.check(0, &[("user", "u")], 1).unwrap().is_allowed());
+        }
+        c.advance(Nanos::from_millis(20));
+        for n in 0..3 {
+            let d = c.check(n, &[("user", "u")], 0).unwrap();
+            // Counted hits plus the shares reserved for the other nodes.
+            let q = d.quota.unwrap();
+            assert!(q.remaining <= 990, "node {n}: {q:?}");
+        }
+        // All in-flight hits were acknowledged and settled.
+        let t = c.limiter(0).table(0).unwrap();
+        let mut inflight = 0;
+        t.for_each(|e| inflight += e.inflight());
+        assert_eq!(inflight, 0);
+    }
+}

@@ -1,0 +1,3 @@
+pub mod harness;
+pub mod membership;
+pub mod replication;
