@@ -296,6 +296,12 @@ impl MemCluster {
                 self.linked.remove(&(peer, node as u16));
             }
         }
+        // A starting node dials every peer it knows.
+        for peer in 0..self.nodes.len() as u16 {
+            if peer as usize != node && self.nodes[peer as usize].up {
+                self.connect(node as u16, peer);
+            }
+        }
         Ok(())
     }
 

@@ -126,11 +126,9 @@ pub struct PeerState {
     pub last_heard: Option<Nanos>,
     /// Rounds of ours the peer has not acknowledged yet.
     pub unacked_rounds: usize,
-    to_ack: Vec<u64>,
-    newest_delta: Option<(u64, Nanos)>,
     needs_sync: bool,
-    /// Round at which our current full sync to this peer started.
-    sync_start: Option<u64>,
+    /// Our full sync to this peer under way, if any.
+    sync_out: Option<SyncOut>,
     /// The peer finished sending us our own slot after our restart.
     recovered_from: bool,
 }
@@ -141,8 +139,15 @@ struct Round {
     waiting: BTreeSet<u16>,
     sent_at: Nanos,
     resends: u32,
-    /// Set on the last chunk of a full sync to this peer.
-    completes_sync_of: Option<u16>,
+}
+
+/// A full-state sync to one peer: complete once every chunk is acknowledged.
+#[derive(Clone, Debug)]
+struct SyncOut {
+    /// Rounds below this are covered by the sync's values.
+    start: u64,
+    /// Unacknowledged chunks: round → (frame, when last sent).
+    pending: BTreeMap<u64, (Vec<u8>, Nanos)>,
 }
 
 /// The replication state machine of one node.
@@ -271,7 +276,7 @@ impl Replicator {
     pub fn peer_disconnected(&mut self, slot: u16) {
         if let Some(p) = self.peers.get_mut(&slot) {
             p.connected = false;
-            p.sync_start = None;
+            p.sync_out = None;
         }
     }
 
@@ -396,8 +401,6 @@ impl Replicator {
             p.name = h.name;
             p.connected = true;
             p.live = true;
-            p.to_ack.clear();
-            p.newest_delta = None;
         }
         // Whatever the peer missed while apart (or ever, if it restarted):
         // our whole own state, reliably.
@@ -407,13 +410,17 @@ impl Replicator {
         }
     }
 
+    /// Acknowledges a frame at once: the sooner the sender hears, the sooner
+    /// its in-flight hits settle. The ack echoes the frame's timestamp.
     fn note_received(&mut self, now: Nanos, from: u16, s: &Slots) {
-        if let Some(p) = self.peers.get_mut(&from) {
-            p.to_ack.push(s.round);
-            if p.newest_delta.is_none_or(|(t, _)| s.sent_at >= t) {
-                p.newest_delta = Some((s.sent_at, now));
-            }
-        }
+        let ack = Frame::Ack(Ack {
+            slot: self.own(),
+            rounds: vec![s.round],
+            echo_sent_at: s.sent_at,
+            received_at: now.as_u64(),
+            replied_at: now.as_u64(),
+        });
+        self.send(from, ack.encode(), false);
     }
 
     /// Merges the values of `slot` carried by `s`.
@@ -486,20 +493,21 @@ impl Replicator {
             .flat_map(|r| self.aliases.remove(r).unwrap_or_else(|| vec![*r]))
             .collect();
         for original in acked {
+            if let Some(sync) = self.peers.get_mut(&from).and_then(|p| p.sync_out.as_mut()) {
+                if sync.pending.remove(&original).is_some() && sync.pending.is_empty() {
+                    // The peer holds our whole state as of the sync's start.
+                    let start = sync.start;
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.sync_out = None;
+                        p.needs_sync = false;
+                    }
+                    self.stop_waiting_for(limiter, from, start);
+                }
+            }
             let Some(round) = self.rounds.get_mut(&original) else {
                 continue;
             };
             round.waiting.remove(&from);
-            if let Some(peer) = round.completes_sync_of.filter(|&p| p == from) {
-                let start = self.peers.get(&peer).and_then(|p| p.sync_start);
-                if let Some(start) = start {
-                    self.stop_waiting_for(limiter, peer, start);
-                    if let Some(p) = self.peers.get_mut(&peer) {
-                        p.sync_start = None;
-                        p.needs_sync = false;
-                    }
-                }
-            }
             if self
                 .rounds
                 .get(&original)
@@ -587,36 +595,8 @@ impl Replicator {
         }
         self.next_tick = now + self.cfg.sync_interval;
         self.check_recovered(now, limiter);
-        self.send_acks(now);
         self.ship_deltas(now, limiter);
         self.resend_lost(now, limiter);
-    }
-
-    fn send_acks(&mut self, now: Nanos) {
-        let own = self.own();
-        let mut acks = Vec::new();
-        for (&slot, p) in self.peers.iter_mut() {
-            if p.to_ack.is_empty() || !p.connected {
-                continue;
-            }
-            let rounds = std::mem::take(&mut p.to_ack);
-            let (echo, received) = p.newest_delta.take().unwrap_or((0, Nanos::ZERO));
-            for chunk in rounds.chunks(1024) {
-                acks.push((
-                    slot,
-                    Frame::Ack(Ack {
-                        slot: own,
-                        rounds: chunk.to_vec(),
-                        echo_sent_at: echo,
-                        received_at: received.as_u64(),
-                        replied_at: now.as_u64(),
-                    }),
-                ));
-            }
-        }
-        for (slot, frame) in acks {
-            self.send(slot, frame.encode(), false);
-        }
     }
 
     /// Which peers a frame sent now must hear back from.
@@ -692,7 +672,6 @@ impl Replicator {
                 waiting: waiting.clone(),
                 sent_at: now,
                 resends: 0,
-                completes_sync_of: None,
             };
             if round.waiting.is_empty() {
                 self.rounds.insert(frame.round, round);
@@ -707,13 +686,11 @@ impl Replicator {
     /// Sends again, with current values, every round a peer has not
     /// acknowledged in time; a peer that keeps missing gets a full sync.
     fn resend_lost<C: crate::core::time::Clock>(&mut self, now: Nanos, limiter: &Limiter<C>) {
+        self.resend_sync_chunks(now);
         let due: Vec<(u64, u16)> = self
             .rounds
             .iter()
-            .filter(|(_, r)| {
-                r.completes_sync_of.is_none()
-                    && now.saturating_sub(r.sent_at) >= self.cfg.retransmit_after
-            })
+            .filter(|(_, r)| now.saturating_sub(r.sent_at) >= self.cfg.retransmit_after)
             .flat_map(|(&id, r)| r.waiting.iter().map(move |&s| (id, s)))
             .collect();
         let mut per_peer: BTreeMap<u16, Vec<u64>> = BTreeMap::new();
@@ -733,7 +710,7 @@ impl Replicator {
                     .is_some_and(|r| r.resends >= self.cfg.max_retransmits)
             });
             if over || peer.needs_sync {
-                if peer.sync_start.is_none() {
+                if peer.sync_out.is_none() {
                     self.full_sync(now, slot, limiter);
                 }
                 continue;
@@ -789,6 +766,27 @@ impl Replicator {
         }
     }
 
+    /// Full-sync chunks travel on streams, but their acknowledgements are
+    /// datagrams: a chunk not acknowledged in time is sent again.
+    fn resend_sync_chunks(&mut self, now: Nanos) {
+        let mut again = Vec::new();
+        for (&slot, p) in self.peers.iter_mut() {
+            let Some(sync) = p.sync_out.as_mut().filter(|_| p.connected) else {
+                continue;
+            };
+            for (bytes, sent) in sync.pending.values_mut() {
+                if now.saturating_sub(*sent) >= self.cfg.retransmit_after {
+                    *sent = now;
+                    again.push((slot, bytes.clone()));
+                }
+            }
+        }
+        for (slot, bytes) in again {
+            self.stats.retransmissions += 1;
+            self.send(slot, bytes, true);
+        }
+    }
+
     /// Our whole own state, in stream-sized chunks, to `to`.
     fn full_sync<C: crate::core::time::Clock>(
         &mut self,
@@ -801,7 +799,10 @@ impl Replicator {
         let own = self.cfg.own;
         let frames = self.collect_slots(now, limiter, start, |entry| own_values(entry, now, own));
         if let Some(p) = self.peers.get_mut(&to) {
-            p.sync_start = Some(start);
+            p.sync_out = Some(SyncOut {
+                start,
+                pending: BTreeMap::new(),
+            });
         }
         self.send_sync_frames(now, to, frames, false);
     }
@@ -868,28 +869,20 @@ impl Replicator {
                 groups: Vec::new(),
             });
         }
-        let count = frames.len();
-        for (i, frame) in frames.into_iter().enumerate() {
+        for frame in frames {
             self.next_round = frame.round + 1;
-            let last = i + 1 == count;
-            if !recovery {
-                self.rounds.insert(
-                    frame.round,
-                    Round {
-                        records: Vec::new(),
-                        waiting: BTreeSet::from([to]),
-                        sent_at: now,
-                        resends: 0,
-                        completes_sync_of: last.then_some(to),
-                    },
-                );
-            }
+            let round = frame.round;
             let bytes = if recovery {
                 Frame::Recovery(frame)
             } else {
                 Frame::Sync(frame)
             }
             .encode();
+            if !recovery {
+                if let Some(sync) = self.peers.get_mut(&to).and_then(|p| p.sync_out.as_mut()) {
+                    sync.pending.insert(round, (bytes.clone(), now));
+                }
+            }
             self.send(to, bytes, true);
         }
     }

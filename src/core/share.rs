@@ -9,11 +9,15 @@
 //! admission keeps the true cluster-wide count within the limit: the
 //! reservation replaces the peers' unknown with its bound.
 //!
-//! Shares follow traffic (flow-proportional): `q_j = Q·(P_j + 1)/(ΣP + n)`,
-//! where `P_j` is slot `j`'s hits in the key's window as merged so far. All
-//! nodes compute shares from (nearly) the same merged counts, so they agree on
-//! them up to the in-flight hits themselves; that disagreement is the only
-//! source of overshoot while the cluster is connected.
+//! Shares follow traffic (flow-proportional) with a uniform prior:
+//! `q_j = max(1, Q·(P_j + L/n) / 2L)`, where `P_j` is slot `j`'s hits in the
+//! key's window, `L` the limit and `n` the number of nodes. The denominator is
+//! a constant, so a share only grows with `P_j`; and a node computes its own
+//! cap from its *acknowledged* hits, which every peer it waits for has seen.
+//! Hence every peer's reservation for a node is at least that node's own cap,
+//! however far their views have drifted apart (a partition included): the
+//! safety argument needs nothing else. While `ΣP ≤ L` the shares sum to at
+//! most `Q`.
 
 use crate::core::time::Nanos;
 
@@ -98,28 +102,34 @@ impl ShareView {
 pub struct Shares<'a> {
     view: &'a ShareView,
     budget: u64,
+    quota: u64,
     totals: &'a [u64],
-    sum: u64,
 }
 
 impl<'a> Shares<'a> {
-    /// `totals[j]` is slot `j`'s hits over the key's live buckets.
-    pub fn new(view: &'a ShareView, budget: u64, totals: &'a [u64]) -> Self {
-        let sum = members(view.members, totals.len()).map(|j| totals[j]).sum();
+    /// `totals[j]` is slot `j`'s hits over the key's live buckets; `quota`
+    /// the limit's quota `L`.
+    pub fn new(view: &'a ShareView, budget: u64, quota: u64, totals: &'a [u64]) -> Self {
         Shares {
             view,
             budget,
+            quota: quota.max(1),
             totals,
-            sum,
         }
     }
 
-    /// `q_j`: the most in-flight hits slot `j` may have. At least one.
+    /// The share of a slot with `p` hits: `max(1, Q·(p + L/n) / 2L)`,
+    /// computed as `Q·(n·p + L) / (2·n·L)` in integers.
+    fn share(&self, p: u64) -> u64 {
+        let n = u128::from(self.view.node_count());
+        let l = u128::from(self.quota);
+        let q = u128::from(self.budget) * (n * u128::from(p) + l) / (2 * n * l);
+        (q.min(u128::from(u64::MAX)) as u64).max(1)
+    }
+
+    /// `q_j` as seen from here: the most in-flight hits slot `j` may have.
     pub fn of(&self, slot: usize) -> u64 {
-        let p = self.totals.get(slot).copied().unwrap_or(0);
-        let n = self.view.node_count();
-        let q = u128::from(self.budget) * u128::from(p + 1) / u128::from(self.sum + n);
-        (q as u64).max(1)
+        self.share(self.totals.get(slot).copied().unwrap_or(0))
     }
 
     /// Hits to count as already arrived on behalf of peers.
@@ -130,17 +140,16 @@ impl<'a> Shares<'a> {
             .sum()
     }
 
-    /// The most in-flight hits this node may have for the key, given a limit
-    /// of `quota`.
-    pub fn own_cap(&self, quota: u64) -> u64 {
-        let own = usize::from(self.view.own);
-        let base = self.of(own);
+    /// The most in-flight hits this node may have for the key, given that
+    /// `acked` of its hits are known to every peer it waits for.
+    pub fn own_cap(&self, acked: u64) -> u64 {
+        let base = self.share(acked);
         match self.view.policy {
             SharePolicy::Bounded { fraction_ppm } if self.view.minority => {
-                let extra = u128::from(quota) * u128::from(fraction_ppm) / 1_000_000;
-                let p = self.totals.get(own).copied().unwrap_or(0);
-                let extra =
-                    extra * u128::from(p + 1) / u128::from(self.sum + self.view.node_count());
+                // The cut-off node's part of the allowed excess.
+                let extra = u128::from(self.quota) * u128::from(fraction_ppm)
+                    / 1_000_000
+                    / u128::from(self.view.node_count());
                 base + extra as u64
             }
             _ => base,
@@ -166,21 +175,40 @@ mod tests {
     }
 
     #[test]
-    fn shares_follow_traffic_and_sum_to_the_budget() {
+    fn shares_follow_traffic_and_stay_within_the_budget() {
         let v = view(0b111, 0b110);
+        // Limit 1000, budget 100, three nodes: q = 100·(3p + 1000)/6000.
         let totals = [900, 50, 50];
-        let s = Shares::new(&v, 100, &totals);
-        assert_eq!(s.of(0), 89);
-        assert_eq!(s.of(1), 5);
-        assert_eq!(s.of(2), 5);
+        let s = Shares::new(&v, 100, 1000, &totals);
+        assert_eq!(s.of(0), 61);
+        assert_eq!(s.of(1), 19);
+        assert_eq!(s.of(2), 19);
         assert!(s.of(0) + s.of(1) + s.of(2) <= 100);
-        assert_eq!(s.reserved(), 10);
+        assert_eq!(s.reserved(), 38);
+    }
+
+    #[test]
+    fn a_peers_reservation_never_falls_below_a_nodes_own_cap() {
+        // Node 2 computes its cap from what its peers surely saw (its
+        // acknowledged hits); they reserve from what they saw, which is at
+        // least that, whatever else each side has seen.
+        let v = view(0b111, 0b011);
+        for acked in [0u64, 10, 400] {
+            for seen_by_peer in [acked, acked + 5, acked + 300] {
+                let own = Shares::new(&v, 30, 1000, &[0, 0, 0]).own_cap(acked);
+                let peer_totals = [700, 250, seen_by_peer];
+                let reserved = Shares::new(&v, 30, 1000, &peer_totals).of(2);
+                assert!(reserved >= own, "acked {acked}, seen {seen_by_peer}");
+            }
+        }
     }
 
     #[test]
     fn a_quiet_key_splits_evenly_and_every_node_gets_at_least_one() {
         let v = view(0b111, 0b110);
-        let s = Shares::new(&v, 3, &[0, 0, 0]);
+        let s = Shares::new(&v, 60, 1000, &[0, 0, 0]);
+        assert_eq!((s.of(0), s.of(1), s.of(2)), (10, 10, 10));
+        let s = Shares::new(&v, 3, 10, &[0, 0, 0]);
         assert_eq!((s.of(0), s.of(1), s.of(2)), (1, 1, 1));
         assert_eq!(v.budget(10, 1000), 3, "at least one per node");
         assert_eq!(v.budget(100_000, 1000), 1000, "capped");
@@ -191,20 +219,21 @@ mod tests {
     fn bounded_policy_lets_a_cut_off_node_spend_its_fraction() {
         let mut v = view(0b111, 0b110);
         v.policy = SharePolicy::Bounded {
-            fraction_ppm: 100_000,
+            fraction_ppm: 90_000,
         };
         let totals = [0, 0, 0];
-        assert_eq!(Shares::new(&v, 30, &totals).own_cap(1000), 10);
+        assert_eq!(Shares::new(&v, 60, 1000, &totals).own_cap(0), 10);
         v.minority = true;
-        // 10% of 1000, of which this node's third.
-        assert_eq!(Shares::new(&v, 30, &totals).own_cap(1000), 10 + 33);
+        // 9% of 1000, of which this node's third.
+        assert_eq!(Shares::new(&v, 60, 1000, &totals).own_cap(0), 10 + 30);
     }
 
     #[test]
     fn alone_there_is_nothing_to_reserve() {
         let v = ShareView::alone(3);
-        let s = Shares::new(&v, 10, &[0, 0, 0, 7]);
+        let s = Shares::new(&v, 10, 100, &[0, 0, 0, 7]);
         assert_eq!(s.reserved(), 0);
-        assert_eq!(s.own_cap(100), 10);
+        // The limiter skips shares entirely when alone; the formula still holds.
+        assert_eq!(s.own_cap(7), 5);
     }
 }

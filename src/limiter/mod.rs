@@ -512,25 +512,39 @@ fn decide_shared(
 ) -> Verdict {
     let spec = entry.spec();
     let quota = algorithm.quota();
+    if view.members == 1 << view.own {
+        // Alone: nobody to reserve for, nobody to wait for.
+        return algorithm.decide(&WindowCounts { spec, now, nets }, cost);
+    }
     let mut totals = [0u64; MAX_NODES];
     let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
     Ring::slot_hits(entry, &spec, now, totals);
-    let shares = Shares::new(view, view.budget(quota, u64::from(MAX_INFLIGHT)), totals);
+    let shares = Shares::new(
+        view,
+        view.budget(quota, u64::from(MAX_INFLIGHT)),
+        quota,
+        totals,
+    );
     if let Some(last) = nets.last_mut() {
         *last += shares.reserved();
     }
+    let inflight = u64::from(entry.inflight());
+    // What every peer this node waits for has surely seen of it.
+    let acked = totals
+        .get(usize::from(view.own))
+        .copied()
+        .unwrap_or(0)
+        .saturating_sub(inflight);
     let verdict = algorithm.decide(&WindowCounts { spec, now, nets }, cost);
     match verdict {
         Verdict::Allow {
             remaining,
             reset_after,
-        } if u64::from(entry.inflight()) + u64::from(cost) > shares.own_cap(quota) => {
-            Verdict::Deny {
-                remaining,
-                retry_after: view.ack_wait,
-                reset_after,
-            }
-        }
+        } if inflight + u64::from(cost) > shares.own_cap(acked) => Verdict::Deny {
+            remaining,
+            retry_after: view.ack_wait,
+            reset_after,
+        },
         v => v,
     }
 }

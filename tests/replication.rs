@@ -1,0 +1,329 @@
+//! Replication on the in-memory cluster: the real limiter, share and
+//! replication code on virtual time, with a network that loses, duplicates,
+//! reorders and partitions frames.
+
+use drl::cluster::harness::{ClusterSpec, MemCluster, NetFaults};
+use drl::cluster::replication::{FrameError, ReplicationConfig, Replicator};
+use drl::core::descriptor::Descriptors;
+use drl::core::rules::RuleSet;
+use drl::core::share::{SharePolicy, ShareView};
+use drl::core::slot::NodeSlot;
+use drl::core::time::{ManualClock, Nanos};
+use drl::core::wire::{BucketSlot, DecodeError, Frame, Hello, KeySlots, LimitGroup, Slots};
+use drl::limiter::{Limiter, LimiterConfig};
+use std::sync::Arc;
+
+fn rules(limit: u32, window: &str) -> String {
+    format!(
+        r#"
+        [[rules]]
+        name = "per-user"
+        match = {{ user = "*" }}
+        limits = [ {{ algorithm = "sliding_window", limit = {limit}, window = "{window}" }} ]
+    "#
+    )
+}
+
+/// Sends `n` requests for `user` spread round-robin over `nodes`, one every
+/// `gap`, and returns how many were admitted.
+fn hammer(c: &mut MemCluster, nodes: &[usize], user: &str, n: usize, gap: Nanos) -> u64 {
+    let mut admitted = 0;
+    for i in 0..n {
+        let node = nodes[i % nodes.len()];
+        if c.check(node, &[("user", user)], 1)
+            .is_ok_and(|d| d.is_allowed())
+        {
+            admitted += 1;
+        }
+        c.advance(gap);
+    }
+    admitted
+}
+
+/// Net hits of `user` in the current window as node `node` has merged them.
+fn counted(c: &MemCluster, node: usize, user: &str) -> u64 {
+    let table = c.limiter(node).table(0).unwrap();
+    let mut total = 0;
+    let now = c.limiter(node).clock().as_ref().now_value();
+    table.for_each(|e| {
+        let mut out = vec![0u64; e.spec().buckets()];
+        drl::core::window::Ring::read(e, &e.spec(), now, &mut out);
+        total += out.iter().sum::<u64>();
+    });
+    let _ = user;
+    total
+}
+
+trait NowValue {
+    fn now_value(&self) -> Nanos;
+}
+impl NowValue for ManualClock {
+    fn now_value(&self) -> Nanos {
+        drl::core::time::Clock::now(self)
+    }
+}
+
+#[test]
+fn one_key_through_three_nodes_stays_within_the_limit_and_near_it() {
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(1000, "1h"), 7)).unwrap();
+    // Demand 3x the limit, spread over all nodes, at 3000 requests/s.
+    let admitted = hammer(&mut c, &[0, 1, 2], "u", 3000, Nanos::from_micros(333));
+    c.advance(Nanos::from_millis(100));
+    assert!(admitted <= 1000, "admitted {admitted} of a limit of 1000");
+    assert!(
+        admitted >= 950,
+        "admitted only {admitted} of 1000 with demand 3x"
+    );
+    for n in 0..3 {
+        assert_eq!(counted(&c, n, "u"), admitted, "node {n} converged");
+    }
+}
+
+#[test]
+fn lost_duplicated_and_reordered_frames_do_not_change_the_converged_counts() {
+    let mut spec = ClusterSpec::new(3, &rules(100_000, "1h"), 11);
+    spec.sync_interval = Nanos::from_millis(5);
+    let mut c = MemCluster::new(spec).unwrap();
+    c.faults = NetFaults {
+        latency: Nanos::from_micros(300),
+        jitter: Nanos::from_millis(20),
+        loss: 0.3,
+        duplicate: 0.3,
+    };
+    let mut admitted = 0;
+    for i in 0..3000u64 {
+        let user = format!("user-{}", i % 50);
+        if c.check((i % 3) as usize, &[("user", &user)], 1)
+            .unwrap()
+            .is_allowed()
+        {
+            admitted += 1;
+        }
+        c.advance(Nanos::from_micros(500));
+    }
+    assert_eq!(admitted, 3000);
+    // Let retransmissions repair every loss, then compare every node.
+    c.faults = NetFaults::default();
+    c.advance(Nanos::from_millis(500));
+    for n in 0..3 {
+        assert_eq!(counted(&c, n, ""), 3000, "node {n}");
+    }
+    for n in 0..3 {
+        let r = c.replicator(n);
+        assert_eq!(r.unacked_rounds(), 0, "node {n} still waits for acks");
+    }
+}
+
+#[test]
+fn a_restarted_node_recovers_its_slot_before_admitting() {
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(300, "1h"), 3)).unwrap();
+    // One hit every 10 ms: slower than acknowledgements come back, so the
+    // node's in-flight share never refuses one.
+    let before = hammer(&mut c, &[0], "u", 200, Nanos::from_millis(10));
+    assert_eq!(before, 200);
+    c.advance(Nanos::from_millis(50));
+    c.crash(0);
+    c.advance(Nanos::from_millis(100));
+    c.restart(0).unwrap();
+    // Not admitting until the peers have answered.
+    assert!(c.check(0, &[("user", "u")], 1).is_err());
+    c.advance(Nanos::from_millis(100));
+    assert!(c.limiter(0).is_admitting(), "recovered from its peers");
+    assert_eq!(counted(&c, 0, "u"), 200, "its own slot came back");
+    let after = hammer(&mut c, &[0, 1, 2], "u", 500, Nanos::from_millis(10));
+    assert!(
+        before + after <= 300,
+        "a restart reset the quota: {before} + {after}"
+    );
+    assert!(before + after >= 290);
+}
+
+#[test]
+fn strict_partition_keeps_the_cut_off_node_to_its_in_flight_share() {
+    let mut spec = ClusterSpec::new(3, &rules(1000, "1h"), 5);
+    spec.policy = SharePolicy::Strict;
+    let mut c = MemCluster::new(spec).unwrap();
+    c.isolate(&[2], true);
+    // Wait for the failure detector, then hammer both sides.
+    c.advance(Nanos::from_secs(2));
+    let minority = hammer(&mut c, &[2], "u", 2000, Nanos::from_millis(1));
+    let majority = hammer(&mut c, &[0, 1], "u", 3000, Nanos::from_millis(1));
+    assert!(minority <= 25, "the cut-off node admitted {minority}");
+    assert!(
+        minority + majority <= 1000,
+        "{minority} + {majority} > 1000"
+    );
+    assert!(majority >= 2 * 1000 / 3, "majority kept only {majority}");
+    c.isolate(&[2], false);
+    c.advance(Nanos::from_secs(3));
+    for n in 0..3 {
+        assert_eq!(
+            counted(&c, n, "u"),
+            minority + majority,
+            "node {n} after heal"
+        );
+    }
+}
+
+#[test]
+fn available_partition_lets_both_sides_spend_the_budget() {
+    let mut spec = ClusterSpec::new(3, &rules(1000, "1h"), 5);
+    spec.policy = SharePolicy::Available;
+    let mut c = MemCluster::new(spec).unwrap();
+    c.isolate(&[2], true);
+    c.advance(Nanos::from_secs(2));
+    let minority = hammer(&mut c, &[2], "u", 1500, Nanos::from_millis(1));
+    let majority = hammer(&mut c, &[0, 1], "u", 1500, Nanos::from_millis(1));
+    // The stated bound: each side may spend the whole limit.
+    assert!(minority <= 1000 && majority <= 1000);
+    assert!(
+        minority + majority > 1000,
+        "available should overshoot in a split brain"
+    );
+}
+
+fn lone_limiter(slot: u16, slots: usize) -> (Limiter<Arc<ManualClock>>, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(Nanos::from_secs(1_700_000_000)));
+    let config = LimiterConfig {
+        own_slot: NodeSlot::new(slot),
+        slots,
+        ..LimiterConfig::default()
+    };
+    let l = Limiter::with_clock(
+        RuleSet::from_toml(&rules(100, "1h")).unwrap(),
+        config,
+        clock.clone(),
+    )
+    .unwrap()
+    .clustered(ShareView::alone(slot))
+    .unwrap();
+    l.set_admitting(true);
+    (l, clock)
+}
+
+fn snapshot(l: &Limiter<Arc<ManualClock>>) -> Vec<(u64, Vec<u32>)> {
+    let mut out = Vec::new();
+    for (_, t) in l.tables() {
+        t.for_each(|e| {
+            let mut words = Vec::new();
+            let spec = e.spec();
+            for row in 0..spec.buckets() {
+                for s in 0..3 {
+                    let v = drl::core::window::SlotGrid::get(e, row, s);
+                    words.push(v.p);
+                    words.push(v.n);
+                }
+            }
+            out.push((e.key(), words));
+        });
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn hostile_frames_are_refused_and_change_nothing() {
+    let (l, clock) = lone_limiter(0, 3);
+    let now = clock.as_ref().now_value();
+    let d = [("user", "victim")];
+    for _ in 0..5 {
+        assert!(l
+            .check(&Descriptors::new(&d).unwrap(), 1)
+            .unwrap()
+            .is_allowed());
+    }
+    let mut r = Replicator::new(
+        ReplicationConfig::new(NodeSlot::new(0), "node-0"),
+        1,
+        false,
+        now,
+    );
+    r.add_peer(1);
+    let limit = l.rules().limits()[0].id;
+    let epoch = l.table(0).unwrap().spec().epoch(now);
+    let slots = |slot: u16, p: u32| Slots {
+        slot,
+        round: 1,
+        sent_at: now.as_u64(),
+        last: false,
+        groups: vec![LimitGroup {
+            limit,
+            newest: epoch,
+            keys: vec![KeySlots {
+                key: 42,
+                buckets: vec![BucketSlot { back: 0, p, n: 0 }],
+            }],
+        }],
+    };
+    let before = snapshot(&l);
+    let good = Frame::Delta(slots(1, 3)).encode();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("empty", vec![], 1),
+        ("truncated", good[..good.len() - 3].to_vec(), 1),
+        ("wrong version", [&[9u8][..], &good[1..]].concat(), 1),
+        ("unknown kind", [&[1u8, 77][..], &good[2..]].concat(), 1),
+        ("oversized", vec![1u8; 2 << 20], 1),
+        ("another node's slot", Frame::Delta(slots(2, 3)).encode(), 1),
+        ("our own slot", Frame::Delta(slots(0, 3)).encode(), 1),
+        ("absurd count", Frame::Delta(slots(1, u32::MAX)).encode(), 1),
+        ("slot outside the cluster", good.clone(), 9),
+        (
+            "recovery while not recovering",
+            Frame::Recovery(slots(0, 3)).encode(),
+            1,
+        ),
+        (
+            "hello for another slot",
+            Frame::Hello(Hello {
+                slot: 2,
+                name: "x".into(),
+                incarnation: 1,
+                rules_digest: 0,
+                recovering: false,
+            })
+            .encode(),
+            1,
+        ),
+        ("trailing bytes", [&good[..], &[0u8][..]].concat(), 1),
+    ];
+    for (what, bytes, from) in cases {
+        let res = r.handle_frame(now, from, &bytes, &l, 0);
+        assert!(res.is_err(), "{what} was accepted");
+        assert_eq!(snapshot(&l), before, "{what} changed state");
+    }
+    assert!(matches!(
+        r.handle_frame(now, 1, &[9, 2], &l, 0),
+        Err(FrameError::Decode(DecodeError::UnknownVersion(9)))
+    ));
+    assert_eq!(r.stats().frames_refused, 13);
+    // The well-formed frame is accepted and counted.
+    assert!(r.handle_frame(now, 1, &good, &l, 0).is_ok());
+    assert_ne!(snapshot(&l), before);
+}
+
+#[test]
+fn random_bytes_never_panic_the_replicator() {
+    let (l, clock) = lone_limiter(0, 3);
+    let now = clock.as_ref().now_value();
+    let mut r = Replicator::new(
+        ReplicationConfig::new(NodeSlot::new(0), "node-0"),
+        1,
+        false,
+        now,
+    );
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for len in 0..2000usize {
+        let mut bytes = Vec::with_capacity(len % 300);
+        for _ in 0..len % 300 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bytes.push(x as u8);
+        }
+        if len % 3 == 0 && bytes.len() > 2 {
+            bytes[0] = 1;
+            bytes[1] = (len % 7) as u8;
+        }
+        let _ = r.handle_frame(now, 1, &bytes, &l, 0);
+    }
+}
