@@ -1,3 +1,4 @@
 pub mod harness;
 pub mod membership;
 pub mod replication;
+pub mod snapshot;
