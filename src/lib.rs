@@ -41,3 +41,5 @@ pub mod clock;
 pub mod cluster;
 pub mod core;
 pub mod limiter;
+pub mod net;
+pub mod node;

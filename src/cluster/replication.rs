@@ -177,7 +177,7 @@ impl Replicator {
             peers: BTreeMap::new(),
             // Round numbers start from the incarnation so that a restarted
             // node never reuses a number a peer may still be acknowledging.
-            next_round: incarnation << 32,
+            next_round: incarnation.wrapping_mul(0x9e37_79b9_7f4a_7c15) & !0xffff_ffff,
             rounds: BTreeMap::new(),
             aliases: HashMap::new(),
             outbox: VecDeque::new(),

@@ -1,0 +1,329 @@
+//! Node configuration: the TOML file, parsed once into checked settings.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::core::key::KeySeed;
+use crate::core::share::SharePolicy;
+use crate::core::time::{parse_duration, Nanos};
+
+/// The configuration file as written. Every field has a default except the
+/// TLS material's location.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeFile {
+    /// Stable name of this node; also in its certificate.
+    pub name: String,
+    /// This node's slot: 0 ≤ slot < cluster_size, unique in the cluster.
+    pub slot: u16,
+    /// Slots per counter: the most nodes the cluster may ever have.
+    pub cluster_size: usize,
+    /// UDP address for peer traffic (QUIC).
+    pub listen_peer: SocketAddr,
+    /// The address peers should dial (default: `listen_peer`).
+    pub advertise_peer: Option<SocketAddr>,
+    /// TCP address of the HTTP API.
+    pub listen_http: SocketAddr,
+    /// Peers to contact at start: `host:port`, IP or DNS name (a Kubernetes
+    /// headless service resolves to every pod).
+    pub seeds: Vec<String>,
+    /// How often seeds are resolved again (DNS discovery).
+    pub discovery_interval: String,
+    /// The rules file (TOML).
+    pub rules: PathBuf,
+    /// How often deltas are shipped to peers.
+    pub sync_interval: String,
+    /// `strict`, `available` or `bounded`.
+    pub share_policy: String,
+    /// For `bounded`: the fraction of a limit a cut-off node may exceed by.
+    pub bounded_fraction: f64,
+    /// In-flight budget as a fraction of each limit.
+    pub inflight_fraction: f64,
+    /// Most keys tracked per limit.
+    pub max_keys: usize,
+    /// Where to keep the local snapshot (none: no snapshots).
+    pub snapshot_path: Option<PathBuf>,
+    pub snapshot_interval: String,
+    /// How long a restarted node waits for peers before admitting anyway.
+    pub recovery_timeout: String,
+    /// The cluster CA, this node's certificate and key (PEM).
+    pub tls_ca: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// Cluster secret for key digests: 32 hex digits, the same on every node.
+    pub key_seed: Option<String>,
+    /// Bearer token for the admin routes of the HTTP API.
+    pub admin_token: Option<String>,
+}
+
+impl Default for NodeFile {
+    fn default() -> Self {
+        NodeFile {
+            name: "node-0".into(),
+            slot: 0,
+            cluster_size: 3,
+            listen_peer: "127.0.0.1:7400".parse().expect("literal address"),
+            advertise_peer: None,
+            listen_http: "127.0.0.1:8400".parse().expect("literal address"),
+            seeds: Vec::new(),
+            discovery_interval: "5s".into(),
+            rules: PathBuf::from("rules.toml"),
+            sync_interval: "5ms".into(),
+            share_policy: "strict".into(),
+            bounded_fraction: 0.05,
+            inflight_fraction: 0.02,
+            max_keys: 1 << 20,
+            snapshot_path: None,
+            snapshot_interval: "10s".into(),
+            recovery_timeout: "3s".into(),
+            tls_ca: PathBuf::from("certs/ca.pem"),
+            tls_cert: PathBuf::from("certs/node-0.pem"),
+            tls_key: PathBuf::from("certs/node-0-key.pem"),
+            key_seed: None,
+            admin_token: None,
+        }
+    }
+}
+
+/// Checked settings: once built, every value is usable.
+#[derive(Clone, Debug)]
+pub struct NodeSettings {
+    pub name: String,
+    pub slot: u16,
+    pub cluster_size: usize,
+    pub listen_peer: SocketAddr,
+    pub advertise_peer: Option<SocketAddr>,
+    pub listen_http: SocketAddr,
+    pub seeds: Vec<String>,
+    pub discovery_interval: Nanos,
+    pub rules: PathBuf,
+    pub sync_interval: Nanos,
+    pub policy: SharePolicy,
+    pub inflight_ppm: u32,
+    pub max_keys: usize,
+    pub snapshot_path: Option<PathBuf>,
+    pub snapshot_interval: Nanos,
+    pub recovery_timeout: Nanos,
+    pub tls_ca: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub key_seed: KeySeed,
+    pub admin_token: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("`{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn duration(field: &'static str, text: &str) -> Result<Nanos, ConfigError> {
+    parse_duration(text).map_err(|e| invalid(field, e.to_string()))
+}
+
+fn fraction_ppm(field: &'static str, f: f64) -> Result<u32, ConfigError> {
+    if !(f > 0.0 && f <= 1.0) {
+        return Err(invalid(field, format!("must be in (0, 1], got {f}")));
+    }
+    Ok((f * 1_000_000.0).round() as u32)
+}
+
+impl NodeFile {
+    pub fn load(path: &Path) -> Result<NodeFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks every field; relative paths are taken from `base`.
+    pub fn settings(&self, base: &Path) -> Result<NodeSettings, ConfigError> {
+        if self.name.is_empty() || self.name.len() > 64 {
+            return Err(invalid("name", "1 to 64 characters"));
+        }
+        if self.cluster_size == 0 || self.cluster_size > crate::core::share::MAX_NODES {
+            return Err(invalid(
+                "cluster_size",
+                format!("between 1 and {}", crate::core::share::MAX_NODES),
+            ));
+        }
+        if usize::from(self.slot) >= self.cluster_size {
+            return Err(invalid(
+                "slot",
+                format!("must be below cluster_size ({})", self.cluster_size),
+            ));
+        }
+        if self.max_keys == 0 {
+            return Err(invalid("max_keys", "must be at least 1"));
+        }
+        let sync_interval = duration("sync_interval", &self.sync_interval)?;
+        if sync_interval < Nanos::from_millis(1) || sync_interval > Nanos::from_secs(1) {
+            return Err(invalid("sync_interval", "between 1ms and 1s"));
+        }
+        let policy = match self.share_policy.as_str() {
+            "strict" => SharePolicy::Strict,
+            "available" => SharePolicy::Available,
+            "bounded" => SharePolicy::Bounded {
+                fraction_ppm: fraction_ppm("bounded_fraction", self.bounded_fraction)?,
+            },
+            other => {
+                return Err(invalid(
+                    "share_policy",
+                    format!("{other:?}: use strict, available or bounded"),
+                ))
+            }
+        };
+        let key_seed = match &self.key_seed {
+            None => KeySeed::default(),
+            Some(hex) => {
+                parse_seed(hex).ok_or_else(|| invalid("key_seed", "32 hexadecimal digits"))?
+            }
+        };
+        let path = |p: &PathBuf| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                base.join(p)
+            }
+        };
+        Ok(NodeSettings {
+            name: self.name.clone(),
+            slot: self.slot,
+            cluster_size: self.cluster_size,
+            listen_peer: self.listen_peer,
+            advertise_peer: self.advertise_peer,
+            listen_http: self.listen_http,
+            seeds: self.seeds.clone(),
+            discovery_interval: duration("discovery_interval", &self.discovery_interval)?,
+            rules: path(&self.rules),
+            sync_interval,
+            policy,
+            inflight_ppm: fraction_ppm("inflight_fraction", self.inflight_fraction)?,
+            max_keys: self.max_keys,
+            snapshot_path: self.snapshot_path.as_ref().map(path),
+            snapshot_interval: duration("snapshot_interval", &self.snapshot_interval)?,
+            recovery_timeout: duration("recovery_timeout", &self.recovery_timeout)?,
+            tls_ca: path(&self.tls_ca),
+            tls_cert: path(&self.tls_cert),
+            tls_key: path(&self.tls_key),
+            key_seed,
+            admin_token: self.admin_token.clone(),
+        })
+    }
+}
+
+fn parse_seed(hex: &str) -> Option<KeySeed> {
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let a = u64::from_str_radix(&hex[..16], 16).ok()?;
+    let b = u64::from_str_radix(&hex[16..], 16).ok()?;
+    Some(KeySeed(a, b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = NodeFile::default().settings(Path::new("/base")).unwrap();
+        assert_eq!(s.sync_interval, Nanos::from_millis(5));
+        assert_eq!(s.policy, SharePolicy::Strict);
+        assert_eq!(s.inflight_ppm, 20_000);
+        assert_eq!(s.rules, PathBuf::from("/base/rules.toml"));
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let cases: Vec<(NodeFile, &str)> = vec![
+            (
+                NodeFile {
+                    slot: 3,
+                    ..NodeFile::default()
+                },
+                "slot",
+            ),
+            (
+                NodeFile {
+                    share_policy: "lax".into(),
+                    ..NodeFile::default()
+                },
+                "share_policy",
+            ),
+            (
+                NodeFile {
+                    sync_interval: "5".into(),
+                    ..NodeFile::default()
+                },
+                "sync_interval",
+            ),
+            (
+                NodeFile {
+                    inflight_fraction: 0.0,
+                    ..NodeFile::default()
+                },
+                "inflight_fraction",
+            ),
+            (
+                NodeFile {
+                    key_seed: Some("xyz".into()),
+                    ..NodeFile::default()
+                },
+                "key_seed",
+            ),
+            (
+                NodeFile {
+                    cluster_size: 0,
+                    ..NodeFile::default()
+                },
+                "cluster_size",
+            ),
+        ];
+        for (file, field) in cases {
+            match file.settings(Path::new(".")) {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<NodeFile>("nmae = \"x\"").is_err());
+        let f: NodeFile = toml::from_str("slot = 2\nseeds = [\"a:1\"]").unwrap();
+        assert_eq!(f.slot, 2);
+    }
+
+    #[test]
+    fn seeds_parse_from_hex() {
+        assert_eq!(
+            parse_seed("0000000000000001000000000000000a"),
+            Some(KeySeed(1, 10))
+        );
+        assert_eq!(parse_seed("00"), None);
+    }
+}

@@ -1,0 +1,485 @@
+//! A cluster node: the thin async shell around the state machines.
+//!
+//! [`Node::start`] binds the QUIC transport, builds the limiter, and spawns
+//! one task that owns the replicator and the membership state machine. That
+//! task only moves bytes and time between them and the transport: frames in,
+//! transmits out, timers from `poll_timeout`. Everything it decides comes from
+//! `cluster::replication`, `cluster::membership` and `core::share`.
+//!
+//! The node admits nothing until it has recovered its own slots from its
+//! peers (or its snapshot, or the recovery timeout passed with no peer to ask).
+//! On shutdown it ships a final delta, leaves the membership, writes a
+//! snapshot and closes its connections.
+
+pub mod config;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::clock::SystemClock;
+use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
+use crate::cluster::replication::{PeerState, ReplicationConfig, ReplicationStats, Replicator};
+use crate::cluster::snapshot;
+use crate::core::rules::RuleSet;
+use crate::core::share::{SharePolicy, ShareView};
+use crate::core::slot::NodeSlot;
+use crate::core::time::{Clock, Nanos};
+use crate::core::wire::{Frame, Kind, Swim};
+use crate::limiter::{Limiter, LimiterConfig};
+use crate::net::{Incoming, NodeTls, Transport};
+
+pub use config::{ConfigError, NodeFile, NodeSettings};
+
+/// Why a node could not start. Nothing is left running.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("rules: {0}")]
+    Rules(String),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::net::TlsError),
+    #[error("transport: {0}")]
+    Transport(#[from] crate::net::TransportError),
+    #[error("limiter: {0}")]
+    Limiter(#[from] crate::limiter::SetupError),
+    #[error("snapshot {path}: {reason}")]
+    Snapshot { path: String, reason: String },
+}
+
+/// What the node's task publishes for readiness, metrics and tests.
+#[derive(Clone, Debug, Default)]
+pub struct NodeStatus {
+    pub ready: bool,
+    /// Live members, this node excluded.
+    pub live: Vec<u16>,
+    /// Every member ever seen, this node excluded.
+    pub known: Vec<u16>,
+    pub peers: BTreeMap<u16, PeerState>,
+    pub replication: ReplicationStats,
+    pub unacked_rounds: usize,
+    pub minority: bool,
+    pub snapshots_written: u64,
+}
+
+/// A running node.
+pub struct NodeHandle {
+    pub limiter: Arc<Limiter>,
+    pub settings: NodeSettings,
+    peer_addr: SocketAddr,
+    status: Arc<Mutex<NodeStatus>>,
+    transport: Transport,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl NodeHandle {
+    /// The UDP address peers reach this node on.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+    pub fn status(&self) -> NodeStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+    /// Stops the node cleanly: final delta, leave, snapshot, close.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+    /// Stops the node dead, as a crash would: no final delta, no leave, no
+    /// snapshot. For tests of crash recovery.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        self.transport.shutdown().await;
+    }
+}
+
+pub struct Node;
+
+impl Node {
+    /// Starts a node from checked settings.
+    pub async fn start(settings: NodeSettings) -> Result<NodeHandle, NodeError> {
+        let text = std::fs::read_to_string(&settings.rules)
+            .map_err(|e| NodeError::Rules(format!("{}: {e}", settings.rules.display())))?;
+        let rules = RuleSet::from_toml(&text).map_err(|e| NodeError::Rules(e.to_string()))?;
+        let tls = NodeTls::load(&settings.tls_ca, &settings.tls_cert, &settings.tls_key)?;
+        Self::start_with(settings, rules, tls).await
+    }
+
+    /// Starts a node from settings, rules and TLS material already loaded.
+    pub async fn start_with(
+        settings: NodeSettings,
+        rules: RuleSet,
+        tls: NodeTls,
+    ) -> Result<NodeHandle, NodeError> {
+        let clock = SystemClock;
+        let now = clock.now();
+        let rules_digest = rules.digest();
+        let config = LimiterConfig {
+            own_slot: NodeSlot::new(settings.slot),
+            slots: settings.cluster_size,
+            max_keys: settings.max_keys,
+            seed: settings.key_seed,
+        };
+        let limiter =
+            Arc::new(Limiter::new(rules, config)?.clustered(ShareView::alone(settings.slot))?);
+        if let Some(path) = &settings.snapshot_path {
+            load_snapshot(&limiter, path, now)?;
+        }
+        let (transport, incoming) = Transport::bind(settings.listen_peer, tls, settings.slot)?;
+        let peer_addr = match settings.advertise_peer {
+            Some(a) => a,
+            None => transport.local_addr().map_err(|e| {
+                NodeError::Transport(crate::net::TransportError::Bind {
+                    addr: settings.listen_peer,
+                    source: e,
+                })
+            })?,
+        };
+        // Process start time: a restarted node is a new incarnation.
+        let incarnation = now.as_u64() / 1_000_000;
+        let mut rc = ReplicationConfig::new(NodeSlot::new(settings.slot), settings.name.clone());
+        rc.sync_interval = settings.sync_interval;
+        rc.policy = settings.policy;
+        rc.recovery_timeout = settings.recovery_timeout;
+        let repl = Replicator::new(rc, incarnation, true, now);
+        let me = Member::new(settings.name.clone(), settings.slot, peer_addr, incarnation);
+        let membership = Membership::new(
+            me,
+            MembershipConfig::lan(settings.cluster_size as u32),
+            incarnation ^ u64::from(settings.slot),
+        );
+        let status = Arc::new(Mutex::new(NodeStatus::default()));
+        let (stop, stop_rx) = watch::channel(false);
+        let driver = Driver {
+            clock,
+            limiter: limiter.clone(),
+            settings: settings.clone(),
+            transport: transport.clone(),
+            repl,
+            membership,
+            rules_digest,
+            addrs: BTreeMap::new(),
+            known: BTreeSet::new(),
+            live: BTreeSet::new(),
+            status: status.clone(),
+            next_snapshot: now + settings.snapshot_interval,
+            next_discovery: now,
+            next_status: now,
+            snapshots_written: 0,
+        };
+        let task = tokio::spawn(driver.run(incoming, stop_rx));
+        Ok(NodeHandle {
+            limiter,
+            settings,
+            peer_addr,
+            status,
+            transport,
+            stop,
+            task,
+        })
+    }
+}
+
+fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> Result<(), NodeError> {
+    match std::fs::read(path) {
+        Ok(bytes) => snapshot::restore(limiter, now, &bytes)
+            .map(|_| ())
+            .map_err(|e| NodeError::Snapshot {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(NodeError::Snapshot {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn write_snapshot(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The one task that owns the state machines.
+struct Driver {
+    clock: SystemClock,
+    limiter: Arc<Limiter>,
+    settings: NodeSettings,
+    transport: Transport,
+    repl: Replicator,
+    membership: Membership,
+    rules_digest: u64,
+    /// Peer slot → its peer address, as learned from connections.
+    addrs: BTreeMap<u16, SocketAddr>,
+    known: BTreeSet<u16>,
+    live: BTreeSet<u16>,
+    status: Arc<Mutex<NodeStatus>>,
+    next_snapshot: Nanos,
+    next_discovery: Nanos,
+    next_status: Nanos,
+    snapshots_written: u64,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut incoming: mpsc::Receiver<Incoming>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            let now = self.clock.now();
+            let deadline = [
+                Some(self.repl.poll_timeout()),
+                self.membership.poll_timeout(),
+                Some(self.next_discovery),
+                Some(self.next_status),
+                self.settings
+                    .snapshot_path
+                    .as_ref()
+                    .map(|_| self.next_snapshot),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + Nanos::from_millis(100));
+            let wait = Duration::from(deadline.saturating_sub(now));
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                event = incoming.recv() => {
+                    let Some(event) = event else { break };
+                    self.on_incoming(event);
+                    // Take whatever else is already queued before sending.
+                    for _ in 0..256 {
+                        match incoming.try_recv() {
+                            Ok(event) => self.on_incoming(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(wait) => self.on_timeout().await,
+            }
+            self.flush();
+        }
+        self.finish().await;
+    }
+
+    fn on_incoming(&mut self, event: Incoming) {
+        let now = self.clock.now();
+        match event {
+            Incoming::Connected { slot, addr } => {
+                self.addrs.insert(slot, addr);
+                self.repl.peer_connected(now, slot, self.rules_digest);
+            }
+            Incoming::Disconnected { slot } => self.repl.peer_disconnected(slot),
+            Incoming::Frame { from, bytes, .. } => {
+                let hello = bytes.get(1) == Some(&(Kind::Hello as u8));
+                match self
+                    .repl
+                    .handle_frame(now, from, &bytes, &self.limiter, self.rules_digest)
+                {
+                    Ok(Some(swim)) => {
+                        // Malformed membership payloads are refused inside.
+                        let _ = self.membership.handle_data(now, &swim);
+                    }
+                    Ok(None) if hello => self.introduce(now, from),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(from, error = %e, "frame refused"),
+                }
+            }
+        }
+    }
+
+    /// After a peer's hello: make sure membership knows it.
+    fn introduce(&mut self, now: Nanos, slot: u16) {
+        let (Some(peer), Some(&addr)) = (self.repl.peers().get(&slot), self.addrs.get(&slot))
+        else {
+            return;
+        };
+        let Some(incarnation) = peer.incarnation else {
+            return;
+        };
+        if !self.membership.is_alive(slot) {
+            self.membership
+                .announce(now, Member::new(peer.name.clone(), slot, addr, incarnation));
+        }
+    }
+
+    async fn on_timeout(&mut self) {
+        let now = self.clock.now();
+        self.membership.handle_timeout(now);
+        self.repl.handle_timeout(now, &self.limiter);
+        if now >= self.next_discovery {
+            self.next_discovery = now + self.settings.discovery_interval;
+            self.discover().await;
+        }
+        if now >= self.next_status {
+            self.next_status = now + Nanos::from_millis(50);
+            self.publish_status();
+        }
+        if self.settings.snapshot_path.is_some() && now >= self.next_snapshot {
+            self.next_snapshot = now + self.settings.snapshot_interval;
+            self.snapshot(now).await;
+        }
+    }
+
+    /// Resolves the seeds (DNS names included) and dials any address that is
+    /// not a known peer yet. A node that has lost every member announces
+    /// itself again to the peers it knows (SWIM stops probing when alone).
+    async fn discover(&mut self) {
+        let now = self.clock.now();
+        if self.membership.members().is_empty() {
+            for (&slot, &addr) in &self.addrs {
+                if let Some(peer) = self.repl.peers().get(&slot) {
+                    if !peer.name.is_empty() {
+                        let member = Member::new(
+                            peer.name.clone(),
+                            slot,
+                            addr,
+                            peer.incarnation.unwrap_or(0),
+                        );
+                        self.membership.announce(now, member);
+                    }
+                }
+            }
+        }
+        let own = self.membership.me().addr;
+        for seed in self.settings.seeds.clone() {
+            let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await else {
+                tracing::debug!(seed, "seed does not resolve");
+                continue;
+            };
+            for addr in addrs {
+                let known = self.addrs.values().any(|a| *a == addr);
+                if addr != own && addr != self.settings.listen_peer && !known {
+                    self.transport.connect_seed(addr);
+                }
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        let now = self.clock.now();
+        while let Some(event) = self.membership.poll_event() {
+            self.on_member_event(now, event);
+        }
+        while let Some((to, payload)) = self.membership.poll_transmit() {
+            let frame = Frame::Swim(Swim { payload }).encode();
+            let _ = self.transport.send(to.slot, frame);
+        }
+        while let Some(t) = self.repl.poll_transmit() {
+            // A frame to a peer with no connection is lost like a datagram;
+            // replication resends what matters.
+            let _ = self.transport.send(t.to, t.bytes);
+        }
+    }
+
+    fn on_member_event(&mut self, now: Nanos, event: MemberEvent) {
+        match event {
+            MemberEvent::Up(m) | MemberEvent::Rejoined(m) => {
+                if usize::from(m.slot) >= self.settings.cluster_size || m.slot == self.settings.slot
+                {
+                    return;
+                }
+                self.addrs.insert(m.slot, m.addr);
+                self.known.insert(m.slot);
+                self.live.insert(m.slot);
+                self.repl.add_peer(m.slot);
+                self.repl.set_liveness(&self.limiter, m.slot, true);
+                tracing::info!(slot = m.slot, name = %m.name, "member up");
+            }
+            MemberEvent::Down(m) => {
+                self.live.remove(&m.slot);
+                self.repl.set_liveness(&self.limiter, m.slot, false);
+                tracing::info!(slot = m.slot, name = %m.name, "member down");
+            }
+        }
+        let peers = self
+            .known
+            .iter()
+            .filter_map(|s| self.addrs.get(s).map(|a| (*s, *a)))
+            .collect();
+        self.transport.set_peers(peers);
+        self.limiter.set_share_view(self.share_view());
+        let _ = now;
+    }
+
+    fn share_view(&self) -> ShareView {
+        let own = self.settings.slot;
+        let bits = |set: &BTreeSet<u16>| set.iter().fold(0u64, |m, &s| m | 1 << s);
+        let members = bits(&self.known) | 1 << own;
+        let live = bits(&self.live) | 1 << own;
+        let reserve = match self.settings.policy {
+            SharePolicy::Available => live,
+            _ => members,
+        } & !(1 << own);
+        ShareView {
+            own,
+            members,
+            reserve,
+            minority: self.repl.in_minority(),
+            policy: self.settings.policy,
+            inflight_ppm: self.settings.inflight_ppm,
+            ack_wait: self.settings.sync_interval * 2,
+        }
+    }
+
+    fn publish_status(&self) {
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.ready = self.limiter.is_admitting();
+        s.live = self.live.iter().copied().collect();
+        s.known = self.known.iter().copied().collect();
+        s.peers = self.repl.peers().clone();
+        s.replication = self.repl.stats().clone();
+        s.unacked_rounds = self.repl.unacked_rounds();
+        s.minority = self.repl.in_minority();
+        s.snapshots_written = self.snapshots_written;
+    }
+
+    async fn snapshot(&mut self, now: Nanos) {
+        let Some(path) = self.settings.snapshot_path.clone() else {
+            return;
+        };
+        let bytes = snapshot::capture(&self.limiter, now);
+        match tokio::task::spawn_blocking(move || write_snapshot(&path, &bytes)).await {
+            Ok(Ok(())) => self.snapshots_written += 1,
+            Ok(Err(e)) => tracing::warn!(error = %e, "snapshot not written"),
+            Err(e) => tracing::warn!(error = %e, "snapshot task failed"),
+        }
+    }
+
+    /// Clean exit: ship what is pending, say goodbye, keep a snapshot.
+    async fn finish(mut self) {
+        let now = self.clock.now();
+        self.repl
+            .handle_timeout(now.max(self.repl.poll_timeout()), &self.limiter);
+        self.membership.leave(now);
+        self.flush();
+        if self.settings.snapshot_path.is_some() {
+            self.snapshot(now).await;
+        }
+        self.publish_status();
+        // Give the last datagrams a moment to leave before closing.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.transport.shutdown().await;
+    }
+}
