@@ -84,6 +84,8 @@ type SimLimiter = Limiter<Arc<ManualClock>>;
 
 struct SimNode {
     limiter: Arc<SimLimiter>,
+    /// Set by the limiter when a key's in-flight share is spent.
+    wake: Arc<std::sync::atomic::AtomicBool>,
     repl: Replicator,
     clock: Arc<ManualClock>,
     /// This node's clock minus the reference clock, in ns.
@@ -168,6 +170,9 @@ impl MemCluster {
             .and_then(|l| l.clustered(self.view(slot, &BTreeSet::new())))
             .map_err(|e| e.to_string())?;
         limiter.set_admitting(!recovering);
+        let wake = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = wake.clone();
+        limiter.set_wake(move || flag.store(true, std::sync::atomic::Ordering::Relaxed));
         let mut rc = ReplicationConfig::new(NodeSlot::new(slot), format!("node-{slot}"));
         rc.sync_interval = self.spec.sync_interval;
         rc.policy = self.spec.policy;
@@ -177,6 +182,7 @@ impl MemCluster {
         }
         Ok(SimNode {
             limiter: Arc::new(limiter),
+            wake,
             repl,
             clock,
             skew: 0,
@@ -246,8 +252,18 @@ impl MemCluster {
         }
         let d = Descriptors::new(fields)?;
         self.sync_clock(node);
-        let n = &self.nodes[node];
-        n.limiter.check(&d, cost)
+        let decision = self.nodes[node].limiter.check(&d, cost);
+        if self.nodes[node]
+            .wake
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            // The node ships at once, as its driver would.
+            let local = self.local_now(node);
+            let limiter = self.nodes[node].limiter.clone();
+            self.nodes[node].repl.ship_now(local, &limiter);
+            self.flush(node);
+        }
+        decision
     }
 
     /// Cuts (or heals) both directions between `a` and `b`.

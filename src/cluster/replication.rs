@@ -608,6 +608,12 @@ impl Replicator {
             .collect()
     }
 
+    /// Ships what changed now, without waiting for the tick: for keys whose
+    /// in-flight share is spent (the limiter's wake hook).
+    pub fn ship_now<C: crate::core::time::Clock>(&mut self, now: Nanos, limiter: &Limiter<C>) {
+        self.ship_deltas(now, limiter);
+    }
+
     fn ship_deltas<C: crate::core::time::Clock>(&mut self, now: Nanos, limiter: &Limiter<C>) {
         let Some(journal) = limiter.journal() else {
             return;

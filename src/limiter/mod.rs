@@ -131,6 +131,10 @@ struct ClusterHooks {
     view: ArcSwap<ShareView>,
     journal: Arc<Journal>,
     admitting: AtomicBool,
+    /// Called when a request was refused only because this node's in-flight
+    /// share of a key is spent: shipping now, rather than at the next sync
+    /// tick, brings the acknowledgements that free it sooner.
+    wake: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// Most limits one request may match before the check falls back to a heap
@@ -179,8 +183,16 @@ impl<C: Clock> Limiter<C> {
             view: ArcSwap::from_pointee(view),
             journal: Arc::new(Journal::default()),
             admitting: AtomicBool::new(false),
+            wake: std::sync::OnceLock::new(),
         });
         Ok(self)
+    }
+
+    /// Sets what to call when a key's in-flight share is spent (once).
+    pub fn set_wake(&self, wake: impl Fn() + Send + Sync + 'static) {
+        if let Some(c) = &self.cluster {
+            let _ = c.wake.set(Box::new(wake));
+        }
     }
 
     /// Replaces the cluster picture (after a membership change).
@@ -325,7 +337,16 @@ impl<C: Clock> Limiter<C> {
                     },
                     cost,
                 ),
-                Some(view) => decide_shared(view, &limit.algorithm, &entry, nets, now, cost),
+                Some(view) => {
+                    let (verdict, capped) =
+                        decide_shared(view, &limit.algorithm, &entry, nets, now, cost);
+                    if capped {
+                        if let Some(wake) = self.cluster.as_ref().and_then(|c| c.wake.get()) {
+                            wake();
+                        }
+                    }
+                    verdict
+                }
             };
             decision.absorb(index, limit.id, &limit.algorithm, verdict);
             entries.push((limit.id, entry));
@@ -501,7 +522,7 @@ fn compile(
 
 /// A decision on a cluster node: the peers' shares are counted as if already
 /// arrived, and an allowance is also held to this node's own in-flight share
-/// (see `core::share`).
+/// (see `core::share`). The flag says the in-flight share alone refused it.
 fn decide_shared(
     view: &ShareView,
     algorithm: &crate::core::algorithm::Algorithm,
@@ -509,12 +530,15 @@ fn decide_shared(
     nets: &mut [u64],
     now: Nanos,
     cost: u32,
-) -> Verdict {
+) -> (Verdict, bool) {
     let spec = entry.spec();
     let quota = algorithm.quota();
     if view.members == 1 << view.own {
         // Alone: nobody to reserve for, nobody to wait for.
-        return algorithm.decide(&WindowCounts { spec, now, nets }, cost);
+        return (
+            algorithm.decide(&WindowCounts { spec, now, nets }, cost),
+            false,
+        );
     }
     let mut totals = [0u64; MAX_NODES];
     let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
@@ -540,12 +564,15 @@ fn decide_shared(
         Verdict::Allow {
             remaining,
             reset_after,
-        } if inflight + u64::from(cost) > shares.own_cap(acked) => Verdict::Deny {
-            remaining,
-            retry_after: view.ack_wait,
-            reset_after,
-        },
-        v => v,
+        } if inflight + u64::from(cost) > shares.own_cap(acked) => (
+            Verdict::Deny {
+                remaining,
+                retry_after: view.ack_wait,
+                reset_after,
+            },
+            true,
+        ),
+        v => (v, false),
     }
 }
 

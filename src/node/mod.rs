@@ -164,6 +164,9 @@ impl Node {
         );
         let status = Arc::new(Mutex::new(NodeStatus::default()));
         let (stop, stop_rx) = watch::channel(false);
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let waker = wake.clone();
+        limiter.set_wake(move || waker.notify_one());
         let driver = Driver {
             clock,
             limiter: limiter.clone(),
@@ -181,7 +184,7 @@ impl Node {
             next_status: now,
             snapshots_written: 0,
         };
-        let task = tokio::spawn(driver.run(incoming, stop_rx));
+        let task = tokio::spawn(driver.run(incoming, stop_rx, wake));
         Ok(NodeHandle {
             limiter,
             settings,
@@ -244,6 +247,7 @@ impl Driver {
         mut self,
         mut incoming: mpsc::Receiver<Incoming>,
         mut stop: watch::Receiver<bool>,
+        wake: Arc<tokio::sync::Notify>,
     ) {
         loop {
             let now = self.clock.now();
@@ -275,6 +279,10 @@ impl Driver {
                             Err(_) => break,
                         }
                     }
+                }
+                _ = wake.notified() => {
+                    let now = self.clock.now();
+                    self.repl.ship_now(now, &self.limiter);
                 }
                 _ = tokio::time::sleep(wait) => self.on_timeout().await,
             }

@@ -1,0 +1,246 @@
+//! Real nodes over real QUIC sockets on loopback: mutual TLS, SWIM
+//! membership, delta replication and shares, end to end.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drl::core::descriptor::Descriptors;
+use drl::net::{generate_dev_certs, NodeCertSpec};
+use drl::node::{Node, NodeFile, NodeHandle, NodeSettings};
+
+const RULES: &str = r#"
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+limits = [ { algorithm = "sliding_window", limit = 600, window = "1h" } ]
+"#;
+
+fn scratch(name: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "drl-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Certificates for `nodes` nodes of one cluster CA, and a rules file.
+fn cluster_dir(name: &str, nodes: u16) -> PathBuf {
+    let dir = scratch(name);
+    let specs: Vec<NodeCertSpec> = (0..nodes)
+        .map(|slot| NodeCertSpec {
+            name: format!("node-{slot}"),
+            slot,
+            hosts: vec![],
+        })
+        .collect();
+    generate_dev_certs(&dir.join("certs"), &specs).unwrap();
+    std::fs::write(dir.join("rules.toml"), RULES).unwrap();
+    dir
+}
+
+fn settings(dir: &Path, slot: u16, seeds: Vec<String>) -> NodeSettings {
+    let file = NodeFile {
+        name: format!("node-{slot}"),
+        slot,
+        cluster_size: 3,
+        listen_peer: "127.0.0.1:0".parse().unwrap(),
+        listen_http: "127.0.0.1:0".parse().unwrap(),
+        seeds,
+        discovery_interval: "200ms".into(),
+        rules: dir.join("rules.toml"),
+        recovery_timeout: "2s".into(),
+        tls_ca: dir.join("certs/ca.pem"),
+        tls_cert: dir.join(format!("certs/node-{slot}.pem")),
+        tls_key: dir.join(format!("certs/node-{slot}-key.pem")),
+        ..NodeFile::default()
+    };
+    file.settings(dir).unwrap()
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts three nodes, the second and third seeded with the first, and
+/// waits until every node is ready and sees the other two alive.
+async fn three_nodes(dir: &Path) -> Vec<NodeHandle> {
+    let first = Node::start(settings(dir, 0, vec![])).await.unwrap();
+    let seed = first.peer_addr().to_string();
+    let mut nodes = vec![first];
+    for slot in 1..3 {
+        nodes.push(
+            Node::start(settings(dir, slot, vec![seed.clone()]))
+                .await
+                .unwrap(),
+        );
+    }
+    wait_for("a full mesh", Duration::from_secs(15), || {
+        nodes.iter().all(|n| {
+            let s = n.status();
+            s.ready && s.live.len() == 2
+        })
+    })
+    .await;
+    nodes
+}
+
+fn check(node: &NodeHandle, user: &str) -> bool {
+    let fields = [("user", user)];
+    let d = Descriptors::new(&fields).unwrap();
+    node.limiter.check(&d, 1).is_ok_and(|d| d.is_allowed())
+}
+
+/// Hits counted in `node`'s merged view, over every key (tests use one).
+fn counted(node: &NodeHandle) -> u64 {
+    let now = drl::core::time::Clock::now(node.limiter.clock());
+    let mut total = 0;
+    node.limiter.table(0).unwrap().for_each(|e| {
+        let mut nets = vec![0u64; e.spec().buckets()];
+        drl::core::window::Ring::read(e, &e.spec(), now, &mut nets);
+        total += nets.iter().sum::<u64>();
+    });
+    total
+}
+
+/// Sends requests for `user` to `node` until `n` are admitted.
+async fn admit(node: &NodeHandle, user: &str, n: u64) {
+    let start = Instant::now();
+    let mut admitted = 0;
+    while admitted < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "only {admitted} of {n} admitted"
+        );
+        if check(node, user) {
+            admitted += 1;
+        } else {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+}
+
+/// Sends `per_node` requests for `user` to each node from its own thread,
+/// all at once, pacing each thread by `gap`. Returns the admitted count.
+async fn hammer(nodes: &[&NodeHandle], user: &str, per_node: usize, gap: Duration) -> u64 {
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for node in nodes {
+        let limiter = node.limiter.clone();
+        let admitted = admitted.clone();
+        let user = user.to_owned();
+        tasks.push(tokio::task::spawn_blocking(move || {
+            let fields = [("user", user.as_str())];
+            let d = Descriptors::new(&fields).unwrap();
+            for _ in 0..per_node {
+                if limiter.check(&d, 1).is_ok_and(|d| d.is_allowed()) {
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(gap);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    admitted.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_hammered_through_three_nodes_stays_within_the_limit() {
+    let dir = cluster_dir("hammer", 3);
+    let nodes = three_nodes(&dir).await;
+    let refs: Vec<&NodeHandle> = nodes.iter().collect();
+    // Demand: 3 × 700 = 2100 requests for a limit of 600.
+    let admitted = hammer(&refs, "alice", 700, Duration::from_micros(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(admitted <= 600, "admitted {admitted} > limit 600");
+    assert!(admitted >= 570, "admitted {admitted} < 95% of 600");
+    // Every node converged on the same count.
+    for n in &nodes {
+        assert_eq!(counted(n), admitted, "node {}", n.settings.slot);
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_window_and_restarted_does_not_reset_the_quota() {
+    let dir = cluster_dir("restart", 3);
+    let mut nodes = three_nodes(&dir).await;
+    // Node 2 takes 300 of the 600.
+    admit(&nodes[2], "bob", 300).await;
+    let first = 300;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(counted(&nodes[0]), 300);
+    let victim = nodes.pop().unwrap();
+    victim.kill().await;
+    let seed = nodes[0].peer_addr().to_string();
+    let restarted = Node::start(settings(&dir, 2, vec![seed])).await.unwrap();
+    assert!(
+        !check(&restarted, "bob") || restarted.status().ready,
+        "admitted before recovering"
+    );
+    wait_for("recovery", Duration::from_secs(10), || {
+        restarted.status().ready
+    })
+    .await;
+    assert_eq!(counted(&restarted), 300, "its own 300 hits came back");
+    nodes.push(restarted);
+    let refs: Vec<&NodeHandle> = nodes.iter().collect();
+    let second = hammer(&refs, "bob", 300, Duration::from_micros(500)).await;
+    assert!(
+        first + second <= 600,
+        "{first} + {second} > 600: the restart reset the quota"
+    );
+    assert!(
+        first + second >= 570,
+        "{first} + {second}: utilisation too low"
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_foreign_certificate_cannot_join_or_inject() {
+    let dir = cluster_dir("foreign", 3);
+    let nodes = three_nodes(&dir).await;
+    assert!(check(&nodes[0], "carol"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = counted(&nodes[0]);
+
+    // Same names and slots, certificates from another CA.
+    let rogue_dir = cluster_dir("rogue", 3);
+    let mut s = settings(&rogue_dir, 1, vec![nodes[0].peer_addr().to_string()]);
+    s.rules = dir.join("rules.toml");
+    let rogue = Node::start(s).await.unwrap();
+    rogue.limiter.set_admitting(true);
+    for _ in 0..50 {
+        check(&rogue, "carol");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        rogue.status().live.is_empty(),
+        "the rogue joined: {:?}",
+        rogue.status().live
+    );
+    assert!(rogue.transport().connected().is_empty());
+    for n in &nodes {
+        assert_eq!(counted(n), before, "counts were injected");
+        assert_eq!(n.status().live.len(), 2);
+    }
+    rogue.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
