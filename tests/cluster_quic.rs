@@ -244,3 +244,46 @@ async fn a_node_with_a_foreign_certificate_cannot_join_or_inject() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_change_on_one_node_reaches_every_node_and_concurrent_edits_agree() {
+    let dir = cluster_dir("rules", 3);
+    let nodes = three_nodes(&dir).await;
+    let strict = RULES.replace("limit = 600", "limit = 5");
+    let version = nodes[1].put_rules(strict.clone()).await.unwrap();
+    let start = Instant::now();
+    wait_for("the new rules everywhere", Duration::from_secs(1), || {
+        nodes.iter().all(|n| n.limiter.rules().source() == strict)
+    })
+    .await;
+    let spread = start.elapsed();
+    assert!(spread < Duration::from_secs(1), "took {spread:?}");
+    wait_for(
+        "the new version in every status",
+        Duration::from_secs(1),
+        || nodes.iter().all(|n| n.status().rules_version >= version),
+    )
+    .await;
+
+    // Invalid rules are refused with the reason and change nothing.
+    let err = nodes[0]
+        .put_rules("[[rules]]\nname = 1".into())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("line"), "{err}");
+    assert!(nodes.iter().all(|n| n.limiter.rules().source() == strict));
+
+    // Two nodes edit at once: every node ends with the same text, the one
+    // with the larger (version, origin).
+    let a = RULES.replace("limit = 600", "limit = 7");
+    let b = RULES.replace("limit = 600", "limit = 9");
+    let (va, vb) = tokio::join!(nodes[0].put_rules(a.clone()), nodes[2].put_rules(b.clone()));
+    let winner = if va.unwrap() > vb.unwrap() { a } else { b };
+    wait_for("agreement", Duration::from_secs(2), || {
+        nodes.iter().all(|n| n.limiter.rules().source() == winner)
+    })
+    .await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -30,7 +30,9 @@ use crate::core::share::SharePolicy;
 use crate::core::slot::{NodeSlot, PnSlot};
 use crate::core::time::Nanos;
 use crate::core::window::{MergeOutcome, Ring, SlotGrid};
-use crate::core::wire::{Ack, BucketSlot, DecodeError, Frame, Hello, KeySlots, Slots, SlotsPacker};
+use crate::core::wire::{
+    Ack, BucketSlot, DecodeError, Frame, Hello, KeySlots, RulesFrame, Slots, SlotsPacker,
+};
 use crate::limiter::{Entry, Limiter};
 
 /// Settings of the replicator.
@@ -78,6 +80,17 @@ pub struct Transmit {
     pub to: u16,
     pub bytes: Vec<u8>,
     pub reliable: bool,
+}
+
+/// What an accepted frame leaves for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Handled here (merged, acknowledged, answered).
+    Applied,
+    /// A membership payload, for the membership state machine.
+    Swim(Vec<u8>),
+    /// Rules a peer put in force, for the node to weigh against its own.
+    Rules(RulesFrame),
 }
 
 /// Why an incoming frame was refused. The frame changed nothing.
@@ -164,6 +177,8 @@ pub struct Replicator {
     recovering: bool,
     recovery_started: Option<Nanos>,
     stats: ReplicationStats,
+    /// Hits shipped and not yet settled, over all rounds.
+    unacked_hits: u64,
 }
 
 impl Replicator {
@@ -184,6 +199,7 @@ impl Replicator {
             recovering,
             recovery_started: recovering.then_some(now),
             stats: ReplicationStats::default(),
+            unacked_hits: 0,
         }
     }
 
@@ -199,6 +215,12 @@ impl Replicator {
     pub fn is_recovering(&self) -> bool {
         self.recovering
     }
+    /// Hits this node admitted and shipped that some peer it waits for has
+    /// not acknowledged yet: its divergence from the cluster.
+    pub fn unacked_hits(&self) -> u64 {
+        self.unacked_hits
+    }
+
     /// Rounds still waiting for some peer's acknowledgement.
     pub fn unacked_rounds(&self) -> usize {
         self.rounds.len()
@@ -309,7 +331,7 @@ impl Replicator {
         bytes: &[u8],
         limiter: &Limiter<C>,
         rules_digest: u64,
-    ) -> Result<Option<Vec<u8>>, FrameError> {
+    ) -> Result<Delivered, FrameError> {
         let result = self.apply_frame(now, from, bytes, limiter, rules_digest);
         match &result {
             Ok(_) => self.stats.frames_received += 1,
@@ -325,7 +347,7 @@ impl Replicator {
         bytes: &[u8],
         limiter: &Limiter<C>,
         rules_digest: u64,
-    ) -> Result<Option<Vec<u8>>, FrameError> {
+    ) -> Result<Delivered, FrameError> {
         if usize::from(from) >= limiter.config().slots || from == self.own() {
             return Err(FrameError::UnknownSlot(from));
         }
@@ -380,9 +402,10 @@ impl Replicator {
                 }
             }
             Frame::Ack(a) => self.on_ack(now, from, &a, limiter),
-            Frame::Swim(s) => return Ok(Some(s.payload)),
+            Frame::Swim(s) => return Ok(Delivered::Swim(s.payload)),
+            Frame::Rules(r) => return Ok(Delivered::Rules(r)),
         }
-        Ok(None)
+        Ok(Delivered::Applied)
     }
 
     fn on_hello<C: crate::core::time::Clock>(
@@ -547,6 +570,7 @@ impl Replicator {
             return;
         };
         for (limit, key, hits) in r.records {
+            self.unacked_hits = self.unacked_hits.saturating_sub(u64::from(hits));
             if hits == 0 {
                 continue;
             }
@@ -673,8 +697,10 @@ impl Replicator {
                     self.stats.bytes_sent += bytes.len() as u64;
                 }
             }
+            let records = by_round.remove(&frame.round).unwrap_or_default();
+            self.unacked_hits += records.iter().map(|r| u64::from(r.2)).sum::<u64>();
             let round = Round {
-                records: by_round.remove(&frame.round).unwrap_or_default(),
+                records,
                 waiting: waiting.clone(),
                 sent_at: now,
                 resends: 0,

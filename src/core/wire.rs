@@ -35,6 +35,7 @@ pub enum Kind {
     Sync = 4,
     Recovery = 5,
     Swim = 6,
+    Rules = 7,
 }
 
 impl Kind {
@@ -46,6 +47,7 @@ impl Kind {
             4 => Kind::Sync,
             5 => Kind::Recovery,
             6 => Kind::Swim,
+            7 => Kind::Rules,
             _ => return None,
         })
     }
@@ -128,6 +130,18 @@ pub struct Swim {
     pub payload: Vec<u8>,
 }
 
+/// The rules in force cluster-wide: a last-writer-wins register ordered by
+/// `(version, origin)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RulesFrame {
+    pub version: u64,
+    pub origin: u16,
+    pub text: String,
+}
+
+/// Largest rules text carried.
+pub const MAX_RULES_BYTES: usize = 512 * 1024;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
     Hello(Hello),
@@ -136,6 +150,7 @@ pub enum Frame {
     Sync(Slots),
     Recovery(Slots),
     Swim(Swim),
+    Rules(RulesFrame),
 }
 
 /// Why a frame was refused. The frame changed nothing.
@@ -166,6 +181,7 @@ impl Frame {
             Frame::Sync(_) => Kind::Sync,
             Frame::Recovery(_) => Kind::Recovery,
             Frame::Swim(_) => Kind::Swim,
+            Frame::Rules(_) => Kind::Rules,
         }
     }
 
@@ -179,6 +195,7 @@ impl Frame {
                 postcard::to_extend(b, std::mem::take(out))
             }
             Frame::Ack(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::Rules(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Swim(b) => postcard::to_extend(b, std::mem::take(out)),
         };
         // Serialising plain structs into a Vec cannot fail.
@@ -208,6 +225,7 @@ impl Frame {
             Kind::Ack => Frame::Ack(body_of(kind, body)?),
             Kind::Sync => Frame::Sync(body_of(kind, body)?),
             Kind::Recovery => Frame::Recovery(body_of(kind, body)?),
+            Kind::Rules => Frame::Rules(body_of(kind, body)?),
             Kind::Swim => Frame::Swim(body_of(kind, body)?),
         };
         frame.check()?;
@@ -222,6 +240,9 @@ impl Frame {
             Frame::Delta(s) | Frame::Sync(s) | Frame::Recovery(s) => s.check(),
             Frame::Ack(a) if a.rounds.len() > 4096 => {
                 Err(DecodeError::Invalid("too many acknowledged rounds"))
+            }
+            Frame::Rules(r) if r.text.len() > MAX_RULES_BYTES => {
+                Err(DecodeError::Invalid("rules text too large"))
             }
             _ => Ok(()),
         }

@@ -24,13 +24,15 @@ use tokio::task::JoinHandle;
 
 use crate::clock::SystemClock;
 use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
-use crate::cluster::replication::{PeerState, ReplicationConfig, ReplicationStats, Replicator};
+use crate::cluster::replication::{
+    Delivered, PeerState, ReplicationConfig, ReplicationStats, Replicator,
+};
 use crate::cluster::snapshot;
 use crate::core::rules::RuleSet;
 use crate::core::share::{SharePolicy, ShareView};
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
-use crate::core::wire::{Frame, Kind, Swim};
+use crate::core::wire::{Frame, Kind, RulesFrame, Swim};
 use crate::limiter::{Limiter, LimiterConfig};
 use crate::net::{Incoming, NodeTls, Transport};
 
@@ -53,9 +55,36 @@ pub enum NodeError {
     Snapshot { path: String, reason: String },
 }
 
+/// The version of the rules in force: a Lamport-style counter and the slot
+/// of the node that put them in force. Larger wins everywhere.
+pub type RulesVersion = (u64, u16);
+
+/// Why new rules were refused. The rules in force stay.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PutRulesError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("rules text of {0} bytes exceeds the {max}-byte limit", max = crate::core::wire::MAX_RULES_BYTES)]
+    TooLarge(usize),
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+enum Command {
+    PutRules {
+        text: String,
+        reply: tokio::sync::oneshot::Sender<Result<RulesVersion, PutRulesError>>,
+    },
+}
+
 /// What the node's task publishes for readiness, metrics and tests.
 #[derive(Clone, Debug, Default)]
 pub struct NodeStatus {
+    pub rules_version: RulesVersion,
+    /// The last reload of the rules file that failed, if the latest did.
+    pub rules_file_error: Option<String>,
+    /// Hits admitted here that some peer has not acknowledged yet.
+    pub unacked_hits: u64,
     pub ready: bool,
     /// Live members, this node excluded.
     pub live: Vec<u16>,
@@ -76,6 +105,7 @@ pub struct NodeHandle {
     status: Arc<Mutex<NodeStatus>>,
     transport: Transport,
     stop: watch::Sender<bool>,
+    commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
 }
 
@@ -92,6 +122,17 @@ impl NodeHandle {
     }
     pub fn transport(&self) -> &Transport {
         &self.transport
+    }
+    /// Validates `text` and puts it in force on every node of the cluster
+    /// (it reaches connected peers within a round trip and any node that
+    /// connects later on its first connection). Invalid text changes nothing.
+    pub async fn put_rules(&self, text: String) -> Result<RulesVersion, PutRulesError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::PutRules { text, reply })
+            .await
+            .map_err(|_| PutRulesError::Stopped)?;
+        answer.await.map_err(|_| PutRulesError::Stopped)?
     }
     /// Stops the node cleanly: final delta, leave, snapshot, close.
     pub async fn shutdown(self) {
@@ -128,6 +169,7 @@ impl Node {
         let clock = SystemClock;
         let now = clock.now();
         let rules_digest = rules.digest();
+        let rules_text = rules.source().to_owned();
         let config = LimiterConfig {
             own_slot: NodeSlot::new(settings.slot),
             slots: settings.cluster_size,
@@ -183,8 +225,16 @@ impl Node {
             next_discovery: now,
             next_status: now,
             snapshots_written: 0,
+            rules: crdts::LWWReg {
+                val: rules_text,
+                marker: (0, settings.slot),
+            },
+            rules_file: file_stamp(&settings.rules),
+            next_rules_check: now + Nanos::from_secs(1),
+            rules_file_error: None,
         };
-        let task = tokio::spawn(driver.run(incoming, stop_rx, wake));
+        let (commands, command_rx) = mpsc::channel(16);
+        let task = tokio::spawn(driver.run(incoming, stop_rx, wake, command_rx));
         Ok(NodeHandle {
             limiter,
             settings,
@@ -192,6 +242,7 @@ impl Node {
             status,
             transport,
             stop,
+            commands,
             task,
         })
     }
@@ -211,6 +262,12 @@ fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> Result<(), NodeE
             reason: e.to_string(),
         }),
     }
+}
+
+/// Modification time and length of a file, to notice changes.
+fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 fn write_snapshot(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -240,6 +297,11 @@ struct Driver {
     next_discovery: Nanos,
     next_status: Nanos,
     snapshots_written: u64,
+    /// The rules in force cluster-wide, last writer wins by version.
+    rules: crdts::LWWReg<String, RulesVersion>,
+    rules_file: Option<(std::time::SystemTime, u64)>,
+    next_rules_check: Nanos,
+    rules_file_error: Option<String>,
 }
 
 impl Driver {
@@ -248,6 +310,7 @@ impl Driver {
         mut incoming: mpsc::Receiver<Incoming>,
         mut stop: watch::Receiver<bool>,
         wake: Arc<tokio::sync::Notify>,
+        mut commands: mpsc::Receiver<Command>,
     ) {
         loop {
             let now = self.clock.now();
@@ -280,6 +343,7 @@ impl Driver {
                         }
                     }
                 }
+                Some(command) = commands.recv() => self.on_command(command),
                 _ = wake.notified() => {
                     let now = self.clock.now();
                     self.repl.ship_now(now, &self.limiter);
@@ -297,6 +361,9 @@ impl Driver {
             Incoming::Connected { slot, addr } => {
                 self.addrs.insert(slot, addr);
                 self.repl.peer_connected(now, slot, self.rules_digest);
+                // A peer that missed a rules change learns it here.
+                let frame = self.rules_frame();
+                let _ = self.transport.send(slot, frame);
             }
             Incoming::Disconnected { slot } => self.repl.peer_disconnected(slot),
             Incoming::Frame { from, bytes, .. } => {
@@ -305,15 +372,96 @@ impl Driver {
                     .repl
                     .handle_frame(now, from, &bytes, &self.limiter, self.rules_digest)
                 {
-                    Ok(Some(swim)) => {
+                    Ok(Delivered::Swim(swim)) => {
                         // Malformed membership payloads are refused inside.
                         let _ = self.membership.handle_data(now, &swim);
                     }
-                    Ok(None) if hello => self.introduce(now, from),
-                    Ok(None) => {}
+                    Ok(Delivered::Rules(rules)) => self.on_peer_rules(rules),
+                    Ok(Delivered::Applied) if hello => self.introduce(now, from),
+                    Ok(Delivered::Applied) => {}
                     Err(e) => tracing::debug!(from, error = %e, "frame refused"),
                 }
             }
+        }
+    }
+
+    fn rules_frame(&self) -> Vec<u8> {
+        Frame::Rules(RulesFrame {
+            version: self.rules.marker.0,
+            origin: self.rules.marker.1,
+            text: self.rules.val.clone(),
+        })
+        .encode()
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::PutRules { text, reply } => {
+                let version = (self.rules.marker.0 + 1, self.settings.slot);
+                let _ = reply.send(self.adopt_rules(text, version));
+            }
+        }
+    }
+
+    /// Puts `text` in force at `version` if it is valid, and passes it on to
+    /// every connected peer (flooding: a node that adopts newer rules
+    /// forwards them once, so they reach nodes the origin cannot).
+    fn adopt_rules(
+        &mut self,
+        text: String,
+        version: RulesVersion,
+    ) -> Result<RulesVersion, PutRulesError> {
+        if text.len() > crate::core::wire::MAX_RULES_BYTES {
+            return Err(PutRulesError::TooLarge(text.len()));
+        }
+        let rules = RuleSet::from_toml(&text).map_err(|e| PutRulesError::Invalid(e.to_string()))?;
+        let digest = rules.digest();
+        self.limiter
+            .replace_rules(rules)
+            .map_err(|e| PutRulesError::Invalid(e.to_string()))?;
+        self.rules_digest = digest;
+        self.rules.update(text, version);
+        let frame = self.rules_frame();
+        for slot in self.transport.connected() {
+            let _ = self.transport.send(slot, frame.clone());
+        }
+        tracing::info!(version = version.0, origin = version.1, "rules in force");
+        Ok(version)
+    }
+
+    fn on_peer_rules(&mut self, r: RulesFrame) {
+        let version = (r.version, r.origin);
+        if version <= self.rules.marker {
+            return;
+        }
+        if let Err(e) = self.adopt_rules(r.text, version) {
+            tracing::warn!(error = %e, "rules from a peer refused");
+        }
+    }
+
+    /// Reloads the rules file when it changed; an invalid file is reported
+    /// and the rules in force stay.
+    fn check_rules_file(&mut self) {
+        let stamp = file_stamp(&self.settings.rules);
+        if stamp.is_none() || stamp == self.rules_file {
+            return;
+        }
+        self.rules_file = stamp;
+        let text = match std::fs::read_to_string(&self.settings.rules) {
+            Ok(t) => t,
+            Err(e) => {
+                self.rules_file_error = Some(e.to_string());
+                return;
+            }
+        };
+        if text == self.rules.val {
+            self.rules_file_error = None;
+            return;
+        }
+        let version = (self.rules.marker.0 + 1, self.settings.slot);
+        self.rules_file_error = self.adopt_rules(text, version).err().map(|e| e.to_string());
+        if let Some(e) = &self.rules_file_error {
+            tracing::warn!(error = %e, "rules file not reloaded");
         }
     }
 
@@ -339,6 +487,10 @@ impl Driver {
         if now >= self.next_discovery {
             self.next_discovery = now + self.settings.discovery_interval;
             self.discover().await;
+        }
+        if now >= self.next_rules_check {
+            self.next_rules_check = now + Nanos::from_secs(1);
+            self.check_rules_file();
         }
         if now >= self.next_status {
             self.next_status = now + Nanos::from_millis(50);
@@ -461,6 +613,9 @@ impl Driver {
         s.unacked_rounds = self.repl.unacked_rounds();
         s.minority = self.repl.in_minority();
         s.snapshots_written = self.snapshots_written;
+        s.rules_version = self.rules.marker;
+        s.rules_file_error = self.rules_file_error.clone();
+        s.unacked_hits = self.repl.unacked_hits();
     }
 
     async fn snapshot(&mut self, now: Nanos) {
