@@ -97,6 +97,42 @@ pub struct NodeStatus {
     pub snapshots_written: u64,
 }
 
+/// What the HTTP API and metrics need of a running node. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeApi {
+    pub limiter: Arc<Limiter>,
+    pub settings: NodeSettings,
+    status: Arc<Mutex<NodeStatus>>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl NodeApi {
+    /// The latest published status (refreshed every 50 ms).
+    pub fn status(&self) -> NodeStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    /// Ready to admit: the node has recovered its counts.
+    pub fn is_ready(&self) -> bool {
+        self.limiter.is_admitting()
+    }
+    /// See [`NodeApi::put_rules`].
+    pub async fn put_rules(&self, text: String) -> Result<RulesVersion, PutRulesError> {
+        self.api().put_rules(text).await
+    }
+    /// A cloneable handle for the HTTP API and metrics.
+    pub fn api(&self) -> NodeApi {
+        NodeApi {
+            limiter: self.limiter.clone(),
+            settings: self.settings.clone(),
+            status: self.status.clone(),
+            commands: self.commands.clone(),
+        }
+    }
+}
+
 /// A running node.
 pub struct NodeHandle {
     pub limiter: Arc<Limiter>,
