@@ -118,18 +118,16 @@ impl NodeApi {
     pub fn is_ready(&self) -> bool {
         self.limiter.is_admitting()
     }
-    /// See [`NodeApi::put_rules`].
+    /// Validates `text` and puts it in force on every node of the cluster
+    /// (it reaches connected peers within a round trip and any node that
+    /// connects later on its first connection). Invalid text changes nothing.
     pub async fn put_rules(&self, text: String) -> Result<RulesVersion, PutRulesError> {
-        self.api().put_rules(text).await
-    }
-    /// A cloneable handle for the HTTP API and metrics.
-    pub fn api(&self) -> NodeApi {
-        NodeApi {
-            limiter: self.limiter.clone(),
-            settings: self.settings.clone(),
-            status: self.status.clone(),
-            commands: self.commands.clone(),
-        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::PutRules { text, reply })
+            .await
+            .map_err(|_| PutRulesError::Stopped)?;
+        answer.await.map_err(|_| PutRulesError::Stopped)?
     }
 }
 
@@ -159,16 +157,18 @@ impl NodeHandle {
     pub fn transport(&self) -> &Transport {
         &self.transport
     }
-    /// Validates `text` and puts it in force on every node of the cluster
-    /// (it reaches connected peers within a round trip and any node that
-    /// connects later on its first connection). Invalid text changes nothing.
+    /// See [`NodeApi::put_rules`].
     pub async fn put_rules(&self, text: String) -> Result<RulesVersion, PutRulesError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.commands
-            .send(Command::PutRules { text, reply })
-            .await
-            .map_err(|_| PutRulesError::Stopped)?;
-        answer.await.map_err(|_| PutRulesError::Stopped)?
+        self.api().put_rules(text).await
+    }
+    /// A cloneable handle for the HTTP API and metrics.
+    pub fn api(&self) -> NodeApi {
+        NodeApi {
+            limiter: self.limiter.clone(),
+            settings: self.settings.clone(),
+            status: self.status.clone(),
+            commands: self.commands.clone(),
+        }
     }
     /// Stops the node cleanly: final delta, leave, snapshot, close.
     pub async fn shutdown(self) {
