@@ -176,6 +176,7 @@ impl MemCluster {
         let mut rc = ReplicationConfig::new(NodeSlot::new(slot), format!("node-{slot}"));
         rc.sync_interval = self.spec.sync_interval;
         rc.policy = self.spec.policy;
+        rc.expected_peers = self.spec.nodes - 1;
         let mut repl = Replicator::new(rc, incarnation, recovering, self.now);
         for peer in 0..self.spec.nodes as u16 {
             repl.add_peer(peer);

@@ -54,6 +54,9 @@ pub struct ReplicationConfig {
     pub max_ahead: u64,
     /// How long a restarted node waits for its peers before admitting anyway.
     pub recovery_timeout: Nanos,
+    /// How many peers must answer a recovery before the node admits: the
+    /// other members of the cluster. Zero for a node alone.
+    pub expected_peers: usize,
     pub policy: SharePolicy,
 }
 
@@ -69,6 +72,7 @@ impl ReplicationConfig {
             chunk_bytes: 60_000,
             max_ahead: 1,
             recovery_timeout: Nanos::from_secs(3),
+            expected_peers: 0,
             policy: SharePolicy::Strict,
         }
     }
@@ -596,12 +600,14 @@ impl Replicator {
         if !self.recovering {
             return;
         }
-        let connected: Vec<&PeerState> = self.peers.values().filter(|p| p.connected).collect();
-        let all_answered = !connected.is_empty() && connected.iter().all(|p| p.recovered_from);
+        // Every other member must have sent back what it knows of our slot:
+        // one peer may lag behind another, and the largest value wins.
+        let answered = self.peers.values().filter(|p| p.recovered_from).count();
+        let all_answered = answered >= self.cfg.expected_peers;
         let timed_out = self
             .recovery_started
             .is_some_and(|t| now.saturating_sub(t) >= self.cfg.recovery_timeout);
-        if all_answered || timed_out || self.peers.is_empty() {
+        if all_answered || timed_out {
             self.recovering = false;
             limiter.set_admitting(true);
         }

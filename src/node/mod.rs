@@ -233,6 +233,7 @@ impl Node {
         rc.sync_interval = settings.sync_interval;
         rc.policy = settings.policy;
         rc.recovery_timeout = settings.recovery_timeout;
+        rc.expected_peers = settings.cluster_size - 1;
         let repl = Replicator::new(rc, incarnation, true, now);
         let me = Member::new(settings.name.clone(), settings.slot, peer_addr, incarnation);
         let membership = Membership::new(
