@@ -287,3 +287,92 @@ async fn a_rule_change_on_one_node_reaches_every_node_and_concurrent_edits_agree
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_duplicated_and_reordered_datagrams_do_not_change_the_converged_counts() {
+    let dir = cluster_dir("chaos", 3);
+    let chaos = |seed| drl::node::Chaos {
+        loss: 0.2,
+        duplicate: 0.2,
+        reorder: 0.3,
+        max_delay: Duration::from_millis(30),
+        seed,
+    };
+    let mut s0 = settings(&dir, 0, vec![]);
+    s0.chaos = Some(chaos(1));
+    let first = Node::start(s0).await.unwrap();
+    let seed = first.peer_addr().to_string();
+    let mut nodes = vec![first];
+    for slot in 1..3 {
+        let mut s = settings(&dir, slot, vec![seed.clone()]);
+        s.chaos = Some(chaos(u64::from(slot) + 1));
+        nodes.push(Node::start(s).await.unwrap());
+    }
+    wait_for("a full mesh", Duration::from_secs(20), || {
+        nodes.iter().all(|n| {
+            let s = n.status();
+            s.ready && s.live.len() == 2
+        })
+    })
+    .await;
+    // 200 hits on 40 users, spread over the nodes.
+    let mut admitted = 0;
+    for i in 0..200usize {
+        let user = format!("chaos-{}", i % 40);
+        let node = &nodes[i % 3];
+        let start = Instant::now();
+        while !check(node, &user) {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "hit {i} never admitted"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        admitted += 1;
+    }
+    wait_for(
+        "convergence through the faults",
+        Duration::from_secs(10),
+        || nodes.iter().all(|n| counted(n) == admitted),
+    )
+    .await;
+    for n in &nodes {
+        let s = n.status();
+        assert!(
+            s.replication.retransmissions > 0 || s.replication.values_stale > 0,
+            "no fault was exercised"
+        );
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_measure_round_trips_and_clock_offsets() {
+    let dir = cluster_dir("clocks", 3);
+    let nodes = three_nodes(&dir).await;
+    for i in 0..30 {
+        check(&nodes[i % 3], &format!("clock-{i}"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for n in &nodes {
+        let s = n.status();
+        for (slot, p) in &s.peers {
+            // One machine, one clock: the estimate must be near zero.
+            assert!(
+                p.clock_offset_ns.abs() < 5_000_000,
+                "peer {slot}: offset {} ns",
+                p.clock_offset_ns
+            );
+            assert!(
+                p.rtt > drl::core::time::Nanos::ZERO,
+                "peer {slot}: no round trip measured"
+            );
+        }
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+}

@@ -327,3 +327,27 @@ fn random_bytes_never_panic_the_replicator() {
         let _ = r.handle_frame(now, 1, &bytes, &l, 0);
     }
 }
+
+#[test]
+fn clock_offsets_between_nodes_are_estimated() {
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(100_000, "1h"), 9)).unwrap();
+    c.set_skew(1, 50_000_000);
+    c.set_skew(2, -20_000_000);
+    for i in 0..300u64 {
+        let user = format!("u{}", i % 10);
+        let _ = c.check((i % 3) as usize, &[("user", &user)], 1);
+        c.advance(Nanos::from_millis(2));
+    }
+    let peers = c.replicator(0).peers();
+    let near = |got: i64, want: i64| (got - want).abs() < 1_000_000;
+    assert!(
+        near(peers[&1].clock_offset_ns, 50_000_000),
+        "{}",
+        peers[&1].clock_offset_ns
+    );
+    assert!(
+        near(peers[&2].clock_offset_ns, -20_000_000),
+        "{}",
+        peers[&2].clock_offset_ns
+    );
+}

@@ -111,6 +111,21 @@ pub struct NodeSettings {
     pub tls_key: PathBuf,
     pub key_seed: KeySeed,
     pub admin_token: Option<String>,
+    /// Faults injected into this node's outgoing datagrams (tests only; not
+    /// settable from the file).
+    pub chaos: Option<Chaos>,
+}
+
+/// Datagram faults a test can inject at a node's send path, over a real
+/// transport: loss, duplication, and reordering by delay.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Chaos {
+    pub loss: f64,
+    pub duplicate: f64,
+    /// Probability that a datagram is held back by up to `max_delay`.
+    pub reorder: f64,
+    pub max_delay: std::time::Duration,
+    pub seed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +246,7 @@ impl NodeFile {
             tls_key: path(&self.tls_key),
             key_seed,
             admin_token: self.admin_token.clone(),
+            chaos: None,
         })
     }
 }

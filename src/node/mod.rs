@@ -36,7 +36,7 @@ use crate::core::wire::{Frame, Kind, RulesFrame, Swim};
 use crate::limiter::{Limiter, LimiterConfig};
 use crate::net::{Incoming, NodeTls, Transport};
 
-pub use config::{ConfigError, NodeFile, NodeSettings};
+pub use config::{Chaos, ConfigError, NodeFile, NodeSettings};
 
 /// Why a node could not start. Nothing is left running.
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +269,10 @@ impl Node {
             rules_file: file_stamp(&settings.rules),
             next_rules_check: now + Nanos::from_secs(1),
             rules_file_error: None,
+            chaos: settings.chaos.map(|c| {
+                use rand::SeedableRng;
+                (c, rand::rngs::StdRng::seed_from_u64(c.seed))
+            }),
         };
         let (commands, command_rx) = mpsc::channel(16);
         let task = tokio::spawn(driver.run(incoming, stop_rx, wake, command_rx));
@@ -339,6 +343,7 @@ struct Driver {
     rules_file: Option<(std::time::SystemTime, u64)>,
     next_rules_check: Nanos,
     rules_file_error: Option<String>,
+    chaos: Option<(config::Chaos, rand::rngs::StdRng)>,
 }
 
 impl Driver {
@@ -584,9 +589,42 @@ impl Driver {
             let _ = self.transport.send(to.slot, frame);
         }
         while let Some(t) = self.repl.poll_transmit() {
+            if !t.reliable && self.chaos.is_some() {
+                self.send_with_chaos(t.to, t.bytes);
+                continue;
+            }
             // A frame to a peer with no connection is lost like a datagram;
             // replication resends what matters.
             let _ = self.transport.send(t.to, t.bytes);
+        }
+    }
+
+    /// Loses, duplicates or delays a datagram as the test's chaos says.
+    fn send_with_chaos(&mut self, to: u16, bytes: Vec<u8>) {
+        use rand::RngExt;
+        let Some((chaos, rng)) = self.chaos.as_mut() else {
+            return;
+        };
+        if rng.random::<f64>() < chaos.loss {
+            return;
+        }
+        let copies = if rng.random::<f64>() < chaos.duplicate {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            if rng.random::<f64>() < chaos.reorder {
+                let delay = chaos.max_delay.mul_f64(rng.random::<f64>());
+                let transport = self.transport.clone();
+                let bytes = bytes.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = transport.send(to, bytes);
+                });
+            } else {
+                let _ = self.transport.send(to, bytes.clone());
+            }
         }
     }
 
