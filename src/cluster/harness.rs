@@ -196,19 +196,15 @@ impl MemCluster {
         let members = (0..self.spec.nodes as u16).fold(0u64, |m, s| m | 1 << s);
         let live = members & !dead.iter().fold(0u64, |m, &s| m | 1 << s);
         let minority = (live.count_ones() as usize) * 2 <= self.spec.nodes && self.spec.nodes > 1;
-        let reserve = match self.spec.policy {
-            SharePolicy::Available => live,
-            _ => members,
-        } & !(1 << own);
-        ShareView {
+        ShareView::for_cluster(
             own,
             members,
-            reserve,
+            live,
             minority,
-            policy: self.spec.policy,
-            inflight_ppm: self.spec.inflight_ppm,
-            ack_wait: self.spec.sync_interval * 2,
-        }
+            self.spec.policy,
+            self.spec.inflight_ppm,
+            self.spec.sync_interval * 2,
+        )
     }
 
     pub fn now(&self) -> Nanos {

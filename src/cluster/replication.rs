@@ -458,34 +458,10 @@ impl Replicator {
         s: &Slots,
         limiter: &Limiter<C>,
     ) {
-        let node = NodeSlot::new(slot);
-        for group in &s.groups {
-            // An unknown limit is not an error: the rules may be mid-reload.
-            let Some(table) = limiter.table_by_id(group.limit) else {
-                continue;
-            };
-            let spec = *table.spec();
-            for k in &group.keys {
-                let mut entry = table.get_or_insert(k.key, now);
-                for b in &k.buckets {
-                    let epoch = group.newest - u64::from(b.back);
-                    let value = PnSlot { p: b.p, n: b.n };
-                    match Ring::merge(
-                        &mut entry,
-                        &spec,
-                        now,
-                        self.cfg.max_ahead,
-                        epoch,
-                        node,
-                        value,
-                    ) {
-                        MergeOutcome::Applied => self.stats.values_merged += 1,
-                        MergeOutcome::Stale => self.stats.values_stale += 1,
-                        MergeOutcome::TooFarAhead => self.stats.values_too_far_ahead += 1,
-                    }
-                }
-            }
-        }
+        let merged = merge_into(limiter, now, self.cfg.max_ahead, slot, s);
+        self.stats.values_merged += merged.applied;
+        self.stats.values_stale += merged.stale;
+        self.stats.values_too_far_ahead += merged.too_far_ahead;
     }
 
     fn on_ack<C: crate::core::time::Clock>(
@@ -924,6 +900,47 @@ impl Replicator {
             self.send(to, bytes, true);
         }
     }
+}
+
+/// What merging a frame's values did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Merged {
+    pub applied: u64,
+    pub stale: u64,
+    pub too_far_ahead: u64,
+}
+
+/// Merges the values of `slot` that `s` carries into the limiter's tables,
+/// each with a per-slot maximum. Limits the limiter does not know are
+/// skipped (the rules may be mid-reload). Gossip and snapshots both land here.
+pub fn merge_into<C: crate::core::time::Clock>(
+    limiter: &Limiter<C>,
+    now: Nanos,
+    max_ahead: u64,
+    slot: u16,
+    s: &Slots,
+) -> Merged {
+    let node = NodeSlot::new(slot);
+    let mut merged = Merged::default();
+    for group in &s.groups {
+        let Some(table) = limiter.table_by_id(group.limit) else {
+            continue;
+        };
+        let spec = *table.spec();
+        for k in &group.keys {
+            let mut entry = table.get_or_insert(k.key, now);
+            for b in &k.buckets {
+                let epoch = group.newest - u64::from(b.back);
+                let value = PnSlot { p: b.p, n: b.n };
+                match Ring::merge(&mut entry, &spec, now, max_ahead, epoch, node, value) {
+                    MergeOutcome::Applied => merged.applied += 1,
+                    MergeOutcome::Stale => merged.stale += 1,
+                    MergeOutcome::TooFarAhead => merged.too_far_ahead += 1,
+                }
+            }
+        }
+    }
+    merged
 }
 
 /// This node's (or `slot`'s) values in the entry's live buckets, as

@@ -12,9 +12,10 @@
 //! temporary file, then rename, so a crash mid-write leaves the previous
 //! snapshot intact).
 
-use crate::core::slot::{NodeSlot, PnSlot};
+use crate::cluster::replication::merge_into;
+use crate::core::slot::PnSlot;
 use crate::core::time::{Clock, Nanos};
-use crate::core::window::{MergeOutcome, Ring, SlotGrid};
+use crate::core::window::SlotGrid;
 use crate::core::wire::{BucketSlot, DecodeError, Frame, KeySlots, Slots, SlotsPacker};
 use crate::limiter::Limiter;
 
@@ -97,28 +98,13 @@ pub fn restore<C: Clock>(
     let frames = split(rest)?;
     let mut stats = RestoreStats::default();
     for s in &frames {
-        let node = NodeSlot::new(s.slot);
-        if node.index() >= limiter.config().slots {
+        if usize::from(s.slot) >= limiter.config().slots {
             continue;
         }
-        for group in &s.groups {
-            let Some(table) = limiter.table_by_id(group.limit) else {
-                continue;
-            };
-            let spec = *table.spec();
-            for k in &group.keys {
-                let mut entry = table.get_or_insert(k.key, now);
-                for b in &k.buckets {
-                    stats.values += 1;
-                    let epoch = group.newest - u64::from(b.back);
-                    let value = PnSlot { p: b.p, n: b.n };
-                    match Ring::merge(&mut entry, &spec, now, 1, epoch, node, value) {
-                        MergeOutcome::Applied => stats.applied += 1,
-                        _ => stats.stale += 1,
-                    }
-                }
-            }
-        }
+        let merged = merge_into(limiter, now, 1, s.slot, s);
+        stats.values += merged.applied + merged.stale + merged.too_far_ahead;
+        stats.applied += merged.applied;
+        stats.stale += merged.stale + merged.too_far_ahead;
     }
     Ok(stats)
 }

@@ -86,6 +86,34 @@ impl ShareView {
         }
     }
 
+    /// The view of node `own` in a cluster whose `members` (this node
+    /// included) are known and of which `live` are believed alive: under
+    /// `available` only live peers are reserved, otherwise every member is.
+    pub fn for_cluster(
+        own: u16,
+        members: u64,
+        live: u64,
+        minority: bool,
+        policy: SharePolicy,
+        inflight_ppm: u32,
+        ack_wait: Nanos,
+    ) -> Self {
+        let members = members | 1 << own;
+        let reserve = match policy {
+            SharePolicy::Available => live,
+            _ => members,
+        } & !(1 << own);
+        ShareView {
+            own,
+            members,
+            reserve,
+            minority,
+            policy,
+            inflight_ppm,
+            ack_wait,
+        }
+    }
+
     pub fn node_count(&self) -> u64 {
         u64::from(self.members.count_ones())
     }

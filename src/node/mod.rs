@@ -29,7 +29,7 @@ use crate::cluster::replication::{
 };
 use crate::cluster::snapshot;
 use crate::core::rules::RuleSet;
-use crate::core::share::{SharePolicy, ShareView};
+use crate::core::share::ShareView;
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
 use crate::core::wire::{Frame, Kind, RulesFrame, Swim};
@@ -659,23 +659,16 @@ impl Driver {
     }
 
     fn share_view(&self) -> ShareView {
-        let own = self.settings.slot;
         let bits = |set: &BTreeSet<u16>| set.iter().fold(0u64, |m, &s| m | 1 << s);
-        let members = bits(&self.known) | 1 << own;
-        let live = bits(&self.live) | 1 << own;
-        let reserve = match self.settings.policy {
-            SharePolicy::Available => live,
-            _ => members,
-        } & !(1 << own);
-        ShareView {
-            own,
-            members,
-            reserve,
-            minority: self.repl.in_minority(),
-            policy: self.settings.policy,
-            inflight_ppm: self.settings.inflight_ppm,
-            ack_wait: self.settings.sync_interval * 2,
-        }
+        ShareView::for_cluster(
+            self.settings.slot,
+            bits(&self.known),
+            bits(&self.live),
+            self.repl.in_minority(),
+            self.settings.policy,
+            self.settings.inflight_ppm,
+            self.settings.sync_interval * 2,
+        )
     }
 
     fn publish_status(&self) {
