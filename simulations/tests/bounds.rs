@@ -65,6 +65,7 @@ scenario_tests! {
     skew_50ms => "skew-50ms",
     skew_250ms => "skew-250ms",
     flash_crowd => "flash-crowd",
+    flash_crowd_precise => "flash-crowd-precise",
     scale => "scale",
     token_bucket => "token-bucket",
     lossy_network => "lossy-network",
