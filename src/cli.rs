@@ -1,10 +1,30 @@
 //! The commands behind `drl`, callable from tests.
+//!
+//! [`Cli`] is the whole command line (clap, derive); [`execute`] runs one
+//! command and turns its outcome into an exit code. Each command lives in its
+//! own module:
+//!
+//! - [`node`]: `drl node`, a node and its HTTP API, configured by file, flags
+//!   and environment.
+//! - [`cluster`]: `drl cluster`, a local cluster of child processes.
+//! - [`remote`]: `drl check --node`, `drl rules get|put|validate`, over HTTP.
+//! - [`local`]: `drl check --rules`, `drl rules validate FILE`, in process.
+//! - [`load`]: `drl load`, the load generator, and [`latency`], its histogram.
+//! - `drl certs`: a development CA and node certificates.
 
-use std::path::{Path, PathBuf};
+pub mod cluster;
+pub mod latency;
+pub mod load;
+pub mod local;
+pub mod node;
+pub mod remote;
 
-use crate::core::descriptor::Descriptors;
-use crate::core::rules::RuleSet;
-use crate::limiter::{Limiter, LimiterConfig, Outcome};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use local::{check, load_rules, validate_rules, CheckArgs};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -24,40 +44,59 @@ pub enum CliError {
     Check(#[from] crate::limiter::CheckError),
     #[error(transparent)]
     Setup(#[from] crate::limiter::SetupError),
+    #[error("configuration: {0}")]
+    Config(#[from] crate::node::ConfigError),
+    #[error(transparent)]
+    Run(#[from] crate::http::RunError),
+    #[error(transparent)]
+    Client(#[from] crate::http::client::ClientError),
+    #[error("the node answered {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error(transparent)]
+    Certs(#[from] crate::net::CertError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
-pub fn load_rules(path: &Path) -> Result<RuleSet, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    RuleSet::from_toml(&text).map_err(|source| CliError::Rules {
-        path: path.to_owned(),
-        source,
-    })
+/// The `drl` command line.
+#[derive(Debug, Parser)]
+#[command(name = "drl", version, about = "A distributed rate limiter")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
 }
 
-pub fn validate_rules(path: &Path) -> Result<(), CliError> {
-    let rules = load_rules(path)?;
-    println!("{}: ok, {} limits", path.display(), rules.limits().len());
-    for l in rules.limits() {
-        println!(
-            "  {:<24} {:<14} {:<12} quota {} per {}",
-            l.rule,
-            format!("{:?}", l.scope),
-            crate::core::algorithm::RateAlgorithm::quota(&l.algorithm).to_string(),
-            l.algorithm.name(),
-            crate::core::algorithm::RateAlgorithm::quota_period(&l.algorithm),
-        );
-    }
-    Ok(())
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node and its HTTP API.
+    Node(Box<node::NodeArgs>),
+    /// Start a local cluster of N nodes as child processes of this program.
+    Cluster(cluster::ClusterArgs),
+    /// Check a request: against a node over HTTP (`--node`) or against a
+    /// rules file in process (`--rules`).
+    Check(CheckCommand),
+    /// Read, replace or validate rules.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+    /// Write a development cluster CA and node certificates.
+    Certs(CertsArgs),
+    /// Generate load against one or more nodes and report throughput and latency.
+    Load(load::LoadArgs),
 }
 
 #[derive(Debug, clap::Args)]
-pub struct CheckArgs {
-    /// The rules file (TOML).
+#[command(group(clap::ArgGroup::new("target").required(true).args(["node", "rules"])))]
+pub struct CheckCommand {
+    /// A node's HTTP address, as http://host:port.
+    #[arg(long, env = "DRL_NODE")]
+    pub node: Option<String>,
+    /// A rules file (TOML), checked by an in-process limiter.
     #[arg(long)]
-    pub rules: PathBuf,
+    pub rules: Option<PathBuf>,
     /// A descriptor field, as `name=value` (repeat: `-f user=alice -f endpoint=/v1/search`).
     #[arg(short = 'f', long = "field", required = true)]
     pub fields: Vec<String>,
@@ -69,36 +108,176 @@ pub struct CheckArgs {
     pub repeat: u32,
 }
 
-pub fn check(args: &CheckArgs) -> Result<(), CliError> {
-    let rules = load_rules(&args.rules)?;
-    let pairs = args
-        .fields
-        .iter()
-        .map(|f| f.split_once('=').ok_or_else(|| CliError::Field(f.clone())))
-        .collect::<Result<Vec<_>, _>>()?;
-    let d = Descriptors::new(&pairs).map_err(crate::limiter::CheckError::from)?;
-    let limiter = Limiter::new(rules, LimiterConfig::default())?;
-    for i in 1..=args.repeat {
-        let decision = limiter.check(&d, args.cost)?;
-        let verdict = match decision.outcome {
-            Outcome::Allowed => "allowed",
-            Outcome::Denied => "denied",
-            Outcome::Never => "never (cost above capacity)",
-        };
-        match decision.quota {
-            None => println!("{i}: {verdict} (no limit applies)"),
-            Some(q) => {
-                println!(
-                "{i}: {verdict}  limit {} per {}  remaining {}  reset {}ms  retry-after {}ms  ({})",
-                q.limit,
-                q.period,
-                q.remaining,
-                q.reset_after.as_millis_ceil(),
-                if decision.is_allowed() { 0 } else { q.retry_after.as_millis_ceil() },
-                limiter.rules().limits()[q.limit_index].rule,
-            )
-            }
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Print the rules in force on a node.
+    Get {
+        #[command(flatten)]
+        admin: remote::AdminArgs,
+    },
+    /// Replace the rules of the whole cluster through one node.
+    Put {
+        /// The rules file (TOML).
+        file: PathBuf,
+        #[command(flatten)]
+        admin: remote::AdminArgs,
+    },
+    /// Validate a rules file: offline, or by a node with `--node`.
+    Validate {
+        /// The rules file (TOML).
+        file: PathBuf,
+        /// Ask this node (http://host:port) instead of validating here.
+        #[arg(long, env = "DRL_NODE")]
+        node: Option<String>,
+        /// The node's admin token.
+        #[arg(long, env = "DRL_ADMIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CertsArgs {
+    /// Where to write `ca.pem`, `ca-key.pem`, `<name>.pem`, `<name>-key.pem`.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// How many node certificates (slots 0..N).
+    #[arg(long)]
+    pub nodes: u16,
+    /// Node names are `<prefix>-<slot>`.
+    #[arg(long, default_value = "node")]
+    pub prefix: String,
+    /// Extra host names or IP addresses to put in every node certificate.
+    #[arg(long = "host")]
+    pub hosts: Vec<String>,
+    /// Do nothing if `<dir>/ca.pem` exists (a container job run at every start).
+    #[arg(long)]
+    pub if_missing: bool,
+}
+
+/// Runs one command to its end.
+pub fn execute(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Node(args) => node::run_node(&args),
+        Command::Cluster(args) => cluster::run_cluster(&args),
+        Command::Check(args) => match (&args.node, &args.rules) {
+            (Some(node), _) => remote::check(node, &args),
+            (None, Some(rules)) => local::check(&CheckArgs {
+                rules: rules.clone(),
+                fields: args.fields.clone(),
+                cost: args.cost,
+                repeat: args.repeat,
+            }),
+            (None, None) => Err(CliError::Usage("give --node or --rules".into())),
+        },
+        Command::Rules { command } => match command {
+            RulesCommand::Get { admin } => remote::rules_get(&admin),
+            RulesCommand::Put { file, admin } => remote::rules_put(&file, &admin),
+            RulesCommand::Validate { file, node, token } => match node {
+                None => validate_rules(&file),
+                Some(node) => remote::rules_validate(&file, &node, token.as_deref()),
+            },
+        },
+        Command::Certs(args) => certs(&args),
+        Command::Load(args) => load::run_load(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
         }
     }
+}
+
+/// `drl certs`: a cluster CA and one certificate per slot.
+pub fn certs(args: &CertsArgs) -> Result<(), CliError> {
+    if args.if_missing && args.dir.join("ca.pem").exists() {
+        println!(
+            "{}: certificates exist, nothing written",
+            args.dir.display()
+        );
+        return Ok(());
+    }
+    let specs = node_cert_specs(&args.prefix, args.nodes, &args.hosts);
+    crate::net::generate_dev_certs(&args.dir, &specs)?;
+    println!(
+        "wrote a cluster CA and {} node certificates to {}",
+        args.nodes,
+        args.dir.display()
+    );
+    for s in &specs {
+        println!("  slot {}: {}.pem, {}-key.pem", s.slot, s.name, s.name);
+    }
     Ok(())
+}
+
+pub fn node_cert_specs(
+    prefix: &str,
+    nodes: u16,
+    hosts: &[String],
+) -> Vec<crate::net::NodeCertSpec> {
+    (0..nodes)
+        .map(|slot| crate::net::NodeCertSpec {
+            name: format!("{prefix}-{slot}"),
+            slot,
+            hosts: hosts.to_vec(),
+        })
+        .collect()
+}
+
+/// SIGTERM and SIGINT (Ctrl-C), caught from the moment this is built (in a
+/// runtime): a signal that arrives while a node or cluster is still
+/// starting is not lost, and does not kill the process half-started.
+pub struct ShutdownSignal {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    pub fn new() -> std::io::Result<ShutdownSignal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(ShutdownSignal {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(ShutdownSignal {})
+    }
+
+    /// Resolves at the next signal.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// `name=value` pairs from `-f` flags.
+pub fn parse_fields(fields: &[String]) -> Result<Vec<(String, String)>, CliError> {
+    fields
+        .iter()
+        .map(|f| {
+            f.split_once('=')
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .ok_or_else(|| CliError::Field(f.clone()))
+        })
+        .collect()
+}
+
+/// A multi-threaded runtime for commands that serve or talk to nodes.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }

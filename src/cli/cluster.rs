@@ -1,0 +1,301 @@
+//! `drl cluster --nodes N`: a local cluster of child processes.
+//!
+//! Writes into `--dir` a cluster CA and node certificates, a sample rules
+//! file (kept if it exists, so edits survive a restart) and one config file
+//! per node; starts `drl node --config <dir>/node-<i>.toml` for each, as
+//! children of this process; waits until every node answers `/readyz`;
+//! prints the addresses and an example; and on Ctrl-C or SIGTERM stops every
+//! child with SIGTERM (so each drains and ships its final delta), waiting
+//! for them before it exits.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{node_cert_specs, runtime, CliError, ShutdownSignal};
+use crate::http::client::Connection;
+
+/// The sample rules a new cluster starts with.
+pub const EXAMPLE_RULES: &str = include_str!("../../deploy/rules.example.toml");
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// How many nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u16,
+    /// Where certificates, configs, rules and snapshots go (default:
+    /// `drl-cluster` in the system's temporary folder, so that private keys
+    /// never land in a source tree).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// HTTP port of node 0; node i listens on base-port + i.
+    #[arg(long, default_value_t = 8400)]
+    pub base_port: u16,
+    /// Peer (QUIC) port of node 0; default base-port − 1000.
+    #[arg(long)]
+    pub peer_base_port: Option<u16>,
+    /// Admin token of every node (default: a random one, printed).
+    #[arg(long, env = "DRL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// strict, available or bounded.
+    #[arg(long, default_value = "strict")]
+    pub share_policy: String,
+}
+
+/// Random hex from the OS (a dev token and key seed, not key material).
+fn random_hex(bytes: usize) -> Result<String, CliError> {
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn cluster_dir(args: &ClusterArgs) -> PathBuf {
+    args.dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("drl-cluster"))
+}
+
+struct Plan {
+    configs: Vec<PathBuf>,
+    http: Vec<String>,
+    token: String,
+}
+
+fn toml_string(s: &str) -> String {
+    // TOML basic strings escape like JSON ones for what we write.
+    serde_json::Value::String(s.to_owned()).to_string()
+}
+
+/// Writes certificates, rules and configs; returns what to start.
+fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
+    if args.nodes == 0 {
+        return Err(CliError::Usage("--nodes must be at least 1".into()));
+    }
+    let peer_base = args
+        .peer_base_port
+        .unwrap_or_else(|| args.base_port.saturating_sub(1000));
+    if u32::from(args.base_port) + u32::from(args.nodes) > 65_535
+        || u32::from(peer_base) + u32::from(args.nodes) > 65_535
+        || peer_base == 0
+    {
+        return Err(CliError::Usage("ports out of range".into()));
+    }
+    let dir = std::path::absolute(cluster_dir(args))?;
+    std::fs::create_dir_all(dir.join("data"))?;
+    crate::net::generate_dev_certs(
+        &dir.join("certs"),
+        &node_cert_specs("node", args.nodes, &[]),
+    )?;
+    let rules = dir.join("rules.toml");
+    if !rules.exists() {
+        std::fs::write(&rules, EXAMPLE_RULES)?;
+    }
+    let token = match &args.admin_token {
+        Some(t) => t.clone(),
+        None => random_hex(16)?,
+    };
+    let seed = random_hex(16)?;
+    let mut configs = Vec::new();
+    let mut http = Vec::new();
+    for slot in 0..args.nodes {
+        let name = format!("node-{slot}");
+        let http_addr = format!("127.0.0.1:{}", args.base_port + slot);
+        let text = format!(
+            "# Written by `drl cluster`; see deploy/node.example.toml for every field.\n\
+             name = {name}\n\
+             slot = {slot}\n\
+             cluster_size = {size}\n\
+             listen_peer = \"127.0.0.1:{peer}\"\n\
+             listen_http = {http}\n\
+             seeds = [\"127.0.0.1:{peer_base}\"]\n\
+             rules = \"rules.toml\"\n\
+             share_policy = {policy}\n\
+             snapshot_path = \"data/{name_raw}.snapshot\"\n\
+             tls_ca = \"certs/ca.pem\"\n\
+             tls_cert = \"certs/{name_raw}.pem\"\n\
+             tls_key = \"certs/{name_raw}-key.pem\"\n\
+             key_seed = \"{seed}\"\n\
+             admin_token = {token}\n",
+            name = toml_string(&name),
+            name_raw = name,
+            size = args.nodes,
+            peer = peer_base + slot,
+            http = toml_string(&http_addr),
+            policy = toml_string(&args.share_policy),
+            token = toml_string(&token),
+        );
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, text)?;
+        // Check the file now, not in a child that would die at once.
+        crate::node::NodeFile::load(&path)?.settings(&dir)?;
+        configs.push(path);
+        http.push(format!("http://{http_addr}"));
+    }
+    Ok(Plan {
+        configs,
+        http,
+        token,
+    })
+}
+
+fn spawn(exe: &Path, config: &Path) -> Result<Child, CliError> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("node")
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        // The child must read its config, not ours.
+        .env_remove("DRL_CONFIG");
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours;
+        // it asks the kernel to send SIGTERM to the child if we die, so no
+        // node outlives a killed `drl cluster`.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+    }
+    Ok(cmd.spawn()?)
+}
+
+fn terminate(child: &Child) {
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+}
+
+async fn wait_ready(url: &str, children: &mut [Child], timeout: Duration) -> Result<(), CliError> {
+    let start = Instant::now();
+    loop {
+        for c in children.iter_mut() {
+            if let Some(status) = c.try_wait()? {
+                return Err(CliError::Usage(format!(
+                    "a node exited before the cluster was ready ({status})"
+                )));
+            }
+        }
+        if let Ok(mut conn) = Connection::open(url).await {
+            if let Ok(a) = conn.get("/readyz").await {
+                if a.status == 200 {
+                    return Ok(());
+                }
+            }
+        }
+        if start.elapsed() > timeout {
+            return Err(CliError::Usage(format!(
+                "{url} not ready after {timeout:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops every child with SIGTERM; kills those still running after `grace`.
+fn stop_all(children: &mut [Child], grace: Duration) {
+    for c in children.iter() {
+        terminate(c);
+    }
+    let start = Instant::now();
+    for c in children.iter_mut() {
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if start.elapsed() > grace => {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+}
+
+pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
+    let plan = prepare(args)?;
+    let exe = std::env::current_exe()?;
+    let rt = runtime()?;
+    // Catch Ctrl-C and SIGTERM before the first child exists, so that a
+    // signal during start-up stops the children cleanly too.
+    let mut signal = {
+        let _entered = rt.enter();
+        ShutdownSignal::new()?
+    };
+    let mut children = Vec::new();
+    for config in &plan.configs {
+        match spawn(&exe, config) {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                stop_all(&mut children, Duration::from_secs(10));
+                return Err(e);
+            }
+        }
+    }
+    let outcome = rt.block_on(async {
+        let ready = async {
+            for url in &plan.http {
+                wait_ready(url, &mut children, Duration::from_secs(60)).await?;
+            }
+            Ok::<_, CliError>(())
+        };
+        tokio::select! {
+            r = ready => r?,
+            () = signal.recv() => return Ok(()),
+        }
+        print_banner(args, &plan);
+        // Until a signal, or until a child dies on its own.
+        loop {
+            tokio::select! {
+                () = signal.recv() => break Ok(()),
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    let mut died = None;
+                    for (i, c) in children.iter_mut().enumerate() {
+                        if let Some(status) = c.try_wait()? {
+                            died = Some((i, status));
+                            break;
+                        }
+                    }
+                    if let Some((i, status)) = died {
+                        break Err(CliError::Usage(format!(
+                            "node-{i} exited on its own ({status}); stopping the others"
+                        )));
+                    }
+                }
+            }
+        }
+    });
+    eprintln!("stopping {} nodes...", children.len());
+    stop_all(&mut children, Duration::from_secs(15));
+    eprintln!("all nodes stopped");
+    outcome
+}
+
+fn print_banner(args: &ClusterArgs, plan: &Plan) {
+    println!("\n{} nodes ready:", plan.http.len());
+    for (i, url) in plan.http.iter().enumerate() {
+        println!("  node-{i}  {url}");
+    }
+    let first = &plan.http[0];
+    println!("\nfiles: {}", cluster_dir(args).display());
+    println!("admin token: {}", plan.token);
+    println!("\ntry:");
+    println!(
+        "  curl -si -X POST {first}/v1/check -d '{{\"user\":\"alice\",\"endpoint\":\"/v1/search\"}}'"
+    );
+    println!("  curl -s '{first}/v1/allow?user=bob&endpoint=/v1/search'");
+    println!(
+        "  curl -s -H 'Authorization: Bearer {}' {first}/v1/rules",
+        plan.token
+    );
+    println!("  curl -s {first}/metrics | grep drl_decisions");
+    println!("\nCtrl-C stops the cluster.");
+}

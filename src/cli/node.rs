@@ -1,0 +1,248 @@
+//! `drl node`: one node and its HTTP API.
+//!
+//! Configuration comes from three places, each overriding the one before:
+//! the TOML file (`--config`, see `deploy/node.example.toml`), environment
+//! variables (`DRL_<FIELD>`), and flags (`--<field>`). Every field of the
+//! file has both. Relative paths in the file are taken from the file's
+//! folder; relative paths given by flag or variable from the working folder.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use super::{runtime, CliError, ShutdownSignal};
+use crate::node::{NodeFile, NodeSettings};
+
+#[derive(Debug, Default, clap::Args)]
+pub struct NodeArgs {
+    /// The configuration file (TOML). Without it every field has its default.
+    #[arg(long, env = "DRL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Stable name of this node; also in its certificate.
+    #[arg(long, env = "DRL_NAME")]
+    pub name: Option<String>,
+    /// This node's slot: 0 ≤ slot < cluster_size, unique in the cluster.
+    #[arg(long, env = "DRL_SLOT")]
+    pub slot: Option<u16>,
+    /// Take the slot from the number after the last `-` of the node name
+    /// (`drl-2` → 2): a StatefulSet pod's ordinal.
+    #[arg(long, env = "DRL_SLOT_FROM_NAME")]
+    pub slot_from_name: bool,
+    /// Slots per counter: the most nodes the cluster may ever have.
+    #[arg(long, env = "DRL_CLUSTER_SIZE")]
+    pub cluster_size: Option<usize>,
+    /// UDP address for peer traffic (QUIC).
+    #[arg(long, env = "DRL_LISTEN_PEER")]
+    pub listen_peer: Option<SocketAddr>,
+    /// The address peers should dial (default: listen_peer).
+    #[arg(long, env = "DRL_ADVERTISE_PEER")]
+    pub advertise_peer: Option<SocketAddr>,
+    /// TCP address of the HTTP API.
+    #[arg(long, env = "DRL_LISTEN_HTTP")]
+    pub listen_http: Option<SocketAddr>,
+    /// Peers to contact at start, comma-separated `host:port` (DNS names are
+    /// resolved again every discovery_interval).
+    #[arg(long, env = "DRL_SEEDS", value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// How often seeds are resolved again.
+    #[arg(long, env = "DRL_DISCOVERY_INTERVAL")]
+    pub discovery_interval: Option<String>,
+    /// The rules file (TOML), watched for changes.
+    #[arg(long, env = "DRL_RULES")]
+    pub rules: Option<PathBuf>,
+    /// How often deltas are shipped to peers ("5ms").
+    #[arg(long, env = "DRL_SYNC_INTERVAL")]
+    pub sync_interval: Option<String>,
+    /// strict, available or bounded.
+    #[arg(long, env = "DRL_SHARE_POLICY")]
+    pub share_policy: Option<String>,
+    /// For bounded: the fraction of a limit a cut-off node may exceed by.
+    #[arg(long, env = "DRL_BOUNDED_FRACTION")]
+    pub bounded_fraction: Option<f64>,
+    /// In-flight budget as a fraction of each limit.
+    #[arg(long, env = "DRL_INFLIGHT_FRACTION")]
+    pub inflight_fraction: Option<f64>,
+    /// Most keys tracked per limit.
+    #[arg(long, env = "DRL_MAX_KEYS")]
+    pub max_keys: Option<usize>,
+    /// Where to keep the local snapshot (default: no snapshots).
+    #[arg(long, env = "DRL_SNAPSHOT_PATH")]
+    pub snapshot_path: Option<PathBuf>,
+    #[arg(long, env = "DRL_SNAPSHOT_INTERVAL")]
+    pub snapshot_interval: Option<String>,
+    /// How long a restarted node waits for peers before admitting anyway.
+    #[arg(long, env = "DRL_RECOVERY_TIMEOUT")]
+    pub recovery_timeout: Option<String>,
+    /// The cluster CA (PEM).
+    #[arg(long, env = "DRL_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM).
+    #[arg(long, env = "DRL_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "DRL_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Cluster secret for key digests: 32 hex digits, the same on every node.
+    #[arg(long, env = "DRL_KEY_SEED", hide_env_values = true)]
+    pub key_seed: Option<String>,
+    /// Bearer token of the admin routes (none: the admin API is disabled).
+    #[arg(long, env = "DRL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+}
+
+impl NodeArgs {
+    /// The file (or defaults) with every given flag and variable laid over it.
+    pub fn node_file(&self) -> Result<(NodeFile, PathBuf), CliError> {
+        let cwd = std::env::current_dir()?;
+        let (mut file, base) = match &self.config {
+            Some(path) => {
+                let file = NodeFile::load(path)?;
+                let dir = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map_or_else(|| cwd.clone(), |p| cwd.join(p));
+                (file, dir)
+            }
+            None => (NodeFile::default(), cwd.clone()),
+        };
+        let from_cwd = |p: &PathBuf| -> PathBuf {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                cwd.join(p)
+            }
+        };
+        macro_rules! lay {
+            ($($field:ident),*) => {$(
+                if let Some(v) = &self.$field {
+                    file.$field = v.clone();
+                }
+            )*};
+        }
+        lay!(
+            name,
+            slot,
+            cluster_size,
+            listen_peer,
+            listen_http,
+            seeds,
+            discovery_interval,
+            sync_interval,
+            share_policy,
+            bounded_fraction,
+            inflight_fraction,
+            max_keys,
+            snapshot_interval,
+            recovery_timeout
+        );
+        if let Some(v) = self.advertise_peer {
+            file.advertise_peer = Some(v);
+        }
+        if let Some(v) = &self.key_seed {
+            file.key_seed = Some(v.clone());
+        }
+        if let Some(v) = &self.admin_token {
+            file.admin_token = Some(v.clone());
+        }
+        if let Some(v) = &self.snapshot_path {
+            file.snapshot_path = Some(from_cwd(v));
+        }
+        for (flag, field) in [
+            (&self.rules, &mut file.rules),
+            (&self.tls_ca, &mut file.tls_ca),
+            (&self.tls_cert, &mut file.tls_cert),
+            (&self.tls_key, &mut file.tls_key),
+        ] {
+            if let Some(v) = flag {
+                *field = from_cwd(v);
+            }
+        }
+        if self.slot_from_name {
+            file.slot = slot_from_name(&file.name)?;
+        }
+        Ok((file, base))
+    }
+
+    /// Checked settings.
+    pub fn settings(&self) -> Result<NodeSettings, CliError> {
+        let (file, base) = self.node_file()?;
+        Ok(file.settings(&base)?)
+    }
+}
+
+/// `drl-2` → 2.
+pub fn slot_from_name(name: &str) -> Result<u16, CliError> {
+    name.rsplit_once('-')
+        .and_then(|(_, n)| n.parse().ok())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "--slot-from-name: node name {name:?} does not end in -<number>"
+            ))
+        })
+}
+
+/// `drl node`: runs until SIGTERM or SIGINT, then drains and stops.
+pub fn run_node(args: &NodeArgs) -> Result<(), CliError> {
+    init_tracing();
+    let settings = args.settings()?;
+    runtime()?.block_on(async {
+        let mut signal = ShutdownSignal::new()?;
+        crate::http::run(settings, async move { signal.recv().await }).await?;
+        Ok(())
+    })
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+
+    #[test]
+    fn flags_override_defaults() {
+        let w = Wrap::parse_from([
+            "x",
+            "--slot",
+            "2",
+            "--name",
+            "n",
+            "--seeds",
+            "a:1,b:2",
+            "--share-policy",
+            "bounded",
+        ]);
+        let (file, _) = w.node.node_file().unwrap();
+        assert_eq!(file.slot, 2);
+        assert_eq!(file.name, "n");
+        assert_eq!(file.seeds, ["a:1", "b:2"]);
+        assert_eq!(file.share_policy, "bounded");
+        assert!(
+            file.tls_ca.is_relative(),
+            "defaults stay relative to the base"
+        );
+        let w = Wrap::parse_from(["x", "--tls-ca", "c.pem"]);
+        assert!(w.node.node_file().unwrap().0.tls_ca.is_absolute());
+    }
+
+    #[test]
+    fn slots_come_from_names() {
+        assert_eq!(slot_from_name("drl-12").unwrap(), 12);
+        assert!(slot_from_name("drl").is_err());
+        let w = Wrap::parse_from(["x", "--name", "drl-2", "--slot-from-name"]);
+        assert_eq!(w.node.node_file().unwrap().0.slot, 2);
+    }
+}

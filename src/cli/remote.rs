@@ -1,0 +1,184 @@
+//! Commands that talk to a node over HTTP: `drl check --node` and
+//! `drl rules get|put|validate`.
+
+use std::path::Path;
+
+use super::{parse_fields, runtime, CheckCommand, CliError};
+use crate::http::client::{Answer, Connection};
+
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// The node's HTTP address, as http://host:port.
+    #[arg(long, env = "DRL_NODE", default_value = "http://127.0.0.1:8400")]
+    pub node: String,
+    /// The node's admin token.
+    #[arg(long, env = "DRL_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `drl check --node URL -f name=value ...`: one `POST /v1/check` per repeat.
+pub fn check(node: &str, args: &CheckCommand) -> Result<(), CliError> {
+    let fields = parse_fields(&args.fields)?;
+    let mut body = serde_json::Map::new();
+    for (name, value) in fields {
+        body.insert(name, serde_json::Value::String(value));
+    }
+    body.insert("cost".into(), args.cost.into());
+    let body = serde_json::Value::Object(body).to_string();
+    runtime()?.block_on(async {
+        let mut conn = Connection::open(node).await?;
+        for i in 1..=args.repeat {
+            let answer = conn.post_json("/v1/check", &body).await?;
+            print_decision(i, &answer);
+            if answer.status != 200 && answer.status != 429 {
+                return Err(refused(&answer));
+            }
+        }
+        Ok(())
+    })
+}
+
+fn print_decision(i: u32, answer: &Answer) {
+    let json = answer.json();
+    let outcome = json["outcome"].as_str().unwrap_or("?");
+    let mut line = format!("{i}: {} {outcome}", answer.status);
+    match json["rule"].as_str() {
+        None => line.push_str("  (no limit applies)"),
+        Some(rule) => {
+            line.push_str(&format!(
+                "  limit {} per {}ms  remaining {}  reset {}ms  retry-after {}ms  ({rule})",
+                json["limit"],
+                json["window_ms"],
+                json["remaining"],
+                json["reset_ms"],
+                json["retry_after_ms"]
+            ));
+        }
+    }
+    for h in ["ratelimit-policy", "ratelimit", "retry-after"] {
+        if let Some(v) = answer.header(h) {
+            line.push_str(&format!("\n   {h}: {v}"));
+        }
+    }
+    println!("{line}");
+}
+
+fn refused(answer: &Answer) -> CliError {
+    CliError::Refused {
+        status: answer.status,
+        body: answer.json()["error"]
+            .as_str()
+            .map_or_else(|| answer.text(), str::to_owned),
+    }
+}
+
+fn auth_header(token: Option<&str>) -> Option<String> {
+    token.map(|t| format!("Bearer {t}"))
+}
+
+async fn admin_request(
+    node: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<Answer, CliError> {
+    let mut conn = Connection::open(node).await?;
+    let auth = auth_header(token);
+    let mut headers = vec![];
+    if let Some(a) = &auth {
+        headers.push(("authorization", a.as_str()));
+    }
+    if !body.is_empty() {
+        headers.push(("content-type", "application/toml"));
+    }
+    Ok(conn.request(method, path, &headers, body).await?)
+}
+
+/// `drl rules get`: the rules text to stdout, its version to stderr.
+pub fn rules_get(args: &AdminArgs) -> Result<(), CliError> {
+    let answer = runtime()?.block_on(admin_request(
+        &args.node,
+        args.token.as_deref(),
+        "GET",
+        "/v1/rules",
+        b"",
+    ))?;
+    if answer.status != 200 {
+        return Err(refused(&answer));
+    }
+    let json = answer.json();
+    eprintln!(
+        "# version {}.{}{}",
+        json["version"]["counter"],
+        json["version"]["origin"],
+        json["file_error"]
+            .as_str()
+            .map(|e| format!(" (the rules file failed to reload: {e})"))
+            .unwrap_or_default()
+    );
+    print!("{}", json["text"].as_str().unwrap_or(""));
+    Ok(())
+}
+
+fn read(file: &Path) -> Result<Vec<u8>, CliError> {
+    std::fs::read(file).map_err(|source| CliError::Read {
+        path: file.to_owned(),
+        source,
+    })
+}
+
+fn print_limits(json: &serde_json::Value) {
+    for l in json["limits"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<24} {:<14} {:<14} quota {} per {}ms",
+            l["rule"].as_str().unwrap_or(""),
+            l["scope"].as_str().unwrap_or(""),
+            l["algorithm"].as_str().unwrap_or(""),
+            l["limit"],
+            l["window_ms"]
+        );
+    }
+}
+
+/// `drl rules put FILE`: replaces the rules cluster-wide.
+pub fn rules_put(file: &Path, args: &AdminArgs) -> Result<(), CliError> {
+    let body = read(file)?;
+    let answer = runtime()?.block_on(admin_request(
+        &args.node,
+        args.token.as_deref(),
+        "PUT",
+        "/v1/rules",
+        &body,
+    ))?;
+    if answer.status != 200 {
+        return Err(refused(&answer));
+    }
+    let json = answer.json();
+    println!(
+        "rules in force: version {}.{}",
+        json["version"]["counter"], json["version"]["origin"]
+    );
+    print_limits(&json);
+    Ok(())
+}
+
+/// `drl rules validate FILE --node URL`: the node's verdict.
+pub fn rules_validate(file: &Path, node: &str, token: Option<&str>) -> Result<(), CliError> {
+    let body = read(file)?;
+    let answer = runtime()?.block_on(admin_request(
+        node,
+        token,
+        "POST",
+        "/v1/rules/validate",
+        &body,
+    ))?;
+    if answer.status != 200 {
+        let e = refused(&answer);
+        return Err(CliError::Usage(format!("{}: {e}", file.display())));
+    }
+    let json = answer.json();
+    println!("{}: ok", file.display());
+    print_limits(&json);
+    Ok(())
+}

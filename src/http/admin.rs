@@ -1,0 +1,212 @@
+//! The rules admin routes: `GET /v1/rules`, `PUT /v1/rules` and
+//! `POST /v1/rules/validate`, behind `Authorization: Bearer <admin_token>`.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Serialize;
+
+use super::error::{ApiError, Position};
+use super::{body_bytes, json_response, AppState};
+use crate::core::algorithm::RateAlgorithm;
+use crate::core::rules::{RuleSet, RulesError};
+use crate::node::{PutRulesError, RulesVersion};
+
+/// Refuses the request unless it carries the configured admin token. With
+/// no token configured the admin API is off (403), so that a node never
+/// runs with an open admin API by accident.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = state.admin_token.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "admin API disabled: no admin_token is configured on this node",
+        ));
+    };
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+    match presented {
+        Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(unauthorized("wrong admin token")),
+        None => Err(unauthorized(
+            "admin routes need `Authorization: Bearer <admin_token>`",
+        )),
+    }
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError {
+        challenge: true,
+        ..ApiError::new(StatusCode::UNAUTHORIZED, message)
+    }
+}
+
+/// Compares without an early exit, so response time says nothing about
+/// how much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, &x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+#[derive(Serialize)]
+struct Version {
+    counter: u64,
+    origin: u16,
+}
+
+impl From<RulesVersion> for Version {
+    fn from((counter, origin): RulesVersion) -> Self {
+        Version { counter, origin }
+    }
+}
+
+#[derive(Serialize)]
+pub struct LimitInfo {
+    pub rule: String,
+    pub scope: String,
+    pub algorithm: &'static str,
+    pub limit: u64,
+    pub window_ms: u64,
+}
+
+/// The limits of a rule set, for the admin answers.
+pub fn limit_list(rules: &RuleSet) -> Vec<LimitInfo> {
+    rules
+        .limits()
+        .iter()
+        .map(|l| LimitInfo {
+            rule: l.rule.clone(),
+            scope: l.scope.to_string(),
+            algorithm: l.algorithm.name(),
+            limit: l.algorithm.quota(),
+            window_ms: l.algorithm.quota_period().as_millis_ceil(),
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+struct RulesAnswer {
+    version: Version,
+    text: String,
+    limits: Vec<LimitInfo>,
+    /// The last reload of the rules file failed with this error (the rules
+    /// in force stayed); `null` when the file is fine.
+    file_error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct PutAnswer {
+    version: Version,
+    limits: Vec<LimitInfo>,
+}
+
+#[derive(Serialize)]
+struct ValidateAnswer {
+    valid: bool,
+    limits: Vec<LimitInfo>,
+}
+
+pub async fn get_rules(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let status = state.api.status();
+    let rules = state.api.limiter.rules();
+    Ok(json_response(
+        StatusCode::OK,
+        &RulesAnswer {
+            version: status.rules_version.into(),
+            text: rules.source().to_owned(),
+            limits: limit_list(&rules),
+            file_error: status.rules_file_error,
+        },
+    ))
+}
+
+pub async fn put_rules(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let text = rules_text(body)?;
+    // Parse here first for a precise error (line, column, path); the node
+    // parses again when it puts the text in force.
+    let rules = RuleSet::from_toml(&text).map_err(rules_error)?;
+    let limits = limit_list(&rules);
+    match state.api.put_rules(text).await {
+        Ok(version) => Ok(json_response(
+            StatusCode::OK,
+            &PutAnswer {
+                version: version.into(),
+                limits,
+            },
+        )),
+        Err(PutRulesError::Invalid(e)) => Err(ApiError::bad_request(e)),
+        Err(PutRulesError::TooLarge(_)) => {
+            Err(ApiError::too_large(crate::core::wire::MAX_RULES_BYTES))
+        }
+        Err(e @ PutRulesError::Stopped) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        )),
+    }
+}
+
+pub async fn validate_rules(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let text = rules_text(body)?;
+    let rules = RuleSet::from_toml(&text).map_err(rules_error)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &ValidateAnswer {
+            valid: true,
+            limits: limit_list(&rules),
+        },
+    ))
+}
+
+fn rules_text(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
+    let bytes = body_bytes(body)?;
+    String::from_utf8(bytes.to_vec())
+        .map_err(|e| ApiError::bad_request(format!("the rules text is not valid UTF-8: {e}")))
+}
+
+fn rules_error(e: RulesError) -> ApiError {
+    ApiError {
+        position: Some(Position {
+            line: e.line(),
+            column: e.column(),
+            path: e.path().to_owned(),
+        }),
+        ..ApiError::bad_request(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(!constant_time_eq(b"x", b""));
+    }
+}

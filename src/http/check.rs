@@ -1,0 +1,172 @@
+//! `POST /v1/check`, `GET /v1/allow` and `POST /v1/refund`.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::headers::decision_headers;
+use super::request::CheckRequest;
+use super::{body_bytes, json_response, AppState};
+use crate::limiter::{Decision, Outcome};
+
+/// The answer to a check.
+#[derive(Serialize)]
+struct CheckAnswer<'a> {
+    allowed: bool,
+    /// `allowed`, `denied`, or `never`: the cost exceeds what the deciding
+    /// limit can ever admit, so retrying cannot succeed.
+    outcome: &'static str,
+    /// The rule of the deciding limit; `null` when no rule matched.
+    rule: Option<&'a str>,
+    limit: Option<u64>,
+    window_ms: Option<u64>,
+    remaining: Option<u64>,
+    reset_ms: Option<u64>,
+    /// 0 when allowed; `null` when no rule matched or for `never`.
+    retry_after_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AllowAnswer {
+    allowed: bool,
+}
+
+#[derive(Serialize)]
+struct RefundAnswer {
+    refunded: u32,
+    requested: u32,
+}
+
+/// What the body of a decision looks like.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Full,
+    Tiny,
+}
+
+pub async fn check(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let request = CheckRequest::from_json(&body)?;
+    decide(&state, &request, Shape::Full)
+}
+
+pub async fn allow(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let request = CheckRequest::from_query(query.as_deref().unwrap_or(""))?;
+    decide(&state, &request, Shape::Tiny)
+}
+
+pub async fn refund(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body)?;
+    let request = CheckRequest::from_json(&body)?;
+    let pairs = request.pairs();
+    let d = pairs.descriptors()?;
+    let refunded = state.api.limiter.refund(&d, request.cost)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &RefundAnswer {
+            refunded,
+            requested: request.cost,
+        },
+    ))
+}
+
+fn decide(state: &AppState, request: &CheckRequest, shape: Shape) -> Result<Response, ApiError> {
+    let pairs = request.pairs();
+    let d = pairs.descriptors()?;
+    let limiter = &state.api.limiter;
+    let start = Instant::now();
+    let result = limiter.check(&d, request.cost);
+    state.metrics.observe_latency(start.elapsed());
+    let decision = result?;
+    Ok(answer(state, &decision, shape))
+}
+
+fn answer(state: &AppState, decision: &Decision, shape: Shape) -> Response {
+    let rules = state.api.limiter.rules();
+    // The rules may have been replaced since the check: find the deciding
+    // limit by id, never trust a stale index.
+    let deciding = decision.quota.map(|q| {
+        let limit = rules
+            .limits()
+            .get(q.limit_index)
+            .filter(|l| l.id == q.limit_id)
+            .or_else(|| rules.limits().iter().find(|l| l.id == q.limit_id));
+        (q, limit.map_or("unknown", |l| l.rule.as_str()))
+    });
+    state.metrics.count_decision(
+        decision.outcome,
+        deciding.map(|(q, rule)| (q.limit_id, rule)),
+    );
+    let status = match decision.outcome {
+        Outcome::Allowed => StatusCode::OK,
+        Outcome::Denied | Outcome::Never => StatusCode::TOO_MANY_REQUESTS,
+    };
+    let allowed = decision.outcome == Outcome::Allowed;
+    let mut response = match shape {
+        Shape::Tiny => json_response(status, &AllowAnswer { allowed }),
+        Shape::Full => {
+            let body = match deciding {
+                None => CheckAnswer {
+                    allowed,
+                    outcome: "allowed",
+                    rule: None,
+                    limit: None,
+                    window_ms: None,
+                    remaining: None,
+                    reset_ms: None,
+                    retry_after_ms: None,
+                    message: None,
+                },
+                Some((q, rule)) => {
+                    let never = decision.outcome == Outcome::Never;
+                    CheckAnswer {
+                        allowed,
+                        outcome: match decision.outcome {
+                            Outcome::Allowed => "allowed",
+                            Outcome::Denied => "denied",
+                            Outcome::Never => "never",
+                        },
+                        rule: Some(rule),
+                        limit: Some(q.limit),
+                        window_ms: Some(q.period.as_millis_ceil()),
+                        remaining: Some(q.remaining),
+                        reset_ms: (!never).then(|| q.reset_after.as_millis_ceil()),
+                        retry_after_ms: match decision.outcome {
+                            Outcome::Allowed => Some(0),
+                            Outcome::Denied => Some(q.retry_after.as_millis_ceil()),
+                            Outcome::Never => None,
+                        },
+                        message: never.then(|| {
+                            format!(
+                                "the cost exceeds what rule `{rule}` can ever admit ({} per {}): retrying cannot succeed",
+                                q.limit, q.period
+                            )
+                        }),
+                    }
+                }
+            };
+            json_response(status, &body)
+        }
+    };
+    if let Some((q, rule)) = deciding {
+        decision_headers(response.headers_mut(), decision.outcome, rule, &q);
+    }
+    response.into_response()
+}

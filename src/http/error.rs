@@ -1,0 +1,108 @@
+//! Errors of the HTTP API: every one is a status code and a JSON body
+//! `{"error": "..."}`, and none of them changed anything.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::limiter::CheckError;
+
+/// A refused request. Built only from what the client sent or from the
+/// node's state; never from a bug (those do not become 500s by design: the
+/// handlers have no path that returns one for client input).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// Extra fields of the body (line and column of a rules error).
+    pub position: Option<Position>,
+    /// `Retry-After` seconds, for 503 while recovering.
+    pub retry_after: Option<u64>,
+    /// Adds `WWW-Authenticate: Bearer` (401).
+    pub challenge: bool,
+}
+
+/// Where in a rules file an error is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
+    /// The field path, as `rules[2].limits[0].window` (empty when the text
+    /// is not TOML at all).
+    pub path: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            position: None,
+            retry_after: None,
+            challenge: false,
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body exceeds the {limit}-byte limit"),
+        )
+    }
+}
+
+impl From<CheckError> for ApiError {
+    fn from(e: CheckError) -> ApiError {
+        match e {
+            CheckError::Recovering => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+            },
+            CheckError::Descriptor(_) | CheckError::UnknownEndpoint(_) => {
+                ApiError::bad_request(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<crate::core::descriptor::DescriptorError> for ApiError {
+    fn from(e: crate::core::descriptor::DescriptorError) -> ApiError {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    position: Option<&'a Position>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: &self.message,
+            position: self.position.as_ref(),
+        };
+        let mut response = super::json_response(self.status, &body);
+        let headers = response.headers_mut();
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.challenge {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"drl-admin\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<super::request::RequestError> for ApiError {
+    fn from(e: super::request::RequestError) -> ApiError {
+        ApiError::bad_request(e.0)
+    }
+}

@@ -1,0 +1,233 @@
+//! The HTTP API of a node (axum), JSON in and out.
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `POST /v1/check` | a decision: 200 allowed, 429 denied or never |
+//! | `GET /v1/allow?user=..&endpoint=..` | the same, with a tiny body |
+//! | `POST /v1/refund` | gives back hits |
+//! | `GET /v1/rules`, `PUT /v1/rules`, `POST /v1/rules/validate` | rules admin (bearer token) |
+//! | `GET /healthz`, `GET /readyz`, `GET /metrics` | operations |
+//!
+//! `docs/http-api.md` is the contract: bodies, status codes and headers.
+//! Every refusal is a JSON `{"error": "..."}` with a 4xx (or 503 while the
+//! node recovers) and changes nothing.
+//!
+//! # Layout
+//!
+//! - [`request`]: parsing bodies and query strings into descriptor fields.
+//! - [`headers`]: the `RateLimit-Policy`, `RateLimit` and `Retry-After` fields.
+//! - `check`, `admin`: the handlers.
+//! - [`server`]: binding, connection limit, graceful shutdown, [`run`].
+//! - [`client`]: a small HTTP/1.1 client for the CLI, the load generator and tests.
+
+mod admin;
+mod check;
+pub mod client;
+pub mod error;
+pub mod headers;
+pub mod request;
+pub mod server;
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Serialize;
+
+pub use error::ApiError;
+pub use server::{run, HttpNode, RunError};
+
+use crate::metrics::Metrics;
+use crate::node::NodeApi;
+
+/// Largest request body, except rules texts.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every handler shares. axum clones it for every request, so it is
+/// one `Arc`: a clone is one atomic increment.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
+    api: NodeApi,
+    metrics: Metrics,
+    /// `None` (or empty in the config): the admin routes answer 403.
+    admin_token: Option<String>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(api: NodeApi) -> AppState {
+        let admin_token = api.settings.admin_token.clone().filter(|t| !t.is_empty());
+        let metrics = Metrics::new(api.clone());
+        AppState(Arc::new(Shared {
+            api,
+            metrics,
+            admin_token,
+        }))
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let rules_limit = DefaultBodyLimit::max(crate::core::wire::MAX_RULES_BYTES);
+    let admin = Router::new()
+        .route("/v1/rules", get(admin::get_rules).put(admin::put_rules))
+        .route("/v1/rules/validate", post(admin::validate_rules))
+        .layer(rules_limit);
+    let api = Router::new()
+        .route("/v1/check", post(check::check))
+        .route("/v1/allow", get(check::allow))
+        .route("/v1/refund", post(check::refund))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    Router::new()
+        .merge(api)
+        .merge(admin)
+        .fallback(not_found)
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            plain_errors_as_json,
+        ))
+        .with_state(state)
+}
+
+/// A JSON response with the right content type.
+pub(crate) fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    // Serializing our own answer types into a Vec cannot fail.
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut response = Response::new(Body::from(bytes));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The body, or the reason it could not be read (413 over the limit).
+pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                status,
+                "the request body is too large (limit: 64 KiB; rules texts: 512 KiB)",
+            )
+        } else {
+            ApiError::new(
+                if status.is_client_error() {
+                    status
+                } else {
+                    StatusCode::BAD_REQUEST
+                },
+                rejection.body_text(),
+            )
+        }
+    })
+}
+
+/// axum answers some refusals itself (405 for a wrong method) with an empty
+/// body: give them the JSON body every other error has, and count refusals.
+async fn plain_errors_as_json(State(state): State<AppState>, response: Response) -> Response {
+    let status = response.status();
+    if status.is_success()
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || response.extensions().get::<NotARefusal>().is_some()
+    {
+        return response;
+    }
+    state.metrics.count_rejected(status.as_u16());
+    if response.headers().contains_key(header::CONTENT_TYPE) {
+        return response;
+    }
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method not allowed on this route".to_owned(),
+        other => other
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_owned(),
+    };
+    let (mut parts, _) = response.into_parts();
+    let body = ApiError::new(status, message).into_response();
+    let (new_parts, body) = body.into_parts();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        new_parts.headers[header::CONTENT_TYPE].clone(),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, body)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such route")
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, &Health { status: "ok" })
+}
+
+/// Marks an error status that answers a question rather than refusing a
+/// request (`/readyz` saying "not yet"): not counted as a refusal.
+#[derive(Clone, Copy)]
+struct NotARefusal;
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    /// The last reload of the rules file failed (the rules in force stay).
+    rules_file_error: Option<String>,
+    live_peers: usize,
+    known_peers: usize,
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let ready = state.api.is_ready();
+    let status = state.api.status();
+    let body = Readiness {
+        ready,
+        rules_file_error: status.rules_file_error,
+        live_peers: status.live.len(),
+        known_peers: status.known.len(),
+    };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut response = json_response(code, &body);
+    response.extensions_mut().insert(NotARefusal);
+    response
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.encode();
+    let mut response = Response::new(Body::from(text));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    response
+}

@@ -1,0 +1,369 @@
+//! Parsing what a client sends: a flat JSON object of descriptor fields and
+//! an optional cost, or the same as a query string. Parse, don't validate:
+//! a [`CheckRequest`] holds well-formed text, and [`CheckRequest::descriptors`]
+//! checks the descriptor rules (names, lengths, control characters).
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+
+use crate::core::descriptor::{self, Descriptors, MAX_FIELDS};
+
+/// The reserved member that carries the request's weight.
+pub const COST: &str = "cost";
+
+/// One check or refund request, before descriptor validation. Names and
+/// values borrow from the body when they hold no escapes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckRequest<'a> {
+    pub fields: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    pub cost: u32,
+}
+
+/// Why a request body or query was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RequestError(pub String);
+
+impl<'a> CheckRequest<'a> {
+    /// Parses a JSON body: an object whose members are descriptor fields
+    /// (string values) and `cost` (an integer from 0 to 2^32 − 1, default 1).
+    /// Duplicate members are refused rather than silently merged.
+    pub fn from_json(body: &'a [u8]) -> Result<CheckRequest<'a>, RequestError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(RequestError(
+                "the body is empty: send a JSON object of descriptor fields".into(),
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let request = de
+            .deserialize_map(RequestVisitor)
+            .and_then(|r| de.end().map(|()| r))
+            .map_err(|e| RequestError(describe_json_error(&e)))?;
+        Ok(request)
+    }
+
+    /// Parses a query string (`user=alice&endpoint=%2Fv1%2Fsearch&cost=2`).
+    /// Values are percent-decoded (`+` is a space) and must be UTF-8.
+    pub fn from_query(query: &str) -> Result<CheckRequest<'static>, RequestError> {
+        let mut request = CheckRequest {
+            fields: Vec::with_capacity(4),
+            cost: 1,
+        };
+        let mut cost_seen = false;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = percent_decode(name)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .ok_or_else(|| {
+                    RequestError(format!("query parameter name {name:?} is not valid"))
+                })?;
+            let value = percent_decode(value)
+                .map_err(|()| RequestError(format!("query parameter `{name}` is badly escaped")))?;
+            let value = descriptor::value_from_bytes(&name, &value)
+                .map(str::to_owned)
+                .or_else(|e| {
+                    // An empty value is a descriptor error, reported later with
+                    // the others; invalid UTF-8 must be refused here.
+                    if value.is_empty() {
+                        Ok(String::new())
+                    } else {
+                        Err(RequestError(e.to_string()))
+                    }
+                })?;
+            if name == COST {
+                if cost_seen {
+                    return Err(RequestError("`cost` appears twice".into()));
+                }
+                cost_seen = true;
+                request.cost = parse_cost_text(&value)?;
+            } else {
+                push_field(&mut request.fields, name.into(), value.into()).map_err(RequestError)?;
+            }
+        }
+        Ok(request)
+    }
+
+    /// The fields as `(name, value)` pairs, on the stack: at most
+    /// [`MAX_FIELDS`] (parsing refuses more).
+    pub fn pairs(&self) -> Pairs<'_> {
+        let mut pairs = Pairs {
+            items: [("", ""); MAX_FIELDS],
+            len: 0,
+        };
+        for (n, v) in self.fields.iter().take(MAX_FIELDS) {
+            pairs.items[pairs.len] = (n.as_ref(), v.as_ref());
+            pairs.len += 1;
+        }
+        pairs
+    }
+}
+
+/// Descriptor pairs of one request, without a heap allocation.
+pub struct Pairs<'a> {
+    items: [(&'a str, &'a str); MAX_FIELDS],
+    len: usize,
+}
+
+impl<'a> Pairs<'a> {
+    pub fn as_slice(&self) -> &[(&'a str, &'a str)] {
+        &self.items[..self.len]
+    }
+
+    /// Validates the pairs as descriptors (see [`Descriptors::new`]).
+    pub fn descriptors(&self) -> Result<Descriptors<'_>, descriptor::DescriptorError> {
+        Descriptors::new(self.as_slice())
+    }
+}
+
+fn push_field<'a>(
+    fields: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    name: Cow<'a, str>,
+    value: Cow<'a, str>,
+) -> Result<(), String> {
+    if fields.iter().any(|(n, _)| *n == name) {
+        return Err(format!("field `{}` appears twice", truncate(&name)));
+    }
+    // Stop early: a body may hold thousands of members, and the descriptor
+    // check would refuse them anyway.
+    if fields.len() == MAX_FIELDS {
+        return Err(format!(
+            "at most {MAX_FIELDS} descriptor fields are allowed"
+        ));
+    }
+    fields.push((name, value));
+    Ok(())
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn parse_cost_text(text: &str) -> Result<u32, RequestError> {
+    text.parse::<u32>().map_err(|_| {
+        RequestError(format!(
+            "`cost` must be an integer from 0 to {}, got {:?}",
+            u32::MAX,
+            truncate(text)
+        ))
+    })
+}
+
+/// serde_json's message names the position; the wording for a non-object
+/// body is made plain.
+fn describe_json_error(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    if e.is_syntax() || e.is_eof() {
+        format!("malformed JSON: {text}")
+    } else {
+        text
+    }
+}
+
+struct RequestVisitor;
+
+impl<'de> Visitor<'de> for RequestVisitor {
+    type Value = CheckRequest<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(
+            "a JSON object of descriptor fields with string values and an optional integer `cost`",
+        )
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<CheckRequest<'de>, A::Error> {
+        let mut request = CheckRequest {
+            fields: Vec::with_capacity(4),
+            cost: 1,
+        };
+        let mut cost_seen = false;
+        while let Some(name) = map.next_key_seed(TextSeed(None))? {
+            if name == COST {
+                if cost_seen {
+                    return Err(de::Error::custom("`cost` appears twice"));
+                }
+                cost_seen = true;
+                request.cost = map.next_value_seed(CostSeed)?;
+            } else {
+                let value = map.next_value_seed(TextSeed(Some(&name)))?;
+                push_field(&mut request.fields, name, value).map_err(de::Error::custom)?;
+            }
+        }
+        Ok(request)
+    }
+}
+
+/// A member name (`None`) or a descriptor value (the field's name): a JSON
+/// string, nothing else, borrowed from the body when it has no escapes.
+struct TextSeed<'n>(Option<&'n str>);
+
+impl<'de> de::DeserializeSeed<'de> for TextSeed<'_> {
+    type Value = Cow<'de, str>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Cow<'de, str>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TextSeed<'_> {
+    type Value = Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self.0 {
+            Some(name) => write!(f, "a string value for field `{}`", truncate(name)),
+            None => f.write_str("a member name"),
+        }
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Cow<'de, str>, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// The cost: a JSON integer in `0..2^32`. Floats, strings, negatives and
+/// larger numbers are refused.
+struct CostSeed;
+
+impl<'de> de::DeserializeSeed<'de> for CostSeed {
+    type Value = u32;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u32, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CostSeed {
+    type Value = u32;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "`cost` as an integer from 0 to {}", u32::MAX)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<u32, E> {
+        u32::try_from(v).map_err(|_| {
+            E::custom(format!(
+                "`cost` must be an integer from 0 to {}, got {v}",
+                u32::MAX
+            ))
+        })
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<u32, E> {
+        u32::try_from(v).map_err(|_| {
+            E::custom(format!(
+                "`cost` must be an integer from 0 to {}, got {v}",
+                u32::MAX
+            ))
+        })
+    }
+}
+
+/// Decodes `%XX` escapes and `+`; refuses a `%` not followed by two hex digits.
+fn percent_decode(s: &str) -> Result<Vec<u8>, ()> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(())?;
+                let hex = std::str::from_utf8(hex).map_err(|_| ())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields<'a>(r: &'a CheckRequest<'_>) -> Vec<(&'a str, &'a str)> {
+        r.fields
+            .iter()
+            .map(|(n, v)| (n.as_ref(), v.as_ref()))
+            .collect()
+    }
+
+    #[test]
+    fn json_objects_become_fields_and_cost() {
+        let r = CheckRequest::from_json(br#"{"user":"alice","endpoint":"/v1/search","cost":3}"#)
+            .unwrap();
+        assert_eq!(fields(&r), [("user", "alice"), ("endpoint", "/v1/search")]);
+        assert_eq!(r.cost, 3);
+        let r = CheckRequest::from_json(br#"{"user":"a\u00e9"}"#).unwrap();
+        assert_eq!(r.cost, 1);
+        assert_eq!(fields(&r), [("user", "aé")]);
+    }
+
+    #[test]
+    fn json_refusals_say_why() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "empty"),
+            (b"{", "malformed"),
+            (b"[1]", "a JSON object"),
+            (b"\"x\"", "a JSON object"),
+            (br#"{"user":1}"#, "a string value for field `user`"),
+            (br#"{"user":null}"#, "a string value"),
+            (br#"{"user":"a","user":"b"}"#, "appears twice"),
+            (br#"{"user":"a","cost":-1}"#, "got -1"),
+            (br#"{"user":"a","cost":1.5}"#, "integer"),
+            (br#"{"user":"a","cost":"2"}"#, "integer"),
+            (br#"{"user":"a","cost":4294967296}"#, "got 4294967296"),
+            (br#"{"user":"a","cost":1,"cost":2}"#, "`cost` appears twice"),
+            (br#"{"user":"a"} x"#, "trailing"),
+            (b"{\"user\":\"\xff\"}", "malformed"),
+        ];
+        for (body, want) in cases {
+            let e = CheckRequest::from_json(body).unwrap_err();
+            assert!(
+                e.0.contains(want),
+                "{:?}: {e} lacks {want:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert_eq!(
+            CheckRequest::from_json(br#"{"cost":4294967295,"u":"x"}"#)
+                .unwrap()
+                .cost,
+            u32::MAX
+        );
+    }
+
+    #[test]
+    fn queries_are_percent_decoded() {
+        let r = CheckRequest::from_query("user=al+ice&endpoint=%2Fv1%2Fsearch&cost=0").unwrap();
+        assert_eq!(fields(&r), [("user", "al ice"), ("endpoint", "/v1/search")]);
+        assert_eq!(r.cost, 0);
+        for (q, want) in [
+            ("user=%FF", "not valid UTF-8"),
+            ("user=%G1", "badly escaped"),
+            ("user=a&user=b", "appears twice"),
+            ("user=a&cost=-1", "`cost` must be"),
+        ] {
+            let e = CheckRequest::from_query(q).unwrap_err();
+            assert!(e.0.contains(want), "{q}: {e}");
+        }
+    }
+
+    #[test]
+    fn too_many_members_stop_early() {
+        let body: String = (0..100)
+            .map(|i| format!("\"f{i}\":\"v\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        let e = CheckRequest::from_json(format!("{{{body}}}").as_bytes()).unwrap_err();
+        assert!(e.0.contains("at most 16"), "{e}");
+    }
+}

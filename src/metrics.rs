@@ -1,0 +1,596 @@
+//! Prometheus metrics of a node, served at `GET /metrics`.
+//!
+//! Two kinds of numbers meet here. Decisions and their latency are counted on
+//! the request path, so they are kept in lock-free atomics ([`DecisionCounters`],
+//! [`LatencyHistogram`]) that a check touches with a handful of relaxed
+//! increments. Everything else (keys, evictions, gossip, peers, divergence,
+//! overshoot, rules) is read from the node's published status at scrape time
+//! by [`NodeCollector`], so it costs nothing between scrapes.
+//!
+//! # Estimated overshoot
+//!
+//! `drl_overshoot_estimate_ratio{policy}` is the fraction of a limit that the
+//! cluster may admit beyond it at this moment, from this node's point of view
+//! (in-flight deltas, bounded by the in-flight budget, are not included):
+//!
+//! - `strict`: 0. A node cut off from its peers keeps reserving their shares.
+//! - `bounded`: `bounded_fraction` while this node is in the minority (it may
+//!   spend that much on its own), else 0.
+//! - `available`: `(known − live) / (known + 1)`, where `known` and `live`
+//!   count the peers: the share of the limit that the sides this node no
+//!   longer hears from may spend without it knowing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::core::share::SharePolicy;
+use crate::core::time::Clock;
+use crate::limiter::Outcome;
+use crate::node::NodeApi;
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Every metric of one node.
+pub struct Metrics {
+    registry: Registry,
+    decisions: Arc<DecisionCounters>,
+    latency: Arc<LatencyHistogram>,
+    rejected: Arc<RejectCounters>,
+}
+
+impl Metrics {
+    pub fn new(api: NodeApi) -> Metrics {
+        let decisions = Arc::new(DecisionCounters::default());
+        let latency = Arc::new(LatencyHistogram::default());
+        let rejected = Arc::new(RejectCounters::default());
+        let mut registry = Registry::with_prefix("drl");
+        registry.register_collector(Box::new(decisions.clone()));
+        registry.register_collector(Box::new(latency.clone()));
+        registry.register_collector(Box::new(rejected.clone()));
+        registry.register_collector(Box::new(NodeCollector { api }));
+        Metrics {
+            registry,
+            decisions,
+            latency,
+            rejected,
+        }
+    }
+
+    /// Counts one decision of the limit `limit_id` (of rule `rule`), or of no
+    /// limit (`None`: no rule matched).
+    pub fn count_decision(&self, outcome: Outcome, limit: Option<(u64, &str)>) {
+        self.decisions.count(outcome, limit);
+    }
+
+    /// Records how long one `Limiter::check` took.
+    pub fn observe_latency(&self, took: Duration) {
+        self.latency.observe(took);
+    }
+
+    /// Counts a request refused before any decision, by HTTP status.
+    pub fn count_rejected(&self, status: u16) {
+        self.rejected.count(status);
+    }
+
+    /// The whole registry in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail; a collector error would leave a
+        // truncated page, which Prometheus reports as a scrape error.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+const RESULTS: [(Outcome, &str); 3] = [
+    (Outcome::Allowed, "allowed"),
+    (Outcome::Denied, "denied"),
+    (Outcome::Never, "never"),
+];
+
+fn result_index(outcome: Outcome) -> usize {
+    match outcome {
+        Outcome::Allowed => 0,
+        Outcome::Denied => 1,
+        Outcome::Never => 2,
+    }
+}
+
+/// Decisions by result and by the rule of the deciding limit. Keyed by limit
+/// id on the request path (a lock-free map lookup, no allocation after the
+/// first decision of a limit); folded by rule name at scrape time.
+#[derive(Default)]
+pub struct DecisionCounters {
+    by_limit: papaya::HashMap<u64, Arc<LimitCounts>>,
+    unmatched: AtomicU64,
+}
+
+struct LimitCounts {
+    rule: String,
+    counts: [AtomicU64; 3],
+}
+
+impl DecisionCounters {
+    fn count(&self, outcome: Outcome, limit: Option<(u64, &str)>) {
+        let Some((id, rule)) = limit else {
+            self.unmatched.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let map = self.by_limit.pin();
+        let counts = match map.get(&id) {
+            Some(c) => c.clone(),
+            None => map
+                .get_or_insert_with(id, || {
+                    Arc::new(LimitCounts {
+                        rule: rule.to_owned(),
+                        counts: Default::default(),
+                    })
+                })
+                .clone(),
+        };
+        counts.counts[result_index(outcome)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(result, rule) → count`; rule `""` is "no rule matched".
+    fn totals(&self) -> BTreeMap<(&'static str, String), u64> {
+        let mut totals = BTreeMap::new();
+        for (_, c) in self.by_limit.pin().iter() {
+            for (i, (_, result)) in RESULTS.iter().enumerate() {
+                *totals.entry((*result, c.rule.clone())).or_insert(0) +=
+                    c.counts[i].load(Ordering::Relaxed);
+            }
+        }
+        totals.insert(
+            ("allowed", String::new()),
+            self.unmatched.load(Ordering::Relaxed),
+        );
+        totals
+    }
+}
+
+impl fmt::Debug for DecisionCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DecisionCounters").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for DecisionCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "decisions",
+            "Rate-limit decisions by result and by the rule of the deciding limit (rule=\"\" when no rule matched).",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((result, rule), n) in self.totals() {
+            let labels = [("result", result), ("rule", rule.as_str())];
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Upper bounds of the latency buckets, in nanoseconds: a local decision
+/// takes well under a microsecond, so the scale starts at 250 ns.
+const LATENCY_BOUNDS_NS: [u64; 16] = [
+    250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000,
+    1_000_000, 4_000_000, 16_000_000, 64_000_000,
+];
+
+/// A fixed-bucket histogram of decision latency, updated with relaxed atomic
+/// increments (no lock on the request path).
+#[derive(Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BOUNDS_NS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn observe(&self, took: Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let i = LATENCY_BOUNDS_NS.partition_point(|&b| b < ns);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for LatencyHistogram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LatencyHistogram").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for LatencyHistogram {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        // The encoder wants each bucket's own count; it accumulates them.
+        let mut count = 0u64;
+        let mut buckets = Vec::with_capacity(self.buckets.len());
+        for (i, b) in self.buckets.iter().enumerate() {
+            let n = b.load(Ordering::Relaxed);
+            count += n;
+            let bound = LATENCY_BOUNDS_NS
+                .get(i)
+                .map_or(f64::INFINITY, |&ns| ns as f64 / 1e9);
+            buckets.push((bound, n));
+        }
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let mut metric = encoder.encode_descriptor(
+            "decision_duration_seconds",
+            "Time spent in Limiter::check per request, measured in the HTTP handler.",
+            None,
+            MetricType::Histogram,
+        )?;
+        metric
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+}
+
+/// Requests refused before any decision (bad input, recovering, ...).
+#[derive(Default)]
+pub struct RejectCounters {
+    /// Index by status: 400, 401, 403, 404, 405, 413, 503, other.
+    counts: [AtomicU64; 8],
+}
+
+const REJECT_CODES: [u16; 7] = [400, 401, 403, 404, 405, 413, 503];
+
+impl RejectCounters {
+    fn count(&self, status: u16) {
+        let i = REJECT_CODES
+            .iter()
+            .position(|&c| c == status)
+            .unwrap_or(REJECT_CODES.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for RejectCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RejectCounters").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for RejectCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "http_rejected",
+            "HTTP requests answered with an error before any decision, by status code.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, c) in self.counts.iter().enumerate() {
+            let code = REJECT_CODES
+                .get(i)
+                .map_or_else(|| "other".to_owned(), |c| c.to_string());
+            let labels = [("code", code.as_str())];
+            ConstCounter::new(c.load(Ordering::Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the node's status at scrape time.
+struct NodeCollector {
+    api: NodeApi,
+}
+
+impl fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeCollector").finish_non_exhaustive()
+    }
+}
+
+/// The estimated overshoot (see the module docs), as a fraction of a limit.
+pub fn overshoot_estimate(policy: SharePolicy, minority: bool, known: usize, live: usize) -> f64 {
+    match policy {
+        SharePolicy::Strict => 0.0,
+        SharePolicy::Bounded { fraction_ppm } => {
+            if minority {
+                f64::from(fraction_ppm) / 1e6
+            } else {
+                0.0
+            }
+        }
+        SharePolicy::Available => {
+            let down = known.saturating_sub(live);
+            down as f64 / (known as f64 + 1.0)
+        }
+    }
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> Result<(), fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(value).encode(metric)
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), fmt::Error> {
+    let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(metric)
+}
+
+/// A gauge family with one series per peer, labelled by slot and name.
+fn peer_gauges(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    peers: &[(String, String, f64)],
+) -> Result<(), fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (slot, peer_name, value) in peers {
+        let labels = [("peer", slot.as_str()), ("peer_name", peer_name.as_str())];
+        ConstGauge::new(*value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl prometheus_client::collector::Collector for NodeCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let status = self.api.status();
+        let limiter = &self.api.limiter;
+        let settings = &self.api.settings;
+        let now = limiter.clock().now();
+
+        gauge(
+            &mut e,
+            "ready",
+            "1 once the node has recovered its counts and admits requests.",
+            f64::from(u8::from(self.api.is_ready())),
+        )?;
+        gauge(
+            &mut e,
+            "keys_tracked",
+            "Keys tracked over all limits.",
+            limiter.keys_tracked() as f64,
+        )?;
+        counter(
+            &mut e,
+            "evictions",
+            "Live keys pushed out by the key cap (max_keys), since start.",
+            limiter.evictions(),
+        )?;
+        counter(
+            &mut e,
+            "expirations",
+            "Keys freed because their window passed, since start.",
+            limiter.expirations(),
+        )?;
+
+        let r = &status.replication;
+        counter(
+            &mut e,
+            "gossip_frames_sent",
+            "Replication frames sent to peers.",
+            r.frames_sent,
+        )?;
+        counter(
+            &mut e,
+            "gossip_bytes_sent",
+            "Bytes of replication frames sent to peers.",
+            r.bytes_sent,
+        )?;
+        counter(
+            &mut e,
+            "gossip_frames_received",
+            "Replication frames received from peers.",
+            r.frames_received,
+        )?;
+        counter(
+            &mut e,
+            "gossip_frames_refused",
+            "Replication frames from peers refused as malformed or out of place.",
+            r.frames_refused,
+        )?;
+        counter(
+            &mut e,
+            "gossip_values_merged",
+            "Counter values merged from peers.",
+            r.values_merged,
+        )?;
+        counter(
+            &mut e,
+            "gossip_retransmissions",
+            "Delta rounds sent again for lack of an acknowledgement.",
+            r.retransmissions,
+        )?;
+        counter(
+            &mut e,
+            "gossip_full_syncs",
+            "Full-state syncs to peers.",
+            r.full_syncs,
+        )?;
+
+        gauge(
+            &mut e,
+            "divergence_hits",
+            "Hits admitted here that some peer has not acknowledged: how far the cluster's view lags this node's.",
+            status.unacked_hits as f64,
+        )?;
+        gauge(
+            &mut e,
+            "divergence_rounds",
+            "Delta rounds of this node not yet acknowledged by every peer.",
+            status.unacked_rounds as f64,
+        )?;
+        gauge(
+            &mut e,
+            "minority",
+            "1 when this node cannot reach a majority of the cluster.",
+            f64::from(u8::from(status.minority)),
+        )?;
+        {
+            let policy = settings.policy;
+            let estimate = overshoot_estimate(
+                policy,
+                status.minority,
+                status.known.len(),
+                status.live.len(),
+            );
+            let mut family = e.encode_descriptor(
+                "overshoot_estimate_ratio",
+                "Estimated cluster-wide overshoot as a fraction of a limit under the share policy (see docs/http-api.md).",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [("policy", policy.name())];
+            ConstGauge::new(estimate).encode(family.encode_family(&labels)?)?;
+        }
+        gauge(
+            &mut e,
+            "peers_known",
+            "Peers ever seen, this node excluded.",
+            status.known.len() as f64,
+        )?;
+        gauge(
+            &mut e,
+            "peers_live",
+            "Peers alive according to the failure detector.",
+            status.live.len() as f64,
+        )?;
+
+        let per_peer = |f: &dyn Fn(&crate::cluster::replication::PeerState) -> Option<f64>| {
+            status
+                .peers
+                .iter()
+                .filter_map(|(slot, p)| Some((slot.to_string(), p.name.clone(), f(p)?)))
+                .collect::<Vec<_>>()
+        };
+        peer_gauges(
+            &mut e,
+            "peer_connected",
+            "1 while a verified QUIC connection to the peer is open.",
+            &per_peer(&|p| Some(f64::from(u8::from(p.connected)))),
+        )?;
+        peer_gauges(
+            &mut e,
+            "peer_live",
+            "1 while the failure detector considers the peer alive.",
+            &per_peer(&|p| Some(f64::from(u8::from(p.live)))),
+        )?;
+        peer_gauges(
+            &mut e,
+            "peer_lag_seconds",
+            "Time since the last frame from the peer arrived.",
+            &per_peer(&|p| {
+                p.last_heard
+                    .map(|t| now.saturating_sub(t).as_u64() as f64 / 1e9)
+            }),
+        )?;
+        peer_gauges(
+            &mut e,
+            "peer_clock_offset_seconds",
+            "Estimated peer clock minus this node's clock (smoothed).",
+            &per_peer(&|p| Some(p.clock_offset_ns as f64 / 1e9)),
+        )?;
+        peer_gauges(
+            &mut e,
+            "peer_rtt_seconds",
+            "Smoothed round-trip time to the peer.",
+            &per_peer(&|p| Some(p.rtt.as_u64() as f64 / 1e9)),
+        )?;
+        peer_gauges(
+            &mut e,
+            "peer_unacked_rounds",
+            "Delta rounds of this node the peer has not acknowledged.",
+            &per_peer(&|p| Some(p.unacked_rounds as f64)),
+        )?;
+
+        let (version, origin) = status.rules_version;
+        gauge(
+            &mut e,
+            "rules_version",
+            "Version counter of the rules in force (cluster-wide, last writer wins).",
+            version as f64,
+        )?;
+        gauge(
+            &mut e,
+            "rules_origin_slot",
+            "Slot of the node that put the rules in force.",
+            f64::from(origin),
+        )?;
+        gauge(
+            &mut e,
+            "rules_file_error",
+            "1 when the last reload of the rules file failed (the rules in force stay).",
+            f64::from(u8::from(status.rules_file_error.is_some())),
+        )?;
+        gauge(
+            &mut e,
+            "rules_limits",
+            "Limits in the rules in force.",
+            limiter.rules().limits().len() as f64,
+        )?;
+        counter(
+            &mut e,
+            "snapshots_written",
+            "Local snapshots written.",
+            status.snapshots_written,
+        )?;
+        {
+            let mut family =
+                e.encode_descriptor("node", "This node's identity.", None, MetricType::Info)?;
+            let slot = settings.slot.to_string();
+            let labels = [("name", settings.name.as_str()), ("slot", slot.as_str())];
+            family.encode_info(&labels)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overshoot_follows_the_policy() {
+        assert_eq!(overshoot_estimate(SharePolicy::Strict, true, 2, 0), 0.0);
+        let bounded = SharePolicy::Bounded {
+            fraction_ppm: 50_000,
+        };
+        assert_eq!(overshoot_estimate(bounded, false, 2, 0), 0.0);
+        assert!((overshoot_estimate(bounded, true, 2, 0) - 0.05).abs() < 1e-12);
+        assert_eq!(overshoot_estimate(SharePolicy::Available, false, 2, 2), 0.0);
+        assert!(
+            (overshoot_estimate(SharePolicy::Available, false, 2, 0) - 2.0 / 3.0).abs() < 1e-12
+        );
+    }
+
+    #[test]
+    fn latency_buckets_are_upper_bounds() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_nanos(250));
+        h.observe(Duration::from_nanos(251));
+        h.observe(Duration::from_secs(1));
+        assert_eq!(h.buckets[0].load(Ordering::Relaxed), 1);
+        assert_eq!(h.buckets[1].load(Ordering::Relaxed), 1);
+        assert_eq!(
+            h.buckets[LATENCY_BOUNDS_NS.len()].load(Ordering::Relaxed),
+            1
+        );
+    }
+}

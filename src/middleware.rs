@@ -1,0 +1,118 @@
+//! Rate limiting as axum middleware: a Rust web service adds limiting to its
+//! routes in a few lines, with the same decisions and headers as the HTTP
+//! API (`429`, `Retry-After`, `RateLimit-Policy`, `RateLimit`).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use axum::{routing::get, Router};
+//! use drl::middleware::{rate_limit, RateLimitState};
+//!
+//! # fn limiter() -> Arc<drl::limiter::Limiter> { unimplemented!() }
+//! let state = RateLimitState::new(limiter(), |req| {
+//!     let user = req.headers().get("x-user-id")?.to_str().ok()?.to_owned();
+//!     Some(vec![("user".into(), user), ("endpoint".into(), req.uri().path().to_owned())])
+//! });
+//! let app: Router = Router::new()
+//!     .route("/v1/search", get(|| async { "results" }))
+//!     .layer(axum::middleware::from_fn_with_state(state, rate_limit));
+//! ```
+//!
+//! The limiter is the application's own (an embedded [`Limiter`]) or a
+//! cluster node's (`NodeHandle::limiter`): either way the decision is local.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use crate::core::descriptor::Descriptors;
+use crate::http::headers::decision_headers;
+use crate::limiter::{CheckError, Limiter, Outcome};
+
+/// Descriptor fields of a request, or `None` to let it pass unlimited.
+pub type Describe = dyn Fn(&Request) -> Option<Vec<(String, String)>> + Send + Sync;
+
+/// What the middleware needs: the limiter and how to describe a request.
+#[derive(Clone)]
+pub struct RateLimitState {
+    limiter: Arc<Limiter>,
+    describe: Arc<Describe>,
+}
+
+impl RateLimitState {
+    pub fn new(
+        limiter: Arc<Limiter>,
+        describe: impl Fn(&Request) -> Option<Vec<(String, String)>> + Send + Sync + 'static,
+    ) -> Self {
+        RateLimitState {
+            limiter,
+            describe: Arc::new(describe),
+        }
+    }
+}
+
+fn refusal(status: StatusCode, message: &str) -> Response {
+    let body = serde_json::json!({ "error": message }).to_string();
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+/// The middleware function; use with `axum::middleware::from_fn_with_state`.
+pub async fn rate_limit(
+    State(state): State<RateLimitState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(fields) = (state.describe)(&request) else {
+        return next.run(request).await;
+    };
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let decision = match Descriptors::new(&pairs) {
+        Err(e) => return refusal(StatusCode::BAD_REQUEST, &e.to_string()),
+        Ok(d) => match state.limiter.check(&d, 1) {
+            Ok(decision) => decision,
+            Err(CheckError::Recovering) => {
+                let mut r = refusal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &CheckError::Recovering.to_string(),
+                );
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(1u64),
+                );
+                return r;
+            }
+            Err(e) => return refusal(StatusCode::BAD_REQUEST, &e.to_string()),
+        },
+    };
+    let rule = decision.quota.map(|q| {
+        let rules = state.limiter.rules();
+        let name = rules
+            .limits()
+            .get(q.limit_index)
+            .map(|l| l.rule.clone())
+            .unwrap_or_default();
+        (name, q)
+    });
+    let mut response = match decision.outcome {
+        Outcome::Allowed => next.run(request).await,
+        Outcome::Denied => refusal(StatusCode::TOO_MANY_REQUESTS, "rate limited"),
+        Outcome::Never => refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the request costs more than the limit allows",
+        ),
+    };
+    if let Some((name, q)) = rule {
+        decision_headers(response.headers_mut(), decision.outcome, &name, &q);
+    }
+    response
+}

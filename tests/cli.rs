@@ -1,0 +1,345 @@
+//! The `drl` binary as a user runs it: a node configured by file, flags and
+//! environment; checks, rules admin and load over HTTP; a clean stop on
+//! SIGTERM.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DRL: &str = env!("CARGO_BIN_EXE_drl");
+const EXAMPLE_RULES: &str = include_str!("../deploy/rules.example.toml");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("drl-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn drl(args: &[&str]) -> Output {
+    Command::new(DRL)
+        .args(args)
+        .env_remove("DRL_ADMIN_TOKEN")
+        .env_remove("DRL_NODE")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<u16> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split(' ').nth(1)?.parse().ok()
+}
+
+fn start_node(dir: &Path, http: u16) -> Child {
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        "name = \"node-0\"\ncluster_size = 1\nlisten_http = \"127.0.0.1:1\"\nrules = \"rules.toml\"\n\
+         tls_ca = \"certs/ca.pem\"\ntls_cert = \"certs/node-0.pem\"\ntls_key = \"certs/node-0-key.pem\"\n",
+    )
+    .unwrap();
+    // The file says port 1; the flag wins. The peer port comes from the
+    // environment, the admin token too.
+    Command::new(DRL)
+        .args(["node", "--config"])
+        .arg(&config)
+        .args(["--listen-http", &format!("127.0.0.1:{http}")])
+        .env("DRL_LISTEN_PEER", format!("127.0.0.1:{}", free_udp_port()))
+        .env("DRL_ADMIN_TOKEN", "tok")
+        .env("DRL_RECOVERY_TIMEOUT", "100ms")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn rules_validate_and_check_work_offline() {
+    let dir = scratch("offline");
+    let rules = dir.join("rules.toml");
+    std::fs::write(&rules, EXAMPLE_RULES).unwrap();
+    let o = drl(&["rules", "validate", rules.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(stdout(&o).contains("search-per-user"));
+    let o = drl(&[
+        "check",
+        "--rules",
+        rules.to_str().unwrap(),
+        "-f",
+        "user=bob",
+        "-f",
+        "endpoint=/v1/search",
+        "--repeat",
+        "11",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    assert!(
+        out.contains("10: allowed") && out.contains("11: denied"),
+        "{out}"
+    );
+    std::fs::write(&rules, "[[rules]]\nname = 1\n").unwrap();
+    let o = drl(&["rules", "validate", rules.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("line 2"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn a_node_serves_checks_admin_and_load_then_stops_on_sigterm() {
+    let dir = scratch("node");
+    let o = drl(&[
+        "certs",
+        "--dir",
+        dir.join("certs").to_str().unwrap(),
+        "--nodes",
+        "1",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    std::fs::write(dir.join("rules.toml"), EXAMPLE_RULES).unwrap();
+    let http = free_port();
+    let mut child = start_node(&dir, http);
+    let start = Instant::now();
+    while http_get(http, "/readyz") != Some(200) {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("node exited: {status}: {err}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "node not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("http://127.0.0.1:{http}");
+
+    let o = drl(&[
+        "check",
+        "--node",
+        &url,
+        "-f",
+        "user=alice",
+        "-f",
+        "endpoint=/v1/login",
+        "-f",
+        "ip=10.0.0.1",
+        "--repeat",
+        "4",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    assert!(
+        out.contains("1: 200 allowed") && out.contains("4: 429 denied"),
+        "{out}"
+    );
+    assert!(out.contains("retry-after:"), "{out}");
+
+    let o = drl(&["rules", "get", "--node", &url]);
+    assert_eq!(o.status.code(), Some(2), "no token: refused");
+    let o = drl(&["rules", "get", "--node", &url, "--token", "tok"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(stdout(&o), EXAMPLE_RULES);
+
+    let new_rules = dir.join("new.toml");
+    std::fs::write(
+        &new_rules,
+        "[[rules]]\nname = \"only\"\nmatch = { user = \"*\" }\nlimits = [ { algorithm = \"fixed_window\", limit = 5, window = \"1m\" } ]\n",
+    )
+    .unwrap();
+    let path = new_rules.to_str().unwrap();
+    let o = drl(&["rules", "validate", path, "--node", &url, "--token", "tok"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = drl(&["rules", "put", path, "--node", &url, "--token", "tok"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(stdout(&o).contains("version 1.0"), "{}", stdout(&o));
+
+    let o = drl(&[
+        "load",
+        "--node",
+        &url,
+        "--connections",
+        "4",
+        "--duration",
+        "1s",
+        "--keys",
+        "3",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    let result = out.lines().find(|l| l.starts_with("result:")).unwrap();
+    let field = |name: &str| -> f64 {
+        result
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(field("decisions_per_sec") > 0.0, "{out}");
+    assert!(field("allowed") >= 15.0, "3 users × 5 per minute: {out}");
+    assert!(field("denied") > 0.0, "{out}");
+    assert_eq!(field("errors"), 0.0, "{out}");
+    assert!(field("p99_us") >= field("p50_us"), "{out}");
+
+    // SIGTERM: drain, final delta, exit 0.
+    let stop = Instant::now();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(stop.elapsed() < Duration::from_secs(10), "no clean stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(http_get(http, "/healthz"), None, "still listening");
+}
+
+#[test]
+fn the_example_node_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/node.example.toml");
+    let file = drl::node::NodeFile::load(&path).unwrap();
+    let settings = file.settings(path.parent().unwrap()).unwrap();
+    assert_eq!(settings.listen_http.port(), 8400);
+    // The example shows the defaults.
+    assert_eq!(
+        format!("{file:?}"),
+        format!("{:?}", drl::node::NodeFile::default())
+    );
+}
+
+/// `drl cluster --nodes 2`: certificates, configs, children, readiness,
+/// a banner, and every child stopped on SIGTERM.
+#[test]
+fn a_local_cluster_starts_serves_and_stops() {
+    let dir = scratch("cluster");
+    let base = free_port();
+    let mut cluster = Command::new(DRL)
+        .args(["cluster", "--nodes", "2", "--dir"])
+        .arg(&dir)
+        .args([
+            "--base-port",
+            &base.to_string(),
+            "--peer-base-port",
+            &free_udp_port().to_string(),
+        ])
+        .args(["--admin-token", "tok"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The banner's last line says the cluster is up.
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let out = cluster.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut banner = String::new();
+    let pid = cluster.id().to_string();
+    let ready = loop {
+        match lines.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                banner.push_str(&line);
+                banner.push('\n');
+                if line.contains("Ctrl-C stops the cluster") {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    if !ready {
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = cluster.wait();
+        panic!("cluster not ready: {banner}");
+    }
+    assert_eq!(http_get(base, "/readyz"), Some(200));
+    assert_eq!(http_get(base + 1, "/readyz"), Some(200));
+    for file in [
+        "certs/ca.pem",
+        "certs/node-1-key.pem",
+        "node-0.toml",
+        "node-1.toml",
+        "rules.toml",
+    ] {
+        assert!(dir.join(file).exists(), "{file}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("rules.toml")).unwrap(),
+        EXAMPLE_RULES
+    );
+    let o = drl(&[
+        "check",
+        "--node",
+        &format!("http://127.0.0.1:{}", base + 1),
+        "-f",
+        "user=alice",
+        "-f",
+        "endpoint=/v1/search",
+    ]);
+    assert!(stdout(&o).contains("1: 200 allowed"), "{o:?}");
+    let stop = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // The children inherit stdout: it closes when every process has exited.
+    reader.join().unwrap();
+    let status = cluster.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(stop.elapsed() < Duration::from_secs(20));
+    assert!(banner.contains("2 nodes ready"), "{banner}");
+    assert!(
+        banner.contains(&format!("http://127.0.0.1:{base}")),
+        "{banner}"
+    );
+    assert!(banner.contains("curl"), "{banner}");
+    assert_eq!(http_get(base, "/healthz"), None, "node-0 still running");
+    assert_eq!(http_get(base + 1, "/healthz"), None, "node-1 still running");
+}
