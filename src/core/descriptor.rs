@@ -98,10 +98,28 @@ fn validate_value(name: &str, value: &str) -> Result<(), DescriptorError> {
             len: value.len(),
         });
     }
-    if value.chars().any(char::is_control) {
+    if has_control(value.as_bytes()) {
         return Err(DescriptorError::ControlCharacter(name.to_owned()));
     }
     Ok(())
+}
+
+/// True if the UTF-8 text holds a control character (Unicode `Cc`): C0
+/// (`0x00`–`0x1F`), DEL (`0x7F`) or C1 (`U+0080`–`U+009F`, encoded
+/// `0xC2 0x80`–`0xC2 0x9F`). A byte scan: no decoding on the request path.
+fn has_control(bytes: &[u8]) -> bool {
+    // Most ids are printable ASCII: one vectorisable pass settles them.
+    if bytes.iter().all(|&b| (0x20..0x7f).contains(&b)) {
+        return false;
+    }
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b < 0x20
+            || b == 0x7f
+            || (b == 0xc2
+                && bytes
+                    .get(i + 1)
+                    .is_some_and(|&n| (0x80..=0x9f).contains(&n)))
+    })
 }
 
 /// Checks that raw bytes are a valid descriptor value and borrows them as text.
@@ -154,6 +172,18 @@ mod tests {
         ];
         for (fields, want) in cases {
             assert_eq!(Descriptors::new(&fields).unwrap_err(), want, "{fields:?}");
+        }
+    }
+
+    #[test]
+    fn control_characters_are_found_by_bytes_as_by_chars() {
+        for c in (0u32..0x3000).filter_map(char::from_u32) {
+            let s = format!("a{c}b");
+            assert_eq!(
+                has_control(s.as_bytes()),
+                s.chars().any(char::is_control),
+                "{c:?}"
+            );
         }
     }
 

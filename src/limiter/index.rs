@@ -1,8 +1,9 @@
 //! The key index: key digest → arena entry.
 //!
 //! Kept behind a small trait so that the benchmark can run the same table on
-//! papaya and on dashmap side by side (`benches/keymap.rs`); papaya won and is
-//! the default (figures in README.md).
+//! dashmap and on papaya side by side (`benches/keymap.rs`, which holds the
+//! papaya index); dashmap won on random keys and inserts and is the default
+//! (figures in README.md).
 
 use std::hash::{BuildHasher, Hasher};
 
@@ -51,33 +52,34 @@ impl BuildHasher for BuildDigestHasher {
     }
 }
 
-/// papaya: lock-free reads, which is what the decision path mostly does.
-pub struct PapayaIndex(papaya::HashMap<u64, u32, BuildDigestHasher>);
+/// dashmap: sharded hash tables with the value stored in place, so a lookup
+/// is one shard read lock and two dependent memory reads (papaya's lock-free
+/// reads cost a third: the separately allocated entry). Chosen over papaya
+/// by `benches/keymap.rs` (figures in README.md).
+pub struct DashMapIndex(dashmap::DashMap<u64, u32, BuildDigestHasher>);
 
-impl KeyIndex for PapayaIndex {
+impl KeyIndex for DashMapIndex {
     fn with_capacity(capacity: usize) -> Self {
-        PapayaIndex(
-            papaya::HashMap::builder()
-                .capacity(capacity.min(1 << 16))
-                .hasher(BuildDigestHasher)
-                .build(),
-        )
+        DashMapIndex(dashmap::DashMap::with_capacity_and_hasher(
+            capacity.min(1 << 16),
+            BuildDigestHasher,
+        ))
     }
     #[inline]
     fn get(&self, key: u64) -> Option<u32> {
-        self.0.pin().get(&key).copied()
+        self.0.get(&key).map(|e| *e.value())
     }
     fn insert_if_absent(&self, key: u64, entry: u32) -> Result<(), u32> {
-        match self.0.pin().try_insert(key, entry) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(*e.current),
+        match self.0.entry(key) {
+            dashmap::Entry::Occupied(present) => Err(*present.get()),
+            dashmap::Entry::Vacant(vacant) => {
+                vacant.insert(entry);
+                Ok(())
+            }
         }
     }
     fn remove_if(&self, key: u64, entry: u32) -> bool {
-        matches!(
-            self.0.pin().remove_if(&key, |_, &v| v == entry),
-            Ok(Some(_))
-        )
+        self.0.remove_if(&key, |_, &v| v == entry).is_some()
     }
     fn len(&self) -> usize {
         self.0.len()

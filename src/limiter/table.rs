@@ -32,7 +32,7 @@ use crate::core::slot::PnSlot;
 use crate::core::time::Nanos;
 use crate::core::window::{unpack_epoch, Ring, SlotGrid, WindowSpec};
 
-use super::index::{KeyIndex, PapayaIndex};
+use super::index::{DashMapIndex, KeyIndex};
 
 const LOCK: u32 = 1;
 const EPOCH_BITS: u32 = 31;
@@ -55,7 +55,7 @@ pub struct TableStats {
     pub expirations: AtomicU64,
 }
 
-pub struct KeyTable<I: KeyIndex = PapayaIndex> {
+pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     spec: WindowSpec,
     slots: usize,
     stride: usize,
@@ -578,11 +578,11 @@ mod tests {
     fn bad_sizes_are_refused() {
         let spec = WindowSpec::new(Nanos::from_secs(1), 2).unwrap();
         assert_eq!(
-            KeyTable::<PapayaIndex>::new(spec, 3, 0).err(),
+            KeyTable::<DashMapIndex>::new(spec, 3, 0).err(),
             Some(TableError::ZeroCapacity)
         );
         assert_eq!(
-            KeyTable::<PapayaIndex>::new(spec, 0, 1).err(),
+            KeyTable::<DashMapIndex>::new(spec, 0, 1).err(),
             Some(TableError::ZeroSlots)
         );
     }

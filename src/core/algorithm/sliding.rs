@@ -83,7 +83,12 @@ impl RateAlgorithm for SlidingWindow {
         let budget_scaled = limit * g;
         let reset_after = self.reset_after(nets, elapsed, g);
         if used_scaled + cost * g <= budget_scaled {
-            let remaining = (budget_scaled - used_scaled) / g - cost;
+            // The common case fits 64 bits; a 128-bit division is a call.
+            let left = budget_scaled - used_scaled;
+            let remaining = match u64::try_from(left) {
+                Ok(left) => u128::from(left / g as u64),
+                Err(_) => left / g,
+            } - cost;
             return Verdict::Allow {
                 remaining: remaining as u64,
                 reset_after,
