@@ -113,11 +113,11 @@ fn result_index(outcome: Outcome) -> usize {
 }
 
 /// Decisions by result and by the rule of the deciding limit. Keyed by limit
-/// id on the request path (a lock-free map lookup, no allocation after the
+/// id on the request path (a sharded map lookup, no allocation after the
 /// first decision of a limit); folded by rule name at scrape time.
 #[derive(Default)]
 pub struct DecisionCounters {
-    by_limit: papaya::HashMap<u64, Arc<LimitCounts>>,
+    by_limit: dashmap::DashMap<u64, Arc<LimitCounts>>,
     unmatched: AtomicU64,
 }
 
@@ -132,11 +132,12 @@ impl DecisionCounters {
             self.unmatched.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let map = self.by_limit.pin();
-        let counts = match map.get(&id) {
+        let counts = match self.by_limit.get(&id) {
             Some(c) => c.clone(),
-            None => map
-                .get_or_insert_with(id, || {
+            None => self
+                .by_limit
+                .entry(id)
+                .or_insert_with(|| {
                     Arc::new(LimitCounts {
                         rule: rule.to_owned(),
                         counts: Default::default(),
@@ -150,7 +151,8 @@ impl DecisionCounters {
     /// `(result, rule) → count`; rule `""` is "no rule matched".
     fn totals(&self) -> BTreeMap<(&'static str, String), u64> {
         let mut totals = BTreeMap::new();
-        for (_, c) in self.by_limit.pin().iter() {
+        for entry in self.by_limit.iter() {
+            let c = entry.value();
             for (i, (_, result)) in RESULTS.iter().enumerate() {
                 *totals.entry((*result, c.rule.clone())).or_insert(0) +=
                     c.counts[i].load(Ordering::Relaxed);

@@ -8,7 +8,9 @@
 
 use std::path::PathBuf;
 
-use drl::core::wire::{Ack, BucketSlot, Frame, Hello, KeySlots, LimitGroup, RulesFrame, Slots, Swim, VERSION};
+use drl::core::wire::{
+    Ack, BucketSlot, Frame, Hello, KeySlots, LimitGroup, RulesFrame, Slots, Swim, VERSION,
+};
 
 fn vectors() -> Vec<(&'static str, Frame)> {
     let slots = |slot: u16, round: u64, last: bool| Slots {
@@ -24,13 +26,25 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                     KeySlots {
                         key: 0xfeed_face_cafe_beef,
                         buckets: vec![
-                            BucketSlot { back: 0, p: 300, n: 0 },
-                            BucketSlot { back: 1, p: 17, n: 2 },
+                            BucketSlot {
+                                back: 0,
+                                p: 300,
+                                n: 0,
+                            },
+                            BucketSlot {
+                                back: 1,
+                                p: 17,
+                                n: 2,
+                            },
                         ],
                     },
                     KeySlots {
                         key: 1,
-                        buckets: vec![BucketSlot { back: 0, p: 1, n: 0 }],
+                        buckets: vec![BucketSlot {
+                            back: 0,
+                            p: 1,
+                            n: 0,
+                        }],
                     },
                 ],
             },
@@ -65,7 +79,12 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 replied_at: 1_700_000_000_124_000_100,
             }),
         ),
-        ("swim", Frame::Swim(Swim { payload: vec![0, 1, 2, 254, 255] })),
+        (
+            "swim",
+            Frame::Swim(Swim {
+                payload: vec![0, 1, 2, 254, 255],
+            }),
+        ),
         (
             "rules",
             Frame::Rules(RulesFrame {
@@ -108,13 +127,20 @@ fn golden_vectors_decode_field_by_field_and_encode_byte_for_byte() {
     for (name, frame) in vectors() {
         let encoded = frame.encode();
         if write {
-            let text = format!("# {name} frame, protocol version {VERSION}\n{}", to_hex(&encoded));
+            let text = format!(
+                "# {name} frame, protocol version {VERSION}\n{}",
+                to_hex(&encoded)
+            );
             std::fs::write(path(name), text).unwrap();
         }
         let text = std::fs::read_to_string(path(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         let golden = from_hex(&text);
         assert_eq!(golden[0], VERSION, "{name}: version byte");
-        assert_eq!(Frame::decode(&golden).as_ref(), Ok(&frame), "{name}: decode");
+        assert_eq!(
+            Frame::decode(&golden).as_ref(),
+            Ok(&frame),
+            "{name}: decode"
+        );
         assert_eq!(encoded, golden, "{name}: encode changed the bytes");
     }
 }
