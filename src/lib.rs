@@ -14,6 +14,15 @@
 //!   ([`core::rules`]). Never touches a socket, a task or the system clock.
 //! - [`limiter`]: the in-process limiter: one fixed-capacity key table per
 //!   limit, with per-entry locks, CLOCK eviction and idle expiry.
+//! - [`cluster`]: the cluster's state machines, also I/O-free: delta
+//!   replication, SWIM membership, snapshots, and an in-memory cluster on
+//!   virtual time for tests and simulations.
+//! - [`net`]: the QUIC transport with mutual TLS, and development
+//!   certificates.
+//! - [`node`]: a cluster node, the thin async shell that drives the state
+//!   machines from the transport and timers.
+//! - [`http`]: the HTTP API; [`metrics`]: its Prometheus metrics;
+//!   [`middleware`]: rate limiting for axum routes.
 //! - [`clock`]: the one place that reads real time.
 //! - [`cli`]: the commands behind the `drl` binary.
 //!
