@@ -16,7 +16,7 @@ use drl::core::descriptor::Descriptors;
 use drl::core::key::key_digest;
 use drl::core::time::Clock;
 use drl::core::window::Ring;
-use drl::net::{generate_dev_certs, NodeCertSpec};
+use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{Node, NodeFile, NodeHandle};
 
 const RULES: &str = r#"
@@ -29,34 +29,16 @@ limits = [ { algorithm = "sliding_window", limit = 1000000, window = "1h" } ]
 fn dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("drl-bench-cluster-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let specs: Vec<NodeCertSpec> = (0..3)
-        .map(|slot| NodeCertSpec {
-            name: format!("node-{slot}"),
-            slot,
-            hosts: vec![],
-        })
-        .collect();
-    generate_dev_certs(&dir.join("certs"), &specs).unwrap();
+    generate_dev_certs(&dir.join("certs"), &local_cluster_specs(3)).unwrap();
     std::fs::write(dir.join("rules.toml"), RULES).unwrap();
     dir
 }
 
 async fn start(dir: &std::path::Path, slot: u16, seeds: Vec<String>) -> NodeHandle {
     let file = NodeFile {
-        name: format!("node-{slot}"),
-        slot,
-        cluster_size: 3,
-        listen_peer: "127.0.0.1:0".parse().unwrap(),
-        listen_http: "127.0.0.1:0".parse().unwrap(),
-        seeds,
-        discovery_interval: "200ms".into(),
-        rules: dir.join("rules.toml"),
         recovery_timeout: "1s".into(),
         max_keys: 1 << 18,
-        tls_ca: dir.join("certs/ca.pem"),
-        tls_cert: dir.join(format!("certs/node-{slot}.pem")),
-        tls_key: dir.join(format!("certs/node-{slot}-key.pem")),
-        ..NodeFile::default()
+        ..NodeFile::local(dir, slot, 3, seeds)
     };
     Node::start(file.settings(dir).unwrap()).await.unwrap()
 }

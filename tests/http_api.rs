@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drl::http::client::{Answer, Connection};
 use drl::http::{HttpNode, RunError};
-use drl::net::{generate_dev_certs, NodeCertSpec};
+use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{NodeApi, NodeFile};
 use serde_json::Value;
 
@@ -54,14 +54,7 @@ fn scratch(name: &str) -> PathBuf {
 
 fn cluster_dir(name: &str, nodes: u16) -> PathBuf {
     let dir = scratch(name);
-    let specs: Vec<NodeCertSpec> = (0..nodes)
-        .map(|slot| NodeCertSpec {
-            name: format!("node-{slot}"),
-            slot,
-            hosts: vec![],
-        })
-        .collect();
-    generate_dev_certs(&dir.join("certs"), &specs).unwrap();
+    generate_dev_certs(&dir.join("certs"), &local_cluster_specs(nodes)).unwrap();
     std::fs::write(dir.join("rules.toml"), RULES).unwrap();
     dir
 }
@@ -98,20 +91,9 @@ struct TestNode {
 impl TestNode {
     async fn start(dir: &Path, o: Options) -> TestNode {
         let file = NodeFile {
-            name: format!("node-{}", o.slot),
-            slot: o.slot,
-            cluster_size: o.cluster_size,
-            listen_peer: "127.0.0.1:0".parse().unwrap(),
-            listen_http: "127.0.0.1:0".parse().unwrap(),
-            seeds: o.seeds,
-            discovery_interval: "200ms".into(),
-            rules: dir.join("rules.toml"),
             recovery_timeout: o.recovery.into(),
-            tls_ca: dir.join("certs/ca.pem"),
-            tls_cert: dir.join(format!("certs/node-{}.pem", o.slot)),
-            tls_key: dir.join(format!("certs/node-{}-key.pem", o.slot)),
             admin_token: o.token.map(str::to_owned),
-            ..NodeFile::default()
+            ..NodeFile::local(dir, o.slot, o.cluster_size, o.seeds)
         };
         let node = HttpNode::start(file.settings(dir).unwrap()).await.unwrap();
         let addr = node.http_addr();

@@ -175,6 +175,18 @@ pub fn node_names(spec: &NodeCertSpec) -> Result<Vec<String>, CertError> {
     Ok(names)
 }
 
+/// Certificate specs for a local cluster: `node-0` … `node-<n−1>` on slots
+/// 0 … n−1, loopback names only.
+pub fn local_cluster_specs(nodes: u16) -> Vec<NodeCertSpec> {
+    (0..nodes)
+        .map(|slot| NodeCertSpec {
+            name: format!("node-{slot}"),
+            slot,
+            hosts: vec![],
+        })
+        .collect()
+}
+
 /// Writes a fresh cluster CA and one certificate per node into `dir`
 /// (created if missing): `ca.pem`, `ca-key.pem`, `<name>.pem` and
 /// `<name>-key.pem`. Private keys are written with mode 0600 on Unix.

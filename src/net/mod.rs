@@ -49,7 +49,9 @@ pub mod transport;
 mod link;
 mod peers;
 
-pub use certs::{generate_dev_certs, CertError, ClusterCa, NodeCert, NodeCertSpec};
+pub use certs::{
+    generate_dev_certs, local_cluster_specs, CertError, ClusterCa, NodeCert, NodeCertSpec,
+};
 pub use tls::{verify_cert_name, verify_cert_slot, IdentityError, NodeTls, TlsError};
 pub use transport::{Incoming, PeerStats, SendError, Transport, TransportError, Via};
 

@@ -163,6 +163,27 @@ fn fraction_ppm(field: &'static str, f: f64) -> Result<u32, ConfigError> {
 }
 
 impl NodeFile {
+    /// A node of a local cluster laid out as `drl cluster`, the tests and the
+    /// benchmarks do: `dir/rules.toml`, `dir/certs/` from
+    /// [`crate::net::local_cluster_specs`], loopback addresses on ports the
+    /// system picks.
+    pub fn local(dir: &Path, slot: u16, cluster_size: usize, seeds: Vec<String>) -> NodeFile {
+        NodeFile {
+            name: format!("node-{slot}"),
+            slot,
+            cluster_size,
+            listen_peer: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen_http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            seeds,
+            discovery_interval: "200ms".into(),
+            rules: dir.join("rules.toml"),
+            tls_ca: dir.join("certs/ca.pem"),
+            tls_cert: dir.join(format!("certs/node-{slot}.pem")),
+            tls_key: dir.join(format!("certs/node-{slot}-key.pem")),
+            ..NodeFile::default()
+        }
+    }
+
     pub fn load(path: &Path) -> Result<NodeFile, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
