@@ -17,8 +17,8 @@
 //! For one sliding-window limit on a three-node cluster that is 16 words, one
 //! cache line. The index maps digests to entry numbers. An entry is read and
 //! written only under its own lock, so concurrent hits on one key are
-//! serialised without any lock shared between keys; decisions on different
-//! keys never touch the same memory.
+//! serialised by that key alone; decisions on different keys share at most
+//! an index shard's read lock.
 //!
 //! The arena never grows past `capacity`: when it is full a new key evicts an
 //! old one by the CLOCK algorithm (an approximation of least recently used),
