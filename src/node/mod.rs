@@ -370,6 +370,14 @@ impl Driver {
             .flatten()
             .min()
             .unwrap_or(now + Nanos::from_millis(100));
+            if deadline <= now {
+                // Timers first: with frames always queued, the biased select
+                // below would otherwise never reach its timer branch, and a
+                // busy node would stop shipping and resending.
+                self.on_timeout().await;
+                self.flush();
+                continue;
+            }
             let wait = Duration::from(deadline.saturating_sub(now));
             tokio::select! {
                 biased;
