@@ -423,19 +423,24 @@ async fn oversized_stream_frame_is_refused_and_the_receiver_keeps_serving() {
     expect_connected(&mut a.events, 2).await;
 
     let mut huge = conn.open_uni().await.expect("open");
-    let stopped = timeout(WAIT, async {
-        if let Err(quinn::WriteError::Stopped(code)) = huge.write_all(&vec![0xAB; 2 << 20]).await {
-            return Some(code);
-        }
+    // The sender may see the stream stopped (FRAME_TOO_LONG) or, when QUIC
+    // acknowledged every byte before the receiver read past the limit, a
+    // finished stream: what matters is the receiver's side, below.
+    let _ = timeout(WAIT, async {
+        let _ = huge.write_all(&vec![0xAB; 2 << 20]).await;
         let _ = huge.finish();
-        huge.stopped().await.ok().flatten()
+        let _ = huge.stopped().await;
     })
-    .await
-    .expect("A answers the stream");
-    assert_eq!(
-        stopped,
-        Some(quinn::VarInt::from_u32(close_code::FRAME_TOO_LONG))
-    );
+    .await;
+    let start = std::time::Instant::now();
+    while a.transport.stats(2).map_or(0, |s| s.frames_too_long) == 0 {
+        assert!(
+            start.elapsed() < WAIT,
+            "the oversized frame was not refused"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(a.transport.stats(2).map(|s| s.frames_too_long), Some(1));
 
     let mut small = conn.open_uni().await.expect("open");
     small.write_all(b"after").await.expect("write");
