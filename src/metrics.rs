@@ -519,7 +519,14 @@ impl prometheus_client::collector::Collector for NodeCollector {
             &mut e,
             "peer_unacked_rounds",
             "Delta rounds of this node the peer has not acknowledged.",
-            &per_peer(&|p| Some(p.unacked_rounds as f64)),
+            &status
+                .peers
+                .iter()
+                .map(|(slot, p)| {
+                    let n = status.peer_unacked_rounds.get(slot).copied().unwrap_or(0);
+                    (slot.to_string(), p.name.clone(), n as f64)
+                })
+                .collect::<Vec<_>>(),
         )?;
 
         let (version, origin) = status.rules_version;

@@ -141,8 +141,6 @@ pub struct PeerState {
     pub rtt: Nanos,
     /// When the last frame from the peer arrived.
     pub last_heard: Option<Nanos>,
-    /// Rounds of ours the peer has not acknowledged yet.
-    pub unacked_rounds: usize,
     needs_sync: bool,
     /// Our full sync to this peer under way, if any.
     sync_out: Option<SyncOut>,
@@ -223,6 +221,18 @@ impl Replicator {
     /// not acknowledged yet: its divergence from the cluster.
     pub fn unacked_hits(&self) -> u64 {
         self.unacked_hits
+    }
+
+    /// Per peer, how many of our rounds it has not acknowledged yet. Counted
+    /// on demand (status publication), not kept up on every acknowledgement.
+    pub fn unacked_rounds_by_peer(&self) -> BTreeMap<u16, usize> {
+        let mut counts: BTreeMap<u16, usize> = self.peers.keys().map(|&s| (s, 0)).collect();
+        for round in self.rounds.values() {
+            for slot in &round.waiting {
+                *counts.entry(*slot).or_default() += 1;
+            }
+        }
+        counts
     }
 
     /// Rounds still waiting for some peer's acknowledgement.
@@ -325,9 +335,8 @@ impl Replicator {
         self.next_tick
     }
 
-    /// Handles one frame that arrived from the (authenticated) peer `from`.
-    /// Returns a membership payload for the membership state machine, if the
-    /// frame carried one.
+    /// Handles one frame that arrived from the (authenticated) peer `from`,
+    /// and says what it leaves for the caller (a membership payload, rules).
     pub fn handle_frame<C: crate::core::time::Clock>(
         &mut self,
         now: Nanos,
@@ -519,7 +528,6 @@ impl Replicator {
                 self.settle(original, limiter);
             }
         }
-        self.recount_unacked();
     }
 
     /// Nobody needs `slot`'s acknowledgement for rounds before `before` any
@@ -542,7 +550,6 @@ impl Replicator {
         for r in done {
             self.settle(r, limiter);
         }
-        self.recount_unacked();
     }
 
     fn settle<C: crate::core::time::Clock>(&mut self, round: u64, limiter: &Limiter<C>) {
@@ -559,16 +566,6 @@ impl Replicator {
                     e.settle(hits);
                 }
             }
-        }
-    }
-
-    fn recount_unacked(&mut self) {
-        for (slot, p) in self.peers.iter_mut() {
-            p.unacked_rounds = self
-                .rounds
-                .values()
-                .filter(|r| r.waiting.contains(slot))
-                .count();
         }
     }
 
@@ -694,7 +691,6 @@ impl Replicator {
                 self.rounds.insert(frame.round, round);
             }
         }
-        self.recount_unacked();
     }
 
     /// Sends again, with current values, every round a peer has not

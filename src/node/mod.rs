@@ -93,6 +93,8 @@ pub struct NodeStatus {
     pub peers: BTreeMap<u16, PeerState>,
     pub replication: ReplicationStats,
     pub unacked_rounds: usize,
+    /// Per peer, our rounds it has not acknowledged yet.
+    pub peer_unacked_rounds: BTreeMap<u16, usize>,
     pub minority: bool,
     pub snapshots_written: u64,
 }
@@ -687,6 +689,7 @@ impl Driver {
         s.peers = self.repl.peers().clone();
         s.replication = self.repl.stats().clone();
         s.unacked_rounds = self.repl.unacked_rounds();
+        s.peer_unacked_rounds = self.repl.unacked_rounds_by_peer();
         s.minority = self.repl.in_minority();
         s.snapshots_written = self.snapshots_written;
         s.rules_version = self.rules.marker;
