@@ -191,6 +191,9 @@ pub struct Scenario {
     pub quick: Option<Quick>,
     /// True once [`Scenario::quick`] has shrunk it.
     pub is_quick: bool,
+    /// Near a limit, confirm provisional hits with the peers (default); off
+    /// runs the earlier design, which refuses them for an ack wait.
+    pub confirm: bool,
 }
 
 // ---- the file format -------------------------------------------------------
@@ -216,6 +219,7 @@ struct ScenarioFile {
     #[serde(default)]
     faults: Vec<FaultFile>,
     quick: Option<QuickFile>,
+    confirm: Option<bool>,
 }
 
 fn default_policy() -> String {
@@ -466,6 +470,7 @@ impl Scenario {
             faults,
             quick,
             is_quick: false,
+            confirm: f.confirm.unwrap_or(true),
         };
         if s.duration == Nanos::ZERO {
             return Err("duration must be positive".into());
