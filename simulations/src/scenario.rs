@@ -103,6 +103,9 @@ pub struct TrafficGroup {
     pub split: Vec<f64>,
     pub arrivals: Arrivals,
     pub bursts: Vec<Burst>,
+    /// Zipf exponent: when set, the profile's rate is the whole group's and
+    /// the `k`-th key (from 0) gets the share `(k+1)^-s / H`.
+    pub zipf: Option<f64>,
 }
 
 impl TrafficGroup {
@@ -247,6 +250,7 @@ struct TrafficFile {
     arrivals: Arrivals,
     #[serde(default)]
     bursts: Vec<BurstFile>,
+    zipf: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -601,6 +605,12 @@ fn traffic_group(i: usize, t: &TrafficFile, nodes: usize) -> Result<TrafficGroup
         }
         Some(_) => return Err(at("split needs one non-negative weight per node")),
     };
+    let zipf = match t.zipf {
+        Some(z) if !(z > 0.0 && z.is_finite()) => {
+            return Err(at("zipf must be a positive exponent"))
+        }
+        z => z,
+    };
     let mut bursts = Vec::new();
     for b in &t.bursts {
         if b.node.is_some_and(|n| n >= nodes) {
@@ -620,6 +630,7 @@ fn traffic_group(i: usize, t: &TrafficFile, nodes: usize) -> Result<TrafficGroup
         split,
         arrivals: t.arrivals,
         bursts,
+        zipf,
     })
 }
 

@@ -534,9 +534,18 @@ impl MemCluster {
         self.flush(to);
     }
 
-    /// The failure-detector model: silence for `detect_after` means dead;
-    /// hearing again means alive.
+    /// The failure-detector model: a peer that cannot be reached (down, or
+    /// its link to the observer cut) for `detect_after` is dead; one that
+    /// can be reached again is alive. A real node's SWIM probes keep idle
+    /// peers alive the same way, traffic or not.
     fn detect_failures(&mut self) {
+        for a in 0..self.nodes.len() {
+            for b in 0..self.nodes.len() {
+                if a != b && self.nodes[b].up && !self.cut.contains(&(b as u16, a as u16)) {
+                    self.heard.insert((a as u16, b as u16), self.now);
+                }
+            }
+        }
         for a in 0..self.nodes.len() {
             if !self.nodes[a].up {
                 continue;
@@ -565,6 +574,9 @@ impl MemCluster {
                 } else if !was_live {
                     let limiter = self.nodes[a].limiter.clone();
                     self.nodes[a].repl.set_liveness(&limiter, b as u16, true);
+                    if !self.linked.contains(&key) {
+                        self.connect(a as u16, b as u16);
+                    }
                 }
                 // Keep probing a silent peer, as a transport reconnects.
                 if silent
