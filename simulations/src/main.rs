@@ -159,11 +159,19 @@ Design: {design}. Seed {seed}{}. Reproduce: `cargo run --release -p simulations 
             let path = out.join(format!("{stem}.json"));
             std::fs::write(&path, json).map_err(|e| format!("{}: {e}", path.display()))?;
             println!("{md}");
-            let broken = simulations::matrix::broken(&cells);
+            let held = bounds
+                .matrix
+                .get(&m.name)
+                .ok_or_else(|| format!("bounds.toml has no [matrix.{}]", m.name))?;
+            let broken = simulations::matrix::broken(&cells, held);
             for b in &broken {
                 println!("BROKEN {b}");
             }
-            eprintln!("{} cells in {:.1}s", cells.len(), started.elapsed().as_secs_f64());
+            eprintln!(
+                "{} cells in {:.1}s",
+                cells.len(),
+                started.elapsed().as_secs_f64()
+            );
             Ok(if broken.is_empty() {
                 ExitCode::SUCCESS
             } else {
