@@ -827,6 +827,7 @@ impl Replicator {
             return;
         }
         self.next_tick = now + self.cfg.sync_interval;
+        limiter.prune_confirming(now);
         self.check_recovered(now, limiter);
         self.ship_deltas(now, limiter);
         self.resend_lost(now, limiter);

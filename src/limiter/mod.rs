@@ -418,7 +418,7 @@ impl<C: Clock> Limiter<C> {
         for &(index, key) in matches.iter() {
             let table = &compiled.tables[index];
             let spec = table.spec();
-            let entry = table.get_or_insert(key, now);
+            let mut entry = table.get_or_insert(key, now);
             let nets = counts.get(spec.buckets());
             Ring::read(&entry, spec, now, nets);
             let limit = &compiled.rules.limits()[index];
@@ -432,7 +432,7 @@ impl<C: Clock> Limiter<C> {
                     cost,
                 ),
                 Some(view) => {
-                    let confirming = self.is_confirming(&entry, limit.id, now);
+                    let confirming = self.is_confirming(&mut entry, limit.id, now);
                     let shared = decide_shared(
                         view,
                         &limit.algorithm,
@@ -636,7 +636,7 @@ impl<C: Clock> Limiter<C> {
 
     /// Whether decisions on this entry must be confirmed; clears a hold
     /// that has passed.
-    fn is_confirming(&self, entry: &Entry<'_>, limit: u64, now: Nanos) -> bool {
+    fn is_confirming(&self, entry: &mut Entry<'_>, limit: u64, now: Nanos) -> bool {
         if !entry.is_confirming() {
             return false;
         }
@@ -647,8 +647,18 @@ impl<C: Clock> Limiter<C> {
         let live = c.confirming.get(&key).is_some_and(|until| *until > now);
         if !live {
             c.confirming.remove_if(&key, |_, until| *until <= now);
+            entry.set_confirming(false);
         }
         live
+    }
+
+    /// Forgets holds that have passed (their entries' bits are cleared on
+    /// the next decision): keeps the hold map to the keys claimed within
+    /// the last hold, whatever the number of keys.
+    pub fn prune_confirming(&self, now: Nanos) {
+        if let Some(c) = &self.cluster {
+            c.confirming.retain(|_, until| *until > now);
+        }
     }
 
     /// Keys currently under confirmation, for metrics.
@@ -692,9 +702,7 @@ impl<C: Clock> Limiter<C> {
     /// Frees up to `budget` idle keys per table. New keys already pay for a
     /// little of this; a driver may call it on a timer to return memory sooner.
     pub fn sweep_at(&self, now: Nanos, budget: usize) -> usize {
-        if let Some(c) = &self.cluster {
-            c.confirming.retain(|_, until| *until > now);
-        }
+        self.prune_confirming(now);
         let compiled = self.compiled.load();
         compiled.tables.iter().map(|t| t.sweep(now, budget)).sum()
     }
