@@ -913,7 +913,15 @@ async fn renew<T: Transport>(inner: Weak<Inner<T>>, r: crate::lease::Renewal) {
                 quota: Some(q),
             },
         )) => {
-            leases.handle_grant(now, &r.key, true, Nanos::from(q.window));
+            // The lease lives as long as the cluster remembers its charge:
+            // until the quota is whole again (a fixed window's end), at most
+            // one window.
+            let life = if q.reset_after.is_zero() {
+                q.window
+            } else {
+                q.reset_after.min(q.window)
+            };
+            leases.handle_grant(now, &r.key, true, Nanos::from(life));
             strong.metrics.leases_of_inc("granted");
         }
         Some((_, CheckAnswer::Decided { .. })) | Some((_, CheckAnswer::Refused(_))) => {

@@ -7,9 +7,9 @@
 //! `k = min(max_lease, floor(share × remaining))` from the set's last answer.
 //! When that check is allowed, the cluster has counted the `k` hits, and the
 //! client holds a lease of `k` that it may spend locally while no node
-//! answers. A lease expires one window of its limit after it was granted,
-//! the time after which its charged hits no longer count in the cluster
-//! either, and is renewed while the set stays hot.
+//! answers. A lease expires when the cluster stops counting its charge:
+//! at the deciding limit's reset (a fixed window's end), at most one window
+//! after it was granted; it is renewed while the set stays hot.
 //!
 //! So admissions made while cut off were counted by the cluster before they
 //! happened: overshoot beyond the cluster's own accounting is zero, and
@@ -209,8 +209,8 @@ impl LeaseBook {
     }
 
     /// The lease check for `key` was answered: `granted` when the cluster
-    /// admitted (and counted) its cost; `window` is the deciding limit's.
-    pub fn handle_grant(&mut self, now: Nanos, key: &LeaseKey, granted: bool, window: Nanos) {
+    /// admitted (and counted) its cost; the lease lives for `life`.
+    pub fn handle_grant(&mut self, now: Nanos, key: &LeaseKey, granted: bool, life: Nanos) {
         if let Some(k) = self.keys.get_mut(key) {
             let Some(cost) = k.renewing.take() else {
                 return;
@@ -219,7 +219,7 @@ impl LeaseBook {
                 k.lease = Some(Lease {
                     left: u64::from(cost),
                     granted: u64::from(cost),
-                    expires: now.saturating_add(window),
+                    expires: now.saturating_add(life),
                 });
             }
         }
