@@ -40,7 +40,8 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::client::{limiter_decision, Client, ClientError, Decision};
+use crate::client::{Client, ClientError, Decision};
+use crate::embedded::limiter_decision;
 use crate::transport::Transport;
 
 /// Something that decides: a [`Client`] or an in-process `Arc<Limiter>`.

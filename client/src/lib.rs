@@ -30,16 +30,20 @@
 //! - [`routing`]: latency EWMA per node, route order, probe schedule; sans-IO.
 //! - [`lease`]: leased local budgets for the `local` degraded mode; sans-IO.
 //! - [`transport`]: the [`Transport`] trait and its HTTP implementation.
-//! - [`client`]: the async driver: attempts, failover, batching, background
-//!   probes and lease renewals, embedded mode.
+//! - [`client`]: the public API: configuration, decisions, errors, the
+//!   builder; `remote` (private) is the async driver of a remote client
+//!   (attempts, failover, batching, background probes and lease renewals),
+//!   `embedded` (private) decides on an in-process node or limiter.
 //! - [`layer`]: the tower layer.
 //! - [`metrics`]: counters the application can export.
 
 pub mod breaker;
 pub mod client;
+mod embedded;
 pub mod layer;
 pub mod lease;
 pub mod metrics;
+mod remote;
 pub mod routing;
 pub mod transport;
 

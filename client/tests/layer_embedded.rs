@@ -180,7 +180,7 @@ async fn embedded_client_is_a_node_of_the_cluster() {
     assert!(d.is_allowed());
     let left = d.quota.unwrap().remaining;
     assert!(
-        left <= 50 - 3 - 1,
+        left < 50 - 3,
         "the remote node saw the embedded admissions: {left} left"
     );
     // Invalid descriptors are an error and count nothing, in both modes.
