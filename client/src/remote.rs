@@ -231,6 +231,9 @@ pub(crate) async fn run_batcher<T: Transport>(
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
+        // Let callers that are ready on this runtime queue their checks
+        // too: one yield, no timer, so a lone check is not delayed.
+        tokio::task::yield_now().await;
         while batch.len() < max_batch {
             match rx.try_recv() {
                 Ok(p) => batch.push(p),
