@@ -434,10 +434,11 @@ impl<T: Transport> Client<T> {
         }
     }
 
-    /// Stops the client's tasks; an embedded node is stopped cleanly (final
-    /// delta, leave, snapshot). Later checks of a remote client go to the
-    /// degraded mode only if no node answers; an embedded one refuses
-    /// through its degraded mode.
+    /// Stops the client's background task; an embedded node is stopped
+    /// cleanly (final delta, leave, snapshot). Later checks of a remote
+    /// client still go to the nodes (without probes or lease renewals);
+    /// those of an embedded client are decided by the degraded mode, since
+    /// its limiter is no longer part of the cluster.
     pub async fn shutdown(&self) {
         match &self.inner.backend {
             Backend::Remote(r) => {
@@ -448,6 +449,7 @@ impl<T: Transport> Client<T> {
             Backend::Embedded(e) => {
                 if let Some(node) = e.node.lock().await.take() {
                     node.shutdown().await;
+                    e.limiter.set_admitting(false);
                 }
             }
         }

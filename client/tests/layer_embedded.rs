@@ -11,7 +11,7 @@ use axum::{routing::get, Router};
 use common::Cluster;
 use drl::http::client::{Answer, Connection};
 use drl::node::NodeFile;
-use drl_client::{Client, ClientConfig, DegradedMode, RateLimitLayer, Source};
+use drl_client::{Client, ClientConfig, Degraded, DegradedMode, RateLimitLayer, Source};
 
 const RULES: &str = r#"
 [[rules]]
@@ -188,5 +188,30 @@ async fn embedded_client_is_a_node_of_the_cluster() {
     assert!(client.check(&[("Bad", "x")], 1).await.is_err());
 
     embedded.shutdown().await;
+    let d = embedded.check(&[("user", "dee")], 1).await.unwrap();
+    assert_eq!(d.source, Source::Degraded(Degraded::FailClosed), "stopped");
     remote.stop().await;
+}
+
+/// An embedded node that has not recovered its counts (its peer never
+/// answers) decides nothing itself: the degraded mode answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_node_recovering_answers_by_the_degraded_mode() {
+    let cluster = Cluster::new("recovering", 2, WIDER, false);
+    let settings = NodeFile {
+        recovery_timeout: "60s".into(),
+        ..NodeFile::local(&cluster.dir, 0, 2, vec![])
+    }
+    .settings(&cluster.dir)
+    .unwrap();
+    let config = ClientConfig {
+        degraded: DegradedMode::FailOpen,
+        ..ClientConfig::default()
+    };
+    let embedded = Client::embedded(settings, config).await.unwrap();
+    let d = embedded.check(&[("user", "eve")], 1).await.unwrap();
+    assert!(d.is_allowed());
+    assert_eq!(d.source, Source::Degraded(Degraded::FailOpen));
+    assert_eq!(embedded.metrics().degraded_of("fail_open", true), 1);
+    embedded.shutdown().await;
 }
