@@ -4,7 +4,9 @@
 //! descriptor set. A set called at least `hot_calls` times within one window
 //! of its limit is hot; for each hot set the client charges a small budget
 //! to the cluster up front: an ordinary check with cost `k`, where
-//! `k = min(max_lease, floor(share × remaining))` from the set's last answer.
+//! `k = min(max_lease, floor(share × remaining), demand)`: `remaining` from
+//! the set's last answer, `demand` the set's calls in the current or the
+//! previous window (a lease never exceeds what the set recently used).
 //! When that check is allowed, the cluster has counted the `k` hits, and the
 //! client holds a lease of `k` that it may spend locally while no node
 //! answers. A lease expires when the cluster stops counting its charge:
@@ -15,7 +17,8 @@
 //! happened: overshoot beyond the cluster's own accounting is zero, and
 //! local admissions per set and window are at most `k`. What it costs is the
 //! unused part of each lease: at most `k` hits per hot set, per client, per
-//! window, that the cluster counted but nobody used.
+//! window (so at most that set's own recent demand), that the cluster
+//! counted but nobody used.
 //!
 //! Calling order: `note_call(now, key)` for each call; `handle_answer(now,
 //! key, quota)` for each answer from a node; `poll_renewals(now)` gives the
@@ -91,6 +94,7 @@ struct KeyState {
     fields: Arc<[(String, String)]>,
     period_start: Nanos,
     calls: u32,
+    prev_calls: u32,
     hot_until: Nanos,
     last_call: Nanos,
     quota: Option<QuotaSeen>,
@@ -147,6 +151,7 @@ impl LeaseBook {
                     fields: fields.to_vec().into(),
                     period_start: now,
                     calls: 0,
+                    prev_calls: 0,
                     hot_until: Nanos::ZERO,
                     last_call: now,
                     quota: None,
@@ -159,6 +164,14 @@ impl LeaseBook {
         if let Some(k) = self.keys.get_mut(key) {
             let period = k.quota.map_or(DEFAULT_PERIOD, |q| q.window);
             if now >= k.period_start.saturating_add(period) {
+                // The window just ended counts as the previous one only if
+                // it ended less than a window ago.
+                let next = k.period_start.saturating_add(period);
+                k.prev_calls = if now < next.saturating_add(period) {
+                    k.calls
+                } else {
+                    0
+                };
                 k.period_start = now;
                 k.calls = 0;
             }
@@ -194,7 +207,10 @@ impl LeaseBook {
                 continue;
             }
             let share = (q.remaining as f64 * self.config.share).floor();
-            let cost = share.min(f64::from(self.config.max_lease)) as u32;
+            let demand = k.calls.max(k.prev_calls);
+            let cost = share
+                .min(f64::from(self.config.max_lease))
+                .min(f64::from(demand)) as u32;
             if cost == 0 {
                 continue;
             }
@@ -325,14 +341,15 @@ mod tests {
         b.note_call(ms(0), &k, &f);
         b.handle_answer(ms(0), &k, quota(50));
         assert!(b.poll_renewals(ms(1)).is_empty(), "one call is not hot");
-        b.note_call(ms(2), &k, &f);
-        b.note_call(ms(3), &k, &f);
-        let r = b.poll_renewals(ms(4));
+        for t in 2..8 {
+            b.note_call(ms(t), &k, &f);
+        }
+        let r = b.poll_renewals(ms(8));
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].cost, 5, "10 % of 50 remaining");
-        assert!(b.poll_renewals(ms(5)).is_empty(), "renewal in flight");
-        b.handle_grant(ms(6), &k, true, ms(1000));
-        assert_eq!(b.lease(ms(7), &k), Some((5, 5)));
+        assert!(b.poll_renewals(ms(9)).is_empty(), "renewal in flight");
+        b.handle_grant(ms(10), &k, true, ms(1000));
+        assert_eq!(b.lease(ms(11), &k), Some((5, 5)));
     }
 
     #[test]
@@ -344,7 +361,12 @@ mod tests {
             b.note_call(ms(t), &k, &f);
         }
         b.handle_answer(ms(3), &k, quota(1000));
-        assert_eq!(b.poll_renewals(ms(4))[0].cost, 8);
+        assert_eq!(b.poll_renewals(ms(4))[0].cost, 3, "no more than the demand");
+        b.handle_renewal_failed(&k);
+        for t in 4..20 {
+            b.note_call(ms(t), &k, &f);
+        }
+        assert_eq!(b.poll_renewals(ms(20))[0].cost, 8, "the cap");
         b.handle_renewal_failed(&k);
         b.handle_answer(ms(5), &k, quota(9));
         assert!(b.poll_renewals(ms(6)).is_empty(), "10 % of 9 rounds to 0");
@@ -355,11 +377,11 @@ mod tests {
         let mut b = book();
         let f = fields("a");
         let k = LeaseKey::new(&f);
-        for t in 0..3 {
+        for t in 0..5 {
             b.note_call(ms(t), &k, &f);
         }
-        b.handle_answer(ms(3), &k, quota(40));
-        let r = b.poll_renewals(ms(4));
+        b.handle_answer(ms(5), &k, quota(40));
+        let r = b.poll_renewals(ms(6));
         assert_eq!(r[0].cost, 4);
         b.handle_grant(ms(10), &k, true, ms(1000));
         let mut admitted = 0;
@@ -424,5 +446,24 @@ mod tests {
             b.note_call(ms(0), &LeaseKey::new(&f), &f);
         }
         assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn demand_of_the_previous_window_counts_and_older_does_not() {
+        let mut b = book();
+        let f = fields("a");
+        let k = LeaseKey::new(&f);
+        for t in 0..6 {
+            b.note_call(ms(t), &k, &f);
+        }
+        b.handle_answer(ms(6), &k, quota(1000));
+        // Next window: one call so far, but six in the previous one.
+        b.note_call(ms(1001), &k, &f);
+        assert_eq!(b.poll_renewals(ms(1002))[0].cost, 6);
+        b.handle_renewal_failed(&k);
+        // Many windows later the old demand is forgotten (and the set is
+        // cold again until it is called enough).
+        b.note_call(ms(9000), &k, &f);
+        assert!(b.poll_renewals(ms(9001)).is_empty());
     }
 }

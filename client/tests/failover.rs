@@ -319,7 +319,7 @@ async fn local_mode_stays_within_its_lease_while_every_node_is_stopped() {
     cfg.lease = LeaseConfig {
         share: 0.1,
         max_lease: 20,
-        hot_calls: 5,
+        hot_calls: 20,
         max_keys: 1000,
     };
     let client = client_to(&https, cfg).await;
