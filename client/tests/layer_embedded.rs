@@ -215,3 +215,77 @@ async fn embedded_node_recovering_answers_by_the_degraded_mode() {
     assert_eq!(embedded.metrics().degraded_of("fail_open", true), 1);
     embedded.shutdown().await;
 }
+
+/// The layer on a plain hyper server (no axum), wrapping an in-process
+/// limiter: the same statuses and fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_wraps_a_plain_hyper_service_with_an_in_process_limiter() {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use drl::core::rules::RuleSet;
+    use drl::limiter::{Limiter, LimiterConfig};
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    use tower_layer::Layer;
+
+    #[derive(Clone)]
+    struct Hello;
+    impl tower_service::Service<http::Request<Incoming>> for Hello {
+        type Response = http::Response<Full<Bytes>>;
+        type Error = std::convert::Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<Incoming>) -> Self::Future {
+            std::future::ready(Ok(http::Response::new(Full::new(Bytes::from_static(
+                b"hello",
+            )))))
+        }
+    }
+
+    let limiter = Arc::new(
+        Limiter::new(RuleSet::from_toml(RULES).unwrap(), LimiterConfig::default()).unwrap(),
+    );
+    let service = RateLimitLayer::new(limiter, |head| {
+        let user = head.headers.get("x-user-id")?.to_str().ok()?.to_owned();
+        Some(vec![("user".into(), user)])
+    })
+    .layer(Hello);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let service = TowerToHyperService::new(service.clone());
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    for left in [2, 1, 0] {
+        let a = get_as(addr, Some("hy")).await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.text(), "hello");
+        assert!(a
+            .header("ratelimit")
+            .unwrap()
+            .starts_with(&format!("\"search-per-user\";r={left};")));
+    }
+    let denied = get_as(addr, Some("hy")).await;
+    assert_eq!(denied.status, 429);
+    assert!(denied.header("retry-after").is_some());
+    assert!(denied.header("ratelimit-policy").is_some());
+    server.abort();
+}
