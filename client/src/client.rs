@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use drl::core::descriptor::Descriptors;
 use drl::core::time::{Clock, Nanos};
 use drl::limiter::{Limiter, Outcome};
 use drl::node::{Node, NodeError, NodeHandle, NodeSettings};
@@ -372,7 +373,17 @@ impl<T: Transport> Client<T> {
     ) -> Result<Decision, ClientError> {
         let inner = &*self.inner;
         match &inner.backend {
-            Backend::Remote(r) => r.check(inner, fields.into(), cost).await,
+            Backend::Remote(r) => {
+                // The node's own checks of the descriptors, before anything
+                // is sent or noted: bad input is an error even while cut
+                // off, and changes nothing.
+                let pairs: Vec<(&str, &str)> = fields
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_str()))
+                    .collect();
+                Descriptors::new(&pairs).map_err(|e| ClientError::Refused(e.to_string()))?;
+                r.check(inner, fields.into(), cost).await
+            }
             Backend::Embedded(e) => e.check(inner, &fields, cost),
         }
     }

@@ -169,6 +169,12 @@ async fn degraded_modes_decide_when_no_node_answers() {
             assert_eq!(d.source, Source::Degraded(how), "{mode:?}");
             assert!(d.quota.is_none());
         }
+        // Bad descriptors are refused before anything, even cut off.
+        assert!(matches!(
+            client.check(&[("Not A Name", "x")], 1).await,
+            Err(drl_client::ClientError::Refused(_))
+        ));
+        assert!(client.check(&[], 1).await.is_err());
         let m = client.metrics();
         assert_eq!(m.degraded_of(how_label(how), allowed), 50);
         // Default threshold 3, cool-down 2 s: 50 calls cost at most 3
