@@ -8,20 +8,19 @@
 //! waiting for that node into batches for the [`Transport`].
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use drl::core::descriptor::Descriptors;
 use drl::core::time::{Clock, Nanos};
 use drl::limiter::{Limiter, Outcome};
 use drl::node::{Node, NodeError, NodeHandle, NodeSettings};
-use tokio::sync::mpsc;
 
 use crate::breaker::BreakerConfig;
 use crate::embedded::Embedded;
 use crate::lease::{LeaseBook, LeaseConfig, LeaseKey};
-use crate::metrics::{ClientMetrics, DegradedLabels, NodeLabels};
-use crate::remote::{run_background, run_batcher, Remote, RemoteNode};
+use crate::metrics::{ClientMetrics, DegradedLabels};
+use crate::remote::{run_background, spawn_node, Remote};
 use crate::routing::{NodeTable, RoutingConfig};
 use crate::transport::{HttpTransport, Quota, Transport};
 
@@ -62,6 +61,9 @@ pub struct ClientConfig {
     pub max_batch: usize,
     /// How often the background task probes, renews and refreshes gauges.
     pub tick: Duration,
+    /// How often the node names given to the builder are resolved again
+    /// (new addresses become nodes); `None`: only when built.
+    pub dns_refresh: Option<Duration>,
 }
 
 impl Default for ClientConfig {
@@ -76,6 +78,7 @@ impl Default for ClientConfig {
             lease: LeaseConfig::default(),
             max_batch: 64,
             tick: Duration::from_millis(50),
+            dns_refresh: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -202,8 +205,12 @@ impl ClientBuilder {
     /// The same over another transport.
     pub async fn build_with<T: Transport>(self, transport: T) -> Result<Client<T>, ClientError> {
         let mut nodes: Vec<SocketAddr> = Vec::new();
+        let mut names = Vec::new();
         for a in &self.addrs {
             let host = a.strip_prefix("http://").unwrap_or(a).trim_end_matches('/');
+            if host.parse::<SocketAddr>().is_err() {
+                names.push(host.to_owned());
+            }
             let found = tokio::net::lookup_host(host)
                 .await
                 .map_err(|e| ClientError::Resolve(a.clone(), e.to_string()))?;
@@ -216,7 +223,7 @@ impl ClientBuilder {
         if nodes.is_empty() {
             return Err(ClientError::NoNodes);
         }
-        Client::with_nodes(nodes, self.config, transport)
+        Client::start_remote(nodes, names, self.config, transport)
     }
 }
 
@@ -306,38 +313,30 @@ impl<T: Transport> Client<T> {
         config: ClientConfig,
         transport: T,
     ) -> Result<Self, ClientError> {
+        Client::start_remote(nodes, Vec::new(), config, transport)
+    }
+
+    fn start_remote(
+        nodes: Vec<SocketAddr>,
+        names: Vec<String>,
+        config: ClientConfig,
+        transport: T,
+    ) -> Result<Self, ClientError> {
         if nodes.is_empty() {
             return Err(ClientError::NoNodes);
         }
         validate(&config)?;
         let transport = Arc::new(transport);
         let metrics = ClientMetrics::default();
-        let mut remote_nodes = Vec::with_capacity(nodes.len());
-        for addr in &nodes {
-            let (queue, rx) = mpsc::channel(4096);
-            tokio::spawn(run_batcher(
-                transport.clone(),
-                *addr,
-                rx,
-                config.max_batch,
-                metrics.clone(),
-            ));
-            remote_nodes.push(RemoteNode {
-                addr: *addr,
-                label: addr.to_string(),
-                queue,
-            });
-            metrics
-                .breaker_state
-                .get_or_create(&NodeLabels {
-                    node: addr.to_string(),
-                })
-                .set(0);
-        }
+        let remote_nodes: Vec<_> = nodes
+            .iter()
+            .map(|addr| spawn_node(&transport, *addr, config.max_batch, &metrics))
+            .collect();
         let inner = Arc::new(Inner {
             backend: Backend::Remote(Remote {
                 transport,
-                nodes: remote_nodes,
+                nodes: RwLock::new(remote_nodes),
+                names,
                 table: Mutex::new(NodeTable::new(nodes.len(), config.routing, config.breaker)),
                 leases: Mutex::new(LeaseBook::new(config.lease)),
                 background: Mutex::new(None),
@@ -396,8 +395,18 @@ impl<T: Transport> Client<T> {
     /// The node addresses, in the order given (remote mode).
     pub fn nodes(&self) -> Vec<SocketAddr> {
         match &self.inner.backend {
-            Backend::Remote(r) => r.nodes.iter().map(|n| n.addr).collect(),
+            Backend::Remote(r) => r.node_list().iter().map(|n| n.addr).collect(),
             Backend::Embedded(_) => Vec::new(),
+        }
+    }
+
+    /// Adds a node at run time (from the application's own discovery); the
+    /// client measures and uses it like the others. False if it is one
+    /// already, or the client is embedded.
+    pub fn add_node(&self, addr: SocketAddr) -> bool {
+        match &self.inner.backend {
+            Backend::Remote(r) => r.add(&self.inner, addr),
+            Backend::Embedded(_) => false,
         }
     }
 
@@ -406,8 +415,9 @@ impl<T: Transport> Client<T> {
         let now = self.inner.clock.now();
         match &self.inner.backend {
             Backend::Remote(r) => {
+                let nodes = r.node_list();
                 let table = lock(&r.table);
-                r.nodes
+                nodes
                     .iter()
                     .enumerate()
                     .map(|(i, n)| NodeView {

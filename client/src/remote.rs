@@ -3,7 +3,7 @@
 //! renewals, gauges).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 use std::time::{Duration, Instant};
 
 use drl::core::time::{Clock, Nanos};
@@ -22,7 +22,11 @@ use crate::transport::{CheckAnswer, CheckRequest, Transport, TransportError};
 
 pub(crate) struct Remote<T: Transport> {
     pub(crate) transport: Arc<T>,
-    pub(crate) nodes: Vec<RemoteNode>,
+    /// Only ever appended to, under this lock together with `table`, so an
+    /// index means the same node in both. Never held with `table` locked.
+    pub(crate) nodes: RwLock<Vec<Arc<RemoteNode>>>,
+    /// What the node list was given as, resolved again every `dns_refresh`.
+    pub(crate) names: Vec<String>,
     pub(crate) table: Mutex<NodeTable>,
     pub(crate) leases: Mutex<LeaseBook>,
     pub(crate) background: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -63,7 +67,63 @@ fn outcome_str(o: Outcome) -> &'static str {
     }
 }
 
+pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A node's batcher task and its queue.
+pub(crate) fn spawn_node<T: Transport>(
+    transport: &Arc<T>,
+    addr: SocketAddr,
+    max_batch: usize,
+    metrics: &ClientMetrics,
+) -> Arc<RemoteNode> {
+    let (queue, rx) = mpsc::channel(4096);
+    tokio::spawn(run_batcher(
+        transport.clone(),
+        addr,
+        rx,
+        max_batch,
+        metrics.clone(),
+    ));
+    metrics
+        .breaker_state
+        .get_or_create(&NodeLabels {
+            node: addr.to_string(),
+        })
+        .set(0);
+    Arc::new(RemoteNode {
+        addr,
+        label: addr.to_string(),
+        queue,
+    })
+}
+
 impl<T: Transport> Remote<T> {
+    pub(crate) fn node(&self, i: usize) -> Option<Arc<RemoteNode>> {
+        read(&self.nodes).get(i).cloned()
+    }
+
+    pub(crate) fn node_list(&self) -> Vec<Arc<RemoteNode>> {
+        read(&self.nodes).clone()
+    }
+
+    /// Adds `addr` as a node unless it is one already; true if added.
+    pub(crate) fn add(&self, inner: &Inner<T>, addr: SocketAddr) -> bool {
+        let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        if nodes.iter().any(|n| n.addr == addr) {
+            return false;
+        }
+        nodes.push(spawn_node(
+            &self.transport,
+            addr,
+            inner.config.max_batch,
+            &inner.metrics,
+        ));
+        lock(&self.table).add_node();
+        true
+    }
+
     /// Sends one check through node `i`'s batcher.
     async fn attempt(
         &self,
@@ -71,7 +131,12 @@ impl<T: Transport> Remote<T> {
         request: CheckRequest,
         timeout: Duration,
     ) -> Result<CheckAnswer, TransportError> {
-        let node = &self.nodes[i];
+        let Some(node) = self.node(i) else {
+            return Err(TransportError::Malformed(
+                SocketAddr::from(([0, 0, 0, 0], 0)),
+                format!("no node {i}"),
+            ));
+        };
         let (reply, answer) = oneshot::channel();
         let send = async {
             node.queue
@@ -91,12 +156,12 @@ impl<T: Transport> Remote<T> {
             .map_err(|_| TransportError::Timeout(node.addr, timeout))?
     }
 
-    fn record(&self, inner: &Inner<T>, i: usize, before: (u64, u64)) {
+    fn record(&self, inner: &Inner<T>, i: usize, label: &str, before: (u64, u64)) {
         let now = inner.clock.now();
-        let table = lock(&self.table);
         let label = NodeLabels {
-            node: self.nodes[i].label.clone(),
+            node: label.to_owned(),
         };
+        let table = lock(&self.table);
         if let Some(s) = table.breaker_state(now, i) {
             inner
                 .metrics
@@ -143,7 +208,10 @@ impl<T: Transport> Remote<T> {
             guard.armed = false;
             let elapsed = Nanos::from(started.elapsed());
             let now = inner.clock.now();
-            let label = &self.nodes[i].label;
+            let Some(node) = self.node(i) else {
+                continue;
+            };
+            let label = &node.label;
             match result {
                 Ok(answer) => {
                     lock(&self.table).handle_success(now, i, elapsed);
@@ -152,14 +220,14 @@ impl<T: Transport> Remote<T> {
                         CheckAnswer::Refused(_) => "refused",
                     };
                     inner.metrics.call(label, result);
-                    self.record(inner, i, before);
+                    self.record(inner, i, label, before);
                     return Some((i, answer));
                 }
                 Err(e) => {
                     lock(&self.table).handle_failure(now, i, elapsed);
                     inner.metrics.call(label, e.kind());
-                    self.record(inner, i, before);
-                    tracing::debug!(node = %self.nodes[i].addr, error = %e, "attempt failed");
+                    self.record(inner, i, label, before);
+                    tracing::debug!(node = %node.addr, error = %e, "attempt failed");
                     failed = true;
                 }
             }
@@ -192,7 +260,10 @@ impl<T: Transport> Remote<T> {
                 Ok(Decision {
                     outcome,
                     quota,
-                    source: Source::Node(self.nodes[i].addr),
+                    source: Source::Node(
+                        self.node(i)
+                            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |n| n.addr),
+                    ),
                 })
             }
             Some((_, CheckAnswer::Refused(message))) => Err(ClientError::Refused(message)),
@@ -268,6 +339,11 @@ pub(crate) async fn run_background<T: Transport>(inner: Weak<Inner<T>>) {
     };
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The names were resolved when the client was built.
+    let mut next_resolve: Option<Instant> = inner
+        .upgrade()
+        .and_then(|i| i.config.dns_refresh)
+        .map(|every| Instant::now() + every);
     loop {
         interval.tick().await;
         let Some(strong) = inner.upgrade() else {
@@ -283,8 +359,9 @@ pub(crate) async fn run_background<T: Transport>(inner: Weak<Inner<T>>) {
             tokio::spawn(async move { probe(weak, i).await });
         }
         {
+            let nodes = remote.node_list();
             let table = lock(&remote.table);
-            for (i, n) in remote.nodes.iter().enumerate() {
+            for (i, n) in nodes.iter().enumerate() {
                 if let Some(s) = table.breaker_state(now, i) {
                     strong
                         .metrics
@@ -294,6 +371,13 @@ pub(crate) async fn run_background<T: Transport>(inner: Weak<Inner<T>>) {
                         })
                         .set(s.gauge());
                 }
+            }
+        }
+        if let Some(every) = strong.config.dns_refresh {
+            if !remote.names.is_empty() && next_resolve.is_none_or(|t| Instant::now() >= t) {
+                next_resolve = Some(Instant::now() + every);
+                let weak = inner.clone();
+                tokio::spawn(async move { resolve(weak).await });
             }
         }
         if matches!(strong.config.degraded, DegradedMode::Local { .. }) {
@@ -317,7 +401,10 @@ pub(crate) async fn probe<T: Transport>(inner: Weak<Inner<T>>, i: usize) {
     let Backend::Remote(remote) = &strong.backend else {
         return;
     };
-    let addr = remote.nodes[i].addr;
+    let Some(node) = remote.node(i) else {
+        return;
+    };
+    let addr = node.addr;
     let before = lock(&remote.table).transitions(i);
     let started = Instant::now();
     let result = remote
@@ -334,9 +421,8 @@ pub(crate) async fn probe<T: Transport>(inner: Weak<Inner<T>>, i: usize) {
         }
         table.handle_probe_done(i);
     }
-    let label = &remote.nodes[i].label;
-    strong.metrics.probe(label, result.is_ok());
-    remote.record(&strong, i, before);
+    strong.metrics.probe(&node.label, result.is_ok());
+    remote.record(&strong, i, &node.label, before);
 }
 
 pub(crate) async fn renew<T: Transport>(inner: Weak<Inner<T>>, r: crate::lease::Renewal) {
@@ -379,6 +465,36 @@ pub(crate) async fn renew<T: Transport>(inner: Weak<Inner<T>>, r: crate::lease::
         None => {
             leases.handle_renewal_failed(&r.key);
             strong.metrics.leases_of_inc("failed");
+        }
+    }
+}
+
+/// Resolves the client's names again and adds the addresses that are new.
+/// Addresses that vanished stay: their breakers keep them out of the way.
+pub(crate) async fn resolve<T: Transport>(inner: Weak<Inner<T>>) {
+    let Some(names) = inner.upgrade().and_then(|i| match &i.backend {
+        Backend::Remote(r) => Some(r.names.clone()),
+        Backend::Embedded(_) => None,
+    }) else {
+        return;
+    };
+    for name in names {
+        let found = match tokio::net::lookup_host(name.as_str()).await {
+            Ok(found) => found.collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::debug!(%name, error = %e, "resolution failed");
+                continue;
+            }
+        };
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if let Backend::Remote(remote) = &strong.backend {
+            for addr in found {
+                if remote.add(&strong, addr) {
+                    tracing::info!(%name, %addr, "node added");
+                }
+            }
         }
     }
 }

@@ -47,22 +47,33 @@ struct NodeState {
 #[derive(Clone, Debug)]
 pub struct NodeTable {
     config: RoutingConfig,
+    breaker: BreakerConfig,
     nodes: Vec<NodeState>,
 }
 
 impl NodeTable {
     pub fn new(nodes: usize, routing: RoutingConfig, breaker: BreakerConfig) -> Self {
-        NodeTable {
+        let mut table = NodeTable {
             config: routing,
-            nodes: (0..nodes)
-                .map(|_| NodeState {
-                    ewma_ns: None,
-                    breaker: CircuitBreaker::new(breaker),
-                    last_result: None,
-                    probing: false,
-                })
-                .collect(),
+            breaker,
+            nodes: Vec::with_capacity(nodes),
+        };
+        for _ in 0..nodes {
+            table.add_node();
         }
+        table
+    }
+
+    /// Adds a node (never measured, breaker closed); returns its index.
+    /// Indices of existing nodes do not change.
+    pub fn add_node(&mut self) -> usize {
+        self.nodes.push(NodeState {
+            ewma_ns: None,
+            breaker: CircuitBreaker::new(self.breaker),
+            last_result: None,
+            probing: false,
+        });
+        self.nodes.len() - 1
     }
 
     pub fn len(&self) -> usize {
@@ -290,5 +301,16 @@ mod tests {
         t.handle_success(ms(1002), 0, Nanos::from_micros(100));
         t.handle_probe_done(0);
         assert_eq!(t.breaker_state(ms(1003), 0), Some(BreakerState::Closed));
+    }
+
+    #[test]
+    fn added_node_is_unmeasured_and_keeps_indices() {
+        let mut t = table(1);
+        t.handle_success(ms(0), 0, Nanos::from_micros(100));
+        assert_eq!(t.add_node(), 1);
+        assert_eq!(t.route(ms(1)), vec![0, 1]);
+        assert_eq!(t.poll_probe(ms(1)), vec![(1, Permit::Granted)]);
+        t.handle_success(ms(2), 1, Nanos::from_micros(50));
+        assert_eq!(t.route(ms(3)), vec![1, 0]);
     }
 }

@@ -47,6 +47,7 @@ fn config(attempt_ms: u64, threshold: u32, cool_ms: u64, probe_ms: u64) -> Clien
         lease: LeaseConfig::default(),
         max_batch: 64,
         tick: Duration::from_millis(20),
+        dns_refresh: None,
     }
 }
 
@@ -432,6 +433,36 @@ async fn calls_move_off_a_slowed_node() {
         samples.lock().unwrap().iter().filter(|s| s.failed).count(),
         0
     );
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+/// A node added at run time (the application's own discovery, or a DNS
+/// name resolving to a new address) is measured and used; when the first
+/// node stops, it takes every call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_at_run_time_takes_over() {
+    let cluster = Cluster::new("added", 2, GENEROUS, false);
+    let mut nodes = cluster.start(&[]).await;
+    let client = client_to(&[nodes[0].http], config(200, 2, 1000, 100)).await;
+    assert!(client.add_node(nodes[1].http));
+    assert!(!client.add_node(nodes[1].http), "already a node");
+    assert_eq!(client.nodes(), vec![nodes[0].http, nodes[1].http]);
+    for _ in 0..20 {
+        let d = client.check(&[("user", "add")], 1).await.unwrap();
+        assert!(matches!(d.source, Source::Node(_)));
+    }
+    let first = nodes.remove(0);
+    first.stop().await;
+    let mut on_added = 0;
+    for _ in 0..50 {
+        let d = client.check(&[("user", "add")], 1).await.unwrap();
+        assert!(d.is_allowed(), "{:?}", d.source);
+        on_added += u64::from(d.source == Source::Node(nodes[0].http));
+    }
+    assert_eq!(on_added, 50, "every call served by the added node");
+    assert!(client.node_states()[1].latency.is_some(), "measured");
     for n in nodes {
         n.stop().await;
     }
