@@ -174,8 +174,9 @@ pub struct ClientBuilder {
 
 impl ClientBuilder {
     /// A node address, `host:port` (an `http://` prefix is accepted). A name
-    /// is resolved when the client is built, and every address it resolves
-    /// to becomes a node (a headless service's DNS name lists every pod).
+    /// is resolved when the client is built and again every
+    /// [`ClientConfig::dns_refresh`]; every address it resolves to becomes a
+    /// node (a headless service's DNS name lists every pod).
     pub fn node(mut self, addr: impl Into<String>) -> Self {
         self.addrs.push(addr.into());
         self
@@ -248,6 +249,8 @@ pub(crate) struct Inner<T: Transport> {
     pub(crate) backend: Backend<T>,
 }
 
+// One per client, behind an `Arc`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Backend<T: Transport> {
     Remote(Remote<T>),
     Embedded(Box<Embedded>),
