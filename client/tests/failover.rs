@@ -238,8 +238,11 @@ async fn breaker_opens_on_a_hung_node_and_closes_when_it_answers() {
     let start = Instant::now();
     let mut calls = 0;
     let mut degraded = 0;
+    let mut latencies = Vec::new();
     while start.elapsed() < hang {
+        let t = Instant::now();
         let d = client.check(&[("user", "hung")], 1).await.unwrap();
+        latencies.push(t.elapsed());
         if !matches!(d.source, Source::Node(_)) {
             degraded += 1;
         }
@@ -248,10 +251,16 @@ async fn breaker_opens_on_a_hung_node_and_closes_when_it_answers() {
     }
     let failures = failures_on(&client, &label) - failures_before;
     let cool_downs = (start.elapsed().as_millis() / cool_down.as_millis()) as u64;
+    let slow = latencies
+        .iter()
+        .filter(|l| **l >= Duration::from_millis(100))
+        .count();
     println!(
-        "breaker: {calls} calls in {:?} while one node hung; {failures} timed-out attempts and probes on it; {} failovers",
+        "breaker: {calls} calls in {:?} while one node hung; {failures} timed-out attempts and probes on it; {} failovers; {slow} calls took the 100 ms attempt timeout; p50 {:?}, p99 {:?}",
         start.elapsed(),
-        client.metrics().failovers.get()
+        client.metrics().failovers.get(),
+        percentile(&mut latencies.clone(), 0.5),
+        percentile(&mut latencies, 0.99),
     );
     assert_eq!(degraded, 0, "the other node answered every call");
     assert!(client.metrics().breaker_opened_of(&label) >= 1);
