@@ -1,14 +1,16 @@
 //! A worker that asks before each job, with failover between nodes.
 //!
 //! ```sh
-//! cargo run --release -- cluster --nodes 3        # in another terminal
+//! # `drl cluster` stops every node when one dies; to stop just one, start
+//! # the nodes from the configurations it wrote (run it once, then Ctrl-C):
+//! for i in 0 1 2; do cargo run --release -- node --config /tmp/drl-cluster/node-$i.toml & done
 //! cargo run -p drl-client --example worker
 //! ```
 //!
-//! Stop a node of the cluster while it runs: the worker's calls move to the
-//! next nearest node within the same call, and the per-second line shows
-//! the failovers and the dead node's breaker opening. `DRL_NODES` lists the
-//! nodes, `JOBS` how many jobs to run (default 5000).
+//! Kill one node while it runs: the worker's calls move to the next nearest
+//! node within the same call, and the per-second line shows the failovers
+//! and the dead node's breaker opening (and closing once it is back).
+//! `DRL_NODES` lists the nodes, `JOBS` how many jobs to run (default 5000).
 
 use std::time::{Duration, Instant};
 
