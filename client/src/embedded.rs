@@ -1,0 +1,87 @@
+//! Embedded mode: decisions on a limiter in this process (a cluster node
+//! the application runs, or a lone limiter), in the client's terms.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drl::core::descriptor::Descriptors;
+use drl::limiter::{CheckError, Limiter, Outcome};
+use drl::node::NodeHandle;
+
+use crate::client::{
+    degraded_decision, ClientError, Decision, Degraded, DegradedMode, Fallback, Inner, Source,
+};
+use crate::transport::{Quota, Transport};
+
+pub(crate) struct Embedded {
+    pub(crate) limiter: Arc<Limiter>,
+    pub(crate) node: tokio::sync::Mutex<Option<NodeHandle>>,
+}
+
+impl Embedded {
+    pub(crate) fn check<T: Transport>(
+        &self,
+        inner: &Inner<T>,
+        fields: &[(String, String)],
+        cost: u32,
+    ) -> Result<Decision, ClientError> {
+        match limiter_decision(&self.limiter, fields, cost) {
+            // The node has not recovered its counts yet: nobody can decide.
+            Err(ClientError::Unavailable(_)) => {
+                let (how, allowed) = match inner.config.degraded {
+                    DegradedMode::FailOpen
+                    | DegradedMode::Local {
+                        otherwise: Fallback::Allow,
+                    } => (Degraded::FailOpen, true),
+                    DegradedMode::FailClosed
+                    | DegradedMode::Local {
+                        otherwise: Fallback::Deny,
+                    } => (Degraded::FailClosed, false),
+                };
+                Ok(degraded_decision(inner, how, allowed))
+            }
+            other => other,
+        }
+    }
+}
+
+/// A decision of an in-process limiter, in the client's terms.
+/// `Unavailable` while a clustered limiter recovers its counts.
+pub(crate) fn limiter_decision(
+    limiter: &Limiter,
+    fields: &[(String, String)],
+    cost: u32,
+) -> Result<Decision, ClientError> {
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let d = Descriptors::new(&pairs).map_err(|e| ClientError::Refused(e.to_string()))?;
+    match limiter.check(&d, cost) {
+        Ok(decision) => {
+            let quota = decision.quota.map(|q| {
+                let rules = limiter.rules();
+                Quota {
+                    rule: rules
+                        .limits()
+                        .get(q.limit_index)
+                        .map(|l| l.rule.clone())
+                        .unwrap_or_default(),
+                    limit: q.limit,
+                    window: Duration::from(q.period),
+                    remaining: q.remaining,
+                    reset_after: Duration::from(q.reset_after),
+                    retry_after: (decision.outcome != Outcome::Never)
+                        .then(|| Duration::from(q.retry_after)),
+                }
+            });
+            Ok(Decision {
+                outcome: decision.outcome,
+                quota,
+                source: Source::Embedded,
+            })
+        }
+        Err(e @ CheckError::Recovering) => Err(ClientError::Unavailable(e.to_string())),
+        Err(e) => Err(ClientError::Refused(e.to_string())),
+    }
+}
