@@ -301,6 +301,7 @@ impl Client<HttpTransport> {
                 metrics: ClientMetrics::default(),
                 backend: Backend::Embedded(Box::new(Embedded {
                     limiter,
+                    api: node.as_ref().map(NodeHandle::api),
                     node: tokio::sync::Mutex::new(node),
                 })),
             }),
@@ -386,7 +387,7 @@ impl<T: Transport> Client<T> {
                 Descriptors::new(&pairs).map_err(|e| ClientError::Refused(e.to_string()))?;
                 r.check(inner, fields.into(), cost).await
             }
-            Backend::Embedded(e) => e.check(inner, &fields, cost),
+            Backend::Embedded(e) => e.check(inner, &fields, cost).await,
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use drl::core::descriptor::Descriptors;
 use drl::limiter::{CheckError, Limiter, Outcome};
-use drl::node::NodeHandle;
+use drl::node::{NodeApi, NodeHandle};
 
 use crate::client::{
     degraded_decision, ClientError, Decision, Degraded, DegradedMode, Fallback, Inner, Source,
@@ -15,17 +15,24 @@ use crate::transport::{Quota, Transport};
 
 pub(crate) struct Embedded {
     pub(crate) limiter: Arc<Limiter>,
+    /// The node's own check, which confirms with the peers near a limit;
+    /// `None` for a lone limiter.
+    pub(crate) api: Option<NodeApi>,
     pub(crate) node: tokio::sync::Mutex<Option<NodeHandle>>,
 }
 
 impl Embedded {
-    pub(crate) fn check<T: Transport>(
+    pub(crate) async fn check<T: Transport>(
         &self,
         inner: &Inner<T>,
         fields: &[(String, String)],
         cost: u32,
     ) -> Result<Decision, ClientError> {
-        match limiter_decision(&self.limiter, fields, cost) {
+        let decided = match &self.api {
+            Some(api) => node_decision(api, fields, cost).await,
+            None => limiter_decision(&self.limiter, fields, cost),
+        };
+        match decided {
             // The node has not recovered its counts yet: nobody can decide.
             Err(ClientError::Unavailable(_)) => {
                 let (how, allowed) = match inner.config.degraded {
@@ -57,7 +64,30 @@ pub(crate) fn limiter_decision(
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
     let d = Descriptors::new(&pairs).map_err(|e| ClientError::Refused(e.to_string()))?;
-    match limiter.check(&d, cost) {
+    client_decision(limiter, limiter.check(&d, cost))
+}
+
+/// A decision of the node this process runs: near a limit it waits for
+/// its peers' confirmation, as the node's own API does.
+async fn node_decision(
+    api: &NodeApi,
+    fields: &[(String, String)],
+    cost: u32,
+) -> Result<Decision, ClientError> {
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let d = Descriptors::new(&pairs).map_err(|e| ClientError::Refused(e.to_string()))?;
+    let result = api.check(&d, cost).await;
+    client_decision(&api.limiter, result)
+}
+
+fn client_decision(
+    limiter: &Limiter,
+    result: Result<drl::limiter::Decision, CheckError>,
+) -> Result<Decision, ClientError> {
+    match result {
         Ok(decision) => {
             let quota = decision.quota.map(|q| {
                 let rules = limiter.rules();
