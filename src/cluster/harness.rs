@@ -22,7 +22,9 @@ use crate::core::rules::RuleSet;
 use crate::core::share::{SharePolicy, ShareView};
 use crate::core::slot::NodeSlot;
 use crate::core::time::{ManualClock, Nanos};
-use crate::limiter::{Begun, CheckError, Decision, Limiter, LimiterConfig, Outcome, Pending};
+use crate::limiter::{
+    Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Outcome, Pending,
+};
 
 /// How the network misbehaves.
 #[derive(Clone, Debug)]
@@ -315,7 +317,9 @@ impl MemCluster {
                 let id = self.next_request;
                 self.next_request += 1;
                 let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
-                let ticket = self.nodes[node].repl.claim(local, keys, &limiter);
+                let ticket = self.nodes[node]
+                    .repl
+                    .claim(local, pending.started, keys, &limiter);
                 self.nodes[node].pending.insert(ticket, (id, pending));
                 self.flush(node);
                 Ok(Submitted::Waiting(id))
@@ -341,12 +345,31 @@ impl MemCluster {
                 ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
                 ClaimEvent::Expired { ticket } => (ticket, None),
             };
-            if let Some((id, pending)) = self.nodes[node].pending.remove(&ticket) {
-                let local = self.local_now(node);
-                let decision = self.nodes[node]
-                    .limiter
-                    .finish_at(local, &pending, answered);
-                self.completed.push((id, node, decision, self.now));
+            let Some((id, pending)) = self.nodes[node].pending.remove(&ticket) else {
+                continue;
+            };
+            let local = self.local_now(node);
+            let limiter = self.nodes[node].limiter.clone();
+            match limiter.finish_or_yield_at(local, &pending, answered, true) {
+                Finished::Yield { blocking } => {
+                    let deadline = pending.started + self.nodes[node].repl.config().claim_timeout;
+                    let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
+                    self.nodes[node].repl.yield_to(
+                        ticket,
+                        keys,
+                        blocking,
+                        answered.unwrap_or(0),
+                        deadline,
+                    );
+                    self.nodes[node].pending.insert(ticket, (id, pending));
+                }
+                Finished::Decided(decision) => {
+                    if !decision.is_allowed() {
+                        // As the node does: the given-back hits leave at once.
+                        self.nodes[node].repl.ship_now(local, &limiter);
+                    }
+                    self.completed.push((id, node, decision, self.now));
+                }
             }
         }
     }

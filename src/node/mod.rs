@@ -34,7 +34,7 @@ use crate::core::share::ShareView;
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
 use crate::core::wire::{Frame, Kind, RulesFrame, Swim};
-use crate::limiter::{Begun, CheckError, Decision, Limiter, LimiterConfig, Pending};
+use crate::limiter::{Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Pending};
 use crate::net::{Incoming, NodeTls, Transport};
 
 pub use config::{Chaos, ConfigError, NodeFile, NodeSettings};
@@ -497,7 +497,7 @@ impl Driver {
             Command::Confirm { pending, reply } => {
                 let now = self.clock.now();
                 let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
-                let ticket = self.repl.claim(now, keys, &self.limiter);
+                let ticket = self.repl.claim(now, pending.started, keys, &self.limiter);
                 self.confirming.insert(ticket, (pending, reply));
             }
         }
@@ -644,11 +644,30 @@ impl Driver {
                 ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
                 ClaimEvent::Expired { ticket } => (ticket, None),
             };
-            if let Some((pending, reply)) = self.confirming.remove(&ticket) {
-                let decision = self.limiter.finish_at(now, &pending, answered);
-                if reply.send(decision).is_err() && decision.is_allowed() {
-                    // The caller is gone: nobody was told yes, give it back.
-                    self.limiter.give_back(now, &pending);
+            let Some((pending, reply)) = self.confirming.remove(&ticket) else {
+                continue;
+            };
+            match self
+                .limiter
+                .finish_or_yield_at(now, &pending, answered, true)
+            {
+                Finished::Yield { blocking } => {
+                    let deadline = pending.started + self.repl.config().claim_timeout;
+                    let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
+                    self.repl
+                        .yield_to(ticket, keys, blocking, answered.unwrap_or(0), deadline);
+                    self.confirming.insert(ticket, (pending, reply));
+                }
+                Finished::Decided(decision) => {
+                    if !decision.is_allowed() {
+                        // Its hits were given back: tell the peers now, a
+                        // conflicting claim may be waiting for exactly that.
+                        self.repl.ship_now(now, &self.limiter);
+                    }
+                    if reply.send(decision).is_err() && decision.is_allowed() {
+                        // The caller is gone: nobody was told yes, give it back.
+                        self.limiter.give_back(now, &pending);
+                    }
                 }
             }
         }
