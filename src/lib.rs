@@ -49,6 +49,7 @@ pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod core;
+pub mod grpc;
 pub mod http;
 pub mod limiter;
 pub mod metrics;

@@ -26,6 +26,9 @@ pub struct NodeFile {
     pub advertise_peer: Option<SocketAddr>,
     /// TCP address of the HTTP API.
     pub listen_http: SocketAddr,
+    /// TCP address of the gRPC API (Envoy's rate limit service and
+    /// `drl.v1`); none: no gRPC listener.
+    pub grpc_listen: Option<SocketAddr>,
     /// Peers to contact at start: `host:port`, IP or DNS name (a Kubernetes
     /// headless service resolves to every pod).
     pub seeds: Vec<String>,
@@ -67,6 +70,7 @@ impl Default for NodeFile {
             listen_peer: "127.0.0.1:7400".parse().expect("literal address"),
             advertise_peer: None,
             listen_http: "127.0.0.1:8400".parse().expect("literal address"),
+            grpc_listen: None,
             seeds: Vec::new(),
             discovery_interval: "5s".into(),
             rules: PathBuf::from("rules.toml"),
@@ -96,6 +100,7 @@ pub struct NodeSettings {
     pub listen_peer: SocketAddr,
     pub advertise_peer: Option<SocketAddr>,
     pub listen_http: SocketAddr,
+    pub grpc_listen: Option<SocketAddr>,
     pub seeds: Vec<String>,
     pub discovery_interval: Nanos,
     pub rules: PathBuf,
@@ -252,6 +257,7 @@ impl NodeFile {
             listen_peer: self.listen_peer,
             advertise_peer: self.advertise_peer,
             listen_http: self.listen_http,
+            grpc_listen: self.grpc_listen,
             seeds: self.seeds.clone(),
             discovery_interval: duration("discovery_interval", &self.discovery_interval)?,
             rules: path(&self.rules),
