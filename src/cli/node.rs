@@ -43,6 +43,15 @@ pub struct NodeArgs {
     /// drl.v1); default: no gRPC listener.
     #[arg(long, env = "DRL_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
+    /// TLS certificate of the gRPC API (PEM); with --grpc-tls-key.
+    #[arg(long, env = "DRL_GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// TLS private key of the gRPC API (PEM).
+    #[arg(long, env = "DRL_GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Require gRPC clients to present a certificate signed by this CA (PEM).
+    #[arg(long, env = "DRL_GRPC_TLS_CLIENT_CA")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
     /// Peers to contact at start, comma-separated `host:port` (DNS names are
     /// resolved again every discovery_interval).
     #[arg(long, env = "DRL_SEEDS", value_delimiter = ',')]
@@ -143,6 +152,15 @@ impl NodeArgs {
         }
         if let Some(v) = self.grpc_listen {
             file.grpc_listen = Some(v);
+        }
+        for (flag, field) in [
+            (&self.grpc_tls_cert, &mut file.grpc_tls_cert),
+            (&self.grpc_tls_key, &mut file.grpc_tls_key),
+            (&self.grpc_tls_client_ca, &mut file.grpc_tls_client_ca),
+        ] {
+            if let Some(v) = flag {
+                *field = Some(from_cwd(v));
+            }
         }
         if let Some(v) = &self.key_seed {
             file.key_seed = Some(v.clone());

@@ -101,6 +101,12 @@ impl RlsRequest {
                     hits: h.value,
                 })?,
             };
+            if d.entries.is_empty() {
+                return Err(RlsRequestError::Descriptor {
+                    index,
+                    source: DescriptorError::NoFields,
+                });
+            }
             if d.entries.iter().any(|e| e.key == DOMAIN) {
                 return Err(RlsRequestError::ReservedKey(index));
             }
@@ -108,12 +114,6 @@ impl RlsRequest {
             fields.push((DOMAIN.to_owned(), request.domain.clone()));
             fields.extend(d.entries.iter().map(|e| (e.key.clone(), e.value.clone())));
             let check = RlsCheck { fields, cost };
-            if d.entries.is_empty() {
-                return Err(RlsRequestError::Descriptor {
-                    index,
-                    source: DescriptorError::NoFields,
-                });
-            }
             Descriptors::new(&check.pairs())
                 .map_err(|source| RlsRequestError::Descriptor { index, source })?;
             checks.push(check);

@@ -14,6 +14,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 use super::envoy_service::EnvoyRateLimit;
@@ -21,7 +22,7 @@ use super::native::NativeRateLimiter;
 use super::pb::rate_limiter_server::RateLimiterServer;
 use super::state::GrpcState;
 use crate::http::HttpNode;
-use crate::node::NodeSettings;
+use crate::node::{GrpcTls, NodeSettings};
 
 /// The services whose health `grpc.health.v1` reports, besides `""` (the
 /// whole server).
@@ -29,6 +30,10 @@ pub const SERVICES: [&str; 2] = [
     "envoy.service.ratelimit.v3.RateLimitService",
     "drl.v1.RateLimiter",
 ];
+
+/// Most calls in flight on one HTTP/2 connection; a client that wants more
+/// waits for a stream to close (or opens another connection).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
 
 /// How often health follows the node's readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
@@ -40,6 +45,11 @@ pub enum RunError {
     Http(#[from] crate::http::RunError),
     #[error("cannot listen for gRPC on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
+    #[error("gRPC TLS: cannot read {path}: {source}")]
+    TlsRead {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -48,6 +58,7 @@ pub enum RunError {
 pub struct GrpcListener {
     listener: TcpListener,
     addr: SocketAddr,
+    tls: Option<ServerTlsConfig>,
 }
 
 impl GrpcListener {
@@ -55,7 +66,30 @@ impl GrpcListener {
         let err = |source| RunError::Bind { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(err)?;
         let addr = listener.local_addr().map_err(err)?;
-        Ok(GrpcListener { listener, addr })
+        Ok(GrpcListener {
+            listener,
+            addr,
+            tls: None,
+        })
+    }
+
+    /// Serves over TLS with `tls`'s certificate, and asks clients for a
+    /// certificate signed by its client CA when it names one. The files are
+    /// read now, so a missing one fails before the node starts.
+    pub fn with_tls(mut self, tls: &GrpcTls) -> Result<GrpcListener, RunError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| RunError::TlsRead {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        if let Some(ca) = &tls.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        self.tls = Some(config);
+        Ok(self)
     }
 
     /// The bound address (the real port when bound to port 0).
@@ -98,7 +132,12 @@ impl GrpcListener {
             }
         });
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let result = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let result = builder
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .add_service(health)
             .add_service(RateLimitServiceServer::new(EnvoyRateLimit::new(
                 state.clone(),
@@ -120,7 +159,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let grpc = match settings.grpc_listen {
-        Some(addr) => Some(GrpcListener::bind(addr).await?),
+        Some(addr) => {
+            let listener = GrpcListener::bind(addr).await?;
+            Some(match &settings.grpc_tls {
+                Some(tls) => listener.with_tls(tls)?,
+                None => listener,
+            })
+        }
         None => None,
     };
     let node = HttpNode::start(settings).await?;

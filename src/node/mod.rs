@@ -36,7 +36,7 @@ use crate::core::wire::{Frame, Kind, RulesFrame, Swim};
 use crate::limiter::{Limiter, LimiterConfig};
 use crate::net::{Incoming, NodeTls, Transport};
 
-pub use config::{Chaos, ConfigError, NodeFile, NodeSettings};
+pub use config::{Chaos, ConfigError, GrpcTls, NodeFile, NodeSettings};
 
 /// Why a node could not start. Nothing is left running.
 #[derive(Debug, thiserror::Error)]

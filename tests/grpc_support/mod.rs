@@ -12,7 +12,7 @@ use drl::grpc::{GrpcListener, GrpcState};
 use drl::http::client::Connection;
 use drl::http::HttpNode;
 use drl::net::{generate_dev_certs, local_cluster_specs};
-use drl::node::{NodeApi, NodeFile};
+use drl::node::{GrpcTls, NodeApi, NodeFile};
 
 pub fn cluster_dir(name: &str, nodes: u16, rules: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -39,13 +39,27 @@ pub struct GrpcNode {
 
 impl GrpcNode {
     pub async fn start(dir: &Path, slot: u16, cluster_size: usize, seeds: Vec<String>) -> GrpcNode {
+        GrpcNode::start_with(dir, slot, cluster_size, seeds, None).await
+    }
+
+    /// [`GrpcNode::start`] with the gRPC API over TLS.
+    pub async fn start_with(
+        dir: &Path,
+        slot: u16,
+        cluster_size: usize,
+        seeds: Vec<String>,
+        tls: Option<GrpcTls>,
+    ) -> GrpcNode {
         let file = NodeFile {
             recovery_timeout: "100ms".into(),
             ..NodeFile::local(dir, slot, cluster_size, seeds)
         };
-        let grpc = GrpcListener::bind("127.0.0.1:0".parse().unwrap())
+        let mut grpc = GrpcListener::bind("127.0.0.1:0".parse().unwrap())
             .await
             .unwrap();
+        if let Some(tls) = &tls {
+            grpc = grpc.with_tls(tls).unwrap();
+        }
         let node = HttpNode::start(file.settings(dir).unwrap()).await.unwrap();
         let state = GrpcState::new(node.node().api(), node.state().clone());
         let (stop, stopped) = tokio::sync::watch::channel(false);
