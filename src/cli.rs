@@ -49,6 +49,8 @@ pub enum CliError {
     #[error(transparent)]
     Run(#[from] crate::http::RunError),
     #[error(transparent)]
+    RunGrpc(#[from] crate::grpc::RunError),
+    #[error(transparent)]
     Client(#[from] crate::http::client::ClientError),
     #[error("the node answered {status}: {body}")]
     Refused { status: u16, body: String },

@@ -21,6 +21,8 @@
 //!   certificates.
 //! - [`node`]: a cluster node, the thin async shell that drives the state
 //!   machines from the transport and timers.
+//! - [`grpc`]: the gRPC API: Envoy's rate limit service v3, the native
+//!   `drl.v1.RateLimiter` and health, beside the HTTP API.
 //! - [`http`]: the HTTP API; [`metrics`]: its Prometheus metrics;
 //!   [`middleware`]: rate limiting for axum routes.
 //! - [`clock`]: the one place that reads real time.
@@ -49,6 +51,7 @@ pub mod cli;
 pub mod clock;
 pub mod cluster;
 pub mod core;
+pub mod grpc;
 pub mod http;
 pub mod limiter;
 pub mod metrics;

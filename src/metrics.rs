@@ -40,41 +40,92 @@ use crate::node::NodeApi;
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// Which API a decision came through: the `protocol` label of the decision
+/// metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Grpc,
+}
+
+const PROTOCOLS: [Protocol; 2] = [Protocol::Http, Protocol::Grpc];
+
+impl Protocol {
+    fn index(self) -> usize {
+        match self {
+            Protocol::Http => 0,
+            Protocol::Grpc => 1,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
 /// Every metric of one node.
 pub struct Metrics {
     registry: Registry,
     decisions: Arc<DecisionCounters>,
-    latency: Arc<LatencyHistogram>,
+    latency: Arc<LatencyHistograms>,
     rejected: Arc<RejectCounters>,
+    grpc_rejected: Arc<GrpcRejectCounters>,
 }
 
 impl Metrics {
     pub fn new(api: NodeApi) -> Metrics {
         let decisions = Arc::new(DecisionCounters::default());
-        let latency = Arc::new(LatencyHistogram::default());
+        let latency = Arc::new(LatencyHistograms::default());
         let rejected = Arc::new(RejectCounters::default());
+        let grpc_rejected = Arc::new(GrpcRejectCounters::default());
         let mut registry = Registry::with_prefix("drl");
         registry.register_collector(Box::new(decisions.clone()));
         registry.register_collector(Box::new(latency.clone()));
         registry.register_collector(Box::new(rejected.clone()));
+        registry.register_collector(Box::new(grpc_rejected.clone()));
         registry.register_collector(Box::new(NodeCollector { api }));
         Metrics {
             registry,
             decisions,
             latency,
             rejected,
+            grpc_rejected,
         }
     }
 
-    /// Counts one decision of the limit `limit_id` (of rule `rule`), or of no
-    /// limit (`None`: no rule matched).
+    /// Counts one HTTP decision of the limit `limit_id` (of rule `rule`), or
+    /// of no limit (`None`: no rule matched).
     pub fn count_decision(&self, outcome: Outcome, limit: Option<(u64, &str)>) {
-        self.decisions.count(outcome, limit);
+        self.decisions.count(Protocol::Http, outcome, limit);
     }
 
-    /// Records how long one `Limiter::check` took.
+    /// [`Metrics::count_decision`] for a decision made through `protocol`.
+    pub fn count_decision_via(
+        &self,
+        protocol: Protocol,
+        outcome: Outcome,
+        limit: Option<(u64, &str)>,
+    ) {
+        self.decisions.count(protocol, outcome, limit);
+    }
+
+    /// Records how long one `Limiter::check` of an HTTP request took.
     pub fn observe_latency(&self, took: Duration) {
-        self.latency.observe(took);
+        self.latency.observe(Protocol::Http, took);
+    }
+
+    /// [`Metrics::observe_latency`] for a check made through `protocol`.
+    pub fn observe_latency_via(&self, protocol: Protocol, took: Duration) {
+        self.latency.observe(protocol, took);
+    }
+
+    /// Counts a gRPC call refused before any decision, by status code name
+    /// (`invalid_argument`, `unavailable`, ...).
+    pub fn count_grpc_rejected(&self, code: &str) {
+        self.grpc_rejected.count(code);
     }
 
     /// Counts a request refused before any decision, by HTTP status.
@@ -118,18 +169,20 @@ fn result_index(outcome: Outcome) -> usize {
 #[derive(Default)]
 pub struct DecisionCounters {
     by_limit: dashmap::DashMap<u64, Arc<LimitCounts>>,
-    unmatched: AtomicU64,
+    /// By protocol.
+    unmatched: [AtomicU64; 2],
 }
 
 struct LimitCounts {
     rule: String,
-    counts: [AtomicU64; 3],
+    /// By protocol, then by result.
+    counts: [[AtomicU64; 3]; 2],
 }
 
 impl DecisionCounters {
-    fn count(&self, outcome: Outcome, limit: Option<(u64, &str)>) {
+    fn count(&self, protocol: Protocol, outcome: Outcome, limit: Option<(u64, &str)>) {
         let Some((id, rule)) = limit else {
-            self.unmatched.fetch_add(1, Ordering::Relaxed);
+            self.unmatched[protocol.index()].fetch_add(1, Ordering::Relaxed);
             return;
         };
         let counts = match self.by_limit.get(&id) {
@@ -145,23 +198,28 @@ impl DecisionCounters {
                 })
                 .clone(),
         };
-        counts.counts[result_index(outcome)].fetch_add(1, Ordering::Relaxed);
+        counts.counts[protocol.index()][result_index(outcome)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// `(result, rule) → count`; rule `""` is "no rule matched".
-    fn totals(&self) -> BTreeMap<(&'static str, String), u64> {
+    /// `(result, rule, protocol) → count`; rule `""` is "no rule matched".
+    fn totals(&self) -> BTreeMap<(&'static str, String, &'static str), u64> {
         let mut totals = BTreeMap::new();
         for entry in self.by_limit.iter() {
             let c = entry.value();
-            for (i, (_, result)) in RESULTS.iter().enumerate() {
-                *totals.entry((*result, c.rule.clone())).or_insert(0) +=
-                    c.counts[i].load(Ordering::Relaxed);
+            for p in PROTOCOLS {
+                for (i, (_, result)) in RESULTS.iter().enumerate() {
+                    *totals
+                        .entry((*result, c.rule.clone(), p.label()))
+                        .or_insert(0) += c.counts[p.index()][i].load(Ordering::Relaxed);
+                }
             }
         }
-        totals.insert(
-            ("allowed", String::new()),
-            self.unmatched.load(Ordering::Relaxed),
-        );
+        for p in PROTOCOLS {
+            totals.insert(
+                ("allowed", String::new(), p.label()),
+                self.unmatched[p.index()].load(Ordering::Relaxed),
+            );
+        }
         totals
     }
 }
@@ -176,12 +234,16 @@ impl prometheus_client::collector::Collector for DecisionCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let mut family = encoder.encode_descriptor(
             "decisions",
-            "Rate-limit decisions by result and by the rule of the deciding limit (rule=\"\" when no rule matched).",
+            "Rate-limit decisions by result, by the rule of the deciding limit (rule=\"\" when no rule matched) and by API (protocol=\"http\" or \"grpc\").",
             None,
             MetricType::Counter,
         )?;
-        for ((result, rule), n) in self.totals() {
-            let labels = [("result", result), ("rule", rule.as_str())];
+        for ((result, rule, protocol), n) in self.totals() {
+            let labels = [
+                ("result", result),
+                ("rule", rule.as_str()),
+                ("protocol", protocol),
+            ];
             ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
@@ -212,14 +274,33 @@ impl LatencyHistogram {
     }
 }
 
+/// One [`LatencyHistogram`] per protocol.
+#[derive(Default)]
+pub struct LatencyHistograms {
+    by_protocol: [LatencyHistogram; 2],
+}
+
+impl LatencyHistograms {
+    fn observe(&self, protocol: Protocol, took: Duration) {
+        self.by_protocol[protocol.index()].observe(took);
+    }
+}
+
+impl fmt::Debug for LatencyHistograms {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LatencyHistograms").finish_non_exhaustive()
+    }
+}
+
 impl fmt::Debug for LatencyHistogram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LatencyHistogram").finish_non_exhaustive()
     }
 }
 
-impl prometheus_client::collector::Collector for LatencyHistogram {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+impl LatencyHistogram {
+    /// `(sum in seconds, count, per-bucket counts)`.
+    fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
         // The encoder wants each bucket's own count; it accumulates them.
         let mut count = 0u64;
         let mut buckets = Vec::with_capacity(self.buckets.len());
@@ -232,14 +313,28 @@ impl prometheus_client::collector::Collector for LatencyHistogram {
             buckets.push((bound, n));
         }
         let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        let mut metric = encoder.encode_descriptor(
+        (sum, count, buckets)
+    }
+}
+
+impl prometheus_client::collector::Collector for LatencyHistograms {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut family = encoder.encode_descriptor(
             "decision_duration_seconds",
-            "Time spent in Limiter::check per request, measured in the HTTP handler.",
+            "Time spent in Limiter::check per request, measured in the HTTP or gRPC handler.",
             None,
             MetricType::Histogram,
         )?;
-        metric
-            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+        for p in PROTOCOLS {
+            let (sum, count, buckets) = self.by_protocol[p.index()].snapshot();
+            let labels = [("protocol", p.label())];
+            family
+                .encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    sum, count, &buckets, None,
+                )?;
+        }
+        Ok(())
     }
 }
 
@@ -281,6 +376,54 @@ impl prometheus_client::collector::Collector for RejectCounters {
                 .get(i)
                 .map_or_else(|| "other".to_owned(), |c| c.to_string());
             let labels = [("code", code.as_str())];
+            ConstCounter::new(c.load(Ordering::Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// gRPC status codes a node answers a refused call with, as label values.
+const GRPC_REJECT_CODES: [&str; 4] = [
+    "invalid_argument",
+    "unavailable",
+    "resource_exhausted",
+    "unimplemented",
+];
+
+/// gRPC calls refused before any decision, by status code.
+#[derive(Default)]
+pub struct GrpcRejectCounters {
+    /// Index by [`GRPC_REJECT_CODES`], then "other".
+    counts: [AtomicU64; 5],
+}
+
+impl GrpcRejectCounters {
+    fn count(&self, code: &str) {
+        let i = GRPC_REJECT_CODES
+            .iter()
+            .position(|&c| c == code)
+            .unwrap_or(GRPC_REJECT_CODES.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for GrpcRejectCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcRejectCounters").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for GrpcRejectCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "grpc_rejected",
+            "gRPC calls (or checks of a batch) answered with an error before any decision, by status code.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, c) in self.counts.iter().enumerate() {
+            let code = GRPC_REJECT_CODES.get(i).copied().unwrap_or("other");
+            let labels = [("code", code)];
             ConstCounter::new(c.load(Ordering::Relaxed)).encode(family.encode_family(&labels)?)?;
         }
         Ok(())

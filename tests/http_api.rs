@@ -895,7 +895,9 @@ async fn rules_put_on_one_node_reach_every_node_and_metrics_parse() {
         assert!(names.contains(family), "{family} missing from\n{text}");
     }
     assert!(
-        text.contains("drl_decisions_total{result=\"allowed\",rule=\"search\"} 2"),
+        text.contains(
+            "drl_decisions_total{result=\"allowed\",rule=\"search\",protocol=\"http\"} 2"
+        ),
         "{text}"
     );
     assert!(
@@ -915,7 +917,7 @@ async fn rules_put_on_one_node_reach_every_node_and_metrics_parse() {
         "{text}"
     );
     assert!(
-        text.contains("drl_decision_duration_seconds_count 2"),
+        text.contains("drl_decision_duration_seconds_count{protocol=\"http\"} 2"),
         "{text}"
     );
 

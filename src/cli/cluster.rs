@@ -35,6 +35,10 @@ pub struct ClusterArgs {
     /// Peer (QUIC) port of node 0; default base-port − 1000.
     #[arg(long)]
     pub peer_base_port: Option<u16>,
+    /// gRPC port of node 0 (Envoy's rate limit service and drl.v1); default
+    /// base-port + 1000.
+    #[arg(long)]
+    pub grpc_base_port: Option<u16>,
     /// Admin token of every node (default: a random one, printed).
     #[arg(long, env = "DRL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -59,6 +63,7 @@ fn cluster_dir(args: &ClusterArgs) -> PathBuf {
 struct Plan {
     configs: Vec<PathBuf>,
     http: Vec<String>,
+    grpc: Vec<String>,
     token: String,
 }
 
@@ -75,9 +80,14 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
     let peer_base = args
         .peer_base_port
         .unwrap_or_else(|| args.base_port.saturating_sub(1000));
+    let grpc_base = args
+        .grpc_base_port
+        .unwrap_or_else(|| args.base_port.saturating_add(1000));
     if u32::from(args.base_port) + u32::from(args.nodes) > 65_535
         || u32::from(peer_base) + u32::from(args.nodes) > 65_535
+        || u32::from(grpc_base) + u32::from(args.nodes) > 65_535
         || peer_base == 0
+        || grpc_base == 0
     {
         return Err(CliError::Usage("ports out of range".into()));
     }
@@ -98,9 +108,11 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
     let seed = random_hex(16)?;
     let mut configs = Vec::new();
     let mut http = Vec::new();
+    let mut grpc = Vec::new();
     for slot in 0..args.nodes {
         let name = format!("node-{slot}");
         let http_addr = format!("127.0.0.1:{}", args.base_port + slot);
+        let grpc_addr = format!("127.0.0.1:{}", grpc_base + slot);
         let text = format!(
             "# Written by `drl cluster`; see deploy/node.example.toml for every field.\n\
              name = {name}\n\
@@ -108,6 +120,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
              cluster_size = {size}\n\
              listen_peer = \"127.0.0.1:{peer}\"\n\
              listen_http = {http}\n\
+             grpc_listen = {grpc}\n\
              seeds = [\"127.0.0.1:{peer_base}\"]\n\
              rules = \"rules.toml\"\n\
              share_policy = {policy}\n\
@@ -122,6 +135,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
             size = args.nodes,
             peer = peer_base + slot,
             http = toml_string(&http_addr),
+            grpc = toml_string(&grpc_addr),
             policy = toml_string(&args.share_policy),
             token = toml_string(&token),
         );
@@ -131,10 +145,12 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
         crate::node::NodeFile::load(&path)?.settings(&dir)?;
         configs.push(path);
         http.push(format!("http://{http_addr}"));
+        grpc.push(format!("grpc://{grpc_addr}"));
     }
     Ok(Plan {
         configs,
         http,
+        grpc,
         token,
     })
 }
@@ -281,8 +297,8 @@ pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
 
 fn print_banner(args: &ClusterArgs, plan: &Plan) {
     println!("\n{} nodes ready:", plan.http.len());
-    for (i, url) in plan.http.iter().enumerate() {
-        println!("  node-{i}  {url}");
+    for (i, (url, grpc)) in plan.http.iter().zip(&plan.grpc).enumerate() {
+        println!("  node-{i}  {url}  {grpc}");
     }
     let first = &plan.http[0];
     println!("\nfiles: {}", cluster_dir(args).display());

@@ -39,6 +39,19 @@ pub struct NodeArgs {
     /// TCP address of the HTTP API.
     #[arg(long, env = "DRL_LISTEN_HTTP")]
     pub listen_http: Option<SocketAddr>,
+    /// TCP address of the gRPC API (Envoy's rate limit service and
+    /// drl.v1); default: no gRPC listener.
+    #[arg(long, env = "DRL_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// TLS certificate of the gRPC API (PEM); with --grpc-tls-key.
+    #[arg(long, env = "DRL_GRPC_TLS_CERT")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// TLS private key of the gRPC API (PEM).
+    #[arg(long, env = "DRL_GRPC_TLS_KEY")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// Require gRPC clients to present a certificate signed by this CA (PEM).
+    #[arg(long, env = "DRL_GRPC_TLS_CLIENT_CA")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
     /// Peers to contact at start, comma-separated `host:port` (DNS names are
     /// resolved again every discovery_interval).
     #[arg(long, env = "DRL_SEEDS", value_delimiter = ',')]
@@ -137,6 +150,18 @@ impl NodeArgs {
         if let Some(v) = self.advertise_peer {
             file.advertise_peer = Some(v);
         }
+        if let Some(v) = self.grpc_listen {
+            file.grpc_listen = Some(v);
+        }
+        for (flag, field) in [
+            (&self.grpc_tls_cert, &mut file.grpc_tls_cert),
+            (&self.grpc_tls_key, &mut file.grpc_tls_key),
+            (&self.grpc_tls_client_ca, &mut file.grpc_tls_client_ca),
+        ] {
+            if let Some(v) = flag {
+                *field = Some(from_cwd(v));
+            }
+        }
         if let Some(v) = &self.key_seed {
             file.key_seed = Some(v.clone());
         }
@@ -186,7 +211,7 @@ pub fn run_node(args: &NodeArgs) -> Result<(), CliError> {
     let settings = args.settings()?;
     runtime()?.block_on(async {
         let mut signal = ShutdownSignal::new()?;
-        crate::http::run(settings, async move { signal.recv().await }).await?;
+        crate::grpc::run(settings, async move { signal.recv().await }).await?;
         Ok(())
     })
 }
@@ -233,6 +258,12 @@ mod tests {
         assert!(
             file.tls_ca.is_relative(),
             "defaults stay relative to the base"
+        );
+        assert_eq!(file.grpc_listen, None, "no gRPC listener by default");
+        let w = Wrap::parse_from(["x", "--grpc-listen", "127.0.0.1:9400"]);
+        assert_eq!(
+            w.node.node_file().unwrap().0.grpc_listen,
+            Some("127.0.0.1:9400".parse().unwrap())
         );
         let w = Wrap::parse_from(["x", "--tls-ca", "c.pem"]);
         assert!(w.node.node_file().unwrap().0.tls_ca.is_absolute());

@@ -17,6 +17,9 @@ pub const API_KEY: &str = "api_key";
 pub const IP: &str = "ip";
 pub const ENDPOINT: &str = "endpoint";
 pub const TIER: &str = "tier";
+/// The rate limit domain of a request (Envoy's RLS `domain`); a rule's
+/// `domain` matches on it.
+pub const DOMAIN: &str = "domain";
 
 /// Why a descriptor set was refused. Nothing was counted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -26,6 +26,16 @@ pub struct NodeFile {
     pub advertise_peer: Option<SocketAddr>,
     /// TCP address of the HTTP API.
     pub listen_http: SocketAddr,
+    /// TCP address of the gRPC API (Envoy's rate limit service and
+    /// `drl.v1`); none: no gRPC listener.
+    pub grpc_listen: Option<SocketAddr>,
+    /// TLS for the gRPC API: this server's certificate and key (PEM). Both
+    /// or neither; none: plaintext (h2c).
+    pub grpc_tls_cert: Option<PathBuf>,
+    pub grpc_tls_key: Option<PathBuf>,
+    /// With TLS: also require client certificates signed by this CA (PEM),
+    /// which makes it mutual TLS.
+    pub grpc_tls_client_ca: Option<PathBuf>,
     /// Peers to contact at start: `host:port`, IP or DNS name (a Kubernetes
     /// headless service resolves to every pod).
     pub seeds: Vec<String>,
@@ -67,6 +77,10 @@ impl Default for NodeFile {
             listen_peer: "127.0.0.1:7400".parse().expect("literal address"),
             advertise_peer: None,
             listen_http: "127.0.0.1:8400".parse().expect("literal address"),
+            grpc_listen: None,
+            grpc_tls_cert: None,
+            grpc_tls_key: None,
+            grpc_tls_client_ca: None,
             seeds: Vec::new(),
             discovery_interval: "5s".into(),
             rules: PathBuf::from("rules.toml"),
@@ -96,6 +110,8 @@ pub struct NodeSettings {
     pub listen_peer: SocketAddr,
     pub advertise_peer: Option<SocketAddr>,
     pub listen_http: SocketAddr,
+    pub grpc_listen: Option<SocketAddr>,
+    pub grpc_tls: Option<GrpcTls>,
     pub seeds: Vec<String>,
     pub discovery_interval: Nanos,
     pub rules: PathBuf,
@@ -114,6 +130,15 @@ pub struct NodeSettings {
     /// Faults injected into this node's outgoing datagrams (tests only; not
     /// settable from the file).
     pub chaos: Option<Chaos>,
+}
+
+/// TLS material of the gRPC API.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpcTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Client certificates must be signed by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Datagram faults a test can inject at a node's send path, over a real
@@ -252,6 +277,27 @@ impl NodeFile {
             listen_peer: self.listen_peer,
             advertise_peer: self.advertise_peer,
             listen_http: self.listen_http,
+            grpc_listen: self.grpc_listen,
+            grpc_tls: match (&self.grpc_tls_cert, &self.grpc_tls_key) {
+                (Some(cert), Some(key)) => Some(GrpcTls {
+                    cert: path(cert),
+                    key: path(key),
+                    client_ca: self.grpc_tls_client_ca.as_ref().map(path),
+                }),
+                (None, None) if self.grpc_tls_client_ca.is_some() => {
+                    return Err(invalid(
+                        "grpc_tls_client_ca",
+                        "needs grpc_tls_cert and grpc_tls_key: client certificates are only asked for over TLS",
+                    ))
+                }
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "grpc_tls_cert",
+                        "grpc_tls_cert and grpc_tls_key go together",
+                    ))
+                }
+            },
             seeds: self.seeds.clone(),
             discovery_interval: duration("discovery_interval", &self.discovery_interval)?,
             rules: path(&self.rules),
@@ -292,6 +338,38 @@ mod tests {
         assert_eq!(s.policy, SharePolicy::Strict);
         assert_eq!(s.inflight_ppm, 20_000);
         assert_eq!(s.rules, PathBuf::from("/base/rules.toml"));
+    }
+
+    #[test]
+    fn grpc_tls_needs_a_certificate_and_its_key() {
+        let base = Path::new("/base");
+        let file = |cert: Option<&str>, key: Option<&str>, ca: Option<&str>| NodeFile {
+            grpc_tls_cert: cert.map(PathBuf::from),
+            grpc_tls_key: key.map(PathBuf::from),
+            grpc_tls_client_ca: ca.map(PathBuf::from),
+            ..NodeFile::default()
+        };
+        assert_eq!(
+            file(None, None, None).settings(base).unwrap().grpc_tls,
+            None
+        );
+        let tls = file(Some("c.pem"), Some("k.pem"), Some("ca.pem"))
+            .settings(base)
+            .unwrap()
+            .grpc_tls
+            .unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/base/c.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/base/ca.pem")));
+        for bad in [
+            file(Some("c.pem"), None, None),
+            file(None, Some("k.pem"), None),
+            file(None, None, Some("ca.pem")),
+        ] {
+            assert!(matches!(
+                bad.settings(base),
+                Err(ConfigError::Invalid { .. })
+            ));
+        }
     }
 
     #[test]

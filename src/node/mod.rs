@@ -37,7 +37,7 @@ use crate::core::wire::{Frame, Kind, RulesFrame, Swim};
 use crate::limiter::{Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Pending};
 use crate::net::{Incoming, NodeTls, Transport};
 
-pub use config::{Chaos, ConfigError, NodeFile, NodeSettings};
+pub use config::{Chaos, ConfigError, GrpcTls, NodeFile, NodeSettings};
 
 /// Why a node could not start. Nothing is left running.
 #[derive(Debug, thiserror::Error)]

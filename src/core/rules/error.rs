@@ -116,6 +116,8 @@ pub enum RulesErrorKind {
     Pattern(#[from] PatternError),
     #[error("tier name is not a valid `tier` value: {0}")]
     BadTierName(DescriptorError),
+    #[error("the rule names `domain` both in `match` and as its own `domain`: keep one")]
+    DomainTwice,
     #[error("a limit list needs at least one limit")]
     NoLimits,
     #[error("at most {MAX_LIMITS_PER_LIST} limits fit in one list")]

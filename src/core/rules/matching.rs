@@ -91,6 +91,18 @@ impl Matcher {
             .all(|(name, pattern)| d.get(name).is_some_and(|v| pattern.matches(v)))
     }
 
+    /// Adds `name = pattern`, keeping the fields sorted. `None` if the
+    /// matcher already names the field.
+    pub(super) fn with_field(mut self, name: &str, pattern: Pattern) -> Option<Matcher> {
+        match self.fields.binary_search_by(|(n, _)| n.as_str().cmp(name)) {
+            Ok(_) => None,
+            Err(at) => {
+                self.fields.insert(at, (name.to_owned(), pattern));
+                Some(self)
+            }
+        }
+    }
+
     pub(super) fn names(&self) -> impl Iterator<Item = &str> {
         self.fields.iter().map(|(n, _)| n.as_str())
     }

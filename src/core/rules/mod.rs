@@ -25,6 +25,12 @@
 //! limits = [ { algorithm = "token_bucket", capacity = 50, refill = 50, per = "1s" } ]
 //! ```
 //!
+//! A rule may name a rate limit domain (`domain = "edge"`, beside `name`):
+//! it is shorthand for `domain = "edge"` in its `match`, so the rule applies
+//! only to requests whose `domain` field is `edge` (the gRPC API puts Envoy's
+//! RLS `domain` there; HTTP clients may send the field too). A rule without
+//! a domain applies to requests of every domain, and to those with none.
+//!
 //! Patterns are `"*"` (present, any value), `"abc*"` (starts with `abc`) or an
 //! exact value. Every field named in `key` must also be named in `match` (use
 //! `"*"` to require it), so a counted request always carries its key values.
@@ -277,6 +283,62 @@ limits = [ { algorithm = "sliding_window", limit = 100, window = "1s" } ]
 match = { user = "alice" }
 limits = [ { algorithm = "token_bucket", capacity = 50, refill = 50, per = "1s" } ]
 "#;
+
+    #[test]
+    fn a_domain_scopes_a_rule() {
+        let rules = RuleSet::from_toml(
+            r#"
+[[rules]]
+name = "edge-per-ip"
+domain = "edge"
+match = { ip = "*" }
+limits = [ { algorithm = "fixed_window", limit = 5, window = "1s" } ]
+[[rules]]
+name = "any-per-ip"
+match = { ip = "*" }
+limits = [ { algorithm = "fixed_window", limit = 7, window = "1s" } ]
+"#,
+        )
+        .unwrap();
+        let names = |fields: &[(&str, &str)]| -> Vec<String> {
+            matches(&rules, fields).into_iter().map(|m| m.0).collect()
+        };
+        assert_eq!(
+            names(&[("domain", "edge"), ("ip", "1.2.3.4")]),
+            ["edge-per-ip", "any-per-ip"]
+        );
+        assert_eq!(
+            names(&[("domain", "internal"), ("ip", "1.2.3.4")]),
+            ["any-per-ip"]
+        );
+        assert_eq!(names(&[("ip", "1.2.3.4")]), ["any-per-ip"]);
+        // The domain is part of the default key: the same ip in another
+        // domain's rule would count apart.
+        let d = [("domain", "edge"), ("ip", "1.2.3.4")];
+        let d = Descriptors::new(&d).unwrap();
+        let mut keys = Vec::new();
+        rules.for_each_match(&d, |m| keys.push(m.key_fields.to_vec()));
+        assert_eq!(keys[0], ["domain", "ip"]);
+        assert_eq!(keys[1], ["ip"]);
+    }
+
+    #[test]
+    fn a_domain_is_checked_like_a_pattern_and_named_once() {
+        let twice = r#"
+[[rules]]
+name = "r"
+domain = "edge"
+match = { domain = "edge" }
+limits = [ { algorithm = "fixed_window", limit = 5, window = "1s" } ]
+"#;
+        let e = RuleSet::from_toml(twice).unwrap_err();
+        assert_eq!(e.kind(), &RulesErrorKind::DomainTwice, "{e}");
+        assert!(e.to_string().contains("rules[0].domain"), "{e}");
+        let empty = twice.replace("match = { domain = \"edge\" }", "match = {}");
+        let empty = empty.replace("domain = \"edge\"", "domain = \"\"");
+        let e = RuleSet::from_toml(&empty).unwrap_err();
+        assert!(matches!(e.kind(), RulesErrorKind::Pattern(_)), "{e}");
+    }
 
     /// Scope and quota of every limit that applies to `fields`.
     fn matches(rules: &RuleSet, fields: &[(&str, &str)]) -> Vec<(String, Scope, u64)> {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use toml::de::DeTable;
 use toml::Spanned;
 
-use crate::core::descriptor::{self, TIER};
+use crate::core::descriptor::{self, DOMAIN, TIER};
 
 use super::error::{line_column, locate, toml_key, RulesError, RulesErrorKind};
 use super::limit::{limit_id, LimitOwner, RawLimit};
@@ -39,6 +39,9 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawRule {
     name: Spanned<String>,
+    /// Shorthand for `domain = "<pattern>"` in `match`: the rule applies only
+    /// to requests of that rate limit domain.
+    domain: Option<Spanned<String>>,
     // Required, even when empty: a rule that matches everything should be
     // written as such (`match = {}`), not be the accident of a missing line.
     #[serde(rename = "match")]
@@ -173,7 +176,15 @@ impl Compiler<'_> {
             let kind = RulesErrorKind::BadRuleName(name.chars().take(MAX_RULE_NAME_LEN).collect());
             return Err(self.err(raw.name.span(), format!("{at}.name"), kind));
         }
-        let matcher = self.matcher(&format!("{at}.match"), &raw.matcher)?;
+        let mut matcher = self.matcher(&format!("{at}.match"), &raw.matcher)?;
+        if let Some(domain) = &raw.domain {
+            let domain_at = format!("{at}.domain");
+            let pattern = Pattern::parse(domain.get_ref())
+                .map_err(|e| self.err(domain.span(), domain_at.as_str(), e.into()))?;
+            matcher = matcher
+                .with_field(DOMAIN, pattern)
+                .ok_or_else(|| self.err(domain.span(), domain_at, RulesErrorKind::DomainTwice))?;
+        }
         let key_fields = match &raw.key {
             Some(key) => self.key(&at, key, &matcher)?,
             // Sorted by name, as the TOML table already is.

@@ -1,0 +1,269 @@
+//! From Envoy's `RateLimitRequest` to our descriptor sets: parse, don't
+//! validate. A [`RlsRequest`] holds one field list per Envoy descriptor,
+//! each already accepted by [`Descriptors::new`], and its cost.
+//!
+//! The mapping (docs/grpc-api.md):
+//!
+//! - `domain` becomes the field `domain` of every set, so rules can be scoped
+//!   to it (a rule's `domain = "..."`); it must not be empty.
+//! - each descriptor's entries become fields, `key` the name and `value` the
+//!   value, under the usual descriptor rules; `domain` is reserved.
+//! - the cost is the descriptor's own `hits_addend` if set, else the
+//!   request's, where 0 means 1.
+//! - per-descriptor limit overrides and negative hits are refused: limits
+//!   come from the rules, and hits come back through `Refund`.
+
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+
+use crate::core::descriptor::{self, DescriptorError, Descriptors, DOMAIN};
+
+/// Most descriptors one request may carry.
+pub const MAX_DESCRIPTORS: usize = 64;
+
+/// Why a request was refused. Nothing was counted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RlsRequestError {
+    #[error("the rate limit domain must not be empty")]
+    EmptyDomain,
+    #[error("domain: {0}")]
+    BadDomain(DescriptorError),
+    #[error("the request has no descriptors")]
+    NoDescriptors,
+    #[error("at most {MAX_DESCRIPTORS} descriptors are allowed, got {0}")]
+    TooManyDescriptors(usize),
+    #[error("descriptor {index}: {source}")]
+    Descriptor {
+        index: usize,
+        source: DescriptorError,
+    },
+    #[error("descriptor {0}: the entry key `domain` is reserved for the request's domain")]
+    ReservedKey(usize),
+    #[error("descriptor {0}: limit overrides are not supported; limits come from the rules")]
+    LimitOverride(usize),
+    #[error("descriptor {0}: negative hits are not supported; give hits back with Refund")]
+    NegativeHits(usize),
+    #[error("descriptor {index}: hits_addend {hits} exceeds {max}", max = u32::MAX)]
+    HitsTooLarge { index: usize, hits: u64 },
+}
+
+/// One Envoy descriptor as a descriptor set and a cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RlsCheck {
+    fields: Vec<(String, String)>,
+    pub cost: u32,
+}
+
+impl RlsCheck {
+    /// The pairs, borrowed in the shape [`Descriptors::new`] takes.
+    pub fn pairs(&self) -> Vec<(&str, &str)> {
+        self.fields
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect()
+    }
+}
+
+/// A whole request, every descriptor checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RlsRequest {
+    pub checks: Vec<RlsCheck>,
+}
+
+impl RlsRequest {
+    pub fn parse(request: &RateLimitRequest) -> Result<RlsRequest, RlsRequestError> {
+        if request.domain.is_empty() {
+            return Err(RlsRequestError::EmptyDomain);
+        }
+        descriptor::value_from_bytes(DOMAIN, request.domain.as_bytes())
+            .map_err(RlsRequestError::BadDomain)?;
+        if request.descriptors.is_empty() {
+            return Err(RlsRequestError::NoDescriptors);
+        }
+        if request.descriptors.len() > MAX_DESCRIPTORS {
+            return Err(RlsRequestError::TooManyDescriptors(
+                request.descriptors.len(),
+            ));
+        }
+        // Envoy defines an unset (zero) hits_addend as one hit.
+        let request_cost = request.hits_addend.max(1);
+        let mut checks = Vec::with_capacity(request.descriptors.len());
+        for (index, d) in request.descriptors.iter().enumerate() {
+            if d.limit.is_some() {
+                return Err(RlsRequestError::LimitOverride(index));
+            }
+            if d.is_negative_hits {
+                return Err(RlsRequestError::NegativeHits(index));
+            }
+            let cost = match &d.hits_addend {
+                None => request_cost,
+                Some(h) => u32::try_from(h.value).map_err(|_| RlsRequestError::HitsTooLarge {
+                    index,
+                    hits: h.value,
+                })?,
+            };
+            if d.entries.is_empty() {
+                return Err(RlsRequestError::Descriptor {
+                    index,
+                    source: DescriptorError::NoFields,
+                });
+            }
+            if d.entries.iter().any(|e| e.key == DOMAIN) {
+                return Err(RlsRequestError::ReservedKey(index));
+            }
+            let mut fields = Vec::with_capacity(d.entries.len() + 1);
+            fields.push((DOMAIN.to_owned(), request.domain.clone()));
+            fields.extend(d.entries.iter().map(|e| (e.key.clone(), e.value.clone())));
+            let check = RlsCheck { fields, cost };
+            Descriptors::new(&check.pairs())
+                .map_err(|source| RlsRequestError::Descriptor { index, source })?;
+            checks.push(check);
+        }
+        Ok(RlsRequest { checks })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+        rate_limit_descriptor::{Entry, RateLimitOverride},
+        RateLimitDescriptor,
+    };
+    use envoy_types::pb::google::protobuf::UInt64Value;
+
+    fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+        RateLimitDescriptor {
+            entries: entries
+                .iter()
+                .map(|(k, v)| Entry {
+                    key: (*k).into(),
+                    value: (*v).into(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>, hits: u32) -> RateLimitRequest {
+        RateLimitRequest {
+            domain: domain.into(),
+            descriptors,
+            hits_addend: hits,
+        }
+    }
+
+    #[test]
+    fn domain_and_entries_become_fields() {
+        let r = RlsRequest::parse(&request(
+            "edge",
+            vec![
+                descriptor(&[("remote_address", "10.0.0.1")]),
+                descriptor(&[("path", "/a"), ("user", "bob")]),
+            ],
+            0,
+        ))
+        .unwrap();
+        assert_eq!(r.checks.len(), 2);
+        assert_eq!(
+            r.checks[0].pairs(),
+            [("domain", "edge"), ("remote_address", "10.0.0.1")]
+        );
+        assert_eq!(
+            r.checks[1].pairs(),
+            [("domain", "edge"), ("path", "/a"), ("user", "bob")]
+        );
+        assert_eq!(r.checks[0].cost, 1, "hits_addend 0 means 1");
+    }
+
+    #[test]
+    fn hits_addend_sets_the_cost_and_a_descriptor_may_override_it() {
+        let mut own = descriptor(&[("ip", "x")]);
+        own.hits_addend = Some(UInt64Value { value: 7 });
+        let r = RlsRequest::parse(&request("d", vec![descriptor(&[("ip", "x")]), own], 3)).unwrap();
+        assert_eq!(r.checks[0].cost, 3);
+        assert_eq!(r.checks[1].cost, 7);
+        let mut zero = descriptor(&[("ip", "x")]);
+        zero.hits_addend = Some(UInt64Value { value: 0 });
+        let r = RlsRequest::parse(&request("d", vec![zero], 3)).unwrap();
+        assert_eq!(r.checks[0].cost, 0, "an explicit 0 only reports");
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        use RlsRequestError as E;
+        let ok = || descriptor(&[("ip", "x")]);
+        let cases: Vec<(RateLimitRequest, fn(&E) -> bool)> = vec![
+            (request("", vec![ok()], 1), |e| *e == E::EmptyDomain),
+            (request("a\u{1}b", vec![ok()], 1), |e| {
+                matches!(e, E::BadDomain(_))
+            }),
+            (request("d", vec![], 1), |e| *e == E::NoDescriptors),
+            (request("d", vec![ok(); MAX_DESCRIPTORS + 1], 1), |e| {
+                matches!(e, E::TooManyDescriptors(_))
+            }),
+            (request("d", vec![ok(), descriptor(&[])], 1), |e| {
+                matches!(e, E::Descriptor { index: 1, .. })
+            }),
+            (
+                request("d", vec![descriptor(&[("Bad-Key", "v")])], 1),
+                |e| {
+                    matches!(
+                        e,
+                        E::Descriptor {
+                            index: 0,
+                            source: DescriptorError::BadName(_)
+                        }
+                    )
+                },
+            ),
+            (request("d", vec![descriptor(&[("k", "")])], 1), |e| {
+                matches!(
+                    e,
+                    E::Descriptor {
+                        source: DescriptorError::Empty(_),
+                        ..
+                    }
+                )
+            }),
+            (
+                request("d", vec![descriptor(&[("k", "a"), ("k", "b")])], 1),
+                |e| {
+                    matches!(
+                        e,
+                        E::Descriptor {
+                            source: DescriptorError::Duplicate(_),
+                            ..
+                        }
+                    )
+                },
+            ),
+            (request("d", vec![descriptor(&[("domain", "x")])], 1), |e| {
+                *e == E::ReservedKey(0)
+            }),
+        ];
+        for (req, expected) in cases {
+            let e = RlsRequest::parse(&req).unwrap_err();
+            assert!(expected(&e), "{req:?} gave {e:?}");
+        }
+        let mut over = ok();
+        over.limit = Some(RateLimitOverride::default());
+        assert_eq!(
+            RlsRequest::parse(&request("d", vec![over], 1)),
+            Err(E::LimitOverride(0))
+        );
+        let mut negative = ok();
+        negative.is_negative_hits = true;
+        assert_eq!(
+            RlsRequest::parse(&request("d", vec![negative], 1)),
+            Err(E::NegativeHits(0))
+        );
+        let mut huge = ok();
+        huge.hits_addend = Some(UInt64Value {
+            value: u64::from(u32::MAX) + 1,
+        });
+        assert!(matches!(
+            RlsRequest::parse(&request("d", vec![huge], 1)),
+            Err(E::HitsTooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,182 @@
+//! `drl.v1.RateLimiter`: the native API, the HTTP API's decisions over gRPC.
+//!
+//! `Check` answers what `POST /v1/check` answers. `CheckBatch` decides many
+//! independent checks in one call, like Gubernator's `GetRateLimits`: each
+//! check stands alone, and a bad one gets its own error without failing the
+//! call. `Refund` calls the very function behind `POST /v1/refund`.
+
+use tonic::{Code, Request, Response, Status};
+
+use super::pb::rate_limiter_server::RateLimiter;
+use super::pb::{
+    check_result, CheckBatchRequest, CheckBatchResponse, CheckError as PbCheckError, CheckRequest,
+    CheckResponse, CheckResult, Outcome as PbOutcome, RefundRequest, RefundResponse,
+};
+use super::state::{check_status, rule_name, GrpcState};
+use crate::core::descriptor::{DescriptorError, Descriptors};
+use crate::core::rules::RuleSet;
+use crate::limiter::{Decision, Outcome};
+
+/// Most checks in one `CheckBatch` call (Gubernator's limit too).
+pub const MAX_BATCH: usize = 1_000;
+
+/// The native service of one node.
+#[derive(Clone)]
+pub struct NativeRateLimiter {
+    state: GrpcState,
+}
+
+impl NativeRateLimiter {
+    pub fn new(state: GrpcState) -> NativeRateLimiter {
+        NativeRateLimiter { state }
+    }
+
+    /// One check; the error is the status the check is refused with.
+    async fn check_one(&self, request: &CheckRequest) -> Result<CheckResponse, Status> {
+        let pairs = pairs(request);
+        let d = Descriptors::new(&pairs).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let decision = self
+            .state
+            .check(&d, request.cost.unwrap_or(1))
+            .await
+            .map_err(|e| check_status(&e))?;
+        let rules = self.state.api().limiter.rules();
+        self.state.count(&rules, &decision);
+        Ok(answer(&rules, &decision))
+    }
+}
+
+/// A map's entries in name order, so that errors (duplicates cannot occur,
+/// a bad name) are reported the same way every time.
+fn pairs(request: &CheckRequest) -> Vec<(&str, &str)> {
+    let mut pairs: Vec<(&str, &str)> = request
+        .descriptors
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    pairs.sort_unstable();
+    pairs
+}
+
+#[tonic::async_trait]
+impl RateLimiter for NativeRateLimiter {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        self.check_one(request.get_ref())
+            .await
+            .map(Response::new)
+            .map_err(|s| self.state.refuse(s))
+    }
+
+    async fn check_batch(
+        &self,
+        request: Request<CheckBatchRequest>,
+    ) -> Result<Response<CheckBatchResponse>, Status> {
+        let checks = &request.get_ref().checks;
+        if checks.len() > MAX_BATCH {
+            return Err(self.state.refuse(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} checks fit in one batch, got {}",
+                checks.len()
+            ))));
+        }
+        let mut results = Vec::with_capacity(checks.len());
+        for c in checks {
+            let result = match self.check_one(c).await {
+                Ok(decision) => check_result::Result::Decision(decision),
+                Err(status) => {
+                    let status = self.state.refuse(status);
+                    check_result::Result::Error(PbCheckError {
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    })
+                }
+            };
+            results.push(CheckResult {
+                result: Some(result),
+            });
+        }
+        Ok(Response::new(CheckBatchResponse { results }))
+    }
+
+    async fn refund(
+        &self,
+        request: Request<RefundRequest>,
+    ) -> Result<Response<RefundResponse>, Status> {
+        let request = request.get_ref();
+        if !request.receipt.is_empty() {
+            return Err(self.state.refuse(Status::invalid_argument(
+                "this node issues no receipts: send the refund without one",
+            )));
+        }
+        let mut pairs: Vec<(&str, &str)> = request
+            .descriptors
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        pairs.sort_unstable();
+        let d = Descriptors::new(&pairs).map_err(|e: DescriptorError| {
+            self.state.refuse(Status::invalid_argument(e.to_string()))
+        })?;
+        let cost = request.cost.unwrap_or(1);
+        // The same call as `POST /v1/refund`: one place decides what a
+        // refund may give back.
+        let refunded = self
+            .state
+            .api()
+            .limiter
+            .refund(&d, cost)
+            .map_err(|e| self.state.refuse_check(e))?;
+        Ok(Response::new(RefundResponse {
+            refunded,
+            requested: cost,
+        }))
+    }
+}
+
+/// The full decision, as `POST /v1/check` gives it.
+pub fn answer(rules: &RuleSet, decision: &Decision) -> CheckResponse {
+    let allowed = decision.outcome == Outcome::Allowed;
+    let outcome = match decision.outcome {
+        Outcome::Allowed => PbOutcome::Allowed,
+        Outcome::Denied => PbOutcome::Denied,
+        Outcome::Never => PbOutcome::Never,
+    };
+    let Some(q) = decision.quota else {
+        return CheckResponse {
+            allowed,
+            outcome: outcome as i32,
+            ..Default::default()
+        };
+    };
+    let rule = rule_name(rules, &q);
+    let never = decision.outcome == Outcome::Never;
+    CheckResponse {
+        allowed,
+        outcome: outcome as i32,
+        rule: Some(rule.to_owned()),
+        limit: Some(q.limit),
+        window_ms: Some(q.period.as_millis_ceil()),
+        remaining: Some(q.remaining),
+        reset_ms: (!never).then(|| q.reset_after.as_millis_ceil()),
+        retry_after_ms: match decision.outcome {
+            Outcome::Allowed => Some(0),
+            Outcome::Denied => Some(q.retry_after.as_millis_ceil()),
+            Outcome::Never => None,
+        },
+        message: never.then(|| {
+            format!(
+                "the cost exceeds what rule `{rule}` can ever admit ({} per {}): retrying cannot succeed",
+                q.limit, q.period
+            )
+        }),
+        // Receipts are not issued yet.
+        receipt: Vec::new(),
+    }
+}
+
+/// The gRPC code of a batch item's error, for tests and clients.
+pub fn item_code(error: &PbCheckError) -> Code {
+    Code::from_i32(error.code)
+}

@@ -1,0 +1,201 @@
+//! The gRPC listener: bind, serve beside the HTTP API, drain.
+//!
+//! [`run`] is what `drl node` calls: it binds the gRPC port (when
+//! `grpc_listen` is set) before the node starts, so a taken port fails before
+//! the node joins its cluster; then it serves both APIs until `shutdown`
+//! resolves, and lets the HTTP server drain and stop the node. Tests use
+//! [`GrpcListener`] directly on port 0.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use super::envoy_service::EnvoyRateLimit;
+use super::native::NativeRateLimiter;
+use super::pb::rate_limiter_server::RateLimiterServer;
+use super::state::GrpcState;
+use crate::http::HttpNode;
+use crate::node::{GrpcTls, NodeSettings};
+
+/// The services whose health `grpc.health.v1` reports, besides `""` (the
+/// whole server).
+pub const SERVICES: [&str; 2] = [
+    "envoy.service.ratelimit.v3.RateLimitService",
+    "drl.v1.RateLimiter",
+];
+
+/// Most calls in flight on one HTTP/2 connection; a client that wants more
+/// waits for a stream to close (or opens another connection).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
+
+/// How often health follows the node's readiness.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Why a node with its APIs could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Http(#[from] crate::http::RunError),
+    #[error("cannot listen for gRPC on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("gRPC TLS: cannot read {path}: {source}")]
+    TlsRead {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A bound, not yet serving, gRPC port.
+pub struct GrpcListener {
+    listener: TcpListener,
+    addr: SocketAddr,
+    tls: Option<ServerTlsConfig>,
+}
+
+impl GrpcListener {
+    pub async fn bind(addr: SocketAddr) -> Result<GrpcListener, RunError> {
+        let err = |source| RunError::Bind { addr, source };
+        let listener = TcpListener::bind(addr).await.map_err(err)?;
+        let addr = listener.local_addr().map_err(err)?;
+        Ok(GrpcListener {
+            listener,
+            addr,
+            tls: None,
+        })
+    }
+
+    /// Serves over TLS with `tls`'s certificate, and asks clients for a
+    /// certificate signed by its client CA when it names one. The files are
+    /// read now, so a missing one fails before the node starts.
+    pub fn with_tls(mut self, tls: &GrpcTls) -> Result<GrpcListener, RunError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| RunError::TlsRead {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let mut config =
+            ServerTlsConfig::new().identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
+        if let Some(ca) = &tls.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        self.tls = Some(config);
+        Ok(self)
+    }
+
+    /// The bound address (the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves the three services until `shutdown` resolves, then stops
+    /// accepting and waits for in-flight calls.
+    pub async fn serve(
+        self,
+        state: GrpcState,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), RunError> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        let api = state.api().clone();
+        let (stop_health, mut health_stopped) = tokio::sync::watch::channel(false);
+        let follow = tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let ready = api.is_ready();
+                if last != Some(ready) {
+                    let status = if ready {
+                        ServingStatus::Serving
+                    } else {
+                        ServingStatus::NotServing
+                    };
+                    for name in std::iter::once("").chain(SERVICES) {
+                        reporter.set_service_status(name, status).await;
+                    }
+                    last = Some(ready);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                    _ = health_stopped.changed() => return,
+                }
+            }
+        });
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let result = builder
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .add_service(health)
+            .add_service(RateLimitServiceServer::new(EnvoyRateLimit::new(
+                state.clone(),
+            )))
+            .add_service(RateLimiterServer::new(NativeRateLimiter::new(state)))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        let _ = stop_health.send(true);
+        let _ = follow.await;
+        Ok(result?)
+    }
+}
+
+/// Starts a node from `settings`, serves its HTTP API and, when
+/// `settings.grpc_listen` is set, its gRPC API, until `shutdown` resolves;
+/// then drains both and stops the node cleanly.
+pub async fn run(
+    settings: NodeSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let grpc = match settings.grpc_listen {
+        Some(addr) => {
+            let listener = GrpcListener::bind(addr).await?;
+            Some(match &settings.grpc_tls {
+                Some(tls) => listener.with_tls(tls)?,
+                None => listener,
+            })
+        }
+        None => None,
+    };
+    let node = HttpNode::start(settings).await?;
+    tracing::info!(
+        http = %node.http_addr(),
+        grpc = %grpc.as_ref().map_or_else(|| "off".to_owned(), |g| g.local_addr().to_string()),
+        peer = %node.node().peer_addr(),
+        "node started"
+    );
+    let Some(grpc) = grpc else {
+        return Ok(node.serve(shutdown).await?);
+    };
+    let state = GrpcState::new(node.node().api(), node.state().clone());
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let grpc_task = tokio::spawn(grpc.serve(state, async move {
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    }));
+    let http = node
+        .serve(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    let grpc = match grpc_task.await {
+        Ok(result) => result,
+        Err(e) => {
+            tracing::error!("gRPC server task: {e}");
+            Ok(())
+        }
+    };
+    http?;
+    grpc
+}

@@ -1,0 +1,214 @@
+//! The native gRPC API (`drl.v1.RateLimiter`) over real sockets, with the
+//! tonic client generated from `proto-spec/drl/v1/ratelimiter.proto`: the
+//! full decision, batches of independent checks, refunds, and refusals
+//! that change nothing.
+
+mod grpc_support;
+
+use std::collections::HashMap;
+
+use drl::grpc::native::{item_code, MAX_BATCH};
+use drl::grpc::pb::rate_limiter_client::RateLimiterClient;
+use drl::grpc::pb::{
+    check_result, CheckBatchRequest, CheckRequest, CheckResponse, Outcome, RefundRequest,
+};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use grpc_support::{cluster_dir, GrpcNode};
+
+const RULES: &str = r#"
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+limits = [ { algorithm = "sliding_window", limit = 5, window = "1h" } ]
+
+[[rules]]
+name = "bucket"
+match = { bucket = "*" }
+limits = [ { algorithm = "token_bucket", capacity = 4, refill = 4, per = "1h" } ]
+"#;
+
+type Client = RateLimiterClient<Channel>;
+
+fn check(fields: &[(&str, &str)], cost: Option<u32>) -> CheckRequest {
+    CheckRequest {
+        descriptors: fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect::<HashMap<_, _>>(),
+        cost,
+    }
+}
+
+async fn decide(client: &mut Client, r: CheckRequest) -> CheckResponse {
+    client.check(r).await.unwrap().into_inner()
+}
+
+async fn one_node(name: &str) -> (GrpcNode, Client) {
+    let dir = cluster_dir(name, 1, RULES);
+    let node = GrpcNode::start(&dir, 0, 1, vec![]).await;
+    node.wait_ready().await;
+    let client = Client::connect(node.grpc_url()).await.unwrap();
+    (node, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_gives_the_full_decision() {
+    let (node, mut client) = one_node("check").await;
+    let alice = || check(&[("user", "alice")], None);
+    for left in (0..5u64).rev() {
+        let r = decide(&mut client, alice()).await;
+        assert!(r.allowed);
+        assert_eq!(r.outcome, Outcome::Allowed as i32);
+        assert_eq!(r.rule.as_deref(), Some("per-user"));
+        assert_eq!(r.limit, Some(5));
+        assert_eq!(r.window_ms, Some(3_600_000));
+        assert_eq!(r.remaining, Some(left));
+        assert_eq!(r.retry_after_ms, Some(0));
+        assert!(r.receipt.is_empty(), "no receipts yet");
+    }
+    let r = decide(&mut client, alice()).await;
+    assert!(!r.allowed);
+    assert_eq!(r.outcome, Outcome::Denied as i32);
+    assert!(r.retry_after_ms.unwrap() > 0);
+    // Cost 0 reports without counting.
+    let r = decide(&mut client, check(&[("user", "bob")], Some(0))).await;
+    assert_eq!(r.remaining, Some(5));
+    let r = decide(&mut client, check(&[("user", "bob")], Some(3))).await;
+    assert_eq!(r.remaining, Some(2));
+    // More than the limit can ever admit.
+    let r = decide(&mut client, check(&[("user", "carol")], Some(6))).await;
+    assert_eq!(r.outcome, Outcome::Never as i32);
+    assert_eq!((r.reset_ms, r.retry_after_ms), (None, None));
+    assert!(r.message.unwrap().contains("retrying cannot succeed"));
+    // No rule matched.
+    let r = decide(&mut client, check(&[("tenant", "x")], None)).await;
+    assert!(r.allowed);
+    assert_eq!((r.rule, r.limit), (None, None));
+    // Bad input: refused, nothing counted.
+    for bad in [
+        check(&[], None),
+        check(&[("User", "x")], None),
+        check(&[("user", "")], None),
+        check(&[("user", "a\nb")], None),
+    ] {
+        let e = client.check(bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    let r = decide(&mut client, check(&[("user", "bob")], Some(0))).await;
+    assert_eq!(r.remaining, Some(2));
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_batch_decides_each_check_on_its_own() {
+    let (node, mut client) = one_node("batch").await;
+    let mut checks = Vec::new();
+    for i in 0..100 {
+        checks.push(match i % 4 {
+            // 25 asks of one user: 5 allowed.
+            0 => check(&[("user", "dave")], None),
+            // 25 distinct users: all allowed.
+            1 => check(&[("user", &format!("u{i}"))], None),
+            // 25 bad checks.
+            2 => check(&[("Bad", "x")], None),
+            // 25 of a token bucket of 4.
+            _ => check(&[("bucket", "b")], None),
+        });
+    }
+    let results = client
+        .check_batch(CheckBatchRequest { checks })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 100);
+    let mut allowed = [0usize; 4];
+    let mut errors = 0;
+    for (i, r) in results.iter().enumerate() {
+        match r.result.as_ref().unwrap() {
+            check_result::Result::Decision(d) => {
+                assert_ne!(i % 4, 2);
+                if d.allowed {
+                    allowed[i % 4] += 1;
+                }
+            }
+            check_result::Result::Error(e) => {
+                assert_eq!(i % 4, 2);
+                assert_eq!(item_code(e), Code::InvalidArgument);
+                assert!(e.message.contains("not valid"), "{}", e.message);
+                errors += 1;
+            }
+        }
+    }
+    assert_eq!(allowed, [5, 25, 0, 4]);
+    assert_eq!(errors, 25);
+    // Too large a batch is refused whole.
+    let checks = vec![check(&[("user", "erin")], None); MAX_BATCH + 1];
+    let e = client
+        .check_batch(CheckBatchRequest { checks })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let r = decide(&mut client, check(&[("user", "erin")], Some(0))).await;
+    assert_eq!(r.remaining, Some(5), "nothing counted");
+    // An empty batch is an empty answer.
+    let r = client
+        .check_batch(CheckBatchRequest { checks: vec![] })
+        .await
+        .unwrap();
+    assert!(r.into_inner().results.is_empty());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_gives_back_what_was_counted() {
+    let (node, mut client) = one_node("refund").await;
+    let frank = |cost| check(&[("user", "frank")], cost);
+    decide(&mut client, frank(Some(3))).await;
+    let refund = |cost, receipt: Vec<u8>| RefundRequest {
+        descriptors: [("user".to_owned(), "frank".to_owned())].into(),
+        cost,
+        receipt,
+    };
+    let r = client
+        .refund(refund(Some(2), vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.refunded, r.requested), (2, 2));
+    let d = decide(&mut client, frank(Some(0))).await;
+    assert_eq!(d.remaining, Some(4));
+    // Never more than was counted.
+    let r = client
+        .refund(refund(None, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.refunded, r.requested), (1, 1));
+    let r = client
+        .refund(refund(Some(10), vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.refunded, 0);
+    let d = decide(&mut client, frank(Some(0))).await;
+    assert_eq!(d.remaining, Some(5));
+    // Refused: a receipt this node never issued, bad descriptors.
+    let e = client
+        .refund(refund(Some(1), b"forged".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = client
+        .refund(RefundRequest {
+            descriptors: [("Bad".to_owned(), "x".to_owned())].into(),
+            cost: None,
+            receipt: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    node.shutdown().await;
+}

@@ -1,0 +1,156 @@
+//! Real nodes with their HTTP and gRPC APIs on 127.0.0.1:0, for the gRPC
+//! tests.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use drl::grpc::{GrpcListener, GrpcState};
+use drl::http::client::Connection;
+use drl::http::HttpNode;
+use drl::net::{generate_dev_certs, local_cluster_specs};
+use drl::node::{GrpcTls, NodeApi, NodeFile};
+
+pub fn cluster_dir(name: &str, nodes: u16, rules: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "drl-grpc-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    generate_dev_certs(&dir.join("certs"), &local_cluster_specs(nodes)).unwrap();
+    std::fs::write(dir.join("rules.toml"), rules).unwrap();
+    dir
+}
+
+/// A node serving HTTP and gRPC.
+pub struct GrpcNode {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub peer: SocketAddr,
+    pub api: NodeApi,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl GrpcNode {
+    pub async fn start(dir: &Path, slot: u16, cluster_size: usize, seeds: Vec<String>) -> GrpcNode {
+        GrpcNode::start_with(dir, slot, cluster_size, seeds, None).await
+    }
+
+    /// [`GrpcNode::start`] with the gRPC API over TLS.
+    pub async fn start_with(
+        dir: &Path,
+        slot: u16,
+        cluster_size: usize,
+        seeds: Vec<String>,
+        tls: Option<GrpcTls>,
+    ) -> GrpcNode {
+        let file = NodeFile {
+            recovery_timeout: "100ms".into(),
+            ..NodeFile::local(dir, slot, cluster_size, seeds)
+        };
+        let mut grpc = GrpcListener::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        if let Some(tls) = &tls {
+            grpc = grpc.with_tls(tls).unwrap();
+        }
+        let node = HttpNode::start(file.settings(dir).unwrap()).await.unwrap();
+        let state = GrpcState::new(node.node().api(), node.state().clone());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let http = node.http_addr();
+        let peer = node.node().peer_addr();
+        let api = node.node().api();
+        let grpc_addr = grpc.local_addr();
+        let mut grpc_stopped = stopped.clone();
+        let mut http_stopped = stopped;
+        let tasks = vec![
+            tokio::spawn(async move {
+                grpc.serve(state, async move {
+                    let _ = grpc_stopped.wait_for(|s| *s).await;
+                })
+                .await
+                .unwrap();
+            }),
+            tokio::spawn(async move {
+                node.serve(async move {
+                    let _ = http_stopped.wait_for(|s| *s).await;
+                })
+                .await
+                .unwrap();
+            }),
+        ];
+        GrpcNode {
+            http,
+            grpc: grpc_addr,
+            peer,
+            api,
+            stop: Some(stop),
+            tasks,
+        }
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn wait_ready(&self) {
+        let start = Instant::now();
+        while !self.api.is_ready() {
+            assert!(start.elapsed() < Duration::from_secs(15), "node not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until this node sees `peers` live peers.
+    pub async fn wait_peers(&self, peers: usize) {
+        let start = Instant::now();
+        while self.api.status().live.len() < peers {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "peers not live: {:?}",
+                self.api.status().live
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        let mut conn = Connection::open_addr(self.http).await.unwrap();
+        let answer = conn.get("/metrics").await.unwrap();
+        assert_eq!(answer.status, 200);
+        answer.text()
+    }
+
+    /// Graceful shutdown of both servers and the node.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(true);
+        for task in self.tasks.drain(..) {
+            tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .expect("shutdown within 15 s")
+                .unwrap();
+        }
+    }
+}
+
+/// `n` nodes that know each other, ready and connected.
+pub async fn cluster(name: &str, n: u16, rules: &str) -> Vec<GrpcNode> {
+    let dir = cluster_dir(name, n, rules);
+    let first = GrpcNode::start(&dir, 0, usize::from(n), vec![]).await;
+    let seed = first.peer.to_string();
+    let mut nodes = vec![first];
+    for slot in 1..n {
+        nodes.push(GrpcNode::start(&dir, slot, usize::from(n), vec![seed.clone()]).await);
+    }
+    for node in &nodes {
+        node.wait_ready().await;
+        node.wait_peers(usize::from(n) - 1).await;
+    }
+    nodes
+}
