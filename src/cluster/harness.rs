@@ -590,13 +590,20 @@ impl MemCluster {
                     dead.insert(b as u16);
                     if was_live {
                         let limiter = self.nodes[a].limiter.clone();
-                        self.nodes[a].repl.set_liveness(&limiter, b as u16, false);
+                        let (local, digest) = (self.local_now(a), self.rules_digest);
+                        self.nodes[a]
+                            .repl
+                            .set_liveness(local, &limiter, b as u16, false, digest);
                         self.nodes[a].repl.peer_disconnected(b as u16);
                         self.linked.remove(&key);
                     }
                 } else if !was_live {
                     let limiter = self.nodes[a].limiter.clone();
-                    self.nodes[a].repl.set_liveness(&limiter, b as u16, true);
+                    let (local, digest) = (self.local_now(a), self.rules_digest);
+                    self.nodes[a]
+                        .repl
+                        .set_liveness(local, &limiter, b as u16, true, digest);
+                    self.flush(a);
                     if !self.linked.contains(&key) {
                         self.connect(a as u16, b as u16);
                     }
@@ -611,7 +618,9 @@ impl MemCluster {
                     self.flush(a);
                 }
             }
-            let view = self.view(a as u16, &dead);
+            let view = self
+                .view(a as u16, &dead)
+                .confirming_all(self.nodes[a].repl.unsynced_live());
             if self.nodes[a].limiter.share_view().as_deref() != Some(&view) {
                 self.nodes[a].limiter.set_share_view(view);
             }

@@ -189,6 +189,10 @@ pub struct PeerState {
     sync_out: Option<SyncOut>,
     /// The peer finished sending us our own slot after our restart.
     recovered_from: bool,
+    /// We hold the peer's whole state since it last came (back) up: its
+    /// full sync has arrived. Until then its admissions while we could not
+    /// hear it may be unknown here, and requests are confirmed.
+    pub synced_from: bool,
 }
 
 struct Round {
@@ -328,14 +332,27 @@ impl Replicator {
     /// The failure detector's verdict on a peer changed.
     pub fn set_liveness(
         &mut self,
+        now: Nanos,
         limiter: &Limiter<impl crate::core::time::Clock>,
         slot: u16,
         live: bool,
+        rules_digest: u64,
     ) {
         let Some(p) = self.peers.get_mut(&slot) else {
             return;
         };
+        let returned = live && !p.live;
         p.live = live;
+        if returned {
+            // Back from the dead (a healed partition): what it admitted
+            // while we could not hear it may be unknown here, and nobody
+            // resends it (we had stopped waiting for each other). Ask for
+            // its whole state again; confirm every request until it arrives.
+            p.synced_from = false;
+            if p.connected {
+                self.introduce(slot, rules_digest);
+            }
+        }
         if !live {
             let waiting = self.peers.get(&slot).is_some_and(|p| self.must_wait_for(p));
             if !waiting {
@@ -351,7 +368,19 @@ impl Replicator {
         if let Some(p) = self.peers.get_mut(&slot) {
             p.connected = true;
             p.last_heard = Some(now);
+            p.synced_from = false;
         }
+        self.introduce(slot, rules_digest);
+    }
+
+    /// True while some live peer's whole state has not reached us since it
+    /// came (back) up: the limiter then confirms every request.
+    pub fn unsynced_live(&self) -> bool {
+        self.peers.values().any(|p| p.live && !p.synced_from)
+    }
+
+    /// Our hello: the peer answers it with its whole own state.
+    fn introduce(&mut self, slot: u16, rules_digest: u64) {
         let hello = Frame::Hello(Hello {
             slot: self.own(),
             name: self.cfg.name.clone(),
@@ -736,9 +765,18 @@ impl Replicator {
         };
         match frame {
             Frame::Hello(h) => self.on_hello(now, from, h, limiter, rules_digest),
-            Frame::Delta(s) | Frame::Sync(s) => {
+            Frame::Delta(s) => {
                 self.merge_slots(now, from, &s, limiter);
                 self.note_received(now, from, &s);
+            }
+            Frame::Sync(s) => {
+                self.merge_slots(now, from, &s, limiter);
+                self.note_received(now, from, &s);
+                if s.last {
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.synced_from = true;
+                    }
+                }
             }
             Frame::Recovery(s) => {
                 self.merge_slots(now, self.own(), &s, limiter);
@@ -773,11 +811,20 @@ impl Replicator {
         if h.rules_digest != rules_digest {
             self.stats.rules_mismatches += 1;
         }
+        let mut returned = false;
         if let Some(p) = self.peers.get_mut(&from) {
             p.incarnation = Some(h.incarnation);
             p.name = h.name;
             p.connected = true;
+            returned = !p.live;
             p.live = true;
+            if returned {
+                p.synced_from = false;
+            }
+        }
+        if returned {
+            // We had it for dead: ask for its whole state too.
+            self.introduce(from, rules_digest);
         }
         // Whatever the peer missed while apart (or ever, if it restarted):
         // our whole own state, reliably.

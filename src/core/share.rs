@@ -70,6 +70,10 @@ pub struct ShareView {
     /// Roughly how long an acknowledgement takes: the wait suggested to a
     /// request refused only because this node's in-flight share is spent.
     pub ack_wait: Nanos,
+    /// Some live peer's state has not fully reached this node since it came
+    /// (back) up: local counts may miss its admissions, so every request is
+    /// confirmed with the peers (whose answers carry their counts).
+    pub confirm_all: bool,
 }
 
 impl ShareView {
@@ -83,6 +87,7 @@ impl ShareView {
             policy: SharePolicy::Strict,
             inflight_ppm: 20_000,
             ack_wait: Nanos::from_millis(10),
+            confirm_all: false,
         }
     }
 
@@ -111,7 +116,14 @@ impl ShareView {
             policy,
             inflight_ppm,
             ack_wait,
+            confirm_all: false,
         }
+    }
+
+    /// The same view, confirming every request while `on`.
+    pub fn confirming_all(mut self, on: bool) -> Self {
+        self.confirm_all = on;
+        self
     }
 
     pub fn node_count(&self) -> u64 {

@@ -655,6 +655,12 @@ impl<C: Clock> Limiter<C> {
         blocking
     }
 
+    /// The answer to a provisional request that cannot wait any longer,
+    /// without giving its hits back (whoever still holds the request will).
+    pub fn refused_pending(&self, pending: &Pending) -> Decision {
+        self.denied_for_now(pending)
+    }
+
     /// The answer to a provisional request whose confirmation did not
     /// complete: denied, retry after one acknowledgement wait.
     fn denied_for_now(&self, pending: &Pending) -> Decision {
@@ -999,7 +1005,7 @@ fn decide_shared(
             }
         }
     };
-    if confirming {
+    if confirming || view.confirm_all {
         return near(false);
     }
     let quota = algorithm.quota();

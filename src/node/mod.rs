@@ -84,6 +84,10 @@ enum Command {
     },
 }
 
+/// The longest a request waits for its confirmation before it is refused,
+/// should the node's task be held up: ten claim timeouts.
+const CONFIRM_PATIENCE: Duration = Duration::from_millis(500);
+
 /// What the node's task publishes for readiness, metrics and tests.
 #[derive(Clone, Debug, Default)]
 pub struct NodeStatus {
@@ -150,11 +154,16 @@ impl NodeApi {
                 .limiter
                 .finish_at(self.limiter.clock().now(), &pending, None));
         }
-        match answer.await {
-            Ok(decision) => Ok(decision),
-            Err(_) => Ok(self
+        // The node's task decides within the claim timeout; if it is held
+        // up, refuse rather than hang, and leave the hits to it: whatever it
+        // decides later, a request nobody waits for any more is given back.
+        match tokio::time::timeout(CONFIRM_PATIENCE, answer).await {
+            Ok(Ok(decision)) => Ok(decision),
+            // The task stopped without deciding: nobody else will give back.
+            Ok(Err(_)) => Ok(self
                 .limiter
                 .finish_at(self.limiter.clock().now(), &pending, None)),
+            Err(_) => Ok(self.limiter.refused_pending(&pending)),
         }
     }
     /// Validates `text` and puts it in force on every node of the cluster
@@ -624,7 +633,11 @@ impl Driver {
         }
         let own = self.membership.me().addr;
         for seed in self.settings.seeds.clone() {
-            let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await else {
+            // The node's task answers confirmations too: a resolver that
+            // hangs (a cut-off container's DNS) must not hold it up.
+            let lookup = tokio::net::lookup_host(seed.as_str());
+            let Ok(Ok(addrs)) = tokio::time::timeout(Duration::from_millis(200), lookup).await
+            else {
                 tracing::debug!(seed, "seed does not resolve");
                 continue;
             };
@@ -639,6 +652,14 @@ impl Driver {
 
     fn flush(&mut self) {
         let now = self.clock.now();
+        let unsynced = self.repl.unsynced_live();
+        if self
+            .limiter
+            .share_view()
+            .is_some_and(|v| v.confirm_all != unsynced)
+        {
+            self.limiter.set_share_view(self.share_view());
+        }
         while let Some(event) = self.repl.poll_claim_event() {
             let (ticket, answered) = match event {
                 ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
@@ -729,12 +750,14 @@ impl Driver {
                 self.known.insert(m.slot);
                 self.live.insert(m.slot);
                 self.repl.add_peer(m.slot);
-                self.repl.set_liveness(&self.limiter, m.slot, true);
+                self.repl
+                    .set_liveness(now, &self.limiter, m.slot, true, self.rules_digest);
                 tracing::info!(slot = m.slot, name = %m.name, "member up");
             }
             MemberEvent::Down(m) => {
                 self.live.remove(&m.slot);
-                self.repl.set_liveness(&self.limiter, m.slot, false);
+                self.repl
+                    .set_liveness(now, &self.limiter, m.slot, false, self.rules_digest);
                 tracing::info!(slot = m.slot, name = %m.name, "member down");
             }
         }
@@ -759,6 +782,7 @@ impl Driver {
             self.settings.inflight_ppm,
             self.settings.sync_interval * 2,
         )
+        .confirming_all(self.repl.unsynced_live())
     }
 
     fn publish_status(&self) {
