@@ -590,19 +590,19 @@ impl MemCluster {
                     dead.insert(b as u16);
                     if was_live {
                         let limiter = self.nodes[a].limiter.clone();
-                        let (local, digest) = (self.local_now(a), self.rules_digest);
+                        let digest = self.rules_digest;
                         self.nodes[a]
                             .repl
-                            .set_liveness(local, &limiter, b as u16, false, digest);
+                            .set_liveness(&limiter, b as u16, false, digest);
                         self.nodes[a].repl.peer_disconnected(b as u16);
                         self.linked.remove(&key);
                     }
                 } else if !was_live {
                     let limiter = self.nodes[a].limiter.clone();
-                    let (local, digest) = (self.local_now(a), self.rules_digest);
+                    let digest = self.rules_digest;
                     self.nodes[a]
                         .repl
-                        .set_liveness(local, &limiter, b as u16, true, digest);
+                        .set_liveness(&limiter, b as u16, true, digest);
                     self.flush(a);
                     if !self.linked.contains(&key) {
                         self.connect(a as u16, b as u16);
@@ -613,7 +613,7 @@ impl MemCluster {
                     && self.now.as_u64() % (self.spec.detect_after.as_u64() / 4).max(1)
                         < self.spec.sync_interval.as_u64()
                 {
-                    let (local, digest) = (self.local_now(a), self.rules_digest);
+                    let digest = self.rules_digest;
                     self.nodes[a].repl.peer_connected(local, b as u16, digest);
                     self.flush(a);
                 }

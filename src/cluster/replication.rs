@@ -332,7 +332,6 @@ impl Replicator {
     /// The failure detector's verdict on a peer changed.
     pub fn set_liveness(
         &mut self,
-        now: Nanos,
         limiter: &Limiter<impl crate::core::time::Clock>,
         slot: u16,
         live: bool,

@@ -751,13 +751,13 @@ impl Driver {
                 self.live.insert(m.slot);
                 self.repl.add_peer(m.slot);
                 self.repl
-                    .set_liveness(now, &self.limiter, m.slot, true, self.rules_digest);
+                    .set_liveness(&self.limiter, m.slot, true, self.rules_digest);
                 tracing::info!(slot = m.slot, name = %m.name, "member up");
             }
             MemberEvent::Down(m) => {
                 self.live.remove(&m.slot);
                 self.repl
-                    .set_liveness(now, &self.limiter, m.slot, false, self.rules_digest);
+                    .set_liveness(&self.limiter, m.slot, false, self.rules_digest);
                 tracing::info!(slot = m.slot, name = %m.name, "member down");
             }
         }
