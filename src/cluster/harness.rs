@@ -613,7 +613,7 @@ impl MemCluster {
                     && self.now.as_u64() % (self.spec.detect_after.as_u64() / 4).max(1)
                         < self.spec.sync_interval.as_u64()
                 {
-                    let digest = self.rules_digest;
+                    let (local, digest) = (self.local_now(a), self.rules_digest);
                     self.nodes[a].repl.peer_connected(local, b as u16, digest);
                     self.flush(a);
                 }
