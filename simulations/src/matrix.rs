@@ -215,10 +215,10 @@ impl Matrix {
             if at > now {
                 c.advance(at - now);
             }
-            for (id, _, d, _) in c.take_completed() {
-                if let Some(arrived) = waiting.remove(&id) {
-                    // Judged and counted as of its arrival.
-                    tally(&mut per_window, arrived, d.is_allowed());
+            for (id, _, d, judged) in c.take_completed() {
+                if waiting.remove(&id).is_some() {
+                    // Counted in the window it was judged in.
+                    tally(&mut per_window, (judged - start).as_u64(), d.is_allowed());
                 }
             }
             let i = (at.as_u64() / 1_000_000_000) as usize;
@@ -236,9 +236,9 @@ impl Matrix {
         }
         while !waiting.is_empty() {
             c.advance(Nanos::from_millis(1));
-            for (id, _, d, _) in c.take_completed() {
-                if let Some(arrived) = waiting.remove(&id) {
-                    tally(&mut per_window, arrived, d.is_allowed());
+            for (id, _, d, judged) in c.take_completed() {
+                if waiting.remove(&id).is_some() {
+                    tally(&mut per_window, (judged - start).as_u64(), d.is_allowed());
                 }
             }
         }

@@ -258,12 +258,12 @@ impl Runner<'_> {
 
     /// Records the requests whose confirmation ended.
     fn collect(&mut self, traffic: &Traffic, records: &mut Vec<Record>) -> Result<(), String> {
-        for (id, node, decision, _) in self.c.take_completed() {
+        for (id, node, decision, judged) in self.c.take_completed() {
             if let Some((a, reference)) = self.waiting.remove(&id) {
                 // A confirmed request is judged, and counted, as of its
-                // arrival: replay it there.
-                let at = self.origin + Nanos::new(a.at);
-                let record = self.record(traffic, a, reference, Some((node, decision)), at)?;
+                // arrival (or a little later if a bucket ended meanwhile):
+                // replay it there.
+                let record = self.record(traffic, a, reference, Some((node, decision)), judged)?;
                 records.push(record);
             }
         }

@@ -328,7 +328,7 @@ impl MemCluster {
     }
 
     /// Requests decided after waiting since the last call: `(id, node,
-    /// decision, reference time of the decision)`.
+    /// decision, when it was judged and counted, on the reference clock)`.
     pub fn take_completed(&mut self) -> Vec<(u64, usize, Decision, Nanos)> {
         std::mem::take(&mut self.completed)
     }
@@ -345,12 +345,12 @@ impl MemCluster {
                 ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
                 ClaimEvent::Expired { ticket } => (ticket, None),
             };
-            let Some((id, pending)) = self.nodes[node].pending.remove(&ticket) else {
+            let Some((id, mut pending)) = self.nodes[node].pending.remove(&ticket) else {
                 continue;
             };
             let local = self.local_now(node);
             let limiter = self.nodes[node].limiter.clone();
-            match limiter.finish_or_yield_at(local, &pending, answered, true) {
+            match limiter.finish_or_yield_at(local, &mut pending, answered, true) {
                 Finished::Yield { blocking } => {
                     let deadline = pending.started + self.nodes[node].repl.config().claim_timeout;
                     let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
@@ -368,7 +368,10 @@ impl MemCluster {
                         // As the node does: the given-back hits leave at once.
                         self.nodes[node].repl.ship_now(local, &limiter);
                     }
-                    self.completed.push((id, node, decision, self.now));
+                    // When it was judged, on the reference clock.
+                    let skew = self.nodes[node].skew;
+                    let when = Nanos::new((pending.judged_at.as_u64() as i64 - skew).max(0) as u64);
+                    self.completed.push((id, node, decision, when));
                 }
             }
         }

@@ -188,6 +188,9 @@ pub struct Pending {
     pub hits: Vec<PendingHit>,
     /// What the request would be answered if admitted (its quota report).
     pub provisional: Decision,
+    /// When [`Limiter::finish_at`] judged it (and where its hits now sit):
+    /// the arrival, or the start of a later bucket if the ring moved on.
+    pub judged_at: Nanos,
 }
 
 /// One provisional hit: where it was counted.
@@ -490,6 +493,7 @@ impl<C: Clock> Limiter<C> {
                 started: now,
                 hits: Vec::new(),
                 provisional: decision,
+                judged_at: now,
             });
             for (limit_id, entry) in entries.iter_mut() {
                 // Every entry of one check lives in its own limit's table.
@@ -533,7 +537,7 @@ impl<C: Clock> Limiter<C> {
     /// count as if already there, which can only refuse more, so the
     /// judgement is as safe as one made now, and the admitted history is
     /// what the algorithm would have seen had the answers been instant.
-    pub fn finish_at(&self, now: Nanos, pending: &Pending, answered: Option<u64>) -> Decision {
+    pub fn finish_at(&self, now: Nanos, pending: &mut Pending, answered: Option<u64>) -> Decision {
         match self.finish_or_yield_at(now, pending, answered, false) {
             Finished::Decided(d) => d,
             // Not produced without `may_yield`.
@@ -548,7 +552,7 @@ impl<C: Clock> Limiter<C> {
     pub fn finish_or_yield_at(
         &self,
         now: Nanos,
-        pending: &Pending,
+        pending: &mut Pending,
         answered: Option<u64>,
         may_yield: bool,
     ) -> Finished {
@@ -563,7 +567,9 @@ impl<C: Clock> Limiter<C> {
             quota: None,
         };
         let mut counts = CountsBuf::new();
-        for hit in &pending.hits {
+        let cost = pending.cost;
+        let mut judged_at = pending.started;
+        for hit in pending.hits.iter_mut() {
             // A limit removed by a reload in the meantime no longer applies.
             let Some(&index) = compiled.by_id.get(&hit.limit) else {
                 continue;
@@ -571,7 +577,7 @@ impl<C: Clock> Limiter<C> {
             let table = &compiled.tables[index];
             let limit = &compiled.rules.limits()[index];
             let spec = *table.spec();
-            let Some(entry) = table.get(hit.key) else {
+            let Some(mut entry) = table.get(hit.key) else {
                 continue;
             };
             // As of the arrival, unless a later hit has since moved the
@@ -580,11 +586,24 @@ impl<C: Clock> Limiter<C> {
             // holds whole).
             let newest = entry.newest(spec.epoch(now));
             let at = pending.started.max(spec.epoch_start(newest)).min(now);
+            if spec.epoch(at) != hit.epoch {
+                // Judged later than it was counted: count it where it is
+                // judged, as the algorithm would place it.
+                let own = self.config.own_slot;
+                Ring::refund_epoch(&mut entry, &spec, now, own, hit.epoch, cost);
+                hit.epoch = Ring::add(&mut entry, &spec, at, own, cost);
+                if entry.mark_dirty() {
+                    if let Some(c) = &self.cluster {
+                        c.journal.push(hit.limit, hit.key);
+                    }
+                }
+            }
+            judged_at = judged_at.max(at);
             let nets = counts.get(spec.buckets());
             Ring::read(&entry, &spec, at, nets);
             // Judge the request as if not yet counted.
             if let Some(i) = Ring::read_index(&spec, at, hit.epoch) {
-                nets[i] = nets[i].saturating_sub(u64::from(pending.cost));
+                nets[i] = nets[i].saturating_sub(u64::from(cost));
             }
             if let Some(view) = view.as_deref() {
                 let silent = view.reserve & !answered & !(1u64 << view.own);
@@ -610,12 +629,13 @@ impl<C: Clock> Limiter<C> {
                     now: at,
                     nets,
                 },
-                pending.cost,
+                cost,
             );
             decision.absorb(index, limit.id, &limit.algorithm, verdict);
         }
-        // Waits were computed from the arrival; the answer leaves now.
-        let waited = now.saturating_sub(pending.started);
+        pending.judged_at = judged_at;
+        // Waits were computed from the judgement; the answer leaves now.
+        let waited = now.saturating_sub(judged_at);
         if let Some(q) = decision.quota.as_mut() {
             q.reset_after = q.reset_after.saturating_sub(waited);
             if q.retry_after != Nanos::MAX {

@@ -136,7 +136,7 @@ impl NodeApi {
     /// go to every peer and the answer waits for theirs, one round trip, at
     /// most the claim timeout.
     pub async fn check(&self, d: &Descriptors<'_>, cost: u32) -> Result<Decision, CheckError> {
-        let pending = match self.limiter.begin(d, cost)? {
+        let mut pending = match self.limiter.begin(d, cost)? {
             Begun::Decided(decision) => return Ok(decision),
             Begun::Confirm(pending) => pending,
         };
@@ -152,7 +152,7 @@ impl NodeApi {
             // The node is stopping: nobody will confirm.
             return Ok(self
                 .limiter
-                .finish_at(self.limiter.clock().now(), &pending, None));
+                .finish_at(self.limiter.clock().now(), &mut pending, None));
         }
         // The node's task decides within the claim timeout; if it is held
         // up, refuse rather than hang, and leave the hits to it: whatever it
@@ -160,9 +160,11 @@ impl NodeApi {
         match tokio::time::timeout(CONFIRM_PATIENCE, answer).await {
             Ok(Ok(decision)) => Ok(decision),
             // The task stopped without deciding: nobody else will give back.
-            Ok(Err(_)) => Ok(self
-                .limiter
-                .finish_at(self.limiter.clock().now(), &pending, None)),
+            Ok(Err(_)) => {
+                Ok(self
+                    .limiter
+                    .finish_at(self.limiter.clock().now(), &mut pending, None))
+            }
             Err(_) => Ok(self.limiter.refused_pending(&pending)),
         }
     }
@@ -665,12 +667,12 @@ impl Driver {
                 ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
                 ClaimEvent::Expired { ticket } => (ticket, None),
             };
-            let Some((pending, reply)) = self.confirming.remove(&ticket) else {
+            let Some((mut pending, reply)) = self.confirming.remove(&ticket) else {
                 continue;
             };
             match self
                 .limiter
-                .finish_or_yield_at(now, &pending, answered, true)
+                .finish_or_yield_at(now, &mut pending, answered, true)
             {
                 Finished::Yield { blocking } => {
                     let deadline = pending.started + self.repl.config().claim_timeout;
