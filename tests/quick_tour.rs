@@ -320,3 +320,46 @@ fn the_cluster_banner_is_the_one_documented() {
     // And README's "two commands" promise: files land where it says.
     assert!(README.contains("/tmp/drl-cluster/"));
 }
+
+/// Every metric the shipped alerts and dashboard query exists in a real
+/// node's `/metrics` (with peers, so the per-peer series are there too).
+#[test]
+fn alerts_and_dashboard_query_metrics_the_nodes_export() {
+    const ALERTS: &str = include_str!("../deploy/prometheus/alerts.yml");
+    const DASHBOARD: &str = include_str!("../deploy/grafana/drl-dashboard.json");
+    let referenced: BTreeSet<String> = [ALERTS, DASHBOARD]
+        .iter()
+        .flat_map(|text| {
+            text.match_indices("drl_").map(|(i, _)| {
+                text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect::<String>()
+            })
+        })
+        .collect();
+    assert!(referenced.contains("drl_minority"), "{referenced:?}");
+    let cluster = Cluster::start("metrics", 3);
+    let url = format!("http://127.0.0.1:{}/metrics", cluster.http_base);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = run_shell(&format!("curl -s {url}"));
+        let exported: BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let missing: Vec<&String> = referenced
+            .iter()
+            .filter(|name| !exported.contains(name.as_str()))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queried but not exported: {missing:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
