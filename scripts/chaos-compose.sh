@@ -25,6 +25,9 @@
 # A phase is a function `phase_<name>` that sets ADMITTED (and may set
 # NOTE); run_phase wraps it with the fresh key, the bound and the report.
 #
+# SNAPSHOTS=off runs the same phases with snapshots that do not survive a
+# stop (a tmpfs): the control that shows what the snapshot volumes keep.
+#
 # Needs: docker with docker-compose (v1) or the compose plugin, nsenter
 # (util-linux), iptables, curl, and root (nsenter into the containers'
 # network namespaces). Talks only to its own containers: every request is
@@ -62,9 +65,11 @@ compose() {
   fi
   # Empty host ports: Docker picks free ones (requests go through the
   # namespaces anyway), so this project never clashes with another.
+  local -a files=(-f "$CHAOS_ROOT/deploy/docker-compose.yml")
+  [ -z "${CHAOS_OVERRIDE:-}" ] || files+=(-f "$CHAOS_OVERRIDE")
   DRL_HTTP_PORT_0='' DRL_HTTP_PORT_1='' DRL_HTTP_PORT_2='' \
     DRL_RULES_FILE="$CHAOS_RULES" DRL_SNAPSHOT_INTERVAL=1s \
-    "${cmd[@]}" -p "$PROJECT" -f "$CHAOS_ROOT/deploy/docker-compose.yml" "$@"
+    "${cmd[@]}" -p "$PROJECT" --project-directory "$CHAOS_ROOT/deploy" "${files[@]}" "$@"
 }
 
 CHAOS_RULES=${CHAOS_RULES:-}
@@ -83,6 +88,19 @@ limits = [ { algorithm = "sliding_window", limit = $LIMIT, window = "1h", precis
 EOF
   chmod 0644 "$CHAOS_RULES"
   chmod 0755 "$CHAOS_DIR"
+  if [ "${SNAPSHOTS:-on}" = off ]; then
+    # The control: snapshots on a tmpfs, which a container loses when it
+    # stops, so a restart starts from what the peers remember, if anything.
+    CHAOS_OVERRIDE="$CHAOS_DIR/no-snapshots.yml"
+    {
+      echo "services:"
+      for n in "${NODES[@]}"; do
+        echo "  $n:"
+        echo "    environment: { DRL_SNAPSHOT_PATH: /scratch/snapshot }"
+        echo "    tmpfs: [ \"/scratch:uid=65532,gid=65532\" ]"
+      done
+    } >"$CHAOS_OVERRIDE"
+  fi
 }
 
 # The container of service NODE (plain docker: compose v1 takes a second to start).
