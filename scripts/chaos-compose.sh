@@ -20,7 +20,7 @@
 # A library too: `source scripts/chaos-compose.sh` defines the functions
 # below without running anything, so a test can compose its own phases:
 #   up; spend KEY NODES...; hammer KEY NODES...; partition NODE; heal NODE;
-#   cut_inbound NODE; restart_one NODE; kill_one NODE; restart_all;
+#   cut_inbound NODE; restart_one NODE; kill_one NODE; restart_all; kill_all;
 #   pause_node NODE; unpause_node NODE; metric NODE NAME; run_phase NAME FN; down
 # A phase is a function `phase_<name>` that sets ADMITTED (and may set
 # NOTE); run_phase wraps it with the fresh key, the bound and the report.
@@ -180,8 +180,8 @@ hammer() {
 # Spends KEY through NODES until a whole round admits nothing (at most
 # SPEND_ROUNDS rounds); prints the hits admitted.
 spend() {
-  local total=0 n round
-  for round in $(seq "${SPEND_ROUNDS:-6}"); do
+  local total=0 n _
+  for _ in $(seq "${SPEND_ROUNDS:-6}"); do
     n=$(hammer "$@")
     total=$((total + n))
     [ "$n" -gt 0 ] || break
@@ -267,6 +267,16 @@ kill_one() {
 restart_all() {
   log "restart every node (docker-compose restart)"
   compose restart "${NODES[@]}" >/dev/null 2>&1
+  wait_ready "${NODES[@]}"
+}
+
+kill_all() {
+  log "kill -9 every node, then start them"
+  local node
+  for node in "${NODES[@]}"; do
+    docker kill -s KILL "$(cid "$node")" >/dev/null
+  done
+  compose start "${NODES[@]}" >/dev/null 2>&1
   wait_ready "${NODES[@]}"
 }
 
@@ -363,8 +373,17 @@ phase_kill_one() {
   sample "${NODES[@]}"
 }
 
+phase_crash_all() {
+  ADMITTED=$(spend "$KEY" "${NODES[@]}")
+  # A snapshot interval (1 s here) and then some, so the spent key is on disk.
+  sleep 2
+  kill_all
+  ADMITTED=$((ADMITTED + $(hammer "$KEY" "${NODES[@]}")))
+  sample "${NODES[@]}"
+}
+
 PHASES_SHORT=(healthy partition oneway restart_one restart_all pause)
-PHASES_LONG=("${PHASES_SHORT[@]}" partition_open kill_one)
+PHASES_LONG=("${PHASES_SHORT[@]}" partition_open kill_one crash_all)
 
 # Runs phase NAME on a fresh key; appends a row to $OUT; counts failures.
 FAILURES=0
