@@ -5,7 +5,7 @@
 #
 #   scripts/docker-build.sh                    # the image (PROFILE=debug is enough here)
 #   scripts/chaos-compose.sh short             # every phase once, small limits (CI)
-#   scripts/chaos-compose.sh long              # longer faults, bigger limits, three rounds
+#   scripts/chaos-compose.sh long              # longer faults, bigger limits, ROUNDS (3) rounds
 #   scripts/chaos-compose.sh healthy partition # chosen phases, in order
 #
 # Each phase takes a fresh key of the rule `chaos` (LIMIT hits per hour),
@@ -422,7 +422,7 @@ main() {
       phases=("${PHASES_LONG[@]}")
       LIMIT=${LIMIT_LONG:-20000} HAMMER=${HAMMER_LONG:-10s} FAULT_HOLD=${FAULT_HOLD_LONG:-30}
       RATE=${RATE_LONG:-3000}
-      rounds=(1 2 3)
+      mapfile -t rounds < <(seq "${ROUNDS:-3}")
       ;;
     *) phases=("$@") ;;
   esac
