@@ -42,7 +42,6 @@ export DRL_NET=${DRL_NET:-172.30.241}
 DRL_BIN=${DRL_BIN:-$CHAOS_ROOT/deploy/dist/drl}
 LIMIT=${LIMIT:-1000}
 HAMMER=${HAMMER:-2s}
-HAMMER_SAVED=$HAMMER
 RATE=${RATE:-1500}
 FAULT_HOLD=${FAULT_HOLD:-3}
 BOUND=${BOUND:-}
@@ -351,10 +350,10 @@ phase_pause() {
 # A partition while the key still has budget left: what the sides admit
 # apart, and what node-2 admits when it comes back.
 phase_partition_open() {
-  local half=$((LIMIT / 2)) saved=$RATE
+  local half=$((LIMIT / 2)) saved_rate=$RATE saved_hammer=$HAMMER
   RATE=$((LIMIT / 8)) HAMMER=1s
   ADMITTED=$(hammer "$KEY" "${NODES[@]}")
-  RATE=$saved HAMMER=${HAMMER_SAVED:-2s}
+  RATE=$saved_rate HAMMER=$saved_hammer
   [ "$ADMITTED" -le "$half" ] || NOTE+="spent $ADMITTED before the cut; "
   partition node-2
   wait_metric node-0 drl_peers_live '<=' 1 30 || FAULT_UNSEEN="node-0 never lost node-2"
