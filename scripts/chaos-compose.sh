@@ -132,6 +132,7 @@ wait_ready() {
 
 up() {
   [ -n "$CHAOS_RULES" ] || write_rules
+  [ -n "${CHAOS_DIR:-}" ] || CHAOS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/drl-chaos.XXXXXX")
   docker image inspect "${DRL_IMAGE:-drl:dev}" >/dev/null 2>&1 \
     || die "no image ${DRL_IMAGE:-drl:dev}: run scripts/docker-build.sh first"
   [ -x "$DRL_BIN" ] || die "no $DRL_BIN: run scripts/docker-build.sh first"
@@ -150,7 +151,9 @@ down() {
 # --- load -----------------------------------------------------------------
 
 # Hammers KEY through each NODE (in parallel, from inside each node's
-# namespace) for HAMMER at RATE/s per node; prints the hits admitted.
+# namespace) for HAMMER (whole seconds: "2s") at RATE/s per node; prints the
+# hits admitted. A node whose generator does not finish HANG_GRACE (20) s
+# after HAMMER is listed as hung, and the phase fails.
 hammer() {
   local key=$1 node total=0 f
   shift
@@ -158,8 +161,11 @@ hammer() {
   for node in "$@"; do
     f=$(mktemp)
     files+=("$f")
-    in_node "$node" "$DRL_BIN" load --node http://127.0.0.1:8400 --connections 2 \
-      --duration "$HAMMER" --rate "$RATE" --keys 1 --user-field caller \
+    # A node that leaves requests unanswered would hold the generator past
+    # its duration: it gets HANG_GRACE seconds, then counts as hung.
+    timeout -k 5 "$(( ${HAMMER%s} + ${HANG_GRACE:-20} ))" \
+      nsenter -t "$(node_pid "$node")" -n -- "$DRL_BIN" load --node http://127.0.0.1:8400 \
+      --connections 2 --duration "$HAMMER" --rate "$RATE" --keys 1 --user-field caller \
       -f "user=$key" -f endpoint=/chaos >"$f" 2>&1 &
   done
   wait
@@ -168,7 +174,11 @@ hammer() {
     f=${files[$i]}
     n=$(sed -n 's/^result: .* allowed=\([0-9]*\) .*/\1/p' "$f")
     total=$((total + ${n:-0}))
-    detail+=" $node=${n:-unreachable}"
+    if [ -z "$n" ]; then
+      n=hung
+      echo "$node" >>"$CHAOS_DIR/hung"
+    fi
+    detail+=" $node=$n"
     rm -f "$f"
     i=$((i + 1))
   done
@@ -393,7 +403,11 @@ run_phase() {
   ADMITTED=0 SEEN_MINORITY=0 SEEN_DIVERGENCE=0 SEEN_OVERSHOOT=0 FAULT_UNSEEN='' NOTE=
   bound=${BOUND:-$(awk -v l="$LIMIT" 'BEGIN { b = int(l * 0.02); print (b < 1) ? 1 : b }')}
   log "phase $name (key $KEY)"
+  rm -f "$CHAOS_DIR/hung"
   "phase_$name"
+  if [ -s "$CHAOS_DIR/hung" ]; then
+    FAULT_UNSEEN="requests unanswered $((${HAMMER%s} + ${HANG_GRACE:-20})) s on $(sort -u "$CHAOS_DIR/hung" | tr '\n' ' ')"
+  fi
   local beyond=$((ADMITTED - LIMIT)) verdict=ok
   [ "$beyond" -gt 0 ] || beyond=0
   if [ "$beyond" -gt "$bound" ]; then
@@ -427,6 +441,7 @@ main() {
   esac
   printf 'round\tphase\tlimit\tadmitted\tbeyond\tminority\tdivergence\tovershoot\tverdict\tnote\n' >"$OUT"
   trap down EXIT
+  trap 'exit 130' INT TERM
   up
   header
   for ROUND in "${rounds[@]}"; do
