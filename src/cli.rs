@@ -10,12 +10,14 @@
 //! - [`remote`]: `drl check --node`, `drl rules get|put|validate`, over HTTP.
 //! - [`local`]: `drl check --rules`, `drl rules validate FILE`, in process.
 //! - [`load`]: `drl load`, the load generator, and [`latency`], its histogram.
+//! - [`logging`]: the log format (text or JSON; colour only on a terminal).
 //! - `drl certs`: a development CA and node certificates.
 
 pub mod cluster;
 pub mod latency;
 pub mod load;
 pub mod local;
+pub mod logging;
 pub mod node;
 pub mod remote;
 

@@ -2,7 +2,9 @@
 //!
 //! Writes into `--dir` a cluster CA and node certificates, a sample rules
 //! file (kept if it exists, so edits survive a restart) and one config file
-//! per node; starts `drl node --config <dir>/node-<i>.toml` for each, as
+//! per node (every other node as a seed, so any node can restart first, and
+//! a snapshot in `<dir>/data/`, so a restart of the whole cluster keeps its
+//! quotas); starts `drl node --config <dir>/node-<i>.toml` for each, as
 //! children of this process; waits until every node answers `/readyz`;
 //! prints the addresses and an example; and on Ctrl-C or SIGTERM stops every
 //! child with SIGTERM (so each drains and ships its final delta), waiting
@@ -113,6 +115,14 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
         let name = format!("node-{slot}");
         let http_addr = format!("127.0.0.1:{}", args.base_port + slot);
         let grpc_addr = format!("127.0.0.1:{}", grpc_base + slot);
+        // Every other node is a seed, so whichever node restarts first finds
+        // the rest at once (with node-0 as the only seed, a restarted node-0
+        // found nobody until its peers redialled).
+        let seeds = (0..args.nodes)
+            .filter(|&other| other != slot)
+            .map(|other| toml_string(&format!("127.0.0.1:{}", peer_base + other)))
+            .collect::<Vec<_>>()
+            .join(", ");
         let text = format!(
             "# Written by `drl cluster`; see deploy/node.example.toml for every field.\n\
              name = {name}\n\
@@ -121,7 +131,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
              listen_peer = \"127.0.0.1:{peer}\"\n\
              listen_http = {http}\n\
              grpc_listen = {grpc}\n\
-             seeds = [\"127.0.0.1:{peer_base}\"]\n\
+             seeds = [{seeds}]\n\
              rules = \"rules.toml\"\n\
              share_policy = {policy}\n\
              snapshot_path = \"data/{name_raw}.snapshot\"\n\
@@ -314,4 +324,58 @@ fn print_banner(args: &ClusterArgs, plan: &Plan) {
     );
     println!("  curl -s {first}/metrics | grep drl_decisions");
     println!("\nCtrl-C stops the cluster.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path, nodes: u16) -> ClusterArgs {
+        ClusterArgs {
+            nodes,
+            dir: Some(dir.to_path_buf()),
+            base_port: 18_400,
+            peer_base_port: Some(17_400),
+            admin_token: Some("tok".into()),
+            share_policy: "strict".into(),
+        }
+    }
+
+    #[test]
+    fn every_node_is_seeded_with_every_other_and_keeps_a_snapshot() {
+        let dir = std::env::temp_dir().join(format!("drl-cluster-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let plan = prepare(&args(&dir, 3)).unwrap();
+        assert_eq!(plan.configs.len(), 3);
+        for (slot, path) in plan.configs.iter().enumerate() {
+            let file = crate::node::NodeFile::load(path).unwrap();
+            let mut expected: Vec<String> = (0..3)
+                .filter(|&o| o != slot)
+                .map(|o| format!("127.0.0.1:{}", 17_400 + o))
+                .collect();
+            let mut seeds = file.seeds.clone();
+            seeds.sort();
+            expected.sort();
+            assert_eq!(seeds, expected, "node-{slot}");
+            let settings = file.settings(&dir).unwrap();
+            assert_eq!(
+                settings.snapshot_path,
+                Some(dir.join(format!("data/node-{slot}.snapshot"))),
+                "node-{slot}"
+            );
+        }
+        assert!(dir.join("data").is_dir());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_arguments_write_nothing() {
+        let dir = std::env::temp_dir().join(format!("drl-cluster-bad-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(prepare(&args(&dir, 0)).is_err());
+        let mut a = args(&dir, 3);
+        a.base_port = 65_534;
+        assert!(prepare(&a).is_err());
+        assert!(!dir.exists());
+    }
 }

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use super::logging::{self, LogFormat};
 use super::{runtime, CliError, ShutdownSignal};
 use crate::node::{NodeFile, NodeSettings};
 
@@ -100,6 +101,9 @@ pub struct NodeArgs {
     /// Bearer token of the admin routes (none: the admin API is disabled).
     #[arg(long, env = "DRL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Log lines as text or JSON (one object per line), on stderr.
+    #[arg(long, env = "DRL_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
 }
 
 impl NodeArgs {
@@ -207,7 +211,7 @@ pub fn slot_from_name(name: &str) -> Result<u16, CliError> {
 
 /// `drl node`: runs until SIGTERM or SIGINT, then drains and stops.
 pub fn run_node(args: &NodeArgs) -> Result<(), CliError> {
-    init_tracing();
+    logging::init(args.log_format);
     let settings = args.settings()?;
     runtime()?.block_on(async {
         let mut signal = ShutdownSignal::new()?;
@@ -216,14 +220,9 @@ pub fn run_node(args: &NodeArgs) -> Result<(), CliError> {
     })
 }
 
-/// Logs to stderr; `RUST_LOG` filters (default `info`).
+/// Text logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    logging::init(LogFormat::Text);
 }
 
 #[cfg(test)]

@@ -197,7 +197,14 @@ impl HttpNode {
         if tokio::time::timeout(DRAIN_TIMEOUT, drain).await.is_err() {
             tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}");
         }
-        tracing::info!("stopping the node: final delta, leave, snapshot");
+        match &node.settings.snapshot_path {
+            Some(path) => {
+                tracing::info!(snapshot = %path.display(), "stopping the node: final delta, leave, snapshot")
+            }
+            None => {
+                tracing::info!("stopping the node: final delta, leave (no snapshot configured)")
+            }
+        }
         node.shutdown().await;
         result
     }
