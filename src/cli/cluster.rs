@@ -336,6 +336,7 @@ mod tests {
             dir: Some(dir.to_path_buf()),
             base_port: 18_400,
             peer_base_port: Some(17_400),
+            grpc_base_port: Some(19_400),
             admin_token: Some("tok".into()),
             share_policy: "strict".into(),
         }
