@@ -101,6 +101,12 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
     for slot in 0..args.nodes {
         let name = format!("node-{slot}");
         let http_addr = format!("127.0.0.1:{}", args.base_port + slot);
+        // Every other node is a seed, so any node can restart first.
+        let seeds = (0..args.nodes)
+            .filter(|&other| other != slot)
+            .map(|other| toml_string(&format!("127.0.0.1:{}", peer_base + other)))
+            .collect::<Vec<_>>()
+            .join(", ");
         let text = format!(
             "# Written by `drl cluster`; see deploy/node.example.toml for every field.\n\
              name = {name}\n\
@@ -108,7 +114,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
              cluster_size = {size}\n\
              listen_peer = \"127.0.0.1:{peer}\"\n\
              listen_http = {http}\n\
-             seeds = [\"127.0.0.1:{peer_base}\"]\n\
+             seeds = [{seeds}]\n\
              rules = \"rules.toml\"\n\
              share_policy = {policy}\n\
              snapshot_path = \"data/{name_raw}.snapshot\"\n\

@@ -62,6 +62,9 @@ pub struct ClusterSpec {
     pub seed: u64,
     /// Reference time at the start (Unix epoch ns).
     pub start: Nanos,
+    /// How long a restarted node waits for every peer's answer before a
+    /// majority's is enough (it never opens on time alone).
+    pub recovery_timeout: Nanos,
 }
 
 impl ClusterSpec {
@@ -76,6 +79,7 @@ impl ClusterSpec {
             max_keys: 1 << 16,
             seed,
             start: Nanos::from_secs(1_700_000_000),
+            recovery_timeout: Nanos::from_secs(3),
         }
     }
 }
@@ -158,6 +162,16 @@ impl MemCluster {
     }
 
     fn boot(&mut self, slot: u16, incarnation: u64, recovering: bool) -> Result<SimNode, String> {
+        self.boot_from(slot, incarnation, recovering, None)
+    }
+
+    fn boot_from(
+        &mut self,
+        slot: u16,
+        incarnation: u64,
+        recovering: bool,
+        snapshot: Option<&[u8]>,
+    ) -> Result<SimNode, String> {
         let rules = RuleSet::from_toml(&self.spec.rules).map_err(|e| e.to_string())?;
         let clock = Arc::new(ManualClock::new(self.now));
         let config = LimiterConfig {
@@ -170,6 +184,10 @@ impl MemCluster {
             .and_then(|l| l.clustered(self.view(slot, &BTreeSet::new())))
             .map_err(|e| e.to_string())?;
         limiter.set_admitting(!recovering);
+        let local = Nanos::new((self.now.as_u64() as i64 + self.skew_of(slot)).max(0) as u64);
+        if let Some(bytes) = snapshot {
+            crate::cluster::snapshot::restore(&limiter, local, bytes).map_err(|e| e.to_string())?;
+        }
         let wake = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = wake.clone();
         limiter.set_wake(move || flag.store(true, std::sync::atomic::Ordering::Relaxed));
@@ -177,6 +195,8 @@ impl MemCluster {
         rc.sync_interval = self.spec.sync_interval;
         rc.policy = self.spec.policy;
         rc.expected_peers = self.spec.nodes - 1;
+        rc.recovery_timeout = self.spec.recovery_timeout;
+        rc.snapshot_restored = snapshot.is_some();
         let mut repl = Replicator::new(rc, incarnation, recovering, self.now);
         for peer in 0..self.spec.nodes as u16 {
             repl.add_peer(peer);
@@ -227,6 +247,10 @@ impl MemCluster {
     pub fn set_skew(&mut self, node: usize, skew_ns: i64) {
         self.nodes[node].skew = skew_ns;
         self.sync_clock(node);
+    }
+
+    fn skew_of(&self, slot: u16) -> i64 {
+        self.nodes.get(usize::from(slot)).map_or(0, |n| n.skew)
     }
 
     fn local_now(&self, node: usize) -> Nanos {
@@ -297,9 +321,20 @@ impl MemCluster {
     /// Starts a crashed node again: new process, next incarnation, empty
     /// memory, recovering its own slot from its peers before it admits.
     pub fn restart(&mut self, node: usize) -> Result<(), String> {
+        self.restart_from(node, None)
+    }
+
+    /// A node's snapshot now (every slot of every live key), as the node
+    /// writes it.
+    pub fn snapshot(&self, node: usize) -> Vec<u8> {
+        crate::cluster::snapshot::capture(&self.nodes[node].limiter, self.local_now(node))
+    }
+
+    /// As [`MemCluster::restart`], merging `snapshot` before anything else.
+    pub fn restart_from(&mut self, node: usize, snapshot: Option<&[u8]>) -> Result<(), String> {
         let incarnation = self.nodes[node].incarnation + 1;
         let skew = self.nodes[node].skew;
-        let mut fresh = self.boot(node as u16, incarnation, true)?;
+        let mut fresh = self.boot_from(node as u16, incarnation, true, snapshot)?;
         fresh.skew = skew;
         self.nodes[node] = fresh;
         self.sync_clock(node);

@@ -52,11 +52,16 @@ pub struct ReplicationConfig {
     pub chunk_bytes: usize,
     /// How many buckets ahead of the local clock a peer's value may be.
     pub max_ahead: u64,
-    /// How long a restarted node waits for its peers before admitting anyway.
+    /// How long a restarted node waits for *every* peer's answer; after it,
+    /// the answers of a majority are enough (see [`Replicator::check_recovered`]).
+    /// It never opens the gate on its own.
     pub recovery_timeout: Nanos,
-    /// How many peers must answer a recovery before the node admits: the
-    /// other members of the cluster. Zero for a node alone.
+    /// The other members of the configured cluster (`cluster_size − 1`).
+    /// Zero for a node alone.
     pub expected_peers: usize,
+    /// The node merged a verified snapshot at start: under `available` it
+    /// may then open with no peer reachable.
+    pub snapshot_restored: bool,
     pub policy: SharePolicy,
 }
 
@@ -73,6 +78,7 @@ impl ReplicationConfig {
             max_ahead: 1,
             recovery_timeout: Nanos::from_secs(3),
             expected_peers: 0,
+            snapshot_restored: false,
             policy: SharePolicy::Strict,
         }
     }
@@ -263,8 +269,9 @@ impl Replicator {
     /// True when this node and the live peers are at most half the cluster.
     pub fn in_minority(&self) -> bool {
         let live = 1 + self.peers.values().filter(|p| p.live).count();
-        let members = 1 + self.peers.len();
-        live * 2 <= members && !self.peers.is_empty()
+        // Configured members count even before they are heard from.
+        let members = 1 + self.peers.len().max(self.cfg.expected_peers);
+        live * 2 <= members && members > 1
     }
 
     /// Whether frames must wait for `slot`'s acknowledgement before their
@@ -569,21 +576,57 @@ impl Replicator {
         }
     }
 
+    /// Opens the recovery gate once this node has the counts it needs.
+    ///
+    /// - Every configured peer answered: open at once.
+    /// - After `recovery_timeout`, under `strict` and `bounded`: the peers
+    ///   that answered and this node make a majority of the *configured*
+    ///   cluster (`⌊n/2⌋` answers). A lone restarted node, or one whose peers
+    ///   are all silent, never opens: it would decide as if its own slot and
+    ///   its peers' were empty.
+    /// - After `recovery_timeout`, under `available`: every peer reachable
+    ///   now (connected and live) answered, and at least one did, or the
+    ///   node merged a verified snapshot.
+    ///
+    /// Time alone never opens it.
     fn check_recovered<C: crate::core::time::Clock>(&mut self, now: Nanos, limiter: &Limiter<C>) {
         if !self.recovering {
             return;
         }
-        // Every other member must have sent back what it knows of our slot:
-        // one peer may lag behind another, and the largest value wins.
-        let answered = self.peers.values().filter(|p| p.recovered_from).count();
-        let all_answered = answered >= self.cfg.expected_peers;
-        let timed_out = self
-            .recovery_started
-            .is_some_and(|t| now.saturating_sub(t) >= self.cfg.recovery_timeout);
-        if all_answered || timed_out {
+        if self.recovery_complete(now) {
             self.recovering = false;
             limiter.set_admitting(true);
         }
+    }
+
+    /// Whether the recovery gate may open now (see `check_recovered`).
+    pub fn recovery_complete(&self, now: Nanos) -> bool {
+        let answered = self.peers.values().filter(|p| p.recovered_from).count();
+        if answered >= self.cfg.expected_peers {
+            return true;
+        }
+        let waited = self
+            .recovery_started
+            .is_some_and(|t| now.saturating_sub(t) >= self.cfg.recovery_timeout);
+        if !waited {
+            return false;
+        }
+        match self.cfg.policy {
+            SharePolicy::Available => {
+                let reachable_silent = self
+                    .peers
+                    .values()
+                    .any(|p| p.connected && p.live && !p.recovered_from);
+                !reachable_silent && (answered > 0 || self.cfg.snapshot_restored)
+            }
+            _ => answered >= self.majority_answers(),
+        }
+    }
+
+    /// Answers that make, with this node, a majority of the configured
+    /// cluster.
+    fn majority_answers(&self) -> usize {
+        (self.cfg.expected_peers + 1) / 2
     }
 
     /// The sync tick: acknowledge what arrived, ship what changed, resend

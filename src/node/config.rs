@@ -46,7 +46,8 @@ pub struct NodeFile {
     /// Where to keep the local snapshot (none: no snapshots).
     pub snapshot_path: Option<PathBuf>,
     pub snapshot_interval: String,
-    /// How long a restarted node waits for peers before admitting anyway.
+    /// How long a restarted node waits for every peer's answer; after it, a
+    /// majority's answers are enough. Time alone never opens the gate.
     pub recovery_timeout: String,
     /// The cluster CA, this node's certificate and key (PEM).
     pub tls_ca: PathBuf,

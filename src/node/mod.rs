@@ -7,7 +7,8 @@
 //! `cluster::replication`, `cluster::membership` and `core::share`.
 //!
 //! The node admits nothing until it has recovered its own slots from its
-//! peers (or its snapshot, or the recovery timeout passed with no peer to ask).
+//! peers: all of them, or after the recovery timeout a majority of the
+//! configured cluster (see `Replicator::check_recovered`); never on time alone.
 //! On shutdown it ships a final delta, leaves the membership, writes a
 //! snapshot and closes its connections.
 
@@ -214,11 +215,17 @@ impl Node {
             max_keys: settings.max_keys,
             seed: settings.key_seed,
         };
-        let limiter =
-            Arc::new(Limiter::new(rules, config)?.clustered(ShareView::alone(settings.slot))?);
-        if let Some(path) = &settings.snapshot_path {
-            load_snapshot(&limiter, path, now)?;
-        }
+        // From the first request on, the node sees the configured cluster:
+        // members it has not heard from yet are reserved, never ignored.
+        let limiter = Arc::new(Limiter::new(rules, config)?.clustered(configured_view(
+            &settings,
+            0,
+            settings.cluster_size > 1,
+        ))?);
+        let snapshot_restored = match &settings.snapshot_path {
+            Some(path) => load_snapshot(&limiter, path, now)?,
+            None => false,
+        };
         let (transport, incoming) = Transport::bind(settings.listen_peer, tls, settings.slot)?;
         let peer_addr = match settings.advertise_peer {
             Some(a) => a,
@@ -236,6 +243,7 @@ impl Node {
         rc.policy = settings.policy;
         rc.recovery_timeout = settings.recovery_timeout;
         rc.expected_peers = settings.cluster_size - 1;
+        rc.snapshot_restored = snapshot_restored;
         let repl = Replicator::new(rc, incarnation, true, now);
         let me = Member::new(settings.name.clone(), settings.slot, peer_addr, incarnation);
         let membership = Membership::new(
@@ -291,20 +299,39 @@ impl Node {
     }
 }
 
-fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> Result<(), NodeError> {
+/// Merges the snapshot at `path`, if there is one; true when one was merged.
+fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> Result<bool, NodeError> {
     match std::fs::read(path) {
         Ok(bytes) => snapshot::restore(limiter, now, &bytes)
-            .map(|_| ())
+            .map(|_| true)
             .map_err(|e| NodeError::Snapshot {
                 path: path.display().to_string(),
                 reason: e.to_string(),
             }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(NodeError::Snapshot {
             path: path.display().to_string(),
             reason: e.to_string(),
         }),
     }
+}
+
+/// The share view of a node of the configured cluster: every configured
+/// slot is a member whether or not it has been heard from, so a node that
+/// hears nobody still reserves its peers' shares and never decides as if
+/// alone. `live` are the peers the failure detector believes alive.
+fn configured_view(settings: &NodeSettings, live: u64, minority: bool) -> ShareView {
+    let members =
+        (0..settings.cluster_size.min(crate::core::share::MAX_NODES)).fold(0u64, |m, s| m | 1 << s);
+    ShareView::for_cluster(
+        settings.slot,
+        members,
+        live & members,
+        minority,
+        settings.policy,
+        settings.inflight_ppm,
+        settings.sync_interval * 2,
+    )
 }
 
 /// Modification time and length of a file, to notice changes.
@@ -670,15 +697,7 @@ impl Driver {
 
     fn share_view(&self) -> ShareView {
         let bits = |set: &BTreeSet<u16>| set.iter().fold(0u64, |m, &s| m | 1 << s);
-        ShareView::for_cluster(
-            self.settings.slot,
-            bits(&self.known),
-            bits(&self.live),
-            self.repl.in_minority(),
-            self.settings.policy,
-            self.settings.inflight_ppm,
-            self.settings.sync_interval * 2,
-        )
+        configured_view(&self.settings, bits(&self.live), self.repl.in_minority())
     }
 
     fn publish_status(&self) {
