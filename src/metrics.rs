@@ -560,6 +560,12 @@ impl prometheus_client::collector::Collector for NodeCollector {
             "Local snapshots written.",
             status.snapshots_written,
         )?;
+        counter(
+            &mut e,
+            "snapshots_refused",
+            "Snapshots refused at start (corrupt or unreadable) and moved aside.",
+            status.snapshots_refused,
+        )?;
         {
             let mut family =
                 e.encode_descriptor("node", "This node's identity.", None, MetricType::Info)?;

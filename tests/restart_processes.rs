@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -66,6 +66,20 @@ fn http(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     text.split(' ').nth(1)?.parse().ok()
+}
+
+/// The body of a GET.
+fn http_body(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
 }
 
 fn check(port: u16, user: &str) -> Option<u16> {
@@ -334,4 +348,39 @@ fn a_node_of_three_that_never_heard_a_peer_admits_nothing() {
     assert_eq!(admitted, 0, "a lone node of three decided as if alone");
     assert!(!c.ready(0));
     assert_eq!(check(c.http[0], "dave"), Some(503));
+}
+
+#[test]
+fn a_snapshot_with_one_flipped_byte_is_moved_aside_and_the_node_recovers_from_peers() {
+    let mut c = three_nodes("corrupt", Some("300ms"));
+    let spent = spend_limit_on_node_0(&c, "erin", 0);
+    // Let a snapshot with every hit be written, then crash.
+    std::thread::sleep(Duration::from_millis(800));
+    c.kill9(0);
+    let path = c.dir.join("data/node-0.snapshot");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    c.start(0);
+    c.wait_ready(&[0], Duration::from_secs(20));
+    let aside: Vec<String> = std::fs::read_dir(c.dir.join("data"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("node-0.snapshot.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "moved aside: {aside:?}");
+    let metrics = http_body(c.http[0], "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("snapshots_refused") && l.ends_with(" 1")),
+        "metric: {metrics}"
+    );
+    let after = c.hammer(&[0, 1, 2], "erin", Duration::from_secs(2));
+    assert!(
+        spent + after <= LIMIT + inflight_bound(3),
+        "{spent} + {after} admitted against a limit of {LIMIT}"
+    );
 }

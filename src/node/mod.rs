@@ -98,6 +98,10 @@ pub struct NodeStatus {
     pub peer_unacked_rounds: BTreeMap<u16, usize>,
     pub minority: bool,
     pub snapshots_written: u64,
+    /// Snapshots refused at start (corrupt or unreadable) and moved aside.
+    pub snapshots_refused: u64,
+    /// Where the refused snapshot went.
+    pub snapshot_moved_aside: Option<std::path::PathBuf>,
 }
 
 /// What the HTTP API and metrics need of a running node. Cheap to clone.
@@ -222,9 +226,9 @@ impl Node {
             0,
             settings.cluster_size > 1,
         ))?);
-        let snapshot_restored = match &settings.snapshot_path {
-            Some(path) => load_snapshot(&limiter, path, now)?,
-            None => false,
+        let snapshot_load = match &settings.snapshot_path {
+            Some(path) => load_snapshot(&limiter, path, now),
+            None => SnapshotLoad::default(),
         };
         let (transport, incoming) = Transport::bind(settings.listen_peer, tls, settings.slot)?;
         let peer_addr = match settings.advertise_peer {
@@ -243,7 +247,7 @@ impl Node {
         rc.policy = settings.policy;
         rc.recovery_timeout = settings.recovery_timeout;
         rc.expected_peers = settings.cluster_size - 1;
-        rc.snapshot_restored = snapshot_restored;
+        rc.snapshot_restored = snapshot_load.restored;
         let repl = Replicator::new(rc, incarnation, true, now);
         let me = Member::new(settings.name.clone(), settings.slot, peer_addr, incarnation);
         let membership = Membership::new(
@@ -251,7 +255,11 @@ impl Node {
             MembershipConfig::lan(settings.cluster_size as u32),
             incarnation ^ u64::from(settings.slot),
         );
-        let status = Arc::new(Mutex::new(NodeStatus::default()));
+        let status = Arc::new(Mutex::new(NodeStatus {
+            snapshots_refused: u64::from(snapshot_load.moved_aside.is_some()),
+            snapshot_moved_aside: snapshot_load.moved_aside.clone(),
+            ..NodeStatus::default()
+        }));
         let (stop, stop_rx) = watch::channel(false);
         let wake = Arc::new(tokio::sync::Notify::new());
         let waker = wake.clone();
@@ -299,20 +307,52 @@ impl Node {
     }
 }
 
-/// Merges the snapshot at `path`, if there is one; true when one was merged.
-fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> Result<bool, NodeError> {
-    match std::fs::read(path) {
-        Ok(bytes) => snapshot::restore(limiter, now, &bytes)
-            .map(|_| true)
-            .map_err(|e| NodeError::Snapshot {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(NodeError::Snapshot {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }),
+/// What loading the snapshot at start came to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotLoad {
+    /// A verified snapshot was merged.
+    pub restored: bool,
+    /// The snapshot was refused (corrupt, unreadable, of another version or
+    /// cluster) and moved to this path; the node recovers from its peers.
+    pub moved_aside: Option<std::path::PathBuf>,
+}
+
+/// Merges the snapshot at `path`, if there is one and it verifies. A file
+/// that cannot be read or verified is reported, moved aside as
+/// `<path>.corrupt-<unix seconds>` (so the next snapshot does not overwrite
+/// the evidence), and the node starts without it: its peers' recovery syncs
+/// bring its counts back. Never fails the start.
+fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> SnapshotLoad {
+    let refused = match std::fs::read(path) {
+        Ok(bytes) => match snapshot::restore(limiter, now, &bytes) {
+            Ok(stats) => {
+                tracing::info!(path = %path.display(), applied = stats.applied, "snapshot merged");
+                return SnapshotLoad {
+                    restored: true,
+                    moved_aside: None,
+                };
+            }
+            Err(e) => e.to_string(),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return SnapshotLoad::default(),
+        Err(e) => e.to_string(),
+    };
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".corrupt-{}", now.as_u64() / 1_000_000_000));
+    let aside = std::path::PathBuf::from(aside);
+    match std::fs::rename(path, &aside) {
+        Ok(()) => tracing::error!(
+            path = %path.display(), moved_to = %aside.display(), reason = %refused,
+            "snapshot refused and moved aside; recovering from peers"
+        ),
+        Err(e) => tracing::error!(
+            path = %path.display(), reason = %refused, error = %e,
+            "snapshot refused and could not be moved aside; recovering from peers"
+        ),
+    }
+    SnapshotLoad {
+        restored: false,
+        moved_aside: Some(aside),
     }
 }
 
@@ -340,13 +380,30 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
+/// Writes `bytes` to `path` so that a crash at any moment leaves either the
+/// previous file or the new one, whole: a temporary file in the same
+/// directory, fsynced, renamed over `path`, then the directory fsynced so
+/// the rename itself is durable.
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(&dir)?.sync_all()
+}
+
 fn write_snapshot(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    write_durably(path, bytes)
 }
 
 /// The one task that owns the state machines.
@@ -711,6 +768,7 @@ impl Driver {
         s.peer_unacked_rounds = self.repl.unacked_rounds_by_peer();
         s.minority = self.repl.in_minority();
         s.snapshots_written = self.snapshots_written;
+        // `snapshots_refused` and `snapshot_moved_aside` are set once at start.
         s.rules_version = self.rules.marker;
         s.rules_file_error = self.rules_file_error.clone();
         s.unacked_hits = self.repl.unacked_hits();
@@ -742,5 +800,26 @@ impl Driver {
         // Give the last datagrams a moment to leave before closing.
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.transport.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_writes_replace_the_file_whole_and_leave_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("drl-durable-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub/state.bin");
+        write_durably(&path, b"first").unwrap();
+        write_durably(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let names: Vec<_> = std::fs::read_dir(dir.join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.bin")]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
