@@ -55,31 +55,31 @@ fn free_udp_port() -> u16 {
 
 /// One HTTP/1.1 request on a fresh connection; the status code, if any.
 fn http(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
+    admin(port, method, path, body).map(|(code, _)| code)
+}
+
+/// One request carrying the admin token; the status code and the whole
+/// response text.
+fn admin(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer tok\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )
     .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
-    text.split(' ').nth(1)?.parse().ok()
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    Some((code, text))
 }
 
 /// The body of a GET.
 fn http_body(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text
+    admin(port, "GET", path, "")
+        .map(|(_, t)| t)
+        .unwrap_or_default()
 }
 
 fn check(port: u16, user: &str) -> Option<u16> {
@@ -146,7 +146,7 @@ impl ProcCluster {
             "name = \"node-{slot}\"\nslot = {slot}\ncluster_size = {size}\n\
              listen_peer = \"127.0.0.1:{peer}\"\nlisten_http = \"127.0.0.1:{http}\"\n\
              seeds = [{seeds}]\ndiscovery_interval = \"200ms\"\nrecovery_timeout = \"1s\"\n\
-             rules = \"rules.toml\"\n{snapshot}\
+             rules = \"rules.toml\"\ndata_dir = \"data\"\n{snapshot}\
              tls_ca = \"certs/ca.pem\"\ntls_cert = \"certs/node-{slot}.pem\"\n\
              tls_key = \"certs/node-{slot}-key.pem\"\n\
              key_seed = \"000102030405060708090a0b0c0d0e0f\"\nadmin_token = \"tok\"\n",
@@ -383,4 +383,72 @@ fn a_snapshot_with_one_flipped_byte_is_moved_aside_and_the_node_recovers_from_pe
         spent + after <= LIMIT + inflight_bound(3),
         "{spent} + {after} admitted against a limit of {LIMIT}"
     );
+}
+
+const NEW_RULES: &str = r#"
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+limits = [ { algorithm = "fixed_window", limit = 5, window = "1h" } ]
+"#;
+
+/// Waits until node `slot` runs `NEW_RULES` (its admin API says so).
+fn wait_new_rules(c: &ProcCluster, slot: usize) {
+    let start = Instant::now();
+    while !http_body(c.http[slot], "/v1/rules").contains("limit = 5") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "node {slot} never ran the new rules"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How many of `n` requests for `user` node `slot` admits.
+fn admitted_of(c: &ProcCluster, slot: usize, user: &str, n: usize) -> usize {
+    (0..n)
+        .filter(|_| check(c.http[slot], user) == Some(200))
+        .count()
+}
+
+#[test]
+fn rules_put_through_the_admin_api_survive_a_kill_9_of_every_node() {
+    let mut c = three_nodes("rules-kept", None);
+    let (code, text) = admin(c.http[0], "PUT", "/v1/rules", NEW_RULES).unwrap();
+    assert_eq!(code, 200, "{text}");
+    for slot in 0..3 {
+        wait_new_rules(&c, slot);
+    }
+    for slot in 0..3 {
+        c.kill9(slot);
+    }
+    // Node 0 alone, from its own configuration (whose rules file still
+    // holds the old rules): it runs the kept rules, even before it is ready.
+    c.start(0);
+    wait_new_rules(&c, 0);
+    assert!(!c.ready(0));
+    c.start(1);
+    c.start(2);
+    c.wait_ready(&[0, 1, 2], Duration::from_secs(30));
+    for slot in 0..3 {
+        assert!(http_body(c.http[slot], "/v1/rules").contains("limit = 5"));
+    }
+    let admitted = admitted_of(&c, 0, "frank", 20);
+    assert!(admitted <= 5, "{admitted} admitted under a limit of 5");
+}
+
+#[test]
+fn a_node_that_missed_a_rule_change_adopts_it_before_it_is_ready() {
+    let mut c = three_nodes("rules-missed", None);
+    c.kill9(0);
+    let (code, text) = admin(c.http[1], "PUT", "/v1/rules", NEW_RULES).unwrap();
+    assert_eq!(code, 200, "{text}");
+    wait_new_rules(&c, 2);
+    c.start(0);
+    c.wait_ready(&[0], Duration::from_secs(20));
+    // Ready means the peers' rules are in force: the very first requests are
+    // decided by the new limit of 5 (a 300 under the old rules).
+    let admitted = admitted_of(&c, 0, "gina", 20);
+    assert!(admitted <= 5, "{admitted} admitted under a limit of 5");
+    assert!(http_body(c.http[0], "/v1/rules").contains("limit = 5"));
 }

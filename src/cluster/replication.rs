@@ -62,6 +62,10 @@ pub struct ReplicationConfig {
     /// The node merged a verified snapshot at start: under `available` it
     /// may then open with no peer reachable.
     pub snapshot_restored: bool,
+    /// A peer's answer counts for recovery only once its rules have arrived
+    /// too (a node sends its rules on every new connection), so a restarted
+    /// node never admits on rules older than the cluster's.
+    pub await_rules: bool,
     pub policy: SharePolicy,
 }
 
@@ -79,6 +83,7 @@ impl ReplicationConfig {
             recovery_timeout: Nanos::from_secs(3),
             expected_peers: 0,
             snapshot_restored: false,
+            await_rules: false,
             policy: SharePolicy::Strict,
         }
     }
@@ -152,6 +157,8 @@ pub struct PeerState {
     sync_out: Option<SyncOut>,
     /// The peer finished sending us our own slot after our restart.
     recovered_from: bool,
+    /// The peer's rules arrived since this node started.
+    rules_heard: bool,
 }
 
 struct Round {
@@ -423,7 +430,15 @@ impl Replicator {
             }
             Frame::Ack(a) => self.on_ack(now, from, &a, limiter),
             Frame::Swim(s) => return Ok(Delivered::Swim(s.payload)),
-            Frame::Rules(r) => return Ok(Delivered::Rules(r)),
+            Frame::Rules(r) => {
+                // Not a reason to re-check recovery now: the caller adopts
+                // these rules after this returns, and the gate opens at the
+                // next tick at the earliest.
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.rules_heard = true;
+                }
+                return Ok(Delivered::Rules(r));
+            }
         }
         Ok(Delivered::Applied)
     }
@@ -601,7 +616,7 @@ impl Replicator {
 
     /// Whether the recovery gate may open now (see `check_recovered`).
     pub fn recovery_complete(&self, now: Nanos) -> bool {
-        let answered = self.peers.values().filter(|p| p.recovered_from).count();
+        let answered = self.peers.values().filter(|p| self.answered(p)).count();
         if answered >= self.cfg.expected_peers {
             return true;
         }
@@ -616,11 +631,16 @@ impl Replicator {
                 let reachable_silent = self
                     .peers
                     .values()
-                    .any(|p| p.connected && p.live && !p.recovered_from);
+                    .any(|p| p.connected && p.live && !self.answered(p));
                 !reachable_silent && (answered > 0 || self.cfg.snapshot_restored)
             }
             _ => answered >= self.majority_answers(),
         }
+    }
+
+    /// The peer sent back our slot (and its rules, when awaited).
+    fn answered(&self, p: &PeerState) -> bool {
+        p.recovered_from && (p.rules_heard || !self.cfg.await_rules)
     }
 
     /// Answers that make, with this node, a majority of the configured

@@ -13,6 +13,7 @@
 //! snapshot and closes its connections.
 
 pub mod config;
+pub mod rules_state;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -69,6 +70,9 @@ pub enum PutRulesError {
     TooLarge(usize),
     #[error("the node is shutting down")]
     Stopped,
+    /// The rules could not be kept on disk; they were not put in force.
+    #[error("rules not kept on disk: {0}")]
+    NotPersisted(String),
 }
 
 enum Command {
@@ -211,6 +215,13 @@ impl Node {
     ) -> Result<NodeHandle, NodeError> {
         let clock = SystemClock;
         let now = clock.now();
+        // Rules put in force before the restart (admin API, peers) win over
+        // the configuration file's: they are newer by construction.
+        let rules_state = settings.rules_state_path();
+        let (rules, rules_version) = match rules_state.as_deref().map(load_rules_state) {
+            Some(Some((kept, version))) => (kept, version),
+            _ => (rules, (0, settings.slot)),
+        };
         let rules_digest = rules.digest();
         let rules_text = rules.source().to_owned();
         let config = LimiterConfig {
@@ -248,6 +259,9 @@ impl Node {
         rc.recovery_timeout = settings.recovery_timeout;
         rc.expected_peers = settings.cluster_size - 1;
         rc.snapshot_restored = snapshot_load.restored;
+        // Ready only with the peers' rules in hand: a restarted node must not
+        // decide on rules older than the cluster's.
+        rc.await_rules = true;
         let repl = Replicator::new(rc, incarnation, true, now);
         let me = Member::new(settings.name.clone(), settings.slot, peer_addr, incarnation);
         let membership = Membership::new(
@@ -282,8 +296,9 @@ impl Node {
             snapshots_written: 0,
             rules: crdts::LWWReg {
                 val: rules_text,
-                marker: (0, settings.slot),
+                marker: rules_version,
             },
+            rules_state,
             rules_file: file_stamp(&settings.rules),
             next_rules_check: now + Nanos::from_secs(1),
             rules_file_error: None,
@@ -305,6 +320,38 @@ impl Node {
             task,
         })
     }
+}
+
+/// The rules kept at `path` by an earlier run, if they verify and parse. A
+/// file that does not is reported and moved aside; the node then runs its
+/// configured rules and adopts its peers' newer ones before it is ready.
+fn load_rules_state(path: &Path) -> Option<(RuleSet, RulesVersion)> {
+    let refused = match rules_state::PersistedRules::load(path) {
+        Ok(None) => return None,
+        Ok(Some(kept)) => match RuleSet::from_toml(&kept.text) {
+            Ok(rules) => {
+                tracing::info!(
+                    version = kept.version.0,
+                    origin = kept.version.1,
+                    "running the rules kept from before the restart"
+                );
+                return Some((rules, kept.version));
+            }
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    };
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(
+        ".corrupt-{}",
+        SystemClock.now().as_u64() / 1_000_000_000
+    ));
+    let moved = std::fs::rename(path, std::path::PathBuf::from(&aside));
+    tracing::error!(
+        path = %path.display(), reason = %refused, moved = moved.is_ok(),
+        "kept rules refused and moved aside; running the configured rules"
+    );
+    None
 }
 
 /// What loading the snapshot at start came to.
@@ -426,6 +473,8 @@ struct Driver {
     snapshots_written: u64,
     /// The rules in force cluster-wide, last writer wins by version.
     rules: crdts::LWWReg<String, RulesVersion>,
+    /// Where the rules in force are kept across restarts.
+    rules_state: Option<std::path::PathBuf>,
     rules_file: Option<(std::time::SystemTime, u64)>,
     next_rules_check: Nanos,
     rules_file_error: Option<String>,
@@ -534,7 +583,7 @@ impl Driver {
         match command {
             Command::PutRules { text, reply } => {
                 let version = (self.rules.marker.0 + 1, self.settings.slot);
-                let _ = reply.send(self.adopt_rules(text, version));
+                let _ = reply.send(self.adopt_rules(text, version, true));
             }
         }
     }
@@ -542,15 +591,33 @@ impl Driver {
     /// Puts `text` in force at `version` if it is valid, and passes it on to
     /// every connected peer (flooding: a node that adopts newer rules
     /// forwards them once, so they reach nodes the origin cannot).
+    ///
+    /// The rules are kept on disk before they are put in force. When
+    /// `must_persist` (an admin change) a failure to keep them refuses the
+    /// change; rules from a peer or the file are put in force regardless (the
+    /// cluster agrees on them; the failure is logged).
     fn adopt_rules(
         &mut self,
         text: String,
         version: RulesVersion,
+        must_persist: bool,
     ) -> Result<RulesVersion, PutRulesError> {
         if text.len() > crate::core::wire::MAX_RULES_BYTES {
             return Err(PutRulesError::TooLarge(text.len()));
         }
         let rules = RuleSet::from_toml(&text).map_err(|e| PutRulesError::Invalid(e.to_string()))?;
+        if let Some(path) = &self.rules_state {
+            let kept = rules_state::PersistedRules {
+                version,
+                text: text.clone(),
+            };
+            if let Err(e) = kept.store(path) {
+                tracing::error!(path = %path.display(), error = %e, "rules not kept on disk");
+                if must_persist {
+                    return Err(PutRulesError::NotPersisted(e.to_string()));
+                }
+            }
+        }
         let digest = rules.digest();
         self.limiter
             .replace_rules(rules)
@@ -570,7 +637,7 @@ impl Driver {
         if version <= self.rules.marker {
             return;
         }
-        if let Err(e) = self.adopt_rules(r.text, version) {
+        if let Err(e) = self.adopt_rules(r.text, version, false) {
             tracing::warn!(error = %e, "rules from a peer refused");
         }
     }
@@ -595,7 +662,10 @@ impl Driver {
             return;
         }
         let version = (self.rules.marker.0 + 1, self.settings.slot);
-        self.rules_file_error = self.adopt_rules(text, version).err().map(|e| e.to_string());
+        self.rules_file_error = self
+            .adopt_rules(text, version, false)
+            .err()
+            .map(|e| e.to_string());
         if let Some(e) = &self.rules_file_error {
             tracing::warn!(error = %e, "rules file not reloaded");
         }
