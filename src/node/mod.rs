@@ -1,10 +1,12 @@
 //! A cluster node: the thin async shell around the state machines.
 //!
 //! [`Node::start`] binds the QUIC transport, builds the limiter, and spawns
-//! one task that owns the replicator and the membership state machine. That
-//! task only moves bytes and time between them and the transport: frames in,
-//! transmits out, timers from `poll_timeout`. Everything it decides comes from
-//! `cluster::replication`, `cluster::membership` and `core::share`.
+//! one task that owns the node's sans-IO core ([`NodeCore`]: replication,
+//! membership, the rules register, the recovery gate and the share view).
+//! That task only moves bytes and time between the core and the world:
+//! frames in, transmits out, timers from `poll_timeout`, and the I/O the
+//! core's events ask for (peers to dial, rules to keep on disk). It also
+//! does the node's file work: snapshots, the rules file, the rules state.
 //!
 //! The node admits nothing until it has recovered its own slots from its
 //! peers: all of them, or after the recovery timeout a majority of the
@@ -15,7 +17,7 @@
 pub mod config;
 pub mod rules_state;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -25,16 +27,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::SystemClock;
-use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
-use crate::cluster::replication::{
-    Delivered, PeerState, ReplicationConfig, ReplicationStats, Replicator,
-};
+use crate::cluster::node_core::{CoreConfig, CoreEvent, NodeCore};
+use crate::cluster::replication::{PeerState, ReplicationStats};
 use crate::cluster::snapshot;
 use crate::core::rules::RuleSet;
 use crate::core::share::ShareView;
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
-use crate::core::wire::{Frame, Kind, RulesFrame, Swim};
 use crate::limiter::{Limiter, LimiterConfig};
 use crate::net::{Incoming, NodeTls, Transport};
 
@@ -57,23 +56,7 @@ pub enum NodeError {
     Snapshot { path: String, reason: String },
 }
 
-/// The version of the rules in force: a Lamport-style counter and the slot
-/// of the node that put them in force. Larger wins everywhere.
-pub type RulesVersion = (u64, u16);
-
-/// Why new rules were refused. The rules in force stay.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PutRulesError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("rules text of {0} bytes exceeds the {max}-byte limit", max = crate::core::wire::MAX_RULES_BYTES)]
-    TooLarge(usize),
-    #[error("the node is shutting down")]
-    Stopped,
-    /// The rules could not be kept on disk; they were not put in force.
-    #[error("rules not kept on disk: {0}")]
-    NotPersisted(String),
-}
+pub use crate::cluster::node_core::{PutRulesError, RulesVersion};
 
 enum Command {
     PutRules {
@@ -232,11 +215,8 @@ impl Node {
         };
         // From the first request on, the node sees the configured cluster:
         // members it has not heard from yet are reserved, never ignored.
-        let limiter = Arc::new(Limiter::new(rules, config)?.clustered(configured_view(
-            &settings,
-            0,
-            settings.cluster_size > 1,
-        ))?);
+        let limiter =
+            Arc::new(Limiter::new(rules, config)?.clustered(ShareView::alone(settings.slot))?);
         let snapshot_load = match &settings.snapshot_path {
             Some(path) => load_snapshot(&limiter, path, now),
             None => SnapshotLoad::default(),
@@ -253,21 +233,24 @@ impl Node {
         };
         // Process start time: a restarted node is a new incarnation.
         let incarnation = now.as_u64() / 1_000_000;
-        let mut rc = ReplicationConfig::new(NodeSlot::new(settings.slot), settings.name.clone());
-        rc.sync_interval = settings.sync_interval;
-        rc.policy = settings.policy;
-        rc.recovery_timeout = settings.recovery_timeout;
-        rc.expected_peers = settings.cluster_size - 1;
-        rc.snapshot_restored = snapshot_load.restored;
-        // Ready only with the peers' rules in hand: a restarted node must not
-        // decide on rules older than the cluster's.
-        rc.await_rules = true;
-        let repl = Replicator::new(rc, incarnation, true, now);
-        let me = Member::new(settings.name.clone(), settings.slot, peer_addr, incarnation);
-        let membership = Membership::new(
-            me,
-            MembershipConfig::lan(settings.cluster_size as u32),
-            incarnation ^ u64::from(settings.slot),
+        let core = NodeCore::new(
+            CoreConfig {
+                name: settings.name.clone(),
+                slot: settings.slot,
+                cluster_size: settings.cluster_size,
+                policy: settings.policy,
+                inflight_ppm: settings.inflight_ppm,
+                sync_interval: settings.sync_interval,
+                recovery_timeout: settings.recovery_timeout,
+                snapshot_restored: snapshot_load.restored,
+                incarnation,
+                peer_addr,
+            },
+            limiter.clone(),
+            rules_text,
+            rules_version,
+            rules_digest,
+            now,
         );
         let status = Arc::new(Mutex::new(NodeStatus {
             snapshots_refused: u64::from(snapshot_load.moved_aside.is_some()),
@@ -283,21 +266,12 @@ impl Node {
             limiter: limiter.clone(),
             settings: settings.clone(),
             transport: transport.clone(),
-            repl,
-            membership,
-            rules_digest,
-            addrs: BTreeMap::new(),
-            known: BTreeSet::new(),
-            live: BTreeSet::new(),
+            core,
             status: status.clone(),
             next_snapshot: now + settings.snapshot_interval,
             next_discovery: now,
             next_status: now,
             snapshots_written: 0,
-            rules: crdts::LWWReg {
-                val: rules_text,
-                marker: rules_version,
-            },
             rules_state,
             rules_file: file_stamp(&settings.rules),
             next_rules_check: now + Nanos::from_secs(1),
@@ -403,24 +377,6 @@ fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> SnapshotLoad {
     }
 }
 
-/// The share view of a node of the configured cluster: every configured
-/// slot is a member whether or not it has been heard from, so a node that
-/// hears nobody still reserves its peers' shares and never decides as if
-/// alone. `live` are the peers the failure detector believes alive.
-fn configured_view(settings: &NodeSettings, live: u64, minority: bool) -> ShareView {
-    let members =
-        (0..settings.cluster_size.min(crate::core::share::MAX_NODES)).fold(0u64, |m, s| m | 1 << s);
-    ShareView::for_cluster(
-        settings.slot,
-        members,
-        live & members,
-        minority,
-        settings.policy,
-        settings.inflight_ppm,
-        settings.sync_interval * 2,
-    )
-}
-
 /// Modification time and length of a file, to notice changes.
 fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
     let meta = std::fs::metadata(path).ok()?;
@@ -453,26 +409,18 @@ fn write_snapshot(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_durably(path, bytes)
 }
 
-/// The one task that owns the state machines.
+/// The one task that owns the node's core and does its I/O.
 struct Driver {
     clock: SystemClock,
     limiter: Arc<Limiter>,
     settings: NodeSettings,
     transport: Transport,
-    repl: Replicator,
-    membership: Membership,
-    rules_digest: u64,
-    /// Peer slot → its peer address, as learned from connections.
-    addrs: BTreeMap<u16, SocketAddr>,
-    known: BTreeSet<u16>,
-    live: BTreeSet<u16>,
+    core: NodeCore,
     status: Arc<Mutex<NodeStatus>>,
     next_snapshot: Nanos,
     next_discovery: Nanos,
     next_status: Nanos,
     snapshots_written: u64,
-    /// The rules in force cluster-wide, last writer wins by version.
-    rules: crdts::LWWReg<String, RulesVersion>,
     /// Where the rules in force are kept across restarts.
     rules_state: Option<std::path::PathBuf>,
     rules_file: Option<(std::time::SystemTime, u64)>,
@@ -492,8 +440,7 @@ impl Driver {
         loop {
             let now = self.clock.now();
             let deadline = [
-                Some(self.repl.poll_timeout()),
-                self.membership.poll_timeout(),
+                Some(self.core.poll_timeout()),
                 Some(self.next_discovery),
                 Some(self.next_status),
                 self.settings
@@ -531,7 +478,7 @@ impl Driver {
                 Some(command) = commands.recv() => self.on_command(command),
                 _ = wake.notified() => {
                     let now = self.clock.now();
-                    self.repl.ship_now(now, &self.limiter);
+                    self.core.handle_wake(now);
                 }
                 _ = tokio::time::sleep(wait) => self.on_timeout().await,
             }
@@ -543,103 +490,53 @@ impl Driver {
     fn on_incoming(&mut self, event: Incoming) {
         let now = self.clock.now();
         match event {
-            Incoming::Connected { slot, addr } => {
-                self.addrs.insert(slot, addr);
-                self.repl.peer_connected(now, slot, self.rules_digest);
-                // A peer that missed a rules change learns it here.
-                let frame = self.rules_frame();
-                let _ = self.transport.send(slot, frame);
-            }
-            Incoming::Disconnected { slot } => self.repl.peer_disconnected(slot),
-            Incoming::Frame { from, bytes, .. } => {
-                let hello = bytes.get(1) == Some(&(Kind::Hello as u8));
-                match self
-                    .repl
-                    .handle_frame(now, from, &bytes, &self.limiter, self.rules_digest)
-                {
-                    Ok(Delivered::Swim(swim)) => {
-                        // Malformed membership payloads are refused inside.
-                        let _ = self.membership.handle_data(now, &swim);
-                    }
-                    Ok(Delivered::Rules(rules)) => self.on_peer_rules(rules),
-                    Ok(Delivered::Applied) if hello => self.introduce(now, from),
-                    Ok(Delivered::Applied) => {}
-                    Err(e) => tracing::debug!(from, error = %e, "frame refused"),
-                }
-            }
+            Incoming::Connected { slot, addr } => self.core.handle_connected(now, slot, addr),
+            Incoming::Disconnected { slot } => self.core.handle_disconnected(slot),
+            Incoming::Frame { from, bytes, .. } => self.core.handle_frame(now, from, &bytes),
         }
-    }
-
-    fn rules_frame(&self) -> Vec<u8> {
-        Frame::Rules(RulesFrame {
-            version: self.rules.marker.0,
-            origin: self.rules.marker.1,
-            text: self.rules.val.clone(),
-        })
-        .encode()
     }
 
     fn on_command(&mut self, command: Command) {
         match command {
             Command::PutRules { text, reply } => {
-                let version = (self.rules.marker.0 + 1, self.settings.slot);
-                let _ = reply.send(self.adopt_rules(text, version, true));
+                let _ = reply.send(self.put_rules(text, true));
             }
         }
     }
 
-    /// Puts `text` in force at `version` if it is valid, and passes it on to
-    /// every connected peer (flooding: a node that adopts newer rules
-    /// forwards them once, so they reach nodes the origin cannot).
-    ///
-    /// The rules are kept on disk before they are put in force. When
-    /// `must_persist` (an admin change) a failure to keep them refuses the
-    /// change; rules from a peer or the file are put in force regardless (the
-    /// cluster agrees on them; the failure is logged).
-    fn adopt_rules(
+    /// Checks `text`, keeps it on disk, and puts it in force as the next
+    /// version from this node. When `must_persist` (an admin change) a
+    /// failure to keep it refuses the change; a file reload is put in force
+    /// regardless (the failure is logged).
+    fn put_rules(
         &mut self,
         text: String,
-        version: RulesVersion,
         must_persist: bool,
     ) -> Result<RulesVersion, PutRulesError> {
-        if text.len() > crate::core::wire::MAX_RULES_BYTES {
-            return Err(PutRulesError::TooLarge(text.len()));
-        }
-        let rules = RuleSet::from_toml(&text).map_err(|e| PutRulesError::Invalid(e.to_string()))?;
-        if let Some(path) = &self.rules_state {
-            let kept = rules_state::PersistedRules {
-                version,
-                text: text.clone(),
-            };
-            if let Err(e) = kept.store(path) {
-                tracing::error!(path = %path.display(), error = %e, "rules not kept on disk");
-                if must_persist {
-                    return Err(PutRulesError::NotPersisted(e.to_string()));
-                }
+        let prepared = self.core.prepare_rules(text)?;
+        if let Err(e) = self.keep_rules(prepared.version(), prepared.text()) {
+            if must_persist {
+                return Err(PutRulesError::NotPersisted(e.to_string()));
             }
         }
-        let digest = rules.digest();
-        self.limiter
-            .replace_rules(rules)
-            .map_err(|e| PutRulesError::Invalid(e.to_string()))?;
-        self.rules_digest = digest;
-        self.rules.update(text, version);
-        let frame = self.rules_frame();
-        for slot in self.transport.connected() {
-            let _ = self.transport.send(slot, frame.clone());
-        }
-        tracing::info!(version = version.0, origin = version.1, "rules in force");
-        Ok(version)
+        let now = self.clock.now();
+        Ok(self.core.commit_rules(now, prepared))
     }
 
-    fn on_peer_rules(&mut self, r: RulesFrame) {
-        let version = (r.version, r.origin);
-        if version <= self.rules.marker {
-            return;
+    /// Writes the rules in force to the rules state file, if there is one.
+    fn keep_rules(&self, version: RulesVersion, text: &str) -> std::io::Result<()> {
+        let Some(path) = &self.rules_state else {
+            return Ok(());
+        };
+        let kept = rules_state::PersistedRules {
+            version,
+            text: text.to_owned(),
+        };
+        let result = kept.store(path);
+        if let Err(e) = &result {
+            tracing::error!(path = %path.display(), error = %e, "rules not kept on disk");
         }
-        if let Err(e) = self.adopt_rules(r.text, version, false) {
-            tracing::warn!(error = %e, "rules from a peer refused");
-        }
+        result
     }
 
     /// Reloads the rules file when it changed; an invalid file is reported
@@ -657,39 +554,19 @@ impl Driver {
                 return;
             }
         };
-        if text == self.rules.val {
+        if self.core.runs(&text) {
             self.rules_file_error = None;
             return;
         }
-        let version = (self.rules.marker.0 + 1, self.settings.slot);
-        self.rules_file_error = self
-            .adopt_rules(text, version, false)
-            .err()
-            .map(|e| e.to_string());
+        self.rules_file_error = self.put_rules(text, false).err().map(|e| e.to_string());
         if let Some(e) = &self.rules_file_error {
             tracing::warn!(error = %e, "rules file not reloaded");
         }
     }
 
-    /// After a peer's hello: make sure membership knows it.
-    fn introduce(&mut self, now: Nanos, slot: u16) {
-        let (Some(peer), Some(&addr)) = (self.repl.peers().get(&slot), self.addrs.get(&slot))
-        else {
-            return;
-        };
-        let Some(incarnation) = peer.incarnation else {
-            return;
-        };
-        if !self.membership.is_alive(slot) {
-            self.membership
-                .announce(now, Member::new(peer.name.clone(), slot, addr, incarnation));
-        }
-    }
-
     async fn on_timeout(&mut self) {
         let now = self.clock.now();
-        self.membership.handle_timeout(now);
-        self.repl.handle_timeout(now, &self.limiter);
+        self.core.handle_timeout(now);
         if now >= self.next_discovery {
             self.next_discovery = now + self.settings.discovery_interval;
             self.discover().await;
@@ -709,50 +586,41 @@ impl Driver {
     }
 
     /// Resolves the seeds (DNS names included) and dials any address that is
-    /// not a known peer yet. A node that has lost every member announces
-    /// itself again to the peers it knows (SWIM stops probing when alone).
+    /// not a known peer yet; the core re-announces itself if it is alone.
     async fn discover(&mut self) {
         let now = self.clock.now();
-        if self.membership.members().is_empty() {
-            for (&slot, &addr) in &self.addrs {
-                if let Some(peer) = self.repl.peers().get(&slot) {
-                    if !peer.name.is_empty() {
-                        let member = Member::new(
-                            peer.name.clone(),
-                            slot,
-                            addr,
-                            peer.incarnation.unwrap_or(0),
-                        );
-                        self.membership.announce(now, member);
-                    }
-                }
-            }
-        }
-        let own = self.membership.me().addr;
+        self.core.handle_discovery(now);
         for seed in self.settings.seeds.clone() {
             let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await else {
                 tracing::debug!(seed, "seed does not resolve");
                 continue;
             };
             for addr in addrs {
-                let known = self.addrs.values().any(|a| *a == addr);
-                if addr != own && addr != self.settings.listen_peer && !known {
+                if addr != self.settings.listen_peer && !self.core.is_known_addr(addr) {
                     self.transport.connect_seed(addr);
                 }
             }
         }
     }
 
+    /// Carries out what the core asks: events first, then frames.
     fn flush(&mut self) {
-        let now = self.clock.now();
-        while let Some(event) = self.membership.poll_event() {
-            self.on_member_event(now, event);
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                CoreEvent::Recovered => tracing::info!("recovered: admitting"),
+                CoreEvent::RulesInForce { version, text } => {
+                    // Rules committed here were kept before; peers' are kept
+                    // now (a failure is logged, the rules stay in force).
+                    let _ = self.keep_rules(version, &text);
+                }
+                CoreEvent::DialPeers(peers) => self.transport.set_peers(peers),
+                CoreEvent::MemberUp { slot, name } => tracing::info!(slot, %name, "member up"),
+                CoreEvent::MemberDown { slot, name } => {
+                    tracing::info!(slot, %name, "member down")
+                }
+            }
         }
-        while let Some((to, payload)) = self.membership.poll_transmit() {
-            let frame = Frame::Swim(Swim { payload }).encode();
-            let _ = self.transport.send(to.slot, frame);
-        }
-        while let Some(t) = self.repl.poll_transmit() {
+        while let Some(t) = self.core.poll_transmit() {
             if !t.reliable && self.chaos.is_some() {
                 self.send_with_chaos(t.to, t.bytes);
                 continue;
@@ -792,56 +660,22 @@ impl Driver {
         }
     }
 
-    fn on_member_event(&mut self, now: Nanos, event: MemberEvent) {
-        match event {
-            MemberEvent::Up(m) | MemberEvent::Rejoined(m) => {
-                if usize::from(m.slot) >= self.settings.cluster_size || m.slot == self.settings.slot
-                {
-                    return;
-                }
-                self.addrs.insert(m.slot, m.addr);
-                self.known.insert(m.slot);
-                self.live.insert(m.slot);
-                self.repl.add_peer(m.slot);
-                self.repl.set_liveness(&self.limiter, m.slot, true);
-                tracing::info!(slot = m.slot, name = %m.name, "member up");
-            }
-            MemberEvent::Down(m) => {
-                self.live.remove(&m.slot);
-                self.repl.set_liveness(&self.limiter, m.slot, false);
-                tracing::info!(slot = m.slot, name = %m.name, "member down");
-            }
-        }
-        let peers = self
-            .known
-            .iter()
-            .filter_map(|s| self.addrs.get(s).map(|a| (*s, *a)))
-            .collect();
-        self.transport.set_peers(peers);
-        self.limiter.set_share_view(self.share_view());
-        let _ = now;
-    }
-
-    fn share_view(&self) -> ShareView {
-        let bits = |set: &BTreeSet<u16>| set.iter().fold(0u64, |m, &s| m | 1 << s);
-        configured_view(&self.settings, bits(&self.live), self.repl.in_minority())
-    }
-
     fn publish_status(&self) {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let repl = self.core.replicator();
         s.ready = self.limiter.is_admitting();
-        s.live = self.live.iter().copied().collect();
-        s.known = self.known.iter().copied().collect();
-        s.peers = self.repl.peers().clone();
-        s.replication = self.repl.stats().clone();
-        s.unacked_rounds = self.repl.unacked_rounds();
-        s.peer_unacked_rounds = self.repl.unacked_rounds_by_peer();
-        s.minority = self.repl.in_minority();
+        s.live = self.core.live().iter().copied().collect();
+        s.known = self.core.known().iter().copied().collect();
+        s.peers = repl.peers().clone();
+        s.replication = repl.stats().clone();
+        s.unacked_rounds = repl.unacked_rounds();
+        s.peer_unacked_rounds = repl.unacked_rounds_by_peer();
+        s.minority = repl.in_minority();
         s.snapshots_written = self.snapshots_written;
         // `snapshots_refused` and `snapshot_moved_aside` are set once at start.
-        s.rules_version = self.rules.marker;
+        s.rules_version = self.core.rules_version();
         s.rules_file_error = self.rules_file_error.clone();
-        s.unacked_hits = self.repl.unacked_hits();
+        s.unacked_hits = repl.unacked_hits();
     }
 
     async fn snapshot(&mut self, now: Nanos) {
@@ -859,9 +693,7 @@ impl Driver {
     /// Clean exit: ship what is pending, say goodbye, keep a snapshot.
     async fn finish(mut self) {
         let now = self.clock.now();
-        self.repl
-            .handle_timeout(now.max(self.repl.poll_timeout()), &self.limiter);
-        self.membership.leave(now);
+        self.core.finish(now);
         self.flush();
         if self.settings.snapshot_path.is_some() {
             self.snapshot(now).await;
