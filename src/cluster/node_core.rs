@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
-use crate::cluster::replication::{Delivered, ReplicationConfig, Replicator, Transmit};
+use crate::cluster::replication::{ClaimEvent, Delivered, ReplicationConfig, Replicator, Transmit};
 use crate::core::rules::RuleSet;
 use crate::core::share::{SharePolicy, ShareView, MAX_NODES};
 use crate::core::slot::NodeSlot;
@@ -146,6 +146,8 @@ impl<C: Clock> NodeCore<C> {
         // Ready only with the peers' rules in hand: a restarted node must not
         // decide on rules older than the cluster's.
         rc.await_rules = true;
+        // A peer's hold on a claimed key must outlast the claimant's wait.
+        limiter.set_confirm_hold(rc.claim_timeout * 2);
         let repl = Replicator::new(rc, cfg.incarnation, true, now);
         let me = Member::new(cfg.name.clone(), cfg.slot, cfg.peer_addr, cfg.incarnation);
         let membership = Membership::new(
@@ -245,6 +247,18 @@ impl<C: Clock> NodeCore<C> {
             Err(e) => tracing::debug!(from, error = %e, "frame refused"),
         }
         self.after_input(now);
+    }
+
+    /// Sends provisional hits of `keys` (limit id, key digest) to every
+    /// peer to confirm; the answer comes out of
+    /// [`NodeCore::poll_claim_event`] under the returned ticket.
+    pub fn claim(&mut self, now: Nanos, keys: Vec<(u64, u64)>) -> u64 {
+        self.repl.claim(now, keys, &self.limiter)
+    }
+
+    /// Claims answered or expired since the last call.
+    pub fn poll_claim_event(&mut self) -> Option<ClaimEvent> {
+        self.repl.poll_claim_event()
     }
 
     /// A key's in-flight share is spent: ship at once.

@@ -58,7 +58,7 @@ pub async fn check(
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
     let request = CheckRequest::from_json(&body)?;
-    decide(&state, &request, Shape::Full)
+    decide(&state, &request, Shape::Full).await
 }
 
 pub async fn allow(
@@ -66,7 +66,7 @@ pub async fn allow(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let request = CheckRequest::from_query(query.as_deref().unwrap_or(""))?;
-    decide(&state, &request, Shape::Tiny)
+    decide(&state, &request, Shape::Tiny).await
 }
 
 pub async fn refund(
@@ -87,12 +87,15 @@ pub async fn refund(
     ))
 }
 
-fn decide(state: &AppState, request: &CheckRequest, shape: Shape) -> Result<Response, ApiError> {
+async fn decide(
+    state: &AppState,
+    request: &CheckRequest<'_>,
+    shape: Shape,
+) -> Result<Response, ApiError> {
     let pairs = request.pairs();
     let d = pairs.descriptors()?;
-    let limiter = &state.api.limiter;
     let start = Instant::now();
-    let result = limiter.check(&d, request.cost);
+    let result = state.api.check(&d, request.cost).await;
     state.metrics.observe_latency(start.elapsed());
     let decision = result?;
     Ok(answer(state, &decision, shape))

@@ -28,13 +28,14 @@ use tokio::task::JoinHandle;
 
 use crate::clock::SystemClock;
 use crate::cluster::node_core::{CoreConfig, CoreEvent, NodeCore};
-use crate::cluster::replication::{PeerState, ReplicationStats};
+use crate::cluster::replication::{ClaimEvent, PeerState, ReplicationStats};
 use crate::cluster::snapshot;
+use crate::core::descriptor::Descriptors;
 use crate::core::rules::RuleSet;
 use crate::core::share::ShareView;
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
-use crate::limiter::{Limiter, LimiterConfig};
+use crate::limiter::{Begun, CheckError, Decision, Limiter, LimiterConfig, Pending};
 use crate::net::{Incoming, NodeTls, Transport};
 
 pub use config::{Chaos, ConfigError, NodeFile, NodeSettings};
@@ -62,6 +63,12 @@ enum Command {
     PutRules {
         text: String,
         reply: tokio::sync::oneshot::Sender<Result<RulesVersion, PutRulesError>>,
+    },
+    /// A request counted provisionally near its limit, to be confirmed by
+    /// the peers' answers.
+    Confirm {
+        pending: Pending,
+        reply: tokio::sync::oneshot::Sender<Decision>,
     },
 }
 
@@ -111,6 +118,36 @@ impl NodeApi {
     /// Ready to admit: the node has recovered its counts.
     pub fn is_ready(&self) -> bool {
         self.limiter.is_admitting()
+    }
+    /// Checks a request of `cost` hits. Decided from local memory, except
+    /// near a limit (see [`Limiter::begin_at`]): then the provisional hits
+    /// go to every peer and the answer waits for theirs, one round trip, at
+    /// most the claim timeout.
+    pub async fn check(&self, d: &Descriptors<'_>, cost: u32) -> Result<Decision, CheckError> {
+        let pending = match self.limiter.begin(d, cost)? {
+            Begun::Decided(decision) => return Ok(decision),
+            Begun::Confirm(pending) => pending,
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let sent = self
+            .commands
+            .send(Command::Confirm {
+                pending: pending.clone(),
+                reply,
+            })
+            .await;
+        if sent.is_err() {
+            // The node is stopping: nobody will confirm.
+            return Ok(self
+                .limiter
+                .finish_at(self.limiter.clock().now(), &pending, None));
+        }
+        match answer.await {
+            Ok(decision) => Ok(decision),
+            Err(_) => Ok(self
+                .limiter
+                .finish_at(self.limiter.clock().now(), &pending, None)),
+        }
     }
     /// Validates `text` and puts it in force on every node of the cluster
     /// (it reaches connected peers within a round trip and any node that
@@ -280,8 +317,9 @@ impl Node {
                 use rand::SeedableRng;
                 (c, rand::rngs::StdRng::seed_from_u64(c.seed))
             }),
+            confirming: std::collections::HashMap::new(),
         };
-        let (commands, command_rx) = mpsc::channel(16);
+        let (commands, command_rx) = mpsc::channel(4096);
         let task = tokio::spawn(driver.run(incoming, stop_rx, wake, command_rx));
         Ok(NodeHandle {
             limiter,
@@ -427,6 +465,8 @@ struct Driver {
     next_rules_check: Nanos,
     rules_file_error: Option<String>,
     chaos: Option<(config::Chaos, rand::rngs::StdRng)>,
+    /// Requests waiting for their claim's answers, by ticket.
+    confirming: std::collections::HashMap<u64, (Pending, tokio::sync::oneshot::Sender<Decision>)>,
 }
 
 impl Driver {
@@ -500,6 +540,12 @@ impl Driver {
         match command {
             Command::PutRules { text, reply } => {
                 let _ = reply.send(self.put_rules(text, true));
+            }
+            Command::Confirm { pending, reply } => {
+                let now = self.clock.now();
+                let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
+                let ticket = self.core.claim(now, keys);
+                self.confirming.insert(ticket, (pending, reply));
             }
         }
     }
@@ -605,6 +651,20 @@ impl Driver {
 
     /// Carries out what the core asks: events first, then frames.
     fn flush(&mut self) {
+        let now = self.clock.now();
+        while let Some(event) = self.core.poll_claim_event() {
+            let (ticket, answered) = match event {
+                ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
+                ClaimEvent::Expired { ticket } => (ticket, None),
+            };
+            if let Some((pending, reply)) = self.confirming.remove(&ticket) {
+                let decision = self.limiter.finish_at(now, &pending, answered);
+                if reply.send(decision).is_err() && decision.is_allowed() {
+                    // The caller is gone: nobody was told yes, give it back.
+                    self.limiter.give_back(now, &pending);
+                }
+            }
+        }
         while let Some(event) = self.core.poll_event() {
             match event {
                 CoreEvent::Recovered => tracing::info!("recovered: admitting"),
