@@ -471,3 +471,77 @@ fn under_available_a_lone_restart_opens_only_with_a_verified_snapshot() {
     );
     assert_eq!(counted(&c, 0, "u"), spent);
 }
+
+/// A cluster whose nodes run their whole `NodeCore` (real SWIM membership,
+/// real rules replication) on the harness's network.
+fn whole_core_cluster(limit: u64, seed: u64) -> MemCluster {
+    let mut spec = ClusterSpec::new(3, &rules(limit as u32, "1h"), seed);
+    spec.whole_core = true;
+    let mut c = MemCluster::new(spec).unwrap();
+    // Let SWIM hear of everyone.
+    c.advance(Nanos::from_secs(2));
+    c
+}
+
+#[test]
+fn whole_cores_declare_a_crashed_node_down_by_swim() {
+    let mut c = whole_core_cluster(300, 31);
+    for n in 0..3 {
+        for p in (0..3u16).filter(|&p| p as usize != n) {
+            assert!(c.replicator(n).peers()[&p].live, "{n} sees {p} alive");
+        }
+    }
+    c.crash(2);
+    c.advance(Nanos::from_secs(8));
+    for n in 0..2 {
+        assert!(!c.replicator(n).peers()[&2].live, "{n} still sees 2 alive");
+    }
+    // The majority carries on.
+    let admitted = hammer(&mut c, &[0, 1], "v", 100, Nanos::from_millis(5));
+    assert_eq!(admitted, 100);
+}
+
+#[test]
+fn whole_cores_recover_a_restart_only_once_peers_answer() {
+    let limit = 300;
+    let mut c = whole_core_cluster(limit, 32);
+    let spent = spend_on_node_0(&mut c, "u", limit);
+    c.crash(0);
+    c.isolate(&[0], true);
+    c.restart(0).unwrap();
+    let during = hammer(&mut c, &[0], "u", 500, Nanos::from_millis(10));
+    assert_eq!(during, 0, "admitted while no peer had answered");
+    c.isolate(&[0], false);
+    c.advance(Nanos::from_secs(3));
+    assert!(c.limiter(0).is_admitting(), "recovered once peers answered");
+    assert_eq!(counted(&c, 0, "u"), spent);
+    let after = hammer(&mut c, &[0, 1, 2], "u", 900, Nanos::from_millis(2));
+    assert!(
+        spent + after <= limit + inflight_bound(3, limit),
+        "{after} admitted beyond a spent limit of {limit}"
+    );
+}
+
+#[test]
+fn whole_cores_replicate_rules_and_a_restart_adopts_the_newest() {
+    let mut c = whole_core_cluster(300, 33);
+    c.crash(2);
+    let version = c
+        .put_rules(0, &rules(5, "1h"))
+        .expect("valid rules are put in force");
+    c.advance(Nanos::from_millis(100));
+    assert_eq!(c.rules_version(1), Some(version), "reached the live peer");
+    // Node 2 missed it; it restarts on the old rules and is ready only with
+    // its peers' newer ones in force.
+    c.restart(2).unwrap();
+    c.advance(Nanos::from_secs(1));
+    assert!(c.limiter(2).is_admitting());
+    assert_eq!(c.rules_version(2), Some(version));
+    let admitted = hammer(&mut c, &[2], "w", 20, Nanos::from_millis(10));
+    assert!(
+        admitted <= 5,
+        "{admitted} admitted under the new limit of 5"
+    );
+    assert!(c.put_rules(1, "[[rules]").is_err(), "invalid rules refused");
+    assert_eq!(c.rules_version(1), Some(version));
+}

@@ -5,8 +5,11 @@
 //! This is the sans-IO core driven directly: the same decision, share and
 //! replication code a node runs, with the QUIC transport replaced by a queue
 //! and the failure detector by a rule (a peer unheard from for
-//! `detect_after` is declared dead). Everything random comes from one seeded
-//! generator, so a run is replayed exactly from its seed. Tests use it, and
+//! `detect_after` is declared dead). With `ClusterSpec::whole_core` each
+//! node runs its whole `NodeCore` instead, as a real node does: real SWIM
+//! decides liveness, rules replicate, and the harness plays only the
+//! transport. Everything random comes from seeded generators, so a run is
+//! replayed exactly from its seed. Tests use it, and
 //! so does the simulation harness.
 
 use std::cmp::Reverse;
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+use crate::cluster::node_core::{CoreConfig, NodeCore};
 use crate::cluster::replication::{ClaimEvent, ReplicationConfig, Replicator};
 use crate::core::descriptor::Descriptors;
 use crate::core::rules::RuleSet;
@@ -69,6 +73,10 @@ pub struct ClusterSpec {
     /// force) rather than refuse them for an acknowledgement wait (the
     /// earlier design, kept for comparison).
     pub confirm: bool,
+    /// Drive every node through its whole [`NodeCore`] (real SWIM
+    /// membership and rules replication, as a node runs it) instead of the
+    /// replicator with the harness's silence rule for failures.
+    pub whole_core: bool,
 }
 
 impl ClusterSpec {
@@ -85,17 +93,116 @@ impl ClusterSpec {
             start: Nanos::from_secs(1_700_000_000),
             recovery_timeout: Nanos::from_secs(3),
             confirm: true,
+            whole_core: false,
         }
     }
 }
 
 type SimLimiter = Limiter<Arc<ManualClock>>;
 
+/// What the harness drives for one node.
+enum Driven {
+    /// The replicator alone; liveness comes from the harness's rule.
+    Replicator(Replicator),
+    /// The node's whole core, as a real node runs it.
+    Core(Box<NodeCore<Arc<ManualClock>>>),
+}
+
+/// The address a simulated node's membership knows it by.
+fn sim_addr(slot: u16) -> std::net::SocketAddr {
+    let [hi, lo] = slot.to_be_bytes();
+    std::net::SocketAddr::from(([10, 0, hi, lo], 7400))
+}
+
+impl Driven {
+    fn repl(&self) -> &Replicator {
+        match self {
+            Driven::Replicator(r) => r,
+            Driven::Core(c) => c.replicator(),
+        }
+    }
+    fn ship_now(&mut self, now: Nanos, limiter: &SimLimiter) {
+        match self {
+            Driven::Replicator(r) => r.ship_now(now, limiter),
+            Driven::Core(c) => c.handle_wake(now),
+        }
+    }
+    fn claim(&mut self, now: Nanos, keys: Vec<(u64, u64)>, limiter: &SimLimiter) -> u64 {
+        match self {
+            Driven::Replicator(r) => r.claim(now, keys, limiter),
+            Driven::Core(c) => c.claim(now, keys),
+        }
+    }
+    fn poll_claim_event(&mut self) -> Option<ClaimEvent> {
+        match self {
+            Driven::Replicator(r) => r.poll_claim_event(),
+            Driven::Core(c) => c.poll_claim_event(),
+        }
+    }
+    fn peer_connected(&mut self, now: Nanos, slot: u16, digest: u64) {
+        match self {
+            Driven::Replicator(r) => r.peer_connected(now, slot, digest),
+            Driven::Core(c) => c.handle_connected(now, slot, sim_addr(slot)),
+        }
+    }
+    fn peer_disconnected(&mut self, slot: u16) {
+        match self {
+            Driven::Replicator(r) => r.peer_disconnected(slot),
+            Driven::Core(c) => c.handle_disconnected(slot),
+        }
+    }
+    fn poll_transmit(&mut self) -> Option<crate::cluster::replication::Transmit> {
+        match self {
+            Driven::Replicator(r) => r.poll_transmit(),
+            Driven::Core(c) => {
+                // The harness's network is a full mesh: nothing to dial.
+                while c.poll_event().is_some() {}
+                c.poll_transmit()
+            }
+        }
+    }
+    /// The harness's failure-detector verdict (replicator mode only: a
+    /// whole core has its own).
+    fn set_liveness(&mut self, limiter: &SimLimiter, slot: u16, live: bool) {
+        if let Driven::Replicator(r) = self {
+            r.set_liveness(limiter, slot, live);
+        }
+    }
+    fn poll_timeout(&self) -> Nanos {
+        match self {
+            Driven::Replicator(r) => r.poll_timeout(),
+            Driven::Core(c) => c.poll_timeout(),
+        }
+    }
+    fn handle_timeout(&mut self, now: Nanos, limiter: &SimLimiter) {
+        match self {
+            Driven::Replicator(r) => r.handle_timeout(now, limiter),
+            Driven::Core(c) => c.handle_timeout(now),
+        }
+    }
+    fn handle_frame(
+        &mut self,
+        now: Nanos,
+        from: u16,
+        bytes: &[u8],
+        limiter: &SimLimiter,
+        digest: u64,
+    ) {
+        match self {
+            Driven::Replicator(r) => {
+                // Refused frames are counted by the replicator.
+                let _ = r.handle_frame(now, from, bytes, limiter, digest);
+            }
+            Driven::Core(c) => c.handle_frame(now, from, bytes),
+        }
+    }
+}
+
 struct SimNode {
     limiter: Arc<SimLimiter>,
     /// Set by the limiter when a key's in-flight share is spent.
     wake: Arc<std::sync::atomic::AtomicBool>,
-    repl: Replicator,
+    repl: Driven,
     clock: Arc<ManualClock>,
     /// This node's clock minus the reference clock, in ns.
     skew: i64,
@@ -220,12 +327,42 @@ impl MemCluster {
         rc.recovery_timeout = self.spec.recovery_timeout;
         rc.snapshot_restored = snapshot.is_some();
         limiter.set_confirm_hold(rc.claim_timeout * 2);
-        let mut repl = Replicator::new(rc, incarnation, recovering, self.now);
-        for peer in 0..self.spec.nodes as u16 {
-            repl.add_peer(peer);
-        }
+        let limiter = Arc::new(limiter);
+        let repl = if self.spec.whole_core {
+            let cfg = CoreConfig {
+                name: format!("node-{slot}"),
+                slot,
+                cluster_size: self.spec.nodes,
+                policy: self.spec.policy,
+                inflight_ppm: self.spec.inflight_ppm,
+                sync_interval: self.spec.sync_interval,
+                recovery_timeout: self.spec.recovery_timeout,
+                snapshot_restored: snapshot.is_some(),
+                incarnation,
+                peer_addr: sim_addr(slot),
+                recovering,
+            };
+            let mut core = NodeCore::new(
+                cfg,
+                limiter.clone(),
+                self.spec.rules.clone(),
+                (0, 0),
+                self.rules_digest,
+                local,
+            );
+            for peer in 0..self.spec.nodes as u16 {
+                core.add_peer(peer);
+            }
+            Driven::Core(Box::new(core))
+        } else {
+            let mut repl = Replicator::new(rc, incarnation, recovering, self.now);
+            for peer in 0..self.spec.nodes as u16 {
+                repl.add_peer(peer);
+            }
+            Driven::Replicator(repl)
+        };
         Ok(SimNode {
-            limiter: Arc::new(limiter),
+            limiter,
             wake,
             repl,
             clock,
@@ -261,8 +398,36 @@ impl MemCluster {
         &self.nodes[node].limiter
     }
     pub fn replicator(&self, node: usize) -> &Replicator {
-        &self.nodes[node].repl
+        self.nodes[node].repl.repl()
     }
+    /// Puts `text` in force through `node` as an operator would (whole-core
+    /// clusters only: the replicator alone has no rules register).
+    pub fn put_rules(
+        &mut self,
+        node: usize,
+        text: &str,
+    ) -> Result<crate::cluster::node_core::RulesVersion, crate::cluster::node_core::PutRulesError>
+    {
+        let local = self.local_now(node);
+        let Driven::Core(core) = &mut self.nodes[node].repl else {
+            return Err(crate::cluster::node_core::PutRulesError::Invalid(
+                "only whole-core clusters replicate rules".into(),
+            ));
+        };
+        let prepared = core.prepare_rules(text.to_owned())?;
+        let version = core.commit_rules(local, prepared);
+        self.flush(node);
+        Ok(version)
+    }
+
+    /// The version of the rules in force at `node` (whole-core clusters).
+    pub fn rules_version(&self, node: usize) -> Option<crate::cluster::node_core::RulesVersion> {
+        match &self.nodes[node].repl {
+            Driven::Core(core) => Some(core.rules_version()),
+            Driven::Replicator(_) => None,
+        }
+    }
+
     pub fn is_up(&self, node: usize) -> bool {
         self.nodes[node].up
     }
@@ -562,11 +727,30 @@ impl MemCluster {
         self.sync_clock(to);
         let limiter = self.nodes[to].limiter.clone();
         let digest = self.rules_digest;
-        // Refused frames are counted by the replicator; nothing else to do.
-        let _ = self.nodes[to]
+        self.nodes[to]
             .repl
             .handle_frame(local, f.from, &f.bytes, &limiter, digest);
         self.flush(to);
+    }
+
+    /// For a node driven through its whole core, the harness plays only the
+    /// transport: a connection to a peer that cannot be reached for
+    /// `detect_after` (the idle timeout) is lost, and one to a peer that
+    /// can be reached again is redialled. Liveness is SWIM's business.
+    fn transport_model(&mut self, a: usize) {
+        for b in 0..self.nodes.len() {
+            if a == b {
+                continue;
+            }
+            let key = (a as u16, b as u16);
+            let last = self.heard.get(&key).copied().unwrap_or(self.spec.start);
+            let silent = self.now.saturating_sub(last) >= self.spec.detect_after;
+            if silent && self.linked.remove(&key) {
+                self.nodes[a].repl.peer_disconnected(b as u16);
+            } else if !silent && !self.linked.contains(&key) {
+                self.connect(a as u16, b as u16);
+            }
+        }
     }
 
     /// The failure-detector model: a peer that cannot be reached (down, or
@@ -585,6 +769,10 @@ impl MemCluster {
             if !self.nodes[a].up {
                 continue;
             }
+            if matches!(self.nodes[a].repl, Driven::Core(_)) {
+                self.transport_model(a);
+                continue;
+            }
             let mut dead = BTreeSet::new();
             for b in 0..self.nodes.len() {
                 if a == b {
@@ -595,6 +783,7 @@ impl MemCluster {
                 let silent = self.now.saturating_sub(last) >= self.spec.detect_after;
                 let was_live = self.nodes[a]
                     .repl
+                    .repl()
                     .peers()
                     .get(&(b as u16))
                     .is_some_and(|p| p.live);

@@ -67,6 +67,10 @@ pub struct CoreConfig {
     pub incarnation: u64,
     /// The address peers reach this node on.
     pub peer_addr: SocketAddr,
+    /// The node starts without its counts and must recover them before it
+    /// admits (a real node always does; a simulated cluster's first boot
+    /// does not).
+    pub recovering: bool,
 }
 
 /// What the core asks of its driver.
@@ -148,7 +152,7 @@ impl<C: Clock> NodeCore<C> {
         rc.await_rules = true;
         // A peer's hold on a claimed key must outlast the claimant's wait.
         limiter.set_confirm_hold(rc.claim_timeout * 2);
-        let repl = Replicator::new(rc, cfg.incarnation, true, now);
+        let repl = Replicator::new(rc, cfg.incarnation, cfg.recovering, now);
         let me = Member::new(cfg.name.clone(), cfg.slot, cfg.peer_addr, cfg.incarnation);
         let membership = Membership::new(
             me,
@@ -190,6 +194,11 @@ impl<C: Clock> NodeCore<C> {
 
     pub fn replicator(&self) -> &Replicator {
         &self.repl
+    }
+    /// Adds a configured member before it is heard from (a simulated
+    /// cluster knows all its members from the start).
+    pub fn add_peer(&mut self, slot: u16) {
+        self.repl.add_peer(slot);
     }
     pub fn membership(&self) -> &Membership {
         &self.membership
@@ -533,6 +542,7 @@ mod tests {
             snapshot_restored: false,
             incarnation: 1,
             peer_addr: SocketAddr::from(([127, 0, 0, 1], 7400 + slot)),
+            recovering: true,
         };
         let core = NodeCore::new(cfg, limiter.clone(), RULES.into(), (0, slot), digest, now);
         (core, limiter)

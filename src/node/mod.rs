@@ -282,6 +282,7 @@ impl Node {
                 snapshot_restored: snapshot_load.restored,
                 incarnation,
                 peer_addr,
+                recovering: true,
             },
             limiter.clone(),
             rules_text,
