@@ -408,14 +408,13 @@ impl MemCluster {
         text: &str,
     ) -> Result<crate::cluster::node_core::RulesVersion, crate::cluster::node_core::PutRulesError>
     {
-        let local = self.local_now(node);
         let Driven::Core(core) = &mut self.nodes[node].repl else {
             return Err(crate::cluster::node_core::PutRulesError::Invalid(
                 "only whole-core clusters replicate rules".into(),
             ));
         };
         let prepared = core.prepare_rules(text.to_owned())?;
-        let version = core.commit_rules(local, prepared);
+        let version = core.commit_rules(prepared);
         self.flush(node);
         Ok(version)
     }

@@ -231,7 +231,7 @@ impl<C: Clock> NodeCore<C> {
             bytes: frame,
             reliable: true,
         });
-        self.after_input(now);
+        self.after_input();
     }
 
     pub fn handle_disconnected(&mut self, slot: u16) {
@@ -250,12 +250,12 @@ impl<C: Clock> NodeCore<C> {
                 // Malformed membership payloads are refused inside.
                 let _ = self.membership.handle_data(now, &swim);
             }
-            Ok(Delivered::Rules(rules)) => self.on_peer_rules(now, rules),
+            Ok(Delivered::Rules(rules)) => self.on_peer_rules(rules),
             Ok(Delivered::Applied) if hello => self.introduce(now, from),
             Ok(Delivered::Applied) => {}
             Err(e) => tracing::debug!(from, error = %e, "frame refused"),
         }
-        self.after_input(now);
+        self.after_input();
     }
 
     /// Sends provisional hits of `keys` (limit id, key digest) to every
@@ -283,7 +283,7 @@ impl<C: Clock> NodeCore<C> {
     pub fn handle_timeout(&mut self, now: Nanos) {
         self.membership.handle_timeout(now);
         self.repl.handle_timeout(now, &self.limiter);
-        self.after_input(now);
+        self.after_input();
     }
 
     /// A node that has lost every member announces itself again to the
@@ -306,7 +306,7 @@ impl<C: Clock> NodeCore<C> {
         for member in peers {
             self.membership.announce(now, member);
         }
-        self.after_input(now);
+        self.after_input();
     }
 
     /// Checks `text` as the next version of the rules from this node. The
@@ -317,12 +317,12 @@ impl<C: Clock> NodeCore<C> {
     }
 
     /// Puts prepared rules in force and sends them to every connected peer.
-    pub fn commit_rules(&mut self, now: Nanos, prepared: PreparedRules) -> RulesVersion {
+    pub fn commit_rules(&mut self, prepared: PreparedRules) -> RulesVersion {
         let version = prepared.version;
         if let Err(e) = self.put_in_force(prepared) {
             tracing::warn!(error = %e, "rules refused");
         }
-        self.after_input(now);
+        self.after_input();
         version
     }
 
@@ -336,7 +336,7 @@ impl<C: Clock> NodeCore<C> {
         self.repl
             .handle_timeout(now.max(self.repl.poll_timeout()), &self.limiter);
         self.membership.leave(now);
-        self.after_input(now);
+        self.after_input();
     }
 
     pub fn poll_event(&mut self) -> Option<CoreEvent> {
@@ -391,7 +391,7 @@ impl<C: Clock> NodeCore<C> {
         Ok(())
     }
 
-    fn on_peer_rules(&mut self, _now: Nanos, r: RulesFrame) {
+    fn on_peer_rules(&mut self, r: RulesFrame) {
         let version = (r.version, r.origin);
         if version <= self.rules.marker {
             return;
@@ -419,7 +419,7 @@ impl<C: Clock> NodeCore<C> {
 
     /// Moves membership output into the outbox and events, and reports the
     /// recovery gate opening.
-    fn after_input(&mut self, now: Nanos) {
+    fn after_input(&mut self) {
         while let Some(event) = self.membership.poll_event() {
             self.on_member_event(event);
         }
@@ -434,7 +434,6 @@ impl<C: Clock> NodeCore<C> {
             self.recovered_reported = true;
             self.events.push_back(CoreEvent::Recovered);
         }
-        let _ = now;
     }
 
     fn on_member_event(&mut self, event: MemberEvent) {
@@ -599,7 +598,7 @@ mod tests {
         // A rule change on one core reaches the other.
         let text = RULES.replace("limit = 100", "limit = 50");
         let prepared = cores[0].prepare_rules(text.clone()).unwrap();
-        assert_eq!(cores[0].commit_rules(now, prepared), (1, 0));
+        assert_eq!(cores[0].commit_rules(prepared), (1, 0));
         pump(&mut cores, now);
         assert!(events(&mut cores[1]).contains(&CoreEvent::RulesInForce {
             version: (1, 0),

@@ -96,6 +96,8 @@ pub struct NodeStatus {
     pub snapshots_refused: u64,
     /// Where the refused snapshot went.
     pub snapshot_moved_aside: Option<std::path::PathBuf>,
+    /// What the transport did with incoming connection attempts.
+    pub admission: crate::net::AdmissionStats,
 }
 
 /// What the HTTP API and metrics need of a running node. Cheap to clone.
@@ -566,8 +568,7 @@ impl Driver {
                 return Err(PutRulesError::NotPersisted(e.to_string()));
             }
         }
-        let now = self.clock.now();
-        Ok(self.core.commit_rules(now, prepared))
+        Ok(self.core.commit_rules(prepared))
     }
 
     /// Writes the rules in force to the rules state file, if there is one.
@@ -733,6 +734,7 @@ impl Driver {
         s.peer_unacked_rounds = repl.unacked_rounds_by_peer();
         s.minority = repl.in_minority();
         s.snapshots_written = self.snapshots_written;
+        s.admission = self.transport.admission_stats();
         // `snapshots_refused` and `snapshot_moved_aside` are set once at start.
         s.rules_version = self.core.rules_version();
         s.rules_file_error = self.rules_file_error.clone();
