@@ -215,10 +215,10 @@ impl Matrix {
             if at > now {
                 c.advance(at - now);
             }
-            for (id, _, d, when) in c.take_completed() {
-                if waiting.remove(&id).is_some() {
-                    // Counted in the window it was decided in.
-                    tally(&mut per_window, (when - start).as_u64(), d.is_allowed());
+            for (id, _, d, _) in c.take_completed() {
+                if let Some(arrived) = waiting.remove(&id) {
+                    // Judged and counted as of its arrival.
+                    tally(&mut per_window, arrived, d.is_allowed());
                 }
             }
             let i = (at.as_u64() / 1_000_000_000) as usize;
@@ -230,15 +230,15 @@ impl Matrix {
             {
                 Submitted::Done(d) => tally(&mut per_window, at.as_u64(), d.is_allowed()),
                 Submitted::Waiting(id) => {
-                    waiting.insert(id, ());
+                    waiting.insert(id, at.as_u64());
                 }
             }
         }
         while !waiting.is_empty() {
             c.advance(Nanos::from_millis(1));
-            for (id, _, d, when) in c.take_completed() {
-                if waiting.remove(&id).is_some() {
-                    tally(&mut per_window, (when - start).as_u64(), d.is_allowed());
+            for (id, _, d, _) in c.take_completed() {
+                if let Some(arrived) = waiting.remove(&id) {
+                    tally(&mut per_window, arrived, d.is_allowed());
                 }
             }
         }

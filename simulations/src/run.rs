@@ -258,9 +258,12 @@ impl Runner<'_> {
 
     /// Records the requests whose confirmation ended.
     fn collect(&mut self, traffic: &Traffic, records: &mut Vec<Record>) -> Result<(), String> {
-        for (id, node, decision, when) in self.c.take_completed() {
+        for (id, node, decision, _) in self.c.take_completed() {
             if let Some((a, reference)) = self.waiting.remove(&id) {
-                let record = self.record(traffic, a, reference, Some((node, decision)), when)?;
+                // A confirmed request is judged, and counted, as of its
+                // arrival: replay it there.
+                let at = self.origin + Nanos::new(a.at);
+                let record = self.record(traffic, a, reference, Some((node, decision)), at)?;
                 records.push(record);
             }
         }

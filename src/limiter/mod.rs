@@ -499,6 +499,12 @@ impl<C: Clock> Limiter<C> {
     /// reserves for that did not answer (declared dead, under `strict`) are
     /// counted at their in-flight share. Admitted hits stay counted; refused
     /// ones are given back.
+    ///
+    /// The request is judged as of when it arrived (`pending.started`, where
+    /// its hit was counted) on everything known now: hits that arrived since
+    /// count as if already there, which can only refuse more, so the
+    /// judgement is as safe as one made now, and the admitted history is
+    /// what the algorithm would have seen had the answers been instant.
     pub fn finish_at(&self, now: Nanos, pending: &Pending, answered: Option<u64>) -> Decision {
         let Some(answered) = answered else {
             self.give_back(now, pending);
@@ -522,10 +528,16 @@ impl<C: Clock> Limiter<C> {
             let Some(entry) = table.get(hit.key) else {
                 continue;
             };
+            // As of the arrival, unless a later hit has since moved the
+            // ring on and wiped a bucket that window needs: then as of the
+            // start of the newest bucket (the earliest moment the ring still
+            // holds whole).
+            let newest = entry.newest(spec.epoch(now));
+            let at = pending.started.max(spec.epoch_start(newest)).min(now);
             let nets = counts.get(spec.buckets());
-            Ring::read(&entry, &spec, now, nets);
+            Ring::read(&entry, &spec, at, nets);
             // Judge the request as if not yet counted.
-            if let Some(i) = Ring::read_index(&spec, now, hit.epoch) {
+            if let Some(i) = Ring::read_index(&spec, at, hit.epoch) {
                 nets[i] = nets[i].saturating_sub(u64::from(pending.cost));
             }
             if let Some(view) = view.as_deref() {
@@ -533,7 +545,7 @@ impl<C: Clock> Limiter<C> {
                 if silent != 0 {
                     let mut totals = [0u64; MAX_NODES];
                     let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
-                    Ring::slot_hits(&entry, &spec, now, totals);
+                    Ring::slot_hits(&entry, &spec, at, totals);
                     let quota = limit.algorithm.quota();
                     let shares = Shares::new(
                         view,
@@ -546,10 +558,23 @@ impl<C: Clock> Limiter<C> {
                     }
                 }
             }
-            let verdict = limit
-                .algorithm
-                .decide(&WindowCounts { spec, now, nets }, pending.cost);
+            let verdict = limit.algorithm.decide(
+                &WindowCounts {
+                    spec,
+                    now: at,
+                    nets,
+                },
+                pending.cost,
+            );
             decision.absorb(index, limit.id, &limit.algorithm, verdict);
+        }
+        // Waits were computed from the arrival; the answer leaves now.
+        let waited = now.saturating_sub(pending.started);
+        if let Some(q) = decision.quota.as_mut() {
+            q.reset_after = q.reset_after.saturating_sub(waited);
+            if q.retry_after != Nanos::MAX {
+                q.retry_after = q.retry_after.saturating_sub(waited);
+            }
         }
         if decision.outcome != Outcome::Allowed {
             self.give_back(now, pending);
