@@ -26,7 +26,9 @@ use crate::core::rules::RuleSet;
 use crate::core::share::{SharePolicy, ShareView};
 use crate::core::slot::NodeSlot;
 use crate::core::time::{ManualClock, Nanos};
-use crate::limiter::{Begun, CheckError, Decision, Limiter, LimiterConfig, Outcome, Pending};
+use crate::limiter::{
+    Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Outcome, Pending,
+};
 
 /// How the network misbehaves.
 #[derive(Clone, Debug)]
@@ -127,10 +129,32 @@ impl Driven {
             Driven::Core(c) => c.handle_wake(now),
         }
     }
-    fn claim(&mut self, now: Nanos, keys: Vec<(u64, u64)>, limiter: &SimLimiter) -> u64 {
+    fn claim(
+        &mut self,
+        now: Nanos,
+        started: Nanos,
+        keys: Vec<(u64, u64)>,
+        limiter: &SimLimiter,
+    ) -> u64 {
         match self {
-            Driven::Replicator(r) => r.claim(now, keys, limiter),
-            Driven::Core(c) => c.claim(now, keys),
+            Driven::Replicator(r) => r.claim(now, started, keys, limiter),
+            Driven::Core(c) => c.claim(now, started, keys),
+        }
+    }
+    fn config(&self) -> &ReplicationConfig {
+        self.repl().config()
+    }
+    fn yield_to(
+        &mut self,
+        ticket: u64,
+        keys: Vec<(u64, u64)>,
+        blocking: u64,
+        answered: u64,
+        deadline: Nanos,
+    ) {
+        match self {
+            Driven::Replicator(r) => r.yield_to(ticket, keys, blocking, answered, deadline),
+            Driven::Core(c) => c.yield_to(ticket, keys, blocking, answered, deadline),
         }
     }
     fn poll_claim_event(&mut self) -> Option<ClaimEvent> {
@@ -503,7 +527,9 @@ impl MemCluster {
                 let id = self.next_request;
                 self.next_request += 1;
                 let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
-                let ticket = self.nodes[node].repl.claim(local, keys, &limiter);
+                let ticket = self.nodes[node]
+                    .repl
+                    .claim(local, pending.started, keys, &limiter);
                 self.nodes[node].pending.insert(ticket, (id, pending));
                 self.flush(node);
                 Ok(Submitted::Waiting(id))
@@ -529,12 +555,31 @@ impl MemCluster {
                 ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
                 ClaimEvent::Expired { ticket } => (ticket, None),
             };
-            if let Some((id, pending)) = self.nodes[node].pending.remove(&ticket) {
-                let local = self.local_now(node);
-                let decision = self.nodes[node]
-                    .limiter
-                    .finish_at(local, &pending, answered);
-                self.completed.push((id, node, decision, self.now));
+            let Some((id, pending)) = self.nodes[node].pending.remove(&ticket) else {
+                continue;
+            };
+            let local = self.local_now(node);
+            let limiter = self.nodes[node].limiter.clone();
+            match limiter.finish_or_yield_at(local, &pending, answered, true) {
+                Finished::Yield { blocking } => {
+                    let deadline = pending.started + self.nodes[node].repl.config().claim_timeout;
+                    let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
+                    self.nodes[node].repl.yield_to(
+                        ticket,
+                        keys,
+                        blocking,
+                        answered.unwrap_or(0),
+                        deadline,
+                    );
+                    self.nodes[node].pending.insert(ticket, (id, pending));
+                }
+                Finished::Decided(decision) => {
+                    if !decision.is_allowed() {
+                        // As the node does: the given-back hits leave at once.
+                        self.nodes[node].repl.ship_now(local, &limiter);
+                    }
+                    self.completed.push((id, node, decision, self.now));
+                }
             }
         }
     }

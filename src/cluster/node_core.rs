@@ -261,8 +261,29 @@ impl<C: Clock> NodeCore<C> {
     /// Sends provisional hits of `keys` (limit id, key digest) to every
     /// peer to confirm; the answer comes out of
     /// [`NodeCore::poll_claim_event`] under the returned ticket.
-    pub fn claim(&mut self, now: Nanos, keys: Vec<(u64, u64)>) -> u64 {
-        self.repl.claim(now, keys, &self.limiter)
+    /// `started`: when the request arrived (it is judged as of then).
+    pub fn claim(&mut self, now: Nanos, started: Nanos, keys: Vec<(u64, u64)>) -> u64 {
+        self.repl.claim(now, started, keys, &self.limiter)
+    }
+
+    /// How long a claim waits for its answers.
+    pub fn claim_timeout(&self) -> Nanos {
+        self.repl.config().claim_timeout
+    }
+
+    /// A confirmed claim lost to an earlier conflicting one: it waits (until
+    /// `deadline`) for the earlier claim's hits to arrive, then decides again
+    /// (see `Replicator::yield_to`).
+    pub fn yield_to(
+        &mut self,
+        ticket: u64,
+        keys: Vec<(u64, u64)>,
+        blocking: u64,
+        answered: u64,
+        deadline: Nanos,
+    ) {
+        self.repl
+            .yield_to(ticket, keys, blocking, answered, deadline);
     }
 
     /// Claims answered or expired since the last call.

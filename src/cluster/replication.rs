@@ -141,8 +141,21 @@ pub enum ClaimEvent {
     Expired { ticket: u64 },
 }
 
+/// An answered claim waiting for the outcome of later conflicting claims.
+struct Yielding {
+    keys: Vec<(u64, u64)>,
+    /// Peers whose later claims it waits on, bit per slot.
+    blocking: u64,
+    /// Who answered the claim, bit per slot.
+    answered: u64,
+    deadline: Nanos,
+}
+
 /// A claim waiting for its answers.
 struct OpenClaim {
+    /// When its hits were counted, by this node's clock: sent with every
+    /// copy of the claim (it orders conflicting claims).
+    started: Nanos,
     keys: Vec<(u64, u64)>,
     waiting: BTreeSet<u16>,
     answered: u64,
@@ -226,6 +239,9 @@ pub struct Replicator {
     unacked_hits: u64,
     claims: BTreeMap<u64, OpenClaim>,
     claim_events: VecDeque<ClaimEvent>,
+    /// Answered claims that yield to later claims of these peers: ticket →
+    /// (peers waited for, bit per slot; who answered; deadline).
+    yielding: BTreeMap<u64, Yielding>,
 }
 
 impl Replicator {
@@ -249,6 +265,7 @@ impl Replicator {
             unacked_hits: 0,
             claims: BTreeMap::new(),
             claim_events: VecDeque::new(),
+            yielding: BTreeMap::new(),
         }
     }
 
@@ -385,7 +402,53 @@ impl Replicator {
         self.claims
             .values()
             .map(|c| c.deadline.min(c.resend_at))
+            .chain(self.yielding.values().map(|y| y.deadline))
             .fold(self.next_tick, Nanos::min)
+    }
+
+    /// An answered claim that the limiter refused only because of peers'
+    /// later claims (`blocking`, bit per slot) that may still be undecided:
+    /// decide it again ([`ClaimEvent::Answered`] once more) as soon as a
+    /// frame from one of them arrives, or refuse it at `deadline`.
+    pub fn yield_to(
+        &mut self,
+        ticket: u64,
+        keys: Vec<(u64, u64)>,
+        blocking: u64,
+        answered: u64,
+        deadline: Nanos,
+    ) {
+        self.yielding.insert(
+            ticket,
+            Yielding {
+                keys,
+                blocking,
+                answered,
+                deadline,
+            },
+        );
+    }
+
+    /// Values from `slot` arrived (for `keys`, or for anything when `None`):
+    /// yielding claims blocked by it on those keys decide again.
+    fn heard_from(&mut self, slot: u16, keys: Option<&[(u64, u64)]>) {
+        if self.yielding.is_empty() || usize::from(slot) >= 64 {
+            return;
+        }
+        let again: Vec<(u64, u64)> = self
+            .yielding
+            .iter()
+            .filter(|(_, y)| {
+                y.blocking & (1 << slot) != 0
+                    && keys.is_none_or(|ks| ks.iter().any(|k| y.keys.contains(k)))
+            })
+            .map(|(&t, y)| (t, y.answered))
+            .collect();
+        for (ticket, answered) in again {
+            self.yielding.remove(&ticket);
+            self.claim_events
+                .push_back(ClaimEvent::Answered { ticket, answered });
+        }
     }
 
     /// How a claim ended: drain after every `handle_*` call.
@@ -402,9 +465,11 @@ impl Replicator {
     /// `keys` (`(limit, key)`, already counted in the limiter) and to answer
     /// with its own counts of them. Returns the claim's ticket; the outcome
     /// comes from [`Replicator::poll_claim_event`].
+    /// `started` is when the request's hits were counted.
     pub fn claim<C: crate::core::time::Clock>(
         &mut self,
         now: Nanos,
+        started: Nanos,
         keys: Vec<(u64, u64)>,
         limiter: &Limiter<C>,
     ) -> u64 {
@@ -419,13 +484,14 @@ impl Replicator {
             return ticket;
         }
         let claim = OpenClaim {
+            started,
             keys,
             waiting,
             answered: 0,
             deadline: now + self.cfg.claim_timeout,
             resend_at: now + self.cfg.claim_resend,
         };
-        let frame = self.values_frame(now, ticket, &claim.keys, limiter);
+        let frame = self.values_frame(now, started, ticket, &claim.keys, limiter);
         let bytes = Frame::Claim(frame).encode();
         for &slot in &claim.waiting {
             if self.peers.get(&slot).is_some_and(|p| p.connected) {
@@ -441,6 +507,7 @@ impl Replicator {
     fn values_frame<C: crate::core::time::Clock>(
         &self,
         now: Nanos,
+        sent_at: Nanos,
         round: u64,
         keys: &[(u64, u64)],
         limiter: &Limiter<C>,
@@ -464,7 +531,7 @@ impl Replicator {
         Slots {
             slot: self.own(),
             round,
-            sent_at: now.as_u64(),
+            sent_at: sent_at.as_u64(),
             last: true,
             groups,
         }
@@ -485,8 +552,18 @@ impl Replicator {
             .iter()
             .flat_map(|g| g.keys.iter().map(move |k| (g.limit, k.key)))
             .collect();
-        limiter.hold_keys(now, &keys);
-        let answer = self.values_frame(now, s.round, &keys, limiter);
+        limiter.hold_keys(now, &keys, Some((from, Nanos::new(s.sent_at))));
+        // If we have a claim of our own pending on these keys, the answer
+        // says when its hits were counted (0 if none): a conflict between
+        // the two is then settled in favour of the earlier one on both sides.
+        let ours = self
+            .claims
+            .values()
+            .filter(|c| c.keys.iter().any(|k| keys.contains(k)))
+            .map(|c| c.started)
+            .min()
+            .unwrap_or(Nanos::ZERO);
+        let answer = self.values_frame(now, ours, s.round, &keys, limiter);
         self.send(from, Frame::Answer(answer).encode(), false);
     }
 
@@ -502,6 +579,10 @@ impl Replicator {
         let Some(claim) = self.claims.get_mut(&s.round) else {
             return;
         };
+        if s.sent_at != 0 {
+            // The answerer has its own claim pending on these keys.
+            limiter.hold_keys(now, &claim.keys, Some((from, Nanos::new(s.sent_at))));
+        }
         if claim.waiting.remove(&from) {
             claim.answered |= 1 << from;
         }
@@ -536,6 +617,7 @@ impl Replicator {
         for t in tickets {
             self.resolve_claim(t);
         }
+        self.heard_from(slot, None);
     }
 
     /// Expires claims past their deadline and resends the others to the
@@ -552,6 +634,16 @@ impl Replicator {
             self.stats.claims_expired += 1;
             self.claim_events.push_back(ClaimEvent::Expired { ticket });
         }
+        let late: Vec<u64> = self
+            .yielding
+            .iter()
+            .filter(|(_, y)| y.deadline <= now)
+            .map(|(&t, _)| t)
+            .collect();
+        for ticket in late {
+            self.yielding.remove(&ticket);
+            self.claim_events.push_back(ClaimEvent::Expired { ticket });
+        }
         let due: Vec<u64> = self
             .claims
             .iter()
@@ -563,8 +655,10 @@ impl Replicator {
                 continue;
             };
             claim.resend_at = now + self.cfg.claim_resend;
-            let (keys, waiting) = (claim.keys.clone(), claim.waiting.clone());
-            let bytes = Frame::Claim(self.values_frame(now, ticket, &keys, limiter)).encode();
+            let (keys, waiting, started) =
+                (claim.keys.clone(), claim.waiting.clone(), claim.started);
+            let bytes =
+                Frame::Claim(self.values_frame(now, started, ticket, &keys, limiter)).encode();
             for slot in waiting {
                 if self.peers.get(&slot).is_some_and(|p| p.connected) {
                     self.stats.retransmissions += 1;
@@ -639,6 +733,21 @@ impl Replicator {
         if let Some(p) = self.peers.get_mut(&from) {
             p.last_heard = Some(now);
         }
+        // After this frame is applied, claims yielding to `from` on the keys
+        // it carries decide again.
+        let carried: Option<Vec<(u64, u64)>> = match &frame {
+            Frame::Delta(s) | Frame::Sync(s) | Frame::Claim(s) | Frame::Answer(s)
+                if !self.yielding.is_empty() =>
+            {
+                Some(
+                    s.groups
+                        .iter()
+                        .flat_map(|g| g.keys.iter().map(move |k| (g.limit, k.key)))
+                        .collect(),
+                )
+            }
+            _ => None,
+        };
         match frame {
             Frame::Hello(h) => self.on_hello(now, from, h, limiter, rules_digest),
             Frame::Delta(s) | Frame::Sync(s) => {
@@ -668,6 +777,9 @@ impl Replicator {
                 }
                 return Ok(Delivered::Rules(r));
             }
+        }
+        if let Some(keys) = carried {
+            self.heard_from(from, Some(&keys));
         }
         Ok(Delivered::Applied)
     }

@@ -138,9 +138,37 @@ struct ClusterHooks {
     /// Keys under confirmation `(limit, key)` → until when decisions on them
     /// wait for the peers' answers (see [`Limiter::begin_at`]). The entry's
     /// confirming bit says whether to look here at all.
-    confirming: dashmap::DashMap<(u64, u64), Nanos>,
+    confirming: dashmap::DashMap<(u64, u64), Hold>,
     /// How long a key stays under confirmation after a claim on it.
     confirm_hold: std::sync::atomic::AtomicU64,
+}
+
+/// A key under confirmation: until when, and the peers' claims on it that
+/// may still be undecided (`(slot, when the claim's hit was counted, until
+/// when it can be pending)`), which decide who yields in a conflict.
+#[derive(Clone, Debug, Default)]
+struct Hold {
+    until: Nanos,
+    claims: Vec<(u16, Nanos, Nanos)>,
+}
+
+/// Most peers' claims remembered per held key; older ones are forgotten
+/// (a forgotten claim only makes a conflict end in two refusals).
+const MAX_HELD_CLAIMS: usize = 8;
+
+/// How a confirmed request ended, or why its decision must wait a little.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finished {
+    Decided(Decision),
+    /// Refused as things stand, but peers (bit per slot) hold claims on
+    /// the same keys that were counted later than this one and may still be
+    /// undecided: their losers give their hits back at once, so decide
+    /// again when a frame from one of them arrives (or refuse at the
+    /// claim's deadline). The earlier claim wins a conflict, as a single
+    /// node deciding in arrival order would.
+    Yield {
+        blocking: u64,
+    },
 }
 
 /// How long a key stays under confirmation after a claim, unless the node
@@ -506,9 +534,27 @@ impl<C: Clock> Limiter<C> {
     /// judgement is as safe as one made now, and the admitted history is
     /// what the algorithm would have seen had the answers been instant.
     pub fn finish_at(&self, now: Nanos, pending: &Pending, answered: Option<u64>) -> Decision {
+        match self.finish_or_yield_at(now, pending, answered, false) {
+            Finished::Decided(d) => d,
+            // Not produced without `may_yield`.
+            Finished::Yield { .. } => self.denied_for_now(pending),
+        }
+    }
+
+    /// [`Limiter::finish_at`], except that a refusal caused by peers' claims
+    /// counted later than this one (while they may still be undecided) is
+    /// answered with [`Finished::Yield`] when `may_yield`: nothing is given
+    /// back, and the caller decides again after hearing from them.
+    pub fn finish_or_yield_at(
+        &self,
+        now: Nanos,
+        pending: &Pending,
+        answered: Option<u64>,
+        may_yield: bool,
+    ) -> Finished {
         let Some(answered) = answered else {
             self.give_back(now, pending);
-            return self.denied_for_now(pending);
+            return Finished::Decided(self.denied_for_now(pending));
         };
         let compiled = self.compiled.load();
         let view = self.cluster.as_ref().map(|c| c.view.load_full());
@@ -576,10 +622,37 @@ impl<C: Clock> Limiter<C> {
                 q.retry_after = q.retry_after.saturating_sub(waited);
             }
         }
+        if decision.outcome == Outcome::Denied && may_yield {
+            let blocking = self.later_claims(now, pending);
+            if blocking != 0 {
+                return Finished::Yield { blocking };
+            }
+        }
         if decision.outcome != Outcome::Allowed {
             self.give_back(now, pending);
         }
-        decision
+        Finished::Decided(decision)
+    }
+
+    /// Peers (bit per slot) holding claims on `pending`'s keys that were
+    /// counted after it (ties by slot) and may still be undecided.
+    fn later_claims(&self, now: Nanos, pending: &Pending) -> u64 {
+        let Some(c) = &self.cluster else {
+            return 0;
+        };
+        let own = self.config.own_slot.index() as u16;
+        let mine = (pending.started, own);
+        let mut blocking = 0u64;
+        for hit in &pending.hits {
+            if let Some(hold) = c.confirming.get(&(hit.limit, hit.key)) {
+                for &(slot, started, until) in &hold.claims {
+                    if until > now && (started, slot) > mine && usize::from(slot) < MAX_NODES {
+                        blocking |= 1 << slot;
+                    }
+                }
+            }
+        }
+        blocking
     }
 
     /// The answer to a provisional request whose confirmation did not
@@ -638,11 +711,24 @@ impl<C: Clock> Limiter<C> {
     /// have just been merged): until the hold passes, this node decides them
     /// by confirmation too, so that no hit of its own can slip past the
     /// claimant's count unseen.
-    pub fn hold_keys(&self, now: Nanos, keys: &[(u64, u64)]) {
+    ///
+    /// `claim` is the claimant's slot and when its hits were counted (by its
+    /// clock): it decides who yields when two claims conflict.
+    pub fn hold_keys(&self, now: Nanos, keys: &[(u64, u64)], claim: Option<(u16, Nanos)>) {
         for &(limit, key) in keys {
             if let Some(table) = self.table_by_id(limit) {
                 if let Some(mut entry) = table.get(key) {
                     self.hold_confirming(&mut entry, limit, now);
+                    if let (Some((slot, started)), Some(c)) = (claim, &self.cluster) {
+                        let until = now + Nanos::new(c.confirm_hold.load(Ordering::Relaxed));
+                        if let Some(mut hold) = c.confirming.get_mut(&(limit, key)) {
+                            hold.claims.retain(|x| x.2 > now && x.0 != slot);
+                            if hold.claims.len() >= MAX_HELD_CLAIMS {
+                                hold.claims.remove(0);
+                            }
+                            hold.claims.push((slot, started, until));
+                        }
+                    }
                 }
             }
         }
@@ -652,9 +738,9 @@ impl<C: Clock> Limiter<C> {
         if let Some(c) = &self.cluster {
             let until = now + Nanos::new(c.confirm_hold.load(Ordering::Relaxed));
             entry.set_confirming(true);
-            let mut slot = c.confirming.entry((limit, entry.key())).or_insert(until);
-            if *slot < until {
-                *slot = until;
+            let mut hold = c.confirming.entry((limit, entry.key())).or_default();
+            if hold.until < until {
+                hold.until = until;
             }
         }
     }
@@ -669,9 +755,9 @@ impl<C: Clock> Limiter<C> {
             return false;
         };
         let key = (limit, entry.key());
-        let live = c.confirming.get(&key).is_some_and(|until| *until > now);
+        let live = c.confirming.get(&key).is_some_and(|h| h.until > now);
         if !live {
-            c.confirming.remove_if(&key, |_, until| *until <= now);
+            c.confirming.remove_if(&key, |_, h| h.until <= now);
             entry.set_confirming(false);
         }
         live
@@ -682,7 +768,7 @@ impl<C: Clock> Limiter<C> {
     /// the last hold, whatever the number of keys.
     pub fn prune_confirming(&self, now: Nanos) {
         if let Some(c) = &self.cluster {
-            c.confirming.retain(|_, until| *until > now);
+            c.confirming.retain(|_, h| h.until > now);
         }
     }
 

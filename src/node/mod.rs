@@ -35,7 +35,7 @@ use crate::core::rules::RuleSet;
 use crate::core::share::ShareView;
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
-use crate::limiter::{Begun, CheckError, Decision, Limiter, LimiterConfig, Pending};
+use crate::limiter::{Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Pending};
 use crate::net::{Incoming, NodeTls, Transport};
 
 pub use config::{Chaos, ConfigError, NodeFile, NodeSettings};
@@ -547,7 +547,7 @@ impl Driver {
             Command::Confirm { pending, reply } => {
                 let now = self.clock.now();
                 let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
-                let ticket = self.core.claim(now, keys);
+                let ticket = self.core.claim(now, pending.started, keys);
                 self.confirming.insert(ticket, (pending, reply));
             }
         }
@@ -659,11 +659,30 @@ impl Driver {
                 ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
                 ClaimEvent::Expired { ticket } => (ticket, None),
             };
-            if let Some((pending, reply)) = self.confirming.remove(&ticket) {
-                let decision = self.limiter.finish_at(now, &pending, answered);
-                if reply.send(decision).is_err() && decision.is_allowed() {
-                    // The caller is gone: nobody was told yes, give it back.
-                    self.limiter.give_back(now, &pending);
+            let Some((pending, reply)) = self.confirming.remove(&ticket) else {
+                continue;
+            };
+            match self
+                .limiter
+                .finish_or_yield_at(now, &pending, answered, true)
+            {
+                Finished::Yield { blocking } => {
+                    let deadline = pending.started + self.core.claim_timeout();
+                    let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
+                    self.core
+                        .yield_to(ticket, keys, blocking, answered.unwrap_or(0), deadline);
+                    self.confirming.insert(ticket, (pending, reply));
+                }
+                Finished::Decided(decision) => {
+                    if !decision.is_allowed() {
+                        // Its hits were given back: tell the peers now, a
+                        // conflicting claim may be waiting for exactly that.
+                        self.core.handle_wake(now);
+                    }
+                    if reply.send(decision).is_err() && decision.is_allowed() {
+                        // The caller is gone: nobody was told yes, give it back.
+                        self.limiter.give_back(now, &pending);
+                    }
                 }
             }
         }
