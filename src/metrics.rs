@@ -721,6 +721,37 @@ impl prometheus_client::collector::Collector for NodeCollector {
             "Local snapshots written.",
             status.snapshots_written,
         )?;
+        let a = status.admission;
+        for (name, help, value) in [
+            (
+                "peer_handshakes_retried",
+                "Connection attempts from unknown, unvalidated sources answered with a stateless QUIC Retry.",
+                a.retried,
+            ),
+            (
+                "peer_handshakes_refused_busy",
+                "Connection attempts refused because every handshake slot of their pool was taken.",
+                a.refused_busy,
+            ),
+            (
+                "peer_handshakes_refused_per_source",
+                "Connection attempts refused because their source IP had too many handshakes in flight.",
+                a.refused_per_source,
+            ),
+            (
+                "peer_handshakes_failed",
+                "Incoming handshakes that failed or timed out.",
+                a.failed,
+            ),
+        ] {
+            counter(&mut e, name, help, value)?;
+        }
+        counter(
+            &mut e,
+            "snapshots_refused",
+            "Snapshots refused at start (corrupt or unreadable) and moved aside.",
+            status.snapshots_refused,
+        )?;
         {
             let mut family =
                 e.encode_descriptor("node", "This node's identity.", None, MetricType::Info)?;

@@ -351,3 +351,197 @@ fn clock_offsets_between_nodes_are_estimated() {
         peers[&2].clock_offset_ns
     );
 }
+
+/// The in-flight budget `Q = max(n, ⌈f·L⌉)` at the default fraction (2 %):
+/// the most a crashed node can have admitted that no peer acknowledged.
+fn inflight_bound(nodes: u64, limit: u64) -> u64 {
+    nodes.max((limit * 2).div_ceil(100))
+}
+
+/// Spends the limit of `user` through node 0 alone (it stops short by the
+/// shares it reserves for its peers) and lets the acks come back. Returns
+/// the hits admitted.
+fn spend_on_node_0(c: &mut MemCluster, user: &str, limit: u64) -> u64 {
+    let spent = hammer(c, &[0], user, limit as usize + 50, Nanos::from_millis(10));
+    assert!(spent + inflight_bound(3, limit) >= limit && spent <= limit);
+    c.advance(Nanos::from_millis(100));
+    spent
+}
+
+#[test]
+fn a_restarted_node_whose_peers_are_silent_admits_nothing_until_a_majority_answers() {
+    // The row "kill -9 node-0 while its peers are stopped": before,
+    // the gate opened after the recovery timeout and node 0 admitted the
+    // whole limit again.
+    let limit = 300;
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(limit as u32, "1h"), 21)).unwrap();
+    let spent = spend_on_node_0(&mut c, "u", limit);
+    c.crash(0);
+    c.isolate(&[0], true);
+    c.restart(0).unwrap();
+    // Far past the recovery timeout (3 s): time alone opens nothing.
+    let during = hammer(&mut c, &[0], "u", 1000, Nanos::from_millis(10));
+    assert_eq!(during, 0, "admitted while no peer had answered");
+    assert!(!c.limiter(0).is_admitting());
+    c.isolate(&[0], false);
+    c.advance(Nanos::from_secs(2));
+    assert!(c.limiter(0).is_admitting(), "recovered once peers answered");
+    assert_eq!(counted(&c, 0, "u"), spent, "its own slot came back");
+    let after = hammer(&mut c, &[0, 1, 2], "u", 900, Nanos::from_millis(2));
+    assert!(
+        spent + after <= limit + inflight_bound(3, limit),
+        "{after} admitted beyond a spent limit of {limit}"
+    );
+}
+
+#[test]
+fn a_restarted_node_with_an_old_snapshot_still_waits_for_its_peers() {
+    // The row "kill -9 node-0, 10 s snapshot kept": the snapshot is
+    // older than the node's last admissions, so it alone cannot open the gate.
+    let limit = 300;
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(limit as u32, "1h"), 22)).unwrap();
+    let first = hammer(&mut c, &[0], "u", 100, Nanos::from_millis(10));
+    let snapshot = c.snapshot(0);
+    let spent = first + spend_on_node_0(&mut c, "u", limit - first);
+    c.crash(0);
+    c.isolate(&[0], true);
+    c.restart_from(0, Some(&snapshot)).unwrap();
+    assert_eq!(counted(&c, 0, "u"), 100, "the snapshot was merged");
+    let during = hammer(&mut c, &[0], "u", 600, Nanos::from_millis(10));
+    assert_eq!(during, 0, "admitted on an old snapshot alone");
+    c.isolate(&[0], false);
+    c.advance(Nanos::from_secs(2));
+    assert!(c.limiter(0).is_admitting());
+    assert_eq!(counted(&c, 0, "u"), spent);
+    let after = hammer(&mut c, &[0, 1, 2], "u", 900, Nanos::from_millis(2));
+    assert!(
+        spent + after <= limit + inflight_bound(3, limit),
+        "{after} admitted beyond a spent limit of {limit}"
+    );
+}
+
+#[test]
+fn after_the_recovery_timeout_a_majority_of_the_configured_cluster_is_enough() {
+    // Node 2 is down for good; node 0 restarts. Node 1 and node 0 make a
+    // majority of three, so node 0 opens after the timeout with node 1's
+    // answer, and not before it.
+    let limit = 300;
+    let mut spec = ClusterSpec::new(3, &rules(limit as u32, "1h"), 23);
+    spec.recovery_timeout = Nanos::from_secs(1);
+    let mut c = MemCluster::new(spec).unwrap();
+    let spent = spend_on_node_0(&mut c, "u", limit);
+    c.crash(2);
+    c.crash(0);
+    c.restart(0).unwrap();
+    c.advance(Nanos::from_millis(500));
+    assert!(!c.limiter(0).is_admitting(), "node 2 has not answered yet");
+    c.advance(Nanos::from_millis(700));
+    assert!(c.limiter(0).is_admitting(), "a majority answered");
+    assert_eq!(counted(&c, 0, "u"), spent);
+    let after = hammer(&mut c, &[0, 1], "u", 600, Nanos::from_millis(2));
+    assert!(
+        spent + after <= limit + inflight_bound(3, limit),
+        "{after} admitted beyond a spent limit of {limit}"
+    );
+}
+
+#[test]
+fn under_available_a_lone_restart_opens_only_with_a_verified_snapshot() {
+    let limit = 300;
+    let mut spec = ClusterSpec::new(3, &rules(limit as u32, "1h"), 24);
+    spec.policy = SharePolicy::Available;
+    spec.recovery_timeout = Nanos::from_secs(1);
+    let mut c = MemCluster::new(spec).unwrap();
+    let spent = spend_on_node_0(&mut c, "u", limit);
+    let snapshot = c.snapshot(0);
+    c.crash(0);
+    c.isolate(&[0], true);
+    c.restart(0).unwrap();
+    c.advance(Nanos::from_secs(5));
+    assert!(!c.limiter(0).is_admitting(), "nothing to recover from");
+    c.crash(0);
+    c.restart_from(0, Some(&snapshot)).unwrap();
+    c.advance(Nanos::from_millis(500));
+    assert!(!c.limiter(0).is_admitting(), "before the timeout");
+    // Once the failure detector has declared the cut-off peers dead.
+    c.advance(Nanos::from_secs(2));
+    assert!(
+        c.limiter(0).is_admitting(),
+        "opened on its verified snapshot"
+    );
+    assert_eq!(counted(&c, 0, "u"), spent);
+}
+
+/// A cluster whose nodes run their whole `NodeCore` (real SWIM membership,
+/// real rules replication) on the harness's network.
+fn whole_core_cluster(limit: u64, seed: u64) -> MemCluster {
+    let mut spec = ClusterSpec::new(3, &rules(limit as u32, "1h"), seed);
+    spec.whole_core = true;
+    let mut c = MemCluster::new(spec).unwrap();
+    // Let SWIM hear of everyone.
+    c.advance(Nanos::from_secs(2));
+    c
+}
+
+#[test]
+fn whole_cores_declare_a_crashed_node_down_by_swim() {
+    let mut c = whole_core_cluster(300, 31);
+    for n in 0..3 {
+        for p in (0..3u16).filter(|&p| p as usize != n) {
+            assert!(c.replicator(n).peers()[&p].live, "{n} sees {p} alive");
+        }
+    }
+    c.crash(2);
+    c.advance(Nanos::from_secs(8));
+    for n in 0..2 {
+        assert!(!c.replicator(n).peers()[&2].live, "{n} still sees 2 alive");
+    }
+    // The majority carries on.
+    let admitted = hammer(&mut c, &[0, 1], "v", 100, Nanos::from_millis(5));
+    assert_eq!(admitted, 100);
+}
+
+#[test]
+fn whole_cores_recover_a_restart_only_once_peers_answer() {
+    let limit = 300;
+    let mut c = whole_core_cluster(limit, 32);
+    let spent = spend_on_node_0(&mut c, "u", limit);
+    c.crash(0);
+    c.isolate(&[0], true);
+    c.restart(0).unwrap();
+    let during = hammer(&mut c, &[0], "u", 500, Nanos::from_millis(10));
+    assert_eq!(during, 0, "admitted while no peer had answered");
+    c.isolate(&[0], false);
+    c.advance(Nanos::from_secs(3));
+    assert!(c.limiter(0).is_admitting(), "recovered once peers answered");
+    assert_eq!(counted(&c, 0, "u"), spent);
+    let after = hammer(&mut c, &[0, 1, 2], "u", 900, Nanos::from_millis(2));
+    assert!(
+        spent + after <= limit + inflight_bound(3, limit),
+        "{after} admitted beyond a spent limit of {limit}"
+    );
+}
+
+#[test]
+fn whole_cores_replicate_rules_and_a_restart_adopts_the_newest() {
+    let mut c = whole_core_cluster(300, 33);
+    c.crash(2);
+    let version = c
+        .put_rules(0, &rules(5, "1h"))
+        .expect("valid rules are put in force");
+    c.advance(Nanos::from_millis(100));
+    assert_eq!(c.rules_version(1), Some(version), "reached the live peer");
+    // Node 2 missed it; it restarts on the old rules and is ready only with
+    // its peers' newer ones in force.
+    c.restart(2).unwrap();
+    c.advance(Nanos::from_secs(1));
+    assert!(c.limiter(2).is_admitting());
+    assert_eq!(c.rules_version(2), Some(version));
+    let admitted = hammer(&mut c, &[2], "w", 20, Nanos::from_millis(10));
+    assert!(
+        admitted <= 5,
+        "{admitted} admitted under the new limit of 5"
+    );
+    assert!(c.put_rules(1, "[[rules]").is_err(), "invalid rules refused");
+    assert_eq!(c.rules_version(1), Some(version));
+}

@@ -5,8 +5,11 @@
 //! This is the sans-IO core driven directly: the same decision, share and
 //! replication code a node runs, with the QUIC transport replaced by a queue
 //! and the failure detector by a rule (a peer unheard from for
-//! `detect_after` is declared dead). Everything random comes from one seeded
-//! generator, so a run is replayed exactly from its seed. Tests use it, and
+//! `detect_after` is declared dead). With `ClusterSpec::whole_core` each
+//! node runs its whole `NodeCore` instead, as a real node does: real SWIM
+//! decides liveness, rules replicate, and the harness plays only the
+//! transport. Everything random comes from seeded generators, so a run is
+//! replayed exactly from its seed. Tests use it, and
 //! so does the simulation harness.
 
 use std::cmp::Reverse;
@@ -16,6 +19,7 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+use crate::cluster::node_core::{CoreConfig, NodeCore};
 use crate::cluster::replication::{ClaimEvent, ReplicationConfig, Replicator};
 use crate::core::descriptor::Descriptors;
 use crate::core::rules::RuleSet;
@@ -64,10 +68,17 @@ pub struct ClusterSpec {
     pub seed: u64,
     /// Reference time at the start (Unix epoch ns).
     pub start: Nanos,
+    /// How long a restarted node waits for every peer's answer before a
+    /// majority's is enough (it never opens on time alone).
+    pub recovery_timeout: Nanos,
     /// Near a limit, confirm provisional hits with the peers (the design in
     /// force) rather than refuse them for an acknowledgement wait (the
     /// earlier design, kept for comparison).
     pub confirm: bool,
+    /// Drive every node through its whole [`NodeCore`] (real SWIM
+    /// membership and rules replication, as a node runs it) instead of the
+    /// replicator with the harness's silence rule for failures.
+    pub whole_core: bool,
 }
 
 impl ClusterSpec {
@@ -82,18 +93,143 @@ impl ClusterSpec {
             max_keys: 1 << 16,
             seed,
             start: Nanos::from_secs(1_700_000_000),
+            recovery_timeout: Nanos::from_secs(3),
             confirm: true,
+            whole_core: false,
         }
     }
 }
 
 type SimLimiter = Limiter<Arc<ManualClock>>;
 
+/// What the harness drives for one node.
+enum Driven {
+    /// The replicator alone; liveness comes from the harness's rule.
+    Replicator(Replicator),
+    /// The node's whole core, as a real node runs it.
+    Core(Box<NodeCore<Arc<ManualClock>>>),
+}
+
+/// The address a simulated node's membership knows it by.
+fn sim_addr(slot: u16) -> std::net::SocketAddr {
+    let [hi, lo] = slot.to_be_bytes();
+    std::net::SocketAddr::from(([10, 0, hi, lo], 7400))
+}
+
+impl Driven {
+    fn repl(&self) -> &Replicator {
+        match self {
+            Driven::Replicator(r) => r,
+            Driven::Core(c) => c.replicator(),
+        }
+    }
+    fn ship_now(&mut self, now: Nanos, limiter: &SimLimiter) {
+        match self {
+            Driven::Replicator(r) => r.ship_now(now, limiter),
+            Driven::Core(c) => c.handle_wake(now),
+        }
+    }
+    fn claim(
+        &mut self,
+        now: Nanos,
+        started: Nanos,
+        keys: Vec<(u64, u64)>,
+        limiter: &SimLimiter,
+    ) -> u64 {
+        match self {
+            Driven::Replicator(r) => r.claim(now, started, keys, limiter),
+            Driven::Core(c) => c.claim(now, started, keys),
+        }
+    }
+    fn config(&self) -> &ReplicationConfig {
+        self.repl().config()
+    }
+    fn yield_to(
+        &mut self,
+        ticket: u64,
+        keys: Vec<(u64, u64)>,
+        blocking: u64,
+        answered: u64,
+        deadline: Nanos,
+    ) {
+        match self {
+            Driven::Replicator(r) => r.yield_to(ticket, keys, blocking, answered, deadline),
+            Driven::Core(c) => c.yield_to(ticket, keys, blocking, answered, deadline),
+        }
+    }
+    fn poll_claim_event(&mut self) -> Option<ClaimEvent> {
+        match self {
+            Driven::Replicator(r) => r.poll_claim_event(),
+            Driven::Core(c) => c.poll_claim_event(),
+        }
+    }
+    fn peer_connected(&mut self, now: Nanos, slot: u16, digest: u64) {
+        match self {
+            Driven::Replicator(r) => r.peer_connected(now, slot, digest),
+            Driven::Core(c) => c.handle_connected(now, slot, sim_addr(slot)),
+        }
+    }
+    fn peer_disconnected(&mut self, slot: u16) {
+        match self {
+            Driven::Replicator(r) => r.peer_disconnected(slot),
+            Driven::Core(c) => c.handle_disconnected(slot),
+        }
+    }
+    fn poll_transmit(&mut self) -> Option<crate::cluster::replication::Transmit> {
+        match self {
+            Driven::Replicator(r) => r.poll_transmit(),
+            Driven::Core(c) => {
+                // The harness's network is a full mesh: nothing to dial.
+                while c.poll_event().is_some() {}
+                c.poll_transmit()
+            }
+        }
+    }
+    /// The harness's failure-detector verdict (replicator mode only: a
+    /// whole core has its own).
+    fn set_liveness(&mut self, limiter: &SimLimiter, slot: u16, live: bool, digest: u64) {
+        if let Driven::Replicator(r) = self {
+            r.set_liveness(limiter, slot, live, digest);
+        }
+    }
+    fn unsynced_live(&self) -> bool {
+        self.repl().unsynced_live()
+    }
+    fn poll_timeout(&self) -> Nanos {
+        match self {
+            Driven::Replicator(r) => r.poll_timeout(),
+            Driven::Core(c) => c.poll_timeout(),
+        }
+    }
+    fn handle_timeout(&mut self, now: Nanos, limiter: &SimLimiter) {
+        match self {
+            Driven::Replicator(r) => r.handle_timeout(now, limiter),
+            Driven::Core(c) => c.handle_timeout(now),
+        }
+    }
+    fn handle_frame(
+        &mut self,
+        now: Nanos,
+        from: u16,
+        bytes: &[u8],
+        limiter: &SimLimiter,
+        digest: u64,
+    ) {
+        match self {
+            Driven::Replicator(r) => {
+                // Refused frames are counted by the replicator.
+                let _ = r.handle_frame(now, from, bytes, limiter, digest);
+            }
+            Driven::Core(c) => c.handle_frame(now, from, bytes),
+        }
+    }
+}
+
 struct SimNode {
     limiter: Arc<SimLimiter>,
     /// Set by the limiter when a key's in-flight share is spent.
     wake: Arc<std::sync::atomic::AtomicBool>,
-    repl: Replicator,
+    repl: Driven,
     clock: Arc<ManualClock>,
     /// This node's clock minus the reference clock, in ns.
     skew: i64,
@@ -182,6 +318,16 @@ impl MemCluster {
     }
 
     fn boot(&mut self, slot: u16, incarnation: u64, recovering: bool) -> Result<SimNode, String> {
+        self.boot_from(slot, incarnation, recovering, None)
+    }
+
+    fn boot_from(
+        &mut self,
+        slot: u16,
+        incarnation: u64,
+        recovering: bool,
+        snapshot: Option<&[u8]>,
+    ) -> Result<SimNode, String> {
         let rules = RuleSet::from_toml(&self.spec.rules).map_err(|e| e.to_string())?;
         let clock = Arc::new(ManualClock::new(self.now));
         let config = LimiterConfig {
@@ -194,6 +340,10 @@ impl MemCluster {
             .and_then(|l| l.clustered(self.view(slot, &BTreeSet::new())))
             .map_err(|e| e.to_string())?;
         limiter.set_admitting(!recovering);
+        let local = Nanos::new((self.now.as_u64() as i64 + self.skew_of(slot)).max(0) as u64);
+        if let Some(bytes) = snapshot {
+            crate::cluster::snapshot::restore(&limiter, local, bytes).map_err(|e| e.to_string())?;
+        }
         let wake = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = wake.clone();
         limiter.set_wake(move || flag.store(true, std::sync::atomic::Ordering::Relaxed));
@@ -201,13 +351,45 @@ impl MemCluster {
         rc.sync_interval = self.spec.sync_interval;
         rc.policy = self.spec.policy;
         rc.expected_peers = self.spec.nodes - 1;
+        rc.recovery_timeout = self.spec.recovery_timeout;
+        rc.snapshot_restored = snapshot.is_some();
         limiter.set_confirm_hold(rc.claim_timeout * 2);
-        let mut repl = Replicator::new(rc, incarnation, recovering, self.now);
-        for peer in 0..self.spec.nodes as u16 {
-            repl.add_peer(peer);
-        }
+        let limiter = Arc::new(limiter);
+        let repl = if self.spec.whole_core {
+            let cfg = CoreConfig {
+                name: format!("node-{slot}"),
+                slot,
+                cluster_size: self.spec.nodes,
+                policy: self.spec.policy,
+                inflight_ppm: self.spec.inflight_ppm,
+                sync_interval: self.spec.sync_interval,
+                recovery_timeout: self.spec.recovery_timeout,
+                snapshot_restored: snapshot.is_some(),
+                incarnation,
+                peer_addr: sim_addr(slot),
+                recovering,
+            };
+            let mut core = NodeCore::new(
+                cfg,
+                limiter.clone(),
+                self.spec.rules.clone(),
+                (0, 0),
+                self.rules_digest,
+                local,
+            );
+            for peer in 0..self.spec.nodes as u16 {
+                core.add_peer(peer);
+            }
+            Driven::Core(Box::new(core))
+        } else {
+            let mut repl = Replicator::new(rc, incarnation, recovering, self.now);
+            for peer in 0..self.spec.nodes as u16 {
+                repl.add_peer(peer);
+            }
+            Driven::Replicator(repl)
+        };
         Ok(SimNode {
-            limiter: Arc::new(limiter),
+            limiter,
             wake,
             repl,
             clock,
@@ -243,8 +425,35 @@ impl MemCluster {
         &self.nodes[node].limiter
     }
     pub fn replicator(&self, node: usize) -> &Replicator {
-        &self.nodes[node].repl
+        self.nodes[node].repl.repl()
     }
+    /// Puts `text` in force through `node` as an operator would (whole-core
+    /// clusters only: the replicator alone has no rules register).
+    pub fn put_rules(
+        &mut self,
+        node: usize,
+        text: &str,
+    ) -> Result<crate::cluster::node_core::RulesVersion, crate::cluster::node_core::PutRulesError>
+    {
+        let Driven::Core(core) = &mut self.nodes[node].repl else {
+            return Err(crate::cluster::node_core::PutRulesError::Invalid(
+                "only whole-core clusters replicate rules".into(),
+            ));
+        };
+        let prepared = core.prepare_rules(text.to_owned())?;
+        let version = core.commit_rules(prepared);
+        self.flush(node);
+        Ok(version)
+    }
+
+    /// The version of the rules in force at `node` (whole-core clusters).
+    pub fn rules_version(&self, node: usize) -> Option<crate::cluster::node_core::RulesVersion> {
+        match &self.nodes[node].repl {
+            Driven::Core(core) => Some(core.rules_version()),
+            Driven::Replicator(_) => None,
+        }
+    }
+
     pub fn is_up(&self, node: usize) -> bool {
         self.nodes[node].up
     }
@@ -253,6 +462,10 @@ impl MemCluster {
     pub fn set_skew(&mut self, node: usize, skew_ns: i64) {
         self.nodes[node].skew = skew_ns;
         self.sync_clock(node);
+    }
+
+    fn skew_of(&self, slot: u16) -> i64 {
+        self.nodes.get(usize::from(slot)).map_or(0, |n| n.skew)
     }
 
     fn local_now(&self, node: usize) -> Nanos {
@@ -419,9 +632,20 @@ impl MemCluster {
     /// Starts a crashed node again: new process, next incarnation, empty
     /// memory, recovering its own slot from its peers before it admits.
     pub fn restart(&mut self, node: usize) -> Result<(), String> {
+        self.restart_from(node, None)
+    }
+
+    /// A node's snapshot now (every slot of every live key), as the node
+    /// writes it.
+    pub fn snapshot(&self, node: usize) -> Vec<u8> {
+        crate::cluster::snapshot::capture(&self.nodes[node].limiter, self.local_now(node))
+    }
+
+    /// As [`MemCluster::restart`], merging `snapshot` before anything else.
+    pub fn restart_from(&mut self, node: usize, snapshot: Option<&[u8]>) -> Result<(), String> {
         let incarnation = self.nodes[node].incarnation + 1;
         let skew = self.nodes[node].skew;
-        let mut fresh = self.boot(node as u16, incarnation, true)?;
+        let mut fresh = self.boot_from(node as u16, incarnation, true, snapshot)?;
         fresh.skew = skew;
         self.nodes[node] = fresh;
         self.sync_clock(node);
@@ -553,11 +777,30 @@ impl MemCluster {
         self.sync_clock(to);
         let limiter = self.nodes[to].limiter.clone();
         let digest = self.rules_digest;
-        // Refused frames are counted by the replicator; nothing else to do.
-        let _ = self.nodes[to]
+        self.nodes[to]
             .repl
             .handle_frame(local, f.from, &f.bytes, &limiter, digest);
         self.flush(to);
+    }
+
+    /// For a node driven through its whole core, the harness plays only the
+    /// transport: a connection to a peer that cannot be reached for
+    /// `detect_after` (the idle timeout) is lost, and one to a peer that
+    /// can be reached again is redialled. Liveness is SWIM's business.
+    fn transport_model(&mut self, a: usize) {
+        for b in 0..self.nodes.len() {
+            if a == b {
+                continue;
+            }
+            let key = (a as u16, b as u16);
+            let last = self.heard.get(&key).copied().unwrap_or(self.spec.start);
+            let silent = self.now.saturating_sub(last) >= self.spec.detect_after;
+            if silent && self.linked.remove(&key) {
+                self.nodes[a].repl.peer_disconnected(b as u16);
+            } else if !silent && !self.linked.contains(&key) {
+                self.connect(a as u16, b as u16);
+            }
+        }
     }
 
     /// The failure-detector model: a peer that cannot be reached (down, or
@@ -576,6 +819,10 @@ impl MemCluster {
             if !self.nodes[a].up {
                 continue;
             }
+            if matches!(self.nodes[a].repl, Driven::Core(_)) {
+                self.transport_model(a);
+                continue;
+            }
             let mut dead = BTreeSet::new();
             for b in 0..self.nodes.len() {
                 if a == b {
@@ -586,6 +833,7 @@ impl MemCluster {
                 let silent = self.now.saturating_sub(last) >= self.spec.detect_after;
                 let was_live = self.nodes[a]
                     .repl
+                    .repl()
                     .peers()
                     .get(&(b as u16))
                     .is_some_and(|p| p.live);

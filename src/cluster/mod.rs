@@ -1,4 +1,5 @@
 pub mod harness;
 pub mod membership;
+pub mod node_core;
 pub mod replication;
 pub mod snapshot;

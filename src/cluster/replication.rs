@@ -52,7 +52,9 @@ pub struct ReplicationConfig {
     pub chunk_bytes: usize,
     /// How many buckets ahead of the local clock a peer's value may be.
     pub max_ahead: u64,
-    /// How long a restarted node waits for its peers before admitting anyway.
+    /// How long a restarted node waits for *every* peer's answer; after it,
+    /// the answers of a majority are enough (see [`Replicator::check_recovered`]).
+    /// It never opens the gate on its own.
     pub recovery_timeout: Nanos,
     /// How long a claim (provisional hits near a limit) waits for every
     /// peer's answer before the request is refused.
@@ -60,9 +62,16 @@ pub struct ReplicationConfig {
     /// A claim not answered after this long is sent again to the peers
     /// that have not answered.
     pub claim_resend: Nanos,
-    /// How many peers must answer a recovery before the node admits: the
-    /// other members of the cluster. Zero for a node alone.
+    /// The other members of the configured cluster (`cluster_size − 1`).
+    /// Zero for a node alone.
     pub expected_peers: usize,
+    /// The node merged a verified snapshot at start: under `available` it
+    /// may then open with no peer reachable.
+    pub snapshot_restored: bool,
+    /// A peer's answer counts for recovery only once its rules have arrived
+    /// too (a node sends its rules on every new connection), so a restarted
+    /// node never admits on rules older than the cluster's.
+    pub await_rules: bool,
     pub policy: SharePolicy,
 }
 
@@ -81,6 +90,8 @@ impl ReplicationConfig {
             claim_timeout: Nanos::from_millis(50),
             claim_resend: Nanos::from_millis(10),
             expected_peers: 0,
+            snapshot_restored: false,
+            await_rules: false,
             policy: SharePolicy::Strict,
         }
     }
@@ -193,6 +204,8 @@ pub struct PeerState {
     /// full sync has arrived. Until then its admissions while we could not
     /// hear it may be unknown here, and requests are confirmed.
     pub synced_from: bool,
+    /// The peer's rules arrived since this node started.
+    rules_heard: bool,
 }
 
 struct Round {
@@ -319,8 +332,9 @@ impl Replicator {
     /// True when this node and the live peers are at most half the cluster.
     pub fn in_minority(&self) -> bool {
         let live = 1 + self.peers.values().filter(|p| p.live).count();
-        let members = 1 + self.peers.len();
-        live * 2 <= members && !self.peers.is_empty()
+        // Configured members count even before they are heard from.
+        let members = 1 + self.peers.len().max(self.cfg.expected_peers);
+        live * 2 <= members && members > 1
     }
 
     /// Whether frames must wait for `slot`'s acknowledgement before their
@@ -791,7 +805,15 @@ impl Replicator {
             Frame::Claim(s) => self.on_claim(now, from, &s, limiter),
             Frame::Answer(s) => self.on_answer(now, from, &s, limiter),
             Frame::Swim(s) => return Ok(Delivered::Swim(s.payload)),
-            Frame::Rules(r) => return Ok(Delivered::Rules(r)),
+            Frame::Rules(r) => {
+                // Not a reason to re-check recovery now: the caller adopts
+                // these rules after this returns, and the gate opens at the
+                // next tick at the earliest.
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.rules_heard = true;
+                }
+                return Ok(Delivered::Rules(r));
+            }
         }
         if let Some(keys) = carried {
             self.heard_from(from, Some(&keys));
@@ -956,21 +978,62 @@ impl Replicator {
         }
     }
 
+    /// Opens the recovery gate once this node has the counts it needs.
+    ///
+    /// - Every configured peer answered: open at once.
+    /// - After `recovery_timeout`, under `strict` and `bounded`: the peers
+    ///   that answered and this node make a majority of the *configured*
+    ///   cluster (`⌊n/2⌋` answers). A lone restarted node, or one whose peers
+    ///   are all silent, never opens: it would decide as if its own slot and
+    ///   its peers' were empty.
+    /// - After `recovery_timeout`, under `available`: every peer reachable
+    ///   now (connected and live) answered, and at least one did, or the
+    ///   node merged a verified snapshot.
+    ///
+    /// Time alone never opens it.
     fn check_recovered<C: crate::core::time::Clock>(&mut self, now: Nanos, limiter: &Limiter<C>) {
         if !self.recovering {
             return;
         }
-        // Every other member must have sent back what it knows of our slot:
-        // one peer may lag behind another, and the largest value wins.
-        let answered = self.peers.values().filter(|p| p.recovered_from).count();
-        let all_answered = answered >= self.cfg.expected_peers;
-        let timed_out = self
-            .recovery_started
-            .is_some_and(|t| now.saturating_sub(t) >= self.cfg.recovery_timeout);
-        if all_answered || timed_out {
+        if self.recovery_complete(now) {
             self.recovering = false;
             limiter.set_admitting(true);
         }
+    }
+
+    /// Whether the recovery gate may open now (see `check_recovered`).
+    pub fn recovery_complete(&self, now: Nanos) -> bool {
+        let answered = self.peers.values().filter(|p| self.answered(p)).count();
+        if answered >= self.cfg.expected_peers {
+            return true;
+        }
+        let waited = self
+            .recovery_started
+            .is_some_and(|t| now.saturating_sub(t) >= self.cfg.recovery_timeout);
+        if !waited {
+            return false;
+        }
+        match self.cfg.policy {
+            SharePolicy::Available => {
+                let reachable_silent = self
+                    .peers
+                    .values()
+                    .any(|p| p.connected && p.live && !self.answered(p));
+                !reachable_silent && (answered > 0 || self.cfg.snapshot_restored)
+            }
+            _ => answered >= self.majority_answers(),
+        }
+    }
+
+    /// The peer sent back our slot (and its rules, when awaited).
+    fn answered(&self, p: &PeerState) -> bool {
+        p.recovered_from && (p.rules_heard || !self.cfg.await_rules)
+    }
+
+    /// Answers that make, with this node, a majority of the configured
+    /// cluster.
+    fn majority_answers(&self) -> usize {
+        (self.cfg.expected_peers + 1) / 2
     }
 
     /// The sync tick: acknowledge what arrived, ship what changed, resend

@@ -160,6 +160,10 @@ pub async fn put_rules(
             StatusCode::SERVICE_UNAVAILABLE,
             e.to_string(),
         )),
+        Err(e @ PutRulesError::NotPersisted(_)) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )),
     }
 }
 

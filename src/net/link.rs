@@ -112,16 +112,20 @@ pub(crate) async fn dial(
 }
 
 /// Completes an incoming connection and learns its verified peer.
+/// `limit` bounds the TLS handshake and the slot exchange together.
 pub(crate) async fn accept(
     incoming: quinn::Incoming,
     own: PeerId,
+    limit: Duration,
 ) -> Result<(Connection, PeerId), HandshakeError> {
     let connecting = incoming.accept()?;
-    let conn = timeout(HANDSHAKE_TIMEOUT, connecting)
-        .await
-        .map_err(|_| HandshakeError::Timeout)??;
-    let peer = verify(&conn, own, None).await?;
-    Ok((conn, peer))
+    timeout(limit, async {
+        let conn = connecting.await?;
+        let peer = verify(&conn, own, None).await?;
+        Ok((conn, peer))
+    })
+    .await
+    .map_err(|_| HandshakeError::Timeout)?
 }
 
 /// Runs the exchange; on failure closes the connection with a code saying

@@ -53,7 +53,9 @@ pub use certs::{
     generate_dev_certs, local_cluster_specs, CertError, ClusterCa, NodeCert, NodeCertSpec,
 };
 pub use tls::{verify_cert_name, verify_cert_slot, IdentityError, NodeTls, TlsError};
-pub use transport::{Incoming, PeerStats, SendError, Transport, TransportError, Via};
+pub use transport::{
+    AdmissionStats, Incoming, PeerStats, SendError, Transport, TransportError, Via,
+};
 
 /// The ALPN protocol every node speaks.
 pub const ALPN: &[u8] = b"drl/1";

@@ -9,8 +9,9 @@
 //! never takes the ordering lock, so a consumer that is behind cannot
 //! deadlock against its own `send` or `set_peers` calls.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -22,7 +23,14 @@ use tracing::{debug, info, warn};
 
 use super::close_code;
 use super::link::{self, HandshakeError, LinkCounters, PeerId};
-use super::transport::{Incoming, MAX_BACKOFF, MIN_BACKOFF, STREAM_QUEUE};
+use super::transport::{
+    Incoming, MAX_BACKOFF, MAX_PENDING_PER_SOURCE, MIN_BACKOFF, STREAM_QUEUE,
+    UNKNOWN_HANDSHAKE_TIMEOUT,
+};
+
+/// Most peer addresses remembered (a cluster has at most 64 nodes; this
+/// leaves room for address changes without growing without bound).
+const MAX_KNOWN_ADDRS: usize = 1024;
 
 /// A connection that lived this long resets the backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(1);
@@ -38,7 +46,23 @@ pub(crate) struct Shared {
     /// Held while a link is (un)registered and its event queued.
     pub order: tokio::sync::Mutex<()>,
     pub state: Mutex<State>,
+    /// Handshake slots for hosts this node does not know.
     pub handshakes: Arc<Semaphore>,
+    /// Handshake slots kept for known peer addresses, which strangers can
+    /// never take.
+    pub known_handshakes: Arc<Semaphore>,
+    pub admission: AdmissionCounters,
+}
+
+/// What the accept loop did with incoming connection attempts.
+#[derive(Default)]
+pub(crate) struct AdmissionCounters {
+    pub retried: AtomicU64,
+    pub refused_busy: AtomicU64,
+    pub refused_per_source: AtomicU64,
+    pub accepted_known: AtomicU64,
+    pub accepted_unknown: AtomicU64,
+    pub failed: AtomicU64,
 }
 
 #[derive(Default)]
@@ -49,6 +73,20 @@ pub(crate) struct State {
     pub seeds: HashMap<SocketAddr, Arc<Notify>>,
     pub links: HashMap<u16, PeerLinks>,
     pub counters: HashMap<u16, Arc<LinkCounters>>,
+    /// Addresses of peers: dialed, seeds, and the sources of verified
+    /// connections. A peer dials from the address it listens on (one socket
+    /// per endpoint), so its attempts are recognised here.
+    pub known_addrs: HashSet<SocketAddr>,
+    /// Handshakes in flight per source IP, for unknown sources.
+    pub pending_by_ip: HashMap<IpAddr, usize>,
+}
+
+impl State {
+    fn remember(&mut self, addr: SocketAddr) {
+        if self.known_addrs.len() < MAX_KNOWN_ADDRS {
+            self.known_addrs.insert(addr);
+        }
+    }
 }
 
 pub(crate) struct Dialer {
@@ -152,6 +190,7 @@ impl State {
         self.next_id += 1;
         let generation = self.next_id;
         let cancel = Arc::new(Notify::new());
+        self.remember(addr);
         self.dialers.insert(
             slot,
             Dialer {
@@ -166,6 +205,7 @@ impl State {
 
     pub fn start_seed(&mut self, shared: &Arc<Shared>, addr: SocketAddr) {
         let cancel = Arc::new(Notify::new());
+        self.remember(addr);
         self.seeds.insert(addr, cancel.clone());
         shared.runtime.spawn(seed(shared.clone(), addr, cancel));
     }
@@ -184,23 +224,85 @@ impl State {
     }
 }
 
+/// Admits incoming connection attempts so that hosts which cannot
+/// authenticate never keep known peers out:
+///
+/// - an attempt from a known peer address takes a slot of its own pool
+///   (strangers cannot exhaust it) with the full handshake timeout;
+/// - an attempt from an unknown address whose source is not yet validated is
+///   answered with a stateless QUIC Retry: it costs no slot and no state, and
+///   a spoofed source never comes back with the token;
+/// - a validated unknown source may hold at most `MAX_PENDING_PER_SOURCE`
+///   handshakes per IP, from the shared pool of `MAX_PENDING_HANDSHAKES`,
+///   each for at most `UNKNOWN_HANDSHAKE_TIMEOUT`.
 pub(crate) async fn accept_loop(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
         let addr = incoming.remote_address();
-        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
-            debug!(%addr, "too many pending handshakes");
+        let known = shared.state().known_addrs.contains(&addr);
+        let counters = &shared.admission;
+        if !known && !incoming.remote_address_validated() {
+            counters.retried.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            continue;
+        }
+        let pool = if known {
+            &shared.known_handshakes
+        } else {
+            &shared.handshakes
+        };
+        let Ok(permit) = pool.clone().try_acquire_owned() else {
+            debug!(%addr, known, "too many pending handshakes");
+            counters.refused_busy.fetch_add(1, Ordering::Relaxed);
             incoming.refuse();
             continue;
         };
+        let source = (!known).then_some(addr.ip());
+        if let Some(ip) = source {
+            let mut state = shared.state();
+            let pending = state.pending_by_ip.entry(ip).or_default();
+            if *pending >= MAX_PENDING_PER_SOURCE {
+                drop(state);
+                counters.refused_per_source.fetch_add(1, Ordering::Relaxed);
+                incoming.refuse();
+                continue;
+            }
+            *pending += 1;
+        }
+        let limit = if known {
+            link::HANDSHAKE_TIMEOUT
+        } else {
+            UNKNOWN_HANDSHAKE_TIMEOUT
+        };
         let task_shared = shared.clone();
         shared.runtime.spawn(async move {
-            let accepted = link::accept(incoming, task_shared.own).await;
+            let accepted = link::accept(incoming, task_shared.own, limit).await;
             drop(permit);
+            if let Some(ip) = source {
+                let mut state = task_shared.state();
+                if let Some(n) = state.pending_by_ip.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        state.pending_by_ip.remove(&ip);
+                    }
+                }
+            }
+            let counters = &task_shared.admission;
             match accepted {
                 Ok((conn, peer)) => {
+                    if known {
+                        counters.accepted_known.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        counters.accepted_unknown.fetch_add(1, Ordering::Relaxed);
+                    }
+                    task_shared.state().remember(addr);
                     serve(&task_shared, conn, peer, Direction::Accepted, None).await;
                 }
-                Err(error) => log_refusal(addr, &error),
+                Err(error) => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    log_refusal(addr, &error);
+                }
             }
         });
     }

@@ -21,8 +21,33 @@ use crate::core::wire::MAX_FRAME_BYTES;
 pub const EVENT_QUEUE: usize = 4096;
 /// Stream frames queued per connection before [`SendError::Backlogged`].
 pub const STREAM_QUEUE: usize = 32;
-/// Handshakes (TLS and slot exchange) in flight at once; more are refused.
+/// Handshakes (TLS and slot exchange) in flight at once from unknown
+/// addresses; more are refused. Known peer addresses have as many again of
+/// their own.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Handshakes in flight at once from one unknown source IP.
+pub const MAX_PENDING_PER_SOURCE: usize = 8;
+/// Longest an unknown source may take to finish its TLS handshake and slot
+/// exchange (a peer on a LAN needs milliseconds; known peers get
+/// five seconds).
+pub const UNKNOWN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the accept loop did with incoming connection attempts, since bind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdmissionStats {
+    /// Unknown, unvalidated sources answered with a stateless Retry.
+    pub retried: u64,
+    /// Refused because every handshake slot of their pool was taken.
+    pub refused_busy: u64,
+    /// Refused because their source IP had too many handshakes in flight.
+    pub refused_per_source: u64,
+    /// Verified connections from known peer addresses.
+    pub accepted_known: u64,
+    /// Verified connections from other addresses.
+    pub accepted_unknown: u64,
+    /// Handshakes that failed or timed out.
+    pub failed: u64,
+}
 /// First reconnect delay; doubles per failure up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(50);
 /// Longest reconnect delay.
@@ -167,12 +192,28 @@ impl Transport {
             order: tokio::sync::Mutex::new(()),
             state: Mutex::new(State::default()),
             handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            known_handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+            admission: Default::default(),
         });
         runtime.spawn(peers::accept_loop(shared.clone()));
         let transport = Transport {
             owner: Arc::new(Owner { shared }),
         };
         Ok((transport, receiver))
+    }
+
+    /// What the accept loop did with incoming attempts so far.
+    pub fn admission_stats(&self) -> AdmissionStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.shared().admission;
+        AdmissionStats {
+            retried: c.retried.load(Relaxed),
+            refused_busy: c.refused_busy.load(Relaxed),
+            refused_per_source: c.refused_per_source.load(Relaxed),
+            accepted_known: c.accepted_known.load(Relaxed),
+            accepted_unknown: c.accepted_unknown.load(Relaxed),
+            failed: c.failed.load(Relaxed),
+        }
     }
 
     fn shared(&self) -> &Arc<Shared> {

@@ -56,7 +56,12 @@ pub struct NodeFile {
     /// Where to keep the local snapshot (none: no snapshots).
     pub snapshot_path: Option<PathBuf>,
     pub snapshot_interval: String,
-    /// How long a restarted node waits for peers before admitting anyway.
+    /// Where the node keeps what it must find after a restart (the rules put
+    /// in force through the admin API or by peers). Default: the snapshot's
+    /// directory; with neither, rule changes are not kept across restarts.
+    pub data_dir: Option<PathBuf>,
+    /// How long a restarted node waits for every peer's answer; after it, a
+    /// majority's answers are enough. Time alone never opens the gate.
     pub recovery_timeout: String,
     /// The cluster CA, this node's certificate and key (PEM).
     pub tls_ca: PathBuf,
@@ -91,6 +96,7 @@ impl Default for NodeFile {
             max_keys: 1 << 20,
             snapshot_path: None,
             snapshot_interval: "10s".into(),
+            data_dir: None,
             recovery_timeout: "3s".into(),
             tls_ca: PathBuf::from("certs/ca.pem"),
             tls_cert: PathBuf::from("certs/node-0.pem"),
@@ -121,6 +127,7 @@ pub struct NodeSettings {
     pub max_keys: usize,
     pub snapshot_path: Option<PathBuf>,
     pub snapshot_interval: Nanos,
+    pub data_dir: Option<PathBuf>,
     pub recovery_timeout: Nanos,
     pub tls_ca: PathBuf,
     pub tls_cert: PathBuf,
@@ -185,6 +192,19 @@ fn fraction_ppm(field: &'static str, f: f64) -> Result<u32, ConfigError> {
         return Err(invalid(field, format!("must be in (0, 1], got {f}")));
     }
     Ok((f * 1_000_000.0).round() as u32)
+}
+
+impl NodeSettings {
+    /// Where the rules in force are kept across restarts: `<name>.rules-state`
+    /// in `data_dir`, or else beside the snapshot; `None` with neither.
+    pub fn rules_state_path(&self) -> Option<PathBuf> {
+        let dir = match (&self.data_dir, &self.snapshot_path) {
+            (Some(d), _) => d.clone(),
+            (None, Some(s)) => s.parent()?.to_owned(),
+            (None, None) => return None,
+        };
+        Some(dir.join(format!("{}.rules-state", self.name)))
+    }
 }
 
 impl NodeFile {
@@ -307,6 +327,7 @@ impl NodeFile {
             max_keys: self.max_keys,
             snapshot_path: self.snapshot_path.as_ref().map(path),
             snapshot_interval: duration("snapshot_interval", &self.snapshot_interval)?,
+            data_dir: self.data_dir.as_ref().map(path),
             recovery_timeout: duration("recovery_timeout", &self.recovery_timeout)?,
             tls_ca: path(&self.tls_ca),
             tls_cert: path(&self.tls_cert),

@@ -1,19 +1,23 @@
 //! A cluster node: the thin async shell around the state machines.
 //!
 //! [`Node::start`] binds the QUIC transport, builds the limiter, and spawns
-//! one task that owns the replicator and the membership state machine. That
-//! task only moves bytes and time between them and the transport: frames in,
-//! transmits out, timers from `poll_timeout`. Everything it decides comes from
-//! `cluster::replication`, `cluster::membership` and `core::share`.
+//! one task that owns the node's sans-IO core ([`NodeCore`]: replication,
+//! membership, the rules register, the recovery gate and the share view).
+//! That task only moves bytes and time between the core and the world:
+//! frames in, transmits out, timers from `poll_timeout`, and the I/O the
+//! core's events ask for (peers to dial, rules to keep on disk). It also
+//! does the node's file work: snapshots, the rules file, the rules state.
 //!
 //! The node admits nothing until it has recovered its own slots from its
-//! peers (or its snapshot, or the recovery timeout passed with no peer to ask).
+//! peers: all of them, or after the recovery timeout a majority of the
+//! configured cluster (see `Replicator::check_recovered`); never on time alone.
 //! On shutdown it ships a final delta, leaves the membership, writes a
 //! snapshot and closes its connections.
 
 pub mod config;
+pub mod rules_state;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -23,17 +27,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::clock::SystemClock;
-use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
-use crate::cluster::replication::{
-    ClaimEvent, Delivered, PeerState, ReplicationConfig, ReplicationStats, Replicator,
-};
+use crate::cluster::node_core::{CoreConfig, CoreEvent, NodeCore};
+use crate::cluster::replication::{ClaimEvent, PeerState, ReplicationStats};
 use crate::cluster::snapshot;
 use crate::core::descriptor::Descriptors;
 use crate::core::rules::RuleSet;
 use crate::core::share::ShareView;
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
-use crate::core::wire::{Frame, Kind, RulesFrame, Swim};
 use crate::limiter::{Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Pending};
 use crate::net::{Incoming, NodeTls, Transport};
 
@@ -56,20 +57,7 @@ pub enum NodeError {
     Snapshot { path: String, reason: String },
 }
 
-/// The version of the rules in force: a Lamport-style counter and the slot
-/// of the node that put them in force. Larger wins everywhere.
-pub type RulesVersion = (u64, u16);
-
-/// Why new rules were refused. The rules in force stay.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PutRulesError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("rules text of {0} bytes exceeds the {max}-byte limit", max = crate::core::wire::MAX_RULES_BYTES)]
-    TooLarge(usize),
-    #[error("the node is shutting down")]
-    Stopped,
-}
+pub use crate::cluster::node_core::{PutRulesError, RulesVersion};
 
 enum Command {
     PutRules {
@@ -108,6 +96,12 @@ pub struct NodeStatus {
     pub peer_unacked_rounds: BTreeMap<u16, usize>,
     pub minority: bool,
     pub snapshots_written: u64,
+    /// Snapshots refused at start (corrupt or unreadable) and moved aside.
+    pub snapshots_refused: u64,
+    /// Where the refused snapshot went.
+    pub snapshot_moved_aside: Option<std::path::PathBuf>,
+    /// What the transport did with incoming connection attempts.
+    pub admission: crate::net::AdmissionStats,
 }
 
 /// What the HTTP API and metrics need of a running node. Cheap to clone.
@@ -254,6 +248,13 @@ impl Node {
     ) -> Result<NodeHandle, NodeError> {
         let clock = SystemClock;
         let now = clock.now();
+        // Rules put in force before the restart (admin API, peers) win over
+        // the configuration file's: they are newer by construction.
+        let rules_state = settings.rules_state_path();
+        let (rules, rules_version) = match rules_state.as_deref().map(load_rules_state) {
+            Some(Some((kept, version))) => (kept, version),
+            _ => (rules, (0, settings.slot)),
+        };
         let rules_digest = rules.digest();
         let rules_text = rules.source().to_owned();
         let config = LimiterConfig {
@@ -262,11 +263,14 @@ impl Node {
             max_keys: settings.max_keys,
             seed: settings.key_seed,
         };
+        // From the first request on, the node sees the configured cluster:
+        // members it has not heard from yet are reserved, never ignored.
         let limiter =
             Arc::new(Limiter::new(rules, config)?.clustered(ShareView::alone(settings.slot))?);
-        if let Some(path) = &settings.snapshot_path {
-            load_snapshot(&limiter, path, now)?;
-        }
+        let snapshot_load = match &settings.snapshot_path {
+            Some(path) => load_snapshot(&limiter, path, now),
+            None => SnapshotLoad::default(),
+        };
         let (transport, incoming) = Transport::bind(settings.listen_peer, tls, settings.slot)?;
         let peer_addr = match settings.advertise_peer {
             Some(a) => a,
@@ -279,21 +283,31 @@ impl Node {
         };
         // Process start time: a restarted node is a new incarnation.
         let incarnation = now.as_u64() / 1_000_000;
-        let mut rc = ReplicationConfig::new(NodeSlot::new(settings.slot), settings.name.clone());
-        rc.sync_interval = settings.sync_interval;
-        rc.policy = settings.policy;
-        rc.recovery_timeout = settings.recovery_timeout;
-        rc.expected_peers = settings.cluster_size - 1;
-        // A peer's hold on a claimed key must outlast the claimant's wait.
-        limiter.set_confirm_hold(rc.claim_timeout * 2);
-        let repl = Replicator::new(rc, incarnation, true, now);
-        let me = Member::new(settings.name.clone(), settings.slot, peer_addr, incarnation);
-        let membership = Membership::new(
-            me,
-            MembershipConfig::lan(settings.cluster_size as u32),
-            incarnation ^ u64::from(settings.slot),
+        let core = NodeCore::new(
+            CoreConfig {
+                name: settings.name.clone(),
+                slot: settings.slot,
+                cluster_size: settings.cluster_size,
+                policy: settings.policy,
+                inflight_ppm: settings.inflight_ppm,
+                sync_interval: settings.sync_interval,
+                recovery_timeout: settings.recovery_timeout,
+                snapshot_restored: snapshot_load.restored,
+                incarnation,
+                peer_addr,
+                recovering: true,
+            },
+            limiter.clone(),
+            rules_text,
+            rules_version,
+            rules_digest,
+            now,
         );
-        let status = Arc::new(Mutex::new(NodeStatus::default()));
+        let status = Arc::new(Mutex::new(NodeStatus {
+            snapshots_refused: u64::from(snapshot_load.moved_aside.is_some()),
+            snapshot_moved_aside: snapshot_load.moved_aside.clone(),
+            ..NodeStatus::default()
+        }));
         let (stop, stop_rx) = watch::channel(false);
         let wake = Arc::new(tokio::sync::Notify::new());
         let waker = wake.clone();
@@ -303,21 +317,13 @@ impl Node {
             limiter: limiter.clone(),
             settings: settings.clone(),
             transport: transport.clone(),
-            repl,
-            membership,
-            rules_digest,
-            addrs: BTreeMap::new(),
-            known: BTreeSet::new(),
-            live: BTreeSet::new(),
+            core,
             status: status.clone(),
             next_snapshot: now + settings.snapshot_interval,
             next_discovery: now,
             next_status: now,
             snapshots_written: 0,
-            rules: crdts::LWWReg {
-                val: rules_text,
-                marker: (0, settings.slot),
-            },
+            rules_state,
             rules_file: file_stamp(&settings.rules),
             next_rules_check: now + Nanos::from_secs(1),
             rules_file_error: None,
@@ -342,19 +348,84 @@ impl Node {
     }
 }
 
-fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> Result<(), NodeError> {
-    match std::fs::read(path) {
-        Ok(bytes) => snapshot::restore(limiter, now, &bytes)
-            .map(|_| ())
-            .map_err(|e| NodeError::Snapshot {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(NodeError::Snapshot {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        }),
+/// The rules kept at `path` by an earlier run, if they verify and parse. A
+/// file that does not is reported and moved aside; the node then runs its
+/// configured rules and adopts its peers' newer ones before it is ready.
+fn load_rules_state(path: &Path) -> Option<(RuleSet, RulesVersion)> {
+    let refused = match rules_state::PersistedRules::load(path) {
+        Ok(None) => return None,
+        Ok(Some(kept)) => match RuleSet::from_toml(&kept.text) {
+            Ok(rules) => {
+                tracing::info!(
+                    version = kept.version.0,
+                    origin = kept.version.1,
+                    "running the rules kept from before the restart"
+                );
+                return Some((rules, kept.version));
+            }
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    };
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(
+        ".corrupt-{}",
+        SystemClock.now().as_u64() / 1_000_000_000
+    ));
+    let moved = std::fs::rename(path, std::path::PathBuf::from(&aside));
+    tracing::error!(
+        path = %path.display(), reason = %refused, moved = moved.is_ok(),
+        "kept rules refused and moved aside; running the configured rules"
+    );
+    None
+}
+
+/// What loading the snapshot at start came to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotLoad {
+    /// A verified snapshot was merged.
+    pub restored: bool,
+    /// The snapshot was refused (corrupt, unreadable, of another version or
+    /// cluster) and moved to this path; the node recovers from its peers.
+    pub moved_aside: Option<std::path::PathBuf>,
+}
+
+/// Merges the snapshot at `path`, if there is one and it verifies. A file
+/// that cannot be read or verified is reported, moved aside as
+/// `<path>.corrupt-<unix seconds>` (so the next snapshot does not overwrite
+/// the evidence), and the node starts without it: its peers' recovery syncs
+/// bring its counts back. Never fails the start.
+fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> SnapshotLoad {
+    let refused = match std::fs::read(path) {
+        Ok(bytes) => match snapshot::restore(limiter, now, &bytes) {
+            Ok(stats) => {
+                tracing::info!(path = %path.display(), applied = stats.applied, "snapshot merged");
+                return SnapshotLoad {
+                    restored: true,
+                    moved_aside: None,
+                };
+            }
+            Err(e) => e.to_string(),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return SnapshotLoad::default(),
+        Err(e) => e.to_string(),
+    };
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".corrupt-{}", now.as_u64() / 1_000_000_000));
+    let aside = std::path::PathBuf::from(aside);
+    match std::fs::rename(path, &aside) {
+        Ok(()) => tracing::error!(
+            path = %path.display(), moved_to = %aside.display(), reason = %refused,
+            "snapshot refused and moved aside; recovering from peers"
+        ),
+        Err(e) => tracing::error!(
+            path = %path.display(), reason = %refused, error = %e,
+            "snapshot refused and could not be moved aside; recovering from peers"
+        ),
+    }
+    SnapshotLoad {
+        restored: false,
+        moved_aside: Some(aside),
     }
 }
 
@@ -364,35 +435,46 @@ fn file_stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-fn write_snapshot(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+/// Writes `bytes` to `path` so that a crash at any moment leaves either the
+/// previous file or the new one, whole: a temporary file in the same
+/// directory, fsynced, renamed over `path`, then the directory fsynced so
+/// the rename itself is durable.
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(&dir)?.sync_all()
 }
 
-/// The one task that owns the state machines.
+fn write_snapshot(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_durably(path, bytes)
+}
+
+/// The one task that owns the node's core and does its I/O.
 struct Driver {
     clock: SystemClock,
     limiter: Arc<Limiter>,
     settings: NodeSettings,
     transport: Transport,
-    repl: Replicator,
-    membership: Membership,
-    rules_digest: u64,
-    /// Peer slot → its peer address, as learned from connections.
-    addrs: BTreeMap<u16, SocketAddr>,
-    known: BTreeSet<u16>,
-    live: BTreeSet<u16>,
+    core: NodeCore,
     status: Arc<Mutex<NodeStatus>>,
     next_snapshot: Nanos,
     next_discovery: Nanos,
     next_status: Nanos,
     snapshots_written: u64,
-    /// The rules in force cluster-wide, last writer wins by version.
-    rules: crdts::LWWReg<String, RulesVersion>,
+    /// Where the rules in force are kept across restarts.
+    rules_state: Option<std::path::PathBuf>,
     rules_file: Option<(std::time::SystemTime, u64)>,
     next_rules_check: Nanos,
     rules_file_error: Option<String>,
@@ -412,8 +494,7 @@ impl Driver {
         loop {
             let now = self.clock.now();
             let deadline = [
-                Some(self.repl.poll_timeout()),
-                self.membership.poll_timeout(),
+                Some(self.core.poll_timeout()),
                 Some(self.next_discovery),
                 Some(self.next_status),
                 self.settings
@@ -451,7 +532,7 @@ impl Driver {
                 Some(command) = commands.recv() => self.on_command(command),
                 _ = wake.notified() => {
                     let now = self.clock.now();
-                    self.repl.ship_now(now, &self.limiter);
+                    self.core.handle_wake(now);
                 }
                 _ = tokio::time::sleep(wait) => self.on_timeout().await,
             }
@@ -463,91 +544,58 @@ impl Driver {
     fn on_incoming(&mut self, event: Incoming) {
         let now = self.clock.now();
         match event {
-            Incoming::Connected { slot, addr } => {
-                self.addrs.insert(slot, addr);
-                self.repl.peer_connected(now, slot, self.rules_digest);
-                // A peer that missed a rules change learns it here.
-                let frame = self.rules_frame();
-                let _ = self.transport.send(slot, frame);
-            }
-            Incoming::Disconnected { slot } => self.repl.peer_disconnected(slot),
-            Incoming::Frame { from, bytes, .. } => {
-                let hello = bytes.get(1) == Some(&(Kind::Hello as u8));
-                match self
-                    .repl
-                    .handle_frame(now, from, &bytes, &self.limiter, self.rules_digest)
-                {
-                    Ok(Delivered::Swim(swim)) => {
-                        // Malformed membership payloads are refused inside.
-                        let _ = self.membership.handle_data(now, &swim);
-                    }
-                    Ok(Delivered::Rules(rules)) => self.on_peer_rules(rules),
-                    Ok(Delivered::Applied) if hello => self.introduce(now, from),
-                    Ok(Delivered::Applied) => {}
-                    Err(e) => tracing::debug!(from, error = %e, "frame refused"),
-                }
-            }
+            Incoming::Connected { slot, addr } => self.core.handle_connected(now, slot, addr),
+            Incoming::Disconnected { slot } => self.core.handle_disconnected(slot),
+            Incoming::Frame { from, bytes, .. } => self.core.handle_frame(now, from, &bytes),
         }
-    }
-
-    fn rules_frame(&self) -> Vec<u8> {
-        Frame::Rules(RulesFrame {
-            version: self.rules.marker.0,
-            origin: self.rules.marker.1,
-            text: self.rules.val.clone(),
-        })
-        .encode()
     }
 
     fn on_command(&mut self, command: Command) {
         match command {
             Command::PutRules { text, reply } => {
-                let version = (self.rules.marker.0 + 1, self.settings.slot);
-                let _ = reply.send(self.adopt_rules(text, version));
+                let _ = reply.send(self.put_rules(text, true));
             }
             Command::Confirm { pending, reply } => {
                 let now = self.clock.now();
                 let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
-                let ticket = self.repl.claim(now, pending.started, keys, &self.limiter);
+                let ticket = self.core.claim(now, pending.started, keys);
                 self.confirming.insert(ticket, (pending, reply));
             }
         }
     }
 
-    /// Puts `text` in force at `version` if it is valid, and passes it on to
-    /// every connected peer (flooding: a node that adopts newer rules
-    /// forwards them once, so they reach nodes the origin cannot).
-    fn adopt_rules(
+    /// Checks `text`, keeps it on disk, and puts it in force as the next
+    /// version from this node. When `must_persist` (an admin change) a
+    /// failure to keep it refuses the change; a file reload is put in force
+    /// regardless (the failure is logged).
+    fn put_rules(
         &mut self,
         text: String,
-        version: RulesVersion,
+        must_persist: bool,
     ) -> Result<RulesVersion, PutRulesError> {
-        if text.len() > crate::core::wire::MAX_RULES_BYTES {
-            return Err(PutRulesError::TooLarge(text.len()));
+        let prepared = self.core.prepare_rules(text)?;
+        if let Err(e) = self.keep_rules(prepared.version(), prepared.text()) {
+            if must_persist {
+                return Err(PutRulesError::NotPersisted(e.to_string()));
+            }
         }
-        let rules = RuleSet::from_toml(&text).map_err(|e| PutRulesError::Invalid(e.to_string()))?;
-        let digest = rules.digest();
-        self.limiter
-            .replace_rules(rules)
-            .map_err(|e| PutRulesError::Invalid(e.to_string()))?;
-        self.rules_digest = digest;
-        self.rules.update(text, version);
-        let frame = self.rules_frame();
-        for slot in self.transport.connected() {
-            let _ = self.transport.send(slot, frame.clone());
-        }
-        tracing::info!(version = version.0, origin = version.1, "rules in force");
-        Ok(version)
+        Ok(self.core.commit_rules(prepared))
     }
 
-    fn on_peer_rules(&mut self, r: RulesFrame) {
-        let version = (r.version, r.origin);
-        if version <= self.rules.marker {
-            return;
+    /// Writes the rules in force to the rules state file, if there is one.
+    fn keep_rules(&self, version: RulesVersion, text: &str) -> std::io::Result<()> {
+        let Some(path) = &self.rules_state else {
+            return Ok(());
+        };
+        let kept = rules_state::PersistedRules {
+            version,
+            text: text.to_owned(),
+        };
+        let result = kept.store(path);
+        if let Err(e) = &result {
+            tracing::error!(path = %path.display(), error = %e, "rules not kept on disk");
         }
-        if let Err(e) = self.adopt_rules(r.text, version) {
-            tracing::warn!(error = %e, "rules from a peer refused");
-        }
+        result
     }
 
     /// Reloads the rules file when it changed; an invalid file is reported
@@ -565,36 +613,19 @@ impl Driver {
                 return;
             }
         };
-        if text == self.rules.val {
+        if self.core.runs(&text) {
             self.rules_file_error = None;
             return;
         }
-        let version = (self.rules.marker.0 + 1, self.settings.slot);
-        self.rules_file_error = self.adopt_rules(text, version).err().map(|e| e.to_string());
+        self.rules_file_error = self.put_rules(text, false).err().map(|e| e.to_string());
         if let Some(e) = &self.rules_file_error {
             tracing::warn!(error = %e, "rules file not reloaded");
         }
     }
 
-    /// After a peer's hello: make sure membership knows it.
-    fn introduce(&mut self, now: Nanos, slot: u16) {
-        let (Some(peer), Some(&addr)) = (self.repl.peers().get(&slot), self.addrs.get(&slot))
-        else {
-            return;
-        };
-        let Some(incarnation) = peer.incarnation else {
-            return;
-        };
-        if !self.membership.is_alive(slot) {
-            self.membership
-                .announce(now, Member::new(peer.name.clone(), slot, addr, incarnation));
-        }
-    }
-
     async fn on_timeout(&mut self) {
         let now = self.clock.now();
-        self.membership.handle_timeout(now);
-        self.repl.handle_timeout(now, &self.limiter);
+        self.core.handle_timeout(now);
         if now >= self.next_discovery {
             self.next_discovery = now + self.settings.discovery_interval;
             self.discover().await;
@@ -614,26 +645,10 @@ impl Driver {
     }
 
     /// Resolves the seeds (DNS names included) and dials any address that is
-    /// not a known peer yet. A node that has lost every member announces
-    /// itself again to the peers it knows (SWIM stops probing when alone).
+    /// not a known peer yet; the core re-announces itself if it is alone.
     async fn discover(&mut self) {
         let now = self.clock.now();
-        if self.membership.members().is_empty() {
-            for (&slot, &addr) in &self.addrs {
-                if let Some(peer) = self.repl.peers().get(&slot) {
-                    if !peer.name.is_empty() {
-                        let member = Member::new(
-                            peer.name.clone(),
-                            slot,
-                            addr,
-                            peer.incarnation.unwrap_or(0),
-                        );
-                        self.membership.announce(now, member);
-                    }
-                }
-            }
-        }
-        let own = self.membership.me().addr;
+        self.core.handle_discovery(now);
         for seed in self.settings.seeds.clone() {
             // The node's task answers confirmations too: a resolver that
             // hangs (a cut-off container's DNS) must not hold it up.
@@ -644,25 +659,17 @@ impl Driver {
                 continue;
             };
             for addr in addrs {
-                let known = self.addrs.values().any(|a| *a == addr);
-                if addr != own && addr != self.settings.listen_peer && !known {
+                if addr != self.settings.listen_peer && !self.core.is_known_addr(addr) {
                     self.transport.connect_seed(addr);
                 }
             }
         }
     }
 
+    /// Carries out what the core asks: events first, then frames.
     fn flush(&mut self) {
         let now = self.clock.now();
-        let unsynced = self.repl.unsynced_live();
-        if self
-            .limiter
-            .share_view()
-            .is_some_and(|v| v.confirm_all != unsynced)
-        {
-            self.limiter.set_share_view(self.share_view());
-        }
-        while let Some(event) = self.repl.poll_claim_event() {
+        while let Some(event) = self.core.poll_claim_event() {
             let (ticket, answered) = match event {
                 ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
                 ClaimEvent::Expired { ticket } => (ticket, None),
@@ -675,9 +682,9 @@ impl Driver {
                 .finish_or_yield_at(now, &mut pending, answered, true)
             {
                 Finished::Yield { blocking } => {
-                    let deadline = pending.started + self.repl.config().claim_timeout;
+                    let deadline = pending.started + self.core.claim_timeout();
                     let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
-                    self.repl
+                    self.core
                         .yield_to(ticket, keys, blocking, answered.unwrap_or(0), deadline);
                     self.confirming.insert(ticket, (pending, reply));
                 }
@@ -685,7 +692,7 @@ impl Driver {
                     if !decision.is_allowed() {
                         // Its hits were given back: tell the peers now, a
                         // conflicting claim may be waiting for exactly that.
-                        self.repl.ship_now(now, &self.limiter);
+                        self.core.handle_wake(now);
                     }
                     if reply.send(decision).is_err() && decision.is_allowed() {
                         // The caller is gone: nobody was told yes, give it back.
@@ -694,14 +701,22 @@ impl Driver {
                 }
             }
         }
-        while let Some(event) = self.membership.poll_event() {
-            self.on_member_event(now, event);
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                CoreEvent::Recovered => tracing::info!("recovered: admitting"),
+                CoreEvent::RulesInForce { version, text } => {
+                    // Rules committed here were kept before; peers' are kept
+                    // now (a failure is logged, the rules stay in force).
+                    let _ = self.keep_rules(version, &text);
+                }
+                CoreEvent::DialPeers(peers) => self.transport.set_peers(peers),
+                CoreEvent::MemberUp { slot, name } => tracing::info!(slot, %name, "member up"),
+                CoreEvent::MemberDown { slot, name } => {
+                    tracing::info!(slot, %name, "member down")
+                }
+            }
         }
-        while let Some((to, payload)) = self.membership.poll_transmit() {
-            let frame = Frame::Swim(Swim { payload }).encode();
-            let _ = self.transport.send(to.slot, frame);
-        }
-        while let Some(t) = self.repl.poll_transmit() {
+        while let Some(t) = self.core.poll_transmit() {
             if !t.reliable && self.chaos.is_some() {
                 self.send_with_chaos(t.to, t.bytes);
                 continue;
@@ -741,66 +756,23 @@ impl Driver {
         }
     }
 
-    fn on_member_event(&mut self, now: Nanos, event: MemberEvent) {
-        match event {
-            MemberEvent::Up(m) | MemberEvent::Rejoined(m) => {
-                if usize::from(m.slot) >= self.settings.cluster_size || m.slot == self.settings.slot
-                {
-                    return;
-                }
-                self.addrs.insert(m.slot, m.addr);
-                self.known.insert(m.slot);
-                self.live.insert(m.slot);
-                self.repl.add_peer(m.slot);
-                self.repl
-                    .set_liveness(&self.limiter, m.slot, true, self.rules_digest);
-                tracing::info!(slot = m.slot, name = %m.name, "member up");
-            }
-            MemberEvent::Down(m) => {
-                self.live.remove(&m.slot);
-                self.repl
-                    .set_liveness(&self.limiter, m.slot, false, self.rules_digest);
-                tracing::info!(slot = m.slot, name = %m.name, "member down");
-            }
-        }
-        let peers = self
-            .known
-            .iter()
-            .filter_map(|s| self.addrs.get(s).map(|a| (*s, *a)))
-            .collect();
-        self.transport.set_peers(peers);
-        self.limiter.set_share_view(self.share_view());
-        let _ = now;
-    }
-
-    fn share_view(&self) -> ShareView {
-        let bits = |set: &BTreeSet<u16>| set.iter().fold(0u64, |m, &s| m | 1 << s);
-        ShareView::for_cluster(
-            self.settings.slot,
-            bits(&self.known),
-            bits(&self.live),
-            self.repl.in_minority(),
-            self.settings.policy,
-            self.settings.inflight_ppm,
-            self.settings.sync_interval * 2,
-        )
-        .confirming_all(self.repl.unsynced_live())
-    }
-
     fn publish_status(&self) {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let repl = self.core.replicator();
         s.ready = self.limiter.is_admitting();
-        s.live = self.live.iter().copied().collect();
-        s.known = self.known.iter().copied().collect();
-        s.peers = self.repl.peers().clone();
-        s.replication = self.repl.stats().clone();
-        s.unacked_rounds = self.repl.unacked_rounds();
-        s.peer_unacked_rounds = self.repl.unacked_rounds_by_peer();
-        s.minority = self.repl.in_minority();
+        s.live = self.core.live().iter().copied().collect();
+        s.known = self.core.known().iter().copied().collect();
+        s.peers = repl.peers().clone();
+        s.replication = repl.stats().clone();
+        s.unacked_rounds = repl.unacked_rounds();
+        s.peer_unacked_rounds = repl.unacked_rounds_by_peer();
+        s.minority = repl.in_minority();
         s.snapshots_written = self.snapshots_written;
-        s.rules_version = self.rules.marker;
+        s.admission = self.transport.admission_stats();
+        // `snapshots_refused` and `snapshot_moved_aside` are set once at start.
+        s.rules_version = self.core.rules_version();
         s.rules_file_error = self.rules_file_error.clone();
-        s.unacked_hits = self.repl.unacked_hits();
+        s.unacked_hits = repl.unacked_hits();
     }
 
     async fn snapshot(&mut self, now: Nanos) {
@@ -818,9 +790,7 @@ impl Driver {
     /// Clean exit: ship what is pending, say goodbye, keep a snapshot.
     async fn finish(mut self) {
         let now = self.clock.now();
-        self.repl
-            .handle_timeout(now.max(self.repl.poll_timeout()), &self.limiter);
-        self.membership.leave(now);
+        self.core.finish(now);
         self.flush();
         if self.settings.snapshot_path.is_some() {
             self.snapshot(now).await;
@@ -829,5 +799,26 @@ impl Driver {
         // Give the last datagrams a moment to leave before closing.
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.transport.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_writes_replace_the_file_whole_and_leave_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("drl-durable-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub/state.bin");
+        write_durably(&path, b"first").unwrap();
+        write_durably(&path, b"second").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+        let names: Vec<_> = std::fs::read_dir(dir.join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.bin")]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -312,15 +312,26 @@ pub(super) struct LimitOwner<'r> {
     pub(super) key_fields: &'r [String],
 }
 
+/// What a limit's counts mean: its algorithm kind and the bucket grid they
+/// are kept on. Its numbers (a limit, a capacity, a rate) are not part of
+/// it: counts of hits stay true when the number they are held against
+/// changes, so a reload that lowers or raises a limit keeps what clients
+/// spent. A new window, precision or granularity (a new grid), or a new
+/// algorithm, gives counts that cannot be read the old way: a new identity.
+pub(super) fn count_shape(algorithm: &Algorithm) -> String {
+    let spec = crate::core::algorithm::RateAlgorithm::window(algorithm);
+    format!(
+        "{} {}ns x{}",
+        algorithm.name(),
+        spec.granularity().as_u64(),
+        spec.buckets()
+    )
+}
+
 /// The id is a digest of length-prefixed parts, so that no two different
-/// tuples can be written as the same bytes.
-pub(super) fn limit_id(
-    rule: &LimitOwner<'_>,
-    scope: &Scope,
-    position: usize,
-    normalized: &str,
-) -> u64 {
-    let mut bytes = Vec::with_capacity(64 + normalized.len());
+/// tuples can be written as the same bytes. `shape` is [`count_shape`].
+pub(super) fn limit_id(rule: &LimitOwner<'_>, scope: &Scope, position: usize, shape: &str) -> u64 {
+    let mut bytes = Vec::with_capacity(64 + shape.len());
     let mut part = |p: &[u8]| {
         bytes.extend_from_slice(&(p.len() as u64).to_le_bytes());
         bytes.extend_from_slice(p);
@@ -342,7 +353,7 @@ pub(super) fn limit_id(
     for field in rule.key_fields {
         part(field.as_bytes());
     }
-    part(normalized.as_bytes());
+    part(shape.as_bytes());
     stable_digest(&bytes)
 }
 

@@ -120,10 +120,14 @@ impl fmt::Display for Scope {
 #[derive(Debug)]
 pub struct CompiledLimit {
     /// Digest of the rule name, the scope, the position in its list, the key
-    /// fields and the normalized parameters. A reload that leaves all of these
-    /// alone keeps the id (and so the counters); any change gives a new id,
-    /// so counters never carry over to a limit they were not counted for.
+    /// fields, the algorithm kind and its bucket grid (window, precision or
+    /// granularity), *not* its numbers. A reload that lowers or raises a
+    /// limit, a capacity or a rate on the same grid keeps the id, and so the
+    /// counts clients already spent; a new window or algorithm (whose counts
+    /// would read differently) gives a new id and starts counts over.
     pub id: u64,
+    /// The parameters with defaults filled in and durations in nanoseconds.
+    pub parameters: String,
     /// Position in [`RuleSet::limits`].
     pub index: usize,
     /// Name of the rule the limit belongs to.
@@ -508,7 +512,7 @@ limits = [ { algorithm = "fixed_window", limit = 1, window = "1s" } ]
     }
 
     #[test]
-    fn limit_ids_survive_a_reparse_and_follow_parameters() {
+    fn limit_ids_survive_a_reparse_and_follow_the_count_grid_not_the_numbers() {
         let ids = |text: &str| -> Vec<u64> {
             RuleSet::from_toml(text)
                 .unwrap()
@@ -541,6 +545,19 @@ limits = [ { algorithm = "fixed_window", limit = 1, window = "1s" } ]
             1,
         ));
         assert_eq!(respelled, first);
+        // A new number on the same grid is the same limit: counts carry over.
+        let lowered = ids(&EXAMPLE.replacen("limit = 1000,", "limit = 500,", 1));
+        assert_eq!(lowered, first, "lowering a limit keeps its id");
+        let raised = ids(&EXAMPLE.replacen("limit = 1000,", "limit = 5000,", 1));
+        assert_eq!(raised, first, "raising a limit keeps its id");
+        // A new algorithm reads counts differently: a new id.
+        let refixed = ids(&EXAMPLE.replacen(
+            r#"{ algorithm = "sliding_window", limit = 10, window = "1s" }"#,
+            r#"{ algorithm = "fixed_window", limit = 10, window = "1s" }"#,
+            1,
+        ));
+        assert_ne!(refixed[0], first[0]);
+        assert_eq!(refixed[1..], first[1..]);
         // Renaming the rule or changing its key makes new counters.
         assert_ne!(
             ids(&EXAMPLE.replace("search-per-user", "search"))[0],

@@ -17,7 +17,7 @@ use toml::Spanned;
 use crate::core::descriptor::{self, DOMAIN, TIER};
 
 use super::error::{line_column, locate, toml_key, RulesError, RulesErrorKind};
-use super::limit::{limit_id, LimitOwner, RawLimit};
+use super::limit::{count_shape, limit_id, LimitOwner, RawLimit};
 use super::matching::{check_field_name, EndpointList, Matcher, Pattern};
 use super::{
     CompiledLimit, CompiledRule, Scope, MAX_LIMITS_PER_LIST, MAX_OVERRIDES_PER_RULE, MAX_RULES,
@@ -308,9 +308,10 @@ impl Compiler<'_> {
                 };
                 self.err(e.span, path, e.kind)
             })?;
-            let id = limit_id(rule, &scope, position, &built.normalized);
+            let id = limit_id(rule, &scope, position, &count_shape(&built.algorithm));
             self.limits.push(CompiledLimit {
                 id,
+                parameters: built.normalized,
                 index: self.limits.len(),
                 rule: rule.name.to_owned(),
                 scope: scope.clone(),

@@ -1,0 +1,493 @@
+//! Restarts of real `drl node` processes over real QUIC: the faults of the
+//! restart issue, replayed with `kill -9`, `SIGSTOP` and `SIGCONT`. A key's
+//! limit is spent before each fault, then the key is hammered through every
+//! node; what is admitted beyond the spent limit must stay within the
+//! in-flight bound (`Q = max(n, ⌈0.02·L⌉)`, the crashed node's
+//! unacknowledged share at most).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const DRL: &str = env!("CARGO_BIN_EXE_drl");
+const LIMIT: u64 = 300;
+const RULES: &str = r#"
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+limits = [ { algorithm = "sliding_window", limit = 300, window = "1h" } ]
+"#;
+
+fn inflight_bound(nodes: u64) -> u64 {
+    nodes.max((LIMIT * 2).div_ceil(100))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "drl-restart-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request on a fresh connection; the status code, if any.
+fn http(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
+    admin(port, method, path, body).map(|(code, _)| code)
+}
+
+/// One request carrying the admin token; the status code and the whole
+/// response text.
+fn admin(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer tok\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    Some((code, text))
+}
+
+/// The body of a GET.
+fn http_body(port: u16, path: &str) -> String {
+    admin(port, "GET", path, "")
+        .map(|(_, t)| t)
+        .unwrap_or_default()
+}
+
+fn check(port: u16, user: &str) -> Option<u16> {
+    http(
+        port,
+        "POST",
+        "/v1/check",
+        &format!("{{\"user\":\"{user}\"}}"),
+    )
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// A cluster of `drl node` processes laid out as `drl cluster` writes it:
+/// every node seeded with every other.
+struct ProcCluster {
+    dir: PathBuf,
+    size: usize,
+    peer: Vec<u16>,
+    http: Vec<u16>,
+    children: Vec<Option<Child>>,
+    snapshot_interval: Option<&'static str>,
+}
+
+impl ProcCluster {
+    fn new(name: &str, size: usize, snapshot_interval: Option<&'static str>) -> Self {
+        let dir = scratch(name);
+        drl::net::generate_dev_certs(
+            &dir.join("certs"),
+            &drl::net::local_cluster_specs(size as u16),
+        )
+        .unwrap();
+        std::fs::write(dir.join("rules.toml"), RULES).unwrap();
+        ProcCluster {
+            dir,
+            size,
+            peer: (0..size).map(|_| free_udp_port()).collect(),
+            http: (0..size).map(|_| free_tcp_port()).collect(),
+            children: (0..size).map(|_| None).collect(),
+            snapshot_interval,
+        }
+    }
+
+    fn config(&self, slot: usize, seeds: &[u16]) -> PathBuf {
+        let seeds = seeds
+            .iter()
+            .map(|p| format!("\"127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let snapshot = match self.snapshot_interval {
+            Some(every) => {
+                format!("snapshot_path = \"data/node-{slot}.snapshot\"\nsnapshot_interval = \"{every}\"\n")
+            }
+            None => String::new(),
+        };
+        let text = format!(
+            "name = \"node-{slot}\"\nslot = {slot}\ncluster_size = {size}\n\
+             listen_peer = \"127.0.0.1:{peer}\"\nlisten_http = \"127.0.0.1:{http}\"\n\
+             seeds = [{seeds}]\ndiscovery_interval = \"200ms\"\nrecovery_timeout = \"1s\"\n\
+             rules = \"rules.toml\"\ndata_dir = \"data\"\n{snapshot}\
+             tls_ca = \"certs/ca.pem\"\ntls_cert = \"certs/node-{slot}.pem\"\n\
+             tls_key = \"certs/node-{slot}-key.pem\"\n\
+             key_seed = \"000102030405060708090a0b0c0d0e0f\"\nadmin_token = \"tok\"\n",
+            size = self.size,
+            peer = self.peer[slot],
+            http = self.http[slot],
+        );
+        let path = self.dir.join(format!("node-{slot}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn start(&mut self, slot: usize) {
+        let seeds: Vec<u16> = (0..self.size)
+            .filter(|&s| s != slot)
+            .map(|s| self.peer[s])
+            .collect();
+        self.start_with_seeds(slot, &seeds);
+    }
+
+    fn start_with_seeds(&mut self, slot: usize, seeds: &[u16]) {
+        let config = self.config(slot, seeds);
+        let child = Command::new(DRL)
+            .args(["node", "--config"])
+            .arg(&config)
+            .current_dir(&self.dir)
+            .env_remove("DRL_ADMIN_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children[slot] = Some(child);
+    }
+
+    fn child(&self, slot: usize) -> &Child {
+        self.children[slot].as_ref().unwrap()
+    }
+
+    fn kill9(&mut self, slot: usize) {
+        if let Some(mut c) = self.children[slot].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn ready(&self, slot: usize) -> bool {
+        http(self.http[slot], "GET", "/readyz", "") == Some(200)
+    }
+
+    fn wait_ready(&self, slots: &[usize], timeout: Duration) -> Duration {
+        let start = Instant::now();
+        while !slots.iter().all(|&s| self.ready(s)) {
+            assert!(
+                start.elapsed() < timeout,
+                "nodes {slots:?} not ready after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        start.elapsed()
+    }
+
+    /// Requests for `user` through node `slot` until `want` are admitted
+    /// or `span` passed (refusals while the node's in-flight share waits for
+    /// acknowledgements are retried); returns the admitted count.
+    /// A run of 100 refusals in a row (at least 200 ms of them: longer than
+    /// any acknowledgement wait) means the limit is spent.
+    fn spend(&self, slot: usize, user: &str, want: u64, span: Duration) -> u64 {
+        let mut admitted = 0;
+        let mut refused_in_a_row = 0;
+        let start = Instant::now();
+        while admitted < want && refused_in_a_row < 100 && start.elapsed() < span {
+            match check(self.http[slot], user) {
+                Some(200) => {
+                    admitted += 1;
+                    refused_in_a_row = 0;
+                }
+                _ => {
+                    refused_in_a_row += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+        admitted
+    }
+
+    /// Requests for `user` round-robin over `slots` for `span`; the admitted
+    /// count.
+    fn hammer(&self, slots: &[usize], user: &str, span: Duration) -> u64 {
+        let start = Instant::now();
+        let mut admitted = 0;
+        let mut i = 0;
+        while start.elapsed() < span {
+            if check(self.http[slots[i % slots.len()]], user) == Some(200) {
+                admitted += 1;
+            }
+            i += 1;
+        }
+        admitted
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        for slot in 0..self.size {
+            if let Some(c) = &self.children[slot] {
+                let _ = Command::new("kill")
+                    .args(["-CONT", &c.id().to_string()])
+                    .status();
+            }
+            self.kill9(slot);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn three_nodes(name: &str, snapshot_interval: Option<&'static str>) -> ProcCluster {
+    let mut c = ProcCluster::new(name, 3, snapshot_interval);
+    for slot in 0..3 {
+        c.start(slot);
+    }
+    c.wait_ready(&[0, 1, 2], Duration::from_secs(30));
+    c
+}
+
+/// Spends the rest of the limit of `user` (of which `already` is spent)
+/// through node 0 (it stops short by the shares it reserves for its peers),
+/// waits for the acknowledgements, and returns the total spent.
+fn spend_limit_on_node_0(c: &ProcCluster, user: &str, already: u64) -> u64 {
+    let rest = LIMIT - already;
+    let spent = already + c.spend(0, user, rest, Duration::from_secs(30));
+    assert!(
+        spent + inflight_bound(3) >= LIMIT && spent <= LIMIT,
+        "spent {spent}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    spent
+}
+
+#[test]
+fn killing_the_seed_without_a_snapshot_resets_no_quota() {
+    let mut c = three_nodes("nosnap", None);
+    let spent = spend_limit_on_node_0(&c, "alice", 0);
+    c.kill9(0);
+    c.start(0);
+    let ready_after = c.wait_ready(&[0], Duration::from_secs(20));
+    let after = c.hammer(&[0, 1, 2], "alice", Duration::from_secs(3));
+    eprintln!("no snapshot: ready {ready_after:?} after restart; {after} admitted after, {spent} spent before");
+    assert!(
+        spent + after <= LIMIT + inflight_bound(3),
+        "{spent} + {after} admitted against a limit of {LIMIT}"
+    );
+}
+
+#[test]
+fn killing_the_seed_with_an_old_snapshot_resets_no_quota() {
+    let mut c = three_nodes("snap", Some("400ms"));
+    let first = c.spend(0, "bob", 100, Duration::from_secs(30));
+    assert_eq!(first, 100);
+    // A snapshot with the first 100 is written; the rest is newer.
+    std::thread::sleep(Duration::from_millis(1000));
+    let spent = spend_limit_on_node_0(&c, "bob", first);
+    c.kill9(0);
+    assert!(c.dir.join("data/node-0.snapshot").exists());
+    c.start(0);
+    c.wait_ready(&[0], Duration::from_secs(20));
+    let after = c.hammer(&[0, 1, 2], "bob", Duration::from_secs(3));
+    eprintln!("old snapshot: {after} admitted after the restart, {spent} spent before");
+    assert!(
+        spent + after <= LIMIT + inflight_bound(3),
+        "{spent} + {after} admitted against a limit of {LIMIT}"
+    );
+}
+
+#[test]
+fn a_seed_killed_while_its_peers_are_stopped_admits_nothing_until_they_resume() {
+    let mut c = three_nodes("stopped", None);
+    let spent = spend_limit_on_node_0(&c, "carol", 0);
+    signal(c.child(1), "-STOP");
+    signal(c.child(2), "-STOP");
+    c.kill9(0);
+    c.start(0);
+    // Far longer than the recovery timeout (1 s): time alone opens nothing.
+    let during = c.hammer(&[0], "carol", Duration::from_secs(4));
+    assert_eq!(during, 0, "admitted while every peer was stopped");
+    assert!(!c.ready(0), "ready with no peer heard");
+    signal(c.child(1), "-CONT");
+    signal(c.child(2), "-CONT");
+    c.wait_ready(&[0], Duration::from_secs(30));
+    let after = c.hammer(&[0, 1, 2], "carol", Duration::from_secs(3));
+    eprintln!(
+        "peers stopped: {during} admitted while stopped, {after} after, {spent} spent before"
+    );
+    assert!(
+        spent + after <= LIMIT + inflight_bound(3),
+        "{spent} + {after} admitted against a limit of {LIMIT}"
+    );
+}
+
+#[test]
+fn a_node_of_three_that_never_heard_a_peer_admits_nothing() {
+    let mut c = ProcCluster::new("alone", 3, None);
+    // Its seeds are ports where nobody listens.
+    let nobody = [free_udp_port(), free_udp_port()];
+    c.start_with_seeds(0, &nobody);
+    let start = Instant::now();
+    while http(c.http[0], "GET", "/healthz", "") != Some(200) {
+        assert!(start.elapsed() < Duration::from_secs(20), "node not up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let admitted = c.hammer(&[0], "dave", Duration::from_secs(3));
+    eprintln!("never heard a peer: {admitted} admitted in 3 s");
+    assert_eq!(admitted, 0, "a lone node of three decided as if alone");
+    assert!(!c.ready(0));
+    assert_eq!(check(c.http[0], "dave"), Some(503));
+}
+
+#[test]
+fn a_snapshot_with_one_flipped_byte_is_moved_aside_and_the_node_recovers_from_peers() {
+    let mut c = three_nodes("corrupt", Some("300ms"));
+    let spent = spend_limit_on_node_0(&c, "erin", 0);
+    // Let a snapshot with every hit be written, then crash.
+    std::thread::sleep(Duration::from_millis(800));
+    c.kill9(0);
+    let path = c.dir.join("data/node-0.snapshot");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    c.start(0);
+    c.wait_ready(&[0], Duration::from_secs(20));
+    let aside: Vec<String> = std::fs::read_dir(c.dir.join("data"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("node-0.snapshot.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "moved aside: {aside:?}");
+    let metrics = http_body(c.http[0], "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("snapshots_refused") && l.ends_with(" 1")),
+        "metric: {metrics}"
+    );
+    let after = c.hammer(&[0, 1, 2], "erin", Duration::from_secs(2));
+    eprintln!("corrupt snapshot: {after} admitted after the restart, {spent} spent before");
+    assert!(
+        spent + after <= LIMIT + inflight_bound(3),
+        "{spent} + {after} admitted against a limit of {LIMIT}"
+    );
+}
+
+const NEW_RULES: &str = r#"
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+limits = [ { algorithm = "fixed_window", limit = 5, window = "1h" } ]
+"#;
+
+/// Waits until node `slot` runs `NEW_RULES` (its admin API says so).
+fn wait_new_rules(c: &ProcCluster, slot: usize) {
+    let start = Instant::now();
+    while !http_body(c.http[slot], "/v1/rules").contains("limit = 5") {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "node {slot} never ran the new rules"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How many of `n` requests for `user` node `slot` admits.
+fn admitted_of(c: &ProcCluster, slot: usize, user: &str, n: usize) -> usize {
+    (0..n)
+        .filter(|_| check(c.http[slot], user) == Some(200))
+        .count()
+}
+
+#[test]
+fn rules_put_through_the_admin_api_survive_a_kill_9_of_every_node() {
+    let mut c = three_nodes("rules-kept", None);
+    let (code, text) = admin(c.http[0], "PUT", "/v1/rules", NEW_RULES).unwrap();
+    assert_eq!(code, 200, "{text}");
+    for slot in 0..3 {
+        wait_new_rules(&c, slot);
+    }
+    for slot in 0..3 {
+        c.kill9(slot);
+    }
+    // Node 0 alone, from its own configuration (whose rules file still
+    // holds the old rules): it runs the kept rules, even before it is ready.
+    c.start(0);
+    wait_new_rules(&c, 0);
+    assert!(!c.ready(0));
+    c.start(1);
+    c.start(2);
+    c.wait_ready(&[0, 1, 2], Duration::from_secs(30));
+    for slot in 0..3 {
+        assert!(http_body(c.http[slot], "/v1/rules").contains("limit = 5"));
+    }
+    let admitted = admitted_of(&c, 0, "frank", 20);
+    assert!(admitted <= 5, "{admitted} admitted under a limit of 5");
+}
+
+#[test]
+fn a_node_that_missed_a_rule_change_adopts_it_before_it_is_ready() {
+    let mut c = three_nodes("rules-missed", None);
+    c.kill9(0);
+    let (code, text) = admin(c.http[1], "PUT", "/v1/rules", NEW_RULES).unwrap();
+    assert_eq!(code, 200, "{text}");
+    wait_new_rules(&c, 2);
+    c.start(0);
+    c.wait_ready(&[0], Duration::from_secs(20));
+    // Ready means the peers' rules are in force: the very first requests are
+    // decided by the new limit of 5 (a 300 under the old rules).
+    let admitted = admitted_of(&c, 0, "gina", 20);
+    assert!(admitted <= 5, "{admitted} admitted under a limit of 5");
+    assert!(http_body(c.http[0], "/v1/rules").contains("limit = 5"));
+}
+
+#[test]
+fn a_restarted_node_with_live_peers_is_ready_within_seconds() {
+    // The time from a kill -9 and restart to `/readyz` 200, over ten
+    // restarts of each node in turn; printed with `--nocapture`.
+    let mut c = three_nodes("ready-time", None);
+    let mut times = Vec::new();
+    for round in 0..12 {
+        let slot = round % 3;
+        c.kill9(slot);
+        c.start(slot);
+        times.push(c.wait_ready(&[slot], Duration::from_secs(20)));
+        c.wait_ready(&[0, 1, 2], Duration::from_secs(20));
+    }
+    times.sort();
+    eprintln!(
+        "ready after restart: min {:?}, median {:?}, max (p99 of {}) {:?}",
+        times[0],
+        times[times.len() / 2],
+        times.len(),
+        times[times.len() - 1]
+    );
+    assert!(times[times.len() - 1] < Duration::from_secs(10));
+}
