@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::headers::decision_headers;
-use super::request::CheckRequest;
+use super::request::{CheckRequest, RefundRequest};
 use super::{body_bytes, json_response, AppState};
 use crate::limiter::{Decision, Outcome};
 
@@ -32,6 +32,10 @@ struct CheckAnswer<'a> {
     retry_after_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
+    /// Present when allowed at a cost above zero: what `POST /v1/refund`
+    /// must present to give this check's cost back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receipt: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -41,8 +45,19 @@ struct AllowAnswer {
 
 #[derive(Serialize)]
 struct RefundAnswer {
+    /// The smallest amount given back over the receipt's limits.
     refunded: u32,
+    /// The cost the receipt charged.
     requested: u32,
+    /// What each limit the check counted gave back.
+    limits: Vec<LimitAnswer>,
+}
+
+#[derive(Serialize)]
+struct LimitAnswer {
+    /// The limit's rule, `null` when the rules no longer have the limit.
+    rule: Option<String>,
+    refunded: u32,
 }
 
 /// What the body of a decision looks like.
@@ -69,20 +84,47 @@ pub async fn allow(
     decide(&state, &request, Shape::Tiny)
 }
 
+/// `HEAD /v1/allow` would count a hit with no answer to read: refused,
+/// counting nothing (axum would otherwise run the `GET` handler).
+pub async fn head_allow() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "HEAD would count a hit: use GET /v1/allow",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::ALLOW,
+        axum::http::HeaderValue::from_static("GET"),
+    );
+    response
+}
+
 pub async fn refund(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body)?;
-    let request = CheckRequest::from_json(&body)?;
-    let pairs = request.pairs();
-    let d = pairs.descriptors()?;
-    let refunded = state.api.limiter.refund(&d, request.cost)?;
+    let request = RefundRequest::from_json(&body)?;
+    let outcome = state.api.limiter.refund_receipt(&request.receipt)?;
+    let rules = state.api.limiter.rules();
+    let limits = outcome
+        .limits
+        .iter()
+        .map(|l| LimitAnswer {
+            rule: rules
+                .limits()
+                .iter()
+                .find(|r| r.id == l.limit_id)
+                .map(|r| r.rule.clone()),
+            refunded: l.refunded,
+        })
+        .collect();
     Ok(json_response(
         StatusCode::OK,
         &RefundAnswer {
-            refunded,
-            requested: request.cost,
+            refunded: outcome.refunded(),
+            requested: outcome.requested,
+            limits,
         },
     ))
 }
@@ -92,13 +134,27 @@ fn decide(state: &AppState, request: &CheckRequest, shape: Shape) -> Result<Resp
     let d = pairs.descriptors()?;
     let limiter = &state.api.limiter;
     let start = Instant::now();
-    let result = limiter.check(&d, request.cost);
-    state.metrics.observe_latency(start.elapsed());
-    let decision = result?;
-    Ok(answer(state, &decision, shape))
+    let (decision, receipt) = match shape {
+        Shape::Full => {
+            let result = limiter.check_with_receipt(&d, request.cost);
+            state.metrics.observe_latency(start.elapsed());
+            result?
+        }
+        Shape::Tiny => {
+            let result = limiter.check(&d, request.cost);
+            state.metrics.observe_latency(start.elapsed());
+            (result?, None)
+        }
+    };
+    Ok(answer(state, &decision, shape, receipt))
 }
 
-fn answer(state: &AppState, decision: &Decision, shape: Shape) -> Response {
+fn answer(
+    state: &AppState,
+    decision: &Decision,
+    shape: Shape,
+    receipt: Option<String>,
+) -> Response {
     let rules = state.api.limiter.rules();
     // The rules may have been replaced since the check: find the deciding
     // limit by id, never trust a stale index.
@@ -133,6 +189,7 @@ fn answer(state: &AppState, decision: &Decision, shape: Shape) -> Response {
                     reset_ms: None,
                     retry_after_ms: None,
                     message: None,
+                    receipt: None,
                 },
                 Some((q, rule)) => {
                     let never = decision.outcome == Outcome::Never;
@@ -159,6 +216,7 @@ fn answer(state: &AppState, decision: &Decision, shape: Shape) -> Response {
                                 q.limit, q.period
                             )
                         }),
+                        receipt,
                     }
                 }
             };
