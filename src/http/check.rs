@@ -2,17 +2,16 @@
 
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::body::LimitedBody;
 use super::error::ApiError;
 use super::headers::decision_headers;
 use super::request::{CheckRequest, RefundRequest};
-use super::{body_bytes, json_response, AppState};
+use super::{json_response, AppState, MAX_BODY_BYTES};
 use crate::limiter::{Decision, Outcome};
 
 /// The answer to a check.
@@ -69,9 +68,8 @@ enum Shape {
 
 pub async fn check(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
     let request = CheckRequest::from_json(&body)?;
     decide(&state, &request, Shape::Full)
 }
@@ -101,9 +99,8 @@ pub async fn head_allow() -> Response {
 
 pub async fn refund(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
     let request = RefundRequest::from_json(&body)?;
     let outcome = state.api.limiter.refund_receipt(&request.receipt)?;
     let rules = state.api.limiter.rules();

@@ -26,6 +26,10 @@ pub struct NodeFile {
     pub advertise_peer: Option<SocketAddr>,
     /// TCP address of the HTTP API.
     pub listen_http: SocketAddr,
+    /// TCP address of the operations listener (probes, metrics, rules
+    /// admin), served apart from the decision port so that a flood of
+    /// decisions cannot fail a health probe. None: the decision port only.
+    pub listen_admin: Option<SocketAddr>,
     /// Peers to contact at start: `host:port`, IP or DNS name (a Kubernetes
     /// headless service resolves to every pod).
     pub seeds: Vec<String>,
@@ -67,6 +71,7 @@ impl Default for NodeFile {
             listen_peer: "127.0.0.1:7400".parse().expect("literal address"),
             advertise_peer: None,
             listen_http: "127.0.0.1:8400".parse().expect("literal address"),
+            listen_admin: None,
             seeds: Vec::new(),
             discovery_interval: "5s".into(),
             rules: PathBuf::from("rules.toml"),
@@ -96,6 +101,7 @@ pub struct NodeSettings {
     pub listen_peer: SocketAddr,
     pub advertise_peer: Option<SocketAddr>,
     pub listen_http: SocketAddr,
+    pub listen_admin: Option<SocketAddr>,
     pub seeds: Vec<String>,
     pub discovery_interval: Nanos,
     pub rules: PathBuf,
@@ -252,6 +258,7 @@ impl NodeFile {
             listen_peer: self.listen_peer,
             advertise_peer: self.advertise_peer,
             listen_http: self.listen_http,
+            listen_admin: self.listen_admin,
             seeds: self.seeds.clone(),
             discovery_interval: duration("discovery_interval", &self.discovery_interval)?,
             rules: path(&self.rules),
