@@ -39,6 +39,9 @@ pub struct NodeArgs {
     /// TCP address of the HTTP API.
     #[arg(long, env = "DRL_LISTEN_HTTP")]
     pub listen_http: Option<SocketAddr>,
+    /// TCP address of the operations listener (probes, metrics, rules admin).
+    #[arg(long, env = "DRL_LISTEN_ADMIN")]
+    pub listen_admin: Option<SocketAddr>,
     /// Peers to contact at start, comma-separated `host:port` (DNS names are
     /// resolved again every discovery_interval).
     #[arg(long, env = "DRL_SEEDS", value_delimiter = ',')]
@@ -136,6 +139,9 @@ impl NodeArgs {
         );
         if let Some(v) = self.advertise_peer {
             file.advertise_peer = Some(v);
+        }
+        if let Some(v) = self.listen_admin {
+            file.listen_admin = Some(v);
         }
         if let Some(v) = &self.key_seed {
             file.key_seed = Some(v.clone());
