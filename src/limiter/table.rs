@@ -83,7 +83,7 @@ pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     index: I,
     stats: TableStats,
     /// Usage of evicted keys; allocated at the first eviction.
-    evicted: OnceLock<EvictedSketch>,
+    evicted: OnceLock<Evicted>,
     /// The slot restored usage is counted in: this node's own.
     home: NodeSlot,
 }
@@ -140,7 +140,14 @@ impl<I: KeyIndex> KeyTable<I> {
 
     /// The sketch of evicted keys' usage, once anything was evicted.
     pub fn evicted_sketch(&self) -> Option<&EvictedSketch> {
-        self.evicted.get()
+        self.evicted.get().map(|e| &e.sketch)
+    }
+
+    fn evicted(&self) -> &Evicted {
+        self.evicted.get_or_init(|| Evicted {
+            sketch: EvictedSketch::for_capacity(self.capacity as usize),
+            restored: (0..self.capacity).map(|_| AtomicU64::new(0)).collect(),
+        })
     }
 
     pub fn spec(&self) -> &WindowSpec {
@@ -260,17 +267,19 @@ impl<I: KeyIndex> KeyTable<I> {
     /// Gives a key that was evicted within its window the usage the sketch
     /// recorded for it (a fresh entry, locked, newest epoch = now's).
     fn restore(&self, e: &mut Entry<'_>, now: Nanos) {
-        let Some(sketch) = self.evicted.get() else {
+        let Some(evicted) = self.evicted.get() else {
             return;
         };
         let now_epoch = self.spec.epoch(now);
         let buckets = self.spec.buckets() as u64;
-        if let Some((epoch, count)) = sketch.estimate(e.key(), now_epoch, buckets) {
+        if let Some((epoch, count)) = evicted.sketch.estimate(e.key(), now_epoch, buckets) {
             let row = (epoch % buckets) as usize;
             let home = self.home.index();
             let mut v = e.get(row, home);
             v.p = v.p.max(count);
             e.set(row, home, v);
+            evicted.restored[e.entry as usize]
+                .store(pack_restored(epoch, count), Ordering::Relaxed);
             self.stats.restored.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -313,21 +322,30 @@ impl<I: KeyIndex> KeyTable<I> {
         let mut nets = [0u64; MAX_BUCKETS];
         let nets = &mut nets[..self.spec.buckets()];
         Ring::read(e, &self.spec, now, nets);
-        let count: u64 = nets.iter().sum();
+        let mut count: u64 = nets.iter().sum();
         if count == 0 {
             return;
         }
         let now_epoch = self.spec.epoch(now);
+        let buckets = self.spec.buckets() as u64;
+        let evicted = self.evicted();
+        // What this entry was given back from the sketch is still recorded
+        // there (cells never fall while live): record only the key's own
+        // hits since, or an over-count would feed on itself, every round of
+        // a flood raising every colliding key's estimate.
+        let restored = evicted.restored[e.entry as usize].load(Ordering::Relaxed);
+        if let Some((epoch, given)) = unpack_restored(restored, now_epoch) {
+            if epoch + buckets > now_epoch {
+                count = count.saturating_sub(u64::from(given));
+            }
+        }
+        if count == 0 {
+            return;
+        }
         let newest = e.newest(now_epoch).min(now_epoch);
-        self.evicted
-            .get_or_init(|| EvictedSketch::for_capacity(self.capacity as usize))
-            .record(
-                e.key(),
-                newest,
-                count,
-                now_epoch,
-                self.spec.buckets() as u64,
-            );
+        evicted
+            .sketch
+            .record(e.key(), newest, count, now_epoch, buckets);
     }
 
     /// CLOCK: sweep the hand over live entries, clearing referenced bits, and
@@ -373,6 +391,9 @@ impl<I: KeyIndex> KeyTable<I> {
     fn vacate(&self, e: &mut Entry<'_>) {
         for w in &e.words[1..] {
             w.store(0, Ordering::Relaxed);
+        }
+        if let Some(evicted) = self.evicted.get() {
+            evicted.restored[e.entry as usize].store(0, Ordering::Relaxed);
         }
         e.words[0].store(LOCK, Ordering::Relaxed);
     }
@@ -420,6 +441,23 @@ impl<I: KeyIndex> KeyTable<I> {
             }
         }
     }
+}
+
+/// What a table keeps once it has evicted a live key: the sketch of evicted
+/// keys' usage, and per arena entry what was restored into it from the
+/// sketch (`epoch << 32 | count`, 0 for nothing), 8 bytes per entry.
+struct Evicted {
+    sketch: EvictedSketch,
+    restored: Box<[AtomicU64]>,
+}
+
+fn pack_restored(epoch: u64, count: u32) -> u64 {
+    ((epoch as u32 as u64) << 32) | u64::from(count)
+}
+
+fn unpack_restored(v: u64, now_epoch: u64) -> Option<(u64, u32)> {
+    let count = v as u32;
+    (count > 0).then(|| (unpack_epoch(now_epoch, (v >> 32) as u32, 32), count))
 }
 
 /// A locked arena entry. Unlocks on drop.
@@ -643,6 +681,28 @@ mod tests {
         let fresh = 0x1234_5678;
         drop(t.get_or_insert(fresh, later));
         assert_eq!(hits(&t, fresh, later), 0);
+    }
+
+    #[test]
+    fn restored_estimates_do_not_feed_on_themselves() {
+        // A flood far larger than the sketch: every fresh key collides with
+        // evicted ones. Each key was hit once, so no estimate may exceed 1
+        // however many rounds of eviction and restoring go by.
+        let t = table(64);
+        let spec = *t.spec();
+        let now = Nanos::from_secs(100);
+        for key in 1..=20_000u64 {
+            let key = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut e = t.get_or_insert(key, now);
+            let before = {
+                let mut out = [0u64; 2];
+                Ring::read(&e, &spec, now, &mut out);
+                out.iter().sum::<u64>()
+            };
+            assert!(before <= 1, "a fresh key starts at {before}");
+            Ring::add(&mut e, &spec, now, NodeSlot::new(0), 1);
+        }
+        assert!(t.stats().restored.load(Ordering::Relaxed) > 0);
     }
 
     #[test]
