@@ -99,7 +99,7 @@ while kill -0 "$LOAD_PID" 2>/dev/null; do
   kill -0 "$NODE_PID" 2>/dev/null || { echo "the node died"; cat "$WORK/node.log"; exit 1; }
   R=$(rss)
   SAMPLES+=("$R")
-  KEYS_NOW=$(curl -sf "http://127.0.0.1:$((PORT + 1))/metrics" | awk '$1 ~ /keys_tracked$/ { print $2; exit }')
+  KEYS_NOW=$( (curl -sf "http://127.0.0.1:$((PORT + 1))/metrics" || true) | awk '$1 ~ /keys_tracked$/ && !seen { print $2; seen = 1 }')
   echo "t=$(( $(date +%s) - START ))s rss_kib=$R keys_tracked=${KEYS_NOW:-?}"
 done
 wait "$LOAD_PID" || true
