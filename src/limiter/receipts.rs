@@ -2,7 +2,8 @@
 //! for.
 //!
 //! An allowed check of cost > 0 through [`Limiter::check_with_receipt`]
-//! gets a sealed [`Receipt`] naming every limit and key it counted. A refund
+//! (or any check followed by [`Limiter::issue_receipt_at`]) gets a sealed
+//! [`Receipt`] naming every limit and key it counted. A refund
 //! through [`Limiter::refund_receipt`] presents it and gives back exactly
 //! that cost on exactly those keys, once:
 //!
@@ -130,9 +131,8 @@ pub enum RefundError {
 
 impl<C: Clock> Limiter<C> {
     /// [`Limiter::check`], and when the request was allowed at a cost above
-    /// zero, the sealed receipt a refund must present. No receipt when no
-    /// limit counted the request, or when the rules changed between the
-    /// decision and the receipt (the receipt would name other limits).
+    /// zero, the sealed receipt a refund must present (see
+    /// [`Limiter::issue_receipt_at`] for when there is none).
     pub fn check_with_receipt(
         &self,
         d: &Descriptors<'_>,
@@ -140,8 +140,26 @@ impl<C: Clock> Limiter<C> {
     ) -> Result<(Decision, Option<String>), CheckError> {
         let now = self.clock.now();
         let decision = self.check_at(now, d, cost)?;
+        let receipt = self.issue_receipt_at(now, d, cost, &decision);
+        Ok((decision, receipt))
+    }
+
+    /// The receipt of a check already decided (by [`Limiter::check`] or a
+    /// node's own decision path) at `now`: pass exactly the descriptors,
+    /// cost and decision of that check. Trusted, in-process: a receipt lets
+    /// its holder give `cost` back. `None` when the check was not allowed,
+    /// cost 0, no limit counted it, it counted more than
+    /// [`MAX_CHARGES`] limits, or the rules changed since the decision (the
+    /// receipt would name other limits).
+    pub fn issue_receipt_at(
+        &self,
+        now: Nanos,
+        d: &Descriptors<'_>,
+        cost: u32,
+        decision: &Decision,
+    ) -> Option<String> {
         if !decision.is_allowed() || cost == 0 {
-            return Ok((decision, None));
+            return None;
         }
         let compiled = self.compiled.load();
         let mut charges = Vec::new();
@@ -156,7 +174,7 @@ impl<C: Clock> Limiter<C> {
             .quota
             .is_some_and(|q| charges.iter().any(|c| c.limit_id == q.limit_id));
         if !decided_by_these || charges.len() > MAX_CHARGES {
-            return Ok((decision, None));
+            return None;
         }
         let receipt = Receipt {
             node: self.config.own_slot.index() as u16,
@@ -166,7 +184,7 @@ impl<C: Clock> Limiter<C> {
             nonce: self.receipts.nonce.fetch_add(1, Ordering::Relaxed),
             charges,
         };
-        Ok((decision, receipt.seal(&self.receipts.key)))
+        receipt.seal(&self.receipts.key)
     }
 
     /// Refunds what the check that issued `receipt` charged: its cost on
