@@ -426,6 +426,24 @@ impl prometheus_client::collector::Collector for NodeCollector {
             "Full-state syncs to peers.",
             r.full_syncs,
         )?;
+        counter(
+            &mut e,
+            "confirm_claims",
+            "Requests near a limit whose provisional hits were sent to the peers for confirmation.",
+            r.claims_sent,
+        )?;
+        counter(
+            &mut e,
+            "confirm_answered",
+            "Confirmations that every peer waited for answered in time.",
+            r.claims_answered,
+        )?;
+        counter(
+            &mut e,
+            "confirm_expired",
+            "Confirmations that timed out (the request was refused and its hits given back).",
+            r.claims_expired,
+        )?;
 
         gauge(
             &mut e,

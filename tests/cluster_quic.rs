@@ -75,10 +75,10 @@ async fn three_nodes(dir: &Path) -> Vec<NodeHandle> {
     nodes
 }
 
-fn check(node: &NodeHandle, user: &str) -> bool {
+async fn check(node: &NodeHandle, user: &str) -> bool {
     let fields = [("user", user)];
     let d = Descriptors::new(&fields).unwrap();
-    node.limiter.check(&d, 1).is_ok_and(|d| d.is_allowed())
+    node.api().check(&d, 1).await.is_ok_and(|d| d.is_allowed())
 }
 
 /// Hits counted in `node`'s merged view, over every key (tests use one).
@@ -102,7 +102,7 @@ async fn admit(node: &NodeHandle, user: &str, n: u64) {
             start.elapsed() < Duration::from_secs(10),
             "only {admitted} of {n} admitted"
         );
-        if check(node, user) {
+        if check(node, user).await {
             admitted += 1;
         } else {
             tokio::time::sleep(Duration::from_micros(200)).await;
@@ -116,17 +116,17 @@ async fn hammer(nodes: &[&NodeHandle], user: &str, per_node: usize, gap: Duratio
     let admitted = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for node in nodes {
-        let limiter = node.limiter.clone();
+        let api = node.api();
         let admitted = admitted.clone();
         let user = user.to_owned();
-        tasks.push(tokio::task::spawn_blocking(move || {
+        tasks.push(tokio::spawn(async move {
             let fields = [("user", user.as_str())];
             let d = Descriptors::new(&fields).unwrap();
             for _ in 0..per_node {
-                if limiter.check(&d, 1).is_ok_and(|d| d.is_allowed()) {
+                if api.check(&d, 1).await.is_ok_and(|d| d.is_allowed()) {
                     admitted.fetch_add(1, Ordering::Relaxed);
                 }
-                std::thread::sleep(gap);
+                tokio::time::sleep(gap).await;
             }
         }));
     }
@@ -169,7 +169,7 @@ async fn a_node_killed_mid_window_and_restarted_does_not_reset_the_quota() {
     let seed = nodes[0].peer_addr().to_string();
     let restarted = Node::start(settings(&dir, 2, vec![seed])).await.unwrap();
     assert!(
-        !check(&restarted, "bob") || restarted.status().ready,
+        !check(&restarted, "bob").await || restarted.status().ready,
         "admitted before recovering"
     );
     wait_for("recovery", Duration::from_secs(10), || {
@@ -197,7 +197,7 @@ async fn a_node_killed_mid_window_and_restarted_does_not_reset_the_quota() {
 async fn a_node_with_a_foreign_certificate_cannot_join_or_inject() {
     let dir = cluster_dir("foreign", 3);
     let nodes = three_nodes(&dir).await;
-    assert!(check(&nodes[0], "carol"));
+    assert!(check(&nodes[0], "carol").await);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = counted(&nodes[0]);
 
@@ -208,7 +208,7 @@ async fn a_node_with_a_foreign_certificate_cannot_join_or_inject() {
     let rogue = Node::start(s).await.unwrap();
     rogue.limiter.set_admitting(true);
     for _ in 0..50 {
-        check(&rogue, "carol");
+        check(&rogue, "carol").await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -303,7 +303,7 @@ async fn lost_duplicated_and_reordered_datagrams_do_not_change_the_converged_cou
         let user = format!("chaos-{}", i % 40);
         let node = &nodes[i % 3];
         let start = Instant::now();
-        while !check(node, &user) {
+        while !check(node, &user).await {
             assert!(
                 start.elapsed() < Duration::from_secs(5),
                 "hit {i} never admitted"
@@ -344,7 +344,7 @@ async fn peers_measure_round_trips_and_clock_offsets() {
     let dir = cluster_dir("clocks", 3);
     let nodes = three_nodes(&dir).await;
     for i in 0..30 {
-        check(&nodes[i % 3], &format!("clock-{i}"));
+        check(&nodes[i % 3], &format!("clock-{i}")).await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;

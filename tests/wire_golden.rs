@@ -69,6 +69,8 @@ fn vectors() -> Vec<(&'static str, Frame)> {
         ("delta", Frame::Delta(slots(1, 4_294_967_296, false))),
         ("sync", Frame::Sync(slots(0, 7, true))),
         ("recovery", Frame::Recovery(slots(2, 9, true))),
+        ("claim", Frame::Claim(slots(1, 4_294_967_301, true))),
+        ("answer", Frame::Answer(slots(2, 4_294_967_301, true))),
         (
             "ack",
             Frame::Ack(Ack {

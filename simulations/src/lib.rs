@@ -19,7 +19,10 @@
 //! - [`metrics`]: figures from a run's records.
 //! - [`report`]: bounds and targets (`bounds.toml`), JSON, `summary.md`.
 //! - [`plot`]: PNG of admitted versus limit over time.
+//! - [`matrix`]: limit-size matrices (`matrices/`): one key, every limit
+//!   size on every cluster size, sequential and at twice the limit.
 
+pub mod matrix;
 pub mod metrics;
 pub mod oracle;
 pub mod plot;

@@ -34,6 +34,9 @@ pub struct BoundsFile {
     pub bounds: BTreeMap<String, BTreeMap<String, Limit>>,
     #[serde(default)]
     pub targets: BTreeMap<String, BTreeMap<String, Limit>>,
+    /// Limit-size matrix → what every one of its cells is held to.
+    #[serde(default)]
+    pub matrix: BTreeMap<String, crate::matrix::MatrixBounds>,
 }
 
 impl BoundsFile {

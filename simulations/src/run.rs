@@ -19,12 +19,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use drl::cluster::harness::{ClusterSpec, MemCluster};
+use drl::cluster::harness::{ClusterSpec, MemCluster, Submitted};
 use drl::core::descriptor::Descriptors;
 use drl::core::key::{key_digest, KeySeed};
 use drl::core::rules::RuleSet;
 use drl::core::time::{Clock, ManualClock, Nanos};
-use drl::limiter::{CheckError, Limiter, LimiterConfig, Outcome};
+use drl::limiter::{CheckError, Decision, Limiter, LimiterConfig, Outcome};
 
 use crate::probe::{live_values, read_slot, Probe, ProbeKind, Target};
 use crate::scenario::{FaultAction, Scenario};
@@ -93,6 +93,7 @@ fn cluster_spec(s: &Scenario, seed: u64) -> ClusterSpec {
     spec.inflight_ppm = s.inflight_ppm;
     spec.detect_after = s.detect_after;
     spec.max_keys = s.max_keys.max(s.total_keys() + 1);
+    spec.confirm = s.confirm;
     spec
 }
 
@@ -122,6 +123,9 @@ struct Runner<'s> {
     values_sent_before: u64,
     full_syncs_before: u64,
     retransmissions_before: u64,
+    /// Requests waiting for their claim's answers: id → (arrival, what the
+    /// reference decided).
+    waiting: std::collections::BTreeMap<u64, (traffic::Arrival, bool)>,
 }
 
 pub fn run(s: &Scenario, seed: u64) -> Result<RunOutput, String> {
@@ -158,6 +162,7 @@ pub fn run(s: &Scenario, seed: u64) -> Result<RunOutput, String> {
         values_sent_before: 0,
         full_syncs_before: 0,
         retransmissions_before: 0,
+        waiting: std::collections::BTreeMap::new(),
     };
     r.c.faults = s.network.clone();
     let records = r.drive(&traffic)?;
@@ -221,6 +226,7 @@ impl Runner<'_> {
                 break;
             }
             self.advance_to(t);
+            self.collect(traffic, &mut records)?;
             if next_fault == Some(t) {
                 let action = s.faults[fi].action.clone();
                 fi += 1;
@@ -231,12 +237,37 @@ impl Runner<'_> {
             } else {
                 let a = traffic.arrivals[ai];
                 ai += 1;
-                records.push(self.arrival(traffic, a)?);
+                if let Some(record) = self.arrival(traffic, a)? {
+                    records.push(record);
+                }
             }
         }
         self.advance_to(s.duration);
+        // Requests still waiting get their answers (at most a claim timeout).
+        let mut guard = 0;
+        while !self.waiting.is_empty() && guard < 1000 {
+            self.c.advance(Nanos::from_millis(1));
+            self.collect(traffic, &mut records)?;
+            guard += 1;
+        }
         self.poll();
+        // Completions arrive in decision order; the metrics read arrivals.
+        records.sort_by_key(|r| r.at);
         Ok(records)
+    }
+
+    /// Records the requests whose confirmation ended.
+    fn collect(&mut self, traffic: &Traffic, records: &mut Vec<Record>) -> Result<(), String> {
+        for (id, node, decision, _) in self.c.take_completed() {
+            if let Some((a, reference)) = self.waiting.remove(&id) {
+                // A confirmed request is judged, and counted, as of its
+                // arrival: replay it there.
+                let at = self.origin + Nanos::new(a.at);
+                let record = self.record(traffic, a, reference, Some((node, decision)), at)?;
+                records.push(record);
+            }
+        }
+        Ok(())
     }
 
     fn poll(&mut self) {
@@ -391,7 +422,11 @@ impl Runner<'_> {
         out
     }
 
-    fn arrival(&mut self, traffic: &Traffic, a: traffic::Arrival) -> Result<Record, String> {
+    fn arrival(
+        &mut self,
+        traffic: &Traffic,
+        a: traffic::Arrival,
+    ) -> Result<Option<Record>, String> {
         let name = traffic.keys[a.key as usize].as_str();
         let fields = [("user", name)];
         let d = Descriptors::new(&fields).map_err(|e| e.to_string())?;
@@ -405,15 +440,36 @@ impl Runner<'_> {
         let mut answer = None;
         for i in 0..n {
             let node = (a.node as usize + i) % n;
-            match self.c.check(node, &fields, 1) {
-                Ok(decision) => {
+            match self.c.submit(node, &fields, 1) {
+                Ok(Submitted::Done(decision)) => {
                     answer = Some((node, decision));
                     break;
+                }
+                Ok(Submitted::Waiting(id)) => {
+                    self.waiting.insert(id, (a, reference));
+                    return Ok(None);
                 }
                 Err(CheckError::Recovering) => continue,
                 Err(e) => return Err(e.to_string()),
             }
         }
+        let now = self.c.now();
+        self.record(traffic, a, reference, answer, now).map(Some)
+    }
+
+    /// What happened to arrival `a`, answered at reference time `when`.
+    fn record(
+        &mut self,
+        traffic: &Traffic,
+        a: traffic::Arrival,
+        reference: bool,
+        answer: Option<(usize, Decision)>,
+        when: Nanos,
+    ) -> Result<Record, String> {
+        let name = traffic.keys[a.key as usize].as_str();
+        let fields = [("user", name)];
+        let d = Descriptors::new(&fields).map_err(|e| e.to_string())?;
+        let t_ref = when;
         let ack_wait = self.s.sync_interval * 2;
         let (node, served, share_capped) = match answer {
             None => (a.node as usize, Served::Unavailable, false),

@@ -103,6 +103,9 @@ pub struct TrafficGroup {
     pub split: Vec<f64>,
     pub arrivals: Arrivals,
     pub bursts: Vec<Burst>,
+    /// Zipf exponent: when set, the profile's rate is the whole group's and
+    /// the `k`-th key (from 0) gets the share `(k+1)^-s / H`.
+    pub zipf: Option<f64>,
 }
 
 impl TrafficGroup {
@@ -191,6 +194,9 @@ pub struct Scenario {
     pub quick: Option<Quick>,
     /// True once [`Scenario::quick`] has shrunk it.
     pub is_quick: bool,
+    /// Near a limit, confirm provisional hits with the peers (default); off
+    /// runs the earlier design, which refuses them for an ack wait.
+    pub confirm: bool,
 }
 
 // ---- the file format -------------------------------------------------------
@@ -216,6 +222,7 @@ struct ScenarioFile {
     #[serde(default)]
     faults: Vec<FaultFile>,
     quick: Option<QuickFile>,
+    confirm: Option<bool>,
 }
 
 fn default_policy() -> String {
@@ -243,6 +250,7 @@ struct TrafficFile {
     arrivals: Arrivals,
     #[serde(default)]
     bursts: Vec<BurstFile>,
+    zipf: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -466,6 +474,7 @@ impl Scenario {
             faults,
             quick,
             is_quick: false,
+            confirm: f.confirm.unwrap_or(true),
         };
         if s.duration == Nanos::ZERO {
             return Err("duration must be positive".into());
@@ -596,6 +605,12 @@ fn traffic_group(i: usize, t: &TrafficFile, nodes: usize) -> Result<TrafficGroup
         }
         Some(_) => return Err(at("split needs one non-negative weight per node")),
     };
+    let zipf = match t.zipf {
+        Some(z) if !(z > 0.0 && z.is_finite()) => {
+            return Err(at("zipf must be a positive exponent"))
+        }
+        z => z,
+    };
     let mut bursts = Vec::new();
     for b in &t.bursts {
         if b.node.is_some_and(|n| n >= nodes) {
@@ -615,6 +630,7 @@ fn traffic_group(i: usize, t: &TrafficFile, nodes: usize) -> Result<TrafficGroup
         split,
         arrivals: t.arrivals,
         bursts,
+        zipf,
     })
 }
 

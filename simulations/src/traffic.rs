@@ -54,6 +54,15 @@ pub fn generate(s: &Scenario, seed: u64) -> Traffic {
     let mut keys = Vec::new();
     let mut group_of = Vec::new();
     for (gi, g) in s.traffic.iter().enumerate() {
+        // Zipf weights need the harmonic sum once per group, not per key.
+        let weights: Vec<f64> = match g.zipf {
+            None => vec![1.0; g.keys],
+            Some(z) => {
+                let raw: Vec<f64> = (1..=g.keys).map(|i| (i as f64).powf(-z)).collect();
+                let h: f64 = raw.iter().sum();
+                raw.into_iter().map(|w| w / h).collect()
+            }
+        };
         for k in 0..g.keys {
             let index = keys.len() as u32;
             keys.push(format!("{}-{k}", g.name));
@@ -61,8 +70,8 @@ pub fn generate(s: &Scenario, seed: u64) -> Traffic {
             let mut rng = StdRng::seed_from_u64(mix(seed, u64::from(index) + 1));
             let mut times = Vec::new();
             match g.arrivals {
-                Arrivals::Poisson => poisson(g, end, &mut rng, &mut times),
-                Arrivals::Even => even(g, end, &mut rng, &mut times),
+                Arrivals::Poisson => poisson(g, weights[k], end, &mut rng, &mut times),
+                Arrivals::Even => even(g, weights[k], end, &mut rng, &mut times),
             }
             for b in &g.bursts {
                 for i in 0..b.count {
@@ -106,11 +115,16 @@ fn segments(g: &TrafficGroup, end: u64) -> Vec<(u64, u64)> {
     cuts.windows(2).map(|w| (w[0], w[1])).collect()
 }
 
-fn poisson(g: &TrafficGroup, end: u64, rng: &mut StdRng, out: &mut Vec<(u64, Option<u16>)>) {
+fn poisson(
+    g: &TrafficGroup,
+    weight: f64,
+    end: u64,
+    rng: &mut StdRng,
+    out: &mut Vec<(u64, Option<u16>)>,
+) {
+    let rate_at = |t: Nanos| g.rate_at(t) * weight;
     for (a, b) in segments(g, end) {
-        let peak = g
-            .rate_at(Nanos::new(a))
-            .max(g.rate_at(Nanos::new(b.saturating_sub(1))));
+        let peak = rate_at(Nanos::new(a)).max(rate_at(Nanos::new(b.saturating_sub(1))));
         if peak <= 0.0 {
             continue;
         }
@@ -123,21 +137,27 @@ fn poisson(g: &TrafficGroup, end: u64, rng: &mut StdRng, out: &mut Vec<(u64, Opt
             }
             let at = t as u64;
             let keep: f64 = rng.random::<f64>();
-            if keep * peak < g.rate_at(Nanos::new(at)) {
+            if keep * peak < rate_at(Nanos::new(at)) {
                 out.push((at, None));
             }
         }
     }
 }
 
-fn even(g: &TrafficGroup, end: u64, rng: &mut StdRng, out: &mut Vec<(u64, Option<u16>)>) {
+fn even(
+    g: &TrafficGroup,
+    weight: f64,
+    end: u64,
+    rng: &mut StdRng,
+    out: &mut Vec<(u64, Option<u16>)>,
+) {
     // A random phase so that keys do not arrive in lockstep.
     let mut credit: f64 = rng.random::<f64>();
     let step = 100_000u64; // integrate the rate in 100 µs steps
     let mut t = 0u64;
     while t < end {
         let next = (t + step).min(end);
-        let r = g.rate_at(Nanos::new(t));
+        let r = g.rate_at(Nanos::new(t)) * weight;
         let gain = r * (next - t) as f64 / 1e9;
         // Emit the arrivals that fall inside this step, evenly placed.
         let mut c = credit;

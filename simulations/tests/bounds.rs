@@ -69,6 +69,8 @@ scenario_tests! {
     scale => "scale",
     token_bucket => "token-bucket",
     lossy_network => "lossy-network",
+    zipf_3 => "zipf-3",
+    zipf_20 => "zipf-20",
 }
 
 #[test]

@@ -16,13 +16,15 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use crate::cluster::replication::{ReplicationConfig, Replicator};
+use crate::cluster::replication::{ClaimEvent, ReplicationConfig, Replicator};
 use crate::core::descriptor::Descriptors;
 use crate::core::rules::RuleSet;
 use crate::core::share::{SharePolicy, ShareView};
 use crate::core::slot::NodeSlot;
 use crate::core::time::{ManualClock, Nanos};
-use crate::limiter::{CheckError, Decision, Limiter, LimiterConfig};
+use crate::limiter::{
+    Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Outcome, Pending,
+};
 
 /// How the network misbehaves.
 #[derive(Clone, Debug)]
@@ -62,6 +64,10 @@ pub struct ClusterSpec {
     pub seed: u64,
     /// Reference time at the start (Unix epoch ns).
     pub start: Nanos,
+    /// Near a limit, confirm provisional hits with the peers (the design in
+    /// force) rather than refuse them for an acknowledgement wait (the
+    /// earlier design, kept for comparison).
+    pub confirm: bool,
 }
 
 impl ClusterSpec {
@@ -76,6 +82,7 @@ impl ClusterSpec {
             max_keys: 1 << 16,
             seed,
             start: Nanos::from_secs(1_700_000_000),
+            confirm: true,
         }
     }
 }
@@ -92,6 +99,18 @@ struct SimNode {
     skew: i64,
     up: bool,
     incarnation: u64,
+    /// Requests waiting for their claim's answers: ticket → (request, hits).
+    pending: BTreeMap<u64, (u64, Pending)>,
+}
+
+/// What became of a submitted request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Submitted {
+    /// Decided at once.
+    Done(Decision),
+    /// Waiting for the peers' answers; its decision comes out of
+    /// [`MemCluster::take_completed`] under this id.
+    Waiting(u64),
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -122,6 +141,9 @@ pub struct MemCluster {
     /// Bytes carried between nodes, by kind of traffic.
     pub bytes_on_wire: u64,
     pub frames_on_wire: u64,
+    next_request: u64,
+    /// Requests decided after waiting: (id, node, decision, when).
+    completed: Vec<(u64, usize, Decision, Nanos)>,
 }
 
 impl MemCluster {
@@ -141,6 +163,8 @@ impl MemCluster {
             linked: BTreeSet::new(),
             bytes_on_wire: 0,
             frames_on_wire: 0,
+            next_request: 0,
+            completed: Vec::new(),
             spec,
         };
         for slot in 0..c.spec.nodes {
@@ -177,6 +201,7 @@ impl MemCluster {
         rc.sync_interval = self.spec.sync_interval;
         rc.policy = self.spec.policy;
         rc.expected_peers = self.spec.nodes - 1;
+        limiter.set_confirm_hold(rc.claim_timeout * 2);
         let mut repl = Replicator::new(rc, incarnation, recovering, self.now);
         for peer in 0..self.spec.nodes as u16 {
             repl.add_peer(peer);
@@ -189,6 +214,7 @@ impl MemCluster {
             skew: 0,
             up: true,
             incarnation,
+            pending: BTreeMap::new(),
         })
     }
 
@@ -237,30 +263,115 @@ impl MemCluster {
         self.nodes[node].clock.set(self.local_now(node));
     }
 
-    /// A request at `node` now.
+    /// A request at `node` now, answered as a client would see it: a
+    /// request that needs its peers' confirmation runs the cluster until
+    /// they answer (a round trip), so time moves on.
     pub fn check(
         &mut self,
         node: usize,
         fields: &[(&str, &str)],
         cost: u32,
     ) -> Result<Decision, CheckError> {
+        match self.submit(node, fields, cost)? {
+            Submitted::Done(d) => Ok(d),
+            Submitted::Waiting(id) => loop {
+                if let Some(i) = self.completed.iter().position(|c| c.0 == id) {
+                    return Ok(self.completed.remove(i).2);
+                }
+                self.advance(Nanos::from_micros(50));
+            },
+        }
+    }
+
+    /// A request at `node` now, without waiting: decided at once, or
+    /// waiting for its claim's answers (see [`MemCluster::take_completed`]).
+    pub fn submit(
+        &mut self,
+        node: usize,
+        fields: &[(&str, &str)],
+        cost: u32,
+    ) -> Result<Submitted, CheckError> {
         if !self.nodes[node].up {
             return Err(CheckError::Recovering);
         }
         let d = Descriptors::new(fields)?;
         self.sync_clock(node);
-        let decision = self.nodes[node].limiter.check(&d, cost);
+        let local = self.local_now(node);
+        let limiter = self.nodes[node].limiter.clone();
+        let outcome = if self.spec.confirm {
+            limiter.begin_at(local, &d, cost)?
+        } else {
+            Begun::Decided(limiter.check_at(local, &d, cost)?)
+        };
         if self.nodes[node]
             .wake
             .swap(false, std::sync::atomic::Ordering::Relaxed)
         {
             // The node ships at once, as its driver would.
-            let local = self.local_now(node);
-            let limiter = self.nodes[node].limiter.clone();
             self.nodes[node].repl.ship_now(local, &limiter);
             self.flush(node);
         }
-        decision
+        match outcome {
+            Begun::Decided(decision) => Ok(Submitted::Done(decision)),
+            Begun::Confirm(pending) => {
+                let id = self.next_request;
+                self.next_request += 1;
+                let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
+                let ticket = self.nodes[node]
+                    .repl
+                    .claim(local, pending.started, keys, &limiter);
+                self.nodes[node].pending.insert(ticket, (id, pending));
+                self.flush(node);
+                Ok(Submitted::Waiting(id))
+            }
+        }
+    }
+
+    /// Requests decided after waiting since the last call: `(id, node,
+    /// decision, reference time of the decision)`.
+    pub fn take_completed(&mut self) -> Vec<(u64, usize, Decision, Nanos)> {
+        std::mem::take(&mut self.completed)
+    }
+
+    /// Requests still waiting for answers, over all nodes.
+    pub fn waiting(&self) -> usize {
+        self.nodes.iter().map(|n| n.pending.len()).sum()
+    }
+
+    /// Decides the requests whose claims ended at `node`.
+    fn finish_claims(&mut self, node: usize) {
+        while let Some(event) = self.nodes[node].repl.poll_claim_event() {
+            let (ticket, answered) = match event {
+                ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
+                ClaimEvent::Expired { ticket } => (ticket, None),
+            };
+            let Some((id, pending)) = self.nodes[node].pending.remove(&ticket) else {
+                continue;
+            };
+            let local = self.local_now(node);
+            let limiter = self.nodes[node].limiter.clone();
+            match limiter.finish_or_yield_at(local, &pending, answered, true) {
+                Finished::Yield { blocking } => {
+                    let deadline = pending.started + self.nodes[node].repl.config().claim_timeout;
+                    let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
+                    self.nodes[node].repl.yield_to(
+                        ticket,
+                        keys,
+                        blocking,
+                        answered.unwrap_or(0),
+                        deadline,
+                    );
+                    self.nodes[node].pending.insert(ticket, (id, pending));
+                }
+                Finished::Decided(decision) => {
+                    if !decision.is_allowed() {
+                        // As the node does: the given-back hits leave at once.
+                        self.nodes[node].repl.ship_now(local, &limiter);
+                    }
+                    self.completed.push((id, node, decision, self.now));
+                }
+            }
+        }
     }
 
     /// Cuts (or heals) both directions between `a` and `b`.
@@ -292,6 +403,14 @@ impl MemCluster {
     /// Stops a node dead: it sends and receives nothing and loses its memory.
     pub fn crash(&mut self, node: usize) {
         self.nodes[node].up = false;
+        // Its waiting clients get no answer: they count as refused.
+        for (_, (id, pending)) in std::mem::take(&mut self.nodes[node].pending) {
+            let decision = Decision {
+                outcome: Outcome::Denied,
+                quota: pending.provisional.quota,
+            };
+            self.completed.push((id, node, decision, self.now));
+        }
     }
 
     /// Starts a crashed node again: new process, next incarnation, empty
@@ -329,6 +448,7 @@ impl MemCluster {
 
     /// Moves every node's outgoing frames onto the network.
     fn flush(&mut self, node: usize) {
+        self.finish_claims(node);
         while let Some(t) = self.nodes[node].repl.poll_transmit() {
             let from = node as u16;
             if !self.nodes[node].up || self.cut.contains(&(from, t.to)) {
@@ -437,9 +557,18 @@ impl MemCluster {
         self.flush(to);
     }
 
-    /// The failure-detector model: silence for `detect_after` means dead;
-    /// hearing again means alive.
+    /// The failure-detector model: a peer that cannot be reached (down, or
+    /// its link to the observer cut) for `detect_after` is dead; one that
+    /// can be reached again is alive. A real node's SWIM probes keep idle
+    /// peers alive the same way, traffic or not.
     fn detect_failures(&mut self) {
+        for a in 0..self.nodes.len() {
+            for b in 0..self.nodes.len() {
+                if a != b && self.nodes[b].up && !self.cut.contains(&(b as u16, a as u16)) {
+                    self.heard.insert((a as u16, b as u16), self.now);
+                }
+            }
+        }
         for a in 0..self.nodes.len() {
             if !self.nodes[a].up {
                 continue;
@@ -468,6 +597,9 @@ impl MemCluster {
                 } else if !was_live {
                     let limiter = self.nodes[a].limiter.clone();
                     self.nodes[a].repl.set_liveness(&limiter, b as u16, true);
+                    if !self.linked.contains(&key) {
+                        self.connect(a as u16, b as u16);
+                    }
                 }
                 // Keep probing a silent peer, as a transport reconnects.
                 if silent

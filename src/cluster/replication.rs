@@ -54,6 +54,12 @@ pub struct ReplicationConfig {
     pub max_ahead: u64,
     /// How long a restarted node waits for its peers before admitting anyway.
     pub recovery_timeout: Nanos,
+    /// How long a claim (provisional hits near a limit) waits for every
+    /// peer's answer before the request is refused.
+    pub claim_timeout: Nanos,
+    /// A claim not answered after this long is sent again to the peers
+    /// that have not answered.
+    pub claim_resend: Nanos,
     /// How many peers must answer a recovery before the node admits: the
     /// other members of the cluster. Zero for a node alone.
     pub expected_peers: usize,
@@ -72,6 +78,8 @@ impl ReplicationConfig {
             chunk_bytes: 60_000,
             max_ahead: 1,
             recovery_timeout: Nanos::from_secs(3),
+            claim_timeout: Nanos::from_millis(50),
+            claim_resend: Nanos::from_millis(10),
             expected_peers: 0,
             policy: SharePolicy::Strict,
         }
@@ -112,6 +120,38 @@ pub enum FrameError {
     HelloMismatch { from: u16, claimed: u16 },
 }
 
+/// How a claim ended, for the caller to decide the request it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimEvent {
+    /// Every peer waited for answered; `answered` has a bit per peer slot
+    /// whose own counts of the keys are now merged.
+    Answered { ticket: u64, answered: u64 },
+    /// Not every peer answered within the claim timeout.
+    Expired { ticket: u64 },
+}
+
+/// An answered claim waiting for the outcome of later conflicting claims.
+struct Yielding {
+    keys: Vec<(u64, u64)>,
+    /// Peers whose later claims it waits on, bit per slot.
+    blocking: u64,
+    /// Who answered the claim, bit per slot.
+    answered: u64,
+    deadline: Nanos,
+}
+
+/// A claim waiting for its answers.
+struct OpenClaim {
+    /// When its hits were counted, by this node's clock: sent with every
+    /// copy of the claim (it orders conflicting claims).
+    started: Nanos,
+    keys: Vec<(u64, u64)>,
+    waiting: BTreeSet<u16>,
+    answered: u64,
+    deadline: Nanos,
+    resend_at: Nanos,
+}
+
 /// Counters the node exports as metrics.
 #[derive(Clone, Debug, Default)]
 pub struct ReplicationStats {
@@ -126,6 +166,9 @@ pub struct ReplicationStats {
     pub retransmissions: u64,
     pub full_syncs: u64,
     pub rules_mismatches: u64,
+    pub claims_sent: u64,
+    pub claims_answered: u64,
+    pub claims_expired: u64,
 }
 
 /// What this node knows about one peer.
@@ -181,6 +224,11 @@ pub struct Replicator {
     stats: ReplicationStats,
     /// Hits shipped and not yet settled, over all rounds.
     unacked_hits: u64,
+    claims: BTreeMap<u64, OpenClaim>,
+    claim_events: VecDeque<ClaimEvent>,
+    /// Answered claims that yield to later claims of these peers: ticket →
+    /// (peers waited for, bit per slot; who answered; deadline).
+    yielding: BTreeMap<u64, Yielding>,
 }
 
 impl Replicator {
@@ -202,6 +250,9 @@ impl Replicator {
             recovery_started: recovering.then_some(now),
             stats: ReplicationStats::default(),
             unacked_hits: 0,
+            claims: BTreeMap::new(),
+            claim_events: VecDeque::new(),
+            yielding: BTreeMap::new(),
         }
     }
 
@@ -254,6 +305,7 @@ impl Replicator {
     pub fn remove_peer(&mut self, limiter: &Limiter<impl crate::core::time::Clock>, slot: u16) {
         self.peers.remove(&slot);
         self.stop_waiting_for(limiter, slot, u64::MAX);
+        self.stop_claims_waiting_for(slot);
     }
 
     fn own(&self) -> u16 {
@@ -288,6 +340,7 @@ impl Replicator {
             let waiting = self.peers.get(&slot).is_some_and(|p| self.must_wait_for(p));
             if !waiting {
                 self.stop_waiting_for(limiter, slot, u64::MAX);
+                self.stop_claims_waiting_for(slot);
             }
         }
     }
@@ -332,7 +385,273 @@ impl Replicator {
     }
 
     pub fn poll_timeout(&self) -> Nanos {
-        self.next_tick
+        self.claims
+            .values()
+            .map(|c| c.deadline.min(c.resend_at))
+            .chain(self.yielding.values().map(|y| y.deadline))
+            .fold(self.next_tick, Nanos::min)
+    }
+
+    /// An answered claim that the limiter refused only because of peers'
+    /// later claims (`blocking`, bit per slot) that may still be undecided:
+    /// decide it again ([`ClaimEvent::Answered`] once more) as soon as a
+    /// frame from one of them arrives, or refuse it at `deadline`.
+    pub fn yield_to(
+        &mut self,
+        ticket: u64,
+        keys: Vec<(u64, u64)>,
+        blocking: u64,
+        answered: u64,
+        deadline: Nanos,
+    ) {
+        self.yielding.insert(
+            ticket,
+            Yielding {
+                keys,
+                blocking,
+                answered,
+                deadline,
+            },
+        );
+    }
+
+    /// Values from `slot` arrived (for `keys`, or for anything when `None`):
+    /// yielding claims blocked by it on those keys decide again.
+    fn heard_from(&mut self, slot: u16, keys: Option<&[(u64, u64)]>) {
+        if self.yielding.is_empty() || usize::from(slot) >= 64 {
+            return;
+        }
+        let again: Vec<(u64, u64)> = self
+            .yielding
+            .iter()
+            .filter(|(_, y)| {
+                y.blocking & (1 << slot) != 0
+                    && keys.is_none_or(|ks| ks.iter().any(|k| y.keys.contains(k)))
+            })
+            .map(|(&t, y)| (t, y.answered))
+            .collect();
+        for (ticket, answered) in again {
+            self.yielding.remove(&ticket);
+            self.claim_events
+                .push_back(ClaimEvent::Answered { ticket, answered });
+        }
+    }
+
+    /// How a claim ended: drain after every `handle_*` call.
+    pub fn poll_claim_event(&mut self) -> Option<ClaimEvent> {
+        self.claim_events.pop_front()
+    }
+
+    /// Claims waiting for answers.
+    pub fn open_claims(&self) -> usize {
+        self.claims.len()
+    }
+
+    /// Asks every peer this node waits for to merge its provisional hits on
+    /// `keys` (`(limit, key)`, already counted in the limiter) and to answer
+    /// with its own counts of them. Returns the claim's ticket; the outcome
+    /// comes from [`Replicator::poll_claim_event`].
+    /// `started` is when the request's hits were counted.
+    pub fn claim<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        started: Nanos,
+        keys: Vec<(u64, u64)>,
+        limiter: &Limiter<C>,
+    ) -> u64 {
+        let ticket = self.next_round;
+        self.next_round += 1;
+        let waiting = self.waiting_set();
+        if waiting.is_empty() {
+            self.claim_events.push_back(ClaimEvent::Answered {
+                ticket,
+                answered: 0,
+            });
+            return ticket;
+        }
+        let claim = OpenClaim {
+            started,
+            keys,
+            waiting,
+            answered: 0,
+            deadline: now + self.cfg.claim_timeout,
+            resend_at: now + self.cfg.claim_resend,
+        };
+        let frame = self.values_frame(now, started, ticket, &claim.keys, limiter);
+        let bytes = Frame::Claim(frame).encode();
+        for &slot in &claim.waiting {
+            if self.peers.get(&slot).is_some_and(|p| p.connected) {
+                self.send(slot, bytes.clone(), false);
+            }
+        }
+        self.stats.claims_sent += 1;
+        self.claims.insert(ticket, claim);
+        ticket
+    }
+
+    /// This node's own values of `keys`, as one frame numbered `round`.
+    fn values_frame<C: crate::core::time::Clock>(
+        &self,
+        now: Nanos,
+        sent_at: Nanos,
+        round: u64,
+        keys: &[(u64, u64)],
+        limiter: &Limiter<C>,
+    ) -> Slots {
+        let mut groups = Vec::with_capacity(keys.len());
+        for &(limit, key) in keys {
+            let Some(table) = limiter.table_by_id(limit) else {
+                continue;
+            };
+            let Some(entry) = table.get(key) else {
+                continue;
+            };
+            if let Some((newest, buckets)) = own_values(&entry, now, self.cfg.own) {
+                groups.push(crate::core::wire::LimitGroup {
+                    limit,
+                    newest,
+                    keys: vec![KeySlots { key, buckets }],
+                });
+            }
+        }
+        Slots {
+            slot: self.own(),
+            round,
+            sent_at: sent_at.as_u64(),
+            last: true,
+            groups,
+        }
+    }
+
+    /// A peer asks us to confirm its provisional hits: merge them, hold the
+    /// keys under confirmation here too, and answer with our own counts.
+    fn on_claim<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        from: u16,
+        s: &Slots,
+        limiter: &Limiter<C>,
+    ) {
+        self.merge_slots(now, from, s, limiter);
+        let keys: Vec<(u64, u64)> = s
+            .groups
+            .iter()
+            .flat_map(|g| g.keys.iter().map(move |k| (g.limit, k.key)))
+            .collect();
+        limiter.hold_keys(now, &keys, Some((from, Nanos::new(s.sent_at))));
+        // If we have a claim of our own pending on these keys, the answer
+        // says when its hits were counted (0 if none): a conflict between
+        // the two is then settled in favour of the earlier one on both sides.
+        let ours = self
+            .claims
+            .values()
+            .filter(|c| c.keys.iter().any(|k| keys.contains(k)))
+            .map(|c| c.started)
+            .min()
+            .unwrap_or(Nanos::ZERO);
+        let answer = self.values_frame(now, ours, s.round, &keys, limiter);
+        self.send(from, Frame::Answer(answer).encode(), false);
+    }
+
+    /// A peer's answer to one of our claims.
+    fn on_answer<C: crate::core::time::Clock>(
+        &mut self,
+        now: Nanos,
+        from: u16,
+        s: &Slots,
+        limiter: &Limiter<C>,
+    ) {
+        self.merge_slots(now, from, s, limiter);
+        let Some(claim) = self.claims.get_mut(&s.round) else {
+            return;
+        };
+        if s.sent_at != 0 {
+            // The answerer has its own claim pending on these keys.
+            limiter.hold_keys(now, &claim.keys, Some((from, Nanos::new(s.sent_at))));
+        }
+        if claim.waiting.remove(&from) {
+            claim.answered |= 1 << from;
+        }
+        self.resolve_claim(s.round);
+    }
+
+    fn resolve_claim(&mut self, ticket: u64) {
+        if self
+            .claims
+            .get(&ticket)
+            .is_some_and(|c| c.waiting.is_empty())
+        {
+            if let Some(c) = self.claims.remove(&ticket) {
+                self.stats.claims_answered += 1;
+                self.claim_events.push_back(ClaimEvent::Answered {
+                    ticket,
+                    answered: c.answered,
+                });
+            }
+        }
+    }
+
+    /// A peer we no longer wait for (declared dead under a policy that does
+    /// not wait for it, or gone): its answer is no longer needed; the
+    /// limiter counts its in-flight share instead.
+    fn stop_claims_waiting_for(&mut self, slot: u16) {
+        let tickets: Vec<u64> = self
+            .claims
+            .iter_mut()
+            .filter_map(|(&t, c)| c.waiting.remove(&slot).then_some(t))
+            .collect();
+        for t in tickets {
+            self.resolve_claim(t);
+        }
+        self.heard_from(slot, None);
+    }
+
+    /// Expires claims past their deadline and resends the others to the
+    /// peers that have not answered yet.
+    fn claim_timers<C: crate::core::time::Clock>(&mut self, now: Nanos, limiter: &Limiter<C>) {
+        let expired: Vec<u64> = self
+            .claims
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(&t, _)| t)
+            .collect();
+        for ticket in expired {
+            self.claims.remove(&ticket);
+            self.stats.claims_expired += 1;
+            self.claim_events.push_back(ClaimEvent::Expired { ticket });
+        }
+        let late: Vec<u64> = self
+            .yielding
+            .iter()
+            .filter(|(_, y)| y.deadline <= now)
+            .map(|(&t, _)| t)
+            .collect();
+        for ticket in late {
+            self.yielding.remove(&ticket);
+            self.claim_events.push_back(ClaimEvent::Expired { ticket });
+        }
+        let due: Vec<u64> = self
+            .claims
+            .iter()
+            .filter(|(_, c)| c.resend_at <= now)
+            .map(|(&t, _)| t)
+            .collect();
+        for ticket in due {
+            let Some(claim) = self.claims.get_mut(&ticket) else {
+                continue;
+            };
+            claim.resend_at = now + self.cfg.claim_resend;
+            let (keys, waiting, started) =
+                (claim.keys.clone(), claim.waiting.clone(), claim.started);
+            let bytes =
+                Frame::Claim(self.values_frame(now, started, ticket, &keys, limiter)).encode();
+            for slot in waiting {
+                if self.peers.get(&slot).is_some_and(|p| p.connected) {
+                    self.stats.retransmissions += 1;
+                    self.send(slot, bytes.clone(), false);
+                }
+            }
+        }
     }
 
     /// Handles one frame that arrived from the (authenticated) peer `from`,
@@ -373,7 +692,9 @@ impl Replicator {
                     claimed: h.slot,
                 })
             }
-            Frame::Delta(s) | Frame::Sync(s) if s.slot != from => {
+            Frame::Delta(s) | Frame::Sync(s) | Frame::Claim(s) | Frame::Answer(s)
+                if s.slot != from =>
+            {
                 return Err(FrameError::ForeignSlot {
                     from,
                     carried: s.slot,
@@ -398,6 +719,21 @@ impl Replicator {
         if let Some(p) = self.peers.get_mut(&from) {
             p.last_heard = Some(now);
         }
+        // After this frame is applied, claims yielding to `from` on the keys
+        // it carries decide again.
+        let carried: Option<Vec<(u64, u64)>> = match &frame {
+            Frame::Delta(s) | Frame::Sync(s) | Frame::Claim(s) | Frame::Answer(s)
+                if !self.yielding.is_empty() =>
+            {
+                Some(
+                    s.groups
+                        .iter()
+                        .flat_map(|g| g.keys.iter().map(move |k| (g.limit, k.key)))
+                        .collect(),
+                )
+            }
+            _ => None,
+        };
         match frame {
             Frame::Hello(h) => self.on_hello(now, from, h, limiter, rules_digest),
             Frame::Delta(s) | Frame::Sync(s) => {
@@ -415,8 +751,13 @@ impl Replicator {
                 }
             }
             Frame::Ack(a) => self.on_ack(now, from, &a, limiter),
+            Frame::Claim(s) => self.on_claim(now, from, &s, limiter),
+            Frame::Answer(s) => self.on_answer(now, from, &s, limiter),
             Frame::Swim(s) => return Ok(Delivered::Swim(s.payload)),
             Frame::Rules(r) => return Ok(Delivered::Rules(r)),
+        }
+        if let Some(keys) = carried {
+            self.heard_from(from, Some(&keys));
         }
         Ok(Delivered::Applied)
     }
@@ -593,10 +934,12 @@ impl Replicator {
         now: Nanos,
         limiter: &Limiter<C>,
     ) {
+        self.claim_timers(now, limiter);
         if now < self.next_tick {
             return;
         }
         self.next_tick = now + self.cfg.sync_interval;
+        limiter.prune_confirming(now);
         self.check_recovered(now, limiter);
         self.ship_deltas(now, limiter);
         self.resend_lost(now, limiter);

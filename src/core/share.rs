@@ -162,7 +162,12 @@ impl<'a> Shares<'a> {
 
     /// Hits to count as already arrived on behalf of peers.
     pub fn reserved(&self) -> u64 {
-        members(self.view.reserve, self.totals.len())
+        self.reserved_for(self.view.reserve)
+    }
+
+    /// Hits to count on behalf of the peers in `mask` only.
+    pub fn reserved_for(&self, mask: u64) -> u64 {
+        members(mask, self.totals.len())
             .filter(|&j| j != usize::from(self.view.own))
             .map(|j| self.of(j))
             .sum()

@@ -213,12 +213,53 @@ impl Ring {
         now: Nanos,
         own: NodeSlot,
         hits: u32,
-    ) {
+    ) -> u64 {
         let epoch = Self::writable_epoch(grid, spec, now);
         let row = Self::row(spec, epoch);
         let mut v = grid.get(row, own.index());
         v.p = v.p.saturating_add(hits);
         grid.set(row, own.index(), v);
+        epoch
+    }
+
+    /// Gives back up to `hits` of the bucket of `epoch` only (a provisional
+    /// hit that its confirmation refused), never more than the bucket's
+    /// merged net count. Returns how many were given back: none once the
+    /// bucket has left the window.
+    pub fn refund_epoch<G: SlotGrid + ?Sized>(
+        grid: &mut G,
+        spec: &WindowSpec,
+        now: Nanos,
+        own: NodeSlot,
+        epoch: u64,
+        hits: u32,
+    ) -> u32 {
+        let current = Self::writable_epoch(grid, spec, now);
+        let newest = grid.newest(current);
+        if !Self::holds(spec, newest, epoch) {
+            return 0;
+        }
+        let row = Self::row(spec, epoch);
+        let take = grid.row_net(row).min(u64::from(hits)) as u32;
+        if take > 0 {
+            let mut v = grid.get(row, own.index());
+            v.n = v.n.saturating_add(take);
+            grid.set(row, own.index(), v);
+        }
+        take
+    }
+
+    /// Where the bucket of `epoch` sits in what [`Ring::read`] returns at
+    /// `now`: `None` once it has left the window; the newest position for a
+    /// bucket ahead of the local clock (`read` counts those there).
+    pub fn read_index(spec: &WindowSpec, now: Nanos, epoch: u64) -> Option<usize> {
+        let b = spec.buckets() as u64;
+        let now_epoch = spec.epoch(now);
+        if epoch >= now_epoch {
+            return Some(b as usize - 1);
+        }
+        let back = now_epoch - epoch;
+        (back < b).then(|| (b - 1 - back) as usize)
     }
 
     /// The epoch a local write goes to: the current one, or the oldest live
@@ -348,7 +389,7 @@ impl BucketWindow {
     }
     pub fn add(&mut self, now: Nanos, own: NodeSlot, hits: u32) {
         let spec = self.spec;
-        Ring::add(self, &spec, now, own, hits)
+        Ring::add(self, &spec, now, own, hits);
     }
     pub fn refund(&mut self, now: Nanos, own: NodeSlot, hits: u32) -> u32 {
         let spec = self.spec;

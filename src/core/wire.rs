@@ -36,6 +36,8 @@ pub enum Kind {
     Recovery = 5,
     Swim = 6,
     Rules = 7,
+    Claim = 8,
+    Answer = 9,
 }
 
 impl Kind {
@@ -48,6 +50,8 @@ impl Kind {
             5 => Kind::Recovery,
             6 => Kind::Swim,
             7 => Kind::Rules,
+            8 => Kind::Claim,
+            9 => Kind::Answer,
             _ => return None,
         })
     }
@@ -151,6 +155,12 @@ pub enum Frame {
     Recovery(Slots),
     Swim(Swim),
     Rules(RulesFrame),
+    /// Provisional hits near a limit: the sender's own values of the keys,
+    /// with `round` naming the claim. Every receiver merges them and answers.
+    Claim(Slots),
+    /// The answer to a claim: the sender's own values of the claimed keys,
+    /// with `round` echoing the claim's.
+    Answer(Slots),
 }
 
 /// Why a frame was refused. The frame changed nothing.
@@ -182,6 +192,8 @@ impl Frame {
             Frame::Recovery(_) => Kind::Recovery,
             Frame::Swim(_) => Kind::Swim,
             Frame::Rules(_) => Kind::Rules,
+            Frame::Claim(_) => Kind::Claim,
+            Frame::Answer(_) => Kind::Answer,
         }
     }
 
@@ -191,9 +203,11 @@ impl Frame {
         out.push(self.kind() as u8);
         let body = match self {
             Frame::Hello(b) => postcard::to_extend(b, std::mem::take(out)),
-            Frame::Delta(b) | Frame::Sync(b) | Frame::Recovery(b) => {
-                postcard::to_extend(b, std::mem::take(out))
-            }
+            Frame::Delta(b)
+            | Frame::Sync(b)
+            | Frame::Recovery(b)
+            | Frame::Claim(b)
+            | Frame::Answer(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Ack(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Rules(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Swim(b) => postcard::to_extend(b, std::mem::take(out)),
@@ -227,6 +241,8 @@ impl Frame {
             Kind::Recovery => Frame::Recovery(body_of(kind, body)?),
             Kind::Rules => Frame::Rules(body_of(kind, body)?),
             Kind::Swim => Frame::Swim(body_of(kind, body)?),
+            Kind::Claim => Frame::Claim(body_of(kind, body)?),
+            Kind::Answer => Frame::Answer(body_of(kind, body)?),
         };
         frame.check()?;
         Ok(frame)
@@ -237,7 +253,11 @@ impl Frame {
             Frame::Hello(h) if h.name.is_empty() || h.name.len() > MAX_NAME_BYTES => {
                 Err(DecodeError::Invalid("node name must be 1 to 64 bytes"))
             }
-            Frame::Delta(s) | Frame::Sync(s) | Frame::Recovery(s) => s.check(),
+            Frame::Delta(s)
+            | Frame::Sync(s)
+            | Frame::Recovery(s)
+            | Frame::Claim(s)
+            | Frame::Answer(s) => s.check(),
             Frame::Ack(a) if a.rounds.len() > 4096 => {
                 Err(DecodeError::Invalid("too many acknowledged rounds"))
             }

@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::headers::decision_headers;
 use super::request::{CheckRequest, RefundRequest};
 use super::{json_response, AppState, MAX_BODY_BYTES};
+use crate::core::time::Clock;
 use crate::limiter::{Decision, Outcome};
 
 /// The answer to a check.
@@ -71,7 +72,7 @@ pub async fn check(
     LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {
     let request = CheckRequest::from_json(&body)?;
-    decide(&state, &request, Shape::Full)
+    decide(&state, &request, Shape::Full).await
 }
 
 pub async fn allow(
@@ -79,7 +80,7 @@ pub async fn allow(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let request = CheckRequest::from_query(query.as_deref().unwrap_or(""))?;
-    decide(&state, &request, Shape::Tiny)
+    decide(&state, &request, Shape::Tiny).await
 }
 
 /// `HEAD /v1/allow` would count a hit with no answer to read: refused,
@@ -126,22 +127,23 @@ pub async fn refund(
     ))
 }
 
-fn decide(state: &AppState, request: &CheckRequest, shape: Shape) -> Result<Response, ApiError> {
+async fn decide(
+    state: &AppState,
+    request: &CheckRequest<'_>,
+    shape: Shape,
+) -> Result<Response, ApiError> {
     let pairs = request.pairs();
     let d = pairs.descriptors()?;
-    let limiter = &state.api.limiter;
     let start = Instant::now();
-    let (decision, receipt) = match shape {
+    let result = state.api.check(&d, request.cost).await;
+    state.metrics.observe_latency(start.elapsed());
+    let decision = result?;
+    let receipt = match shape {
         Shape::Full => {
-            let result = limiter.check_with_receipt(&d, request.cost);
-            state.metrics.observe_latency(start.elapsed());
-            result?
+            let limiter = &state.api.limiter;
+            limiter.issue_receipt_at(limiter.clock().now(), &d, request.cost, &decision)
         }
-        Shape::Tiny => {
-            let result = limiter.check(&d, request.cost);
-            state.metrics.observe_latency(start.elapsed());
-            (result?, None)
-        }
+        Shape::Tiny => None,
     };
     Ok(answer(state, &decision, shape, receipt))
 }

@@ -137,6 +137,76 @@ struct ClusterHooks {
     /// share of a key is spent: shipping now, rather than at the next sync
     /// tick, brings the acknowledgements that free it sooner.
     wake: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// Keys under confirmation `(limit, key)` → until when decisions on them
+    /// wait for the peers' answers (see [`Limiter::begin_at`]). The entry's
+    /// confirming bit says whether to look here at all.
+    confirming: dashmap::DashMap<(u64, u64), Hold>,
+    /// How long a key stays under confirmation after a claim on it.
+    confirm_hold: std::sync::atomic::AtomicU64,
+}
+
+/// A key under confirmation: until when, and the peers' claims on it that
+/// may still be undecided (`(slot, when the claim's hit was counted, until
+/// when it can be pending)`), which decide who yields in a conflict.
+#[derive(Clone, Debug, Default)]
+struct Hold {
+    until: Nanos,
+    claims: Vec<(u16, Nanos, Nanos)>,
+}
+
+/// Most peers' claims remembered per held key; older ones are forgotten
+/// (a forgotten claim only makes a conflict end in two refusals).
+const MAX_HELD_CLAIMS: usize = 8;
+
+/// How a confirmed request ended, or why its decision must wait a little.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finished {
+    Decided(Decision),
+    /// Refused as things stand, but peers (bit per slot) hold claims on
+    /// the same keys that were counted later than this one and may still be
+    /// undecided: their losers give their hits back at once, so decide
+    /// again when a frame from one of them arrives (or refuse at the
+    /// claim's deadline). The earlier claim wins a conflict, as a single
+    /// node deciding in arrival order would.
+    Yield {
+        blocking: u64,
+    },
+}
+
+/// How long a key stays under confirmation after a claim, unless the node
+/// says otherwise: twice the default claim timeout.
+pub const DEFAULT_CONFIRM_HOLD: Nanos = Nanos::from_millis(100);
+
+/// Hits counted provisionally by [`Limiter::begin_at`]: the request is
+/// admitted only if, once every peer it waits for has answered with its own
+/// counts, the limits still allow it ([`Limiter::finish_at`]); otherwise the
+/// hits are given back.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub cost: u32,
+    /// When the hits were counted.
+    pub started: Nanos,
+    /// The provisional hits, one per applicable limit.
+    pub hits: Vec<PendingHit>,
+    /// What the request would be answered if admitted (its quota report).
+    pub provisional: Decision,
+}
+
+/// One provisional hit: where it was counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingHit {
+    pub limit: u64,
+    pub key: u64,
+    pub epoch: u64,
+}
+
+/// What [`Limiter::begin_at`] did with a request.
+#[derive(Clone, Debug)]
+pub enum Begun {
+    /// Decided at once, from local memory.
+    Decided(Decision),
+    /// Counted provisionally; the peers' answers decide it.
+    Confirm(Pending),
 }
 
 /// Most limits one request may match before the check falls back to a heap
@@ -193,6 +263,8 @@ impl<C: Clock> Limiter<C> {
             journal: Arc::new(Journal::default()),
             admitting: AtomicBool::new(false),
             wake: std::sync::OnceLock::new(),
+            confirming: dashmap::DashMap::new(),
+            confirm_hold: std::sync::atomic::AtomicU64::new(DEFAULT_CONFIRM_HOLD.as_u64()),
         });
         Ok(self)
     }
@@ -301,12 +373,61 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// [`Limiter::check`] at an explicit time (simulations and tests).
+    ///
+    /// A clustered node that could only decide exactly by asking its peers
+    /// (see [`Limiter::begin_at`]) answers here with a denial and a
+    /// `retry_after` of one acknowledgement wait instead: this call never
+    /// waits. Callers that can wait use `begin_at`.
     pub fn check_at(
         &self,
         now: Nanos,
         d: &Descriptors<'_>,
         cost: u32,
     ) -> Result<Decision, CheckError> {
+        match self.evaluate(now, d, cost, false)? {
+            Begun::Decided(decision) => Ok(decision),
+            // Not produced when confirmation is off; deny rather than panic.
+            Begun::Confirm(p) => {
+                self.give_back(now, &p);
+                Ok(self.denied_for_now(&p))
+            }
+        }
+    }
+
+    /// Starts a check of `cost` hits now: see [`Limiter::begin_at`].
+    pub fn begin(&self, d: &Descriptors<'_>, cost: u32) -> Result<Begun, CheckError> {
+        self.begin_at(self.clock.now(), d, cost)
+    }
+
+    /// Starts a check that may need the peers' confirmation.
+    ///
+    /// Most requests are decided at once from local memory
+    /// ([`Begun::Decided`]): while a key is far enough from its limit that
+    /// the peers' reserved in-flight shares fit, the decision is safe
+    /// whatever they are doing. Near the limit (within the peers' shares of
+    /// it, which for small limits is always), or when a peer has asked to
+    /// confirm a hit on the key, a request the merged counts allow is
+    /// counted provisionally and returned as [`Begun::Confirm`]: the caller
+    /// sends the provisional values to every peer it waits for, each answers
+    /// with its own current counts, and [`Limiter::finish_at`] decides
+    /// exactly on what they said. A request the merged counts deny is
+    /// denied at once: counts only grow, so the denial is exact.
+    pub fn begin_at(
+        &self,
+        now: Nanos,
+        d: &Descriptors<'_>,
+        cost: u32,
+    ) -> Result<Begun, CheckError> {
+        self.evaluate(now, d, cost, true)
+    }
+
+    fn evaluate(
+        &self,
+        now: Nanos,
+        d: &Descriptors<'_>,
+        cost: u32,
+        can_confirm: bool,
+    ) -> Result<Begun, CheckError> {
         let compiled = self.compiled.load();
         compiled.rules.check_endpoint(d)?;
         if !self.is_admitting() {
@@ -326,7 +447,7 @@ impl<C: Clock> Limiter<C> {
         if let Some(never) =
             never_admissible(&compiled.rules, matches.iter().map(|m| m.0), now, cost)
         {
-            return Ok(never);
+            return Ok(Begun::Decided(never));
         }
 
         let mut entries = Guards::new();
@@ -335,10 +456,11 @@ impl<C: Clock> Limiter<C> {
             quota: None,
         };
         let mut counts = CountsBuf::new();
+        let mut confirm = false;
         for &(index, key) in matches.iter() {
             let table = &compiled.tables[index];
             let spec = table.spec();
-            let entry = table.get_or_insert(key, now);
+            let mut entry = table.get_or_insert(key, now);
             let nets = counts.get(spec.buckets());
             Ring::read(&entry, spec, now, nets);
             let limit = &compiled.rules.limits()[index];
@@ -352,14 +474,24 @@ impl<C: Clock> Limiter<C> {
                     cost,
                 ),
                 Some(view) => {
-                    let (verdict, capped) =
-                        decide_shared(view, &limit.algorithm, &entry, nets, now, cost);
-                    if capped {
+                    let confirming = self.is_confirming(&mut entry, limit.id, now);
+                    let shared = decide_shared(
+                        view,
+                        &limit.algorithm,
+                        &entry,
+                        nets,
+                        now,
+                        cost,
+                        confirming,
+                        can_confirm,
+                    );
+                    if shared.capped {
                         if let Some(wake) = self.cluster.as_ref().and_then(|c| c.wake.get()) {
                             wake();
                         }
                     }
-                    verdict
+                    confirm |= shared.confirm;
+                    shared.verdict
                 }
             };
             decision.absorb(index, limit.id, &limit.algorithm, verdict);
@@ -367,18 +499,296 @@ impl<C: Clock> Limiter<C> {
         }
         if decision.outcome == Outcome::Allowed && cost > 0 {
             let journal = self.cluster.as_ref().map(|c| &c.journal);
+            let mut pending = confirm.then(|| Pending {
+                cost,
+                started: now,
+                hits: Vec::new(),
+                provisional: decision,
+            });
             for (limit_id, entry) in entries.iter_mut() {
                 // Every entry of one check lives in its own limit's table.
-                Ring::add(entry, &entry.spec(), now, self.config.own_slot, cost);
+                let epoch = Ring::add(entry, &entry.spec(), now, self.config.own_slot, cost);
                 if let Some(journal) = journal {
-                    entry.add_unshipped(cost);
+                    match pending.as_mut() {
+                        // Confirmed hits are seen by every peer waited for
+                        // before they are admitted: not in flight.
+                        Some(p) => {
+                            p.hits.push(PendingHit {
+                                limit: *limit_id,
+                                key: entry.key(),
+                                epoch,
+                            });
+                            self.hold_confirming(entry, *limit_id, now);
+                        }
+                        None => entry.add_unshipped(cost),
+                    }
                     if entry.mark_dirty() {
                         journal.push(*limit_id, entry.key());
                     }
                 }
             }
+            if let Some(p) = pending {
+                return Ok(Begun::Confirm(p));
+            }
         }
-        Ok(decision)
+        Ok(Begun::Decided(decision))
+    }
+
+    /// Decides a request that [`Limiter::begin_at`] counted provisionally,
+    /// once the peers have answered: `answered` is the set of peer slots
+    /// (bit per slot) whose answers carried their own counts of the keys,
+    /// or `None` when they did not all answer in time. Peers the view
+    /// reserves for that did not answer (declared dead, under `strict`) are
+    /// counted at their in-flight share. Admitted hits stay counted; refused
+    /// ones are given back.
+    ///
+    /// The request is judged as of when it arrived (`pending.started`, where
+    /// its hit was counted) on everything known now: hits that arrived since
+    /// count as if already there, which can only refuse more, so the
+    /// judgement is as safe as one made now, and the admitted history is
+    /// what the algorithm would have seen had the answers been instant.
+    pub fn finish_at(&self, now: Nanos, pending: &Pending, answered: Option<u64>) -> Decision {
+        match self.finish_or_yield_at(now, pending, answered, false) {
+            Finished::Decided(d) => d,
+            // Not produced without `may_yield`.
+            Finished::Yield { .. } => self.denied_for_now(pending),
+        }
+    }
+
+    /// [`Limiter::finish_at`], except that a refusal caused by peers' claims
+    /// counted later than this one (while they may still be undecided) is
+    /// answered with [`Finished::Yield`] when `may_yield`: nothing is given
+    /// back, and the caller decides again after hearing from them.
+    pub fn finish_or_yield_at(
+        &self,
+        now: Nanos,
+        pending: &Pending,
+        answered: Option<u64>,
+        may_yield: bool,
+    ) -> Finished {
+        let Some(answered) = answered else {
+            self.give_back(now, pending);
+            return Finished::Decided(self.denied_for_now(pending));
+        };
+        let compiled = self.compiled.load();
+        let view = self.cluster.as_ref().map(|c| c.view.load_full());
+        let mut decision = Decision {
+            outcome: Outcome::Allowed,
+            quota: None,
+        };
+        let mut counts = CountsBuf::new();
+        for hit in &pending.hits {
+            // A limit removed by a reload in the meantime no longer applies.
+            let Some(&index) = compiled.by_id.get(&hit.limit) else {
+                continue;
+            };
+            let table = &compiled.tables[index];
+            let limit = &compiled.rules.limits()[index];
+            let spec = *table.spec();
+            let Some(entry) = table.get(hit.key) else {
+                continue;
+            };
+            // As of the arrival, unless a later hit has since moved the
+            // ring on and wiped a bucket that window needs: then as of the
+            // start of the newest bucket (the earliest moment the ring still
+            // holds whole).
+            let newest = entry.newest(spec.epoch(now));
+            let at = pending.started.max(spec.epoch_start(newest)).min(now);
+            let nets = counts.get(spec.buckets());
+            Ring::read(&entry, &spec, at, nets);
+            // Judge the request as if not yet counted.
+            if let Some(i) = Ring::read_index(&spec, at, hit.epoch) {
+                nets[i] = nets[i].saturating_sub(u64::from(pending.cost));
+            }
+            if let Some(view) = view.as_deref() {
+                let silent = view.reserve & !answered & !(1u64 << view.own);
+                if silent != 0 {
+                    let mut totals = [0u64; MAX_NODES];
+                    let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
+                    Ring::slot_hits(&entry, &spec, at, totals);
+                    let quota = limit.algorithm.quota();
+                    let shares = Shares::new(
+                        view,
+                        view.budget(quota, u64::from(MAX_INFLIGHT)),
+                        quota,
+                        totals,
+                    );
+                    if let Some(last) = nets.last_mut() {
+                        *last += shares.reserved_for(silent);
+                    }
+                }
+            }
+            let verdict = limit.algorithm.decide(
+                &WindowCounts {
+                    spec,
+                    now: at,
+                    nets,
+                },
+                pending.cost,
+            );
+            decision.absorb(index, limit.id, &limit.algorithm, verdict);
+        }
+        // Waits were computed from the arrival; the answer leaves now.
+        let waited = now.saturating_sub(pending.started);
+        if let Some(q) = decision.quota.as_mut() {
+            q.reset_after = q.reset_after.saturating_sub(waited);
+            if q.retry_after != Nanos::MAX {
+                q.retry_after = q.retry_after.saturating_sub(waited);
+            }
+        }
+        if decision.outcome == Outcome::Denied && may_yield {
+            let blocking = self.later_claims(now, pending);
+            if blocking != 0 {
+                return Finished::Yield { blocking };
+            }
+        }
+        if decision.outcome != Outcome::Allowed {
+            self.give_back(now, pending);
+        }
+        Finished::Decided(decision)
+    }
+
+    /// Peers (bit per slot) holding claims on `pending`'s keys that were
+    /// counted after it (ties by slot) and may still be undecided.
+    fn later_claims(&self, now: Nanos, pending: &Pending) -> u64 {
+        let Some(c) = &self.cluster else {
+            return 0;
+        };
+        let own = self.config.own_slot.index() as u16;
+        let mine = (pending.started, own);
+        let mut blocking = 0u64;
+        for hit in &pending.hits {
+            if let Some(hold) = c.confirming.get(&(hit.limit, hit.key)) {
+                for &(slot, started, until) in &hold.claims {
+                    if until > now && (started, slot) > mine && usize::from(slot) < MAX_NODES {
+                        blocking |= 1 << slot;
+                    }
+                }
+            }
+        }
+        blocking
+    }
+
+    /// The answer to a provisional request whose confirmation did not
+    /// complete: denied, retry after one acknowledgement wait.
+    fn denied_for_now(&self, pending: &Pending) -> Decision {
+        let wait = self
+            .cluster
+            .as_ref()
+            .map_or(Nanos::from_millis(10), |c| c.view.load().ack_wait);
+        Decision {
+            outcome: Outcome::Denied,
+            quota: pending.provisional.quota.map(|q| QuotaState {
+                retry_after: wait,
+                ..q
+            }),
+        }
+    }
+
+    /// Takes back the provisional hits of a refused request.
+    pub fn give_back(&self, now: Nanos, pending: &Pending) {
+        let compiled = self.compiled.load();
+        for hit in &pending.hits {
+            let Some(&index) = compiled.by_id.get(&hit.limit) else {
+                continue;
+            };
+            let table = &compiled.tables[index];
+            let spec = *table.spec();
+            let Some(mut entry) = table.get(hit.key) else {
+                continue;
+            };
+            let given = Ring::refund_epoch(
+                &mut entry,
+                &spec,
+                now,
+                self.config.own_slot,
+                hit.epoch,
+                pending.cost,
+            );
+            if given > 0 && entry.mark_dirty() {
+                if let Some(c) = &self.cluster {
+                    c.journal.push(hit.limit, hit.key);
+                }
+            }
+        }
+    }
+
+    /// Sets how long a key stays under confirmation after a claim on it.
+    /// It must exceed the longest a claimant waits for answers.
+    pub fn set_confirm_hold(&self, hold: Nanos) {
+        if let Some(c) = &self.cluster {
+            c.confirm_hold.store(hold.as_u64(), Ordering::Relaxed);
+        }
+    }
+
+    /// A peer asked to confirm hits on these keys (whose provisional values
+    /// have just been merged): until the hold passes, this node decides them
+    /// by confirmation too, so that no hit of its own can slip past the
+    /// claimant's count unseen.
+    ///
+    /// `claim` is the claimant's slot and when its hits were counted (by its
+    /// clock): it decides who yields when two claims conflict.
+    pub fn hold_keys(&self, now: Nanos, keys: &[(u64, u64)], claim: Option<(u16, Nanos)>) {
+        for &(limit, key) in keys {
+            if let Some(table) = self.table_by_id(limit) {
+                if let Some(mut entry) = table.get(key) {
+                    self.hold_confirming(&mut entry, limit, now);
+                    if let (Some((slot, started)), Some(c)) = (claim, &self.cluster) {
+                        let until = now + Nanos::new(c.confirm_hold.load(Ordering::Relaxed));
+                        if let Some(mut hold) = c.confirming.get_mut(&(limit, key)) {
+                            hold.claims.retain(|x| x.2 > now && x.0 != slot);
+                            if hold.claims.len() >= MAX_HELD_CLAIMS {
+                                hold.claims.remove(0);
+                            }
+                            hold.claims.push((slot, started, until));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn hold_confirming(&self, entry: &mut Entry<'_>, limit: u64, now: Nanos) {
+        if let Some(c) = &self.cluster {
+            let until = now + Nanos::new(c.confirm_hold.load(Ordering::Relaxed));
+            entry.set_confirming(true);
+            let mut hold = c.confirming.entry((limit, entry.key())).or_default();
+            if hold.until < until {
+                hold.until = until;
+            }
+        }
+    }
+
+    /// Whether decisions on this entry must be confirmed; clears a hold
+    /// that has passed.
+    fn is_confirming(&self, entry: &mut Entry<'_>, limit: u64, now: Nanos) -> bool {
+        if !entry.is_confirming() {
+            return false;
+        }
+        let Some(c) = &self.cluster else {
+            return false;
+        };
+        let key = (limit, entry.key());
+        let live = c.confirming.get(&key).is_some_and(|h| h.until > now);
+        if !live {
+            c.confirming.remove_if(&key, |_, h| h.until <= now);
+            entry.set_confirming(false);
+        }
+        live
+    }
+
+    /// Forgets holds that have passed (their entries' bits are cleared on
+    /// the next decision): keeps the hold map to the keys claimed within
+    /// the last hold, whatever the number of keys.
+    pub fn prune_confirming(&self, now: Nanos) {
+        if let Some(c) = &self.cluster {
+            c.confirming.retain(|_, h| h.until > now);
+        }
+    }
+
+    /// Keys currently under confirmation, for metrics.
+    pub fn keys_confirming(&self) -> usize {
+        self.cluster.as_ref().map_or(0, |c| c.confirming.len())
     }
 
     /// Gives back `cost` hits for work that turned out not to count. Returns
@@ -422,6 +832,7 @@ impl<C: Clock> Limiter<C> {
     /// Frees up to `budget` idle keys per table. New keys already pay for a
     /// little of this; a driver may call it on a timer to return memory sooner.
     pub fn sweep_at(&self, now: Nanos, budget: usize) -> usize {
+        self.prune_confirming(now);
         let compiled = self.compiled.load();
         compiled.tables.iter().map(|t| t.sweep(now, budget)).sum()
     }
@@ -577,9 +988,26 @@ fn compile(
     })
 }
 
-/// A decision on a cluster node: the peers' shares are counted as if already
-/// arrived, and an allowance is also held to this node's own in-flight share
-/// (see `core::share`). The flag says the in-flight share alone refused it.
+/// What a clustered decision found.
+struct Shared {
+    /// The verdict to report: the merged counts' own, without the peers'
+    /// reservations (so `remaining` is what is really left).
+    verdict: Verdict,
+    /// The request fits the merged counts but not with the peers' shares
+    /// reserved (or the key is under confirmation): ask the peers.
+    confirm: bool,
+    /// This node's in-flight share of the key is spent.
+    capped: bool,
+}
+
+/// A decision on a cluster node (see `core::share`). A request that the
+/// merged counts refuse is refused (counts only grow: exact). One that fits
+/// even with every peer's in-flight share counted as already arrived, and
+/// within this node's own in-flight share, is admitted at once. Anything
+/// else is near the limit: with `can_confirm` it is confirmed with the
+/// peers (exact, one round trip), otherwise refused for one
+/// acknowledgement wait.
+#[allow(clippy::too_many_arguments)]
 fn decide_shared(
     view: &ShareView,
     algorithm: &crate::core::algorithm::Algorithm,
@@ -587,16 +1015,51 @@ fn decide_shared(
     nets: &mut [u64],
     now: Nanos,
     cost: u32,
-) -> (Verdict, bool) {
+    confirming: bool,
+    can_confirm: bool,
+) -> Shared {
     let spec = entry.spec();
-    let quota = algorithm.quota();
-    if view.members == 1 << view.own {
-        // Alone: nobody to reserve for, nobody to wait for.
-        return (
-            algorithm.decide(&WindowCounts { spec, now, nets }, cost),
-            false,
-        );
+    let plain = algorithm.decide(&WindowCounts { spec, now, nets }, cost);
+    let done = |verdict| Shared {
+        verdict,
+        confirm: false,
+        capped: false,
+    };
+    if view.members == 1 << view.own || cost == 0 {
+        // Alone: nobody to reserve for, nobody to wait for. A status query
+        // (cost 0) counts nothing.
+        return done(plain);
     }
+    let Verdict::Allow {
+        remaining,
+        reset_after,
+    } = plain
+    else {
+        return done(plain);
+    };
+    let near = |capped| {
+        if can_confirm {
+            Shared {
+                verdict: plain,
+                confirm: true,
+                capped,
+            }
+        } else {
+            Shared {
+                verdict: Verdict::Deny {
+                    remaining,
+                    retry_after: view.ack_wait,
+                    reset_after,
+                },
+                confirm: false,
+                capped,
+            }
+        }
+    };
+    if confirming {
+        return near(false);
+    }
+    let quota = algorithm.quota();
     let mut totals = [0u64; MAX_NODES];
     let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
     Ring::slot_hits(entry, &spec, now, totals);
@@ -606,8 +1069,20 @@ fn decide_shared(
         quota,
         totals,
     );
-    if let Some(last) = nets.last_mut() {
-        *last += shares.reserved();
+    let reserved = shares.reserved();
+    let fits = match nets.last_mut() {
+        Some(last) => {
+            *last += reserved;
+            let v = algorithm.decide(&WindowCounts { spec, now, nets }, cost);
+            if let Some(last) = nets.last_mut() {
+                *last -= reserved;
+            }
+            v.is_allowed()
+        }
+        None => false,
+    };
+    if !fits {
+        return near(false);
     }
     let inflight = u64::from(entry.inflight());
     // What every peer this node waits for has surely seen of it.
@@ -616,21 +1091,10 @@ fn decide_shared(
         .copied()
         .unwrap_or(0)
         .saturating_sub(inflight);
-    let verdict = algorithm.decide(&WindowCounts { spec, now, nets }, cost);
-    match verdict {
-        Verdict::Allow {
-            remaining,
-            reset_after,
-        } if inflight + u64::from(cost) > shares.own_cap(acked) => (
-            Verdict::Deny {
-                remaining,
-                retry_after: view.ack_wait,
-                reset_after,
-            },
-            true,
-        ),
-        v => (v, false),
+    if inflight + u64::from(cost) > shares.own_cap(acked) {
+        return near(true);
     }
+    done(plain)
 }
 
 /// A small vector that stays on the stack for the common case: a check

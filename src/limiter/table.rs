@@ -4,9 +4,11 @@
 //!
 //! ```text
 //! word 0      bit 0 lock; bits 1..32 newest bucket epoch (low 31 bits)
-//! word 1      bits 0..15 hits not yet shipped to peers, bits 15..30 hits
-//!             shipped but not yet acknowledged, bit 30 dirty, bit 31
-//!             referenced (CLOCK)
+//! word 1      bits 0..14 hits not yet shipped to peers, bits 14..28 hits
+//!             shipped but not yet acknowledged, bit 28 confirming (a peer
+//!             asked to confirm a hit on this key: decide by confirmation
+//!             until the limiter's deadline for it passes), bit 30 dirty,
+//!             bit 31 referenced (CLOCK)
 //! words 2..4  key digest (0 = vacant)
 //! words 4..   buckets × slots × (p, n)
 //! ```
@@ -46,8 +48,9 @@ use super::index::{DashMapIndex, KeyIndex};
 
 const LOCK: u32 = 1;
 const EPOCH_BITS: u32 = 31;
-const INFLIGHT_BITS: u32 = 15;
+const INFLIGHT_BITS: u32 = 14;
 const INFLIGHT_MASK: u32 = (1 << INFLIGHT_BITS) - 1;
+const CONFIRMING: u32 = 1 << 28;
 const DIRTY: u32 = 1 << 30;
 const REFERENCED: u32 = 1 << 31;
 /// Most hits one key may have in flight (unacknowledged by peers) on one node.
@@ -508,6 +511,16 @@ impl Entry<'_> {
         self.set_meta(m & !DIRTY);
         m & DIRTY != 0
     }
+    /// Marks the key as under confirmation: decisions on it wait for the
+    /// peers' answers until the limiter's deadline for it passes.
+    pub fn set_confirming(&mut self, on: bool) {
+        let m = self.meta();
+        self.set_meta(if on { m | CONFIRMING } else { m & !CONFIRMING });
+    }
+    /// See [`Entry::set_confirming`].
+    pub fn is_confirming(&self) -> bool {
+        self.meta() & CONFIRMING != 0
+    }
     /// Hits admitted here that peers have not yet acknowledged.
     pub fn inflight(&self) -> u32 {
         let m = self.meta();
@@ -762,7 +775,13 @@ mod tests {
         assert!(e.mark_dirty());
         assert!(!e.mark_dirty());
         assert!(e.take_dirty());
+        e.set_confirming(true);
+        assert!(e.is_confirming());
         assert_eq!(e.inflight(), 2, "flags leave the counters alone");
+        e.set_confirming(false);
+        assert!(!e.is_confirming());
+        e.add_unshipped(MAX_INFLIGHT);
+        assert!(!e.is_confirming(), "saturated counters stay in their bits");
     }
 
     #[test]

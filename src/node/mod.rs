@@ -25,15 +25,16 @@ use tokio::task::JoinHandle;
 use crate::clock::SystemClock;
 use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
 use crate::cluster::replication::{
-    Delivered, PeerState, ReplicationConfig, ReplicationStats, Replicator,
+    ClaimEvent, Delivered, PeerState, ReplicationConfig, ReplicationStats, Replicator,
 };
 use crate::cluster::snapshot;
+use crate::core::descriptor::Descriptors;
 use crate::core::rules::RuleSet;
 use crate::core::share::ShareView;
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
 use crate::core::wire::{Frame, Kind, RulesFrame, Swim};
-use crate::limiter::{Limiter, LimiterConfig};
+use crate::limiter::{Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Pending};
 use crate::net::{Incoming, NodeTls, Transport};
 
 pub use config::{Chaos, ConfigError, NodeFile, NodeSettings};
@@ -74,6 +75,12 @@ enum Command {
     PutRules {
         text: String,
         reply: tokio::sync::oneshot::Sender<Result<RulesVersion, PutRulesError>>,
+    },
+    /// A request counted provisionally near its limit, to be confirmed by
+    /// the peers' answers.
+    Confirm {
+        pending: Pending,
+        reply: tokio::sync::oneshot::Sender<Decision>,
     },
 }
 
@@ -119,6 +126,36 @@ impl NodeApi {
     /// Ready to admit: the node has recovered its counts.
     pub fn is_ready(&self) -> bool {
         self.limiter.is_admitting()
+    }
+    /// Checks a request of `cost` hits. Decided from local memory, except
+    /// near a limit (see [`Limiter::begin_at`]): then the provisional hits
+    /// go to every peer and the answer waits for theirs, one round trip, at
+    /// most the claim timeout.
+    pub async fn check(&self, d: &Descriptors<'_>, cost: u32) -> Result<Decision, CheckError> {
+        let pending = match self.limiter.begin(d, cost)? {
+            Begun::Decided(decision) => return Ok(decision),
+            Begun::Confirm(pending) => pending,
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let sent = self
+            .commands
+            .send(Command::Confirm {
+                pending: pending.clone(),
+                reply,
+            })
+            .await;
+        if sent.is_err() {
+            // The node is stopping: nobody will confirm.
+            return Ok(self
+                .limiter
+                .finish_at(self.limiter.clock().now(), &pending, None));
+        }
+        match answer.await {
+            Ok(decision) => Ok(decision),
+            Err(_) => Ok(self
+                .limiter
+                .finish_at(self.limiter.clock().now(), &pending, None)),
+        }
     }
     /// Validates `text` and puts it in force on every node of the cluster
     /// (it reaches connected peers within a round trip and any node that
@@ -236,6 +273,8 @@ impl Node {
         rc.policy = settings.policy;
         rc.recovery_timeout = settings.recovery_timeout;
         rc.expected_peers = settings.cluster_size - 1;
+        // A peer's hold on a claimed key must outlast the claimant's wait.
+        limiter.set_confirm_hold(rc.claim_timeout * 2);
         let repl = Replicator::new(rc, incarnation, true, now);
         let me = Member::new(settings.name.clone(), settings.slot, peer_addr, incarnation);
         let membership = Membership::new(
@@ -275,8 +314,9 @@ impl Node {
                 use rand::SeedableRng;
                 (c, rand::rngs::StdRng::seed_from_u64(c.seed))
             }),
+            confirming: std::collections::HashMap::new(),
         };
-        let (commands, command_rx) = mpsc::channel(16);
+        let (commands, command_rx) = mpsc::channel(4096);
         let task = tokio::spawn(driver.run(incoming, stop_rx, wake, command_rx));
         Ok(NodeHandle {
             limiter,
@@ -346,6 +386,8 @@ struct Driver {
     next_rules_check: Nanos,
     rules_file_error: Option<String>,
     chaos: Option<(config::Chaos, rand::rngs::StdRng)>,
+    /// Requests waiting for their claim's answers, by ticket.
+    confirming: std::collections::HashMap<u64, (Pending, tokio::sync::oneshot::Sender<Decision>)>,
 }
 
 impl Driver {
@@ -451,6 +493,12 @@ impl Driver {
             Command::PutRules { text, reply } => {
                 let version = (self.rules.marker.0 + 1, self.settings.slot);
                 let _ = reply.send(self.adopt_rules(text, version));
+            }
+            Command::Confirm { pending, reply } => {
+                let now = self.clock.now();
+                let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
+                let ticket = self.repl.claim(now, pending.started, keys, &self.limiter);
+                self.confirming.insert(ticket, (pending, reply));
             }
         }
     }
@@ -591,6 +639,38 @@ impl Driver {
 
     fn flush(&mut self) {
         let now = self.clock.now();
+        while let Some(event) = self.repl.poll_claim_event() {
+            let (ticket, answered) = match event {
+                ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
+                ClaimEvent::Expired { ticket } => (ticket, None),
+            };
+            let Some((pending, reply)) = self.confirming.remove(&ticket) else {
+                continue;
+            };
+            match self
+                .limiter
+                .finish_or_yield_at(now, &pending, answered, true)
+            {
+                Finished::Yield { blocking } => {
+                    let deadline = pending.started + self.repl.config().claim_timeout;
+                    let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
+                    self.repl
+                        .yield_to(ticket, keys, blocking, answered.unwrap_or(0), deadline);
+                    self.confirming.insert(ticket, (pending, reply));
+                }
+                Finished::Decided(decision) => {
+                    if !decision.is_allowed() {
+                        // Its hits were given back: tell the peers now, a
+                        // conflicting claim may be waiting for exactly that.
+                        self.repl.ship_now(now, &self.limiter);
+                    }
+                    if reply.send(decision).is_err() && decision.is_allowed() {
+                        // The caller is gone: nobody was told yes, give it back.
+                        self.limiter.give_back(now, &pending);
+                    }
+                }
+            }
+        }
         while let Some(event) = self.membership.poll_event() {
             self.on_member_event(now, event);
         }

@@ -1,0 +1,60 @@
+//! `drl_client`: the client SDK of the distributed rate limiter.
+//!
+//! An application asks "may this request pass?" with [`Client::check`]. A
+//! remote client sends the check to the nearest healthy node, fails over to
+//! the next within one call's deadline, keeps a circuit breaker per node so
+//! that a dead node costs at most one timeout per cool-down, and decides by
+//! its [`DegradedMode`] when no node answers: fail open, fail closed, or
+//! `local`, from a budget the cluster leased it while healthy. An embedded
+//! client runs a cluster node in the application's own process and decides
+//! with no hop, behind the same call. [`layer::RateLimitLayer`] puts either
+//! in front of any tower service (axum, tonic, hyper).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), drl_client::ClientError> {
+//! use drl_client::{Client, DegradedMode, Fallback};
+//!
+//! let client = Client::builder()
+//!     .nodes(["127.0.0.1:8400", "127.0.0.1:8401", "127.0.0.1:8402"])
+//!     .degraded(DegradedMode::Local { otherwise: Fallback::Deny })
+//!     .build()
+//!     .await?;
+//! let decision = client.check(&[("user", "alice"), ("endpoint", "/v1/search")], 1).await?;
+//! if decision.is_allowed() { /* serve */ }
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//!
+//! - [`breaker`]: the circuit breaker, sans-IO (time is an input).
+//! - [`routing`]: latency EWMA per node, route order, probe schedule; sans-IO.
+//! - [`lease`]: leased local budgets for the `local` degraded mode; sans-IO.
+//! - [`transport`]: the [`Transport`] trait and its HTTP implementation.
+//! - [`client`]: the public API: configuration, decisions, errors, the
+//!   builder; `remote` (private) is the async driver of a remote client
+//!   (attempts, failover, batching, background probes and lease renewals),
+//!   `embedded` (private) decides on an in-process node or limiter.
+//! - [`layer`]: the tower layer.
+//! - [`metrics`]: counters the application can export.
+
+pub mod breaker;
+pub mod client;
+mod embedded;
+pub mod layer;
+pub mod lease;
+pub mod metrics;
+mod remote;
+pub mod routing;
+pub mod transport;
+
+pub use breaker::{BreakerConfig, BreakerState};
+pub use client::{
+    Client, ClientBuilder, ClientConfig, ClientError, Decision, Degraded, DegradedMode, Fallback,
+    NodeView, Source,
+};
+pub use drl::limiter::Outcome;
+pub use layer::{Decide, RateLimitLayer};
+pub use lease::LeaseConfig;
+pub use metrics::ClientMetrics;
+pub use routing::RoutingConfig;
+pub use transport::{CheckAnswer, CheckRequest, HttpTransport, Quota, Transport, TransportError};
