@@ -269,25 +269,37 @@ async fn check_allow_and_refund_follow_the_contract() {
         .await;
     assert_eq!(a.status, 200, "{}", a.text());
 
-    // Refund: gives back a hit, says how much.
+    // Refund: only by the receipt of an allowed check; gives back exactly
+    // what that check charged, once, and says how much per limit.
+    let a = node
+        .check(r#"{"user":"erin","endpoint":"/v1/search"}"#)
+        .await;
+    assert_eq!(a.status, 200);
+    let receipt = a.json()["receipt"].as_str().unwrap().to_owned();
+    let denied = node.check(alice).await;
+    assert!(
+        denied.json()["receipt"].is_null(),
+        "a denial has no receipt"
+    );
+    let body = format!(r#"{{"receipt":"{receipt}"}}"#);
+    let a = node.post("/v1/refund", &body).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(
+        a.json(),
+        serde_json::json!({"refunded": 1, "requested": 1,
+            "limits": [{"rule": "search", "refunded": 1}]})
+    );
+    let a = node.post("/v1/refund", &body).await;
+    assert_eq!(a.status, 409, "a receipt is spent once: {}", a.text());
+    // The old descriptor form is refused and refunds nothing.
     let a = node
         .post(
             "/v1/refund",
             r#"{"user":"alice","endpoint":"/v1/search","cost":1}"#,
         )
         .await;
-    assert_eq!(a.status, 200, "{}", a.text());
-    assert_eq!(a.json(), serde_json::json!({"refunded": 1, "requested": 1}));
-    let a = node.check(alice).await;
-    assert_eq!(a.status, 200, "the refunded hit is available again");
-    // Nothing to refund for a user never seen.
-    let a = node
-        .post(
-            "/v1/refund",
-            r#"{"user":"zed","endpoint":"/v1/search","cost":2}"#,
-        )
-        .await;
-    assert_eq!(a.json(), serde_json::json!({"refunded": 0, "requested": 2}));
+    assert_eq!(a.status, 400, "{}", a.text());
+    assert_eq!(node.check(alice).await.status, 429);
 
     // Cost 0 reports without counting.
     let before = node
@@ -482,6 +494,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         ("/v1/check", huge.clone(), 413),
         ("/v1/refund", "nope".into(), 400),
         ("/v1/refund", g(r#""cost":4294967296"#), 400),
+        ("/v1/refund", r#"{"receipt":"00"}"#.into(), 400),
         (
             "/v1/refund",
             r#"{"user":"gina","endpoint":"/v1/unknown"}"#.into(),

@@ -332,12 +332,15 @@ fn a_key_flood_stays_within_max_keys() {
     assert!(l.evictions() > 0);
     // Every first request of a fresh user is allowed.
     assert_eq!(allowed.into_inner(), USERS as u64);
-    // The table still works: a tracked key counts, a new key starts at zero.
+    // The table still works: a tracked key counts. A new key starts from
+    // the evicted keys' sketch, which after a flood this size holds every
+    // cell: it may inherit one hit (what each flooding user used), no more.
     let fields = [(USER, "zoe")];
     let d = Descriptors::new(&fields).unwrap();
-    for _ in 0..5 {
-        assert!(l.check(&d, 1).unwrap().is_allowed());
-    }
+    let admitted = (0..6)
+        .filter(|_| l.check(&d, 1).unwrap().is_allowed())
+        .count();
+    assert!((4..=5).contains(&admitted), "{admitted} admitted");
     assert!(!l.check(&d, 1).unwrap().is_allowed());
     assert_eq!(counted(&l, 0, "zoe").0, 5);
 }

@@ -53,6 +53,9 @@ pub struct NodeArgs {
     /// Require gRPC clients to present a certificate signed by this CA (PEM).
     #[arg(long, env = "DRL_GRPC_TLS_CLIENT_CA")]
     pub grpc_tls_client_ca: Option<PathBuf>,
+    /// TCP address of the operations listener (probes, metrics, rules admin).
+    #[arg(long, env = "DRL_LISTEN_ADMIN")]
+    pub listen_admin: Option<SocketAddr>,
     /// Peers to contact at start, comma-separated `host:port` (DNS names are
     /// resolved again every discovery_interval).
     #[arg(long, env = "DRL_SEEDS", value_delimiter = ',')]
@@ -165,6 +168,9 @@ impl NodeArgs {
             if let Some(v) = flag {
                 *field = Some(from_cwd(v));
             }
+        }
+        if let Some(v) = self.listen_admin {
+            file.listen_admin = Some(v);
         }
         if let Some(v) = &self.key_seed {
             file.key_seed = Some(v.clone());

@@ -8,6 +8,7 @@
 pub mod algorithm;
 pub mod descriptor;
 pub mod key;
+pub mod receipt;
 pub mod rules;
 pub mod share;
 pub mod slot;

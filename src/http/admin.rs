@@ -2,16 +2,17 @@
 //! `POST /v1/rules/validate`, behind `Authorization: Bearer <admin_token>`.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Serialize;
 
+use super::body::LimitedBody;
 use super::error::{ApiError, Position};
-use super::{body_bytes, json_response, AppState};
+use super::{json_response, AppState};
 use crate::core::algorithm::RateAlgorithm;
 use crate::core::rules::{RuleSet, RulesError};
+use crate::core::wire::MAX_RULES_BYTES;
 use crate::node::{PutRulesError, RulesVersion};
 
 /// Refuses the request unless it carries the configured admin token. With
@@ -136,7 +137,7 @@ pub async fn get_rules(
 pub async fn put_rules(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody<MAX_RULES_BYTES>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let text = rules_text(body)?;
@@ -153,9 +154,7 @@ pub async fn put_rules(
             },
         )),
         Err(PutRulesError::Invalid(e)) => Err(ApiError::bad_request(e)),
-        Err(PutRulesError::TooLarge(_)) => {
-            Err(ApiError::too_large(crate::core::wire::MAX_RULES_BYTES))
-        }
+        Err(PutRulesError::TooLarge(_)) => Err(ApiError::too_large(MAX_RULES_BYTES)),
         Err(e @ PutRulesError::Stopped) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             e.to_string(),
@@ -170,7 +169,7 @@ pub async fn put_rules(
 pub async fn validate_rules(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody<MAX_RULES_BYTES>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let text = rules_text(body)?;
@@ -184,8 +183,7 @@ pub async fn validate_rules(
     ))
 }
 
-fn rules_text(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
-    let bytes = body_bytes(body)?;
+fn rules_text(bytes: Bytes) -> Result<String, ApiError> {
     String::from_utf8(bytes.to_vec())
         .map_err(|e| ApiError::bad_request(format!("the rules text is not valid UTF-8: {e}")))
 }

@@ -2,17 +2,17 @@
 
 use std::time::Instant;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use super::body::LimitedBody;
 use super::error::ApiError;
 use super::headers::decision_headers;
-use super::request::CheckRequest;
-use super::{body_bytes, json_response, AppState};
+use super::request::{CheckRequest, RefundRequest};
+use super::{json_response, AppState, MAX_BODY_BYTES};
+use crate::core::time::Clock;
 use crate::limiter::{Decision, Outcome};
 
 /// The answer to a check.
@@ -32,6 +32,10 @@ struct CheckAnswer<'a> {
     retry_after_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     message: Option<String>,
+    /// Present when allowed at a cost above zero: what `POST /v1/refund`
+    /// must present to give this check's cost back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    receipt: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -41,8 +45,19 @@ struct AllowAnswer {
 
 #[derive(Serialize)]
 struct RefundAnswer {
+    /// The smallest amount given back over the receipt's limits.
     refunded: u32,
+    /// The cost the receipt charged.
     requested: u32,
+    /// What each limit the check counted gave back.
+    limits: Vec<LimitAnswer>,
+}
+
+#[derive(Serialize)]
+struct LimitAnswer {
+    /// The limit's rule, `null` when the rules no longer have the limit.
+    rule: Option<String>,
+    refunded: u32,
 }
 
 /// What the body of a decision looks like.
@@ -54,9 +69,8 @@ enum Shape {
 
 pub async fn check(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
     let request = CheckRequest::from_json(&body)?;
     decide(&state, &request, Shape::Full).await
 }
@@ -69,20 +83,46 @@ pub async fn allow(
     decide(&state, &request, Shape::Tiny).await
 }
 
+/// `HEAD /v1/allow` would count a hit with no answer to read: refused,
+/// counting nothing (axum would otherwise run the `GET` handler).
+pub async fn head_allow() -> Response {
+    let mut response = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "HEAD would count a hit: use GET /v1/allow",
+    )
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::ALLOW,
+        axum::http::HeaderValue::from_static("GET"),
+    );
+    response
+}
+
 pub async fn refund(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {
-    let body = body_bytes(body)?;
-    let request = CheckRequest::from_json(&body)?;
-    let pairs = request.pairs();
-    let d = pairs.descriptors()?;
-    let refunded = state.api.limiter.refund(&d, request.cost)?;
+    let request = RefundRequest::from_json(&body)?;
+    let outcome = state.api.limiter.refund_receipt(&request.receipt)?;
+    let rules = state.api.limiter.rules();
+    let limits = outcome
+        .limits
+        .iter()
+        .map(|l| LimitAnswer {
+            rule: rules
+                .limits()
+                .iter()
+                .find(|r| r.id == l.limit_id)
+                .map(|r| r.rule.clone()),
+            refunded: l.refunded,
+        })
+        .collect();
     Ok(json_response(
         StatusCode::OK,
         &RefundAnswer {
-            refunded,
-            requested: request.cost,
+            refunded: outcome.refunded(),
+            requested: outcome.requested,
+            limits,
         },
     ))
 }
@@ -98,10 +138,22 @@ async fn decide(
     let result = state.api.check(&d, request.cost).await;
     state.metrics.observe_latency(start.elapsed());
     let decision = result?;
-    Ok(answer(state, &decision, shape))
+    let receipt = match shape {
+        Shape::Full => {
+            let limiter = &state.api.limiter;
+            limiter.issue_receipt_at(limiter.clock().now(), &d, request.cost, &decision)
+        }
+        Shape::Tiny => None,
+    };
+    Ok(answer(state, &decision, shape, receipt))
 }
 
-fn answer(state: &AppState, decision: &Decision, shape: Shape) -> Response {
+fn answer(
+    state: &AppState,
+    decision: &Decision,
+    shape: Shape,
+    receipt: Option<String>,
+) -> Response {
     let rules = state.api.limiter.rules();
     // The rules may have been replaced since the check: find the deciding
     // limit by id, never trust a stale index.
@@ -136,6 +188,7 @@ fn answer(state: &AppState, decision: &Decision, shape: Shape) -> Response {
                     reset_ms: None,
                     retry_after_ms: None,
                     message: None,
+                    receipt: None,
                 },
                 Some((q, rule)) => {
                     let never = decision.outcome == Outcome::Never;
@@ -162,6 +215,7 @@ fn answer(state: &AppState, decision: &Decision, shape: Shape) -> Response {
                                 q.limit, q.period
                             )
                         }),
+                        receipt,
                     }
                 }
             };

@@ -67,6 +67,24 @@ impl From<CheckError> for ApiError {
     }
 }
 
+impl From<crate::limiter::RefundError> for ApiError {
+    fn from(e: crate::limiter::RefundError) -> ApiError {
+        use crate::limiter::RefundError as R;
+        let status = match e {
+            R::Invalid(_) => StatusCode::BAD_REQUEST,
+            R::OtherNode { .. } => StatusCode::MISDIRECTED_REQUEST,
+            R::OtherRun | R::Expired => StatusCode::GONE,
+            R::AlreadyRefunded => StatusCode::CONFLICT,
+            R::LedgerFull | R::Recovering => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let retry_after = (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1);
+        ApiError {
+            retry_after,
+            ..ApiError::new(status, e.to_string())
+        }
+    }
+}
+
 impl From<crate::core::descriptor::DescriptorError> for ApiError {
     fn from(e: crate::core::descriptor::DescriptorError) -> ApiError {
         ApiError::bad_request(e.to_string())

@@ -21,6 +21,7 @@
 //! - [`client`]: a small HTTP/1.1 client for the CLI, the load generator and tests.
 
 mod admin;
+pub mod body;
 mod check;
 pub mod client;
 pub mod error;
@@ -30,8 +31,7 @@ pub mod server;
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -58,6 +58,8 @@ pub struct Shared {
     metrics: Metrics,
     /// `None` (or empty in the config): the admin routes answer 403.
     admin_token: Option<String>,
+    /// How long a request body may take to arrive in full.
+    body_timeout: std::time::Duration,
 }
 
 impl std::ops::Deref for AppState {
@@ -69,12 +71,17 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(api: NodeApi) -> AppState {
+        AppState::with_body_timeout(api, server::HttpLimits::default().body_timeout)
+    }
+
+    pub fn with_body_timeout(api: NodeApi, body_timeout: std::time::Duration) -> AppState {
         let admin_token = api.settings.admin_token.clone().filter(|t| !t.is_empty());
         let metrics = Metrics::new(api.clone());
         AppState(Arc::new(Shared {
             api,
             metrics,
             admin_token,
+            body_timeout,
         }))
     }
 
@@ -92,7 +99,7 @@ pub fn router(state: AppState) -> Router {
         .layer(rules_limit);
     let api = Router::new()
         .route("/v1/check", post(check::check))
-        .route("/v1/allow", get(check::allow))
+        .route("/v1/allow", get(check::allow).head(check::head_allow))
         .route("/v1/refund", post(check::refund))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -101,6 +108,24 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(api)
         .merge(admin)
+        .fallback(not_found)
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            plain_errors_as_json,
+        ))
+        .with_state(state)
+}
+
+/// What the operations listener (`listen_admin`) serves: probes, metrics
+/// and the rules admin, never decisions. It has its own threads'-worth of
+/// connection budget, so a flood of the decision port cannot starve it.
+pub fn operations_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/rules", get(admin::get_rules).put(admin::put_rules))
+        .route("/v1/rules/validate", post(admin::validate_rules))
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),
@@ -120,28 +145,6 @@ pub(crate) fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Respo
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-/// The body, or the reason it could not be read (413 over the limit).
-pub(crate) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                status,
-                "the request body is too large (limit: 64 KiB; rules texts: 512 KiB)",
-            )
-        } else {
-            ApiError::new(
-                if status.is_client_error() {
-                    status
-                } else {
-                    StatusCode::BAD_REQUEST
-                },
-                rejection.body_text(),
-            )
-        }
-    })
 }
 
 /// axum answers some refusals itself (405 for a wrong method) with an empty

@@ -101,6 +101,46 @@ impl<'a> CheckRequest<'a> {
     }
 }
 
+/// A refund request: `{"receipt": "..."}` and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest<'a> {
+    pub receipt: Cow<'a, str>,
+}
+
+impl<'a> RefundRequest<'a> {
+    /// Parses a refund body. The receipt's own check (its MAC) is the
+    /// limiter's; this only refuses what is not a JSON object with one
+    /// string member `receipt` of at most the longest receipt's length.
+    pub fn from_json(body: &'a [u8]) -> Result<RefundRequest<'a>, RequestError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Body<'a> {
+            #[serde(borrow)]
+            receipt: Cow<'a, str>,
+        }
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(RequestError(
+                "the body is empty: send {\"receipt\": \"...\"} as returned by an allowed check"
+                    .into(),
+            ));
+        }
+        let parsed: Body<'a> = serde_json::from_slice(body).map_err(|e| {
+            RequestError(format!(
+                "{} (a refund body is {{\"receipt\": \"...\"}} as returned by an allowed check)",
+                describe_json_error(&e)
+            ))
+        })?;
+        if parsed.receipt.len() > crate::core::receipt::MAX_TEXT {
+            return Err(RequestError(
+                "the receipt is longer than any receipt".into(),
+            ));
+        }
+        Ok(RefundRequest {
+            receipt: parsed.receipt,
+        })
+    }
+}
+
 /// Descriptor pairs of one request, without a heap allocation.
 pub struct Pairs<'a> {
     items: [(&'a str, &'a str); MAX_FIELDS],
@@ -355,6 +395,32 @@ mod tests {
             let e = CheckRequest::from_query(q).unwrap_err();
             assert!(e.0.contains(want), "{q}: {e}");
         }
+    }
+
+    #[test]
+    fn refund_bodies_hold_a_receipt_and_nothing_else() {
+        let r = RefundRequest::from_json(br#"{"receipt":"00ff"}"#).unwrap();
+        assert_eq!(r.receipt, "00ff");
+        for (body, want) in [
+            (&b""[..], "empty"),
+            (br#"{"user":"a","cost":100}"#, "unknown field"),
+            (br#"{"receipt":"a","cost":1}"#, "unknown field"),
+            (br#"{"receipt":1}"#, "string"),
+            (br#"{}"#, "missing field"),
+            (b"[", "malformed"),
+        ] {
+            let e = RefundRequest::from_json(body).unwrap_err();
+            assert!(
+                e.0.contains(want),
+                "{:?}: {e}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let long = format!(
+            "{{\"receipt\":\"{}\"}}",
+            "0".repeat(crate::core::receipt::MAX_TEXT + 2)
+        );
+        assert!(RefundRequest::from_json(long.as_bytes()).is_err());
     }
 
     #[test]

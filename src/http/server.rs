@@ -5,30 +5,80 @@
 //! [`DRAIN_TIMEOUT`]), then stops the node cleanly (final delta, leave,
 //! snapshot). Tests use [`HttpNode`] directly to learn the bound address
 //! when listening on port 0.
+//!
+//! # Connection limits
+//!
+//! Every connection of the decision port is held to [`HttpLimits`]: a
+//! node-wide cap, a cap per source address (a connection over either is
+//! accepted and closed at once, never left waiting in the backlog), a
+//! deadline for the request head (slowloris), one for the body (see
+//! [`super::body`]), and an idle timeout on keep-alive connections. The
+//! optional operations listener (`listen_admin`) serves probes, metrics and
+//! the rules admin on its own thread with its own connection budget, so a
+//! flood of the decision port cannot fail a health probe.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::serve::{Listener, ListenerExt};
+use axum::Router;
+use dashmap::DashMap;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
-use super::{router, AppState};
+use super::{operations_router, router, AppState};
 use crate::node::{Node, NodeError, NodeHandle, NodeSettings};
 
-/// Most HTTP connections open at once over all HTTP threads; further
-/// clients wait in the listen backlog until one closes.
-pub const MAX_CONNECTIONS: usize = 10_000;
+/// Most HTTP connections the decision port holds open at once over all
+/// HTTP threads (default of [`HttpLimits::max_connections`]).
+pub const MAX_CONNECTIONS: usize = 16_384;
 
 /// How long a shutdown waits for in-flight requests before it stops the
 /// node anyway.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one client may hold of a listener, and for how long.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections open at once on the decision port, all sources together.
+    pub max_connections: usize,
+    /// Connections open at once from one source address.
+    pub max_per_source: usize,
+    /// From the moment a connection waits for a request until its head
+    /// (request line and headers) has arrived in full.
+    pub header_timeout: Duration,
+    /// From the handler's first read until the body has arrived in full.
+    pub body_timeout: Duration,
+    /// A connection with no byte read or written for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once on the operations listener.
+    pub admin_max_connections: usize,
+    /// Of those, from one source address.
+    pub admin_max_per_source: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: MAX_CONNECTIONS,
+            max_per_source: 1_024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            admin_max_connections: 256,
+            admin_max_per_source: 64,
+        }
+    }
+}
 
 /// Why a node with its API could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +92,9 @@ pub enum RunError {
 }
 
 /// Starts a node from `settings`, serves its HTTP API on
-/// `settings.listen_http` until `shutdown` resolves, drains, and stops the
-/// node cleanly.
+/// `settings.listen_http` (and its operations listener on
+/// `settings.listen_admin`, if set) until `shutdown` resolves, drains, and
+/// stops the node cleanly.
 pub async fn run(
     settings: NodeSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -51,6 +102,7 @@ pub async fn run(
     let node = HttpNode::start(settings).await?;
     tracing::info!(
         http = %node.http_addr(),
+        admin = ?node.admin_addr(),
         peer = %node.node().peer_addr(),
         "node started"
     );
@@ -61,8 +113,11 @@ pub async fn run(
 pub struct HttpNode {
     node: NodeHandle,
     listeners: Vec<std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     state: AppState,
+    limits: HttpLimits,
 }
 
 /// How many threads serve HTTP: one per core, at most 16.
@@ -90,6 +145,14 @@ impl HttpNode {
     /// Binds the HTTP listeners first, so that a taken port fails before
     /// the node joins its cluster; then starts the node.
     pub async fn start(settings: NodeSettings) -> Result<HttpNode, RunError> {
+        HttpNode::start_with_limits(settings, HttpLimits::default()).await
+    }
+
+    /// [`HttpNode::start`] with explicit connection limits.
+    pub async fn start_with_limits(
+        settings: NodeSettings,
+        limits: HttpLimits,
+    ) -> Result<HttpNode, RunError> {
         let bind = settings.listen_http;
         let err = |source| RunError::Bind { addr: bind, source };
         // SO_REUSEPORT would let this node share a port that another process
@@ -103,19 +166,37 @@ impl HttpNode {
         for _ in 1..http_threads() {
             listeners.push(reuseport_listener(addr).map_err(err)?);
         }
+        let (admin, admin_addr) = match settings.listen_admin {
+            None => (None, None),
+            Some(at) => {
+                let err = |source| RunError::Bind { addr: at, source };
+                let l = std::net::TcpListener::bind(at).map_err(err)?;
+                l.set_nonblocking(true).map_err(err)?;
+                let a = l.local_addr().map_err(err)?;
+                (Some(l), Some(a))
+            }
+        };
         let node = Node::start(settings).await?;
-        let state = AppState::new(node.api());
+        let state = AppState::with_body_timeout(node.api(), limits.body_timeout);
         Ok(HttpNode {
             node,
             listeners,
+            admin,
             addr,
+            admin_addr,
             state,
+            limits,
         })
     }
 
     /// The address the API listens on (the real port when bound to port 0).
     pub fn http_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The operations listener's address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn node(&self) -> &NodeHandle {
@@ -141,26 +222,38 @@ impl HttpNode {
         let HttpNode {
             node,
             listeners,
+            admin,
             state,
+            limits,
             ..
         } = self;
-        let (draining_tx, draining) = tokio::sync::watch::channel(false);
-        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let (done_tx, mut done) = tokio::sync::mpsc::channel::<io::Result<()>>(listeners.len());
-        let threads = listeners.len();
-        for (i, listener) in listeners.into_iter().enumerate() {
-            let state = state.clone();
-            let permits = permits.clone();
-            let mut draining = draining.clone();
+        let (draining_tx, draining) = watch::channel(false);
+        let decisions = Arc::new(Gate::new(limits.max_connections, limits.max_per_source));
+        let api = router(state.clone());
+        let mut jobs: Vec<(String, std::net::TcpListener, Router, Arc<Gate>)> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| (format!("drl-http-{i}"), l, api.clone(), decisions.clone()))
+            .collect();
+        if let Some(l) = admin {
+            let gate = Gate::new(limits.admin_max_connections, limits.admin_max_per_source);
+            jobs.push((
+                "drl-admin".into(),
+                l,
+                operations_router(state.clone()),
+                Arc::new(gate),
+            ));
+        }
+        let (done_tx, mut done) = tokio::sync::mpsc::channel::<io::Result<()>>(jobs.len());
+        let threads = jobs.len();
+        for (name, listener, app, gate) in jobs {
+            let draining = draining.clone();
             let done_tx = done_tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("drl-http-{i}"))
-                .spawn(move || {
-                    let result = serve_thread(listener, state, permits, async move {
-                        let _ = draining.wait_for(|d| *d).await;
-                    });
-                    let _ = done_tx.blocking_send(result);
-                });
+            let limits = limits.clone();
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                let result = serve_thread(listener, app, gate, limits, draining);
+                let _ = done_tx.blocking_send(result);
+            });
             if let Err(e) = spawned {
                 let _ = draining_tx.send(true);
                 node.shutdown().await;
@@ -211,95 +304,199 @@ impl HttpNode {
 }
 
 /// One HTTP thread: a single-threaded runtime serving one listener until
-/// `stop` resolves and its connections have drained.
+/// `draining` turns true and its connections have finished.
 fn serve_thread(
     listener: std::net::TcpListener,
-    state: AppState,
-    permits: Arc<Semaphore>,
-    stop: impl Future<Output = ()> + Send + 'static,
+    app: Router,
+    gate: Arc<Gate>,
+    limits: HttpLimits,
+    mut draining: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
-        let listener = LimitedListener { listener, permits }.tap_io(|stream| {
-            // Answers are small: send them at once rather than after the
-            // peer's delayed ACK.
-            let _ = stream.stream.set_nodelay(true);
-        });
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(stop)
-            .into_future()
-            .await
+        let mut connections = tokio::task::JoinSet::new();
+        let for_connections = draining.clone();
+        loop {
+            tokio::select! {
+                _ = draining.wait_for(|d| *d) => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        // Over a cap: closed at once, so the client learns
+                        // now rather than after a timeout in the backlog.
+                        let Some(ticket) = gate.admit(peer.ip()) else {
+                            drop(stream);
+                            continue;
+                        };
+                        // Answers are small: send them at once rather than
+                        // after the peer's delayed ACK.
+                        let _ = stream.set_nodelay(true);
+                        connections.spawn(serve_connection(
+                            stream,
+                            ticket,
+                            app.clone(),
+                            limits.clone(),
+                            for_connections.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait, do not spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        while connections.join_next().await.is_some() {}
+        Ok(())
     })
 }
 
-/// A TCP listener that holds at most `max` connections open.
-struct LimitedListener {
-    listener: TcpListener,
-    permits: Arc<Semaphore>,
-}
-
-impl Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (LimitedStream, SocketAddr) {
-        // The semaphore is never closed, so acquiring only waits.
-        let permit = loop {
-            if let Ok(p) = self.permits.clone().acquire_owned().await {
-                break p;
+/// Serves one connection until it closes, is idle too long, or the server
+/// drains (then the request in flight finishes and the connection closes).
+async fn serve_connection(
+    stream: TcpStream,
+    _ticket: Ticket,
+    app: Router,
+    limits: HttpLimits,
+    mut draining: watch::Receiver<bool>,
+) {
+    let start = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
+    let io = TokioIo::new(Watched {
+        stream,
+        start,
+        activity: activity.clone(),
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let conn = builder.serve_connection(io, TowerToHyperService::new(app));
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+        let idle_at = start + last + limits.idle_timeout;
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            _ = draining.wait_for(|d| *d), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
             }
-        };
-        loop {
-            match self.listener.accept().await {
-                Ok((stream, addr)) => {
-                    return (
-                        LimitedStream {
-                            stream,
-                            _permit: permit,
-                        },
-                        addr,
-                    )
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+            () = tokio::time::sleep_until(idle_at.into()) => {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if start.elapsed() >= last + limits.idle_timeout {
+                    // Dropping the connection closes the socket.
+                    break;
                 }
             }
         }
     }
+}
 
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+/// Connection caps of one listener: in all, and per source address.
+struct Gate {
+    max: usize,
+    max_per_source: usize,
+    open: AtomicUsize,
+    by_source: DashMap<IpAddr, usize>,
+}
+
+impl Gate {
+    fn new(max: usize, max_per_source: usize) -> Gate {
+        Gate {
+            max: max.max(1),
+            max_per_source: max_per_source.max(1),
+            open: AtomicUsize::new(0),
+            by_source: DashMap::new(),
+        }
+    }
+
+    /// A ticket for one more connection from `source`, or `None` when a cap
+    /// is reached.
+    fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Ticket> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let mut count = self.by_source.entry(source).or_insert(0);
+        if *count >= self.max_per_source {
+            drop(count);
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        *count += 1;
+        drop(count);
+        Some(Ticket {
+            gate: self.clone(),
+            source,
+        })
     }
 }
 
-/// A connection that gives its permit back when dropped.
-struct LimitedStream {
-    stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
+/// One admitted connection; gives its place back when dropped.
+struct Ticket {
+    gate: Arc<Gate>,
+    source: IpAddr,
 }
 
-impl AsyncRead for LimitedStream {
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.gate.by_source.remove_if_mut(&self.source, |_, count| {
+            *count = count.saturating_sub(1);
+            *count == 0
+        });
+        self.gate.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A TCP stream that records when it last moved a byte (milliseconds since
+/// `start`), for the idle timeout.
+struct Watched {
+    stream: TcpStream,
+    start: Instant,
+    activity: Arc<AtomicU64>,
+}
+
+impl Watched {
+    fn touch(&self) {
+        self.activity
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Watched {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
     }
 }
 
-impl AsyncWrite for LimitedStream {
+impl AsyncWrite for Watched {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_flush(cx)
@@ -312,9 +509,38 @@ impl AsyncWrite for LimitedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_caps_each_source_and_the_total() {
+        let gate = Arc::new(Gate::new(3, 2));
+        let a: IpAddr = [127, 0, 0, 2].into();
+        let b: IpAddr = [127, 0, 0, 3].into();
+        let t1 = gate.admit(a).unwrap();
+        let t2 = gate.admit(a).unwrap();
+        assert!(gate.admit(a).is_none(), "per-source cap");
+        let t3 = gate.admit(b).unwrap();
+        assert!(gate.admit(b).is_none(), "total cap");
+        drop(t1);
+        let t4 = gate.admit(a).unwrap();
+        drop((t2, t3, t4));
+        assert_eq!(gate.open.load(Ordering::Relaxed), 0);
+        assert!(
+            gate.by_source.is_empty(),
+            "no entry is left for a gone source"
+        );
     }
 }

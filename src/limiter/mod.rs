@@ -9,6 +9,7 @@
 
 pub mod index;
 pub mod journal;
+pub mod receipts;
 pub mod table;
 
 use std::collections::HashMap;
@@ -28,6 +29,7 @@ use crate::core::time::{Clock, Nanos};
 use crate::core::window::{Ring, SlotGrid, WindowCounts, MAX_BUCKETS};
 
 pub use journal::Journal;
+pub use receipts::{LimitRefund, RefundError, RefundOutcome};
 pub use table::{Entry, KeyTable, TableError, TableStats, MAX_INFLIGHT};
 
 /// How the limiter is sized and where it sits in the cluster.
@@ -219,6 +221,7 @@ pub struct Limiter<C: Clock = SystemClock> {
     config: LimiterConfig,
     compiled: ArcSwap<Compiled>,
     cluster: Option<ClusterHooks>,
+    receipts: receipts::Receipts,
 }
 
 impl Limiter<SystemClock> {
@@ -236,11 +239,17 @@ impl<C: Clock> Limiter<C> {
             });
         }
         let compiled = compile(Arc::new(rules), &config, &HashMap::new())?;
+        let receipts = receipts::Receipts::new(
+            crate::core::receipt::ReceiptKey::derive(config.seed),
+            rand::random(),
+            receipts::MAX_SPENT,
+        );
         Ok(Limiter {
             clock,
             config,
             compiled: ArcSwap::from_pointee(compiled),
             cluster: None,
+            receipts,
         })
     }
 
@@ -438,6 +447,11 @@ impl<C: Clock> Limiter<C> {
         });
         // Lock order: by limit, so that requests sharing keys cannot deadlock.
         matches.sort_by_key(|&(index, _)| index);
+        if let Some(never) =
+            never_admissible(&compiled.rules, matches.iter().map(|m| m.0), now, cost)
+        {
+            return Ok(Begun::Decided(never));
+        }
 
         let mut entries = Guards::new();
         let mut decision = Decision {
@@ -806,6 +820,11 @@ impl<C: Clock> Limiter<C> {
     /// Gives back `cost` hits for work that turned out not to count. Returns
     /// the smallest amount refunded across the matching limits (hits whose
     /// window has passed cannot be refunded).
+    ///
+    /// Trusted, in-process use only (an embedded application refunding its
+    /// own work, simulation oracles): it takes the caller's word for what
+    /// was charged. Callers from outside the process refund through
+    /// [`Limiter::refund_receipt`].
     pub fn refund(&self, d: &Descriptors<'_>, cost: u32) -> Result<u32, CheckError> {
         self.refund_at(self.clock.now(), d, cost)
     }
@@ -930,6 +949,42 @@ impl Decision {
     }
 }
 
+/// The `Never` decision when `cost` exceeds what one of the limits at
+/// `indices` can ever admit, found without touching any key: such a request
+/// must not create entries (a flood of them would evict real keys).
+fn never_admissible(
+    rules: &RuleSet,
+    indices: impl Iterator<Item = usize>,
+    now: Nanos,
+    cost: u32,
+) -> Option<Decision> {
+    // Every limit admits at least one hit.
+    if cost <= 1 {
+        return None;
+    }
+    let empty = [0u64; MAX_BUCKETS];
+    let mut decision: Option<Decision> = None;
+    for index in indices {
+        let limit = &rules.limits()[index];
+        let spec = limit.algorithm.window();
+        let counts = WindowCounts {
+            spec,
+            now,
+            nets: &empty[..spec.buckets()],
+        };
+        let verdict = limit.algorithm.decide(&counts, cost);
+        if let Verdict::Never { .. } = verdict {
+            decision
+                .get_or_insert(Decision {
+                    outcome: Outcome::Never,
+                    quota: None,
+                })
+                .absorb(index, limit.id, &limit.algorithm, verdict);
+        }
+    }
+    decision
+}
+
 fn compile(
     rules: Arc<RuleSet>,
     config: &LimiterConfig,
@@ -940,12 +995,14 @@ fn compile(
         let spec = limit.algorithm.window();
         let table = match reuse.get(&limit.id) {
             Some(t) if *t.spec() == spec && t.slots() == config.slots => t.clone(),
-            _ => Arc::new(KeyTable::new(spec, config.slots, config.max_keys).map_err(
-                |source| SetupError::Table {
-                    limit: format!("{}#{}", limit.rule, limit.index),
-                    source,
-                },
-            )?),
+            _ => Arc::new(
+                KeyTable::new(spec, config.slots, config.max_keys)
+                    .map_err(|source| SetupError::Table {
+                        limit: format!("{}#{}", limit.rule, limit.index),
+                        source,
+                    })?
+                    .with_home_slot(config.own_slot),
+            ),
         };
         tables.push(table);
     }

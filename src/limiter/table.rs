@@ -24,15 +24,25 @@
 //!
 //! The arena never grows past `capacity`: when it is full a new key evicts an
 //! old one by the CLOCK algorithm (an approximation of least recently used),
-//! preferring keys whose window has already expired. Idle keys are swept back
-//! to a free list as their windows pass.
+//! preferring keys whose window has already expired (a short sweep for idle
+//! keys runs before the hand moves). Idle keys are swept back to a free list
+//! as their windows pass.
+//!
+//! Eviction never hands quota back: a live key's usage is recorded in a
+//! fixed-size count-min sketch ([`evicted`]) as it goes, and a key that
+//! comes back within its window starts from that estimate, never lower,
+//! counted in this node's own slot at the newest bucket the sketch holds.
+
+mod evicted;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use crate::core::slot::PnSlot;
+use crate::core::slot::{NodeSlot, PnSlot};
 use crate::core::time::Nanos;
-use crate::core::window::{unpack_epoch, Ring, SlotGrid, WindowSpec};
+use crate::core::window::{unpack_epoch, Ring, SlotGrid, WindowSpec, MAX_BUCKETS};
+
+pub use evicted::EvictedSketch;
 
 use super::index::{DashMapIndex, KeyIndex};
 
@@ -48,6 +58,8 @@ pub const MAX_INFLIGHT: u32 = INFLIGHT_MASK;
 const HEADER_WORDS: usize = 4;
 const CHUNK_ENTRIES: usize = 4096;
 const FREE_SHARDS: usize = 16;
+/// Entries a full table looks at for idle keys before it evicts a live one.
+const IDLE_SCAN: usize = 32;
 
 /// Counts of what the table has done to stay within its capacity.
 #[derive(Debug, Default)]
@@ -56,6 +68,9 @@ pub struct TableStats {
     pub evictions: AtomicU64,
     /// Keys removed because their whole window had passed.
     pub expirations: AtomicU64,
+    /// Keys that came back after an eviction and were given their recorded
+    /// usage rather than a fresh budget.
+    pub restored: AtomicU64,
 }
 
 pub struct KeyTable<I: KeyIndex = DashMapIndex> {
@@ -70,6 +85,10 @@ pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     sweep_cursor: AtomicU32,
     index: I,
     stats: TableStats,
+    /// Usage of evicted keys; allocated at the first eviction.
+    evicted: OnceLock<Evicted>,
+    /// The slot restored usage is counted in: this node's own.
+    home: NodeSlot,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +127,29 @@ impl<I: KeyIndex> KeyTable<I> {
             sweep_cursor: AtomicU32::new(0),
             index: I::with_capacity(capacity),
             stats: TableStats::default(),
+            evicted: OnceLock::new(),
+            home: NodeSlot::new(0),
+        })
+    }
+
+    /// Sets the slot that usage restored after an eviction is counted in
+    /// (this node's own; slot 0 by default).
+    pub fn with_home_slot(mut self, home: NodeSlot) -> Self {
+        if home.index() < self.slots {
+            self.home = home;
+        }
+        self
+    }
+
+    /// The sketch of evicted keys' usage, once anything was evicted.
+    pub fn evicted_sketch(&self) -> Option<&EvictedSketch> {
+        self.evicted.get().map(|e| &e.sketch)
+    }
+
+    fn evicted(&self) -> &Evicted {
+        self.evicted.get_or_init(|| Evicted {
+            sketch: EvictedSketch::for_capacity(self.capacity as usize),
+            restored: (0..self.capacity).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
@@ -209,6 +251,7 @@ impl<I: KeyIndex> KeyTable<I> {
             let mut e = self.allocate(key, now);
             e.set_key(key);
             e.set_newest(self.spec.epoch(now));
+            self.restore(&mut e, now);
             match self.index.insert_if_absent(key, e.entry) {
                 Ok(()) => {
                     // Amortised expiry: every new key pays for looking at two old ones.
@@ -224,8 +267,27 @@ impl<I: KeyIndex> KeyTable<I> {
         }
     }
 
-    /// Returns a locked, vacant entry.
-    fn allocate(&self, key: u64, now: Nanos) -> Entry<'_> {
+    /// Gives a key that was evicted within its window the usage the sketch
+    /// recorded for it (a fresh entry, locked, newest epoch = now's).
+    fn restore(&self, e: &mut Entry<'_>, now: Nanos) {
+        let Some(evicted) = self.evicted.get() else {
+            return;
+        };
+        let now_epoch = self.spec.epoch(now);
+        let buckets = self.spec.buckets() as u64;
+        if let Some((epoch, count)) = evicted.sketch.estimate(e.key(), now_epoch, buckets) {
+            let row = (epoch % buckets) as usize;
+            let home = self.home.index();
+            let mut v = e.get(row, home);
+            v.p = v.p.max(count);
+            e.set(row, home, v);
+            evicted.restored[e.entry as usize]
+                .store(pack_restored(epoch, count), Ordering::Relaxed);
+            self.stats.restored.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn pop_free(&self, key: u64) -> Option<Entry<'_>> {
         let shard = (key as usize) % FREE_SHARDS;
         for i in 0..FREE_SHARDS {
             let popped = self.free[(shard + i) % FREE_SHARDS]
@@ -233,15 +295,60 @@ impl<I: KeyIndex> KeyTable<I> {
                 .unwrap_or_else(|p| p.into_inner())
                 .pop();
             if let Some(entry) = popped {
-                return self.lock_entry(entry);
+                return Some(self.lock_entry(entry));
             }
+        }
+        None
+    }
+
+    /// Returns a locked, vacant entry.
+    fn allocate(&self, key: u64, now: Nanos) -> Entry<'_> {
+        if let Some(e) = self.pop_free(key) {
+            return e;
         }
         let fresh = self.fresh.fetch_add(1, Ordering::Relaxed);
         if fresh < self.capacity {
             return self.lock_entry(fresh);
         }
         self.fresh.fetch_min(self.capacity, Ordering::Relaxed);
+        // Full: idle keys go before live ones.
+        if self.sweep(now, IDLE_SCAN) > 0 {
+            if let Some(e) = self.pop_free(key) {
+                return e;
+            }
+        }
         self.evict(now)
+    }
+
+    /// Records a live entry's usage in the sketch before it is evicted.
+    fn remember(&self, e: &Entry<'_>, now: Nanos) {
+        let mut nets = [0u64; MAX_BUCKETS];
+        let nets = &mut nets[..self.spec.buckets()];
+        Ring::read(e, &self.spec, now, nets);
+        let mut count: u64 = nets.iter().sum();
+        if count == 0 {
+            return;
+        }
+        let now_epoch = self.spec.epoch(now);
+        let buckets = self.spec.buckets() as u64;
+        let evicted = self.evicted();
+        // What this entry was given back from the sketch is still recorded
+        // there (cells never fall while live): record only the key's own
+        // hits since, or an over-count would feed on itself, every round of
+        // a flood raising every colliding key's estimate.
+        let restored = evicted.restored[e.entry as usize].load(Ordering::Relaxed);
+        if let Some((epoch, given)) = unpack_restored(restored, now_epoch) {
+            if epoch + buckets > now_epoch {
+                count = count.saturating_sub(u64::from(given));
+            }
+        }
+        if count == 0 {
+            return;
+        }
+        let newest = e.newest(now_epoch).min(now_epoch);
+        evicted
+            .sketch
+            .record(e.key(), newest, count, now_epoch, buckets);
     }
 
     /// CLOCK: sweep the hand over live entries, clearing referenced bits, and
@@ -271,6 +378,7 @@ impl<I: KeyIndex> KeyTable<I> {
                 drop(e);
                 continue;
             }
+            self.remember(&e, now);
             self.forget(&mut e);
             self.stats.evictions.fetch_add(1, Ordering::Relaxed);
             return e;
@@ -286,6 +394,9 @@ impl<I: KeyIndex> KeyTable<I> {
     fn vacate(&self, e: &mut Entry<'_>) {
         for w in &e.words[1..] {
             w.store(0, Ordering::Relaxed);
+        }
+        if let Some(evicted) = self.evicted.get() {
+            evicted.restored[e.entry as usize].store(0, Ordering::Relaxed);
         }
         e.words[0].store(LOCK, Ordering::Relaxed);
     }
@@ -333,6 +444,23 @@ impl<I: KeyIndex> KeyTable<I> {
             }
         }
     }
+}
+
+/// What a table keeps once it has evicted a live key: the sketch of evicted
+/// keys' usage, and per arena entry what was restored into it from the
+/// sketch (`epoch << 32 | count`, 0 for nothing), 8 bytes per entry.
+struct Evicted {
+    sketch: EvictedSketch,
+    restored: Box<[AtomicU64]>,
+}
+
+fn pack_restored(epoch: u64, count: u32) -> u64 {
+    ((epoch as u32 as u64) << 32) | u64::from(count)
+}
+
+fn unpack_restored(v: u64, now_epoch: u64) -> Option<(u64, u32)> {
+    let count = v as u32;
+    (count > 0).then(|| (unpack_epoch(now_epoch, (v >> 32) as u32, 32), count))
 }
 
 /// A locked arena entry. Unlocks on drop.
@@ -535,6 +663,82 @@ mod tests {
         assert!(t.stats().evictions.load(Ordering::Relaxed) >= 92);
         // The newest key survived.
         assert_eq!(hits(&t, 100, now), 1);
+    }
+
+    #[test]
+    fn an_evicted_key_comes_back_with_its_usage_not_a_fresh_budget() {
+        let t = table(64);
+        let spec = *t.spec();
+        let now = Nanos::from_secs(100);
+        let victim = 0xdead_beef;
+        {
+            let mut e = t.get_or_insert(victim, now);
+            Ring::add(&mut e, &spec, now, NodeSlot::new(0), 9);
+        }
+        // A flood of new keys, each hit once, pushes the victim out.
+        for key in 1..=1_000u64 {
+            let mut e = t.get_or_insert(key, now);
+            Ring::add(&mut e, &spec, now, NodeSlot::new(0), 1);
+        }
+        assert!(t.get(victim).is_none(), "the victim was evicted");
+        assert!(t.stats().evictions.load(Ordering::Relaxed) > 0);
+        drop(t.get_or_insert(victim, now));
+        assert!(hits(&t, victim, now) >= 9, "{}", hits(&t, victim, now));
+        assert!(t.stats().restored.load(Ordering::Relaxed) >= 1);
+        // Once its window has passed the key owes nothing.
+        let later = Nanos::from_secs(103);
+        for key in 2_000..2_100u64 {
+            drop(t.get_or_insert(key, later));
+        }
+        drop(t.get(victim));
+        let fresh = 0x1234_5678;
+        drop(t.get_or_insert(fresh, later));
+        assert_eq!(hits(&t, fresh, later), 0);
+    }
+
+    #[test]
+    fn restored_estimates_do_not_feed_on_themselves() {
+        // A flood far larger than the sketch: every fresh key collides with
+        // evicted ones. Each key was hit once, so no estimate may exceed 1
+        // however many rounds of eviction and restoring go by.
+        let t = table(64);
+        let spec = *t.spec();
+        let now = Nanos::from_secs(100);
+        for key in 1..=20_000u64 {
+            let key = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut e = t.get_or_insert(key, now);
+            let before = {
+                let mut out = [0u64; 2];
+                Ring::read(&e, &spec, now, &mut out);
+                out.iter().sum::<u64>()
+            };
+            assert!(before <= 1, "a fresh key starts at {before}");
+            Ring::add(&mut e, &spec, now, NodeSlot::new(0), 1);
+        }
+        assert!(t.stats().restored.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn a_full_table_frees_idle_keys_before_live_ones() {
+        let t = table(8);
+        let spec = *t.spec();
+        let old = Nanos::from_secs(100);
+        for key in 1..=4u64 {
+            let mut e = t.get_or_insert(key, old);
+            Ring::add(&mut e, &spec, old, NodeSlot::new(0), 1);
+        }
+        let now = Nanos::from_secs(103);
+        for key in 5..=8u64 {
+            let mut e = t.get_or_insert(key, now);
+            Ring::add(&mut e, &spec, now, NodeSlot::new(0), 1);
+        }
+        for key in 9..=12u64 {
+            drop(t.get_or_insert(key, now));
+        }
+        for key in 5..=8u64 {
+            assert_eq!(hits(&t, key, now), 1, "live key {key} was kept");
+        }
+        assert_eq!(t.stats().evictions.load(Ordering::Relaxed), 0);
     }
 
     #[test]

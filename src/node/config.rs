@@ -36,6 +36,10 @@ pub struct NodeFile {
     /// With TLS: also require client certificates signed by this CA (PEM),
     /// which makes it mutual TLS.
     pub grpc_tls_client_ca: Option<PathBuf>,
+    /// TCP address of the operations listener (probes, metrics, rules
+    /// admin), served apart from the decision port so that a flood of
+    /// decisions cannot fail a health probe. None: the decision port only.
+    pub listen_admin: Option<SocketAddr>,
     /// Peers to contact at start: `host:port`, IP or DNS name (a Kubernetes
     /// headless service resolves to every pod).
     pub seeds: Vec<String>,
@@ -86,6 +90,7 @@ impl Default for NodeFile {
             grpc_tls_cert: None,
             grpc_tls_key: None,
             grpc_tls_client_ca: None,
+            listen_admin: None,
             seeds: Vec::new(),
             discovery_interval: "5s".into(),
             rules: PathBuf::from("rules.toml"),
@@ -118,6 +123,7 @@ pub struct NodeSettings {
     pub listen_http: SocketAddr,
     pub grpc_listen: Option<SocketAddr>,
     pub grpc_tls: Option<GrpcTls>,
+    pub listen_admin: Option<SocketAddr>,
     pub seeds: Vec<String>,
     pub discovery_interval: Nanos,
     pub rules: PathBuf,
@@ -318,6 +324,7 @@ impl NodeFile {
                     ))
                 }
             },
+            listen_admin: self.listen_admin,
             seeds: self.seeds.clone(),
             discovery_interval: duration("discovery_interval", &self.discovery_interval)?,
             rules: path(&self.rules),

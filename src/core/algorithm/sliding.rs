@@ -81,8 +81,14 @@ impl RateAlgorithm for SlidingWindow {
         // Everything scaled by g to stay in integers.
         let used_scaled = full * g + oldest * (g - elapsed);
         let budget_scaled = limit * g;
-        let reset_after = self.reset_after(nets, elapsed, g);
         if used_scaled + cost * g <= budget_scaled {
+            // The admitted cost lands in the current bucket: the window is
+            // back to full only once that bucket has left it.
+            let reset_after = if cost > 0 {
+                nanos_u128(g - elapsed + (nets.len() - 1) as u128 * g)
+            } else {
+                self.reset_after(nets, elapsed, g)
+            };
             // The common case fits 64 bits; a 128-bit division is a call.
             let left = budget_scaled - used_scaled;
             let remaining = match u64::try_from(left) {
@@ -97,7 +103,7 @@ impl RateAlgorithm for SlidingWindow {
         Verdict::Deny {
             remaining: (budget_scaled.saturating_sub(used_scaled) / g) as u64,
             retry_after: self.retry_after(nets, elapsed, g, limit, cost),
-            reset_after,
+            reset_after: self.reset_after(nets, elapsed, g),
         }
     }
 }
@@ -192,6 +198,39 @@ mod tests {
                 assert_eq!(reset_after, Nanos::from_millis(1_500));
             }
             v => panic!("expected a denial, got {v:?}"),
+        }
+    }
+
+    #[test]
+    fn the_first_hit_of_a_key_resets_when_its_bucket_leaves_the_window() {
+        let a = SlidingWindow::new(100, Nanos::from_secs(3600), 1).unwrap();
+        let now = Nanos::from_secs(7_200 + 600);
+        // Nothing counted yet: the hit being admitted is what must expire.
+        match decide(&a, now, &[0, 0], 1) {
+            Verdict::Allow {
+                remaining,
+                reset_after,
+            } => {
+                assert_eq!(remaining, 99);
+                assert_eq!(reset_after, Nanos::from_secs(3_000 + 3_600));
+            }
+            v => panic!("expected an allowance, got {v:?}"),
+        }
+        // The whole limit at once: nothing left, and not back until then.
+        match decide(&a, now, &[0, 0], 100) {
+            Verdict::Allow {
+                remaining,
+                reset_after,
+            } => {
+                assert_eq!(remaining, 0);
+                assert!(reset_after > Nanos::ZERO);
+            }
+            v => panic!("expected an allowance, got {v:?}"),
+        }
+        // A cost-0 peek at an empty window has nothing to reset.
+        match decide(&a, now, &[0, 0], 0) {
+            Verdict::Allow { reset_after, .. } => assert_eq!(reset_after, Nanos::ZERO),
+            v => panic!("expected an allowance, got {v:?}"),
         }
     }
 
