@@ -83,3 +83,22 @@ fn seeds_reach_past_the_decoders() {
         );
     }
 }
+
+/// Writes the snapshot seed anew from the current format
+/// (`DRL_WRITE_SEEDS=1 cargo test --test fuzz_regressions`): three users'
+/// counts captured from the fuzz targets' own limiter.
+#[test]
+fn the_snapshot_seed_is_written_by_the_current_format() {
+    if std::env::var_os("DRL_WRITE_SEEDS").is_none() {
+        return;
+    }
+    let l = targets::limiter();
+    for user in ["ann", "bob", "cy"] {
+        let fields = [("user", user), ("endpoint", "/b")];
+        let d = drl::core::descriptor::Descriptors::new(&fields).unwrap();
+        l.check_at(targets::NOW, &d, 1).unwrap();
+    }
+    let bytes = drl::cluster::snapshot::capture(&l, targets::NOW);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/snapshot/three-users");
+    std::fs::write(path, bytes).unwrap();
+}

@@ -66,7 +66,10 @@ async fn check_gives_the_full_decision() {
         assert_eq!(r.window_ms, Some(3_600_000));
         assert_eq!(r.remaining, Some(left));
         assert_eq!(r.retry_after_ms, Some(0));
-        assert!(r.receipt.is_empty(), "no receipts yet");
+        assert!(
+            !r.receipt.is_empty(),
+            "an allowed check carries its receipt"
+        );
     }
     let r = decide(&mut client, alice()).await;
     assert!(!r.allowed);
@@ -166,49 +169,33 @@ async fn check_batch_decides_each_check_on_its_own() {
 async fn refund_gives_back_what_was_counted() {
     let (node, mut client) = one_node("refund").await;
     let frank = |cost| check(&[("user", "frank")], cost);
-    decide(&mut client, frank(Some(3))).await;
-    let refund = |cost, receipt: Vec<u8>| RefundRequest {
+    let charged = decide(&mut client, frank(Some(3))).await;
+    assert!(charged.allowed);
+    let refund = |receipt: Vec<u8>| RefundRequest {
         descriptors: [("user".to_owned(), "frank".to_owned())].into(),
-        cost,
+        cost: None,
         receipt,
     };
+    // Exactly what the receipt's check charged, once.
     let r = client
-        .refund(refund(Some(2), vec![]))
+        .refund(refund(charged.receipt.clone()))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((r.refunded, r.requested), (2, 2));
-    let d = decide(&mut client, frank(Some(0))).await;
-    assert_eq!(d.remaining, Some(4));
-    // Never more than was counted.
-    let r = client
-        .refund(refund(None, vec![]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((r.refunded, r.requested), (1, 1));
-    let r = client
-        .refund(refund(Some(10), vec![]))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.refunded, 0);
+    assert_eq!((r.refunded, r.requested), (3, 3));
     let d = decide(&mut client, frank(Some(0))).await;
     assert_eq!(d.remaining, Some(5));
-    // Refused: a receipt this node never issued, bad descriptors.
     let e = client
-        .refund(refund(Some(1), b"forged".to_vec()))
+        .refund(refund(charged.receipt.clone()))
         .await
         .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    // Refused, and nothing given back: no receipt, a forged one.
+    let e = client.refund(refund(vec![])).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    let e = client
-        .refund(RefundRequest {
-            descriptors: [("Bad".to_owned(), "x".to_owned())].into(),
-            cost: None,
-            receipt: vec![],
-        })
-        .await
-        .unwrap_err();
+    let e = client.refund(refund(b"forged".to_vec())).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
+    let d = decide(&mut client, frank(Some(0))).await;
+    assert_eq!(d.remaining, Some(5));
     node.shutdown().await;
 }

@@ -68,6 +68,7 @@ struct Cluster {
     child: Child,
     dir: PathBuf,
     http_base: u16,
+    grpc_base: u16,
     banner: String,
 }
 
@@ -77,11 +78,13 @@ impl Cluster {
         let _ = std::fs::remove_dir_all(&dir);
         let http_base = free_range(nodes, 0);
         let peer_base = free_range(nodes, http_base);
+        let grpc_base = free_range(nodes, peer_base);
         let mut child = Command::new(DRL)
             .args(["cluster", "--nodes", &nodes.to_string(), "--dir"])
             .arg(&dir)
             .args(["--base-port", &http_base.to_string()])
             .args(["--peer-base-port", &peer_base.to_string()])
+            .args(["--grpc-base-port", &grpc_base.to_string()])
             .args(["--admin-token", TOKEN])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -99,6 +102,7 @@ impl Cluster {
             child,
             dir,
             http_base,
+            grpc_base,
             banner: String::new(),
         };
         // Generous: three nodes start on a loaded two-core machine.
@@ -295,12 +299,16 @@ fn readme_quick_tour_matches_a_real_cluster() {
 }
 
 /// Replaces what differs between runs with what the docs show.
-fn normalise_banner(banner: &str, dir: &Path, http_base: u16) -> String {
+fn normalise_banner(banner: &str, dir: &Path, http_base: u16, grpc_base: u16) -> String {
     let mut text = banner.replace(&dir.display().to_string(), "/tmp/drl-cluster");
     for i in 0..3 {
         text = text.replace(
             &format!("127.0.0.1:{}", http_base + i),
             &format!("127.0.0.1:{}", 8400 + i),
+        );
+        text = text.replace(
+            &format!("127.0.0.1:{}", grpc_base + i),
+            &format!("127.0.0.1:{}", 9400 + i),
         );
     }
     text.replace(TOKEN, "5f0c…")
@@ -317,7 +325,12 @@ fn the_cluster_banner_is_the_one_documented() {
         .map(|l| l.split("   (").next().unwrap_or(l).trim_end())
         .collect();
     let cluster = Cluster::start("banner", 3);
-    let got = normalise_banner(&cluster.banner, &cluster.dir, cluster.http_base);
+    let got = normalise_banner(
+        &cluster.banner,
+        &cluster.dir,
+        cluster.http_base,
+        cluster.grpc_base,
+    );
     let got: Vec<&str> = got.lines().map(str::trim_end).collect();
     // The banner starts with an empty line, which the docs leave out.
     let got: Vec<&str> = got.into_iter().skip_while(|l| l.is_empty()).collect();

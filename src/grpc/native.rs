@@ -13,7 +13,7 @@ use super::pb::{
     CheckResponse, CheckResult, Outcome as PbOutcome, RefundRequest, RefundResponse,
 };
 use super::state::{check_status, rule_name, GrpcState};
-use crate::core::descriptor::{DescriptorError, Descriptors};
+use crate::core::descriptor::Descriptors;
 use crate::core::rules::RuleSet;
 use crate::limiter::{Decision, Outcome};
 
@@ -35,14 +35,22 @@ impl NativeRateLimiter {
     async fn check_one(&self, request: &CheckRequest) -> Result<CheckResponse, Status> {
         let pairs = pairs(request);
         let d = Descriptors::new(&pairs).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let cost = request.cost.unwrap_or(1);
         let decision = self
             .state
-            .check(&d, request.cost.unwrap_or(1))
+            .check(&d, cost)
             .await
             .map_err(|e| check_status(&e))?;
-        let rules = self.state.api().limiter.rules();
+        let limiter = &self.state.api().limiter;
+        let rules = limiter.rules();
         self.state.count(&rules, &decision);
-        Ok(answer(&rules, &decision))
+        let mut response = answer(&rules, &decision);
+        // The same sealed receipt as `POST /v1/check`: what a refund must show.
+        let now = drl_now(limiter);
+        if let Some(receipt) = limiter.issue_receipt_at(now, &d, cost, &decision) {
+            response.receipt = receipt.into_bytes();
+        }
+        Ok(response)
     }
 }
 
@@ -105,32 +113,26 @@ impl RateLimiter for NativeRateLimiter {
         request: Request<RefundRequest>,
     ) -> Result<Response<RefundResponse>, Status> {
         let request = request.get_ref();
-        if !request.receipt.is_empty() {
+        // Only what a check of this node charged, once, by its receipt: the
+        // same protections as `POST /v1/refund`.
+        let receipt = std::str::from_utf8(&request.receipt).map_err(|_| {
+            self.state
+                .refuse(Status::invalid_argument("the receipt is not text"))
+        })?;
+        if receipt.is_empty() {
             return Err(self.state.refuse(Status::invalid_argument(
-                "this node issues no receipts: send the refund without one",
+                "a refund needs the receipt of the allowed check it gives back",
             )));
         }
-        let mut pairs: Vec<(&str, &str)> = request
-            .descriptors
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        pairs.sort_unstable();
-        let d = Descriptors::new(&pairs).map_err(|e: DescriptorError| {
-            self.state.refuse(Status::invalid_argument(e.to_string()))
-        })?;
-        let cost = request.cost.unwrap_or(1);
-        // The same call as `POST /v1/refund`: one place decides what a
-        // refund may give back.
-        let refunded = self
+        let outcome = self
             .state
             .api()
             .limiter
-            .refund(&d, cost)
-            .map_err(|e| self.state.refuse_check(e))?;
+            .refund_receipt(receipt)
+            .map_err(|e| self.state.refuse(refund_status(&e)))?;
         Ok(Response::new(RefundResponse {
-            refunded,
-            requested: cost,
+            refunded: outcome.refunded(),
+            requested: outcome.requested,
         }))
     }
 }
@@ -179,4 +181,22 @@ pub fn answer(rules: &RuleSet, decision: &Decision) -> CheckResponse {
 /// The gRPC code of a batch item's error, for tests and clients.
 pub fn item_code(error: &PbCheckError) -> Code {
     Code::from_i32(error.code)
+}
+
+/// The node's clock now, as the limiter reads it.
+fn drl_now(limiter: &crate::limiter::Limiter) -> crate::core::time::Nanos {
+    crate::core::time::Clock::now(limiter.clock())
+}
+
+/// How a refused refund is answered; nothing was given back.
+fn refund_status(e: &crate::limiter::RefundError) -> Status {
+    use crate::limiter::RefundError as E;
+    match e {
+        E::Invalid(_) => Status::invalid_argument(e.to_string()),
+        E::OtherNode { .. } | E::OtherRun | E::Expired => {
+            Status::failed_precondition(e.to_string())
+        }
+        E::AlreadyRefunded => Status::already_exists(e.to_string()),
+        E::LedgerFull | E::Recovering => Status::unavailable(e.to_string()),
+    }
 }
