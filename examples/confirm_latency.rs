@@ -64,7 +64,11 @@ async fn main() {
     let seed = first.peer_addr().to_string();
     let mut nodes: Vec<NodeHandle> = vec![first];
     for slot in 1..3 {
-        nodes.push(Node::start(settings(slot, vec![seed.clone()])).await.unwrap());
+        nodes.push(
+            Node::start(settings(slot, vec![seed.clone()]))
+                .await
+                .unwrap(),
+        );
     }
     let start = Instant::now();
     while !nodes.iter().all(|n| {

@@ -204,6 +204,12 @@ pub struct PeerState {
     /// full sync has arrived. Until then its admissions while we could not
     /// hear it may be unknown here, and requests are confirmed.
     pub synced_from: bool,
+    /// We stopped waiting for this peer (declared dead) and settled rounds
+    /// it never acknowledged: it may have missed our admissions. The next
+    /// frame from it starts a full sync to it, and until that completes its
+    /// frames are not acknowledged, so that its own admissions stay within
+    /// its in-flight share while it decides on stale counts.
+    owed_sync: bool,
     /// The peer's rules arrived since this node started.
     rules_heard: bool,
 }
@@ -369,6 +375,9 @@ impl Replicator {
         if !live {
             let waiting = self.peers.get(&slot).is_some_and(|p| self.must_wait_for(p));
             if !waiting {
+                if let Some(p) = self.peers.get_mut(&slot) {
+                    p.owed_sync = true;
+                }
                 self.stop_waiting_for(limiter, slot, u64::MAX);
                 self.stop_claims_waiting_for(slot);
             }
@@ -761,6 +770,14 @@ impl Replicator {
         if let Some(p) = self.peers.get_mut(&from) {
             p.last_heard = Some(now);
         }
+        // A peer we settled rounds without is back: our whole state first.
+        if self
+            .peers
+            .get(&from)
+            .is_some_and(|p| p.owed_sync && p.sync_out.is_none())
+        {
+            self.full_sync(now, from, limiter);
+        }
         // After this frame is applied, claims yielding to `from` on the keys
         // it carries decide again.
         let carried: Option<Vec<(u64, u64)>> = match &frame {
@@ -858,6 +875,10 @@ impl Replicator {
     /// Acknowledges a frame at once: the sooner the sender hears, the sooner
     /// its in-flight hits settle. The ack echoes the frame's timestamp.
     fn note_received(&mut self, now: Nanos, from: u16, s: &Slots) {
+        if self.peers.get(&from).is_some_and(|p| p.owed_sync) {
+            // Not until it holds our state (see `PeerState::owed_sync`).
+            return;
+        }
         let ack = Frame::Ack(Ack {
             slot: self.own(),
             rounds: vec![s.round],
@@ -921,6 +942,7 @@ impl Replicator {
                     if let Some(p) = self.peers.get_mut(&from) {
                         p.sync_out = None;
                         p.needs_sync = false;
+                        p.owed_sync = false;
                     }
                     self.stop_waiting_for(limiter, from, start);
                 }
