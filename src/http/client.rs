@@ -148,7 +148,17 @@ impl Connection {
         self.out.clear();
         write_head(&mut self.out, method, path, &self.host, headers, body.len());
         self.out.extend_from_slice(body);
-        self.stream.write_all(&self.out).await?;
+        if let Err(e) = self.stream.write_all(&self.out).await {
+            // A server may answer before reading the whole request (an early
+            // 413 for a body it will not take) and close: its answer is
+            // still there to read.
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) {
+                return Err(e.into());
+            }
+        }
         self.read_answer(method == "HEAD").await
     }
 
