@@ -660,27 +660,22 @@ impl Replicator {
     /// Expires claims past their deadline and resends the others to the
     /// peers that have not answered yet.
     fn claim_timers<C: crate::core::time::Clock>(&mut self, now: Nanos, limiter: &Limiter<C>) {
-        let expired: Vec<u64> = self
-            .claims
-            .iter()
-            .filter(|(_, c)| c.deadline <= now)
-            .map(|(&t, _)| t)
-            .collect();
-        for ticket in expired {
-            self.claims.remove(&ticket);
-            self.stats.claims_expired += 1;
-            self.claim_events.push_back(ClaimEvent::Expired { ticket });
-        }
-        let late: Vec<u64> = self
-            .yielding
-            .iter()
-            .filter(|(_, y)| y.deadline <= now)
-            .map(|(&t, _)| t)
-            .collect();
-        for ticket in late {
-            self.yielding.remove(&ticket);
-            self.claim_events.push_back(ClaimEvent::Expired { ticket });
-        }
+        let (events, stats) = (&mut self.claim_events, &mut self.stats);
+        self.claims.retain(|&ticket, c| {
+            let live = c.deadline > now;
+            if !live {
+                stats.claims_expired += 1;
+                events.push_back(ClaimEvent::Expired { ticket });
+            }
+            live
+        });
+        self.yielding.retain(|&ticket, y| {
+            let live = y.deadline > now;
+            if !live {
+                events.push_back(ClaimEvent::Expired { ticket });
+            }
+            live
+        });
         let due: Vec<u64> = self
             .claims
             .iter()
