@@ -29,14 +29,23 @@ pub const MAX_NAME_BYTES: usize = 64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
+    /// [`Frame::Hello`].
     Hello = 1,
+    /// [`Frame::Delta`].
     Delta = 2,
+    /// [`Frame::Ack`].
     Ack = 3,
+    /// [`Frame::Sync`].
     Sync = 4,
+    /// [`Frame::Recovery`].
     Recovery = 5,
+    /// [`Frame::Swim`].
     Swim = 6,
+    /// [`Frame::Rules`].
     Rules = 7,
+    /// [`Frame::Claim`].
     Claim = 8,
+    /// [`Frame::Answer`].
     Answer = 9,
 }
 
@@ -85,31 +94,44 @@ pub struct Slots {
     pub sent_at: u64,
     /// True on the last chunk of a sync or recovery.
     pub last: bool,
+    /// The values, grouped by limit; at most [`MAX_GROUPS`].
     pub groups: Vec<LimitGroup>,
 }
 
 /// The keys of one limit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LimitGroup {
+    /// The limit's stable id: a digest of its rule, scope, position and
+    /// parameters, so it survives a reload that keeps the limit.
     #[serde(with = "postcard::fixint::le")]
     pub limit: u64,
     /// The newest bucket epoch in the group; buckets say how far back they are.
     pub newest: u64,
+    /// The keys with values in this group; at most [`MAX_KEYS_PER_GROUP`].
     pub keys: Vec<KeySlots>,
 }
 
+/// The slot's values of one key, bucket by bucket.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeySlots {
+    /// The 64-bit key digest; zero is reserved and refuses the frame.
     #[serde(with = "postcard::fixint::le")]
     pub key: u64,
+    /// 1 to [`MAX_BUCKETS_PER_KEY`] buckets.
     pub buckets: Vec<BucketSlot>,
 }
 
 /// One bucket's value of the slot: epoch `newest − back`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BucketSlot {
+    /// How many buckets before the group's `newest` epoch: below
+    /// [`MAX_BUCKETS_PER_KEY`] and at most `newest`.
     pub back: u8,
+    /// The slot's hits in the bucket: an absolute value, not an increment, so
+    /// merging is a maximum. At most [`MAX_COUNT`].
     pub p: u32,
+    /// The slot's refunds in the bucket, absolute like `p`. At most
+    /// [`MAX_COUNT`].
     pub n: u32,
 }
 
@@ -117,6 +139,7 @@ pub struct BucketSlot {
 /// round-trip estimation (the four timestamps of NTP).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
+    /// The acknowledger's slot.
     pub slot: u16,
     /// Rounds received since the previous ack.
     pub rounds: Vec<u64>,
@@ -131,6 +154,7 @@ pub struct Ack {
 /// Membership traffic, opaque to the codec (SWIM messages).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Swim {
+    /// One SWIM message, checked whole by the membership state machine.
     pub payload: Vec<u8>,
 }
 
@@ -138,22 +162,37 @@ pub struct Swim {
 /// `(version, origin)`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RulesFrame {
+    /// Grows with every change; the higher version wins.
     pub version: u64,
+    /// Slot of the node that made the change; breaks ties between equal
+    /// versions.
     pub origin: u16,
+    /// The rules file, as TOML; at most [`MAX_RULES_BYTES`].
     pub text: String,
 }
 
 /// Largest rules text carried.
 pub const MAX_RULES_BYTES: usize = 512 * 1024;
 
+/// One frame, decoded and checked against the limits above.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
+    /// First frame on every connection, both ways.
     Hello(Hello),
+    /// The sender's own slot for keys that changed: merged, then acknowledged.
     Delta(Slots),
+    /// Acknowledges delta rounds, with timestamps for the clock estimate.
     Ack(Ack),
+    /// One chunk of the sender's whole own slot, for a peer that may have
+    /// missed deltas (it said hello, or rounds to it went unacknowledged);
+    /// acknowledged, and sent again if not. Snapshots store the same frames.
     Sync(Slots),
+    /// The receiver's own slot as the sender knows it; accepted only while
+    /// the receiver recovers after a restart.
     Recovery(Slots),
+    /// A membership message.
     Swim(Swim),
+    /// The rules in force cluster-wide.
     Rules(RulesFrame),
     /// Provisional hits near a limit: the sender's own values of the keys,
     /// with `round` naming the claim. Every receiver merges them and answers.
@@ -166,23 +205,36 @@ pub enum Frame {
 /// Why a frame was refused. The frame changed nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// The frame ends before its version or kind byte.
     #[error("empty frame")]
     Empty,
+    /// The frame is longer than [`MAX_FRAME_BYTES`] (its length in bytes).
     #[error("frame of {0} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")]
     TooLarge(usize),
+    /// The version byte is not [`VERSION`].
     #[error("unsupported protocol version {0} (this node speaks {VERSION})")]
     UnknownVersion(u8),
+    /// The kind byte names no [`Kind`].
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
+    /// The body is not the postcard encoding of its kind's struct.
     #[error("malformed {kind:?} body: {reason}")]
-    Malformed { kind: Kind, reason: String },
+    Malformed {
+        /// The kind the frame claimed.
+        kind: Kind,
+        /// postcard's description of the fault.
+        reason: String,
+    },
+    /// Bytes follow the body (how many).
     #[error("{0} trailing bytes after the body")]
     Trailing(usize),
+    /// The body decoded but breaks a limit of the protocol (which one).
     #[error("invalid frame: {0}")]
     Invalid(&'static str),
 }
 
 impl Frame {
+    /// The kind byte this frame is sent with.
     pub fn kind(&self) -> Kind {
         match self {
             Frame::Hello(_) => Kind::Hello,
@@ -216,6 +268,7 @@ impl Frame {
         *out = body.unwrap_or_default();
     }
 
+    /// The encoded frame, in a new buffer.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.encode_into(&mut out);
