@@ -64,6 +64,7 @@ impl RulesError {
     pub fn column(&self) -> usize {
         self.column
     }
+    /// What is wrong, for callers that act on the kind of mistake.
     pub fn kind(&self) -> &RulesErrorKind {
         &self.kind
     }
@@ -80,54 +81,83 @@ pub enum RulesErrorKind {
     /// a value of the wrong type.
     #[error("{0}")]
     Shape(String),
+    /// A duration (`window`, `per`, ...) that does not parse.
     #[error(transparent)]
     Duration(#[from] DurationError),
     /// The algorithm refused its parameters.
     #[error(transparent)]
     Param(#[from] ParamError),
+    /// `algorithm` names none of the five algorithms.
     #[error("unknown algorithm {0:?}: use sliding_window, fixed_window, token_bucket, leaky_bucket or gcra")]
     UnknownAlgorithm(String),
+    /// A limit carries a parameter its algorithm does not take (`leak` on a
+    /// token bucket): refused rather than ignored, since it shows a mistake.
     #[error("{algorithm} has no parameter `{field}`: it takes {accepted}")]
     ForeignParameter {
+        /// The parameter given.
         field: &'static str,
+        /// The limit's algorithm.
         algorithm: &'static str,
+        /// The parameters it does take, as a list for the message.
         accepted: &'static str,
     },
+    /// A limit lacks a parameter its algorithm needs.
     #[error("{algorithm} needs `{field}`")]
     MissingParameter {
+        /// The parameter missing.
         field: &'static str,
+        /// The limit's algorithm.
         algorithm: &'static str,
     },
+    /// A rule name that is empty, too long or has characters outside
+    /// `A-Z a-z 0-9 _ . -`.
     #[error("rule name {0:?} is not valid: use 1 to {MAX_RULE_NAME_LEN} characters of A-Z, a-z, 0-9, _, . and -")]
     BadRuleName(String),
+    /// Two rules with one name: names identify rules in decisions and metrics.
     #[error("rule name {name:?} is already used by rules[{first}] (line {first_line})")]
     DuplicateRuleName {
+        /// The name.
         name: String,
+        /// Index of the rule that has it first, in `rules`.
         first: usize,
+        /// 1-based line of that rule's name.
         first_line: usize,
     },
+    /// A field name in `match` or `key` that is not a valid descriptor field.
     #[error(transparent)]
     BadFieldName(DescriptorError),
+    /// A field listed twice in `key`.
     #[error("key field `{0}` is listed twice")]
     DuplicateKeyField(String),
+    /// A `key` field that `match` does not name, so a counted request might
+    /// lack it.
     #[error("key field `{0}` is not named in `match`: add `{0} = \"*\"` there, so that every counted request carries it")]
     KeyFieldNotMatched(String),
+    /// A `match` pattern that does not parse.
     #[error(transparent)]
     Pattern(#[from] PatternError),
+    /// A tier name that no request's `tier` field could carry.
     #[error("tier name is not a valid `tier` value: {0}")]
     BadTierName(DescriptorError),
+    /// A rule with both a `domain` and `domain` in its `match`.
     #[error("the rule names `domain` both in `match` and as its own `domain`: keep one")]
     DomainTwice,
+    /// An empty `limits` list.
     #[error("a limit list needs at least one limit")]
     NoLimits,
+    /// A list of more than [`MAX_LIMITS_PER_LIST`] limits.
     #[error("at most {MAX_LIMITS_PER_LIST} limits fit in one list")]
     TooManyLimits,
+    /// A file of more than [`MAX_RULES`] rules.
     #[error("at most {MAX_RULES} rules fit in one file")]
     TooManyRules,
+    /// A rule with more than [`MAX_OVERRIDES_PER_RULE`] overrides.
     #[error("at most {MAX_OVERRIDES_PER_RULE} overrides fit in one rule")]
     TooManyOverrides,
+    /// A rule with nothing to apply: no `limits`, no tier, no override.
     #[error("a rule needs `limits`, a tier or an override")]
     RuleWithoutLimits,
+    /// `endpoints = []`, which would refuse every request.
     #[error(
         "`endpoints` is empty, which would refuse every request: remove it to admit any endpoint"
     )]
