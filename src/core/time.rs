@@ -18,21 +18,28 @@ use std::time::Duration;
 pub struct Nanos(u64);
 
 impl Nanos {
+    /// No time; also the Unix epoch itself.
     pub const ZERO: Nanos = Nanos(0);
+    /// The largest value: what saturating arithmetic stops at.
     pub const MAX: Nanos = Nanos(u64::MAX);
 
+    /// `nanos` nanoseconds.
     pub const fn new(nanos: u64) -> Self {
         Nanos(nanos)
     }
+    /// `micros` microseconds, saturating at [`Nanos::MAX`].
     pub const fn from_micros(micros: u64) -> Self {
         Nanos(micros.saturating_mul(1_000))
     }
+    /// `millis` milliseconds, saturating at [`Nanos::MAX`].
     pub const fn from_millis(millis: u64) -> Self {
         Nanos(millis.saturating_mul(1_000_000))
     }
+    /// `secs` seconds, saturating at [`Nanos::MAX`].
     pub const fn from_secs(secs: u64) -> Self {
         Nanos(secs.saturating_mul(1_000_000_000))
     }
+    /// The count of nanoseconds.
     pub const fn as_u64(self) -> u64 {
         self.0
     }
@@ -45,9 +52,11 @@ impl Nanos {
     pub const fn as_secs_ceil(self) -> u64 {
         self.0.div_ceil(1_000_000_000)
     }
+    /// `self − other`, or zero if `other` is later. `-` does the same.
     pub const fn saturating_sub(self, other: Nanos) -> Nanos {
         Nanos(self.0.saturating_sub(other.0))
     }
+    /// `self + other`, stopping at [`Nanos::MAX`]. `+` does the same.
     pub const fn saturating_add(self, other: Nanos) -> Nanos {
         Nanos(self.0.saturating_add(other.0))
     }
@@ -104,12 +113,15 @@ pub trait Clock: Send + Sync {
 pub struct ManualClock(AtomicU64);
 
 impl ManualClock {
+    /// A clock that reads `start` until moved.
     pub fn new(start: Nanos) -> Self {
         ManualClock(AtomicU64::new(start.as_u64()))
     }
+    /// Moves the clock to `t`, backwards too (to test clock steps).
     pub fn set(&self, t: Nanos) {
         self.0.store(t.as_u64(), Ordering::Relaxed);
     }
+    /// Moves the clock forward by `by`.
     pub fn advance(&self, by: Nanos) {
         self.0.fetch_add(by.as_u64(), Ordering::Relaxed);
     }
@@ -155,14 +167,19 @@ pub fn parse_duration(text: &str) -> Result<Nanos, DurationError> {
         .ok_or(DurationError::TooLarge)
 }
 
+/// Why [`parse_duration`] refused a text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DurationError {
+    /// Only digits (or nothing): no unit.
     #[error("a duration needs a unit: ns, us, ms, s, m, h or d (as in \"1s\")")]
     MissingUnit,
+    /// The text does not start with a digit.
     #[error("a duration starts with a whole number (as in \"250ms\")")]
     MissingNumber,
+    /// A unit other than `ns`, `us` (`µs`), `ms`, `s`, `m`, `h`, `d`.
     #[error("unknown duration unit {0:?}: use ns, us, ms, s, m, h or d")]
     UnknownUnit(String),
+    /// More than `u64` nanoseconds (about 584 years).
     #[error("duration too large")]
     TooLarge,
 }

@@ -32,6 +32,7 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// Fails if `amount` (`rate` in rule files) or `period` (`per`) is zero.
     pub fn new(amount: u32, period: Nanos) -> Result<Self, ParamError> {
         if period == Nanos::ZERO {
             return Err(ParamError::Zero { field: "per" });
@@ -41,9 +42,11 @@ impl Rate {
             period,
         })
     }
+    /// Tokens added (or leaked) every period; never zero.
     pub fn amount(&self) -> u32 {
         self.amount.get()
     }
+    /// The period; never zero.
     pub fn period(&self) -> Nanos {
         self.period
     }
@@ -231,6 +234,9 @@ pub struct LeakyBucket {
 }
 
 impl LeakyBucket {
+    /// `granularity` as for [`TokenBucket::new`]. Fails on a zero
+    /// `capacity`, a bucket too slow to drain for any window to cover, or a
+    /// `granularity` the window cannot keep.
     pub fn new(capacity: u32, leak: Rate, granularity: Option<Nanos>) -> Result<Self, ParamError> {
         DrainMeter::new(capacity, leak, granularity).map(|meter| LeakyBucket { meter })
     }
@@ -247,6 +253,9 @@ pub struct Gcra {
 }
 
 impl Gcra {
+    /// `burst` is the tolerance in cells; `granularity` as for
+    /// [`TokenBucket::new`]. Fails on a zero `limit`, `period` or `burst`, or
+    /// on parameters no window can cover.
     pub fn new(
         limit: u32,
         period: Nanos,

@@ -17,6 +17,7 @@ pub struct FixedWindow {
 }
 
 impl FixedWindow {
+    /// Fails on a zero `limit` or a `window` shorter than 1 ms.
     pub fn new(limit: u32, window: Nanos) -> Result<Self, ParamError> {
         Ok(FixedWindow {
             limit: nonzero("limit", limit)?,

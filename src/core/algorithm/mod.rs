@@ -24,21 +24,33 @@ use crate::core::window::{WindowCounts, WindowSpec, WindowSpecError};
 pub enum Verdict {
     /// Admitted. `remaining` is what is left after this request; the quota is
     /// whole again after `reset_after` if nothing else arrives.
-    Allow { remaining: u64, reset_after: Nanos },
+    Allow {
+        /// Cost units left in the quota after this request.
+        remaining: u64,
+        /// Time until the quota is whole again.
+        reset_after: Nanos,
+    },
     /// Not now. Waiting `retry_after` (with no other arrivals) is enough for
     /// the same request to pass.
     Deny {
+        /// Cost units left in the quota now: less than the request's cost.
         remaining: u64,
+        /// Time until this request's cost fits, if nothing else arrives.
         retry_after: Nanos,
+        /// Time until the quota is whole again.
         reset_after: Nanos,
     },
     /// The cost exceeds what this limit can ever admit at once: retrying is
     /// pointless. Distinct from a denial, as `governor`'s
     /// `InsufficientCapacity` is.
-    Never { capacity: u64 },
+    Never {
+        /// The most this limit admits at once (its limit or burst).
+        capacity: u64,
+    },
 }
 
 impl Verdict {
+    /// True for [`Verdict::Allow`] only.
     pub fn is_allowed(&self) -> bool {
         matches!(self, Verdict::Allow { .. })
     }
@@ -53,18 +65,38 @@ pub trait RateAlgorithm: Send + Sync + fmt::Debug {
     fn quota(&self) -> u64;
     /// The period the quota refers to (`RateLimit-Policy` `w=`).
     fn quota_period(&self) -> Nanos;
+    /// The verdict on admitting `cost` units given the merged `counts` at
+    /// `counts.now`. Never fails and never panics, whatever the counts.
     fn decide(&self, counts: &WindowCounts<'_>, cost: u32) -> Verdict;
 }
 
 /// Errors from building an algorithm out of parameters. Nothing is built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParamError {
+    /// A parameter that must be positive is zero.
     #[error("`{field}` must be greater than zero")]
-    Zero { field: &'static str },
+    Zero {
+        /// The parameter, as named in rule files.
+        field: &'static str,
+    },
+    /// A sliding window that does not split into `precision` whole
+    /// sub-buckets of at least 1 ms.
     #[error("window {window} must be a whole multiple of its {precision} sub-buckets, each at least 1ms")]
-    Precision { window: Nanos, precision: u32 },
+    Precision {
+        /// The window length.
+        window: Nanos,
+        /// The sub-buckets asked for.
+        precision: u32,
+    },
+    /// A parameter too large for the window it would need.
     #[error("`{field}` is out of range: {reason}")]
-    Range { field: &'static str, reason: String },
+    Range {
+        /// The parameter, as named in rule files.
+        field: &'static str,
+        /// Why, in words.
+        reason: String,
+    },
+    /// The window the parameters imply cannot be kept.
     #[error(transparent)]
     Window(#[from] WindowSpecError),
 }
@@ -77,11 +109,18 @@ pub(crate) fn nonzero(field: &'static str, v: u32) -> Result<NonZeroU32, ParamEr
 /// algorithms can be added behind [`RateAlgorithm`] through `Custom`.
 #[derive(Debug)]
 pub enum Algorithm {
+    /// `sliding_window`.
     SlidingWindow(SlidingWindow),
+    /// `fixed_window`.
     FixedWindow(FixedWindow),
+    /// `token_bucket`.
     TokenBucket(TokenBucket),
+    /// `leaky_bucket`.
     LeakyBucket(LeakyBucket),
+    /// `gcra`.
     Gcra(Gcra),
+    /// Any other [`RateAlgorithm`], dispatched dynamically; built in code,
+    /// never from a rule file.
     Custom(Box<dyn RateAlgorithm>),
 }
 
