@@ -42,6 +42,8 @@ pub const MAX_TEXT: usize = 2 * (HEAD + CHARGE * MAX_CHARGES + MAC);
 pub struct ReceiptKey(u64, u64);
 
 impl ReceiptKey {
+    /// The receipt key of the cluster whose keys use `seed`. One-way: a
+    /// receipt key does not reveal the seed.
     pub fn derive(seed: KeySeed) -> ReceiptKey {
         let part = |label: &[u8]| {
             let mut h = SipHasher13::new_with_keys(seed.0, seed.1);
@@ -68,24 +70,35 @@ impl std::fmt::Debug for ReceiptKey {
 /// One limit a check counted: the limit's stable id and the key's digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Charge {
+    /// The limit's stable id (as in [`Frame`](crate::core::wire::Frame)s).
     pub limit_id: u64,
+    /// The digest of the key the check counted under that limit.
     pub key: u64,
 }
 
 /// What an allowed check charged, as its receipt says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
+    /// Slot of the issuing node.
     pub node: u16,
+    /// The issuing limiter's boot id: random at each start, so a receipt
+    /// from before a restart is told apart.
     pub boot: u64,
+    /// When the check was counted, by the issuer's clock.
     pub issued: Nanos,
+    /// The cost the check charged on every limit.
     pub cost: u32,
+    /// Unique among the receipts of one boot.
     pub nonce: u64,
+    /// Every limit and key the check counted: 1 to [`MAX_CHARGES`].
     pub charges: Vec<Charge>,
 }
 
 /// Why a receipt text was refused. Nothing was refunded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReceiptError {
+    /// Not hex, not a receipt's layout, or the MAC does not match. Which of
+    /// these is not said: a forger learns nothing from the refusal.
     #[error("the receipt is not valid: it was not issued by this cluster or was altered")]
     Invalid,
 }
@@ -170,7 +183,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
     let t = text.as_bytes();
-    if t.len() % 2 != 0 {
+    if !t.len().is_multiple_of(2) {
         return None;
     }
     let digit = |c: u8| match c {

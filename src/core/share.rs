@@ -36,10 +36,14 @@ pub enum SharePolicy {
     /// As strict, but a node cut off from the majority may admit up to
     /// `fraction_ppm` millionths of the limit (its share of it) beyond its
     /// in-flight share.
-    Bounded { fraction_ppm: u32 },
+    Bounded {
+        /// The allowance, in millionths of each limit's quota.
+        fraction_ppm: u32,
+    },
 }
 
 impl SharePolicy {
+    /// The policy's name in configuration files and metrics.
     pub fn name(&self) -> &'static str {
         match self {
             SharePolicy::Strict => "strict",
@@ -64,6 +68,7 @@ pub struct ShareView {
     pub reserve: u64,
     /// True when this node cannot reach a majority of the members.
     pub minority: bool,
+    /// What to do about peers this node cannot reach.
     pub policy: SharePolicy,
     /// The in-flight budget `Q` as millionths of each limit's quota.
     pub inflight_ppm: u32,
@@ -126,6 +131,8 @@ impl ShareView {
         self
     }
 
+    /// Members of the cluster, this node included: the `n` of the share
+    /// formula.
     pub fn node_count(&self) -> u64 {
         u64::from(self.members.count_ones())
     }
