@@ -25,6 +25,8 @@ impl Default for Journal {
 }
 
 impl Journal {
+    /// Journals `key` of limit `limit` (its stable id) for the next round.
+    /// Callers push a key once per round, when they first dirty its entry.
     pub fn push(&self, limit: u64, key: u64) {
         self.shards[(key as usize) % SHARDS]
             .lock()

@@ -89,6 +89,7 @@ impl SpentSet {
 /// What one limit of a receipt gave back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LimitRefund {
+    /// The limit's stable id, as the receipt names it.
     pub limit_id: u64,
     /// Hits given back: the receipt's cost, or less when some of its
     /// window has passed; 0 when the limit is gone or its window passed.
@@ -100,6 +101,7 @@ pub struct LimitRefund {
 pub struct RefundOutcome {
     /// The cost the receipt charged.
     pub requested: u32,
+    /// One entry per limit the receipt names, in its order.
     pub limits: Vec<LimitRefund>,
 }
 
@@ -113,18 +115,29 @@ impl RefundOutcome {
 /// Why a refund was refused. Nothing was refunded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RefundError {
+    /// Forged, altered or not a receipt at all.
     #[error(transparent)]
     Invalid(#[from] ReceiptError),
+    /// Issued by another node: only the issuer knows whether it was spent.
     #[error("this receipt was issued by the node in slot {slot}: refund it there")]
-    OtherNode { slot: u16 },
+    OtherNode {
+        /// The issuing node's slot.
+        slot: u16,
+    },
+    /// Issued by this node before it restarted: its spent set is gone.
     #[error("this receipt was issued before this node restarted and can no longer be refunded")]
     OtherRun,
+    /// Spent already, and its windows have not passed.
     #[error("this receipt was already refunded")]
     AlreadyRefunded,
+    /// Every limit it names has left its window (or is gone).
     #[error("every window this receipt charged has passed: there is nothing to give back")]
     Expired,
+    /// [`MAX_SPENT`] unexpired spent receipts: refused rather than forget
+    /// one (fail closed). Retry once some windows have passed.
     #[error("this node holds too many unexpired spent receipts to accept another refund now")]
     LedgerFull,
+    /// The node is still recovering its counts after a restart.
     #[error("this node is recovering its counts after a restart and refunds nothing yet")]
     Recovering,
 }

@@ -36,7 +36,9 @@ const HEADER: &str = "drl-rules-state 1";
 /// Rules as kept on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PersistedRules {
+    /// The rules' place in the cluster's last-writer-wins order.
     pub version: RulesVersion,
+    /// The rules file, as TOML, exactly as put in force.
     pub text: String,
 }
 
@@ -44,22 +46,46 @@ pub struct PersistedRules {
 /// changes.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesStateError {
+    /// The file exists but could not be read (a missing file is no error:
+    /// there is nothing to resume).
     #[error("reading {path}: {source}")]
     Read {
+        /// The state file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// Not UTF-8, no blank line after the header, or a first line other
+    /// than `drl-rules-state 1`.
     #[error("{path}: not a rules state file of version 1")]
-    Header { path: PathBuf },
+    Header {
+        /// The state file.
+        path: PathBuf,
+    },
+    /// A header line missing or malformed.
     #[error("{path}: malformed {field} line")]
-    Field { path: PathBuf, field: &'static str },
+    Field {
+        /// The state file.
+        path: PathBuf,
+        /// Which line: `version`, `length`, `checksum` or `header end`.
+        field: &'static str,
+    },
+    /// The text is not `length` bytes long: a torn or appended write.
     #[error("{path}: truncated or extended (length does not match)")]
-    Length { path: PathBuf },
+    Length {
+        /// The state file.
+        path: PathBuf,
+    },
+    /// The text or version does not match the checksum.
     #[error("{path}: checksum does not match the rules text")]
-    Checksum { path: PathBuf },
+    Checksum {
+        /// The state file.
+        path: PathBuf,
+    },
 }
 
 impl PersistedRules {
+    /// The state file's bytes (format above).
     pub fn encode(&self) -> Vec<u8> {
         format!(
             "{HEADER}\nversion {} {}\nlength {}\nchecksum {:016x}\n\n{}",
