@@ -28,38 +28,62 @@ use clap::{Parser, Subcommand};
 
 pub use local::{check, load_rules, validate_rules, CheckArgs};
 
+/// Why a command failed; [`execute`] prints it and exits with status 2.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// A file named on the command line could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// A rules file is not a valid rule set.
     #[error("{path}: {source}")]
     Rules {
+        /// The rules file.
         path: PathBuf,
+        /// What is wrong with it.
         source: crate::core::rules::RulesError,
     },
+    /// A `-f` argument without `=`.
     #[error("descriptor {0:?} is not of the form name=value")]
     Field(String),
+    /// The in-process limiter refused a request as malformed.
     #[error(transparent)]
     Check(#[from] crate::limiter::CheckError),
+    /// The in-process limiter could not be built from the rules.
     #[error(transparent)]
     Setup(#[from] crate::limiter::SetupError),
+    /// The node's configuration (file, environment or flags) is invalid.
     #[error("configuration: {0}")]
     Config(#[from] crate::node::ConfigError),
+    /// A node or its HTTP API could not start or serve.
     #[error(transparent)]
     Run(#[from] crate::http::RunError),
+    /// A node or its gRPC API could not start or serve.
     #[error(transparent)]
     RunGrpc(#[from] crate::grpc::RunError),
+    /// An exchange with a node over HTTP failed.
     #[error(transparent)]
     Client(#[from] crate::http::client::ClientError),
+    /// A node answered with a status other than the one the command expects.
     #[error("the node answered {status}: {body}")]
-    Refused { status: u16, body: String },
+    Refused {
+        /// The HTTP status code.
+        status: u16,
+        /// The answer's body, which says why.
+        body: String,
+    },
+    /// Certificates could not be generated or written.
     #[error(transparent)]
     Certs(#[from] crate::net::CertError),
+    /// Arguments that cannot work, or a command that cannot go on (a child
+    /// node exited); the message says which.
     #[error("{0}")]
     Usage(String),
+    /// Any other I/O failure: a runtime, a socket, a child process.
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -68,10 +92,12 @@ pub enum CliError {
 #[derive(Debug, Parser)]
 #[command(name = "drl", version, about = "A distributed rate limiter")]
 pub struct Cli {
+    /// The command to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The commands of `drl`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node and its HTTP API.
@@ -83,6 +109,7 @@ pub enum Command {
     Check(CheckCommand),
     /// Read, replace or validate rules.
     Rules {
+        /// What to do with the rules.
         #[command(subcommand)]
         command: RulesCommand,
     },
@@ -92,6 +119,7 @@ pub enum Command {
     Load(load::LoadArgs),
 }
 
+/// `drl check`: exactly one of `--node` and `--rules`.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["node", "rules"])))]
 pub struct CheckCommand {
@@ -112,10 +140,12 @@ pub struct CheckCommand {
     pub repeat: u32,
 }
 
+/// `drl rules`: the rules on a node, or in a file.
 #[derive(Debug, Subcommand)]
 pub enum RulesCommand {
     /// Print the rules in force on a node.
     Get {
+        /// The node to ask.
         #[command(flatten)]
         admin: remote::AdminArgs,
     },
@@ -123,6 +153,7 @@ pub enum RulesCommand {
     Put {
         /// The rules file (TOML).
         file: PathBuf,
+        /// The node to put them through.
         #[command(flatten)]
         admin: remote::AdminArgs,
     },
@@ -139,6 +170,7 @@ pub enum RulesCommand {
     },
 }
 
+/// `drl certs`: what to generate, and where.
 #[derive(Debug, clap::Args)]
 pub struct CertsArgs {
     /// Where to write `ca.pem`, `ca-key.pem`, `<name>.pem`, `<name>-key.pem`.
@@ -215,6 +247,8 @@ pub fn certs(args: &CertsArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// The certificates of a development cluster: `<prefix>-<slot>` for slots
+/// `0..nodes`, each also valid for `hosts`.
 pub fn node_cert_specs(
     prefix: &str,
     nodes: u16,
@@ -240,6 +274,8 @@ pub struct ShutdownSignal {
 }
 
 impl ShutdownSignal {
+    /// Installs the handlers. Must be called inside a tokio runtime; fails
+    /// only if the operating system refuses a handler.
     pub fn new() -> std::io::Result<ShutdownSignal> {
         #[cfg(unix)]
         {

@@ -21,6 +21,7 @@ use crate::http::client::Connection;
 /// The sample rules a new cluster starts with.
 pub const EXAMPLE_RULES: &str = include_str!("../../deploy/rules.example.toml");
 
+/// `drl cluster`: how many nodes, where their files go, which ports.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClusterArgs {
     /// How many nodes.
@@ -246,6 +247,9 @@ fn stop_all(children: &mut [Child], grace: Duration) {
     }
 }
 
+/// `drl cluster`: writes certificates, configs and rules, starts one child
+/// `drl node` per slot, waits until all are ready, then runs until a signal
+/// or a child's exit and stops them all.
 pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
     let plan = prepare(args)?;
     let exe = std::env::current_exe()?;

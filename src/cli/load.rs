@@ -21,6 +21,7 @@ use super::latency::LatencyHistogram;
 use super::{parse_fields, CliError};
 use crate::http::client::{authority, write_head, Connection};
 
+/// `drl load`: where to send, how hard and for how long.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
     /// Node HTTP addresses, comma-separated: http://127.0.0.1:8400,http://127.0.0.1:8401
@@ -58,18 +59,26 @@ pub struct LoadArgs {
 /// What one run measured.
 #[derive(Clone, Default)]
 pub struct LoadReport {
+    /// From the start of the load (connections already open) until every
+    /// connection stopped.
     pub elapsed: Duration,
+    /// Answers 200: the request was allowed.
     pub allowed: u64,
+    /// Answers 429: the request was denied.
     pub denied: u64,
     /// Answers other than 200 and 429, and failed exchanges.
     pub errors: u64,
+    /// Latency of every answered request, in nanoseconds, measured from when
+    /// the request was due (see the module docs).
     pub latency: LatencyHistogram,
 }
 
 impl LoadReport {
+    /// Requests that got a decision, allowed or denied; errors excluded.
     pub fn decisions(&self) -> u64 {
         self.allowed + self.denied
     }
+    /// Decisions per second of [`elapsed`](Self::elapsed).
     pub fn per_second(&self) -> f64 {
         self.decisions() as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -99,6 +108,9 @@ fn json_string(s: &str) -> String {
     serde_json::Value::String(s.to_owned()).to_string()
 }
 
+/// `drl load`: runs the load, then prints throughput and latency quantiles.
+/// Fails on arguments that cannot work (no connections, no keys, a bad
+/// duration or rate) or if a connection cannot be opened at the start.
 pub fn run_load(args: &LoadArgs) -> Result<(), CliError> {
     let runtime = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread()

@@ -8,6 +8,7 @@ use crate::core::descriptor::Descriptors;
 use crate::core::rules::RuleSet;
 use crate::limiter::{Limiter, LimiterConfig, Outcome};
 
+/// Reads and parses a rules file; the error names the file.
 pub fn load_rules(path: &Path) -> Result<RuleSet, CliError> {
     let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
         path: path.to_owned(),
@@ -19,6 +20,8 @@ pub fn load_rules(path: &Path) -> Result<RuleSet, CliError> {
     })
 }
 
+/// `drl rules validate FILE`: parses the file and lists its limits, one a
+/// line, or fails saying what is wrong.
 pub fn validate_rules(path: &Path) -> Result<(), CliError> {
     let rules = load_rules(path)?;
     println!("{}: ok, {} limits", path.display(), rules.limits().len());
@@ -35,6 +38,7 @@ pub fn validate_rules(path: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `drl check --rules FILE`: the request to check and how often.
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
     /// The rules file (TOML).
@@ -51,6 +55,8 @@ pub struct CheckArgs {
     pub repeat: u32,
 }
 
+/// `drl check --rules FILE`: checks the request `repeat` times against a
+/// fresh in-process limiter and prints each decision with its quota.
 pub fn check(args: &CheckArgs) -> Result<(), CliError> {
     let rules = load_rules(&args.rules)?;
     let pairs = args

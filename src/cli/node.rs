@@ -13,6 +13,8 @@ use super::logging::{self, LogFormat};
 use super::{runtime, CliError, ShutdownSignal};
 use crate::node::{NodeFile, NodeSettings};
 
+/// `drl node`: the configuration file's fields as flags and environment
+/// variables; each one given overrides the file's value (module docs).
 #[derive(Debug, Default, clap::Args)]
 pub struct NodeArgs {
     /// The configuration file (TOML). Without it every field has its default.
@@ -84,6 +86,7 @@ pub struct NodeArgs {
     /// Where to keep the local snapshot (default: no snapshots).
     #[arg(long, env = "DRL_SNAPSHOT_PATH")]
     pub snapshot_path: Option<PathBuf>,
+    /// How often to write the snapshot ("10s").
     #[arg(long, env = "DRL_SNAPSHOT_INTERVAL")]
     pub snapshot_interval: Option<String>,
     /// How long a restarted node waits for peers before admitting anyway.

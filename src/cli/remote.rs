@@ -6,6 +6,7 @@ use std::path::Path;
 use super::{parse_fields, runtime, CheckCommand, CliError};
 use crate::http::client::{Answer, Connection};
 
+/// The node an admin command talks to, and its token.
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
     /// The node's HTTP address, as http://host:port.
