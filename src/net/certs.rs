@@ -37,21 +37,31 @@ pub struct NodeCertSpec {
 /// failure stay on disk.
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
+    /// A node name that is not a DNS label (see [`NodeCertSpec::name`]).
     #[error("invalid node name {0:?}: use 1-63 ASCII letters, digits or '-'")]
     InvalidName(String),
+    /// An extra host under `drl.internal`, which could let a node speak for
+    /// another slot.
     #[error("host name {0:?} is reserved: names under drl.internal are issued per slot")]
     ReservedHost(String),
+    /// An extra host that is neither an IP address nor a DNS name.
     #[error("invalid host name {0:?}")]
     InvalidHost(String),
+    /// Two specs with one node name: their files would overwrite each other.
     #[error("node name {0:?} appears twice")]
     DuplicateName(String),
+    /// Two specs with one slot: both certificates would prove it.
     #[error("slot {0} appears twice")]
     DuplicateSlot(u16),
+    /// rcgen could not build a key or certificate.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A PEM file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
+        /// The file.
         path: PathBuf,
+        /// Why it could not be written.
         source: std::io::Error,
     },
 }
@@ -59,7 +69,10 @@ pub enum CertError {
 /// A node certificate and its private key, PEM-encoded.
 #[derive(Clone)]
 pub struct NodeCert {
+    /// The certificate, signed by the cluster CA.
     pub cert_pem: String,
+    /// Its private key. Secret: [`Debug`](std::fmt::Debug) leaves it
+    /// out.
     pub key_pem: String,
 }
 

@@ -105,7 +105,7 @@ pub(crate) struct PeerLinks {
 
 impl PeerLinks {
     /// The connection frames go out on.
-    pub fn preferred(&self) -> Option<&Link> {
+    pub(crate) fn preferred(&self) -> Option<&Link> {
         self.dialed.as_ref().or(self.accepted.as_ref())
     }
 
@@ -141,7 +141,8 @@ enum Served {
 }
 
 impl Shared {
-    pub fn state(&self) -> MutexGuard<'_, State> {
+    /// The registry, locked. Never held across an `.await`.
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding the lock; if something ever did, the
         // maps are still consistent enough to keep serving.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -160,7 +161,7 @@ impl Shared {
     }
 
     /// Stops all dialing and closes the endpoint with every connection.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let mut state = self.state();
         if state.closed {
             return;
@@ -180,7 +181,10 @@ impl Shared {
 }
 
 impl State {
-    pub fn start_dialer(
+    /// Starts a dialer task that keeps one connection to `slot` at `addr`,
+    /// taking over `first` if a seed already connected. A dialer already
+    /// running for the slot is superseded: its generation no longer matches.
+    pub(crate) fn start_dialer(
         &mut self,
         shared: &Arc<Shared>,
         slot: u16,
@@ -203,7 +207,8 @@ impl State {
         shared.runtime.spawn(task);
     }
 
-    pub fn start_seed(&mut self, shared: &Arc<Shared>, addr: SocketAddr) {
+    /// Starts dialing `addr`, whose slot is not known yet.
+    pub(crate) fn start_seed(&mut self, shared: &Arc<Shared>, addr: SocketAddr) {
         let cancel = Arc::new(Notify::new());
         self.remember(addr);
         self.seeds.insert(addr, cancel.clone());
@@ -211,7 +216,7 @@ impl State {
     }
 
     /// Stops dialing `slot` and closes the connection its dialer made.
-    pub fn forget(&mut self, slot: u16) {
+    pub(crate) fn forget(&mut self, slot: u16) {
         let Some(dialer) = self.dialers.remove(&slot) else {
             return;
         };

@@ -34,24 +34,36 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 64;
 /// Why a node's TLS material could not be loaded or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A PEM file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// A PEM file's content is not PEM, or holds no usable private key.
     #[error("malformed PEM in the {what}: {source}")]
     Pem {
+        /// Which input: the CA file, the certificate file or the key file.
         what: &'static str,
+        /// The parser's complaint.
         source: rustls_pki_types::pem::Error,
     },
+    /// An input that must hold a certificate holds none (which one).
     #[error("no certificate found in the {0}")]
     NoCertificate(&'static str),
+    /// A CA certificate rustls cannot trust as a root.
     #[error("the CA certificate is not usable as a trust anchor: {0}")]
     Anchor(rustls::Error),
+    /// The verifier of peer certificates could not be built from the CAs.
     #[error("cannot build the certificate verifier: {0}")]
     Verifier(#[from] rustls::client::VerifierBuilderError),
+    /// rustls refused the node's certificate chain or key (for example, a key
+    /// that does not match the certificate).
     #[error("the node certificate or key is unusable: {0}")]
     NodeCertificate(rustls::Error),
+    /// The rustls configuration has no cipher suite QUIC can start with.
     #[error("TLS configuration unusable for QUIC: {0}")]
     Quic(#[from] NoInitialCipherSuite),
 }
@@ -59,14 +71,23 @@ pub enum TlsError {
 /// Why a certificate does not prove a name or slot.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// The connection carries no peer certificate.
     #[error("the peer presented no certificate")]
     NoCertificate,
+    /// The name to check is not a DNS name.
     #[error("{0:?} is not a valid DNS name")]
     InvalidName(String),
+    /// The certificate is not valid X.509.
     #[error("the certificate cannot be parsed: {0}")]
     Unparsable(rustls::Error),
+    /// The certificate does not carry the name.
     #[error("the certificate is not valid for {name}: {source}")]
-    NameMismatch { name: String, source: rustls::Error },
+    NameMismatch {
+        /// The name checked.
+        name: String,
+        /// rustls's reason.
+        source: rustls::Error,
+    },
 }
 
 /// A node's TLS identity: the cluster CA it trusts and the certificate and

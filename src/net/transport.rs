@@ -59,17 +59,28 @@ pub enum Incoming {
     /// A frame from a verified peer slot: from a datagram (`reliable` false)
     /// or a whole unidirectional stream (`reliable` true).
     Frame {
+        /// The sender's slot, as its certificate proves.
         from: u16,
+        /// The frame, undecoded; at most `MAX_FRAME_BYTES`.
         bytes: Vec<u8>,
+        /// True if it came on a stream, false if in a datagram.
         reliable: bool,
     },
     /// The slot went from no connection to one (dialed or accepted), or
     /// its node restarted: a new instance replaced the old one's
     /// connections, reported as `Disconnected` then `Connected`. `addr` is
     /// the remote address of that connection.
-    Connected { slot: u16, addr: SocketAddr },
+    Connected {
+        /// The peer's slot.
+        slot: u16,
+        /// The peer's address on that connection.
+        addr: SocketAddr,
+    },
     /// The slot's last connection closed, or its node restarted.
-    Disconnected { slot: u16 },
+    Disconnected {
+        /// The peer's slot.
+        slot: u16,
+    },
 }
 
 /// How [`Transport::send`] sent a frame.
@@ -86,8 +97,12 @@ pub enum Via {
 pub struct PeerStats {
     /// Round-trip estimate of the connection frames are sent on.
     pub rtt: Duration,
+    /// UDP bytes sent on the live connections (all QUIC packets, since each
+    /// connection opened).
     pub udp_tx_bytes: u64,
+    /// UDP bytes received on the live connections.
     pub udp_rx_bytes: u64,
+    /// UDP datagrams (QUIC packets) sent on the live connections.
     pub udp_tx_datagrams: u64,
     /// Datagrams from this slot dropped because the event queue was full
     /// (since the transport started).
@@ -100,13 +115,24 @@ pub struct PeerStats {
 /// Why [`Transport::bind`] failed. Nothing is left running.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
+    /// Called outside a tokio runtime.
     #[error("the transport must be started inside a tokio runtime")]
     NoRuntime,
+    /// The node's own certificate lacks `slot-<slot>.drl.internal`, so its
+    /// peers would refuse it.
     #[error("the node certificate does not prove slot {slot}: {source}")]
-    CertificateNotForSlot { slot: u16, source: IdentityError },
+    CertificateNotForSlot {
+        /// The node's slot.
+        slot: u16,
+        /// Why the certificate does not prove it.
+        source: IdentityError,
+    },
+    /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address asked for.
         addr: SocketAddr,
+        /// The operating system's reason.
         source: std::io::Error,
     },
 }
@@ -114,15 +140,27 @@ pub enum TransportError {
 /// Why [`Transport::send`] did not send. Nothing was sent.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
+    /// No live connection to the slot (or its stream writer has stopped).
     #[error("no connection to slot {0}")]
     NotConnected(u16),
+    /// The frame is longer than `MAX_FRAME_BYTES`.
     #[error("frame of {len} bytes exceeds the {max}-byte limit")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// The frame's length, in bytes.
+        len: usize,
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// [`STREAM_QUEUE`] frames to the slot already wait for their streams.
     #[error("stream queue to slot {0} is full")]
     Backlogged(u16),
+    /// quinn refused the datagram (the peer turned datagrams off, or the
+    /// connection is closing).
     #[error("datagram to slot {slot} refused: {source}")]
     Datagram {
+        /// The peer's slot.
         slot: u16,
+        /// quinn's reason.
         source: quinn::SendDatagramError,
     },
 }
