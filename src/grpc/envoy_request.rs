@@ -23,33 +23,52 @@ pub const MAX_DESCRIPTORS: usize = 64;
 /// Why a request was refused. Nothing was counted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RlsRequestError {
+    /// `domain` is empty.
     #[error("the rate limit domain must not be empty")]
     EmptyDomain,
+    /// `domain` is not a valid value of the `domain` field.
     #[error("domain: {0}")]
     BadDomain(DescriptorError),
+    /// `descriptors` is empty.
     #[error("the request has no descriptors")]
     NoDescriptors,
+    /// More than [`MAX_DESCRIPTORS`] descriptors (how many).
     #[error("at most {MAX_DESCRIPTORS} descriptors are allowed, got {0}")]
     TooManyDescriptors(usize),
+    /// A descriptor whose entries are not a valid descriptor set (no
+    /// entries, a bad name or value, a repeated name).
     #[error("descriptor {index}: {source}")]
     Descriptor {
+        /// 0-based position of the descriptor in the request.
         index: usize,
+        /// What is wrong with it.
         source: DescriptorError,
     },
+    /// A descriptor with an entry named `domain` (its position).
     #[error("descriptor {0}: the entry key `domain` is reserved for the request's domain")]
     ReservedKey(usize),
+    /// A descriptor with a `limit` override (its position).
     #[error("descriptor {0}: limit overrides are not supported; limits come from the rules")]
     LimitOverride(usize),
+    /// A descriptor with `is_negative_hits` set (its position).
     #[error("descriptor {0}: negative hits are not supported; give hits back with Refund")]
     NegativeHits(usize),
+    /// A descriptor whose own `hits_addend` does not fit a `u32`.
     #[error("descriptor {index}: hits_addend {hits} exceeds {max}", max = u32::MAX)]
-    HitsTooLarge { index: usize, hits: u64 },
+    HitsTooLarge {
+        /// 0-based position of the descriptor in the request.
+        index: usize,
+        /// The `hits_addend` given.
+        hits: u64,
+    },
 }
 
 /// One Envoy descriptor as a descriptor set and a cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RlsCheck {
     fields: Vec<(String, String)>,
+    /// Hits to count: the descriptor's own `hits_addend` if set (0 checks
+    /// without counting), else the request's, where 0 means 1.
     pub cost: u32,
 }
 
@@ -66,10 +85,14 @@ impl RlsCheck {
 /// A whole request, every descriptor checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RlsRequest {
+    /// One check per Envoy descriptor, in the request's order; 1 to
+    /// [`MAX_DESCRIPTORS`].
     pub checks: Vec<RlsCheck>,
 }
 
 impl RlsRequest {
+    /// Checks every descriptor of `request` and maps it onto a descriptor
+    /// set (module docs). Refuses the whole request at the first fault.
     pub fn parse(request: &RateLimitRequest) -> Result<RlsRequest, RlsRequestError> {
         if request.domain.is_empty() {
             return Err(RlsRequestError::EmptyDomain);

@@ -35,6 +35,8 @@ pub struct EnvoyRateLimit {
 }
 
 impl EnvoyRateLimit {
+    /// The service over `state`'s node; wrap it in the generated
+    /// `RateLimitServiceServer` to serve it.
     pub fn new(state: GrpcState) -> EnvoyRateLimit {
         EnvoyRateLimit { state }
     }

@@ -27,6 +27,8 @@ pub struct NativeRateLimiter {
 }
 
 impl NativeRateLimiter {
+    /// The service over `state`'s node; wrap it in the generated
+    /// `RateLimiterServer` to serve it.
     pub fn new(state: GrpcState) -> NativeRateLimiter {
         NativeRateLimiter { state }
     }

@@ -41,15 +41,26 @@ const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 /// Why a node with its APIs could not start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The node or its HTTP API failed.
     #[error(transparent)]
     Http(#[from] crate::http::RunError),
+    /// The gRPC port could not be bound.
     #[error("cannot listen for gRPC on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
-    #[error("gRPC TLS: cannot read {path}: {source}")]
-    TlsRead {
-        path: std::path::PathBuf,
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The operating system's reason.
         source: io::Error,
     },
+    /// A file of the gRPC TLS configuration could not be read.
+    #[error("gRPC TLS: cannot read {path}: {source}")]
+    TlsRead {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it could not be read.
+        source: io::Error,
+    },
+    /// tonic refused the TLS configuration or stopped serving.
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -62,6 +73,8 @@ pub struct GrpcListener {
 }
 
 impl GrpcListener {
+    /// Binds `addr` (port 0 picks a free port), serving plain HTTP/2 until
+    /// [`with_tls`](Self::with_tls).
     pub async fn bind(addr: SocketAddr) -> Result<GrpcListener, RunError> {
         let err = |source| RunError::Bind { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(err)?;

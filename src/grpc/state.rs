@@ -21,14 +21,18 @@ pub struct GrpcState {
 }
 
 impl GrpcState {
+    /// The state of the gRPC services of the node behind `api`, counting
+    /// into `http`'s metrics.
     pub fn new(api: NodeApi, http: AppState) -> GrpcState {
         GrpcState { api, http }
     }
 
+    /// The node.
     pub fn api(&self) -> &NodeApi {
         &self.api
     }
 
+    /// The metrics shared with the HTTP API.
     pub fn metrics(&self) -> &Metrics {
         self.http.metrics()
     }
