@@ -214,8 +214,10 @@ mod tests {
     #[test]
     fn malformed_requests_are_refused() {
         use RlsRequestError as E;
+        /// A request and the test its refusal must pass.
+        type Case = (RateLimitRequest, fn(&E) -> bool);
         let ok = || descriptor(&[("ip", "x")]);
-        let cases: Vec<(RateLimitRequest, fn(&E) -> bool)> = vec![
+        let cases: Vec<Case> = vec![
             (request("", vec![ok()], 1), |e| *e == E::EmptyDomain),
             (request("a\u{1}b", vec![ok()], 1), |e| {
                 matches!(e, E::BadDomain(_))
