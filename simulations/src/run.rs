@@ -94,6 +94,7 @@ fn cluster_spec(s: &Scenario, seed: u64) -> ClusterSpec {
     spec.detect_after = s.detect_after;
     spec.max_keys = s.max_keys.max(s.total_keys() + 1);
     spec.confirm = s.confirm;
+    spec.whole_core = s.whole_core;
     spec
 }
 
