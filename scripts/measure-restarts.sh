@@ -16,7 +16,8 @@
 #   scripts/measure-restarts.sh stall
 #   scripts/measure-restarts.sh ready
 # Environment: DRL (binary; default target/release/drl, else target/debug/drl),
-# STOP_SECONDS (5), ROUNDS (20), BASE_PORT (18400), LIMIT (30000 per hour).
+# STOP_SECONDS (5), ROUNDS (20), BASE_PORT (18400), LIMIT (30000 per hour),
+# DISCOVERY_INTERVAL and RECOVERY_TIMEOUT (node defaults unless set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +35,10 @@ BASE_PORT=${BASE_PORT:-18400}
 # node's in-flight share (2 % of it, split between the nodes) runs out in
 # well under a second of hammering if acknowledgements stop.
 LIMIT=${LIMIT:-30000}
+# Node settings left at their defaults unless given (e.g. DISCOVERY_INTERVAL=200ms,
+# what `drl cluster` writes).
+DISCOVERY_INTERVAL=${DISCOVERY_INTERVAL:-}
+RECOVERY_TIMEOUT=${RECOVERY_TIMEOUT:-}
 N=3
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/drl-measure.XXXXXX")
 declare -a PIDS=()
@@ -76,6 +81,8 @@ tls_cert = "certs/node-$slot.pem"
 tls_key = "certs/node-$slot-key.pem"
 key_seed = "000102030405060708090a0b0c0d0e0f"
 CONF
+  [ -z "$DISCOVERY_INTERVAL" ] || echo "discovery_interval = \"$DISCOVERY_INTERVAL\"" >>"$DIR/node-$slot.toml"
+  [ -z "$RECOVERY_TIMEOUT" ] || echo "recovery_timeout = \"$RECOVERY_TIMEOUT\"" >>"$DIR/node-$slot.toml"
 done
 
 start() {
