@@ -162,7 +162,7 @@ measure_ready() {
   local times=()
   for round in $(seq 0 $((ROUNDS - 1))); do
     local slot=$((round % N))
-    kill -9 "${PIDS[$slot]}"; wait "${PIDS[$slot]}" 2>/dev/null || true
+    { kill -9 "${PIDS[$slot]}"; wait "${PIDS[$slot]}"; } 2>/dev/null || true
     local t0; t0=$(date +%s.%N)
     start "$slot"
     times+=("$(wait_ready "$slot" "$t0")")
