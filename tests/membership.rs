@@ -10,6 +10,7 @@ use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 
 use drl::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
+use drl::core::slot::NodeSlot;
 use drl::core::time::Nanos;
 use rand::{RngExt, SeedableRng};
 
@@ -19,7 +20,12 @@ const DELAY: u64 = MS;
 
 fn identity(slot: usize, incarnation: u64) -> Member {
     let addr = SocketAddr::from(([127, 0, 0, 1], 7000 + slot as u16));
-    Member::new(format!("node-{slot}"), slot as u16, addr, incarnation)
+    Member::new(
+        format!("node-{slot}"),
+        NodeSlot::new(slot as u16),
+        addr,
+        incarnation,
+    )
 }
 
 /// (delivery time, send order, from, to, payload)
@@ -82,7 +88,7 @@ impl Net {
             self.sent += 1;
             let at = self.now + DELAY;
             self.queue
-                .push(Reverse((at, self.sent, i, usize::from(to.slot), payload)));
+                .push(Reverse((at, self.sent, i, to.slot.index(), payload)));
         }
         while let Some(event) = self.nodes[i].poll_event() {
             self.events.push((self.now, i, event));
@@ -134,7 +140,11 @@ impl Net {
     }
 
     fn live_slots(&self, i: usize) -> Vec<u16> {
-        self.nodes[i].members().iter().map(|m| m.slot).collect()
+        self.nodes[i]
+            .members()
+            .iter()
+            .map(|m| m.slot.get())
+            .collect()
     }
 
     /// When `observer` first saw an event matching `pred` at or after `since`.
@@ -152,13 +162,13 @@ impl Net {
 }
 
 fn is_down(slot: usize) -> impl Fn(&MemberEvent) -> bool {
-    move |e| matches!(e, MemberEvent::Down(m) if usize::from(m.slot) == slot)
+    move |e| matches!(e, MemberEvent::Down(m) if m.slot.index() == slot)
 }
 
 fn is_back(slot: usize, incarnation: u64) -> impl Fn(&MemberEvent) -> bool {
     move |e| {
         matches!(e, MemberEvent::Up(m) | MemberEvent::Rejoined(m)
-            if usize::from(m.slot) == slot && m.incarnation >= incarnation)
+            if m.slot.index() == slot && m.incarnation >= incarnation)
     }
 }
 
@@ -197,7 +207,7 @@ fn crash_detection(seed: u64) -> (Net, u64) {
         let took = seen.unwrap_or_else(|| panic!("seed {seed}: node {i} never saw node 4 down"))
             - crash_at;
         slowest = slowest.max(took);
-        assert!(!net.nodes[i].is_alive(4));
+        assert!(!net.nodes[i].is_alive(NodeSlot::new(4)));
         assert_eq!(net.live_slots(i), others(4, i), "seed {seed}: node {i}");
     }
     (net, slowest)
@@ -252,7 +262,7 @@ fn restarted_node_rejoins_with_next_incarnation() {
     net.run_for(3 * SEC);
     for i in 0..4 {
         assert!(net.first(i, back_at, is_back(4, 1)).is_some(), "node {i}");
-        assert!(net.nodes[i].is_alive(4));
+        assert!(net.nodes[i].is_alive(NodeSlot::new(4)));
         assert_eq!(net.live_slots(i), others(5, i));
     }
     assert_eq!(net.live_slots(4), others(5, 4));
@@ -268,7 +278,8 @@ fn quick_restart_before_detection_is_a_rejoin() {
     restart(&mut net, 4, 1, 0);
     net.run_for(3 * SEC);
     for i in 0..4 {
-        let rejoined = |e: &MemberEvent| matches!(e, MemberEvent::Rejoined(m) if m.slot == 4);
+        let rejoined =
+            |e: &MemberEvent| matches!(e, MemberEvent::Rejoined(m) if m.slot == NodeSlot::new(4));
         assert!(net.first(i, back_at, rejoined).is_some(), "node {i}");
         assert_eq!(net.live_slots(i), others(5, i));
     }
@@ -339,7 +350,7 @@ fn garbage_is_refused_without_changing_members() {
         .handle_data(now, &announce)
         .expect("a valid announce");
     let feed = std::iter::from_fn(|| net.nodes[0].poll_transmit())
-        .find(|(to, _)| to.slot == 2)
+        .find(|(to, _)| to.slot == NodeSlot::new(2))
         .map(|(_, payload)| payload)
         .expect("a feed for node 2");
 
@@ -376,7 +387,10 @@ fn garbage_is_refused_without_changing_members() {
 
     node.handle_data(now, &feed).expect("the whole feed");
     assert_eq!(
-        node.members().iter().map(|m| m.slot).collect::<Vec<_>>(),
+        node.members()
+            .iter()
+            .map(|m| m.slot.get())
+            .collect::<Vec<_>>(),
         [0, 1]
     );
 }

@@ -238,7 +238,7 @@ fn hostile_frames_are_refused_and_change_nothing() {
         false,
         now,
     );
-    r.add_peer(1);
+    r.add_peer(NodeSlot::new(1));
     let limit = l.rules().limits()[0].id;
     let epoch = l.table(0).unwrap().spec().epoch(now);
     let slots = |slot: u16, p: u32| Slots {
@@ -287,17 +287,17 @@ fn hostile_frames_are_refused_and_change_nothing() {
         ("trailing bytes", [&good[..], &[0u8][..]].concat(), 1),
     ];
     for (what, bytes, from) in cases {
-        let res = r.handle_frame(now, from, &bytes, &l, 0);
+        let res = r.handle_frame(now, NodeSlot::new(from), &bytes, &l, 0);
         assert!(res.is_err(), "{what} was accepted");
         assert_eq!(snapshot(&l), before, "{what} changed state");
     }
     assert!(matches!(
-        r.handle_frame(now, 1, &[9, 2], &l, 0),
+        r.handle_frame(now, NodeSlot::new(1), &[9, 2], &l, 0),
         Err(FrameError::Decode(DecodeError::UnknownVersion(9)))
     ));
     assert_eq!(r.stats().frames_refused, 13);
     // The well-formed frame is accepted and counted.
-    assert!(r.handle_frame(now, 1, &good, &l, 0).is_ok());
+    assert!(r.handle_frame(now, NodeSlot::new(1), &good, &l, 0).is_ok());
     assert_ne!(snapshot(&l), before);
 }
 
@@ -324,7 +324,7 @@ fn random_bytes_never_panic_the_replicator() {
             bytes[0] = 1;
             bytes[1] = (len % 7) as u8;
         }
-        let _ = r.handle_frame(now, 1, &bytes, &l, 0);
+        let _ = r.handle_frame(now, NodeSlot::new(1), &bytes, &l, 0);
     }
 }
 
@@ -341,14 +341,14 @@ fn clock_offsets_between_nodes_are_estimated() {
     let peers = c.replicator(0).peers();
     let near = |got: i64, want: i64| (got - want).abs() < 1_000_000;
     assert!(
-        near(peers[&1].clock_offset_ns, 50_000_000),
+        near(peers[&NodeSlot::new(1)].clock_offset_ns, 50_000_000),
         "{}",
-        peers[&1].clock_offset_ns
+        peers[&NodeSlot::new(1)].clock_offset_ns
     );
     assert!(
-        near(peers[&2].clock_offset_ns, -20_000_000),
+        near(peers[&NodeSlot::new(2)].clock_offset_ns, -20_000_000),
         "{}",
-        peers[&2].clock_offset_ns
+        peers[&NodeSlot::new(2)].clock_offset_ns
     );
 }
 
@@ -488,13 +488,19 @@ fn whole_cores_declare_a_crashed_node_down_by_swim() {
     let mut c = whole_core_cluster(300, 31);
     for n in 0..3 {
         for p in (0..3u16).filter(|&p| p as usize != n) {
-            assert!(c.replicator(n).peers()[&p].live, "{n} sees {p} alive");
+            assert!(
+                c.replicator(n).peers()[&NodeSlot::new(p)].live,
+                "{n} sees {p} alive"
+            );
         }
     }
     c.crash(2);
     c.advance(Nanos::from_secs(8));
     for n in 0..2 {
-        assert!(!c.replicator(n).peers()[&2].live, "{n} still sees 2 alive");
+        assert!(
+            !c.replicator(n).peers()[&NodeSlot::new(2)].live,
+            "{n} still sees 2 alive"
+        );
     }
     // The majority carries on.
     let admitted = hammer(&mut c, &[0, 1], "v", 100, Nanos::from_millis(5));

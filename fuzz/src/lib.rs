@@ -81,7 +81,7 @@ pub fn replicator_frame(data: &[u8]) {
     let Some((&from, frame)) = data.split_first() else {
         return;
     };
-    let from = u16::from(from % 4);
+    let from = NodeSlot::new(u16::from(from % 4));
     let limiter = limiter().clustered(ShareView::alone(0)).expect("clustered");
     limiter.set_admitting(true);
     let mut r = Replicator::new(
@@ -90,8 +90,8 @@ pub fn replicator_frame(data: &[u8]) {
         false,
         NOW,
     );
-    r.add_peer(1);
-    r.add_peer(2);
+    r.add_peer(NodeSlot::new(1));
+    r.add_peer(NodeSlot::new(2));
     let _ = r.handle_frame(NOW, from, frame, &limiter, rules_digest());
     while r.poll_transmit().is_some() {}
     r.handle_timeout(NOW + Nanos::from_millis(10), &limiter);

@@ -68,6 +68,9 @@ pub struct Setup {
     pub sync_interval_ms: f64,
     pub inflight_ppm: u32,
     pub detect_after_ms: f64,
+    /// What each node runs: `core` (its whole `NodeCore`: real SWIM,
+    /// rules replication) or `replicator` (the failure-detector stand-in).
+    pub driver: String,
     pub algorithm: String,
     pub quota: u64,
     pub period_s: f64,
@@ -168,6 +171,7 @@ pub fn setup(s: &Scenario) -> Setup {
         sync_interval_ms: s.sync_interval.as_u64() as f64 / 1e6,
         inflight_ppm: s.inflight_ppm,
         detect_after_ms: s.detect_after.as_u64() as f64 / 1e6,
+        driver: if s.whole_core { "core" } else { "replicator" }.to_owned(),
         algorithm: s.limit.name().to_owned(),
         quota: s.limit.quota(),
         period_s: secs(s.limit.period()),

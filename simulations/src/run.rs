@@ -94,6 +94,7 @@ fn cluster_spec(s: &Scenario, seed: u64) -> ClusterSpec {
     spec.detect_after = s.detect_after;
     spec.max_keys = s.max_keys.max(s.total_keys() + 1);
     spec.confirm = s.confirm;
+    spec.whole_core = s.whole_core;
     spec
 }
 
@@ -297,7 +298,8 @@ impl Runner<'_> {
         match action {
             FaultAction::Isolate(group) | FaultAction::Heal(group) => {
                 let cut = matches!(action, FaultAction::Isolate(_));
-                self.c.isolate(group, cut);
+                let nodes: Vec<usize> = group.iter().map(|&g| usize::from(g)).collect();
+                self.c.isolate(&nodes, cut);
                 for &a in group {
                     for b in (0..n).filter(|b| !group.contains(b)) {
                         for link in [(a, b), (b, a)] {
@@ -314,7 +316,7 @@ impl Runner<'_> {
                 }
             }
             &FaultAction::Link { a, b, up } => {
-                self.c.set_link(a, b, up);
+                self.c.set_link(a.into(), b.into(), up);
                 for link in [(a, b), (b, a)] {
                     if up {
                         self.state.cut.remove(&link);
@@ -327,7 +329,7 @@ impl Runner<'_> {
                 }
             }
             &FaultAction::OneWay { from, to, up } => {
-                self.c.set_one_way(from, to, up);
+                self.c.set_one_way(from.into(), to.into(), up);
                 if up {
                     self.state.cut.remove(&(from, to));
                     self.heal_probes();

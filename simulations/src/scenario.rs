@@ -197,6 +197,12 @@ pub struct Scenario {
     /// Near a limit, confirm provisional hits with the peers (default); off
     /// runs the earlier design, which refuses them for an ack wait.
     pub confirm: bool,
+    /// Run every node's whole `NodeCore` (real SWIM membership, rules
+    /// replication, the recovery gate as a node runs it) rather than the
+    /// replicator with the "silence means dead" rule. `whole_core` in the
+    /// file; by default on for scenarios that crash, restart, partition or
+    /// cut links, off for the others.
+    pub whole_core: bool,
 }
 
 // ---- the file format -------------------------------------------------------
@@ -223,6 +229,7 @@ struct ScenarioFile {
     faults: Vec<FaultFile>,
     quick: Option<QuickFile>,
     confirm: Option<bool>,
+    whole_core: Option<bool>,
 }
 
 fn default_policy() -> String {
@@ -441,6 +448,18 @@ impl Scenario {
             key_scale: q.key_scale.unwrap_or(1.0),
             nodes: q.nodes,
         });
+        // Restarts and partitions run the node's whole core by default.
+        let topology = faults.iter().any(|f| {
+            matches!(
+                f.action,
+                FaultAction::Crash(_)
+                    | FaultAction::Restart(_)
+                    | FaultAction::Isolate(_)
+                    | FaultAction::Heal(_)
+                    | FaultAction::Link { .. }
+                    | FaultAction::OneWay { .. }
+            )
+        });
         let s = Scenario {
             name: f.name,
             description: f.description,
@@ -475,6 +494,7 @@ impl Scenario {
             quick,
             is_quick: false,
             confirm: f.confirm.unwrap_or(true),
+            whole_core: f.whole_core.unwrap_or(topology),
         };
         if s.duration == Nanos::ZERO {
             return Err("duration must be positive".into());

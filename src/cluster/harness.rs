@@ -20,7 +20,8 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use crate::cluster::node_core::{CoreConfig, NodeCore};
-use crate::cluster::replication::{ClaimEvent, ReplicationConfig, Replicator};
+use crate::cluster::replication::{ClaimEvent, ReplicationConfig, ReplicationEvent, Replicator};
+use crate::cluster::store::LimitKey;
 use crate::core::descriptor::Descriptors;
 use crate::core::rules::RuleSet;
 use crate::core::share::{SharePolicy, ShareView};
@@ -105,14 +106,23 @@ type SimLimiter = Limiter<Arc<ManualClock>>;
 /// What the harness drives for one node.
 enum Driven {
     /// The replicator alone; liveness comes from the harness's rule.
-    Replicator(Replicator),
+    Replicator(Box<Replicator>),
     /// The node's whole core, as a real node runs it.
     Core(Box<NodeCore<Arc<ManualClock>>>),
 }
 
+/// The slot of the simulated node at `node` (nodes hold slots in order).
+fn slot(node: usize) -> NodeSlot {
+    NodeSlot::new(u16::try_from(node).expect("a simulated cluster has fewer than 65,536 nodes"))
+}
+
+fn node_name(slot: NodeSlot) -> String {
+    format!("node-{}", slot.get())
+}
+
 /// The address a simulated node's membership knows it by.
-fn sim_addr(slot: u16) -> std::net::SocketAddr {
-    let [hi, lo] = slot.to_be_bytes();
+fn sim_addr(slot: NodeSlot) -> std::net::SocketAddr {
+    let [hi, lo] = slot.get().to_be_bytes();
     std::net::SocketAddr::from(([10, 0, hi, lo], 7400))
 }
 
@@ -133,7 +143,7 @@ impl Driven {
         &mut self,
         now: Nanos,
         started: Nanos,
-        keys: Vec<(u64, u64)>,
+        keys: Vec<LimitKey>,
         limiter: &SimLimiter,
     ) -> u64 {
         match self {
@@ -147,7 +157,7 @@ impl Driven {
     fn yield_to(
         &mut self,
         ticket: u64,
-        keys: Vec<(u64, u64)>,
+        keys: Vec<LimitKey>,
         blocking: u64,
         answered: u64,
         deadline: Nanos,
@@ -163,16 +173,28 @@ impl Driven {
             Driven::Core(c) => c.poll_claim_event(),
         }
     }
-    fn peer_connected(&mut self, now: Nanos, slot: u16, digest: u64) {
+    fn peer_connected(&mut self, now: Nanos, slot: NodeSlot, digest: u64) {
         match self {
             Driven::Replicator(r) => r.peer_connected(now, slot, digest),
             Driven::Core(c) => c.handle_connected(now, slot, sim_addr(slot)),
         }
     }
-    fn peer_disconnected(&mut self, slot: u16) {
+    fn peer_disconnected(&mut self, slot: NodeSlot) {
         match self {
             Driven::Replicator(r) => r.peer_disconnected(slot),
             Driven::Core(c) => c.handle_disconnected(slot),
+        }
+    }
+    /// What the replicator alone reports is the driver's to act on: the
+    /// recovery gate opening lets the limiter admit (a whole core does that
+    /// itself).
+    fn drain_events(&mut self, limiter: &SimLimiter) {
+        if let Driven::Replicator(r) = self {
+            while let Some(event) = r.poll_event() {
+                match event {
+                    ReplicationEvent::Recovered => limiter.set_admitting(true),
+                }
+            }
         }
     }
     fn poll_transmit(&mut self) -> Option<crate::cluster::replication::Transmit> {
@@ -187,7 +209,7 @@ impl Driven {
     }
     /// The harness's failure-detector verdict (replicator mode only: a
     /// whole core has its own).
-    fn set_liveness(&mut self, limiter: &SimLimiter, slot: u16, live: bool, digest: u64) {
+    fn set_liveness(&mut self, limiter: &SimLimiter, slot: NodeSlot, live: bool, digest: u64) {
         if let Driven::Replicator(r) = self {
             r.set_liveness(limiter, slot, live, digest);
         }
@@ -210,7 +232,7 @@ impl Driven {
     fn handle_frame(
         &mut self,
         now: Nanos,
-        from: u16,
+        from: NodeSlot,
         bytes: &[u8],
         limiter: &SimLimiter,
         digest: u64,
@@ -253,8 +275,8 @@ pub enum Submitted {
 struct InFlight {
     at: Nanos,
     seq: u64,
-    from: u16,
-    to: u16,
+    from: NodeSlot,
+    to: NodeSlot,
     bytes: Vec<u8>,
 }
 
@@ -269,11 +291,11 @@ pub struct MemCluster {
     rng: StdRng,
     pub faults: NetFaults,
     /// Directed links that drop everything.
-    cut: BTreeSet<(u16, u16)>,
+    cut: BTreeSet<(NodeSlot, NodeSlot)>,
     /// `(observer, peer)` → when the observer last heard from the peer.
-    heard: BTreeMap<(u16, u16), Nanos>,
+    heard: BTreeMap<(NodeSlot, NodeSlot), Nanos>,
     /// `(observer, peer)` pairs currently believed connected.
-    linked: BTreeSet<(u16, u16)>,
+    linked: BTreeSet<(NodeSlot, NodeSlot)>,
     /// Bytes carried between nodes, by kind of traffic.
     pub bytes_on_wire: u64,
     pub frames_on_wire: u64,
@@ -303,27 +325,32 @@ impl MemCluster {
             completed: Vec::new(),
             spec,
         };
-        for slot in 0..c.spec.nodes {
-            let node = c.boot(slot as u16, 1, false)?;
+        for node in 0..c.spec.nodes {
+            let node = c.boot(slot(node), 1, false)?;
             c.nodes.push(node);
         }
-        for a in 0..c.spec.nodes as u16 {
-            for b in 0..c.spec.nodes as u16 {
+        for a in 0..c.spec.nodes {
+            for b in 0..c.spec.nodes {
                 if a != b {
-                    c.connect(a, b);
+                    c.connect(slot(a), slot(b));
                 }
             }
         }
         Ok(c)
     }
 
-    fn boot(&mut self, slot: u16, incarnation: u64, recovering: bool) -> Result<SimNode, String> {
+    fn boot(
+        &mut self,
+        slot: NodeSlot,
+        incarnation: u64,
+        recovering: bool,
+    ) -> Result<SimNode, String> {
         self.boot_from(slot, incarnation, recovering, None)
     }
 
     fn boot_from(
         &mut self,
-        slot: u16,
+        slot: NodeSlot,
         incarnation: u64,
         recovering: bool,
         snapshot: Option<&[u8]>,
@@ -331,7 +358,7 @@ impl MemCluster {
         let rules = RuleSet::from_toml(&self.spec.rules).map_err(|e| e.to_string())?;
         let clock = Arc::new(ManualClock::new(self.now));
         let config = LimiterConfig {
-            own_slot: NodeSlot::new(slot),
+            own_slot: slot,
             slots: self.spec.nodes,
             max_keys: self.spec.max_keys,
             ..LimiterConfig::default()
@@ -347,7 +374,7 @@ impl MemCluster {
         let wake = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = wake.clone();
         limiter.set_wake(move || flag.store(true, std::sync::atomic::Ordering::Relaxed));
-        let mut rc = ReplicationConfig::new(NodeSlot::new(slot), format!("node-{slot}"));
+        let mut rc = ReplicationConfig::new(slot, node_name(slot));
         rc.sync_interval = self.spec.sync_interval;
         rc.policy = self.spec.policy;
         rc.expected_peers = self.spec.nodes - 1;
@@ -357,7 +384,7 @@ impl MemCluster {
         let limiter = Arc::new(limiter);
         let repl = if self.spec.whole_core {
             let cfg = CoreConfig {
-                name: format!("node-{slot}"),
+                name: node_name(slot),
                 slot,
                 cluster_size: self.spec.nodes,
                 policy: self.spec.policy,
@@ -377,16 +404,16 @@ impl MemCluster {
                 self.rules_digest,
                 local,
             );
-            for peer in 0..self.spec.nodes as u16 {
-                core.add_peer(peer);
+            for peer in 0..self.spec.nodes {
+                core.add_peer(self::slot(peer));
             }
             Driven::Core(Box::new(core))
         } else {
             let mut repl = Replicator::new(rc, incarnation, recovering, self.now);
-            for peer in 0..self.spec.nodes as u16 {
-                repl.add_peer(peer);
+            for peer in 0..self.spec.nodes {
+                repl.add_peer(self::slot(peer));
             }
-            Driven::Replicator(repl)
+            Driven::Replicator(Box::new(repl))
         };
         Ok(SimNode {
             limiter,
@@ -400,12 +427,12 @@ impl MemCluster {
         })
     }
 
-    fn view(&self, own: u16, dead: &BTreeSet<u16>) -> ShareView {
-        let members = (0..self.spec.nodes as u16).fold(0u64, |m, s| m | 1 << s);
-        let live = members & !dead.iter().fold(0u64, |m, &s| m | 1 << s);
+    fn view(&self, own: NodeSlot, dead: &BTreeSet<NodeSlot>) -> ShareView {
+        let members = (0..self.spec.nodes).fold(0u64, |m, s| m | slot(s).bit());
+        let live = members & !dead.iter().fold(0u64, |m, &s| m | s.bit());
         let minority = (live.count_ones() as usize) * 2 <= self.spec.nodes && self.spec.nodes > 1;
         ShareView::for_cluster(
-            own,
+            own.get(),
             members,
             live,
             minority,
@@ -464,8 +491,8 @@ impl MemCluster {
         self.sync_clock(node);
     }
 
-    fn skew_of(&self, slot: u16) -> i64 {
-        self.nodes.get(usize::from(slot)).map_or(0, |n| n.skew)
+    fn skew_of(&self, slot: NodeSlot) -> i64 {
+        self.nodes.get(slot.index()).map_or(0, |n| n.skew)
     }
 
     fn local_now(&self, node: usize) -> Nanos {
@@ -590,25 +617,26 @@ impl MemCluster {
         }
     }
 
-    /// Cuts (or heals) both directions between `a` and `b`.
-    pub fn set_link(&mut self, a: u16, b: u16, up: bool) {
+    /// Cuts (or heals) both directions between nodes `a` and `b`.
+    pub fn set_link(&mut self, a: usize, b: usize, up: bool) {
         self.set_one_way(a, b, up);
         self.set_one_way(b, a, up);
     }
 
-    /// Cuts (or heals) frames from `from` to `to` only.
-    pub fn set_one_way(&mut self, from: u16, to: u16, up: bool) {
+    /// Cuts (or heals) frames from node `from` to node `to` only.
+    pub fn set_one_way(&mut self, from: usize, to: usize, up: bool) {
+        let link = (slot(from), slot(to));
         if up {
-            self.cut.remove(&(from, to));
+            self.cut.remove(&link);
         } else {
-            self.cut.insert((from, to));
+            self.cut.insert(link);
         }
     }
 
-    /// Cuts `group` off from everyone else (or heals it).
-    pub fn isolate(&mut self, group: &[u16], cut: bool) {
+    /// Cuts the nodes of `group` off from everyone else (or heals them).
+    pub fn isolate(&mut self, group: &[usize], cut: bool) {
         for &a in group {
-            for b in 0..self.nodes.len() as u16 {
+            for b in 0..self.nodes.len() {
                 if !group.contains(&b) {
                     self.set_link(a, b, !cut);
                 }
@@ -645,39 +673,40 @@ impl MemCluster {
     pub fn restart_from(&mut self, node: usize, snapshot: Option<&[u8]>) -> Result<(), String> {
         let incarnation = self.nodes[node].incarnation + 1;
         let skew = self.nodes[node].skew;
-        let mut fresh = self.boot_from(node as u16, incarnation, true, snapshot)?;
+        let me = slot(node);
+        let mut fresh = self.boot_from(me, incarnation, true, snapshot)?;
         fresh.skew = skew;
         self.nodes[node] = fresh;
         self.sync_clock(node);
-        for peer in 0..self.nodes.len() as u16 {
-            if peer as usize != node {
-                self.linked.remove(&(node as u16, peer));
-                self.linked.remove(&(peer, node as u16));
-            }
+        for peer in (0..self.nodes.len()).filter(|&p| p != node).map(slot) {
+            self.linked.remove(&(me, peer));
+            self.linked.remove(&(peer, me));
         }
         // A starting node dials every peer it knows.
-        for peer in 0..self.nodes.len() as u16 {
-            if peer as usize != node && self.nodes[peer as usize].up {
-                self.connect(node as u16, peer);
+        for peer in 0..self.nodes.len() {
+            if peer != node && self.nodes[peer].up {
+                self.connect(me, slot(peer));
             }
         }
         Ok(())
     }
 
-    fn connect(&mut self, a: u16, b: u16) {
+    fn connect(&mut self, a: NodeSlot, b: NodeSlot) {
         self.linked.insert((a, b));
         self.heard.insert((a, b), self.now);
         let digest = self.rules_digest;
-        let now = self.local_now(a as usize);
-        self.nodes[a as usize].repl.peer_connected(now, b, digest);
-        self.flush(a as usize);
+        let now = self.local_now(a.index());
+        self.nodes[a.index()].repl.peer_connected(now, b, digest);
+        self.flush(a.index());
     }
 
     /// Moves every node's outgoing frames onto the network.
     fn flush(&mut self, node: usize) {
+        let limiter = self.nodes[node].limiter.clone();
+        self.nodes[node].repl.drain_events(&limiter);
         self.finish_claims(node);
         while let Some(t) = self.nodes[node].repl.poll_transmit() {
-            let from = node as u16;
+            let from = slot(node);
             if !self.nodes[node].up || self.cut.contains(&(from, t.to)) {
                 continue;
             }
@@ -760,9 +789,9 @@ impl MemCluster {
     }
 
     fn deliver(&mut self, f: InFlight) {
-        let to = f.to as usize;
+        let to = f.to.index();
         if !self.nodes[to].up
-            || !self.nodes[f.from as usize].up
+            || !self.nodes[f.from.index()].up
             || self.cut.contains(&(f.from, f.to))
         {
             return;
@@ -792,13 +821,13 @@ impl MemCluster {
             if a == b {
                 continue;
             }
-            let key = (a as u16, b as u16);
+            let key = (slot(a), slot(b));
             let last = self.heard.get(&key).copied().unwrap_or(self.spec.start);
             let silent = self.now.saturating_sub(last) >= self.spec.detect_after;
             if silent && self.linked.remove(&key) {
-                self.nodes[a].repl.peer_disconnected(b as u16);
+                self.nodes[a].repl.peer_disconnected(key.1);
             } else if !silent && !self.linked.contains(&key) {
-                self.connect(a as u16, b as u16);
+                self.connect(key.0, key.1);
             }
         }
     }
@@ -810,8 +839,8 @@ impl MemCluster {
     fn detect_failures(&mut self) {
         for a in 0..self.nodes.len() {
             for b in 0..self.nodes.len() {
-                if a != b && self.nodes[b].up && !self.cut.contains(&(b as u16, a as u16)) {
-                    self.heard.insert((a as u16, b as u16), self.now);
+                if a != b && self.nodes[b].up && !self.cut.contains(&(slot(b), slot(a))) {
+                    self.heard.insert((slot(a), slot(b)), self.now);
                 }
             }
         }
@@ -828,24 +857,24 @@ impl MemCluster {
                 if a == b {
                     continue;
                 }
-                let key = (a as u16, b as u16);
+                let key = (slot(a), slot(b));
                 let last = self.heard.get(&key).copied().unwrap_or(self.spec.start);
                 let silent = self.now.saturating_sub(last) >= self.spec.detect_after;
                 let was_live = self.nodes[a]
                     .repl
                     .repl()
                     .peers()
-                    .get(&(b as u16))
+                    .get(&key.1)
                     .is_some_and(|p| p.live);
                 if silent {
-                    dead.insert(b as u16);
+                    dead.insert(key.1);
                     if was_live {
                         let limiter = self.nodes[a].limiter.clone();
                         let digest = self.rules_digest;
                         self.nodes[a]
                             .repl
-                            .set_liveness(&limiter, b as u16, false, digest);
-                        self.nodes[a].repl.peer_disconnected(b as u16);
+                            .set_liveness(&limiter, key.1, false, digest);
+                        self.nodes[a].repl.peer_disconnected(key.1);
                         self.linked.remove(&key);
                     }
                 } else if !was_live {
@@ -853,10 +882,10 @@ impl MemCluster {
                     let digest = self.rules_digest;
                     self.nodes[a]
                         .repl
-                        .set_liveness(&limiter, b as u16, true, digest);
+                        .set_liveness(&limiter, key.1, true, digest);
                     self.flush(a);
                     if !self.linked.contains(&key) {
-                        self.connect(a as u16, b as u16);
+                        self.connect(key.0, key.1);
                     }
                 }
                 // Keep probing a silent peer, as a transport reconnects.
@@ -865,12 +894,12 @@ impl MemCluster {
                         < self.spec.sync_interval.as_u64()
                 {
                     let (local, digest) = (self.local_now(a), self.rules_digest);
-                    self.nodes[a].repl.peer_connected(local, b as u16, digest);
+                    self.nodes[a].repl.peer_connected(local, key.1, digest);
                     self.flush(a);
                 }
             }
             let view = self
-                .view(a as u16, &dead)
+                .view(slot(a), &dead)
                 .confirming_all(self.nodes[a].repl.unsynced_live());
             if self.nodes[a].limiter.share_view().as_deref() != Some(&view) {
                 self.nodes[a].limiter.set_share_view(view);

@@ -25,6 +25,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::core::slot::NodeSlot;
 use crate::core::time::Nanos;
 
 /// One node of the cluster, as SWIM knows it.
@@ -38,13 +39,18 @@ use crate::core::time::Nanos;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Member {
     pub name: String,
-    pub slot: u16,
+    pub slot: NodeSlot,
     pub addr: SocketAddr,
     pub incarnation: u64,
 }
 
 impl Member {
-    pub fn new(name: impl Into<String>, slot: u16, addr: SocketAddr, incarnation: u64) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        slot: NodeSlot,
+        addr: SocketAddr,
+        incarnation: u64,
+    ) -> Self {
         Member {
             name: name.into(),
             slot,
@@ -62,7 +68,7 @@ impl Member {
 impl Identity for Member {
     /// The node itself: foca keeps one entry per node however often it
     /// restarts, and takes a second identity with the same node for a rejoin.
-    type Addr = (u16, String);
+    type Addr = (NodeSlot, String);
 
     /// Declared down by the cluster: come back as the next incarnation.
     fn renew(&self) -> Option<Self> {
@@ -402,7 +408,7 @@ impl Membership {
     }
 
     /// Whether a live member (alive or suspect) holds `slot`.
-    pub fn is_alive(&self, slot: u16) -> bool {
+    pub fn is_alive(&self, slot: NodeSlot) -> bool {
         self.foca.iter_members().any(|m| m.id().slot == slot)
     }
 
@@ -495,7 +501,7 @@ mod tests {
 
     fn node(slot: u16) -> Member {
         let addr = SocketAddr::from(([10, 0, 0, 1], 7000 + slot));
-        Member::new(format!("n{slot}"), slot, addr, 0)
+        Member::new(format!("n{slot}"), NodeSlot::new(slot), addr, 0)
     }
 
     /// Moves everything `from` has to send into `to`; how many payloads.
@@ -569,7 +575,8 @@ mod tests {
         while deliver(&mut b, &mut a, Nanos::ZERO) + deliver(&mut a, &mut b, Nanos::ZERO) > 0 {}
         assert_eq!(a.poll_event(), Some(MemberEvent::Up(node(1))));
         assert_eq!(b.poll_event(), Some(MemberEvent::Up(node(0))));
-        assert!(a.is_alive(1) && b.is_alive(0) && !a.is_alive(2));
+        let s = NodeSlot::new;
+        assert!(a.is_alive(s(1)) && b.is_alive(s(0)) && !a.is_alive(s(2)));
 
         let due = a.poll_timeout().expect("probing started");
         a.handle_timeout(due - Nanos::new(1));

@@ -24,7 +24,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
-use crate::cluster::replication::{ClaimEvent, Delivered, ReplicationConfig, Replicator, Transmit};
+use crate::cluster::replication::{
+    ClaimEvent, Delivered, ReplicationConfig, ReplicationEvent, Replicator, Transmit,
+};
+use crate::cluster::store::LimitKey;
 use crate::core::rules::RuleSet;
 use crate::core::share::{SharePolicy, ShareView, MAX_NODES};
 use crate::core::slot::NodeSlot;
@@ -54,7 +57,7 @@ pub enum PutRulesError {
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
     pub name: String,
-    pub slot: u16,
+    pub slot: NodeSlot,
     pub cluster_size: usize,
     pub policy: SharePolicy,
     pub inflight_ppm: u32,
@@ -85,13 +88,13 @@ pub enum CoreEvent {
         text: String,
     },
     /// The peers to keep connections to changed.
-    DialPeers(Vec<(u16, SocketAddr)>),
+    DialPeers(Vec<(NodeSlot, SocketAddr)>),
     MemberUp {
-        slot: u16,
+        slot: NodeSlot,
         name: String,
     },
     MemberDown {
-        slot: u16,
+        slot: NodeSlot,
         name: String,
     },
 }
@@ -122,12 +125,11 @@ pub struct NodeCore<C: Clock = crate::clock::SystemClock> {
     rules: crdts::LWWReg<String, RulesVersion>,
     rules_digest: u64,
     /// Peer slot → its peer address, as learned from connections.
-    addrs: BTreeMap<u16, SocketAddr>,
-    known: BTreeSet<u16>,
-    live: BTreeSet<u16>,
+    addrs: BTreeMap<NodeSlot, SocketAddr>,
+    known: BTreeSet<NodeSlot>,
+    live: BTreeSet<NodeSlot>,
     outbox: VecDeque<Transmit>,
     events: VecDeque<CoreEvent>,
-    recovered_reported: bool,
 }
 
 impl<C: Clock> NodeCore<C> {
@@ -141,7 +143,7 @@ impl<C: Clock> NodeCore<C> {
         rules_digest: u64,
         now: Nanos,
     ) -> Self {
-        let mut rc = ReplicationConfig::new(NodeSlot::new(cfg.slot), cfg.name.clone());
+        let mut rc = ReplicationConfig::new(cfg.slot, cfg.name.clone());
         rc.sync_interval = cfg.sync_interval;
         rc.policy = cfg.policy;
         rc.recovery_timeout = cfg.recovery_timeout;
@@ -157,7 +159,7 @@ impl<C: Clock> NodeCore<C> {
         let membership = Membership::new(
             me,
             MembershipConfig::lan(cfg.cluster_size as u32),
-            cfg.incarnation ^ u64::from(cfg.slot),
+            cfg.incarnation ^ u64::from(cfg.slot.get()),
         );
         let core = NodeCore {
             limiter,
@@ -173,7 +175,6 @@ impl<C: Clock> NodeCore<C> {
             live: BTreeSet::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
-            recovered_reported: false,
             cfg,
         };
         core.limiter.set_share_view(core.share_view());
@@ -190,7 +191,7 @@ impl<C: Clock> NodeCore<C> {
     }
 
     fn live_mask(&self) -> u64 {
-        self.live.iter().fold(0u64, |m, &s| m | 1 << s)
+        self.live.iter().fold(0u64, |m, &s| m | s.bit())
     }
 
     pub fn replicator(&self) -> &Replicator {
@@ -198,7 +199,7 @@ impl<C: Clock> NodeCore<C> {
     }
     /// Adds a configured member before it is heard from (a simulated
     /// cluster knows all its members from the start).
-    pub fn add_peer(&mut self, slot: u16) {
+    pub fn add_peer(&mut self, slot: NodeSlot) {
         self.repl.add_peer(slot);
     }
     pub fn membership(&self) -> &Membership {
@@ -210,10 +211,10 @@ impl<C: Clock> NodeCore<C> {
     pub fn rules_text(&self) -> &str {
         &self.rules.val
     }
-    pub fn known(&self) -> &BTreeSet<u16> {
+    pub fn known(&self) -> &BTreeSet<NodeSlot> {
         &self.known
     }
-    pub fn live(&self) -> &BTreeSet<u16> {
+    pub fn live(&self) -> &BTreeSet<NodeSlot> {
         &self.live
     }
     /// Whether `addr` belongs to a peer this node already knows.
@@ -222,7 +223,7 @@ impl<C: Clock> NodeCore<C> {
     }
 
     /// A connection to `slot` came up.
-    pub fn handle_connected(&mut self, now: Nanos, slot: u16, addr: SocketAddr) {
+    pub fn handle_connected(&mut self, now: Nanos, slot: NodeSlot, addr: SocketAddr) {
         self.addrs.insert(slot, addr);
         self.repl.peer_connected(now, slot, self.rules_digest);
         // A peer that missed a rules change learns it here.
@@ -235,17 +236,17 @@ impl<C: Clock> NodeCore<C> {
         self.after_input();
     }
 
-    pub fn handle_disconnected(&mut self, slot: u16) {
+    pub fn handle_disconnected(&mut self, slot: NodeSlot) {
         self.repl.peer_disconnected(slot);
     }
 
     /// A frame from the authenticated peer `from`. Refused frames change
     /// nothing and are counted by the replicator.
-    pub fn handle_frame(&mut self, now: Nanos, from: u16, bytes: &[u8]) {
+    pub fn handle_frame(&mut self, now: Nanos, from: NodeSlot, bytes: &[u8]) {
         let hello = bytes.get(1) == Some(&(Kind::Hello as u8));
         match self
             .repl
-            .handle_frame(now, from, bytes, &self.limiter, self.rules_digest)
+            .handle_frame(now, from, bytes, &*self.limiter, self.rules_digest)
         {
             Ok(Delivered::Swim(swim)) => {
                 // Malformed membership payloads are refused inside.
@@ -254,7 +255,7 @@ impl<C: Clock> NodeCore<C> {
             Ok(Delivered::Rules(rules)) => self.on_peer_rules(rules),
             Ok(Delivered::Applied) if hello => self.introduce(now, from),
             Ok(Delivered::Applied) => {}
-            Err(e) => tracing::debug!(from, error = %e, "frame refused"),
+            Err(e) => tracing::debug!(from = from.get(), error = %e, "frame refused"),
         }
         self.after_input();
     }
@@ -263,8 +264,8 @@ impl<C: Clock> NodeCore<C> {
     /// peer to confirm; the answer comes out of
     /// [`NodeCore::poll_claim_event`] under the returned ticket.
     /// `started`: when the request arrived (it is judged as of then).
-    pub fn claim(&mut self, now: Nanos, started: Nanos, keys: Vec<(u64, u64)>) -> u64 {
-        self.repl.claim(now, started, keys, &self.limiter)
+    pub fn claim(&mut self, now: Nanos, started: Nanos, keys: Vec<LimitKey>) -> u64 {
+        self.repl.claim(now, started, keys, &*self.limiter)
     }
 
     /// How long a claim waits for its answers.
@@ -278,7 +279,7 @@ impl<C: Clock> NodeCore<C> {
     pub fn yield_to(
         &mut self,
         ticket: u64,
-        keys: Vec<(u64, u64)>,
+        keys: Vec<LimitKey>,
         blocking: u64,
         answered: u64,
         deadline: Nanos,
@@ -294,7 +295,7 @@ impl<C: Clock> NodeCore<C> {
 
     /// A key's in-flight share is spent: ship at once.
     pub fn handle_wake(&mut self, now: Nanos) {
-        self.repl.ship_now(now, &self.limiter);
+        self.repl.ship_now(now, &*self.limiter);
     }
 
     pub fn poll_timeout(&self) -> Nanos {
@@ -304,7 +305,7 @@ impl<C: Clock> NodeCore<C> {
 
     pub fn handle_timeout(&mut self, now: Nanos) {
         self.membership.handle_timeout(now);
-        self.repl.handle_timeout(now, &self.limiter);
+        self.repl.handle_timeout(now, &*self.limiter);
         self.after_input();
     }
 
@@ -334,7 +335,7 @@ impl<C: Clock> NodeCore<C> {
     /// Checks `text` as the next version of the rules from this node. The
     /// driver keeps it on disk, then calls [`NodeCore::commit_rules`].
     pub fn prepare_rules(&self, text: String) -> Result<PreparedRules, PutRulesError> {
-        let version = (self.rules.marker.0 + 1, self.cfg.slot);
+        let version = (self.rules.marker.0 + 1, self.cfg.slot.get());
         prepare(text, version)
     }
 
@@ -356,7 +357,7 @@ impl<C: Clock> NodeCore<C> {
     /// Ships what is pending and leaves the membership: a clean stop.
     pub fn finish(&mut self, now: Nanos) {
         self.repl
-            .handle_timeout(now.max(self.repl.poll_timeout()), &self.limiter);
+            .handle_timeout(now.max(self.repl.poll_timeout()), &*self.limiter);
         self.membership.leave(now);
         self.after_input();
     }
@@ -425,7 +426,7 @@ impl<C: Clock> NodeCore<C> {
     }
 
     /// After a peer's hello: make sure membership knows it.
-    fn introduce(&mut self, now: Nanos, slot: u16) {
+    fn introduce(&mut self, now: Nanos, slot: NodeSlot) {
         let (Some(peer), Some(&addr)) = (self.repl.peers().get(&slot), self.addrs.get(&slot))
         else {
             return;
@@ -452,9 +453,14 @@ impl<C: Clock> NodeCore<C> {
                 reliable: false,
             });
         }
-        if !self.recovered_reported && !self.repl.is_recovering() {
-            self.recovered_reported = true;
-            self.events.push_back(CoreEvent::Recovered);
+        while let Some(event) = self.repl.poll_event() {
+            match event {
+                ReplicationEvent::Recovered => {
+                    // The gate opens here: the limiter admits from now on.
+                    self.limiter.set_admitting(true);
+                    self.events.push_back(CoreEvent::Recovered);
+                }
+            }
         }
         // A returning peer's whole state arrived (or a peer came back):
         // confirm every request exactly while some live peer is unsynced.
@@ -471,7 +477,7 @@ impl<C: Clock> NodeCore<C> {
     fn on_member_event(&mut self, event: MemberEvent) {
         match event {
             MemberEvent::Up(m) | MemberEvent::Rejoined(m) => {
-                if usize::from(m.slot) >= self.cfg.cluster_size || m.slot == self.cfg.slot {
+                if m.slot.index() >= self.cfg.cluster_size || m.slot == self.cfg.slot {
                     return;
                 }
                 self.addrs.insert(m.slot, m.addr);
@@ -479,7 +485,7 @@ impl<C: Clock> NodeCore<C> {
                 self.live.insert(m.slot);
                 self.repl.add_peer(m.slot);
                 self.repl
-                    .set_liveness(&self.limiter, m.slot, true, self.rules_digest);
+                    .set_liveness(&*self.limiter, m.slot, true, self.rules_digest);
                 self.events.push_back(CoreEvent::MemberUp {
                     slot: m.slot,
                     name: m.name,
@@ -488,7 +494,7 @@ impl<C: Clock> NodeCore<C> {
             MemberEvent::Down(m) => {
                 self.live.remove(&m.slot);
                 self.repl
-                    .set_liveness(&self.limiter, m.slot, false, self.rules_digest);
+                    .set_liveness(&*self.limiter, m.slot, false, self.rules_digest);
                 self.events.push_back(CoreEvent::MemberDown {
                     slot: m.slot,
                     name: m.name,
@@ -522,7 +528,7 @@ fn prepare(text: String, version: RulesVersion) -> Result<PreparedRules, PutRule
 pub fn configured_view(cfg: &CoreConfig, live: u64, minority: bool) -> ShareView {
     let members = (0..cfg.cluster_size.min(MAX_NODES)).fold(0u64, |m, s| m | 1 << s);
     ShareView::for_cluster(
-        cfg.slot,
+        cfg.slot.get(),
         members,
         live & members,
         minority,
@@ -566,7 +572,7 @@ mod tests {
         );
         let cfg = CoreConfig {
             name: format!("node-{slot}"),
-            slot,
+            slot: NodeSlot::new(slot),
             cluster_size: 2,
             policy: SharePolicy::Strict,
             inflight_ppm: 20_000,
@@ -585,9 +591,9 @@ mod tests {
     fn pump(cores: &mut [TestCore; 2], now: Nanos) {
         loop {
             let mut moved = false;
-            for from in 0..2 {
-                while let Some(t) = cores[from].poll_transmit() {
-                    cores[usize::from(t.to)].handle_frame(now, from as u16, &t.bytes);
+            for from in [NodeSlot::new(0), NodeSlot::new(1)] {
+                while let Some(t) = cores[from.index()].poll_transmit() {
+                    cores[t.to.index()].handle_frame(now, from, &t.bytes);
                     moved = true;
                 }
             }
@@ -615,8 +621,16 @@ mod tests {
         }
         assert!(!la.is_admitting());
         assert!(!events(&mut cores[0]).contains(&CoreEvent::Recovered));
-        cores[0].handle_connected(now, 1, SocketAddr::from(([127, 0, 0, 1], 7401)));
-        cores[1].handle_connected(now, 0, SocketAddr::from(([127, 0, 0, 1], 7400)));
+        cores[0].handle_connected(
+            now,
+            NodeSlot::new(1),
+            SocketAddr::from(([127, 0, 0, 1], 7401)),
+        );
+        cores[1].handle_connected(
+            now,
+            NodeSlot::new(0),
+            SocketAddr::from(([127, 0, 0, 1], 7400)),
+        );
         pump(&mut cores, now);
         for _ in 0..4 {
             now = now + Nanos::from_millis(5);

@@ -28,12 +28,11 @@ use std::hash::Hasher;
 
 use siphasher::sip::SipHasher13;
 
-use crate::cluster::replication::merge_into;
+use crate::cluster::store::{merge_into, ReplicaStore};
 use crate::core::key::KeySeed;
-use crate::core::slot::PnSlot;
+use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
-use crate::core::window::SlotGrid;
-use crate::core::wire::{BucketSlot, DecodeError, Frame, KeySlots, Slots, SlotsPacker};
+use crate::core::wire::{DecodeError, Frame, KeySlots, Slots, SlotsPacker};
 use crate::limiter::Limiter;
 
 const MAGIC: &[u8; 7] = b"DRLSNAP";
@@ -77,36 +76,21 @@ pub struct RestoreStats {
 pub fn capture<C: Clock>(limiter: &Limiter<C>, now: Nanos) -> Vec<u8> {
     let mut out = Vec::new();
     let slots = limiter.config().slots;
-    for slot in 0..slots {
-        let mut packer = SlotsPacker::new(CHUNK_BYTES, slot as u16, 0, now.as_u64());
-        for (limit, table) in limiter.tables() {
-            table.for_each(|entry| {
-                let spec = entry.spec();
-                let newest = entry.newest(spec.epoch(now));
-                let b = spec.buckets() as u64;
-                let buckets: Vec<BucketSlot> = (0..b.min(newest + 1))
-                    .filter_map(|back| {
-                        let row = ((newest - back) % b) as usize;
-                        let v = entry.get(row, slot);
-                        (v != PnSlot::ZERO).then_some(BucketSlot {
-                            back: back as u8,
-                            p: v.p,
-                            n: v.n,
-                        })
-                    })
-                    .collect();
-                if !buckets.is_empty() {
-                    packer.push(
-                        limit,
-                        newest,
-                        KeySlots {
-                            key: entry.key(),
-                            buckets,
-                        },
-                    );
-                }
-            });
-        }
+    for slot in (0..slots)
+        .filter_map(|s| u16::try_from(s).ok())
+        .map(NodeSlot::new)
+    {
+        let mut packer = SlotsPacker::new(CHUNK_BYTES, slot.get(), 0, now.as_u64());
+        limiter.each_slot_values(now, slot, &mut |(limit, key), v| {
+            packer.push(
+                limit,
+                v.newest,
+                KeySlots {
+                    key,
+                    buckets: v.buckets,
+                },
+            );
+        });
         for frame in packer.finish() {
             let bytes = Frame::Sync(frame).encode();
             out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
@@ -159,7 +143,7 @@ pub fn restore<C: Clock>(
         if usize::from(s.slot) >= limiter.config().slots {
             continue;
         }
-        let merged = merge_into(limiter, now, 1, s.slot, s);
+        let merged = merge_into(limiter, now, 1, NodeSlot::new(s.slot), s);
         stats.values += merged.applied + merged.stale + merged.too_far_ahead;
         stats.applied += merged.applied;
         stats.stale += merged.stale + merged.too_far_ahead;

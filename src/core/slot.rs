@@ -13,7 +13,20 @@ use std::fmt;
 ///
 /// Slots are dense small integers assigned by membership, not node ids, so
 /// that a counter is a flat array.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct NodeSlot(u16);
 
 impl NodeSlot {
@@ -22,6 +35,19 @@ impl NodeSlot {
     }
     pub const fn index(self) -> usize {
         self.0 as usize
+    }
+    /// The slot number as the wire and the certificates carry it.
+    pub const fn get(self) -> u16 {
+        self.0
+    }
+    /// This slot's bit in a 64-bit slot mask; zero for slots past 63, which
+    /// no mask can name.
+    pub const fn bit(self) -> u64 {
+        if self.0 < 64 {
+            1 << self.0
+        } else {
+            0
+        }
     }
 }
 

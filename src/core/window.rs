@@ -363,6 +363,26 @@ impl Ring {
         let newest = grid.newest(now_epoch);
         newest + (spec.buckets as u64) <= now_epoch
     }
+
+    /// The values of `slot` in the ring's live buckets at `now`, as the
+    /// newest epoch and `(buckets back from it, value)` pairs, newest first,
+    /// zero values left out: what replication ships of one slot.
+    pub fn slot_column<G: SlotGrid + ?Sized>(
+        grid: &G,
+        spec: &WindowSpec,
+        now: Nanos,
+        slot: NodeSlot,
+    ) -> (u64, Vec<(u64, PnSlot)>) {
+        let newest = grid.newest(spec.epoch(now));
+        let b = spec.buckets as u64;
+        let column = (0..b.min(newest + 1))
+            .filter_map(|back| {
+                let v = grid.get(Self::row(spec, newest - back), slot.index());
+                (v != PnSlot::ZERO).then_some((back, v))
+            })
+            .collect();
+        (newest, column)
+    }
 }
 
 /// An owned window: what gossip carries, what tests and the simulation
@@ -588,5 +608,24 @@ mod tests {
         assert!(WindowSpec::new(Nanos::new(10), 2).is_err());
         assert!(WindowSpec::new(Nanos::from_secs(1), 0).is_err());
         assert!(WindowSpec::new(Nanos::from_secs(1), MAX_BUCKETS + 1).is_err());
+    }
+
+    #[test]
+    fn slot_column_lists_one_slot_newest_first_without_zeros() {
+        let mut w = BucketWindow::new(spec(1000, 3), 3);
+        w.add(Nanos::from_millis(10_000), NodeSlot::new(1), 2);
+        w.add(Nanos::from_millis(12_000), NodeSlot::new(1), 5);
+        w.add(Nanos::from_millis(12_000), NodeSlot::new(0), 7);
+        let now = Nanos::from_millis(12_500);
+        let (newest, column) = Ring::slot_column(&w, w.spec(), now, NodeSlot::new(1));
+        assert_eq!(newest, 12);
+        assert_eq!(
+            column,
+            vec![(0, PnSlot { p: 5, n: 0 }), (2, PnSlot { p: 2, n: 0 })]
+        );
+        // A slot with nothing counted has an empty column.
+        assert!(Ring::slot_column(&w, w.spec(), now, NodeSlot::new(2))
+            .1
+            .is_empty());
     }
 }

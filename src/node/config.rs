@@ -141,7 +141,8 @@ pub struct NodeSettings {
     pub key_seed: KeySeed,
     pub admin_token: Option<String>,
     /// Faults injected into this node's outgoing datagrams (tests only; not
-    /// settable from the file).
+    /// settable from the file; built with the `harness` feature).
+    #[cfg(feature = "harness")]
     pub chaos: Option<Chaos>,
 }
 
@@ -156,6 +157,7 @@ pub struct GrpcTls {
 
 /// Datagram faults a test can inject at a node's send path, over a real
 /// transport: loss, duplication, and reordering by delay.
+#[cfg(feature = "harness")]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Chaos {
     pub loss: f64,
@@ -341,6 +343,7 @@ impl NodeFile {
             tls_key: path(&self.tls_key),
             key_seed,
             admin_token: self.admin_token.clone(),
+            #[cfg(feature = "harness")]
             chaos: None,
         })
     }

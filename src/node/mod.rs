@@ -38,7 +38,9 @@ use crate::core::time::{Clock, Nanos};
 use crate::limiter::{Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Pending};
 use crate::net::{Incoming, NodeTls, Transport};
 
-pub use config::{Chaos, ConfigError, GrpcTls, NodeFile, NodeSettings};
+#[cfg(feature = "harness")]
+pub use config::Chaos;
+pub use config::{ConfigError, GrpcTls, NodeFile, NodeSettings};
 
 /// Why a node could not start. Nothing is left running.
 #[derive(Debug, thiserror::Error)]
@@ -286,7 +288,7 @@ impl Node {
         let core = NodeCore::new(
             CoreConfig {
                 name: settings.name.clone(),
-                slot: settings.slot,
+                slot: NodeSlot::new(settings.slot),
                 cluster_size: settings.cluster_size,
                 policy: settings.policy,
                 inflight_ppm: settings.inflight_ppm,
@@ -327,6 +329,7 @@ impl Node {
             rules_file: file_stamp(&settings.rules),
             next_rules_check: now + Nanos::from_secs(1),
             rules_file_error: None,
+            #[cfg(feature = "harness")]
             chaos: settings.chaos.map(|c| {
                 use rand::SeedableRng;
                 (c, rand::rngs::StdRng::seed_from_u64(c.seed))
@@ -478,6 +481,7 @@ struct Driver {
     rules_file: Option<(std::time::SystemTime, u64)>,
     next_rules_check: Nanos,
     rules_file_error: Option<String>,
+    #[cfg(feature = "harness")]
     chaos: Option<(config::Chaos, rand::rngs::StdRng)>,
     /// Requests waiting for their claim's answers, by ticket.
     confirming: std::collections::HashMap<u64, (Pending, tokio::sync::oneshot::Sender<Decision>)>,
@@ -544,9 +548,13 @@ impl Driver {
     fn on_incoming(&mut self, event: Incoming) {
         let now = self.clock.now();
         match event {
-            Incoming::Connected { slot, addr } => self.core.handle_connected(now, slot, addr),
-            Incoming::Disconnected { slot } => self.core.handle_disconnected(slot),
-            Incoming::Frame { from, bytes, .. } => self.core.handle_frame(now, from, &bytes),
+            Incoming::Connected { slot, addr } => {
+                self.core.handle_connected(now, NodeSlot::new(slot), addr)
+            }
+            Incoming::Disconnected { slot } => self.core.handle_disconnected(NodeSlot::new(slot)),
+            Incoming::Frame { from, bytes, .. } => {
+                self.core.handle_frame(now, NodeSlot::new(from), &bytes)
+            }
         }
     }
 
@@ -709,27 +717,34 @@ impl Driver {
                     // now (a failure is logged, the rules stay in force).
                     let _ = self.keep_rules(version, &text);
                 }
-                CoreEvent::DialPeers(peers) => self.transport.set_peers(peers),
-                CoreEvent::MemberUp { slot, name } => tracing::info!(slot, %name, "member up"),
+                CoreEvent::DialPeers(peers) => self
+                    .transport
+                    .set_peers(peers.into_iter().map(|(s, a)| (s.get(), a)).collect()),
+                CoreEvent::MemberUp { slot, name } => {
+                    tracing::info!(slot = slot.get(), %name, "member up")
+                }
                 CoreEvent::MemberDown { slot, name } => {
-                    tracing::info!(slot, %name, "member down")
+                    tracing::info!(slot = slot.get(), %name, "member down")
                 }
             }
         }
         while let Some(t) = self.core.poll_transmit() {
+            #[cfg(feature = "harness")]
             if !t.reliable && self.chaos.is_some() {
                 self.send_with_chaos(t.to, t.bytes);
                 continue;
             }
             // A frame to a peer with no connection is lost like a datagram;
             // replication resends what matters.
-            let _ = self.transport.send(t.to, t.bytes);
+            let _ = self.transport.send(t.to.get(), t.bytes);
         }
     }
 
     /// Loses, duplicates or delays a datagram as the test's chaos says.
-    fn send_with_chaos(&mut self, to: u16, bytes: Vec<u8>) {
+    #[cfg(feature = "harness")]
+    fn send_with_chaos(&mut self, to: NodeSlot, bytes: Vec<u8>) {
         use rand::RngExt;
+        let to = to.get();
         let Some((chaos, rng)) = self.chaos.as_mut() else {
             return;
         };
@@ -760,12 +775,21 @@ impl Driver {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let repl = self.core.replicator();
         s.ready = self.limiter.is_admitting();
-        s.live = self.core.live().iter().copied().collect();
-        s.known = self.core.known().iter().copied().collect();
-        s.peers = repl.peers().clone();
+        // The status reports slots by number.
+        s.live = self.core.live().iter().map(|s| s.get()).collect();
+        s.known = self.core.known().iter().map(|s| s.get()).collect();
+        s.peers = repl
+            .peers()
+            .iter()
+            .map(|(s, p)| (s.get(), p.clone()))
+            .collect();
         s.replication = repl.stats().clone();
         s.unacked_rounds = repl.unacked_rounds();
-        s.peer_unacked_rounds = repl.unacked_rounds_by_peer();
+        s.peer_unacked_rounds = repl
+            .unacked_rounds_by_peer()
+            .into_iter()
+            .map(|(s, n)| (s.get(), n))
+            .collect();
         s.minority = repl.in_minority();
         s.snapshots_written = self.snapshots_written;
         s.admission = self.transport.admission_stats();
