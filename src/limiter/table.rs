@@ -363,7 +363,7 @@ impl<I: KeyIndex> KeyTable<I> {
                 return;
             }
             spins += 1;
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();

@@ -370,7 +370,9 @@ fn default_precision(window: Nanos) -> u32 {
     let w = window.as_u64();
     (1..=DEFAULT_PRECISION)
         .rev()
-        .find(|&k| w % u64::from(k) == 0 && w / u64::from(k) >= Nanos::from_millis(1).as_u64())
+        .find(|&k| {
+            w.is_multiple_of(u64::from(k)) && w / u64::from(k) >= Nanos::from_millis(1).as_u64()
+        })
         .unwrap_or(1)
 }
 
