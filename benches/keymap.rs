@@ -64,6 +64,12 @@ impl KeyIndex for PapayaIndex {
             Ok(Some(_))
         )
     }
+    fn replace(&self, key: u64, old: u32, new: u32) -> bool {
+        self.0
+            .pin()
+            .update(key, |&v| if v == old { new } else { v })
+            .is_some_and(|&v| v == new)
+    }
     fn len(&self) -> usize {
         self.0.len()
     }

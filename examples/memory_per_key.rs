@@ -1,7 +1,8 @@
-//! Memory per tracked key: drl's limiter next to governor's keyed limiter.
+//! Memory per tracked key: drl's limiter next to governor's keyed limiter
+//! (and, with `scripts/redis-memory.sh`, Redis).
 //!
 //! ```text
-//! cargo run --release --example memory_per_key -- [--keys N] [--same-process]
+//! cargo run --release --example memory_per_key -- [--keys N] [--same-process] [--only SUBJECT]
 //! ```
 //!
 //! Each limiter is measured by resident memory (`/proc/self/statm`, resident
@@ -18,9 +19,21 @@
 //! keeps resident, and its RSS barely grows: `--same-process` shows that
 //! (each limiter from its own baseline, the previous one dropped first).
 //!
-//! * drl: one rule keyed by `user`, one one-second sliding window (two
-//!   buckets), three node slots, keys inserted through `Limiter::check_at`.
-//!   drl keeps a 64-bit digest of each key, never the name.
+//! drl subjects are `drl-<rule>-<nodes>-<load>`: one rule keyed by `user`,
+//! a cluster of `<nodes>` slots, keys inserted through `Limiter::check_at`
+//! on this node, and what the other nodes did merged into every key as
+//! their deltas would be (`Ring::merge`, the path replication takes):
+//!
+//! * rules: `s1p10` a one-second sliding window of precision 10 (11
+//!   buckets); `h1p60` a one-hour sliding window of precision 60 (61
+//!   buckets, the sample rules' per-user limit); `gcra` 100 per second,
+//!   burst 10 (the GCRA window: 17 buckets).
+//! * loads: `one` one hit on this node; `burst` one hit from each of three
+//!   nodes in the current bucket; `steady` hits from three nodes in every
+//!   bucket of the window (the worst case for a key touched by three nodes).
+//!
+//! drl keeps a 64-bit digest of each key, never the name.
+//!
 //! * governor, `String` keys: `RateLimiter::dashmap`, the same `String`
 //!   user names as drl; governor keeps a clone of every name.
 //! * governor, `u64` keys: the user's number instead of the name: what
@@ -36,17 +49,45 @@ use std::time::Instant;
 use drl::clock::SystemClock;
 use drl::core::descriptor::Descriptors;
 use drl::core::rules::RuleSet;
+use drl::core::slot::{NodeSlot, PnSlot};
 use drl::core::time::Clock as _;
+use drl::core::window::Ring;
 use drl::limiter::{Limiter, LimiterConfig};
 use governor::{Quota, RateLimiter};
 
-const RULES: &str = r#"
+/// The rules the drl subjects use, by name.
+fn rules(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "s1p10" => {
+            r#"
 [[rules]]
 name = "per-user"
 match = { user = "*" }
 key = ["user"]
-limits = [ { algorithm = "sliding_window", limit = 1000000, window = "1s" } ]
-"#;
+limits = [ { algorithm = "sliding_window", limit = 1000000, window = "1s", precision = 10 } ]
+"#
+        }
+        "h1p60" => {
+            r#"
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+key = ["user"]
+limits = [ { algorithm = "sliding_window", limit = 1000000, window = "1h", precision = 60 } ]
+"#
+        }
+        "gcra" => {
+            r#"
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+key = ["user"]
+limits = [ { algorithm = "gcra", limit = 100, per = "1s", burst = 10 } ]
+"#
+        }
+        _ => return None,
+    })
+}
 
 const DEFAULT_KEYS: usize = 1_000_000;
 
@@ -87,32 +128,95 @@ unsafe impl GlobalAlloc for CountingAlloc {
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What is measured: governor with either key type, or drl with a rule,
+/// a cluster size and a load.
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Subject {
-    Drl,
+    Drl {
+        rule: String,
+        nodes: usize,
+        load: Load,
+    },
     GovernorString,
     GovernorU64,
 }
 
-impl Subject {
-    const ALL: [Subject; 3] = [Subject::Drl, Subject::GovernorString, Subject::GovernorU64];
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Load {
+    One,
+    Burst,
+    Steady,
+}
 
-    fn flag(self) -> &'static str {
+impl Subject {
+    /// The subjects measured by default.
+    fn all() -> Vec<Subject> {
+        let mut all = Vec::new();
+        for (rule, nodes) in [
+            ("s1p10", 3),
+            ("h1p60", 3),
+            ("h1p60", 50),
+            ("gcra", 3),
+            ("gcra", 50),
+        ] {
+            for load in [Load::One, Load::Burst, Load::Steady] {
+                all.push(Subject::Drl {
+                    rule: rule.into(),
+                    nodes,
+                    load,
+                });
+            }
+        }
+        all.push(Subject::GovernorString);
+        all.push(Subject::GovernorU64);
+        all
+    }
+
+    fn flag(&self) -> String {
         match self {
-            Subject::Drl => "drl",
-            Subject::GovernorString => "governor-string",
-            Subject::GovernorU64 => "governor-u64",
+            Subject::Drl { rule, nodes, load } => {
+                let load = match load {
+                    Load::One => "one",
+                    Load::Burst => "burst",
+                    Load::Steady => "steady",
+                };
+                format!("drl-{rule}-{nodes}-{load}")
+            }
+            Subject::GovernorString => "governor-string".into(),
+            Subject::GovernorU64 => "governor-u64".into(),
         }
     }
-    fn title(self) -> &'static str {
+    fn title(&self) -> String {
         match self {
-            Subject::Drl => "drl (3 slots, sliding window, check_at)",
-            Subject::GovernorString => "governor dashmap, String keys",
-            Subject::GovernorU64 => "governor dashmap, u64 keys",
+            Subject::Drl { .. } => self.flag(),
+            Subject::GovernorString => "governor dashmap, String keys".into(),
+            Subject::GovernorU64 => "governor dashmap, u64 keys".into(),
         }
     }
     fn from_flag(s: &str) -> Option<Subject> {
-        Subject::ALL.into_iter().find(|k| k.flag() == s)
+        match s {
+            "governor-string" => return Some(Subject::GovernorString),
+            "governor-u64" => return Some(Subject::GovernorU64),
+            _ => {}
+        }
+        let mut parts = s.strip_prefix("drl-")?.split('-');
+        let rule = parts.next()?;
+        rules(rule)?;
+        let nodes: usize = parts.next()?.parse().ok()?;
+        if !(3..=64).contains(&nodes) {
+            return None;
+        }
+        let load = match parts.next()? {
+            "one" => Load::One,
+            "burst" => Load::Burst,
+            "steady" => Load::Steady,
+            _ => return None,
+        };
+        parts.next().is_none().then(|| Subject::Drl {
+            rule: rule.into(),
+            nodes,
+            load,
+        })
     }
 }
 
@@ -128,6 +232,8 @@ struct Sample {
 struct Args {
     keys: usize,
     only: Option<Subject>,
+    /// With `--subjects a,b,…`: measure only these (each in a child).
+    subjects: Option<Vec<Subject>>,
     same_process: bool,
 }
 
@@ -135,7 +241,9 @@ fn main() -> ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(msg) => {
-            eprintln!("{msg}\nusage: memory_per_key [--keys N] [--same-process]");
+            eprintln!(
+                "{msg}\nusage: memory_per_key [--keys N] [--same-process] [--subjects a,b,...]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -143,7 +251,7 @@ fn main() -> ExitCode {
     if let Some(subject) = args.only {
         // Child mode: one measurement, one machine-readable line.
         let users = user_names(args.keys);
-        let s = measure(subject, &users, page);
+        let s = measure(&subject, &users, page);
         println!(
             "SAMPLE {} {} {} {} {}",
             s.rss_before, s.rss_after, s.heap_before, s.heap_after, s.fill_secs
@@ -154,12 +262,13 @@ fn main() -> ExitCode {
     let mut rows = Vec::new();
     if args.same_process {
         let users = user_names(args.keys);
-        for subject in Subject::ALL {
-            rows.push((subject, measure(subject, &users, page)));
+        for subject in Subject::all() {
+            let sample = measure(&subject, &users, page);
+            rows.push((subject, sample));
         }
     } else {
-        for subject in Subject::ALL {
-            match measure_in_child(subject, args.keys) {
+        for subject in args.subjects.clone().unwrap_or_else(Subject::all) {
+            match measure_in_child(&subject, args.keys) {
                 Ok(s) => rows.push((subject, s)),
                 Err(e) => {
                     eprintln!("{}: {e}", subject.flag());
@@ -197,12 +306,12 @@ fn user_names(keys: usize) -> Vec<String> {
 }
 
 /// Builds and fills one limiter from a fresh baseline, then drops it.
-fn measure(subject: Subject, users: &[String], page: u64) -> Sample {
+fn measure(subject: &Subject, users: &[String], page: u64) -> Sample {
     let rss_before = rss(page);
     let heap_before = HEAP_LIVE.load(Ordering::Relaxed) as u64;
     let start = Instant::now();
     let keep: Box<dyn std::any::Any> = match subject {
-        Subject::Drl => Box::new(fill_drl(users)),
+        Subject::Drl { rule, nodes, load } => Box::new(fill_drl(users, rule, *nodes, *load)),
         Subject::GovernorString => {
             let limiter = RateLimiter::<String, _, _>::dashmap(quota());
             for user in users {
@@ -232,10 +341,10 @@ fn measure(subject: Subject, users: &[String], page: u64) -> Sample {
     sample
 }
 
-fn fill_drl(users: &[String]) -> Limiter {
-    let rules = RuleSet::from_toml(RULES).expect("example rules parse");
+fn fill_drl(users: &[String], rule: &str, nodes: usize, load: Load) -> Limiter {
+    let rules = RuleSet::from_toml(rules(rule).expect("known rule")).expect("example rules parse");
     let config = LimiterConfig {
-        slots: 3,
+        slots: nodes,
         max_keys: users.len() + users.len() / 10 + 1,
         ..LimiterConfig::default()
     };
@@ -250,6 +359,36 @@ fn fill_drl(users: &[String]) -> Limiter {
             .is_allowed());
     }
     assert_eq!(limiter.keys_tracked(), users.len());
+    if load != Load::One {
+        // Two more nodes (the last two slots: in a 50-node cluster a key is
+        // touched by any three) and, when steady, every bucket.
+        let table = limiter.table(0).expect("one limit");
+        let spec = *table.spec();
+        let now_epoch = spec.epoch(now);
+        let epochs = match load {
+            Load::Steady => (now_epoch + 1).saturating_sub(spec.buckets() as u64)..=now_epoch,
+            _ => now_epoch..=now_epoch,
+        };
+        let peers = [
+            NodeSlot::new(0),
+            NodeSlot::new((nodes - 2) as u16),
+            NodeSlot::new((nodes - 1) as u16),
+        ];
+        table.for_each(|entry| {
+            for epoch in epochs.clone() {
+                for (i, &slot) in peers.iter().enumerate() {
+                    if i == 0 && epoch == now_epoch {
+                        continue; // this node's own hit, counted by check_at
+                    }
+                    let value = PnSlot {
+                        p: 1 + (epoch % 7) as u32,
+                        n: 0,
+                    };
+                    Ring::merge(entry, &spec, now, 1, epoch, slot, value);
+                }
+            }
+        });
+    }
     limiter
 }
 
@@ -257,10 +396,10 @@ fn quota() -> Quota {
     Quota::per_second(NonZeroU32::new(1_000_000).expect("non-zero"))
 }
 
-fn measure_in_child(subject: Subject, keys: usize) -> Result<Sample, String> {
+fn measure_in_child(subject: &Subject, keys: usize) -> Result<Sample, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let out = Command::new(exe)
-        .args(["--keys", &keys.to_string(), "--only", subject.flag()])
+        .args(["--keys", &keys.to_string(), "--only", &subject.flag()])
         .output()
         .map_err(|e| format!("cannot run the child: {e}"))?;
     if !out.status.success() {
@@ -293,6 +432,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut parsed = Args {
         keys: DEFAULT_KEYS,
         only: None,
+        subjects: None,
         same_process: false,
     };
     while let Some(arg) = args.next() {
@@ -313,6 +453,16 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 parsed.only = Some(
                     Subject::from_flag(&v)
                         .ok_or_else(|| format!("--only {v:?}: unknown limiter"))?,
+                );
+            }
+            "--subjects" => {
+                let v = args.next().ok_or("--subjects needs a value")?;
+                parsed.subjects = Some(
+                    v.split(',')
+                        .map(|f| {
+                            Subject::from_flag(f).ok_or_else(|| format!("unknown limiter {f:?}"))
+                        })
+                        .collect::<Result<_, _>>()?,
                 );
             }
             other => return Err(format!("unknown argument {other:?}")),

@@ -525,6 +525,25 @@ impl prometheus_client::collector::Collector for NodeCollector {
             "Keys freed because their window passed, since start.",
             limiter.expirations(),
         )?;
+        let memory = limiter.memory();
+        gauge(
+            &mut e,
+            "key_memory_bytes",
+            "Bytes held by the key tables of all limits (entries, index share, eviction sketches).",
+            memory.used() as f64,
+        )?;
+        gauge(
+            &mut e,
+            "key_memory_limit_bytes",
+            "The node's key memory budget (max_memory); 0 when none is set.",
+            memory.limit().unwrap_or(0) as f64,
+        )?;
+        counter(
+            &mut e,
+            "memory_evictions",
+            "Live keys pushed out to stay within max_memory, since start.",
+            memory.evictions(),
+        )?;
 
         let r = &status.replication;
         counter(

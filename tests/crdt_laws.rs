@@ -611,3 +611,59 @@ fn bucket_window_full_state_exchange_is_symmetric() {
     assert_eq!(ab, ba);
     assert_eq!(read(&ab, now), vec![0, 3, 3, 1]);
 }
+
+/// The key table stores a window as sparse cells in size-class arenas; it
+/// must read exactly as the owned window fed the same deltas, whatever
+/// their order and duplicates, with values that need wide cells and keys
+/// that grow through several classes on the way.
+fn table_deltas() -> impl Strategy<Value = Vec<(u64, u16, u32, u32)>> {
+    // (bucket back from the newest, slot, p, n): p spans narrow and wide.
+    prop::collection::vec(
+        (
+            0u64..BUCKETS as u64,
+            0u16..8,
+            prop_oneof![1u32..100, 100_000u32..300_000, Just(u32::MAX)],
+            0u32..3,
+        ),
+        1..120,
+    )
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    #[test]
+    fn key_table_reads_as_the_owned_window_under_reordered_duplicated_deltas(
+        deltas in table_deltas(),
+        order in prop::collection::vec(any::<prop::sample::Index>(), 1..240),
+    ) {
+        use drl::core::window::Ring;
+        use drl::limiter::KeyTable;
+        let s = spec();
+        let now = T0 + Nanos::from_millis(G_MS * BUCKETS as u64 - 1);
+        let newest = s.epoch(now);
+        let mut oracle = BucketWindow::new(s, 8);
+        let table: KeyTable = KeyTable::new(s, 8, 4).unwrap();
+        // Every delta once, then a random sequence of repeats.
+        let feed = (0..deltas.len()).chain(order.iter().map(|i| i.index(deltas.len())));
+        for i in feed {
+            let (back, slot, p, n) = deltas[i];
+            let value = PnSlot { p, n };
+            let epoch = newest - back;
+            let mut e = table.get_or_insert(7, now);
+            let got = Ring::merge(&mut e, &s, now, 1, epoch, NodeSlot::new(slot), value);
+            let want = oracle.merge(now, 1, epoch, NodeSlot::new(slot), value);
+            prop_assert_eq!(got, want);
+        }
+        let e = table.get(7).unwrap();
+        let mut out = vec![0; BUCKETS];
+        Ring::read(&e, &s, now, &mut out);
+        prop_assert_eq!(out, read(&oracle, now));
+        let mut shares = vec![0u64; 8];
+        let mut want_shares = vec![0u64; 8];
+        Ring::slot_hits(&e, &s, now, &mut shares);
+        Ring::slot_hits(&oracle, &s, now, &mut want_shares);
+        prop_assert_eq!(shares, want_shares);
+        prop_assert_eq!(table.len(), 1);
+    }
+}

@@ -891,6 +891,8 @@ async fn rules_put_on_one_node_reach_every_node_and_metrics_parse() {
         "drl_decision_duration_seconds_count",
         "drl_keys_tracked",
         "drl_evictions_total",
+        "drl_key_memory_bytes",
+        "drl_memory_evictions_total",
         "drl_gossip_frames_sent_total",
         "drl_gossip_bytes_sent_total",
         "drl_gossip_frames_received_total",

@@ -83,6 +83,9 @@ pub struct NodeArgs {
     /// Most keys tracked per limit.
     #[arg(long, env = "DRL_MAX_KEYS")]
     pub max_keys: Option<usize>,
+    /// Most memory the keys of all limits may hold together (e.g. `512MiB`).
+    #[arg(long, env = "DRL_MAX_MEMORY")]
+    pub max_memory: Option<String>,
     /// Where to keep the local snapshot (default: no snapshots).
     #[arg(long, env = "DRL_SNAPSHOT_PATH")]
     pub snapshot_path: Option<PathBuf>,
@@ -159,6 +162,9 @@ impl NodeArgs {
         );
         if let Some(v) = self.advertise_peer {
             file.advertise_peer = Some(v);
+        }
+        if let Some(v) = &self.max_memory {
+            file.max_memory = Some(v.clone());
         }
         if let Some(v) = self.grpc_listen {
             file.grpc_listen = Some(v);

@@ -128,6 +128,32 @@ pub trait SlotGrid {
         });
         p.saturating_sub(n)
     }
+    /// Adds every row's `(Σp, Σn)` into `sums[row]`. Sparse stores do it in
+    /// one pass over what they hold.
+    fn row_sums(&self, sums: &mut [(u64, u64)]) {
+        for (row, sum) in sums.iter_mut().enumerate() {
+            for s in 0..self.slot_count() {
+                let v = self.get(row, s);
+                sum.0 += u64::from(v.p);
+                sum.1 += u64::from(v.n);
+            }
+        }
+    }
+    /// Calls `f(row, slot, value)` for the slot values held; a store may
+    /// skip zero values, or report one slot's `p` and `n` in separate calls
+    /// (the other component zero), so callers only add.
+    fn for_each_value(&self, f: &mut dyn FnMut(usize, usize, PnSlot)) {
+        for row in 0..self.rows() {
+            for s in 0..self.slot_count() {
+                let v = self.get(row, s);
+                if v != PnSlot::ZERO {
+                    f(row, s, v);
+                }
+            }
+        }
+    }
+    /// Rows in the grid (its window's bucket count).
+    fn rows(&self) -> usize;
 }
 
 /// Rebuilds a full epoch from its low `bits` bits, taking the one nearest to
@@ -190,17 +216,24 @@ impl Ring {
         debug_assert_eq!(out.len(), b);
         let now_epoch = spec.epoch(now);
         let newest = grid.newest(now_epoch);
+        let mut sums = [(0u64, 0u64); MAX_BUCKETS];
+        let sums = &mut sums[..b];
+        grid.row_sums(sums);
+        let net = |e: u64| {
+            let (p, n) = sums[Self::row(spec, e)];
+            p.saturating_sub(n)
+        };
         for (i, slot) in out.iter_mut().enumerate() {
             let e = (now_epoch + 1 + i as u64).checked_sub(b as u64);
             *slot = match e {
-                Some(e) if Self::holds(spec, newest, e) => grid.row_net(Self::row(spec, e)),
+                Some(e) if Self::holds(spec, newest, e) => net(e),
                 _ => 0,
             };
         }
         if newest > now_epoch {
             let ahead: u64 = (now_epoch + 1..=newest)
                 .filter(|&e| Self::holds(spec, newest, e))
-                .map(|e| grid.row_net(Self::row(spec, e)))
+                .map(net)
                 .sum();
             out[b - 1] += ahead;
         }
@@ -346,15 +379,21 @@ impl Ring {
         let newest = grid.newest(now_epoch);
         let b = spec.buckets() as u64;
         let oldest = (now_epoch + 1).saturating_sub(b);
+        // Which rows hold a live bucket at `now`.
+        let mut live = [false; MAX_BUCKETS];
         for e in oldest..=newest.max(now_epoch) {
-            if !Self::holds(spec, newest, e) {
-                continue;
-            }
-            let row = Self::row(spec, e);
-            for (slot, total) in out.iter_mut().enumerate().take(grid.slot_count()) {
-                *total += u64::from(grid.get(row, slot).p);
+            if Self::holds(spec, newest, e) {
+                live[Self::row(spec, e)] = true;
             }
         }
+        let slots = grid.slot_count();
+        grid.for_each_value(&mut |row, slot, v| {
+            if live[row] && slot < slots {
+                if let Some(total) = out.get_mut(slot) {
+                    *total += u64::from(v.p);
+                }
+            }
+        });
     }
 
     /// True when nothing in the ring can count at `now` any more.
@@ -478,6 +517,9 @@ impl SlotGrid for BucketWindow {
     }
     fn newest(&self, _now_epoch: u64) -> u64 {
         self.newest
+    }
+    fn rows(&self) -> usize {
+        self.spec.buckets()
     }
     fn set_newest(&mut self, epoch: u64) {
         self.newest = epoch;

@@ -17,6 +17,10 @@ pub trait KeyIndex: Send + Sync {
     fn insert_if_absent(&self, key: u64, entry: u32) -> Result<(), u32>;
     /// Removes the key only if it still maps to `entry`.
     fn remove_if(&self, key: u64, entry: u32) -> bool;
+    /// Points the key at `new` if it still maps to `old` (a key moving to a
+    /// larger entry, under its lock). The key must never be absent in
+    /// between, or another thread could create a second entry for it.
+    fn replace(&self, key: u64, old: u32, new: u32) -> bool;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -80,6 +84,15 @@ impl KeyIndex for DashMapIndex {
     }
     fn remove_if(&self, key: u64, entry: u32) -> bool {
         self.0.remove_if(&key, |_, &v| v == entry).is_some()
+    }
+    fn replace(&self, key: u64, old: u32, new: u32) -> bool {
+        match self.0.get_mut(&key) {
+            Some(mut v) if *v == old => {
+                *v = new;
+                true
+            }
+            _ => false,
+        }
     }
     fn len(&self) -> usize {
         self.0.len()

@@ -30,7 +30,7 @@ use crate::core::window::{Ring, SlotGrid, WindowCounts, MAX_BUCKETS};
 
 pub use journal::Journal;
 pub use receipts::{LimitRefund, RefundError, RefundOutcome};
-pub use table::{Entry, KeyTable, TableError, TableStats, MAX_INFLIGHT};
+pub use table::{Entry, KeyTable, MemoryBudget, TableError, TableStats, MAX_INFLIGHT};
 
 /// How the limiter is sized and where it sits in the cluster.
 #[derive(Clone, Debug)]
@@ -41,6 +41,10 @@ pub struct LimiterConfig {
     pub slots: usize,
     /// Most keys tracked per limit; beyond it the least recently used go.
     pub max_keys: usize,
+    /// Most bytes all key tables together may hold (`None`: no budget
+    /// beyond `max_keys`); beyond it the limit holding the most gives back
+    /// its least recently used keys.
+    pub max_memory: Option<usize>,
     /// Seed of key digests, shared by the cluster.
     pub seed: KeySeed,
 }
@@ -51,6 +55,7 @@ impl Default for LimiterConfig {
             own_slot: NodeSlot::new(0),
             slots: 1,
             max_keys: 1 << 20,
+            max_memory: None,
             seed: KeySeed::default(),
         }
     }
@@ -222,6 +227,7 @@ pub struct Limiter<C: Clock = SystemClock> {
     compiled: ArcSwap<Compiled>,
     cluster: Option<ClusterHooks>,
     receipts: receipts::Receipts,
+    budget: Arc<MemoryBudget>,
 }
 
 impl Limiter<SystemClock> {
@@ -238,7 +244,8 @@ impl<C: Clock> Limiter<C> {
                 slots: config.slots,
             });
         }
-        let compiled = compile(Arc::new(rules), &config, &HashMap::new())?;
+        let budget = Arc::new(MemoryBudget::new(config.max_memory));
+        let compiled = compile(Arc::new(rules), &config, &HashMap::new(), &budget)?;
         let receipts = receipts::Receipts::new(
             crate::core::receipt::ReceiptKey::derive(config.seed),
             rand::random(),
@@ -250,6 +257,7 @@ impl<C: Clock> Limiter<C> {
             compiled: ArcSwap::from_pointee(compiled),
             cluster: None,
             receipts,
+            budget,
         })
     }
 
@@ -351,7 +359,7 @@ impl<C: Clock> Limiter<C> {
             .zip(&old.tables)
             .map(|(l, t)| (l.id, t.clone()))
             .collect();
-        let compiled = compile(Arc::new(rules), &self.config, &by_id)?;
+        let compiled = compile(Arc::new(rules), &self.config, &by_id, &self.budget)?;
         self.compiled.store(Arc::new(compiled));
         Ok(())
     }
@@ -863,6 +871,12 @@ impl<C: Clock> Limiter<C> {
         compiled.tables.iter().map(|t| t.sweep(now, budget)).sum()
     }
 
+    /// The node's memory budget: bytes held by every key table, the limit
+    /// (`max_memory`) and the keys evicted to keep it.
+    pub fn memory(&self) -> &MemoryBudget {
+        &self.budget
+    }
+
     /// Keys tracked, over all limits.
     pub fn keys_tracked(&self) -> usize {
         self.compiled.load().tables.iter().map(|t| t.len()).sum()
@@ -989,20 +1003,28 @@ fn compile(
     rules: Arc<RuleSet>,
     config: &LimiterConfig,
     reuse: &HashMap<u64, Arc<KeyTable>>,
+    budget: &Arc<MemoryBudget>,
 ) -> Result<Compiled, SetupError> {
     let mut tables = Vec::with_capacity(rules.limits().len());
     for limit in rules.limits() {
         let spec = limit.algorithm.window();
         let table = match reuse.get(&limit.id) {
             Some(t) if *t.spec() == spec && t.slots() == config.slots => t.clone(),
-            _ => Arc::new(
-                KeyTable::new(spec, config.slots, config.max_keys)
-                    .map_err(|source| SetupError::Table {
-                        limit: format!("{}#{}", limit.rule, limit.index),
-                        source,
-                    })?
-                    .with_home_slot(config.own_slot),
-            ),
+            _ => {
+                let table = Arc::new(
+                    KeyTable::new(spec, config.slots, config.max_keys)
+                        .map_err(|source| SetupError::Table {
+                            limit: format!("{}#{}", limit.rule, limit.index),
+                            source,
+                        })?
+                        .with_home_slot(config.own_slot)
+                        .with_budget(budget.clone()),
+                );
+                let weak: std::sync::Weak<dyn table::Reclaim> =
+                    Arc::downgrade(&table) as std::sync::Weak<dyn table::Reclaim>;
+                budget.register(weak);
+                table
+            }
         };
         tables.push(table);
     }

@@ -1,6 +1,6 @@
-//! The key table of one limit: a fixed-capacity arena of packed windows.
+//! The key table of one limit: arenas of packed, sparse windows.
 //!
-//! Every tracked key owns one arena entry of `stride` 32-bit words:
+//! Every tracked key owns one arena entry of 32-bit words:
 //!
 //! ```text
 //! word 0      bit 0 lock; bits 1..32 newest bucket epoch (low 31 bits)
@@ -10,38 +10,53 @@
 //!             until the limiter's deadline for it passes), bit 30 dirty,
 //!             bit 31 referenced (CLOCK)
 //! words 2..4  key digest (0 = vacant)
-//! words 4..   buckets × slots × (p, n)
+//! words 4..   cells: the window's non-zero slot values ([`cells`])
 //! ```
 //!
 //! Word 0 is the only word ever compared-and-swapped (to take the lock); every
 //! other word, and word 0's epoch bits, change only under the lock.
 //!
-//! For one sliding-window limit on a three-node cluster that is 16 words, one
-//! cache line. The index maps digests to entry numbers. An entry is read and
-//! written only under its own lock, so concurrent hits on one key are
-//! serialised by that key alone; decisions on different keys share at most
-//! an index shard's read lock.
+//! A window is `buckets × slots` slot values, but an entry stores only the
+//! non-zero ones, one 32-bit cell per component (two for a value above
+//! 131,071). Entries come in size classes: class `c` is `16 << c` words
+//! (64 bytes, then 128, 256, …), one arena per class. A key starts in class
+//! 0 (12 cell words: a one-second sliding window with precision 10 hit by
+//! one node in every bucket fits) and moves to the next class, under its
+//! lock, when a write does not fit; the largest class a table has holds
+//! every slot of every bucket, so a write always fits somewhere. Memory per
+//! key therefore follows what the key used, not the window's length times
+//! the cluster's size. A key that grew stays in its class until it expires
+//! or is evicted.
 //!
-//! The arena never grows past `capacity`: when it is full a new key evicts an
-//! old one by the CLOCK algorithm (an approximation of least recently used),
-//! preferring keys whose window has already expired (a short sweep for idle
-//! keys runs before the hand moves). Idle keys are swept back to a free list
-//! as their windows pass.
+//! The index maps digests to entry handles (class and entry number). An
+//! entry is read and written only under its own lock, so concurrent hits on
+//! one key are serialised by that key alone; decisions on different keys
+//! share at most an index shard's read lock.
+//!
+//! The table never tracks more than `capacity` keys, and the node's
+//! [`MemoryBudget`] caps the bytes of all tables together: when either is
+//! reached a new key evicts an old one by the CLOCK algorithm (an
+//! approximation of least recently used), preferring keys whose window has
+//! already expired (a short sweep for idle keys runs before the hand moves).
+//! Idle keys are swept back to a free list as their windows pass.
 //!
 //! Eviction never hands quota back: a live key's usage is recorded in a
 //! fixed-size count-min sketch ([`evicted`]) as it goes, and a key that
 //! comes back within its window starts from that estimate, never lower,
 //! counted in this node's own slot at the newest bucket the sketch holds.
 
+mod budget;
+pub mod cells;
 mod evicted;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::core::slot::{NodeSlot, PnSlot};
 use crate::core::time::Nanos;
 use crate::core::window::{unpack_epoch, Ring, SlotGrid, WindowSpec, MAX_BUCKETS};
 
+pub use budget::{MemoryBudget, Reclaim};
 pub use evicted::EvictedSketch;
 
 use super::index::{DashMapIndex, KeyIndex};
@@ -56,46 +71,157 @@ const REFERENCED: u32 = 1 << 31;
 /// Most hits one key may have in flight (unacknowledged by peers) on one node.
 pub const MAX_INFLIGHT: u32 = INFLIGHT_MASK;
 const HEADER_WORDS: usize = 4;
+/// Words of a class-0 entry: one 64-byte cache line.
+const CLASS0_WORDS: usize = 16;
+/// Bytes of class-0 entries allocated at a time; larger classes take fewer
+/// entries per chunk (at least [`MIN_CHUNK_ENTRIES`]).
 const CHUNK_ENTRIES: usize = 4096;
+const MIN_CHUNK_ENTRIES: usize = 16;
 const FREE_SHARDS: usize = 16;
 /// Entries a full table looks at for idle keys before it evicts a live one.
 const IDLE_SCAN: usize = 32;
+/// Handles are `class << CLASS_SHIFT | entry`.
+const CLASS_SHIFT: u32 = 27;
+const ENTRY_MASK: u32 = (1 << CLASS_SHIFT) - 1;
+/// What the index costs per key, counted against the memory budget: a
+/// dashmap slot (digest and handle, 16 bytes, and a control byte) at its
+/// load factor, measured by `examples/memory_per_key.rs`.
+pub const INDEX_BYTES_PER_KEY: usize = 24;
+/// Most keys one insertion evicts to bring the node back within its budget.
+const BUDGET_EVICTIONS_PER_INSERT: usize = 8;
 
 /// Counts of what the table has done to stay within its capacity.
 #[derive(Debug, Default)]
 pub struct TableStats {
-    /// Live keys pushed out to make room for new ones.
+    /// Live keys pushed out to make room for new ones (by `max_keys`).
     pub evictions: AtomicU64,
+    /// Live keys pushed out to bring the node within `max_memory`.
+    pub memory_evictions: AtomicU64,
     /// Keys removed because their whole window had passed.
     pub expirations: AtomicU64,
     /// Keys that came back after an eviction and were given their recorded
     /// usage rather than a fresh budget.
     pub restored: AtomicU64,
+    /// Keys moved to a larger size class.
+    pub grown: AtomicU64,
+}
+
+/// The entries of one size class.
+struct Arena {
+    stride: usize,
+    capacity: u32,
+    chunk_entries: usize,
+    chunks: Box<[OnceLock<Box<[AtomicU32]>>]>,
+    fresh: AtomicU32,
+    free: [Mutex<Vec<u32>>; FREE_SHARDS],
+    /// Entries holding a key (or being filled).
+    in_use: AtomicU32,
+    hand: AtomicU32,
+    sweep_cursor: AtomicU32,
+}
+
+impl Arena {
+    fn new(stride: usize, capacity: u32) -> Arena {
+        let chunk_entries = (CHUNK_ENTRIES * CLASS0_WORDS / stride).max(MIN_CHUNK_ENTRIES);
+        let chunks = (capacity as usize).div_ceil(chunk_entries);
+        Arena {
+            stride,
+            capacity,
+            chunk_entries,
+            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
+            fresh: AtomicU32::new(0),
+            free: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            in_use: AtomicU32::new(0),
+            hand: AtomicU32::new(0),
+            sweep_cursor: AtomicU32::new(0),
+        }
+    }
+
+    fn words(&self, entry: u32) -> &[AtomicU32] {
+        let e = entry as usize;
+        let ce = self.chunk_entries;
+        let chunk = self.chunks[e / ce].get_or_init(|| {
+            let words = ce.min(self.capacity as usize - (e / ce) * ce) * self.stride;
+            std::iter::repeat_with(|| AtomicU32::new(0))
+                .take(words)
+                .collect()
+        });
+        let at = (e % ce) * self.stride;
+        &chunk[at..at + self.stride]
+    }
+
+    /// Entries ever handed out (the part of the arena that may hold keys).
+    fn live(&self) -> u32 {
+        self.fresh.load(Ordering::Relaxed).min(self.capacity)
+    }
+
+    fn pop_free(&self, key: u64) -> Option<u32> {
+        let shard = (key as usize) % FREE_SHARDS;
+        for i in 0..FREE_SHARDS {
+            let popped = self.free[(shard + i) % FREE_SHARDS]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            if popped.is_some() {
+                return popped;
+            }
+        }
+        None
+    }
+
+    fn take_fresh(&self) -> Option<u32> {
+        let fresh = self.fresh.fetch_add(1, Ordering::Relaxed);
+        if fresh < self.capacity {
+            return Some(fresh);
+        }
+        self.fresh.fetch_min(self.capacity, Ordering::Relaxed);
+        None
+    }
+
+    fn push_free(&self, entry: u32) {
+        self.free[(entry as usize) % FREE_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(entry);
+    }
+}
+
+fn handle(class: usize, entry: u32) -> u32 {
+    ((class as u32) << CLASS_SHIFT) | entry
+}
+fn class_of(handle: u32) -> usize {
+    (handle >> CLASS_SHIFT) as usize
+}
+fn entry_of(handle: u32) -> u32 {
+    handle & ENTRY_MASK
 }
 
 pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     spec: WindowSpec,
     slots: usize,
-    stride: usize,
     capacity: u32,
-    chunks: Box<[OnceLock<Box<[AtomicU32]>>]>,
-    fresh: AtomicU32,
-    free: [Mutex<Vec<u32>>; FREE_SHARDS],
+    classes: Box<[Arena]>,
     hand: AtomicU32,
     sweep_cursor: AtomicU32,
     index: I,
     stats: TableStats,
     /// Usage of evicted keys; allocated at the first eviction.
-    evicted: OnceLock<Evicted>,
+    evicted: OnceLock<EvictedSketch>,
     /// The slot restored usage is counted in: this node's own.
     home: NodeSlot,
+    budget: Arc<MemoryBudget>,
+    /// Bytes this table has charged to the budget.
+    charged: AtomicUsize,
+    /// The latest time a key was inserted at: what a key growing into a
+    /// larger class (a write with no time of its own) takes as now.
+    last_now: AtomicU64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TableError {
     #[error("a key table needs room for at least one key")]
     ZeroCapacity,
-    #[error("a key table holds at most {} keys", u32::MAX - 1)]
+    #[error("a key table holds at most {} keys", ENTRY_MASK)]
     TooLarge,
     #[error("a cluster needs at least one node slot")]
     ZeroSlots,
@@ -108,27 +234,35 @@ impl<I: KeyIndex> KeyTable<I> {
         if capacity == 0 {
             return Err(TableError::ZeroCapacity);
         }
-        if capacity >= u32::MAX as usize {
+        if capacity >= ENTRY_MASK as usize {
             return Err(TableError::TooLarge);
         }
         if slots == 0 {
             return Err(TableError::ZeroSlots);
         }
-        let chunks = capacity.div_ceil(CHUNK_ENTRIES);
+        let worst = cells::worst_words(spec.buckets(), slots) + HEADER_WORDS;
+        let mut classes = Vec::new();
+        loop {
+            let stride = CLASS0_WORDS << classes.len();
+            classes.push(Arena::new(stride, capacity as u32));
+            if stride >= worst {
+                break;
+            }
+        }
         Ok(KeyTable {
             spec,
             slots,
-            stride: HEADER_WORDS + spec.buckets() * slots * 2,
             capacity: capacity as u32,
-            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
-            fresh: AtomicU32::new(0),
-            free: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            classes: classes.into_boxed_slice(),
             hand: AtomicU32::new(0),
             sweep_cursor: AtomicU32::new(0),
             index: I::with_capacity(capacity),
             stats: TableStats::default(),
             evicted: OnceLock::new(),
             home: NodeSlot::new(0),
+            budget: Arc::new(MemoryBudget::unlimited()),
+            charged: AtomicUsize::new(0),
+            last_now: AtomicU64::new(0),
         })
     }
 
@@ -141,15 +275,25 @@ impl<I: KeyIndex> KeyTable<I> {
         self
     }
 
-    /// The sketch of evicted keys' usage, once anything was evicted.
-    pub fn evicted_sketch(&self) -> Option<&EvictedSketch> {
-        self.evicted.get().map(|e| &e.sketch)
+    /// Charges this table's memory to `budget` (shared by every table of a
+    /// node) instead of an unlimited budget of its own. Call before any key
+    /// is inserted; register the table with [`MemoryBudget::register`] so
+    /// that other tables can ask it to give memory back.
+    pub fn with_budget(mut self, budget: Arc<MemoryBudget>) -> Self {
+        self.budget = budget;
+        self
     }
 
-    fn evicted(&self) -> &Evicted {
-        self.evicted.get_or_init(|| Evicted {
-            sketch: EvictedSketch::for_capacity(self.capacity as usize),
-            restored: (0..self.capacity).map(|_| AtomicU64::new(0)).collect(),
+    /// The sketch of evicted keys' usage, once anything was evicted.
+    pub fn evicted_sketch(&self) -> Option<&EvictedSketch> {
+        self.evicted.get()
+    }
+
+    fn evicted(&self) -> &EvictedSketch {
+        self.evicted.get_or_init(|| {
+            let sketch = EvictedSketch::for_capacity(self.capacity as usize);
+            self.charge(sketch.bytes());
+            sketch
         })
     }
 
@@ -171,23 +315,43 @@ impl<I: KeyIndex> KeyTable<I> {
     pub fn stats(&self) -> &TableStats {
         &self.stats
     }
-
-    fn words(&self, entry: u32) -> &[AtomicU32] {
-        let e = entry as usize;
-        let chunk = self.chunks[e / CHUNK_ENTRIES].get_or_init(|| {
-            let words = CHUNK_ENTRIES
-                .min(self.capacity as usize - (e / CHUNK_ENTRIES) * CHUNK_ENTRIES)
-                * self.stride;
-            std::iter::repeat_with(|| AtomicU32::new(0))
-                .take(words)
-                .collect()
-        });
-        let at = (e % CHUNK_ENTRIES) * self.stride;
-        &chunk[at..at + self.stride]
+    /// How many size classes the table has, and the words of the largest.
+    pub fn classes(&self) -> (usize, usize) {
+        (
+            self.classes.len(),
+            self.classes.last().map_or(0, |a| a.stride),
+        )
+    }
+    /// Keys held in each size class, smallest first.
+    pub fn keys_per_class(&self) -> Vec<u32> {
+        self.classes
+            .iter()
+            .map(|a| a.in_use.load(Ordering::Relaxed))
+            .collect()
     }
 
-    fn lock_entry(&self, entry: u32) -> Entry<'_> {
-        let words = self.words(entry);
+    /// Bytes this table counts against the node's memory budget: entries in
+    /// use, the index at [`INDEX_BYTES_PER_KEY`] per key, and the evicted
+    /// keys' sketch once there is one.
+    pub fn bytes(&self) -> usize {
+        self.charged.load(Ordering::Relaxed)
+    }
+
+    fn charge(&self, bytes: usize) {
+        self.charged.fetch_add(bytes, Ordering::Relaxed);
+        self.budget.charge(bytes);
+    }
+
+    fn credit(&self, bytes: usize) {
+        self.charged.fetch_sub(bytes, Ordering::Relaxed);
+        self.budget.credit(bytes);
+    }
+
+    fn entry_bytes(&self, class: usize) -> usize {
+        self.classes[class].stride * 4
+    }
+
+    fn lock_words(words: &[AtomicU32]) {
         let mut spins = 0u32;
         loop {
             let cur = words[0].load(Ordering::Relaxed);
@@ -196,17 +360,10 @@ impl<I: KeyIndex> KeyTable<I> {
                     .compare_exchange_weak(cur, cur | LOCK, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
-                let e = Entry {
-                    words,
-                    slots: self.slots,
-                    entry,
-                    spec: self.spec,
-                };
-                e.set_flags(REFERENCED);
-                return e;
+                return;
             }
             spins += 1;
-            if spins % 64 == 0 {
+            if spins.is_multiple_of(64) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -214,8 +371,23 @@ impl<I: KeyIndex> KeyTable<I> {
         }
     }
 
-    fn try_lock_entry(&self, entry: u32) -> Option<Entry<'_>> {
-        let words = self.words(entry);
+    fn entry_at(&self, handle: u32) -> Entry<'_, I> {
+        Entry {
+            table: self,
+            words: self.classes[class_of(handle)].words(entry_of(handle)),
+            handle,
+        }
+    }
+
+    fn lock_entry(&self, handle: u32) -> Entry<'_, I> {
+        let e = self.entry_at(handle);
+        Self::lock_words(e.words);
+        e.set_flags(REFERENCED);
+        e
+    }
+
+    fn try_lock_entry(&self, handle: u32) -> Option<Entry<'_, I>> {
+        let words = self.classes[class_of(handle)].words(entry_of(handle));
         let cur = words[0].load(Ordering::Relaxed);
         let locked = cur & LOCK == 0
             && words[0]
@@ -227,33 +399,46 @@ impl<I: KeyIndex> KeyTable<I> {
             return None;
         }
         Some(Entry {
+            table: self,
             words,
-            slots: self.slots,
-            entry,
-            spec: self.spec,
+            handle,
         })
     }
 
     /// Locks the entry of `key` if the key is tracked.
-    pub fn get(&self, key: u64) -> Option<Entry<'_>> {
-        let entry = self.index.get(key)?;
-        let e = self.lock_entry(entry);
-        (e.key() == key).then_some(e)
+    pub fn get(&self, key: u64) -> Option<Entry<'_, I>> {
+        let mut handle = self.index.get(key)?;
+        loop {
+            let e = self.lock_entry(handle);
+            if e.key() == key {
+                return Some(e);
+            }
+            drop(e);
+            // The key may have moved to a larger class while we waited.
+            match self.index.get(key) {
+                Some(h) if h != handle => handle = h,
+                _ => return None,
+            }
+        }
     }
 
     /// Locks the entry of `key`, creating it (and making room) if needed.
-    pub fn get_or_insert(&self, key: u64, now: Nanos) -> Entry<'_> {
+    pub fn get_or_insert(&self, key: u64, now: Nanos) -> Entry<'_, I> {
         debug_assert_ne!(key, 0, "key digests are never zero");
         loop {
             if let Some(e) = self.get(key) {
                 return e;
             }
-            let mut e = self.allocate(key, now);
+            self.last_now.fetch_max(now.as_u64(), Ordering::Relaxed);
+            self.relieve(now);
+            self.make_room(now);
+            let mut e = self.allocate(0, key, now);
             e.set_key(key);
             e.set_newest(self.spec.epoch(now));
             self.restore(&mut e, now);
-            match self.index.insert_if_absent(key, e.entry) {
+            match self.index.insert_if_absent(key, e.handle) {
                 Ok(()) => {
+                    self.charge(INDEX_BYTES_PER_KEY);
                     // Amortised expiry: every new key pays for looking at two old ones.
                     self.sweep(now, 2);
                     return e;
@@ -267,61 +452,96 @@ impl<I: KeyIndex> KeyTable<I> {
         }
     }
 
+    /// Makes room for one more key when the table holds `capacity`: an idle
+    /// key if the sweep finds one, else a live one by CLOCK, taken from the
+    /// size classes in turn.
+    fn make_room(&self, now: Nanos) {
+        if self.len() < self.capacity as usize {
+            return;
+        }
+        if self.sweep(now, IDLE_SCAN) > 0 {
+            return;
+        }
+        let n = self.classes.len();
+        let start = self.hand.fetch_add(1, Ordering::Relaxed) as usize;
+        let Some(class) = (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&c| self.classes[c].in_use.load(Ordering::Relaxed) > 0)
+        else {
+            return;
+        };
+        let e = self.evict_in(class, now, false);
+        self.release(e);
+    }
+
+    /// Brings the node back within its memory budget, if it is over, by
+    /// evicting keys: from whichever registered table holds the most bytes,
+    /// this one if none is registered.
+    fn relieve(&self, now: Nanos) {
+        for _ in 0..BUDGET_EVICTIONS_PER_INSERT {
+            if !self.budget.over(self.entry_bytes(0) + INDEX_BYTES_PER_KEY) {
+                return;
+            }
+            let freed = match self.budget.largest() {
+                Some(t) => t.reclaim(now),
+                None => self.reclaim(now),
+            };
+            if freed == 0 {
+                return;
+            }
+        }
+    }
+
     /// Gives a key that was evicted within its window the usage the sketch
     /// recorded for it (a fresh entry, locked, newest epoch = now's).
-    fn restore(&self, e: &mut Entry<'_>, now: Nanos) {
-        let Some(evicted) = self.evicted.get() else {
+    fn restore(&self, e: &mut Entry<'_, I>, now: Nanos) {
+        let Some(sketch) = self.evicted.get() else {
             return;
         };
         let now_epoch = self.spec.epoch(now);
         let buckets = self.spec.buckets() as u64;
-        if let Some((epoch, count)) = evicted.sketch.estimate(e.key(), now_epoch, buckets) {
+        if let Some((epoch, count)) = sketch.estimate(e.key(), now_epoch, buckets) {
             let row = (epoch % buckets) as usize;
             let home = self.home.index();
             let mut v = e.get(row, home);
             v.p = v.p.max(count);
             e.set(row, home, v);
-            evicted.restored[e.entry as usize]
-                .store(pack_restored(epoch, count), Ordering::Relaxed);
+            e.set_restored(epoch, count);
             self.stats.restored.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    fn pop_free(&self, key: u64) -> Option<Entry<'_>> {
-        let shard = (key as usize) % FREE_SHARDS;
-        for i in 0..FREE_SHARDS {
-            let popped = self.free[(shard + i) % FREE_SHARDS]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop();
-            if let Some(entry) = popped {
-                return Some(self.lock_entry(entry));
-            }
-        }
-        None
+    /// Returns a locked, vacant entry of `class`.
+    fn allocate(&self, class: usize, key: u64, now: Nanos) -> Entry<'_, I> {
+        let e = self.allocate_quiet(class, key, now);
+        self.classes[class].in_use.fetch_add(1, Ordering::Relaxed);
+        self.charge(self.entry_bytes(class));
+        e
     }
 
-    /// Returns a locked, vacant entry.
-    fn allocate(&self, key: u64, now: Nanos) -> Entry<'_> {
-        if let Some(e) = self.pop_free(key) {
-            return e;
+    fn allocate_quiet(&self, class: usize, key: u64, now: Nanos) -> Entry<'_, I> {
+        let arena = &self.classes[class];
+        if let Some(entry) = arena.pop_free(key) {
+            return self.lock_entry(handle(class, entry));
         }
-        let fresh = self.fresh.fetch_add(1, Ordering::Relaxed);
-        if fresh < self.capacity {
-            return self.lock_entry(fresh);
+        // Room for another key, or this class still has fresh entries for
+        // a key that grows into it: take a fresh one.
+        if let Some(entry) = arena.take_fresh() {
+            return self.lock_entry(handle(class, entry));
         }
-        self.fresh.fetch_min(self.capacity, Ordering::Relaxed);
         // Full: idle keys go before live ones.
         if self.sweep(now, IDLE_SCAN) > 0 {
-            if let Some(e) = self.pop_free(key) {
-                return e;
+            if let Some(entry) = arena.pop_free(key) {
+                return self.lock_entry(handle(class, entry));
             }
         }
-        self.evict(now)
+        let e = self.evict_in(class, now, false);
+        self.classes[class].in_use.fetch_sub(1, Ordering::Relaxed);
+        e
     }
 
     /// Records a live entry's usage in the sketch before it is evicted.
-    fn remember(&self, e: &Entry<'_>, now: Nanos) {
+    fn remember(&self, e: &Entry<'_, I>, now: Nanos) {
         let mut nets = [0u64; MAX_BUCKETS];
         let nets = &mut nets[..self.spec.buckets()];
         Ring::read(e, &self.spec, now, nets);
@@ -331,13 +551,12 @@ impl<I: KeyIndex> KeyTable<I> {
         }
         let now_epoch = self.spec.epoch(now);
         let buckets = self.spec.buckets() as u64;
-        let evicted = self.evicted();
+        let sketch = self.evicted();
         // What this entry was given back from the sketch is still recorded
         // there (cells never fall while live): record only the key's own
         // hits since, or an over-count would feed on itself, every round of
         // a flood raising every colliding key's estimate.
-        let restored = evicted.restored[e.entry as usize].load(Ordering::Relaxed);
-        if let Some((epoch, given)) = unpack_restored(restored, now_epoch) {
+        if let Some((epoch, given)) = e.restored(now_epoch) {
             if epoch + buckets > now_epoch {
                 count = count.saturating_sub(u64::from(given));
             }
@@ -346,20 +565,25 @@ impl<I: KeyIndex> KeyTable<I> {
             return;
         }
         let newest = e.newest(now_epoch).min(now_epoch);
-        evicted
-            .sketch
-            .record(e.key(), newest, count, now_epoch, buckets);
+        sketch.record(e.key(), newest, count, now_epoch, buckets);
     }
 
-    /// CLOCK: sweep the hand over live entries, clearing referenced bits, and
-    /// take the first entry that was not used since the hand last passed.
-    fn evict(&self, now: Nanos) -> Entry<'_> {
-        let n = self.capacity;
+    /// CLOCK over the entries of `class`: sweep the hand, clearing
+    /// referenced bits, and take the first entry that was not used since the
+    /// hand last passed. Returns it locked and vacant (still counted in use).
+    fn evict_in(&self, class: usize, now: Nanos, for_memory: bool) -> Entry<'_, I> {
+        let arena = &self.classes[class];
+        let n = arena.live().max(1);
         let mut passes = 0u64;
         loop {
-            let entry = self.hand.fetch_add(1, Ordering::Relaxed) % n;
+            let entry = arena.hand.fetch_add(1, Ordering::Relaxed) % n;
             passes += 1;
-            let Some(mut e) = self.try_lock_entry(entry) else {
+            let Some(mut e) = self.try_lock_entry(handle(class, entry)) else {
+                if passes > 64 * u64::from(n) {
+                    // Every entry is locked by someone else: wait for one.
+                    let e = self.lock_entry(handle(class, entry));
+                    drop(e);
+                }
                 continue;
             };
             if e.key() == 0 {
@@ -380,47 +604,102 @@ impl<I: KeyIndex> KeyTable<I> {
             }
             self.remember(&e, now);
             self.forget(&mut e);
-            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            if for_memory {
+                self.stats.memory_evictions.fetch_add(1, Ordering::Relaxed);
+                self.budget.note_eviction();
+            } else {
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            }
             return e;
         }
     }
 
     /// Removes a locked live entry from the index and wipes it.
-    fn forget(&self, e: &mut Entry<'_>) {
-        self.index.remove_if(e.key(), e.entry);
+    fn forget(&self, e: &mut Entry<'_, I>) {
+        if self.index.remove_if(e.key(), e.handle) {
+            self.credit(INDEX_BYTES_PER_KEY);
+        }
         self.vacate(e);
     }
 
-    fn vacate(&self, e: &mut Entry<'_>) {
+    fn vacate(&self, e: &mut Entry<'_, I>) {
         for w in &e.words[1..] {
             w.store(0, Ordering::Relaxed);
-        }
-        if let Some(evicted) = self.evicted.get() {
-            evicted.restored[e.entry as usize].store(0, Ordering::Relaxed);
         }
         e.words[0].store(LOCK, Ordering::Relaxed);
     }
 
-    fn release(&self, e: Entry<'_>) {
-        let entry = e.entry;
+    /// Unlocks a vacant entry and puts it on its class's free list.
+    fn release(&self, e: Entry<'_, I>) {
+        let h = e.handle;
         drop(e);
-        self.free[(entry as usize) % FREE_SHARDS]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(entry);
+        let class = class_of(h);
+        self.classes[class].in_use.fetch_sub(1, Ordering::Relaxed);
+        self.credit(self.entry_bytes(class));
+        self.classes[class].push_free(entry_of(h));
+    }
+
+    /// Moves the locked entry `e` to the next size class that holds at
+    /// least `words` cell words. The key keeps its lock throughout: the new
+    /// entry is locked before the index points at it, and the old one is
+    /// wiped before it is unlocked, so a thread that waited on the old entry
+    /// finds it vacant and looks the key up again.
+    fn grow<'t>(&'t self, e: &mut Entry<'t, I>, words: usize) {
+        let from = class_of(e.handle);
+        let Some(to) = (from + 1..self.classes.len())
+            .find(|&c| self.classes[c].stride - HEADER_WORDS >= words)
+        else {
+            // Cannot happen: the largest class holds the worst case.
+            return;
+        };
+        let key = e.key();
+        let now = Nanos::new(self.last_now.load(Ordering::Relaxed));
+        let new = self.allocate(to, key, now);
+        for (dst, src) in new.words[1..].iter().zip(&e.words[1..]) {
+            dst.store(src.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        new.words[0].store(e.words[0].load(Ordering::Relaxed) | LOCK, Ordering::Relaxed);
+        self.index.replace(key, e.handle, new.handle);
+        let old = std::mem::replace(e, new);
+        let mut old = old;
+        self.vacate(&mut old);
+        self.release(old);
+        self.stats.grown.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Evicts one live key (or frees an idle one) to give memory back.
+    /// Returns the bytes freed; 0 if the table holds no key.
+    pub fn reclaim(&self, now: Nanos) -> usize {
+        if self.is_empty() {
+            return 0;
+        }
+        let before = self.bytes();
+        // The largest class with keys in it frees the most per eviction.
+        let Some(class) = (0..self.classes.len())
+            .rev()
+            .find(|&c| self.classes[c].in_use.load(Ordering::Relaxed) > 0)
+        else {
+            return 0;
+        };
+        let e = self.evict_in(class, now, true);
+        self.release(e);
+        before.saturating_sub(self.bytes())
     }
 
     /// Looks at up to `budget` entries and frees those whose window has passed.
     /// Returns how many were freed.
     pub fn sweep(&self, now: Nanos, budget: usize) -> usize {
-        let live = self.fresh.load(Ordering::Relaxed).min(self.capacity);
-        if live == 0 {
-            return 0;
-        }
         let mut freed = 0;
-        for _ in 0..budget.min(live as usize) {
-            let entry = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % live;
-            let Some(mut e) = self.try_lock_entry(entry) else {
+        for _ in 0..budget {
+            let class =
+                self.sweep_cursor.fetch_add(1, Ordering::Relaxed) as usize % self.classes.len();
+            let arena = &self.classes[class];
+            let live = arena.live();
+            if live == 0 {
+                continue;
+            }
+            let entry = arena.sweep_cursor.fetch_add(1, Ordering::Relaxed) % live;
+            let Some(mut e) = self.try_lock_entry(handle(class, entry)) else {
                 continue;
             };
             if e.key() != 0 && Ring::is_idle(&e, &self.spec, now) {
@@ -435,46 +714,44 @@ impl<I: KeyIndex> KeyTable<I> {
 
     /// Visits every live entry (locking each in turn). For full-state sync
     /// and snapshots; not for the decision path.
-    pub fn for_each(&self, mut f: impl FnMut(&mut Entry<'_>)) {
-        let live = self.fresh.load(Ordering::Relaxed).min(self.capacity);
-        for entry in 0..live {
-            let mut e = self.lock_entry(entry);
-            if e.key() != 0 {
-                f(&mut e);
+    pub fn for_each(&self, mut f: impl FnMut(&mut Entry<'_, I>)) {
+        for (class, arena) in self.classes.iter().enumerate() {
+            for entry in 0..arena.live() {
+                let mut e = self.lock_entry(handle(class, entry));
+                if e.key() != 0 {
+                    f(&mut e);
+                }
             }
         }
     }
 }
 
-/// What a table keeps once it has evicted a live key: the sketch of evicted
-/// keys' usage, and per arena entry what was restored into it from the
-/// sketch (`epoch << 32 | count`, 0 for nothing), 8 bytes per entry.
-struct Evicted {
-    sketch: EvictedSketch,
-    restored: Box<[AtomicU64]>,
+impl<I: KeyIndex> Drop for KeyTable<I> {
+    fn drop(&mut self) {
+        self.budget.credit(self.charged.load(Ordering::Relaxed));
+    }
 }
 
-fn pack_restored(epoch: u64, count: u32) -> u64 {
-    ((epoch as u32 as u64) << 32) | u64::from(count)
-}
-
-fn unpack_restored(v: u64, now_epoch: u64) -> Option<(u64, u32)> {
-    let count = v as u32;
-    (count > 0).then(|| (unpack_epoch(now_epoch, (v >> 32) as u32, 32), count))
+impl<I: KeyIndex + 'static> Reclaim for KeyTable<I> {
+    fn bytes(&self) -> usize {
+        KeyTable::bytes(self)
+    }
+    fn reclaim(&self, now: Nanos) -> usize {
+        KeyTable::reclaim(self, now)
+    }
 }
 
 /// A locked arena entry. Unlocks on drop.
-pub struct Entry<'t> {
+pub struct Entry<'t, I: KeyIndex = DashMapIndex> {
+    table: &'t KeyTable<I>,
     words: &'t [AtomicU32],
-    slots: usize,
-    entry: u32,
-    spec: WindowSpec,
+    handle: u32,
 }
 
-impl Entry<'_> {
+impl<I: KeyIndex> Entry<'_, I> {
     /// The window layout of the table this entry belongs to.
     pub fn spec(&self) -> WindowSpec {
-        self.spec
+        self.table.spec
     }
     pub fn key(&self) -> u64 {
         u64::from(self.words[2].load(Ordering::Relaxed))
@@ -483,6 +760,25 @@ impl Entry<'_> {
     fn set_key(&mut self, key: u64) {
         self.words[2].store(key as u32, Ordering::Relaxed);
         self.words[3].store((key >> 32) as u32, Ordering::Relaxed);
+    }
+    fn cells(&self) -> &[AtomicU32] {
+        &self.words[HEADER_WORDS..]
+    }
+    /// Words of cells this entry holds, and its size in bytes.
+    pub fn footprint(&self) -> (usize, usize) {
+        (cells::used(self.cells()), self.words.len() * 4)
+    }
+    fn restored(&self, now_epoch: u64) -> Option<(u64, u32)> {
+        let (epoch, count) = cells::restored(self.cells())?;
+        (count > 0).then(|| (unpack_epoch(now_epoch, epoch, 32), count))
+    }
+    fn set_restored(&mut self, epoch: u64, count: u32) {
+        let need = cells::used(self.cells()) + cells::restored_cost(self.cells());
+        if need > self.cells().len() {
+            let table = self.table;
+            table.grow(self, need);
+        }
+        cells::set_restored(self.cells(), epoch as u32, count);
     }
     fn meta(&self) -> u32 {
         self.words[1].load(Ordering::Relaxed)
@@ -551,36 +847,57 @@ impl Entry<'_> {
         let unacked = ((m >> INFLIGHT_BITS) & INFLIGHT_MASK).saturating_sub(hits);
         self.set_meta((m & !(INFLIGHT_MASK << INFLIGHT_BITS)) | (unacked << INFLIGHT_BITS));
     }
-    fn at(&self, row: usize, slot: usize) -> usize {
-        HEADER_WORDS + (row * self.slots + slot) * 2
-    }
 }
 
-impl SlotGrid for Entry<'_> {
+impl<I: KeyIndex> SlotGrid for Entry<'_, I> {
     fn slot_count(&self) -> usize {
-        self.slots
+        self.table.slots
     }
     #[inline]
     fn get(&self, row: usize, slot: usize) -> PnSlot {
-        if slot >= self.slots {
+        if slot >= self.table.slots {
             return PnSlot::ZERO;
         }
-        let at = self.at(row, slot);
-        PnSlot {
-            p: self.words[at].load(Ordering::Relaxed),
-            n: self.words[at + 1].load(Ordering::Relaxed),
-        }
+        cells::get(self.cells(), row, slot)
     }
     #[inline]
     fn set(&mut self, row: usize, slot: usize, value: PnSlot) {
         // Slots beyond the table's width are refused by the caller (merge
         // validates slot numbers); dropping here keeps a bad value harmless.
-        if slot >= self.slots {
+        if slot >= self.table.slots || row >= self.table.spec.buckets() {
             return;
         }
-        let at = self.at(row, slot);
-        self.words[at].store(value.p, Ordering::Relaxed);
-        self.words[at + 1].store(value.n, Ordering::Relaxed);
+        let need = cells::words_after_set(self.cells(), row, slot, value);
+        if need > self.cells().len() {
+            let table = self.table;
+            table.grow(self, need);
+            if need > self.cells().len() {
+                return;
+            }
+        }
+        cells::set(self.cells(), row, slot, value);
+    }
+    fn rows(&self) -> usize {
+        self.table.spec.buckets()
+    }
+    fn clear_row(&mut self, row: usize) {
+        cells::clear_row(self.cells(), row);
+    }
+    fn row_net(&self, row: usize) -> u64 {
+        let (mut p, mut n) = (0u64, 0u64);
+        cells::for_each(self.cells(), |r, _, v| {
+            if r == row {
+                p += u64::from(v.p);
+                n += u64::from(v.n);
+            }
+        });
+        p.saturating_sub(n)
+    }
+    fn row_sums(&self, sums: &mut [(u64, u64)]) {
+        cells::row_sums(self.cells(), sums);
+    }
+    fn for_each_value(&self, f: &mut dyn FnMut(usize, usize, PnSlot)) {
+        cells::for_each(self.cells(), f);
     }
     #[inline]
     fn newest(&self, now_epoch: u64) -> u64 {
@@ -596,7 +913,7 @@ impl SlotGrid for Entry<'_> {
     }
 }
 
-impl Drop for Entry<'_> {
+impl<I: KeyIndex> Drop for Entry<'_, I> {
     fn drop(&mut self) {
         self.words[0].fetch_and(!LOCK, Ordering::Release);
     }
@@ -626,8 +943,158 @@ mod tests {
     }
 
     #[test]
-    fn a_three_node_sliding_window_entry_is_one_cache_line() {
-        assert_eq!(table(1).stride * 4, 64);
+    fn a_new_key_is_one_cache_line_whatever_the_cluster_size() {
+        for slots in [1, 3, 50, 64] {
+            let t: KeyTable = KeyTable::new(
+                WindowSpec::new(Nanos::from_secs(60), 61).unwrap(),
+                slots,
+                16,
+            )
+            .unwrap();
+            let now = Nanos::from_secs(1_000_000);
+            let mut e = t.get_or_insert(7, now);
+            let spec = e.spec();
+            Ring::add(&mut e, &spec, now, NodeSlot::new(slots as u16 - 1), 3);
+            assert_eq!(e.footprint(), (1, 64), "{slots} slots");
+            let mut out = [0u64; 61];
+            Ring::read(&e, &spec, now, &mut out);
+            assert_eq!(out.iter().sum::<u64>(), 3);
+            drop(e);
+            assert_eq!(t.bytes(), 64 + INDEX_BYTES_PER_KEY);
+        }
+    }
+
+    #[test]
+    fn keys_grow_into_larger_classes_and_keep_every_value() {
+        let spec = WindowSpec::new(Nanos::from_secs(1), 11).unwrap();
+        let t: KeyTable = KeyTable::new(spec, 50, 64).unwrap();
+        let now = Nanos::from_secs(1_000);
+        let mut oracle = crate::core::window::BucketWindow::new(spec, 50);
+        let epoch = spec.epoch(now);
+        // Every slot of every bucket, values narrow and wide.
+        for back in (0..11u64).rev() {
+            for slot in 0..50u16 {
+                let value = PnSlot {
+                    p: if slot % 7 == 0 {
+                        1 << 20
+                    } else {
+                        1 + u32::from(slot)
+                    },
+                    n: u32::from(slot % 3 == 0),
+                };
+                let e_epoch = epoch - back;
+                let mut e = t.get_or_insert(42, now);
+                Ring::merge(&mut e, &spec, now, 1, e_epoch, NodeSlot::new(slot), value);
+                oracle.merge(now, 1, e_epoch, NodeSlot::new(slot), value);
+            }
+        }
+        let mut out = vec![0u64; 11];
+        let mut want = vec![0u64; 11];
+        Ring::read(&t.get(42).unwrap(), &spec, now, &mut out);
+        oracle.read(now, &mut want);
+        assert_eq!(out, want);
+        assert!(t.stats().grown.load(Ordering::Relaxed) >= 4);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.keys_per_class().iter().sum::<u32>(), 1);
+        // Only the key's own class is charged, not the ones it passed.
+        let (_, bytes) = t.get(42).unwrap().footprint();
+        assert_eq!(t.bytes(), bytes + INDEX_BYTES_PER_KEY);
+        // And it expires like any other key, giving its memory back.
+        assert_eq!(t.sweep(now + Nanos::from_secs(12), 64), 1);
+        assert_eq!(t.bytes(), 0);
+    }
+
+    #[test]
+    fn a_key_moving_to_a_larger_class_loses_no_concurrent_hit() {
+        let spec = WindowSpec::new(Nanos::from_secs(1), 11).unwrap();
+        let t: std::sync::Arc<KeyTable> = std::sync::Arc::new(KeyTable::new(spec, 8, 64).unwrap());
+        let now = Nanos::from_secs(5_000);
+        let threads: Vec<_> = (0..4u16)
+            .map(|slot| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2_000u64 {
+                        let at = now + Nanos::from_millis(i % 1000);
+                        let mut e = t.get_or_insert(99, at);
+                        // Slot and bucket spread so the key grows meanwhile.
+                        let epoch = spec.epoch(now) - (i % 11);
+                        let v = e.get((epoch % 11) as usize, usize::from(slot));
+                        Ring::merge(
+                            &mut e,
+                            &spec,
+                            now,
+                            1,
+                            epoch,
+                            NodeSlot::new(slot),
+                            PnSlot { p: v.p + 1, n: 0 },
+                        );
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join().unwrap();
+        }
+        let mut out = vec![0u64; 11];
+        Ring::read(&t.get(99).unwrap(), &spec, now, &mut out);
+        assert_eq!(out.iter().sum::<u64>(), 8_000);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn the_memory_budget_evicts_across_tables_and_keeps_usage() {
+        // The tables' eviction sketches (256 KiB each at this capacity) are
+        // charged too, once there is one.
+        const LIMIT: usize = 512 * 1024;
+        let budget = std::sync::Arc::new(MemoryBudget::new(Some(LIMIT)));
+        let spec = WindowSpec::new(Nanos::from_secs(1), 2).unwrap();
+        let a = std::sync::Arc::new(
+            KeyTable::<DashMapIndex>::new(spec, 3, 8000)
+                .unwrap()
+                .with_budget(budget.clone()),
+        );
+        let b = std::sync::Arc::new(
+            KeyTable::<DashMapIndex>::new(spec, 3, 8000)
+                .unwrap()
+                .with_budget(budget.clone()),
+        );
+        budget.register(std::sync::Arc::downgrade(&a) as std::sync::Weak<dyn Reclaim>);
+        budget.register(std::sync::Arc::downgrade(&b) as std::sync::Weak<dyn Reclaim>);
+        let now = Nanos::from_secs(100);
+        for key in 1..=7_000u64 {
+            let mut e = a.get_or_insert(key, now);
+            Ring::add(&mut e, &spec, now, NodeSlot::new(0), 2);
+        }
+        let per_key = 64 + INDEX_BYTES_PER_KEY;
+        // A filled the budget; the sketch of what it evicted is charged too.
+        assert!(budget.used() <= LIMIT + per_key, "{}", budget.used());
+        assert!(a.len() < 7_000 && a.len() > 100, "{}", a.len());
+        assert_eq!(
+            a.stats().evictions.load(Ordering::Relaxed),
+            0,
+            "not by max_keys"
+        );
+        assert!(budget.evictions() > 0);
+        let a_before = a.len();
+        // B's new keys are paid for by A, which holds the most.
+        for key in 1..=50u64 {
+            drop(b.get_or_insert(key, now));
+        }
+        assert_eq!(b.len(), 50);
+        assert!(a.len() < a_before);
+        assert!(budget.used() <= LIMIT + per_key);
+        // An evicted key of A comes back with its usage, not a fresh budget.
+        assert!(hits(&a, 1, now) >= 2 || a.get(1).is_none());
+        drop(a.get_or_insert(1, now));
+        assert!(hits(&a, 1, now) >= 2, "{}", hits(&a, 1, now));
+        // Dropping a table gives its bytes back.
+        drop(a);
+        assert_eq!(budget.used(), b.bytes());
+        assert!(
+            budget.used() <= 50 * per_key + 256 * 1024,
+            "{}",
+            budget.used()
+        );
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct NodeFile {
     pub inflight_fraction: f64,
     /// Most keys tracked per limit.
     pub max_keys: usize,
+    /// Most memory all limits' keys may hold together, in bytes or with a
+    /// unit (`512MiB`, `2GB`); none: only `max_keys` bounds memory.
+    pub max_memory: Option<String>,
     /// Where to keep the local snapshot (none: no snapshots).
     pub snapshot_path: Option<PathBuf>,
     pub snapshot_interval: String,
@@ -99,6 +102,7 @@ impl Default for NodeFile {
             bounded_fraction: 0.05,
             inflight_fraction: 0.02,
             max_keys: 1 << 20,
+            max_memory: None,
             snapshot_path: None,
             snapshot_interval: "10s".into(),
             data_dir: None,
@@ -131,6 +135,8 @@ pub struct NodeSettings {
     pub policy: SharePolicy,
     pub inflight_ppm: u32,
     pub max_keys: usize,
+    /// Node-wide memory budget of the key tables, in bytes.
+    pub max_memory: Option<usize>,
     pub snapshot_path: Option<PathBuf>,
     pub snapshot_interval: Nanos,
     pub data_dir: Option<PathBuf>,
@@ -193,6 +199,43 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
 
 fn duration(field: &'static str, text: &str) -> Result<Nanos, ConfigError> {
     parse_duration(text).map_err(|e| invalid(field, e.to_string()))
+}
+
+/// The smallest memory budget accepted: one size class of arena chunks
+/// for a few limits, so that a budget below it is a typo, not a setting.
+pub const MIN_MAX_MEMORY: usize = 1 << 20;
+
+/// Parses a byte size: a whole number of bytes, optionally followed by
+/// `KB`, `MB`, `GB` (powers of 1000) or `KiB`, `MiB`, `GiB` (powers of 1024).
+pub fn parse_memory(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("expected a byte count such as 512MiB, got {text:?}"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = n
+        .checked_mul(scale)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes < MIN_MAX_MEMORY {
+        return Err(format!("at least 1MiB, got {text:?}"));
+    }
+    Ok(bytes)
 }
 
 fn fraction_ppm(field: &'static str, f: f64) -> Result<u32, ConfigError> {
@@ -334,6 +377,11 @@ impl NodeFile {
             policy,
             inflight_ppm: fraction_ppm("inflight_fraction", self.inflight_fraction)?,
             max_keys: self.max_keys,
+            max_memory: self
+                .max_memory
+                .as_deref()
+                .map(|t| parse_memory(t).map_err(|e| invalid("max_memory", e)))
+                .transpose()?,
             snapshot_path: self.snapshot_path.as_ref().map(path),
             snapshot_interval: duration("snapshot_interval", &self.snapshot_interval)?,
             data_dir: self.data_dir.as_ref().map(path),
@@ -455,6 +503,38 @@ mod tests {
                 other => panic!("{field}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn memory_budgets_parse_with_units_and_refuse_nonsense() {
+        assert_eq!(parse_memory("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_memory("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_memory("1048576"), Ok(1 << 20));
+        assert!(parse_memory("12").is_err(), "below the minimum");
+        assert!(parse_memory("1.5GB").is_err());
+        assert!(parse_memory("10 parsecs").is_err());
+        assert!(parse_memory("99999999999999999999GiB").is_err());
+        let file = NodeFile {
+            max_memory: Some("lots".into()),
+            ..NodeFile::default()
+        };
+        let e = file.settings(Path::new("/base")).unwrap_err();
+        assert!(e.to_string().contains("max_memory"), "{e}");
+        let file = NodeFile {
+            max_memory: Some("64MiB".into()),
+            ..NodeFile::default()
+        };
+        assert_eq!(
+            file.settings(Path::new("/base")).unwrap().max_memory,
+            Some(64 << 20)
+        );
+        assert_eq!(
+            NodeFile::default()
+                .settings(Path::new("/base"))
+                .unwrap()
+                .max_memory,
+            None
+        );
     }
 
     #[test]

@@ -263,6 +263,7 @@ impl Node {
             own_slot: NodeSlot::new(settings.slot),
             slots: settings.cluster_size,
             max_keys: settings.max_keys,
+            max_memory: settings.max_memory,
             seed: settings.key_seed,
         };
         // From the first request on, the node sees the configured cluster:

@@ -250,4 +250,74 @@ mod tests {
             Verdict::Never { capacity: 10 }
         );
     }
+
+    /// The most hits any window `(t − w, t]` admits when a client sends a
+    /// burst of `limit` requests within `burst_ms` starting at `start_ms`,
+    /// then one request every millisecond for two windows, each counted
+    /// when allowed (one node, exact counts: the estimator alone).
+    fn worst_window(a: &SlidingWindow, burst_ms: u64, start_ms: u64) -> u64 {
+        use crate::core::slot::NodeSlot;
+        use crate::core::window::BucketWindow;
+        let spec = a.window();
+        let mut w = BucketWindow::new(spec, 1);
+        let base = Nanos::from_secs(1_000);
+        let limit = a.quota();
+        let mut admitted: Vec<u64> = Vec::new();
+        let mut try_at = |w: &mut BucketWindow, ms: u64| {
+            let now = base + Nanos::from_millis(ms);
+            let mut nets = vec![0u64; spec.buckets()];
+            w.read(now, &mut nets);
+            let counts = WindowCounts {
+                spec,
+                now,
+                nets: &nets,
+            };
+            if let Verdict::Allow { .. } = a.decide(&counts, 1) {
+                w.add(now, NodeSlot::new(0), 1);
+                admitted.push(ms);
+            }
+        };
+        for i in 0..limit {
+            try_at(&mut w, start_ms + i * burst_ms / limit);
+        }
+        for ms in start_ms + burst_ms..start_ms + 2_000 {
+            try_at(&mut w, ms);
+        }
+        // Slide a 1000 ms window over the admissions.
+        let window_ms = a.quota_period().as_u64() / 1_000_000;
+        admitted
+            .iter()
+            .map(|&end| {
+                admitted
+                    .iter()
+                    .filter(|&&t| t + window_ms > end && t <= end)
+                    .count() as u64
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_burst_in_one_sub_bucket_overshoots_whatever_the_precision() {
+        // The sample rules' free tier: 5 per second. A burst of 5 within
+        // 10 ms, placed anywhere in a second, then steady probing.
+        let window = Nanos::from_secs(1);
+        let worst = |precision| {
+            let a = SlidingWindow::new(5, window, precision).unwrap();
+            (0..1_000u64)
+                .step_by(7)
+                .map(|start| worst_window(&a, 10, start))
+                .max()
+                .unwrap()
+        };
+        let (p1, p10) = (worst(1), worst(10));
+        // The estimator assumes the oldest bucket's hits were spread evenly;
+        // a burst placed at the end of a bucket breaks that whatever the
+        // bucket's length, so the stated bound (limit + the oldest bucket's
+        // count, here 2·limit) is what holds, at every precision. More
+        // precision shortens the time the error lasts (one sub-bucket), not
+        // its worst size when one sub-bucket holds the whole limit.
+        assert!(p1 <= 10 && p10 <= 10, "bound: precision 1 {p1}, 10 {p10}");
+        assert_eq!((p1, p10), (9, 9));
+    }
 }

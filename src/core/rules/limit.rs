@@ -125,7 +125,10 @@ impl RawLimit {
             "sliding_window" => {
                 let limit = need_u32("limit", &self.limit)?;
                 let window = need_duration("window", &self.window)?;
-                let precision = self.precision.as_ref().map_or(1, |p| *p.get_ref());
+                let precision = self
+                    .precision
+                    .as_ref()
+                    .map_or_else(|| default_precision(window), |p| *p.get_ref());
                 (
                     SlidingWindow::new(limit, window, precision).map(Algorithm::SlidingWindow),
                     format!(
@@ -357,6 +360,22 @@ pub(super) fn limit_id(rule: &LimitOwner<'_>, scope: &Scope, position: usize, sh
     stable_digest(&bytes)
 }
 
+/// The sliding window's precision when a limit gives none: 10 sub-buckets
+/// (the estimator's error is at most one sub-bucket's count, a tenth of the
+/// limit under steady traffic), or fewer for windows too short to cut into
+/// ten buckets of at least 1 ms.
+pub const DEFAULT_PRECISION: u32 = 10;
+
+fn default_precision(window: Nanos) -> u32 {
+    let w = window.as_u64();
+    (1..=DEFAULT_PRECISION)
+        .rev()
+        .find(|&k| {
+            w.is_multiple_of(u64::from(k)) && w / u64::from(k) >= Nanos::from_millis(1).as_u64()
+        })
+        .unwrap_or(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,11 +387,24 @@ mod tests {
     }
 
     #[test]
+    fn the_default_precision_is_ten_or_what_a_short_window_allows() {
+        let ms = Nanos::from_millis;
+        assert_eq!(default_precision(Nanos::from_secs(1)), 10);
+        assert_eq!(default_precision(Nanos::from_secs(3600)), 10);
+        assert_eq!(default_precision(ms(10)), 10);
+        assert_eq!(default_precision(ms(7)), 7);
+        assert_eq!(default_precision(ms(1)), 1);
+        assert_eq!(default_precision(Nanos::new(1_500_001)), 1);
+        let b = build("algorithm = 'sliding_window'\nlimit = 5\nwindow = '4ms'").unwrap();
+        assert!(b.normalized.ends_with("precision=4"), "{}", b.normalized);
+    }
+
+    #[test]
     fn builds_every_algorithm_with_defaults_filled_in() {
         let cases = [
             (
                 "algorithm = 'sliding_window'\nlimit = 10\nwindow = '1s'",
-                "sliding_window limit=10 window=1000000000 precision=1",
+                "sliding_window limit=10 window=1000000000 precision=10",
             ),
             (
                 "algorithm = 'fixed_window'\nlimit = 5\nwindow = '1m'",
