@@ -129,6 +129,7 @@ fn serve_thread(
     runtime.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
         let mut connections = tokio::task::JoinSet::new();
+        let for_connections = draining.clone();
         loop {
             tokio::select! {
                 _ = draining.wait_for(|d| *d) => break,
@@ -145,7 +146,7 @@ fn serve_thread(
                             ticket,
                             service.clone(),
                             limits.clone(),
-                            draining.clone(),
+                            for_connections.clone(),
                         ));
                     }
                     Err(e) => {
@@ -189,11 +190,32 @@ async fn serve_connection(
             conn.out.clear();
         }
         if flow == Flow::Close {
-            let _ = stream.shutdown().await;
+            linger(stream).await;
             return;
         }
     }
 }
+
+/// Closes after the last answer: the write side first, then what the
+/// client still sends is read and dropped for a moment (at most
+/// [`LINGER_BYTES`], [`LINGER_TIME`]), so that unread input does not make
+/// the kernel reset the connection before the client has read the answer.
+async fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut scratch = [0u8; 4096];
+    let mut dropped = 0;
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    while dropped < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, stream.read(&mut scratch)).await {
+            Ok(Ok(n)) if n > 0 => dropped += n,
+            _ => return,
+        }
+    }
+}
+
+/// See [`linger`].
+const LINGER_BYTES: usize = 256 * 1024;
+const LINGER_TIME: Duration = Duration::from_millis(500);
 
 /// One connection's buffers: bytes received and not yet answered, and the
 /// answers not yet written. I/O-free apart from [`Connection::read_from`].
