@@ -128,7 +128,7 @@ rb() {
   local port=$1 keys=$2 pipe=$3 n=$4
   shift 4
   redis-benchmark -p "$port" -c "$CONNS" -n "$n" -r "$keys" -P "$pipe" --csv "$@" 2>/dev/null | tail -1 \
-    | awk -F'","' '{ gsub(/"/, ""); printf "%d %.0f %.0f\n", $2, $5 * 1000, $7 * 1000 }'
+    | awk -F',' '{ for (i = 1; i <= NF; i++) gsub(/"/, "", $i); printf "%d %.0f %.0f\n", $2, $5 * 1000, $7 * 1000 }'
 }
 redis_cmd() { echo EVALSHA "$SHA" 1 "bucket:__rand_int__" 100 10 1; }
 drl_cmd() { echo CL.THROTTLE "user:__rand_int__" 99 10 1; }
@@ -141,6 +141,7 @@ for pipe in 1 16; do
     if [ "$target" = redis ]; then port=$REDIS_PORT; cmd=$(redis_cmd); else port=$RESP1; cmd=$(drl_cmd); fi
     # shellcheck disable=SC2086
     rps=$(rb "$port" 10000 "$pipe" $((20000 * pipe)) $cmd | awk '{ print $1 }')
+    [ "${rps:-0}" -gt 0 ] || { echo "calibration of $target failed"; exit 1; }
     N[$target-$pipe]=$(( rps * DURATION ))
     echo "calibration: $target -P $pipe: $rps/s"
   done
@@ -157,7 +158,7 @@ h2() {
   h2load -c "$CONNS" -m 1 -D "$DURATION" --warm-up-time 1 "$@" 2>&1 \
     | awk '/^finished in/ { rps = $4 } /^time for request:/ { m = $6; u = m; sub(/[a-z]+$/, "", u);
            if (m ~ /ms$/) u *= 1000; else if (m ~ /us$/) u += 0; else u *= 1000000 }
-           /^status codes:/ { codes = $0 } END { printf "%d %.0f -\n", rps, u }'
+           /^status codes:|^requests:/ { print > "/dev/stderr" } END { printf "%d %.0f -\n", rps, u }'
 }
 
 for round in $(seq 1 "$ROUNDS"); do

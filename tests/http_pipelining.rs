@@ -119,7 +119,11 @@ async fn pipelining_in_order(http2: bool) {
         .match_indices("HTTP/1.1 ")
         .map(|(i, _)| &text[i + 9..i + 12])
         .collect();
-    assert_eq!(statuses, ["200", "200", "200", "200", "200", "429"], "{text}");
+    assert_eq!(
+        statuses,
+        ["200", "200", "200", "200", "200", "429"],
+        "{text}"
+    );
     let remaining: Vec<&str> = text
         .match_indices("\"remaining\":")
         .map(|(i, _)| {
@@ -127,7 +131,11 @@ async fn pipelining_in_order(http2: bool) {
             &rest[..rest.find([',', '}']).unwrap()]
         })
         .collect();
-    assert_eq!(remaining, ["4", "3", "1", "0", "4", "0"], "in order: {text}");
+    assert_eq!(
+        remaining,
+        ["4", "3", "1", "0", "4", "0"],
+        "in order: {text}"
+    );
     node.shutdown().await;
 }
 
@@ -175,7 +183,9 @@ async fn h2c_with_prior_knowledge_when_enabled() {
     let mut streams = Vec::new();
     for _ in 0..5 {
         let mut s = sender.clone();
-        streams.push(tokio::spawn(async move { h2_check(&mut s, "dave").await.0 }));
+        streams.push(tokio::spawn(
+            async move { h2_check(&mut s, "dave").await.0 },
+        ));
     }
     let mut statuses = Vec::new();
     for s in streams {
@@ -191,10 +201,8 @@ async fn h2c_with_prior_knowledge_when_enabled() {
 async fn h2c_is_off_by_default() {
     let node = TestNode::start(false).await;
     let io = TokioIo::new(TcpStream::connect(node.addr).await.unwrap());
-    let handshake = hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(
-        TokioExecutor::new(),
-        io,
-    );
+    let handshake =
+        hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(TokioExecutor::new(), io);
     // HTTP/1.1 only: the preface is a bad request, and no stream succeeds.
     let failed = match tokio::time::timeout(Duration::from_secs(5), handshake).await {
         Ok(Ok((mut sender, conn))) => {

@@ -150,7 +150,9 @@ async fn cl_throttle_answers_like_redis_cell() {
         .await
         .unwrap();
     assert_eq!(&first[..4], &[0, 16, 15, -1], "{first:?}");
-    assert!((2..=3).contains(&first[4]), "reset after {}", first[4]);
+    // Counts are kept in time buckets: the reset may read up to a bucket
+    // late (and rounds up).
+    assert!((2..=6).contains(&first[4]), "reset after {}", first[4]);
     // Quantity defaults to 1; 0 reads without counting.
     let second = throttle(&mut con, "user123", &[15, 30, 60]).await.unwrap();
     assert_eq!(&second[..3], &[0, 16, 14]);

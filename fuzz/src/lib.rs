@@ -200,7 +200,10 @@ fn resp_command(argv: &[&[u8]]) {
             }
         }
     }
-    let text: Vec<&str> = rest.iter().filter_map(|a| std::str::from_utf8(a).ok()).collect();
+    let text: Vec<&str> = rest
+        .iter()
+        .filter_map(|a| std::str::from_utf8(a).ok())
+        .collect();
     let pairs: Vec<(&str, &str)> = text.chunks_exact(2).map(|p| (p[0], p[1])).collect();
     if let Ok(d) = Descriptors::new(&pairs) {
         let _ = limiter().check(&d, 1);

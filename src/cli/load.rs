@@ -305,7 +305,11 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
 /// When the request scheduled at `at` (open loop) counts from: then, if
 /// the connection was still waiting for the previous answer; else when it
 /// is actually sent (a late timer is the generator's delay).
-async fn pace(next: &mut Option<Instant>, interval: Option<Duration>, last_answer: Instant) -> Option<Instant> {
+async fn pace(
+    next: &mut Option<Instant>,
+    interval: Option<Duration>,
+    last_answer: Instant,
+) -> Option<Instant> {
     match (*next, interval) {
         (Some(at), Some(iv)) => {
             tokio::time::sleep_until(at.into()).await;
@@ -357,7 +361,9 @@ async fn resp_load(
     use tokio::io::AsyncWriteExt;
     let cell: Vec<&str> = args.cell.split_whitespace().collect();
     if cell.len() != 3 {
-        return Err(CliError::Usage("--cell: max_burst count_per_period period".into()));
+        return Err(CliError::Usage(
+            "--cell: max_burst count_per_period period".into(),
+        ));
     }
     let mut conns = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
