@@ -218,13 +218,15 @@ mod tests {
         let first = reply(&limiter.check(&d, 1).unwrap()).unwrap();
         assert_eq!(&first[..3], &[0, 16, 15]);
         assert_eq!(first[3], -1);
-        assert!((2..=3).contains(&first[4]), "reset after {}", first[4]);
+        // Exactly 2 s for redis-cell; the bucket's time buckets (4 s for a
+        // 32 s refill) may make it read up to one bucket more.
+        assert!((2..=6).contains(&first[4]), "reset after {}", first[4]);
         for _ in 0..15 {
             assert!(limiter.check(&d, 1).unwrap().is_allowed());
         }
         let refused = reply(&limiter.check(&d, 1).unwrap()).unwrap();
         assert_eq!(&refused[..3], &[1, 16, 0]);
-        assert!((1..=3).contains(&refused[3]), "retry after {}", refused[3]);
+        assert!((1..=6).contains(&refused[3]), "retry after {}", refused[3]);
         let never = reply(&limiter.check(&d, 17).unwrap()).unwrap();
         assert_eq!((never[0], never[3]), (1, -1));
     }

@@ -244,7 +244,7 @@ mod tests {
     #[test]
     fn parses_inline_commands() {
         let (parsed, args) = parse(b"CL.THROTTLE  k 1\t2 \"a b\"\r\nPING\r\n").unwrap();
-        assert_eq!(parsed, Parsed::Command { len: 27 });
+        assert_eq!(parsed, Parsed::Command { len: 26 });
         assert_eq!(args, [&b"CL.THROTTLE"[..], b"k", b"1", b"2", b"a b"]);
         assert_eq!(parse(b"PING\n").unwrap().1, [&b"PING"[..]]);
         assert_eq!(
@@ -294,7 +294,7 @@ mod tests {
             Err(ProtocolError::BulkTooLong(9, 8))
         );
         assert_eq!(
-            parse(b"*2\r\n$8\r\n12345678\r\n$8\r\n"),
+            parse(b"*2\r\n$0008\r\n12345678\r\n$0008\r\n"),
             Err(ProtocolError::FrameTooLong(32))
         );
         assert_eq!(parse(&[b'a'; 40]), Err(ProtocolError::FrameTooLong(32)));
