@@ -161,6 +161,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         cost: 1,
         threads: 1,
         seed: 1,
+        resp: false,
+        cell: String::new(),
     };
     let report = generate(&load).await?;
     let http_phase = Phase {

@@ -17,7 +17,7 @@ cd "$(dirname "$0")"
 SECONDS_EACH=${FUZZ_SECONDS:-10}
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-  TARGETS=(wire_frame replicator_frame snapshot check_body query refund_body rules_file)
+  TARGETS=(wire_frame replicator_frame snapshot check_body query refund_body rules_file resp_frame)
 fi
 export RUSTC_BOOTSTRAP=1
 

@@ -23,7 +23,9 @@
 //!   machines from the transport and timers.
 //! - [`grpc`]: the gRPC API: Envoy's rate limit service v3, the native
 //!   `drl.v1.RateLimiter` and health, beside the HTTP API.
-//! - [`http`]: the HTTP API; [`metrics`]: its Prometheus metrics;
+//! - [`resp`]: the RESP (Redis protocol) API: redis-cell's `CL.THROTTLE`
+//!   and `DRL.CHECK`, off by default.
+//! - [`http`]: the HTTP API (HTTP/1.1, and h2c on request); [`metrics`]: its Prometheus metrics;
 //!   [`middleware`]: rate limiting for axum routes.
 //! - [`clock`]: the one place that reads real time.
 //! - [`cli`]: the commands behind the `drl` binary.
@@ -58,3 +60,4 @@ pub mod metrics;
 pub mod middleware;
 pub mod net;
 pub mod node;
+pub mod resp;

@@ -19,6 +19,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("query", targets::query),
     ("refund_body", targets::refund_body),
     ("rules_file", targets::rules_file),
+    ("resp_frame", targets::resp_frame),
 ];
 
 fn inputs(dir: &Path) -> Vec<(String, Vec<u8>)> {

@@ -19,6 +19,8 @@ use drl::core::time::{ManualClock, Nanos};
 use drl::core::wire::Frame;
 use drl::http::request::{CheckRequest, RefundRequest};
 use drl::limiter::{Limiter, LimiterConfig};
+use drl::resp::cell::{Throttle, KEY_FIELD, PARAMS_FIELD};
+use drl::resp::parse::{parse_command, FrameLimits, Parsed};
 
 /// Mid-2023, mid-second.
 pub const NOW: Nanos = Nanos::new(1_700_000_040_500_000_000);
@@ -152,5 +154,58 @@ pub fn rules_file(data: &[u8]) {
     if let Ok(rules) = RuleSet::from_toml(text) {
         let _ = rules.digest();
         let _ = Limiter::new(rules, LimiterConfig::default());
+    }
+}
+
+/// Bytes from a RESP client, framed command after command as a connection
+/// does (with the default limits and with tiny ones), each command's
+/// arguments read as `CL.THROTTLE` and `DRL.CHECK` would read them, and
+/// the resulting checks run.
+pub fn resp_frame(data: &[u8]) {
+    let tiny = FrameLimits {
+        max_args: 3,
+        max_bulk: 8,
+        max_frame: 32,
+    };
+    for limits in [FrameLimits::default(), tiny] {
+        let mut at = 0;
+        let mut args = Vec::new();
+        while at < data.len() {
+            let buf = &data[at..];
+            match parse_command(buf, &limits, &mut args) {
+                Ok(Parsed::Command { len }) => {
+                    assert!(len > 0 && len <= buf.len(), "a command is within the input");
+                    assert!(args.len() <= limits.max_args);
+                    let argv: Vec<&[u8]> = args.iter().map(|r| &buf[r.clone()]).collect();
+                    resp_command(&argv);
+                    at += len;
+                }
+                Ok(Parsed::Incomplete) | Err(_) => break,
+            }
+        }
+    }
+}
+
+fn resp_command(argv: &[&[u8]]) {
+    let Some((_, rest)) = argv.split_first() else {
+        return;
+    };
+    if let Some((key, params)) = rest.split_first() {
+        if let (Ok(t), Ok(key)) = (Throttle::from_args(params), std::str::from_utf8(key)) {
+            let params = t.params();
+            let _ = RuleSet::from_toml(&t.rule_text());
+            let fields = [(PARAMS_FIELD, params.as_str()), (KEY_FIELD, key)];
+            if let Ok(d) = Descriptors::new(&fields) {
+                let _ = limiter().check(&d, t.quantity);
+            }
+        }
+    }
+    let text: Vec<&str> = rest
+        .iter()
+        .filter_map(|a| std::str::from_utf8(a).ok())
+        .collect();
+    let pairs: Vec<(&str, &str)> = text.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+    if let Ok(d) = Descriptors::new(&pairs) {
+        let _ = limiter().check(&d, 1);
     }
 }

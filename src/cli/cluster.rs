@@ -42,6 +42,13 @@ pub struct ClusterArgs {
     /// base-port + 1000.
     #[arg(long)]
     pub grpc_base_port: Option<u16>,
+    /// RESP (Redis protocol) port of node 0; node i listens on
+    /// resp-base-port + i. Default: no RESP listener.
+    #[arg(long)]
+    pub resp_base_port: Option<u16>,
+    /// Serve HTTP/2 (h2c) beside HTTP/1.1 on the HTTP ports.
+    #[arg(long)]
+    pub http2: bool,
     /// Admin token of every node (default: a random one, printed).
     #[arg(long, env = "DRL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -89,6 +96,9 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
     if u32::from(args.base_port) + u32::from(args.nodes) > 65_535
         || u32::from(peer_base) + u32::from(args.nodes) > 65_535
         || u32::from(grpc_base) + u32::from(args.nodes) > 65_535
+        || args
+            .resp_base_port
+            .is_some_and(|p| p == 0 || u32::from(p) + u32::from(args.nodes) > 65_535)
         || peer_base == 0
         || grpc_base == 0
     {
@@ -140,7 +150,8 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
              tls_cert = \"certs/{name_raw}.pem\"\n\
              tls_key = \"certs/{name_raw}-key.pem\"\n\
              key_seed = \"{seed}\"\n\
-             admin_token = {token}\n",
+             admin_token = {token}\n\
+             http2 = {http2}\n{resp}",
             name = toml_string(&name),
             name_raw = name,
             size = args.nodes,
@@ -149,6 +160,10 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
             grpc = toml_string(&grpc_addr),
             policy = toml_string(&args.share_policy),
             token = toml_string(&token),
+            http2 = args.http2,
+            resp = args.resp_base_port.map_or_else(String::new, |p| {
+                format!("resp_listen = \"127.0.0.1:{}\"\n", p + slot)
+            }),
         );
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, text)?;
@@ -341,6 +356,8 @@ mod tests {
             base_port: 18_400,
             peer_base_port: Some(17_400),
             grpc_base_port: Some(19_400),
+            resp_base_port: None,
+            http2: false,
             admin_token: Some("tok".into()),
             share_policy: "strict".into(),
         }

@@ -12,6 +12,10 @@
 //! only because the generator's timer fired late (tokio's timers have a
 //! 1 ms resolution) is measured from when it was sent: that delay is the
 //! generator's, not the server's.
+//!
+//! With `--resp` the nodes are RESP addresses (`host:port`) and each request
+//! is `CL.THROTTLE user-<n> <burst> <count> <period>` (`--cell`), one in
+//! flight per connection, paced and measured the same way.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -54,6 +58,13 @@ pub struct LoadArgs {
     /// Seed of the user draw.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Speak RESP to the nodes' RESP listeners (`--node 127.0.0.1:6380`)
+    /// with `CL.THROTTLE` instead of HTTP.
+    #[arg(long)]
+    pub resp: bool,
+    /// `CL.THROTTLE`'s max_burst, count_per_period and period with --resp.
+    #[arg(long, default_value = "99 10 1")]
+    pub cell: String,
 }
 
 /// What one run measured.
@@ -188,6 +199,9 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
         Some(r) => return Err(CliError::Usage(format!("--rate must be positive, got {r}"))),
         None => None,
     };
+    if args.resp {
+        return resp_load(args, duration, interval).await;
+    }
     let hosts = args
         .node
         .iter()
@@ -282,6 +296,152 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
                             Ok(c) => conn = c,
                             Err(_) => break,
                         }
+                    }
+                }
+            }
+            report
+        }));
+    }
+    tokio::time::sleep_until(deadline.into()).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = LoadReport::default();
+    for t in tasks {
+        if let Ok(r) = t.await {
+            total.merge(&r);
+        }
+    }
+    total.elapsed = start.elapsed();
+    Ok(total)
+}
+
+/// When the request scheduled at `at` (open loop) counts from: then, if
+/// the connection was still waiting for the previous answer; else when it
+/// is actually sent (a late timer is the generator's delay).
+async fn pace(
+    next: &mut Option<Instant>,
+    interval: Option<Duration>,
+    last_answer: Instant,
+) -> Option<Instant> {
+    match (*next, interval) {
+        (Some(at), Some(iv)) => {
+            tokio::time::sleep_until(at.into()).await;
+            *next = Some(at + iv);
+            Some(if last_answer > at { at } else { Instant::now() })
+        }
+        _ => Some(Instant::now()),
+    }
+}
+
+/// One answer of a RESP node: `true` for an array whose first integer is 0
+/// (admitted), `false` for 1 (limited); `Err` for an error reply or a
+/// broken connection.
+async fn resp_answer(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    use tokio::io::AsyncReadExt;
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    loop {
+        // `*5\r\n:<limited>\r\n` and four more integer lines.
+        let lines = buf.windows(2).filter(|w| w == b"\r\n").count();
+        if buf.first() == Some(&b'-') && lines >= 1 {
+            return Err(bad(&String::from_utf8_lossy(buf)));
+        }
+        if lines >= 6 {
+            let limited = buf.get(5) == Some(&b'1');
+            buf.clear();
+            return Ok(!limited);
+        }
+        if buf.len() > 4096 {
+            return Err(bad("answer too long"));
+        }
+        let mut chunk = [0u8; 512];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(bad("closed"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// [`generate`] over RESP: `CL.THROTTLE` against `args.node` (host:port).
+async fn resp_load(
+    args: &LoadArgs,
+    duration: Duration,
+    interval: Option<Duration>,
+) -> Result<LoadReport, CliError> {
+    use tokio::io::AsyncWriteExt;
+    let cell: Vec<&str> = args.cell.split_whitespace().collect();
+    if cell.len() != 3 {
+        return Err(CliError::Usage(
+            "--cell: max_burst count_per_period period".into(),
+        ));
+    }
+    let mut conns = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let node = &args.node[i % args.node.len()];
+        let stream = tokio::net::TcpStream::connect(node.as_str()).await?;
+        stream.set_nodelay(true)?;
+        conns.push(stream);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = Vec::with_capacity(conns.len());
+    for (i, mut stream) in conns.into_iter().enumerate() {
+        let keys = args.keys;
+        let stop = stop.clone();
+        let tail: Vec<u8> = cell
+            .iter()
+            .flat_map(|a| format!("${}\r\n{a}\r\n", a.len()).into_bytes())
+            .collect();
+        let mut rng = SplitMix(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
+        let offset = interval.map(|iv| iv.mul_f64(i as f64 / args.connections as f64));
+        tasks.push(tokio::spawn(async move {
+            let mut report = LoadReport::default();
+            let mut request = Vec::with_capacity(128);
+            let mut answer = Vec::with_capacity(128);
+            let mut next = offset.map(|o| start + o);
+            let mut last_answer = start;
+            while !stop.load(Ordering::Relaxed) {
+                if next.is_some_and(|at| at >= deadline) {
+                    break;
+                }
+                let Some(scheduled) = pace(&mut next, interval, last_answer).await else {
+                    break;
+                };
+                if scheduled >= deadline {
+                    break;
+                }
+                let key = format!("user-{}", rng.next() % keys);
+                request.clear();
+                request.extend_from_slice(
+                    format!("*5\r\n$11\r\nCL.THROTTLE\r\n${}\r\n{key}\r\n", key.len()).as_bytes(),
+                );
+                request.extend_from_slice(&tail);
+                let sent = stream.write_all(&request).await;
+                match sent.and(Ok(())) {
+                    Ok(()) => match resp_answer(&mut stream, &mut answer).await {
+                        Ok(admitted) => {
+                            last_answer = Instant::now();
+                            let took = last_answer.duration_since(scheduled);
+                            report
+                                .latency
+                                .record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+                            if admitted {
+                                report.allowed += 1;
+                            } else {
+                                report.denied += 1;
+                            }
+                        }
+                        Err(_) => {
+                            report.errors += 1;
+                            break;
+                        }
+                    },
+                    Err(_) => {
+                        report.errors += 1;
+                        break;
                     }
                 }
             }

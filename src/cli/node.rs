@@ -55,6 +55,13 @@ pub struct NodeArgs {
     /// Require gRPC clients to present a certificate signed by this CA (PEM).
     #[arg(long, env = "DRL_GRPC_TLS_CLIENT_CA")]
     pub grpc_tls_client_ca: Option<PathBuf>,
+    /// TCP address of the RESP (Redis protocol) API: `CL.THROTTLE`,
+    /// `DRL.CHECK`; default: no RESP listener.
+    #[arg(long, env = "DRL_RESP_LISTEN")]
+    pub resp_listen: Option<SocketAddr>,
+    /// Also serve HTTP/2 (h2c, prior knowledge) on the HTTP API's port.
+    #[arg(long, env = "DRL_HTTP2")]
+    pub http2: bool,
     /// TCP address of the operations listener (probes, metrics, rules admin).
     #[arg(long, env = "DRL_LISTEN_ADMIN")]
     pub listen_admin: Option<SocketAddr>,
@@ -178,6 +185,12 @@ impl NodeArgs {
                 *field = Some(from_cwd(v));
             }
         }
+        if let Some(v) = self.resp_listen {
+            file.resp_listen = Some(v);
+        }
+        if self.http2 {
+            file.http2 = true;
+        }
         if let Some(v) = self.listen_admin {
             file.listen_admin = Some(v);
         }
@@ -279,6 +292,12 @@ mod tests {
             w.node.node_file().unwrap().0.grpc_listen,
             Some("127.0.0.1:9400".parse().unwrap())
         );
+        assert_eq!(file.resp_listen, None, "no RESP listener by default");
+        assert!(!file.http2, "HTTP/1.1 only by default");
+        let w = Wrap::parse_from(["x", "--resp-listen", "127.0.0.1:6380", "--http2"]);
+        let (file, _) = w.node.node_file().unwrap();
+        assert_eq!(file.resp_listen, Some("127.0.0.1:6380".parse().unwrap()));
+        assert!(file.http2);
         let w = Wrap::parse_from(["x", "--tls-ca", "c.pem"]);
         assert!(w.node.node_file().unwrap().0.tls_ca.is_absolute());
     }

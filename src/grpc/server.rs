@@ -185,6 +185,7 @@ pub async fn run(
     tracing::info!(
         http = %node.http_addr(),
         grpc = %grpc.as_ref().map_or_else(|| "off".to_owned(), |g| g.local_addr().to_string()),
+        resp = %node.resp_addr().map_or_else(|| "off".to_owned(), |a| a.to_string()),
         peer = %node.node().peer_addr(),
         "node started"
     );

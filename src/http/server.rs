@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use dashmap::DashMap;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -37,10 +38,14 @@ use tokio::sync::watch;
 
 use super::{operations_router, router, AppState};
 use crate::node::{Node, NodeError, NodeHandle, NodeSettings};
+use crate::resp::{RespLimits, RespListener, RespService};
 
 /// Most HTTP connections the decision port holds open at once over all
 /// HTTP threads (default of [`HttpLimits::max_connections`]).
 pub const MAX_CONNECTIONS: usize = 16_384;
+
+/// Most requests in flight on one HTTP/2 connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
 
 /// How long a shutdown waits for in-flight requests before it stops the
 /// node anyway.
@@ -64,6 +69,8 @@ pub struct HttpLimits {
     pub admin_max_connections: usize,
     /// Of those, from one source address.
     pub admin_max_per_source: usize,
+    /// The RESP listener's limits, when `resp_listen` is set.
+    pub resp: RespLimits,
 }
 
 impl Default for HttpLimits {
@@ -76,6 +83,7 @@ impl Default for HttpLimits {
             idle_timeout: Duration::from_secs(60),
             admin_max_connections: 256,
             admin_max_per_source: 64,
+            resp: RespLimits::default(),
         }
     }
 }
@@ -85,6 +93,8 @@ impl Default for HttpLimits {
 pub enum RunError {
     #[error(transparent)]
     Node(#[from] NodeError),
+    #[error("cannot listen for RESP on {addr}: {source}")]
+    BindResp { addr: SocketAddr, source: io::Error },
     #[error("cannot listen for HTTP on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("HTTP server: {0}")]
@@ -116,12 +126,13 @@ pub struct HttpNode {
     admin: Option<std::net::TcpListener>,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    resp: Option<RespListener>,
     state: AppState,
     limits: HttpLimits,
 }
 
-/// How many threads serve HTTP: one per core, at most 16.
-fn http_threads() -> usize {
+/// How many threads serve a listener (HTTP, RESP): one per core, at most 16.
+pub(crate) fn serve_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 16)
@@ -129,7 +140,7 @@ fn http_threads() -> usize {
 
 /// A listening socket with `SO_REUSEPORT`, so that each HTTP thread has its
 /// own and the kernel spreads connections over them.
-fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub(crate) fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -163,7 +174,7 @@ impl HttpNode {
         let first = reuseport_listener(bind).map_err(err)?;
         let addr = first.local_addr().map_err(err)?;
         let mut listeners = vec![first];
-        for _ in 1..http_threads() {
+        for _ in 1..serve_threads() {
             listeners.push(reuseport_listener(addr).map_err(err)?);
         }
         let (admin, admin_addr) = match settings.listen_admin {
@@ -176,6 +187,14 @@ impl HttpNode {
                 (Some(l), Some(a))
             }
         };
+        let resp = match settings.resp_listen {
+            None => None,
+            Some(at) => Some(
+                RespListener::bind(at)
+                    .await
+                    .map_err(|source| RunError::BindResp { addr: at, source })?,
+            ),
+        };
         let node = Node::start(settings).await?;
         let state = AppState::with_body_timeout(node.api(), limits.body_timeout);
         Ok(HttpNode {
@@ -184,6 +203,7 @@ impl HttpNode {
             admin,
             addr,
             admin_addr,
+            resp,
             state,
             limits,
         })
@@ -197,6 +217,11 @@ impl HttpNode {
     /// The operations listener's address, when one is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The RESP listener's address, when one is configured.
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.resp.as_ref().map(RespListener::local_addr)
     }
 
     pub fn node(&self) -> &NodeHandle {
@@ -223,10 +248,12 @@ impl HttpNode {
             node,
             listeners,
             admin,
+            resp,
             state,
             limits,
             ..
         } = self;
+        let http2 = node.settings.http2;
         let (draining_tx, draining) = watch::channel(false);
         let decisions = Arc::new(Gate::new(limits.max_connections, limits.max_per_source));
         let api = router(state.clone());
@@ -244,14 +271,31 @@ impl HttpNode {
                 Arc::new(gate),
             ));
         }
-        let (done_tx, mut done) = tokio::sync::mpsc::channel::<io::Result<()>>(jobs.len());
-        let threads = jobs.len();
+        let resp_threads = resp.as_ref().map_or(0, |r| r.threads());
+        let (done_tx, mut done) =
+            tokio::sync::mpsc::channel::<io::Result<()>>(jobs.len() + resp_threads);
+        let threads = jobs.len() + resp_threads;
+        if let Some(resp) = resp {
+            let service = RespService::new(node.api());
+            if let Err(e) = resp.spawn(
+                service,
+                limits.resp.clone(),
+                draining.clone(),
+                done_tx.clone(),
+            ) {
+                let _ = draining_tx.send(true);
+                node.shutdown().await;
+                return Err(RunError::Serve(e));
+            }
+        }
         for (name, listener, app, gate) in jobs {
+            // The operations listener speaks HTTP/1.1 only.
+            let http2 = http2 && name != "drl-admin";
             let draining = draining.clone();
             let done_tx = done_tx.clone();
             let limits = limits.clone();
             let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                let result = serve_thread(listener, app, gate, limits, draining);
+                let result = serve_thread(listener, app, gate, limits, http2, draining);
                 let _ = done_tx.blocking_send(result);
             });
             if let Err(e) = spawned {
@@ -310,6 +354,7 @@ fn serve_thread(
     app: Router,
     gate: Arc<Gate>,
     limits: HttpLimits,
+    http2: bool,
     mut draining: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -339,6 +384,7 @@ fn serve_thread(
                             ticket,
                             app.clone(),
                             limits.clone(),
+                            http2,
                             for_connections.clone(),
                         ));
                     }
@@ -358,11 +404,17 @@ fn serve_thread(
 
 /// Serves one connection until it closes, is idle too long, or the server
 /// drains (then the request in flight finishes and the connection closes).
+///
+/// HTTP/1.1 requests pipelined on a connection are answered in order, and
+/// answers ready together leave in one write (`pipeline_flush`). With
+/// `http2`, a connection that opens with the HTTP/2 preface is served as
+/// h2c (prior knowledge); any other as HTTP/1.1.
 async fn serve_connection(
     stream: TcpStream,
     _ticket: Ticket,
     app: Router,
     limits: HttpLimits,
+    http2: bool,
     mut draining: watch::Receiver<bool>,
 ) {
     let start = Instant::now();
@@ -372,36 +424,59 @@ async fn serve_connection(
         start,
         activity: activity.clone(),
     });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .keep_alive(true);
-    let conn = builder.serve_connection(io, TowerToHyperService::new(app));
-    tokio::pin!(conn);
-    let mut closing = false;
-    loop {
-        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-        let idle_at = start + last + limits.idle_timeout;
-        tokio::select! {
-            _ = conn.as_mut() => break,
-            _ = draining.wait_for(|d| *d), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            () = tokio::time::sleep_until(idle_at.into()) => {
+    let service = TowerToHyperService::new(app);
+    // Both connection types have the same driving loop.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            let mut closing = false;
+            loop {
                 let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-                if start.elapsed() >= last + limits.idle_timeout {
-                    // Dropping the connection closes the socket.
-                    break;
+                let idle_at = start + last + limits.idle_timeout;
+                tokio::select! {
+                    _ = conn.as_mut() => break,
+                    _ = draining.wait_for(|d| *d), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = tokio::time::sleep_until(idle_at.into()) => {
+                        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                        if start.elapsed() >= last + limits.idle_timeout {
+                            // Dropping the connection closes the socket.
+                            break;
+                        }
+                    }
                 }
             }
-        }
+        }};
+    }
+    if http2 {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .keep_alive(true)
+            .pipeline_flush(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION);
+        drive!(builder.serve_connection(io, service));
+    } else {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .keep_alive(true)
+            .pipeline_flush(true);
+        drive!(builder.serve_connection(io, service));
     }
 }
 
 /// Connection caps of one listener: in all, and per source address.
-struct Gate {
+pub(crate) struct Gate {
     max: usize,
     max_per_source: usize,
     open: AtomicUsize,
@@ -409,7 +484,7 @@ struct Gate {
 }
 
 impl Gate {
-    fn new(max: usize, max_per_source: usize) -> Gate {
+    pub(crate) fn new(max: usize, max_per_source: usize) -> Gate {
         Gate {
             max: max.max(1),
             max_per_source: max_per_source.max(1),
@@ -420,7 +495,7 @@ impl Gate {
 
     /// A ticket for one more connection from `source`, or `None` when a cap
     /// is reached.
-    fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Ticket> {
+    pub(crate) fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Ticket> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return None;
@@ -441,7 +516,7 @@ impl Gate {
 }
 
 /// One admitted connection; gives its place back when dropped.
-struct Ticket {
+pub(crate) struct Ticket {
     gate: Arc<Gate>,
     source: IpAddr,
 }

@@ -36,6 +36,13 @@ pub struct NodeFile {
     /// With TLS: also require client certificates signed by this CA (PEM),
     /// which makes it mutual TLS.
     pub grpc_tls_client_ca: Option<PathBuf>,
+    /// TCP address of the RESP (Redis protocol) API: redis-cell's
+    /// `CL.THROTTLE` and `DRL.CHECK` for this cluster's rules. None: no RESP
+    /// listener (the default).
+    pub resp_listen: Option<SocketAddr>,
+    /// Also serve HTTP/2 (h2c with prior knowledge) on the HTTP API's port,
+    /// beside HTTP/1.1. Off by default.
+    pub http2: bool,
     /// TCP address of the operations listener (probes, metrics, rules
     /// admin), served apart from the decision port so that a flood of
     /// decisions cannot fail a health probe. None: the decision port only.
@@ -93,6 +100,8 @@ impl Default for NodeFile {
             grpc_tls_cert: None,
             grpc_tls_key: None,
             grpc_tls_client_ca: None,
+            resp_listen: None,
+            http2: false,
             listen_admin: None,
             seeds: Vec::new(),
             discovery_interval: "5s".into(),
@@ -127,6 +136,8 @@ pub struct NodeSettings {
     pub listen_http: SocketAddr,
     pub grpc_listen: Option<SocketAddr>,
     pub grpc_tls: Option<GrpcTls>,
+    pub resp_listen: Option<SocketAddr>,
+    pub http2: bool,
     pub listen_admin: Option<SocketAddr>,
     pub seeds: Vec<String>,
     pub discovery_interval: Nanos,
@@ -369,6 +380,8 @@ impl NodeFile {
                     ))
                 }
             },
+            resp_listen: self.resp_listen,
+            http2: self.http2,
             listen_admin: self.listen_admin,
             seeds: self.seeds.clone(),
             discovery_interval: duration("discovery_interval", &self.discovery_interval)?,

@@ -1,0 +1,233 @@
+//! redis-cell's `CL.THROTTLE` on this cluster's rules.
+//!
+//! `CL.THROTTLE key max_burst count_per_period period [quantity]` names its
+//! limit in the call: a GCRA that admits `max_burst + 1` at once and
+//! `count_per_period` every `period` seconds. That is the token bucket of
+//! capacity `max_burst + 1` refilled at `count_per_period` per `period`, so
+//! each parameter triple becomes one rule of the cluster's rule set:
+//!
+//! ```toml
+//! [[rules]]
+//! name = "cl-throttle-15-30-60"
+//! match = { cl_throttle = "15-30-60", cl_key = "*" }
+//! key = ["cl_key"]
+//! limits = [ { algorithm = "token_bucket", capacity = 16, refill = 30, per = "60s" } ]
+//! ```
+//!
+//! and each call a check of the descriptors `cl_throttle = "15-30-60"`,
+//! `cl_key = <key>`. The rule's name, and with it the limit's identity, is
+//! a function of the triple alone, so every node that meets the triple
+//! agrees on the limit and the counts of a key are replicated like any
+//! other. A triple no rule matches yet is put in force through the rules
+//! register (see [`super::RespService`]), the way an operator's rule change
+//! is: it reaches every node.
+
+use crate::core::time::Nanos;
+use crate::limiter::{Decision, Outcome};
+
+/// The descriptor field that carries the parameter triple.
+pub const PARAMS_FIELD: &str = "cl_throttle";
+/// The descriptor field that carries the key.
+pub const KEY_FIELD: &str = "cl_key";
+/// Prefix of the names of the rules of `CL.THROTTLE` triples.
+pub const RULE_PREFIX: &str = "cl-throttle-";
+
+/// The parameters of one `CL.THROTTLE` call, checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Throttle {
+    /// Hits admitted at once beyond the first.
+    pub max_burst: u32,
+    pub count_per_period: u32,
+    /// Seconds.
+    pub period: u32,
+    /// Hits this call takes (0 reads the state).
+    pub quantity: u32,
+}
+
+/// Why the arguments of a `CL.THROTTLE` are not usable. Nothing is counted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ThrottleError {
+    #[error("wrong number of arguments for 'cl.throttle' command")]
+    Arity,
+    #[error("{0}: value is not an integer or out of range")]
+    NotInteger(&'static str),
+    #[error("{0} must be positive")]
+    Zero(&'static str),
+}
+
+/// A non-negative integer argument that fits `u32`.
+pub fn integer(name: &'static str, arg: &[u8]) -> Result<u32, ThrottleError> {
+    std::str::from_utf8(arg)
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .ok_or(ThrottleError::NotInteger(name))
+}
+
+impl Throttle {
+    /// The arguments after the command name and the key.
+    pub fn from_args(args: &[&[u8]]) -> Result<Throttle, ThrottleError> {
+        if !(3..=4).contains(&args.len()) {
+            return Err(ThrottleError::Arity);
+        }
+        let max_burst = integer("max_burst", args[0])?;
+        if max_burst == u32::MAX {
+            return Err(ThrottleError::NotInteger("max_burst"));
+        }
+        let count_per_period = integer("count_per_period", args[1])?;
+        let period = integer("period", args[2])?;
+        let quantity = match args.get(3) {
+            Some(q) => integer("quantity", q)?,
+            None => 1,
+        };
+        if count_per_period == 0 {
+            return Err(ThrottleError::Zero("count_per_period"));
+        }
+        if period == 0 {
+            return Err(ThrottleError::Zero("period"));
+        }
+        Ok(Throttle {
+            max_burst,
+            count_per_period,
+            period,
+            quantity,
+        })
+    }
+
+    /// The value of [`PARAMS_FIELD`]: the triple, which alone names the limit.
+    pub fn params(&self) -> String {
+        format!(
+            "{}-{}-{}",
+            self.max_burst, self.count_per_period, self.period
+        )
+    }
+
+    /// The name of the rule of this triple.
+    pub fn rule_name(&self) -> String {
+        format!("{RULE_PREFIX}{}", self.params())
+    }
+
+    /// The rule of this triple, as TOML to append to a rule file.
+    pub fn rule_text(&self) -> String {
+        format!(
+            "\n[[rules]]\nname = \"{name}\"\nmatch = {{ {PARAMS_FIELD} = \"{params}\", {KEY_FIELD} = \"*\" }}\n\
+             key = [\"{KEY_FIELD}\"]\n\
+             limits = [ {{ algorithm = \"token_bucket\", capacity = {capacity}, refill = {refill}, per = \"{period}s\" }} ]\n",
+            name = self.rule_name(),
+            params = self.params(),
+            capacity = u64::from(self.max_burst) + 1,
+            refill = self.count_per_period,
+            period = self.period,
+        )
+    }
+}
+
+/// Whole seconds, rounded up: a client that waits this long is not early.
+fn ceil_secs(n: Nanos) -> i64 {
+    i64::try_from(n.as_u64().div_ceil(1_000_000_000)).unwrap_or(i64::MAX)
+}
+
+/// redis-cell's reply: limited (0 or 1), limit, remaining, retry after
+/// (seconds, -1 when admitted), reset after (seconds until the key is full
+/// again). `None` when no limit decided (the caller installs the rule).
+pub fn reply(decision: &Decision) -> Option<[i64; 5]> {
+    let q = decision.quota?;
+    let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
+    let remaining = i64::try_from(q.remaining).unwrap_or(i64::MAX);
+    let reset = ceil_secs(q.reset_after);
+    Some(match decision.outcome {
+        Outcome::Allowed => [0, limit, remaining, -1, reset],
+        Outcome::Denied => [1, limit, remaining, ceil_secs(q.retry_after).max(1), reset],
+        // More than the bucket holds: waiting cannot help.
+        Outcome::Never => [1, limit, remaining, -1, reset],
+    })
+}
+
+/// How many rules of `CL.THROTTLE` triples `source` (a rule file) holds.
+pub fn installed(source: &str) -> usize {
+    source.matches(&format!("name = \"{RULE_PREFIX}")).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::descriptor::Descriptors;
+    use crate::core::rules::RuleSet;
+    use crate::core::time::ManualClock;
+    use crate::limiter::{Limiter, LimiterConfig};
+
+    fn throttle(args: &[&str]) -> Result<Throttle, ThrottleError> {
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        Throttle::from_args(&args)
+    }
+
+    #[test]
+    fn checks_the_arguments() {
+        assert_eq!(
+            throttle(&["15", "30", "60"]).unwrap(),
+            Throttle {
+                max_burst: 15,
+                count_per_period: 30,
+                period: 60,
+                quantity: 1
+            }
+        );
+        assert_eq!(throttle(&["15", "30", "60", "0"]).unwrap().quantity, 0);
+        assert_eq!(throttle(&["15", "30"]), Err(ThrottleError::Arity));
+        assert_eq!(
+            throttle(&["1", "2", "3", "4", "5"]),
+            Err(ThrottleError::Arity)
+        );
+        assert_eq!(
+            throttle(&["-1", "30", "60"]),
+            Err(ThrottleError::NotInteger("max_burst"))
+        );
+        assert_eq!(
+            throttle(&["1", "x", "60"]),
+            Err(ThrottleError::NotInteger("count_per_period"))
+        );
+        assert_eq!(
+            throttle(&["1", "30", "60", "1.5"]),
+            Err(ThrottleError::NotInteger("quantity"))
+        );
+        assert_eq!(
+            throttle(&["1", "0", "60"]),
+            Err(ThrottleError::Zero("count_per_period"))
+        );
+        assert_eq!(
+            throttle(&["1", "1", "0"]),
+            Err(ThrottleError::Zero("period"))
+        );
+        assert_eq!(
+            throttle(&["4294967295", "1", "1"]),
+            Err(ThrottleError::NotInteger("max_burst"))
+        );
+    }
+
+    /// The rule behaves as redis-cell's README shows: 16 at once, then one
+    /// every 2 s.
+    #[test]
+    fn the_rule_of_a_triple_is_redis_cells_limit() {
+        let t = throttle(&["15", "30", "60"]).unwrap();
+        let rules = RuleSet::from_toml(&t.rule_text()).unwrap();
+        assert_eq!(installed(rules.source()), 1);
+        let clock = ManualClock::new(Nanos::from_secs(1_000));
+        let limiter = Limiter::with_clock(rules, LimiterConfig::default(), clock).unwrap();
+        let params = t.params();
+        let fields = [(PARAMS_FIELD, params.as_str()), (KEY_FIELD, "user123")];
+        let d = Descriptors::new(&fields).unwrap();
+        let first = reply(&limiter.check(&d, 1).unwrap()).unwrap();
+        assert_eq!(&first[..3], &[0, 16, 15]);
+        assert_eq!(first[3], -1);
+        // Exactly 2 s for redis-cell; the bucket's time buckets (4 s for a
+        // 32 s refill) may make it read up to one bucket more.
+        assert!((2..=6).contains(&first[4]), "reset after {}", first[4]);
+        for _ in 0..15 {
+            assert!(limiter.check(&d, 1).unwrap().is_allowed());
+        }
+        let refused = reply(&limiter.check(&d, 1).unwrap()).unwrap();
+        assert_eq!(&refused[..3], &[1, 16, 0]);
+        assert!((1..=6).contains(&refused[3]), "retry after {}", refused[3]);
+        let never = reply(&limiter.check(&d, 17).unwrap()).unwrap();
+        assert_eq!((never[0], never[3]), (1, -1));
+    }
+}

@@ -1,0 +1,294 @@
+//! The RESP listener: threads, connections, limits.
+//!
+//! Like the HTTP API it runs one thread per core (at most 16), each with a
+//! single-threaded runtime and its own `SO_REUSEPORT` listener, so that a
+//! connection lives on one core from accept to close. A connection reads
+//! what the socket has, answers every whole command in it in order (a
+//! pipelined batch costs one read and one write), and writes the answers
+//! before it reads again: a client that sends without reading is slowed by
+//! its own unread answers, never buffered without bound.
+
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use super::parse::{parse_command, FrameLimits, Parsed, ProtocolError, MAX_ARGS};
+use super::reply;
+use super::service::{Flow, RespService};
+use crate::http::server::{reuseport_listener, serve_threads, Gate, Ticket};
+
+/// What one client may hold of the RESP listener, and for how long.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RespLimits {
+    /// Connections open at once, all sources together.
+    pub max_connections: usize,
+    /// Connections open at once from one source address.
+    pub max_per_source: usize,
+    /// A connection that sends nothing for this long is closed, and so is
+    /// one whose answers cannot be written for this long.
+    pub idle_timeout: Duration,
+    /// Sizes of one command.
+    pub frame: FrameLimits,
+}
+
+impl Default for RespLimits {
+    fn default() -> Self {
+        RespLimits {
+            max_connections: crate::http::server::MAX_CONNECTIONS,
+            max_per_source: 1_024,
+            idle_timeout: Duration::from_secs(300),
+            frame: FrameLimits::default(),
+        }
+    }
+}
+
+/// Bytes read per `read` call; a pipelined batch larger than this is served
+/// over several reads.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The bound, not yet serving, RESP listeners (one per thread).
+pub struct RespListener {
+    listeners: Vec<std::net::TcpListener>,
+    addr: SocketAddr,
+}
+
+impl RespListener {
+    /// Binds `addr` once per RESP thread. Fails if the port is taken.
+    pub async fn bind(addr: SocketAddr) -> io::Result<RespListener> {
+        // SO_REUSEPORT would share a port another process of the same user
+        // serves: make sure it is free first.
+        if addr.port() != 0 {
+            drop(TcpListener::bind(addr).await?);
+        }
+        let first = reuseport_listener(addr)?;
+        let addr = first.local_addr()?;
+        let mut listeners = vec![first];
+        for _ in 1..serve_threads() {
+            listeners.push(reuseport_listener(addr)?);
+        }
+        Ok(RespListener { listeners, addr })
+    }
+
+    /// The bound address (the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// How many threads [`RespListener::spawn`] starts.
+    pub fn threads(&self) -> usize {
+        self.listeners.len()
+    }
+
+    /// Starts one thread per listener. Each serves until `draining` turns
+    /// true, lets every connection finish the batch it is answering, and
+    /// sends its result on `done`.
+    pub fn spawn(
+        self,
+        service: RespService,
+        limits: RespLimits,
+        draining: watch::Receiver<bool>,
+        done: tokio::sync::mpsc::Sender<io::Result<()>>,
+    ) -> io::Result<usize> {
+        let gate = Arc::new(Gate::new(limits.max_connections, limits.max_per_source));
+        let threads = self.listeners.len();
+        for (i, listener) in self.listeners.into_iter().enumerate() {
+            let (service, limits, draining, done, gate) = (
+                service.clone(),
+                limits.clone(),
+                draining.clone(),
+                done.clone(),
+                gate.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("drl-resp-{i}"))
+                .spawn(move || {
+                    let result = serve_thread(listener, service, gate, limits, draining);
+                    let _ = done.blocking_send(result);
+                })?;
+        }
+        Ok(threads)
+    }
+}
+
+fn serve_thread(
+    listener: std::net::TcpListener,
+    service: RespService,
+    gate: Arc<Gate>,
+    limits: RespLimits,
+    mut draining: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = TcpListener::from_std(listener)?;
+        let mut connections = tokio::task::JoinSet::new();
+        let for_connections = draining.clone();
+        loop {
+            tokio::select! {
+                _ = draining.wait_for(|d| *d) => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let Some(ticket) = gate.admit(peer.ip()) else {
+                            drop(stream);
+                            continue;
+                        };
+                        let _ = stream.set_nodelay(true);
+                        connections.spawn(serve_connection(
+                            stream,
+                            ticket,
+                            service.clone(),
+                            limits.clone(),
+                            for_connections.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "RESP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        while connections.join_next().await.is_some() {}
+        Ok(())
+    })
+}
+
+/// Serves one connection until the client closes it or sends `QUIT`, a
+/// protocol error, the idle timeout, or the server drains.
+async fn serve_connection(
+    mut stream: TcpStream,
+    _ticket: Ticket,
+    service: RespService,
+    limits: RespLimits,
+    mut draining: watch::Receiver<bool>,
+) {
+    let mut conn = Connection::new(limits.frame);
+    loop {
+        let read = tokio::select! {
+            r = tokio::time::timeout(limits.idle_timeout, conn.read_from(&mut stream)) => r,
+            _ = draining.wait_for(|d| *d) => return,
+        };
+        match read {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+            Ok(Ok(_)) => {}
+        }
+        let flow = conn.answer(&service).await;
+        if !conn.out.is_empty() {
+            let write = tokio::time::timeout(limits.idle_timeout, stream.write_all(&conn.out));
+            if !matches!(write.await, Ok(Ok(()))) {
+                return;
+            }
+            conn.out.clear();
+        }
+        if flow == Flow::Close {
+            linger(stream).await;
+            return;
+        }
+    }
+}
+
+/// Closes after the last answer: the write side first, then what the
+/// client still sends is read and dropped for a moment (at most
+/// [`LINGER_BYTES`], [`LINGER_TIME`]), so that unread input does not make
+/// the kernel reset the connection before the client has read the answer.
+async fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut scratch = [0u8; 4096];
+    let mut dropped = 0;
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    while dropped < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, stream.read(&mut scratch)).await {
+            Ok(Ok(n)) if n > 0 => dropped += n,
+            _ => return,
+        }
+    }
+}
+
+/// See [`linger`].
+const LINGER_BYTES: usize = 256 * 1024;
+const LINGER_TIME: Duration = Duration::from_millis(500);
+
+/// One connection's buffers: bytes received and not yet answered, and the
+/// answers not yet written. I/O-free apart from [`Connection::read_from`].
+pub struct Connection {
+    limits: FrameLimits,
+    input: Vec<u8>,
+    /// Where the unanswered bytes start in `input`.
+    start: usize,
+    /// The answers of the batch being served.
+    pub out: Vec<u8>,
+    args: Vec<Range<usize>>,
+}
+
+impl Connection {
+    pub fn new(limits: FrameLimits) -> Connection {
+        Connection {
+            limits,
+            input: Vec::with_capacity(READ_CHUNK),
+            start: 0,
+            out: Vec::with_capacity(1024),
+            args: Vec::new(),
+        }
+    }
+
+    /// Reads what the socket has (at most [`READ_CHUNK`] bytes).
+    async fn read_from(&mut self, stream: &mut TcpStream) -> io::Result<usize> {
+        // Answered bytes go before reading more, so the buffer holds at
+        // most one unfinished command and one read.
+        if self.start > 0 {
+            self.input.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.input.len();
+        self.input.resize(len + READ_CHUNK, 0);
+        let n = stream.read(&mut self.input[len..]).await;
+        self.input.truncate(len + *n.as_ref().unwrap_or(&0));
+        n
+    }
+
+    /// Appends bytes as if read (tests and fuzzing).
+    pub fn receive(&mut self, bytes: &[u8]) {
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// Answers every whole command received, in order, into `out`. A
+    /// protocol error is answered and closes the connection.
+    pub async fn answer(&mut self, service: &RespService) -> Flow {
+        loop {
+            let buf = &self.input[self.start..];
+            match parse_command(buf, &self.limits, &mut self.args) {
+                Ok(Parsed::Incomplete) => return Flow::Continue,
+                Ok(Parsed::Command { len }) => {
+                    // The parser never yields more than MAX_ARGS.
+                    let mut argv: [&[u8]; MAX_ARGS] = [&[]; MAX_ARGS];
+                    let n = self.args.len().min(MAX_ARGS);
+                    for (slot, r) in argv.iter_mut().zip(&self.args) {
+                        *slot = &buf[r.clone()];
+                    }
+                    let flow = service.execute(&argv[..n], &mut self.out).await;
+                    self.start += len;
+                    if flow == Flow::Close {
+                        return Flow::Close;
+                    }
+                }
+                Err(e) => {
+                    protocol_error(&mut self.out, &e);
+                    return Flow::Close;
+                }
+            }
+        }
+    }
+}
+
+fn protocol_error(out: &mut Vec<u8>, e: &ProtocolError) {
+    reply::error(out, &format!("Protocol error: {e}"));
+}
