@@ -300,7 +300,7 @@ impl<'de> Visitor<'de> for CostSeed {
 }
 
 /// Decodes `%XX` escapes and `+`; refuses a `%` not followed by two hex digits.
-fn percent_decode(s: &str) -> Result<Vec<u8>, ()> {
+pub fn percent_decode(s: &str) -> Result<Vec<u8>, ()> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
