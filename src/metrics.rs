@@ -494,289 +494,122 @@ fn peer_gauges(
     Ok(())
 }
 
-impl prometheus_client::collector::Collector for NodeCollector {
-    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), fmt::Error> {
+/// One family of the node's status as `/metrics` writes it.
+enum Family {
+    Gauge(f64),
+    Counter(u64),
+    /// One gauge per peer, labelled by slot and name.
+    PerPeer(Vec<(String, String, f64)>),
+    /// One gauge with one label.
+    Labelled(&'static str, &'static str, f64),
+    /// The node's identity (`name`, `slot`).
+    Info(String, String),
+}
+
+/// A row of the table: name (without the `drl_` prefix), help, value.
+type Row = (&'static str, &'static str, Family);
+
+impl NodeCollector {
+    /// Every family of the node's status, in the order it is written. One
+    /// row per metric: a new metric is a new row.
+    fn table(&self) -> Vec<Row> {
+        use Family::{Counter, Gauge, Info, Labelled, PerPeer};
         let status = self.api.status();
         let limiter = &self.api.limiter;
         let settings = &self.api.settings;
         let now = limiter.clock().now();
-
-        gauge(
-            &mut e,
-            "ready",
-            "1 once the node has recovered its counts and admits requests.",
-            f64::from(u8::from(self.api.is_ready())),
-        )?;
-        gauge(
-            &mut e,
-            "keys_tracked",
-            "Keys tracked over all limits.",
-            limiter.keys_tracked() as f64,
-        )?;
-        counter(
-            &mut e,
-            "evictions",
-            "Live keys pushed out by the key cap (max_keys), since start.",
-            limiter.evictions(),
-        )?;
-        counter(
-            &mut e,
-            "expirations",
-            "Keys freed because their window passed, since start.",
-            limiter.expirations(),
-        )?;
-        let memory = limiter.memory();
-        gauge(
-            &mut e,
-            "key_memory_bytes",
-            "Bytes held by the key tables of all limits (entries, index share, eviction sketches).",
-            memory.used() as f64,
-        )?;
-        gauge(
-            &mut e,
-            "key_memory_limit_bytes",
-            "The node's key memory budget (max_memory); 0 when none is set.",
-            memory.limit().unwrap_or(0) as f64,
-        )?;
-        counter(
-            &mut e,
-            "memory_evictions",
-            "Live keys pushed out to stay within max_memory, since start.",
-            memory.evictions(),
-        )?;
-
+        let flag = |b: bool| f64::from(u8::from(b));
         let r = &status.replication;
-        counter(
-            &mut e,
-            "gossip_frames_sent",
-            "Replication frames sent to peers.",
-            r.frames_sent,
-        )?;
-        counter(
-            &mut e,
-            "gossip_bytes_sent",
-            "Bytes of replication frames sent to peers.",
-            r.bytes_sent,
-        )?;
-        counter(
-            &mut e,
-            "gossip_frames_received",
-            "Replication frames received from peers.",
-            r.frames_received,
-        )?;
-        counter(
-            &mut e,
-            "gossip_frames_refused",
-            "Replication frames from peers refused as malformed or out of place.",
-            r.frames_refused,
-        )?;
-        counter(
-            &mut e,
-            "gossip_values_merged",
-            "Counter values merged from peers.",
-            r.values_merged,
-        )?;
-        counter(
-            &mut e,
-            "gossip_retransmissions",
-            "Delta rounds sent again for lack of an acknowledgement.",
-            r.retransmissions,
-        )?;
-        counter(
-            &mut e,
-            "gossip_full_syncs",
-            "Full-state syncs to peers.",
-            r.full_syncs,
-        )?;
-        counter(
-            &mut e,
-            "confirm_claims",
-            "Requests near a limit whose provisional hits were sent to the peers for confirmation.",
-            r.claims_sent,
-        )?;
-        counter(
-            &mut e,
-            "confirm_answered",
-            "Confirmations that every peer waited for answered in time.",
-            r.claims_answered,
-        )?;
-        counter(
-            &mut e,
-            "confirm_expired",
-            "Confirmations that timed out (the request was refused and its hits given back).",
-            r.claims_expired,
-        )?;
-
-        gauge(
-            &mut e,
-            "divergence_hits",
-            "Hits admitted here that some peer has not acknowledged: how far the cluster's view lags this node's.",
-            status.unacked_hits as f64,
-        )?;
-        gauge(
-            &mut e,
-            "divergence_rounds",
-            "Delta rounds of this node not yet acknowledged by every peer.",
-            status.unacked_rounds as f64,
-        )?;
-        gauge(
-            &mut e,
-            "minority",
-            "1 when this node cannot reach a majority of the cluster.",
-            f64::from(u8::from(status.minority)),
-        )?;
-        {
-            let policy = settings.policy;
-            let estimate = overshoot_estimate(
-                policy,
-                status.minority,
-                status.known.len(),
-                status.live.len(),
-            );
-            let mut family = e.encode_descriptor(
-                "overshoot_estimate_ratio",
-                "Estimated cluster-wide overshoot as a fraction of a limit under the share policy (see docs/http-api.md).",
-                None,
-                MetricType::Gauge,
-            )?;
-            let labels = [("policy", policy.name())];
-            ConstGauge::new(estimate).encode(family.encode_family(&labels)?)?;
-        }
-        gauge(
-            &mut e,
-            "peers_known",
-            "Peers ever seen, this node excluded.",
-            status.known.len() as f64,
-        )?;
-        gauge(
-            &mut e,
-            "peers_live",
-            "Peers alive according to the failure detector.",
-            status.live.len() as f64,
-        )?;
-
-        let per_peer = |f: &dyn Fn(&crate::cluster::replication::PeerState) -> Option<f64>| {
+        let a = status.admission;
+        let per_peer = |f: &dyn Fn(u16, &crate::cluster::replication::PeerState) -> f64| {
+            PerPeer(
+                status
+                    .peers
+                    .iter()
+                    .map(|(&slot, p)| (slot.to_string(), p.name.clone(), f(slot, p)))
+                    .collect(),
+            )
+        };
+        let lag = PerPeer(
             status
                 .peers
                 .iter()
-                .filter_map(|(slot, p)| Some((slot.to_string(), p.name.clone(), f(p)?)))
-                .collect::<Vec<_>>()
-        };
-        peer_gauges(
-            &mut e,
-            "peer_connected",
-            "1 while a verified QUIC connection to the peer is open.",
-            &per_peer(&|p| Some(f64::from(u8::from(p.connected)))),
-        )?;
-        peer_gauges(
-            &mut e,
-            "peer_live",
-            "1 while the failure detector considers the peer alive.",
-            &per_peer(&|p| Some(f64::from(u8::from(p.live)))),
-        )?;
-        peer_gauges(
-            &mut e,
-            "peer_lag_seconds",
-            "Time since the last frame from the peer arrived.",
-            &per_peer(&|p| {
-                p.last_heard
-                    .map(|t| now.saturating_sub(t).as_u64() as f64 / 1e9)
-            }),
-        )?;
-        peer_gauges(
-            &mut e,
-            "peer_clock_offset_seconds",
-            "Estimated peer clock minus this node's clock (smoothed).",
-            &per_peer(&|p| Some(p.clock_offset_ns as f64 / 1e9)),
-        )?;
-        peer_gauges(
-            &mut e,
-            "peer_rtt_seconds",
-            "Smoothed round-trip time to the peer.",
-            &per_peer(&|p| Some(p.rtt.as_u64() as f64 / 1e9)),
-        )?;
-        peer_gauges(
-            &mut e,
-            "peer_unacked_rounds",
-            "Delta rounds of this node the peer has not acknowledged.",
-            &status
-                .peers
-                .iter()
-                .map(|(slot, p)| {
-                    let n = status.peer_unacked_rounds.get(slot).copied().unwrap_or(0);
-                    (slot.to_string(), p.name.clone(), n as f64)
+                .filter_map(|(slot, p)| {
+                    let t = p.last_heard?;
+                    let lag = now.saturating_sub(t).as_u64() as f64 / 1e9;
+                    Some((slot.to_string(), p.name.clone(), lag))
                 })
-                .collect::<Vec<_>>(),
-        )?;
-
+                .collect(),
+        );
+        let overshoot = overshoot_estimate(
+            settings.policy,
+            status.minority,
+            status.known.len(),
+            status.live.len(),
+        );
         let (version, origin) = status.rules_version;
-        gauge(
-            &mut e,
-            "rules_version",
-            "Version counter of the rules in force (cluster-wide, last writer wins).",
-            version as f64,
-        )?;
-        gauge(
-            &mut e,
-            "rules_origin_slot",
-            "Slot of the node that put the rules in force.",
-            f64::from(origin),
-        )?;
-        gauge(
-            &mut e,
-            "rules_file_error",
-            "1 when the last reload of the rules file failed (the rules in force stay).",
-            f64::from(u8::from(status.rules_file_error.is_some())),
-        )?;
-        gauge(
-            &mut e,
-            "rules_limits",
-            "Limits in the rules in force.",
-            limiter.rules().limits().len() as f64,
-        )?;
-        counter(
-            &mut e,
-            "snapshots_written",
-            "Local snapshots written.",
-            status.snapshots_written,
-        )?;
-        let a = status.admission;
-        for (name, help, value) in [
-            (
-                "peer_handshakes_retried",
-                "Connection attempts from unknown, unvalidated sources answered with a stateless QUIC Retry.",
-                a.retried,
-            ),
-            (
-                "peer_handshakes_refused_busy",
-                "Connection attempts refused because every handshake slot of their pool was taken.",
-                a.refused_busy,
-            ),
-            (
-                "peer_handshakes_refused_per_source",
-                "Connection attempts refused because their source IP had too many handshakes in flight.",
-                a.refused_per_source,
-            ),
-            (
-                "peer_handshakes_failed",
-                "Incoming handshakes that failed or timed out.",
-                a.failed,
-            ),
-        ] {
-            counter(&mut e, name, help, value)?;
-        }
-        counter(
-            &mut e,
-            "snapshots_refused",
-            "Snapshots refused at start (corrupt or unreadable) and moved aside.",
-            status.snapshots_refused,
-        )?;
-        {
-            let mut family =
-                e.encode_descriptor("node", "This node's identity.", None, MetricType::Info)?;
-            let slot = settings.slot.to_string();
-            let labels = [("name", settings.name.as_str()), ("slot", slot.as_str())];
-            family.encode_info(&labels)?;
+        let memory = limiter.memory();
+        vec![
+            ("ready", "1 once the node has recovered its counts and admits requests.", Gauge(flag(self.api.is_ready()))),
+            ("keys_tracked", "Keys tracked over all limits.", Gauge(limiter.keys_tracked() as f64)),
+            ("evictions", "Live keys pushed out by the key cap (max_keys), since start.", Counter(limiter.evictions())),
+            ("expirations", "Keys freed because their window passed, since start.", Counter(limiter.expirations())),
+            ("key_memory_bytes", "Bytes held by the key tables of all limits (entries, index share, eviction sketches).", Gauge(memory.used() as f64)),
+            ("key_memory_limit_bytes", "The node's key memory budget (max_memory); 0 when none is set.", Gauge(memory.limit().unwrap_or(0) as f64)),
+            ("memory_evictions", "Live keys pushed out to stay within max_memory, since start.", Counter(memory.evictions())),
+            ("gossip_frames_sent", "Replication frames sent to peers.", Counter(r.frames_sent)),
+            ("gossip_bytes_sent", "Bytes of replication frames sent to peers.", Counter(r.bytes_sent)),
+            ("gossip_frames_received", "Replication frames received from peers.", Counter(r.frames_received)),
+            ("gossip_frames_refused", "Replication frames from peers refused as malformed or out of place.", Counter(r.frames_refused)),
+            ("gossip_values_merged", "Counter values merged from peers.", Counter(r.values_merged)),
+            ("gossip_retransmissions", "Delta rounds sent again for lack of an acknowledgement.", Counter(r.retransmissions)),
+            ("gossip_full_syncs", "Full-state syncs to peers.", Counter(r.full_syncs)),
+            ("confirm_claims", "Requests near a limit whose provisional hits were sent to the peers for confirmation.", Counter(r.claims_sent)),
+            ("confirm_answered", "Confirmations that every peer waited for answered in time.", Counter(r.claims_answered)),
+            ("confirm_expired", "Confirmations that timed out (the request was refused and its hits given back).", Counter(r.claims_expired)),
+            ("divergence_hits", "Hits admitted here that some peer has not acknowledged: how far the cluster's view lags this node's.", Gauge(status.unacked_hits as f64)),
+            ("divergence_rounds", "Delta rounds of this node not yet acknowledged by every peer.", Gauge(status.unacked_rounds as f64)),
+            ("minority", "1 when this node cannot reach a majority of the cluster.", Gauge(flag(status.minority))),
+            ("overshoot_estimate_ratio", "Estimated cluster-wide overshoot as a fraction of a limit under the share policy (see docs/http-api.md).", Labelled("policy", settings.policy.name(), overshoot)),
+            ("peers_known", "Peers ever seen, this node excluded.", Gauge(status.known.len() as f64)),
+            ("peers_live", "Peers alive according to the failure detector.", Gauge(status.live.len() as f64)),
+            ("peer_connected", "1 while a verified QUIC connection to the peer is open.", per_peer(&|_, p| flag(p.connected))),
+            ("peer_live", "1 while the failure detector considers the peer alive.", per_peer(&|_, p| flag(p.live))),
+            ("peer_lag_seconds", "Time since the last frame from the peer arrived.", lag),
+            ("peer_clock_offset_seconds", "Estimated peer clock minus this node's clock (smoothed).", per_peer(&|_, p| p.clock_offset_ns as f64 / 1e9)),
+            ("peer_rtt_seconds", "Smoothed round-trip time to the peer.", per_peer(&|_, p| p.rtt.as_u64() as f64 / 1e9)),
+            ("peer_unacked_rounds", "Delta rounds of this node the peer has not acknowledged.", per_peer(&|slot, _| status.peer_unacked_rounds.get(&slot).copied().unwrap_or(0) as f64)),
+            ("rules_version", "Version counter of the rules in force (cluster-wide, last writer wins).", Gauge(version as f64)),
+            ("rules_origin_slot", "Slot of the node that put the rules in force.", Gauge(f64::from(origin))),
+            ("rules_file_error", "1 when the last reload of the rules file failed (the rules in force stay).", Gauge(flag(status.rules_file_error.is_some()))),
+            ("rules_limits", "Limits in the rules in force.", Gauge(limiter.rules().limits().len() as f64)),
+            ("snapshots_written", "Local snapshots written.", Counter(status.snapshots_written)),
+            ("peer_handshakes_retried", "Connection attempts from unknown, unvalidated sources answered with a stateless QUIC Retry.", Counter(a.retried)),
+            ("peer_handshakes_refused_busy", "Connection attempts refused because every handshake slot of their pool was taken.", Counter(a.refused_busy)),
+            ("peer_handshakes_refused_per_source", "Connection attempts refused because their source IP had too many handshakes in flight.", Counter(a.refused_per_source)),
+            ("peer_handshakes_failed", "Incoming handshakes that failed or timed out.", Counter(a.failed)),
+            ("snapshots_refused", "Snapshots refused at start (corrupt or unreadable) and moved aside.", Counter(status.snapshots_refused)),
+            ("node", "This node's identity.", Info(settings.name.clone(), settings.slot.to_string())),
+        ]
+    }
+}
+
+impl prometheus_client::collector::Collector for NodeCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), fmt::Error> {
+        for (name, help, family) in self.table() {
+            match family {
+                Family::Gauge(v) => gauge(&mut e, name, help, v)?,
+                Family::Counter(v) => counter(&mut e, name, help, v)?,
+                Family::PerPeer(series) => peer_gauges(&mut e, name, help, &series)?,
+                Family::Labelled(label, value, v) => {
+                    let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                    ConstGauge::new(v).encode(family.encode_family(&[(label, value)])?)?;
+                }
+                Family::Info(node, slot) => {
+                    let mut family = e.encode_descriptor(name, help, None, MetricType::Info)?;
+                    family.encode_info(&[("name", node.as_str()), ("slot", slot.as_str())])?;
+                }
+            }
         }
         Ok(())
     }

@@ -28,8 +28,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::core::descriptor::Descriptors;
+use crate::http::error::ApiError;
 use crate::http::headers::decision_headers;
-use crate::limiter::{CheckError, Limiter, Outcome};
+use crate::limiter::{Limiter, Outcome};
 
 /// Descriptor fields of a request, or `None` to let it pass unlimited.
 pub type Describe = dyn Fn(&Request) -> Option<Vec<(String, String)>> + Send + Sync;
@@ -76,22 +77,13 @@ pub async fn rate_limit(
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
+    // Refusals take the HTTP API's shape: the same status, body and
+    // `Retry-After` for the same error.
     let decision = match Descriptors::new(&pairs) {
-        Err(e) => return refusal(StatusCode::BAD_REQUEST, &e.to_string()),
+        Err(e) => return ApiError::from(e).into_response(),
         Ok(d) => match state.limiter.check(&d, 1) {
             Ok(decision) => decision,
-            Err(CheckError::Recovering) => {
-                let mut r = refusal(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &CheckError::Recovering.to_string(),
-                );
-                r.headers_mut().insert(
-                    axum::http::header::RETRY_AFTER,
-                    axum::http::HeaderValue::from(1u64),
-                );
-                return r;
-            }
-            Err(e) => return refusal(StatusCode::BAD_REQUEST, &e.to_string()),
+            Err(e) => return ApiError::from(e).into_response(),
         },
     };
     let rule = decision.quota.map(|q| {

@@ -7,8 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drl::core::descriptor::Descriptors;
+use drl::core::rules::RuleSet;
+use drl::core::wire::MAX_RULES_BYTES;
 use drl::net::{generate_dev_certs, local_cluster_specs};
-use drl::node::{Node, NodeFile, NodeHandle, NodeSettings};
+use drl::node::{Node, NodeFile, NodeHandle, NodeSettings, PutRulesError};
+
+fn parsed(text: &str) -> RuleSet {
+    RuleSet::from_toml(text).expect("valid rules")
+}
 
 const RULES: &str = r#"
 [[rules]]
@@ -232,7 +238,7 @@ async fn a_rule_change_on_one_node_reaches_every_node_and_concurrent_edits_agree
     let dir = cluster_dir("rules", 3);
     let nodes = three_nodes(&dir).await;
     let strict = RULES.replace("limit = 600", "limit = 5");
-    let version = nodes[1].put_rules(strict.clone()).await.unwrap();
+    let version = nodes[1].put_rules(parsed(&strict)).await.unwrap();
     let start = Instant::now();
     wait_for("the new rules everywhere", Duration::from_secs(1), || {
         nodes.iter().all(|n| n.limiter.rules().source() == strict)
@@ -247,19 +253,21 @@ async fn a_rule_change_on_one_node_reaches_every_node_and_concurrent_edits_agree
     )
     .await;
 
-    // Invalid rules are refused with the reason and change nothing.
-    let err = nodes[0]
-        .put_rules("[[rules]]\nname = 1".into())
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("line"), "{err}");
+    // Rules too large to replicate are refused and change nothing (invalid
+    // text never gets this far: the node takes parsed rules).
+    let padded = format!("{strict}\n#{}\n", "x".repeat(MAX_RULES_BYTES));
+    let err = nodes[0].put_rules(parsed(&padded)).await.unwrap_err();
+    assert_eq!(err, PutRulesError::TooLarge(padded.len()));
     assert!(nodes.iter().all(|n| n.limiter.rules().source() == strict));
 
     // Two nodes edit at once: every node ends with the same text, the one
     // with the larger (version, origin).
     let a = RULES.replace("limit = 600", "limit = 7");
     let b = RULES.replace("limit = 600", "limit = 9");
-    let (va, vb) = tokio::join!(nodes[0].put_rules(a.clone()), nodes[2].put_rules(b.clone()));
+    let (va, vb) = tokio::join!(
+        nodes[0].put_rules(parsed(&a)),
+        nodes[2].put_rules(parsed(&b))
+    );
     let winner = if va.unwrap() > vb.unwrap() { a } else { b };
     wait_for("agreement", Duration::from_secs(2), || {
         nodes.iter().all(|n| n.limiter.rules().source() == winner)

@@ -3,7 +3,9 @@
 //! Values (nanoseconds) below 64 get a bucket each; above, every power of
 //! two is cut into 32 equal buckets, so a bucket is at most 1/32 (≈3%) of
 //! its values wide. 1,920 buckets cover the whole `u64` range; recording is
-//! an index computation and an increment.
+//! an index computation and an increment. Kept over the `hdrhistogram` crate
+//! because it is faster by measurement (`benches/replaced.rs`; DESIGN.md,
+//! "Dependencies").
 
 /// Sub-buckets per power of two, as a power of two.
 const SUB_BITS: u32 = 5;

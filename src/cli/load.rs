@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use super::latency::LatencyHistogram;
 use super::{parse_fields, CliError};
-use crate::http::client::{authority, write_head, Connection};
+use crate::http::client::{authority, Connection};
 
 /// `drl load`: where to send, how hard and for how long.
 #[derive(Debug, Clone, clap::Args)]
@@ -236,7 +236,6 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
         let offset = interval.map(|iv| iv.mul_f64(i as f64 / args.connections as f64));
         tasks.push(tokio::spawn(async move {
             let mut report = LoadReport::default();
-            let mut request = Vec::with_capacity(256);
             let mut body = String::with_capacity(128);
             let mut next = offset.map(|o| start + o);
             let mut last_answer = start;
@@ -266,17 +265,17 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
                 body.push_str(&(rng.next() % keys).to_string());
                 body.push('"');
                 body.push_str(&tail);
-                request.clear();
-                write_head(
-                    &mut request,
-                    "POST",
-                    "/v1/check",
-                    &host,
-                    &[("content-type", "application/json")],
-                    body.len(),
-                );
-                request.extend_from_slice(body.as_bytes());
-                match conn.send_raw(&request).await {
+                let request = axum::http::Request::post("/v1/check")
+                    .header("host", host.as_str())
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(axum::body::Bytes::from(
+                        body.clone(),
+                    )));
+                let Ok(request) = request else {
+                    report.errors += 1;
+                    break;
+                };
+                match conn.send(request).await {
                     Ok(status) => {
                         last_answer = Instant::now();
                         let took = last_answer.duration_since(scheduled);

@@ -455,7 +455,8 @@ impl MemCluster {
         self.nodes[node].repl.repl()
     }
     /// Puts `text` in force through `node` as an operator would (whole-core
-    /// clusters only: the replicator alone has no rules register).
+    /// clusters only: the replicator alone has no rules register, and a
+    /// call on another cluster panics).
     pub fn put_rules(
         &mut self,
         node: usize,
@@ -463,11 +464,10 @@ impl MemCluster {
     ) -> Result<crate::cluster::node_core::RulesVersion, crate::cluster::node_core::PutRulesError>
     {
         let Driven::Core(core) = &mut self.nodes[node].repl else {
-            return Err(crate::cluster::node_core::PutRulesError::Invalid(
-                "only whole-core clusters replicate rules".into(),
-            ));
+            panic!("only whole-core clusters replicate rules");
         };
-        let prepared = core.prepare_rules(text.to_owned())?;
+        let rules = RuleSet::from_toml(text)?;
+        let prepared = core.prepare_rules(rules)?;
         let version = core.commit_rules(prepared);
         self.flush(node);
         Ok(version)

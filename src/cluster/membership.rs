@@ -156,8 +156,8 @@ impl MembershipConfig {
     }
 
     /// Why foca could not run with these values, if it could not.
-    pub fn validate(&self) -> Result<(), MembershipError> {
-        let bad = |why| Err(MembershipError::Config(why));
+    pub fn validate(&self) -> Result<(), MembershipConfigError> {
+        let bad = |why| Err(MembershipConfigError(why));
         if self.probe_rtt == Nanos::ZERO || self.probe_rtt >= self.probe_period {
             return bad("probe_rtt must be above zero and below probe_period");
         }
@@ -242,9 +242,13 @@ pub enum MembershipError {
     /// have been applied. Not expected with well-formed identities.
     #[error("membership protocol error: {0}")]
     Protocol(String),
-    #[error("invalid membership config: {0}")]
-    Config(&'static str),
 }
+
+/// Why a [`MembershipConfig`] cannot run (a setup error, apart from the
+/// payload errors of [`MembershipError`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid membership config: {0}")]
+pub struct MembershipConfigError(pub &'static str);
 
 /// foca's side effects, queued until the driver polls them.
 #[derive(Default)]

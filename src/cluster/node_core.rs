@@ -28,12 +28,12 @@ use crate::cluster::replication::{
     ClaimEvent, Delivered, ReplicationConfig, ReplicationEvent, Replicator, Transmit,
 };
 use crate::cluster::store::LimitKey;
-use crate::core::rules::RuleSet;
+use crate::core::rules::{RuleSet, RulesError};
 use crate::core::share::{SharePolicy, ShareView, MAX_NODES};
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
 use crate::core::wire::{Frame, Kind, RulesFrame, Swim, MAX_RULES_BYTES};
-use crate::limiter::Limiter;
+use crate::limiter::{Limiter, SetupError};
 
 /// The version of the rules in force: a Lamport-style counter and the slot
 /// of the node that put them in force. Larger wins everywhere.
@@ -42,8 +42,13 @@ pub type RulesVersion = (u64, u16);
 /// Why new rules were refused. The rules in force stay.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PutRulesError {
-    #[error("{0}")]
-    Invalid(String),
+    /// The text is not a valid rule file (line, column and field path).
+    #[error(transparent)]
+    Invalid(#[from] RulesError),
+    /// The rules are valid but the limiter cannot hold them (a key table
+    /// too large for its limit, say).
+    #[error(transparent)]
+    Setup(#[from] SetupError),
     #[error("rules text of {0} bytes exceeds the {max}-byte limit", max = MAX_RULES_BYTES)]
     TooLarge(usize),
     #[error("the node is shutting down")]
@@ -332,11 +337,12 @@ impl<C: Clock> NodeCore<C> {
         self.after_input();
     }
 
-    /// Checks `text` as the next version of the rules from this node. The
-    /// driver keeps it on disk, then calls [`NodeCore::commit_rules`].
-    pub fn prepare_rules(&self, text: String) -> Result<PreparedRules, PutRulesError> {
+    /// Takes parsed `rules` as the next version of the rules from this
+    /// node (refused only when their text is too large to replicate). The
+    /// driver keeps them on disk, then calls [`NodeCore::commit_rules`].
+    pub fn prepare_rules(&self, rules: RuleSet) -> Result<PreparedRules, PutRulesError> {
         let version = (self.rules.marker.0 + 1, self.cfg.slot.get());
-        prepare(text, version)
+        prepare(rules, version)
     }
 
     /// Puts prepared rules in force and sends them to every connected peer.
@@ -385,9 +391,7 @@ impl<C: Clock> NodeCore<C> {
 
     fn put_in_force(&mut self, p: PreparedRules) -> Result<(), PutRulesError> {
         let digest = p.rules.digest();
-        self.limiter
-            .replace_rules(p.rules)
-            .map_err(|e| PutRulesError::Invalid(e.to_string()))?;
+        self.limiter.replace_rules(p.rules)?;
         self.rules_digest = digest;
         self.rules.update(p.text.clone(), p.version);
         // Flooding: a node that adopts newer rules forwards them once, so
@@ -419,7 +423,10 @@ impl<C: Clock> NodeCore<C> {
         if version <= self.rules.marker {
             return;
         }
-        match prepare(r.text, version).and_then(|p| self.put_in_force(p)) {
+        let prepared = RuleSet::from_toml(&r.text)
+            .map_err(PutRulesError::from)
+            .and_then(|rules| prepare(rules, version));
+        match prepared.and_then(|p| self.put_in_force(p)) {
             Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "rules from a peer refused"),
         }
@@ -511,11 +518,11 @@ impl<C: Clock> NodeCore<C> {
     }
 }
 
-fn prepare(text: String, version: RulesVersion) -> Result<PreparedRules, PutRulesError> {
+fn prepare(rules: RuleSet, version: RulesVersion) -> Result<PreparedRules, PutRulesError> {
+    let text = rules.source().to_owned();
     if text.len() > MAX_RULES_BYTES {
         return Err(PutRulesError::TooLarge(text.len()));
     }
-    let rules = RuleSet::from_toml(&text).map_err(|e| PutRulesError::Invalid(e.to_string()))?;
     Ok(PreparedRules {
         rules,
         text,
@@ -645,7 +652,9 @@ mod tests {
         }
         // A rule change on one core reaches the other.
         let text = RULES.replace("limit = 100", "limit = 50");
-        let prepared = cores[0].prepare_rules(text.clone()).unwrap();
+        let prepared = cores[0]
+            .prepare_rules(RuleSet::from_toml(&text).unwrap())
+            .unwrap();
         assert_eq!(cores[0].commit_rules(prepared), (1, 0));
         pump(&mut cores, now);
         assert!(events(&mut cores[1]).contains(&CoreEvent::RulesInForce {
@@ -654,8 +663,14 @@ mod tests {
         }));
         assert_eq!(cores[1].rules_version(), (1, 0));
         assert!(cores[1].runs(&text));
-        // Invalid rules change nothing.
-        assert!(cores[0].prepare_rules("[[rules]".into()).is_err());
+        // Rules too large to replicate change nothing.
+        let padded = format!("{text}\n#{}\n", "x".repeat(MAX_RULES_BYTES));
+        assert_eq!(
+            cores[0]
+                .prepare_rules(RuleSet::from_toml(&padded).unwrap())
+                .err(),
+            Some(PutRulesError::TooLarge(padded.len()))
+        );
         assert_eq!(cores[0].rules_version(), (1, 0));
     }
 }

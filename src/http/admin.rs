@@ -141,11 +141,10 @@ pub async fn put_rules(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     let text = rules_text(body)?;
-    // Parse here first for a precise error (line, column, path); the node
-    // parses again when it puts the text in force.
+    // Parsed once, here: the node takes the parsed rules.
     let rules = RuleSet::from_toml(&text).map_err(rules_error)?;
     let limits = limit_list(&rules);
-    match state.api.put_rules(text).await {
+    match state.api.put_rules(rules).await {
         Ok(version) => Ok(json_response(
             StatusCode::OK,
             &PutAnswer {
@@ -153,7 +152,8 @@ pub async fn put_rules(
                 limits,
             },
         )),
-        Err(PutRulesError::Invalid(e)) => Err(ApiError::bad_request(e)),
+        Err(PutRulesError::Invalid(e)) => Err(rules_error(e)),
+        Err(e @ PutRulesError::Setup(_)) => Err(ApiError::bad_request(e.to_string())),
         Err(PutRulesError::TooLarge(_)) => Err(ApiError::too_large(MAX_RULES_BYTES)),
         Err(e @ PutRulesError::Stopped) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,20 +1,22 @@
-//! A small HTTP/1.1 client over one keep-alive TCP connection.
+//! The HTTP/1.1 client of `drl check`, `drl rules`, `drl cluster`, the load
+//! generator and the tests: one keep-alive connection to one server, on
+//! hyper's client (`hyper::client::conn::http1`).
 //!
-//! Enough for `drl check`, `drl rules`, the load generator and the tests:
-//! plain `http://`, requests with a `Content-Length` body, and answers framed
-//! by `Content-Length` (what this crate's server sends). Chunked answers and
-//! TLS are not supported; an answer without a length is read to the end of
-//! the connection.
+//! Plain `http://` only (the nodes' HTTP API has no TLS). hyper frames the
+//! answers (`Content-Length`, chunked, or to the end of the connection) and
+//! this module caps what it keeps of them.
 
-use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use axum::body::Bytes;
+use axum::http::{HeaderName, HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
-/// Largest answer head accepted.
-const MAX_HEAD: usize = 64 * 1024;
 /// Largest answer body accepted.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
@@ -23,9 +25,20 @@ pub enum ClientError {
     #[error("invalid node URL {0:?}: use http://host:port")]
     Url(String),
     #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: String, source: io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Io(#[from] std::io::Error),
+    /// The request could not be built (a method, path or header that HTTP
+    /// does not allow).
+    #[error("invalid request: {0}")]
+    Request(String),
+    /// The exchange failed: the server closed the connection, or sent
+    /// something that is not HTTP/1.1.
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
     #[error("malformed HTTP answer: {0}")]
     Malformed(String),
     #[error("no answer within {0:?}")]
@@ -71,13 +84,20 @@ impl Answer {
     }
 }
 
-/// One keep-alive connection to one server.
+/// One keep-alive connection to one server. Dropping it closes the
+/// connection.
 pub struct Connection {
-    stream: TcpStream,
+    send: SendRequest<Full<Bytes>>,
+    /// Drives the connection's I/O; aborted on drop.
+    driver: JoinHandle<()>,
     host: String,
-    buf: Vec<u8>,
-    out: Vec<u8>,
     timeout: Duration,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
 }
 
 impl Connection {
@@ -92,11 +112,17 @@ impl Connection {
                     source,
                 })?;
         stream.set_nodelay(true)?;
+        let (send, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let driver = tokio::spawn(async move {
+            // Ends when the server closes or the connection is dropped; an
+            // error surfaces on the next request.
+            let _ = connection.await;
+        });
         Ok(Connection {
-            stream,
+            send,
+            driver,
             host,
-            buf: Vec::with_capacity(4096),
-            out: Vec::with_capacity(1024),
             timeout: Duration::from_secs(30),
         })
     }
@@ -118,8 +144,25 @@ impl Connection {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Answer, ClientError> {
+        let mut request = Request::builder()
+            .method(
+                Method::from_bytes(method.as_bytes())
+                    .map_err(|e| ClientError::Request(e.to_string()))?,
+            )
+            .uri(path)
+            .header("host", self.host.as_str());
+        for (name, value) in headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| ClientError::Request(format!("header {name:?}: {e}")))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|e| ClientError::Request(format!("header {name}: {e}")))?;
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .map_err(|e| ClientError::Request(e.to_string()))?;
         let timeout = self.timeout;
-        tokio::time::timeout(timeout, self.exchange(method, path, headers, body))
+        tokio::time::timeout(timeout, self.exchange(request))
             .await
             .map_err(|_| ClientError::Timeout(timeout))?
     }
@@ -138,46 +181,39 @@ impl Connection {
         .await
     }
 
-    async fn exchange(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> Result<Answer, ClientError> {
-        self.out.clear();
-        write_head(&mut self.out, method, path, &self.host, headers, body.len());
-        self.out.extend_from_slice(body);
-        if let Err(e) = self.stream.write_all(&self.out).await {
-            // A server may answer before reading the whole request (an early
-            // 413 for a body it will not take) and close: its answer is
-            // still there to read.
-            if !matches!(
-                e.kind(),
-                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-            ) {
-                return Err(e.into());
-            }
+    /// Sends a request built by the caller (the load generator) and returns
+    /// the answer's status, discarding the body.
+    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<u16, ClientError> {
+        self.send.ready().await?;
+        let answer = self.send.send_request(request).await?;
+        let status = answer.status().as_u16();
+        let mut body = answer.into_body();
+        while let Some(frame) = body.frame().await {
+            frame?;
         }
-        self.read_answer(method == "HEAD").await
-    }
-
-    /// Sends bytes that are already a complete request (the load generator
-    /// builds them once) and reads the answer's status, discarding the body.
-    pub async fn send_raw(&mut self, request: &[u8]) -> Result<u16, ClientError> {
-        self.stream.write_all(request).await?;
-        let (status, _, len) = self.read_head().await?;
-        self.skip_body(len).await?;
         Ok(status)
     }
 
-    async fn read_answer(&mut self, head_only: bool) -> Result<Answer, ClientError> {
-        let (status, headers, len) = self.read_head().await?;
-        let body = if head_only || status == 204 || status == 304 {
-            Vec::new()
-        } else {
-            self.read_body(len).await?
-        };
+    async fn exchange(&mut self, request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {
+        self.send.ready().await?;
+        let answer = self.send.send_request(request).await?;
+        let status = answer.status().as_u16();
+        let headers = answer
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = Limited::new(answer.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Malformed(format!("body: {e}")))?
+            .to_bytes()
+            .to_vec();
         Ok(Answer {
             status,
             headers,
@@ -185,118 +221,10 @@ impl Connection {
         })
     }
 
-    /// Reads up to the end of the head; leaves any body bytes in `buf`.
-    async fn read_head(
-        &mut self,
-    ) -> Result<(u16, Vec<(String, String)>, Option<usize>), ClientError> {
-        let end = loop {
-            if let Some(i) = find_head_end(&self.buf) {
-                break i;
-            }
-            if self.buf.len() > MAX_HEAD {
-                return Err(ClientError::Malformed("head too long".into()));
-            }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(ClientError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the server closed the connection",
-                )));
-            }
-        };
-        let head = std::str::from_utf8(&self.buf[..end])
-            .map_err(|_| ClientError::Malformed("head is not UTF-8".into()))?;
-        let mut lines = head.split("\r\n");
-        let status_line = lines.next().unwrap_or("");
-        let status = status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse::<u16>().ok())
-            .filter(|_| status_line.starts_with("HTTP/1."))
-            .ok_or_else(|| ClientError::Malformed(format!("status line {status_line:?}")))?;
-        let mut headers = Vec::new();
-        let mut len = None;
-        for line in lines.filter(|l| !l.is_empty()) {
-            let (name, value) = line
-                .split_once(':')
-                .ok_or_else(|| ClientError::Malformed(format!("header line {line:?}")))?;
-            let name = name.trim().to_ascii_lowercase();
-            let value = value.trim().to_owned();
-            if name == "content-length" {
-                len = Some(
-                    value
-                        .parse::<usize>()
-                        .map_err(|_| ClientError::Malformed("content-length".into()))?,
-                );
-            }
-            if name == "transfer-encoding" && !value.eq_ignore_ascii_case("identity") {
-                return Err(ClientError::Malformed(format!(
-                    "transfer-encoding {value} is not supported"
-                )));
-            }
-            headers.push((name, value));
-        }
-        self.buf.drain(..end + 4);
-        Ok((status, headers, len))
-    }
-
-    async fn read_body(&mut self, len: Option<usize>) -> Result<Vec<u8>, ClientError> {
-        match len {
-            Some(n) if n > MAX_BODY => Err(ClientError::Malformed(format!("body of {n} bytes"))),
-            Some(n) => {
-                while self.buf.len() < n {
-                    if self.stream.read_buf(&mut self.buf).await? == 0 {
-                        return Err(ClientError::Malformed("body cut short".into()));
-                    }
-                }
-                Ok(self.buf.drain(..n).collect())
-            }
-            None => {
-                while self.stream.read_buf(&mut self.buf).await? > 0 {
-                    if self.buf.len() > MAX_BODY {
-                        return Err(ClientError::Malformed("body too long".into()));
-                    }
-                }
-                Ok(std::mem::take(&mut self.buf))
-            }
-        }
-    }
-
-    async fn skip_body(&mut self, len: Option<usize>) -> Result<(), ClientError> {
-        let n = len.ok_or_else(|| ClientError::Malformed("no content-length".into()))?;
-        while self.buf.len() < n {
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
-                return Err(ClientError::Malformed("body cut short".into()));
-            }
-        }
-        self.buf.drain(..n);
-        Ok(())
-    }
-
     /// The `host:port` this connection talks to.
     pub fn host(&self) -> &str {
         &self.host
     }
-}
-
-/// Writes a request head with a `Content-Length`.
-pub fn write_head(
-    out: &mut Vec<u8>,
-    method: &str,
-    path: &str,
-    host: &str,
-    headers: &[(&str, &str)],
-    body_len: usize,
-) {
-    use std::io::Write;
-    let _ = write!(out, "{method} {path} HTTP/1.1\r\nhost: {host}\r\n");
-    for (name, value) in headers {
-        let _ = write!(out, "{name}: {value}\r\n");
-    }
-    let _ = write!(out, "content-length: {body_len}\r\n\r\n");
-}
-
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n")
 }
 
 #[cfg(test)]
@@ -313,15 +241,5 @@ mod tests {
         assert_eq!(authority("h:1").unwrap(), "h:1");
         assert!(authority("https://h:1").is_err());
         assert!(authority("http://h").is_err());
-    }
-
-    #[test]
-    fn heads_carry_a_length() {
-        let mut out = Vec::new();
-        write_head(&mut out, "POST", "/v1/check", "h:1", &[("a", "b")], 3);
-        assert_eq!(
-            out,
-            b"POST /v1/check HTTP/1.1\r\nhost: h:1\r\na: b\r\ncontent-length: 3\r\n\r\n"
-        );
     }
 }

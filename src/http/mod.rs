@@ -18,7 +18,7 @@
 //! - [`headers`]: the `RateLimit-Policy`, `RateLimit` and `Retry-After` fields.
 //! - `check`, `admin`: the handlers.
 //! - [`server`]: binding, connection limit, graceful shutdown, [`run`].
-//! - [`client`]: a small HTTP/1.1 client for the CLI, the load generator and tests.
+//! - [`client`]: the HTTP/1.1 client (hyper's) of the CLI, the load generator and tests.
 
 mod admin;
 pub mod body;

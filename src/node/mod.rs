@@ -31,7 +31,7 @@ use crate::cluster::node_core::{CoreConfig, CoreEvent, NodeCore};
 use crate::cluster::replication::{ClaimEvent, PeerState, ReplicationStats};
 use crate::cluster::snapshot;
 use crate::core::descriptor::Descriptors;
-use crate::core::rules::RuleSet;
+use crate::core::rules::{RuleSet, RulesError};
 use crate::core::share::ShareView;
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
@@ -47,23 +47,47 @@ pub use config::{ConfigError, GrpcTls, NodeFile, NodeSettings};
 pub enum NodeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The rules file could not be read.
+    #[error("rules file {}", path.display())]
+    RulesFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The rules file is not a valid rule file.
     #[error("rules: {0}")]
-    Rules(String),
+    Rules(#[from] RulesError),
     #[error("tls: {0}")]
     Tls(#[from] crate::net::TlsError),
     #[error("transport: {0}")]
     Transport(#[from] crate::net::TransportError),
     #[error("limiter: {0}")]
     Limiter(#[from] crate::limiter::SetupError),
-    #[error("snapshot {path}: {reason}")]
-    Snapshot { path: String, reason: String },
+}
+
+/// Why the snapshot found at start was not merged. Never fails the start:
+/// the file is moved aside and the node recovers its counts from its peers.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotLoadError {
+    #[error("snapshot {} unreadable", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot {} refused", path.display())]
+    Refused {
+        path: std::path::PathBuf,
+        #[source]
+        source: snapshot::SnapshotError,
+    },
 }
 
 pub use crate::cluster::node_core::{PutRulesError, RulesVersion};
 
 enum Command {
     PutRules {
-        text: String,
+        rules: RuleSet,
         reply: tokio::sync::oneshot::Sender<Result<RulesVersion, PutRulesError>>,
     },
     /// A request counted provisionally near its limit, to be confirmed by
@@ -164,13 +188,14 @@ impl NodeApi {
             Err(_) => Ok(self.limiter.refused_pending(&pending)),
         }
     }
-    /// Validates `text` and puts it in force on every node of the cluster
-    /// (it reaches connected peers within a round trip and any node that
-    /// connects later on its first connection). Invalid text changes nothing.
-    pub async fn put_rules(&self, text: String) -> Result<RulesVersion, PutRulesError> {
+    /// Puts parsed `rules` in force on every node of the cluster (they
+    /// reach connected peers within a round trip and any node that connects
+    /// later on its first connection). Parse with [`RuleSet::from_toml`]
+    /// first: text is checked once, at the edge. A refusal changes nothing.
+    pub async fn put_rules(&self, rules: RuleSet) -> Result<RulesVersion, PutRulesError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands
-            .send(Command::PutRules { text, reply })
+            .send(Command::PutRules { rules, reply })
             .await
             .map_err(|_| PutRulesError::Stopped)?;
         answer.await.map_err(|_| PutRulesError::Stopped)?
@@ -204,8 +229,8 @@ impl NodeHandle {
         &self.transport
     }
     /// See [`NodeApi::put_rules`].
-    pub async fn put_rules(&self, text: String) -> Result<RulesVersion, PutRulesError> {
-        self.api().put_rules(text).await
+    pub async fn put_rules(&self, rules: RuleSet) -> Result<RulesVersion, PutRulesError> {
+        self.api().put_rules(rules).await
     }
     /// A cloneable handle for the HTTP API and metrics.
     pub fn api(&self) -> NodeApi {
@@ -235,9 +260,12 @@ pub struct Node;
 impl Node {
     /// Starts a node from checked settings.
     pub async fn start(settings: NodeSettings) -> Result<NodeHandle, NodeError> {
-        let text = std::fs::read_to_string(&settings.rules)
-            .map_err(|e| NodeError::Rules(format!("{}: {e}", settings.rules.display())))?;
-        let rules = RuleSet::from_toml(&text).map_err(|e| NodeError::Rules(e.to_string()))?;
+        let text =
+            std::fs::read_to_string(&settings.rules).map_err(|source| NodeError::RulesFile {
+                path: settings.rules.clone(),
+                source,
+            })?;
+        let rules = RuleSet::from_toml(&text)?;
         let tls = NodeTls::load(&settings.tls_ca, &settings.tls_cert, &settings.tls_key)?;
         Self::start_with(settings, rules, tls).await
     }
@@ -409,11 +437,18 @@ fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> SnapshotLoad {
                     moved_aside: None,
                 };
             }
-            Err(e) => e.to_string(),
+            Err(source) => SnapshotLoadError::Refused {
+                path: path.to_owned(),
+                source,
+            },
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return SnapshotLoad::default(),
-        Err(e) => e.to_string(),
+        Err(source) => SnapshotLoadError::Read {
+            path: path.to_owned(),
+            source,
+        },
     };
+    let refused = error_chain(&refused);
     let mut aside = path.as_os_str().to_owned();
     aside.push(format!(".corrupt-{}", now.as_u64() / 1_000_000_000));
     let aside = std::path::PathBuf::from(aside);
@@ -431,6 +466,18 @@ fn load_snapshot(limiter: &Limiter, path: &Path, now: Nanos) -> SnapshotLoad {
         restored: false,
         moved_aside: Some(aside),
     }
+}
+
+/// An error and its sources, as one line: `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
 }
 
 /// Modification time and length of a file, to notice changes.
@@ -561,8 +608,8 @@ impl Driver {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::PutRules { text, reply } => {
-                let _ = reply.send(self.put_rules(text, true));
+            Command::PutRules { rules, reply } => {
+                let _ = reply.send(self.put_rules(rules, true));
             }
             Command::Confirm { pending, reply } => {
                 let now = self.clock.now();
@@ -573,16 +620,16 @@ impl Driver {
         }
     }
 
-    /// Checks `text`, keeps it on disk, and puts it in force as the next
+    /// Keeps `rules` on disk and puts them in force as the next
     /// version from this node. When `must_persist` (an admin change) a
     /// failure to keep it refuses the change; a file reload is put in force
     /// regardless (the failure is logged).
     fn put_rules(
         &mut self,
-        text: String,
+        rules: RuleSet,
         must_persist: bool,
     ) -> Result<RulesVersion, PutRulesError> {
-        let prepared = self.core.prepare_rules(text)?;
+        let prepared = self.core.prepare_rules(rules)?;
         if let Err(e) = self.keep_rules(prepared.version(), prepared.text()) {
             if must_persist {
                 return Err(PutRulesError::NotPersisted(e.to_string()));
@@ -626,7 +673,10 @@ impl Driver {
             self.rules_file_error = None;
             return;
         }
-        self.rules_file_error = self.put_rules(text, false).err().map(|e| e.to_string());
+        let put = RuleSet::from_toml(&text)
+            .map_err(PutRulesError::from)
+            .and_then(|rules| self.put_rules(rules, false));
+        self.rules_file_error = put.err().map(|e| e.to_string());
         if let Some(e) = &self.rules_file_error {
             tracing::warn!(error = %e, "rules file not reloaded");
         }
