@@ -155,7 +155,9 @@ impl RespService {
                 ));
             }
             let text = format!("{}\n{}", source.trim_end(), t.rule_text());
-            match self.api.put_rules(text).await {
+            let rules = crate::core::rules::RuleSet::from_toml(&text)
+                .map_err(|e| format!("CL.THROTTLE {}: {e}", t.params()))?;
+            match self.api.put_rules(rules).await {
                 Ok(_) => tracing::info!(rule = %t.rule_name(), "CL.THROTTLE limit put in force"),
                 Err(e) => return Err(format!("CL.THROTTLE {}: {e}", t.params())),
             }
