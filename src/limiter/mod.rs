@@ -1157,42 +1157,6 @@ fn decide_shared(
     done(plain)
 }
 
-/// A small vector that stays on the stack for the common case: a check
-/// that matches at most `INLINE_MATCHES` limits never allocates.
-struct Inline<T, const N: usize> {
-    inline: [Option<T>; N],
-    len: usize,
-    spill: Vec<T>,
-}
-
-impl<T, const N: usize> Inline<T, N> {
-    fn new() -> Self {
-        Inline {
-            inline: std::array::from_fn(|_| None),
-            len: 0,
-            spill: Vec::new(),
-        }
-    }
-    fn push(&mut self, v: T) {
-        if self.len < N && self.spill.is_empty() {
-            self.inline[self.len] = Some(v);
-            self.len += 1;
-        } else {
-            if self.spill.is_empty() {
-                self.spill
-                    .extend(self.inline.iter_mut().filter_map(Option::take));
-            }
-            self.spill.push(v);
-        }
-    }
-    fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.inline
-            .iter_mut()
-            .flatten()
-            .chain(self.spill.iter_mut())
-    }
-}
-
 /// The limits and keys of one request, on the stack for the common case.
 struct Matches {
     inline: [(usize, u64); INLINE_MATCHES],
@@ -1238,7 +1202,8 @@ impl Matches {
     }
 }
 
-type Guards<'t> = Inline<(u64, Entry<'t>), INLINE_MATCHES>;
+/// The locked entries of one check: on the stack up to `INLINE_MATCHES`.
+type Guards<'t> = smallvec::SmallVec<[(u64, Entry<'t>); INLINE_MATCHES]>;
 
 /// Stack space for one window's bucket counts: small windows use a small
 /// buffer so that a check does not clear 512 bytes it will not read.

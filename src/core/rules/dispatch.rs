@@ -29,6 +29,11 @@ use crate::core::descriptor::Descriptors;
 /// Candidates inline before a lookup spills to the heap.
 const INLINE_CANDIDATES: usize = 16;
 
+/// Set on a filed position when finding it already proves the match: the
+/// matcher has no field but the one it is filed under, with a wildcard or
+/// the exact value looked up. The caller then skips the full check.
+pub(super) const PROVEN: u32 = 1 << 31;
+
 /// Matchers filed by field (see the module docs). Positions are those of
 /// the list the dispatch was built from.
 #[derive(Debug, Default)]
@@ -55,19 +60,23 @@ impl Dispatch {
     pub(super) fn new<'m>(matchers: impl IntoIterator<Item = &'m Matcher>) -> Dispatch {
         let mut dispatch = Dispatch::default();
         for (i, matcher) in matchers.into_iter().enumerate() {
-            let i = u32::try_from(i).expect("lists are far shorter than 2^32");
+            let i = u32::try_from(i)
+                .ok()
+                .filter(|&i| i < PROVEN)
+                .expect("lists are far shorter than 2^31");
             dispatch.len += 1;
             let exact = matcher.fields().find_map(|(name, p)| match p {
                 Pattern::Exact(v) => Some((name, v.as_str())),
                 _ => None,
             });
+            let sole = matcher.fields().count() == 1;
             if let Some((name, value)) = exact {
                 dispatch
                     .filing(name)
                     .exact
                     .entry(value.into())
                     .or_default()
-                    .push(i);
+                    .push(if sole { i | PROVEN } else { i });
                 continue;
             }
             let present = matcher
@@ -75,15 +84,21 @@ impl Dispatch {
                 .find(|(_, p)| matches!(p, Pattern::Prefix(_)))
                 .or_else(|| matcher.fields().next());
             match present {
-                Some((name, _)) => dispatch.filing(name).present.push(i),
-                None => dispatch.always.push(i),
+                Some((name, p)) => {
+                    let proven = sole && *p == Pattern::Any;
+                    dispatch
+                        .filing(name)
+                        .present
+                        .push(if proven { i | PROVEN } else { i });
+                }
+                None => dispatch.always.push(i | PROVEN),
             }
         }
         dispatch
     }
 
     fn filing(&mut self, name: &str) -> &mut FieldFiling {
-        let at = match self.fields.iter().position(|f| &*f.name == name) {
+        let at = match self.fields.iter().position(|f| short_eq(&f.name, name)) {
             Some(at) => at,
             None => {
                 self.fields.push(FieldFiling {
@@ -98,17 +113,17 @@ impl Dispatch {
     }
 
     /// Calls `f` with the position of every matcher filed where `d` could
-    /// fit, in ascending order, until `f` returns `false`. The caller checks
-    /// each candidate in full.
+    /// fit, in ascending order, until `f` returns `false`; with it, whether
+    /// the match is already proven (else the caller checks it in full).
     #[inline]
-    pub(super) fn candidates(&self, d: &Descriptors<'_>, mut f: impl FnMut(usize) -> bool) {
+    pub(super) fn candidates(&self, d: &Descriptors<'_>, mut f: impl FnMut(usize, bool) -> bool) {
         if self.len == 0 {
             return;
         }
         let mut found = Candidates::new();
         found.extend(&self.always);
         for (name, value) in d.iter() {
-            let Some(filing) = self.fields.iter().find(|f| &*f.name == name) else {
+            let Some(filing) = self.fields.iter().find(|f| short_eq(&f.name, name)) else {
                 continue;
             };
             found.extend(&filing.present);
@@ -120,11 +135,18 @@ impl Dispatch {
         }
         found.sort();
         for &i in found.as_slice() {
-            if !f(i as usize) {
+            if !f((i & !PROVEN) as usize, i & PROVEN != 0) {
                 return;
             }
         }
     }
+}
+
+/// String equality without a call into `memcmp`: field names are short.
+#[inline]
+pub(crate) fn short_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }
 
 /// A list of matcher positions on the stack for the common case.
@@ -149,8 +171,10 @@ impl Candidates {
             return;
         }
         if self.spill.is_empty() && self.len + items.len() <= INLINE_CANDIDATES {
-            self.inline[self.len..self.len + items.len()].copy_from_slice(items);
-            self.len += items.len();
+            for &i in items {
+                self.inline[self.len] = i;
+                self.len += 1;
+            }
         } else {
             if self.spill.is_empty() {
                 self.spill.extend_from_slice(&self.inline[..self.len]);
@@ -170,12 +194,13 @@ impl Candidates {
     #[inline]
     fn sort(&mut self) {
         // Each matcher is filed once, so there are no repeats to remove.
+        let by_position = |i: &u32| i & !PROVEN;
         if self.spill.is_empty() {
             if self.len > 1 {
-                self.inline[..self.len].sort_unstable();
+                self.inline[..self.len].sort_unstable_by_key(by_position);
             }
         } else {
-            self.spill.sort_unstable();
+            self.spill.sort_unstable_by_key(by_position);
         }
     }
 }
@@ -196,7 +221,7 @@ mod tests {
     fn candidates(dispatch: &Dispatch, fields: &[(&str, &str)]) -> Vec<usize> {
         let d = Descriptors::new(fields).unwrap();
         let mut out = Vec::new();
-        dispatch.candidates(&d, |i| {
+        dispatch.candidates(&d, |i, _| {
             out.push(i);
             true
         });
@@ -256,7 +281,7 @@ mod tests {
         let d = [("ip", "1"), ("user", "u")];
         let d = Descriptors::new(&d).unwrap();
         let mut first = None;
-        dispatch.candidates(&d, |i| {
+        dispatch.candidates(&d, |i, _| {
             first = Some(i);
             false
         });

@@ -309,9 +309,9 @@ impl RuleSet {
         d: &Descriptors<'_>,
         mut f: impl FnMut(RuleMatch<'s>),
     ) {
-        self.dispatch.candidates(d, |i| {
+        self.dispatch.candidates(d, |i, proven| {
             let rule = &self.rules[i];
-            if rule.matcher.matches(d) {
+            if proven || rule.matcher.matches(d) {
                 f(RuleMatch {
                     limits: &self.limits[self.chosen(rule, d)],
                     key_fields: &rule.key_fields,
@@ -324,9 +324,9 @@ impl RuleSet {
     /// The list of `rule` that applies to `d` (which fits the rule).
     fn chosen(&self, rule: &CompiledRule, d: &Descriptors<'_>) -> Range<usize> {
         let mut chosen = None;
-        rule.override_dispatch.candidates(d, |j| {
+        rule.override_dispatch.candidates(d, |j, proven| {
             let (matcher, range) = &rule.overrides[j];
-            if matcher.matches(d) {
+            if proven || matcher.matches(d) {
                 chosen = Some(range.clone());
                 return false;
             }
