@@ -43,7 +43,7 @@ impl Default for KeySeed {
 
 /// Most bytes of length-prefixed values hashed from a stack buffer; longer
 /// key material (up to 16 values of 256 bytes) goes through the heap.
-const STACK_MATERIAL: usize = 512;
+const STACK_MATERIAL: usize = 128;
 
 /// The key digest function under one seed: the seed's secrets expanded once
 /// (a limiter keeps one), so that a digest costs only the hashing.
