@@ -170,6 +170,12 @@ impl RuleName {
         RuleName(leaked)
     }
 
+    /// A name known at compile time, without interning.
+    pub const fn from_static(name: &'static str) -> RuleName {
+        RuleName(name)
+    }
+
+    /// The name.
     pub fn as_str(&self) -> &'static str {
         self.0
     }
