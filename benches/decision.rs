@@ -7,8 +7,8 @@
 //! * drl: the full public path, `Limiter::check_at(now, &Descriptors::new(&[("user", key)])?, 1)`
 //!   against one rule keyed by `user` with one sliding-window limit, on a
 //!   three-slot cluster (`LimiterConfig { slots: 3, .. }`). That is
-//!   descriptor validation, rule matching, a SipHash-1-3 key digest, the
-//!   papaya index, the entry lock, the window read, the algorithm and the
+//!   descriptor validation, rule matching, the key digest (rapidhash), the
+//!   key index, the entry lock, the window read, the algorithm and the
 //!   count.
 //! * governor: `RateLimiter::check_key(&key)` on its default keyed store
 //!   (`DashMapStateStore<String>`, SipHash-1-3 via `RandomState`), given the
@@ -25,6 +25,8 @@
 //! paths alone. For reference the hot-key group also runs both limiters on
 //! their own real clocks (`drl-check-system-clock`, `governor-keyed-quanta-clock`)
 //! and drl's one-call `allow_request(user, endpoint)`, which reads the clock too.
+//! `drl-handle` is the pre-resolved path (`Limiter::handle`, then
+//! `Handle::check_at` per decision): no descriptors, matching or digest.
 //!
 //! # Threads
 //!
@@ -235,6 +237,24 @@ fn hot_key(c: &mut Criterion) {
         }
         assert!(gov.check_key(&key).is_ok(), "governor must still allow");
     }
+
+    // drl's pre-resolved handle (`Limiter::handle`, then `Handle::check_at`):
+    // what a caller that checks one key repeatedly pays; one thread, as a
+    // handle belongs to one caller.
+    let drl = drl_limiter();
+    {
+        let fields = [("user", user)];
+        let d = Descriptors::new(&fields).expect("valid");
+        let handle = std::cell::RefCell::new(drl.handle(&d).expect("no endpoint list"));
+        bench_1_thread(&mut group, "drl-handle", |_| {
+            handle
+                .borrow_mut()
+                .check_at(now, 1)
+                .expect("no endpoint list")
+                .is_allowed()
+        });
+    }
+    drop(drl);
 
     // Reference: each limiter on its own real clock.
     let drl = drl_limiter();

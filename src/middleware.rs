@@ -86,15 +86,9 @@ pub async fn rate_limit(
             Err(e) => return ApiError::from(e).into_response(),
         },
     };
-    let rule = decision.quota.map(|q| {
-        let rules = state.limiter.rules();
-        let name = rules
-            .limits()
-            .get(q.limit_index)
-            .map(|l| l.rule.clone())
-            .unwrap_or_default();
-        (name, q)
-    });
+    // The decision names its rule: no lookup in rules a reload may have
+    // replaced since.
+    let rule = decision.quota.map(|q| (q.rule, q));
     let mut response = match decision.outcome {
         Outcome::Allowed => next.run(request).await,
         Outcome::Denied => refusal(StatusCode::TOO_MANY_REQUESTS, "rate limited"),
@@ -104,7 +98,7 @@ pub async fn rate_limit(
         ),
     };
     if let Some((name, q)) = rule {
-        decision_headers(response.headers_mut(), decision.outcome, &name, &q);
+        decision_headers(response.headers_mut(), decision.outcome, name.as_str(), &q);
     }
     response
 }

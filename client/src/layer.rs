@@ -219,6 +219,9 @@ pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision) {
         Some(q) => {
             let state = QuotaState {
                 limit_index: 0,
+                // The headers take the server's rule name as text (below);
+                // interning names a server sent would keep them forever.
+                rule: drl::core::rules::RuleName::from_static(""),
                 limit_id: 0,
                 limit: q.limit,
                 period: Nanos::from(q.window),

@@ -59,17 +59,19 @@ impl<'a> Descriptors<'a> {
         for (i, (name, value)) in fields.iter().enumerate() {
             validate_name(name)?;
             validate_value(name, value)?;
-            if fields[..i].iter().any(|(n, _)| n == name) {
+            if fields[..i].iter().any(|(n, _)| short_eq(n, name)) {
                 return Err(DescriptorError::Duplicate((*name).to_owned()));
             }
         }
         Ok(Descriptors { fields })
     }
 
+    /// The value of field `name`, if present.
+    #[inline]
     pub fn get(&self, name: &str) -> Option<&'a str> {
         self.fields
             .iter()
-            .find(|(n, _)| *n == name)
+            .find(|(n, _)| short_eq(n, name))
             .map(|(_, v)| *v)
     }
 
@@ -78,12 +80,29 @@ impl<'a> Descriptors<'a> {
     }
 }
 
+/// String equality without a call into `memcmp`: names are short.
+#[inline]
+fn short_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+/// Bytes allowed in a field name: `a-z`, `0-9`, `_`.
+const NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_';
+        b += 1;
+    }
+    table
+};
+
 fn validate_name(name: &str) -> Result<(), DescriptorError> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        && name.bytes().all(|b| NAME_BYTES[usize::from(b)]);
     if ok {
         Ok(())
     } else {
@@ -111,8 +130,8 @@ fn validate_value(name: &str, value: &str) -> Result<(), DescriptorError> {
 /// (`0x00`–`0x1F`), DEL (`0x7F`) or C1 (`U+0080`–`U+009F`, encoded
 /// `0xC2 0x80`–`0xC2 0x9F`). A byte scan: no decoding on the request path.
 fn has_control(bytes: &[u8]) -> bool {
-    // Most ids are printable ASCII: one vectorisable pass settles them.
-    if bytes.iter().all(|&b| (0x20..0x7f).contains(&b)) {
+    // Most ids are printable ASCII: eight bytes at a time settle them.
+    if printable_ascii(bytes) {
         return false;
     }
     bytes.iter().enumerate().any(|(i, &b)| {
@@ -123,6 +142,35 @@ fn has_control(bytes: &[u8]) -> bool {
                     .get(i + 1)
                     .is_some_and(|&n| (0x80..=0x9f).contains(&n)))
     })
+}
+
+/// True if every byte is in `0x20..0x7f`. Word at a time: a byte `b` is
+/// below `0x20` or above `0x7e` exactly when `b - 0x20` or `b + 1` wraps
+/// past the high bit, or the byte already had it.
+#[inline]
+fn printable_ascii(bytes: &[u8]) -> bool {
+    const LOW: u64 = 0x2020_2020_2020_2020;
+    const ONE: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let word_ok = |w: u64| {
+        // Per byte, with no carry between bytes: every byte of `w` is below
+        // 0x80 here, so `w | HIGH` minus 0x20 borrows only inside a byte.
+        let below_space = !(w | HIGH).wrapping_sub(LOW) & HIGH;
+        let del_or_more = (w & !HIGH).wrapping_add(ONE) & HIGH;
+        w & HIGH == 0 && below_space == 0 && del_or_more == 0
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        if !word_ok(u64::from_le_bytes(w)) {
+            return false;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b))
 }
 
 /// Checks that raw bytes are a valid descriptor value and borrows them as text.
@@ -187,6 +235,18 @@ mod tests {
                 s.chars().any(char::is_control),
                 "{c:?}"
             );
+        }
+    }
+
+    #[test]
+    fn printable_ascii_words_agree_with_bytes() {
+        for b in 0u8..=255 {
+            for at in 0..9 {
+                let mut s = vec![b'a'; 9];
+                s[at] = b;
+                let want = s.iter().all(|&b| (0x20..0x7f).contains(&b));
+                assert_eq!(printable_ascii(&s), want, "byte {b:#x} at {at}");
+            }
         }
     }
 

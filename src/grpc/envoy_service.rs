@@ -184,6 +184,7 @@ mod tests {
     fn quota(remaining: u64, retry_ms: u64) -> QuotaState {
         QuotaState {
             limit_index: 0,
+            rule: crate::core::rules::RuleName::intern("r"),
             limit_id: 1,
             limit: 10,
             period: Nanos::from_secs(60),

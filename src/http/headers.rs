@@ -90,6 +90,7 @@ mod tests {
     fn quota(remaining: u64, reset_ms: u64, retry_ms: u64) -> QuotaState {
         QuotaState {
             limit_index: 0,
+            rule: crate::core::rules::RuleName::intern("r"),
             limit_id: 1,
             limit: 10,
             period: Nanos::from_millis(1500),

@@ -7,13 +7,14 @@
 //! locked in limit order, so two requests that share keys cannot deadlock,
 //! and a denial by one limit leaves all others untouched.
 
+mod handle;
 pub mod index;
 pub mod journal;
 pub mod receipts;
 pub mod table;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -21,13 +22,14 @@ use arc_swap::ArcSwap;
 use crate::clock::SystemClock;
 use crate::core::algorithm::{RateAlgorithm, Verdict};
 use crate::core::descriptor::{self, DescriptorError, Descriptors};
-use crate::core::key::{key_digest, KeySeed};
-use crate::core::rules::{RuleSet, UnknownEndpoint};
+use crate::core::key::{KeyHasher, KeySeed};
+use crate::core::rules::{CompiledLimit, RuleName, RuleSet, UnknownEndpoint};
 use crate::core::share::{ShareView, Shares, MAX_NODES};
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
 use crate::core::window::{Ring, SlotGrid, WindowCounts, MAX_BUCKETS};
 
+pub use handle::Handle;
 pub use journal::Journal;
 pub use receipts::{LimitRefund, RefundError, RefundOutcome};
 pub use table::{Entry, KeyTable, MemoryBudget, TableError, TableStats, MAX_INFLIGHT};
@@ -84,6 +86,9 @@ pub struct Decision {
 pub struct QuotaState {
     /// Position of the limit in the rule set that decided (`RuleSet::limits`).
     pub limit_index: usize,
+    /// Name of the rule the deciding limit belongs to, taken when the
+    /// decision was made (so it stays right across a reload).
+    pub rule: RuleName,
     /// The limit's stable id.
     pub limit_id: u64,
     pub limit: u64,
@@ -224,6 +229,11 @@ const INLINE_MATCHES: usize = 8;
 pub struct Limiter<C: Clock = SystemClock> {
     clock: C,
     config: LimiterConfig,
+    /// Key digests under `config.seed`, its secrets expanded once.
+    hasher: KeyHasher,
+    /// Bumped after every rule change, so that a [`Handle`] can tell
+    /// cheaply whether what it resolved is still in force.
+    generation: AtomicU64,
     compiled: ArcSwap<Compiled>,
     cluster: Option<ClusterHooks>,
     receipts: receipts::Receipts,
@@ -253,6 +263,8 @@ impl<C: Clock> Limiter<C> {
         );
         Ok(Limiter {
             clock,
+            hasher: KeyHasher::new(config.seed),
+            generation: AtomicU64::new(0),
             config,
             compiled: ArcSwap::from_pointee(compiled),
             cluster: None,
@@ -361,6 +373,7 @@ impl<C: Clock> Limiter<C> {
             .collect();
         let compiled = compile(Arc::new(rules), &self.config, &by_id, &self.budget)?;
         self.compiled.store(Arc::new(compiled));
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -440,27 +453,52 @@ impl<C: Clock> Limiter<C> {
         can_confirm: bool,
     ) -> Result<Begun, CheckError> {
         let compiled = self.compiled.load();
-        compiled.rules.check_endpoint(d)?;
+        let mut matches = Matches::new();
+        self.resolve(&compiled, d, &mut matches)?;
         if !self.is_admitting() {
             return Err(CheckError::Recovering);
         }
-        let view = self.cluster.as_ref().map(|c| c.view.load());
-        let mut matches = Matches::new();
-        compiled.rules.for_each_match(d, |m| {
-            let values = m.key_fields.iter().map(|f| d.get(f).unwrap_or(""));
-            matches.push((
-                m.limit.index,
-                key_digest(self.config.seed, m.limit.id, values),
-            ));
+        Ok(self.decide(&compiled, now, matches.as_slice(), cost, can_confirm))
+    }
+
+    /// The limits that apply to `d` under `compiled`, each with its key,
+    /// sorted by limit (the lock order). The key material is hashed once
+    /// per matching rule; each limit's key is derived from that digest.
+    fn resolve(
+        &self,
+        compiled: &Compiled,
+        d: &Descriptors<'_>,
+        matches: &mut Matches,
+    ) -> Result<(), CheckError> {
+        compiled.rules.check_endpoint(d)?;
+        let hasher = &self.hasher;
+        compiled.rules.for_each_rule_match(d, |m| {
+            let digest = hasher.values(m.key_fields.iter().map(|f| d.get(f).unwrap_or("")));
+            for limit in m.limits {
+                matches.push((limit.index, hasher.for_limit(limit.id, digest)));
+            }
         });
         // Lock order: by limit, so that requests sharing keys cannot deadlock.
-        matches.sort_by_key(|&(index, _)| index);
+        matches.sort();
+        Ok(())
+    }
+
+    /// Decides a request whose limits and keys are resolved (`matches`,
+    /// sorted by limit index into `compiled`).
+    fn decide(
+        &self,
+        compiled: &Compiled,
+        now: Nanos,
+        matches: &[(usize, u64)],
+        cost: u32,
+        can_confirm: bool,
+    ) -> Begun {
         if let Some(never) =
             never_admissible(&compiled.rules, matches.iter().map(|m| m.0), now, cost)
         {
-            return Ok(Begun::Decided(never));
+            return Begun::Decided(never);
         }
-
+        let view = self.cluster.as_ref().map(|c| c.view.load());
         let mut entries = Guards::new();
         let mut decision = Decision {
             outcome: Outcome::Allowed,
@@ -468,7 +506,7 @@ impl<C: Clock> Limiter<C> {
         };
         let mut counts = CountsBuf::new();
         let mut confirm = false;
-        for &(index, key) in matches.iter() {
+        for &(index, key) in matches {
             let table = &compiled.tables[index];
             let spec = table.spec();
             let mut entry = table.get_or_insert(key, now);
@@ -505,7 +543,7 @@ impl<C: Clock> Limiter<C> {
                     shared.verdict
                 }
             };
-            decision.absorb(index, limit.id, &limit.algorithm, verdict);
+            decision.absorb(limit, verdict);
             entries.push((limit.id, entry));
         }
         if decision.outcome == Outcome::Allowed && cost > 0 {
@@ -540,10 +578,10 @@ impl<C: Clock> Limiter<C> {
                 }
             }
             if let Some(p) = pending {
-                return Ok(Begun::Confirm(p));
+                return Begun::Confirm(p);
             }
         }
-        Ok(Begun::Decided(decision))
+        Begun::Decided(decision)
     }
 
     /// Decides a request that [`Limiter::begin_at`] counted provisionally,
@@ -653,7 +691,7 @@ impl<C: Clock> Limiter<C> {
                 },
                 cost,
             );
-            decision.absorb(index, limit.id, &limit.algorithm, verdict);
+            decision.absorb(limit, verdict);
         }
         pending.judged_at = judged_at;
         // Waits were computed from the judgement; the answer leaves now.
@@ -843,7 +881,7 @@ impl<C: Clock> Limiter<C> {
         let mut refunded: Option<u32> = None;
         compiled.rules.for_each_match(d, |m| {
             let values = m.key_fields.iter().map(|f| d.get(f).unwrap_or(""));
-            let key = key_digest(self.config.seed, m.limit.id, values);
+            let key = self.hasher.key(m.limit.id, values);
             let table = &compiled.tables[m.limit.index];
             let given = match table.get(key) {
                 Some(mut entry) => {
@@ -911,13 +949,8 @@ impl Decision {
     /// Folds one limit's verdict into the decision: `Never` beats a denial,
     /// a denial beats an allowance, a longer wait beats a shorter one, and
     /// among allowances the one with least left describes the decision.
-    fn absorb(
-        &mut self,
-        limit_index: usize,
-        limit_id: u64,
-        algorithm: &dyn RateAlgorithm,
-        verdict: Verdict,
-    ) {
+    fn absorb(&mut self, limit: &CompiledLimit, verdict: Verdict) {
+        let algorithm = &limit.algorithm;
         let (outcome, remaining, reset_after, retry_after) = match verdict {
             Verdict::Allow {
                 remaining,
@@ -931,8 +964,9 @@ impl Decision {
             Verdict::Never { .. } => (Outcome::Never, 0, Nanos::ZERO, Nanos::MAX),
         };
         let candidate = QuotaState {
-            limit_index,
-            limit_id,
+            limit_index: limit.index,
+            limit_id: limit.id,
+            rule: limit.rule_name,
             limit: algorithm.quota(),
             period: algorithm.quota_period(),
             remaining,
@@ -993,7 +1027,7 @@ fn never_admissible(
                     outcome: Outcome::Never,
                     quota: None,
                 })
-                .absorb(index, limit.id, &limit.algorithm, verdict);
+                .absorb(limit, verdict);
         }
     }
     decision
@@ -1145,54 +1179,53 @@ fn decide_shared(
     done(plain)
 }
 
-/// A small vector that stays on the stack for the common case: a check
-/// that matches at most `INLINE_MATCHES` limits never allocates.
-struct Inline<T, const N: usize> {
-    inline: [Option<T>; N],
+/// The limits and keys of one request, on the stack for the common case.
+struct Matches {
+    inline: [(usize, u64); INLINE_MATCHES],
     len: usize,
-    spill: Vec<T>,
+    spill: Vec<(usize, u64)>,
 }
 
-impl<T, const N: usize> Inline<T, N> {
+impl Matches {
     fn new() -> Self {
-        Inline {
-            inline: std::array::from_fn(|_| None),
+        Matches {
+            inline: [(0, 0); INLINE_MATCHES],
             len: 0,
             spill: Vec::new(),
         }
     }
-    fn push(&mut self, v: T) {
-        if self.len < N && self.spill.is_empty() {
-            self.inline[self.len] = Some(v);
+    #[inline]
+    fn push(&mut self, m: (usize, u64)) {
+        if self.len < INLINE_MATCHES && self.spill.is_empty() {
+            self.inline[self.len] = m;
             self.len += 1;
         } else {
             if self.spill.is_empty() {
-                self.spill
-                    .extend(self.inline.iter_mut().filter_map(Option::take));
+                self.spill.extend_from_slice(&self.inline[..self.len]);
             }
-            self.spill.push(v);
+            self.spill.push(m);
         }
     }
-    fn iter(&self) -> impl Iterator<Item = &T> {
-        self.inline.iter().flatten().chain(self.spill.iter())
-    }
-    fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
-        self.inline
-            .iter_mut()
-            .flatten()
-            .chain(self.spill.iter_mut())
-    }
-    fn sort_by_key<K: Ord>(&mut self, f: impl Fn(&T) -> K) {
+    fn as_slice(&self) -> &[(usize, u64)] {
         if self.spill.is_empty() {
-            self.inline[..self.len].sort_by_key(|v| v.as_ref().map(&f));
+            &self.inline[..self.len]
         } else {
-            self.spill.sort_by_key(f);
+            &self.spill
+        }
+    }
+    fn sort(&mut self) {
+        if self.spill.is_empty() {
+            if self.len > 1 {
+                self.inline[..self.len].sort_unstable_by_key(|m| m.0);
+            }
+        } else {
+            self.spill.sort_unstable_by_key(|m| m.0);
         }
     }
 }
 
-type Matches = Inline<(usize, u64), INLINE_MATCHES>;
-type Guards<'t> = Inline<(u64, Entry<'t>), INLINE_MATCHES>;
+/// The locked entries of one check: on the stack up to `INLINE_MATCHES`.
+type Guards<'t> = smallvec::SmallVec<[(u64, Entry<'t>); INLINE_MATCHES]>;
 
 /// Stack space for one window's bucket counts: small windows use a small
 /// buffer so that a check does not clear 512 bytes it will not read.

@@ -25,7 +25,6 @@ use std::sync::Mutex;
 
 use super::{CheckError, Decision, Limiter};
 use crate::core::descriptor::Descriptors;
-use crate::core::key::key_digest;
 use crate::core::receipt::{Charge, Receipt, ReceiptError, ReceiptKey, MAX_CHARGES};
 use crate::core::time::{Clock, Nanos};
 use crate::core::window::Ring;
@@ -180,7 +179,7 @@ impl<C: Clock> Limiter<C> {
             let values = m.key_fields.iter().map(|f| d.get(f).unwrap_or(""));
             charges.push(Charge {
                 limit_id: m.limit.id,
-                key: key_digest(self.config.seed, m.limit.id, values),
+                key: self.hasher.key(m.limit.id, values),
             });
         });
         let decided_by_these = decision

@@ -103,6 +103,11 @@ impl Matcher {
         }
     }
 
+    /// Every `(field, pattern)`, sorted by field name.
+    pub(super) fn fields(&self) -> impl Iterator<Item = (&str, &Pattern)> {
+        self.fields.iter().map(|(n, p)| (n.as_str(), p))
+    }
+
     pub(super) fn names(&self) -> impl Iterator<Item = &str> {
         self.fields.iter().map(|(n, _)| n.as_str())
     }
@@ -113,18 +118,41 @@ impl Matcher {
 }
 
 /// The `endpoints` list: a request's `endpoint` must fit one of them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Exact endpoints are looked up in a hash set, so a long list of them
+/// costs one lookup; prefixes are tried in turn.
+#[derive(Clone, Debug)]
 pub(super) struct EndpointList {
-    patterns: Vec<Pattern>,
+    any: bool,
+    exact: std::collections::HashSet<Box<str>, rapidhash::fast::RandomState>,
+    prefixes: Vec<String>,
 }
 
 impl EndpointList {
     pub(super) fn new(patterns: Vec<Pattern>) -> EndpointList {
-        EndpointList { patterns }
+        let mut list = EndpointList {
+            any: false,
+            exact: Default::default(),
+            prefixes: Vec::new(),
+        };
+        for p in patterns {
+            match p {
+                Pattern::Any => list.any = true,
+                Pattern::Exact(e) => {
+                    list.exact.insert(e.into());
+                }
+                Pattern::Prefix(p) => list.prefixes.push(p),
+            }
+        }
+        list
     }
 
     pub(super) fn admits(&self, endpoint: &str) -> bool {
-        self.patterns.iter().any(|p| p.matches(endpoint))
+        self.any
+            || self.exact.contains(endpoint)
+            || self
+                .prefixes
+                .iter()
+                .any(|p| endpoint.starts_with(p.as_str()))
     }
 }
 

@@ -49,6 +49,7 @@
 //! for requests with no `tier` or a tier it does not list: list a default if
 //! such requests must be limited too.
 
+mod dispatch;
 mod error;
 mod limit;
 mod matching;
@@ -63,6 +64,7 @@ pub use matching::PatternError;
 use crate::core::algorithm::Algorithm;
 use crate::core::descriptor::{Descriptors, ENDPOINT, TIER};
 use crate::core::key::stable_digest;
+use dispatch::Dispatch;
 use matching::{EndpointList, Matcher};
 
 /// Most rules in one file.
@@ -81,6 +83,8 @@ pub struct RuleSet {
     digest: u64,
     endpoints: Option<EndpointList>,
     rules: Vec<CompiledRule>,
+    /// The rules' matchers filed for lookup (see `dispatch`).
+    dispatch: Dispatch,
     limits: Vec<CompiledLimit>,
 }
 
@@ -93,6 +97,8 @@ struct CompiledRule {
     /// Sorted by tier name, for binary search.
     tiers: Vec<(String, Range<usize>)>,
     overrides: Vec<(Matcher, Range<usize>)>,
+    /// The overrides' matchers filed for lookup.
+    override_dispatch: Dispatch,
 }
 
 /// Which list of its rule a limit belongs to.
@@ -132,8 +138,68 @@ pub struct CompiledLimit {
     pub index: usize,
     /// Name of the rule the limit belongs to.
     pub rule: String,
+    /// The same name, interned: what a decision reports.
+    pub rule_name: RuleName,
     pub scope: Scope,
     pub algorithm: Algorithm,
+}
+
+/// A rule's name, interned for the life of the process: a decision names
+/// its rule by this, a copy of one pointer, with no reference count to
+/// touch on the decision path and nothing to look up (by index, which a
+/// reload could make stale) afterwards. Interning keeps one copy of each
+/// distinct name ever loaded (at most [`MAX_RULE_NAME_LEN`] bytes each).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RuleName(&'static str);
+
+impl RuleName {
+    /// The interned copy of `name`.
+    pub fn intern(name: &str) -> RuleName {
+        use std::collections::HashSet;
+        use std::sync::{Mutex, OnceLock};
+        static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+        let mut names = NAMES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(&known) = names.get(name) {
+            return RuleName(known);
+        }
+        let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+        names.insert(leaked);
+        RuleName(leaked)
+    }
+
+    /// A name known at compile time, without interning.
+    pub const fn from_static(name: &'static str) -> RuleName {
+        RuleName(name)
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &'static str {
+        self.0
+    }
+}
+
+impl fmt::Debug for RuleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
+
+impl fmt::Display for RuleName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// The limits one rule applies to a request, with the descriptor fields
+/// whose values pick their counters: the same fields for every limit of the
+/// rule, so the key material is hashed once per rule.
+#[derive(Clone, Copy, Debug)]
+pub struct RuleMatch<'s> {
+    pub limits: &'s [CompiledLimit],
+    pub key_fields: &'s [String],
 }
 
 /// A limit that applies to a request, with the descriptor fields whose
@@ -177,6 +243,7 @@ impl RuleSet {
             source: text.to_owned(),
             digest: stable_digest(text.as_bytes()),
             endpoints: parsed.endpoints,
+            dispatch: Dispatch::new(parsed.rules.iter().map(|r| &r.matcher)),
             rules: parsed.rules,
             limits: parsed.limits,
         })
@@ -189,6 +256,7 @@ impl RuleSet {
             digest: stable_digest(b""),
             endpoints: None,
             rules: Vec::new(),
+            dispatch: Dispatch::default(),
             limits: Vec::new(),
         }
     }
@@ -227,6 +295,68 @@ impl RuleSet {
     /// Calls `f` once for each limit that applies to `d`, in the order of
     /// [`RuleSet::limits`]. Never allocates: this runs on every request.
     pub fn for_each_match<'s>(&'s self, d: &Descriptors<'_>, mut f: impl FnMut(LimitMatch<'s>)) {
+        self.for_each_rule_match(d, |m| {
+            for limit in m.limits {
+                f(LimitMatch {
+                    limit,
+                    key_fields: m.key_fields,
+                });
+            }
+        });
+    }
+
+    /// Calls `f` once for each rule that applies to `d`, with the limits of
+    /// the list it chose, in the order of [`RuleSet::limits`]. Only the
+    /// rules filed where `d` can fit are tried (see `dispatch`): the work
+    /// does not grow with the number of rules keyed on exact values.
+    /// Allocates only when more than 16 rules are candidates at once.
+    pub fn for_each_rule_match<'s>(
+        &'s self,
+        d: &Descriptors<'_>,
+        mut f: impl FnMut(RuleMatch<'s>),
+    ) {
+        self.dispatch.candidates(d, |i, proven| {
+            let rule = &self.rules[i];
+            if proven || rule.matcher.matches(d) {
+                f(RuleMatch {
+                    limits: &self.limits[self.chosen(rule, d)],
+                    key_fields: &rule.key_fields,
+                });
+            }
+            true
+        });
+    }
+
+    /// The list of `rule` that applies to `d` (which fits the rule).
+    fn chosen(&self, rule: &CompiledRule, d: &Descriptors<'_>) -> Range<usize> {
+        let mut chosen = None;
+        rule.override_dispatch.candidates(d, |j, proven| {
+            let (matcher, range) = &rule.overrides[j];
+            if proven || matcher.matches(d) {
+                chosen = Some(range.clone());
+                return false;
+            }
+            true
+        });
+        if let Some(range) = chosen {
+            return range;
+        }
+        d.get(TIER)
+            .and_then(|tier| {
+                let i = rule
+                    .tiers
+                    .binary_search_by(|(name, _)| name.as_str().cmp(tier))
+                    .ok()?;
+                Some(rule.tiers[i].1.clone())
+            })
+            .unwrap_or_else(|| rule.default.clone())
+    }
+
+    /// The limits that apply to `d` found by trying every rule and every
+    /// override in turn: what the dispatch must agree with.
+    #[cfg(test)]
+    fn matches_one_by_one(&self, d: &Descriptors<'_>) -> Vec<usize> {
+        let mut out = Vec::new();
         for rule in &self.rules {
             if !rule.matcher.matches(d) {
                 continue;
@@ -245,13 +375,9 @@ impl RuleSet {
                     Some(&rule.tiers[i].1)
                 })
                 .unwrap_or(&rule.default);
-            for limit in &self.limits[chosen.clone()] {
-                f(LimitMatch {
-                    limit,
-                    key_fields: &rule.key_fields,
-                });
-            }
+            out.extend(chosen.clone());
         }
+        out
     }
 }
 

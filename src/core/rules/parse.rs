@@ -16,12 +16,13 @@ use toml::Spanned;
 
 use crate::core::descriptor::{self, DOMAIN, TIER};
 
+use super::dispatch::Dispatch;
 use super::error::{line_column, locate, toml_key, RulesError, RulesErrorKind};
 use super::limit::{count_shape, limit_id, LimitOwner, RawLimit};
 use super::matching::{check_field_name, EndpointList, Matcher, Pattern};
 use super::{
-    CompiledLimit, CompiledRule, Scope, MAX_LIMITS_PER_LIST, MAX_OVERRIDES_PER_RULE, MAX_RULES,
-    MAX_RULE_NAME_LEN,
+    CompiledLimit, CompiledRule, RuleName, Scope, MAX_LIMITS_PER_LIST, MAX_OVERRIDES_PER_RULE,
+    MAX_RULES, MAX_RULE_NAME_LEN,
 };
 
 type RawMatch = Spanned<BTreeMap<Spanned<String>, Spanned<String>>>;
@@ -239,6 +240,7 @@ impl Compiler<'_> {
             key_fields,
             default,
             tiers,
+            override_dispatch: Dispatch::new(overrides.iter().map(|(m, _)| m)),
             overrides,
         })
     }
@@ -314,6 +316,7 @@ impl Compiler<'_> {
                 parameters: built.normalized,
                 index: self.limits.len(),
                 rule: rule.name.to_owned(),
+                rule_name: RuleName::intern(rule.name),
                 scope: scope.clone(),
                 algorithm: built.algorithm,
             });
