@@ -418,17 +418,17 @@ fn live_at(w: &BucketWindow, now: Nanos) -> Vec<(u64, NodeSlot, PnSlot)> {
 }
 
 type Delta = Vec<(u64, NodeSlot, PnSlot)>;
-
-/// Adds by `nodes` nodes at increasing times, each node recording its own
-/// window's full `live_slots()` after every add (the delta it would ship).
-fn run_nodes(
-    nodes: usize,
-    adds: &[(u64, u16, u32)],
-) -> (
+/// What `run_nodes` returns: each node's window, the deltas it shipped, and
+/// the adds it did (time, node, count).
+type NodeRun = (
     Vec<BucketWindow>,
     Vec<(Nanos, Delta)>,
     Vec<(Nanos, u16, u32)>,
-) {
+);
+
+/// Adds by `nodes` nodes at increasing times, each node recording its own
+/// window's full `live_slots()` after every add (the delta it would ship).
+fn run_nodes(nodes: usize, adds: &[(u64, u16, u32)]) -> NodeRun {
     let mut windows: Vec<BucketWindow> = (0..nodes)
         .map(|_| BucketWindow::new(spec(), nodes))
         .collect();

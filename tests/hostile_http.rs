@@ -250,13 +250,13 @@ fn raise_fd_limit(want: u64) -> u64 {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
             return 1024;
         }
-        let target = want.min(l.rlim_max as u64);
-        if (l.rlim_cur as u64) < target {
-            l.rlim_cur = target as libc::rlim_t;
+        let target = want.min(l.rlim_max);
+        if l.rlim_cur < target {
+            l.rlim_cur = target;
             libc::setrlimit(libc::RLIMIT_NOFILE, &l);
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
         }
-        l.rlim_cur as u64
+        l.rlim_cur
     }
 }
 

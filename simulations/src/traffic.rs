@@ -63,15 +63,15 @@ pub fn generate(s: &Scenario, seed: u64) -> Traffic {
                 raw.into_iter().map(|w| w / h).collect()
             }
         };
-        for k in 0..g.keys {
+        for (k, &weight) in weights.iter().enumerate().take(g.keys) {
             let index = keys.len() as u32;
             keys.push(format!("{}-{k}", g.name));
             group_of.push(gi as u16);
             let mut rng = StdRng::seed_from_u64(mix(seed, u64::from(index) + 1));
             let mut times = Vec::new();
             match g.arrivals {
-                Arrivals::Poisson => poisson(g, weights[k], end, &mut rng, &mut times),
-                Arrivals::Even => even(g, weights[k], end, &mut rng, &mut times),
+                Arrivals::Poisson => poisson(g, weight, end, &mut rng, &mut times),
+                Arrivals::Even => even(g, weight, end, &mut rng, &mut times),
             }
             for b in &g.bursts {
                 for i in 0..b.count {

@@ -86,11 +86,7 @@ pub fn check(args: &CheckArgs) -> Result<(), CliError> {
                 } else {
                     q.retry_after.as_millis_ceil()
                 },
-                limiter
-                    .rules()
-                    .limits()
-                    .get(q.limit_index)
-                    .map_or("?", |l| l.rule.as_str()),
+                q.rule.as_str(),
             ),
         }
     }

@@ -22,7 +22,6 @@ use super::envoy_request::RlsRequest;
 use super::state::{rule_name, GrpcState};
 use super::together::check_together;
 use crate::core::descriptor::Descriptors;
-use crate::core::rules::RuleSet;
 use crate::core::time::Nanos;
 use crate::http::headers::decision_headers;
 use crate::limiter::{Decision, Outcome};
@@ -69,11 +68,10 @@ impl EnvoyRateLimit {
             }
         };
         let decisions = result.map_err(|e| self.state.refuse_check(e))?;
-        let rules = limiter.rules();
         for d in &decisions {
-            self.state.count(&rules, d);
+            self.state.count(d);
         }
-        Ok(response(&rules, &decisions))
+        Ok(response(&decisions))
     }
 }
 
@@ -88,15 +86,12 @@ impl RateLimitService for EnvoyRateLimit {
 }
 
 /// The answer to a decided request: one status per descriptor, in order.
-pub fn response(rules: &RuleSet, decisions: &[Decision]) -> RateLimitResponse {
-    let statuses: Vec<DescriptorStatus> = decisions
-        .iter()
-        .map(|d| descriptor_status(rules, d))
-        .collect();
+pub fn response(decisions: &[Decision]) -> RateLimitResponse {
+    let statuses: Vec<DescriptorStatus> = decisions.iter().map(descriptor_status).collect();
     let over = decisions.iter().any(|d| d.outcome != Outcome::Allowed);
     let mut headers = HeaderMap::new();
     if let Some((decision, q)) = deciding(decisions) {
-        decision_headers(&mut headers, decision.outcome, rule_name(rules, &q), &q);
+        decision_headers(&mut headers, decision.outcome, rule_name(&q), &q);
     }
     RateLimitResponse {
         overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
@@ -127,7 +122,7 @@ fn deciding(decisions: &[Decision]) -> Option<(Decision, crate::limiter::QuotaSt
     refused.or_else(|| with_quota.min_by_key(|(_, q)| q.remaining))
 }
 
-fn descriptor_status(rules: &RuleSet, d: &Decision) -> DescriptorStatus {
+fn descriptor_status(d: &Decision) -> DescriptorStatus {
     let code = if d.outcome == Outcome::Allowed {
         Code::Ok
     } else {
@@ -143,7 +138,7 @@ fn descriptor_status(rules: &RuleSet, d: &Decision) -> DescriptorStatus {
     DescriptorStatus {
         code: code as i32,
         current_limit: Some(RateLimit {
-            name: rule_name(rules, &q).to_owned(),
+            name: rule_name(&q).to_owned(),
             requests_per_unit: u32::try_from(q.limit).unwrap_or(u32::MAX),
             unit: unit(q.period) as i32,
         }),
@@ -230,20 +225,16 @@ mod tests {
 
     #[test]
     fn over_limit_statuses_and_headers() {
-        let rules = RuleSet::empty();
-        let r = response(
-            &rules,
-            &[
-                Decision {
-                    outcome: Outcome::Allowed,
-                    quota: None,
-                },
-                Decision {
-                    outcome: Outcome::Denied,
-                    quota: Some(quota(0, 2_100)),
-                },
-            ],
-        );
+        let r = response(&[
+            Decision {
+                outcome: Outcome::Allowed,
+                quota: None,
+            },
+            Decision {
+                outcome: Outcome::Denied,
+                quota: Some(quota(0, 2_100)),
+            },
+        ]);
         assert_eq!(r.overall_code, Code::OverLimit as i32);
         assert_eq!(r.statuses[0].code, Code::Ok as i32);
         assert_eq!(r.statuses[0].current_limit, None);

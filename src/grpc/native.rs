@@ -14,7 +14,6 @@ use super::pb::{
 };
 use super::state::{check_status, rule_name, GrpcState};
 use crate::core::descriptor::Descriptors;
-use crate::core::rules::RuleSet;
 use crate::limiter::{Decision, Outcome};
 
 /// Most checks in one `CheckBatch` call (Gubernator's limit too).
@@ -44,9 +43,8 @@ impl NativeRateLimiter {
             .await
             .map_err(|e| check_status(&e))?;
         let limiter = &self.state.api().limiter;
-        let rules = limiter.rules();
-        self.state.count(&rules, &decision);
-        let mut response = answer(&rules, &decision);
+        self.state.count(&decision);
+        let mut response = answer(&decision);
         // The same sealed receipt as `POST /v1/check`: what a refund must show.
         let now = drl_now(limiter);
         if let Some(receipt) = limiter.issue_receipt_at(now, &d, cost, &decision) {
@@ -140,7 +138,7 @@ impl RateLimiter for NativeRateLimiter {
 }
 
 /// The full decision, as `POST /v1/check` gives it.
-pub fn answer(rules: &RuleSet, decision: &Decision) -> CheckResponse {
+pub fn answer(decision: &Decision) -> CheckResponse {
     let allowed = decision.outcome == Outcome::Allowed;
     let outcome = match decision.outcome {
         Outcome::Allowed => PbOutcome::Allowed,
@@ -154,7 +152,7 @@ pub fn answer(rules: &RuleSet, decision: &Decision) -> CheckResponse {
             ..Default::default()
         };
     };
-    let rule = rule_name(rules, &q);
+    let rule = rule_name(&q);
     let never = decision.outcome == Outcome::Never;
     CheckResponse {
         allowed,

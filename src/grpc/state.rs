@@ -6,7 +6,6 @@ use std::time::Instant;
 use tonic::{Code, Status};
 
 use crate::core::descriptor::Descriptors;
-use crate::core::rules::RuleSet;
 use crate::http::AppState;
 use crate::limiter::{CheckError, Decision, QuotaState};
 use crate::metrics::{Metrics, Protocol};
@@ -49,8 +48,8 @@ impl GrpcState {
     }
 
     /// Counts a decision that stands, under the rule of its deciding limit.
-    pub fn count(&self, rules: &RuleSet, decision: &Decision) {
-        let limit = decision.quota.map(|q| (q.limit_id, rule_name(rules, &q)));
+    pub fn count(&self, decision: &Decision) {
+        let limit = decision.quota.map(|q| (q.limit_id, rule_name(&q)));
         self.metrics()
             .count_decision_via(Protocol::Grpc, decision.outcome, limit);
     }
@@ -79,15 +78,10 @@ pub fn check_status(e: &CheckError) -> Status {
     }
 }
 
-/// The rule of the deciding limit. The rules may have been replaced since
-/// the check: find the limit by id, never trust a stale index.
-pub fn rule_name<'r>(rules: &'r RuleSet, q: &QuotaState) -> &'r str {
-    rules
-        .limits()
-        .get(q.limit_index)
-        .filter(|l| l.id == q.limit_id)
-        .or_else(|| rules.limits().iter().find(|l| l.id == q.limit_id))
-        .map_or("unknown", |l| l.rule.as_str())
+/// The rule of the deciding limit, as the decision names it (the rules may
+/// have been replaced since the check; the name was taken when it decided).
+pub fn rule_name(q: &QuotaState) -> &'static str {
+    q.rule.as_str()
 }
 
 /// The `code` label of `drl_grpc_rejected_total`.

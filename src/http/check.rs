@@ -154,17 +154,9 @@ fn answer(
     shape: Shape,
     receipt: Option<String>,
 ) -> Response {
-    let rules = state.api.limiter.rules();
-    // The rules may have been replaced since the check: find the deciding
-    // limit by id, never trust a stale index.
-    let deciding = decision.quota.map(|q| {
-        let limit = rules
-            .limits()
-            .get(q.limit_index)
-            .filter(|l| l.id == q.limit_id)
-            .or_else(|| rules.limits().iter().find(|l| l.id == q.limit_id));
-        (q, limit.map_or("unknown", |l| l.rule.as_str()))
-    });
+    // The decision names its rule as it was when it decided: the rules may
+    // have been replaced since.
+    let deciding = decision.quota.map(|q| (q, q.rule.as_str()));
     state.metrics.count_decision(
         decision.outcome,
         deciding.map(|(q, rule)| (q.limit_id, rule)),

@@ -33,7 +33,7 @@ impl SlidingWindow {
                 reason: format!("at most {} sub-buckets", MAX_BUCKETS - 1),
             });
         }
-        if window.as_u64() % u64::from(k) != 0 {
+        if !window.as_u64().is_multiple_of(u64::from(k)) {
             return Err(ParamError::Precision {
                 window,
                 precision: k,

@@ -133,7 +133,7 @@ mod tests {
         for key in 1..=20_000u64 {
             let key = key.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
             let (epoch, count) = s.estimate(key, 100, 2).expect("recorded");
-            assert!(u64::from(count) >= key % 50 + 1);
+            assert!(u64::from(count) > key % 50);
             assert!(epoch >= 100);
         }
     }
