@@ -230,6 +230,7 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// An empty connection bounded by `limits`.
     pub fn new(limits: FrameLimits) -> Connection {
         Connection {
             limits,
