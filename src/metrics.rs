@@ -5,7 +5,7 @@
 //! [`LatencyHistogram`]) that a check touches with a handful of relaxed
 //! increments. Everything else (keys, evictions, gossip, peers, divergence,
 //! overshoot, rules) is read from the node's published status at scrape time
-//! by [`NodeCollector`], so it costs nothing between scrapes.
+//! by `NodeCollector`, so it costs nothing between scrapes.
 //!
 //! # Estimated overshoot
 //!

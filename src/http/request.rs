@@ -1,6 +1,6 @@
 //! Parsing what a client sends: a flat JSON object of descriptor fields and
 //! an optional cost, or the same as a query string. Parse, don't validate:
-//! a [`CheckRequest`] holds well-formed text, and [`CheckRequest::descriptors`]
+//! a [`CheckRequest`] holds well-formed text, and [`Pairs::descriptors`]
 //! checks the descriptor rules (names, lengths, control characters).
 
 use std::borrow::Cow;

@@ -41,7 +41,7 @@
 //! Idle keys are swept back to a free list as their windows pass.
 //!
 //! Eviction never hands quota back: a live key's usage is recorded in a
-//! fixed-size count-min sketch ([`evicted`]) as it goes, and a key that
+//! fixed-size count-min sketch ([`EvictedSketch`]) as it goes, and a key that
 //! comes back within its window starts from that estimate, never lower,
 //! counted in this node's own slot at the newest bucket the sketch holds.
 
