@@ -100,9 +100,10 @@ pub struct QuotaState {
     pub limit: u64,
     /// The limit's period.
     pub period: Nanos,
-    /// Hits still admissible in the current window, after this request.
+    /// Cost units left in the quota after this request (when denied: left
+    /// now, less than the cost).
     pub remaining: u64,
-    /// How long until the window holds no hits counted so far.
+    /// Time until the quota is whole again if nothing else arrives.
     pub reset_after: Nanos,
     /// Zero when allowed.
     pub retry_after: Nanos,

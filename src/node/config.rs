@@ -164,7 +164,7 @@ pub struct NodeSettings {
     pub sync_interval: Nanos,
     /// How a limit is shared while peers cannot be reached.
     pub policy: SharePolicy,
-    /// In-flight budget per limit, in millionths of the limit (0, 1 000 000].
+    /// In-flight budget per limit, in millionths of the limit.
     pub inflight_ppm: u32,
     /// Most keys tracked per limit: at least 1.
     pub max_keys: usize,

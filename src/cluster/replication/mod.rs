@@ -150,7 +150,7 @@ pub struct ReplicationStats {
     pub frames_sent: u64,
     /// Bytes queued for peers.
     pub bytes_sent: u64,
-    /// Frames received from peers, refused or not.
+    /// Frames received from peers and accepted.
     pub frames_received: u64,
     /// Frames refused with a [`FrameError`].
     pub frames_refused: u64,
