@@ -5,7 +5,7 @@
 //! [`LatencyHistogram`]) that a check touches with a handful of relaxed
 //! increments. Everything else (keys, evictions, gossip, peers, divergence,
 //! overshoot, rules) is read from the node's published status at scrape time
-//! by [`NodeCollector`], so it costs nothing between scrapes.
+//! by `NodeCollector`, so it costs nothing between scrapes.
 //!
 //! # Estimated overshoot
 //!
@@ -44,7 +44,9 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
+    /// The HTTP API.
     Http,
+    /// The gRPC API.
     Grpc,
 }
 
@@ -58,6 +60,7 @@ impl Protocol {
         }
     }
 
+    /// The label's value: `http` or `grpc`.
     pub fn label(self) -> &'static str {
         match self {
             Protocol::Http => "http",
@@ -76,6 +79,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Registers every metric of the node behind `api`.
     pub fn new(api: NodeApi) -> Metrics {
         let decisions = Arc::new(DecisionCounters::default());
         let latency = Arc::new(LatencyHistograms::default());

@@ -43,6 +43,8 @@ pub struct RateLimitState {
 }
 
 impl RateLimitState {
+    /// The state for [`rate_limit`]: `describe` turns a request into its
+    /// descriptor fields, or `None` to let it pass unlimited.
     pub fn new(
         limiter: Arc<Limiter>,
         describe: impl Fn(&Request) -> Option<Vec<(String, String)>> + Send + Sync + 'static,

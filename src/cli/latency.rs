@@ -13,6 +13,8 @@ const SUB: u64 = 1 << SUB_BITS;
 const BUCKETS: usize = (64 - SUB_BITS as usize) * SUB as usize + 2 * SUB as usize;
 
 #[derive(Clone)]
+/// Counts of latencies in log-linear buckets, with the exact minimum and
+/// maximum. Merging two histograms adds their counts.
 pub struct LatencyHistogram {
     counts: Vec<u64>,
     total: u64,
@@ -56,6 +58,7 @@ fn upper(i: usize) -> u64 {
 }
 
 impl LatencyHistogram {
+    /// Records one latency, in nanoseconds.
     pub fn record(&mut self, nanos: u64) {
         self.counts[index(nanos)] += 1;
         self.total += 1;
@@ -63,6 +66,7 @@ impl LatencyHistogram {
         self.min = self.min.min(nanos);
     }
 
+    /// Adds `other`'s recordings to this histogram's.
     pub fn merge(&mut self, other: &LatencyHistogram) {
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
             *a += b;
@@ -72,10 +76,12 @@ impl LatencyHistogram {
         self.min = self.min.min(other.min);
     }
 
+    /// How many latencies were recorded.
     pub fn count(&self) -> u64 {
         self.total
     }
 
+    /// The largest latency recorded, in nanoseconds.
     pub fn max(&self) -> u64 {
         self.max
     }

@@ -58,14 +58,22 @@ impl Default for NetFaults {
 /// Settings of a simulated cluster.
 #[derive(Clone, Debug)]
 pub struct ClusterSpec {
+    /// How many nodes: slots `0..nodes`.
     pub nodes: usize,
+    /// The rules file (TOML) every node starts with.
     pub rules: String,
+    /// How a limit is shared while peers cannot be reached.
     pub policy: SharePolicy,
+    /// How often deltas are shipped.
     pub sync_interval: Nanos,
+    /// In-flight budget per limit, in millionths of the limit.
     pub inflight_ppm: u32,
     /// A peer unheard from this long is declared dead.
     pub detect_after: Nanos,
+    /// Most keys tracked per limit, per node.
     pub max_keys: usize,
+    /// Seed of every random choice (network faults, membership), so that a
+    /// run can be replayed.
     pub seed: u64,
     /// Reference time at the start (Unix epoch ns).
     pub start: Nanos,
@@ -83,6 +91,8 @@ pub struct ClusterSpec {
 }
 
 impl ClusterSpec {
+    /// `nodes` nodes on `rules`: strict sharing, 5 ms sync, 2% in-flight,
+    /// confirmation on, replicators only (not whole cores).
     pub fn new(nodes: usize, rules: &str, seed: u64) -> Self {
         ClusterSpec {
             nodes,
@@ -289,6 +299,7 @@ pub struct MemCluster {
     net: BinaryHeap<Reverse<InFlight>>,
     seq: u64,
     rng: StdRng,
+    /// Faults applied to every frame sent from now on.
     pub faults: NetFaults,
     /// Directed links that drop everything.
     cut: BTreeSet<(NodeSlot, NodeSlot)>,
@@ -298,6 +309,7 @@ pub struct MemCluster {
     linked: BTreeSet<(NodeSlot, NodeSlot)>,
     /// Bytes carried between nodes, by kind of traffic.
     pub bytes_on_wire: u64,
+    /// Frames carried between nodes.
     pub frames_on_wire: u64,
     next_request: u64,
     /// Requests decided after waiting: (id, node, decision, when).
@@ -305,6 +317,8 @@ pub struct MemCluster {
 }
 
 impl MemCluster {
+    /// Builds the cluster at `spec.start`, every node up. Errors if the
+    /// rules do not parse or a limiter cannot hold them.
     pub fn new(spec: ClusterSpec) -> Result<Self, String> {
         let rules = RuleSet::from_toml(&spec.rules).map_err(|e| e.to_string())?;
         let rules_digest = rules.digest();
@@ -442,15 +456,19 @@ impl MemCluster {
         )
     }
 
+    /// The reference time.
     pub fn now(&self) -> Nanos {
         self.now
     }
+    /// How many nodes the cluster has, up or not.
     pub fn node_count(&self) -> usize {
         self.nodes.len()
     }
+    /// The limiter of `node`.
     pub fn limiter(&self, node: usize) -> &SimLimiter {
         &self.nodes[node].limiter
     }
+    /// The replicator of `node`.
     pub fn replicator(&self, node: usize) -> &Replicator {
         self.nodes[node].repl.repl()
     }
@@ -481,6 +499,7 @@ impl MemCluster {
         }
     }
 
+    /// False between a crash of `node` and its restart.
     pub fn is_up(&self, node: usize) -> bool {
         self.nodes[node].up
     }

@@ -38,13 +38,18 @@ use crate::core::time::Nanos;
 /// suspicion).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Member {
+    /// The node's stable name.
     pub name: String,
+    /// The node's slot in every counter.
     pub slot: NodeSlot,
+    /// Where peers reach the node (UDP, QUIC).
     pub addr: SocketAddr,
+    /// Which run of the node: higher after every restart.
     pub incarnation: u64,
 }
 
 impl Member {
+    /// A member from its parts.
     pub fn new(
         name: impl Into<String>,
         slot: NodeSlot,
@@ -232,8 +237,15 @@ pub enum MemberEvent {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MembershipError {
     #[error("membership payload of {len} bytes exceeds the {max}-byte limit")]
-    TooLarge { len: usize, max: usize },
+    /// The payload is larger than one membership packet.
+    TooLarge {
+        /// The payload's length in bytes.
+        len: usize,
+        /// The largest payload accepted.
+        max: usize,
+    },
     #[error("malformed membership payload")]
+    /// The payload does not decode.
     Malformed,
     /// Claims to come from this node, or asks this node to probe itself.
     #[error("membership payload names this node where it cannot")]
@@ -309,6 +321,8 @@ pub struct Membership {
 }
 
 impl Membership {
+    /// The membership of node `me`, alone until it announces itself or is
+    /// announced to. `rng_seed` seeds the choice of probe targets.
     pub fn new(me: Member, config: MembershipConfig, rng_seed: u64) -> Self {
         let config = config.to_foca();
         let max_packet = config.max_packet_size.get();
@@ -322,6 +336,7 @@ impl Membership {
         }
     }
 
+    /// This node's own identity.
     pub fn me(&self) -> &Member {
         self.foca.identity()
     }
@@ -385,6 +400,7 @@ impl Membership {
         self.effects.timers.peek().map(|Reverse((at, _, _))| *at)
     }
 
+    /// What changed in the member list, in order; `None` when nothing did.
     pub fn poll_event(&mut self) -> Option<MemberEvent> {
         self.events.pop_front()
     }

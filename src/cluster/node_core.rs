@@ -50,8 +50,10 @@ pub enum PutRulesError {
     #[error(transparent)]
     Setup(#[from] SetupError),
     #[error("rules text of {0} bytes exceeds the {max}-byte limit", max = MAX_RULES_BYTES)]
+    /// The rules text is longer than [`MAX_RULES_BYTES`].
     TooLarge(usize),
     #[error("the node is shutting down")]
+    /// The node is stopping and takes no new rules.
     Stopped,
     /// The rules could not be kept on disk; they were not put in force.
     #[error("rules not kept on disk: {0}")]
@@ -61,12 +63,19 @@ pub enum PutRulesError {
 /// What the core settles on its own.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
+    /// This node's name.
     pub name: String,
+    /// This node's slot.
     pub slot: NodeSlot,
+    /// Slots per counter: the most nodes the cluster may have.
     pub cluster_size: usize,
+    /// How a limit is shared while peers cannot be reached.
     pub policy: SharePolicy,
+    /// In-flight budget per limit, in millionths of the limit.
     pub inflight_ppm: u32,
+    /// How often deltas are shipped to peers.
     pub sync_interval: Nanos,
+    /// How long recovery waits for every peer before a majority is enough.
     pub recovery_timeout: Nanos,
     /// A verified snapshot was merged before the core started.
     pub snapshot_restored: bool,
@@ -89,17 +98,25 @@ pub enum CoreEvent {
     /// These rules are in force now (from a peer, or committed here): keep
     /// them on disk.
     RulesInForce {
+        /// The version now in force.
         version: RulesVersion,
+        /// The rules file's text.
         text: String,
     },
     /// The peers to keep connections to changed.
     DialPeers(Vec<(NodeSlot, SocketAddr)>),
+    /// A member joined or came back.
     MemberUp {
+        /// Its slot.
         slot: NodeSlot,
+        /// Its name.
         name: String,
     },
+    /// A member left or was declared dead.
     MemberDown {
+        /// Its slot.
         slot: NodeSlot,
+        /// Its name.
         name: String,
     },
 }
@@ -112,9 +129,11 @@ pub struct PreparedRules {
 }
 
 impl PreparedRules {
+    /// The version these rules will carry once committed.
     pub fn version(&self) -> RulesVersion {
         self.version
     }
+    /// The rules file's text.
     pub fn text(&self) -> &str {
         &self.text
     }
@@ -199,6 +218,7 @@ impl<C: Clock> NodeCore<C> {
         self.live.iter().fold(0u64, |m, &s| m | s.bit())
     }
 
+    /// The replication state machine, for stats and tests.
     pub fn replicator(&self) -> &Replicator {
         &self.repl
     }
@@ -207,18 +227,23 @@ impl<C: Clock> NodeCore<C> {
     pub fn add_peer(&mut self, slot: NodeSlot) {
         self.repl.add_peer(slot);
     }
+    /// The membership state machine.
     pub fn membership(&self) -> &Membership {
         &self.membership
     }
+    /// The version of the rules in force.
     pub fn rules_version(&self) -> RulesVersion {
         self.rules.marker
     }
+    /// The text of the rules in force.
     pub fn rules_text(&self) -> &str {
         &self.rules.val
     }
+    /// Every peer slot ever seen up since start.
     pub fn known(&self) -> &BTreeSet<NodeSlot> {
         &self.known
     }
+    /// Peer slots the membership holds alive now.
     pub fn live(&self) -> &BTreeSet<NodeSlot> {
         &self.live
     }
@@ -241,6 +266,7 @@ impl<C: Clock> NodeCore<C> {
         self.after_input();
     }
 
+    /// The connection to `slot` closed.
     pub fn handle_disconnected(&mut self, slot: NodeSlot) {
         self.repl.peer_disconnected(slot);
     }
@@ -303,11 +329,14 @@ impl<C: Clock> NodeCore<C> {
         self.repl.ship_now(now, &*self.limiter);
     }
 
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
     pub fn poll_timeout(&self) -> Nanos {
         let repl = self.repl.poll_timeout();
         self.membership.poll_timeout().map_or(repl, |m| m.min(repl))
     }
 
+    /// Runs what is due at `now`: membership probes, the sync tick, resends
+    /// and claim deadlines.
     pub fn handle_timeout(&mut self, now: Nanos) {
         self.membership.handle_timeout(now);
         self.repl.handle_timeout(now, &*self.limiter);
@@ -368,6 +397,7 @@ impl<C: Clock> NodeCore<C> {
         self.after_input();
     }
 
+    /// What the driver must act on, in order; `None` when there is nothing.
     pub fn poll_event(&mut self) -> Option<CoreEvent> {
         self.events.pop_front()
     }

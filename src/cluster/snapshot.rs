@@ -45,16 +45,23 @@ const CHUNK_BYTES: usize = 256 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("not a snapshot (bad magic)")]
+    /// The file does not start with the snapshot magic.
     BadMagic,
     #[error("snapshot format version {0}, this node reads version {VERSION}")]
+    /// A format version this node cannot read.
     UnsupportedVersion(u8),
     #[error("snapshot truncated")]
+    /// The file ends inside its header or a frame.
     Truncated,
     #[error("snapshot checksum does not match its contents")]
+    /// The contents do not match the checksum (corrupt, or written under
+    /// another key seed).
     Checksum,
     #[error("snapshot frame: {0}")]
+    /// A frame inside does not decode.
     Frame(#[from] DecodeError),
     #[error("snapshot frame of an unexpected kind")]
+    /// A frame inside is not a full-sync frame.
     UnexpectedFrame,
 }
 
@@ -67,8 +74,11 @@ fn checksum(seed: KeySeed, body: &[u8]) -> u64 {
 /// What a restore merged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RestoreStats {
+    /// Slot values read from the snapshot.
     pub values: u64,
+    /// Values that raised a local value.
     pub applied: u64,
+    /// Values no larger than the local one, or for buckets too far ahead.
     pub stale: u64,
 }
 

@@ -36,8 +36,11 @@ pub struct Shipment {
 /// What merging a frame's values did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Merged {
+    /// Values that raised a local value.
     pub applied: u64,
+    /// Values no larger than the local one: duplicates and reorders.
     pub stale: u64,
+    /// Values dropped for a bucket too far ahead of the local clock.
     pub too_far_ahead: u64,
 }
 

@@ -13,9 +13,13 @@ pub const MAX_FIELDS: usize = 16;
 
 /// Well-known field names. Any other name made of `[a-z0-9_]` is a custom field.
 pub const USER: &str = "user";
+/// The client's API key.
 pub const API_KEY: &str = "api_key";
+/// The client's IP address.
 pub const IP: &str = "ip";
+/// The endpoint called, matched against rules' endpoints.
 pub const ENDPOINT: &str = "endpoint";
+/// The client's plan or tier.
 pub const TIER: &str = "tier";
 /// The rate limit domain of a request (Envoy's RLS `domain`); a rule's
 /// `domain` matches on it.
@@ -25,20 +29,33 @@ pub const DOMAIN: &str = "domain";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DescriptorError {
     #[error("a request needs at least one descriptor field")]
+    /// No fields at all.
     NoFields,
     #[error("at most {MAX_FIELDS} descriptor fields are allowed, got {0}")]
+    /// More than [`MAX_FIELDS`] fields.
     TooManyFields(usize),
     #[error("field name {0:?} is not valid: use 1 to {MAX_NAME_LEN} characters of a-z, 0-9 and _")]
+    /// A name that is empty, too long, or has characters outside `[a-z0-9_]`.
     BadName(String),
     #[error("field `{0}` appears twice")]
+    /// The same name twice.
     Duplicate(String),
     #[error("field `{0}` is empty")]
+    /// A field with an empty value.
     Empty(String),
     #[error("field `{field}` is {len} bytes long; the limit is {MAX_VALUE_LEN}")]
-    TooLong { field: String, len: usize },
+    /// A value longer than [`MAX_VALUE_LEN`] bytes.
+    TooLong {
+        /// The field's name.
+        field: String,
+        /// The value's length in bytes.
+        len: usize,
+    },
     #[error("field `{0}` contains a control character")]
+    /// A value with a control character.
     ControlCharacter(String),
     #[error("field `{0}` is not valid UTF-8")]
+    /// A value that is not UTF-8 (from a byte-oriented protocol).
     InvalidUtf8(String),
 }
 
@@ -49,6 +66,8 @@ pub struct Descriptors<'a> {
 }
 
 impl<'a> Descriptors<'a> {
+    /// Checks every name and value; errors on the first field that is not
+    /// valid.
     pub fn new(fields: &'a [(&'a str, &'a str)]) -> Result<Self, DescriptorError> {
         if fields.is_empty() {
             return Err(DescriptorError::NoFields);
@@ -75,6 +94,7 @@ impl<'a> Descriptors<'a> {
             .map(|(_, v)| *v)
     }
 
+    /// The fields in the order given.
     pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a str)> + '_ {
         self.fields.iter().copied()
     }

@@ -30,9 +30,11 @@ use std::fmt;
 pub struct NodeSlot(u16);
 
 impl NodeSlot {
+    /// The slot numbered `index`.
     pub const fn new(index: u16) -> Self {
         NodeSlot(index)
     }
+    /// The slot number as an index into a counter's slots.
     pub const fn index(self) -> usize {
         self.0 as usize
     }
@@ -60,11 +62,14 @@ impl fmt::Display for NodeSlot {
 /// One node's contribution to a counter: hits it admitted and hits it refunded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PnSlot {
+    /// Hits admitted (grow-only).
     pub p: u32,
+    /// Hits refunded (grow-only).
     pub n: u32,
 }
 
 impl PnSlot {
+    /// No hits admitted or refunded.
     pub const ZERO: PnSlot = PnSlot { p: 0, n: 0 };
 
     /// Per-component maximum: the join of the slot's two grow-only halves.
@@ -97,6 +102,7 @@ pub struct SlotCounter {
 }
 
 impl SlotCounter {
+    /// A counter with no slots yet.
     pub fn new() -> Self {
         SlotCounter::default()
     }
@@ -133,10 +139,12 @@ impl SlotCounter {
         self.slot_mut(slot).merge(value);
     }
 
+    /// The value of `slot`; zero if never set.
     pub fn slot(&self, slot: NodeSlot) -> PnSlot {
         self.slots.get(slot.index()).copied().unwrap_or_default()
     }
 
+    /// Every slot's value, by slot index.
     pub fn slots(&self) -> &[PnSlot] {
         &self.slots
     }

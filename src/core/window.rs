@@ -29,10 +29,13 @@ pub struct WindowSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a [`WindowSpec`] could not be built.
 pub enum WindowSpecError {
     #[error("bucket granularity must be at least 1ms, got {0}")]
+    /// Buckets shorter than 1 ms.
     GranularityTooSmall(Nanos),
     #[error("a window keeps between 1 and {MAX_BUCKETS} buckets, got {0}")]
+    /// Zero buckets, or more than [`MAX_BUCKETS`].
     BucketCount(usize),
 }
 
@@ -52,9 +55,11 @@ impl WindowSpec {
             buckets: buckets as u16,
         })
     }
+    /// Length of one bucket.
     pub fn granularity(&self) -> Nanos {
         self.granularity
     }
+    /// How many buckets the ring keeps: 1 to [`MAX_BUCKETS`].
     pub fn buckets(&self) -> usize {
         usize::from(self.buckets)
     }
@@ -70,6 +75,7 @@ impl WindowSpec {
             q
         }
     }
+    /// When the bucket of `epoch` begins (saturating).
     pub fn epoch_start(&self, epoch: u64) -> Nanos {
         Nanos::new(epoch.saturating_mul(self.granularity.as_u64()))
     }
@@ -87,12 +93,16 @@ impl WindowSpec {
 /// parameters.
 #[derive(Clone, Copy, Debug)]
 pub struct WindowCounts<'a> {
+    /// The window's bucket layout.
     pub spec: WindowSpec,
+    /// The time the counts were read at.
     pub now: Nanos,
+    /// Net counts per bucket, oldest first; the last is the current bucket.
     pub nets: &'a [u64],
 }
 
 impl WindowCounts<'_> {
+    /// The bucket epoch containing `now`.
     pub fn current_epoch(&self) -> u64 {
         self.spec.epoch(self.now)
     }
@@ -100,6 +110,7 @@ impl WindowCounts<'_> {
     pub fn epoch_at(&self, i: usize) -> u64 {
         (self.current_epoch() + 1).saturating_sub((self.nets.len() - i) as u64)
     }
+    /// Net count of the whole window.
     pub fn total(&self) -> u64 {
         self.nets.iter().sum()
     }
@@ -108,19 +119,26 @@ impl WindowCounts<'_> {
 /// Storage for one window: `buckets` rows of `slots` slot values, plus the
 /// newest epoch the ring has advanced to.
 pub trait SlotGrid {
+    /// Slots per row.
     fn slot_count(&self) -> usize;
+    /// The value of `slot` in ring row `row`.
     fn get(&self, row: usize, slot: usize) -> PnSlot;
+    /// Overwrites the value of `slot` in ring row `row`.
     fn set(&mut self, row: usize, slot: usize, value: PnSlot);
     /// The newest epoch, given the caller's current epoch (packed stores keep
     /// only 32 bits and rebuild the rest relative to `now_epoch`).
     fn newest(&self, now_epoch: u64) -> u64;
+    /// Records the newest epoch the ring has advanced to.
     fn set_newest(&mut self, epoch: u64);
 
+    /// Zeroes every slot of ring row `row`.
     fn clear_row(&mut self, row: usize) {
         for slot in 0..self.slot_count() {
             self.set(row, slot, PnSlot::ZERO);
         }
     }
+    /// Net count of ring row `row` across all slots (Σp − Σn, floored at
+    /// zero).
     fn row_net(&self, row: usize) -> u64 {
         let (p, n) = (0..self.slot_count()).fold((0u64, 0u64), |(p, n), s| {
             let v = self.get(row, s);
@@ -435,6 +453,7 @@ pub struct BucketWindow {
 }
 
 impl BucketWindow {
+    /// An empty window of `slots` slots per bucket.
     pub fn new(spec: WindowSpec, slots: usize) -> Self {
         BucketWindow {
             spec,
@@ -443,17 +462,22 @@ impl BucketWindow {
             rows: vec![PnSlot::ZERO; spec.buckets() * slots],
         }
     }
+    /// The window's bucket layout.
     pub fn spec(&self) -> &WindowSpec {
         &self.spec
     }
+    /// Counts `hits` admitted at `now` in slot `own` (see [`Ring::add`]).
     pub fn add(&mut self, now: Nanos, own: NodeSlot, hits: u32) {
         let spec = self.spec;
         Ring::add(self, &spec, now, own, hits);
     }
+    /// Gives back up to `hits` of slot `own`, newest bucket first; returns
+    /// how many (see [`Ring::refund`]).
     pub fn refund(&mut self, now: Nanos, own: NodeSlot, hits: u32) -> u32 {
         let spec = self.spec;
         Ring::refund(self, &spec, now, own, hits)
     }
+    /// Merges a peer's value of `slot` in bucket `epoch` (see [`Ring::merge`]).
     pub fn merge(
         &mut self,
         now: Nanos,
@@ -465,6 +489,7 @@ impl BucketWindow {
         let spec = self.spec;
         Ring::merge(self, &spec, now, max_ahead, epoch, slot, value)
     }
+    /// Fills `out` with the net counts seen at `now` (see [`Ring::read`]).
     pub fn read(&self, now: Nanos, out: &mut [u64]) {
         Ring::read(self, &self.spec, now, out)
     }

@@ -71,7 +71,7 @@ impl From<RulesVersion> for Version {
 }
 
 #[derive(Serialize)]
-pub struct LimitInfo {
+pub(crate) struct LimitInfo {
     pub rule: String,
     pub scope: String,
     pub algorithm: &'static str,
@@ -80,7 +80,7 @@ pub struct LimitInfo {
 }
 
 /// The limits of a rule set, for the admin answers.
-pub fn limit_list(rules: &RuleSet) -> Vec<LimitInfo> {
+pub(crate) fn limit_list(rules: &RuleSet) -> Vec<LimitInfo> {
     rules
         .limits()
         .iter()
@@ -116,7 +116,7 @@ struct ValidateAnswer {
     limits: Vec<LimitInfo>,
 }
 
-pub async fn get_rules(
+pub(crate) async fn get_rules(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -134,7 +134,7 @@ pub async fn get_rules(
     ))
 }
 
-pub async fn put_rules(
+pub(crate) async fn put_rules(
     State(state): State<AppState>,
     headers: HeaderMap,
     LimitedBody(body): LimitedBody<MAX_RULES_BYTES>,
@@ -166,7 +166,7 @@ pub async fn put_rules(
     }
 }
 
-pub async fn validate_rules(
+pub(crate) async fn validate_rules(
     State(state): State<AppState>,
     headers: HeaderMap,
     LimitedBody(body): LimitedBody<MAX_RULES_BYTES>,

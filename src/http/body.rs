@@ -20,6 +20,7 @@ pub struct LimitedBody<const MAX: usize>(pub Bytes);
 
 /// Why a body could not be read. Nothing was done with it.
 pub enum BodyRejection {
+    /// Refused with this error (too large, malformed).
     Refused(ApiError),
     /// The body did not arrive in time: 408, and the connection closes.
     TimedOut,

@@ -67,7 +67,7 @@ enum Shape {
     Tiny,
 }
 
-pub async fn check(
+pub(crate) async fn check(
     State(state): State<AppState>,
     LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {
@@ -75,7 +75,7 @@ pub async fn check(
     decide(&state, &request, Shape::Full).await
 }
 
-pub async fn allow(
+pub(crate) async fn allow(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
@@ -85,7 +85,7 @@ pub async fn allow(
 
 /// `HEAD /v1/allow` would count a hit with no answer to read: refused,
 /// counting nothing (axum would otherwise run the `GET` handler).
-pub async fn head_allow() -> Response {
+pub(crate) async fn head_allow() -> Response {
     let mut response = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "HEAD would count a hit: use GET /v1/allow",
@@ -98,7 +98,7 @@ pub async fn head_allow() -> Response {
     response
 }
 
-pub async fn refund(
+pub(crate) async fn refund(
     State(state): State<AppState>,
     LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {

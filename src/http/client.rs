@@ -21,15 +21,21 @@ use tokio::task::JoinHandle;
 const MAX_BODY: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
+/// Why a request of the HTTP client got no answer.
 pub enum ClientError {
     #[error("invalid node URL {0:?}: use http://host:port")]
+    /// Not `http://host:port` (or a bare `host:port`).
     Url(String),
     #[error("cannot connect to {addr}: {source}")]
+    /// The TCP connection could not be made.
     Connect {
+        /// The `host:port` dialled.
         addr: String,
+        /// The I/O error.
         source: std::io::Error,
     },
     #[error("{0}")]
+    /// An I/O error on the open connection.
     Io(#[from] std::io::Error),
     /// The request could not be built (a method, path or header that HTTP
     /// does not allow).
@@ -40,8 +46,10 @@ pub enum ClientError {
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
     #[error("malformed HTTP answer: {0}")]
+    /// The answer's body could not be read in full, or exceeds 16 MiB.
     Malformed(String),
     #[error("no answer within {0:?}")]
+    /// No answer within the connection's timeout.
     Timeout(Duration),
 }
 
@@ -61,9 +69,11 @@ pub fn authority(url: &str) -> Result<String, ClientError> {
 /// An answer.
 #[derive(Debug, Clone)]
 pub struct Answer {
+    /// The status code.
     pub status: u16,
     /// Header names in lower case, in order.
     pub headers: Vec<(String, String)>,
+    /// The body, whole.
     pub body: Vec<u8>,
 }
 
@@ -75,6 +85,7 @@ impl Answer {
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+    /// The body as text, invalid UTF-8 replaced.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -132,6 +143,7 @@ impl Connection {
         Connection::open(&addr.to_string()).await
     }
 
+    /// How long [`request`](Self::request) waits for an answer (default 30 s).
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
     }
@@ -167,10 +179,12 @@ impl Connection {
             .map_err(|_| ClientError::Timeout(timeout))?
     }
 
+    /// `GET path` with no body.
     pub async fn get(&mut self, path: &str) -> Result<Answer, ClientError> {
         self.request("GET", path, &[], b"").await
     }
 
+    /// `POST path` with a JSON body.
     pub async fn post_json(&mut self, path: &str, body: &str) -> Result<Answer, ClientError> {
         self.request(
             "POST",

@@ -12,7 +12,9 @@ use crate::limiter::CheckError;
 /// handlers have no path that returns one for client input).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
+    /// The HTTP status.
     pub status: StatusCode,
+    /// What went wrong, for a person; the body's `error` field.
     pub message: String,
     /// Extra fields of the body (line and column of a rules error).
     pub position: Option<Position>,
@@ -25,7 +27,9 @@ pub struct ApiError {
 /// Where in a rules file an error is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Position {
+    /// Line, from 1.
     pub line: usize,
+    /// Column, from 1, in characters.
     pub column: usize,
     /// The field path, as `rules[2].limits[0].window` (empty when the text
     /// is not TOML at all).
@@ -33,6 +37,7 @@ pub struct Position {
 }
 
 impl ApiError {
+    /// An error with `status` and `message` only.
     pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
@@ -42,9 +47,11 @@ impl ApiError {
             challenge: false,
         }
     }
+    /// A 400 Bad Request.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
+    /// A 413 Payload Too Large naming the largest body of `limit` bytes.
     pub fn too_large(limit: usize) -> ApiError {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

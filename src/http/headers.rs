@@ -16,7 +16,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use crate::core::time::Nanos;
 use crate::limiter::{Outcome, QuotaState};
 
+/// The `RateLimit-Policy` header field.
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// The `RateLimit` header field.
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Which header fields a decision gets (see `docs/http-api.md`):

@@ -53,6 +53,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
 
+/// The state behind [`AppState`]: the node's API, its metrics and the
+/// admin token.
 pub struct Shared {
     api: NodeApi,
     metrics: Metrics,
@@ -70,10 +72,13 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
+    /// State for the handlers of the node behind `api`, with the default
+    /// body timeout.
     pub fn new(api: NodeApi) -> AppState {
         AppState::with_body_timeout(api, server::HttpLimits::default().body_timeout)
     }
 
+    /// As [`AppState::new`], with the time a request body may take to arrive.
     pub fn with_body_timeout(api: NodeApi, body_timeout: std::time::Duration) -> AppState {
         let admin_token = api.settings.admin_token.clone().filter(|t| !t.is_empty());
         let metrics = Metrics::new(api.clone());
@@ -85,6 +90,7 @@ impl AppState {
         }))
     }
 
+    /// The node's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
     }

@@ -1,6 +1,6 @@
 //! Parsing what a client sends: a flat JSON object of descriptor fields and
 //! an optional cost, or the same as a query string. Parse, don't validate:
-//! a [`CheckRequest`] holds well-formed text, and [`CheckRequest::descriptors`]
+//! a [`CheckRequest`] holds well-formed text, and [`Pairs::descriptors`]
 //! checks the descriptor rules (names, lengths, control characters).
 
 use std::borrow::Cow;
@@ -17,7 +17,9 @@ pub const COST: &str = "cost";
 /// values borrow from the body when they hold no escapes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckRequest<'a> {
+    /// Descriptor `(name, value)` pairs, as sent.
     pub fields: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    /// Hits to charge (default 1).
     pub cost: u32,
 }
 
@@ -104,6 +106,7 @@ impl<'a> CheckRequest<'a> {
 /// A refund request: `{"receipt": "..."}` and nothing else.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefundRequest<'a> {
+    /// The receipt of the check to refund, as sent.
     pub receipt: Cow<'a, str>,
 }
 
@@ -148,6 +151,7 @@ pub struct Pairs<'a> {
 }
 
 impl<'a> Pairs<'a> {
+    /// The pairs, in request order.
     pub fn as_slice(&self) -> &[(&'a str, &'a str)] {
         &self.items[..self.len]
     }

@@ -92,12 +92,26 @@ impl Default for HttpLimits {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
+    /// The node could not start.
     Node(#[from] NodeError),
     #[error("cannot listen for RESP on {addr}: {source}")]
-    BindResp { addr: SocketAddr, source: io::Error },
+    /// The RESP listener could not bind.
+    BindResp {
+        /// The configured RESP address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
     #[error("cannot listen for HTTP on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
+    /// The HTTP listener could not bind.
+    Bind {
+        /// The configured HTTP address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: io::Error,
+    },
     #[error("HTTP server: {0}")]
+    /// The HTTP server failed while serving.
     Serve(io::Error),
 }
 
@@ -224,10 +238,12 @@ impl HttpNode {
         self.resp.as_ref().map(RespListener::local_addr)
     }
 
+    /// The running node.
     pub fn node(&self) -> &NodeHandle {
         &self.node
     }
 
+    /// What the HTTP handlers share.
     pub fn state(&self) -> &AppState {
         &self.state
     }

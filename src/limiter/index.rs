@@ -9,9 +9,11 @@ use std::hash::{BuildHasher, Hasher};
 
 /// A concurrent map from 64-bit key digests to arena entry numbers.
 pub trait KeyIndex: Send + Sync {
+    /// An empty index sized for `capacity` keys.
     fn with_capacity(capacity: usize) -> Self
     where
         Self: Sized;
+    /// The entry of `key`, if present.
     fn get(&self, key: u64) -> Option<u32>;
     /// Inserts unless the key is present; on conflict returns the present entry.
     fn insert_if_absent(&self, key: u64, entry: u32) -> Result<(), u32>;
@@ -21,7 +23,9 @@ pub trait KeyIndex: Send + Sync {
     /// larger entry, under its lock). The key must never be absent in
     /// between, or another thread could create a second entry for it.
     fn replace(&self, key: u64, old: u32, new: u32) -> bool;
+    /// Keys present.
     fn len(&self) -> usize;
+    /// True when no key is present.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -47,6 +51,8 @@ impl Hasher for DigestHasher {
 }
 
 #[derive(Clone, Copy, Default, Debug)]
+/// A hasher builder that uses a key digest as its own hash: the keys are
+/// already uniform, secret-seeded digests.
 pub struct BuildDigestHasher;
 
 impl BuildHasher for BuildDigestHasher {

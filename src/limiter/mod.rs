@@ -66,7 +66,9 @@ impl Default for LimiterConfig {
 /// The outcome of a check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// Every matching limit allows; the hit is counted.
     Allowed,
+    /// Some limit denies; nothing is counted.
     Denied,
     /// The cost is larger than a matching limit can ever admit.
     Never,
@@ -77,12 +79,15 @@ pub enum Outcome {
 /// allowed the one with the least left.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Decision {
+    /// Allowed, denied, or never admissible.
     pub outcome: Outcome,
     /// The deciding limit, or `None` when no limit applied.
     pub quota: Option<QuotaState>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the deciding limit stands for the request's key, as the API
+/// reports it (remaining quota, reset and retry times).
 pub struct QuotaState {
     /// Position of the limit in the rule set that decided (`RuleSet::limits`).
     pub limit_index: usize,
@@ -91,15 +96,21 @@ pub struct QuotaState {
     pub rule: RuleName,
     /// The limit's stable id.
     pub limit_id: u64,
+    /// The limit's quota per period.
     pub limit: u64,
+    /// The limit's period.
     pub period: Nanos,
+    /// Cost units left in the quota after this request (when denied: left
+    /// now, less than the cost).
     pub remaining: u64,
+    /// Time until the quota is whole again if nothing else arrives.
     pub reset_after: Nanos,
     /// Zero when allowed.
     pub retry_after: Nanos,
 }
 
 impl Decision {
+    /// True when the request was admitted.
     pub fn is_allowed(&self) -> bool {
         self.outcome == Outcome::Allowed
     }
@@ -109,8 +120,10 @@ impl Decision {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CheckError {
     #[error(transparent)]
+    /// A descriptor is malformed.
     Descriptor(#[from] DescriptorError),
     #[error(transparent)]
+    /// The request names an endpoint no rule knows.
     UnknownEndpoint(#[from] UnknownEndpoint),
     /// The node restarted and has not yet recovered its counts from its
     /// peers or its snapshot; admitting now could reset someone's quota.
@@ -123,10 +136,23 @@ pub enum CheckError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SetupError {
     #[error("own slot {own} does not fit in a cluster of {slots} slots")]
-    SlotOutOfRange { own: usize, slots: usize },
+    /// This node's slot is not below the slot count.
+    SlotOutOfRange {
+        /// The configured own slot.
+        own: usize,
+        /// The configured slot count.
+        slots: usize,
+    },
     #[error("limit {limit}: {source}")]
-    Table { limit: String, source: TableError },
+    /// A limit's key table could not be built.
+    Table {
+        /// The limit, as `rule#index`.
+        limit: String,
+        /// Why its table could not be built.
+        source: TableError,
+    },
     #[error("a cluster has at most {MAX_NODES} slots, got {0}")]
+    /// More slots than [`MAX_NODES`].
     TooManySlots(usize),
 }
 
@@ -171,6 +197,7 @@ const MAX_HELD_CLAIMS: usize = 8;
 /// How a confirmed request ended, or why its decision must wait a little.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finished {
+    /// The request's final decision; if allowed, its hits stay counted.
     Decided(Decision),
     /// Refused as things stand, but peers (bit per slot) hold claims on
     /// the same keys that were counted later than this one and may still be
@@ -179,6 +206,7 @@ pub enum Finished {
     /// claim's deadline). The earlier claim wins a conflict, as a single
     /// node deciding in arrival order would.
     Yield {
+        /// A bit per peer slot whose claims this request waits on.
         blocking: u64,
     },
 }
@@ -193,6 +221,7 @@ pub const DEFAULT_CONFIRM_HOLD: Nanos = Nanos::from_millis(100);
 /// hits are given back.
 #[derive(Clone, Debug)]
 pub struct Pending {
+    /// Hits charged per applicable limit.
     pub cost: u32,
     /// When the hits were counted.
     pub started: Nanos,
@@ -208,8 +237,11 @@ pub struct Pending {
 /// One provisional hit: where it was counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingHit {
+    /// The limit's stable id.
     pub limit: u64,
+    /// The key's digest.
     pub key: u64,
+    /// The epoch of the window bucket the hit was counted in.
     pub epoch: u64,
 }
 
@@ -226,6 +258,9 @@ pub enum Begun {
 /// buffer.
 const INLINE_MATCHES: usize = 8;
 
+/// The in-process limiter: a rule set, one key table per limit, and for a
+/// clustered node the share view, journal and recovery gate. Shared by
+/// reference between request tasks; rules are swapped atomically.
 pub struct Limiter<C: Clock = SystemClock> {
     clock: C,
     config: LimiterConfig,
@@ -241,12 +276,16 @@ pub struct Limiter<C: Clock = SystemClock> {
 }
 
 impl Limiter<SystemClock> {
+    /// A limiter on the system clock. Errors if `config` is inconsistent or a
+    /// limit's table cannot be built.
     pub fn new(rules: RuleSet, config: LimiterConfig) -> Result<Self, SetupError> {
         Limiter::with_clock(rules, config, SystemClock)
     }
 }
 
 impl<C: Clock> Limiter<C> {
+    /// A limiter reading time from `clock` (a manual clock in tests). Errors
+    /// as [`Limiter::new`].
     pub fn with_clock(rules: RuleSet, config: LimiterConfig, clock: C) -> Result<Self, SetupError> {
         if config.own_slot.index() >= config.slots {
             return Err(SetupError::SlotOutOfRange {
@@ -306,6 +345,7 @@ impl<C: Clock> Limiter<C> {
         }
     }
 
+    /// The cluster picture in force; `None` when not clustered.
     pub fn share_view(&self) -> Option<Arc<ShareView>> {
         self.cluster.as_ref().map(|c| c.view.load_full())
     }
@@ -347,10 +387,12 @@ impl<C: Clock> Limiter<C> {
             .collect()
     }
 
+    /// The configuration this limiter was built with.
     pub fn config(&self) -> &LimiterConfig {
         &self.config
     }
 
+    /// The clock decisions are made on.
     pub fn clock(&self) -> &C {
         &self.clock
     }
@@ -875,6 +917,7 @@ impl<C: Clock> Limiter<C> {
         self.refund_at(self.clock.now(), d, cost)
     }
 
+    /// [`Limiter::refund`] at time `now`.
     pub fn refund_at(&self, now: Nanos, d: &Descriptors<'_>, cost: u32) -> Result<u32, CheckError> {
         let compiled = self.compiled.load();
         compiled.rules.check_endpoint(d)?;

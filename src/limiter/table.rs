@@ -41,7 +41,7 @@
 //! Idle keys are swept back to a free list as their windows pass.
 //!
 //! Eviction never hands quota back: a live key's usage is recorded in a
-//! fixed-size count-min sketch ([`evicted`]) as it goes, and a key that
+//! fixed-size count-min sketch ([`EvictedSketch`]) as it goes, and a key that
 //! comes back within its window starts from that estimate, never lower,
 //! counted in this node's own slot at the newest bucket the sketch holds.
 
@@ -196,6 +196,10 @@ fn entry_of(handle: u32) -> u32 {
     handle & ENTRY_MASK
 }
 
+/// The key table of one limit: a bounded set of keys, each with its
+/// window of slot counters, read and written under a per-key lock. Full
+/// tables evict by CLOCK and remember evicted usage in an
+/// [`EvictedSketch`].
 pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     spec: WindowSpec,
     slots: usize,
@@ -218,12 +222,16 @@ pub struct KeyTable<I: KeyIndex = DashMapIndex> {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a key table could not be built.
 pub enum TableError {
     #[error("a key table needs room for at least one key")]
+    /// Room for no key at all.
     ZeroCapacity,
     #[error("a key table holds at most {} keys", ENTRY_MASK)]
+    /// More keys than an entry handle can address.
     TooLarge,
     #[error("a cluster needs at least one node slot")]
+    /// Zero slots per window.
     ZeroSlots,
 }
 
@@ -297,21 +305,27 @@ impl<I: KeyIndex> KeyTable<I> {
         })
     }
 
+    /// The window layout of every key.
     pub fn spec(&self) -> &WindowSpec {
         &self.spec
     }
+    /// Slots per bucket: the cluster size.
     pub fn slots(&self) -> usize {
         self.slots
     }
+    /// Most keys tracked at once.
     pub fn capacity(&self) -> usize {
         self.capacity as usize
     }
+    /// Keys tracked now.
     pub fn len(&self) -> usize {
         self.index.len()
     }
+    /// True when no key is tracked.
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }
+    /// Counters of evictions, expirations, restorations and growth.
     pub fn stats(&self) -> &TableStats {
         &self.stats
     }
@@ -753,6 +767,7 @@ impl<I: KeyIndex> Entry<'_, I> {
     pub fn spec(&self) -> WindowSpec {
         self.table.spec
     }
+    /// The key digest this entry holds.
     pub fn key(&self) -> u64 {
         u64::from(self.words[2].load(Ordering::Relaxed))
             | (u64::from(self.words[3].load(Ordering::Relaxed)) << 32)

@@ -32,6 +32,7 @@ pub struct NodeFile {
     /// TLS for the gRPC API: this server's certificate and key (PEM). Both
     /// or neither; none: plaintext (h2c).
     pub grpc_tls_cert: Option<PathBuf>,
+    /// This server's private key (PEM), paired with `grpc_tls_cert`.
     pub grpc_tls_key: Option<PathBuf>,
     /// With TLS: also require client certificates signed by this CA (PEM),
     /// which makes it mutual TLS.
@@ -69,6 +70,7 @@ pub struct NodeFile {
     pub max_memory: Option<String>,
     /// Where to keep the local snapshot (none: no snapshots).
     pub snapshot_path: Option<PathBuf>,
+    /// How often the snapshot is written (a duration such as `10s`).
     pub snapshot_interval: String,
     /// Where the node keeps what it must find after a restart (the rules put
     /// in force through the admin API or by peers). Default: the snapshot's
@@ -79,7 +81,9 @@ pub struct NodeFile {
     pub recovery_timeout: String,
     /// The cluster CA, this node's certificate and key (PEM).
     pub tls_ca: PathBuf,
+    /// This node's certificate (PEM), signed by `tls_ca`.
     pub tls_cert: PathBuf,
+    /// This node's private key (PEM).
     pub tls_key: PathBuf,
     /// Cluster secret for key digests: 32 hex digits, the same on every node.
     pub key_seed: Option<String>,
@@ -128,34 +132,63 @@ impl Default for NodeFile {
 /// Checked settings: once built, every value is usable.
 #[derive(Clone, Debug)]
 pub struct NodeSettings {
+    /// Stable name of this node: 1 to 64 characters.
     pub name: String,
+    /// This node's slot: below `cluster_size`.
     pub slot: u16,
+    /// Slots per counter: 1 to [`MAX_NODES`](crate::core::share::MAX_NODES).
     pub cluster_size: usize,
+    /// UDP address for peer traffic (QUIC).
     pub listen_peer: SocketAddr,
+    /// The address peers should dial, if not `listen_peer`.
     pub advertise_peer: Option<SocketAddr>,
+    /// TCP address of the HTTP API.
     pub listen_http: SocketAddr,
+    /// TCP address of the gRPC API; none: no gRPC listener.
     pub grpc_listen: Option<SocketAddr>,
+    /// TLS of the gRPC API; none: plaintext (h2c).
     pub grpc_tls: Option<GrpcTls>,
+    /// TCP address of the RESP API; none: no RESP listener.
     pub resp_listen: Option<SocketAddr>,
+    /// Whether the HTTP API also serves HTTP/2 (h2c, prior knowledge).
     pub http2: bool,
+    /// TCP address of the operations listener; none: the decision port only.
     pub listen_admin: Option<SocketAddr>,
+    /// Peers to contact at start, as `host:port`.
     pub seeds: Vec<String>,
+    /// How often seeds are resolved again.
     pub discovery_interval: Nanos,
+    /// The rules file, resolved against the configuration's directory.
     pub rules: PathBuf,
+    /// How often deltas are shipped to peers: 1ms to 1s.
     pub sync_interval: Nanos,
+    /// How a limit is shared while peers cannot be reached.
     pub policy: SharePolicy,
+    /// In-flight budget per limit, in millionths of the limit.
     pub inflight_ppm: u32,
+    /// Most keys tracked per limit: at least 1.
     pub max_keys: usize,
     /// Node-wide memory budget of the key tables, in bytes.
     pub max_memory: Option<usize>,
+    /// Where the local snapshot is kept; none: no snapshots.
     pub snapshot_path: Option<PathBuf>,
+    /// How often the snapshot is written.
     pub snapshot_interval: Nanos,
+    /// Where the rules in force are kept across restarts; see
+    /// [`rules_state_path`](Self::rules_state_path).
     pub data_dir: Option<PathBuf>,
+    /// How long a restarted node waits for every peer before a majority's
+    /// answers are enough.
     pub recovery_timeout: Nanos,
+    /// The cluster CA (PEM).
     pub tls_ca: PathBuf,
+    /// This node's certificate (PEM).
     pub tls_cert: PathBuf,
+    /// This node's private key (PEM).
     pub tls_key: PathBuf,
+    /// Cluster secret for key digests; the same on every node.
     pub key_seed: KeySeed,
+    /// Bearer token of the admin routes; none: the admin API is disabled.
     pub admin_token: Option<String>,
     /// Faults injected into this node's outgoing datagrams (tests only; not
     /// settable from the file; built with the `harness` feature).
@@ -166,7 +199,9 @@ pub struct NodeSettings {
 /// TLS material of the gRPC API.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GrpcTls {
+    /// This server's certificate chain (PEM).
     pub cert: PathBuf,
+    /// This server's private key (PEM).
     pub key: PathBuf,
     /// Client certificates must be signed by this CA (mutual TLS).
     pub client_ca: Option<PathBuf>,
@@ -177,28 +212,46 @@ pub struct GrpcTls {
 #[cfg(feature = "harness")]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Chaos {
+    /// Probability that a datagram is dropped, in [0, 1].
     pub loss: f64,
+    /// Probability that a datagram is sent twice, in [0, 1].
     pub duplicate: f64,
     /// Probability that a datagram is held back by up to `max_delay`.
     pub reorder: f64,
+    /// Longest hold-back of a reordered datagram.
     pub max_delay: std::time::Duration,
+    /// Seed of the fault RNG, so that a run can be replayed.
     pub seed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a configuration file could not be turned into [`NodeSettings`].
+/// Nothing is started when this is returned.
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
+    /// The file could not be read.
     Read {
+        /// The file named.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
     #[error("{path}: {source}")]
+    /// The file is not valid TOML or has unknown or mistyped fields.
     Parse {
+        /// The file named.
         path: PathBuf,
+        /// The TOML error, with its position.
         source: toml::de::Error,
     },
     #[error("`{field}`: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    /// A field parsed but its value is out of range or inconsistent.
+    Invalid {
+        /// The field's name in the file.
+        field: &'static str,
+        /// What a valid value looks like.
+        reason: String,
+    },
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -291,6 +344,8 @@ impl NodeFile {
         }
     }
 
+    /// Reads and parses a configuration file; values are not checked yet
+    /// (see [`settings`](Self::settings)).
     pub fn load(path: &Path) -> Result<NodeFile, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),

@@ -46,22 +46,28 @@ pub use config::{ConfigError, GrpcTls, NodeFile, NodeSettings};
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]
+    /// The configuration is invalid.
     Config(#[from] ConfigError),
     /// The rules file could not be read.
     #[error("rules file {}", path.display())]
     RulesFile {
+        /// The rules file named in the configuration.
         path: std::path::PathBuf,
         #[source]
+        /// The I/O error.
         source: std::io::Error,
     },
     /// The rules file is not a valid rule file.
     #[error("rules: {0}")]
     Rules(#[from] RulesError),
     #[error("tls: {0}")]
+    /// The TLS material could not be loaded.
     Tls(#[from] crate::net::TlsError),
     #[error("transport: {0}")]
+    /// The peer transport could not bind or start.
     Transport(#[from] crate::net::TransportError),
     #[error("limiter: {0}")]
+    /// The limiter could not hold the rules.
     Limiter(#[from] crate::limiter::SetupError),
 }
 
@@ -70,15 +76,21 @@ pub enum NodeError {
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotLoadError {
     #[error("snapshot {} unreadable", path.display())]
+    /// The snapshot file could not be read.
     Read {
+        /// The snapshot file.
         path: std::path::PathBuf,
         #[source]
+        /// The I/O error.
         source: std::io::Error,
     },
     #[error("snapshot {} refused", path.display())]
+    /// The snapshot file is corrupt, or from another cluster or layout.
     Refused {
+        /// The snapshot file.
         path: std::path::PathBuf,
         #[source]
+        /// Why it was refused.
         source: snapshot::SnapshotError,
     },
 }
@@ -105,22 +117,29 @@ const CONFIRM_PATIENCE: Duration = Duration::from_millis(500);
 /// What the node's task publishes for readiness, metrics and tests.
 #[derive(Clone, Debug, Default)]
 pub struct NodeStatus {
+    /// The version of the rules in force.
     pub rules_version: RulesVersion,
     /// The last reload of the rules file that failed, if the latest did.
     pub rules_file_error: Option<String>,
     /// Hits admitted here that some peer has not acknowledged yet.
     pub unacked_hits: u64,
+    /// The recovery gate is open: the node admits requests.
     pub ready: bool,
     /// Live members, this node excluded.
     pub live: Vec<u16>,
     /// Every member ever seen, this node excluded.
     pub known: Vec<u16>,
+    /// What replication knows of each peer, by slot.
     pub peers: BTreeMap<u16, PeerState>,
+    /// Replication counters.
     pub replication: ReplicationStats,
+    /// Our rounds still waiting for some peer's acknowledgement.
     pub unacked_rounds: usize,
     /// Per peer, our rounds it has not acknowledged yet.
     pub peer_unacked_rounds: BTreeMap<u16, usize>,
+    /// This node and its live peers are at most half the cluster.
     pub minority: bool,
+    /// Snapshots written since start.
     pub snapshots_written: u64,
     /// Snapshots refused at start (corrupt or unreadable) and moved aside.
     pub snapshots_refused: u64,
@@ -133,7 +152,9 @@ pub struct NodeStatus {
 /// What the HTTP API and metrics need of a running node. Cheap to clone.
 #[derive(Clone)]
 pub struct NodeApi {
+    /// The node's limiter, for decisions.
     pub limiter: Arc<Limiter>,
+    /// The node's checked settings.
     pub settings: NodeSettings,
     status: Arc<Mutex<NodeStatus>>,
     commands: mpsc::Sender<Command>,
@@ -204,7 +225,9 @@ impl NodeApi {
 
 /// A running node.
 pub struct NodeHandle {
+    /// The node's limiter, for decisions.
     pub limiter: Arc<Limiter>,
+    /// The node's checked settings.
     pub settings: NodeSettings,
     peer_addr: SocketAddr,
     status: Arc<Mutex<NodeStatus>>,
@@ -219,12 +242,14 @@ impl NodeHandle {
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer_addr
     }
+    /// A copy of what the node's task last published.
     pub fn status(&self) -> NodeStatus {
         self.status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+    /// The peer transport (QUIC endpoint and connections).
     pub fn transport(&self) -> &Transport {
         &self.transport
     }
@@ -255,6 +280,7 @@ impl NodeHandle {
     }
 }
 
+/// Starts nodes: see [`Node::start`].
 pub struct Node;
 
 impl Node {

@@ -37,6 +37,7 @@ pub const RULE_PREFIX: &str = "cl-throttle-";
 pub struct Throttle {
     /// Hits admitted at once beyond the first.
     pub max_burst: u32,
+    /// Hits per period.
     pub count_per_period: u32,
     /// Seconds.
     pub period: u32,
@@ -48,10 +49,14 @@ pub struct Throttle {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ThrottleError {
     #[error("wrong number of arguments for 'cl.throttle' command")]
+    /// Not three or four numbers after the key: burst, count, period and an
+    /// optional quantity.
     Arity,
     #[error("{0}: value is not an integer or out of range")]
+    /// The named argument is not an integer in range.
     NotInteger(&'static str),
     #[error("{0} must be positive")]
+    /// The named argument is zero where it must be positive.
     Zero(&'static str),
 }
 

@@ -42,20 +42,28 @@ impl Default for FrameLimits {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
     #[error("expected '$', got '{0}'")]
+    /// An argument is not a bulk string.
     ExpectedBulk(char),
     #[error("invalid multibulk length")]
+    /// The argument count is not a number in range.
     BadArrayLength,
     #[error("invalid bulk length")]
+    /// A bulk length is not a number in range.
     BadBulkLength,
     #[error("too many arguments: the limit is {0}")]
+    /// More arguments than the limit given.
     TooManyArgs(usize),
     #[error("bulk string of {0} bytes: the limit is {1}")]
+    /// A bulk string longer than the limit (length, limit).
     BulkTooLong(usize, usize),
     #[error("command larger than {0} bytes")]
+    /// A command longer than the limit given, in bytes.
     FrameTooLong(usize),
     #[error("missing CRLF after a bulk string")]
+    /// A bulk string not followed by CRLF.
     MissingCrlf,
     #[error("unbalanced quotes in an inline command")]
+    /// An inline command with an unclosed quote.
     UnbalancedQuotes,
 }
 
@@ -64,7 +72,10 @@ pub enum ProtocolError {
 pub enum Parsed {
     /// A whole command of `len` bytes; its arguments were put in `args`.
     /// An empty `args` is an empty inline line: nothing to answer.
-    Command { len: usize },
+    Command {
+        /// Bytes the command took: drop them from the buffer.
+        len: usize,
+    },
     /// Not a whole command yet: read more.
     Incomplete,
 }

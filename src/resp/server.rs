@@ -218,7 +218,7 @@ const LINGER_BYTES: usize = 256 * 1024;
 const LINGER_TIME: Duration = Duration::from_millis(500);
 
 /// One connection's buffers: bytes received and not yet answered, and the
-/// answers not yet written. I/O-free apart from [`Connection::read_from`].
+/// answers not yet written. I/O-free apart from `Connection::read_from`.
 pub struct Connection {
     limits: FrameLimits,
     input: Vec<u8>,
@@ -230,6 +230,7 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// An empty connection bounded by `limits`.
     pub fn new(limits: FrameLimits) -> Connection {
         Connection {
             limits,

@@ -22,7 +22,9 @@ const INSTALL_ATTEMPTS: usize = 4;
 /// After a command: keep reading, or answer and close.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flow {
+    /// Keep reading commands.
     Continue,
+    /// Write the answers and close the connection.
     Close,
 }
 
@@ -37,6 +39,7 @@ pub struct RespService {
 }
 
 impl RespService {
+    /// The RESP commands over the node behind `api`.
     pub fn new(api: NodeApi) -> RespService {
         RespService {
             api,

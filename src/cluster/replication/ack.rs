@@ -54,7 +54,9 @@ impl AckTimes {
 /// and the last round trip.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClockEstimate {
+    /// Estimated `peer clock − our clock`, in nanoseconds, smoothed.
     pub offset_ns: i64,
+    /// The last measured round trip.
     pub rtt: Nanos,
 }
 

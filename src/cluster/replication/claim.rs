@@ -16,9 +16,17 @@ use crate::core::wire::{Frame, Slots};
 pub enum ClaimEvent {
     /// Every peer waited for answered; `answered` has a bit per peer slot
     /// whose own counts of the keys are now merged.
-    Answered { ticket: u64, answered: u64 },
+    Answered {
+        /// The ticket [`Replicator::claim`](super::Replicator::claim) returned.
+        ticket: u64,
+        /// A bit per peer slot that answered.
+        answered: u64,
+    },
     /// Not every peer answered within the claim timeout.
-    Expired { ticket: u64 },
+    Expired {
+        /// The ticket of the claim that expired.
+        ticket: u64,
+    },
 }
 
 /// An answered claim waiting for the outcome of later conflicting claims.

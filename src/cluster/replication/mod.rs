@@ -59,7 +59,9 @@ use crate::core::time::Nanos;
 /// Settings of the replicator.
 #[derive(Clone, Debug)]
 pub struct ReplicationConfig {
+    /// This node's slot.
     pub own: NodeSlot,
+    /// This node's name, sent in hellos.
     pub name: String,
     /// How often deltas are shipped (default 5 ms).
     pub sync_interval: Nanos,
@@ -93,10 +95,13 @@ pub struct ReplicationConfig {
     /// too (a node sends its rules on every new connection), so a restarted
     /// node never admits on rules older than the cluster's.
     pub await_rules: bool,
+    /// Which peers must acknowledge hits before they are settled.
     pub policy: SharePolicy,
 }
 
 impl ReplicationConfig {
+    /// Defaults for node `own`: 5 ms sync, 30 ms resend, `strict` sharing,
+    /// no peers expected.
     pub fn new(own: NodeSlot, name: impl Into<String>) -> Self {
         ReplicationConfig {
             own,
@@ -121,8 +126,12 @@ impl ReplicationConfig {
 /// Bytes for one peer. `reliable` frames go on a stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
+    /// The peer the bytes are for.
     pub to: NodeSlot,
+    /// One encoded frame.
     pub bytes: Vec<u8>,
+    /// Send on a stream rather than as a datagram (always so for frames
+    /// larger than a datagram).
     pub reliable: bool,
 }
 
@@ -137,32 +146,50 @@ pub enum ReplicationEvent {
 /// Counters the node exports as metrics.
 #[derive(Clone, Debug, Default)]
 pub struct ReplicationStats {
+    /// Frames queued for peers.
     pub frames_sent: u64,
+    /// Bytes queued for peers.
     pub bytes_sent: u64,
+    /// Frames received from peers and accepted.
     pub frames_received: u64,
+    /// Frames refused with a [`FrameError`].
     pub frames_refused: u64,
+    /// Counter values shipped in delta frames.
     pub values_sent: u64,
+    /// Received values that raised a local value.
     pub values_merged: u64,
+    /// Received values no larger than the local one (duplicates, reorders).
     pub values_stale: u64,
+    /// Received values dropped for a bucket too far ahead of the local clock.
     pub values_too_far_ahead: u64,
+    /// Frames sent again: deltas, full syncs and claims.
     pub retransmissions: u64,
+    /// Full-state syncs started towards a peer.
     pub full_syncs: u64,
+    /// Hellos whose rules digest differed from ours.
     pub rules_mismatches: u64,
+    /// Claims sent (near a limit).
     pub claims_sent: u64,
+    /// Claims every waited-for peer answered.
     pub claims_answered: u64,
+    /// Claims that timed out unanswered.
     pub claims_expired: u64,
 }
 
 /// What this node knows about one peer.
 #[derive(Clone, Debug, Default)]
 pub struct PeerState {
+    /// A connection to the peer is open.
     pub connected: bool,
     /// Alive according to the failure detector.
     pub live: bool,
+    /// The peer's incarnation from its last hello; none before one arrives.
     pub incarnation: Option<u64>,
+    /// The peer's name from its last hello.
     pub name: String,
     /// Estimated `peer clock − our clock`, smoothed.
     pub clock_offset_ns: i64,
+    /// The last measured round trip.
     pub rtt: Nanos,
     /// When the last frame from the peer arrived.
     pub last_heard: Option<Nanos>,
@@ -244,15 +271,20 @@ impl Replicator {
         }
     }
 
+    /// The configuration this replicator was built with.
     pub fn config(&self) -> &ReplicationConfig {
         &self.cfg
     }
+    /// Counters for metrics.
     pub fn stats(&self) -> &ReplicationStats {
         &self.stats
     }
+    /// Every peer of the configured cluster, by slot.
     pub fn peers(&self) -> &BTreeMap<NodeSlot, PeerState> {
         &self.peers
     }
+    /// True from a start as recovering until the recovery gate opens
+    /// (see [`ReplicationEvent::Recovered`]).
     pub fn is_recovering(&self) -> bool {
         self.recovering
     }
@@ -365,6 +397,8 @@ impl Replicator {
         self.introduce(slot, rules_digest);
     }
 
+    /// The peer's connection closed: it is marked disconnected and its
+    /// unfinished full sync is dropped.
     pub fn peer_disconnected(&mut self, slot: NodeSlot) {
         if let Some(p) = self.peers.get_mut(&slot) {
             p.connected = false;
@@ -389,6 +423,7 @@ impl Replicator {
         });
     }
 
+    /// The next frame to send, in order; `None` when the queue is empty.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.outbox.pop_front()
     }
@@ -398,6 +433,8 @@ impl Replicator {
         self.events.pop_front()
     }
 
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called:
+    /// the next sync tick, or an earlier claim deadline or resend.
     pub fn poll_timeout(&self) -> Nanos {
         self.claims
             .values()

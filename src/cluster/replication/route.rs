@@ -22,15 +22,30 @@ pub enum Delivered {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     #[error(transparent)]
+    /// The frame's bytes do not decode.
     Decode(#[from] DecodeError),
     #[error("frame from {from} carries {carried}: nodes only send their own slot")]
-    ForeignSlot { from: NodeSlot, carried: NodeSlot },
+    /// A data frame carries values of a slot other than its sender's.
+    ForeignSlot {
+        /// The sender.
+        from: NodeSlot,
+        /// The slot the frame carries.
+        carried: NodeSlot,
+    },
     #[error("{0} is outside the cluster")]
+    /// The sender's slot is not below the cluster size.
     UnknownSlot(NodeSlot),
     #[error("recovery data arrived while not recovering")]
+    /// Recovery data arrived but this node is not recovering.
     UnexpectedRecovery,
     #[error("hello names {claimed} on the connection of {from}")]
-    HelloMismatch { from: NodeSlot, claimed: NodeSlot },
+    /// A hello names a slot other than the connection's peer.
+    HelloMismatch {
+        /// The connection's peer.
+        from: NodeSlot,
+        /// The slot the hello names.
+        claimed: NodeSlot,
+    },
 }
 
 /// Refuses a frame whose carried slot is not `expected`.

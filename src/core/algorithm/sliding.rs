@@ -15,6 +15,8 @@ use crate::core::time::Nanos;
 use crate::core::window::{WindowCounts, WindowSpec, MAX_BUCKETS};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
+/// Sliding window counter: at most `limit` hits in any window of length
+/// `window`, estimated from `precision` sub-buckets (see the module docs).
 pub struct SlidingWindow {
     limit: NonZeroU32,
     window: Nanos,

@@ -364,7 +364,7 @@ pub(super) fn limit_id(rule: &LimitOwner<'_>, scope: &Scope, position: usize, sh
 /// (the estimator's error is at most one sub-bucket's count, a tenth of the
 /// limit under steady traffic), or fewer for windows too short to cut into
 /// ten buckets of at least 1 ms.
-pub const DEFAULT_PRECISION: u32 = 10;
+pub(crate) const DEFAULT_PRECISION: u32 = 10;
 
 fn default_precision(window: Nanos) -> u32 {
     let w = window.as_u64();

@@ -11,10 +11,16 @@ use crate::core::descriptor::{self, DescriptorError, Descriptors, MAX_VALUE_LEN}
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatternError {
     #[error("an empty pattern matches nothing: use \"*\" for any value")]
+    /// The pattern is empty.
     Empty,
     #[error("pattern is {len} bytes long, but descriptor values stop at {MAX_VALUE_LEN}, so it could never match")]
-    TooLong { len: usize },
+    /// The pattern is longer than any descriptor value can be.
+    TooLong {
+        /// The pattern's length in bytes.
+        len: usize,
+    },
     #[error("pattern contains a control character, which descriptor values never do")]
+    /// The pattern has a control character.
     ControlCharacter,
 }
 

@@ -140,7 +140,9 @@ pub struct CompiledLimit {
     pub rule: String,
     /// The same name, interned: what a decision reports.
     pub rule_name: RuleName,
+    /// Which requests share a counter.
     pub scope: Scope,
+    /// The algorithm and its parameters.
     pub algorithm: Algorithm,
 }
 
@@ -198,7 +200,9 @@ impl fmt::Display for RuleName {
 /// rule, so the key material is hashed once per rule.
 #[derive(Clone, Copy, Debug)]
 pub struct RuleMatch<'s> {
+    /// The rule's limits, in rule order.
     pub limits: &'s [CompiledLimit],
+    /// The descriptor fields that pick the counter.
     pub key_fields: &'s [String],
 }
 
@@ -207,7 +211,9 @@ pub struct RuleMatch<'s> {
 /// rule's `match` requires it).
 #[derive(Clone, Copy, Debug)]
 pub struct LimitMatch<'s> {
+    /// The limit.
     pub limit: &'s CompiledLimit,
+    /// The descriptor fields that pick its counter.
     pub key_fields: &'s [String],
 }
 

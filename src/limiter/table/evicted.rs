@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::core::window::unpack_epoch;
 
 /// Rows of the sketch: the estimate is the minimum over this many cells.
-pub const DEPTH: usize = 4;
+pub(crate) const DEPTH: usize = 4;
 /// Cells per row, at least and at most.
 const MIN_WIDTH: usize = 1 << 10;
 const MAX_WIDTH: usize = 1 << 16;
@@ -27,6 +27,7 @@ const MIX: [u64; DEPTH] = [
     0xd6e8_feb8_6659_fd93,
 ];
 
+/// A count-min sketch of evicted keys' usage; see the module docs.
 pub struct EvictedSketch {
     shift: u32,
     width: usize,
