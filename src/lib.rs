@@ -49,6 +49,8 @@
 //! assert!(limiter.allow_request("bob", "/search"));
 //! ```
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod cli;
 pub mod clock;
 pub mod cluster;
