@@ -25,15 +25,26 @@ fn main() {
         .map(|a| a.parse().expect("iterations: a number"))
         .unwrap_or(200_000);
     let path = args.next().unwrap_or_else(|| "check".to_owned());
-    let rules = RuleSet::from_toml(
+    // Optional third argument: the sliding window's precision (the rule's
+    // default when absent), to weigh what the bucket count costs.
+    let precision = args
+        .next()
+        .map(|p| {
+            format!(
+                ", precision = {}",
+                p.parse::<u32>().expect("precision: a number")
+            )
+        })
+        .unwrap_or_default();
+    let rules = RuleSet::from_toml(&format!(
         r#"
         [[rules]]
         name = "per-user"
-        match = { user = "*" }
+        match = {{ user = "*" }}
         key = ["user"]
-        limits = [ { algorithm = "sliding_window", limit = 1000000000, window = "1s" } ]
-    "#,
-    )
+        limits = [ {{ algorithm = "sliding_window", limit = 1000000000, window = "1s"{precision} }} ]
+    "#
+    ))
     .expect("valid rules");
     let config = LimiterConfig {
         slots: 3,
