@@ -371,8 +371,36 @@ fn serve_thread(
     gate: Arc<Gate>,
     limits: HttpLimits,
     http2: bool,
-    mut draining: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    accept_loop(
+        listener,
+        gate,
+        draining,
+        "HTTP",
+        move |stream, ticket, draining| {
+            serve_connection(stream, ticket, app.clone(), limits.clone(), http2, draining)
+        },
+    )
+}
+
+/// The accept loop of one listener thread, shared by the HTTP and RESP
+/// listeners: a single-threaded runtime accepts until `draining` turns true,
+/// admits each connection through `gate` (over a cap it is closed at once,
+/// so the client learns now rather than after a timeout in the backlog),
+/// and serves it as a task made by `serve`; then it waits for the open
+/// connections to finish.
+pub(crate) fn accept_loop<F, Fut>(
+    listener: std::net::TcpListener,
+    gate: Arc<Gate>,
+    mut draining: watch::Receiver<bool>,
+    protocol: &'static str,
+    mut serve: F,
+) -> io::Result<()>
+where
+    F: FnMut(TcpStream, Ticket, watch::Receiver<bool>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -386,8 +414,6 @@ fn serve_thread(
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        // Over a cap: closed at once, so the client learns
-                        // now rather than after a timeout in the backlog.
                         let Some(ticket) = gate.admit(peer.ip()) else {
                             drop(stream);
                             continue;
@@ -395,18 +421,11 @@ fn serve_thread(
                         // Answers are small: send them at once rather than
                         // after the peer's delayed ACK.
                         let _ = stream.set_nodelay(true);
-                        connections.spawn(serve_connection(
-                            stream,
-                            ticket,
-                            app.clone(),
-                            limits.clone(),
-                            http2,
-                            for_connections.clone(),
-                        ));
+                        connections.spawn(serve(stream, ticket, for_connections.clone()));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: wait, do not spin.
-                        tracing::warn!(error = %e, "accept failed");
+                        tracing::warn!(error = %e, protocol, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use super::parse::{parse_command, FrameLimits, Parsed, ProtocolError, MAX_ARGS};
 use super::reply;
 use super::service::{Flow, RespService};
-use crate::http::server::{reuseport_listener, serve_threads, Gate, Ticket};
+use crate::http::server::{accept_loop, reuseport_listener, serve_threads, Gate, Ticket};
 
 /// What one client may hold of the RESP listener, and for how long.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,45 +121,17 @@ fn serve_thread(
     service: RespService,
     gate: Arc<Gate>,
     limits: RespLimits,
-    mut draining: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listener = TcpListener::from_std(listener)?;
-        let mut connections = tokio::task::JoinSet::new();
-        let for_connections = draining.clone();
-        loop {
-            tokio::select! {
-                _ = draining.wait_for(|d| *d) => break,
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let Some(ticket) = gate.admit(peer.ip()) else {
-                            drop(stream);
-                            continue;
-                        };
-                        let _ = stream.set_nodelay(true);
-                        connections.spawn(serve_connection(
-                            stream,
-                            ticket,
-                            service.clone(),
-                            limits.clone(),
-                            for_connections.clone(),
-                        ));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "RESP accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-            }
-        }
-        drop(listener);
-        while connections.join_next().await.is_some() {}
-        Ok(())
-    })
+    accept_loop(
+        listener,
+        gate,
+        draining,
+        "RESP",
+        move |stream, ticket, draining| {
+            serve_connection(stream, ticket, service.clone(), limits.clone(), draining)
+        },
+    )
 }
 
 /// Serves one connection until the client closes it or sends `QUIT`, a
