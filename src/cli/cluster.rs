@@ -74,6 +74,8 @@ struct Plan {
     configs: Vec<PathBuf>,
     http: Vec<String>,
     grpc: Vec<String>,
+    /// Each node's RESP address for the banner ("" when RESP is off).
+    resp: Vec<String>,
     token: String,
 }
 
@@ -122,6 +124,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
     let mut configs = Vec::new();
     let mut http = Vec::new();
     let mut grpc = Vec::new();
+    let mut resp = Vec::new();
     for slot in 0..args.nodes {
         let name = format!("node-{slot}");
         let http_addr = format!("127.0.0.1:{}", args.base_port + slot);
@@ -172,11 +175,16 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
         configs.push(path);
         http.push(format!("http://{http_addr}"));
         grpc.push(format!("grpc://{grpc_addr}"));
+        resp.push(
+            args.resp_base_port
+                .map_or_else(String::new, |p| format!("  redis://127.0.0.1:{}", p + slot)),
+        );
     }
     Ok(Plan {
         configs,
         http,
         grpc,
+        resp,
         token,
     })
 }
@@ -326,8 +334,8 @@ pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
 
 fn print_banner(args: &ClusterArgs, plan: &Plan) {
     println!("\n{} nodes ready:", plan.http.len());
-    for (i, (url, grpc)) in plan.http.iter().zip(&plan.grpc).enumerate() {
-        println!("  node-{i}  {url}  {grpc}");
+    for (i, ((url, grpc), resp)) in plan.http.iter().zip(&plan.grpc).zip(&plan.resp).enumerate() {
+        println!("  node-{i}  {url}  {grpc}{resp}");
     }
     let first = &plan.http[0];
     println!("\nfiles: {}", cluster_dir(args).display());
