@@ -2,19 +2,19 @@
 //! environment; checks, rules admin and load over HTTP; a clean stop on
 //! SIGTERM.
 
+mod support;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const DRL: &str = env!("CARGO_BIN_EXE_drl");
 const EXAMPLE_RULES: &str = include_str!("../deploy/rules.example.toml");
 
+use support::{free_port, free_ports, DRL};
+
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("drl-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    support::scratch(&format!("cli-{name}"))
 }
 
 fn drl(args: &[&str]) -> Output {
@@ -28,22 +28,6 @@ fn drl(args: &[&str]) -> Output {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http_get(port: u16, path: &str) -> Option<u16> {
@@ -74,7 +58,7 @@ fn start_node(dir: &Path, http: u16) -> Child {
         .args(["node", "--config"])
         .arg(&config)
         .args(["--listen-http", &format!("127.0.0.1:{http}")])
-        .env("DRL_LISTEN_PEER", format!("127.0.0.1:{}", free_udp_port()))
+        .env("DRL_LISTEN_PEER", format!("127.0.0.1:{}", free_port()))
         .env("DRL_ADMIN_TOKEN", "tok")
         .env("DRL_RECOVERY_TIMEOUT", "100ms")
         .env("RUST_LOG", "warn")
@@ -254,7 +238,7 @@ fn the_example_node_config_is_valid() {
 #[test]
 fn a_local_cluster_starts_serves_and_stops() {
     let dir = scratch("cluster");
-    let base = free_port();
+    let base = free_ports(2);
     let mut cluster = Command::new(DRL)
         .args(["cluster", "--nodes", "2", "--dir"])
         .arg(&dir)
@@ -262,7 +246,7 @@ fn a_local_cluster_starts_serves_and_stops() {
             "--base-port",
             &base.to_string(),
             "--peer-base-port",
-            &free_udp_port().to_string(),
+            &free_ports(2).to_string(),
         ])
         .args(["--admin-token", "tok"])
         .env("RUST_LOG", "warn")

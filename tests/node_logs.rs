@@ -3,18 +3,19 @@
 //! `--log-format json`; and a shutdown that speaks of a snapshot only when
 //! one is configured.
 
+mod support;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const DRL: &str = env!("CARGO_BIN_EXE_drl");
 const EXAMPLE_RULES: &str = include_str!("../deploy/rules.example.toml");
 
+use support::{free_port, DRL};
+
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("drl-logs-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::scratch(&format!("logs-{name}"));
     let out = Command::new(DRL)
         .args(["certs", "--nodes", "1", "--dir"])
         .arg(dir.join("certs"))
@@ -23,22 +24,6 @@ fn scratch(name: &str) -> PathBuf {
     assert!(out.status.success(), "{out:?}");
     std::fs::write(dir.join("rules.toml"), EXAMPLE_RULES).unwrap();
     dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn ready(port: u16) -> bool {
@@ -72,7 +57,7 @@ fn run_node(dir: &Path, extra: &[&str], env: &[(&str, String)]) -> String {
         "1",
     ])
     .args(["--listen-http", &format!("127.0.0.1:{http}")])
-    .args(["--listen-peer", &format!("127.0.0.1:{}", free_udp_port())])
+    .args(["--listen-peer", &format!("127.0.0.1:{}", free_port())])
     .arg("--rules")
     .arg(dir.join("rules.toml"))
     .arg("--tls-ca")

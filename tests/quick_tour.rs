@@ -7,6 +7,8 @@
 //! fresh key's first answer says `remaining = limit - cost` on any node of a
 //! healthy cluster, so README's `r` is checked exactly.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-const DRL: &str = env!("CARGO_BIN_EXE_drl");
+use support::{free_ports, DRL};
 const README: &str = include_str!("../README.md");
 const HTTP_API: &str = include_str!("../docs/http-api.md");
 const TOKEN: &str = "quick-tour-token";
@@ -42,27 +44,6 @@ fn blocks_after<'a>(text: &'a str, heading: &str, lang: &str) -> Vec<&'a str> {
     out
 }
 
-fn port_free(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-        && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-}
-
-/// A base port with `n` free TCP and UDP ports from it.
-fn free_range(n: u16, avoid: u16) -> u16 {
-    for _ in 0..50 {
-        let base = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let clear_of_avoid = base + n <= avoid || base >= avoid + n;
-        if base < 65_000 && clear_of_avoid && (0..n).all(|i| port_free(base + i)) {
-            return base;
-        }
-    }
-    panic!("no {n} consecutive free ports");
-}
-
 /// A `drl cluster` child, stopped with SIGTERM when dropped.
 struct Cluster {
     child: Child,
@@ -76,9 +57,9 @@ impl Cluster {
     fn start(name: &str, nodes: u16) -> Cluster {
         let dir = std::env::temp_dir().join(format!("drl-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let http_base = free_range(nodes, 0);
-        let peer_base = free_range(nodes, http_base);
-        let grpc_base = free_range(nodes, peer_base);
+        let http_base = free_ports(nodes.into());
+        let peer_base = free_ports(nodes.into());
+        let grpc_base = free_ports(nodes.into());
         let mut child = Command::new(DRL)
             .args(["cluster", "--nodes", &nodes.to_string(), "--dir"])
             .arg(&dir)

@@ -5,14 +5,14 @@
 //! in-flight bound (`Q = max(n, ⌈0.02·L⌉)`, the crashed node's
 //! unacknowledged share at most).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+mod support;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-const DRL: &str = env!("CARGO_BIN_EXE_drl");
+use support::{exit_state, free_port, log_file, log_tail, request as admin, status as http, DRL};
+
 const LIMIT: u64 = 300;
 const RULES: &str = r#"
 [[rules]]
@@ -23,56 +23,6 @@ limits = [ { algorithm = "sliding_window", limit = 300, window = "1h" } ]
 
 fn inflight_bound(nodes: u64) -> u64 {
     nodes.max((LIMIT * 2).div_ceil(100))
-}
-
-fn scratch(name: &str) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "drl-restart-{name}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One HTTP/1.1 request on a fresh connection; the status code, if any.
-fn http(port: u16, method: &str, path: &str, body: &str) -> Option<u16> {
-    admin(port, method, path, body).map(|(code, _)| code)
-}
-
-/// One request carrying the admin token; the status code and the whole
-/// response text.
-fn admin(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer tok\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let code = text.split(' ').nth(1)?.parse().ok()?;
-    Some((code, text))
 }
 
 /// The body of a GET.
@@ -113,7 +63,7 @@ struct ProcCluster {
 
 impl ProcCluster {
     fn new(name: &str, size: usize, snapshot_interval: Option<&'static str>) -> Self {
-        let dir = scratch(name);
+        let dir = support::scratch(&format!("restart-{name}"));
         drl::net::generate_dev_certs(
             &dir.join("certs"),
             &drl::net::local_cluster_specs(size as u16),
@@ -123,8 +73,8 @@ impl ProcCluster {
         ProcCluster {
             dir,
             size,
-            peer: (0..size).map(|_| free_udp_port()).collect(),
-            http: (0..size).map(|_| free_tcp_port()).collect(),
+            peer: (0..size).map(|_| free_port()).collect(),
+            http: (0..size).map(|_| free_port()).collect(),
             children: (0..size).map(|_| None).collect(),
             snapshot_interval,
         }
@@ -174,12 +124,33 @@ impl ProcCluster {
             .arg(&config)
             .current_dir(&self.dir)
             .env_remove("DRL_ADMIN_TOKEN")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file(&self.log(slot)))
             .spawn()
             .unwrap();
         self.children[slot] = Some(child);
+    }
+
+    /// Node `slot`'s stderr, kept across its restarts.
+    fn log(&self, slot: usize) -> PathBuf {
+        self.dir.join(format!("node-{slot}.log"))
+    }
+
+    /// What each node of `slots` said last, and whether it still runs.
+    fn report(&mut self, slots: &[usize]) -> String {
+        let mut out = String::new();
+        for &slot in slots {
+            let state = match self.children[slot].as_mut() {
+                Some(c) => exit_state(c),
+                None => "not started".into(),
+            };
+            out.push_str(&format!(
+                "\n--- node {slot} ({state}), last lines of its log:\n{}\n",
+                log_tail(&self.log(slot), 30)
+            ));
+        }
+        out
     }
 
     fn child(&self, slot: usize) -> &Child {
@@ -197,13 +168,13 @@ impl ProcCluster {
         http(self.http[slot], "GET", "/readyz", "") == Some(200)
     }
 
-    fn wait_ready(&self, slots: &[usize], timeout: Duration) -> Duration {
+    fn wait_ready(&mut self, slots: &[usize], timeout: Duration) -> Duration {
         let start = Instant::now();
         while !slots.iter().all(|&s| self.ready(s)) {
-            assert!(
-                start.elapsed() < timeout,
-                "nodes {slots:?} not ready after {timeout:?}"
-            );
+            if start.elapsed() >= timeout {
+                let report = self.report(slots);
+                panic!("nodes {slots:?} not ready after {timeout:?}{report}");
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         start.elapsed()
@@ -350,7 +321,7 @@ fn a_seed_killed_while_its_peers_are_stopped_admits_nothing_until_they_resume() 
 fn a_node_of_three_that_never_heard_a_peer_admits_nothing() {
     let mut c = ProcCluster::new("alone", 3, None);
     // Its seeds are ports where nobody listens.
-    let nobody = [free_udp_port(), free_udp_port()];
+    let nobody = [free_port(), free_port()];
     c.start_with_seeds(0, &nobody);
     let start = Instant::now();
     while http(c.http[0], "GET", "/healthz", "") != Some(200) {
