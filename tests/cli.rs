@@ -233,8 +233,27 @@ fn the_example_node_config_is_valid() {
     );
 }
 
+/// The processes whose parent is `pid`, oldest first.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut found: Vec<(u64, u32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // After the parenthesised name: state, ppid, ..., starttime (field 22).
+            let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ppid: u32 = rest.get(1)?.parse().ok()?;
+            let start: u64 = rest.get(19)?.parse().ok()?;
+            (ppid == pid).then_some((start, p))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
 /// `drl cluster --nodes 2`: certificates, configs, children, readiness,
-/// a banner, and every child stopped on SIGTERM.
+/// a banner, a node killed with -9 started again, and every child stopped
+/// on SIGTERM.
 #[test]
 fn a_local_cluster_starts_serves_and_stops() {
     let dir = scratch("cluster");
@@ -307,6 +326,29 @@ fn a_local_cluster_starts_serves_and_stops() {
         "endpoint=/v1/search",
     ]);
     assert!(stdout(&o).contains("1: 200 allowed"), "{o:?}");
+    // A node killed with -9 is started again; the cluster keeps running.
+    let nodes = children_of(cluster.id());
+    assert_eq!(nodes.len(), 2, "children: {nodes:?}");
+    assert!(Command::new("kill")
+        .args(["-KILL", &nodes[1].to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let killed = Instant::now();
+    while http_get(base + 1, "/readyz") != Some(200) || killed.elapsed() < Duration::from_secs(1) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "node-1 not started again"
+        );
+        assert!(cluster.try_wait().unwrap().is_none(), "the cluster stopped");
+        assert_eq!(http_get(base, "/healthz"), Some(200), "node-0 stopped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let again = children_of(cluster.id());
+    assert!(
+        again.len() == 2 && again.contains(&nodes[0]) && !again.contains(&nodes[1]),
+        "before {nodes:?}, after {again:?}"
+    );
     let stop = Instant::now();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])

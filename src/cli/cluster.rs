@@ -270,9 +270,88 @@ fn stop_all(children: &mut [Child], grace: Duration) {
     }
 }
 
+/// When to start again the nodes of `drl cluster` that exited on their own.
+#[derive(Debug)]
+struct Supervisor {
+    nodes: Vec<Supervised>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Supervised {
+    started: Option<Instant>,
+    failures: u32,
+    restart_at: Option<Instant>,
+}
+
+impl Supervisor {
+    /// The first pause before a restart; it doubles with each exit within
+    /// [`Supervisor::STABLE`] of the node's start, up to [`Supervisor::MAX`].
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+    /// A node that ran this long before exiting starts its pauses over.
+    const STABLE: Duration = Duration::from_secs(60);
+
+    /// `nodes` nodes, all started at `now`.
+    fn new(nodes: usize, now: Instant) -> Self {
+        Supervisor {
+            nodes: vec![
+                Supervised {
+                    started: Some(now),
+                    failures: 0,
+                    restart_at: None,
+                };
+                nodes
+            ],
+        }
+    }
+
+    /// Node `i` was seen exited at `now`: the pause before it starts again,
+    /// or `None` when a restart is already planned.
+    fn exited(&mut self, i: usize, now: Instant) -> Option<Duration> {
+        let n = &mut self.nodes[i];
+        if n.restart_at.is_some() {
+            return None;
+        }
+        if n.started
+            .is_some_and(|s| now.duration_since(s) >= Self::STABLE)
+        {
+            n.failures = 0;
+        }
+        let delay = Self::FIRST
+            .saturating_mul(1 << n.failures.min(10))
+            .min(Self::MAX);
+        n.failures += 1;
+        n.restart_at = Some(now + delay);
+        Some(delay)
+    }
+
+    /// Node `i` could not be started again at `now`: the pause before the
+    /// next try.
+    fn retry(&mut self, i: usize, now: Instant) -> Duration {
+        let n = &mut self.nodes[i];
+        n.restart_at = None;
+        n.started = None;
+        self.exited(i, now).unwrap_or(Self::MAX)
+    }
+
+    /// The nodes whose restart is due at `now`.
+    fn due(&self, now: Instant) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].restart_at.is_some_and(|t| t <= now))
+            .collect()
+    }
+
+    /// Node `i` was started again at `now`.
+    fn started(&mut self, i: usize, now: Instant) {
+        let n = &mut self.nodes[i];
+        n.started = Some(now);
+        n.restart_at = None;
+    }
+}
+
 /// `drl cluster`: writes certificates, configs and rules, starts one child
-/// `drl node` per slot, waits until all are ready, then runs until a signal
-/// or a child's exit and stops them all.
+/// `drl node` per slot, waits until all are ready, then runs until a signal,
+/// starting again any node that exits on its own, and stops them all.
 pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
     let plan = prepare(args)?;
     let exe = std::env::current_exe()?;
@@ -305,22 +384,37 @@ pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
             () = signal.recv() => return Ok(()),
         }
         print_banner(args, &plan);
-        // Until a signal, or until a child dies on its own.
+        // Until a signal. A node that exits on its own is started again
+        // from its own config (it recovers its counts from its peers and its
+        // snapshot, like any restarted node), after a pause that doubles
+        // while it keeps failing within a minute of its start.
+        let mut supervisor = Supervisor::new(children.len(), Instant::now());
         loop {
             tokio::select! {
-                () = signal.recv() => break Ok(()),
+                () = signal.recv() => break Ok::<_, CliError>(()),
                 () = tokio::time::sleep(Duration::from_millis(200)) => {
-                    let mut died = None;
+                    let now = Instant::now();
                     for (i, c) in children.iter_mut().enumerate() {
                         if let Some(status) = c.try_wait()? {
-                            died = Some((i, status));
-                            break;
+                            if let Some(delay) = supervisor.exited(i, now) {
+                                eprintln!(
+                                    "node-{i} exited on its own ({status}); starting it again in {delay:?}"
+                                );
+                            }
                         }
                     }
-                    if let Some((i, status)) = died {
-                        break Err(CliError::Usage(format!(
-                            "node-{i} exited on its own ({status}); stopping the others"
-                        )));
+                    for i in supervisor.due(now) {
+                        match spawn(&exe, &plan.configs[i]) {
+                            Ok(c) => {
+                                children[i] = c;
+                                supervisor.started(i, now);
+                                eprintln!("node-{i} started again");
+                            }
+                            Err(e) => {
+                                let delay = supervisor.retry(i, now);
+                                eprintln!("node-{i} could not be started again ({e}); next try in {delay:?}");
+                            }
+                        }
                     }
                 }
             }
@@ -356,6 +450,37 @@ fn print_banner(args: &ClusterArgs, plan: &Plan) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_that_keeps_failing_waits_longer_each_time_and_a_stable_one_starts_over() {
+        let t0 = Instant::now();
+        let mut s = Supervisor::new(2, t0);
+        assert_eq!(s.exited(1, t0), Some(Duration::from_millis(500)));
+        // Seen again before its restart: nothing new is planned.
+        assert_eq!(s.exited(1, t0 + Duration::from_millis(200)), None);
+        assert!(s.due(t0 + Duration::from_millis(499)).is_empty());
+        assert_eq!(s.due(t0 + Duration::from_millis(500)), vec![1]);
+        let mut at = t0 + Duration::from_millis(500);
+        s.started(1, at);
+        let mut pauses = Vec::new();
+        for _ in 0..8 {
+            at += Duration::from_secs(1);
+            let pause = s.exited(1, at).unwrap();
+            pauses.push(pause.as_millis());
+            at += pause;
+            s.started(1, at);
+        }
+        assert_eq!(
+            pauses,
+            [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000, 30_000]
+        );
+        // A minute of running resets the pauses.
+        at += Supervisor::STABLE;
+        assert_eq!(s.exited(1, at), Some(Duration::from_millis(500)));
+        // A failed start tries again later, not never.
+        assert_eq!(s.retry(1, at), Duration::from_millis(1_000));
+        assert!(s.due(at).is_empty() && s.nodes[0].restart_at.is_none());
+    }
 
     fn args(dir: &Path, nodes: u16) -> ClusterArgs {
         ClusterArgs {
