@@ -17,6 +17,11 @@ use crate::core::time::Nanos;
 /// of this size, so a decision never allocates.
 pub const MAX_BUCKETS: usize = 64;
 
+/// Rings up to this many buckets are read through a stack buffer of this
+/// size: the default sliding window (precision 10: 11 buckets), fixed
+/// windows, and GCRA or token buckets with a small burst.
+pub const SMALL_RING: usize = 20;
+
 /// The bucket layout of one limit: bucket length and how many are kept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WindowSpec {
@@ -125,6 +130,13 @@ pub trait SlotGrid {
     fn get(&self, row: usize, slot: usize) -> PnSlot;
     /// Overwrites the value of `slot` in ring row `row`.
     fn set(&mut self, row: usize, slot: usize, value: PnSlot);
+    /// Adds `hits` to the `p` component of `slot` in ring row `row`
+    /// (saturating). Sparse stores override it to grow a cell in place.
+    fn add_p(&mut self, row: usize, slot: usize, hits: u32) {
+        let mut v = self.get(row, slot);
+        v.p = v.p.saturating_add(hits);
+        self.set(row, slot, v);
+    }
     /// The newest epoch, given the caller's current epoch (packed stores keep
     /// only 32 bits and rebuild the rest relative to `now_epoch`).
     fn newest(&self, now_epoch: u64) -> u64;
@@ -232,21 +244,39 @@ impl Ring {
     pub fn read<G: SlotGrid + ?Sized>(grid: &G, spec: &WindowSpec, now: Nanos, out: &mut [u64]) {
         let b = spec.buckets();
         debug_assert_eq!(out.len(), b);
+        // Per-row sums on the stack, cleared only as far as common windows
+        // need (clearing all MAX_BUCKETS rows costs a 1 KiB memset a read).
+        let mut few = [(0u64, 0u64); SMALL_RING];
+        let mut many;
+        let sums = if b <= SMALL_RING {
+            &mut few[..b]
+        } else {
+            many = [(0u64, 0u64); MAX_BUCKETS];
+            &mut many[..b]
+        };
         let now_epoch = spec.epoch(now);
         let newest = grid.newest(now_epoch);
-        let mut sums = [(0u64, 0u64); MAX_BUCKETS];
-        let sums = &mut sums[..b];
         grid.row_sums(sums);
         let net = |e: u64| {
             let (p, n) = sums[Self::row(spec, e)];
             p.saturating_sub(n)
         };
+        // Bucket i (oldest first) is epoch now + 1 + i − b, in ring row
+        // (now + 1 + i) mod b: the row steps by one, with no division.
+        let mut row = Self::row(spec, now_epoch + 1);
         for (i, slot) in out.iter_mut().enumerate() {
             let e = (now_epoch + 1 + i as u64).checked_sub(b as u64);
             *slot = match e {
-                Some(e) if Self::holds(spec, newest, e) => net(e),
+                Some(e) if Self::holds(spec, newest, e) => {
+                    let (p, n) = sums[row];
+                    p.saturating_sub(n)
+                }
                 _ => 0,
             };
+            row += 1;
+            if row == b {
+                row = 0;
+            }
         }
         if newest > now_epoch {
             let ahead: u64 = (now_epoch + 1..=newest)
@@ -267,9 +297,7 @@ impl Ring {
     ) -> u64 {
         let epoch = Self::writable_epoch(grid, spec, now);
         let row = Self::row(spec, epoch);
-        let mut v = grid.get(row, own.index());
-        v.p = v.p.saturating_add(hits);
-        grid.set(row, own.index(), v);
+        grid.add_p(row, own.index(), hits);
         epoch
     }
 

@@ -27,7 +27,7 @@ use crate::core::rules::{CompiledLimit, RuleName, RuleSet, UnknownEndpoint};
 use crate::core::share::{ShareView, Shares, MAX_NODES};
 use crate::core::slot::NodeSlot;
 use crate::core::time::{Clock, Nanos};
-use crate::core::window::{Ring, SlotGrid, WindowCounts, MAX_BUCKETS};
+use crate::core::window::{Ring, SlotGrid, WindowCounts, MAX_BUCKETS, SMALL_RING};
 
 pub use handle::Handle;
 pub use journal::Journal;
@@ -1270,17 +1270,17 @@ impl Matches {
 /// The locked entries of one check: on the stack up to `INLINE_MATCHES`.
 type Guards<'t> = smallvec::SmallVec<[(u64, Entry<'t>); INLINE_MATCHES]>;
 
-/// Stack space for one window's bucket counts: small windows use a small
+/// Stack space for one window's bucket counts: common windows use a small
 /// buffer so that a check does not clear 512 bytes it will not read.
 struct CountsBuf {
-    small: [u64; 8],
+    small: [u64; SMALL_RING],
     large: Option<[u64; MAX_BUCKETS]>,
 }
 
 impl CountsBuf {
     fn new() -> Self {
         CountsBuf {
-            small: [0; 8],
+            small: [0; SMALL_RING],
             large: None,
         }
     }

@@ -892,6 +892,18 @@ impl<I: KeyIndex> SlotGrid for Entry<'_, I> {
         }
         cells::set(self.cells(), row, slot, value);
     }
+    #[inline]
+    fn add_p(&mut self, row: usize, slot: usize, hits: u32) {
+        if slot < self.table.slots
+            && row < self.table.spec.buckets()
+            && cells::add_p_in_place(self.cells(), row, slot, hits)
+        {
+            return;
+        }
+        let mut v = self.get(row, slot);
+        v.p = v.p.saturating_add(hits);
+        self.set(row, slot, v);
+    }
     fn rows(&self) -> usize {
         self.table.spec.buckets()
     }

@@ -234,6 +234,38 @@ fn set_component(cells: &[AtomicU32], t: u32, value: u32) {
     }
 }
 
+/// Adds `hits` (saturating) to the `p` cell of `slot` in `row` in place
+/// and in one pass, when the cell exists and keeps its width; `false`
+/// (nothing changed) when it is absent or a narrow cell would outgrow its
+/// word: the caller then goes through [`set`].
+pub fn add_p_in_place(cells: &[AtomicU32], row: usize, slot: usize, hits: u32) -> bool {
+    let t = tag(row, slot, KIND_P);
+    let mut at = 0;
+    while at < cells.len() {
+        let h = load(&cells[at]);
+        if h == 0 {
+            return false;
+        }
+        if tag_of(h) == t {
+            if h & WIDE != 0 {
+                // A wide cell stays wide: its value is the next word.
+                let v = load(&cells[at + 1]).saturating_add(hits);
+                store(&cells[at + 1], v);
+                return true;
+            }
+            // A narrow p cell of this slot: its value is the high bits.
+            let v = u64::from(h >> VALUE_SHIFT) + u64::from(hits);
+            if v > u64::from(NARROW_MAX) {
+                return false;
+            }
+            store(&cells[at], t | ((v as u32) << VALUE_SHIFT));
+            return true;
+        }
+        at += width(h);
+    }
+    false
+}
+
 /// Removes every cell of `row`.
 pub fn clear_row(cells: &[AtomicU32], row: usize) {
     let mut read = 0;
@@ -333,6 +365,50 @@ mod tests {
         assert_eq!(get(&c, 2, 2), PnSlot::ZERO);
         set(&c, 3, 2, PnSlot::ZERO);
         assert_eq!(used(&c), 0);
+    }
+
+    #[test]
+    fn adding_in_place_grows_only_a_narrow_p_cell_that_stays_narrow() {
+        let c = area(16);
+        // Absent: the caller must go through `set`.
+        assert!(!add_p_in_place(&c, 2, 1, 1));
+        set(&c, 2, 1, PnSlot { p: 4, n: 3 });
+        set(&c, 2, 0, PnSlot { p: 9, n: 0 });
+        assert!(add_p_in_place(&c, 2, 1, 5));
+        assert_eq!(get(&c, 2, 1), PnSlot { p: 9, n: 3 });
+        assert_eq!(get(&c, 2, 0), PnSlot { p: 9, n: 0 }, "another slot's cell");
+        assert_eq!(used(&c), 3);
+        // Up to the narrow maximum in place, not one past it.
+        assert!(add_p_in_place(&c, 2, 1, NARROW_MAX - 9));
+        assert_eq!(get(&c, 2, 1).p, NARROW_MAX);
+        assert!(!add_p_in_place(&c, 2, 1, 1));
+        assert_eq!(get(&c, 2, 1).p, NARROW_MAX, "unchanged when refused");
+        // A wide cell grows in its value word, up to u32::MAX.
+        set(
+            &c,
+            2,
+            1,
+            PnSlot {
+                p: NARROW_MAX + 1,
+                n: 3,
+            },
+        );
+        assert!(add_p_in_place(&c, 2, 1, 1));
+        assert_eq!(
+            get(&c, 2, 1),
+            PnSlot {
+                p: NARROW_MAX + 2,
+                n: 3
+            }
+        );
+        assert!(add_p_in_place(&c, 2, 1, u32::MAX));
+        assert_eq!(get(&c, 2, 1), PnSlot { p: u32::MAX, n: 3 });
+        assert_eq!(get(&c, 2, 0), PnSlot { p: 9, n: 0 });
+        // A restored record is never taken for a p cell.
+        let r = area(8);
+        set_restored(&r, 7, 40);
+        assert!(!add_p_in_place(&r, 0, 0, 1));
+        assert_eq!(restored(&r), Some((7, 40)));
     }
 
     #[test]
