@@ -84,9 +84,11 @@ const IDLE_SCAN: usize = 32;
 const CLASS_SHIFT: u32 = 27;
 const ENTRY_MASK: u32 = (1 << CLASS_SHIFT) - 1;
 /// What the index costs per key, counted against the memory budget: a
-/// dashmap slot (digest and handle, 16 bytes, and a control byte) at its
-/// load factor, measured by `examples/memory_per_key.rs`.
-pub const INDEX_BYTES_PER_KEY: usize = 24;
+/// dashmap slot (digest and handle, 12 bytes, and a control byte) at its
+/// load factor, which swings between 7/16 and 7/8 as the tables double
+/// (`examples/memory_per_key.rs` measures 27.7 bytes at 1M keys, just
+/// past a doubling).
+pub const INDEX_BYTES_PER_KEY: usize = 20;
 /// Most keys one insertion evicts to bring the node back within its budget.
 const BUDGET_EVICTIONS_PER_INSERT: usize = 8;
 
@@ -111,6 +113,10 @@ struct Arena {
     stride: usize,
     capacity: u32,
     chunk_entries: usize,
+    /// log2 of `chunk_entries` and of `stride` (both powers of two): the
+    /// hot path finds an entry with shifts, not divisions.
+    chunk_shift: u32,
+    stride_shift: u32,
     chunks: Box<[OnceLock<Box<[AtomicU32]>>]>,
     fresh: AtomicU32,
     free: [Mutex<Vec<u32>>; FREE_SHARDS],
@@ -124,10 +130,13 @@ impl Arena {
     fn new(stride: usize, capacity: u32) -> Arena {
         let chunk_entries = (CHUNK_ENTRIES * CLASS0_WORDS / stride).max(MIN_CHUNK_ENTRIES);
         let chunks = (capacity as usize).div_ceil(chunk_entries);
+        debug_assert!(stride.is_power_of_two() && chunk_entries.is_power_of_two());
         Arena {
             stride,
             capacity,
             chunk_entries,
+            chunk_shift: chunk_entries.trailing_zeros(),
+            stride_shift: stride.trailing_zeros(),
             chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
             fresh: AtomicU32::new(0),
             free: std::array::from_fn(|_| Mutex::new(Vec::new())),
@@ -140,13 +149,14 @@ impl Arena {
     fn words(&self, entry: u32) -> &[AtomicU32] {
         let e = entry as usize;
         let ce = self.chunk_entries;
-        let chunk = self.chunks[e / ce].get_or_init(|| {
-            let words = ce.min(self.capacity as usize - (e / ce) * ce) * self.stride;
+        let c = e >> self.chunk_shift;
+        let chunk = self.chunks[c].get_or_init(|| {
+            let words = ce.min(self.capacity as usize - c * ce) * self.stride;
             std::iter::repeat_with(|| AtomicU32::new(0))
                 .take(words)
                 .collect()
         });
-        let at = (e % ce) * self.stride;
+        let at = (e & (ce - 1)) << self.stride_shift;
         &chunk[at..at + self.stride]
     }
 
