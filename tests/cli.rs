@@ -266,6 +266,8 @@ fn a_local_cluster_starts_serves_and_stops() {
             &base.to_string(),
             "--peer-base-port",
             &free_ports(2).to_string(),
+            "--grpc-base-port",
+            &free_ports(2).to_string(),
         ])
         .args(["--admin-token", "tok"])
         .env("RUST_LOG", "warn")

@@ -173,7 +173,8 @@ pub fn answer(decision: &Decision) -> CheckResponse {
                 q.limit, q.period
             )
         }),
-        // Receipts are not issued yet.
+        // Filled in by `check_one`, which holds the descriptors and cost a
+        // receipt seals.
         receipt: Vec::new(),
     }
 }
