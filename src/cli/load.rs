@@ -8,18 +8,24 @@
 //! schedule (open loop). A request sent late because the answer to the
 //! previous one on its connection came late has its latency measured from
 //! the moment it was scheduled, not sent, so a server stall counts against
-//! every request it delayed (no coordinated omission). A request sent late
-//! only because the generator's timer fired late (tokio's timers have a
-//! 1 ms resolution) is measured from when it was sent: that delay is the
-//! generator's, not the server's.
+//! every request it delayed (no coordinated omission). The schedule is kept
+//! by one pacing thread that sleeps with microsecond precision and hands
+//! each connection its turn: tokio's timers have a 1 ms resolution, and
+//! with them every request due within one millisecond went out in one
+//! burst (36 at once at 36,000/s), so the server queued bursts the rate did
+//! not ask for. A request sent late only because the generator woke late
+//! is measured from when it was sent: that delay is the generator's, not
+//! the server's.
 //!
 //! With `--resp` the nodes are RESP addresses (`host:port`) and each request
 //! is `CL.THROTTLE user-<n> <burst> <count> <period>` (`--cell`), one in
 //! flight per connection, paced and measured the same way.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use super::latency::LatencyHistogram;
 use super::{parse_fields, CliError};
@@ -192,15 +198,13 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     let duration: Duration = crate::core::time::parse_duration(&args.duration)
         .map_err(|e| CliError::Usage(format!("--duration: {e}")))?
         .into();
-    let interval = match args.rate {
-        Some(r) if r > 0.0 && r.is_finite() => {
-            Some(Duration::from_secs_f64(args.connections as f64 / r))
-        }
+    let rate = match args.rate {
+        Some(r) if r > 0.0 && r.is_finite() => Some(r),
         Some(r) => return Err(CliError::Usage(format!("--rate must be positive, got {r}"))),
         None => None,
     };
     if args.resp {
-        return resp_load(args, duration, interval).await;
+        return resp_load(args, duration, rate).await;
     }
     let hosts = args
         .node
@@ -224,36 +228,22 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let deadline = start + duration;
+    let turns = Pacer::start(rate, conns.len(), start, deadline)?;
     let mut tasks = Vec::with_capacity(conns.len());
-    for (i, mut conn) in conns.into_iter().enumerate() {
+    for ((i, mut conn), mut turn) in conns.into_iter().enumerate().zip(turns) {
         let host = conn.host().to_owned();
         let tail = tail.clone();
         let user_key = user_key.clone();
         let keys = args.keys;
         let stop = stop.clone();
         let mut rng = SplitMix(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
-        // Spread the first sends of a paced run over one interval.
-        let offset = interval.map(|iv| iv.mul_f64(i as f64 / args.connections as f64));
         tasks.push(tokio::spawn(async move {
             let mut report = LoadReport::default();
             let mut body = String::with_capacity(128);
-            let mut next = offset.map(|o| start + o);
             let mut last_answer = start;
             while !stop.load(Ordering::Relaxed) {
-                let scheduled = match (next, interval) {
-                    (Some(at), Some(iv)) => {
-                        if at >= deadline {
-                            break;
-                        }
-                        tokio::time::sleep_until(at.into()).await;
-                        next = Some(at + iv);
-                        if last_answer > at {
-                            at
-                        } else {
-                            Instant::now()
-                        }
-                    }
-                    _ => Instant::now(),
+                let Some(scheduled) = turn.next(last_answer).await else {
+                    break;
                 };
                 if scheduled >= deadline {
                     break;
@@ -313,21 +303,123 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     Ok(total)
 }
 
-/// When the request scheduled at `at` (open loop) counts from: then, if
-/// the connection was still waiting for the previous answer; else when it
-/// is actually sent (a late timer is the generator's delay).
-async fn pace(
-    next: &mut Option<Instant>,
-    interval: Option<Duration>,
-    last_answer: Instant,
-) -> Option<Instant> {
-    match (*next, interval) {
-        (Some(at), Some(iv)) => {
-            tokio::time::sleep_until(at.into()).await;
-            *next = Some(at + iv);
-            Some(if last_answer > at { at } else { Instant::now() })
+/// The schedule of a paced run (`--rate`): request `j` (counted over all
+/// connections) is due at `start + j / rate` and goes to connection
+/// `j mod connections`. One OS thread keeps the schedule, sleeping with a
+/// timer slack of 1 ns (Linux), and releases each connection's turns as
+/// they fall due; tokio's 1 ms timers would release a millisecond's
+/// requests at once.
+struct Pacer;
+
+/// One connection's turns.
+struct Turns {
+    /// `None`: closed loop, every turn is now.
+    paced: Option<PacedTurns>,
+}
+
+struct PacedTurns {
+    shared: Arc<TurnCounter>,
+    /// This connection's index, the number of connections, the start and
+    /// the schedule's step: turn `k` is due at `start + (index + k · n) · step`.
+    index: u64,
+    connections: u64,
+    start: Instant,
+    step_ns: f64,
+    /// Turns taken so far.
+    taken: u64,
+}
+
+#[derive(Default)]
+struct TurnCounter {
+    released: AtomicU64,
+    done: AtomicBool,
+    wake: Notify,
+}
+
+impl Pacer {
+    /// One [`Turns`] per connection; for a paced run, starts the thread.
+    fn start(
+        rate: Option<f64>,
+        connections: usize,
+        start: Instant,
+        deadline: Instant,
+    ) -> Result<Vec<Turns>, CliError> {
+        let Some(rate) = rate else {
+            return Ok((0..connections).map(|_| Turns { paced: None }).collect());
+        };
+        let step_ns = 1e9 / rate;
+        let counters: Vec<Arc<TurnCounter>> = (0..connections)
+            .map(|_| Arc::new(TurnCounter::default()))
+            .collect();
+        let turns = counters
+            .iter()
+            .enumerate()
+            .map(|(i, shared)| Turns {
+                paced: Some(PacedTurns {
+                    shared: shared.clone(),
+                    index: i as u64,
+                    connections: connections as u64,
+                    start,
+                    step_ns,
+                    taken: 0,
+                }),
+            })
+            .collect();
+        std::thread::Builder::new()
+            .name("drl-load-pacer".into())
+            .spawn(move || Self::run(&counters, start, deadline, step_ns))?;
+        Ok(turns)
+    }
+
+    fn run(counters: &[Arc<TurnCounter>], start: Instant, deadline: Instant, step_ns: f64) {
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl(PR_SET_TIMERSLACK) changes only this thread's timer
+        // slack; it takes no pointers.
+        unsafe {
+            libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
         }
-        _ => Some(Instant::now()),
+        let n = counters.len() as u64;
+        let mut j: u64 = 0;
+        loop {
+            let at = start + Duration::from_nanos((j as f64 * step_ns) as u64);
+            if at >= deadline {
+                break;
+            }
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            let c = &counters[(j % n) as usize];
+            c.released.fetch_add(1, Ordering::Release);
+            c.wake.notify_one();
+            j += 1;
+        }
+        for c in counters {
+            c.done.store(true, Ordering::Release);
+            c.wake.notify_one();
+        }
+    }
+}
+
+impl Turns {
+    /// When the next request counts from, once it is this connection's
+    /// turn: the scheduled time if the connection was still waiting for the
+    /// previous answer then (the server's delay), else now (a late wake-up
+    /// is the generator's delay). `None` once the schedule has ended.
+    async fn next(&mut self, last_answer: Instant) -> Option<Instant> {
+        let Some(p) = self.paced.as_mut() else {
+            return Some(Instant::now());
+        };
+        while p.shared.released.load(Ordering::Acquire) <= p.taken {
+            if p.shared.done.load(Ordering::Acquire) {
+                return None;
+            }
+            p.shared.wake.notified().await;
+        }
+        let j = p.index + p.taken * p.connections;
+        p.taken += 1;
+        let at = p.start + Duration::from_nanos((j as f64 * p.step_ns) as u64);
+        Some(if last_answer > at { at } else { Instant::now() })
     }
 }
 
@@ -367,7 +459,7 @@ async fn resp_answer(
 async fn resp_load(
     args: &LoadArgs,
     duration: Duration,
-    interval: Option<Duration>,
+    rate: Option<f64>,
 ) -> Result<LoadReport, CliError> {
     use tokio::io::AsyncWriteExt;
     let cell: Vec<&str> = args.cell.split_whitespace().collect();
@@ -386,8 +478,9 @@ async fn resp_load(
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let deadline = start + duration;
+    let turns = Pacer::start(rate, conns.len(), start, deadline)?;
     let mut tasks = Vec::with_capacity(conns.len());
-    for (i, mut stream) in conns.into_iter().enumerate() {
+    for ((i, mut stream), mut turn) in conns.into_iter().enumerate().zip(turns) {
         let keys = args.keys;
         let stop = stop.clone();
         let tail: Vec<u8> = cell
@@ -395,18 +488,13 @@ async fn resp_load(
             .flat_map(|a| format!("${}\r\n{a}\r\n", a.len()).into_bytes())
             .collect();
         let mut rng = SplitMix(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
-        let offset = interval.map(|iv| iv.mul_f64(i as f64 / args.connections as f64));
         tasks.push(tokio::spawn(async move {
             let mut report = LoadReport::default();
             let mut request = Vec::with_capacity(128);
             let mut answer = Vec::with_capacity(128);
-            let mut next = offset.map(|o| start + o);
             let mut last_answer = start;
             while !stop.load(Ordering::Relaxed) {
-                if next.is_some_and(|at| at >= deadline) {
-                    break;
-                }
-                let Some(scheduled) = pace(&mut next, interval, last_answer).await else {
+                let Some(scheduled) = turn.next(last_answer).await else {
                     break;
                 };
                 if scheduled >= deadline {
@@ -462,6 +550,61 @@ async fn resp_load(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paced_turns_follow_the_schedule_round_robin_and_end_at_the_deadline() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // 2,000/s over 3 connections for 60 ms: 120 turns, 40 each.
+            let start = Instant::now();
+            let deadline = start + Duration::from_millis(60);
+            let turns = Pacer::start(Some(2_000.0), 3, start, deadline).unwrap();
+            let mut tasks = Vec::new();
+            for (i, mut t) in turns.into_iter().enumerate() {
+                tasks.push(tokio::spawn(async move {
+                    let mut times = Vec::new();
+                    // Always "still waiting for the previous answer": the
+                    // scheduled times themselves come back.
+                    while let Some(at) = t.next(deadline + Duration::from_secs(1)).await {
+                        times.push(at);
+                    }
+                    (i, times)
+                }));
+            }
+            for task in tasks {
+                let (i, times) = task.await.unwrap();
+                assert_eq!(times.len(), 40, "connection {i}");
+                for (k, at) in times.iter().enumerate() {
+                    // Turn k of connection i is request i + 3k, at 0.5 ms steps.
+                    let want = Duration::from_micros(500 * (i as u64 + 3 * k as u64));
+                    assert_eq!(at.duration_since(start), want);
+                }
+            }
+            // A request that went out when its turn came is measured from then.
+            let mut one = Pacer::start(
+                Some(1_000.0),
+                1,
+                Instant::now(),
+                Instant::now() + Duration::from_millis(5),
+            )
+            .unwrap()
+            .pop()
+            .unwrap();
+            let before = Instant::now();
+            let at = one.next(before - Duration::from_secs(1)).await.unwrap();
+            assert!(at >= before);
+        });
+        // Closed loop: every turn is now, and there is no end.
+        let mut closed = Pacer::start(None, 1, Instant::now(), Instant::now())
+            .unwrap()
+            .pop()
+            .unwrap();
+        let t = rt.block_on(closed.next(Instant::now()));
+        assert!(t.is_some());
+    }
 
     #[test]
     fn draws_are_seeded() {
