@@ -198,6 +198,33 @@ fn a_node_serves_checks_admin_and_load_then_stops_on_sigterm() {
     assert!(field("decisions_per_sec") > 0.0, "{out}");
     assert!(field("allowed") >= 15.0, "3 users × 5 per minute: {out}");
     assert!(field("denied") > 0.0, "{out}");
+    // Paced: 200 requests a second for one second, whatever the answers.
+    let o = drl(&[
+        "load",
+        "--node",
+        &url,
+        "--connections",
+        "4",
+        "--duration",
+        "1s",
+        "--rate",
+        "200",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let out = stdout(&o);
+    let result = out.lines().find(|l| l.starts_with("result:")).unwrap();
+    let sent: f64 = ["allowed", "denied", "errors"]
+        .iter()
+        .map(|name| {
+            result
+                .split(' ')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .unwrap()
+                .parse::<f64>()
+                .unwrap()
+        })
+        .sum();
+    assert!((150.0..=200.0).contains(&sent), "{sent} sent: {out}");
     assert_eq!(field("errors"), 0.0, "{out}");
     assert!(field("p99_us") >= field("p50_us"), "{out}");
 
