@@ -307,8 +307,8 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
 /// connections) is due at `start + j / rate` and goes to connection
 /// `j mod connections`. One OS thread keeps the schedule, sleeping with a
 /// timer slack of 1 ns (Linux), and releases each connection's turns as
-/// they fall due; tokio's 1 ms timers would release a millisecond's
-/// requests at once.
+/// they fall due, at most [`Pacer::TICK`] late; tokio's 1 ms timers would
+/// release a millisecond's requests at once.
 struct Pacer;
 
 /// One connection's turns.
@@ -337,6 +337,10 @@ struct TurnCounter {
 }
 
 impl Pacer {
+    /// The shortest sleep of the pacing thread: the most a turn is released
+    /// late by design (a late release is measured from the actual send).
+    const TICK: Duration = Duration::from_micros(200);
+
     /// One [`Turns`] per connection; for a paced run, starts the thread.
     fn start(
         rate: Option<f64>,
@@ -379,20 +383,26 @@ impl Pacer {
             libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong);
         }
         let n = counters.len() as u64;
+        let due = |j: u64| start + Duration::from_nanos((j as f64 * step_ns) as u64);
         let mut j: u64 = 0;
         loop {
-            let at = start + Duration::from_nanos((j as f64 * step_ns) as u64);
-            if at >= deadline {
+            // Release every turn due by now, then sleep until the next one,
+            // but for at least a tick: above 1 / TICK requests a second the
+            // thread wakes once per tick, not once per request, which keeps
+            // its own CPU (and the connections' wake-ups) from competing
+            // with the server on a small machine.
+            let now = Instant::now();
+            while due(j) <= now && due(j) < deadline {
+                let c = &counters[(j % n) as usize];
+                c.released.fetch_add(1, Ordering::Release);
+                c.wake.notify_one();
+                j += 1;
+            }
+            if due(j) >= deadline {
                 break;
             }
-            let now = Instant::now();
-            if at > now {
-                std::thread::sleep(at - now);
-            }
-            let c = &counters[(j % n) as usize];
-            c.released.fetch_add(1, Ordering::Release);
-            c.wake.notify_one();
-            j += 1;
+            let wake = due(j).max(now + Self::TICK);
+            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
         }
         for c in counters {
             c.done.store(true, Ordering::Release);
