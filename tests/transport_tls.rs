@@ -271,6 +271,36 @@ async fn seed_dial_learns_and_verifies_the_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_listed_while_its_seed_dial_is_under_way_is_reached_through_it() {
+    // What a restarting node does: it dials its seeds, and the membership
+    // names the same peer before the seed has answered. The listing waits
+    // for the seed dial instead of starting a second one, and the seed's
+    // connection becomes the slot's dialed link.
+    let ca = ClusterCa::generate().expect("ca");
+    let mut a = start(member(&ca, 1), 1);
+    let mut b = start(member(&ca, 2), 2);
+    a.transport.connect_seed(b.addr);
+    a.transport.set_peers(vec![(2, b.addr)]);
+    assert_eq!(expect_connected(&mut a.events, 2).await, b.addr);
+    expect_connected(&mut b.events, 1).await;
+    datagram_arrives(&a, 1, &mut b, 2).await;
+    datagram_arrives(&b, 2, &mut a, 1).await;
+    stream_arrives(&b, 2, &mut a, 1).await;
+    assert_eq!(a.transport.connected(), vec![2]);
+    // One connection reached B, not one per dial (a second dial would have
+    // finished long before this on loopback).
+    sleep(Duration::from_millis(300)).await;
+    let accepted = b.transport.admission_stats();
+    assert_eq!(
+        accepted.accepted_known + accepted.accepted_unknown,
+        1,
+        "{accepted:?}"
+    );
+    a.transport.shutdown().await;
+    b.transport.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dialer_reconnects_after_the_peer_restarts() {
     let ca = ClusterCa::generate().expect("ca");
     let b_tls = member(&ca, 2);

@@ -293,7 +293,11 @@ impl Transport {
             state.forget(slot);
         }
         for (slot, addr) in wanted {
-            if !state.dialers.contains_key(&slot) {
+            // A seed dial already under way to this address becomes the
+            // slot's dialer when it answers: a second dial now would give the
+            // peer two new connections from a restarting node at once, and
+            // the one it keeps may not be the one its answers went out on.
+            if !state.dialers.contains_key(&slot) && !state.seeds.contains_key(&addr) {
                 state.start_dialer(shared, slot, addr, None);
             }
         }
