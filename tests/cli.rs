@@ -186,15 +186,7 @@ fn a_node_serves_checks_admin_and_load_then_stops_on_sigterm() {
     ]);
     assert!(o.status.success(), "{o:?}");
     let out = stdout(&o);
-    let result = out.lines().find(|l| l.starts_with("result:")).unwrap();
-    let field = |name: &str| -> f64 {
-        result
-            .split(' ')
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let field = |name: &str| load_result(&out, name);
     assert!(field("decisions_per_sec") > 0.0, "{out}");
     assert!(field("allowed") >= 15.0, "3 users × 5 per minute: {out}");
     assert!(field("denied") > 0.0, "{out}");
@@ -212,17 +204,9 @@ fn a_node_serves_checks_admin_and_load_then_stops_on_sigterm() {
     ]);
     assert!(o.status.success(), "{o:?}");
     let out = stdout(&o);
-    let result = out.lines().find(|l| l.starts_with("result:")).unwrap();
     let sent: f64 = ["allowed", "denied", "errors"]
         .iter()
-        .map(|name| {
-            result
-                .split(' ')
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-                .unwrap()
-                .parse::<f64>()
-                .unwrap()
-        })
+        .map(|name| load_result(&out, name))
         .sum();
     assert!((150.0..=200.0).contains(&sent), "{sent} sent: {out}");
     assert_eq!(field("errors"), 0.0, "{out}");
@@ -258,6 +242,17 @@ fn the_example_node_config_is_valid() {
         format!("{file:?}"),
         format!("{:?}", drl::node::NodeFile::default())
     );
+}
+
+/// Field `name` of the `result:` line `drl load` prints.
+fn load_result(out: &str, name: &str) -> f64 {
+    let result = out.lines().find(|l| l.starts_with("result:")).unwrap();
+    result
+        .split(' ')
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 /// The processes whose parent is `pid`, oldest first.

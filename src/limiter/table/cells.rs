@@ -97,29 +97,31 @@ fn value_at(cells: &[AtomicU32], at: usize, h: u32) -> u32 {
     }
 }
 
+/// The stored cells in order, as `(position, header)`, up to the end
+/// marker (the first zero word) or the end of the area.
+fn headers(cells: &[AtomicU32]) -> impl Iterator<Item = (usize, u32)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let h = load(cells.get(at)?);
+        if h == 0 {
+            return None;
+        }
+        let here = at;
+        at += width(h);
+        Some((here, h))
+    })
+}
+
 /// Words in use (the position of the end marker).
 pub fn used(cells: &[AtomicU32]) -> usize {
-    let mut at = 0;
-    while at < cells.len() {
-        let h = load(&cells[at]);
-        if h == 0 {
-            break;
-        }
-        at += width(h);
-    }
-    at
+    headers(cells).last().map_or(0, |(at, h)| at + width(h))
 }
 
 /// Calls `f(row, slot, value)` for every slot value held (restored records
 /// are skipped). A slot appears once per non-zero component; `f` gets the
 /// component in a `PnSlot` with the other one zero.
 pub fn for_each(cells: &[AtomicU32], mut f: impl FnMut(usize, usize, PnSlot)) {
-    let mut at = 0;
-    while at < cells.len() {
-        let h = load(&cells[at]);
-        if h == 0 {
-            break;
-        }
+    for (at, h) in headers(cells) {
         match kind_of(h) {
             KIND_P => f(
                 row_of(h),
@@ -139,7 +141,6 @@ pub fn for_each(cells: &[AtomicU32], mut f: impl FnMut(usize, usize, PnSlot)) {
             ),
             _ => {}
         }
-        at += width(h);
     }
 }
 
@@ -147,19 +148,13 @@ pub fn for_each(cells: &[AtomicU32], mut f: impl FnMut(usize, usize, PnSlot)) {
 pub fn get(cells: &[AtomicU32], row: usize, slot: usize) -> PnSlot {
     let (p_tag, n_tag) = (tag(row, slot, KIND_P), tag(row, slot, KIND_N));
     let mut out = PnSlot::ZERO;
-    let mut at = 0;
-    while at < cells.len() {
-        let h = load(&cells[at]);
-        if h == 0 {
-            break;
-        }
-        let t = tag_of(h) & !WIDE;
+    for (at, h) in headers(cells) {
+        let t = tag_of(h);
         if t == p_tag {
             out.p = value_at(cells, at, h);
         } else if t == n_tag {
             out.n = value_at(cells, at, h);
         }
-        at += width(h);
     }
     out
 }
@@ -167,19 +162,15 @@ pub fn get(cells: &[AtomicU32], row: usize, slot: usize) -> PnSlot {
 /// Where the cell tagged `t` sits: `(position, width)`, and the words in use.
 fn find(cells: &[AtomicU32], t: u32) -> (Option<(usize, usize)>, usize) {
     let mut found = None;
-    let mut at = 0;
-    while at < cells.len() {
-        let h = load(&cells[at]);
-        if h == 0 {
-            break;
-        }
+    let mut end = 0;
+    for (at, h) in headers(cells) {
         let w = width(h);
-        if found.is_none() && (tag_of(h) & !WIDE) == t && kind_of(h) != KIND_RESTORED {
+        if found.is_none() && tag_of(h) == t && kind_of(h) != KIND_RESTORED {
             found = Some((at, w));
         }
-        at += w;
+        end = at + w;
     }
-    (found, at)
+    (found, end)
 }
 
 /// Removes `w` words at `at` from a list of `used` words.
@@ -240,30 +231,22 @@ fn set_component(cells: &[AtomicU32], t: u32, value: u32) {
 /// word: the caller then goes through [`set`].
 pub fn add_p_in_place(cells: &[AtomicU32], row: usize, slot: usize, hits: u32) -> bool {
     let t = tag(row, slot, KIND_P);
-    let mut at = 0;
-    while at < cells.len() {
-        let h = load(&cells[at]);
-        if h == 0 {
-            return false;
-        }
-        if tag_of(h) == t {
-            if h & WIDE != 0 {
-                // A wide cell stays wide: its value is the next word.
-                let v = load(&cells[at + 1]).saturating_add(hits);
-                store(&cells[at + 1], v);
-                return true;
-            }
-            // A narrow p cell of this slot: its value is the high bits.
-            let v = u64::from(h >> VALUE_SHIFT) + u64::from(hits);
-            if v > u64::from(NARROW_MAX) {
-                return false;
-            }
-            store(&cells[at], t | ((v as u32) << VALUE_SHIFT));
-            return true;
-        }
-        at += width(h);
+    let Some((at, h)) = headers(cells).find(|&(_, h)| tag_of(h) == t) else {
+        return false;
+    };
+    if h & WIDE != 0 {
+        // A wide cell stays wide: its value is the next word.
+        let v = load(&cells[at + 1]).saturating_add(hits);
+        store(&cells[at + 1], v);
+        return true;
     }
-    false
+    // A narrow p cell of this slot: its value is the high bits.
+    let v = u64::from(h >> VALUE_SHIFT) + u64::from(hits);
+    if v > u64::from(NARROW_MAX) {
+        return false;
+    }
+    store(&cells[at], t | ((v as u32) << VALUE_SHIFT));
+    true
 }
 
 /// Removes every cell of `row`.
@@ -303,18 +286,8 @@ pub fn row_sums(cells: &[AtomicU32], sums: &mut [(u64, u64)]) {
 /// The restored record, `(epoch low 32 bits, count)`, if any.
 pub fn restored(cells: &[AtomicU32]) -> Option<(u32, u32)> {
     let t = tag(0, 0, KIND_RESTORED);
-    let mut at = 0;
-    while at < cells.len() {
-        let h = load(&cells[at]);
-        if h == 0 {
-            break;
-        }
-        if h == t {
-            return Some((load(&cells[at + 1]), load(&cells[at + 2])));
-        }
-        at += width(h);
-    }
-    None
+    let (at, _) = headers(cells).find(|&(_, h)| h == t)?;
+    Some((load(&cells[at + 1]), load(&cells[at + 2])))
 }
 
 /// Words the restored record adds if it is not there yet.
@@ -329,17 +302,11 @@ pub fn restored_cost(cells: &[AtomicU32]) -> usize {
 /// Stores the restored record (the caller has checked the room).
 pub fn set_restored(cells: &[AtomicU32], epoch: u32, count: u32) {
     let t = tag(0, 0, KIND_RESTORED);
-    let mut at = 0;
-    while at < cells.len() {
-        let h = load(&cells[at]);
-        if h == 0 {
-            break;
-        }
-        if h == t {
-            break;
-        }
-        at += width(h);
-    }
+    // Over the record if there is one, else at the end of the list.
+    let at = match headers(cells).find(|&(_, h)| h == t) {
+        Some((at, _)) => at,
+        None => used(cells),
+    };
     store(&cells[at], t);
     store(&cells[at + 1], epoch);
     store(&cells[at + 2], count);
