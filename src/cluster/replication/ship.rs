@@ -75,18 +75,24 @@ impl Replicator {
         }
     }
 
+    /// A packer of this node's deltas into datagram-sized frames of the
+    /// next round.
+    fn delta_packer(&self, now: Nanos) -> SlotsPacker {
+        SlotsPacker::new(
+            self.cfg.datagram_bytes,
+            self.cfg.own.get(),
+            self.next_round,
+            now.as_u64(),
+        )
+    }
+
     pub(super) fn ship_deltas(&mut self, now: Nanos, store: &(impl ReplicaStore + ?Sized)) {
         let changed = store.drain_changed();
         if changed.is_empty() {
             return;
         }
         let own = self.cfg.own;
-        let mut packer = SlotsPacker::new(
-            self.cfg.datagram_bytes,
-            own.get(),
-            self.next_round,
-            now.as_u64(),
-        );
+        let mut packer = self.delta_packer(now);
         let mut records: Vec<(u64, ShipRecord)> = Vec::with_capacity(changed.len());
         for (limit, key) in changed {
             let Some(shipment) = store.take_shipment(now, (limit, key), own) else {
@@ -170,12 +176,7 @@ impl Replicator {
                 continue;
             }
             let own = self.cfg.own;
-            let mut packer = SlotsPacker::new(
-                self.cfg.datagram_bytes,
-                own.get(),
-                self.next_round,
-                now.as_u64(),
-            );
+            let mut packer = self.delta_packer(now);
             // (resent frame, the lost round whose key it carries again)
             let mut alias_of: Vec<(u64, u64)> = Vec::new();
             for id in &ids {
