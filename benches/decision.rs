@@ -26,7 +26,9 @@
 //! their own real clocks (`drl-check-system-clock`, `governor-keyed-quanta-clock`)
 //! and drl's one-call `allow_request(user, endpoint)`, which reads the clock too.
 //! `drl-handle` is the pre-resolved path (`Limiter::handle`, then
-//! `Handle::check_at` per decision): no descriptors, matching or digest.
+//! `Handle::check_at` per decision): no descriptors, matching or digest,
+//! and the key's entry found where it was last time; with two threads each
+//! thread resolves its own handle on the same key.
 //!
 //! # Threads
 //!
@@ -239,8 +241,8 @@ fn hot_key(c: &mut Criterion) {
     }
 
     // drl's pre-resolved handle (`Limiter::handle`, then `Handle::check_at`):
-    // what a caller that checks one key repeatedly pays; one thread, as a
-    // handle belongs to one caller.
+    // what a caller that checks one key repeatedly pays. A handle belongs
+    // to one caller: with two threads each resolves its own, on the same key.
     let drl = drl_limiter();
     {
         let fields = [("user", user)];
@@ -254,6 +256,38 @@ fn hot_key(c: &mut Criterion) {
                 .is_allowed()
         });
     }
+    drop(drl);
+    let drl = drl_limiter();
+    let mut round = 0;
+    group.bench_function("drl-handle/2_threads", |b| {
+        b.iter_custom(|iters| {
+            round += 1;
+            let start_line = Barrier::new(3);
+            thread::scope(|s| {
+                let workers: Vec<_> = (0..2)
+                    .map(|_| {
+                        let (drl, start_line) = (&drl, &start_line);
+                        s.spawn(move || {
+                            let fields = [("user", user)];
+                            let d = Descriptors::new(&fields).expect("valid");
+                            let mut handle = drl.handle(&d).expect("no endpoint list");
+                            start_line.wait();
+                            for _ in 0..iters {
+                                black_box(handle.check_at(now, 1).expect("no endpoint list"));
+                            }
+                        })
+                    })
+                    .collect();
+                start_line.wait();
+                let start = Instant::now();
+                for w in workers {
+                    w.join().expect("bench thread panicked");
+                }
+                start.elapsed() / 2
+            })
+        })
+    });
+    assert!(drl_check(&drl, now, user), "drl must still allow");
     drop(drl);
 
     // Reference: each limiter on its own real clock.

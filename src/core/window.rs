@@ -301,6 +301,15 @@ impl Ring {
         epoch
     }
 
+    /// The ring row of `epoch` when the grid's newest bucket is known to be
+    /// `epoch`, the bucket of now (a key decided from its memo): where
+    /// [`Ring::add`] would count, with no ring to move.
+    #[inline]
+    pub fn row_of_newest<G: SlotGrid + ?Sized>(grid: &G, spec: &WindowSpec, epoch: u64) -> usize {
+        debug_assert_eq!(grid.newest(epoch), epoch);
+        Self::row(spec, epoch)
+    }
+
     /// Gives back up to `hits` of the bucket of `epoch` only (a provisional
     /// hit that its confirmation refused), never more than the bucket's
     /// merged net count. Returns how many were given back: none once the

@@ -12,7 +12,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::{Begun, CheckError, Compiled, Decision, Limiter, Matches};
+use super::table::NO_HINT;
+use super::{never_admissible, Begun, CheckError, Compiled, Decision, Limiter, Matches};
 use crate::core::descriptor::Descriptors;
 use crate::core::time::{Clock, Nanos};
 
@@ -30,6 +31,9 @@ pub struct Handle<'l, C: Clock> {
     compiled: Arc<Compiled>,
     /// `(limit index, key)`, sorted by index (the lock order).
     matches: Box<[(usize, u64)]>,
+    /// Where the key of a handle with one limit was last found in its
+    /// table, tried before the table's index.
+    hint: u32,
 }
 
 impl<C: Clock> Limiter<C> {
@@ -46,6 +50,7 @@ impl<C: Clock> Limiter<C> {
             generation: 0,
             compiled: self.compiled.load_full(),
             matches: Box::new([]),
+            hint: NO_HINT,
         };
         handle.resolve()?;
         Ok(handle)
@@ -68,6 +73,17 @@ impl<C: Clock> Handle<'_, C> {
             return Err(CheckError::Recovering);
         }
         let limiter = self.limiter;
+        if let (None, &[(index, key)]) = (&limiter.cluster, &*self.matches) {
+            // One limit, no peers: straight to the entry where the key was
+            // last found.
+            let compiled = &*self.compiled;
+            if let Some(never) =
+                never_admissible(&compiled.rules, std::iter::once(index), now, cost)
+            {
+                return Ok(never);
+            }
+            return Ok(limiter.decide_alone(compiled, now, index, key, cost, &mut self.hint));
+        }
         match limiter.decide(&self.compiled, now, &self.matches, cost, false) {
             Begun::Decided(decision) => Ok(decision),
             Begun::Confirm(p) => {
@@ -98,6 +114,7 @@ impl<C: Clock> Handle<'_, C> {
         self.matches = matches.as_slice().into();
         self.compiled = compiled;
         self.generation = generation;
+        self.hint = NO_HINT;
         Ok(())
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::clock::SystemClock;
-use crate::core::algorithm::{RateAlgorithm, Verdict};
+use crate::core::algorithm::{RateAlgorithm, Summary, Verdict};
 use crate::core::descriptor::{self, DescriptorError, Descriptors};
 use crate::core::key::{KeyHasher, KeySeed};
 use crate::core::rules::{CompiledLimit, RuleName, RuleSet, UnknownEndpoint};
@@ -525,6 +525,31 @@ impl<C: Clock> Limiter<C> {
         Ok(())
     }
 
+    /// [`Limiter::decide`] for one limit on a limiter with no peers: the
+    /// same steps without the bookkeeping of several keys. `hint` is where
+    /// the caller last found the key ([`KeyTable::get_or_insert_hinted`]).
+    /// The caller has checked that the cost is admissible at all.
+    #[inline]
+    fn decide_alone(
+        &self,
+        compiled: &Compiled,
+        now: Nanos,
+        index: usize,
+        key: u64,
+        cost: u32,
+        hint: &mut u32,
+    ) -> Decision {
+        let limit = &compiled.rules.limits()[index];
+        let mut entry = compiled.tables[index].get_or_insert_hinted(key, now, hint);
+        let mut counts = CountsBuf::new();
+        let (verdict, summary) = judge_alone(&entry, &limit.algorithm, now, cost, &mut counts);
+        if verdict.is_allowed() && cost > 0 {
+            count_hit(&mut entry, now, self.config.own_slot, cost, summary);
+        }
+        drop(entry);
+        Decision::of(limit, verdict)
+    }
+
     /// Decides a request whose limits and keys are resolved (`matches`,
     /// sorted by limit index into `compiled`).
     fn decide(
@@ -540,6 +565,11 @@ impl<C: Clock> Limiter<C> {
         {
             return Begun::Decided(never);
         }
+        if let (None, &[(index, key)]) = (&self.cluster, matches) {
+            // The common case in process: one limit, no peers.
+            let mut hint = table::NO_HINT;
+            return Begun::Decided(self.decide_alone(compiled, now, index, key, cost, &mut hint));
+        }
         let view = self.cluster.as_ref().map(|c| c.view.load());
         let mut entries = Guards::new();
         let mut decision = Decision {
@@ -552,19 +582,18 @@ impl<C: Clock> Limiter<C> {
             let table = &compiled.tables[index];
             let spec = table.spec();
             let mut entry = table.get_or_insert(key, now);
-            let nets = counts.get(spec.buckets());
-            Ring::read(&entry, spec, now, nets);
             let limit = &compiled.rules.limits()[index];
+            let algorithm = &limit.algorithm;
+            let mut summary = None;
             let verdict = match view.as_deref() {
-                None => limit.algorithm.decide(
-                    &WindowCounts {
-                        spec: *spec,
-                        now,
-                        nets,
-                    },
-                    cost,
-                ),
+                None => {
+                    let (verdict, s) = judge_alone(&entry, algorithm, now, cost, &mut counts);
+                    summary = s;
+                    verdict
+                }
                 Some(view) => {
+                    let nets = counts.get(spec.buckets());
+                    Ring::read(&entry, spec, now, nets);
                     let confirming = self.is_confirming(&mut entry, limit.id, now);
                     let shared = decide_shared(
                         view,
@@ -586,7 +615,7 @@ impl<C: Clock> Limiter<C> {
                 }
             };
             decision.absorb(limit, verdict);
-            entries.push((limit.id, entry));
+            entries.push((limit.id, entry, summary));
         }
         if decision.outcome == Outcome::Allowed && cost > 0 {
             let journal = self.cluster.as_ref().map(|c| &c.journal);
@@ -597,9 +626,9 @@ impl<C: Clock> Limiter<C> {
                 provisional: decision,
                 judged_at: now,
             });
-            for (limit_id, entry) in entries.iter_mut() {
+            for (limit_id, entry, summary) in entries.iter_mut() {
                 // Every entry of one check lives in its own limit's table.
-                let epoch = Ring::add(entry, &entry.spec(), now, self.config.own_slot, cost);
+                let epoch = count_hit(entry, now, self.config.own_slot, cost, *summary);
                 if let Some(journal) = journal {
                     match pending.as_mut() {
                         // Confirmed hits are seen by every peer waited for
@@ -992,6 +1021,18 @@ impl Decision {
     /// Folds one limit's verdict into the decision: `Never` beats a denial,
     /// a denial beats an allowance, a longer wait beats a shorter one, and
     /// among allowances the one with least left describes the decision.
+    /// The decision of one limit's verdict.
+    #[inline]
+    fn of(limit: &CompiledLimit, verdict: Verdict) -> Decision {
+        let mut decision = Decision {
+            outcome: Outcome::Allowed,
+            quota: None,
+        };
+        decision.absorb(limit, verdict);
+        decision
+    }
+
+    #[inline]
     fn absorb(&mut self, limit: &CompiledLimit, verdict: Verdict) {
         let algorithm = &limit.algorithm;
         let (outcome, remaining, reset_after, retry_after) = match verdict {
@@ -1016,6 +1057,11 @@ impl Decision {
             reset_after,
             retry_after,
         };
+        if self.quota.is_none() {
+            self.outcome = outcome;
+            self.quota = Some(candidate);
+            return;
+        }
         let rank = |o: Outcome| match o {
             Outcome::Allowed => 0,
             Outcome::Denied => 1,
@@ -1043,6 +1089,7 @@ impl Decision {
 /// The `Never` decision when `cost` exceeds what one of the limits at
 /// `indices` can ever admit, found without touching any key: such a request
 /// must not create entries (a flood of them would evict real keys).
+#[inline]
 fn never_admissible(
     rules: &RuleSet,
     indices: impl Iterator<Item = usize>,
@@ -1053,6 +1100,15 @@ fn never_admissible(
     if cost <= 1 {
         return None;
     }
+    never_admissible_cost(rules, indices, now, cost)
+}
+
+fn never_admissible_cost(
+    rules: &RuleSet,
+    indices: impl Iterator<Item = usize>,
+    now: Nanos,
+    cost: u32,
+) -> Option<Decision> {
     let empty = [0u64; MAX_BUCKETS];
     let mut decision: Option<Decision> = None;
     for index in indices {
@@ -1123,6 +1179,79 @@ struct Shared {
     confirm: bool,
     /// This node's in-flight share of the key is spent.
     capped: bool,
+}
+
+/// The verdict of `algorithm` on `cost` more hits on the locked `entry` of
+/// a limiter with no peers, and for a window algorithm the window's summary
+/// before them. A hot key decides from the summary its last decision left,
+/// without reading the window (see `table`).
+#[inline]
+fn judge_alone(
+    entry: &Entry<'_>,
+    algorithm: &crate::core::algorithm::Algorithm,
+    now: Nanos,
+    cost: u32,
+    counts: &mut CountsBuf,
+) -> (Verdict, Option<Judged>) {
+    let spec = entry.spec();
+    let now_epoch = spec.epoch(now);
+    if let Some(s) = entry.memo(now_epoch) {
+        if let Some(verdict) = algorithm.admit_summary(now, now_epoch, s, cost) {
+            let judged = Judged {
+                summary: s,
+                epoch: now_epoch,
+                from_memo: true,
+            };
+            return (verdict, Some(judged));
+        }
+    }
+    let nets = counts.get(spec.buckets());
+    Ring::read(entry, &spec, now, nets);
+    let judged = algorithm.reads_summary().then(|| Judged {
+        summary: Summary::of(nets),
+        epoch: now_epoch,
+        from_memo: false,
+    });
+    let verdict = algorithm.decide(&WindowCounts { spec, now, nets }, cost);
+    (verdict, judged)
+}
+
+/// What [`judge_alone`] saw of a window algorithm's key.
+#[derive(Clone, Copy)]
+struct Judged {
+    /// The window's summary before the request.
+    summary: Summary,
+    /// The bucket of now.
+    epoch: u64,
+    /// Decided from the key's memo: its newest bucket is `epoch`.
+    from_memo: bool,
+}
+
+/// Counts `cost` admitted hits in this node's slot of the locked `entry`
+/// and returns their bucket's epoch. Given what the decision saw of a
+/// window algorithm's key, leaves the summary after them for the next one.
+#[inline]
+fn count_hit(
+    entry: &mut Entry<'_>,
+    now: Nanos,
+    own: NodeSlot,
+    cost: u32,
+    judged: Option<Judged>,
+) -> u64 {
+    let spec = entry.spec();
+    let Some(mut j) = judged else {
+        return Ring::add(entry, &spec, now, own, cost);
+    };
+    // The hits just counted land in the current bucket.
+    j.summary.newer = j.summary.newer.saturating_add(u64::from(cost));
+    if j.from_memo {
+        let row = Ring::row_of_newest(entry, &spec, j.epoch);
+        entry.add_p_keeping_memo(row, own.index(), cost, j.summary.newer);
+        return j.epoch;
+    }
+    let epoch = Ring::add(entry, &spec, now, own, cost);
+    entry.set_memo(j.epoch, j.summary);
+    epoch
 }
 
 /// A decision on a cluster node (see `core::share`). A request that the
@@ -1268,25 +1397,28 @@ impl Matches {
 }
 
 /// The locked entries of one check: on the stack up to `INLINE_MATCHES`.
-type Guards<'t> = smallvec::SmallVec<[(u64, Entry<'t>); INLINE_MATCHES]>;
+/// Each with its limit's id and, for a window algorithm on a lone node, the
+/// window's summary before this request.
+type Guards<'t> = smallvec::SmallVec<[(u64, Entry<'t>, Option<Judged>); INLINE_MATCHES]>;
 
 /// Stack space for one window's bucket counts: common windows use a small
-/// buffer so that a check does not clear 512 bytes it will not read.
+/// buffer so that a check does not clear 512 bytes it will not read, and a
+/// check decided from a key's memo clears none.
 struct CountsBuf {
-    small: [u64; SMALL_RING],
+    small: Option<[u64; SMALL_RING]>,
     large: Option<[u64; MAX_BUCKETS]>,
 }
 
 impl CountsBuf {
     fn new() -> Self {
         CountsBuf {
-            small: [0; SMALL_RING],
+            small: None,
             large: None,
         }
     }
     fn get(&mut self, buckets: usize) -> &mut [u64] {
-        if buckets <= self.small.len() {
-            &mut self.small[..buckets]
+        if buckets <= SMALL_RING {
+            &mut self.small.get_or_insert([0; SMALL_RING])[..buckets]
         } else {
             &mut self.large.get_or_insert([0; MAX_BUCKETS])[..buckets]
         }

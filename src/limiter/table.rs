@@ -7,11 +7,24 @@
 //! word 1      bits 0..14 hits not yet shipped to peers, bits 14..28 hits
 //!             shipped but not yet acknowledged, bit 28 confirming (a peer
 //!             asked to confirm a hit on this key: decide by confirmation
-//!             until the limiter's deadline for it passes), bit 30 dirty,
-//!             bit 31 referenced (CLOCK)
+//!             until the limiter's deadline for it passes), bit 29 memo
+//!             (the last two words hold the window's summary), bit 30
+//!             dirty, bit 31 referenced (CLOCK)
 //! words 2..4  key digest (0 = vacant)
-//! words 4..   cells: the window's non-zero slot values ([`cells`])
+//! words 4..   cells: the window's non-zero slot values ([`cells`]); with
+//!             the memo bit, the last two words are the summary instead
 //! ```
+//!
+//! The memo is what lets a hot key skip reading its window: a decision on
+//! a window algorithm leaves the window's [`Summary`] (two counts) in the
+//! free tail of the cell area, and the next decision in the same bucket
+//! decides from it ([`RateAlgorithm::admit_summary`]) instead of walking
+//! the cells. Every write to the entry drops the memo first (and zeroes its
+//! words, so a growing cell list never reads them as cells); a decision
+//! that counts a hit writes it back with the hit added. It is kept only
+//! where a zero word still ends the cells before it.
+//!
+//! [`RateAlgorithm::admit_summary`]: crate::core::algorithm::RateAlgorithm::admit_summary
 //!
 //! Word 0 is the only word ever compared-and-swapped (to take the lock); every
 //! other word, and word 0's epoch bits, change only under the lock.
@@ -52,6 +65,7 @@ mod evicted;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::core::algorithm::Summary;
 use crate::core::slot::{NodeSlot, PnSlot};
 use crate::core::time::Nanos;
 use crate::core::window::{unpack_epoch, Ring, SlotGrid, WindowSpec, MAX_BUCKETS};
@@ -66,6 +80,9 @@ const EPOCH_BITS: u32 = 31;
 const INFLIGHT_BITS: u32 = 14;
 const INFLIGHT_MASK: u32 = (1 << INFLIGHT_BITS) - 1;
 const CONFIRMING: u32 = 1 << 28;
+const MEMO: u32 = 1 << 29;
+/// Words the memo takes at the end of the cell area.
+const MEMO_WORDS: usize = 2;
 const DIRTY: u32 = 1 << 30;
 const REFERENCED: u32 = 1 << 31;
 /// Most hits one key may have in flight (unacknowledged by peers) on one node.
@@ -80,6 +97,9 @@ const MIN_CHUNK_ENTRIES: usize = 16;
 const FREE_SHARDS: usize = 16;
 /// Entries a full table looks at for idle keys before it evicts a live one.
 const IDLE_SCAN: usize = 32;
+/// No entry: see [`KeyTable::get_or_insert_hinted`]. Entry numbers stay
+/// below `ENTRY_MASK`, so no handle is all ones.
+pub const NO_HINT: u32 = u32::MAX;
 /// Handles are `class << CLASS_SHIFT | entry`.
 const CLASS_SHIFT: u32 = 27;
 const ENTRY_MASK: u32 = (1 << CLASS_SHIFT) - 1;
@@ -446,6 +466,26 @@ impl<I: KeyIndex> KeyTable<I> {
         }
     }
 
+    /// [`KeyTable::get_or_insert`] for a caller that remembers where it
+    /// last found `key`: `hint` is that entry's handle ([`NO_HINT`] at
+    /// first), tried before the index, and updated whenever the key is
+    /// found elsewhere (it moved to a larger class, or was evicted and came
+    /// back).
+    #[inline]
+    pub fn get_or_insert_hinted(&self, key: u64, now: Nanos, hint: &mut u32) -> Entry<'_, I> {
+        if *hint != NO_HINT {
+            let e = self.entry_at(*hint);
+            Self::lock_words(e.words);
+            if e.key() == key {
+                e.set_flags(REFERENCED);
+                return e;
+            }
+        }
+        let e = self.get_or_insert(key, now);
+        *hint = e.handle;
+        e
+    }
+
     /// Locks the entry of `key`, creating it (and making room) if needed.
     pub fn get_or_insert(&self, key: u64, now: Nanos) -> Entry<'_, I> {
         debug_assert_ne!(key, 0, "key digests are never zero");
@@ -798,6 +838,7 @@ impl<I: KeyIndex> Entry<'_, I> {
         (count > 0).then(|| (unpack_epoch(now_epoch, epoch, 32), count))
     }
     fn set_restored(&mut self, epoch: u64, count: u32) {
+        self.drop_memo();
         let need = cells::used(self.cells()) + cells::restored_cost(self.cells());
         if need > self.cells().len() {
             let table = self.table;
@@ -807,6 +848,74 @@ impl<I: KeyIndex> Entry<'_, I> {
     }
     fn meta(&self) -> u32 {
         self.words[1].load(Ordering::Relaxed)
+    }
+    /// The summary of the window that the last decision on this key left
+    /// (see the module docs), if nothing has written to the key since and
+    /// its newest bucket is `now_epoch`.
+    #[inline]
+    pub fn memo(&self, now_epoch: u64) -> Option<Summary> {
+        if self.meta() & MEMO == 0 || self.newest(now_epoch) != now_epoch {
+            return None;
+        }
+        let tail = &self.cells()[self.cells().len() - MEMO_WORDS..];
+        Some(Summary {
+            oldest: u64::from(tail[0].load(Ordering::Relaxed)),
+            newer: u64::from(tail[1].load(Ordering::Relaxed)),
+        })
+    }
+    /// Keeps `s`, the summary of the window as it stands now in bucket
+    /// `now_epoch`, for the next decision: only if the newest bucket is
+    /// `now_epoch`, both counts fit a word, and the cells leave a free word
+    /// before the memo's two.
+    #[inline]
+    pub fn set_memo(&mut self, now_epoch: u64, s: Summary) {
+        self.drop_memo();
+        let (Ok(oldest), Ok(newer)) = (u32::try_from(s.oldest), u32::try_from(s.newer)) else {
+            return;
+        };
+        let cells = self.cells();
+        if cells.len() <= MEMO_WORDS + 1
+            || self.newest(now_epoch) != now_epoch
+            || cells[cells.len() - MEMO_WORDS - 1].load(Ordering::Relaxed) != 0
+            || cells::used(cells) + MEMO_WORDS >= cells.len()
+        {
+            return;
+        }
+        let tail = &cells[cells.len() - MEMO_WORDS..];
+        tail[0].store(oldest, Ordering::Relaxed);
+        tail[1].store(newer, Ordering::Relaxed);
+        self.set_flags(MEMO);
+    }
+    /// Adds `hits` to the `p` value of `slot` in the newest bucket's `row`
+    /// of a key decided from its memo, and makes the memo's newer count
+    /// `newer`: one pass over the cells and one store when the cell is
+    /// there and keeps its width (the cells use no more words, so the memo
+    /// stays where it is). Otherwise a plain add, which drops the memo.
+    #[inline]
+    pub fn add_p_keeping_memo(&mut self, row: usize, slot: usize, hits: u32, newer: u64) {
+        let in_place = self.meta() & MEMO != 0
+            && slot < self.table.slots
+            && row < self.table.spec.buckets()
+            && cells::add_p_in_place(self.cells(), row, slot, hits);
+        match u32::try_from(newer) {
+            Ok(newer) if in_place => {
+                let cells = self.cells();
+                cells[cells.len() - 1].store(newer, Ordering::Relaxed);
+            }
+            _ if in_place => self.drop_memo(),
+            _ => self.add_p(row, slot, hits),
+        }
+    }
+    /// Forgets the memo before a write (see the module docs).
+    #[inline]
+    fn drop_memo(&self) {
+        let m = self.meta();
+        if m & MEMO != 0 {
+            self.set_meta(m & !MEMO);
+            for w in &self.cells()[self.cells().len() - MEMO_WORDS..] {
+                w.store(0, Ordering::Relaxed);
+            }
+        }
     }
     fn set_meta(&self, v: u32) {
         self.words[1].store(v, Ordering::Relaxed);
@@ -887,6 +996,7 @@ impl<I: KeyIndex> SlotGrid for Entry<'_, I> {
     }
     #[inline]
     fn set(&mut self, row: usize, slot: usize, value: PnSlot) {
+        self.drop_memo();
         // Slots beyond the table's width are refused by the caller (merge
         // validates slot numbers); dropping here keeps a bad value harmless.
         if slot >= self.table.slots || row >= self.table.spec.buckets() {
@@ -904,6 +1014,7 @@ impl<I: KeyIndex> SlotGrid for Entry<'_, I> {
     }
     #[inline]
     fn add_p(&mut self, row: usize, slot: usize, hits: u32) {
+        self.drop_memo();
         if slot < self.table.slots
             && row < self.table.spec.buckets()
             && cells::add_p_in_place(self.cells(), row, slot, hits)
@@ -918,6 +1029,7 @@ impl<I: KeyIndex> SlotGrid for Entry<'_, I> {
         self.table.spec.buckets()
     }
     fn clear_row(&mut self, row: usize) {
+        self.drop_memo();
         cells::clear_row(self.cells(), row);
     }
     fn row_net(&self, row: usize) -> u64 {
@@ -945,6 +1057,7 @@ impl<I: KeyIndex> SlotGrid for Entry<'_, I> {
         )
     }
     fn set_newest(&mut self, epoch: u64) {
+        self.drop_memo();
         // Under the lock: keep the lock bit, replace the epoch bits.
         self.words[0].store(LOCK | ((epoch as u32) << 1), Ordering::Relaxed);
     }
@@ -952,7 +1065,11 @@ impl<I: KeyIndex> SlotGrid for Entry<'_, I> {
 
 impl<I: KeyIndex> Drop for Entry<'_, I> {
     fn drop(&mut self) {
-        self.words[0].fetch_and(!LOCK, Ordering::Release);
+        // Nobody else writes word 0 while it is locked (taking the lock
+        // compares and swaps from an unlocked value, which fails), so a
+        // plain release store unlocks: no second locked instruction.
+        let w = self.words[0].load(Ordering::Relaxed);
+        self.words[0].store(w & !LOCK, Ordering::Release);
     }
 }
 
@@ -998,6 +1115,42 @@ mod tests {
             assert_eq!(out.iter().sum::<u64>(), 3);
             drop(e);
             assert_eq!(t.bytes(), 64 + INDEX_BYTES_PER_KEY);
+        }
+    }
+
+    #[test]
+    fn the_memo_never_reads_as_cells_and_any_write_drops_it() {
+        // 11 buckets × 3 slots: the cells outgrow class 0 and its tail.
+        let t: KeyTable =
+            KeyTable::new(WindowSpec::new(Nanos::from_secs(1), 11).unwrap(), 3, 4).unwrap();
+        let now = Nanos::from_secs(1_000);
+        let epoch = t.spec().epoch(now);
+        let mut want = std::collections::BTreeMap::new();
+        let memo = Summary {
+            oldest: 4,
+            newer: 77,
+        };
+        for (i, (row, slot)) in (0..11)
+            .flat_map(|r| (0..3).map(move |s| (r, s)))
+            .enumerate()
+        {
+            let mut e = t.get_or_insert(9, now);
+            e.set_memo(epoch, memo);
+            let room = cells::used(e.cells()) + MEMO_WORDS < e.cells().len();
+            assert_eq!(e.memo(epoch), room.then_some(memo), "step {i}");
+            assert_eq!(e.memo(epoch + 1), None, "a memo is for its bucket only");
+            // Cells and memo side by side: every value reads back.
+            for (&(r, s), &v) in &want {
+                assert_eq!(e.get(r, s).p, v, "step {i}");
+            }
+            let v = 1 + i as u32 * 9_000; // wide from the 15th on
+            e.set(row, slot, PnSlot { p: v, n: 0 });
+            want.insert((row, slot), v);
+            assert_eq!(e.memo(epoch), None, "a write drops the memo");
+        }
+        let e = t.get(9).unwrap();
+        for (&(r, s), &v) in &want {
+            assert_eq!(e.get(r, s).p, v);
         }
     }
 

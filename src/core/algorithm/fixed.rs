@@ -2,7 +2,7 @@
 
 use std::num::NonZeroU32;
 
-use super::{nonzero, ParamError, RateAlgorithm, Verdict};
+use super::{nonzero, ParamError, RateAlgorithm, Summary, Verdict};
 use crate::core::time::Nanos;
 use crate::core::window::{WindowCounts, WindowSpec};
 
@@ -43,21 +43,38 @@ impl RateAlgorithm for FixedWindow {
             return Verdict::Never { capacity: limit };
         }
         let used = counts.nets[counts.nets.len() - 1];
+        if let Some(v) = self.admit(counts.now, counts.current_epoch(), used, cost) {
+            return v;
+        }
         let end = self.spec.epoch_start(counts.current_epoch() + 1);
         let until_end = end - counts.now;
         let reset_after = if used == 0 { Nanos::ZERO } else { until_end };
-        if used + cost <= limit {
-            Verdict::Allow {
-                remaining: limit - used - cost,
-                reset_after: until_end,
-            }
-        } else {
-            Verdict::Deny {
-                remaining: limit.saturating_sub(used),
-                retry_after: until_end,
-                reset_after,
-            }
+        Verdict::Deny {
+            remaining: limit.saturating_sub(used),
+            retry_after: until_end,
+            reset_after,
         }
+    }
+
+    fn admit_summary(&self, now: Nanos, now_epoch: u64, s: Summary, cost: u32) -> Option<Verdict> {
+        self.admit(now, now_epoch, s.newer, u64::from(cost))
+    }
+}
+
+impl FixedWindow {
+    /// The admission of `cost` with `used` already counted in the current
+    /// window; `None` if it does not fit. Both [`RateAlgorithm::decide`] and
+    /// [`RateAlgorithm::admit_summary`] admit through here.
+    #[inline]
+    fn admit(&self, now: Nanos, now_epoch: u64, used: u64, cost: u64) -> Option<Verdict> {
+        let limit = self.quota();
+        if used.saturating_add(cost) > limit {
+            return None;
+        }
+        Some(Verdict::Allow {
+            remaining: limit - used - cost,
+            reset_after: self.spec.epoch_start(now_epoch + 1) - now,
+        })
     }
 }
 

@@ -68,6 +68,47 @@ pub trait RateAlgorithm: Send + Sync + fmt::Debug {
     /// The verdict on admitting `cost` units given the merged `counts` at
     /// `counts.now`. Never fails and never panics, whatever the counts.
     fn decide(&self, counts: &WindowCounts<'_>, cost: u32) -> Verdict;
+    /// The admission [`RateAlgorithm::decide`] would give for any counts
+    /// with summary `s` at `now` in bucket `now_epoch`, for an algorithm
+    /// that reads nothing of its window but the summary; `None` when it
+    /// reads more, or when the request would not be admitted with a cost
+    /// above zero (a denial's waits need the whole window). The key table
+    /// keeps the summary of a hot key between decisions, so that this
+    /// answer skips reading the window.
+    fn admit_summary(&self, now: Nanos, now_epoch: u64, s: Summary, cost: u32) -> Option<Verdict> {
+        let _ = (now, now_epoch, s, cost);
+        None
+    }
+}
+
+/// A window reduced to what the window algorithms read of it: the oldest
+/// bucket's net count (zero for a window of one bucket) and the sum of the
+/// others, the current bucket's included. It stays right for every `now`
+/// within the current bucket as long as the counts do not change, and a
+/// hit counted now only adds to `newer`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// The oldest bucket, which a sliding window weighs by its overlap.
+    pub oldest: u64,
+    /// Every newer bucket together, the current one included.
+    pub newer: u64,
+}
+
+impl Summary {
+    /// The summary of bucket counts `nets` (oldest first).
+    pub fn of(nets: &[u64]) -> Summary {
+        match nets {
+            [] => Summary::default(),
+            [only] => Summary {
+                oldest: 0,
+                newer: *only,
+            },
+            [oldest, newer @ ..] => Summary {
+                oldest: *oldest,
+                newer: newer.iter().fold(0u64, |a, &n| a.saturating_add(n)),
+            },
+        }
+    }
 }
 
 /// Errors from building an algorithm out of parameters. Nothing is built.
@@ -168,6 +209,27 @@ impl RateAlgorithm for Algorithm {
             Algorithm::Gcra(a) => a.decide(counts, cost),
             Algorithm::Custom(a) => a.decide(counts, cost),
         }
+    }
+    #[inline]
+    fn admit_summary(&self, now: Nanos, now_epoch: u64, s: Summary, cost: u32) -> Option<Verdict> {
+        match self {
+            Algorithm::SlidingWindow(a) => a.admit_summary(now, now_epoch, s, cost),
+            Algorithm::FixedWindow(a) => a.admit_summary(now, now_epoch, s, cost),
+            Algorithm::Custom(a) => a.admit_summary(now, now_epoch, s, cost),
+            _ => None,
+        }
+    }
+}
+
+impl Algorithm {
+    /// Whether [`RateAlgorithm::admit_summary`] can answer for this
+    /// algorithm (the window counters do; the drain algorithms read every
+    /// bucket).
+    pub fn reads_summary(&self) -> bool {
+        matches!(
+            self,
+            Algorithm::SlidingWindow(_) | Algorithm::FixedWindow(_)
+        )
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::num::NonZeroU32;
 
-use super::{nanos_u128, nonzero, ParamError, RateAlgorithm, Verdict};
+use super::{nanos_u128, nonzero, ParamError, RateAlgorithm, Summary, Verdict};
 use crate::core::time::Nanos;
 use crate::core::window::{WindowCounts, WindowSpec, MAX_BUCKETS};
 
@@ -68,38 +68,31 @@ impl RateAlgorithm for SlidingWindow {
 
     fn decide(&self, counts: &WindowCounts<'_>, cost: u32) -> Verdict {
         let limit = u128::from(self.limit.get());
-        let cost = u128::from(cost);
-        if cost > limit {
+        if u128::from(cost) > limit {
             return Verdict::Never {
                 capacity: limit as u64,
             };
         }
-        let g = u128::from(self.spec.granularity().as_u64());
-        let start = self.spec.epoch_start(counts.current_epoch());
-        let elapsed = u128::from((counts.now - start).as_u64());
         let nets = counts.nets;
+        let g = u128::from(self.spec.granularity().as_u64());
+        let elapsed = self.elapsed(counts.now, counts.current_epoch());
         let full: u128 = nets[1..].iter().map(|&n| u128::from(n)).sum();
         let oldest = u128::from(nets[0]);
+        if cost > 0 {
+            if let Some(v) = self.admit(elapsed, full, oldest, cost, nets.len()) {
+                return v;
+            }
+        }
+        let cost = u128::from(cost);
         // Everything scaled by g to stay in integers.
         let used_scaled = full * g + oldest * (g - elapsed);
         let budget_scaled = limit * g;
         if used_scaled + cost * g <= budget_scaled {
-            // The admitted cost lands in the current bucket: the window is
-            // back to full only once that bucket has left it.
-            let reset_after = if cost > 0 {
-                nanos_u128(g - elapsed + (nets.len() - 1) as u128 * g)
-            } else {
-                self.reset_after(nets, elapsed, g)
-            };
-            // The common case fits 64 bits; a 128-bit division is a call.
-            let left = budget_scaled - used_scaled;
-            let remaining = match u64::try_from(left) {
-                Ok(left) => u128::from(left / g as u64),
-                Err(_) => left / g,
-            } - cost;
+            // A status query (cost 0) counts nothing: the window is whole
+            // again once its newest non-empty bucket has left it.
             return Verdict::Allow {
-                remaining: remaining as u64,
-                reset_after,
+                remaining: ((budget_scaled - used_scaled) / g) as u64,
+                reset_after: self.reset_after(nets, elapsed, g),
             };
         }
         Verdict::Deny {
@@ -108,9 +101,77 @@ impl RateAlgorithm for SlidingWindow {
             reset_after: self.reset_after(nets, elapsed, g),
         }
     }
+
+    fn admit_summary(&self, now: Nanos, now_epoch: u64, s: Summary, cost: u32) -> Option<Verdict> {
+        if cost == 0 || cost > self.limit.get() {
+            return None;
+        }
+        let elapsed = self.elapsed(now, now_epoch);
+        self.admit(
+            elapsed,
+            u128::from(s.newer),
+            u128::from(s.oldest),
+            cost,
+            self.spec.buckets(),
+        )
+    }
 }
 
 impl SlidingWindow {
+    /// Time since the start of the current bucket.
+    #[inline]
+    fn elapsed(&self, now: Nanos, now_epoch: u64) -> u128 {
+        u128::from((now - self.spec.epoch_start(now_epoch)).as_u64())
+    }
+
+    /// The admission of `cost` (at least 1, at most the limit) `elapsed`
+    /// into the current bucket, given the whole newer buckets' count
+    /// `full` and the oldest bucket's `oldest`, in a window of `buckets`;
+    /// `None` if it does not fit.
+    /// Both [`RateAlgorithm::decide`] and [`RateAlgorithm::admit_summary`]
+    /// admit through here, so they cannot differ.
+    #[inline]
+    fn admit(
+        &self,
+        elapsed: u128,
+        full: u128,
+        oldest: u128,
+        cost: u32,
+        buckets: usize,
+    ) -> Option<Verdict> {
+        let limit = u128::from(self.limit.get());
+        let cost = u128::from(cost);
+        let g = u128::from(self.spec.granularity().as_u64());
+        // The admitted cost lands in the current bucket: the window is
+        // back to full only once that bucket has left it.
+        let reset_after = nanos_u128(g - elapsed + (buckets as u128 - 1) * g);
+        let remaining = if oldest == 0 {
+            // Nothing to weigh (a key younger than the window): whole counts.
+            if full + cost > limit {
+                return None;
+            }
+            limit - full - cost
+        } else {
+            // Everything scaled by g to stay in integers.
+            let used_scaled = full * g + oldest * (g - elapsed);
+            let budget_scaled = limit * g;
+            if used_scaled + cost * g > budget_scaled {
+                return None;
+            }
+            // The common case fits 64 bits; a 128-bit division is a call.
+            let left = budget_scaled - used_scaled;
+            let whole = match u64::try_from(left) {
+                Ok(left) => u128::from(left / g as u64),
+                Err(_) => left / g,
+            };
+            whole - cost
+        };
+        Some(Verdict::Allow {
+            remaining: remaining as u64,
+            reset_after,
+        })
+    }
+
     /// The wait, with no new arrivals, until `cost` fits. Phase `j` is the
     /// time during which `nets[j]` is the partially overlapping bucket.
     fn retry_after(&self, nets: &[u64], elapsed: u128, g: u128, limit: u128, cost: u128) -> Nanos {
