@@ -12,7 +12,9 @@
 # 3. Latency at a fixed rate, half of the node's median peak, open loop with
 #    corrected latency: `oha --latency-correction` over HTTP (if oha is
 #    installed; else `drl load --rate`, which corrects the same way), and
-#    `drl load --resp --rate` over RESP.
+#    `drl load --resp --rate` over RESP. oha builds with `cargo install oha
+#    --locked --no-default-features --features native-tls` (a long build;
+#    `--locked` keeps its dependencies at versions this toolchain builds).
 # 4. Cluster scaling: 1 and 3 nodes with the generator (`drl load --resp`)
 #    pinned to core 0 and the nodes to the other cores (`taskset`).
 #
