@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::table::NO_HINT;
-use super::{never_admissible, Begun, CheckError, Compiled, Decision, Limiter, Matches};
+use super::{Begun, CheckError, Compiled, Decision, Limiter, Matches};
 use crate::core::descriptor::Descriptors;
 use crate::core::time::{Clock, Nanos};
 
@@ -77,11 +77,6 @@ impl<C: Clock> Handle<'_, C> {
             // One limit, no peers: straight to the entry where the key was
             // last found.
             let compiled = &*self.compiled;
-            if let Some(never) =
-                never_admissible(&compiled.rules, std::iter::once(index), now, cost)
-            {
-                return Ok(never);
-            }
             return Ok(limiter.decide_alone(compiled, now, index, key, cost, &mut self.hint));
         }
         match limiter.decide(&self.compiled, now, &self.matches, cost, false) {

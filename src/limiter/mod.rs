@@ -527,8 +527,8 @@ impl<C: Clock> Limiter<C> {
 
     /// [`Limiter::decide`] for one limit on a limiter with no peers: the
     /// same steps without the bookkeeping of several keys. `hint` is where
-    /// the caller last found the key ([`KeyTable::get_or_insert_hinted`]).
-    /// The caller has checked that the cost is admissible at all.
+    /// the caller last found the key ([`KeyTable::get_or_insert_hinted`];
+    /// [`table::NO_HINT`] if it keeps none).
     #[inline]
     fn decide_alone(
         &self,
@@ -539,6 +539,9 @@ impl<C: Clock> Limiter<C> {
         cost: u32,
         hint: &mut u32,
     ) -> Decision {
+        if let Some(never) = never_admissible(&compiled.rules, std::iter::once(index), now, cost) {
+            return never;
+        }
         let limit = &compiled.rules.limits()[index];
         let mut entry = compiled.tables[index].get_or_insert_hinted(key, now, hint);
         let mut counts = CountsBuf::new();
@@ -560,15 +563,15 @@ impl<C: Clock> Limiter<C> {
         cost: u32,
         can_confirm: bool,
     ) -> Begun {
-        if let Some(never) =
-            never_admissible(&compiled.rules, matches.iter().map(|m| m.0), now, cost)
-        {
-            return Begun::Decided(never);
-        }
         if let (None, &[(index, key)]) = (&self.cluster, matches) {
             // The common case in process: one limit, no peers.
             let mut hint = table::NO_HINT;
             return Begun::Decided(self.decide_alone(compiled, now, index, key, cost, &mut hint));
+        }
+        if let Some(never) =
+            never_admissible(&compiled.rules, matches.iter().map(|m| m.0), now, cost)
+        {
+            return Begun::Decided(never);
         }
         let view = self.cluster.as_ref().map(|c| c.view.load());
         let mut entries = Guards::new();
@@ -1018,9 +1021,6 @@ impl<C: Clock> Limiter<C> {
 }
 
 impl Decision {
-    /// Folds one limit's verdict into the decision: `Never` beats a denial,
-    /// a denial beats an allowance, a longer wait beats a shorter one, and
-    /// among allowances the one with least left describes the decision.
     /// The decision of one limit's verdict.
     #[inline]
     fn of(limit: &CompiledLimit, verdict: Verdict) -> Decision {
@@ -1032,6 +1032,9 @@ impl Decision {
         decision
     }
 
+    /// Folds one limit's verdict into the decision: `Never` beats a denial,
+    /// a denial beats an allowance, a longer wait beats a shorter one, and
+    /// among allowances the one with least left describes the decision.
     #[inline]
     fn absorb(&mut self, limit: &CompiledLimit, verdict: Verdict) {
         let algorithm = &limit.algorithm;
@@ -1103,6 +1106,8 @@ fn never_admissible(
     never_admissible_cost(rules, indices, now, cost)
 }
 
+/// [`never_admissible`] once the cost is above one: out of line, so that
+/// the common single-hit check stays a compare.
 fn never_admissible_cost(
     rules: &RuleSet,
     indices: impl Iterator<Item = usize>,

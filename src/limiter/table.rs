@@ -874,11 +874,8 @@ impl<I: KeyIndex> Entry<'_, I> {
             return;
         };
         let cells = self.cells();
-        if cells.len() <= MEMO_WORDS + 1
-            || self.newest(now_epoch) != now_epoch
-            || cells[cells.len() - MEMO_WORDS - 1].load(Ordering::Relaxed) != 0
-            || cells::used(cells) + MEMO_WORDS >= cells.len()
-        {
+        // A zero word (the end marker) between the cells and the memo.
+        if self.newest(now_epoch) != now_epoch || cells::used(cells) + MEMO_WORDS >= cells.len() {
             return;
         }
         let tail = &cells[cells.len() - MEMO_WORDS..];
