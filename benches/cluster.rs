@@ -12,12 +12,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use drl::core::descriptor::Descriptors;
-use drl::core::key::key_digest;
-use drl::core::time::Clock;
-use drl::core::window::Ring;
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{Node, NodeFile, NodeHandle};
+use drl_core::descriptor::Descriptors;
+use drl_core::key::key_digest;
+use drl_core::time::Clock;
+use drl_core::window::Ring;
 
 const RULES: &str = r#"
 [[rules]]

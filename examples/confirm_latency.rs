@@ -8,9 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use drl::core::descriptor::Descriptors;
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{Node, NodeFile, NodeHandle};
+use drl_core::descriptor::Descriptors;
 
 const RULES: &str = r#"
 [[rules]]

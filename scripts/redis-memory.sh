@@ -1,6 +1,6 @@
 #!/bin/sh
 # Bytes per key of a Redis token bucket (the usual Lua script on a hash),
-# for comparison with `cargo run --release --example memory_per_key`.
+# for comparison with `cargo run --release -p drl-core --example memory_per_key`.
 #
 #   scripts/redis-memory.sh [KEYS]     (default 1000000; needs redis-server,
 #                                       redis-cli and python3)

@@ -45,17 +45,17 @@ pub enum CliError {
         /// The rules file.
         path: PathBuf,
         /// What is wrong with it.
-        source: crate::core::rules::RulesError,
+        source: drl_core::rules::RulesError,
     },
     /// A `-f` argument without `=`.
     #[error("descriptor {0:?} is not of the form name=value")]
     Field(String),
     /// The in-process limiter refused a request as malformed.
     #[error(transparent)]
-    Check(#[from] crate::limiter::CheckError),
+    Check(#[from] drl_core::limiter::CheckError),
     /// The in-process limiter could not be built from the rules.
     #[error(transparent)]
-    Setup(#[from] crate::limiter::SetupError),
+    Setup(#[from] drl_core::limiter::SetupError),
     /// The node's configuration (file, environment or flags) is invalid.
     #[error("configuration: {0}")]
     Config(#[from] crate::node::ConfigError),

@@ -1,22 +1,15 @@
-//! `drl`: a distributed rate limiter.
+//! `drl`: the server of the distributed rate limiter.
 //!
 //! Every node answers "may this request pass?" locally, in memory, from
 //! replicated counters: per-key PN-counters with one slot per node, kept in
-//! time-bucketed windows. Each algorithm (sliding and fixed window, token
-//! bucket, leaky bucket, GCRA) is a pure function of those merged windows and
-//! the clock. DESIGN.md explains the model and its bounds.
+//! time-bucketed windows. What a node decides lives in the I/O-free
+//! [`drl_core`] crate; this crate is the shell around it: the QUIC transport
+//! between nodes, the node's async driver, the protocol front-ends (HTTP,
+//! gRPC, RESP, axum middleware) and the `drl` command. DESIGN.md explains
+//! the model and its bounds.
 //!
 //! # Layout
 //!
-//! - [`core`]: the I/O-free core. Time ([`core::time`]), the slot counter
-//!   ([`core::slot`]), bucketed windows ([`core::window`]), the algorithms
-//!   ([`core::algorithm`]), descriptors, key digests and rules
-//!   ([`core::rules`]). Never touches a socket, a task or the system clock.
-//! - [`limiter`]: the in-process limiter: one fixed-capacity key table per
-//!   limit, with per-entry locks, CLOCK eviction and idle expiry.
-//! - [`cluster`]: the cluster's state machines, also I/O-free: delta
-//!   replication, SWIM membership, snapshots, and an in-memory cluster on
-//!   virtual time for tests and simulations.
 //! - [`net`]: the QUIC transport with mutual TLS, and development
 //!   certificates.
 //! - [`node`]: a cluster node, the thin async shell that drives the state
@@ -27,37 +20,14 @@
 //!   and `DRL.CHECK`, off by default.
 //! - [`http`]: the HTTP API (HTTP/1.1, and h2c on request); [`metrics`]: its Prometheus metrics;
 //!   [`middleware`]: rate limiting for axum routes.
-//! - [`clock`]: the one place that reads real time.
 //! - [`cli`]: the commands behind the `drl` binary.
-//!
-//! # Example
-//!
-//! ```
-//! use drl::core::rules::RuleSet;
-//! use drl::limiter::{Limiter, LimiterConfig};
-//!
-//! let rules = RuleSet::from_toml(r#"
-//!     [[rules]]
-//!     name = "per-user"
-//!     match = { user = "*" }
-//!     limits = [ { algorithm = "sliding_window", limit = 2, window = "1m" } ]
-//! "#).unwrap();
-//! let limiter = Limiter::new(rules, LimiterConfig::default()).unwrap();
-//! assert!(limiter.allow_request("alice", "/search"));
-//! assert!(limiter.allow_request("alice", "/search"));
-//! assert!(!limiter.allow_request("alice", "/search"));
-//! assert!(limiter.allow_request("bob", "/search"));
-//! ```
 
+//!
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod cli;
-pub mod clock;
-pub mod cluster;
-pub mod core;
 pub mod grpc;
 pub mod http;
-pub mod limiter;
 pub mod metrics;
 pub mod middleware;
 pub mod net;

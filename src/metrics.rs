@@ -32,10 +32,10 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::core::share::SharePolicy;
-use crate::core::time::Clock;
-use crate::limiter::Outcome;
 use crate::node::NodeApi;
+use drl_core::limiter::Outcome;
+use drl_core::share::SharePolicy;
+use drl_core::time::Clock;
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -525,7 +525,7 @@ impl NodeCollector {
         let flag = |b: bool| f64::from(u8::from(b));
         let r = &status.replication;
         let a = status.admission;
-        let per_peer = |f: &dyn Fn(u16, &crate::cluster::replication::PeerState) -> f64| {
+        let per_peer = |f: &dyn Fn(u16, &drl_core::cluster::replication::PeerState) -> f64| {
             PerPeer(
                 status
                     .peers

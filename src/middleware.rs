@@ -7,7 +7,7 @@
 //! use axum::{routing::get, Router};
 //! use drl::middleware::{rate_limit, RateLimitState};
 //!
-//! # fn limiter() -> Arc<drl::limiter::Limiter> { unimplemented!() }
+//! # fn limiter() -> Arc<drl_core::limiter::Limiter> { unimplemented!() }
 //! let state = RateLimitState::new(limiter(), |req| {
 //!     let user = req.headers().get("x-user-id")?.to_str().ok()?.to_owned();
 //!     Some(vec![("user".into(), user), ("endpoint".into(), req.uri().path().to_owned())])
@@ -27,10 +27,10 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::core::descriptor::Descriptors;
 use crate::http::error::ApiError;
 use crate::http::headers::decision_headers;
-use crate::limiter::{Limiter, Outcome};
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{Limiter, Outcome};
 
 /// Descriptor fields of a request, or `None` to let it pass unlimited.
 pub type Describe = dyn Fn(&Request) -> Option<Vec<(String, String)>> + Send + Sync;

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drl::core::descriptor::Descriptors;
-use drl::core::rules::RuleSet;
-use drl::core::wire::MAX_RULES_BYTES;
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{Node, NodeFile, NodeHandle, NodeSettings, PutRulesError};
+use drl_core::descriptor::Descriptors;
+use drl_core::rules::RuleSet;
+use drl_core::wire::MAX_RULES_BYTES;
 
 fn parsed(text: &str) -> RuleSet {
     RuleSet::from_toml(text).expect("valid rules")
@@ -89,11 +89,11 @@ async fn check(node: &NodeHandle, user: &str) -> bool {
 
 /// Hits counted in `node`'s merged view, over every key (tests use one).
 fn counted(node: &NodeHandle) -> u64 {
-    let now = drl::core::time::Clock::now(node.limiter.clock());
+    let now = drl_core::time::Clock::now(node.limiter.clock());
     let mut total = 0;
     node.limiter.table(0).unwrap().for_each(|e| {
         let mut nets = vec![0u64; e.spec().buckets()];
-        drl::core::window::Ring::read(e, &e.spec(), now, &mut nets);
+        drl_core::window::Ring::read(e, &e.spec(), now, &mut nets);
         total += nets.iter().sum::<u64>();
     });
     total
@@ -366,7 +366,7 @@ async fn peers_measure_round_trips_and_clock_offsets() {
                 p.clock_offset_ns
             );
             assert!(
-                p.rtt > drl::core::time::Nanos::ZERO,
+                p.rtt > drl_core::time::Nanos::ZERO,
                 "peer {slot}: no round trip measured"
             );
         }

@@ -65,21 +65,21 @@ fn seeds_reach_past_the_decoders() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
     for (path, bytes) in inputs(&root.join("wire_frame")) {
         assert!(
-            drl::core::wire::Frame::decode(&bytes).is_ok(),
+            drl_core::wire::Frame::decode(&bytes).is_ok(),
             "{path} does not decode"
         );
     }
     let l = targets::limiter();
     for (path, bytes) in inputs(&root.join("snapshot")) {
         assert!(
-            drl::cluster::snapshot::restore(&l, targets::NOW, &bytes).is_ok(),
+            drl_core::cluster::snapshot::restore(&l, targets::NOW, &bytes).is_ok(),
             "{path} does not restore"
         );
     }
     for (path, bytes) in inputs(&root.join("rules_file")) {
         let text = String::from_utf8(bytes).unwrap();
         assert!(
-            drl::core::rules::RuleSet::from_toml(&text).is_ok(),
+            drl_core::rules::RuleSet::from_toml(&text).is_ok(),
             "{path} does not parse"
         );
     }
@@ -96,10 +96,10 @@ fn the_snapshot_seed_is_written_by_the_current_format() {
     let l = targets::limiter();
     for user in ["ann", "bob", "cy"] {
         let fields = [("user", user), ("endpoint", "/b")];
-        let d = drl::core::descriptor::Descriptors::new(&fields).unwrap();
+        let d = drl_core::descriptor::Descriptors::new(&fields).unwrap();
         l.check_at(targets::NOW, &d, 1).unwrap();
     }
-    let bytes = drl::cluster::snapshot::capture(&l, targets::NOW);
+    let bytes = drl_core::cluster::snapshot::capture(&l, targets::NOW);
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/snapshot/three-users");
     std::fs::write(path, bytes).unwrap();
 }

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use axum::routing::get;
 use axum::Router;
-use drl::core::rules::RuleSet;
-use drl::limiter::{Limiter, LimiterConfig};
 use drl::middleware::{rate_limit, RateLimitState};
+use drl_core::limiter::{Limiter, LimiterConfig};
+use drl_core::rules::RuleSet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn get_with(addr: std::net::SocketAddr, path: &str, user: Option<&str>) -> (u16, String) {

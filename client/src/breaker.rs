@@ -20,7 +20,7 @@
 
 use std::num::NonZeroU32;
 
-use drl::core::time::Nanos;
+use drl_core::time::Nanos;
 
 /// How a breaker trips and recovers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

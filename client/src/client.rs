@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use drl::core::descriptor::Descriptors;
-use drl::core::time::{Clock, Nanos};
-use drl::limiter::{Limiter, Outcome};
 use drl::node::{Node, NodeError, NodeHandle, NodeSettings};
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{Limiter, Outcome};
+use drl_core::time::{Clock, Nanos};
 
 use crate::breaker::BreakerConfig;
 use crate::embedded::Embedded;

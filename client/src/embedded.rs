@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use drl::core::descriptor::Descriptors;
-use drl::limiter::{CheckError, Limiter, Outcome};
 use drl::node::{NodeApi, NodeHandle};
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{CheckError, Limiter, Outcome};
 
 use crate::client::{
     degraded_decision, ClientError, Decision, Degraded, DegradedMode, Fallback, Inner, Source,
@@ -85,7 +85,7 @@ async fn node_decision(
 
 fn client_decision(
     limiter: &Limiter,
-    result: Result<drl::limiter::Decision, CheckError>,
+    result: Result<drl_core::limiter::Decision, CheckError>,
 ) -> Result<Decision, ClientError> {
     match result {
         Ok(decision) => {

@@ -32,9 +32,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use drl::core::time::Nanos;
 use drl::http::headers::decision_headers;
-use drl::limiter::{Limiter, Outcome, QuotaState};
+use drl_core::limiter::{Limiter, Outcome, QuotaState};
+use drl_core::time::Nanos;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, Request, Response, StatusCode};
 use tower_layer::Layer;
@@ -221,7 +221,7 @@ pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision) {
                 limit_index: 0,
                 // The headers take the server's rule name as text (below);
                 // interning names a server sent would keep them forever.
-                rule: drl::core::rules::RuleName::from_static(""),
+                rule: drl_core::rules::RuleName::from_static(""),
                 limit_id: 0,
                 limit: q.limit,
                 period: Nanos::from(q.window),
@@ -243,8 +243,8 @@ mod tests {
     use std::convert::Infallible;
     use std::time::Duration;
 
-    use drl::core::rules::RuleSet;
-    use drl::limiter::LimiterConfig;
+    use drl_core::limiter::LimiterConfig;
+    use drl_core::rules::RuleSet;
 
     use super::*;
     use crate::client::{Degraded, Source};

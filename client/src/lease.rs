@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use drl::core::time::Nanos;
+use drl_core::time::Nanos;
 
 /// A descriptor set, in a canonical order.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -52,7 +52,7 @@ pub use client::{
     Client, ClientBuilder, ClientConfig, ClientError, Decision, Degraded, DegradedMode, Fallback,
     NodeView, Source,
 };
-pub use drl::limiter::Outcome;
+pub use drl_core::limiter::Outcome;
 pub use layer::{Decide, RateLimitLayer};
 pub use lease::LeaseConfig;
 pub use metrics::ClientMetrics;

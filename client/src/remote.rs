@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 use std::time::{Duration, Instant};
 
-use drl::core::time::{Clock, Nanos};
-use drl::limiter::Outcome;
+use drl_core::limiter::Outcome;
+use drl_core::time::{Clock, Nanos};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::breaker::Permit;

@@ -13,7 +13,7 @@
 //! past its cool-down, where the probe is the half-open trial); their result
 //! goes through the same `handle_*` calls.
 
-use drl::core::time::Nanos;
+use drl_core::time::Nanos;
 
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker, Permit};
 

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use drl::limiter::Outcome;
+use drl_core::limiter::Outcome;
 
 /// One check: descriptor fields and a cost.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{percentile, Cluster, Proxy, TestNode};
-use drl::core::time::Nanos;
 use drl_client::{
     BreakerConfig, BreakerState, Client, ClientConfig, DegradedMode, Fallback, HttpTransport,
     LeaseConfig, RoutingConfig, Source,
 };
+use drl_core::time::Nanos;
 
 const GENEROUS: &str = r#"
 [[rules]]

@@ -223,8 +223,8 @@ async fn layer_wraps_a_plain_hyper_service_with_an_in_process_limiter() {
     use std::sync::Arc;
 
     use bytes::Bytes;
-    use drl::core::rules::RuleSet;
-    use drl::limiter::{Limiter, LimiterConfig};
+    use drl_core::limiter::{Limiter, LimiterConfig};
+    use drl_core::rules::RuleSet;
     use http_body_util::Full;
     use hyper::body::Incoming;
     use hyper_util::rt::TokioIo;

@@ -9,18 +9,18 @@
 
 use std::sync::{Arc, OnceLock};
 
-use drl::cluster::replication::{ReplicationConfig, Replicator};
-use drl::cluster::snapshot;
-use drl::core::descriptor::Descriptors;
-use drl::core::rules::RuleSet;
-use drl::core::share::ShareView;
-use drl::core::slot::NodeSlot;
-use drl::core::time::{ManualClock, Nanos};
-use drl::core::wire::Frame;
 use drl::http::request::{CheckRequest, RefundRequest};
-use drl::limiter::{Limiter, LimiterConfig};
 use drl::resp::cell::{Throttle, KEY_FIELD, PARAMS_FIELD};
 use drl::resp::parse::{parse_command, FrameLimits, Parsed};
+use drl_core::cluster::replication::{ReplicationConfig, Replicator};
+use drl_core::cluster::snapshot;
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{Limiter, LimiterConfig};
+use drl_core::rules::RuleSet;
+use drl_core::share::ShareView;
+use drl_core::slot::NodeSlot;
+use drl_core::time::{ManualClock, Nanos};
+use drl_core::wire::Frame;
 
 /// Mid-2023, mid-second.
 pub const NOW: Nanos = Nanos::new(1_700_000_040_500_000_000);

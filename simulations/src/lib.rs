@@ -2,7 +2,7 @@
 //!
 //! Each scenario (a TOML file in `scenarios/`) runs the real limiter, share
 //! and replication code of N nodes on virtual time in
-//! [`drl::cluster::harness::MemCluster`], under the scenario's traffic and
+//! [`drl_core::cluster::harness::MemCluster`], under the scenario's traffic and
 //! faults, and measures the result against an exact oracle that replays every
 //! admission on the reference clock. A run is a pure function of the scenario
 //! and the seed: the same seed gives byte-identical JSON.

@@ -19,8 +19,8 @@
 
 use std::path::Path;
 
-use drl::cluster::harness::{ClusterSpec, MemCluster, Submitted};
-use drl::core::time::Nanos;
+use drl_core::cluster::harness::{ClusterSpec, MemCluster, Submitted};
+use drl_core::time::Nanos;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use drl::core::time::Nanos;
+use drl_core::time::Nanos;
 
 use crate::oracle::{overshoot, percentile};
 use crate::probe::ProbeKind;

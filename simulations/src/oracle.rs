@@ -172,7 +172,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drl::core::time::Nanos;
+    use drl_core::time::Nanos;
 
     const S: u64 = 1_000_000_000;
 

@@ -9,9 +9,9 @@
 //! (it never converged within the window, so its time is not a convergence
 //! time).
 
-use drl::cluster::harness::MemCluster;
-use drl::core::time::{Clock, Nanos};
-use drl::core::window::SlotGrid;
+use drl_core::cluster::harness::MemCluster;
+use drl_core::time::{Clock, Nanos};
+use drl_core::window::SlotGrid;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProbeKind {

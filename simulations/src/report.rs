@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use drl::core::share::SharePolicy;
+use drl_core::share::SharePolicy;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Figures;
@@ -126,7 +126,7 @@ impl ScenarioResult {
     }
 }
 
-fn secs(t: drl::core::time::Nanos) -> f64 {
+fn secs(t: drl_core::time::Nanos) -> f64 {
     t.as_u64() as f64 / 1e9
 }
 
@@ -149,7 +149,7 @@ fn describe(action: &FaultAction) -> String {
     }
 }
 
-fn network(f: &drl::cluster::harness::NetFaults) -> String {
+fn network(f: &drl_core::cluster::harness::NetFaults) -> String {
     format!(
         "latency {}ms, jitter {}ms, loss {}, duplicate {}",
         f.latency.as_u64() as f64 / 1e6,

@@ -19,12 +19,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use drl::cluster::harness::{ClusterSpec, MemCluster, Submitted};
-use drl::core::descriptor::Descriptors;
-use drl::core::key::{key_digest, KeySeed};
-use drl::core::rules::RuleSet;
-use drl::core::time::{Clock, ManualClock, Nanos};
-use drl::limiter::{CheckError, Decision, Limiter, LimiterConfig, Outcome};
+use drl_core::cluster::harness::{ClusterSpec, MemCluster, Submitted};
+use drl_core::descriptor::Descriptors;
+use drl_core::key::{key_digest, KeySeed};
+use drl_core::limiter::{CheckError, Decision, Limiter, LimiterConfig, Outcome};
+use drl_core::rules::RuleSet;
+use drl_core::time::{Clock, ManualClock, Nanos};
 
 use crate::probe::{live_values, read_slot, Probe, ProbeKind, Target};
 use crate::scenario::{FaultAction, Scenario};

@@ -13,10 +13,10 @@
 
 use std::path::Path;
 
-use drl::cluster::harness::NetFaults;
-use drl::core::rules::RuleSet;
-use drl::core::share::SharePolicy;
-use drl::core::time::{parse_duration, Nanos};
+use drl_core::cluster::harness::NetFaults;
+use drl_core::rules::RuleSet;
+use drl_core::share::SharePolicy;
+use drl_core::time::{parse_duration, Nanos};
 use serde::Deserialize;
 
 /// The one limit of a scenario's rule, as the oracle needs it.
@@ -409,11 +409,11 @@ impl Scenario {
 
     pub fn from_toml(text: &str) -> Result<Scenario, String> {
         let f: ScenarioFile = toml::from_str(text).map_err(|e| e.to_string())?;
-        if f.nodes == 0 || f.nodes > drl::core::share::MAX_NODES {
+        if f.nodes == 0 || f.nodes > drl_core::share::MAX_NODES {
             return Err(format!(
                 "nodes = {}: between 1 and {}",
                 f.nodes,
-                drl::core::share::MAX_NODES
+                drl_core::share::MAX_NODES
             ));
         }
         let policy = match (f.policy.as_str(), f.bounded_fraction) {
@@ -429,7 +429,7 @@ impl Scenario {
             (p, None) => return Err(format!("policy = {p:?}: one of strict, available, bounded")),
         };
         let limit = limit_spec(&f.rules)?;
-        let defaults = drl::cluster::harness::ClusterSpec::new(f.nodes, "", 0);
+        let defaults = drl_core::cluster::harness::ClusterSpec::new(f.nodes, "", 0);
         let mut traffic = Vec::new();
         for (i, t) in f.traffic.iter().enumerate() {
             traffic.push(traffic_group(i, t, f.nodes)?);

@@ -6,7 +6,7 @@
 //! A Poisson process with a time-varying rate is drawn by thinning (draw at
 //! the segment's peak rate, keep each point with probability `rate(t)/peak`).
 
-use drl::core::time::Nanos;
+use drl_core::time::Nanos;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 

@@ -195,7 +195,7 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     if args.keys == 0 {
         return Err(CliError::Usage("--keys must be at least 1".into()));
     }
-    let duration: Duration = crate::core::time::parse_duration(&args.duration)
+    let duration: Duration = drl_core::time::parse_duration(&args.duration)
         .map_err(|e| CliError::Usage(format!("--duration: {e}")))?
         .into();
     let rate = match args.rate {

@@ -3,10 +3,10 @@
 use std::path::{Path, PathBuf};
 
 use super::CliError;
-use crate::core::algorithm::RateAlgorithm;
-use crate::core::descriptor::Descriptors;
-use crate::core::rules::RuleSet;
-use crate::limiter::{Limiter, LimiterConfig, Outcome};
+use drl_core::algorithm::RateAlgorithm;
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{Limiter, LimiterConfig, Outcome};
+use drl_core::rules::RuleSet;
 
 /// Reads and parses a rules file; the error names the file.
 pub fn load_rules(path: &Path) -> Result<RuleSet, CliError> {
@@ -64,7 +64,7 @@ pub fn check(args: &CheckArgs) -> Result<(), CliError> {
         .iter()
         .map(|f| f.split_once('=').ok_or_else(|| CliError::Field(f.clone())))
         .collect::<Result<Vec<_>, _>>()?;
-    let d = Descriptors::new(&pairs).map_err(crate::limiter::CheckError::from)?;
+    let d = Descriptors::new(&pairs).map_err(drl_core::limiter::CheckError::from)?;
     let limiter = Limiter::new(rules, LimiterConfig::default())?;
     for i in 1..=args.repeat {
         let decision = limiter.check(&d, args.cost)?;

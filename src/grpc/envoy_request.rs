@@ -15,7 +15,7 @@
 
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 
-use crate::core::descriptor::{self, DescriptorError, Descriptors, DOMAIN};
+use drl_core::descriptor::{self, DescriptorError, Descriptors, DOMAIN};
 
 /// Most descriptors one request may carry.
 pub const MAX_DESCRIPTORS: usize = 64;

@@ -21,11 +21,11 @@ use tonic::{Request, Response, Status};
 use super::envoy_request::RlsRequest;
 use super::state::{rule_name, GrpcState};
 use super::together::check_together;
-use crate::core::descriptor::Descriptors;
-use crate::core::time::Nanos;
 use crate::http::headers::decision_headers;
-use crate::limiter::{Decision, Outcome};
 use crate::metrics::Protocol;
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{Decision, Outcome};
+use drl_core::time::Nanos;
 
 /// The Envoy rate limit service of one node.
 #[derive(Clone)]
@@ -113,7 +113,7 @@ pub fn response(decisions: &[Decision]) -> RateLimitResponse {
 /// The deciding limit of the whole request, as the HTTP API picks it within
 /// one check: the refusal with the longest wait, else the allowed limit with
 /// the least left.
-fn deciding(decisions: &[Decision]) -> Option<(Decision, crate::limiter::QuotaState)> {
+fn deciding(decisions: &[Decision]) -> Option<(Decision, drl_core::limiter::QuotaState)> {
     let with_quota = decisions.iter().filter_map(|d| d.quota.map(|q| (*d, q)));
     let refused = with_quota
         .clone()
@@ -174,12 +174,12 @@ fn duration(n: Nanos) -> PbDuration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::limiter::QuotaState;
+    use drl_core::limiter::QuotaState;
 
     fn quota(remaining: u64, retry_ms: u64) -> QuotaState {
         QuotaState {
             limit_index: 0,
-            rule: crate::core::rules::RuleName::intern("r"),
+            rule: drl_core::rules::RuleName::intern("r"),
             limit_id: 1,
             limit: 10,
             period: Nanos::from_secs(60),

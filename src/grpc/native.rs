@@ -13,8 +13,8 @@ use super::pb::{
     CheckResponse, CheckResult, Outcome as PbOutcome, RefundRequest, RefundResponse,
 };
 use super::state::{check_status, rule_name, GrpcState};
-use crate::core::descriptor::Descriptors;
-use crate::limiter::{Decision, Outcome};
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{Decision, Outcome};
 
 /// Most checks in one `CheckBatch` call (Gubernator's limit too).
 pub const MAX_BATCH: usize = 1_000;
@@ -185,13 +185,13 @@ pub fn item_code(error: &PbCheckError) -> Code {
 }
 
 /// The node's clock now, as the limiter reads it.
-fn drl_now(limiter: &crate::limiter::Limiter) -> crate::core::time::Nanos {
-    crate::core::time::Clock::now(limiter.clock())
+fn drl_now(limiter: &drl_core::limiter::Limiter) -> drl_core::time::Nanos {
+    drl_core::time::Clock::now(limiter.clock())
 }
 
 /// How a refused refund is answered; nothing was given back.
-fn refund_status(e: &crate::limiter::RefundError) -> Status {
-    use crate::limiter::RefundError as E;
+fn refund_status(e: &drl_core::limiter::RefundError) -> Status {
+    use drl_core::limiter::RefundError as E;
     match e {
         E::Invalid(_) => Status::invalid_argument(e.to_string()),
         E::OtherNode { .. } | E::OtherRun | E::Expired => {

@@ -5,11 +5,11 @@ use std::time::Instant;
 
 use tonic::{Code, Status};
 
-use crate::core::descriptor::Descriptors;
 use crate::http::AppState;
-use crate::limiter::{CheckError, Decision, QuotaState};
 use crate::metrics::{Metrics, Protocol};
 use crate::node::NodeApi;
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{CheckError, Decision, QuotaState};
 
 /// Cheap to clone: a [`NodeApi`] and the HTTP API's state, whose metrics
 /// the gRPC services count into (one `/metrics` page, a `protocol` label).
@@ -98,7 +98,7 @@ pub fn code_label(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::descriptor::DescriptorError;
+    use drl_core::descriptor::DescriptorError;
 
     #[test]
     fn bad_input_and_recovery_map_to_distinct_codes() {

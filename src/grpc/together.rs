@@ -9,9 +9,9 @@
 //! hits counted and be refused because of them; it can never be admitted
 //! beyond a limit because of them.
 
-use crate::core::descriptor::Descriptors;
-use crate::core::time::Clock;
-use crate::limiter::{CheckError, Decision, Limiter, Outcome};
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{CheckError, Decision, Limiter, Outcome};
+use drl_core::time::Clock;
 
 /// Decides `checks` (descriptor set and cost) together. On `Err` nothing
 /// was counted: every set is checked against the endpoint list and the
@@ -68,9 +68,9 @@ fn give_back<C: Clock>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::rules::RuleSet;
-    use crate::core::time::{ManualClock, Nanos};
-    use crate::limiter::LimiterConfig;
+    use drl_core::limiter::LimiterConfig;
+    use drl_core::rules::RuleSet;
+    use drl_core::time::{ManualClock, Nanos};
 
     fn limiter() -> Limiter<ManualClock> {
         let rules = RuleSet::from_toml(

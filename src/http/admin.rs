@@ -10,10 +10,10 @@ use serde::Serialize;
 use super::body::LimitedBody;
 use super::error::{ApiError, Position};
 use super::{json_response, AppState};
-use crate::core::algorithm::RateAlgorithm;
-use crate::core::rules::{RuleSet, RulesError};
-use crate::core::wire::MAX_RULES_BYTES;
 use crate::node::{PutRulesError, RulesVersion};
+use drl_core::algorithm::RateAlgorithm;
+use drl_core::rules::{RuleSet, RulesError};
+use drl_core::wire::MAX_RULES_BYTES;
 
 /// Refuses the request unless it carries the configured admin token. With
 /// no token configured the admin API is off (403), so that a node never

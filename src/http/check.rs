@@ -12,8 +12,8 @@ use super::error::ApiError;
 use super::headers::decision_headers;
 use super::request::{CheckRequest, RefundRequest};
 use super::{json_response, AppState, MAX_BODY_BYTES};
-use crate::core::time::Clock;
-use crate::limiter::{Decision, Outcome};
+use drl_core::limiter::{Decision, Outcome};
+use drl_core::time::Clock;
 
 /// The answer to a check.
 #[derive(Serialize)]

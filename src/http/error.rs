@@ -5,7 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::limiter::CheckError;
+use drl_core::limiter::CheckError;
 
 /// A refused request. Built only from what the client sent or from the
 /// node's state; never from a bug (those do not become 500s by design: the
@@ -74,9 +74,9 @@ impl From<CheckError> for ApiError {
     }
 }
 
-impl From<crate::limiter::RefundError> for ApiError {
-    fn from(e: crate::limiter::RefundError) -> ApiError {
-        use crate::limiter::RefundError as R;
+impl From<drl_core::limiter::RefundError> for ApiError {
+    fn from(e: drl_core::limiter::RefundError) -> ApiError {
+        use drl_core::limiter::RefundError as R;
         let status = match e {
             R::Invalid(_) => StatusCode::BAD_REQUEST,
             R::OtherNode { .. } => StatusCode::MISDIRECTED_REQUEST,
@@ -92,8 +92,8 @@ impl From<crate::limiter::RefundError> for ApiError {
     }
 }
 
-impl From<crate::core::descriptor::DescriptorError> for ApiError {
-    fn from(e: crate::core::descriptor::DescriptorError) -> ApiError {
+impl From<drl_core::descriptor::DescriptorError> for ApiError {
+    fn from(e: drl_core::descriptor::DescriptorError) -> ApiError {
         ApiError::bad_request(e.to_string())
     }
 }

@@ -13,8 +13,8 @@
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::core::time::Nanos;
-use crate::limiter::{Outcome, QuotaState};
+use drl_core::limiter::{Outcome, QuotaState};
+use drl_core::time::Nanos;
 
 /// The `RateLimit-Policy` header field.
 pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -92,7 +92,7 @@ mod tests {
     fn quota(remaining: u64, reset_ms: u64, retry_ms: u64) -> QuotaState {
         QuotaState {
             limit_index: 0,
-            rule: crate::core::rules::RuleName::intern("r"),
+            rule: drl_core::rules::RuleName::intern("r"),
             limit_id: 1,
             limit: 10,
             period: Nanos::from_millis(1500),

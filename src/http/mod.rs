@@ -98,7 +98,7 @@ impl AppState {
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    let rules_limit = DefaultBodyLimit::max(crate::core::wire::MAX_RULES_BYTES);
+    let rules_limit = DefaultBodyLimit::max(drl_core::wire::MAX_RULES_BYTES);
     let admin = Router::new()
         .route("/v1/rules", get(admin::get_rules).put(admin::put_rules))
         .route("/v1/rules/validate", post(admin::validate_rules))

@@ -8,7 +8,7 @@ use std::fmt;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
-use crate::core::descriptor::{self, Descriptors, MAX_FIELDS};
+use drl_core::descriptor::{self, Descriptors, MAX_FIELDS};
 
 /// The reserved member that carries the request's weight.
 pub const COST: &str = "cost";
@@ -133,7 +133,7 @@ impl<'a> RefundRequest<'a> {
                 describe_json_error(&e)
             ))
         })?;
-        if parsed.receipt.len() > crate::core::receipt::MAX_TEXT {
+        if parsed.receipt.len() > drl_core::receipt::MAX_TEXT {
             return Err(RequestError(
                 "the receipt is longer than any receipt".into(),
             ));
@@ -429,7 +429,7 @@ mod tests {
         }
         let long = format!(
             "{{\"receipt\":\"{}\"}}",
-            "0".repeat(crate::core::receipt::MAX_TEXT + 2)
+            "0".repeat(drl_core::receipt::MAX_TEXT + 2)
         );
         assert!(RefundRequest::from_json(long.as_bytes()).is_err());
     }

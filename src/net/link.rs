@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 use super::tls::{peer_certificate, verify_cert_slot, IdentityError};
 use super::transport::Incoming;
 use super::{close_code, slot_server_name, CLUSTER_SERVER_NAME};
-use crate::core::wire::MAX_FRAME_BYTES;
+use drl_core::wire::MAX_FRAME_BYTES;
 
 /// Longest a handshake and slot exchange may take.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

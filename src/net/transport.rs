@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use super::link::PeerId;
 use super::peers::{self, Link, Shared, State};
 use super::tls::{peer_certificate, verify_cert_slot, IdentityError, NodeTls};
-use crate::core::wire::MAX_FRAME_BYTES;
+use drl_core::wire::MAX_FRAME_BYTES;
 
 /// Capacity of the event queue handed out by [`Transport::bind`].
 pub const EVENT_QUEUE: usize = 4096;

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::core::key::KeySeed;
-use crate::core::share::SharePolicy;
-use crate::core::time::{parse_duration, Nanos};
+use drl_core::key::KeySeed;
+use drl_core::share::SharePolicy;
+use drl_core::time::{parse_duration, Nanos};
 
 /// The configuration file as written. Every field has a default except the
 /// TLS material's location.
@@ -136,7 +136,7 @@ pub struct NodeSettings {
     pub name: String,
     /// This node's slot: below `cluster_size`.
     pub slot: u16,
-    /// Slots per counter: 1 to [`MAX_NODES`](crate::core::share::MAX_NODES).
+    /// Slots per counter: 1 to [`MAX_NODES`](drl_core::share::MAX_NODES).
     pub cluster_size: usize,
     /// UDP address for peer traffic (QUIC).
     pub listen_peer: SocketAddr,
@@ -362,10 +362,10 @@ impl NodeFile {
         if self.name.is_empty() || self.name.len() > 64 {
             return Err(invalid("name", "1 to 64 characters"));
         }
-        if self.cluster_size == 0 || self.cluster_size > crate::core::share::MAX_NODES {
+        if self.cluster_size == 0 || self.cluster_size > drl_core::share::MAX_NODES {
             return Err(invalid(
                 "cluster_size",
-                format!("between 1 and {}", crate::core::share::MAX_NODES),
+                format!("between 1 and {}", drl_core::share::MAX_NODES),
             ));
         }
         if usize::from(self.slot) >= self.cluster_size {

@@ -26,17 +26,17 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::clock::SystemClock;
-use crate::cluster::node_core::{CoreConfig, CoreEvent, NodeCore};
-use crate::cluster::replication::{ClaimEvent, PeerState, ReplicationStats};
-use crate::cluster::snapshot;
-use crate::core::descriptor::Descriptors;
-use crate::core::rules::{RuleSet, RulesError};
-use crate::core::share::ShareView;
-use crate::core::slot::NodeSlot;
-use crate::core::time::{Clock, Nanos};
-use crate::limiter::{Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Pending};
 use crate::net::{Incoming, NodeTls, Transport};
+use drl_core::clock::SystemClock;
+use drl_core::cluster::node_core::{CoreConfig, CoreEvent, NodeCore};
+use drl_core::cluster::replication::{ClaimEvent, PeerState, ReplicationStats};
+use drl_core::cluster::snapshot;
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Pending};
+use drl_core::rules::{RuleSet, RulesError};
+use drl_core::share::ShareView;
+use drl_core::slot::NodeSlot;
+use drl_core::time::{Clock, Nanos};
 
 #[cfg(feature = "harness")]
 pub use config::Chaos;
@@ -68,7 +68,7 @@ pub enum NodeError {
     Transport(#[from] crate::net::TransportError),
     #[error("limiter: {0}")]
     /// The limiter could not hold the rules.
-    Limiter(#[from] crate::limiter::SetupError),
+    Limiter(#[from] drl_core::limiter::SetupError),
 }
 
 /// Why the snapshot found at start was not merged. Never fails the start:
@@ -95,7 +95,7 @@ pub enum SnapshotLoadError {
     },
 }
 
-pub use crate::cluster::node_core::{PutRulesError, RulesVersion};
+pub use drl_core::cluster::node_core::{PutRulesError, RulesVersion};
 
 enum Command {
     PutRules {

@@ -21,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::core::key::stable_digest;
+use drl_core::key::stable_digest;
 
 use super::RulesVersion;
 

@@ -22,8 +22,8 @@
 //! register (see [`super::RespService`]), the way an operator's rule change
 //! is: it reaches every node.
 
-use crate::core::time::Nanos;
-use crate::limiter::{Decision, Outcome};
+use drl_core::limiter::{Decision, Outcome};
+use drl_core::time::Nanos;
 
 /// The descriptor field that carries the parameter triple.
 pub const PARAMS_FIELD: &str = "cl_throttle";
@@ -155,10 +155,10 @@ pub fn installed(source: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::descriptor::Descriptors;
-    use crate::core::rules::RuleSet;
-    use crate::core::time::ManualClock;
-    use crate::limiter::{Limiter, LimiterConfig};
+    use drl_core::descriptor::Descriptors;
+    use drl_core::limiter::{Limiter, LimiterConfig};
+    use drl_core::rules::RuleSet;
+    use drl_core::time::ManualClock;
 
     fn throttle(args: &[&str]) -> Result<Throttle, ThrottleError> {
         let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use super::cell::{self, Throttle, ThrottleError, KEY_FIELD, PARAMS_FIELD};
 use super::reply;
-use crate::core::descriptor::{self, Descriptors, MAX_FIELDS};
-use crate::limiter::{CheckError, Decision, Outcome};
 use crate::node::NodeApi;
+use drl_core::descriptor::{self, Descriptors, MAX_FIELDS};
+use drl_core::limiter::{CheckError, Decision, Outcome};
 
 /// Most `CL.THROTTLE` parameter triples a cluster takes on by itself. Each
 /// is a limit with its own key table (bounded by `max_keys`), so a client
@@ -158,7 +158,7 @@ impl RespService {
                 ));
             }
             let text = format!("{}\n{}", source.trim_end(), t.rule_text());
-            let rules = crate::core::rules::RuleSet::from_toml(&text)
+            let rules = drl_core::rules::RuleSet::from_toml(&text)
                 .map_err(|e| format!("CL.THROTTLE {}: {e}", t.params()))?;
             match self.api.put_rules(rules).await {
                 Ok(_) => tracing::info!(rule = %t.rule_name(), "CL.THROTTLE limit put in force"),
@@ -221,7 +221,7 @@ pub fn check_reply(decision: &Decision) -> [i64; 5] {
     let Some(q) = decision.quota else {
         return [1, -1, -1, -1, -1];
     };
-    let ms = |n: crate::core::time::Nanos| {
+    let ms = |n: drl_core::time::Nanos| {
         i64::try_from(n.as_u64().div_ceil(1_000_000)).unwrap_or(i64::MAX)
     };
     let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);

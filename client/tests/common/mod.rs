@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drl::core::window::Ring;
 use drl::http::{HttpNode, RunError};
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{NodeApi, NodeFile};
+use drl_core::window::Ring;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -56,7 +56,7 @@ impl TestNode {
     /// view.
     pub fn counted(&self) -> u64 {
         let limiter = &self.api.limiter;
-        let now = drl::core::time::Clock::now(limiter.clock());
+        let now = drl_core::time::Clock::now(limiter.clock());
         let mut total = 0;
         if let Some(table) = limiter.table(0) {
             table.for_each(|e| {

@@ -1,0 +1,706 @@
+//! A node's orchestration as one sans-IO state machine: replication,
+//! membership, the rules register, the recovery gate and the share view.
+//!
+//! [`NodeCore`] is what a node *decides*; the node's driver (`crate::node`)
+//! only moves bytes and time: it hands the core what the transport reports
+//! (connections, frames), the time, the wake-ups of the limiter and the
+//! operator's commands, and carries out what the core asks (frames to send,
+//! peers to dial, rules to keep on disk). Nothing here opens a socket,
+//! spawns a task, reads a clock or touches a file.
+//!
+//! # Calling order
+//!
+//! 1. Feed inputs: [`NodeCore::handle_connected`],
+//!    [`NodeCore::handle_disconnected`], [`NodeCore::handle_frame`],
+//!    [`NodeCore::handle_wake`], [`NodeCore::commit_rules`] (after
+//!    [`NodeCore::prepare_rules`]), and [`NodeCore::handle_timeout`] once
+//!    [`NodeCore::poll_timeout`] has passed.
+//! 2. Drain [`NodeCore::poll_event`] (recovered, rules in force, the peers
+//!    to dial), then [`NodeCore::poll_transmit`].
+//! 3. Re-arm the timer from [`NodeCore::poll_timeout`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
+use crate::cluster::replication::{
+    ClaimEvent, Delivered, ReplicationConfig, ReplicationEvent, Replicator, Transmit,
+};
+use crate::cluster::store::LimitKey;
+use crate::limiter::{Limiter, SetupError};
+use crate::rules::{RuleSet, RulesError};
+use crate::share::{SharePolicy, ShareView, MAX_NODES};
+use crate::slot::NodeSlot;
+use crate::time::{Clock, Nanos};
+use crate::wire::{Frame, Kind, RulesFrame, Swim, MAX_RULES_BYTES};
+
+/// The version of the rules in force: a Lamport-style counter and the slot
+/// of the node that put them in force. Larger wins everywhere.
+pub type RulesVersion = (u64, u16);
+
+/// Why new rules were refused. The rules in force stay.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PutRulesError {
+    /// The text is not a valid rule file (line, column and field path).
+    #[error(transparent)]
+    Invalid(#[from] RulesError),
+    /// The rules are valid but the limiter cannot hold them (a key table
+    /// too large for its limit, say).
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    #[error("rules text of {0} bytes exceeds the {max}-byte limit", max = MAX_RULES_BYTES)]
+    /// The rules text is longer than [`MAX_RULES_BYTES`].
+    TooLarge(usize),
+    #[error("the node is shutting down")]
+    /// The node is stopping and takes no new rules.
+    Stopped,
+    /// The rules could not be kept on disk; they were not put in force.
+    #[error("rules not kept on disk: {0}")]
+    NotPersisted(String),
+}
+
+/// What the core settles on its own.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    /// This node's name.
+    pub name: String,
+    /// This node's slot.
+    pub slot: NodeSlot,
+    /// Slots per counter: the most nodes the cluster may have.
+    pub cluster_size: usize,
+    /// How a limit is shared while peers cannot be reached.
+    pub policy: SharePolicy,
+    /// In-flight budget per limit, in millionths of the limit.
+    pub inflight_ppm: u32,
+    /// How often deltas are shipped to peers.
+    pub sync_interval: Nanos,
+    /// How long recovery waits for every peer before a majority is enough.
+    pub recovery_timeout: Nanos,
+    /// A verified snapshot was merged before the core started.
+    pub snapshot_restored: bool,
+    /// This run's incarnation (process start in ms): higher than any earlier
+    /// run's.
+    pub incarnation: u64,
+    /// The address peers reach this node on.
+    pub peer_addr: SocketAddr,
+    /// The node starts without its counts and must recover them before it
+    /// admits (a real node always does; a simulated cluster's first boot
+    /// does not).
+    pub recovering: bool,
+}
+
+/// What the core asks of its driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CoreEvent {
+    /// The recovery gate opened: the node admits from now on.
+    Recovered,
+    /// These rules are in force now (from a peer, or committed here): keep
+    /// them on disk.
+    RulesInForce {
+        /// The version now in force.
+        version: RulesVersion,
+        /// The rules file's text.
+        text: String,
+    },
+    /// The peers to keep connections to changed.
+    DialPeers(Vec<(NodeSlot, SocketAddr)>),
+    /// A member joined or came back.
+    MemberUp {
+        /// Its slot.
+        slot: NodeSlot,
+        /// Its name.
+        name: String,
+    },
+    /// A member left or was declared dead.
+    MemberDown {
+        /// Its slot.
+        slot: NodeSlot,
+        /// Its name.
+        name: String,
+    },
+}
+
+/// Rules checked by [`NodeCore::prepare_rules`], not yet in force.
+pub struct PreparedRules {
+    rules: RuleSet,
+    text: String,
+    version: RulesVersion,
+}
+
+impl PreparedRules {
+    /// The version these rules will carry once committed.
+    pub fn version(&self) -> RulesVersion {
+        self.version
+    }
+    /// The rules file's text.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// One node's cluster state machine (see the module docs for the calling
+/// order).
+pub struct NodeCore<C: Clock = crate::clock::SystemClock> {
+    cfg: CoreConfig,
+    limiter: Arc<Limiter<C>>,
+    repl: Replicator,
+    membership: Membership,
+    rules: crdts::LWWReg<String, RulesVersion>,
+    rules_digest: u64,
+    /// Peer slot → its peer address, as learned from connections.
+    addrs: BTreeMap<NodeSlot, SocketAddr>,
+    known: BTreeSet<NodeSlot>,
+    live: BTreeSet<NodeSlot>,
+    outbox: VecDeque<Transmit>,
+    events: VecDeque<CoreEvent>,
+}
+
+impl<C: Clock> NodeCore<C> {
+    /// A core for a node that has just started (it recovers before it
+    /// admits), running `rules` at `version`.
+    pub fn new(
+        cfg: CoreConfig,
+        limiter: Arc<Limiter<C>>,
+        rules_text: String,
+        rules_version: RulesVersion,
+        rules_digest: u64,
+        now: Nanos,
+    ) -> Self {
+        let mut rc = ReplicationConfig::new(cfg.slot, cfg.name.clone());
+        rc.sync_interval = cfg.sync_interval;
+        rc.policy = cfg.policy;
+        rc.recovery_timeout = cfg.recovery_timeout;
+        rc.expected_peers = cfg.cluster_size.saturating_sub(1);
+        rc.snapshot_restored = cfg.snapshot_restored;
+        // Ready only with the peers' rules in hand: a restarted node must not
+        // decide on rules older than the cluster's.
+        rc.await_rules = true;
+        // A peer's hold on a claimed key must outlast the claimant's wait.
+        limiter.set_confirm_hold(rc.claim_timeout * 2);
+        let repl = Replicator::new(rc, cfg.incarnation, cfg.recovering, now);
+        let me = Member::new(cfg.name.clone(), cfg.slot, cfg.peer_addr, cfg.incarnation);
+        let membership = Membership::new(
+            me,
+            MembershipConfig::lan(cfg.cluster_size as u32),
+            cfg.incarnation ^ u64::from(cfg.slot.get()),
+        );
+        let core = NodeCore {
+            limiter,
+            repl,
+            membership,
+            rules: crdts::LWWReg {
+                val: rules_text,
+                marker: rules_version,
+            },
+            rules_digest,
+            addrs: BTreeMap::new(),
+            known: BTreeSet::new(),
+            live: BTreeSet::new(),
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            cfg,
+        };
+        core.limiter.set_share_view(core.share_view());
+        core
+    }
+
+    /// The share view of a node of the configured cluster: every configured
+    /// slot is a member whether or not it has been heard from, so a node
+    /// that hears nobody still reserves its peers' shares and never decides
+    /// as if alone.
+    pub fn share_view(&self) -> ShareView {
+        configured_view(&self.cfg, self.live_mask(), self.repl.in_minority())
+            .confirming_all(self.repl.unsynced_live())
+    }
+
+    fn live_mask(&self) -> u64 {
+        self.live.iter().fold(0u64, |m, &s| m | s.bit())
+    }
+
+    /// The replication state machine, for stats and tests.
+    pub fn replicator(&self) -> &Replicator {
+        &self.repl
+    }
+    /// Adds a configured member before it is heard from (a simulated
+    /// cluster knows all its members from the start).
+    pub fn add_peer(&mut self, slot: NodeSlot) {
+        self.repl.add_peer(slot);
+    }
+    /// The membership state machine.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+    /// The version of the rules in force.
+    pub fn rules_version(&self) -> RulesVersion {
+        self.rules.marker
+    }
+    /// The text of the rules in force.
+    pub fn rules_text(&self) -> &str {
+        &self.rules.val
+    }
+    /// Every peer slot ever seen up since start.
+    pub fn known(&self) -> &BTreeSet<NodeSlot> {
+        &self.known
+    }
+    /// Peer slots the membership holds alive now.
+    pub fn live(&self) -> &BTreeSet<NodeSlot> {
+        &self.live
+    }
+    /// Whether `addr` belongs to a peer this node already knows.
+    pub fn is_known_addr(&self, addr: SocketAddr) -> bool {
+        addr == self.cfg.peer_addr || self.addrs.values().any(|a| *a == addr)
+    }
+
+    /// A connection to `slot` came up.
+    pub fn handle_connected(&mut self, now: Nanos, slot: NodeSlot, addr: SocketAddr) {
+        self.addrs.insert(slot, addr);
+        self.repl.peer_connected(now, slot, self.rules_digest);
+        // A peer that missed a rules change learns it here.
+        let frame = self.rules_frame();
+        self.outbox.push_back(Transmit {
+            to: slot,
+            bytes: frame,
+            reliable: true,
+        });
+        self.after_input();
+    }
+
+    /// The connection to `slot` closed.
+    pub fn handle_disconnected(&mut self, slot: NodeSlot) {
+        self.repl.peer_disconnected(slot);
+    }
+
+    /// A frame from the authenticated peer `from`. Refused frames change
+    /// nothing and are counted by the replicator.
+    pub fn handle_frame(&mut self, now: Nanos, from: NodeSlot, bytes: &[u8]) {
+        let hello = bytes.get(1) == Some(&(Kind::Hello as u8));
+        match self
+            .repl
+            .handle_frame(now, from, bytes, &*self.limiter, self.rules_digest)
+        {
+            Ok(Delivered::Swim(swim)) => {
+                // Malformed membership payloads are refused inside.
+                let _ = self.membership.handle_data(now, &swim);
+            }
+            Ok(Delivered::Rules(rules)) => self.on_peer_rules(rules),
+            Ok(Delivered::Applied) if hello => self.introduce(now, from),
+            Ok(Delivered::Applied) => {}
+            Err(e) => tracing::debug!(from = from.get(), error = %e, "frame refused"),
+        }
+        self.after_input();
+    }
+
+    /// Sends provisional hits of `keys` (limit id, key digest) to every
+    /// peer to confirm; the answer comes out of
+    /// [`NodeCore::poll_claim_event`] under the returned ticket.
+    /// `started`: when the request arrived (it is judged as of then).
+    pub fn claim(&mut self, now: Nanos, started: Nanos, keys: Vec<LimitKey>) -> u64 {
+        self.repl.claim(now, started, keys, &*self.limiter)
+    }
+
+    /// How long a claim waits for its answers.
+    pub fn claim_timeout(&self) -> Nanos {
+        self.repl.config().claim_timeout
+    }
+
+    /// A confirmed claim lost to an earlier conflicting one: it waits (until
+    /// `deadline`) for the earlier claim's hits to arrive, then decides again
+    /// (see `Replicator::yield_to`).
+    pub fn yield_to(
+        &mut self,
+        ticket: u64,
+        keys: Vec<LimitKey>,
+        blocking: u64,
+        answered: u64,
+        deadline: Nanos,
+    ) {
+        self.repl
+            .yield_to(ticket, keys, blocking, answered, deadline);
+    }
+
+    /// Claims answered or expired since the last call.
+    pub fn poll_claim_event(&mut self) -> Option<ClaimEvent> {
+        self.repl.poll_claim_event()
+    }
+
+    /// A key's in-flight share is spent: ship at once.
+    pub fn handle_wake(&mut self, now: Nanos) {
+        self.repl.ship_now(now, &*self.limiter);
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    pub fn poll_timeout(&self) -> Nanos {
+        let repl = self.repl.poll_timeout();
+        self.membership.poll_timeout().map_or(repl, |m| m.min(repl))
+    }
+
+    /// Runs what is due at `now`: membership probes, the sync tick, resends
+    /// and claim deadlines.
+    pub fn handle_timeout(&mut self, now: Nanos) {
+        self.membership.handle_timeout(now);
+        self.repl.handle_timeout(now, &*self.limiter);
+        self.after_input();
+    }
+
+    /// A node that has lost every member announces itself again to the
+    /// peers it knows (SWIM stops probing when alone). Called on the
+    /// driver's discovery tick.
+    pub fn handle_discovery(&mut self, now: Nanos) {
+        if !self.membership.members().is_empty() {
+            return;
+        }
+        let peers: Vec<Member> = self
+            .addrs
+            .iter()
+            .filter_map(|(&slot, &addr)| {
+                let peer = self.repl.peers().get(&slot)?;
+                (!peer.name.is_empty()).then(|| {
+                    Member::new(peer.name.clone(), slot, addr, peer.incarnation.unwrap_or(0))
+                })
+            })
+            .collect();
+        for member in peers {
+            self.membership.announce(now, member);
+        }
+        self.after_input();
+    }
+
+    /// Takes parsed `rules` as the next version of the rules from this
+    /// node (refused only when their text is too large to replicate). The
+    /// driver keeps them on disk, then calls [`NodeCore::commit_rules`].
+    pub fn prepare_rules(&self, rules: RuleSet) -> Result<PreparedRules, PutRulesError> {
+        let version = (self.rules.marker.0 + 1, self.cfg.slot.get());
+        prepare(rules, version)
+    }
+
+    /// Puts prepared rules in force and sends them to every connected peer.
+    pub fn commit_rules(&mut self, prepared: PreparedRules) -> RulesVersion {
+        let version = prepared.version;
+        if let Err(e) = self.put_in_force(prepared) {
+            tracing::warn!(error = %e, "rules refused");
+        }
+        self.after_input();
+        version
+    }
+
+    /// Whether `text` is already the rules in force.
+    pub fn runs(&self, text: &str) -> bool {
+        self.rules.val == text
+    }
+
+    /// Ships what is pending and leaves the membership: a clean stop.
+    pub fn finish(&mut self, now: Nanos) {
+        self.repl
+            .handle_timeout(now.max(self.repl.poll_timeout()), &*self.limiter);
+        self.membership.leave(now);
+        self.after_input();
+    }
+
+    /// What the driver must act on, in order; `None` when there is nothing.
+    pub fn poll_event(&mut self) -> Option<CoreEvent> {
+        self.events.pop_front()
+    }
+
+    /// Frames for peers: replication, membership and rules.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if let Some(t) = self.outbox.pop_front() {
+            return Some(t);
+        }
+        self.repl.poll_transmit()
+    }
+
+    fn rules_frame(&self) -> Vec<u8> {
+        Frame::Rules(RulesFrame {
+            version: self.rules.marker.0,
+            origin: self.rules.marker.1,
+            text: self.rules.val.clone(),
+        })
+        .encode()
+    }
+
+    fn put_in_force(&mut self, p: PreparedRules) -> Result<(), PutRulesError> {
+        let digest = p.rules.digest();
+        self.limiter.replace_rules(p.rules)?;
+        self.rules_digest = digest;
+        self.rules.update(p.text.clone(), p.version);
+        // Flooding: a node that adopts newer rules forwards them once, so
+        // they reach nodes the origin cannot.
+        let frame = self.rules_frame();
+        for (&slot, peer) in self.repl.peers() {
+            if peer.connected {
+                self.outbox.push_back(Transmit {
+                    to: slot,
+                    bytes: frame.clone(),
+                    reliable: true,
+                });
+            }
+        }
+        tracing::info!(
+            version = p.version.0,
+            origin = p.version.1,
+            "rules in force"
+        );
+        self.events.push_back(CoreEvent::RulesInForce {
+            version: p.version,
+            text: p.text,
+        });
+        Ok(())
+    }
+
+    fn on_peer_rules(&mut self, r: RulesFrame) {
+        let version = (r.version, r.origin);
+        if version <= self.rules.marker {
+            return;
+        }
+        let prepared = RuleSet::from_toml(&r.text)
+            .map_err(PutRulesError::from)
+            .and_then(|rules| prepare(rules, version));
+        match prepared.and_then(|p| self.put_in_force(p)) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "rules from a peer refused"),
+        }
+    }
+
+    /// After a peer's hello: make sure membership knows it.
+    fn introduce(&mut self, now: Nanos, slot: NodeSlot) {
+        let (Some(peer), Some(&addr)) = (self.repl.peers().get(&slot), self.addrs.get(&slot))
+        else {
+            return;
+        };
+        let Some(incarnation) = peer.incarnation else {
+            return;
+        };
+        if !self.membership.is_alive(slot) {
+            self.membership
+                .announce(now, Member::new(peer.name.clone(), slot, addr, incarnation));
+        }
+    }
+
+    /// Moves membership output into the outbox and events, and reports the
+    /// recovery gate opening.
+    fn after_input(&mut self) {
+        while let Some(event) = self.membership.poll_event() {
+            self.on_member_event(event);
+        }
+        while let Some((to, payload)) = self.membership.poll_transmit() {
+            self.outbox.push_back(Transmit {
+                to: to.slot,
+                bytes: Frame::Swim(Swim { payload }).encode(),
+                reliable: false,
+            });
+        }
+        while let Some(event) = self.repl.poll_event() {
+            match event {
+                ReplicationEvent::Recovered => {
+                    // The gate opens here: the limiter admits from now on.
+                    self.limiter.set_admitting(true);
+                    self.events.push_back(CoreEvent::Recovered);
+                }
+            }
+        }
+        // A returning peer's whole state arrived (or a peer came back):
+        // confirm every request exactly while some live peer is unsynced.
+        let unsynced = self.repl.unsynced_live();
+        if self
+            .limiter
+            .share_view()
+            .is_some_and(|v| v.confirm_all != unsynced)
+        {
+            self.limiter.set_share_view(self.share_view());
+        }
+    }
+
+    fn on_member_event(&mut self, event: MemberEvent) {
+        match event {
+            MemberEvent::Up(m) | MemberEvent::Rejoined(m) => {
+                if m.slot.index() >= self.cfg.cluster_size || m.slot == self.cfg.slot {
+                    return;
+                }
+                self.addrs.insert(m.slot, m.addr);
+                self.known.insert(m.slot);
+                self.live.insert(m.slot);
+                self.repl.add_peer(m.slot);
+                self.repl
+                    .set_liveness(&*self.limiter, m.slot, true, self.rules_digest);
+                self.events.push_back(CoreEvent::MemberUp {
+                    slot: m.slot,
+                    name: m.name,
+                });
+            }
+            MemberEvent::Down(m) => {
+                self.live.remove(&m.slot);
+                self.repl
+                    .set_liveness(&*self.limiter, m.slot, false, self.rules_digest);
+                self.events.push_back(CoreEvent::MemberDown {
+                    slot: m.slot,
+                    name: m.name,
+                });
+            }
+        }
+        let peers = self
+            .known
+            .iter()
+            .filter_map(|s| self.addrs.get(s).map(|a| (*s, *a)))
+            .collect();
+        self.events.push_back(CoreEvent::DialPeers(peers));
+        self.limiter.set_share_view(self.share_view());
+    }
+}
+
+fn prepare(rules: RuleSet, version: RulesVersion) -> Result<PreparedRules, PutRulesError> {
+    let text = rules.source().to_owned();
+    if text.len() > MAX_RULES_BYTES {
+        return Err(PutRulesError::TooLarge(text.len()));
+    }
+    Ok(PreparedRules {
+        rules,
+        text,
+        version,
+    })
+}
+
+/// The share view of node `cfg.slot` in the configured cluster (see
+/// [`NodeCore::share_view`]). `live`: the peers believed alive.
+pub fn configured_view(cfg: &CoreConfig, live: u64, minority: bool) -> ShareView {
+    let members = (0..cfg.cluster_size.min(MAX_NODES)).fold(0u64, |m, s| m | 1 << s);
+    ShareView::for_cluster(
+        cfg.slot.get(),
+        members,
+        live & members,
+        minority,
+        cfg.policy,
+        cfg.inflight_ppm,
+        cfg.sync_interval * 2,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::LimiterConfig;
+    use crate::time::ManualClock;
+
+    const RULES: &str = r#"
+        [[rules]]
+        name = "per-user"
+        match = { user = "*" }
+        limits = [ { algorithm = "sliding_window", limit = 100, window = "1h" } ]
+    "#;
+
+    type TestCore = NodeCore<Arc<ManualClock>>;
+
+    fn core(
+        slot: u16,
+        clock: &Arc<ManualClock>,
+        now: Nanos,
+    ) -> (TestCore, Arc<Limiter<Arc<ManualClock>>>) {
+        let rules = RuleSet::from_toml(RULES).unwrap();
+        let digest = rules.digest();
+        let config = LimiterConfig {
+            own_slot: NodeSlot::new(slot),
+            slots: 2,
+            ..LimiterConfig::default()
+        };
+        let limiter = Arc::new(
+            Limiter::with_clock(rules, config, clock.clone())
+                .and_then(|l| l.clustered(ShareView::alone(slot)))
+                .unwrap(),
+        );
+        let cfg = CoreConfig {
+            name: format!("node-{slot}"),
+            slot: NodeSlot::new(slot),
+            cluster_size: 2,
+            policy: SharePolicy::Strict,
+            inflight_ppm: 20_000,
+            sync_interval: Nanos::from_millis(5),
+            recovery_timeout: Nanos::from_secs(1),
+            snapshot_restored: false,
+            incarnation: 1,
+            peer_addr: SocketAddr::from(([127, 0, 0, 1], 7400 + slot)),
+            recovering: true,
+        };
+        let core = NodeCore::new(cfg, limiter.clone(), RULES.into(), (0, slot), digest, now);
+        (core, limiter)
+    }
+
+    /// Delivers every pending frame between the two cores until none is left.
+    fn pump(cores: &mut [TestCore; 2], now: Nanos) {
+        loop {
+            let mut moved = false;
+            for from in [NodeSlot::new(0), NodeSlot::new(1)] {
+                while let Some(t) = cores[from.index()].poll_transmit() {
+                    cores[t.to.index()].handle_frame(now, from, &t.bytes);
+                    moved = true;
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    fn events(core: &mut TestCore) -> Vec<CoreEvent> {
+        std::iter::from_fn(|| core.poll_event()).collect()
+    }
+
+    #[test]
+    fn two_cores_recover_from_each_other_and_agree_on_rules_without_io() {
+        let clock = Arc::new(ManualClock::new(Nanos::from_secs(1_700_000_000)));
+        let mut now = clock.now();
+        let (a, la) = core(0, &clock, now);
+        let (b, lb) = core(1, &clock, now);
+        let mut cores = [a, b];
+        // Nobody heard: time alone opens nothing.
+        for _ in 0..400 {
+            now = now + Nanos::from_millis(5);
+            cores[0].handle_timeout(now);
+        }
+        assert!(!la.is_admitting());
+        assert!(!events(&mut cores[0]).contains(&CoreEvent::Recovered));
+        cores[0].handle_connected(
+            now,
+            NodeSlot::new(1),
+            SocketAddr::from(([127, 0, 0, 1], 7401)),
+        );
+        cores[1].handle_connected(
+            now,
+            NodeSlot::new(0),
+            SocketAddr::from(([127, 0, 0, 1], 7400)),
+        );
+        pump(&mut cores, now);
+        for _ in 0..4 {
+            now = now + Nanos::from_millis(5);
+            for c in cores.iter_mut() {
+                c.handle_timeout(now);
+            }
+            pump(&mut cores, now);
+        }
+        assert!(la.is_admitting() && lb.is_admitting());
+        for c in cores.iter_mut() {
+            assert!(events(c).contains(&CoreEvent::Recovered));
+        }
+        // A rule change on one core reaches the other.
+        let text = RULES.replace("limit = 100", "limit = 50");
+        let prepared = cores[0]
+            .prepare_rules(RuleSet::from_toml(&text).unwrap())
+            .unwrap();
+        assert_eq!(cores[0].commit_rules(prepared), (1, 0));
+        pump(&mut cores, now);
+        assert!(events(&mut cores[1]).contains(&CoreEvent::RulesInForce {
+            version: (1, 0),
+            text: text.clone(),
+        }));
+        assert_eq!(cores[1].rules_version(), (1, 0));
+        assert!(cores[1].runs(&text));
+        // Rules too large to replicate change nothing.
+        let padded = format!("{text}\n#{}\n", "x".repeat(MAX_RULES_BYTES));
+        assert_eq!(
+            cores[0]
+                .prepare_rules(RuleSet::from_toml(&padded).unwrap())
+                .err(),
+            Some(PutRulesError::TooLarge(padded.len()))
+        );
+        assert_eq!(cores[0].rules_version(), (1, 0));
+    }
+}

@@ -1,0 +1,189 @@
+//! Acknowledgements: every accepted delta, sync or recovery frame is
+//! acknowledged at once (the sooner the sender hears, the sooner its
+//! in-flight hits settle), and each acknowledgement echoes the frame's
+//! timestamp, from which the sender estimates the peer's clock offset and
+//! the round trip.
+
+use super::{ReplicaStore, Replicator};
+use crate::slot::NodeSlot;
+use crate::time::Nanos;
+use crate::wire::{Ack, Frame, Slots};
+
+/// The four timestamps of one acknowledged frame, NTP's `t1..t4`: sent here,
+/// received there, answered there, answer received here (each by the clock
+/// of the node that took it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AckTimes {
+    pub sent: u64,
+    pub received: u64,
+    pub replied: u64,
+    pub returned: u64,
+}
+
+impl AckTimes {
+    /// The timestamps an acknowledgement carries, completed by its arrival.
+    pub fn of(ack: &Ack, now: Nanos) -> Self {
+        AckTimes {
+            sent: ack.echo_sent_at,
+            received: ack.received_at,
+            replied: ack.replied_at,
+            returned: now.as_u64(),
+        }
+    }
+
+    /// `(offset, round trip)` of this sample; `None` when the timestamps
+    /// cannot be a real exchange (nothing echoed, or time running backwards).
+    pub fn sample(&self) -> Option<(i128, i128)> {
+        let (t1, t2, t3, t4) = (
+            i128::from(self.sent),
+            i128::from(self.received),
+            i128::from(self.replied),
+            i128::from(self.returned),
+        );
+        if t1 > 0 && t4 >= t1 && t3 >= t2 {
+            let offset = ((t2 - t1) + (t3 - t4)) / 2;
+            let rtt = ((t4 - t1) - (t3 - t2)).max(0);
+            Some((offset, rtt))
+        } else {
+            None
+        }
+    }
+}
+
+/// A peer's clock as seen from here: `peer clock − our clock`, smoothed,
+/// and the last round trip.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockEstimate {
+    /// Estimated `peer clock − our clock`, in nanoseconds, smoothed.
+    pub offset_ns: i64,
+    /// The last measured round trip.
+    pub rtt: Nanos,
+}
+
+impl ClockEstimate {
+    /// Folds in one acknowledgement: the first sample is taken as it is,
+    /// later offsets move the estimate by an eighth of the difference.
+    /// Samples that cannot be real change nothing.
+    pub fn update(self, times: AckTimes) -> ClockEstimate {
+        let Some((offset, rtt)) = times.sample() else {
+            return self;
+        };
+        let offset_ns = if self.rtt == Nanos::ZERO {
+            offset as i64
+        } else {
+            (i128::from(self.offset_ns) * 7 / 8 + offset / 8) as i64
+        };
+        ClockEstimate {
+            offset_ns,
+            rtt: Nanos::new(rtt as u64),
+        }
+    }
+}
+
+impl Replicator {
+    /// Acknowledges a frame at once. The ack echoes the frame's timestamp.
+    pub(super) fn note_received(&mut self, now: Nanos, from: NodeSlot, s: &Slots) {
+        if self.peers.get(&from).is_some_and(|p| p.owed_sync) {
+            // Not until it holds our state (see `PeerState::owed_sync`).
+            return;
+        }
+        let ack = Frame::Ack(Ack {
+            slot: self.cfg.own.get(),
+            rounds: vec![s.round],
+            echo_sent_at: s.sent_at,
+            received_at: now.as_u64(),
+            replied_at: now.as_u64(),
+        });
+        self.send(from, ack.encode(), false);
+    }
+
+    /// A peer acknowledged frames of ours: update its clock estimate, close
+    /// the full sync it completes, and settle rounds nobody else waits on.
+    pub(super) fn on_ack(
+        &mut self,
+        now: Nanos,
+        from: NodeSlot,
+        a: &Ack,
+        store: &(impl ReplicaStore + ?Sized),
+    ) {
+        let times = AckTimes::of(a, now);
+        if let Some(p) = self.peers.get_mut(&from) {
+            let est = p.clock().update(times);
+            p.clock_offset_ns = est.offset_ns;
+            p.rtt = est.rtt;
+        }
+        let acked: Vec<u64> = a
+            .rounds
+            .iter()
+            .flat_map(|r| self.aliases.remove(r).unwrap_or_else(|| vec![*r]))
+            .collect();
+        for original in acked {
+            if let Some(sync) = self.peers.get_mut(&from).and_then(|p| p.sync_out.as_mut()) {
+                if sync.pending.remove(&original).is_some() && sync.pending.is_empty() {
+                    // The peer holds our whole state as of the sync's start.
+                    let start = sync.start;
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.sync_out = None;
+                        p.needs_sync = false;
+                        p.owed_sync = false;
+                    }
+                    self.stop_waiting_for(store, from, start);
+                }
+            }
+            let Some(round) = self.rounds.get_mut(&original) else {
+                continue;
+            };
+            round.waiting.remove(&from);
+            if round.waiting.is_empty() {
+                self.settle(original, store);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn times(sent: u64, received: u64, replied: u64, returned: u64) -> AckTimes {
+        AckTimes {
+            sent,
+            received,
+            replied,
+            returned,
+        }
+    }
+
+    #[test]
+    fn offset_and_round_trip_come_from_the_four_timestamps() {
+        // The peer runs 1,000 ns ahead; 200 ns each way; 50 ns to answer.
+        let t = times(10_000, 11_200, 11_250, 10_450);
+        assert_eq!(t.sample(), Some((1_000, 400)));
+        let est = ClockEstimate::default().update(t);
+        assert_eq!(est.offset_ns, 1_000);
+        assert_eq!(est.rtt, Nanos::new(400));
+    }
+
+    #[test]
+    fn later_samples_move_the_offset_by_an_eighth() {
+        let first = ClockEstimate::default().update(times(10_000, 11_200, 11_250, 10_450));
+        // Now the peer seems 9,000 ns ahead: the estimate moves 1/8 of the way.
+        let second = first.update(times(20_000, 29_200, 29_250, 20_450));
+        assert_eq!(second.offset_ns, 1_000 * 7 / 8 + 9_000 / 8);
+        assert_eq!(second.rtt, Nanos::new(400));
+    }
+
+    #[test]
+    fn impossible_samples_change_nothing() {
+        let est = ClockEstimate {
+            offset_ns: 5,
+            rtt: Nanos::new(9),
+        };
+        // Nothing echoed.
+        assert_eq!(est.update(times(0, 1, 2, 3)), est);
+        // The answer arrived before the frame left.
+        assert_eq!(est.update(times(100, 1, 2, 50)), est);
+        // Answered before it was received.
+        assert_eq!(est.update(times(100, 9, 2, 150)), est);
+    }
+}

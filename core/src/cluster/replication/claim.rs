@@ -1,0 +1,310 @@
+//! Claims: near a limit, a node counts a request's hits provisionally and
+//! asks every peer it waits for to merge them and answer with its own
+//! counts of the keys, so that no two nodes spend the last of a quota on
+//! stale counts. Conflicting claims are settled in favour of the earlier.
+
+use std::collections::BTreeSet;
+
+use super::{ReplicaStore, Replicator};
+use crate::cluster::store::LimitKey;
+use crate::slot::NodeSlot;
+use crate::time::Nanos;
+use crate::wire::{Frame, Slots};
+
+/// How a claim ended, for the caller to decide the request it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimEvent {
+    /// Every peer waited for answered; `answered` has a bit per peer slot
+    /// whose own counts of the keys are now merged.
+    Answered {
+        /// The ticket [`Replicator::claim`](super::Replicator::claim) returned.
+        ticket: u64,
+        /// A bit per peer slot that answered.
+        answered: u64,
+    },
+    /// Not every peer answered within the claim timeout.
+    Expired {
+        /// The ticket of the claim that expired.
+        ticket: u64,
+    },
+}
+
+/// An answered claim waiting for the outcome of later conflicting claims.
+pub(super) struct Yielding {
+    pub(super) keys: Vec<LimitKey>,
+    /// Peers whose later claims it waits on, bit per slot.
+    pub(super) blocking: u64,
+    /// Who answered the claim, bit per slot.
+    pub(super) answered: u64,
+    pub(super) deadline: Nanos,
+}
+
+/// A claim waiting for its answers.
+pub(super) struct OpenClaim {
+    /// When its hits were counted, by this node's clock: sent with every
+    /// copy of the claim (it orders conflicting claims).
+    pub(super) started: Nanos,
+    pub(super) keys: Vec<LimitKey>,
+    pub(super) waiting: BTreeSet<NodeSlot>,
+    pub(super) answered: u64,
+    pub(super) deadline: Nanos,
+    pub(super) resend_at: Nanos,
+}
+
+/// The `(limit, key)` pairs a frame carries.
+pub(super) fn carried_keys(s: &Slots) -> Vec<LimitKey> {
+    s.groups
+        .iter()
+        .flat_map(|g| g.keys.iter().map(move |k| (g.limit, k.key)))
+        .collect()
+}
+
+impl Replicator {
+    /// An answered claim that the limiter refused only because of peers'
+    /// later claims (`blocking`, bit per slot) that may still be undecided:
+    /// decide it again ([`ClaimEvent::Answered`] once more) as soon as a
+    /// frame from one of them arrives, or refuse it at `deadline`.
+    pub fn yield_to(
+        &mut self,
+        ticket: u64,
+        keys: Vec<LimitKey>,
+        blocking: u64,
+        answered: u64,
+        deadline: Nanos,
+    ) {
+        self.yielding.insert(
+            ticket,
+            Yielding {
+                keys,
+                blocking,
+                answered,
+                deadline,
+            },
+        );
+    }
+
+    /// Values from `slot` arrived (for `keys`, or for anything when `None`):
+    /// yielding claims blocked by it on those keys decide again.
+    pub(super) fn heard_from(&mut self, slot: NodeSlot, keys: Option<&[LimitKey]>) {
+        if self.yielding.is_empty() || slot.bit() == 0 {
+            return;
+        }
+        let again: Vec<(u64, u64)> = self
+            .yielding
+            .iter()
+            .filter(|(_, y)| {
+                y.blocking & slot.bit() != 0
+                    && keys.is_none_or(|ks| ks.iter().any(|k| y.keys.contains(k)))
+            })
+            .map(|(&t, y)| (t, y.answered))
+            .collect();
+        for (ticket, answered) in again {
+            self.yielding.remove(&ticket);
+            self.claim_events
+                .push_back(ClaimEvent::Answered { ticket, answered });
+        }
+    }
+
+    /// How a claim ended: drain after every `handle_*` call.
+    pub fn poll_claim_event(&mut self) -> Option<ClaimEvent> {
+        self.claim_events.pop_front()
+    }
+
+    /// Claims waiting for answers.
+    pub fn open_claims(&self) -> usize {
+        self.claims.len()
+    }
+
+    /// Asks every peer this node waits for to merge its provisional hits on
+    /// `keys` (already counted in the store) and to answer with its own
+    /// counts of them. Returns the claim's ticket; the outcome comes from
+    /// [`Replicator::poll_claim_event`].
+    /// `started` is when the request's hits were counted.
+    pub fn claim(
+        &mut self,
+        now: Nanos,
+        started: Nanos,
+        keys: Vec<LimitKey>,
+        store: &(impl ReplicaStore + ?Sized),
+    ) -> u64 {
+        let ticket = self.next_round;
+        self.next_round += 1;
+        let waiting = self.waiting_set();
+        if waiting.is_empty() {
+            self.claim_events.push_back(ClaimEvent::Answered {
+                ticket,
+                answered: 0,
+            });
+            return ticket;
+        }
+        let claim = OpenClaim {
+            started,
+            keys,
+            waiting,
+            answered: 0,
+            deadline: now + self.cfg.claim_timeout,
+            resend_at: now + self.cfg.claim_resend,
+        };
+        let frame = self.values_frame(now, started, ticket, &claim.keys, store);
+        let bytes = Frame::Claim(frame).encode();
+        for &slot in &claim.waiting {
+            if self.peers.get(&slot).is_some_and(|p| p.connected) {
+                self.send(slot, bytes.clone(), false);
+            }
+        }
+        self.stats.claims_sent += 1;
+        self.claims.insert(ticket, claim);
+        ticket
+    }
+
+    /// A peer asks us to confirm its provisional hits: merge them, hold the
+    /// keys under confirmation here too, and answer with our own counts.
+    pub(super) fn on_claim(
+        &mut self,
+        now: Nanos,
+        from: NodeSlot,
+        s: &Slots,
+        store: &(impl ReplicaStore + ?Sized),
+    ) {
+        self.merge_slots(now, from, s, store);
+        let keys = carried_keys(s);
+        store.hold_keys(now, &keys, Some((from, Nanos::new(s.sent_at))));
+        // If we have a claim of our own pending on these keys, the answer
+        // says when its hits were counted (0 if none): a conflict between
+        // the two is then settled in favour of the earlier one on both sides.
+        let ours = self
+            .claims
+            .values()
+            .filter(|c| c.keys.iter().any(|k| keys.contains(k)))
+            .map(|c| c.started)
+            .min()
+            .unwrap_or(Nanos::ZERO);
+        let answer = self.values_frame(now, ours, s.round, &keys, store);
+        self.send(from, Frame::Answer(answer).encode(), false);
+    }
+
+    /// A peer's answer to one of our claims.
+    pub(super) fn on_answer(
+        &mut self,
+        now: Nanos,
+        from: NodeSlot,
+        s: &Slots,
+        store: &(impl ReplicaStore + ?Sized),
+    ) {
+        self.merge_slots(now, from, s, store);
+        let Some(claim) = self.claims.get_mut(&s.round) else {
+            return;
+        };
+        if s.sent_at != 0 {
+            // The answerer has its own claim pending on these keys.
+            store.hold_keys(now, &claim.keys, Some((from, Nanos::new(s.sent_at))));
+        }
+        if claim.waiting.remove(&from) {
+            claim.answered |= from.bit();
+        }
+        self.resolve_claim(s.round);
+    }
+
+    fn resolve_claim(&mut self, ticket: u64) {
+        if self
+            .claims
+            .get(&ticket)
+            .is_some_and(|c| c.waiting.is_empty())
+        {
+            if let Some(c) = self.claims.remove(&ticket) {
+                self.stats.claims_answered += 1;
+                self.claim_events.push_back(ClaimEvent::Answered {
+                    ticket,
+                    answered: c.answered,
+                });
+            }
+        }
+    }
+
+    /// A peer we no longer wait for (declared dead under a policy that does
+    /// not wait for it, or gone): its answer is no longer needed; the
+    /// limiter counts its in-flight share instead.
+    pub(super) fn stop_claims_waiting_for(&mut self, slot: NodeSlot) {
+        let tickets: Vec<u64> = self
+            .claims
+            .iter_mut()
+            .filter_map(|(&t, c)| c.waiting.remove(&slot).then_some(t))
+            .collect();
+        for t in tickets {
+            self.resolve_claim(t);
+        }
+        self.heard_from(slot, None);
+    }
+
+    /// Expires claims past their deadline and resends the others to the
+    /// peers that have not answered yet.
+    pub(super) fn claim_timers(&mut self, now: Nanos, store: &(impl ReplicaStore + ?Sized)) {
+        let (events, stats) = (&mut self.claim_events, &mut self.stats);
+        self.claims.retain(|&ticket, c| {
+            let live = c.deadline > now;
+            if !live {
+                stats.claims_expired += 1;
+                events.push_back(ClaimEvent::Expired { ticket });
+            }
+            live
+        });
+        self.yielding.retain(|&ticket, y| {
+            let live = y.deadline > now;
+            if !live {
+                events.push_back(ClaimEvent::Expired { ticket });
+            }
+            live
+        });
+        let due: Vec<u64> = self
+            .claims
+            .iter()
+            .filter(|(_, c)| c.resend_at <= now)
+            .map(|(&t, _)| t)
+            .collect();
+        for ticket in due {
+            let Some(claim) = self.claims.get_mut(&ticket) else {
+                continue;
+            };
+            claim.resend_at = now + self.cfg.claim_resend;
+            let (keys, waiting, started) =
+                (claim.keys.clone(), claim.waiting.clone(), claim.started);
+            let bytes =
+                Frame::Claim(self.values_frame(now, started, ticket, &keys, store)).encode();
+            for slot in waiting {
+                if self.peers.get(&slot).is_some_and(|p| p.connected) {
+                    self.stats.retransmissions += 1;
+                    self.send(slot, bytes.clone(), false);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{KeySlots, LimitGroup};
+
+    #[test]
+    fn a_frame_carries_every_key_of_every_group() {
+        let group = |limit, keys: &[u64]| LimitGroup {
+            limit,
+            newest: 1,
+            keys: keys
+                .iter()
+                .map(|&key| KeySlots {
+                    key,
+                    buckets: Vec::new(),
+                })
+                .collect(),
+        };
+        let s = Slots {
+            slot: 1,
+            round: 1,
+            sent_at: 0,
+            last: true,
+            groups: vec![group(3, &[10, 11]), group(4, &[10])],
+        };
+        assert_eq!(carried_keys(&s), vec![(3, 10), (3, 11), (4, 10)]);
+    }
+}

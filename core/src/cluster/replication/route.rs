@@ -1,0 +1,265 @@
+//! Frame routing: an incoming frame is checked whole before anything
+//! changes, then handed to the part that handles its kind.
+
+use super::claim::carried_keys;
+use super::{ReplicaStore, Replicator};
+use crate::slot::NodeSlot;
+use crate::time::Nanos;
+use crate::wire::{DecodeError, Frame, RulesFrame, Slots};
+
+/// What an accepted frame leaves for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Handled here (merged, acknowledged, answered).
+    Applied,
+    /// A membership payload, for the membership state machine.
+    Swim(Vec<u8>),
+    /// Rules a peer put in force, for the node to weigh against its own.
+    Rules(RulesFrame),
+}
+
+/// Why an incoming frame was refused. The frame changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error(transparent)]
+    /// The frame's bytes do not decode.
+    Decode(#[from] DecodeError),
+    #[error("frame from {from} carries {carried}: nodes only send their own slot")]
+    /// A data frame carries values of a slot other than its sender's.
+    ForeignSlot {
+        /// The sender.
+        from: NodeSlot,
+        /// The slot the frame carries.
+        carried: NodeSlot,
+    },
+    #[error("{0} is outside the cluster")]
+    /// The sender's slot is not below the cluster size.
+    UnknownSlot(NodeSlot),
+    #[error("recovery data arrived while not recovering")]
+    /// Recovery data arrived but this node is not recovering.
+    UnexpectedRecovery,
+    #[error("hello names {claimed} on the connection of {from}")]
+    /// A hello names a slot other than the connection's peer.
+    HelloMismatch {
+        /// The connection's peer.
+        from: NodeSlot,
+        /// The slot the hello names.
+        claimed: NodeSlot,
+    },
+}
+
+/// Refuses a frame whose carried slot is not `expected`.
+fn carried_by(from: NodeSlot, carried: u16, expected: NodeSlot) -> Result<(), FrameError> {
+    if carried == expected.get() {
+        Ok(())
+    } else {
+        Err(FrameError::ForeignSlot {
+            from,
+            carried: NodeSlot::new(carried),
+        })
+    }
+}
+
+/// Checks everything about a decoded frame that does not depend on the
+/// replicator's state beyond `own` and `recovering`.
+fn check(frame: &Frame, from: NodeSlot, own: NodeSlot, recovering: bool) -> Result<(), FrameError> {
+    match frame {
+        Frame::Hello(h) if h.slot != from.get() => Err(FrameError::HelloMismatch {
+            from,
+            claimed: NodeSlot::new(h.slot),
+        }),
+        Frame::Delta(s) | Frame::Sync(s) | Frame::Claim(s) | Frame::Answer(s) => {
+            carried_by(from, s.slot, from)
+        }
+        Frame::Recovery(s) => {
+            carried_by(from, s.slot, own)?;
+            if recovering {
+                Ok(())
+            } else {
+                Err(FrameError::UnexpectedRecovery)
+            }
+        }
+        Frame::Ack(a) => carried_by(from, a.slot, from),
+        _ => Ok(()),
+    }
+}
+
+impl Replicator {
+    /// Handles one frame that arrived from the (authenticated) peer `from`,
+    /// and says what it leaves for the caller (a membership payload, rules).
+    pub fn handle_frame(
+        &mut self,
+        now: Nanos,
+        from: NodeSlot,
+        bytes: &[u8],
+        store: &(impl ReplicaStore + ?Sized),
+        rules_digest: u64,
+    ) -> Result<Delivered, FrameError> {
+        let result = self.apply_frame(now, from, bytes, store, rules_digest);
+        match &result {
+            Ok(_) => self.stats.frames_received += 1,
+            Err(_) => self.stats.frames_refused += 1,
+        }
+        result
+    }
+
+    fn apply_frame(
+        &mut self,
+        now: Nanos,
+        from: NodeSlot,
+        bytes: &[u8],
+        store: &(impl ReplicaStore + ?Sized),
+        rules_digest: u64,
+    ) -> Result<Delivered, FrameError> {
+        if from.index() >= store.slots() || from == self.cfg.own {
+            return Err(FrameError::UnknownSlot(from));
+        }
+        let frame = Frame::decode(bytes)?;
+        // Check everything about the frame before any state changes.
+        check(&frame, from, self.cfg.own, self.recovering)?;
+        self.add_peer(from);
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.last_heard = Some(now);
+        }
+        // A peer we settled rounds without is back: our whole state first.
+        if self
+            .peers
+            .get(&from)
+            .is_some_and(|p| p.owed_sync && p.sync_out.is_none())
+        {
+            self.full_sync(now, from, store);
+        }
+        // After this frame is applied, claims yielding to `from` on the keys
+        // it carries decide again.
+        let carried = match &frame {
+            Frame::Delta(s) | Frame::Sync(s) | Frame::Claim(s) | Frame::Answer(s)
+                if !self.yielding.is_empty() =>
+            {
+                Some(carried_keys(s))
+            }
+            _ => None,
+        };
+        match frame {
+            Frame::Hello(h) => self.on_hello(now, from, h, store, rules_digest),
+            Frame::Delta(s) => {
+                self.merge_slots(now, from, &s, store);
+                self.note_received(now, from, &s);
+            }
+            Frame::Sync(s) => {
+                self.merge_slots(now, from, &s, store);
+                self.note_received(now, from, &s);
+                if s.last {
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.synced_from = true;
+                    }
+                }
+            }
+            Frame::Recovery(s) => {
+                self.merge_slots(now, self.cfg.own, &s, store);
+                self.note_received(now, from, &s);
+                if s.last {
+                    if let Some(p) = self.peers.get_mut(&from) {
+                        p.recovered_from = true;
+                    }
+                    self.check_recovered(now);
+                }
+            }
+            Frame::Ack(a) => self.on_ack(now, from, &a, store),
+            Frame::Claim(s) => self.on_claim(now, from, &s, store),
+            Frame::Answer(s) => self.on_answer(now, from, &s, store),
+            Frame::Swim(s) => return Ok(Delivered::Swim(s.payload)),
+            Frame::Rules(r) => {
+                // Not a reason to re-check recovery now: the caller adopts
+                // these rules after this returns, and the gate opens at the
+                // next tick at the earliest.
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.rules_heard = true;
+                }
+                return Ok(Delivered::Rules(r));
+            }
+        }
+        if let Some(keys) = carried {
+            self.heard_from(from, Some(&keys));
+        }
+        Ok(Delivered::Applied)
+    }
+
+    /// Merges the values of `slot` carried by `s`.
+    pub(super) fn merge_slots(
+        &mut self,
+        now: Nanos,
+        slot: NodeSlot,
+        s: &Slots,
+        store: &(impl ReplicaStore + ?Sized),
+    ) {
+        let merged = store.merge(now, self.cfg.max_ahead, slot, s);
+        self.stats.values_merged += merged.applied;
+        self.stats.values_stale += merged.stale;
+        self.stats.values_too_far_ahead += merged.too_far_ahead;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Ack, Hello};
+
+    fn slots(slot: u16) -> Slots {
+        Slots {
+            slot,
+            round: 1,
+            sent_at: 1,
+            last: true,
+            groups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn frames_must_carry_the_sender_s_own_slot() {
+        let (me, peer) = (NodeSlot::new(0), NodeSlot::new(1));
+        assert_eq!(check(&Frame::Delta(slots(1)), peer, me, false), Ok(()));
+        assert_eq!(
+            check(&Frame::Sync(slots(2)), peer, me, false),
+            Err(FrameError::ForeignSlot {
+                from: peer,
+                carried: NodeSlot::new(2)
+            })
+        );
+        let ack = Ack {
+            slot: 0,
+            rounds: vec![1],
+            echo_sent_at: 0,
+            received_at: 0,
+            replied_at: 0,
+        };
+        assert!(check(&Frame::Ack(ack), peer, me, false).is_err());
+        let hello = Hello {
+            slot: 2,
+            name: "n".into(),
+            incarnation: 1,
+            rules_digest: 0,
+            recovering: false,
+        };
+        assert_eq!(
+            check(&Frame::Hello(hello), peer, me, false),
+            Err(FrameError::HelloMismatch {
+                from: peer,
+                claimed: NodeSlot::new(2)
+            })
+        );
+    }
+
+    #[test]
+    fn recovery_carries_our_slot_and_only_while_recovering() {
+        let (me, peer) = (NodeSlot::new(0), NodeSlot::new(1));
+        assert_eq!(check(&Frame::Recovery(slots(0)), peer, me, true), Ok(()));
+        assert_eq!(
+            check(&Frame::Recovery(slots(0)), peer, me, false),
+            Err(FrameError::UnexpectedRecovery)
+        );
+        assert!(matches!(
+            check(&Frame::Recovery(slots(1)), peer, me, true),
+            Err(FrameError::ForeignSlot { .. })
+        ));
+    }
+}

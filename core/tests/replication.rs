@@ -1,0 +1,553 @@
+//! Replication on the in-memory cluster: the real limiter, share and
+//! replication code on virtual time, with a network that loses, duplicates,
+//! reorders and partitions frames.
+
+use drl_core::cluster::harness::{ClusterSpec, MemCluster, NetFaults};
+use drl_core::cluster::replication::{FrameError, ReplicationConfig, Replicator};
+use drl_core::descriptor::Descriptors;
+use drl_core::limiter::{Limiter, LimiterConfig};
+use drl_core::rules::RuleSet;
+use drl_core::share::{SharePolicy, ShareView};
+use drl_core::slot::NodeSlot;
+use drl_core::time::{ManualClock, Nanos};
+use drl_core::wire::{BucketSlot, DecodeError, Frame, Hello, KeySlots, LimitGroup, Slots};
+use std::sync::Arc;
+
+fn rules(limit: u32, window: &str) -> String {
+    format!(
+        r#"
+        [[rules]]
+        name = "per-user"
+        match = {{ user = "*" }}
+        limits = [ {{ algorithm = "sliding_window", limit = {limit}, window = "{window}" }} ]
+    "#
+    )
+}
+
+/// Sends `n` requests for `user` spread round-robin over `nodes`, one every
+/// `gap`, and returns how many were admitted.
+fn hammer(c: &mut MemCluster, nodes: &[usize], user: &str, n: usize, gap: Nanos) -> u64 {
+    let mut admitted = 0;
+    for i in 0..n {
+        let node = nodes[i % nodes.len()];
+        if c.check(node, &[("user", user)], 1)
+            .is_ok_and(|d| d.is_allowed())
+        {
+            admitted += 1;
+        }
+        c.advance(gap);
+    }
+    admitted
+}
+
+/// Net hits of `user` in the current window as node `node` has merged them.
+fn counted(c: &MemCluster, node: usize, user: &str) -> u64 {
+    let table = c.limiter(node).table(0).unwrap();
+    let mut total = 0;
+    let now = c.limiter(node).clock().as_ref().now_value();
+    table.for_each(|e| {
+        let mut out = vec![0u64; e.spec().buckets()];
+        drl_core::window::Ring::read(e, &e.spec(), now, &mut out);
+        total += out.iter().sum::<u64>();
+    });
+    let _ = user;
+    total
+}
+
+trait NowValue {
+    fn now_value(&self) -> Nanos;
+}
+impl NowValue for ManualClock {
+    fn now_value(&self) -> Nanos {
+        drl_core::time::Clock::now(self)
+    }
+}
+
+#[test]
+fn one_key_through_three_nodes_stays_within_the_limit_and_near_it() {
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(1000, "1h"), 7)).unwrap();
+    // Demand 3x the limit, spread over all nodes, at 3000 requests/s.
+    let admitted = hammer(&mut c, &[0, 1, 2], "u", 3000, Nanos::from_micros(333));
+    c.advance(Nanos::from_millis(100));
+    assert!(admitted <= 1000, "admitted {admitted} of a limit of 1000");
+    assert!(
+        admitted >= 950,
+        "admitted only {admitted} of 1000 with demand 3x"
+    );
+    for n in 0..3 {
+        assert_eq!(counted(&c, n, "u"), admitted, "node {n} converged");
+    }
+}
+
+#[test]
+fn lost_duplicated_and_reordered_frames_do_not_change_the_converged_counts() {
+    let mut spec = ClusterSpec::new(3, &rules(100_000, "1h"), 11);
+    spec.sync_interval = Nanos::from_millis(5);
+    let mut c = MemCluster::new(spec).unwrap();
+    c.faults = NetFaults {
+        latency: Nanos::from_micros(300),
+        jitter: Nanos::from_millis(20),
+        loss: 0.3,
+        duplicate: 0.3,
+    };
+    let mut admitted = 0;
+    for i in 0..3000u64 {
+        let user = format!("user-{}", i % 50);
+        if c.check((i % 3) as usize, &[("user", &user)], 1)
+            .unwrap()
+            .is_allowed()
+        {
+            admitted += 1;
+        }
+        c.advance(Nanos::from_micros(500));
+    }
+    assert_eq!(admitted, 3000);
+    // Let retransmissions repair every loss, then compare every node.
+    c.faults = NetFaults::default();
+    c.advance(Nanos::from_millis(500));
+    for n in 0..3 {
+        assert_eq!(counted(&c, n, ""), 3000, "node {n}");
+    }
+    for n in 0..3 {
+        let r = c.replicator(n);
+        assert_eq!(r.unacked_rounds(), 0, "node {n} still waits for acks");
+    }
+}
+
+#[test]
+fn a_restarted_node_recovers_its_slot_before_admitting() {
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(300, "1h"), 3)).unwrap();
+    // One hit every 10 ms: slower than acknowledgements come back, so the
+    // node's in-flight share never refuses one.
+    let before = hammer(&mut c, &[0], "u", 200, Nanos::from_millis(10));
+    assert_eq!(before, 200);
+    c.advance(Nanos::from_millis(50));
+    c.crash(0);
+    c.advance(Nanos::from_millis(100));
+    c.restart(0).unwrap();
+    // Not admitting until the peers have answered.
+    assert!(c.check(0, &[("user", "u")], 1).is_err());
+    c.advance(Nanos::from_millis(100));
+    assert!(c.limiter(0).is_admitting(), "recovered from its peers");
+    assert_eq!(counted(&c, 0, "u"), 200, "its own slot came back");
+    let after = hammer(&mut c, &[0, 1, 2], "u", 500, Nanos::from_millis(10));
+    assert!(
+        before + after <= 300,
+        "a restart reset the quota: {before} + {after}"
+    );
+    assert!(before + after >= 290);
+}
+
+#[test]
+fn strict_partition_keeps_the_cut_off_node_to_its_in_flight_share() {
+    let mut spec = ClusterSpec::new(3, &rules(1000, "1h"), 5);
+    spec.policy = SharePolicy::Strict;
+    let mut c = MemCluster::new(spec).unwrap();
+    c.isolate(&[2], true);
+    // Wait for the failure detector, then hammer both sides.
+    c.advance(Nanos::from_secs(2));
+    let minority = hammer(&mut c, &[2], "u", 2000, Nanos::from_millis(1));
+    let majority = hammer(&mut c, &[0, 1], "u", 3000, Nanos::from_millis(1));
+    assert!(minority <= 25, "the cut-off node admitted {minority}");
+    assert!(
+        minority + majority <= 1000,
+        "{minority} + {majority} > 1000"
+    );
+    assert!(majority >= 2 * 1000 / 3, "majority kept only {majority}");
+    c.isolate(&[2], false);
+    c.advance(Nanos::from_secs(3));
+    for n in 0..3 {
+        assert_eq!(
+            counted(&c, n, "u"),
+            minority + majority,
+            "node {n} after heal"
+        );
+    }
+}
+
+#[test]
+fn available_partition_lets_both_sides_spend_the_budget() {
+    let mut spec = ClusterSpec::new(3, &rules(1000, "1h"), 5);
+    spec.policy = SharePolicy::Available;
+    let mut c = MemCluster::new(spec).unwrap();
+    c.isolate(&[2], true);
+    c.advance(Nanos::from_secs(2));
+    let minority = hammer(&mut c, &[2], "u", 1500, Nanos::from_millis(1));
+    let majority = hammer(&mut c, &[0, 1], "u", 1500, Nanos::from_millis(1));
+    // The stated bound: each side may spend the whole limit.
+    assert!(minority <= 1000 && majority <= 1000);
+    assert!(
+        minority + majority > 1000,
+        "available should overshoot in a split brain"
+    );
+}
+
+fn lone_limiter(slot: u16, slots: usize) -> (Limiter<Arc<ManualClock>>, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(Nanos::from_secs(1_700_000_000)));
+    let config = LimiterConfig {
+        own_slot: NodeSlot::new(slot),
+        slots,
+        ..LimiterConfig::default()
+    };
+    let l = Limiter::with_clock(
+        RuleSet::from_toml(&rules(100, "1h")).unwrap(),
+        config,
+        clock.clone(),
+    )
+    .unwrap()
+    .clustered(ShareView::alone(slot))
+    .unwrap();
+    l.set_admitting(true);
+    (l, clock)
+}
+
+fn snapshot(l: &Limiter<Arc<ManualClock>>) -> Vec<(u64, Vec<u32>)> {
+    let mut out = Vec::new();
+    for (_, t) in l.tables() {
+        t.for_each(|e| {
+            let mut words = Vec::new();
+            let spec = e.spec();
+            for row in 0..spec.buckets() {
+                for s in 0..3 {
+                    let v = drl_core::window::SlotGrid::get(e, row, s);
+                    words.push(v.p);
+                    words.push(v.n);
+                }
+            }
+            out.push((e.key(), words));
+        });
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn hostile_frames_are_refused_and_change_nothing() {
+    let (l, clock) = lone_limiter(0, 3);
+    let now = clock.as_ref().now_value();
+    let d = [("user", "victim")];
+    for _ in 0..5 {
+        assert!(l
+            .check(&Descriptors::new(&d).unwrap(), 1)
+            .unwrap()
+            .is_allowed());
+    }
+    let mut r = Replicator::new(
+        ReplicationConfig::new(NodeSlot::new(0), "node-0"),
+        1,
+        false,
+        now,
+    );
+    r.add_peer(NodeSlot::new(1));
+    let limit = l.rules().limits()[0].id;
+    let epoch = l.table(0).unwrap().spec().epoch(now);
+    let slots = |slot: u16, p: u32| Slots {
+        slot,
+        round: 1,
+        sent_at: now.as_u64(),
+        last: false,
+        groups: vec![LimitGroup {
+            limit,
+            newest: epoch,
+            keys: vec![KeySlots {
+                key: 42,
+                buckets: vec![BucketSlot { back: 0, p, n: 0 }],
+            }],
+        }],
+    };
+    let before = snapshot(&l);
+    let good = Frame::Delta(slots(1, 3)).encode();
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("empty", vec![], 1),
+        ("truncated", good[..good.len() - 3].to_vec(), 1),
+        ("wrong version", [&[9u8][..], &good[1..]].concat(), 1),
+        ("unknown kind", [&[1u8, 77][..], &good[2..]].concat(), 1),
+        ("oversized", vec![1u8; 2 << 20], 1),
+        ("another node's slot", Frame::Delta(slots(2, 3)).encode(), 1),
+        ("our own slot", Frame::Delta(slots(0, 3)).encode(), 1),
+        ("absurd count", Frame::Delta(slots(1, u32::MAX)).encode(), 1),
+        ("slot outside the cluster", good.clone(), 9),
+        (
+            "recovery while not recovering",
+            Frame::Recovery(slots(0, 3)).encode(),
+            1,
+        ),
+        (
+            "hello for another slot",
+            Frame::Hello(Hello {
+                slot: 2,
+                name: "x".into(),
+                incarnation: 1,
+                rules_digest: 0,
+                recovering: false,
+            })
+            .encode(),
+            1,
+        ),
+        ("trailing bytes", [&good[..], &[0u8][..]].concat(), 1),
+    ];
+    for (what, bytes, from) in cases {
+        let res = r.handle_frame(now, NodeSlot::new(from), &bytes, &l, 0);
+        assert!(res.is_err(), "{what} was accepted");
+        assert_eq!(snapshot(&l), before, "{what} changed state");
+    }
+    assert!(matches!(
+        r.handle_frame(now, NodeSlot::new(1), &[9, 2], &l, 0),
+        Err(FrameError::Decode(DecodeError::UnknownVersion(9)))
+    ));
+    assert_eq!(r.stats().frames_refused, 13);
+    // The well-formed frame is accepted and counted.
+    assert!(r.handle_frame(now, NodeSlot::new(1), &good, &l, 0).is_ok());
+    assert_ne!(snapshot(&l), before);
+}
+
+#[test]
+fn random_bytes_never_panic_the_replicator() {
+    let (l, clock) = lone_limiter(0, 3);
+    let now = clock.as_ref().now_value();
+    let mut r = Replicator::new(
+        ReplicationConfig::new(NodeSlot::new(0), "node-0"),
+        1,
+        false,
+        now,
+    );
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for len in 0..2000usize {
+        let mut bytes = Vec::with_capacity(len % 300);
+        for _ in 0..len % 300 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bytes.push(x as u8);
+        }
+        if len % 3 == 0 && bytes.len() > 2 {
+            bytes[0] = 1;
+            bytes[1] = (len % 7) as u8;
+        }
+        let _ = r.handle_frame(now, NodeSlot::new(1), &bytes, &l, 0);
+    }
+}
+
+#[test]
+fn clock_offsets_between_nodes_are_estimated() {
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(100_000, "1h"), 9)).unwrap();
+    c.set_skew(1, 50_000_000);
+    c.set_skew(2, -20_000_000);
+    for i in 0..300u64 {
+        let user = format!("u{}", i % 10);
+        let _ = c.check((i % 3) as usize, &[("user", &user)], 1);
+        c.advance(Nanos::from_millis(2));
+    }
+    let peers = c.replicator(0).peers();
+    let near = |got: i64, want: i64| (got - want).abs() < 1_000_000;
+    assert!(
+        near(peers[&NodeSlot::new(1)].clock_offset_ns, 50_000_000),
+        "{}",
+        peers[&NodeSlot::new(1)].clock_offset_ns
+    );
+    assert!(
+        near(peers[&NodeSlot::new(2)].clock_offset_ns, -20_000_000),
+        "{}",
+        peers[&NodeSlot::new(2)].clock_offset_ns
+    );
+}
+
+/// The in-flight budget `Q = max(n, ⌈f·L⌉)` at the default fraction (2 %):
+/// the most a crashed node can have admitted that no peer acknowledged.
+fn inflight_bound(nodes: u64, limit: u64) -> u64 {
+    nodes.max((limit * 2).div_ceil(100))
+}
+
+/// Spends the limit of `user` through node 0 alone (it stops short by the
+/// shares it reserves for its peers) and lets the acks come back. Returns
+/// the hits admitted.
+fn spend_on_node_0(c: &mut MemCluster, user: &str, limit: u64) -> u64 {
+    let spent = hammer(c, &[0], user, limit as usize + 50, Nanos::from_millis(10));
+    assert!(spent + inflight_bound(3, limit) >= limit && spent <= limit);
+    c.advance(Nanos::from_millis(100));
+    spent
+}
+
+#[test]
+fn a_restarted_node_whose_peers_are_silent_admits_nothing_until_a_majority_answers() {
+    // The issue's row "kill -9 node-0 while its peers are stopped": before,
+    // the gate opened after the recovery timeout and node 0 admitted the
+    // whole limit again.
+    let limit = 300;
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(limit as u32, "1h"), 21)).unwrap();
+    let spent = spend_on_node_0(&mut c, "u", limit);
+    c.crash(0);
+    c.isolate(&[0], true);
+    c.restart(0).unwrap();
+    // Far past the recovery timeout (3 s): time alone opens nothing.
+    let during = hammer(&mut c, &[0], "u", 1000, Nanos::from_millis(10));
+    assert_eq!(during, 0, "admitted while no peer had answered");
+    assert!(!c.limiter(0).is_admitting());
+    c.isolate(&[0], false);
+    c.advance(Nanos::from_secs(2));
+    assert!(c.limiter(0).is_admitting(), "recovered once peers answered");
+    assert_eq!(counted(&c, 0, "u"), spent, "its own slot came back");
+    let after = hammer(&mut c, &[0, 1, 2], "u", 900, Nanos::from_millis(2));
+    assert!(
+        spent + after <= limit + inflight_bound(3, limit),
+        "{after} admitted beyond a spent limit of {limit}"
+    );
+}
+
+#[test]
+fn a_restarted_node_with_an_old_snapshot_still_waits_for_its_peers() {
+    // The issue's row "kill -9 node-0, 10 s snapshot kept": the snapshot is
+    // older than the node's last admissions, so it alone cannot open the gate.
+    let limit = 300;
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(limit as u32, "1h"), 22)).unwrap();
+    let first = hammer(&mut c, &[0], "u", 100, Nanos::from_millis(10));
+    let snapshot = c.snapshot(0);
+    let spent = first + spend_on_node_0(&mut c, "u", limit - first);
+    c.crash(0);
+    c.isolate(&[0], true);
+    c.restart_from(0, Some(&snapshot)).unwrap();
+    assert_eq!(counted(&c, 0, "u"), 100, "the snapshot was merged");
+    let during = hammer(&mut c, &[0], "u", 600, Nanos::from_millis(10));
+    assert_eq!(during, 0, "admitted on an old snapshot alone");
+    c.isolate(&[0], false);
+    c.advance(Nanos::from_secs(2));
+    assert!(c.limiter(0).is_admitting());
+    assert_eq!(counted(&c, 0, "u"), spent);
+    let after = hammer(&mut c, &[0, 1, 2], "u", 900, Nanos::from_millis(2));
+    assert!(
+        spent + after <= limit + inflight_bound(3, limit),
+        "{after} admitted beyond a spent limit of {limit}"
+    );
+}
+
+#[test]
+fn after_the_recovery_timeout_a_majority_of_the_configured_cluster_is_enough() {
+    // Node 2 is down for good; node 0 restarts. Node 1 and node 0 make a
+    // majority of three, so node 0 opens after the timeout with node 1's
+    // answer, and not before it.
+    let limit = 300;
+    let mut spec = ClusterSpec::new(3, &rules(limit as u32, "1h"), 23);
+    spec.recovery_timeout = Nanos::from_secs(1);
+    let mut c = MemCluster::new(spec).unwrap();
+    let spent = spend_on_node_0(&mut c, "u", limit);
+    c.crash(2);
+    c.crash(0);
+    c.restart(0).unwrap();
+    c.advance(Nanos::from_millis(500));
+    assert!(!c.limiter(0).is_admitting(), "node 2 has not answered yet");
+    c.advance(Nanos::from_millis(700));
+    assert!(c.limiter(0).is_admitting(), "a majority answered");
+    assert_eq!(counted(&c, 0, "u"), spent);
+    let after = hammer(&mut c, &[0, 1], "u", 600, Nanos::from_millis(2));
+    assert!(
+        spent + after <= limit + inflight_bound(3, limit),
+        "{after} admitted beyond a spent limit of {limit}"
+    );
+}
+
+#[test]
+fn under_available_a_lone_restart_opens_only_with_a_verified_snapshot() {
+    let limit = 300;
+    let mut spec = ClusterSpec::new(3, &rules(limit as u32, "1h"), 24);
+    spec.policy = SharePolicy::Available;
+    spec.recovery_timeout = Nanos::from_secs(1);
+    let mut c = MemCluster::new(spec).unwrap();
+    let spent = spend_on_node_0(&mut c, "u", limit);
+    let snapshot = c.snapshot(0);
+    c.crash(0);
+    c.isolate(&[0], true);
+    c.restart(0).unwrap();
+    c.advance(Nanos::from_secs(5));
+    assert!(!c.limiter(0).is_admitting(), "nothing to recover from");
+    c.crash(0);
+    c.restart_from(0, Some(&snapshot)).unwrap();
+    c.advance(Nanos::from_millis(500));
+    assert!(!c.limiter(0).is_admitting(), "before the timeout");
+    // Once the failure detector has declared the cut-off peers dead.
+    c.advance(Nanos::from_secs(2));
+    assert!(
+        c.limiter(0).is_admitting(),
+        "opened on its verified snapshot"
+    );
+    assert_eq!(counted(&c, 0, "u"), spent);
+}
+
+/// A cluster whose nodes run their whole `NodeCore` (real SWIM membership,
+/// real rules replication) on the harness's network.
+fn whole_core_cluster(limit: u64, seed: u64) -> MemCluster {
+    let mut spec = ClusterSpec::new(3, &rules(limit as u32, "1h"), seed);
+    spec.whole_core = true;
+    let mut c = MemCluster::new(spec).unwrap();
+    // Let SWIM hear of everyone.
+    c.advance(Nanos::from_secs(2));
+    c
+}
+
+#[test]
+fn whole_cores_declare_a_crashed_node_down_by_swim() {
+    let mut c = whole_core_cluster(300, 31);
+    for n in 0..3 {
+        for p in (0..3u16).filter(|&p| p as usize != n) {
+            assert!(
+                c.replicator(n).peers()[&NodeSlot::new(p)].live,
+                "{n} sees {p} alive"
+            );
+        }
+    }
+    c.crash(2);
+    c.advance(Nanos::from_secs(8));
+    for n in 0..2 {
+        assert!(
+            !c.replicator(n).peers()[&NodeSlot::new(2)].live,
+            "{n} still sees 2 alive"
+        );
+    }
+    // The majority carries on.
+    let admitted = hammer(&mut c, &[0, 1], "v", 100, Nanos::from_millis(5));
+    assert_eq!(admitted, 100);
+}
+
+#[test]
+fn whole_cores_recover_a_restart_only_once_peers_answer() {
+    let limit = 300;
+    let mut c = whole_core_cluster(limit, 32);
+    let spent = spend_on_node_0(&mut c, "u", limit);
+    c.crash(0);
+    c.isolate(&[0], true);
+    c.restart(0).unwrap();
+    let during = hammer(&mut c, &[0], "u", 500, Nanos::from_millis(10));
+    assert_eq!(during, 0, "admitted while no peer had answered");
+    c.isolate(&[0], false);
+    c.advance(Nanos::from_secs(3));
+    assert!(c.limiter(0).is_admitting(), "recovered once peers answered");
+    assert_eq!(counted(&c, 0, "u"), spent);
+    let after = hammer(&mut c, &[0, 1, 2], "u", 900, Nanos::from_millis(2));
+    assert!(
+        spent + after <= limit + inflight_bound(3, limit),
+        "{after} admitted beyond a spent limit of {limit}"
+    );
+}
+
+#[test]
+fn whole_cores_replicate_rules_and_a_restart_adopts_the_newest() {
+    let mut c = whole_core_cluster(300, 33);
+    c.crash(2);
+    let version = c
+        .put_rules(0, &rules(5, "1h"))
+        .expect("valid rules are put in force");
+    c.advance(Nanos::from_millis(100));
+    assert_eq!(c.rules_version(1), Some(version), "reached the live peer");
+    // Node 2 missed it; it restarts on the old rules and is ready only with
+    // its peers' newer ones in force.
+    c.restart(2).unwrap();
+    c.advance(Nanos::from_secs(1));
+    assert!(c.limiter(2).is_admitting());
+    assert_eq!(c.rules_version(2), Some(version));
+    let admitted = hammer(&mut c, &[2], "w", 20, Nanos::from_millis(10));
+    assert!(
+        admitted <= 5,
+        "{admitted} admitted under the new limit of 5"
+    );
+    assert!(c.put_rules(1, "[[rules]").is_err(), "invalid rules refused");
+    assert_eq!(c.rules_version(1), Some(version));
+}

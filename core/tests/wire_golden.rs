@@ -1,0 +1,163 @@
+//! Golden byte vectors of the wire protocol (proto-spec/vectors/).
+//!
+//! Each vector is a frame written down once, byte for byte. The test decodes
+//! it and compares every field with the frame below, then encodes the frame
+//! and compares the bytes. A change that breaks either side changes the
+//! protocol: bump `wire::VERSION` and write new vectors on purpose
+//! (`DRL_WRITE_GOLDEN=1 cargo test --test wire_golden` rewrites them).
+
+use std::path::PathBuf;
+
+use drl_core::wire::{
+    Ack, BucketSlot, Frame, Hello, KeySlots, LimitGroup, RulesFrame, Slots, Swim, VERSION,
+};
+
+fn vectors() -> Vec<(&'static str, Frame)> {
+    let slots = |slot: u16, round: u64, last: bool| Slots {
+        slot,
+        round,
+        sent_at: 1_700_000_000_123_456_789,
+        last,
+        groups: vec![
+            LimitGroup {
+                limit: 0x0123_4567_89ab_cdef,
+                newest: 1_700_000_000,
+                keys: vec![
+                    KeySlots {
+                        key: 0xfeed_face_cafe_beef,
+                        buckets: vec![
+                            BucketSlot {
+                                back: 0,
+                                p: 300,
+                                n: 0,
+                            },
+                            BucketSlot {
+                                back: 1,
+                                p: 17,
+                                n: 2,
+                            },
+                        ],
+                    },
+                    KeySlots {
+                        key: 1,
+                        buckets: vec![BucketSlot {
+                            back: 0,
+                            p: 1,
+                            n: 0,
+                        }],
+                    },
+                ],
+            },
+            LimitGroup {
+                limit: 42,
+                newest: 0,
+                keys: vec![],
+            },
+        ],
+    };
+    vec![
+        (
+            "hello",
+            Frame::Hello(Hello {
+                slot: 2,
+                name: "node-2".into(),
+                incarnation: 1_700_000_000_123,
+                rules_digest: 0xdead_beef_0bad_f00d,
+                recovering: true,
+            }),
+        ),
+        ("delta", Frame::Delta(slots(1, 4_294_967_296, false))),
+        ("sync", Frame::Sync(slots(0, 7, true))),
+        ("recovery", Frame::Recovery(slots(2, 9, true))),
+        ("claim", Frame::Claim(slots(1, 4_294_967_301, true))),
+        ("answer", Frame::Answer(slots(2, 4_294_967_301, true))),
+        (
+            "ack",
+            Frame::Ack(Ack {
+                slot: 1,
+                rounds: vec![4_294_967_296, 4_294_967_297],
+                echo_sent_at: 1_700_000_000_123_456_789,
+                received_at: 1_700_000_000_124_000_000,
+                replied_at: 1_700_000_000_124_000_100,
+            }),
+        ),
+        (
+            "swim",
+            Frame::Swim(Swim {
+                payload: vec![0, 1, 2, 254, 255],
+            }),
+        ),
+        (
+            "rules",
+            Frame::Rules(RulesFrame {
+                version: 3,
+                origin: 1,
+                text: "[[rules]]\nname = \"x\"\n".into(),
+            }),
+        ),
+    ]
+}
+
+fn path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../proto-spec/vectors/{name}.hex"))
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for (i, chunk) in bytes.chunks(16).enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let line: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
+        out.push_str(&line.join(" "));
+    }
+    out.push('\n');
+    out
+}
+
+fn from_hex(text: &str) -> Vec<u8> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .flat_map(|l| l.split_whitespace())
+        .map(|b| u8::from_str_radix(b, 16).expect("hex byte"))
+        .collect()
+}
+
+#[test]
+fn golden_vectors_decode_field_by_field_and_encode_byte_for_byte() {
+    let write = std::env::var_os("DRL_WRITE_GOLDEN").is_some();
+    for (name, frame) in vectors() {
+        let encoded = frame.encode();
+        if write {
+            let text = format!(
+                "# {name} frame, protocol version {VERSION}\n{}",
+                to_hex(&encoded)
+            );
+            std::fs::write(path(name), text).unwrap();
+        }
+        let text = std::fs::read_to_string(path(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let golden = from_hex(&text);
+        assert_eq!(golden[0], VERSION, "{name}: version byte");
+        assert_eq!(
+            Frame::decode(&golden).as_ref(),
+            Ok(&frame),
+            "{name}: decode"
+        );
+        assert_eq!(encoded, golden, "{name}: encode changed the bytes");
+    }
+}
+
+#[test]
+fn the_delta_vector_has_the_layout_the_spec_describes() {
+    let golden = from_hex(&std::fs::read_to_string(path("delta")).unwrap());
+    // version, kind (Delta = 2), slot 1 as a varint
+    assert_eq!(&golden[..3], &[1, 2, 1]);
+    // round 2^32 as a LEB128 varint: five bytes
+    assert_eq!(&golden[3..8], &[0x80, 0x80, 0x80, 0x80, 0x10]);
+    // the limit id is 8 bytes little-endian, not a varint
+    let at = golden
+        .windows(8)
+        .position(|w| w == 0x0123_4567_89ab_cdef_u64.to_le_bytes())
+        .expect("fixint limit id");
+    assert!(at > 8);
+}
