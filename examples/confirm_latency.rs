@@ -87,14 +87,14 @@ async fn main() {
         let fields = [("user", user.as_str())];
         let d = Descriptors::new(&fields).unwrap();
         let t = Instant::now();
-        let decision = api.check(&d, 1).await.unwrap();
+        let decision = api.decider().check(&d, 1).await.unwrap();
         confirmed.push(t.elapsed());
         assert!(decision.is_allowed(), "a fresh key's only hit is admitted");
 
         let fields = [("ip", "192.0.2.1")];
         let d = Descriptors::new(&fields).unwrap();
         let t = Instant::now();
-        let decision = api.check(&d, 1).await.unwrap();
+        let decision = api.decider().check(&d, 1).await.unwrap();
         local.push(t.elapsed());
         assert!(decision.is_allowed());
         // Leave the acknowledgements time to settle the local hits.

@@ -135,6 +135,8 @@ fn batch_request(seed: u64) -> CheckBatchRequest {
                 cost: None,
             })
             .collect(),
+        // One atomic request, the default.
+        independent: false,
     }
 }
 

@@ -8,6 +8,7 @@
 //! use drl::middleware::{rate_limit, RateLimitState};
 //!
 //! # fn limiter() -> Arc<drl_core::limiter::Limiter> { unimplemented!() }
+//! // An embedded limiter; a cluster node's `NodeHandle::decider()` fits too.
 //! let state = RateLimitState::new(limiter(), |req| {
 //!     let user = req.headers().get("x-user-id")?.to_str().ok()?.to_owned();
 //!     Some(vec![("user".into(), user), ("endpoint".into(), req.uri().path().to_owned())])
@@ -17,8 +18,10 @@
 //!     .layer(axum::middleware::from_fn_with_state(state, rate_limit));
 //! ```
 //!
-//! The limiter is the application's own (an embedded [`Limiter`]) or a
-//! cluster node's (`NodeHandle::limiter`): either way the decision is local.
+//! Decisions go through a [`Decider`], the path every protocol takes: the
+//! application's own embedded limiter, or a cluster node's decision path
+//! (`NodeHandle::decider`), which confirms with the peers near a limit
+//! exactly as the node's HTTP API does.
 
 use std::sync::Arc;
 
@@ -29,28 +32,32 @@ use axum::response::{IntoResponse, Response};
 
 use crate::http::error::ApiError;
 use crate::http::headers::decision_headers;
+use drl_core::decide::Decider;
 use drl_core::descriptor::Descriptors;
-use drl_core::limiter::{Limiter, Outcome};
+use drl_core::limiter::Outcome;
 
 /// Descriptor fields of a request, or `None` to let it pass unlimited.
 pub type Describe = dyn Fn(&Request) -> Option<Vec<(String, String)>> + Send + Sync;
 
-/// What the middleware needs: the limiter and how to describe a request.
+/// What the middleware needs: the decision path and how to describe a
+/// request.
 #[derive(Clone)]
 pub struct RateLimitState {
-    limiter: Arc<Limiter>,
+    decider: Decider,
     describe: Arc<Describe>,
 }
 
 impl RateLimitState {
-    /// The state for [`rate_limit`]: `describe` turns a request into its
-    /// descriptor fields, or `None` to let it pass unlimited.
+    /// The state for [`rate_limit`]: decisions through `decider` (an
+    /// `Arc<Limiter>` of the application's own, or a node's
+    /// [`Decider`]); `describe` turns a request into its descriptor fields,
+    /// or `None` to let it pass unlimited.
     pub fn new(
-        limiter: Arc<Limiter>,
+        decider: impl Into<Decider>,
         describe: impl Fn(&Request) -> Option<Vec<(String, String)>> + Send + Sync + 'static,
     ) -> Self {
         RateLimitState {
-            limiter,
+            decider: decider.into(),
             describe: Arc::new(describe),
         }
     }
@@ -83,7 +90,7 @@ pub async fn rate_limit(
     // `Retry-After` for the same error.
     let decision = match Descriptors::new(&pairs) {
         Err(e) => return ApiError::from(e).into_response(),
-        Ok(d) => match state.limiter.check(&d, 1) {
+        Ok(d) => match state.decider.check(&d, 1).await {
             Ok(decision) => decision,
             Err(e) => return ApiError::from(e).into_response(),
         },

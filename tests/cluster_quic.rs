@@ -84,7 +84,11 @@ async fn three_nodes(dir: &Path) -> Vec<NodeHandle> {
 async fn check(node: &NodeHandle, user: &str) -> bool {
     let fields = [("user", user)];
     let d = Descriptors::new(&fields).unwrap();
-    node.api().check(&d, 1).await.is_ok_and(|d| d.is_allowed())
+    node.api()
+        .decider()
+        .check(&d, 1)
+        .await
+        .is_ok_and(|d| d.is_allowed())
 }
 
 /// Hits counted in `node`'s merged view, over every key (tests use one).
@@ -129,7 +133,12 @@ async fn hammer(nodes: &[&NodeHandle], user: &str, per_node: usize, gap: Duratio
             let fields = [("user", user.as_str())];
             let d = Descriptors::new(&fields).unwrap();
             for _ in 0..per_node {
-                if api.check(&d, 1).await.is_ok_and(|d| d.is_allowed()) {
+                if api
+                    .decider()
+                    .check(&d, 1)
+                    .await
+                    .is_ok_and(|d| d.is_allowed())
+                {
                     admitted.fetch_add(1, Ordering::Relaxed);
                 }
                 tokio::time::sleep(gap).await;

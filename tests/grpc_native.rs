@@ -1,6 +1,6 @@
 //! The native gRPC API (`drl.v1.RateLimiter`) over real sockets, with the
 //! tonic client generated from `proto-spec/drl/v1/ratelimiter.proto`: the
-//! full decision, batches of independent checks, refunds, and refusals
+//! full decision, atomic and independent batches, refunds, and refusals
 //! that change nothing.
 
 mod grpc_support;
@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use drl::grpc::native::{item_code, MAX_BATCH};
 use drl::grpc::pb::rate_limiter_client::RateLimiterClient;
 use drl::grpc::pb::{
-    check_result, CheckBatchRequest, CheckRequest, CheckResponse, Outcome, RefundRequest,
+    check_result, CheckBatchRequest, CheckBatchResponse, CheckRequest, CheckResponse, Outcome,
+    RefundRequest,
 };
 use tonic::transport::Channel;
 use tonic::Code;
@@ -105,7 +106,7 @@ async fn check_gives_the_full_decision() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_batch_decides_each_check_on_its_own() {
+async fn an_independent_batch_decides_each_check_on_its_own() {
     let (node, mut client) = one_node("batch").await;
     let mut checks = Vec::new();
     for i in 0..100 {
@@ -121,7 +122,10 @@ async fn check_batch_decides_each_check_on_its_own() {
         });
     }
     let results = client
-        .check_batch(CheckBatchRequest { checks })
+        .check_batch(CheckBatchRequest {
+            checks,
+            independent: true,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -150,7 +154,10 @@ async fn check_batch_decides_each_check_on_its_own() {
     // Too large a batch is refused whole.
     let checks = vec![check(&[("user", "erin")], None); MAX_BATCH + 1];
     let e = client
-        .check_batch(CheckBatchRequest { checks })
+        .check_batch(CheckBatchRequest {
+            checks,
+            independent: true,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -158,10 +165,80 @@ async fn check_batch_decides_each_check_on_its_own() {
     assert_eq!(r.remaining, Some(5), "nothing counted");
     // An empty batch is an empty answer.
     let r = client
-        .check_batch(CheckBatchRequest { checks: vec![] })
+        .check_batch(CheckBatchRequest {
+            checks: vec![],
+            independent: true,
+        })
         .await
         .unwrap();
     assert!(r.into_inner().results.is_empty());
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_atomic_batch_counts_every_check_or_none() {
+    let (node, mut client) = one_node("atomic").await;
+    let batch = |user: &str| CheckBatchRequest {
+        checks: vec![
+            check(&[("user", user)], Some(2)),
+            check(&[("bucket", "shared")], None),
+        ],
+        independent: false,
+    };
+    let decided = |r: &CheckBatchResponse| -> Vec<CheckResponse> {
+        r.results
+            .iter()
+            .map(|r| match r.result.as_ref().unwrap() {
+                check_result::Result::Decision(d) => d.clone(),
+                check_result::Result::Error(e) => {
+                    panic!("an atomic batch has no item errors: {e:?}")
+                }
+            })
+            .collect()
+    };
+    // Twice for gina: both checks counted each time (user 4 of 5, bucket 2
+    // of 4), each with its own receipt.
+    for left in [3u64, 1] {
+        let r = client
+            .check_batch(batch("gina"))
+            .await
+            .unwrap()
+            .into_inner();
+        let d = decided(&r);
+        assert!(d.iter().all(|d| d.allowed), "{d:?}");
+        assert_eq!(d[0].remaining, Some(left));
+        assert!(!d[0].receipt.is_empty() && !d[1].receipt.is_empty());
+    }
+    // The third asks 2 of gina's 1 left: refused, and the bucket, which had
+    // room, is not charged.
+    let r = client
+        .check_batch(batch("gina"))
+        .await
+        .unwrap()
+        .into_inner();
+    let d = decided(&r);
+    assert!(d.iter().all(|d| !d.allowed), "{d:?}");
+    assert_eq!(d[0].outcome, Outcome::Denied as i32);
+    assert_eq!(d[1].outcome, Outcome::Denied as i32);
+    assert!(d[1].message.as_deref().unwrap().contains("another check"));
+    assert!(
+        d[1].receipt.is_empty(),
+        "nothing counted, nothing to refund"
+    );
+    let bucket = decide(&mut client, check(&[("bucket", "shared")], Some(0))).await;
+    assert_eq!(
+        bucket.remaining,
+        Some(2),
+        "the refused batch charged nothing"
+    );
+    // A bad check refuses the whole call, counting nothing.
+    let mut bad = batch("hank");
+    bad.checks.push(check(&[("Bad", "x")], None));
+    let e = client.check_batch(bad).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("check 2"), "{}", e.message());
+    let hank = decide(&mut client, check(&[("user", "hank")], Some(0))).await;
+    assert_eq!(hank.remaining, Some(5));
     node.shutdown().await;
 }
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use drl::node::{Node, NodeError, NodeHandle, NodeSettings};
+use drl_core::decide::Decider;
 use drl_core::descriptor::Descriptors;
 use drl_core::limiter::{Limiter, Outcome};
 use drl_core::time::{Clock, Nanos};
@@ -284,24 +285,22 @@ impl Client<HttpTransport> {
 
     /// Embedded mode over a node the application started itself.
     pub fn from_node(node: NodeHandle, config: ClientConfig) -> Self {
-        let limiter = node.limiter.clone();
-        Client::new_embedded(limiter, Some(node), config)
+        Client::new_embedded(node.decider(), Some(node), config)
     }
 
     /// Embedded mode over a limiter alone (one process, no cluster).
     pub fn from_limiter(limiter: Arc<Limiter>, config: ClientConfig) -> Self {
-        Client::new_embedded(limiter, None, config)
+        Client::new_embedded(Decider::local(limiter), None, config)
     }
 
-    fn new_embedded(limiter: Arc<Limiter>, node: Option<NodeHandle>, config: ClientConfig) -> Self {
+    fn new_embedded(decider: Decider, node: Option<NodeHandle>, config: ClientConfig) -> Self {
         Client {
             inner: Arc::new(Inner {
                 config,
                 clock: MonoClock(Instant::now()),
                 metrics: ClientMetrics::default(),
                 backend: Backend::Embedded(Box::new(Embedded {
-                    limiter,
-                    api: node.as_ref().map(NodeHandle::api),
+                    decider,
                     node: tokio::sync::Mutex::new(node),
                 })),
             }),
@@ -454,7 +453,7 @@ impl<T: Transport> Client<T> {
     /// The limiter of an embedded client.
     pub fn embedded_limiter(&self) -> Option<Arc<Limiter>> {
         match &self.inner.backend {
-            Backend::Embedded(e) => Some(e.limiter.clone()),
+            Backend::Embedded(e) => Some(e.decider.limiter().clone()),
             Backend::Remote(_) => None,
         }
     }
@@ -474,7 +473,7 @@ impl<T: Transport> Client<T> {
             Backend::Embedded(e) => {
                 if let Some(node) = e.node.lock().await.take() {
                     node.shutdown().await;
-                    e.limiter.set_admitting(false);
+                    e.decider.limiter().set_admitting(false);
                 }
             }
         }

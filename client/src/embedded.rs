@@ -1,10 +1,10 @@
 //! Embedded mode: decisions on a limiter in this process (a cluster node
 //! the application runs, or a lone limiter), in the client's terms.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use drl::node::{NodeApi, NodeHandle};
+use drl::node::NodeHandle;
+use drl_core::decide::Decider;
 use drl_core::descriptor::Descriptors;
 use drl_core::limiter::{CheckError, Limiter, Outcome};
 
@@ -14,10 +14,9 @@ use crate::client::{
 use crate::transport::{Quota, Transport};
 
 pub(crate) struct Embedded {
-    pub(crate) limiter: Arc<Limiter>,
-    /// The node's own check, which confirms with the peers near a limit;
-    /// `None` for a lone limiter.
-    pub(crate) api: Option<NodeApi>,
+    /// The decision path of the node this process runs (which confirms
+    /// with its peers near a limit), or of a lone limiter.
+    pub(crate) decider: Decider,
     pub(crate) node: tokio::sync::Mutex<Option<NodeHandle>>,
 }
 
@@ -28,11 +27,7 @@ impl Embedded {
         fields: &[(String, String)],
         cost: u32,
     ) -> Result<Decision, ClientError> {
-        let decided = match &self.api {
-            Some(api) => node_decision(api, fields, cost).await,
-            None => limiter_decision(&self.limiter, fields, cost),
-        };
-        match decided {
+        match decide(&self.decider, fields, cost).await {
             // The node has not recovered its counts yet: nobody can decide.
             Err(ClientError::Unavailable(_)) => {
                 let (how, allowed) = match inner.config.degraded {
@@ -52,10 +47,10 @@ impl Embedded {
     }
 }
 
-/// A decision of an in-process limiter, in the client's terms.
+/// A decision of the in-process decision path, in the client's terms.
 /// `Unavailable` while a clustered limiter recovers its counts.
-pub(crate) fn limiter_decision(
-    limiter: &Limiter,
+pub(crate) async fn decide(
+    decider: &Decider,
     fields: &[(String, String)],
     cost: u32,
 ) -> Result<Decision, ClientError> {
@@ -64,23 +59,8 @@ pub(crate) fn limiter_decision(
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
     let d = Descriptors::new(&pairs).map_err(|e| ClientError::Refused(e.to_string()))?;
-    client_decision(limiter, limiter.check(&d, cost))
-}
-
-/// A decision of the node this process runs: near a limit it waits for
-/// its peers' confirmation, as the node's own API does.
-async fn node_decision(
-    api: &NodeApi,
-    fields: &[(String, String)],
-    cost: u32,
-) -> Result<Decision, ClientError> {
-    let pairs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    let d = Descriptors::new(&pairs).map_err(|e| ClientError::Refused(e.to_string()))?;
-    let result = api.check(&d, cost).await;
-    client_decision(&api.limiter, result)
+    let result = decider.check(&d, cost).await;
+    client_decision(decider.limiter(), result)
 }
 
 fn client_decision(

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use drl::http::headers::decision_headers;
+use drl_core::decide::Decider;
 use drl_core::limiter::{Limiter, Outcome, QuotaState};
 use drl_core::time::Nanos;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -41,7 +42,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::client::{Client, ClientError, Decision};
-use crate::embedded::limiter_decision;
+use crate::embedded;
 use crate::transport::Transport;
 
 /// Something that decides: a [`Client`] or an in-process `Arc<Limiter>`.
@@ -69,7 +70,8 @@ impl Decide for Arc<Limiter> {
         fields: Vec<(String, String)>,
         cost: u32,
     ) -> impl Future<Output = Result<Decision, ClientError>> + Send {
-        std::future::ready(limiter_decision(self, &fields, cost))
+        let decider = Decider::local(self.clone());
+        async move { embedded::decide(&decider, &fields, cost).await }
     }
 }
 

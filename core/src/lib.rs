@@ -24,6 +24,7 @@
 //! - Cluster arithmetic and bytes: [`share`] (per-node shares and the
 //!   in-flight budget), [`wire`] (every frame nodes exchange).
 //! - [`limiter`]: the in-process limiter, rules in and decisions out.
+//! - [`decide`]: the one entry point every protocol decides through.
 //! - [`cluster`]: one node's cluster state machine ([`cluster::node_core`])
 //!   and its parts, and (feature `harness`) an in-memory cluster on
 //!   virtual time.
@@ -53,6 +54,7 @@
 pub mod algorithm;
 pub mod clock;
 pub mod cluster;
+pub mod decide;
 pub mod descriptor;
 pub mod key;
 pub mod limiter;

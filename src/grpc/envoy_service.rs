@@ -1,12 +1,11 @@
 //! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
 //!
-//! Every descriptor of a request is decided (see [`super::together`]: one
-//! refusal and none is counted) and gets its own status; the overall code is
-//! `OVER_LIMIT` if any is. The response carries the same `RateLimit-Policy`,
+//! The descriptors of a request are decided together, through the node's
+//! one decision path (`Decider::decide`): confirmed with the peers near a
+//! limit, and, when any descriptor is over its limit, none is counted. Each
+//! gets its own status; the overall code is `OVER_LIMIT` if any is. The response carries the same `RateLimit-Policy`,
 //! `RateLimit` and `Retry-After` fields as the HTTP API, for the deciding
 //! limit of the whole request, so Envoy can forward them to the client.
-
-use std::time::Instant;
 
 use axum::http::HeaderMap;
 use envoy_types::pb::envoy::config::core::v3::HeaderValue;
@@ -20,11 +19,9 @@ use tonic::{Request, Response, Status};
 
 use super::envoy_request::RlsRequest;
 use super::state::{rule_name, GrpcState};
-use super::together::check_together;
 use crate::http::headers::decision_headers;
-use crate::metrics::Protocol;
 use drl_core::descriptor::Descriptors;
-use drl_core::limiter::{Decision, Outcome};
+use drl_core::limiter::{Check, Decided, Decision, Outcome};
 use drl_core::time::Nanos;
 
 /// The Envoy rate limit service of one node.
@@ -49,29 +46,17 @@ impl EnvoyRateLimit {
             // Parsing checked every set already.
             let d = Descriptors::new(pairs)
                 .map_err(|e| self.state.refuse(Status::invalid_argument(e.to_string())))?;
-            checks.push((d, check.cost));
+            checks.push(Check::new(d, check.cost));
         }
-        let limiter = &self.state.api().limiter;
-        let result = match checks.as_slice() {
-            // One descriptor, the common case: through the node, which
-            // confirms with its peers near a limit.
-            [(d, cost)] => self.state.check(d, *cost).await.map(|d| vec![d]),
-            // Several: decided together locally, never waiting (near a
-            // limit a set is refused for one acknowledgement wait).
-            _ => {
-                let start = Instant::now();
-                let r = check_together(limiter, &checks);
-                self.state
-                    .metrics()
-                    .observe_latency_via(Protocol::Grpc, start.elapsed());
-                r
-            }
-        };
-        let decisions = result.map_err(|e| self.state.refuse_check(e))?;
-        for d in &decisions {
+        let decided = self
+            .state
+            .decide(&checks)
+            .await
+            .map_err(|e| self.state.refuse_check(e))?;
+        for d in decided.each() {
             self.state.count(d);
         }
-        Ok(response(&decisions))
+        Ok(response(&decided))
     }
 }
 
@@ -85,12 +70,15 @@ impl RateLimitService for EnvoyRateLimit {
     }
 }
 
-/// The answer to a decided request: one status per descriptor, in order.
-pub fn response(decisions: &[Decision]) -> RateLimitResponse {
-    let statuses: Vec<DescriptorStatus> = decisions.iter().map(descriptor_status).collect();
-    let over = decisions.iter().any(|d| d.outcome != Outcome::Allowed);
+/// The answer to a decided request: one status per descriptor, in order,
+/// and the headers of the request's deciding limit (the refusal with the
+/// longest wait, else the allowed limit with the least left).
+pub fn response(decided: &Decided) -> RateLimitResponse {
+    let statuses: Vec<DescriptorStatus> = decided.each().iter().map(descriptor_status).collect();
+    let over = !decided.is_allowed();
     let mut headers = HeaderMap::new();
-    if let Some((decision, q)) = deciding(decisions) {
+    let decision = decided.decision();
+    if let Some(q) = decision.quota {
         decision_headers(&mut headers, decision.outcome, rule_name(&q), &q);
     }
     RateLimitResponse {
@@ -108,18 +96,6 @@ pub fn response(decisions: &[Decision]) -> RateLimitResponse {
             .collect(),
         ..Default::default()
     }
-}
-
-/// The deciding limit of the whole request, as the HTTP API picks it within
-/// one check: the refusal with the longest wait, else the allowed limit with
-/// the least left.
-fn deciding(decisions: &[Decision]) -> Option<(Decision, drl_core::limiter::QuotaState)> {
-    let with_quota = decisions.iter().filter_map(|d| d.quota.map(|q| (*d, q)));
-    let refused = with_quota
-        .clone()
-        .filter(|(d, _)| d.outcome != Outcome::Allowed)
-        .max_by_key(|(d, q)| (d.outcome == Outcome::Denied, q.retry_after));
-    refused.or_else(|| with_quota.min_by_key(|(_, q)| q.remaining))
 }
 
 fn descriptor_status(d: &Decision) -> DescriptorStatus {
@@ -203,38 +179,15 @@ mod tests {
     }
 
     #[test]
-    fn the_longest_refusal_decides_else_the_least_left() {
-        let allowed = |r| Decision {
-            outcome: Outcome::Allowed,
-            quota: Some(quota(r, 0)),
-        };
-        let denied = |ms| Decision {
-            outcome: Outcome::Denied,
-            quota: Some(quota(0, ms)),
-        };
-        let none = Decision {
-            outcome: Outcome::Allowed,
-            quota: None,
-        };
-        assert_eq!(deciding(&[none]), None);
-        let d = deciding(&[allowed(5), none, allowed(2)]).unwrap();
-        assert_eq!(d.1.remaining, 2);
-        let d = deciding(&[allowed(5), denied(100), denied(900), allowed(0)]).unwrap();
-        assert_eq!(d.1.retry_after, Nanos::from_millis(900));
-    }
-
-    #[test]
     fn over_limit_statuses_and_headers() {
-        let r = response(&[
-            Decision {
-                outcome: Outcome::Allowed,
-                quota: None,
-            },
-            Decision {
-                outcome: Outcome::Denied,
-                quota: Some(quota(0, 2_100)),
-            },
-        ]);
+        let denied = Decision {
+            outcome: Outcome::Denied,
+            quota: Some(quota(0, 2_100)),
+        };
+        let r = response(&Decided::from_parts(
+            denied,
+            vec![Decision::UNLIMITED, denied],
+        ));
         assert_eq!(r.overall_code, Code::OverLimit as i32);
         assert_eq!(r.statuses[0].code, Code::Ok as i32);
         assert_eq!(r.statuses[0].current_limit, None);

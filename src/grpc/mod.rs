@@ -14,7 +14,6 @@
 //! # Layout
 //!
 //! - [`envoy_request`]: parsing Envoy's request into descriptor sets.
-//! - [`together`]: deciding several descriptor sets as one request.
 //! - [`envoy_service`], [`native`]: the services.
 //! - [`state`]: what the services share; errors to statuses.
 //! - [`server`]: binding, health, serving beside the HTTP API, [`run`].
@@ -24,7 +23,6 @@ pub mod envoy_service;
 pub mod native;
 pub mod server;
 pub mod state;
-pub mod together;
 
 pub use server::{run, GrpcListener, RunError};
 pub use state::GrpcState;

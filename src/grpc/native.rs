@@ -1,8 +1,10 @@
 //! `drl.v1.RateLimiter`: the native API, the HTTP API's decisions over gRPC.
 //!
 //! `Check` answers what `POST /v1/check` answers. `CheckBatch` decides many
-//! independent checks in one call, like Gubernator's `GetRateLimits`: each
-//! check stands alone, and a bad one gets its own error without failing the
+//! checks in one call: by default atomically, as one request through the
+//! node's decision path (all limits of all checks, or nothing counted);
+//! with `independent`, each check on its own, like Gubernator's
+//! `GetRateLimits`, where a bad one gets its own error without failing the
 //! call. `Refund` calls the very function behind `POST /v1/refund`.
 
 use tonic::{Code, Request, Response, Status};
@@ -14,7 +16,7 @@ use super::pb::{
 };
 use super::state::{check_status, rule_name, GrpcState};
 use drl_core::descriptor::Descriptors;
-use drl_core::limiter::{Decision, Outcome};
+use drl_core::limiter::{Check, Decision, Outcome};
 
 /// Most checks in one `CheckBatch` call (Gubernator's limit too).
 pub const MAX_BATCH: usize = 1_000;
@@ -36,22 +38,77 @@ impl NativeRateLimiter {
     async fn check_one(&self, request: &CheckRequest) -> Result<CheckResponse, Status> {
         let pairs = pairs(request);
         let d = Descriptors::new(&pairs).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let cost = request.cost.unwrap_or(1);
-        let decision = self
+        let check = Check::new(d, request.cost.unwrap_or(1));
+        let decided = self
             .state
-            .check(&d, cost)
+            .decide(std::slice::from_ref(&check))
             .await
             .map_err(|e| check_status(&e))?;
-        let limiter = &self.state.api().limiter;
+        let decision = decided.decision();
         self.state.count(&decision);
-        let mut response = answer(&decision);
-        // The same sealed receipt as `POST /v1/check`: what a refund must show.
-        let now = drl_now(limiter);
-        if let Some(receipt) = limiter.issue_receipt_at(now, &d, cost, &decision) {
+        Ok(self.answer_with_receipt(&check, &decision))
+    }
+
+    /// The answer to one decided check, with the sealed receipt a refund
+    /// must show (the same as `POST /v1/check`'s).
+    fn answer_with_receipt(&self, check: &Check<'_>, decision: &Decision) -> CheckResponse {
+        let mut response = answer(decision);
+        if let Some(receipt) = self.state.api().decider().receipt(check, decision) {
             response.receipt = receipt.into_bytes();
         }
-        Ok(response)
+        response
     }
+
+    /// Every check of a batch as one request: all counted, or none.
+    async fn check_atomically(
+        &self,
+        requests: &[CheckRequest],
+    ) -> Result<Vec<CheckResult>, Status> {
+        let pairs: Vec<Vec<(&str, &str)>> = requests.iter().map(pairs).collect();
+        let mut checks = Vec::with_capacity(requests.len());
+        for (i, (pairs, r)) in pairs.iter().zip(requests).enumerate() {
+            let d = Descriptors::new(pairs)
+                .map_err(|e| Status::invalid_argument(format!("check {i}: {e}")))?;
+            checks.push(Check::new(d, r.cost.unwrap_or(1)));
+        }
+        let decided = self
+            .state
+            .decide(&checks)
+            .await
+            .map_err(|e| check_status(&e))?;
+        let refused = decided.decision();
+        let results = checks
+            .iter()
+            .zip(decided.each())
+            .map(|(check, decision)| {
+                self.state.count(decision);
+                let response = if refused.is_allowed() {
+                    self.answer_with_receipt(check, decision)
+                } else {
+                    not_counted(decision, &refused)
+                };
+                CheckResult {
+                    result: Some(check_result::Result::Decision(response)),
+                }
+            })
+            .collect();
+        Ok(results)
+    }
+}
+
+/// A check of a refused atomic batch: nothing was counted for it, whatever
+/// its own limits said.
+fn not_counted(decision: &Decision, batch: &Decision) -> CheckResponse {
+    if decision.outcome != Outcome::Allowed {
+        return answer(decision);
+    }
+    let mut response = answer(decision);
+    response.allowed = false;
+    response.outcome = PbOutcome::Denied as i32;
+    response.retry_after_ms = batch.quota.map(|q| q.retry_after.as_millis_ceil());
+    response.message =
+        Some("not counted: another check of this atomic batch was refused".to_owned());
+    response
 }
 
 /// A map's entries in name order, so that errors (duplicates cannot occur,
@@ -88,6 +145,13 @@ impl RateLimiter for NativeRateLimiter {
                 "at most {MAX_BATCH} checks fit in one batch, got {}",
                 checks.len()
             ))));
+        }
+        if !request.get_ref().independent {
+            let results = self
+                .check_atomically(checks)
+                .await
+                .map_err(|s| self.state.refuse(s))?;
+            return Ok(Response::new(CheckBatchResponse { results }));
         }
         let mut results = Vec::with_capacity(checks.len());
         for c in checks {
@@ -127,8 +191,8 @@ impl RateLimiter for NativeRateLimiter {
         let outcome = self
             .state
             .api()
-            .limiter
-            .refund_receipt(receipt)
+            .decider()
+            .refund(receipt)
             .map_err(|e| self.state.refuse(refund_status(&e)))?;
         Ok(Response::new(RefundResponse {
             refunded: outcome.refunded(),
@@ -173,8 +237,8 @@ pub fn answer(decision: &Decision) -> CheckResponse {
                 q.limit, q.period
             )
         }),
-        // Filled in by `check_one`, which holds the descriptors and cost a
-        // receipt seals.
+        // Filled in by `answer_with_receipt`, which holds the descriptors
+        // and cost a receipt seals.
         receipt: Vec::new(),
     }
 }
@@ -182,11 +246,6 @@ pub fn answer(decision: &Decision) -> CheckResponse {
 /// The gRPC code of a batch item's error, for tests and clients.
 pub fn item_code(error: &PbCheckError) -> Code {
     Code::from_i32(error.code)
-}
-
-/// The node's clock now, as the limiter reads it.
-fn drl_now(limiter: &drl_core::limiter::Limiter) -> drl_core::time::Nanos {
-    drl_core::time::Clock::now(limiter.clock())
 }
 
 /// How a refused refund is answered; nothing was given back.

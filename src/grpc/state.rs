@@ -8,8 +8,7 @@ use tonic::{Code, Status};
 use crate::http::AppState;
 use crate::metrics::{Metrics, Protocol};
 use crate::node::NodeApi;
-use drl_core::descriptor::Descriptors;
-use drl_core::limiter::{CheckError, Decision, QuotaState};
+use drl_core::limiter::{Check, CheckError, Decided, Decision, QuotaState};
 
 /// Cheap to clone: a [`NodeApi`] and the HTTP API's state, whose metrics
 /// the gRPC services count into (one `/metrics` page, a `protocol` label).
@@ -36,12 +35,13 @@ impl GrpcState {
         self.http.metrics()
     }
 
-    /// One check through the node (which confirms with its peers near a
-    /// limit), timed into the decision latency histogram. The decision is
-    /// not counted yet: the caller knows whether it stands.
-    pub async fn check(&self, d: &Descriptors<'_>, cost: u32) -> Result<Decision, CheckError> {
+    /// A request of one or more checks through the node's decision path
+    /// (which confirms with its peers near a limit), timed into the
+    /// decision latency histogram. The decisions are not counted yet: the
+    /// caller knows whether they stand.
+    pub async fn decide(&self, checks: &[Check<'_>]) -> Result<Decided, CheckError> {
         let start = Instant::now();
-        let result = self.api.check(d, cost).await;
+        let result = self.api.decider().decide(checks).await;
         self.metrics()
             .observe_latency_via(Protocol::Grpc, start.elapsed());
         result

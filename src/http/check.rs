@@ -12,8 +12,7 @@ use super::error::ApiError;
 use super::headers::decision_headers;
 use super::request::{CheckRequest, RefundRequest};
 use super::{json_response, AppState, MAX_BODY_BYTES};
-use drl_core::limiter::{Decision, Outcome};
-use drl_core::time::Clock;
+use drl_core::limiter::{Check, Decision, Outcome};
 
 /// The answer to a check.
 #[derive(Serialize)]
@@ -103,7 +102,7 @@ pub(crate) async fn refund(
     LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {
     let request = RefundRequest::from_json(&body)?;
-    let outcome = state.api.limiter.refund_receipt(&request.receipt)?;
+    let outcome = state.api.decider().refund(&request.receipt)?;
     let rules = state.api.limiter.rules();
     let limits = outcome
         .limits
@@ -135,14 +134,14 @@ async fn decide(
     let pairs = request.pairs();
     let d = pairs.descriptors()?;
     let start = Instant::now();
-    let result = state.api.check(&d, request.cost).await;
+    let result = state.api.decider().check(&d, request.cost).await;
     state.metrics.observe_latency(start.elapsed());
     let decision = result?;
     let receipt = match shape {
-        Shape::Full => {
-            let limiter = &state.api.limiter;
-            limiter.issue_receipt_at(limiter.clock().now(), &d, request.cost, &decision)
-        }
+        Shape::Full => state
+            .api
+            .decider()
+            .receipt(&Check::new(d, request.cost), &decision),
         Shape::Tiny => None,
     };
     Ok(answer(state, &decision, shape, receipt))

@@ -28,11 +28,12 @@ use tokio::task::JoinHandle;
 
 use crate::net::{Incoming, NodeTls, Transport};
 use drl_core::clock::SystemClock;
+use drl_core::cluster::confirm::Ticket;
 use drl_core::cluster::node_core::{CoreConfig, CoreEvent, NodeCore};
-use drl_core::cluster::replication::{ClaimEvent, PeerState, ReplicationStats};
+use drl_core::cluster::replication::{PeerState, ReplicationStats};
 use drl_core::cluster::snapshot;
-use drl_core::descriptor::Descriptors;
-use drl_core::limiter::{Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Pending};
+use drl_core::decide::{Confirm, ConfirmFuture, Decider};
+use drl_core::limiter::{Decided, Finished, Limiter, LimiterConfig, Pending};
 use drl_core::rules::{RuleSet, RulesError};
 use drl_core::share::ShareView;
 use drl_core::slot::NodeSlot;
@@ -106,7 +107,7 @@ enum Command {
     /// the peers' answers.
     Confirm {
         pending: Pending,
-        reply: tokio::sync::oneshot::Sender<Decision>,
+        reply: tokio::sync::oneshot::Sender<Decided>,
     },
 }
 
@@ -149,13 +150,16 @@ pub struct NodeStatus {
     pub admission: crate::net::AdmissionStats,
 }
 
-/// What the HTTP API and metrics need of a running node. Cheap to clone.
+/// What the protocol front-ends and metrics need of a running node.
+/// Cheap to clone.
 #[derive(Clone)]
 pub struct NodeApi {
-    /// The node's limiter, for decisions.
+    /// The node's limiter: its rules, keys and memory, for admin and
+    /// metrics. Decisions go through [`NodeApi::decider`].
     pub limiter: Arc<Limiter>,
     /// The node's checked settings.
     pub settings: NodeSettings,
+    decider: Decider,
     status: Arc<Mutex<NodeStatus>>,
     commands: mpsc::Sender<Command>,
 }
@@ -172,42 +176,10 @@ impl NodeApi {
     pub fn is_ready(&self) -> bool {
         self.limiter.is_admitting()
     }
-    /// Checks a request of `cost` hits. Decided from local memory, except
-    /// near a limit (see [`Limiter::begin_at`]): then the provisional hits
-    /// go to every peer and the answer waits for theirs, one round trip, at
-    /// most the claim timeout.
-    pub async fn check(&self, d: &Descriptors<'_>, cost: u32) -> Result<Decision, CheckError> {
-        let mut pending = match self.limiter.begin(d, cost)? {
-            Begun::Decided(decision) => return Ok(decision),
-            Begun::Confirm(pending) => pending,
-        };
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let sent = self
-            .commands
-            .send(Command::Confirm {
-                pending: pending.clone(),
-                reply,
-            })
-            .await;
-        if sent.is_err() {
-            // The node is stopping: nobody will confirm.
-            return Ok(self
-                .limiter
-                .finish_at(self.limiter.clock().now(), &mut pending, None));
-        }
-        // The node's task decides within the claim timeout; if it is held
-        // up, refuse rather than hang, and leave the hits to it: whatever it
-        // decides later, a request nobody waits for any more is given back.
-        match tokio::time::timeout(CONFIRM_PATIENCE, answer).await {
-            Ok(Ok(decision)) => Ok(decision),
-            // The task stopped without deciding: nobody else will give back.
-            Ok(Err(_)) => {
-                Ok(self
-                    .limiter
-                    .finish_at(self.limiter.clock().now(), &mut pending, None))
-            }
-            Err(_) => Ok(self.limiter.refused_pending(&pending)),
-        }
+    /// The node's decision path: every protocol decides through it. Near a
+    /// limit it confirms with the peers through the node's core.
+    pub fn decider(&self) -> &Decider {
+        &self.decider
     }
     /// Puts parsed `rules` in force on every node of the cluster (they
     /// reach connected peers within a round trip and any node that connects
@@ -220,6 +192,52 @@ impl NodeApi {
             .await
             .map_err(|_| PutRulesError::Stopped)?;
         answer.await.map_err(|_| PutRulesError::Stopped)?
+    }
+}
+
+/// The node's side of [`Confirm`]: a provisional request goes to the
+/// node's task, which owns the core; the answer comes back on a oneshot.
+struct ConfirmThroughTask {
+    limiter: Arc<Limiter>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Confirm for ConfirmThroughTask {
+    fn confirm(&self, mut pending: Pending) -> ConfirmFuture {
+        let limiter = self.limiter.clone();
+        let commands = self.commands.clone();
+        Box::pin(async move {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let sent = commands
+                .send(Command::Confirm {
+                    pending: pending.clone(),
+                    reply,
+                })
+                .await;
+            let refuse = |pending: &mut Pending| match limiter.finish_or_yield_at(
+                limiter.clock().now(),
+                pending,
+                None,
+                false,
+            ) {
+                Finished::Decided(decided) => decided,
+                Finished::Yield { .. } => limiter.refused_pending(pending),
+            };
+            if sent.is_err() {
+                // The node is stopping: nobody will confirm; give back.
+                return refuse(&mut pending);
+            }
+            // The node's task decides within the claim timeout; if it is held
+            // up, refuse rather than hang, and leave the hits to it: whatever
+            // it decides later, a request nobody waits for any more is given
+            // back.
+            match tokio::time::timeout(CONFIRM_PATIENCE, answer).await {
+                Ok(Ok(decided)) => decided,
+                // The task stopped without deciding: nobody else will give back.
+                Ok(Err(_)) => refuse(&mut pending),
+                Err(_) => limiter.refused_pending(&pending),
+            }
+        })
     }
 }
 
@@ -257,14 +275,23 @@ impl NodeHandle {
     pub async fn put_rules(&self, rules: RuleSet) -> Result<RulesVersion, PutRulesError> {
         self.api().put_rules(rules).await
     }
-    /// A cloneable handle for the HTTP API and metrics.
+    /// A cloneable handle for the protocol front-ends and metrics.
     pub fn api(&self) -> NodeApi {
         NodeApi {
             limiter: self.limiter.clone(),
             settings: self.settings.clone(),
+            decider: self.decider(),
             status: self.status.clone(),
             commands: self.commands.clone(),
         }
+    }
+    /// The node's decision path (see [`NodeApi::decider`]).
+    pub fn decider(&self) -> Decider {
+        let confirm = ConfirmThroughTask {
+            limiter: self.limiter.clone(),
+            commands: self.commands.clone(),
+        };
+        Decider::clustered(self.limiter.clone(), Arc::new(confirm))
     }
     /// Stops the node cleanly: final delta, leave, snapshot, close.
     pub async fn shutdown(self) {
@@ -389,7 +416,7 @@ impl Node {
                 use rand::SeedableRng;
                 (c, rand::rngs::StdRng::seed_from_u64(c.seed))
             }),
-            confirming: std::collections::HashMap::new(),
+            waiters: std::collections::HashMap::new(),
         };
         let (commands, command_rx) = mpsc::channel(4096);
         let task = tokio::spawn(driver.run(incoming, stop_rx, wake, command_rx));
@@ -557,8 +584,8 @@ struct Driver {
     rules_file_error: Option<String>,
     #[cfg(feature = "harness")]
     chaos: Option<(config::Chaos, rand::rngs::StdRng)>,
-    /// Requests waiting for their claim's answers, by ticket.
-    confirming: std::collections::HashMap<u64, (Pending, tokio::sync::oneshot::Sender<Decision>)>,
+    /// Who waits for each request under confirmation.
+    waiters: std::collections::HashMap<Ticket, tokio::sync::oneshot::Sender<Decided>>,
 }
 
 impl Driver {
@@ -639,9 +666,8 @@ impl Driver {
             }
             Command::Confirm { pending, reply } => {
                 let now = self.clock.now();
-                let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
-                let ticket = self.core.claim(now, pending.started, keys);
-                self.confirming.insert(ticket, (pending, reply));
+                let ticket = self.core.handle_confirm(now, pending);
+                self.waiters.insert(ticket, reply);
             }
         }
     }
@@ -754,36 +780,14 @@ impl Driver {
     /// Carries out what the core asks: events first, then frames.
     fn flush(&mut self) {
         let now = self.clock.now();
-        while let Some(event) = self.core.poll_claim_event() {
-            let (ticket, answered) = match event {
-                ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
-                ClaimEvent::Expired { ticket } => (ticket, None),
+        while let Some(confirmed) = self.core.poll_confirmed() {
+            let told = match self.waiters.remove(&confirmed.ticket) {
+                Some(reply) => reply.send(confirmed.decided.clone()).is_ok(),
+                None => false,
             };
-            let Some((mut pending, reply)) = self.confirming.remove(&ticket) else {
-                continue;
-            };
-            match self
-                .limiter
-                .finish_or_yield_at(now, &mut pending, answered, true)
-            {
-                Finished::Yield { blocking } => {
-                    let deadline = pending.started + self.core.claim_timeout();
-                    let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
-                    self.core
-                        .yield_to(ticket, keys, blocking, answered.unwrap_or(0), deadline);
-                    self.confirming.insert(ticket, (pending, reply));
-                }
-                Finished::Decided(decision) => {
-                    if !decision.is_allowed() {
-                        // Its hits were given back: tell the peers now, a
-                        // conflicting claim may be waiting for exactly that.
-                        self.core.handle_wake(now);
-                    }
-                    if reply.send(decision).is_err() && decision.is_allowed() {
-                        // The caller is gone: nobody was told yes, give it back.
-                        self.limiter.give_back(now, &pending);
-                    }
-                }
+            if !told {
+                // The caller is gone: nobody was told yes, give it back.
+                self.core.handle_abandoned(now, &confirmed);
             }
         }
         while let Some(event) = self.core.poll_event() {

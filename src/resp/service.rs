@@ -120,7 +120,7 @@ impl RespService {
             Err(e) => return reply::error(out, &format!("key: {e}")),
         };
         for attempt in 0..2 {
-            match self.api.check(&d, t.quantity).await {
+            match self.api.decider().check(&d, t.quantity).await {
                 Ok(decision) => match cell::reply(&decision) {
                     Some(values) => return reply::integers(out, &values),
                     None if attempt == 0 => {
@@ -207,7 +207,7 @@ impl RespService {
             Ok(d) => d,
             Err(e) => return reply::error(out, &e.to_string()),
         };
-        match self.api.check(&d, cost).await {
+        match self.api.decider().check(&d, cost).await {
             Ok(decision) => reply::integers(out, &check_reply(&decision)),
             Err(e) => check_error(out, &e),
         }

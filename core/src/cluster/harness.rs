@@ -19,12 +19,12 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
+use crate::cluster::confirm::{Confirmations, Confirmed, Ticket};
 use crate::cluster::node_core::{CoreConfig, NodeCore};
-use crate::cluster::replication::{ClaimEvent, ReplicationConfig, ReplicationEvent, Replicator};
-use crate::cluster::store::LimitKey;
+use crate::cluster::replication::{ReplicationConfig, ReplicationEvent, Replicator};
 use crate::descriptor::Descriptors;
 use crate::limiter::{
-    Begun, CheckError, Decision, Finished, Limiter, LimiterConfig, Outcome, Pending,
+    Begun, Check, CheckError, Decision, Limiter, LimiterConfig, Outcome, Pending,
 };
 use crate::rules::RuleSet;
 use crate::share::{SharePolicy, ShareView};
@@ -115,8 +115,9 @@ type SimLimiter = Limiter<Arc<ManualClock>>;
 
 /// What the harness drives for one node.
 enum Driven {
-    /// The replicator alone; liveness comes from the harness's rule.
-    Replicator(Box<Replicator>),
+    /// The replicator and the node's confirmations, without the rest of
+    /// the core; liveness comes from the harness's rule.
+    Replicator(Box<Replicator>, Confirmations),
     /// The node's whole core, as a real node runs it.
     Core(Box<NodeCore<Arc<ManualClock>>>),
 }
@@ -139,59 +140,45 @@ fn sim_addr(slot: NodeSlot) -> std::net::SocketAddr {
 impl Driven {
     fn repl(&self) -> &Replicator {
         match self {
-            Driven::Replicator(r) => r,
+            Driven::Replicator(r, _) => r,
             Driven::Core(c) => c.replicator(),
         }
     }
     fn ship_now(&mut self, now: Nanos, limiter: &SimLimiter) {
         match self {
-            Driven::Replicator(r) => r.ship_now(now, limiter),
+            Driven::Replicator(r, _) => r.ship_now(now, limiter),
             Driven::Core(c) => c.handle_wake(now),
         }
     }
-    fn claim(
-        &mut self,
-        now: Nanos,
-        started: Nanos,
-        keys: Vec<LimitKey>,
-        limiter: &SimLimiter,
-    ) -> u64 {
+    /// A request counted provisionally near its limit: the peers confirm
+    /// it, as the node's core does.
+    fn confirm(&mut self, now: Nanos, pending: Pending, limiter: &SimLimiter) -> Ticket {
         match self {
-            Driven::Replicator(r) => r.claim(now, started, keys, limiter),
-            Driven::Core(c) => c.claim(now, started, keys),
+            Driven::Replicator(r, c) => c.begin(now, pending, r, limiter),
+            Driven::Core(core) => core.handle_confirm(now, pending),
         }
     }
-    fn config(&self) -> &ReplicationConfig {
-        self.repl().config()
-    }
-    fn yield_to(
-        &mut self,
-        ticket: u64,
-        keys: Vec<LimitKey>,
-        blocking: u64,
-        answered: u64,
-        deadline: Nanos,
-    ) {
-        match self {
-            Driven::Replicator(r) => r.yield_to(ticket, keys, blocking, answered, deadline),
-            Driven::Core(c) => c.yield_to(ticket, keys, blocking, answered, deadline),
+    /// After any input: the confirmations whose claims ended are decided.
+    fn settle(&mut self, now: Nanos, limiter: &SimLimiter) {
+        if let Driven::Replicator(r, c) = self {
+            c.settle(now, r, limiter);
         }
     }
-    fn poll_claim_event(&mut self) -> Option<ClaimEvent> {
+    fn poll_confirmed(&mut self) -> Option<Confirmed> {
         match self {
-            Driven::Replicator(r) => r.poll_claim_event(),
-            Driven::Core(c) => c.poll_claim_event(),
+            Driven::Replicator(_, c) => c.poll_confirmed(),
+            Driven::Core(core) => core.poll_confirmed(),
         }
     }
     fn peer_connected(&mut self, now: Nanos, slot: NodeSlot, digest: u64) {
         match self {
-            Driven::Replicator(r) => r.peer_connected(now, slot, digest),
+            Driven::Replicator(r, _) => r.peer_connected(now, slot, digest),
             Driven::Core(c) => c.handle_connected(now, slot, sim_addr(slot)),
         }
     }
     fn peer_disconnected(&mut self, slot: NodeSlot) {
         match self {
-            Driven::Replicator(r) => r.peer_disconnected(slot),
+            Driven::Replicator(r, _) => r.peer_disconnected(slot),
             Driven::Core(c) => c.handle_disconnected(slot),
         }
     }
@@ -199,7 +186,7 @@ impl Driven {
     /// recovery gate opening lets the limiter admit (a whole core does that
     /// itself).
     fn drain_events(&mut self, limiter: &SimLimiter) {
-        if let Driven::Replicator(r) = self {
+        if let Driven::Replicator(r, _) = self {
             while let Some(event) = r.poll_event() {
                 match event {
                     ReplicationEvent::Recovered => limiter.set_admitting(true),
@@ -209,7 +196,7 @@ impl Driven {
     }
     fn poll_transmit(&mut self) -> Option<crate::cluster::replication::Transmit> {
         match self {
-            Driven::Replicator(r) => r.poll_transmit(),
+            Driven::Replicator(r, _) => r.poll_transmit(),
             Driven::Core(c) => {
                 // The harness's network is a full mesh: nothing to dial.
                 while c.poll_event().is_some() {}
@@ -220,7 +207,7 @@ impl Driven {
     /// The harness's failure-detector verdict (replicator mode only: a
     /// whole core has its own).
     fn set_liveness(&mut self, limiter: &SimLimiter, slot: NodeSlot, live: bool, digest: u64) {
-        if let Driven::Replicator(r) = self {
+        if let Driven::Replicator(r, _) = self {
             r.set_liveness(limiter, slot, live, digest);
         }
     }
@@ -229,13 +216,13 @@ impl Driven {
     }
     fn poll_timeout(&self) -> Nanos {
         match self {
-            Driven::Replicator(r) => r.poll_timeout(),
+            Driven::Replicator(r, _) => r.poll_timeout(),
             Driven::Core(c) => c.poll_timeout(),
         }
     }
     fn handle_timeout(&mut self, now: Nanos, limiter: &SimLimiter) {
         match self {
-            Driven::Replicator(r) => r.handle_timeout(now, limiter),
+            Driven::Replicator(r, _) => r.handle_timeout(now, limiter),
             Driven::Core(c) => c.handle_timeout(now),
         }
     }
@@ -248,7 +235,7 @@ impl Driven {
         digest: u64,
     ) {
         match self {
-            Driven::Replicator(r) => {
+            Driven::Replicator(r, _) => {
                 // Refused frames are counted by the replicator.
                 let _ = r.handle_frame(now, from, bytes, limiter, digest);
             }
@@ -267,8 +254,9 @@ struct SimNode {
     skew: i64,
     up: bool,
     incarnation: u64,
-    /// Requests waiting for their claim's answers: ticket → (request, hits).
-    pending: BTreeMap<u64, (u64, Pending)>,
+    /// Requests waiting for their confirmation: ticket → request id and
+    /// what it would be answered if admitted.
+    waiting: BTreeMap<Ticket, (u64, Decision)>,
 }
 
 /// What became of a submitted request.
@@ -427,7 +415,7 @@ impl MemCluster {
             for peer in 0..self.spec.nodes {
                 repl.add_peer(self::slot(peer));
             }
-            Driven::Replicator(Box::new(repl))
+            Driven::Replicator(Box::new(repl), Confirmations::new())
         };
         Ok(SimNode {
             limiter,
@@ -437,7 +425,7 @@ impl MemCluster {
             skew: 0,
             up: true,
             incarnation,
-            pending: BTreeMap::new(),
+            waiting: BTreeMap::new(),
         })
     }
 
@@ -495,7 +483,7 @@ impl MemCluster {
     pub fn rules_version(&self, node: usize) -> Option<crate::cluster::node_core::RulesVersion> {
         match &self.nodes[node].repl {
             Driven::Core(core) => Some(core.rules_version()),
-            Driven::Replicator(_) => None,
+            Driven::Replicator(..) => None,
         }
     }
 
@@ -550,17 +538,31 @@ impl MemCluster {
         fields: &[(&str, &str)],
         cost: u32,
     ) -> Result<Submitted, CheckError> {
+        self.submit_all(node, &[(fields, cost)])
+    }
+
+    /// A request of several checks (descriptor fields and cost each) at
+    /// `node` now, decided together as [`Limiter::begin_at`] decides them;
+    /// its decision is the request's (allowed only if every check is).
+    pub fn submit_all(
+        &mut self,
+        node: usize,
+        checks: &[(&[(&str, &str)], u32)],
+    ) -> Result<Submitted, CheckError> {
         if !self.nodes[node].up {
             return Err(CheckError::Recovering);
         }
-        let d = Descriptors::new(fields)?;
+        let checks = checks
+            .iter()
+            .map(|&(fields, cost)| Ok(Check::new(Descriptors::new(fields)?, cost)))
+            .collect::<Result<Vec<_>, CheckError>>()?;
         self.sync_clock(node);
         let local = self.local_now(node);
         let limiter = self.nodes[node].limiter.clone();
         let outcome = if self.spec.confirm {
-            limiter.begin_at(local, &d, cost)?
+            limiter.begin_at(local, &checks)?
         } else {
-            Begun::Decided(limiter.check_at(local, &d, cost)?)
+            Begun::Decided(limiter.check_all_at(local, &checks)?)
         };
         if self.nodes[node]
             .wake
@@ -571,15 +573,13 @@ impl MemCluster {
             self.flush(node);
         }
         match outcome {
-            Begun::Decided(decision) => Ok(Submitted::Done(decision)),
+            Begun::Decided(decided) => Ok(Submitted::Done(decided.decision())),
             Begun::Confirm(pending) => {
                 let id = self.next_request;
                 self.next_request += 1;
-                let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
-                let ticket = self.nodes[node]
-                    .repl
-                    .claim(local, pending.started, keys, &limiter);
-                self.nodes[node].pending.insert(ticket, (id, pending));
+                let provisional = pending.provisional.decision();
+                let ticket = self.nodes[node].repl.confirm(local, pending, &limiter);
+                self.nodes[node].waiting.insert(ticket, (id, provisional));
                 self.flush(node);
                 Ok(Submitted::Waiting(id))
             }
@@ -594,45 +594,25 @@ impl MemCluster {
 
     /// Requests still waiting for answers, over all nodes.
     pub fn waiting(&self) -> usize {
-        self.nodes.iter().map(|n| n.pending.len()).sum()
+        self.nodes.iter().map(|n| n.waiting.len()).sum()
     }
 
-    /// Decides the requests whose claims ended at `node`.
+    /// Hands the requests whose confirmation ended at `node` to their
+    /// simulated clients.
     fn finish_claims(&mut self, node: usize) {
-        while let Some(event) = self.nodes[node].repl.poll_claim_event() {
-            let (ticket, answered) = match event {
-                ClaimEvent::Answered { ticket, answered } => (ticket, Some(answered)),
-                ClaimEvent::Expired { ticket } => (ticket, None),
-            };
-            let Some((id, mut pending)) = self.nodes[node].pending.remove(&ticket) else {
+        let local = self.local_now(node);
+        let limiter = self.nodes[node].limiter.clone();
+        self.nodes[node].repl.settle(local, &limiter);
+        while let Some(confirmed) = self.nodes[node].repl.poll_confirmed() {
+            let Some((id, _)) = self.nodes[node].waiting.remove(&confirmed.ticket) else {
                 continue;
             };
-            let local = self.local_now(node);
-            let limiter = self.nodes[node].limiter.clone();
-            match limiter.finish_or_yield_at(local, &mut pending, answered, true) {
-                Finished::Yield { blocking } => {
-                    let deadline = pending.started + self.nodes[node].repl.config().claim_timeout;
-                    let keys = pending.hits.iter().map(|h| (h.limit, h.key)).collect();
-                    self.nodes[node].repl.yield_to(
-                        ticket,
-                        keys,
-                        blocking,
-                        answered.unwrap_or(0),
-                        deadline,
-                    );
-                    self.nodes[node].pending.insert(ticket, (id, pending));
-                }
-                Finished::Decided(decision) => {
-                    if !decision.is_allowed() {
-                        // As the node does: the given-back hits leave at once.
-                        self.nodes[node].repl.ship_now(local, &limiter);
-                    }
-                    // When it was judged, on the reference clock.
-                    let skew = self.nodes[node].skew;
-                    let when = Nanos::new((pending.judged_at.as_u64() as i64 - skew).max(0) as u64);
-                    self.completed.push((id, node, decision, when));
-                }
-            }
+            // When it was judged, on the reference clock.
+            let skew = self.nodes[node].skew;
+            let judged = confirmed.pending.judged_at.as_u64() as i64;
+            let when = Nanos::new((judged - skew).max(0) as u64);
+            self.completed
+                .push((id, node, confirmed.decided.decision(), when));
         }
     }
 
@@ -667,10 +647,10 @@ impl MemCluster {
     pub fn crash(&mut self, node: usize) {
         self.nodes[node].up = false;
         // Its waiting clients get no answer: they count as refused.
-        for (_, (id, pending)) in std::mem::take(&mut self.nodes[node].pending) {
+        for (_, (id, provisional)) in std::mem::take(&mut self.nodes[node].waiting) {
             let decision = Decision {
                 outcome: Outcome::Denied,
-                quota: pending.provisional.quota,
+                quota: provisional.quota,
             };
             self.completed.push((id, node, decision, self.now));
         }

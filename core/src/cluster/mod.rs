@@ -1,16 +1,18 @@
 //! The cluster layer, sans-IO: the state machines that keep a node's counts
-//! in step with its peers. The async driver in `node` owns them and feeds
+//! in step with its peers. The server's async driver (`node`) owns them and feeds
 //! them time, frames and connections.
 //!
 //! | module | what |
 //! |---|---|
-//! | [`node_core`] | one node's orchestration: replication, membership, rules, recovery gate |
+//! | [`node_core`] | one node's orchestration: replication, confirmation, membership, rules, recovery gate |
+//! | [`confirm`] | requests near a limit waiting for their peers' answers, by ticket |
 //! | [`replication`] | deltas, acknowledgements, syncs and claims between peers |
 //! | [`membership`] | who is in the cluster and alive (SWIM) |
 //! | [`store`] | the view of the key tables replication reads and writes |
 //! | [`snapshot`] | local snapshots for a whole-cluster restart |
 //! | `harness` | an in-memory cluster on virtual time (tests, `harness` feature) |
 
+pub mod confirm;
 #[cfg(any(test, feature = "harness"))]
 pub mod harness;
 pub mod membership;

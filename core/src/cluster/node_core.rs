@@ -12,23 +12,27 @@
 //!
 //! 1. Feed inputs: [`NodeCore::handle_connected`],
 //!    [`NodeCore::handle_disconnected`], [`NodeCore::handle_frame`],
-//!    [`NodeCore::handle_wake`], [`NodeCore::commit_rules`] (after
-//!    [`NodeCore::prepare_rules`]), and [`NodeCore::handle_timeout`] once
-//!    [`NodeCore::poll_timeout`] has passed.
-//! 2. Drain [`NodeCore::poll_event`] (recovered, rules in force, the peers
-//!    to dial), then [`NodeCore::poll_transmit`].
+//!    [`NodeCore::handle_wake`], [`NodeCore::handle_confirm`] (a request
+//!    near its limit, counted provisionally by the limiter),
+//!    [`NodeCore::commit_rules`] (after [`NodeCore::prepare_rules`]), and
+//!    [`NodeCore::handle_timeout`] once [`NodeCore::poll_timeout`] has
+//!    passed.
+//! 2. Drain [`NodeCore::poll_confirmed`] (decided confirmations: hand each
+//!    to whoever waits on its ticket, or [`NodeCore::handle_abandoned`] if
+//!    nobody does), [`NodeCore::poll_event`] (recovered, rules in force,
+//!    the peers to dial), then [`NodeCore::poll_transmit`].
 //! 3. Re-arm the timer from [`NodeCore::poll_timeout`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::cluster::confirm::{Confirmations, Confirmed, Ticket};
 use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
 use crate::cluster::replication::{
-    ClaimEvent, Delivered, ReplicationConfig, ReplicationEvent, Replicator, Transmit,
+    Delivered, ReplicationConfig, ReplicationEvent, Replicator, Transmit,
 };
-use crate::cluster::store::LimitKey;
-use crate::limiter::{Limiter, SetupError};
+use crate::limiter::{Limiter, Pending, SetupError};
 use crate::rules::{RuleSet, RulesError};
 use crate::share::{SharePolicy, ShareView, MAX_NODES};
 use crate::slot::NodeSlot;
@@ -154,6 +158,9 @@ pub struct NodeCore<C: Clock = crate::clock::SystemClock> {
     live: BTreeSet<NodeSlot>,
     outbox: VecDeque<Transmit>,
     events: VecDeque<CoreEvent>,
+    confirmations: Confirmations,
+    /// The latest time an input brought.
+    now: Nanos,
 }
 
 impl<C: Clock> NodeCore<C> {
@@ -199,6 +206,8 @@ impl<C: Clock> NodeCore<C> {
             live: BTreeSet::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
+            confirmations: Confirmations::new(),
+            now,
             cfg,
         };
         core.limiter.set_share_view(core.share_view());
@@ -254,6 +263,7 @@ impl<C: Clock> NodeCore<C> {
 
     /// A connection to `slot` came up.
     pub fn handle_connected(&mut self, now: Nanos, slot: NodeSlot, addr: SocketAddr) {
+        self.saw(now);
         self.addrs.insert(slot, addr);
         self.repl.peer_connected(now, slot, self.rules_digest);
         // A peer that missed a rules change learns it here.
@@ -269,11 +279,13 @@ impl<C: Clock> NodeCore<C> {
     /// The connection to `slot` closed.
     pub fn handle_disconnected(&mut self, slot: NodeSlot) {
         self.repl.peer_disconnected(slot);
+        self.after_input();
     }
 
     /// A frame from the authenticated peer `from`. Refused frames change
     /// nothing and are counted by the replicator.
     pub fn handle_frame(&mut self, now: Nanos, from: NodeSlot, bytes: &[u8]) {
+        self.saw(now);
         let hello = bytes.get(1) == Some(&(Kind::Hello as u8));
         match self
             .repl
@@ -291,42 +303,47 @@ impl<C: Clock> NodeCore<C> {
         self.after_input();
     }
 
-    /// Sends provisional hits of `keys` (limit id, key digest) to every
-    /// peer to confirm; the answer comes out of
-    /// [`NodeCore::poll_claim_event`] under the returned ticket.
-    /// `started`: when the request arrived (it is judged as of then).
-    pub fn claim(&mut self, now: Nanos, started: Nanos, keys: Vec<LimitKey>) -> u64 {
-        self.repl.claim(now, started, keys, &*self.limiter)
+    /// A request that [`Limiter::begin_at`] counted provisionally near its
+    /// limit: the peers confirm it (see [`Confirmations`]), and its
+    /// decision comes out of [`NodeCore::poll_confirmed`] under the
+    /// returned ticket.
+    pub fn handle_confirm(&mut self, now: Nanos, pending: Pending) -> Ticket {
+        self.saw(now);
+        let ticket = self
+            .confirmations
+            .begin(now, pending, &mut self.repl, &self.limiter);
+        self.after_input();
+        ticket
     }
 
-    /// How long a claim waits for its answers.
-    pub fn claim_timeout(&self) -> Nanos {
-        self.repl.config().claim_timeout
+    /// A request whose confirmation ended; drain after every `handle_*`.
+    pub fn poll_confirmed(&mut self) -> Option<Confirmed> {
+        self.confirmations.poll_confirmed()
     }
 
-    /// A confirmed claim lost to an earlier conflicting one: it waits (until
-    /// `deadline`) for the earlier claim's hits to arrive, then decides again
-    /// (see `Replicator::yield_to`).
-    pub fn yield_to(
-        &mut self,
-        ticket: u64,
-        keys: Vec<LimitKey>,
-        blocking: u64,
-        answered: u64,
-        deadline: Nanos,
-    ) {
-        self.repl
-            .yield_to(ticket, keys, blocking, answered, deadline);
+    /// Nobody waits for `confirmed` any more: an admitted request nobody
+    /// was told about is given back.
+    pub fn handle_abandoned(&mut self, now: Nanos, confirmed: &Confirmed) {
+        self.saw(now);
+        self.confirmations
+            .abandon(now, confirmed, &mut self.repl, &self.limiter);
     }
 
-    /// Claims answered or expired since the last call.
-    pub fn poll_claim_event(&mut self) -> Option<ClaimEvent> {
-        self.repl.poll_claim_event()
+    /// Requests waiting for their peers' answers.
+    pub fn confirming(&self) -> usize {
+        self.confirmations.waiting()
     }
 
     /// A key's in-flight share is spent: ship at once.
     pub fn handle_wake(&mut self, now: Nanos) {
+        self.saw(now);
         self.repl.ship_now(now, &*self.limiter);
+    }
+
+    /// Keeps the latest time an input brought, for the work an input
+    /// without a time of its own sets off.
+    fn saw(&mut self, now: Nanos) {
+        self.now = self.now.max(now);
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
@@ -338,6 +355,7 @@ impl<C: Clock> NodeCore<C> {
     /// Runs what is due at `now`: membership probes, the sync tick, resends
     /// and claim deadlines.
     pub fn handle_timeout(&mut self, now: Nanos) {
+        self.saw(now);
         self.membership.handle_timeout(now);
         self.repl.handle_timeout(now, &*self.limiter);
         self.after_input();
@@ -347,6 +365,7 @@ impl<C: Clock> NodeCore<C> {
     /// peers it knows (SWIM stops probing when alone). Called on the
     /// driver's discovery tick.
     pub fn handle_discovery(&mut self, now: Nanos) {
+        self.saw(now);
         if !self.membership.members().is_empty() {
             return;
         }
@@ -391,6 +410,7 @@ impl<C: Clock> NodeCore<C> {
 
     /// Ships what is pending and leaves the membership: a clean stop.
     pub fn finish(&mut self, now: Nanos) {
+        self.saw(now);
         self.repl
             .handle_timeout(now.max(self.repl.poll_timeout()), &*self.limiter);
         self.membership.leave(now);
@@ -477,8 +497,9 @@ impl<C: Clock> NodeCore<C> {
         }
     }
 
-    /// Moves membership output into the outbox and events, and reports the
-    /// recovery gate opening.
+    /// Moves membership output into the outbox and events, reports the
+    /// recovery gate opening, and decides the confirmations whose claims
+    /// ended.
     fn after_input(&mut self) {
         while let Some(event) = self.membership.poll_event() {
             self.on_member_event(event);
@@ -509,6 +530,9 @@ impl<C: Clock> NodeCore<C> {
         {
             self.limiter.set_share_view(self.share_view());
         }
+        let now = self.now;
+        self.confirmations
+            .settle(now, &mut self.repl, &self.limiter);
     }
 
     fn on_member_event(&mut self, event: MemberEvent) {

@@ -12,8 +12,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::evaluate::{Begun, Match, Matches};
 use super::table::NO_HINT;
-use super::{Begun, CheckError, Compiled, Decision, Limiter, Matches};
+use super::{CheckError, Compiled, Decision, Limiter};
 use crate::descriptor::Descriptors;
 use crate::time::{Clock, Nanos};
 
@@ -29,8 +30,8 @@ pub struct Handle<'l, C: Clock> {
     /// The limiter's rule generation that `matches` was resolved under.
     generation: u64,
     compiled: Arc<Compiled>,
-    /// `(limit index, key)`, sorted by index (the lock order).
-    matches: Box<[(usize, u64)]>,
+    /// The limits and keys, sorted (the lock order).
+    matches: Box<[Match]>,
     /// Where the key of a handle with one limit was last found in its
     /// table, tried before the table's index.
     hint: u32,
@@ -73,17 +74,17 @@ impl<C: Clock> Handle<'_, C> {
             return Err(CheckError::Recovering);
         }
         let limiter = self.limiter;
-        if let (None, &[(index, key)]) = (&limiter.cluster, &*self.matches) {
+        if let (None, &[m]) = (&limiter.cluster, &*self.matches) {
             // One limit, no peers: straight to the entry where the key was
             // last found.
             let compiled = &*self.compiled;
-            return Ok(limiter.decide_alone(compiled, now, index, key, cost, &mut self.hint));
+            return Ok(limiter.decide_alone(compiled, now, m.index, m.key, cost, &mut self.hint));
         }
-        match limiter.decide(&self.compiled, now, &self.matches, cost, false) {
-            Begun::Decided(decision) => Ok(decision),
+        match limiter.decide(&self.compiled, now, &self.matches, &[cost], false) {
+            Begun::Decided(decided) => Ok(decided.decision()),
             Begun::Confirm(p) => {
                 limiter.give_back(now, &p);
-                Ok(limiter.denied_for_now(&p))
+                Ok(limiter.denied_for_now(&p).decision())
             }
         }
     }
@@ -105,7 +106,8 @@ impl<C: Clock> Handle<'_, C> {
         // The fields were valid descriptors when the handle was made.
         let d = Descriptors::new(&pairs)?;
         let mut matches = Matches::new();
-        limiter.resolve(&compiled, &d, &mut matches)?;
+        limiter.resolve(&compiled, &d, 0, &mut matches)?;
+        matches.sort();
         self.matches = matches.as_slice().into();
         self.compiled = compiled;
         self.generation = generation;

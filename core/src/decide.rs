@@ -1,0 +1,178 @@
+//! The one entry point every protocol decides through.
+//!
+//! HTTP, gRPC (native and Envoy's rate limit service), RESP, the axum
+//! middleware and the SDK's embedded mode all decide a request with
+//! [`Decider::decide`]: the request's checks are evaluated together by the
+//! limiter ([`Limiter::begin_at`]); far from every limit that is the
+//! decision; near one, the provisional hits go to the node's core to be
+//! confirmed by the peers ([`Confirm`]), and the answer waits for them, one
+//! round trip at most the claim timeout. There is no other path from a
+//! protocol to the counters, so no protocol can decide differently.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use drl_core::decide::Decider;
+//! use drl_core::descriptor::Descriptors;
+//! use drl_core::limiter::{Check, Limiter, LimiterConfig};
+//! use drl_core::rules::RuleSet;
+//!
+//! let rules = RuleSet::from_toml(r#"
+//!     [[rules]]
+//!     name = "per-user"
+//!     match = { user = "*" }
+//!     limits = [ { algorithm = "fixed_window", limit = 1, window = "1m" } ]
+//!     [[rules]]
+//!     name = "per-route"
+//!     match = { endpoint = "*" }
+//!     limits = [ { algorithm = "fixed_window", limit = 100, window = "1m" } ]
+//! "#).unwrap();
+//! let decider = Decider::local(Arc::new(Limiter::new(rules, LimiterConfig::default()).unwrap()));
+//! let user = [("user", "alice")];
+//! let route = [("endpoint", "/search")];
+//! let checks = [
+//!     Check::new(Descriptors::new(&user).unwrap(), 1),
+//!     Check::new(Descriptors::new(&route).unwrap(), 1),
+//! ];
+//! let first = futures_lite_block_on(decider.decide(&checks)).unwrap();
+//! assert!(first.is_allowed());
+//! // Alice is spent: the second request is refused, and the route is not
+//! // charged for it.
+//! let second = futures_lite_block_on(decider.decide(&checks)).unwrap();
+//! assert!(!second.is_allowed());
+//! assert_eq!(second.each()[1].quota.unwrap().remaining, 99);
+//! # fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+//! #     drl_core::decide::block_on_ready(f).expect("a local decision never waits")
+//! # }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::clock::SystemClock;
+use crate::descriptor::Descriptors;
+use crate::limiter::{
+    Begun, Check, CheckError, Decided, Decision, Limiter, Pending, RefundError, RefundOutcome,
+};
+use crate::time::Clock;
+
+/// What [`Confirm::confirm`] returns: the request's decision, once the
+/// peers have answered (or the wait is over).
+pub type ConfirmFuture = Pin<Box<dyn Future<Output = Decided> + Send>>;
+
+/// Where a request near its limit is confirmed with the peers: a node's
+/// core, reached through its driver (the server implements it; the
+/// in-memory harness drives the same core directly).
+pub trait Confirm: Send + Sync {
+    /// Hands a request that [`Limiter::begin_at`] counted provisionally to
+    /// the node's core; the future resolves to its decision. If the future
+    /// is dropped first, the node gives back an admitted request nobody was
+    /// told of.
+    fn confirm(&self, pending: Pending) -> ConfirmFuture;
+}
+
+/// The one decision path (see the module docs). Cheap to clone: two
+/// reference counts.
+pub struct Decider<C: Clock = SystemClock> {
+    limiter: Arc<Limiter<C>>,
+    confirm: Option<Arc<dyn Confirm>>,
+}
+
+impl<C: Clock> Clone for Decider<C> {
+    fn clone(&self) -> Self {
+        Decider {
+            limiter: self.limiter.clone(),
+            confirm: self.confirm.clone(),
+        }
+    }
+}
+
+impl<C: Clock> From<Arc<Limiter<C>>> for Decider<C> {
+    fn from(limiter: Arc<Limiter<C>>) -> Self {
+        Decider::local(limiter)
+    }
+}
+
+impl<C: Clock> Decider<C> {
+    /// Decisions from an in-process limiter with no peers (an embedded
+    /// application's, a test's): every request is decided at once.
+    pub fn local(limiter: Arc<Limiter<C>>) -> Self {
+        Decider {
+            limiter,
+            confirm: None,
+        }
+    }
+
+    /// Decisions of a cluster node: requests near a limit are confirmed
+    /// through `confirm`.
+    pub fn clustered(limiter: Arc<Limiter<C>>, confirm: Arc<dyn Confirm>) -> Self {
+        Decider {
+            limiter,
+            confirm: Some(confirm),
+        }
+    }
+
+    /// The limiter decisions are made by (its rules, its metrics).
+    pub fn limiter(&self) -> &Arc<Limiter<C>> {
+        &self.limiter
+    }
+
+    /// Decides a request of one or more checks together: allowed only if
+    /// every limit of every check allows, and then every check is counted;
+    /// otherwise nothing is. Near a limit the answer waits for the peers'
+    /// confirmation (one round trip, at most the claim timeout).
+    ///
+    /// On `Err` nothing was counted: bad input, an endpoint the rules do
+    /// not know, or a node still recovering its counts.
+    pub async fn decide(&self, checks: &[Check<'_>]) -> Result<Decided, CheckError> {
+        let now = self.limiter.clock().now();
+        let pending = match self.limiter.begin_at(now, checks)? {
+            Begun::Decided(decided) => return Ok(decided),
+            Begun::Confirm(pending) => pending,
+        };
+        match &self.confirm {
+            Some(confirm) => Ok(confirm.confirm(pending).await),
+            None => {
+                // A limiter that is a cluster member but has no core to
+                // confirm with: refuse for one acknowledgement wait.
+                self.limiter.give_back(now, &pending);
+                Ok(self.limiter.refused_pending(&pending))
+            }
+        }
+    }
+
+    /// [`Decider::decide`] for a request of one check.
+    pub async fn check(&self, d: &Descriptors<'_>, cost: u32) -> Result<Decision, CheckError> {
+        let check = Check::new(*d, cost);
+        self.decide(std::slice::from_ref(&check))
+            .await
+            .map(|decided| decided.decision())
+    }
+
+    /// The sealed receipt of `check`, decided just now as `decision`: what
+    /// a refund must present to give its cost back. `None` when the check
+    /// was not allowed, cost nothing, or counted no limit.
+    pub fn receipt(&self, check: &Check<'_>, decision: &Decision) -> Option<String> {
+        let now = self.limiter.clock().now();
+        self.limiter
+            .issue_receipt_at(now, &check.descriptors, check.cost, decision)
+    }
+
+    /// Gives back what the check that issued `receipt` charged, once.
+    pub fn refund(&self, receipt: &str) -> Result<RefundOutcome, RefundError> {
+        self.limiter.refund_receipt(receipt)
+    }
+}
+
+/// Polls `f` once and returns its output if it is ready: enough for a
+/// [`Decider::local`], whose decisions never wait, to be used from
+/// synchronous code (a CLI, a test, a doc example). `None` if `f` would
+/// wait.
+pub fn block_on_ready<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
