@@ -59,12 +59,9 @@ pub enum CliError {
     /// The node's configuration (file, environment or flags) is invalid.
     #[error("configuration: {0}")]
     Config(#[from] crate::node::ConfigError),
-    /// A node or its HTTP API could not start or serve.
+    /// A node or one of its front-ends could not start or serve.
     #[error(transparent)]
-    Run(#[from] crate::http::RunError),
-    /// A node or its gRPC API could not start or serve.
-    #[error(transparent)]
-    RunGrpc(#[from] crate::grpc::RunError),
+    Run(#[from] crate::server::RunError),
     /// An exchange with a node over HTTP failed.
     #[error(transparent)]
     Client(#[from] crate::http::client::ClientError),

@@ -14,12 +14,19 @@
 //!   certificates.
 //! - [`node`]: a cluster node, the thin async shell that drives the state
 //!   machines from the transport and timers.
-//! - [`grpc`]: the gRPC API: Envoy's rate limit service v3, the native
-//!   `drl.v1.RateLimiter` and health, beside the HTTP API.
-//! - [`resp`]: the RESP (Redis protocol) API: redis-cell's `CL.THROTTLE`
-//!   and `DRL.CHECK`, off by default.
-//! - [`http`]: the HTTP API (HTTP/1.1, and h2c on request); [`metrics`]: its Prometheus metrics;
-//!   [`middleware`]: rate limiting for axum routes.
+//! - [`service`]: what every front-end shares: the node's decision path
+//!   (`drl_core::decide::Decider`), status, metrics and admin token, and
+//!   the rate-limit header fields of a decision.
+//! - The front-ends, side by side over one [`service::Service`], none
+//!   importing another: [`http`] (the HTTP API, HTTP/1.1 and h2c),
+//!   [`grpc`] (Envoy's rate limit service v3, the native
+//!   `drl.v1.RateLimiter` and health), [`resp`] (redis-cell's
+//!   `CL.THROTTLE` and `DRL.CHECK`, off by default); [`listen`], the
+//!   accept loops and connection caps HTTP and RESP share; [`middleware`],
+//!   rate limiting for a Rust service's own axum routes.
+//! - [`server`]: the composition root: binds every listener, starts the
+//!   node, serves, drains.
+//! - [`metrics`]: the Prometheus metrics of every protocol.
 //! - [`cli`]: the commands behind the `drl` binary.
 
 //!
@@ -28,8 +35,11 @@
 pub mod cli;
 pub mod grpc;
 pub mod http;
+pub mod listen;
 pub mod metrics;
 pub mod middleware;
 pub mod net;
 pub mod node;
 pub mod resp;
+pub mod server;
+pub mod service;

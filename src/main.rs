@@ -1,5 +1,5 @@
 //! The `drl` command line: parses arguments and hands over to the library
-//! (`drl::cli::execute`; `drl node` ends in `drl::http::run`).
+//! (`drl::cli::execute`; `drl node` ends in `drl::server::run`).
 
 use std::process::ExitCode;
 

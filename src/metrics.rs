@@ -48,23 +48,30 @@ pub enum Protocol {
     Http,
     /// The gRPC API.
     Grpc,
+    /// The RESP API.
+    Resp,
 }
 
-const PROTOCOLS: [Protocol; 2] = [Protocol::Http, Protocol::Grpc];
+/// How many protocols decide.
+const PROTOCOL_COUNT: usize = 3;
+
+const PROTOCOLS: [Protocol; PROTOCOL_COUNT] = [Protocol::Http, Protocol::Grpc, Protocol::Resp];
 
 impl Protocol {
     fn index(self) -> usize {
         match self {
             Protocol::Http => 0,
             Protocol::Grpc => 1,
+            Protocol::Resp => 2,
         }
     }
 
-    /// The label's value: `http` or `grpc`.
+    /// The label's value: `http`, `grpc` or `resp`.
     pub fn label(self) -> &'static str {
         match self {
             Protocol::Http => "http",
             Protocol::Grpc => "grpc",
+            Protocol::Resp => "resp",
         }
     }
 }
@@ -174,13 +181,13 @@ fn result_index(outcome: Outcome) -> usize {
 pub struct DecisionCounters {
     by_limit: dashmap::DashMap<u64, Arc<LimitCounts>>,
     /// By protocol.
-    unmatched: [AtomicU64; 2],
+    unmatched: [AtomicU64; PROTOCOL_COUNT],
 }
 
 struct LimitCounts {
     rule: String,
     /// By protocol, then by result.
-    counts: [[AtomicU64; 3]; 2],
+    counts: [[AtomicU64; 3]; PROTOCOL_COUNT],
 }
 
 impl DecisionCounters {
@@ -238,7 +245,7 @@ impl prometheus_client::collector::Collector for DecisionCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
         let mut family = encoder.encode_descriptor(
             "decisions",
-            "Rate-limit decisions by result, by the rule of the deciding limit (rule=\"\" when no rule matched) and by API (protocol=\"http\" or \"grpc\").",
+            "Rate-limit decisions by result, by the rule of the deciding limit (rule=\"\" when no rule matched) and by API (protocol=\"http\", \"grpc\" or \"resp\").",
             None,
             MetricType::Counter,
         )?;
@@ -281,7 +288,7 @@ impl LatencyHistogram {
 /// One [`LatencyHistogram`] per protocol.
 #[derive(Default)]
 pub struct LatencyHistograms {
-    by_protocol: [LatencyHistogram; 2],
+    by_protocol: [LatencyHistogram; PROTOCOL_COUNT],
 }
 
 impl LatencyHistograms {

@@ -30,11 +30,10 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::http::error::ApiError;
-use crate::http::headers::decision_headers;
+use crate::service::headers::decision_headers;
 use drl_core::decide::Decider;
 use drl_core::descriptor::Descriptors;
-use drl_core::limiter::Outcome;
+use drl_core::limiter::{CheckError, Outcome};
 
 /// Descriptor fields of a request, or `None` to let it pass unlimited.
 pub type Describe = dyn Fn(&Request) -> Option<Vec<(String, String)>> + Send + Sync;
@@ -73,6 +72,25 @@ fn refusal(status: StatusCode, message: &str) -> Response {
         .into_response()
 }
 
+/// The answer to a request that could not be checked: 503 with
+/// `Retry-After` while the node recovers its counts, 400 for bad
+/// descriptors or an endpoint the rules do not know.
+fn check_refusal(e: &CheckError) -> Response {
+    match e {
+        CheckError::Recovering => {
+            let mut response = refusal(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(1u64),
+            );
+            response
+        }
+        CheckError::Descriptor(_) | CheckError::UnknownEndpoint(_) => {
+            refusal(StatusCode::BAD_REQUEST, &e.to_string())
+        }
+    }
+}
+
 /// The middleware function; use with `axum::middleware::from_fn_with_state`.
 pub async fn rate_limit(
     State(state): State<RateLimitState>,
@@ -89,10 +107,10 @@ pub async fn rate_limit(
     // Refusals take the HTTP API's shape: the same status, body and
     // `Retry-After` for the same error.
     let decision = match Descriptors::new(&pairs) {
-        Err(e) => return ApiError::from(e).into_response(),
+        Err(e) => return refusal(StatusCode::BAD_REQUEST, &e.to_string()),
         Ok(d) => match state.decider.check(&d, 1).await {
             Ok(decision) => decision,
-            Err(e) => return ApiError::from(e).into_response(),
+            Err(e) => return check_refusal(&e),
         },
     };
     // The decision names its rule: no lookup in rules a reload may have

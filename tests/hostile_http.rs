@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use drl::http::client::{Answer, Connection};
-use drl::http::server::HttpLimits;
-use drl::http::{HttpNode, RunError};
+use drl::http::HttpLimits;
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{NodeApi, NodeFile};
+use drl::server::{RunError, Server, ServerLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -54,14 +54,14 @@ struct TestNode {
 }
 
 impl TestNode {
-    async fn start(name: &str, limits: HttpLimits) -> TestNode {
+    async fn start(name: &str, limits: ServerLimits) -> TestNode {
         let dir = scratch(name);
         let file = NodeFile {
             recovery_timeout: "100ms".into(),
             listen_admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..NodeFile::local(&dir, 0, 1, vec![])
         };
-        let node = HttpNode::start_with_limits(file.settings(&dir).unwrap(), limits)
+        let node = Server::start_with_limits(file.settings(&dir).unwrap(), limits)
             .await
             .unwrap();
         let (addr, admin) = (node.http_addr(), node.admin_addr().unwrap());
@@ -108,7 +108,14 @@ async fn get(addr: SocketAddr, path: &str) -> Answer {
 
 /// Short timeouts so that the tests see them act; generous deadlines to
 /// observe them on a loaded machine.
-fn quick_limits() -> HttpLimits {
+fn quick_limits() -> ServerLimits {
+    ServerLimits {
+        http: quick_http(),
+        ..ServerLimits::default()
+    }
+}
+
+fn quick_http() -> HttpLimits {
     HttpLimits {
         header_timeout: Duration::from_millis(500),
         body_timeout: Duration::from_millis(500),
@@ -279,9 +286,12 @@ async fn floods_of_idle_and_slow_connections_are_shed() {
     assert!(fds >= 2048, "need at least 2048 open files, have {fds}");
     let node = TestNode::start(
         "flood",
-        HttpLimits {
-            max_per_source: PER_SOURCE,
-            ..quick_limits()
+        ServerLimits {
+            http: HttpLimits {
+                max_per_source: PER_SOURCE,
+                ..quick_http()
+            },
+            ..ServerLimits::default()
         },
     )
     .await;

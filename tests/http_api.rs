@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drl::http::client::{Answer, Connection};
-use drl::http::{HttpNode, RunError};
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{NodeApi, NodeFile};
+use drl::server::{RunError, Server};
 use serde_json::Value;
 
 const RULES: &str = r#"
@@ -95,7 +95,7 @@ impl TestNode {
             admin_token: o.token.map(str::to_owned),
             ..NodeFile::local(dir, o.slot, o.cluster_size, o.seeds)
         };
-        let node = HttpNode::start(file.settings(dir).unwrap()).await.unwrap();
+        let node = Server::start(file.settings(dir).unwrap()).await.unwrap();
         let addr = node.http_addr();
         let peer = node.node().peer_addr();
         let api = node.node().api();

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use drl::http::{HttpNode, RunError};
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{NodeApi, NodeFile};
+use drl::server::{RunError, Server};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -46,7 +46,7 @@ impl TestNode {
             http2,
             ..NodeFile::local(&dir, 0, 1, vec![])
         };
-        let node = HttpNode::start(file.settings(&dir).unwrap()).await.unwrap();
+        let node = Server::start(file.settings(&dir).unwrap()).await.unwrap();
         let addr = node.http_addr();
         let api = node.node().api();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

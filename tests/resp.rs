@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use drl::http::{HttpNode, RunError};
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{NodeApi, NodeFile};
+use drl::server::{RunError, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -49,7 +49,7 @@ impl TestNode {
             resp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ..NodeFile::local(dir, slot, size, seeds)
         };
-        let node = HttpNode::start(file.settings(dir).unwrap()).await.unwrap();
+        let node = Server::start(file.settings(dir).unwrap()).await.unwrap();
         let resp = node.resp_addr().expect("RESP listener configured");
         let peer = node.node().peer_addr().to_string();
         let api = node.node().api();

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use drl::http::client::{Answer, Connection};
-use drl::http::{HttpNode, RunError};
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{NodeApi, NodeFile};
+use drl::server::{RunError, Server};
 use serde_json::Value;
 
 const RULES: &str = r#"
@@ -53,7 +53,7 @@ impl TestNode {
             recovery_timeout: "2s".into(),
             ..NodeFile::local(dir, slot, size, seeds)
         };
-        let node = HttpNode::start(file.settings(dir).unwrap()).await.unwrap();
+        let node = Server::start(file.settings(dir).unwrap()).await.unwrap();
         let addr = node.http_addr();
         let peer = node.node().peer_addr().to_string();
         let api = node.node().api();

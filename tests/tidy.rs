@@ -4,8 +4,10 @@
 //! - The I/O-free invariant: the directories DESIGN.md's "Invariants"
 //!   declares I/O-free (and `src/core/` always) use no tokio, no sockets, no
 //!   `std::fs`, no threads spawned or put to sleep, no system clock.
-//! - The code map: every module of `src/` is named in DESIGN.md's
-//!   "Code map", so the map cannot silently fall behind the code.
+//! - The code map: every module of `src/` and `core/src/` is named in
+//!   DESIGN.md's "Code map", so the map cannot silently fall behind the code.
+//! - Layers: no import cycle between the top-level modules of a crate, and
+//!   no source file over [`MAX_FILE_LINES`] lines.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -297,6 +299,11 @@ fn io_free_modules_do_no_io() {
         let mut files = Vec::new();
         rust_files(&root.join(dir), &mut files);
         for file in files {
+            // A module's unit tests (`#[cfg(test)] mod tests;`) may use
+            // threads to test concurrency.
+            if file.file_name().is_some_and(|n| n == "tests.rs") {
+                continue;
+            }
             checked += 1;
             let text = fs::read_to_string(&file).expect("source is UTF-8");
             let rel = file.strip_prefix(&root).unwrap_or(&file);
@@ -378,6 +385,111 @@ fn the_code_map_names_every_module() {
     );
 }
 
+/// Longest a source file may be: past it, a file holds two ideas.
+const MAX_FILE_LINES: usize = 700;
+
+#[test]
+fn no_source_file_is_too_long() {
+    let mut long = Vec::new();
+    for src in ["src", "core/src"] {
+        let mut files = Vec::new();
+        rust_files(&root().join(src), &mut files);
+        for file in files {
+            let lines = fs::read_to_string(&file)
+                .expect("source is UTF-8")
+                .lines()
+                .count();
+            if lines > MAX_FILE_LINES {
+                let rel = file
+                    .strip_prefix(root())
+                    .unwrap_or(&file)
+                    .display()
+                    .to_string();
+                long.push(format!("{rel}: {lines} lines"));
+            }
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "split these files along their seams (at most {MAX_FILE_LINES} lines each):\n{}",
+        long.join("\n")
+    );
+}
+
+/// The top-level modules of the crate whose sources are at `src`, each
+/// with the other top-level modules its code names as `crate::<module>`.
+fn module_graph(src: &Path) -> std::collections::BTreeMap<String, BTreeSet<String>> {
+    let mut graph = std::collections::BTreeMap::new();
+    for entry in fs::read_dir(src).expect("the sources are readable") {
+        let path = entry.expect("a directory entry").path();
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        let mut files = Vec::new();
+        if path.is_dir() {
+            rust_files(&path, &mut files);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            files.push(path.clone());
+        }
+        if files.is_empty() || stem == "lib" || stem == "main" {
+            continue;
+        }
+        let deps: &mut BTreeSet<String> = graph.entry(stem.clone()).or_default();
+        for file in files {
+            let code = blank_comments_and_strings(&fs::read_to_string(&file).expect("UTF-8"));
+            for (at, _) in code.match_indices("crate::") {
+                let name: String = code[at + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != stem {
+                    deps.insert(name);
+                }
+            }
+        }
+    }
+    graph
+}
+
+/// The modules of `graph` that can reach themselves, each with the path
+/// back.
+fn cycles(graph: &std::collections::BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+    let mut found = Vec::new();
+    for start in graph.keys() {
+        // Depth-first from `start`, remembering how each module was reached.
+        let mut stack = vec![(start.clone(), vec![start.clone()])];
+        let mut seen = BTreeSet::new();
+        while let Some((at, path)) = stack.pop() {
+            for next in graph.get(&at).into_iter().flatten() {
+                if next == start {
+                    found.push(format!("{} -> {start}", path.join(" -> ")));
+                } else if graph.contains_key(next) && seen.insert(next.clone()) {
+                    let mut longer = path.clone();
+                    longer.push(next.clone());
+                    stack.push((next.clone(), longer));
+                }
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+#[test]
+fn the_modules_of_each_crate_form_layers() {
+    for src in ["src", "core/src"] {
+        let graph = module_graph(&root().join(src));
+        assert!(graph.len() > 5, "{src}: found only {graph:?}");
+        let cycles = cycles(&graph);
+        assert!(
+            cycles.is_empty(),
+            "{src}: modules that import each other (directly or around a loop):\n{}",
+            cycles.join("\n")
+        );
+    }
+}
+
 #[cfg(test)]
 mod checker {
     use super::*;
@@ -424,6 +536,22 @@ fn after() { let _ = std::time::SystemTime::now(); }
         let found: Vec<(usize, &str)> =
             breaches(sample).iter().map(|b| (b.line, b.found)).collect();
         assert_eq!(found, vec![(12, "SystemTime::now")]);
+    }
+
+    #[test]
+    fn finds_a_loop_of_imports() {
+        let graph = [
+            ("a", &["b"][..]),
+            ("b", &["c"]),
+            ("c", &["a", "d"]),
+            ("d", &[]),
+        ]
+        .into_iter()
+        .map(|(m, deps)| (m.to_owned(), deps.iter().map(|d| (*d).to_owned()).collect()))
+        .collect();
+        let found = cycles(&graph);
+        assert!(found.contains(&"a -> b -> c -> a".to_owned()), "{found:?}");
+        assert!(found.iter().all(|c| !c.starts_with('d')), "{found:?}");
     }
 
     #[test]

@@ -32,8 +32,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use drl::http::headers::decision_headers;
 use drl_core::decide::Decider;
+use drl_core::fields::RateLimitFields;
 use drl_core::limiter::{Limiter, Outcome, QuotaState};
 use drl_core::time::Nanos;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -231,7 +231,17 @@ pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision) {
                 reset_after: Nanos::from(q.reset_after),
                 retry_after: Nanos::from(q.retry_after.unwrap_or_default()),
             };
-            decision_headers(headers, d.outcome, &q.rule, &state);
+            let fields = RateLimitFields::new(d.outcome, &q.rule, &state);
+            let value = |text: String| HeaderValue::try_from(text).ok();
+            if let Some(v) = value(fields.policy) {
+                headers.insert("ratelimit-policy", v);
+            }
+            if let Some(v) = fields.ratelimit.and_then(value) {
+                headers.insert("ratelimit", v);
+            }
+            if let Some(secs) = fields.retry_after {
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
+            }
         }
         None if d.outcome == Outcome::Denied => {
             headers.insert(RETRY_AFTER, HeaderValue::from(1u64));

@@ -56,6 +56,7 @@ pub mod clock;
 pub mod cluster;
 pub mod decide;
 pub mod descriptor;
+pub mod fields;
 pub mod key;
 pub mod limiter;
 pub mod receipt;

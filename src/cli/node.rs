@@ -243,7 +243,7 @@ pub fn run_node(args: &NodeArgs) -> Result<(), CliError> {
     let settings = args.settings()?;
     runtime()?.block_on(async {
         let mut signal = ShutdownSignal::new()?;
-        crate::grpc::run(settings, async move { signal.recv().await }).await?;
+        crate::server::run(settings, async move { signal.recv().await }).await?;
         Ok(())
     })
 }

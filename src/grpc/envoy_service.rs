@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::envoy_request::RlsRequest;
 use super::state::{rule_name, GrpcState};
-use crate::http::headers::decision_headers;
+use crate::service::headers::decision_headers;
 use drl_core::descriptor::Descriptors;
 use drl_core::limiter::{Check, Decided, Decision, Outcome};
 use drl_core::time::Nanos;

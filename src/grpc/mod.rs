@@ -1,5 +1,5 @@
-//! The gRPC API of a node (tonic), beside the HTTP API and over the same
-//! limiter and metrics.
+//! The gRPC API of a node (tonic), beside the HTTP and RESP APIs and over
+//! the same [`crate::service::Service`]: the same decision path and metrics.
 //!
 //! | service | what |
 //! | --- | --- |
@@ -16,7 +16,7 @@
 //! - [`envoy_request`]: parsing Envoy's request into descriptor sets.
 //! - [`envoy_service`], [`native`]: the services.
 //! - [`state`]: what the services share; errors to statuses.
-//! - [`server`]: binding, health, serving beside the HTTP API, [`run`].
+//! - [`server`]: binding, health, serving, draining.
 
 pub mod envoy_request;
 pub mod envoy_service;
@@ -24,7 +24,7 @@ pub mod native;
 pub mod server;
 pub mod state;
 
-pub use server::{run, GrpcListener, RunError};
+pub use server::{GrpcError, GrpcListener};
 pub use state::GrpcState;
 
 /// The generated messages, server and client of `drl.v1`.

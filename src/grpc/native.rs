@@ -53,7 +53,7 @@ impl NativeRateLimiter {
     /// must show (the same as `POST /v1/check`'s).
     fn answer_with_receipt(&self, check: &Check<'_>, decision: &Decision) -> CheckResponse {
         let mut response = answer(decision);
-        if let Some(receipt) = self.state.api().decider().receipt(check, decision) {
+        if let Some(receipt) = self.state.service().decider().receipt(check, decision) {
             response.receipt = receipt.into_bytes();
         }
         response
@@ -190,7 +190,7 @@ impl RateLimiter for NativeRateLimiter {
         }
         let outcome = self
             .state
-            .api()
+            .service()
             .decider()
             .refund(receipt)
             .map_err(|e| self.state.refuse(refund_status(&e)))?;

@@ -1,10 +1,7 @@
-//! The gRPC listener: bind, serve beside the HTTP API, drain.
-//!
-//! [`run`] is what `drl node` calls: it binds the gRPC port (when
-//! `grpc_listen` is set) before the node starts, so a taken port fails before
-//! the node joins its cluster; then it serves both APIs until `shutdown`
-//! resolves, and lets the HTTP server drain and stop the node. Tests use
-//! [`GrpcListener`] directly on port 0.
+//! The gRPC listener: bind (before the node starts, so a taken port fails
+//! before the node joins its cluster), serve Envoy's rate limit service,
+//! the native API and health over the node's [`Service`], drain.
+//! The composition root (`server`) starts it beside the other front-ends.
 
 use std::future::Future;
 use std::io;
@@ -21,8 +18,8 @@ use super::envoy_service::EnvoyRateLimit;
 use super::native::NativeRateLimiter;
 use super::pb::rate_limiter_server::RateLimiterServer;
 use super::state::GrpcState;
-use crate::http::HttpNode;
-use crate::node::{GrpcTls, NodeSettings};
+use crate::node::GrpcTls;
+use crate::service::Service;
 
 /// The services whose health `grpc.health.v1` reports, besides `""` (the
 /// whole server).
@@ -38,12 +35,9 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 1_024;
 /// How often health follows the node's readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Why a node with its APIs could not start or serve.
+/// Why the gRPC listener could not start or serve.
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// The node or its HTTP API failed.
-    #[error(transparent)]
-    Http(#[from] crate::http::RunError),
+pub enum GrpcError {
     /// The gRPC port could not be bound.
     #[error("cannot listen for gRPC on {addr}: {source}")]
     Bind {
@@ -75,8 +69,8 @@ pub struct GrpcListener {
 impl GrpcListener {
     /// Binds `addr` (port 0 picks a free port), serving plain HTTP/2 until
     /// [`with_tls`](Self::with_tls).
-    pub async fn bind(addr: SocketAddr) -> Result<GrpcListener, RunError> {
-        let err = |source| RunError::Bind { addr, source };
+    pub async fn bind(addr: SocketAddr) -> Result<GrpcListener, GrpcError> {
+        let err = |source| GrpcError::Bind { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(err)?;
         let addr = listener.local_addr().map_err(err)?;
         Ok(GrpcListener {
@@ -89,9 +83,9 @@ impl GrpcListener {
     /// Serves over TLS with `tls`'s certificate, and asks clients for a
     /// certificate signed by its client CA when it names one. The files are
     /// read now, so a missing one fails before the node starts.
-    pub fn with_tls(mut self, tls: &GrpcTls) -> Result<GrpcListener, RunError> {
+    pub fn with_tls(mut self, tls: &GrpcTls) -> Result<GrpcListener, GrpcError> {
         let read = |path: &std::path::Path| {
-            std::fs::read(path).map_err(|source| RunError::TlsRead {
+            std::fs::read(path).map_err(|source| GrpcError::TlsRead {
                 path: path.to_owned(),
                 source,
             })
@@ -110,18 +104,19 @@ impl GrpcListener {
         self.addr
     }
 
-    /// Serves the three services until `shutdown` resolves, then stops
-    /// accepting and waits for in-flight calls.
+    /// Serves the three services over `service` until `shutdown`
+    /// resolves, then stops accepting and waits for in-flight calls.
     pub async fn serve(
         self,
-        state: GrpcState,
+        service: Service,
         shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), RunError> {
+    ) -> Result<(), GrpcError> {
+        let state = GrpcState::new(service);
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        let api = state.api().clone();
+        let api = state.service().node().clone();
         let (stop_health, mut health_stopped) = tokio::sync::watch::channel(false);
         let follow = tokio::spawn(async move {
             let mut last = None;
@@ -162,54 +157,4 @@ impl GrpcListener {
         let _ = follow.await;
         Ok(result?)
     }
-}
-
-/// Starts a node from `settings`, serves its HTTP API and, when
-/// `settings.grpc_listen` is set, its gRPC API, until `shutdown` resolves;
-/// then drains both and stops the node cleanly.
-pub async fn run(
-    settings: NodeSettings,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), RunError> {
-    let grpc = match settings.grpc_listen {
-        Some(addr) => {
-            let listener = GrpcListener::bind(addr).await?;
-            Some(match &settings.grpc_tls {
-                Some(tls) => listener.with_tls(tls)?,
-                None => listener,
-            })
-        }
-        None => None,
-    };
-    let node = HttpNode::start(settings).await?;
-    tracing::info!(
-        http = %node.http_addr(),
-        grpc = %grpc.as_ref().map_or_else(|| "off".to_owned(), |g| g.local_addr().to_string()),
-        resp = %node.resp_addr().map_or_else(|| "off".to_owned(), |a| a.to_string()),
-        peer = %node.node().peer_addr(),
-        "node started"
-    );
-    let Some(grpc) = grpc else {
-        return Ok(node.serve(shutdown).await?);
-    };
-    let state = GrpcState::new(node.node().api(), node.state().clone());
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let grpc_task = tokio::spawn(grpc.serve(state, async move {
-        let _ = stop_rx.wait_for(|stop| *stop).await;
-    }));
-    let http = node
-        .serve(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        })
-        .await;
-    let grpc = match grpc_task.await {
-        Ok(result) => result,
-        Err(e) => {
-            tracing::error!("gRPC server task: {e}");
-            Ok(())
-        }
-    };
-    http?;
-    grpc
 }

@@ -1,38 +1,28 @@
-//! What every gRPC call shares: the node, its metrics, and the way a
-//! limiter error becomes a gRPC status.
-
-use std::time::Instant;
+//! What every gRPC call shares: the node's [`Service`], counted under the
+//! `grpc` protocol label, and the way a limiter error becomes a gRPC
+//! status.
 
 use tonic::{Code, Status};
 
-use crate::http::AppState;
-use crate::metrics::{Metrics, Protocol};
-use crate::node::NodeApi;
+use crate::metrics::Protocol;
+use crate::service::Service;
 use drl_core::limiter::{Check, CheckError, Decided, Decision, QuotaState};
 
-/// Cheap to clone: a [`NodeApi`] and the HTTP API's state, whose metrics
-/// the gRPC services count into (one `/metrics` page, a `protocol` label).
+/// Cheap to clone: the node's [`Service`].
 #[derive(Clone)]
 pub struct GrpcState {
-    api: NodeApi,
-    http: AppState,
+    service: Service,
 }
 
 impl GrpcState {
-    /// The state of the gRPC services of the node behind `api`, counting
-    /// into `http`'s metrics.
-    pub fn new(api: NodeApi, http: AppState) -> GrpcState {
-        GrpcState { api, http }
+    /// The state of the gRPC services over `service`.
+    pub fn new(service: Service) -> GrpcState {
+        GrpcState { service }
     }
 
-    /// The node.
-    pub fn api(&self) -> &NodeApi {
-        &self.api
-    }
-
-    /// The metrics shared with the HTTP API.
-    pub fn metrics(&self) -> &Metrics {
-        self.http.metrics()
+    /// The node's shared service.
+    pub fn service(&self) -> &Service {
+        &self.service
     }
 
     /// A request of one or more checks through the node's decision path
@@ -40,23 +30,18 @@ impl GrpcState {
     /// decision latency histogram. The decisions are not counted yet: the
     /// caller knows whether they stand.
     pub async fn decide(&self, checks: &[Check<'_>]) -> Result<Decided, CheckError> {
-        let start = Instant::now();
-        let result = self.api.decider().decide(checks).await;
-        self.metrics()
-            .observe_latency_via(Protocol::Grpc, start.elapsed());
-        result
+        self.service.decide(Protocol::Grpc, checks).await
     }
 
     /// Counts a decision that stands, under the rule of its deciding limit.
     pub fn count(&self, decision: &Decision) {
-        let limit = decision.quota.map(|q| (q.limit_id, rule_name(&q)));
-        self.metrics()
-            .count_decision_via(Protocol::Grpc, decision.outcome, limit);
+        self.service.count(Protocol::Grpc, decision);
     }
 
     /// The status a refused call is answered with, counted as a refusal.
     pub fn refuse(&self, status: Status) -> Status {
-        self.metrics()
+        self.service
+            .metrics()
             .count_grpc_rejected(code_label(status.code()));
         status
     }

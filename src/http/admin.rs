@@ -19,7 +19,7 @@ use drl_core::wire::MAX_RULES_BYTES;
 /// no token configured the admin API is off (403), so that a node never
 /// runs with an open admin API by accident.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = state.admin_token.as_deref() else {
+    let Some(token) = state.service().admin_token() else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "admin API disabled: no admin_token is configured on this node",
@@ -121,8 +121,8 @@ pub(crate) async fn get_rules(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let status = state.api.status();
-    let rules = state.api.limiter.rules();
+    let status = state.service().node().status();
+    let rules = state.service().node().limiter.rules();
     Ok(json_response(
         StatusCode::OK,
         &RulesAnswer {
@@ -144,7 +144,7 @@ pub(crate) async fn put_rules(
     // Parsed once, here: the node takes the parsed rules.
     let rules = RuleSet::from_toml(&text).map_err(rules_error)?;
     let limits = limit_list(&rules);
-    match state.api.put_rules(rules).await {
+    match state.service().node().put_rules(rules).await {
         Ok(version) => Ok(json_response(
             StatusCode::OK,
             &PutAnswer {

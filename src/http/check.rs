@@ -1,7 +1,5 @@
 //! `POST /v1/check`, `GET /v1/allow` and `POST /v1/refund`.
 
-use std::time::Instant;
-
 use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -9,9 +7,10 @@ use serde::Serialize;
 
 use super::body::LimitedBody;
 use super::error::ApiError;
-use super::headers::decision_headers;
 use super::request::{CheckRequest, RefundRequest};
 use super::{json_response, AppState, MAX_BODY_BYTES};
+use crate::metrics::Protocol;
+use crate::service::headers::decision_headers;
 use drl_core::limiter::{Check, Decision, Outcome};
 
 /// The answer to a check.
@@ -102,8 +101,8 @@ pub(crate) async fn refund(
     LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {
     let request = RefundRequest::from_json(&body)?;
-    let outcome = state.api.decider().refund(&request.receipt)?;
-    let rules = state.api.limiter.rules();
+    let outcome = state.service().decider().refund(&request.receipt)?;
+    let rules = state.service().decider().limiter().rules();
     let limits = outcome
         .limits
         .iter()
@@ -133,15 +132,14 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     let pairs = request.pairs();
     let d = pairs.descriptors()?;
-    let start = Instant::now();
-    let result = state.api.decider().check(&d, request.cost).await;
-    state.metrics.observe_latency(start.elapsed());
-    let decision = result?;
+    let check = Check::new(d, request.cost);
+    let decided = state
+        .service()
+        .decide(Protocol::Http, std::slice::from_ref(&check))
+        .await?;
+    let decision = decided.decision();
     let receipt = match shape {
-        Shape::Full => state
-            .api
-            .decider()
-            .receipt(&Check::new(d, request.cost), &decision),
+        Shape::Full => state.service().decider().receipt(&check, &decision),
         Shape::Tiny => None,
     };
     Ok(answer(state, &decision, shape, receipt))
@@ -156,10 +154,7 @@ fn answer(
     // The decision names its rule as it was when it decided: the rules may
     // have been replaced since.
     let deciding = decision.quota.map(|q| (q, q.rule.as_str()));
-    state.metrics.count_decision(
-        decision.outcome,
-        deciding.map(|(q, rule)| (q.limit_id, rule)),
-    );
+    state.service().count(Protocol::Http, decision);
     let status = match decision.outcome {
         Outcome::Allowed => StatusCode::OK,
         Outcome::Denied | Outcome::Never => StatusCode::TOO_MANY_REQUESTS,

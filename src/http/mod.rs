@@ -15,9 +15,9 @@
 //! # Layout
 //!
 //! - [`request`]: parsing bodies and query strings into descriptor fields.
-//! - [`headers`]: the `RateLimit-Policy`, `RateLimit` and `Retry-After` fields.
 //! - `check`, `admin`: the handlers.
-//! - [`server`]: binding, connection limit, graceful shutdown, [`run`].
+//! - [`server`]: the listeners (decision and operations ports) and how one
+//!   connection is served.
 //! - [`client`]: the HTTP/1.1 client (hyper's) of the CLI, the load generator and tests.
 
 mod admin;
@@ -25,11 +25,8 @@ pub mod body;
 mod check;
 pub mod client;
 pub mod error;
-pub mod headers;
 pub mod request;
 pub mod server;
-
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
@@ -40,59 +37,36 @@ use axum::Router;
 use serde::Serialize;
 
 pub use error::ApiError;
-pub use server::{run, HttpNode, RunError};
+pub use server::{HttpLimits, HttpListeners};
 
-use crate::metrics::Metrics;
-use crate::node::NodeApi;
+use crate::service::Service;
 
 /// Largest request body, except rules texts.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// What every handler shares. axum clones it for every request, so it is
-/// one `Arc`: a clone is one atomic increment.
+/// What every handler shares: the node's [`Service`] and how long a
+/// request body may take. axum clones it for every request: one reference
+/// count.
 #[derive(Clone)]
-pub struct AppState(Arc<Shared>);
-
-/// The state behind [`AppState`]: the node's API, its metrics and the
-/// admin token.
-pub struct Shared {
-    api: NodeApi,
-    metrics: Metrics,
-    /// `None` (or empty in the config): the admin routes answer 403.
-    admin_token: Option<String>,
+pub struct AppState {
+    service: Service,
     /// How long a request body may take to arrive in full.
     body_timeout: std::time::Duration,
 }
 
-impl std::ops::Deref for AppState {
-    type Target = Shared;
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
-}
-
 impl AppState {
-    /// State for the handlers of the node behind `api`, with the default
-    /// body timeout.
-    pub fn new(api: NodeApi) -> AppState {
-        AppState::with_body_timeout(api, server::HttpLimits::default().body_timeout)
-    }
-
-    /// As [`AppState::new`], with the time a request body may take to arrive.
-    pub fn with_body_timeout(api: NodeApi, body_timeout: std::time::Duration) -> AppState {
-        let admin_token = api.settings.admin_token.clone().filter(|t| !t.is_empty());
-        let metrics = Metrics::new(api.clone());
-        AppState(Arc::new(Shared {
-            api,
-            metrics,
-            admin_token,
+    /// State for the handlers over `service`, with the time a request body
+    /// may take to arrive.
+    pub fn new(service: Service, body_timeout: std::time::Duration) -> AppState {
+        AppState {
+            service,
             body_timeout,
-        }))
+        }
     }
 
-    /// The node's metrics.
-    pub fn metrics(&self) -> &Metrics {
-        &self.0.metrics
+    /// The node's shared service.
+    pub fn service(&self) -> &Service {
+        &self.service
     }
 }
 
@@ -163,7 +137,7 @@ async fn plain_errors_as_json(State(state): State<AppState>, response: Response)
     {
         return response;
     }
-    state.metrics.count_rejected(status.as_u16());
+    state.service.metrics().count_rejected(status.as_u16());
     if response.headers().contains_key(header::CONTENT_TYPE) {
         return response;
     }
@@ -213,8 +187,8 @@ struct Readiness {
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    let ready = state.api.is_ready();
-    let status = state.api.status();
+    let ready = state.service.node().is_ready();
+    let status = state.service.node().status();
     let body = Readiness {
         ready,
         rules_file_error: status.rules_file_error,
@@ -232,7 +206,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics.encode();
+    let text = state.service.metrics().encode();
     let mut response = Response::new(Body::from(text));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -166,7 +166,7 @@ impl PersistedRules {
     /// Writes the state durably: after a crash at any moment the file holds
     /// either the previous rules or these, whole.
     pub fn store(&self, path: &Path) -> std::io::Result<()> {
-        super::write_durably(path, &self.encode())
+        super::files::write_durably(path, &self.encode())
     }
 }
 

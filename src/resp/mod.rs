@@ -4,8 +4,8 @@
 //!
 //! Off by default; `resp_listen` (`--resp-listen`) turns it on.
 //! `docs/resp-api.md` is the contract: commands, reply shapes, errors.
-//! Every command is decided through [`crate::node::NodeApi::check`], the
-//! path of the HTTP and gRPC APIs, so its counts are the cluster's. A
+//! Every command is decided through the node's [`crate::service::Service`],
+//! the path of the HTTP and gRPC APIs, so its counts are the cluster's. A
 //! refused command (`-ERR`) changes no counter.
 //!
 //! # Layout

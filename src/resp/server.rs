@@ -21,7 +21,8 @@ use tokio::sync::watch;
 use super::parse::{parse_command, FrameLimits, Parsed, ProtocolError, MAX_ARGS};
 use super::reply;
 use super::service::{Flow, RespService};
-use crate::http::server::{accept_loop, reuseport_listener, serve_threads, Gate, Ticket};
+use crate::listen::{accept_loop, reuseport_listener, serve_threads, Gate, Ticket};
+use crate::service::Service;
 
 /// What one client may hold of the RESP listener, and for how long.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,7 +41,7 @@ pub struct RespLimits {
 impl Default for RespLimits {
     fn default() -> Self {
         RespLimits {
-            max_connections: crate::http::server::MAX_CONNECTIONS,
+            max_connections: crate::listen::MAX_CONNECTIONS,
             max_per_source: 1_024,
             idle_timeout: Duration::from_secs(300),
             frame: FrameLimits::default(),
@@ -90,11 +91,12 @@ impl RespListener {
     /// sends its result on `done`.
     pub fn spawn(
         self,
-        service: RespService,
+        service: Service,
         limits: RespLimits,
         draining: watch::Receiver<bool>,
         done: tokio::sync::mpsc::Sender<io::Result<()>>,
     ) -> io::Result<usize> {
+        let service = RespService::new(service);
         let gate = Arc::new(Gate::new(limits.max_connections, limits.max_per_source));
         let threads = self.listeners.len();
         for (i, listener) in self.listeners.into_iter().enumerate() {

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use super::cell::{self, Throttle, ThrottleError, KEY_FIELD, PARAMS_FIELD};
 use super::reply;
-use crate::node::NodeApi;
+use crate::metrics::Protocol;
+use crate::service::Service;
 use drl_core::descriptor::{self, Descriptors, MAX_FIELDS};
-use drl_core::limiter::{CheckError, Decision, Outcome};
+use drl_core::limiter::{Check, CheckError, Decision, Outcome};
 
 /// Most `CL.THROTTLE` parameter triples a cluster takes on by itself. Each
 /// is a limit with its own key table (bounded by `max_keys`), so a client
@@ -32,19 +33,32 @@ pub enum Flow {
 /// every connection of every RESP thread.
 #[derive(Clone)]
 pub struct RespService {
-    api: NodeApi,
+    service: Service,
     /// Held while a triple's rule is put in force, so that the connections
     /// of one node extend the rules one at a time.
     installing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl RespService {
-    /// The RESP commands over the node behind `api`.
-    pub fn new(api: NodeApi) -> RespService {
+    /// The RESP commands over the node's `service`.
+    pub fn new(service: Service) -> RespService {
         RespService {
-            api,
+            service,
             installing: Arc::new(tokio::sync::Mutex::new(())),
         }
+    }
+
+    /// One check through the node's decision path, counted under the
+    /// `resp` protocol label.
+    async fn decide(&self, d: &Descriptors<'_>, cost: u32) -> Result<Decision, CheckError> {
+        let check = Check::new(*d, cost);
+        let decided = self
+            .service
+            .decide(Protocol::Resp, std::slice::from_ref(&check))
+            .await?;
+        let decision = decided.decision();
+        self.service.count(Protocol::Resp, &decision);
+        Ok(decision)
     }
 
     /// Runs one command and appends its reply to `out`. A refused command
@@ -120,7 +134,7 @@ impl RespService {
             Err(e) => return reply::error(out, &format!("key: {e}")),
         };
         for attempt in 0..2 {
-            match self.api.decider().check(&d, t.quantity).await {
+            match self.decide(&d, t.quantity).await {
                 Ok(decision) => match cell::reply(&decision) {
                     Some(values) => return reply::integers(out, &values),
                     None if attempt == 0 => {
@@ -146,7 +160,7 @@ impl RespService {
         let _one_at_a_time = self.installing.lock().await;
         let name = format!("name = \"{}\"", t.rule_name());
         for _ in 0..INSTALL_ATTEMPTS {
-            let source = self.api.limiter.rules().source().to_owned();
+            let source = self.service.decider().limiter().rules().source().to_owned();
             if source.contains(&name) {
                 return Ok(());
             }
@@ -160,7 +174,7 @@ impl RespService {
             let text = format!("{}\n{}", source.trim_end(), t.rule_text());
             let rules = drl_core::rules::RuleSet::from_toml(&text)
                 .map_err(|e| format!("CL.THROTTLE {}: {e}", t.params()))?;
-            match self.api.put_rules(rules).await {
+            match self.service.node().put_rules(rules).await {
                 Ok(_) => tracing::info!(rule = %t.rule_name(), "CL.THROTTLE limit put in force"),
                 Err(e) => return Err(format!("CL.THROTTLE {}: {e}", t.params())),
             }
@@ -207,7 +221,7 @@ impl RespService {
             Ok(d) => d,
             Err(e) => return reply::error(out, &e.to_string()),
         };
-        match self.api.decider().check(&d, cost).await {
+        match self.decide(&d, cost).await {
             Ok(decision) => reply::integers(out, &check_reply(&decision)),
             Err(e) => check_error(out, &e),
         }

@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use drl::grpc::{GrpcListener, GrpcState};
 use drl::http::client::Connection;
-use drl::http::HttpNode;
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{GrpcTls, NodeApi, NodeFile};
+use drl::server::Server;
 
 pub fn cluster_dir(name: &str, nodes: u16, rules: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -50,44 +49,31 @@ impl GrpcNode {
         seeds: Vec<String>,
         tls: Option<GrpcTls>,
     ) -> GrpcNode {
-        let file = NodeFile {
+        let mut settings = NodeFile {
             recovery_timeout: "100ms".into(),
             ..NodeFile::local(dir, slot, cluster_size, seeds)
-        };
-        let mut grpc = GrpcListener::bind("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
-        if let Some(tls) = &tls {
-            grpc = grpc.with_tls(tls).unwrap();
         }
-        let node = HttpNode::start(file.settings(dir).unwrap()).await.unwrap();
-        let state = GrpcState::new(node.node().api(), node.state().clone());
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let http = node.http_addr();
-        let peer = node.node().peer_addr();
-        let api = node.node().api();
-        let grpc_addr = grpc.local_addr();
-        let mut grpc_stopped = stopped.clone();
-        let mut http_stopped = stopped;
-        let tasks = vec![
-            tokio::spawn(async move {
-                grpc.serve(state, async move {
-                    let _ = grpc_stopped.wait_for(|s| *s).await;
+        .settings(dir)
+        .unwrap();
+        settings.grpc_listen = Some("127.0.0.1:0".parse().unwrap());
+        settings.grpc_tls = tls;
+        let server = Server::start(settings).await.unwrap();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let http = server.http_addr();
+        let grpc = server.grpc_addr().unwrap();
+        let peer = server.node().peer_addr();
+        let api = server.node().api();
+        let tasks = vec![tokio::spawn(async move {
+            server
+                .serve(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
                 })
                 .await
                 .unwrap();
-            }),
-            tokio::spawn(async move {
-                node.serve(async move {
-                    let _ = http_stopped.wait_for(|s| *s).await;
-                })
-                .await
-                .unwrap();
-            }),
-        ];
+        })];
         GrpcNode {
             http,
-            grpc: grpc_addr,
+            grpc,
             peer,
             api,
             stop: Some(stop),
@@ -127,7 +113,7 @@ impl GrpcNode {
         answer.text()
     }
 
-    /// Graceful shutdown of both servers and the node.
+    /// Graceful shutdown of the front-ends and the node.
     pub async fn shutdown(mut self) {
         let _ = self.stop.take().unwrap().send(true);
         for task in self.tasks.drain(..) {

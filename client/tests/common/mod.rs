@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drl::http::{HttpNode, RunError};
 use drl::net::{generate_dev_certs, local_cluster_specs};
 use drl::node::{NodeApi, NodeFile};
+use drl::server::{RunError, Server};
 use drl_core::window::Ring;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -99,7 +99,7 @@ impl Cluster {
                 .then(|| self.dir.join(format!("snapshot-{slot}.bin"))),
             ..NodeFile::local(&self.dir, slot, self.size, seeds)
         };
-        let node = HttpNode::start(file.settings(&self.dir).unwrap())
+        let node = Server::start(file.settings(&self.dir).unwrap())
             .await
             .unwrap();
         let http = node.http_addr();

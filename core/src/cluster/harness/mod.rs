@@ -12,48 +12,29 @@
 //! replayed exactly from its seed. Tests use it, and
 //! so does the simulation harness.
 
+mod driven;
+mod network;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
 
-use crate::cluster::confirm::{Confirmations, Confirmed, Ticket};
+use driven::{node_name, sim_addr, slot, Driven};
+use network::InFlight;
+pub use network::NetFaults;
+
+use crate::cluster::confirm::{Confirmations, Ticket};
 use crate::cluster::node_core::{CoreConfig, NodeCore};
-use crate::cluster::replication::{ReplicationConfig, ReplicationEvent, Replicator};
+use crate::cluster::replication::{ReplicationConfig, Replicator};
 use crate::descriptor::Descriptors;
-use crate::limiter::{
-    Begun, Check, CheckError, Decision, Limiter, LimiterConfig, Outcome, Pending,
-};
+use crate::limiter::{Begun, Check, CheckError, Decision, Limiter, LimiterConfig, Outcome};
 use crate::rules::RuleSet;
 use crate::share::{SharePolicy, ShareView};
 use crate::slot::NodeSlot;
 use crate::time::{ManualClock, Nanos};
-
-/// How the network misbehaves.
-#[derive(Clone, Debug)]
-pub struct NetFaults {
-    /// One-way delay of every frame.
-    pub latency: Nanos,
-    /// Extra random delay, uniform in `[0, jitter)`: reorders frames.
-    pub jitter: Nanos,
-    /// Probability that an unreliable frame is lost.
-    pub loss: f64,
-    /// Probability that an unreliable frame arrives twice.
-    pub duplicate: f64,
-}
-
-impl Default for NetFaults {
-    fn default() -> Self {
-        NetFaults {
-            latency: Nanos::from_micros(200),
-            jitter: Nanos::ZERO,
-            loss: 0.0,
-            duplicate: 0.0,
-        }
-    }
-}
 
 /// Settings of a simulated cluster.
 #[derive(Clone, Debug)]
@@ -113,137 +94,6 @@ impl ClusterSpec {
 
 type SimLimiter = Limiter<Arc<ManualClock>>;
 
-/// What the harness drives for one node.
-enum Driven {
-    /// The replicator and the node's confirmations, without the rest of
-    /// the core; liveness comes from the harness's rule.
-    Replicator(Box<Replicator>, Confirmations),
-    /// The node's whole core, as a real node runs it.
-    Core(Box<NodeCore<Arc<ManualClock>>>),
-}
-
-/// The slot of the simulated node at `node` (nodes hold slots in order).
-fn slot(node: usize) -> NodeSlot {
-    NodeSlot::new(u16::try_from(node).expect("a simulated cluster has fewer than 65,536 nodes"))
-}
-
-fn node_name(slot: NodeSlot) -> String {
-    format!("node-{}", slot.get())
-}
-
-/// The address a simulated node's membership knows it by.
-fn sim_addr(slot: NodeSlot) -> std::net::SocketAddr {
-    let [hi, lo] = slot.get().to_be_bytes();
-    std::net::SocketAddr::from(([10, 0, hi, lo], 7400))
-}
-
-impl Driven {
-    fn repl(&self) -> &Replicator {
-        match self {
-            Driven::Replicator(r, _) => r,
-            Driven::Core(c) => c.replicator(),
-        }
-    }
-    fn ship_now(&mut self, now: Nanos, limiter: &SimLimiter) {
-        match self {
-            Driven::Replicator(r, _) => r.ship_now(now, limiter),
-            Driven::Core(c) => c.handle_wake(now),
-        }
-    }
-    /// A request counted provisionally near its limit: the peers confirm
-    /// it, as the node's core does.
-    fn confirm(&mut self, now: Nanos, pending: Pending, limiter: &SimLimiter) -> Ticket {
-        match self {
-            Driven::Replicator(r, c) => c.begin(now, pending, r, limiter),
-            Driven::Core(core) => core.handle_confirm(now, pending),
-        }
-    }
-    /// After any input: the confirmations whose claims ended are decided.
-    fn settle(&mut self, now: Nanos, limiter: &SimLimiter) {
-        if let Driven::Replicator(r, c) = self {
-            c.settle(now, r, limiter);
-        }
-    }
-    fn poll_confirmed(&mut self) -> Option<Confirmed> {
-        match self {
-            Driven::Replicator(_, c) => c.poll_confirmed(),
-            Driven::Core(core) => core.poll_confirmed(),
-        }
-    }
-    fn peer_connected(&mut self, now: Nanos, slot: NodeSlot, digest: u64) {
-        match self {
-            Driven::Replicator(r, _) => r.peer_connected(now, slot, digest),
-            Driven::Core(c) => c.handle_connected(now, slot, sim_addr(slot)),
-        }
-    }
-    fn peer_disconnected(&mut self, slot: NodeSlot) {
-        match self {
-            Driven::Replicator(r, _) => r.peer_disconnected(slot),
-            Driven::Core(c) => c.handle_disconnected(slot),
-        }
-    }
-    /// What the replicator alone reports is the driver's to act on: the
-    /// recovery gate opening lets the limiter admit (a whole core does that
-    /// itself).
-    fn drain_events(&mut self, limiter: &SimLimiter) {
-        if let Driven::Replicator(r, _) = self {
-            while let Some(event) = r.poll_event() {
-                match event {
-                    ReplicationEvent::Recovered => limiter.set_admitting(true),
-                }
-            }
-        }
-    }
-    fn poll_transmit(&mut self) -> Option<crate::cluster::replication::Transmit> {
-        match self {
-            Driven::Replicator(r, _) => r.poll_transmit(),
-            Driven::Core(c) => {
-                // The harness's network is a full mesh: nothing to dial.
-                while c.poll_event().is_some() {}
-                c.poll_transmit()
-            }
-        }
-    }
-    /// The harness's failure-detector verdict (replicator mode only: a
-    /// whole core has its own).
-    fn set_liveness(&mut self, limiter: &SimLimiter, slot: NodeSlot, live: bool, digest: u64) {
-        if let Driven::Replicator(r, _) = self {
-            r.set_liveness(limiter, slot, live, digest);
-        }
-    }
-    fn unsynced_live(&self) -> bool {
-        self.repl().unsynced_live()
-    }
-    fn poll_timeout(&self) -> Nanos {
-        match self {
-            Driven::Replicator(r, _) => r.poll_timeout(),
-            Driven::Core(c) => c.poll_timeout(),
-        }
-    }
-    fn handle_timeout(&mut self, now: Nanos, limiter: &SimLimiter) {
-        match self {
-            Driven::Replicator(r, _) => r.handle_timeout(now, limiter),
-            Driven::Core(c) => c.handle_timeout(now),
-        }
-    }
-    fn handle_frame(
-        &mut self,
-        now: Nanos,
-        from: NodeSlot,
-        bytes: &[u8],
-        limiter: &SimLimiter,
-        digest: u64,
-    ) {
-        match self {
-            Driven::Replicator(r, _) => {
-                // Refused frames are counted by the replicator.
-                let _ = r.handle_frame(now, from, bytes, limiter, digest);
-            }
-            Driven::Core(c) => c.handle_frame(now, from, bytes),
-        }
-    }
-}
-
 struct SimNode {
     limiter: Arc<SimLimiter>,
     /// Set by the limiter when a key's in-flight share is spent.
@@ -267,15 +117,6 @@ pub enum Submitted {
     /// Waiting for the peers' answers; its decision comes out of
     /// [`MemCluster::take_completed`] under this id.
     Waiting(u64),
-}
-
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
-struct InFlight {
-    at: Nanos,
-    seq: u64,
-    from: NodeSlot,
-    to: NodeSlot,
-    bytes: Vec<u8>,
 }
 
 /// A cluster of simulated nodes.
@@ -616,33 +457,6 @@ impl MemCluster {
         }
     }
 
-    /// Cuts (or heals) both directions between nodes `a` and `b`.
-    pub fn set_link(&mut self, a: usize, b: usize, up: bool) {
-        self.set_one_way(a, b, up);
-        self.set_one_way(b, a, up);
-    }
-
-    /// Cuts (or heals) frames from node `from` to node `to` only.
-    pub fn set_one_way(&mut self, from: usize, to: usize, up: bool) {
-        let link = (slot(from), slot(to));
-        if up {
-            self.cut.remove(&link);
-        } else {
-            self.cut.insert(link);
-        }
-    }
-
-    /// Cuts the nodes of `group` off from everyone else (or heals them).
-    pub fn isolate(&mut self, group: &[usize], cut: bool) {
-        for &a in group {
-            for b in 0..self.nodes.len() {
-                if !group.contains(&b) {
-                    self.set_link(a, b, !cut);
-                }
-            }
-        }
-    }
-
     /// Stops a node dead: it sends and receives nothing and loses its memory.
     pub fn crash(&mut self, node: usize) {
         self.nodes[node].up = false;
@@ -688,222 +502,6 @@ impl MemCluster {
             }
         }
         Ok(())
-    }
-
-    fn connect(&mut self, a: NodeSlot, b: NodeSlot) {
-        self.linked.insert((a, b));
-        self.heard.insert((a, b), self.now);
-        let digest = self.rules_digest;
-        let now = self.local_now(a.index());
-        self.nodes[a.index()].repl.peer_connected(now, b, digest);
-        self.flush(a.index());
-    }
-
-    /// Moves every node's outgoing frames onto the network.
-    fn flush(&mut self, node: usize) {
-        let limiter = self.nodes[node].limiter.clone();
-        self.nodes[node].repl.drain_events(&limiter);
-        self.finish_claims(node);
-        while let Some(t) = self.nodes[node].repl.poll_transmit() {
-            let from = slot(node);
-            if !self.nodes[node].up || self.cut.contains(&(from, t.to)) {
-                continue;
-            }
-            let copies = if t.reliable {
-                1
-            } else if self.rng.random::<f64>() < self.faults.loss {
-                0
-            } else if self.rng.random::<f64>() < self.faults.duplicate {
-                2
-            } else {
-                1
-            };
-            for _ in 0..copies {
-                let jitter = if self.faults.jitter > Nanos::ZERO && !t.reliable {
-                    Nanos::new(self.rng.random_range(0..self.faults.jitter.as_u64()))
-                } else {
-                    Nanos::ZERO
-                };
-                self.seq += 1;
-                self.bytes_on_wire += t.bytes.len() as u64;
-                self.frames_on_wire += 1;
-                self.net.push(Reverse(InFlight {
-                    at: self.now + self.faults.latency + jitter,
-                    seq: self.seq,
-                    from,
-                    to: t.to,
-                    bytes: t.bytes.clone(),
-                }));
-            }
-        }
-    }
-
-    /// Runs the cluster for `dt` of reference time: every delivery and sync
-    /// tick in time order.
-    pub fn advance(&mut self, dt: Nanos) {
-        let until = self.now + dt;
-        loop {
-            let next_frame = self.net.peek().map(|r| r.0.at);
-            let next_tick = (0..self.nodes.len())
-                .filter(|&i| self.nodes[i].up)
-                .map(|i| {
-                    let local = self.nodes[i].repl.poll_timeout();
-                    // Convert the node's local deadline to reference time.
-                    Nanos::new((local.as_u64() as i64 - self.nodes[i].skew).max(0) as u64)
-                })
-                .min();
-            let next = match (next_frame, next_tick) {
-                (Some(a), Some(b)) => a.min(b),
-                (a, b) => a.or(b).unwrap_or(until),
-            };
-            if next > until {
-                break;
-            }
-            self.now = self.now.max(next);
-            if next_frame == Some(next) {
-                let Some(Reverse(f)) = self.net.pop() else {
-                    break;
-                };
-                self.deliver(f);
-            } else {
-                for i in 0..self.nodes.len() {
-                    if !self.nodes[i].up {
-                        continue;
-                    }
-                    let local = self.local_now(i);
-                    if self.nodes[i].repl.poll_timeout() <= local {
-                        self.sync_clock(i);
-                        let limiter = self.nodes[i].limiter.clone();
-                        self.nodes[i].repl.handle_timeout(local, &limiter);
-                        self.flush(i);
-                    }
-                }
-                self.detect_failures();
-            }
-        }
-        self.now = until;
-        for i in 0..self.nodes.len() {
-            self.sync_clock(i);
-        }
-    }
-
-    fn deliver(&mut self, f: InFlight) {
-        let to = f.to.index();
-        if !self.nodes[to].up
-            || !self.nodes[f.from.index()].up
-            || self.cut.contains(&(f.from, f.to))
-        {
-            return;
-        }
-        if !self.linked.contains(&(f.to, f.from)) {
-            // First contact since a restart or a heal: the transport would
-            // report a new connection.
-            self.connect(f.to, f.from);
-        }
-        self.heard.insert((f.to, f.from), self.now);
-        let local = self.local_now(to);
-        self.sync_clock(to);
-        let limiter = self.nodes[to].limiter.clone();
-        let digest = self.rules_digest;
-        self.nodes[to]
-            .repl
-            .handle_frame(local, f.from, &f.bytes, &limiter, digest);
-        self.flush(to);
-    }
-
-    /// For a node driven through its whole core, the harness plays only the
-    /// transport: a connection to a peer that cannot be reached for
-    /// `detect_after` (the idle timeout) is lost, and one to a peer that
-    /// can be reached again is redialled. Liveness is SWIM's business.
-    fn transport_model(&mut self, a: usize) {
-        for b in 0..self.nodes.len() {
-            if a == b {
-                continue;
-            }
-            let key = (slot(a), slot(b));
-            let last = self.heard.get(&key).copied().unwrap_or(self.spec.start);
-            let silent = self.now.saturating_sub(last) >= self.spec.detect_after;
-            if silent && self.linked.remove(&key) {
-                self.nodes[a].repl.peer_disconnected(key.1);
-            } else if !silent && !self.linked.contains(&key) {
-                self.connect(key.0, key.1);
-            }
-        }
-    }
-
-    /// The failure-detector model: a peer that cannot be reached (down, or
-    /// its link to the observer cut) for `detect_after` is dead; one that
-    /// can be reached again is alive. A real node's SWIM probes keep idle
-    /// peers alive the same way, traffic or not.
-    fn detect_failures(&mut self) {
-        for a in 0..self.nodes.len() {
-            for b in 0..self.nodes.len() {
-                if a != b && self.nodes[b].up && !self.cut.contains(&(slot(b), slot(a))) {
-                    self.heard.insert((slot(a), slot(b)), self.now);
-                }
-            }
-        }
-        for a in 0..self.nodes.len() {
-            if !self.nodes[a].up {
-                continue;
-            }
-            if matches!(self.nodes[a].repl, Driven::Core(_)) {
-                self.transport_model(a);
-                continue;
-            }
-            let mut dead = BTreeSet::new();
-            for b in 0..self.nodes.len() {
-                if a == b {
-                    continue;
-                }
-                let key = (slot(a), slot(b));
-                let last = self.heard.get(&key).copied().unwrap_or(self.spec.start);
-                let silent = self.now.saturating_sub(last) >= self.spec.detect_after;
-                let was_live = self.nodes[a]
-                    .repl
-                    .repl()
-                    .peers()
-                    .get(&key.1)
-                    .is_some_and(|p| p.live);
-                if silent {
-                    dead.insert(key.1);
-                    if was_live {
-                        let limiter = self.nodes[a].limiter.clone();
-                        let digest = self.rules_digest;
-                        self.nodes[a]
-                            .repl
-                            .set_liveness(&limiter, key.1, false, digest);
-                        self.nodes[a].repl.peer_disconnected(key.1);
-                        self.linked.remove(&key);
-                    }
-                } else if !was_live {
-                    let limiter = self.nodes[a].limiter.clone();
-                    let digest = self.rules_digest;
-                    self.nodes[a]
-                        .repl
-                        .set_liveness(&limiter, key.1, true, digest);
-                    self.flush(a);
-                    if !self.linked.contains(&key) {
-                        self.connect(key.0, key.1);
-                    }
-                }
-                // Keep probing a silent peer, as a transport reconnects.
-                if silent
-                    && self.now.as_u64() % (self.spec.detect_after.as_u64() / 4).max(1)
-                        < self.spec.sync_interval.as_u64()
-                {
-                    let (local, digest) = (self.local_now(a), self.rules_digest);
-                    self.nodes[a].repl.peer_connected(local, key.1, digest);
-                    self.flush(a);
-                }
-            }
-            let view = self
-                .view(slot(a), &dead)
-                .confirming_all(self.nodes[a].repl.unsynced_live());
-            if self.nodes[a].limiter.share_view().as_deref() != Some(&view) {
-                self.nodes[a].limiter.set_share_view(view);
-            }
-        }
     }
 
     /// Net hits counted for the key of `fields` at `node` now, from its

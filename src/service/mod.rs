@@ -1,0 +1,88 @@
+//! What every protocol front-end of a node shares: one [`Service`].
+//!
+//! HTTP, gRPC (native and Envoy's), RESP and the operations listener sit
+//! side by side over the same `Service` and never import each other: it
+//! holds the node's decision path ([`Decider`], the one way to the
+//! counters), the node's status and admin API, the metrics every protocol
+//! counts into (with a `protocol` label), and the admin token. A clone is
+//! one reference count.
+
+pub mod headers;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use drl_core::decide::Decider;
+use drl_core::limiter::{Check, CheckError, Decided, Decision};
+
+use crate::metrics::{Metrics, Protocol};
+use crate::node::NodeApi;
+
+/// The shared state of a node's front-ends (see the module docs).
+#[derive(Clone)]
+pub struct Service(Arc<Shared>);
+
+struct Shared {
+    node: NodeApi,
+    metrics: Metrics,
+    /// `None` (or empty in the config): the admin routes answer 403.
+    admin_token: Option<String>,
+}
+
+impl Service {
+    /// The service of the node behind `node`.
+    pub fn new(node: NodeApi) -> Service {
+        let admin_token = node.settings.admin_token.clone().filter(|t| !t.is_empty());
+        let metrics = Metrics::new(node.clone());
+        Service(Arc::new(Shared {
+            node,
+            metrics,
+            admin_token,
+        }))
+    }
+
+    /// The node: status, readiness, rules admin.
+    pub fn node(&self) -> &NodeApi {
+        &self.0.node
+    }
+
+    /// The node's decision path.
+    pub fn decider(&self) -> &Decider {
+        self.0.node.decider()
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// The admin token, when the admin routes are open.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.0.admin_token.as_deref()
+    }
+
+    /// Decides a request of one or more checks through the node's decision
+    /// path, timed into `protocol`'s latency histogram. The decisions are
+    /// not counted yet: the caller knows whether they stand
+    /// ([`Service::count`]).
+    pub async fn decide(
+        &self,
+        protocol: Protocol,
+        checks: &[Check<'_>],
+    ) -> Result<Decided, CheckError> {
+        let start = Instant::now();
+        let result = self.decider().decide(checks).await;
+        self.0
+            .metrics
+            .observe_latency_via(protocol, start.elapsed());
+        result
+    }
+
+    /// Counts a decision that stands, under the rule of its deciding limit.
+    pub fn count(&self, protocol: Protocol, decision: &Decision) {
+        let limit = decision.quota.map(|q| (q.limit_id, q.rule.as_str()));
+        self.0
+            .metrics
+            .count_decision_via(protocol, decision.outcome, limit);
+    }
+}
