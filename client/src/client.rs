@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "node")]
 use drl::node::{Node, NodeError, NodeHandle, NodeSettings};
 use drl_core::decide::Decider;
 use drl_core::descriptor::Descriptors;
@@ -18,7 +19,7 @@ use drl_core::limiter::{Limiter, Outcome};
 use drl_core::time::{Clock, Nanos};
 
 use crate::breaker::BreakerConfig;
-use crate::embedded::Embedded;
+use crate::embedded::{Embedded, EmbeddedNode};
 use crate::lease::{LeaseBook, LeaseConfig, LeaseKey};
 use crate::metrics::{ClientMetrics, DegradedLabels};
 use crate::remote::{run_background, spawn_node, Remote};
@@ -148,6 +149,8 @@ pub enum ClientError {
     /// counts). Nothing was counted.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The embedded node could not start (feature `node`).
+    #[cfg(feature = "node")]
     #[error("embedded node: {0}")]
     Node(#[from] NodeError),
 }
@@ -272,9 +275,10 @@ impl Client<HttpTransport> {
         ClientBuilder::default()
     }
 
-    /// Embedded mode: starts a cluster node in this process (the same
+    /// Embedded mode (feature `node`): starts a cluster node in this process (the same
     /// [`Node`] that `drl node` runs, joining its peers over QUIC) and
     /// decides on it, with no hop. [`Client::shutdown`] stops it cleanly.
+    #[cfg(feature = "node")]
     pub async fn embedded(
         settings: NodeSettings,
         config: ClientConfig,
@@ -283,9 +287,12 @@ impl Client<HttpTransport> {
         Ok(Client::from_node(node, config))
     }
 
-    /// Embedded mode over a node the application started itself.
+    /// Embedded mode over a node the application started itself (feature
+    /// `node`).
+    #[cfg(feature = "node")]
     pub fn from_node(node: NodeHandle, config: ClientConfig) -> Self {
-        Client::new_embedded(node.decider(), Some(node), config)
+        let decider = node.decider();
+        Client::new_embedded(decider, Some(node), config)
     }
 
     /// Embedded mode over a limiter alone (one process, no cluster).
@@ -293,7 +300,7 @@ impl Client<HttpTransport> {
         Client::new_embedded(Decider::local(limiter), None, config)
     }
 
-    fn new_embedded(decider: Decider, node: Option<NodeHandle>, config: ClientConfig) -> Self {
+    fn new_embedded(decider: Decider, node: Option<EmbeddedNode>, config: ClientConfig) -> Self {
         Client {
             inner: Arc::new(Inner {
                 config,
@@ -470,12 +477,7 @@ impl<T: Transport> Client<T> {
                     task.abort();
                 }
             }
-            Backend::Embedded(e) => {
-                if let Some(node) = e.node.lock().await.take() {
-                    node.shutdown().await;
-                    e.decider.limiter().set_admitting(false);
-                }
-            }
+            Backend::Embedded(e) => e.shutdown().await,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+#[cfg(feature = "node")]
 use drl::node::NodeHandle;
 use drl_core::decide::Decider;
 use drl_core::descriptor::Descriptors;
@@ -13,14 +14,33 @@ use crate::client::{
 };
 use crate::transport::{Quota, Transport};
 
+/// The cluster node this process runs (feature `node`); without the
+/// feature there is none to hold.
+#[cfg(feature = "node")]
+pub(crate) type EmbeddedNode = NodeHandle;
+#[cfg(not(feature = "node"))]
+pub(crate) type EmbeddedNode = std::convert::Infallible;
+
 pub(crate) struct Embedded {
     /// The decision path of the node this process runs (which confirms
     /// with its peers near a limit), or of a lone limiter.
     pub(crate) decider: Decider,
-    pub(crate) node: tokio::sync::Mutex<Option<NodeHandle>>,
+    /// Without the `node` feature there is never a node to stop.
+    #[cfg_attr(not(feature = "node"), allow(dead_code))]
+    pub(crate) node: tokio::sync::Mutex<Option<EmbeddedNode>>,
 }
 
 impl Embedded {
+    /// Stops the embedded node cleanly, if there is one: its limiter then
+    /// admits nothing (the degraded mode decides).
+    pub(crate) async fn shutdown(&self) {
+        #[cfg(feature = "node")]
+        if let Some(node) = self.node.lock().await.take() {
+            node.shutdown().await;
+            self.decider.limiter().set_admitting(false);
+        }
+    }
+
     pub(crate) async fn check<T: Transport>(
         &self,
         inner: &Inner<T>,

@@ -12,6 +12,13 @@
 //! it over QUIC, HTTP, gRPC and RESP; the client SDK (`drl-client`) uses it
 //! without any of those.
 //!
+//! # Features
+//!
+//! - `cluster` (default): the cluster's state machines and wire codec
+//!   (foca, crdts, postcard, rand). A process that only decides in itself
+//!   (the SDK) leaves it out.
+//! - `harness`: the in-memory cluster for tests and simulations.
+//!
 //! # Layout
 //!
 //! - Counting: [`time`] (nanoseconds, the `Clock` trait), [`slot`] (one
@@ -22,12 +29,13 @@
 //!   (key digests and limit ids), [`rules`] (the rule file, its checks and
 //!   its lookup), [`receipt`] (sealed refund receipts).
 //! - Cluster arithmetic and bytes: [`share`] (per-node shares and the
-//!   in-flight budget), [`wire`] (every frame nodes exchange).
+//!   in-flight budget), `wire` (every frame nodes exchange; feature
+//!   `cluster`).
 //! - [`limiter`]: the in-process limiter, rules in and decisions out.
 //! - [`decide`]: the one entry point every protocol decides through.
-//! - [`cluster`]: one node's cluster state machine ([`cluster::node_core`])
-//!   and its parts, and (feature `harness`) an in-memory cluster on
-//!   virtual time.
+//! - `cluster` (feature `cluster`, on by default): one node's cluster
+//!   state machine (`cluster::node_core`) and its parts, and (feature
+//!   `harness`) an in-memory cluster on virtual time.
 //! - [`clock`]: the one reader of real time.
 //!
 //! # Example
@@ -53,6 +61,7 @@
 
 pub mod algorithm;
 pub mod clock;
+#[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod decide;
 pub mod descriptor;
@@ -65,4 +74,5 @@ pub mod share;
 pub mod slot;
 pub mod time;
 pub mod window;
+#[cfg(feature = "cluster")]
 pub mod wire;

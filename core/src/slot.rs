@@ -175,10 +175,12 @@ impl SlotCounter {
 
 /// Slot counters merge with any other slot counter; nothing can make a merge
 /// unsafe, so validation never fails.
+#[cfg(feature = "cluster")]
 #[derive(Debug, thiserror::Error)]
 #[error("slot counters always merge")]
 pub struct NeverInvalid;
 
+#[cfg(feature = "cluster")]
 impl crdts::CvRDT for SlotCounter {
     type Validation = NeverInvalid;
 

@@ -173,7 +173,7 @@ impl<C: Clock> Limiter<C> {
         let compiled = compile(Arc::new(rules), &config, &HashMap::new(), &budget)?;
         let receipts = receipts::Receipts::new(
             crate::receipt::ReceiptKey::derive(config.seed),
-            rand::random(),
+            run_id(),
             receipts::MAX_SPENT,
         );
         Ok(Limiter {
@@ -413,6 +413,17 @@ impl<C: Clock> Limiter<C> {
     pub fn table(&self, index: usize) -> Option<Arc<KeyTable>> {
         self.compiled.load().tables.get(index).cloned()
     }
+}
+
+/// A random id for this run of the limiter (it ties receipts to the run
+/// that issued them), from the operating system's randomness as the
+/// standard library's hash maps draw it: no random-number crate for one
+/// number.
+fn run_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 fn compile(
