@@ -300,6 +300,14 @@ impl Client<HttpTransport> {
         Client::new_embedded(Decider::local(limiter), None, config)
     }
 
+    /// Embedded mode over any decision path in this process: a node's
+    /// (`NodeHandle::decider` of a node the application runs and stops
+    /// itself), or a limiter's. Decisions are the node's own, confirmed with
+    /// its peers near a limit.
+    pub fn from_decider(decider: Decider, config: ClientConfig) -> Self {
+        Client::new_embedded(decider, None, config)
+    }
+
     fn new_embedded(decider: Decider, node: Option<EmbeddedNode>, config: ClientConfig) -> Self {
         Client {
             inner: Arc::new(Inner {
