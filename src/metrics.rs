@@ -32,7 +32,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::node::NodeApi;
+use crate::node::{NodeApi, RulesVersion};
+use drl_core::key::LimitId;
 use drl_core::limiter::Outcome;
 use drl_core::share::SharePolicy;
 use drl_core::time::Clock;
@@ -109,7 +110,7 @@ impl Metrics {
 
     /// Counts one HTTP decision of the limit `limit_id` (of rule `rule`), or
     /// of no limit (`None`: no rule matched).
-    pub fn count_decision(&self, outcome: Outcome, limit: Option<(u64, &str)>) {
+    pub fn count_decision(&self, outcome: Outcome, limit: Option<(LimitId, &str)>) {
         self.decisions.count(Protocol::Http, outcome, limit);
     }
 
@@ -118,7 +119,7 @@ impl Metrics {
         &self,
         protocol: Protocol,
         outcome: Outcome,
-        limit: Option<(u64, &str)>,
+        limit: Option<(LimitId, &str)>,
     ) {
         self.decisions.count(protocol, outcome, limit);
     }
@@ -179,7 +180,7 @@ fn result_index(outcome: Outcome) -> usize {
 /// first decision of a limit); folded by rule name at scrape time.
 #[derive(Default)]
 pub struct DecisionCounters {
-    by_limit: dashmap::DashMap<u64, Arc<LimitCounts>>,
+    by_limit: dashmap::DashMap<LimitId, Arc<LimitCounts>>,
     /// By protocol.
     unmatched: [AtomicU64; PROTOCOL_COUNT],
 }
@@ -191,7 +192,7 @@ struct LimitCounts {
 }
 
 impl DecisionCounters {
-    fn count(&self, protocol: Protocol, outcome: Outcome, limit: Option<(u64, &str)>) {
+    fn count(&self, protocol: Protocol, outcome: Outcome, limit: Option<(LimitId, &str)>) {
         let Some((id, rule)) = limit else {
             self.unmatched[protocol.index()].fetch_add(1, Ordering::Relaxed);
             return;
@@ -558,7 +559,10 @@ impl NodeCollector {
             status.known.len(),
             status.live.len(),
         );
-        let (version, origin) = status.rules_version;
+        let RulesVersion {
+            counter: version,
+            origin,
+        } = status.rules_version;
         let memory = limiter.memory();
         vec![
             ("ready", "1 once the node has recovered its counts and admits requests.", Gauge(flag(self.api.is_ready()))),

@@ -224,7 +224,7 @@ pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision) {
                 // The headers take the server's rule name as text (below);
                 // interning names a server sent would keep them forever.
                 rule: drl_core::rules::RuleName::from_static(""),
-                limit_id: 0,
+                limit_id: drl_core::key::LimitId(0),
                 limit: q.limit,
                 period: Nanos::from(q.window),
                 remaining: q.remaining,

@@ -61,7 +61,12 @@ fn key_hash(c: &mut Criterion) {
             })
         });
         group.bench_function("rapidhash_v3", |b| {
-            b.iter(|| rapid.key(LIMIT_ID, black_box(values).iter().copied()))
+            b.iter(|| {
+                rapid.key(
+                    drl_core::key::LimitId(LIMIT_ID),
+                    black_box(values).iter().copied(),
+                )
+            })
         });
         group.bench_function("foldhash_fast", |b| {
             b.iter(|| stream(&mut fold_fast.build_hasher(), black_box(values)))

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use drl_core::key::KeyDigest;
 use drl_core::limiter::index::{BuildDigestHasher, DashMapIndex, KeyIndex};
 use drl_core::limiter::KeyTable;
 use drl_core::time::Nanos;
@@ -118,7 +119,7 @@ fn full_table<I: KeyIndex>(keys: &[u64], now: Nanos) -> KeyTable<I> {
     let spec = WindowSpec::new(Nanos::from_secs(1), 2).expect("valid spec");
     let table = KeyTable::<I>::new(spec, SLOTS, keys.len()).expect("valid table");
     for &k in keys {
-        drop(table.get_or_insert(k, now));
+        drop(table.get_or_insert(KeyDigest(k), now));
     }
     assert_eq!(table.len(), keys.len());
     table
@@ -191,7 +192,7 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
 /// A locked read of one entry; `u64::MAX` when the key is not tracked.
 #[inline]
 fn locked_read<I: KeyIndex>(table: &KeyTable<I>, key: u64) -> u64 {
-    table.get(key).map_or(u64::MAX, |e| e.key())
+    table.get(KeyDigest(key)).map_or(u64::MAX, |e| e.key().0)
 }
 
 /// Runs every workload on both indexes, each workload in one group.
@@ -224,8 +225,10 @@ fn keymap(c: &mut Criterion) {
     {
         let mut group = c.benchmark_group("keymap/insert_evict_1M");
         configure(&mut group);
-        let insert_papaya = |rng: &mut XorShift| papaya.get_or_insert(rng.next_u64(), now).key();
-        let insert_dash = |rng: &mut XorShift| dash.get_or_insert(rng.next_u64(), now).key();
+        let insert_papaya =
+            |rng: &mut XorShift| papaya.get_or_insert(KeyDigest(rng.next_u64()), now).key().0;
+        let insert_dash =
+            |rng: &mut XorShift| dash.get_or_insert(KeyDigest(rng.next_u64()), now).key().0;
         bench_1_thread(&mut group, "papaya", insert_papaya);
         bench_1_thread(&mut group, "dashmap", insert_dash);
         bench_2_threads(&mut group, "papaya", insert_papaya);

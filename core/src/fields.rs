@@ -92,7 +92,7 @@ mod tests {
         QuotaState {
             limit_index: 0,
             rule: crate::rules::RuleName::intern("r"),
-            limit_id: 1,
+            limit_id: crate::key::LimitId(1),
             limit: 10,
             period: Nanos::from_millis(1500),
             remaining,

@@ -30,6 +30,38 @@ use std::hash::Hasher;
 use rapidhash::v3::{rapidhash_v3_inline, RapidSecrets};
 use siphasher::sip::SipHasher13;
 
+/// A limit's stable id: what every node names a limit by, on the wire, in
+/// snapshots and in receipts (see `rules::CompiledLimit::id`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LimitId(pub u64);
+
+/// A key's digest under one limit ([`KeyHasher::for_limit`]): which of the
+/// limit's counters a request counts in. Never zero for a real key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyDigest(pub u64);
+
+/// One counter of the cluster: a limit and a key of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    /// The limit.
+    pub limit: LimitId,
+    /// The key under that limit.
+    pub key: KeyDigest,
+}
+
+impl CounterKey {
+    /// The counter of `key` under `limit`.
+    pub fn new(limit: LimitId, key: KeyDigest) -> Self {
+        CounterKey { limit, key }
+    }
+}
+
+impl std::fmt::Display for LimitId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 /// The seed of key digests. Nodes of one cluster must share it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeySeed(pub u64, pub u64);
@@ -107,17 +139,21 @@ impl KeyHasher {
     /// digest, so it adds no collisions. Never zero: zero means "no key" in
     /// the key table.
     #[inline]
-    pub fn for_limit(&self, limit_id: u64, values_digest: u64) -> u64 {
-        let salt = fmix64(limit_id ^ self.limit_salt);
-        match fmix64(values_digest ^ salt) {
+    pub fn for_limit(&self, limit_id: LimitId, values_digest: u64) -> KeyDigest {
+        let salt = fmix64(limit_id.0 ^ self.limit_salt);
+        KeyDigest(match fmix64(values_digest ^ salt) {
             0 => 1,
             d => d,
-        }
+        })
     }
 
     /// [`KeyHasher::values`] then [`KeyHasher::for_limit`].
     #[inline]
-    pub fn key<'v>(&self, limit_id: u64, values: impl IntoIterator<Item = &'v str>) -> u64 {
+    pub fn key<'v>(
+        &self,
+        limit_id: LimitId,
+        values: impl IntoIterator<Item = &'v str>,
+    ) -> KeyDigest {
         self.for_limit(limit_id, self.values(values))
     }
 
@@ -145,9 +181,9 @@ fn fmix64(mut x: u64) -> u64 {
 /// Zero is reserved for "no key" in the key table and never returned.
 pub fn key_digest<'v>(
     seed: KeySeed,
-    limit_id: u64,
+    limit_id: LimitId,
     values: impl IntoIterator<Item = &'v str>,
-) -> u64 {
+) -> KeyDigest {
     KeyHasher::new(seed).key(limit_id, values)
 }
 
@@ -168,15 +204,27 @@ mod tests {
     #[test]
     fn values_are_length_prefixed() {
         let s = KeySeed::default();
-        assert_ne!(key_digest(s, 1, ["ab", "c"]), key_digest(s, 1, ["a", "bc"]));
-        assert_eq!(key_digest(s, 1, ["ab", "c"]), key_digest(s, 1, ["ab", "c"]));
-        assert_ne!(key_digest(s, 1, ["x"]), key_digest(s, 2, ["x"]));
-        assert_ne!(key_digest(s, 1, ["x"]), key_digest(KeySeed(1, 2), 1, ["x"]));
+        assert_ne!(
+            key_digest(s, LimitId(1), ["ab", "c"]),
+            key_digest(s, LimitId(1), ["a", "bc"])
+        );
+        assert_eq!(
+            key_digest(s, LimitId(1), ["ab", "c"]),
+            key_digest(s, LimitId(1), ["ab", "c"])
+        );
+        assert_ne!(
+            key_digest(s, LimitId(1), ["x"]),
+            key_digest(s, LimitId(2), ["x"])
+        );
+        assert_ne!(
+            key_digest(s, LimitId(1), ["x"]),
+            key_digest(KeySeed(1, 2), LimitId(1), ["x"])
+        );
     }
 
     #[test]
     fn both_halves_of_the_seed_count() {
-        let d = |seed| key_digest(seed, 7, ["user-42"]);
+        let d = |seed| key_digest(seed, LimitId(7), ["user-42"]);
         assert_ne!(d(KeySeed(1, 2)), d(KeySeed(1, 3)));
         assert_ne!(d(KeySeed(1, 2)), d(KeySeed(4, 2)));
     }
@@ -207,7 +255,9 @@ mod tests {
     #[test]
     fn a_limit_key_is_a_bijection_of_the_values_digest() {
         let h = KeyHasher::new(KeySeed::default());
-        let mut keys: Vec<u64> = (0..100_000u64).map(|v| h.for_limit(9, v)).collect();
+        let mut keys: Vec<u64> = (0..100_000u64)
+            .map(|v| h.for_limit(LimitId(9), v).0)
+            .collect();
         keys.sort_unstable();
         keys.dedup();
         assert_eq!(keys.len(), 100_000);
@@ -220,10 +270,10 @@ mod tests {
     fn digests_are_fixed_across_platforms_and_versions() {
         let s = KeySeed::default();
         let got = (
-            key_digest(s, 0x0123_4567_89ab_cdef, ["user-00000042"]),
-            key_digest(s, 0x0123_4567_89ab_cdef, ["alice", "/v1/search"]),
+            key_digest(s, LimitId(0x0123_4567_89ab_cdef), ["user-00000042"]),
+            key_digest(s, LimitId(0x0123_4567_89ab_cdef), ["alice", "/v1/search"]),
         );
-        assert_eq!(got, (GOLDEN_ONE, GOLDEN_TWO));
+        assert_eq!(got, (KeyDigest(GOLDEN_ONE), KeyDigest(GOLDEN_TWO)));
     }
 
     const GOLDEN_ONE: u64 = 9_080_830_734_516_917_323;

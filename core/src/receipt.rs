@@ -19,6 +19,7 @@
 //! then n × (limit id u64, key digest u64), then the 16-byte MAC
 //! ```
 
+use crate::key::{KeyDigest, LimitId};
 use std::hash::Hasher;
 
 use siphasher::sip::SipHasher13;
@@ -70,10 +71,10 @@ impl std::fmt::Debug for ReceiptKey {
 /// One limit a check counted: the limit's stable id and the key's digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Charge {
-    /// The limit's stable id (as in [`Frame`](crate::wire::Frame)s).
-    pub limit_id: u64,
+    /// The limit's stable id (as in the frames nodes exchange).
+    pub limit_id: LimitId,
     /// The digest of the key the check counted under that limit.
-    pub key: u64,
+    pub key: KeyDigest,
 }
 
 /// What an allowed check charged, as its receipt says.
@@ -119,8 +120,8 @@ impl Receipt {
         bytes.extend_from_slice(&self.nonce.to_be_bytes());
         bytes.push(self.charges.len() as u8);
         for c in &self.charges {
-            bytes.extend_from_slice(&c.limit_id.to_be_bytes());
-            bytes.extend_from_slice(&c.key.to_be_bytes());
+            bytes.extend_from_slice(&c.limit_id.0.to_be_bytes());
+            bytes.extend_from_slice(&c.key.0.to_be_bytes());
         }
         let mac = key.mac(&bytes);
         bytes.extend_from_slice(&mac);
@@ -156,8 +157,8 @@ impl Receipt {
         for i in 0..n {
             let at = HEAD + CHARGE * i;
             charges.push(Charge {
-                limit_id: u64_at(at).ok_or(ReceiptError::Invalid)?,
-                key: u64_at(at + 8).ok_or(ReceiptError::Invalid)?,
+                limit_id: LimitId(u64_at(at).ok_or(ReceiptError::Invalid)?),
+                key: KeyDigest(u64_at(at + 8).ok_or(ReceiptError::Invalid)?),
             });
         }
         Ok(Receipt {
@@ -209,12 +210,12 @@ mod tests {
             nonce: 77,
             charges: vec![
                 Charge {
-                    limit_id: 10,
-                    key: 0xabc,
+                    limit_id: LimitId(10),
+                    key: KeyDigest(0xabc),
                 },
                 Charge {
-                    limit_id: 11,
-                    key: 0xdef,
+                    limit_id: LimitId(11),
+                    key: KeyDigest(0xdef),
                 },
             ],
         }
@@ -258,8 +259,8 @@ mod tests {
         assert_eq!(r.seal(&key), None);
         r.charges = vec![
             Charge {
-                limit_id: 1,
-                key: 1
+                limit_id: LimitId(1),
+                key: KeyDigest(1)
             };
             MAX_CHARGES + 1
         ];

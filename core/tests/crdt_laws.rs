@@ -650,12 +650,12 @@ proptest! {
             let (back, slot, p, n) = deltas[i];
             let value = PnSlot { p, n };
             let epoch = newest - back;
-            let mut e = table.get_or_insert(7, now);
+            let mut e = table.get_or_insert(drl_core::key::KeyDigest(7), now);
             let got = Ring::merge(&mut e, &s, now, 1, epoch, NodeSlot::new(slot), value);
             let want = oracle.merge(now, 1, epoch, NodeSlot::new(slot), value);
             prop_assert_eq!(got, want);
         }
-        let e = table.get(7).unwrap();
+        let e = table.get(drl_core::key::KeyDigest(7)).unwrap();
         let mut out = vec![0; BUCKETS];
         Ring::read(&e, &s, now, &mut out);
         prop_assert_eq!(out, read(&oracle, now));

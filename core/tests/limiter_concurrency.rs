@@ -6,6 +6,7 @@
 //! the key table equals the number of allowed decisions: no hit lost, none
 //! counted twice.
 
+use drl_core::key::KeyDigest;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -358,7 +359,7 @@ fn entry_lock_is_violated(
     thread::scope(|s| {
         let (got_in, entered) = mpsc::channel();
         s.spawn(move || {
-            let entry = table.get(key);
+            let entry = table.get(KeyDigest(key));
             got_in.send(entry.is_some()).unwrap();
         });
         let intruded = entered.recv_timeout(Duration::from_millis(300)).is_ok();
@@ -383,7 +384,7 @@ fn small_table() -> drl_core::limiter::KeyTable {
 #[test]
 fn a_new_keys_entry_stays_locked_by_its_creator() {
     let table = small_table();
-    let held = table.get_or_insert(0x5eed, NOW);
+    let held = table.get_or_insert(KeyDigest(0x5eed), NOW);
     assert!(
         !entry_lock_is_violated(&table, 0x5eed, held),
         "another thread locked a new key's entry while its creator held it"
@@ -395,9 +396,9 @@ fn a_new_keys_entry_stays_locked_by_its_creator() {
 fn a_sweep_that_finds_an_entry_busy_leaves_it_locked() {
     let table = small_table();
     for key in 1..=3 {
-        drop(table.get_or_insert(key, NOW));
+        drop(table.get_or_insert(KeyDigest(key), NOW));
     }
-    let held = table.get(2).expect("tracked");
+    let held = table.get(KeyDigest(2)).expect("tracked");
     table.sweep(NOW, 16);
     assert!(
         !entry_lock_is_violated(&table, 2, held),

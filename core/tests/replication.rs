@@ -214,7 +214,7 @@ fn snapshot(l: &Limiter<Arc<ManualClock>>) -> Vec<(u64, Vec<u32>)> {
                     words.push(v.n);
                 }
             }
-            out.push((e.key(), words));
+            out.push((e.key().0, words));
         });
     }
     out.sort();
@@ -239,7 +239,7 @@ fn hostile_frames_are_refused_and_change_nothing() {
         now,
     );
     r.add_peer(NodeSlot::new(1));
-    let limit = l.rules().limits()[0].id;
+    let limit = l.rules().limits()[0].id.0;
     let epoch = l.table(0).unwrap().spec().epoch(now);
     let slots = |slot: u16, p: u32| Slots {
         slot,

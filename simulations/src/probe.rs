@@ -55,7 +55,7 @@ pub fn read_slot(c: &MemCluster, node: usize, key: u64, slot: usize, epoch: u64)
     let table = lim.table(0)?;
     let spec = *table.spec();
     let now_epoch = spec.epoch(lim.clock().now());
-    let entry = table.get(key)?;
+    let entry = table.get(drl_core::key::KeyDigest(key))?;
     let newest = entry.newest(now_epoch);
     let b = spec.buckets() as u64;
     (epoch <= newest && newest - epoch < b).then(|| entry.get((epoch % b) as usize, slot).p)
@@ -69,7 +69,7 @@ pub fn live_values(c: &MemCluster, node: usize, key: u64, slot: usize) -> Vec<(u
     };
     let spec = *table.spec();
     let now_epoch = spec.epoch(lim.clock().now());
-    let Some(entry) = table.get(key) else {
+    let Some(entry) = table.get(drl_core::key::KeyDigest(key)) else {
         return Vec::new();
     };
     let newest = entry.newest(now_epoch);

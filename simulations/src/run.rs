@@ -144,7 +144,7 @@ pub fn run(s: &Scenario, seed: u64) -> Result<RunOutput, String> {
     let digests = traffic
         .keys
         .iter()
-        .map(|k| key_digest(KeySeed::default(), limit_id, [k.as_str()]))
+        .map(|k| key_digest(KeySeed::default(), limit_id, [k.as_str()]).0)
         .collect();
     let mut r = Runner {
         s,

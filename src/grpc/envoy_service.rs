@@ -156,7 +156,7 @@ mod tests {
         QuotaState {
             limit_index: 0,
             rule: drl_core::rules::RuleName::intern("r"),
-            limit_id: 1,
+            limit_id: drl_core::key::LimitId(1),
             limit: 10,
             period: Nanos::from_secs(60),
             remaining,

@@ -65,7 +65,7 @@ struct Version {
 }
 
 impl From<RulesVersion> for Version {
-    fn from((counter, origin): RulesVersion) -> Self {
+    fn from(RulesVersion { counter, origin }: RulesVersion) -> Self {
         Version { counter, origin }
     }
 }

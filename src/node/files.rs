@@ -45,8 +45,8 @@ pub(super) fn load_rules_state(path: &Path) -> Option<(RuleSet, RulesVersion)> {
         Ok(Some(kept)) => match RuleSet::from_toml(&kept.text) {
             Ok(rules) => {
                 tracing::info!(
-                    version = kept.version.0,
-                    origin = kept.version.1,
+                    version = kept.version.counter,
+                    origin = kept.version.origin,
                     "running the rules kept from before the restart"
                 );
                 return Some((rules, kept.version));

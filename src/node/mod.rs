@@ -325,7 +325,7 @@ impl Node {
         let rules_state = settings.rules_state_path();
         let (rules, rules_version) = match rules_state.as_deref().map(load_rules_state) {
             Some(Some((kept, version))) => (kept, version),
-            _ => (rules, (0, settings.slot)),
+            _ => (rules, RulesVersion::new(0, settings.slot)),
         };
         let rules_digest = rules.digest();
         let rules_text = rules.source().to_owned();

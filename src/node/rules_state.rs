@@ -26,7 +26,7 @@ use drl_core::key::stable_digest;
 use super::RulesVersion;
 
 fn checksum(version: RulesVersion, text: &str) -> u64 {
-    let mut bytes = format!("{} {}\n", version.0, version.1).into_bytes();
+    let mut bytes = format!("{} {}\n", version.counter, version.origin).into_bytes();
     bytes.extend_from_slice(text.as_bytes());
     stable_digest(&bytes)
 }
@@ -89,8 +89,8 @@ impl PersistedRules {
     pub fn encode(&self) -> Vec<u8> {
         format!(
             "{HEADER}\nversion {} {}\nlength {}\nchecksum {:016x}\n\n{}",
-            self.version.0,
-            self.version.1,
+            self.version.counter,
+            self.version.origin,
             self.text.len(),
             checksum(self.version, &self.text),
             self.text
@@ -120,7 +120,7 @@ impl PersistedRules {
             .next()
             .and_then(|l| l.strip_prefix("version "))
             .and_then(|v| v.split_once(' '))
-            .and_then(|(c, o)| Some((c.parse().ok()?, o.parse().ok()?)))
+            .and_then(|(c, o)| Some(RulesVersion::new(c.parse().ok()?, o.parse().ok()?)))
             .ok_or_else(|| field("version"))?;
         let length: usize = lines
             .next()
@@ -176,7 +176,7 @@ mod tests {
 
     fn sample() -> PersistedRules {
         PersistedRules {
-            version: (7, 2),
+            version: RulesVersion::new(7, 2),
             text: "[[rules]]\nname = \"a\"\n\n# two blank lines above\n".into(),
         }
     }

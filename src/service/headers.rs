@@ -52,7 +52,7 @@ mod tests {
             limit_index: 0,
             rule: drl_core::rules::RuleName::intern("r"),
             limit: 10,
-            limit_id: 1,
+            limit_id: drl_core::key::LimitId(1),
             period: Nanos::from_secs(60),
             remaining: 0,
             reset_after: Nanos::from_millis(3_000),

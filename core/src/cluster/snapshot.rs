@@ -29,6 +29,7 @@ use std::hash::Hasher;
 use siphasher::sip::SipHasher13;
 
 use crate::cluster::store::{merge_into, ReplicaStore};
+use crate::key::CounterKey;
 use crate::key::KeySeed;
 use crate::limiter::Limiter;
 use crate::slot::NodeSlot;
@@ -91,12 +92,12 @@ pub fn capture<C: Clock>(limiter: &Limiter<C>, now: Nanos) -> Vec<u8> {
         .map(NodeSlot::new)
     {
         let mut packer = SlotsPacker::new(CHUNK_BYTES, slot.get(), 0, now.as_u64());
-        limiter.each_slot_values(now, slot, &mut |(limit, key), v| {
+        limiter.each_slot_values(now, slot, &mut |CounterKey { limit, key }, v| {
             packer.push(
-                limit,
+                limit.0,
                 v.newest,
                 KeySlots {
-                    key,
+                    key: key.0,
                     buckets: v.buckets,
                 },
             );

@@ -6,14 +6,14 @@
 //! through [`ReplicaStore`]. The limiter implements it here, against the key
 //! table's public [`Entry`] API; tests can implement it over anything.
 
+use crate::key::{KeyDigest, LimitId};
 use crate::limiter::{Entry, Limiter};
 use crate::slot::{NodeSlot, PnSlot};
 use crate::time::{Clock, Nanos};
 use crate::window::{MergeOutcome, Ring};
 use crate::wire::{BucketSlot, Slots};
 
-/// A key of one limit: the limit's id and the key's digest.
-pub type LimitKey = (u64, u64);
+pub use crate::key::CounterKey;
 
 /// One slot's values of a key in its live buckets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,24 +49,29 @@ pub trait ReplicaStore {
     /// How many slots every counter has: valid peer slots are below it.
     fn slots(&self) -> usize;
     /// Keys changed here since the last call.
-    fn drain_changed(&self) -> Vec<LimitKey>;
+    fn drain_changed(&self) -> Vec<CounterKey>;
     /// Takes a changed key's unshipped hits, with this node's (`own`) values
     /// of it at `now`. `None` when the key is gone or unchanged since it was
     /// last shipped.
-    fn take_shipment(&self, now: Nanos, key: LimitKey, own: NodeSlot) -> Option<Shipment>;
+    fn take_shipment(&self, now: Nanos, key: CounterKey, own: NodeSlot) -> Option<Shipment>;
     /// `slot`'s values of one key at `now`.
-    fn slot_values(&self, now: Nanos, key: LimitKey, slot: NodeSlot) -> Option<SlotValues>;
+    fn slot_values(&self, now: Nanos, key: CounterKey, slot: NodeSlot) -> Option<SlotValues>;
     /// `slot`'s values of every key at `now`, one call per key with any.
-    fn each_slot_values(&self, now: Nanos, slot: NodeSlot, f: &mut dyn FnMut(LimitKey, SlotValues));
+    fn each_slot_values(
+        &self,
+        now: Nanos,
+        slot: NodeSlot,
+        f: &mut dyn FnMut(CounterKey, SlotValues),
+    );
     /// Merges the values of `slot` that `s` carries, each with a per-slot
     /// maximum. Limits the store does not know are skipped.
     fn merge(&self, now: Nanos, max_ahead: u64, slot: NodeSlot, s: &Slots) -> Merged;
     /// `hits` shipped earlier on `key` are acknowledged by every peer that
     /// must know them: they leave the in-flight share.
-    fn settle(&self, key: LimitKey, hits: u32);
+    fn settle(&self, key: CounterKey, hits: u32);
     /// A claim on `keys` (merged just before): decide them by confirmation
     /// for a while; `claim` is the claimant and when its hits were counted.
-    fn hold_keys(&self, now: Nanos, keys: &[LimitKey], claim: Option<(NodeSlot, Nanos)>);
+    fn hold_keys(&self, now: Nanos, keys: &[CounterKey], claim: Option<(NodeSlot, Nanos)>);
     /// Forgets holds that have passed.
     fn prune_confirming(&self, now: Nanos);
 }
@@ -98,12 +103,12 @@ pub fn merge_into<C: Clock>(
 ) -> Merged {
     let mut merged = Merged::default();
     for group in &s.groups {
-        let Some(table) = limiter.table_by_id(group.limit) else {
+        let Some(table) = limiter.table_by_id(LimitId(group.limit)) else {
             continue;
         };
         let spec = *table.spec();
         for k in &group.keys {
-            let mut entry = table.get_or_insert(k.key, now);
+            let mut entry = table.get_or_insert(KeyDigest(k.key), now);
             for b in &k.buckets {
                 let epoch = group.newest - u64::from(b.back);
                 let value = PnSlot { p: b.p, n: b.n };
@@ -123,11 +128,16 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
         self.config().slots
     }
 
-    fn drain_changed(&self) -> Vec<LimitKey> {
+    fn drain_changed(&self) -> Vec<CounterKey> {
         self.journal().map(|j| j.drain()).unwrap_or_default()
     }
 
-    fn take_shipment(&self, now: Nanos, (limit, key): LimitKey, own: NodeSlot) -> Option<Shipment> {
+    fn take_shipment(
+        &self,
+        now: Nanos,
+        CounterKey { limit, key }: CounterKey,
+        own: NodeSlot,
+    ) -> Option<Shipment> {
         let table = self.table_by_id(limit)?;
         let mut entry = table.get(key)?;
         if !entry.take_dirty() {
@@ -143,7 +153,7 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
     fn slot_values(
         &self,
         now: Nanos,
-        (limit, key): LimitKey,
+        CounterKey { limit, key }: CounterKey,
         slot: NodeSlot,
     ) -> Option<SlotValues> {
         let table = self.table_by_id(limit)?;
@@ -155,12 +165,12 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
         &self,
         now: Nanos,
         slot: NodeSlot,
-        f: &mut dyn FnMut(LimitKey, SlotValues),
+        f: &mut dyn FnMut(CounterKey, SlotValues),
     ) {
         for (limit, table) in self.tables() {
             table.for_each(|entry| {
                 if let Some(values) = entry_values(entry, now, slot) {
-                    f((limit, entry.key()), values);
+                    f(CounterKey::new(limit, entry.key()), values);
                 }
             });
         }
@@ -170,7 +180,7 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
         merge_into(self, now, max_ahead, slot, s)
     }
 
-    fn settle(&self, (limit, key): LimitKey, hits: u32) {
+    fn settle(&self, CounterKey { limit, key }: CounterKey, hits: u32) {
         if let Some(table) = self.table_by_id(limit) {
             if let Some(mut e) = table.get(key) {
                 e.settle(hits);
@@ -178,7 +188,7 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
         }
     }
 
-    fn hold_keys(&self, now: Nanos, keys: &[LimitKey], claim: Option<(NodeSlot, Nanos)>) {
+    fn hold_keys(&self, now: Nanos, keys: &[CounterKey], claim: Option<(NodeSlot, Nanos)>) {
         Limiter::hold_keys(self, now, keys, claim.map(|(s, t)| (s.get(), t)));
     }
 
@@ -245,10 +255,10 @@ mod tests {
             sent_at: now.as_u64(),
             last: true,
             groups: vec![LimitGroup {
-                limit: key.0,
+                limit: key.limit.0,
                 newest: values.newest,
                 keys: vec![KeySlots {
-                    key: key.1,
+                    key: key.key.0,
                     buckets: values.buckets.clone(),
                 }],
             }],
@@ -265,7 +275,7 @@ mod tests {
         });
         assert_eq!(seen, 1);
         store.settle(key, 3);
-        let t = l.table_by_id(key.0).unwrap();
-        assert_eq!(t.get(key.1).unwrap().inflight(), 0);
+        let t = l.table_by_id(key.limit).unwrap();
+        assert_eq!(t.get(key.key).unwrap().inflight(), 0);
     }
 }

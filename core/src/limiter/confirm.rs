@@ -13,6 +13,7 @@ use super::evaluate::CountsBuf;
 use super::table::{Entry, MAX_INFLIGHT};
 use super::Limiter;
 use crate::algorithm::RateAlgorithm;
+use crate::key::{CounterKey, KeyDigest, LimitId};
 use crate::share::{Shares, MAX_NODES};
 use crate::time::{Clock, Nanos};
 use crate::window::{Ring, SlotGrid, WindowCounts};
@@ -67,8 +68,12 @@ impl Pending {
     }
 
     /// The `(limit, key)` pairs the request holds hits on, each once.
-    pub fn keys(&self) -> Vec<(u64, u64)> {
-        let mut keys: Vec<(u64, u64)> = self.hits.iter().map(|h| (h.limit, h.key)).collect();
+    pub fn keys(&self) -> Vec<CounterKey> {
+        let mut keys: Vec<CounterKey> = self
+            .hits
+            .iter()
+            .map(|h| CounterKey::new(h.limit, h.key))
+            .collect();
         keys.dedup();
         keys
     }
@@ -78,9 +83,9 @@ impl Pending {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingHit {
     /// The limit's stable id.
-    pub limit: u64,
+    pub limit: LimitId,
     /// The key's digest.
-    pub key: u64,
+    pub key: KeyDigest,
     /// The epoch of the window bucket the hit was counted in.
     pub epoch: u64,
     /// The check of the request it was counted for.
@@ -183,7 +188,7 @@ impl<C: Clock> Limiter<C> {
                     hit.epoch = Ring::add(&mut entry, &spec, at, own, hit.cost);
                     if entry.mark_dirty() {
                         if let Some(c) = &self.cluster {
-                            c.journal.push(hit.limit, hit.key);
+                            c.journal.push(CounterKey::new(hit.limit, hit.key));
                         }
                     }
                 }
@@ -283,7 +288,7 @@ impl<C: Clock> Limiter<C> {
         let mine = (pending.started, own);
         let mut blocking = 0u64;
         for hit in &pending.hits {
-            if let Some(hold) = c.confirming.get(&(hit.limit, hit.key)) {
+            if let Some(hold) = c.confirming.get(&CounterKey::new(hit.limit, hit.key)) {
                 for &(slot, started, until) in &hold.claims {
                     if until > now && (started, slot) > mine && usize::from(slot) < MAX_NODES {
                         blocking |= 1 << slot;
@@ -335,7 +340,7 @@ impl<C: Clock> Limiter<C> {
             let given = Ring::refund_epoch(&mut entry, &spec, now, own, hit.epoch, hit.cost);
             if given > 0 && entry.mark_dirty() {
                 if let Some(c) = &self.cluster {
-                    c.journal.push(hit.limit, hit.key);
+                    c.journal.push(CounterKey::new(hit.limit, hit.key));
                 }
             }
         }
@@ -356,14 +361,14 @@ impl<C: Clock> Limiter<C> {
     ///
     /// `claim` is the claimant's slot and when its hits were counted (by its
     /// clock): it decides who yields when two claims conflict.
-    pub fn hold_keys(&self, now: Nanos, keys: &[(u64, u64)], claim: Option<(u16, Nanos)>) {
-        for &(limit, key) in keys {
+    pub fn hold_keys(&self, now: Nanos, keys: &[CounterKey], claim: Option<(u16, Nanos)>) {
+        for &CounterKey { limit, key } in keys {
             if let Some(table) = self.table_by_id(limit) {
                 if let Some(mut entry) = table.get(key) {
                     self.hold_confirming(&mut entry, limit, now);
                     if let (Some((slot, started)), Some(c)) = (claim, &self.cluster) {
                         let until = now + Nanos::new(c.confirm_hold.load(Ordering::Relaxed));
-                        if let Some(mut hold) = c.confirming.get_mut(&(limit, key)) {
+                        if let Some(mut hold) = c.confirming.get_mut(&CounterKey::new(limit, key)) {
                             hold.claims.retain(|x| x.2 > now && x.0 != slot);
                             if hold.claims.len() >= MAX_HELD_CLAIMS {
                                 hold.claims.remove(0);
@@ -376,11 +381,14 @@ impl<C: Clock> Limiter<C> {
         }
     }
 
-    pub(super) fn hold_confirming(&self, entry: &mut Entry<'_>, limit: u64, now: Nanos) {
+    pub(super) fn hold_confirming(&self, entry: &mut Entry<'_>, limit: LimitId, now: Nanos) {
         if let Some(c) = &self.cluster {
             let until = now + Nanos::new(c.confirm_hold.load(Ordering::Relaxed));
             entry.set_confirming(true);
-            let mut hold = c.confirming.entry((limit, entry.key())).or_default();
+            let mut hold = c
+                .confirming
+                .entry(CounterKey::new(limit, entry.key()))
+                .or_default();
             if hold.until < until {
                 hold.until = until;
             }
@@ -389,14 +397,14 @@ impl<C: Clock> Limiter<C> {
 
     /// Whether decisions on this entry must be confirmed; clears a hold
     /// that has passed.
-    pub(super) fn is_confirming(&self, entry: &mut Entry<'_>, limit: u64, now: Nanos) -> bool {
+    pub(super) fn is_confirming(&self, entry: &mut Entry<'_>, limit: LimitId, now: Nanos) -> bool {
         if !entry.is_confirming() {
             return false;
         }
         let Some(c) = &self.cluster else {
             return false;
         };
-        let key = (limit, entry.key());
+        let key = CounterKey::new(limit, entry.key());
         let live = c.confirming.get(&key).is_some_and(|h| h.until > now);
         if !live {
             c.confirming.remove_if(&key, |_, h| h.until <= now);

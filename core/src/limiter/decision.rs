@@ -7,6 +7,7 @@
 
 use crate::algorithm::{RateAlgorithm, Verdict};
 use crate::descriptor::Descriptors;
+use crate::key::LimitId;
 use crate::rules::{CompiledLimit, RuleName};
 use crate::time::Nanos;
 
@@ -73,7 +74,7 @@ pub struct QuotaState {
     /// decision was made (so it stays right across a reload).
     pub rule: RuleName,
     /// The limit's stable id.
-    pub limit_id: u64,
+    pub limit_id: LimitId,
     /// The limit's quota per period.
     pub limit: u64,
     /// The limit's period.

@@ -20,6 +20,7 @@ use super::table::{self, Entry, MAX_INFLIGHT};
 use super::{CheckError, Compiled, Limiter};
 use crate::algorithm::{Algorithm, RateAlgorithm, Summary, Verdict};
 use crate::descriptor::Descriptors;
+use crate::key::{CounterKey, KeyDigest, LimitId};
 use crate::rules::RuleSet;
 use crate::share::{ShareView, Shares, MAX_NODES};
 use crate::slot::NodeSlot;
@@ -47,7 +48,7 @@ pub(super) struct Match {
     /// The limit's position in the rules in force.
     pub(super) index: usize,
     /// The key's digest under that limit.
-    pub(super) key: u64,
+    pub(super) key: KeyDigest,
     /// The check's position in the request.
     pub(super) check: u32,
 }
@@ -147,7 +148,7 @@ impl<C: Clock> Limiter<C> {
         compiled: &Compiled,
         now: Nanos,
         index: usize,
-        key: u64,
+        key: KeyDigest,
         cost: u32,
         hint: &mut u32,
     ) -> Decision {
@@ -280,7 +281,7 @@ impl<C: Clock> Limiter<C> {
                 None => entry.add_unshipped(group.cost),
             }
             if entry.mark_dirty() {
-                journal.push(*limit_id, entry.key());
+                journal.push(CounterKey::new(*limit_id, entry.key()));
             }
         }
         match pending {
@@ -294,7 +295,7 @@ impl<C: Clock> Limiter<C> {
 #[derive(Clone, Copy)]
 pub(super) struct Group<'m> {
     pub(super) index: usize,
-    pub(super) key: u64,
+    pub(super) key: KeyDigest,
     /// The members' costs together.
     pub(super) cost: u32,
     pub(super) members: &'m [Match],
@@ -592,7 +593,7 @@ impl Matches {
         Matches {
             inline: [Match {
                 index: 0,
-                key: 0,
+                key: KeyDigest(0),
                 check: 0,
             }; INLINE_MATCHES],
             len: 0,
@@ -633,7 +634,7 @@ impl Matches {
 /// The locked entries of one request: on the stack up to `INLINE_MATCHES`.
 /// Each with its limit's id, for a window algorithm on a lone node the
 /// window's summary before this request, and the matches it stands for.
-type Guards<'t, 'm> = SmallVec<[(u64, Entry<'t>, Option<Judged>, Group<'m>); INLINE_MATCHES]>;
+type Guards<'t, 'm> = SmallVec<[(LimitId, Entry<'t>, Option<Judged>, Group<'m>); INLINE_MATCHES]>;
 
 /// Stack space for one window's bucket counts: common windows use a small
 /// buffer so that a check does not clear 512 bytes it will not read, and a

@@ -8,12 +8,14 @@
 
 use std::sync::Mutex;
 
+use crate::key::CounterKey;
+
 const SHARDS: usize = 16;
 
 /// `(limit id, key digest)` pairs waiting to be shipped.
 #[derive(Debug)]
 pub struct Journal {
-    shards: [Mutex<Vec<(u64, u64)>>; SHARDS],
+    shards: [Mutex<Vec<CounterKey>>; SHARDS],
 }
 
 impl Default for Journal {
@@ -25,17 +27,17 @@ impl Default for Journal {
 }
 
 impl Journal {
-    /// Journals `key` of limit `limit` (its stable id) for the next round.
-    /// Callers push a key once per round, when they first dirty its entry.
-    pub fn push(&self, limit: u64, key: u64) {
-        self.shards[(key as usize) % SHARDS]
+    /// Journals `counter` for the next round. Callers push a key once per
+    /// round, when they first dirty its entry.
+    pub fn push(&self, counter: CounterKey) {
+        self.shards[(counter.key.0 as usize) % SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((limit, key));
+            .push(counter);
     }
 
     /// Takes everything journaled so far, leaving the journal empty.
-    pub fn drain(&self) -> Vec<(u64, u64)> {
+    pub fn drain(&self) -> Vec<CounterKey> {
         let mut all = Vec::new();
         for shard in &self.shards {
             let mut s = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -52,17 +54,18 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::key::{KeyDigest, LimitId};
 
     #[test]
     fn drain_takes_everything_once() {
         let j = Journal::default();
         for k in 0..100u64 {
-            j.push(7, k);
+            j.push(CounterKey::new(LimitId(7), KeyDigest(k)));
         }
         let mut got = j.drain();
         got.sort();
         assert_eq!(got.len(), 100);
-        assert_eq!(got[99], (7, 99));
+        assert_eq!(got[99], CounterKey::new(LimitId(7), KeyDigest(99)));
         assert!(j.drain().is_empty());
     }
 }

@@ -25,7 +25,7 @@ use arc_swap::ArcSwap;
 use crate::algorithm::RateAlgorithm;
 use crate::clock::SystemClock;
 use crate::descriptor::{self, DescriptorError, Descriptors};
-use crate::key::{KeyHasher, KeySeed};
+use crate::key::{CounterKey, KeyHasher, KeySeed, LimitId};
 use crate::rules::{RuleSet, UnknownEndpoint};
 use crate::share::{ShareView, MAX_NODES};
 use crate::slot::NodeSlot;
@@ -113,7 +113,7 @@ pub enum SetupError {
 struct Compiled {
     rules: Arc<RuleSet>,
     tables: Vec<Arc<KeyTable>>,
-    by_id: HashMap<u64, usize>,
+    by_id: HashMap<LimitId, usize>,
 }
 
 /// What a clustered limiter adds: shares, the journal of changed keys, and
@@ -129,7 +129,7 @@ struct ClusterHooks {
     /// Keys under confirmation `(limit, key)` → until when decisions on them
     /// wait for the peers' answers (see [`Limiter::begin_at`]). The entry's
     /// confirming bit says whether to look here at all.
-    confirming: dashmap::DashMap<(u64, u64), confirm::Hold>,
+    confirming: dashmap::DashMap<CounterKey, confirm::Hold>,
     /// How long a key stays under confirmation after a claim on it.
     confirm_hold: std::sync::atomic::AtomicU64,
 }
@@ -246,13 +246,13 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// The key table of the limit with stable id `id` in the rules in force.
-    pub fn table_by_id(&self, id: u64) -> Option<Arc<KeyTable>> {
+    pub fn table_by_id(&self, id: LimitId) -> Option<Arc<KeyTable>> {
         let compiled = self.compiled.load();
         compiled.by_id.get(&id).map(|&i| compiled.tables[i].clone())
     }
 
     /// Every `(limit id, table)` of the rules in force.
-    pub fn tables(&self) -> Vec<(u64, Arc<KeyTable>)> {
+    pub fn tables(&self) -> Vec<(LimitId, Arc<KeyTable>)> {
         let compiled = self.compiled.load();
         compiled
             .rules
@@ -282,7 +282,7 @@ impl<C: Clock> Limiter<C> {
     /// counters; new limits start empty; removed limits are dropped.
     pub fn replace_rules(&self, rules: RuleSet) -> Result<(), SetupError> {
         let old = self.compiled.load();
-        let by_id: HashMap<u64, Arc<KeyTable>> = old
+        let by_id: HashMap<LimitId, Arc<KeyTable>> = old
             .rules
             .limits()
             .iter()
@@ -359,7 +359,7 @@ impl<C: Clock> Limiter<C> {
                         Ring::refund(&mut entry, table.spec(), now, self.config.own_slot, cost);
                     if given > 0 && entry.mark_dirty() {
                         if let Some(c) = &self.cluster {
-                            c.journal.push(m.limit.id, entry.key());
+                            c.journal.push(CounterKey::new(m.limit.id, entry.key()));
                         }
                     }
                     given
@@ -429,7 +429,7 @@ fn run_id() -> u64 {
 fn compile(
     rules: Arc<RuleSet>,
     config: &LimiterConfig,
-    reuse: &HashMap<u64, Arc<KeyTable>>,
+    reuse: &HashMap<LimitId, Arc<KeyTable>>,
     budget: &Arc<MemoryBudget>,
 ) -> Result<Compiled, SetupError> {
     let mut tables = Vec::with_capacity(rules.limits().len());

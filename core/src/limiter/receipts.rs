@@ -25,6 +25,7 @@ use std::sync::Mutex;
 
 use super::{CheckError, Decision, Limiter};
 use crate::descriptor::Descriptors;
+use crate::key::{CounterKey, LimitId};
 use crate::receipt::{Charge, Receipt, ReceiptError, ReceiptKey, MAX_CHARGES};
 use crate::time::{Clock, Nanos};
 use crate::window::Ring;
@@ -89,7 +90,7 @@ impl SpentSet {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LimitRefund {
     /// The limit's stable id, as the receipt names it.
-    pub limit_id: u64,
+    pub limit_id: LimitId,
     /// Hits given back: the receipt's cost, or less when some of its
     /// window has passed; 0 when the limit is gone or its window passed.
     pub refunded: u32,
@@ -257,7 +258,9 @@ impl<C: Clock> Limiter<C> {
                     let given = Ring::refund(&mut entry, &spec, now, self.config.own_slot, r.cost);
                     if given > 0 && entry.mark_dirty() {
                         if let Some(cluster) = &self.cluster {
-                            cluster.journal.push(c.limit_id, entry.key());
+                            cluster
+                                .journal
+                                .push(CounterKey::new(c.limit_id, entry.key()));
                         }
                     }
                     given

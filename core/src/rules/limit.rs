@@ -14,7 +14,7 @@ use toml::Spanned;
 use crate::algorithm::{
     Algorithm, FixedWindow, Gcra, LeakyBucket, ParamError, Rate, SlidingWindow, TokenBucket,
 };
-use crate::key::stable_digest;
+use crate::key::{stable_digest, LimitId};
 use crate::time::{parse_duration, Nanos};
 
 use super::error::RulesErrorKind;
@@ -333,7 +333,12 @@ pub(super) fn count_shape(algorithm: &Algorithm) -> String {
 
 /// The id is a digest of length-prefixed parts, so that no two different
 /// tuples can be written as the same bytes. `shape` is [`count_shape`].
-pub(super) fn limit_id(rule: &LimitOwner<'_>, scope: &Scope, position: usize, shape: &str) -> u64 {
+pub(super) fn limit_id(
+    rule: &LimitOwner<'_>,
+    scope: &Scope,
+    position: usize,
+    shape: &str,
+) -> LimitId {
     let mut bytes = Vec::with_capacity(64 + shape.len());
     let mut part = |p: &[u8]| {
         bytes.extend_from_slice(&(p.len() as u64).to_le_bytes());
@@ -357,7 +362,7 @@ pub(super) fn limit_id(rule: &LimitOwner<'_>, scope: &Scope, position: usize, sh
         part(field.as_bytes());
     }
     part(shape.as_bytes());
-    stable_digest(&bytes)
+    LimitId(stable_digest(&bytes))
 }
 
 /// The sliding window's precision when a limit gives none: 10 sub-buckets

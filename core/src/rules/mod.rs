@@ -63,7 +63,7 @@ pub use matching::PatternError;
 
 use crate::algorithm::Algorithm;
 use crate::descriptor::{Descriptors, ENDPOINT, TIER};
-use crate::key::stable_digest;
+use crate::key::{stable_digest, LimitId};
 use dispatch::Dispatch;
 use matching::{EndpointList, Matcher};
 
@@ -131,7 +131,7 @@ pub struct CompiledLimit {
     /// limit, a capacity or a rate on the same grid keeps the id, and so the
     /// counts clients already spent; a new window or algorithm (whose counts
     /// would read differently) gives a new id and starts counts over.
-    pub id: u64,
+    pub id: LimitId,
     /// The parameters with defaults filled in and durations in nanoseconds.
     pub parameters: String,
     /// Position in [`RuleSet::limits`].

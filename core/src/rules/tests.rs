@@ -255,7 +255,7 @@ fn limit_ids_survive_a_reparse_and_follow_the_count_grid_not_the_numbers() {
             .unwrap()
             .limits()
             .iter()
-            .map(|l| l.id)
+            .map(|l| l.id.0)
             .collect()
     };
     let first = ids(EXAMPLE);

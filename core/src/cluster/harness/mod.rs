@@ -27,7 +27,7 @@ use network::InFlight;
 pub use network::NetFaults;
 
 use crate::cluster::confirm::{Confirmations, Ticket};
-use crate::cluster::node_core::{CoreConfig, NodeCore};
+use crate::cluster::node_core::{CoreConfig, NodeCore, RulesVersion};
 use crate::cluster::replication::{ReplicationConfig, Replicator};
 use crate::descriptor::Descriptors;
 use crate::limiter::{Begun, Check, CheckError, Decision, Limiter, LimiterConfig, Outcome};
@@ -243,7 +243,7 @@ impl MemCluster {
                 cfg,
                 limiter.clone(),
                 self.spec.rules.clone(),
-                (0, 0),
+                RulesVersion::default(),
                 self.rules_digest,
                 local,
             );

@@ -40,8 +40,22 @@ use crate::time::{Clock, Nanos};
 use crate::wire::{Frame, Kind, RulesFrame, Swim, MAX_RULES_BYTES};
 
 /// The version of the rules in force: a Lamport-style counter and the slot
-/// of the node that put them in force. Larger wins everywhere.
-pub type RulesVersion = (u64, u16);
+/// of the node that put them in force. Larger wins everywhere (the counter
+/// first, then the origin).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RulesVersion {
+    /// One more than the version it replaced.
+    pub counter: u64,
+    /// The slot of the node that put it in force.
+    pub origin: u16,
+}
+
+impl RulesVersion {
+    /// Version `counter` from the node in slot `origin`.
+    pub fn new(counter: u64, origin: u16) -> Self {
+        RulesVersion { counter, origin }
+    }
+}
 
 /// Why new rules were refused. The rules in force stay.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -389,7 +403,7 @@ impl<C: Clock> NodeCore<C> {
     /// node (refused only when their text is too large to replicate). The
     /// driver keeps them on disk, then calls [`NodeCore::commit_rules`].
     pub fn prepare_rules(&self, rules: RuleSet) -> Result<PreparedRules, PutRulesError> {
-        let version = (self.rules.marker.0 + 1, self.cfg.slot.get());
+        let version = RulesVersion::new(self.rules.marker.counter + 1, self.cfg.slot.get());
         prepare(rules, version)
     }
 
@@ -432,8 +446,8 @@ impl<C: Clock> NodeCore<C> {
 
     fn rules_frame(&self) -> Vec<u8> {
         Frame::Rules(RulesFrame {
-            version: self.rules.marker.0,
-            origin: self.rules.marker.1,
+            version: self.rules.marker.counter,
+            origin: self.rules.marker.origin,
             text: self.rules.val.clone(),
         })
         .encode()
@@ -457,8 +471,8 @@ impl<C: Clock> NodeCore<C> {
             }
         }
         tracing::info!(
-            version = p.version.0,
-            origin = p.version.1,
+            version = p.version.counter,
+            origin = p.version.origin,
             "rules in force"
         );
         self.events.push_back(CoreEvent::RulesInForce {
@@ -469,7 +483,7 @@ impl<C: Clock> NodeCore<C> {
     }
 
     fn on_peer_rules(&mut self, r: RulesFrame) {
-        let version = (r.version, r.origin);
+        let version = RulesVersion::new(r.version, r.origin);
         if version <= self.rules.marker {
             return;
         }

@@ -43,7 +43,14 @@ fn core(
         peer_addr: SocketAddr::from(([127, 0, 0, 1], 7400 + slot)),
         recovering: true,
     };
-    let core = NodeCore::new(cfg, limiter.clone(), RULES.into(), (0, slot), digest, now);
+    let core = NodeCore::new(
+        cfg,
+        limiter.clone(),
+        RULES.into(),
+        RulesVersion::new(0, slot),
+        digest,
+        now,
+    );
     (core, limiter)
 }
 
@@ -108,13 +115,13 @@ fn two_cores_recover_from_each_other_and_agree_on_rules_without_io() {
     let prepared = cores[0]
         .prepare_rules(RuleSet::from_toml(&text).unwrap())
         .unwrap();
-    assert_eq!(cores[0].commit_rules(prepared), (1, 0));
+    assert_eq!(cores[0].commit_rules(prepared), RulesVersion::new(1, 0));
     pump(&mut cores, now);
     assert!(events(&mut cores[1]).contains(&CoreEvent::RulesInForce {
-        version: (1, 0),
+        version: RulesVersion::new(1, 0),
         text: text.clone(),
     }));
-    assert_eq!(cores[1].rules_version(), (1, 0));
+    assert_eq!(cores[1].rules_version(), RulesVersion::new(1, 0));
     assert!(cores[1].runs(&text));
     // Rules too large to replicate change nothing.
     let padded = format!("{text}\n#{}\n", "x".repeat(MAX_RULES_BYTES));
@@ -124,5 +131,5 @@ fn two_cores_recover_from_each_other_and_agree_on_rules_without_io() {
             .err(),
         Some(PutRulesError::TooLarge(padded.len()))
     );
-    assert_eq!(cores[0].rules_version(), (1, 0));
+    assert_eq!(cores[0].rules_version(), RulesVersion::new(1, 0));
 }

@@ -6,7 +6,8 @@
 use std::collections::BTreeSet;
 
 use super::{ReplicaStore, Replicator};
-use crate::cluster::store::LimitKey;
+use crate::cluster::store::CounterKey;
+use crate::key::{KeyDigest, LimitId};
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
 use crate::wire::{Frame, Slots};
@@ -31,7 +32,7 @@ pub enum ClaimEvent {
 
 /// An answered claim waiting for the outcome of later conflicting claims.
 pub(super) struct Yielding {
-    pub(super) keys: Vec<LimitKey>,
+    pub(super) keys: Vec<CounterKey>,
     /// Peers whose later claims it waits on, bit per slot.
     pub(super) blocking: u64,
     /// Who answered the claim, bit per slot.
@@ -44,18 +45,22 @@ pub(super) struct OpenClaim {
     /// When its hits were counted, by this node's clock: sent with every
     /// copy of the claim (it orders conflicting claims).
     pub(super) started: Nanos,
-    pub(super) keys: Vec<LimitKey>,
+    pub(super) keys: Vec<CounterKey>,
     pub(super) waiting: BTreeSet<NodeSlot>,
     pub(super) answered: u64,
     pub(super) deadline: Nanos,
     pub(super) resend_at: Nanos,
 }
 
-/// The `(limit, key)` pairs a frame carries.
-pub(super) fn carried_keys(s: &Slots) -> Vec<LimitKey> {
+/// The counters a frame carries.
+pub(super) fn carried_keys(s: &Slots) -> Vec<CounterKey> {
     s.groups
         .iter()
-        .flat_map(|g| g.keys.iter().map(move |k| (g.limit, k.key)))
+        .flat_map(|g| {
+            g.keys
+                .iter()
+                .map(move |k| CounterKey::new(LimitId(g.limit), KeyDigest(k.key)))
+        })
         .collect()
 }
 
@@ -67,7 +72,7 @@ impl Replicator {
     pub fn yield_to(
         &mut self,
         ticket: u64,
-        keys: Vec<LimitKey>,
+        keys: Vec<CounterKey>,
         blocking: u64,
         answered: u64,
         deadline: Nanos,
@@ -85,7 +90,7 @@ impl Replicator {
 
     /// Values from `slot` arrived (for `keys`, or for anything when `None`):
     /// yielding claims blocked by it on those keys decide again.
-    pub(super) fn heard_from(&mut self, slot: NodeSlot, keys: Option<&[LimitKey]>) {
+    pub(super) fn heard_from(&mut self, slot: NodeSlot, keys: Option<&[CounterKey]>) {
         if self.yielding.is_empty() || slot.bit() == 0 {
             return;
         }
@@ -124,7 +129,7 @@ impl Replicator {
         &mut self,
         now: Nanos,
         started: Nanos,
-        keys: Vec<LimitKey>,
+        keys: Vec<CounterKey>,
         store: &(impl ReplicaStore + ?Sized),
     ) -> u64 {
         let ticket = self.next_round;
@@ -305,6 +310,7 @@ mod tests {
             last: true,
             groups: vec![group(3, &[10, 11]), group(4, &[10])],
         };
-        assert_eq!(carried_keys(&s), vec![(3, 10), (3, 11), (4, 10)]);
+        let c = |l, k| CounterKey::new(LimitId(l), KeyDigest(k));
+        assert_eq!(carried_keys(&s), vec![c(3, 10), c(3, 11), c(4, 10)]);
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{ReplicaStore, Replicator, Transmit};
-use crate::cluster::store::LimitKey;
+use crate::cluster::store::CounterKey;
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
 use crate::wire::{Frame, KeySlots, LimitGroup, Slots, SlotsPacker};
@@ -14,8 +14,7 @@ use crate::wire::{Frame, KeySlots, LimitGroup, Slots, SlotsPacker};
 /// acknowledged by every peer that must know them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct ShipRecord {
-    pub(super) limit: u64,
-    pub(super) key: u64,
+    pub(super) counter: CounterKey,
     pub(super) hits: u32,
 }
 
@@ -49,18 +48,18 @@ impl Replicator {
         now: Nanos,
         sent_at: Nanos,
         round: u64,
-        keys: &[LimitKey],
+        keys: &[CounterKey],
         store: &(impl ReplicaStore + ?Sized),
     ) -> Slots {
         let groups = keys
             .iter()
-            .filter_map(|&(limit, key)| {
-                let v = store.slot_values(now, (limit, key), self.cfg.own)?;
+            .filter_map(|&counter| {
+                let v = store.slot_values(now, counter, self.cfg.own)?;
                 Some(LimitGroup {
-                    limit,
+                    limit: counter.limit.0,
                     newest: v.newest,
                     keys: vec![KeySlots {
-                        key,
+                        key: counter.key.0,
                         buckets: v.buckets,
                     }],
                 })
@@ -94,21 +93,21 @@ impl Replicator {
         let own = self.cfg.own;
         let mut packer = self.delta_packer(now);
         let mut records: Vec<(u64, ShipRecord)> = Vec::with_capacity(changed.len());
-        for (limit, key) in changed {
-            let Some(shipment) = store.take_shipment(now, (limit, key), own) else {
+        for counter in changed {
+            let Some(shipment) = store.take_shipment(now, counter, own) else {
                 continue;
             };
             if let Some(v) = shipment.values {
                 let round = packer.push(
-                    limit,
+                    counter.limit.0,
                     v.newest,
                     KeySlots {
-                        key,
+                        key: counter.key.0,
                         buckets: v.buckets,
                     },
                 );
                 let hits = shipment.hits;
-                records.push((round, ShipRecord { limit, key, hits }));
+                records.push((round, ShipRecord { counter, hits }));
                 self.stats.values_sent += 1;
             }
         }
@@ -186,12 +185,12 @@ impl Replicator {
                 round.resends += 1;
                 round.sent_at = now;
                 for rec in &round.records {
-                    if let Some(v) = store.slot_values(now, (rec.limit, rec.key), own) {
+                    if let Some(v) = store.slot_values(now, rec.counter, own) {
                         let r = packer.push(
-                            rec.limit,
+                            rec.counter.limit.0,
                             v.newest,
                             KeySlots {
-                                key: rec.key,
+                                key: rec.counter.key.0,
                                 buckets: v.buckets,
                             },
                         );
@@ -248,7 +247,7 @@ impl Replicator {
         for rec in r.records {
             self.unacked_hits = self.unacked_hits.saturating_sub(u64::from(rec.hits));
             if rec.hits > 0 {
-                store.settle((rec.limit, rec.key), rec.hits);
+                store.settle(rec.counter, rec.hits);
             }
         }
     }
@@ -259,7 +258,8 @@ mod tests {
     use super::*;
 
     fn rec(limit: u64, key: u64, hits: u32) -> ShipRecord {
-        ShipRecord { limit, key, hits }
+        let counter = CounterKey::new(crate::key::LimitId(limit), crate::key::KeyDigest(key));
+        ShipRecord { counter, hits }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{ReplicaStore, ReplicationEvent, Replicator};
+use crate::key::CounterKey;
 use crate::share::SharePolicy;
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
@@ -163,12 +164,12 @@ impl Replicator {
             start,
             now.as_u64(),
         );
-        store.each_slot_values(now, slot, &mut |(limit, key), v| {
+        store.each_slot_values(now, slot, &mut |CounterKey { limit, key }, v| {
             packer.push(
-                limit,
+                limit.0,
                 v.newest,
                 KeySlots {
-                    key,
+                    key: key.0,
                     buckets: v.buckets,
                 },
             );

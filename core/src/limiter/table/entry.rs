@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::cells;
 use super::*;
+use crate::key::KeyDigest;
 
 /// A locked arena entry. Unlocks on drop.
 pub struct Entry<'t, I: KeyIndex = DashMapIndex> {
@@ -50,7 +51,11 @@ impl<I: KeyIndex> Entry<'_, I> {
         self.table.spec
     }
     /// The key digest this entry holds.
-    pub fn key(&self) -> u64 {
+    pub fn key(&self) -> KeyDigest {
+        KeyDigest(self.raw_key())
+    }
+    /// The key digest as the table stores it (0 for a vacant entry).
+    pub(super) fn raw_key(&self) -> u64 {
         u64::from(self.words[2].load(Ordering::Relaxed))
             | (u64::from(self.words[3].load(Ordering::Relaxed)) << 32)
     }

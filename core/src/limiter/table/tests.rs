@@ -1,6 +1,7 @@
 //! Unit tests of the key table.
 
 use super::*;
+
 use crate::slot::NodeSlot;
 
 fn table(capacity: usize) -> KeyTable {
@@ -14,7 +15,7 @@ fn table(capacity: usize) -> KeyTable {
 
 fn hits(t: &KeyTable, key: u64, now: Nanos) -> u64 {
     let mut out = [0u64; 2];
-    match t.get(key) {
+    match t.get(KeyDigest(key)) {
         Some(e) => Ring::read(&e, t.spec(), now, &mut out),
         None => return 0,
     }
@@ -31,7 +32,7 @@ fn a_new_key_is_one_cache_line_whatever_the_cluster_size() {
         )
         .unwrap();
         let now = Nanos::from_secs(1_000_000);
-        let mut e = t.get_or_insert(7, now);
+        let mut e = t.get_or_insert(KeyDigest(7), now);
         let spec = e.spec();
         Ring::add(&mut e, &spec, now, NodeSlot::new(slots as u16 - 1), 3);
         assert_eq!(e.footprint(), (1, 64), "{slots} slots");
@@ -59,7 +60,7 @@ fn the_memo_never_reads_as_cells_and_any_write_drops_it() {
         .flat_map(|r| (0..3).map(move |s| (r, s)))
         .enumerate()
     {
-        let mut e = t.get_or_insert(9, now);
+        let mut e = t.get_or_insert(KeyDigest(9), now);
         e.set_memo(epoch, memo);
         let room = cells::used(e.cells()) + MEMO_WORDS < e.cells().len();
         assert_eq!(e.memo(epoch), room.then_some(memo), "step {i}");
@@ -73,7 +74,7 @@ fn the_memo_never_reads_as_cells_and_any_write_drops_it() {
         want.insert((row, slot), v);
         assert_eq!(e.memo(epoch), None, "a write drops the memo");
     }
-    let e = t.get(9).unwrap();
+    let e = t.get(KeyDigest(9)).unwrap();
     for (&(r, s), &v) in &want {
         assert_eq!(e.get(r, s).p, v);
     }
@@ -98,21 +99,21 @@ fn keys_grow_into_larger_classes_and_keep_every_value() {
                 n: u32::from(slot % 3 == 0),
             };
             let e_epoch = epoch - back;
-            let mut e = t.get_or_insert(42, now);
+            let mut e = t.get_or_insert(KeyDigest(42), now);
             Ring::merge(&mut e, &spec, now, 1, e_epoch, NodeSlot::new(slot), value);
             oracle.merge(now, 1, e_epoch, NodeSlot::new(slot), value);
         }
     }
     let mut out = vec![0u64; 11];
     let mut want = vec![0u64; 11];
-    Ring::read(&t.get(42).unwrap(), &spec, now, &mut out);
+    Ring::read(&t.get(KeyDigest(42)).unwrap(), &spec, now, &mut out);
     oracle.read(now, &mut want);
     assert_eq!(out, want);
     assert!(t.stats().grown.load(Ordering::Relaxed) >= 4);
     assert_eq!(t.len(), 1);
     assert_eq!(t.keys_per_class().iter().sum::<u32>(), 1);
     // Only the key's own class is charged, not the ones it passed.
-    let (_, bytes) = t.get(42).unwrap().footprint();
+    let (_, bytes) = t.get(KeyDigest(42)).unwrap().footprint();
     assert_eq!(t.bytes(), bytes + INDEX_BYTES_PER_KEY);
     // And it expires like any other key, giving its memory back.
     assert_eq!(t.sweep(now + Nanos::from_secs(12), 64), 1);
@@ -130,7 +131,7 @@ fn a_key_moving_to_a_larger_class_loses_no_concurrent_hit() {
             std::thread::spawn(move || {
                 for i in 0..2_000u64 {
                     let at = now + Nanos::from_millis(i % 1000);
-                    let mut e = t.get_or_insert(99, at);
+                    let mut e = t.get_or_insert(KeyDigest(99), at);
                     // Slot and bucket spread so the key grows meanwhile.
                     let epoch = spec.epoch(now) - (i % 11);
                     let v = e.get((epoch % 11) as usize, usize::from(slot));
@@ -151,7 +152,7 @@ fn a_key_moving_to_a_larger_class_loses_no_concurrent_hit() {
         th.join().unwrap();
     }
     let mut out = vec![0u64; 11];
-    Ring::read(&t.get(99).unwrap(), &spec, now, &mut out);
+    Ring::read(&t.get(KeyDigest(99)).unwrap(), &spec, now, &mut out);
     assert_eq!(out.iter().sum::<u64>(), 8_000);
     assert_eq!(t.len(), 1);
 }
@@ -177,7 +178,7 @@ fn the_memory_budget_evicts_across_tables_and_keeps_usage() {
     budget.register(std::sync::Arc::downgrade(&b) as std::sync::Weak<dyn Reclaim>);
     let now = Nanos::from_secs(100);
     for key in 1..=7_000u64 {
-        let mut e = a.get_or_insert(key, now);
+        let mut e = a.get_or_insert(KeyDigest(key), now);
         Ring::add(&mut e, &spec, now, NodeSlot::new(0), 2);
     }
     let per_key = 64 + INDEX_BYTES_PER_KEY;
@@ -193,14 +194,14 @@ fn the_memory_budget_evicts_across_tables_and_keeps_usage() {
     let a_before = a.len();
     // B's new keys are paid for by A, which holds the most.
     for key in 1..=50u64 {
-        drop(b.get_or_insert(key, now));
+        drop(b.get_or_insert(KeyDigest(key), now));
     }
     assert_eq!(b.len(), 50);
     assert!(a.len() < a_before);
     assert!(budget.used() <= LIMIT + per_key);
     // An evicted key of A comes back with its usage, not a fresh budget.
-    assert!(hits(&a, 1, now) >= 2 || a.get(1).is_none());
-    drop(a.get_or_insert(1, now));
+    assert!(hits(&a, 1, now) >= 2 || a.get(KeyDigest(1)).is_none());
+    drop(a.get_or_insert(KeyDigest(1), now));
     assert!(hits(&a, 1, now) >= 2, "{}", hits(&a, 1, now));
     // Dropping a table gives its bytes back.
     drop(a);
@@ -217,7 +218,7 @@ fn keys_keep_their_own_counts() {
     let t = table(16);
     let now = Nanos::from_secs(100);
     for key in 1..=5u64 {
-        let mut e = t.get_or_insert(key, now);
+        let mut e = t.get_or_insert(KeyDigest(key), now);
         Ring::add(
             &mut e,
             &WindowSpec::new(Nanos::from_secs(1), 2).unwrap(),
@@ -238,7 +239,7 @@ fn a_full_table_evicts_instead_of_growing() {
     let spec = *t.spec();
     let now = Nanos::from_secs(100);
     for key in 1..=100u64 {
-        let mut e = t.get_or_insert(key, now);
+        let mut e = t.get_or_insert(KeyDigest(key), now);
         Ring::add(&mut e, &spec, now, NodeSlot::new(0), 1);
     }
     assert!(t.len() <= 8, "{} keys tracked", t.len());
@@ -254,27 +255,27 @@ fn an_evicted_key_comes_back_with_its_usage_not_a_fresh_budget() {
     let now = Nanos::from_secs(100);
     let victim = 0xdead_beef;
     {
-        let mut e = t.get_or_insert(victim, now);
+        let mut e = t.get_or_insert(KeyDigest(victim), now);
         Ring::add(&mut e, &spec, now, NodeSlot::new(0), 9);
     }
     // A flood of new keys, each hit once, pushes the victim out.
     for key in 1..=1_000u64 {
-        let mut e = t.get_or_insert(key, now);
+        let mut e = t.get_or_insert(KeyDigest(key), now);
         Ring::add(&mut e, &spec, now, NodeSlot::new(0), 1);
     }
-    assert!(t.get(victim).is_none(), "the victim was evicted");
+    assert!(t.get(KeyDigest(victim)).is_none(), "the victim was evicted");
     assert!(t.stats().evictions.load(Ordering::Relaxed) > 0);
-    drop(t.get_or_insert(victim, now));
+    drop(t.get_or_insert(KeyDigest(victim), now));
     assert!(hits(&t, victim, now) >= 9, "{}", hits(&t, victim, now));
     assert!(t.stats().restored.load(Ordering::Relaxed) >= 1);
     // Once its window has passed the key owes nothing.
     let later = Nanos::from_secs(103);
     for key in 2_000..2_100u64 {
-        drop(t.get_or_insert(key, later));
+        drop(t.get_or_insert(KeyDigest(key), later));
     }
-    drop(t.get(victim));
+    drop(t.get(KeyDigest(victim)));
     let fresh = 0x1234_5678;
-    drop(t.get_or_insert(fresh, later));
+    drop(t.get_or_insert(KeyDigest(fresh), later));
     assert_eq!(hits(&t, fresh, later), 0);
 }
 
@@ -288,7 +289,7 @@ fn restored_estimates_do_not_feed_on_themselves() {
     let now = Nanos::from_secs(100);
     for key in 1..=20_000u64 {
         let key = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut e = t.get_or_insert(key, now);
+        let mut e = t.get_or_insert(KeyDigest(key), now);
         let before = {
             let mut out = [0u64; 2];
             Ring::read(&e, &spec, now, &mut out);
@@ -306,16 +307,16 @@ fn a_full_table_frees_idle_keys_before_live_ones() {
     let spec = *t.spec();
     let old = Nanos::from_secs(100);
     for key in 1..=4u64 {
-        let mut e = t.get_or_insert(key, old);
+        let mut e = t.get_or_insert(KeyDigest(key), old);
         Ring::add(&mut e, &spec, old, NodeSlot::new(0), 1);
     }
     let now = Nanos::from_secs(103);
     for key in 5..=8u64 {
-        let mut e = t.get_or_insert(key, now);
+        let mut e = t.get_or_insert(KeyDigest(key), now);
         Ring::add(&mut e, &spec, now, NodeSlot::new(0), 1);
     }
     for key in 9..=12u64 {
-        drop(t.get_or_insert(key, now));
+        drop(t.get_or_insert(KeyDigest(key), now));
     }
     for key in 5..=8u64 {
         assert_eq!(hits(&t, key, now), 1, "live key {key} was kept");
@@ -329,13 +330,13 @@ fn expired_keys_are_swept_and_their_entries_reused() {
     let spec = *t.spec();
     let now = Nanos::from_secs(100);
     for key in 1..=4u64 {
-        let mut e = t.get_or_insert(key, now);
+        let mut e = t.get_or_insert(KeyDigest(key), now);
         Ring::add(&mut e, &spec, now, NodeSlot::new(0), 1);
     }
     let later = Nanos::from_secs(103);
     assert_eq!(t.sweep(later, 10), 4);
     assert!(t.is_empty());
-    let _ = t.get_or_insert(77, later);
+    let _ = t.get_or_insert(KeyDigest(77), later);
     assert_eq!(t.len(), 1);
     assert_eq!(t.stats().evictions.load(Ordering::Relaxed), 0);
     assert_eq!(t.stats().expirations.load(Ordering::Relaxed), 4);
@@ -344,7 +345,7 @@ fn expired_keys_are_swept_and_their_entries_reused() {
 #[test]
 fn inflight_hits_move_from_unshipped_to_settled() {
     let t = table(4);
-    let mut e = t.get_or_insert(9, Nanos::from_secs(100));
+    let mut e = t.get_or_insert(KeyDigest(9), Nanos::from_secs(100));
     e.add_unshipped(3);
     assert_eq!(e.inflight(), 3);
     assert_eq!(e.ship(), 3);
@@ -371,7 +372,7 @@ fn epochs_survive_the_lock_bit() {
     let t = table(4);
     let spec = *t.spec();
     let now = Nanos::from_secs(1 << 33);
-    let mut e = t.get_or_insert(5, now);
+    let mut e = t.get_or_insert(KeyDigest(5), now);
     Ring::add(&mut e, &spec, now, NodeSlot::new(2), 4);
     drop(e);
     assert_eq!(hits(&t, 5, now), 4);
