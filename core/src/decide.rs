@@ -3,11 +3,13 @@
 //! HTTP, gRPC (native and Envoy's rate limit service), RESP, the axum
 //! middleware and the SDK's embedded mode all decide a request with
 //! [`Decider::decide`]: the request's checks are evaluated together by the
-//! limiter ([`Limiter::begin_at`]); far from every limit that is the
+//! limiter (`Limiter::begin_at`); far from every limit that is the
 //! decision; near one, the provisional hits go to the node's core to be
 //! confirmed by the peers ([`Confirm`]), and the answer waits for them, one
 //! round trip at most the claim timeout. There is no other path from a
-//! protocol to the counters, so no protocol can decide differently.
+//! protocol to the counters (the limiter's evaluation and confirmation
+//! steps are not public outside this crate), so no protocol can decide
+//! differently.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -57,16 +59,28 @@ use crate::limiter::{
 use crate::time::Clock;
 
 /// What [`Confirm::confirm`] returns: the request's decision, once the
-/// peers have answered (or the wait is over).
-pub type ConfirmFuture = Pin<Box<dyn Future<Output = Decided> + Send>>;
+/// peers have answered, or why there is none.
+pub type ConfirmFuture = Pin<Box<dyn Future<Output = Result<Decided, Unconfirmed>> + Send>>;
+
+/// Why a request sent to be confirmed came back undecided. Either way it is
+/// refused, for one acknowledgement wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unconfirmed {
+    /// Nobody will decide it (the node is stopping): its provisional hits
+    /// are given back here.
+    Dropped,
+    /// The node still holds it but took too long: it decides it later and
+    /// gives its hits back then, since nobody waits for the answer.
+    Late,
+}
 
 /// Where a request near its limit is confirmed with the peers: a node's
 /// core, reached through its driver (the server implements it; the
 /// in-memory harness drives the same core directly).
 pub trait Confirm: Send + Sync {
-    /// Hands a request that [`Limiter::begin_at`] counted provisionally to
-    /// the node's core; the future resolves to its decision. If the future
-    /// is dropped first, the node gives back an admitted request nobody was
+    /// Hands a request that the limiter counted provisionally to the
+    /// node's core; the future resolves to its decision. If the future is
+    /// dropped first, the node gives back an admitted request nobody was
     /// told of.
     fn confirm(&self, pending: Pending) -> ConfirmFuture;
 }
@@ -130,15 +144,19 @@ impl<C: Clock> Decider<C> {
             Begun::Decided(decided) => return Ok(decided),
             Begun::Confirm(pending) => pending,
         };
-        match &self.confirm {
-            Some(confirm) => Ok(confirm.confirm(pending).await),
-            None => {
-                // A limiter that is a cluster member but has no core to
-                // confirm with: refuse for one acknowledgement wait.
-                self.limiter.give_back(now, &pending);
-                Ok(self.limiter.refused_pending(&pending))
-            }
+        let unconfirmed = match &self.confirm {
+            Some(confirm) => match confirm.confirm(pending.clone()).await {
+                Ok(decided) => return Ok(decided),
+                Err(why) => why,
+            },
+            // A limiter that is a cluster member but has no core to confirm
+            // with.
+            None => Unconfirmed::Dropped,
+        };
+        if unconfirmed == Unconfirmed::Dropped {
+            self.limiter.give_back(self.limiter.clock().now(), &pending);
         }
+        Ok(self.limiter.refused_pending(&pending))
     }
 
     /// [`Decider::decide`] for a request of one check.

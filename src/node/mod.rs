@@ -41,8 +41,8 @@ use crate::net::{NodeTls, Transport};
 use drl_core::clock::SystemClock;
 use drl_core::cluster::node_core::{CoreConfig, NodeCore};
 use drl_core::cluster::replication::{PeerState, ReplicationStats};
-use drl_core::decide::{Confirm, ConfirmFuture, Decider};
-use drl_core::limiter::{Decided, Finished, Limiter, LimiterConfig, Pending};
+use drl_core::decide::{Confirm, ConfirmFuture, Decider, Unconfirmed};
+use drl_core::limiter::{Decided, Limiter, LimiterConfig, Pending};
 use drl_core::rules::{RuleSet, RulesError};
 use drl_core::share::ShareView;
 use drl_core::slot::NodeSlot;
@@ -187,44 +187,31 @@ impl NodeApi {
 /// The node's side of [`Confirm`]: a provisional request goes to the
 /// node's task, which owns the core; the answer comes back on a oneshot.
 struct ConfirmThroughTask {
-    limiter: Arc<Limiter>,
     commands: mpsc::Sender<Command>,
 }
 
 impl Confirm for ConfirmThroughTask {
-    fn confirm(&self, mut pending: Pending) -> ConfirmFuture {
-        let limiter = self.limiter.clone();
+    fn confirm(&self, pending: Pending) -> ConfirmFuture {
         let commands = self.commands.clone();
         Box::pin(async move {
             let (reply, answer) = tokio::sync::oneshot::channel();
-            let sent = commands
-                .send(Command::Confirm {
-                    pending: pending.clone(),
-                    reply,
-                })
-                .await;
-            let refuse = |pending: &mut Pending| match limiter.finish_or_yield_at(
-                limiter.clock().now(),
-                pending,
-                None,
-                false,
-            ) {
-                Finished::Decided(decided) => decided,
-                Finished::Yield { .. } => limiter.refused_pending(pending),
-            };
-            if sent.is_err() {
-                // The node is stopping: nobody will confirm; give back.
-                return refuse(&mut pending);
+            if commands
+                .send(Command::Confirm { pending, reply })
+                .await
+                .is_err()
+            {
+                // The node is stopping: nobody will confirm.
+                return Err(Unconfirmed::Dropped);
             }
             // The node's task decides within the claim timeout; if it is held
             // up, refuse rather than hang, and leave the hits to it: whatever
             // it decides later, a request nobody waits for any more is given
             // back.
             match tokio::time::timeout(CONFIRM_PATIENCE, answer).await {
-                Ok(Ok(decided)) => decided,
+                Ok(Ok(decided)) => Ok(decided),
                 // The task stopped without deciding: nobody else will give back.
-                Ok(Err(_)) => refuse(&mut pending),
-                Err(_) => limiter.refused_pending(&pending),
+                Ok(Err(_)) => Err(Unconfirmed::Dropped),
+                Err(_) => Err(Unconfirmed::Late),
             }
         })
     }
@@ -277,7 +264,6 @@ impl NodeHandle {
     /// The node's decision path (see [`NodeApi::decider`]).
     pub fn decider(&self) -> Decider {
         let confirm = ConfirmThroughTask {
-            limiter: self.limiter.clone(),
             commands: self.commands.clone(),
         };
         Decider::clustered(self.limiter.clone(), Arc::new(confirm))

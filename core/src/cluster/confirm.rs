@@ -1,12 +1,12 @@
 //! Confirmation near a limit, as one sans-IO state machine: the requests a
 //! node has counted provisionally and is waiting to decide.
 //!
-//! Near a limit, [`Limiter::begin_at`] counts a request's hits
+//! Near a limit, `Limiter::begin_at` counts a request's hits
 //! provisionally and hands them back as a [`Pending`]. [`Confirmations`]
 //! takes it from there: it sends the claim to the peers (through the
 //! [`Replicator`]), keeps the request under a [`Ticket`], and when the
 //! claim ends (every peer waited for answered, or the claim timed out)
-//! judges it with [`Limiter::finish_or_yield_at`]: admitted, refused and
+//! judges it with `Limiter::finish_or_yield_at`: admitted, refused and
 //! given back, or, when a peer's later claim on the same keys may still be
 //! undecided, yielding to it until that peer is heard from. A decided
 //! request comes out of [`Confirmations::poll_confirmed`]. The node's async
@@ -59,7 +59,7 @@ impl Confirmations {
         Confirmations::default()
     }
 
-    /// Starts confirming a request that [`Limiter::begin_at`] counted
+    /// Starts confirming a request that `Limiter::begin_at` counted
     /// provisionally: its claim goes to the peers the node waits for. With
     /// no peer to wait for it is decided at once (see
     /// [`Confirmations::poll_confirmed`]).

@@ -35,9 +35,9 @@ pub(super) struct Hold {
     claims: Vec<(u16, Nanos, Nanos)>,
 }
 
-/// Hits counted provisionally by [`Limiter::begin_at`]: the request is
+/// Hits counted provisionally by `Limiter::begin_at`: the request is
 /// admitted only if, once every peer it waits for has answered with its own
-/// counts, the limits still allow it ([`Limiter::finish_or_yield_at`]);
+/// counts, the limits still allow it (`Limiter::finish_or_yield_at`);
 /// otherwise the hits are given back.
 #[derive(Clone, Debug)]
 pub struct Pending {
@@ -50,7 +50,7 @@ pub struct Pending {
     pub hits: Vec<PendingHit>,
     /// What the request would be answered if admitted (its quota report).
     pub provisional: Decided,
-    /// When [`Limiter::finish_or_yield_at`] judged it (and where its hits
+    /// When `Limiter::finish_or_yield_at` judged it (and where its hits
     /// now sit): the arrival, or the start of a later bucket if the ring
     /// moved on.
     pub judged_at: Nanos,
@@ -112,7 +112,7 @@ pub enum Finished {
 }
 
 impl<C: Clock> Limiter<C> {
-    /// Decides a request that [`Limiter::begin_at`] counted provisionally,
+    /// Decides a request that `Limiter::begin_at` counted provisionally,
     /// once the peers have answered: `answered` is the set of peer slots
     /// (bit per slot) whose answers carried their own counts of the keys,
     /// or `None` when they did not all answer in time. Peers the view
@@ -130,7 +130,7 @@ impl<C: Clock> Limiter<C> {
     /// they may still be undecided) is answered with [`Finished::Yield`]
     /// when `may_yield`: nothing is given back, and the caller decides
     /// again after hearing from them.
-    pub fn finish_or_yield_at(
+    pub(crate) fn finish_or_yield_at(
         &self,
         now: Nanos,
         pending: &mut Pending,
@@ -301,7 +301,7 @@ impl<C: Clock> Limiter<C> {
 
     /// The answer to a provisional request that cannot wait any longer,
     /// without giving its hits back (whoever still holds the request will).
-    pub fn refused_pending(&self, pending: &Pending) -> Decided {
+    pub(crate) fn refused_pending(&self, pending: &Pending) -> Decided {
         self.denied_for_now(pending)
     }
 
@@ -325,7 +325,7 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// Takes back the provisional hits of a refused request.
-    pub fn give_back(&self, now: Nanos, pending: &Pending) {
+    pub(crate) fn give_back(&self, now: Nanos, pending: &Pending) {
         let compiled = self.compiled.load();
         for hit in &pending.hits {
             let Some(&index) = compiled.by_id.get(&hit.limit) else {
@@ -348,7 +348,7 @@ impl<C: Clock> Limiter<C> {
 
     /// Sets how long a key stays under confirmation after a claim on it.
     /// It must exceed the longest a claimant waits for answers.
-    pub fn set_confirm_hold(&self, hold: Nanos) {
+    pub(crate) fn set_confirm_hold(&self, hold: Nanos) {
         if let Some(c) = &self.cluster {
             c.confirm_hold.store(hold.as_u64(), Ordering::Relaxed);
         }
@@ -361,7 +361,7 @@ impl<C: Clock> Limiter<C> {
     ///
     /// `claim` is the claimant's slot and when its hits were counted (by its
     /// clock): it decides who yields when two claims conflict.
-    pub fn hold_keys(&self, now: Nanos, keys: &[CounterKey], claim: Option<(u16, Nanos)>) {
+    pub(crate) fn hold_keys(&self, now: Nanos, keys: &[CounterKey], claim: Option<(u16, Nanos)>) {
         for &CounterKey { limit, key } in keys {
             if let Some(table) = self.table_by_id(limit) {
                 if let Some(mut entry) = table.get(key) {
@@ -416,7 +416,7 @@ impl<C: Clock> Limiter<C> {
     /// Forgets holds that have passed (their entries' bits are cleared on
     /// the next decision): keeps the hold map to the keys claimed within
     /// the last hold, whatever the number of keys.
-    pub fn prune_confirming(&self, now: Nanos) {
+    pub(crate) fn prune_confirming(&self, now: Nanos) {
         if let Some(c) = &self.cluster {
             c.confirming.retain(|_, h| h.until > now);
         }

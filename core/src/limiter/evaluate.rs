@@ -27,7 +27,7 @@ use crate::slot::NodeSlot;
 use crate::time::{Clock, Nanos};
 use crate::window::{Ring, SlotGrid, WindowCounts, MAX_BUCKETS, SMALL_RING};
 
-/// What [`Limiter::begin_at`] did with a request.
+/// What `Limiter::begin_at` did with a request.
 #[derive(Clone, Debug)]
 pub enum Begun {
     /// Decided at once, from local memory.
@@ -55,10 +55,14 @@ pub(super) struct Match {
 
 impl<C: Clock> Limiter<C> {
     /// Decides the checks of one request together now, from local memory
-    /// only: see [`Limiter::begin_at`]. A request that needs the peers'
+    /// only: see `Limiter::begin_at`. A request that needs the peers'
     /// confirmation is refused for one acknowledgement wait instead (its
     /// provisional hits are given back): this call never waits.
-    pub fn check_all_at(&self, now: Nanos, checks: &[Check<'_>]) -> Result<Decided, CheckError> {
+    pub(crate) fn check_all_at(
+        &self,
+        now: Nanos,
+        checks: &[Check<'_>],
+    ) -> Result<Decided, CheckError> {
         match self.evaluate(now, checks, false)? {
             Begun::Decided(decided) => Ok(decided),
             // Not produced when confirmation is off; deny rather than panic.
@@ -81,13 +85,13 @@ impl<C: Clock> Limiter<C> {
     /// confirm a hit on the key, a request the merged counts allow is
     /// counted provisionally and returned as [`Begun::Confirm`]: the node
     /// sends the provisional values to the peers it waits for, each answers
-    /// with its own current counts, and [`Limiter::finish_or_yield_at`]
+    /// with its own current counts, and `Limiter::finish_or_yield_at`
     /// decides exactly on what they said. A request the merged counts deny
     /// is denied at once: counts only grow, so the denial is exact.
     ///
     /// On `Err` nothing was counted: every check is validated against the
     /// rules before any entry is touched.
-    pub fn begin_at(&self, now: Nanos, checks: &[Check<'_>]) -> Result<Begun, CheckError> {
+    pub(crate) fn begin_at(&self, now: Nanos, checks: &[Check<'_>]) -> Result<Begun, CheckError> {
         self.evaluate(now, checks, true)
     }
 

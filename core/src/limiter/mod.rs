@@ -127,7 +127,7 @@ struct ClusterHooks {
     /// tick, brings the acknowledgements that free it sooner.
     wake: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Keys under confirmation `(limit, key)` → until when decisions on them
-    /// wait for the peers' answers (see [`Limiter::begin_at`]). The entry's
+    /// wait for the peers' answers (see `Limiter::begin_at`). The entry's
     /// confirming bit says whether to look here at all.
     confirming: dashmap::DashMap<CounterKey, confirm::Hold>,
     /// How long a key stays under confirmation after a claim on it.
@@ -215,7 +215,7 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// Replaces the cluster picture (after a membership change).
-    pub fn set_share_view(&self, view: ShareView) {
+    pub(crate) fn set_share_view(&self, view: ShareView) {
         if let Some(c) = &self.cluster {
             c.view.store(Arc::new(view));
         }
@@ -227,7 +227,7 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// Keys changed locally, for the replicator. `None` when not clustered.
-    pub fn journal(&self) -> Option<&Arc<Journal>> {
+    pub(crate) fn journal(&self) -> Option<&Arc<Journal>> {
         self.cluster.as_ref().map(|c| &c.journal)
     }
 
@@ -246,7 +246,7 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// The key table of the limit with stable id `id` in the rules in force.
-    pub fn table_by_id(&self, id: LimitId) -> Option<Arc<KeyTable>> {
+    pub(crate) fn table_by_id(&self, id: LimitId) -> Option<Arc<KeyTable>> {
         let compiled = self.compiled.load();
         compiled.by_id.get(&id).map(|&i| compiled.tables[i].clone())
     }
@@ -317,7 +317,7 @@ impl<C: Clock> Limiter<C> {
     /// [`Limiter::check`] at an explicit time (simulations and tests).
     ///
     /// A clustered node that could only decide exactly by asking its peers
-    /// (see [`Limiter::begin_at`]) answers here with a denial and a
+    /// (see `Limiter::begin_at`) answers here with a denial and a
     /// `retry_after` of one acknowledgement wait instead: this call never
     /// waits. Callers that can wait decide through
     /// [`crate::decide::Decider`].

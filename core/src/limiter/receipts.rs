@@ -2,7 +2,7 @@
 //! for.
 //!
 //! An allowed check of cost > 0 through [`Limiter::check_with_receipt`]
-//! (or any check followed by [`Limiter::issue_receipt_at`]) gets a sealed
+//! (or any check followed by `Limiter::issue_receipt_at`) gets a sealed
 //! [`Receipt`] naming every limit and key it counted. A refund
 //! through [`Limiter::refund_receipt`] presents it and gives back exactly
 //! that cost on exactly those keys, once:
@@ -145,7 +145,7 @@ pub enum RefundError {
 impl<C: Clock> Limiter<C> {
     /// [`Limiter::check`], and when the request was allowed at a cost above
     /// zero, the sealed receipt a refund must present (see
-    /// [`Limiter::issue_receipt_at`] for when there is none).
+    /// `Limiter::issue_receipt_at` for when there is none).
     pub fn check_with_receipt(
         &self,
         d: &Descriptors<'_>,
@@ -164,7 +164,7 @@ impl<C: Clock> Limiter<C> {
     /// cost 0, no limit counted it, it counted more than
     /// [`MAX_CHARGES`] limits, or the rules changed since the decision (the
     /// receipt would name other limits).
-    pub fn issue_receipt_at(
+    pub(crate) fn issue_receipt_at(
         &self,
         now: Nanos,
         d: &Descriptors<'_>,

@@ -383,7 +383,7 @@ impl MemCluster {
     }
 
     /// A request of several checks (descriptor fields and cost each) at
-    /// `node` now, decided together as [`Limiter::begin_at`] decides them;
+    /// `node` now, decided together as `Limiter::begin_at` decides them;
     /// its decision is the request's (allowed only if every check is).
     pub fn submit_all(
         &mut self,

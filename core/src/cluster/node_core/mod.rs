@@ -317,7 +317,7 @@ impl<C: Clock> NodeCore<C> {
         self.after_input();
     }
 
-    /// A request that [`Limiter::begin_at`] counted provisionally near its
+    /// A request that `Limiter::begin_at` counted provisionally near its
     /// limit: the peers confirm it (see [`Confirmations`]), and its
     /// decision comes out of [`NodeCore::poll_confirmed`] under the
     /// returned ticket.
