@@ -86,6 +86,9 @@ impl std::hash::Hash for Digest {
     }
 }
 
+/// Keys an index has room for before its first growth.
+const INITIAL_INDEX: usize = 64;
+
 /// dashmap: sharded hash tables with the value stored in place, so a lookup
 /// is one shard read lock and two dependent memory reads (papaya's lock-free
 /// reads cost a third: the separately allocated entry). Chosen over papaya
@@ -94,8 +97,10 @@ pub struct DashMapIndex(dashmap::DashMap<Digest, u32, BuildDigestHasher>);
 
 impl KeyIndex for DashMapIndex {
     fn with_capacity(capacity: usize) -> Self {
+        // Grows with the keys the limit really tracks: a rule set of
+        // thousands of limits must not reserve thousands of large maps.
         DashMapIndex(dashmap::DashMap::with_capacity_and_hasher(
-            capacity.min(1 << 16),
+            capacity.min(INITIAL_INDEX),
             BuildDigestHasher,
         ))
     }

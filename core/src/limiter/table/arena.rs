@@ -1,19 +1,24 @@
 //! The entries of one size class of a key table: fixed-stride runs of
 //! 32-bit words in lazily allocated chunks, a free list and the CLOCK hand.
+//!
+//! Chunks double: chunk `k` holds `MIN_CHUNK_ENTRIES << k` entries, so a
+//! table that tracks a handful of keys holds a handful of entries (a rule
+//! set of thousands of limits costs kilobytes per limit, not a chunk of
+//! thousands of entries each), and one that grows allocates as a vector
+//! does, with at most half its entries unused.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use super::{CHUNK_ENTRIES, CLASS0_WORDS, FREE_SHARDS, MIN_CHUNK_ENTRIES};
+use super::{FREE_SHARDS, MIN_CHUNK_ENTRIES};
 
 /// The entries of one size class.
 pub(super) struct Arena {
     pub(super) stride: usize,
     pub(super) capacity: u32,
-    pub(super) chunk_entries: usize,
-    /// log2 of `chunk_entries` and of `stride` (both powers of two): the
-    /// hot path finds an entry with shifts, not divisions.
-    pub(super) chunk_shift: u32,
+    /// log2 of the first chunk's entries and of `stride` (both powers of
+    /// two): the hot path finds an entry with shifts, not divisions.
+    pub(super) base_shift: u32,
     pub(super) stride_shift: u32,
     pub(super) chunks: Box<[OnceLock<Box<[AtomicU32]>>]>,
     pub(super) fresh: AtomicU32,
@@ -26,14 +31,17 @@ pub(super) struct Arena {
 
 impl Arena {
     pub(super) fn new(stride: usize, capacity: u32) -> Arena {
-        let chunk_entries = (CHUNK_ENTRIES * CLASS0_WORDS / stride).max(MIN_CHUNK_ENTRIES);
-        let chunks = (capacity as usize).div_ceil(chunk_entries);
-        debug_assert!(stride.is_power_of_two() && chunk_entries.is_power_of_two());
+        debug_assert!(stride.is_power_of_two() && MIN_CHUNK_ENTRIES.is_power_of_two());
+        let base_shift = MIN_CHUNK_ENTRIES.trailing_zeros();
+        // Chunks 0..k hold `MIN_CHUNK_ENTRIES * (2^k − 1)` entries.
+        let mut chunks = 0;
+        while ((1usize << chunks) - 1) << base_shift < capacity as usize {
+            chunks += 1;
+        }
         Arena {
             stride,
             capacity,
-            chunk_entries,
-            chunk_shift: chunk_entries.trailing_zeros(),
+            base_shift,
             stride_shift: stride.trailing_zeros(),
             chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
             fresh: AtomicU32::new(0),
@@ -44,17 +52,21 @@ impl Arena {
         }
     }
 
+    #[inline]
     pub(super) fn words(&self, entry: u32) -> &[AtomicU32] {
         let e = entry as usize;
-        let ce = self.chunk_entries;
-        let c = e >> self.chunk_shift;
-        let chunk = self.chunks[c].get_or_init(|| {
-            let words = ce.min(self.capacity as usize - c * ce) * self.stride;
+        // Chunk k starts at entry `(2^k − 1) << base_shift`.
+        let q = (e >> self.base_shift) + 1;
+        let k = (usize::BITS - 1 - q.leading_zeros()) as usize;
+        let start = ((1usize << k) - 1) << self.base_shift;
+        let chunk = self.chunks[k].get_or_init(|| {
+            let entries =
+                (1usize << (k as u32 + self.base_shift)).min(self.capacity as usize - start);
             std::iter::repeat_with(|| AtomicU32::new(0))
-                .take(words)
+                .take(entries << self.stride_shift)
                 .collect()
         });
-        let at = (e & (ce - 1)) << self.stride_shift;
+        let at = (e - start) << self.stride_shift;
         &chunk[at..at + self.stride]
     }
 

@@ -71,9 +71,8 @@ pub const MAX_INFLIGHT: u32 = INFLIGHT_MASK;
 const HEADER_WORDS: usize = 4;
 /// Words of a class-0 entry: one 64-byte cache line.
 const CLASS0_WORDS: usize = 16;
-/// Bytes of class-0 entries allocated at a time; larger classes take fewer
-/// entries per chunk (at least [`MIN_CHUNK_ENTRIES`]).
-const CHUNK_ENTRIES: usize = 4096;
+/// Entries of an arena's first chunk; each next chunk doubles (see
+/// `arena`).
 const MIN_CHUNK_ENTRIES: usize = 16;
 const FREE_SHARDS: usize = 16;
 /// Entries a full table looks at for idle keys before it evicts a live one.
