@@ -133,6 +133,7 @@ fn batch_request(seed: u64) -> CheckBatchRequest {
                 )]
                 .into(),
                 cost: None,
+                limit: None,
             })
             .collect(),
         // One atomic request, the default.

@@ -567,6 +567,9 @@ impl NodeCollector {
         vec![
             ("ready", "1 once the node has recovered its counts and admits requests.", Gauge(flag(self.api.is_ready()))),
             ("keys_tracked", "Keys tracked over all limits.", Gauge(limiter.keys_tracked() as f64)),
+            ("request_limits_enabled", "1 when requests may carry their own limits (CL.THROTTLE, a check's limit).", Gauge(flag(limiter.request_limit_policy().enabled))),
+            ("request_limit_parameter_sets", "Distinct request-defined limits (parameter sets) this node tracks now.", Gauge(limiter.request_parameter_sets() as f64)),
+            ("request_limit_parameter_sets_max", "Most distinct request-defined limits a node tracks at once (request_parameter_sets_max).", Gauge(limiter.request_limit_policy().max_parameter_sets as f64)),
             ("evictions", "Live keys pushed out by the key cap (max_keys), since start.", Counter(limiter.evictions())),
             ("expirations", "Keys freed because their window passed, since start.", Counter(limiter.expirations())),
             ("key_memory_bytes", "Bytes held by the key tables of all limits (entries, index share, eviction sketches).", Gauge(memory.used() as f64)),

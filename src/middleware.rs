@@ -85,9 +85,9 @@ fn check_refusal(e: &CheckError) -> Response {
             );
             response
         }
-        CheckError::Descriptor(_) | CheckError::UnknownEndpoint(_) => {
-            refusal(StatusCode::BAD_REQUEST, &e.to_string())
-        }
+        CheckError::Descriptor(_)
+        | CheckError::UnknownEndpoint(_)
+        | CheckError::RequestLimit(_) => refusal(StatusCode::BAD_REQUEST, &e.to_string()),
     }
 }
 

@@ -18,8 +18,6 @@
 mod paths_support;
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +31,8 @@ use drl::grpc::pb::CheckRequest;
 use drl_core::decide::Decider;
 
 use paths_support::{descriptor, matrix_rules, Nodes, Path, PATHS};
-use support::{free_ports, request, scratch, DRL};
+use support::cluster::LocalCluster;
+use support::scratch;
 
 /// Per user 5 an hour, per route 100 an hour.
 const TWO_LIMITS: &str = r#"
@@ -60,82 +59,6 @@ fn two_descriptors(user: &str, route: &str) -> RateLimitRequest {
     }
 }
 
-/// A `drl cluster` of three child processes, stopped on drop.
-struct LocalCluster {
-    child: Child,
-    http: u16,
-    grpc: u16,
-}
-
-impl LocalCluster {
-    fn start(name: &str) -> LocalCluster {
-        let dir = scratch(name);
-        let (http, peer, grpc) = (free_ports(3), free_ports(3), free_ports(3));
-        let mut child = Command::new(DRL)
-            .args(["cluster", "--nodes", "3", "--dir"])
-            .arg(&dir)
-            .args(["--base-port", &http.to_string()])
-            .args(["--peer-base-port", &peer.to_string()])
-            .args(["--grpc-base-port", &grpc.to_string()])
-            .args(["--admin-token", "tok"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut banner = String::new();
-        let up = loop {
-            match lines.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) => {
-                    banner.push_str(&line);
-                    banner.push('\n');
-                    if line.contains("Ctrl-C stops the cluster") {
-                        break true;
-                    }
-                }
-                Err(_) => break false,
-            }
-        };
-        let cluster = LocalCluster { child, http, grpc };
-        assert!(up, "the cluster did not come up:\n{banner}");
-        cluster
-    }
-
-    /// Puts `rules` in force through node 0 and waits until every node
-    /// runs them.
-    fn put_rules(&self, rules: &str) {
-        let (code, body) = request(self.http, "PUT", "/v1/rules", rules).unwrap();
-        assert_eq!(code, 200, "{body}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for port in self.http..self.http + 3 {
-            loop {
-                let got = request(port, "GET", "/v1/rules", "").map(|(_, b)| b);
-                if got.is_some_and(|b| b.contains("per-route")) {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "rules not in force on {port}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-impl Drop for LocalCluster {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
 /// What the per-route limit has left, as node `grpc` sees it (a check of
 /// cost 0 counts nothing).
 async fn route_remaining(grpc: u16, route: &str) -> u64 {
@@ -146,6 +69,7 @@ async fn route_remaining(grpc: u16, route: &str) -> u64 {
         .check(CheckRequest {
             descriptors: [("route".to_owned(), route.to_owned())].into(),
             cost: Some(0),
+            limit: None,
         })
         .await
         .unwrap()
@@ -175,7 +99,7 @@ async fn route_settles(grpc_ports: impl Iterator<Item = u16>, route: &str, expec
 #[test]
 fn envoy_with_two_descriptors_is_exact_on_real_processes() {
     let cluster = LocalCluster::start("envoy-two");
-    cluster.put_rules(TWO_LIMITS);
+    cluster.put_rules(TWO_LIMITS, "per-route");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

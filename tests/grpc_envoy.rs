@@ -239,14 +239,50 @@ async fn unknown_descriptors_pass_and_rules_keep_to_their_domain() {
     node.shutdown().await;
 }
 
+/// A descriptor's own limit (Envoy's override) is a request-defined limit:
+/// exactly its own number, whatever rule matches the descriptor, counted
+/// apart from the rule's counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_override_is_the_descriptors_own_limit() {
+    let (node, mut client) = one_node("override").await;
+    let mut over = descriptor(&[("path", "/o")]);
+    over.limit = Some(RateLimitOverride {
+        requests_per_unit: 2,
+        unit: Unit::Minute as i32,
+    });
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        let r = ask(&mut client, request("edge", vec![over.clone()], 1)).await;
+        codes.push(r.statuses[0].code);
+        if r.overall_code == Code::Ok as i32 {
+            let limit = r.statuses[0].current_limit.as_ref().unwrap();
+            assert_eq!(
+                (limit.requests_per_unit, limit.unit),
+                (2, Unit::Minute as i32)
+            );
+        }
+    }
+    let (ok, over_limit) = (Code::Ok as i32, Code::OverLimit as i32);
+    assert_eq!(codes, [ok, ok, over_limit, over_limit]);
+    // The rule of the path (10 an hour) was not charged by them.
+    let plain = ask(
+        &mut client,
+        request("edge", vec![descriptor(&[("path", "/o")])], 1),
+    )
+    .await;
+    assert_eq!(plain.statuses[0].limit_remaining, 9);
+    node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_invalid_and_change_nothing() {
     let (node, mut client) = one_node("malformed").await;
     let good = || descriptor(&[("path", "/m")]);
+    // An override of an unknown unit cannot be a limit.
     let mut over = good();
     over.limit = Some(RateLimitOverride {
         requests_per_unit: 1,
-        unit: Unit::Second as i32,
+        unit: 0,
     });
     let cases = vec![
         request("", vec![good()], 1),

@@ -39,6 +39,7 @@ fn check(fields: &[(&str, &str)], cost: Option<u32>) -> CheckRequest {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect::<HashMap<_, _>>(),
         cost,
+        limit: None,
     }
 }
 

@@ -23,6 +23,7 @@ fn check() -> CheckRequest {
     CheckRequest {
         descriptors: [("user".to_owned(), "alice".to_owned())].into(),
         cost: None,
+        limit: None,
     }
 }
 

@@ -172,8 +172,7 @@ impl<C: Clock> Decider<C> {
     /// was not allowed, cost nothing, or counted no limit.
     pub fn receipt(&self, check: &Check<'_>, decision: &Decision) -> Option<String> {
         let now = self.limiter.clock().now();
-        self.limiter
-            .issue_receipt_at(now, &check.descriptors, check.cost, decision)
+        self.limiter.issue_receipt_at(now, check, decision)
     }
 
     /// Gives back what the check that issued `receipt` charged, once.

@@ -10,12 +10,15 @@
 use std::sync::{Arc, OnceLock};
 
 use drl::http::request::{CheckRequest, RefundRequest};
-use drl::resp::cell::{Throttle, KEY_FIELD, PARAMS_FIELD};
+use drl::resp::cell::{Throttle, KEY_FIELD};
 use drl::resp::parse::{parse_command, FrameLimits, Parsed};
 use drl_core::cluster::replication::{ReplicationConfig, Replicator};
 use drl_core::cluster::snapshot;
+use drl_core::decide::{block_on_ready, Decider};
 use drl_core::descriptor::Descriptors;
+use drl_core::limiter::Check;
 use drl_core::limiter::{Limiter, LimiterConfig};
+use drl_core::rules::request::RequestLimit;
 use drl_core::rules::RuleSet;
 use drl_core::share::ShareView;
 use drl_core::slot::NodeSlot;
@@ -192,11 +195,15 @@ fn resp_command(argv: &[&[u8]]) {
     };
     if let Some((key, params)) = rest.split_first() {
         if let (Ok(t), Ok(key)) = (Throttle::from_args(params), std::str::from_utf8(key)) {
-            let params = t.params();
-            let _ = RuleSet::from_toml(&t.rule_text());
-            let fields = [(PARAMS_FIELD, params.as_str()), (KEY_FIELD, key)];
-            if let Ok(d) = Descriptors::new(&fields) {
-                let _ = limiter().check(&d, t.quantity);
+            let limiter = Arc::new(limiter());
+            let fields = [(KEY_FIELD, key)];
+            if let (Ok(limit), Ok(d)) = (
+                RequestLimit::new(&t.spec(), limiter.request_limit_policy()),
+                Descriptors::new(&fields),
+            ) {
+                let check = Check::with_limit(d, t.quantity, std::sync::Arc::new(limit));
+                let decider = Decider::local(limiter);
+                let _ = block_on_ready(decider.decide(std::slice::from_ref(&check)));
             }
         }
     }

@@ -10,10 +10,18 @@
 //!   value, under the usual descriptor rules; `domain` is reserved.
 //! - the cost is the descriptor's own `hits_addend` if set, else the
 //!   request's, where 0 means 1.
-//! - per-descriptor limit overrides and negative hits are refused: limits
-//!   come from the rules, and hits come back through `Refund`.
+//! - a descriptor's own `limit` (Envoy's rate limit override:
+//!   `requests_per_unit` per `unit`) is a request-defined limit: a fixed
+//!   window of that many per second, minute, hour, day, month (30
+//!   days) or year (365 days), decided alone for that descriptor and
+//!   counted apart from the rules, as Envoy's own service does.
+//! - negative hits are refused: hits come back through `Refund`.
 
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::RateLimitOverride;
+use envoy_types::pb::envoy::r#type::v3::RateLimitUnit;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+
+use drl_core::rules::request::LimitSpec;
 
 use drl_core::descriptor::{self, DescriptorError, Descriptors, DOMAIN};
 
@@ -47,9 +55,9 @@ pub enum RlsRequestError {
     /// A descriptor with an entry named `domain` (its position).
     #[error("descriptor {0}: the entry key `domain` is reserved for the request's domain")]
     ReservedKey(usize),
-    /// A descriptor with a `limit` override (its position).
-    #[error("descriptor {0}: limit overrides are not supported; limits come from the rules")]
-    LimitOverride(usize),
+    /// A descriptor's `limit` override whose unit is unknown (its position).
+    #[error("descriptor {0}: the limit override's unit is not known")]
+    OverrideUnit(usize),
     /// A descriptor with `is_negative_hits` set (its position).
     #[error("descriptor {0}: negative hits are not supported; give hits back with Refund")]
     NegativeHits(usize),
@@ -70,6 +78,9 @@ pub struct RlsCheck {
     /// Hits to count: the descriptor's own `hits_addend` if set (0 checks
     /// without counting), else the request's, where 0 means 1.
     pub cost: u32,
+    /// The descriptor's own limit (Envoy's override), as a request-defined
+    /// limit.
+    pub limit: Option<LimitSpec>,
 }
 
 impl RlsCheck {
@@ -111,9 +122,10 @@ impl RlsRequest {
         let request_cost = request.hits_addend.max(1);
         let mut checks = Vec::with_capacity(request.descriptors.len());
         for (index, d) in request.descriptors.iter().enumerate() {
-            if d.limit.is_some() {
-                return Err(RlsRequestError::LimitOverride(index));
-            }
+            let limit = d
+                .limit
+                .map(|o| override_spec(&o).ok_or(RlsRequestError::OverrideUnit(index)))
+                .transpose()?;
             if d.is_negative_hits {
                 return Err(RlsRequestError::NegativeHits(index));
             }
@@ -136,13 +148,37 @@ impl RlsRequest {
             let mut fields = Vec::with_capacity(d.entries.len() + 1);
             fields.push((DOMAIN.to_owned(), request.domain.clone()));
             fields.extend(d.entries.iter().map(|e| (e.key.clone(), e.value.clone())));
-            let check = RlsCheck { fields, cost };
+            let check = RlsCheck {
+                fields,
+                cost,
+                limit,
+            };
             Descriptors::new(&check.pairs())
                 .map_err(|source| RlsRequestError::Descriptor { index, source })?;
             checks.push(check);
         }
         Ok(RlsRequest { checks })
     }
+}
+
+/// Envoy's override as a fixed window of `requests_per_unit` per unit;
+/// `None` for an unknown unit.
+fn override_spec(o: &RateLimitOverride) -> Option<LimitSpec> {
+    let window = match RateLimitUnit::try_from(o.unit).ok()? {
+        RateLimitUnit::Second => "1s",
+        RateLimitUnit::Minute => "1m",
+        RateLimitUnit::Hour => "1h",
+        RateLimitUnit::Day => "1d",
+        RateLimitUnit::Month => "30d",
+        RateLimitUnit::Year => "365d",
+        RateLimitUnit::Unknown => return None,
+    };
+    Some(LimitSpec {
+        algorithm: "fixed_window".into(),
+        limit: Some(o.requests_per_unit),
+        window: Some(window.into()),
+        ..LimitSpec::default()
+    })
 }
 
 #[cfg(test)]
@@ -274,8 +310,16 @@ mod tests {
         over.limit = Some(RateLimitOverride::default());
         assert_eq!(
             RlsRequest::parse(&request("d", vec![over], 1)),
-            Err(E::LimitOverride(0))
+            Err(E::OverrideUnit(0))
         );
+        let mut per_minute = ok();
+        per_minute.limit = Some(RateLimitOverride {
+            requests_per_unit: 7,
+            unit: RateLimitUnit::Minute as i32,
+        });
+        let parsed = RlsRequest::parse(&request("d", vec![per_minute], 1)).unwrap();
+        let spec = parsed.checks[0].limit.as_ref().unwrap();
+        assert_eq!((spec.limit, spec.window.as_deref()), (Some(7), Some("1m")));
         let mut negative = ok();
         negative.is_negative_hits = true;
         assert_eq!(

@@ -21,7 +21,10 @@ use super::envoy_request::RlsRequest;
 use super::state::{rule_name, GrpcState};
 use crate::service::headers::decision_headers;
 use drl_core::descriptor::Descriptors;
+use std::sync::Arc;
+
 use drl_core::limiter::{Check, Decided, Decision, Outcome};
+use drl_core::rules::request::RequestLimit;
 use drl_core::time::Nanos;
 
 /// The Envoy rate limit service of one node.
@@ -46,7 +49,20 @@ impl EnvoyRateLimit {
             // Parsing checked every set already.
             let d = Descriptors::new(pairs)
                 .map_err(|e| self.state.refuse(Status::invalid_argument(e.to_string())))?;
-            checks.push(Check::new(d, check.cost));
+            checks.push(match &check.limit {
+                None => Check::new(d, check.cost),
+                Some(spec) => {
+                    let policy = self
+                        .state
+                        .service()
+                        .decider()
+                        .limiter()
+                        .request_limit_policy();
+                    let limit = RequestLimit::new(spec, policy)
+                        .map_err(|e| self.state.refuse_check(e.into()))?;
+                    Check::with_limit(d, check.cost, Arc::new(limit))
+                }
+            });
         }
         let decided = self
             .state

@@ -16,7 +16,10 @@ use super::pb::{
 };
 use super::state::{check_status, rule_name, GrpcState};
 use drl_core::descriptor::Descriptors;
-use drl_core::limiter::{Check, Decision, Outcome};
+use std::sync::Arc;
+
+use drl_core::limiter::{Check, CheckError, Decision, Outcome};
+use drl_core::rules::request::{LimitSpec, RequestLimit};
 
 /// Most checks in one `CheckBatch` call (Gubernator's limit too).
 pub const MAX_BATCH: usize = 1_000;
@@ -38,7 +41,7 @@ impl NativeRateLimiter {
     async fn check_one(&self, request: &CheckRequest) -> Result<CheckResponse, Status> {
         let pairs = pairs(request);
         let d = Descriptors::new(&pairs).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let check = Check::new(d, request.cost.unwrap_or(1));
+        let check = self.check_of(d, request)?;
         let decided = self
             .state
             .decide(std::slice::from_ref(&check))
@@ -47,6 +50,40 @@ impl NativeRateLimiter {
         let decision = decided.decision();
         self.state.count(&decision);
         Ok(self.answer_with_receipt(&check, &decision))
+    }
+
+    /// The check of `request`'s descriptors `d`, with the request's own
+    /// limit if it carries one.
+    fn check_of<'d>(
+        &self,
+        d: Descriptors<'d>,
+        request: &CheckRequest,
+    ) -> Result<Check<'d>, Status> {
+        let cost = request.cost.unwrap_or(1);
+        let Some(spec) = &request.limit else {
+            return Ok(Check::new(d, cost));
+        };
+        let spec = LimitSpec {
+            algorithm: spec.algorithm.clone(),
+            limit: spec.limit,
+            window: spec.window.clone(),
+            precision: spec.precision,
+            capacity: spec.capacity,
+            refill: spec.refill,
+            leak: spec.leak,
+            per: spec.per.clone(),
+            burst: spec.burst,
+            granularity: spec.granularity.clone(),
+        };
+        let policy = self
+            .state
+            .service()
+            .decider()
+            .limiter()
+            .request_limit_policy();
+        let limit =
+            RequestLimit::new(&spec, policy).map_err(|e| check_status(&CheckError::from(e)))?;
+        Ok(Check::with_limit(d, cost, Arc::new(limit)))
     }
 
     /// The answer to one decided check, with the sealed receipt a refund
@@ -69,7 +106,10 @@ impl NativeRateLimiter {
         for (i, (pairs, r)) in pairs.iter().zip(requests).enumerate() {
             let d = Descriptors::new(pairs)
                 .map_err(|e| Status::invalid_argument(format!("check {i}: {e}")))?;
-            checks.push(Check::new(d, r.cost.unwrap_or(1)));
+            let check = self
+                .check_of(d, r)
+                .map_err(|s| Status::invalid_argument(format!("check {i}: {}", s.message())))?;
+            checks.push(check);
         }
         let decided = self
             .state

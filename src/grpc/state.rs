@@ -56,9 +56,9 @@ impl GrpcState {
 /// (a client may retry elsewhere). Either way nothing was counted.
 pub fn check_status(e: &CheckError) -> Status {
     match e {
-        CheckError::Descriptor(_) | CheckError::UnknownEndpoint(_) => {
-            Status::invalid_argument(e.to_string())
-        }
+        CheckError::Descriptor(_)
+        | CheckError::UnknownEndpoint(_)
+        | CheckError::RequestLimit(_) => Status::invalid_argument(e.to_string()),
         CheckError::Recovering => Status::unavailable(e.to_string()),
     }
 }

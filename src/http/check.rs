@@ -11,7 +11,10 @@ use super::request::{CheckRequest, RefundRequest};
 use super::{json_response, AppState, MAX_BODY_BYTES};
 use crate::metrics::Protocol;
 use crate::service::headers::decision_headers;
-use drl_core::limiter::{Check, Decision, Outcome};
+use std::sync::Arc;
+
+use drl_core::limiter::{Check, CheckError, Decision, Outcome};
+use drl_core::rules::request::RequestLimit;
 
 /// The answer to a check.
 #[derive(Serialize)]
@@ -132,7 +135,14 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     let pairs = request.pairs();
     let d = pairs.descriptors()?;
-    let check = Check::new(d, request.cost);
+    let check = match &request.limit {
+        None => Check::new(d, request.cost),
+        Some(spec) => {
+            let policy = state.service().decider().limiter().request_limit_policy();
+            let limit = RequestLimit::new(spec, policy).map_err(CheckError::from)?;
+            Check::with_limit(d, request.cost, Arc::new(limit))
+        }
+    };
     let decided = state
         .service()
         .decide(Protocol::Http, std::slice::from_ref(&check))

@@ -67,9 +67,9 @@ impl From<CheckError> for ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
             },
-            CheckError::Descriptor(_) | CheckError::UnknownEndpoint(_) => {
-                ApiError::bad_request(e.to_string())
-            }
+            CheckError::Descriptor(_)
+            | CheckError::UnknownEndpoint(_)
+            | CheckError::RequestLimit(_) => ApiError::bad_request(e.to_string()),
         }
     }
 }

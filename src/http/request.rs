@@ -1,17 +1,24 @@
-//! Parsing what a client sends: a flat JSON object of descriptor fields and
-//! an optional cost, or the same as a query string. Parse, don't validate:
+//! Parsing what a client sends: a flat JSON object of descriptor fields, an
+//! optional cost and an optional limit of the request's own (`"limit"` as
+//! an object: a request-defined limit), or fields and cost as a query
+//! string. Parse, don't validate:
 //! a [`CheckRequest`] holds well-formed text, and [`Pairs::descriptors`]
 //! checks the descriptor rules (names, lengths, control characters).
 
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 
 use drl_core::descriptor::{self, Descriptors, MAX_FIELDS};
+use drl_core::rules::request::LimitSpec;
 
 /// The reserved member that carries the request's weight.
 pub const COST: &str = "cost";
+
+/// The member that carries a request-defined limit when its value is an
+/// object (a string value is the descriptor field `limit`).
+pub const LIMIT: &str = "limit";
 
 /// One check or refund request, before descriptor validation. Names and
 /// values borrow from the body when they hold no escapes.
@@ -21,6 +28,8 @@ pub struct CheckRequest<'a> {
     pub fields: Vec<(Cow<'a, str>, Cow<'a, str>)>,
     /// Hits to charge (default 1).
     pub cost: u32,
+    /// A limit of the request's own (see `drl_core::rules::request`).
+    pub limit: Option<LimitSpec>,
 }
 
 /// Why a request body or query was refused.
@@ -52,6 +61,7 @@ impl<'a> CheckRequest<'a> {
         let mut request = CheckRequest {
             fields: Vec::with_capacity(4),
             cost: 1,
+            limit: None,
         };
         let mut cost_seen = false;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -221,6 +231,7 @@ impl<'de> Visitor<'de> for RequestVisitor {
         let mut request = CheckRequest {
             fields: Vec::with_capacity(4),
             cost: 1,
+            limit: None,
         };
         let mut cost_seen = false;
         while let Some(name) = map.next_key_seed(TextSeed(None))? {
@@ -230,12 +241,59 @@ impl<'de> Visitor<'de> for RequestVisitor {
                 }
                 cost_seen = true;
                 request.cost = map.next_value_seed(CostSeed)?;
+            } else if name == LIMIT {
+                match map.next_value::<LimitOrText>()? {
+                    LimitOrText::Limit(spec) => {
+                        if request.limit.is_some() {
+                            return Err(de::Error::custom("`limit` appears twice"));
+                        }
+                        request.limit = Some(spec);
+                    }
+                    LimitOrText::Text(value) => {
+                        push_field(&mut request.fields, name, value.into())
+                            .map_err(de::Error::custom)?;
+                    }
+                }
             } else {
                 let value = map.next_value_seed(TextSeed(Some(&name)))?;
                 push_field(&mut request.fields, name, value).map_err(de::Error::custom)?;
             }
         }
         Ok(request)
+    }
+}
+
+/// The value of `limit`: an object is a request-defined limit, a string
+/// the descriptor field `limit`.
+enum LimitOrText {
+    Limit(LimitSpec),
+    Text(String),
+}
+
+impl<'de> de::Deserialize<'de> for LimitOrText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(LimitOrTextVisitor)
+    }
+}
+
+struct LimitOrTextVisitor;
+
+impl<'de> Visitor<'de> for LimitOrTextVisitor {
+    type Value = LimitOrText;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(
+            "`limit` as an object (a limit of the request's own, such as \
+             {\"algorithm\": \"sliding_window\", \"limit\": 5, \"window\": \"1m\"}) \
+             or a string (the descriptor field `limit`)",
+        )
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<LimitOrText, E> {
+        Ok(LimitOrText::Text(v.to_owned()))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<LimitOrText, A::Error> {
+        let spec = LimitSpec::deserialize(de::value::MapAccessDeserializer::new(map))
+            .map_err(|e| de::Error::custom(format!("`limit`: {e}")))?;
+        Ok(LimitOrText::Limit(spec))
     }
 }
 

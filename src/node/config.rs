@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use drl_core::key::KeySeed;
+use drl_core::rules::request::RequestLimitPolicy;
 use drl_core::share::SharePolicy;
 use drl_core::time::{parse_duration, Nanos};
 
@@ -89,6 +90,16 @@ pub struct NodeFile {
     pub key_seed: Option<String>,
     /// Bearer token for the admin routes of the HTTP API.
     pub admin_token: Option<String>,
+    /// Requests may carry their own limits (`CL.THROTTLE`, a check's
+    /// `limit`), counted apart from the rules.
+    pub request_limits: bool,
+    /// Largest quota (limit, capacity, burst) a request may carry.
+    pub request_limit_max: u32,
+    /// Longest window (or period of a rate) a request may carry.
+    pub request_window_max: String,
+    /// Most distinct request-defined limits (parameter sets) a node tracks
+    /// at once.
+    pub request_parameter_sets_max: usize,
 }
 
 impl Default for NodeFile {
@@ -125,6 +136,10 @@ impl Default for NodeFile {
             tls_key: PathBuf::from("certs/node-0-key.pem"),
             key_seed: None,
             admin_token: None,
+            request_limits: true,
+            request_limit_max: 1_000_000,
+            request_window_max: "1d".into(),
+            request_parameter_sets_max: 10_000,
         }
     }
 }
@@ -190,6 +205,8 @@ pub struct NodeSettings {
     pub key_seed: KeySeed,
     /// Bearer token of the admin routes; none: the admin API is disabled.
     pub admin_token: Option<String>,
+    /// What requests may ask of request-defined limits.
+    pub request_limits: RequestLimitPolicy,
     /// Faults injected into this node's outgoing datagrams (tests only; not
     /// settable from the file; built with the `harness` feature).
     #[cfg(feature = "harness")]
@@ -459,8 +476,27 @@ impl NodeFile {
             tls_key: path(&self.tls_key),
             key_seed,
             admin_token: self.admin_token.clone(),
+            request_limits: self.request_limit_policy()?,
             #[cfg(feature = "harness")]
             chaos: None,
+        })
+    }
+}
+
+impl NodeFile {
+    fn request_limit_policy(&self) -> Result<RequestLimitPolicy, ConfigError> {
+        if self.request_limit_max == 0 {
+            return Err(invalid("request_limit_max", "must be at least 1"));
+        }
+        if self.request_parameter_sets_max == 0 {
+            return Err(invalid("request_parameter_sets_max", "must be at least 1"));
+        }
+        Ok(RequestLimitPolicy {
+            enabled: self.request_limits,
+            max_quota: self.request_limit_max,
+            max_window: duration("request_window_max", &self.request_window_max)?,
+            max_parameter_sets: self.request_parameter_sets_max,
+            ..RequestLimitPolicy::default()
         })
     }
 }

@@ -24,6 +24,10 @@ use super::files::{file_stamp, write_snapshot};
 use super::{rules_state, Command, NodeSettings, NodeStatus, PutRulesError, RulesVersion};
 use crate::net::{Incoming, Transport};
 
+/// Idle keys each table looks at per second, beside the two every new key
+/// pays for.
+const SWEEP_PER_TABLE: usize = 32;
+
 /// The one task that owns the node's core and does its I/O.
 pub(super) struct Driver {
     pub(super) clock: SystemClock,
@@ -203,6 +207,9 @@ impl Driver {
         if now >= self.next_rules_check {
             self.next_rules_check = now + Nanos::from_secs(1);
             self.check_rules_file();
+            // Idle keys back to the free lists, and request-defined limits'
+            // tables that hold nothing any more.
+            self.limiter.sweep_at(now, SWEEP_PER_TABLE);
         }
         if now >= self.next_status {
             self.next_status = now + Nanos::from_millis(50);

@@ -321,6 +321,7 @@ impl Node {
             max_keys: settings.max_keys,
             max_memory: settings.max_memory,
             seed: settings.key_seed,
+            request_limits: settings.request_limits,
         };
         // From the first request on, the node sees the configured cluster:
         // members it has not heard from yet are reserved, never ignored.

@@ -1,36 +1,20 @@
-//! redis-cell's `CL.THROTTLE` on this cluster's rules.
+//! redis-cell's `CL.THROTTLE`: a limit named in the call.
 //!
-//! `CL.THROTTLE key max_burst count_per_period period [quantity]` names its
-//! limit in the call: a GCRA that admits `max_burst + 1` at once and
+//! `CL.THROTTLE key max_burst count_per_period period [quantity]` carries
+//! its limit: a GCRA that admits `max_burst + 1` at once and
 //! `count_per_period` every `period` seconds. That is the token bucket of
-//! capacity `max_burst + 1` refilled at `count_per_period` per `period`, so
-//! each parameter triple becomes one rule of the cluster's rule set:
-//!
-//! ```toml
-//! [[rules]]
-//! name = "cl-throttle-15-30-60"
-//! match = { cl_throttle = "15-30-60", cl_key = "*" }
-//! key = ["cl_key"]
-//! limits = [ { algorithm = "token_bucket", capacity = 16, refill = 30, per = "60s" } ]
-//! ```
-//!
-//! and each call a check of the descriptors `cl_throttle = "15-30-60"`,
-//! `cl_key = <key>`. The rule's name, and with it the limit's identity, is
-//! a function of the triple alone, so every node that meets the triple
-//! agrees on the limit and the counts of a key are replicated like any
-//! other. A triple no rule matches yet is put in force through the rules
-//! register (see [`super::RespService`]), the way an operator's rule change
-//! is: it reaches every node.
+//! capacity `max_burst + 1` refilled at `count_per_period` per `period`,
+//! decided as a request-defined limit (`drl_core::rules::request`): exactly
+//! these parameters, whatever rules the cluster runs, counted under the key
+//! and the parameters (a key asked with other parameters counts apart),
+//! and replicated like any other count. The rules are never touched.
 
 use drl_core::limiter::{Decision, Outcome};
+use drl_core::rules::request::LimitSpec;
 use drl_core::time::Nanos;
 
-/// The descriptor field that carries the parameter triple.
-pub const PARAMS_FIELD: &str = "cl_throttle";
 /// The descriptor field that carries the key.
 pub const KEY_FIELD: &str = "cl_key";
-/// Prefix of the names of the rules of `CL.THROTTLE` triples.
-pub const RULE_PREFIX: &str = "cl-throttle-";
 
 /// The parameters of one `CL.THROTTLE` call, checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,7 +82,7 @@ impl Throttle {
         })
     }
 
-    /// The value of [`PARAMS_FIELD`]: the triple, which alone names the limit.
+    /// The triple, as `max_burst-count_per_period-period`.
     pub fn params(&self) -> String {
         format!(
             "{}-{}-{}",
@@ -106,23 +90,16 @@ impl Throttle {
         )
     }
 
-    /// The name of the rule of this triple.
-    pub fn rule_name(&self) -> String {
-        format!("{RULE_PREFIX}{}", self.params())
-    }
-
-    /// The rule of this triple, as TOML to append to a rule file.
-    pub fn rule_text(&self) -> String {
-        format!(
-            "\n[[rules]]\nname = \"{name}\"\nmatch = {{ {PARAMS_FIELD} = \"{params}\", {KEY_FIELD} = \"*\" }}\n\
-             key = [\"{KEY_FIELD}\"]\n\
-             limits = [ {{ algorithm = \"token_bucket\", capacity = {capacity}, refill = {refill}, per = \"{period}s\" }} ]\n",
-            name = self.rule_name(),
-            params = self.params(),
-            capacity = u64::from(self.max_burst) + 1,
-            refill = self.count_per_period,
-            period = self.period,
-        )
+    /// The limit of this triple: a token bucket of `max_burst + 1` refilled
+    /// at `count_per_period` per `period` seconds.
+    pub fn spec(&self) -> LimitSpec {
+        LimitSpec {
+            algorithm: "token_bucket".into(),
+            capacity: Some(self.max_burst.saturating_add(1)),
+            refill: Some(self.count_per_period),
+            per: Some(format!("{}s", self.period)),
+            ..LimitSpec::default()
+        }
     }
 }
 
@@ -133,7 +110,7 @@ fn ceil_secs(n: Nanos) -> i64 {
 
 /// redis-cell's reply: limited (0 or 1), limit, remaining, retry after
 /// (seconds, -1 when admitted), reset after (seconds until the key is full
-/// again). `None` when no limit decided (the caller installs the rule).
+/// again). `None` when no limit decided.
 pub fn reply(decision: &Decision) -> Option<[i64; 5]> {
     let q = decision.quota?;
     let limit = i64::try_from(q.limit).unwrap_or(i64::MAX);
@@ -147,16 +124,15 @@ pub fn reply(decision: &Decision) -> Option<[i64; 5]> {
     })
 }
 
-/// How many rules of `CL.THROTTLE` triples `source` (a rule file) holds.
-pub fn installed(source: &str) -> usize {
-    source.matches(&format!("name = \"{RULE_PREFIX}")).count()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use drl_core::decide::{block_on_ready, Decider};
     use drl_core::descriptor::Descriptors;
-    use drl_core::limiter::{Limiter, LimiterConfig};
+    use drl_core::limiter::{Check, Limiter, LimiterConfig};
+    use drl_core::rules::request::RequestLimit;
     use drl_core::rules::RuleSet;
     use drl_core::time::ManualClock;
 
@@ -208,31 +184,44 @@ mod tests {
         );
     }
 
-    /// The rule behaves as redis-cell's README shows: 16 at once, then one
-    /// every 2 s.
+    /// The limit behaves as redis-cell's README shows: 16 at once, then one
+    /// every 2 s, whatever the rules say.
     #[test]
-    fn the_rule_of_a_triple_is_redis_cells_limit() {
+    fn the_limit_of_a_triple_is_redis_cells() {
         let t = throttle(&["15", "30", "60"]).unwrap();
-        let rules = RuleSet::from_toml(&t.rule_text()).unwrap();
-        assert_eq!(installed(rules.source()), 1);
+        // A catch-all rule that would admit far more: not consulted.
+        let rules = RuleSet::from_toml(
+            "[[rules]]\nname = \"all\"\nmatch = {}\n\
+             limits = [ { algorithm = \"fixed_window\", limit = 1000, window = \"1m\" } ]\n",
+        )
+        .unwrap();
         let clock = ManualClock::new(Nanos::from_secs(1_000));
-        let limiter = Limiter::with_clock(rules, LimiterConfig::default(), clock).unwrap();
-        let params = t.params();
-        let fields = [(PARAMS_FIELD, params.as_str()), (KEY_FIELD, "user123")];
+        let limiter =
+            Arc::new(Limiter::with_clock(rules, LimiterConfig::default(), clock).unwrap());
+        let limit = Arc::new(RequestLimit::new(&t.spec(), limiter.request_limit_policy()).unwrap());
+        let decider = Decider::local(limiter);
+        let fields = [(KEY_FIELD, "user123")];
         let d = Descriptors::new(&fields).unwrap();
-        let first = reply(&limiter.check(&d, 1).unwrap()).unwrap();
+        let check = |cost| {
+            let c = Check::with_limit(d, cost, limit.clone());
+            block_on_ready(decider.decide(std::slice::from_ref(&c)))
+                .unwrap()
+                .unwrap()
+                .decision()
+        };
+        let first = reply(&check(1)).unwrap();
         assert_eq!(&first[..3], &[0, 16, 15]);
         assert_eq!(first[3], -1);
         // Exactly 2 s for redis-cell; the bucket's time buckets (4 s for a
         // 32 s refill) may make it read up to one bucket more.
         assert!((2..=6).contains(&first[4]), "reset after {}", first[4]);
         for _ in 0..15 {
-            assert!(limiter.check(&d, 1).unwrap().is_allowed());
+            assert!(check(1).is_allowed());
         }
-        let refused = reply(&limiter.check(&d, 1).unwrap()).unwrap();
+        let refused = reply(&check(1)).unwrap();
         assert_eq!(&refused[..3], &[1, 16, 0]);
         assert!((1..=6).contains(&refused[3]), "retry after {}", refused[3]);
-        let never = reply(&limiter.check(&d, 17).unwrap()).unwrap();
+        let never = reply(&check(17)).unwrap();
         assert_eq!((never[0], never[3]), (1, -1));
     }
 }

@@ -2,23 +2,18 @@
 
 use std::sync::Arc;
 
-use super::cell::{self, Throttle, ThrottleError, KEY_FIELD, PARAMS_FIELD};
+use super::cell::{self, Throttle, ThrottleError, KEY_FIELD};
 use super::reply;
 use crate::metrics::Protocol;
 use crate::service::Service;
 use drl_core::descriptor::{self, Descriptors, MAX_FIELDS};
 use drl_core::limiter::{Check, CheckError, Decision, Outcome};
+use drl_core::rules::request::{RequestLimit, RequestLimitError};
 
-/// Most `CL.THROTTLE` parameter triples a cluster takes on by itself. Each
-/// is a limit with its own key table (bounded by `max_keys`), so a client
-/// that invents triples cannot grow the rule set or memory without end;
-/// past this, a new triple is refused until an operator removes some.
-pub const MAX_THROTTLE_RULES: usize = 64;
-
-/// How many times a node tries to put a triple's rule in force when a
-/// concurrent rule change (from a peer, the file or the admin API) keeps
-/// replacing the text it extended.
-const INSTALL_ATTEMPTS: usize = 4;
+/// Most `CL.THROTTLE` triples whose checked limits a node keeps ready.
+/// A miss only costs building the limit again; the node's bound on
+/// distinct request-defined limits is what caps clients that invent them.
+const THROTTLE_CACHE: usize = 4_096;
 
 /// After a command: keep reading, or answer and close.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,9 +29,8 @@ pub enum Flow {
 #[derive(Clone)]
 pub struct RespService {
     service: Service,
-    /// Held while a triple's rule is put in force, so that the connections
-    /// of one node extend the rules one at a time.
-    installing: Arc<tokio::sync::Mutex<()>>,
+    /// The limits of triples seen recently, checked once.
+    limits: Arc<dashmap::DashMap<(u32, u32, u32), Arc<RequestLimit>>>,
 }
 
 impl RespService {
@@ -44,14 +38,13 @@ impl RespService {
     pub fn new(service: Service) -> RespService {
         RespService {
             service,
-            installing: Arc::new(tokio::sync::Mutex::new(())),
+            limits: Arc::new(dashmap::DashMap::new()),
         }
     }
 
     /// One check through the node's decision path, counted under the
     /// `resp` protocol label.
-    async fn decide(&self, d: &Descriptors<'_>, cost: u32) -> Result<Decision, CheckError> {
-        let check = Check::new(*d, cost);
+    async fn decide(&self, check: Check<'_>) -> Result<Decision, CheckError> {
         let decided = self
             .service
             .decide(Protocol::Resp, std::slice::from_ref(&check))
@@ -127,62 +120,37 @@ impl RespService {
             Ok(k) => k,
             Err(e) => return reply::error(out, &format!("key: {e}")),
         };
-        let params = t.params();
-        let fields = [(PARAMS_FIELD, params.as_str()), (KEY_FIELD, key)];
+        let limit = match self.limit_of(&t) {
+            Ok(limit) => limit,
+            Err(e) => return reply::error(out, &format!("CL.THROTTLE {}: {e}", t.params())),
+        };
+        let fields = [(KEY_FIELD, key)];
         let d = match Descriptors::new(&fields) {
             Ok(d) => d,
             Err(e) => return reply::error(out, &format!("key: {e}")),
         };
-        for attempt in 0..2 {
-            match self.decide(&d, t.quantity).await {
-                Ok(decision) => match cell::reply(&decision) {
-                    Some(values) => return reply::integers(out, &values),
-                    None if attempt == 0 => {
-                        if let Err(e) = self.install(&t).await {
-                            return reply::error(out, &e);
-                        }
-                    }
-                    None => break,
-                },
-                Err(e) => return check_error(out, &e),
-            }
+        match self.decide(Check::with_limit(d, t.quantity, limit)).await {
+            Ok(decision) => match cell::reply(&decision) {
+                Some(values) => reply::integers(out, &values),
+                None => reply::error(out, "CL.THROTTLE: no limit decided"),
+            },
+            Err(e) => check_error(out, &e),
         }
-        reply::error(
-            out,
-            &format!(
-                "no limit applies to CL.THROTTLE {params}: the rules were changed meanwhile, retry"
-            ),
-        );
     }
 
-    /// Puts the rule of `t` in force on the cluster, unless it already is.
-    async fn install(&self, t: &Throttle) -> Result<(), String> {
-        let _one_at_a_time = self.installing.lock().await;
-        let name = format!("name = \"{}\"", t.rule_name());
-        for _ in 0..INSTALL_ATTEMPTS {
-            let source = self.service.decider().limiter().rules().source().to_owned();
-            if source.contains(&name) {
-                return Ok(());
-            }
-            if cell::installed(&source) >= MAX_THROTTLE_RULES {
-                return Err(format!(
-                    "CL.THROTTLE: this cluster already runs {MAX_THROTTLE_RULES} parameter \
-                     triples; refused {}",
-                    t.params()
-                ));
-            }
-            let text = format!("{}\n{}", source.trim_end(), t.rule_text());
-            let rules = drl_core::rules::RuleSet::from_toml(&text)
-                .map_err(|e| format!("CL.THROTTLE {}: {e}", t.params()))?;
-            match self.service.node().put_rules(rules).await {
-                Ok(_) => tracing::info!(rule = %t.rule_name(), "CL.THROTTLE limit put in force"),
-                Err(e) => return Err(format!("CL.THROTTLE {}: {e}", t.params())),
-            }
+    /// The checked limit of a triple, from the cache or built now.
+    fn limit_of(&self, t: &Throttle) -> Result<Arc<RequestLimit>, RequestLimitError> {
+        let triple = (t.max_burst, t.count_per_period, t.period);
+        if let Some(limit) = self.limits.get(&triple) {
+            return Ok(limit.clone());
         }
-        Err(format!(
-            "CL.THROTTLE {}: the rules keep changing; retry",
-            t.params()
-        ))
+        let policy = self.service.decider().limiter().request_limit_policy();
+        let limit = Arc::new(RequestLimit::new(&t.spec(), policy)?);
+        if self.limits.len() >= THROTTLE_CACHE {
+            self.limits.clear();
+        }
+        self.limits.insert(triple, limit.clone());
+        Ok(limit)
     }
 
     async fn check(&self, args: &[&[u8]], out: &mut Vec<u8>) {
@@ -221,7 +189,7 @@ impl RespService {
             Ok(d) => d,
             Err(e) => return reply::error(out, &e.to_string()),
         };
-        match self.decide(&d, cost).await {
+        match self.decide(Check::new(d, cost)).await {
             Ok(decision) => reply::integers(out, &check_reply(&decision)),
             Err(e) => check_error(out, &e),
         }

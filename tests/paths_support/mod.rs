@@ -257,6 +257,7 @@ impl Path {
                             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                             .collect(),
                         cost: None,
+                        limit: None,
                     })
                     .await
                     .unwrap()

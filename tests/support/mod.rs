@@ -3,6 +3,8 @@
 //! node logs kept in a file for the failure message.
 #![allow(dead_code)] // each test binary uses its own part of this module
 
+pub mod cluster;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};

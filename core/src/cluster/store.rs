@@ -103,7 +103,7 @@ pub fn merge_into<C: Clock>(
 ) -> Merged {
     let mut merged = Merged::default();
     for group in &s.groups {
-        let Some(table) = limiter.table_by_id(LimitId(group.limit)) else {
+        let Some(table) = limiter.table_for_merge(LimitId(group.limit)) else {
             continue;
         };
         let spec = *table.spec();

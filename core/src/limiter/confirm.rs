@@ -12,8 +12,11 @@ use super::decision::{Decided, Decision, Outcome, QuotaState};
 use super::evaluate::CountsBuf;
 use super::table::{Entry, MAX_INFLIGHT};
 use super::Limiter;
+use std::sync::Arc;
+
 use crate::algorithm::RateAlgorithm;
 use crate::key::{CounterKey, KeyDigest, LimitId};
+use crate::rules::request::RequestLimit;
 use crate::share::{Shares, MAX_NODES};
 use crate::time::{Clock, Nanos};
 use crate::window::{Ring, SlotGrid, WindowCounts};
@@ -43,6 +46,8 @@ pub(super) struct Hold {
 pub struct Pending {
     /// Hits charged by each check of the request.
     pub costs: Vec<u32>,
+    /// The limit each check carries, if any (see `Check::limit`).
+    pub limits: Vec<Option<Arc<RequestLimit>>>,
     /// When the hits were counted.
     pub started: Nanos,
     /// The provisional hits, one per check and applicable limit, in the
@@ -60,6 +65,7 @@ impl Pending {
     pub(super) fn new(costs: &[u32], started: Nanos, provisional: Decided) -> Self {
         Pending {
             costs: costs.to_vec(),
+            limits: vec![None; costs.len()],
             started,
             hits: Vec::new(),
             provisional,
@@ -162,12 +168,27 @@ impl<C: Clock> Limiter<C> {
                 .count();
             let group = start..start + len;
             start += len;
-            // A limit removed by a reload in the meantime no longer applies.
-            let Some(&index) = compiled.by_id.get(&first.limit) else {
-                continue;
+            // The limit the check carries, or the rules' (a limit removed
+            // by a reload in the meantime no longer applies).
+            let carried = pending.limits[first.check as usize].clone();
+            let (table, rule_limit) = match &carried {
+                Some(_) => match self.table_by_id(first.limit) {
+                    Some(t) => (t, None),
+                    None => continue,
+                },
+                None => match compiled.by_id.get(&first.limit) {
+                    Some(&i) => (
+                        compiled.tables[i].clone(),
+                        Some(&compiled.rules.limits()[i]),
+                    ),
+                    None => continue,
+                },
             };
-            let table = &compiled.tables[index];
-            let limit = &compiled.rules.limits()[index];
+            let limit = match (&carried, rule_limit) {
+                (Some(r), _) => r.limit(),
+                (None, Some(l)) => l,
+                (None, None) => continue,
+            };
             let spec = *table.spec();
             let Some(mut entry) = table.get(first.key) else {
                 continue;
@@ -328,10 +349,13 @@ impl<C: Clock> Limiter<C> {
     pub(crate) fn give_back(&self, now: Nanos, pending: &Pending) {
         let compiled = self.compiled.load();
         for hit in &pending.hits {
-            let Some(&index) = compiled.by_id.get(&hit.limit) else {
-                continue;
+            let table = match compiled.by_id.get(&hit.limit) {
+                Some(&index) => compiled.tables[index].clone(),
+                None => match self.table_by_id(hit.limit) {
+                    Some(t) => t,
+                    None => continue,
+                },
             };
-            let table = &compiled.tables[index];
             let spec = *table.spec();
             let Some(mut entry) = table.get(hit.key) else {
                 continue;

@@ -8,6 +8,9 @@
 use crate::algorithm::{RateAlgorithm, Verdict};
 use crate::descriptor::Descriptors;
 use crate::key::LimitId;
+use std::sync::Arc;
+
+use crate::rules::request::RequestLimit;
 use crate::rules::{CompiledLimit, RuleName};
 use crate::time::Nanos;
 
@@ -21,12 +24,29 @@ pub struct Check<'a> {
     pub descriptors: Descriptors<'a>,
     /// Hits to count; 0 reports the state without counting.
     pub cost: u32,
+    /// A limit the request carries: when present the check is decided by it
+    /// alone, counted under the descriptors and the limit's parameters,
+    /// and the rules do not apply to it (see `rules::request`).
+    pub limit: Option<Arc<RequestLimit>>,
 }
 
 impl<'a> Check<'a> {
-    /// A check of `cost` hits on `descriptors`.
+    /// A check of `cost` hits on `descriptors`, against the rules.
     pub fn new(descriptors: Descriptors<'a>, cost: u32) -> Self {
-        Check { descriptors, cost }
+        Check {
+            descriptors,
+            cost,
+            limit: None,
+        }
+    }
+
+    /// A check of `cost` hits on `descriptors` against a limit of its own.
+    pub fn with_limit(descriptors: Descriptors<'a>, cost: u32, limit: Arc<RequestLimit>) -> Self {
+        Check {
+            descriptors,
+            cost,
+            limit: Some(limit),
+        }
     }
 }
 

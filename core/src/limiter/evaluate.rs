@@ -12,20 +12,22 @@
 //! are doing; near it the request is counted provisionally and handed back
 //! as [`Begun::Confirm`] for the peers to confirm (`confirm`).
 
+use std::sync::Arc;
+
 use smallvec::SmallVec;
 
 use super::confirm::{Pending, PendingHit};
 use super::decision::{Check, Decided, Decision, Outcome};
-use super::table::{self, Entry, MAX_INFLIGHT};
+use super::judge::{count_hit, decide_shared, judge_alone, Judged};
+use super::table::{self, Entry, KeyTable};
 use super::{CheckError, Compiled, Limiter};
-use crate::algorithm::{Algorithm, RateAlgorithm, Summary, Verdict};
+use crate::algorithm::{RateAlgorithm, Verdict};
 use crate::descriptor::Descriptors;
 use crate::key::{CounterKey, KeyDigest, LimitId};
-use crate::rules::RuleSet;
-use crate::share::{ShareView, Shares, MAX_NODES};
-use crate::slot::NodeSlot;
+use crate::rules::request::RequestLimit;
+use crate::rules::CompiledLimit;
 use crate::time::{Clock, Nanos};
-use crate::window::{Ring, SlotGrid, WindowCounts, MAX_BUCKETS, SMALL_RING};
+use crate::window::{Ring, WindowCounts, MAX_BUCKETS, SMALL_RING};
 
 /// What `Limiter::begin_at` did with a request.
 #[derive(Clone, Debug)]
@@ -40,17 +42,78 @@ pub enum Begun {
 /// buffer.
 const INLINE_MATCHES: usize = 8;
 
+/// Which limit a match is judged by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Target {
+    /// A limit of the rules in force, by its index.
+    Rule(u32),
+    /// A limit a check carries, by its position in the request's list.
+    Request(u32),
+}
+
 /// One limit and key a request touches, and the check it belongs to.
-/// Sorted by limit (the lock order), then key, then check: checks of one
-/// request that share a key sit side by side and are judged together.
+/// Sorted by `order` (the lock order: the rules' limits by index, then
+/// request-defined limits' grids by id, both the same for every request),
+/// then key, then check: checks of one request that share a key sit side
+/// by side and are judged together.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct Match {
-    /// The limit's position in the rules in force.
-    pub(super) index: usize,
+    /// Where the limit's table stands in the lock order.
+    pub(super) order: u64,
     /// The key's digest under that limit.
     pub(super) key: KeyDigest,
     /// The check's position in the request.
     pub(super) check: u32,
+    /// The limit.
+    pub(super) target: Target,
+}
+
+impl Match {
+    /// A match of limit `index` of the rules in force.
+    pub(super) fn rule(index: usize, key: KeyDigest, check: u32) -> Self {
+        Match {
+            order: index as u64,
+            key,
+            check,
+            target: Target::Rule(index as u32),
+        }
+    }
+}
+
+/// The request-defined limits of one request with their tables, by
+/// position.
+pub(super) type RequestTargets = SmallVec<[(Arc<KeyTable>, Arc<RequestLimit>); 2]>;
+
+/// Where the matches of one request find their tables and limits.
+pub(super) struct Targets<'r> {
+    compiled: &'r Compiled,
+    requests: &'r [(Arc<KeyTable>, Arc<RequestLimit>)],
+}
+
+impl<'r> Targets<'r> {
+    /// The rules in force and no request-defined limit.
+    pub(super) fn rules(compiled: &'r Compiled) -> Self {
+        Targets {
+            compiled,
+            requests: &[],
+        }
+    }
+
+    #[inline]
+    pub(super) fn table(&self, t: Target) -> &'r KeyTable {
+        match t {
+            Target::Rule(i) => &self.compiled.tables[i as usize],
+            Target::Request(j) => &self.requests[j as usize].0,
+        }
+    }
+
+    #[inline]
+    pub(super) fn limit(&self, t: Target) -> &'r CompiledLimit {
+        match t {
+            Target::Rule(i) => &self.compiled.rules.limits()[i as usize],
+            Target::Request(j) => self.requests[j as usize].1.limit(),
+        }
+    }
 }
 
 impl<C: Clock> Limiter<C> {
@@ -103,17 +166,45 @@ impl<C: Clock> Limiter<C> {
     ) -> Result<Begun, CheckError> {
         let compiled = self.compiled.load();
         let mut matches = Matches::new();
+        let mut requests = RequestTargets::new();
         for (i, c) in checks.iter().enumerate() {
             // A request has far fewer checks than `u32::MAX`: the APIs cap
-            // them long before (`MAX_CHECKS`).
-            self.resolve(&compiled, &c.descriptors, i as u32, &mut matches)?;
+            // them long before.
+            let check = i as u32;
+            match &c.limit {
+                None => self.resolve(&compiled, &c.descriptors, check, &mut matches)?,
+                Some(limit) => {
+                    let table =
+                        self.requests
+                            .for_request(now, limit, &self.config, &self.budget)?;
+                    matches.push(Match {
+                        order: limit.limit().id.0,
+                        key: self.request_key(&c.descriptors, limit),
+                        check,
+                        target: Target::Request(requests.len() as u32),
+                    });
+                    requests.push((table, limit.clone()));
+                }
+            }
         }
         matches.sort();
         if !self.is_admitting() {
             return Err(CheckError::Recovering);
         }
         let costs: SmallVec<[u32; 4]> = checks.iter().map(|c| c.cost).collect();
-        Ok(self.decide(&compiled, now, matches.as_slice(), &costs, can_confirm))
+        let targets = Targets {
+            compiled: &compiled,
+            requests: &requests,
+        };
+        Ok(self.decide(&targets, now, matches.as_slice(), &costs, can_confirm))
+    }
+
+    /// The key a check carrying `limit` counts under: every descriptor of
+    /// the check (names and values) and the limit's parameters.
+    pub(super) fn request_key(&self, d: &Descriptors<'_>, limit: &RequestLimit) -> KeyDigest {
+        let values = self.hasher.values(d.iter().flat_map(|(n, v)| [n, v]));
+        self.hasher
+            .for_limit(limit.limit().id, values ^ limit.params())
     }
 
     /// The limits that apply to `d` (check number `check` of its request)
@@ -132,11 +223,11 @@ impl<C: Clock> Limiter<C> {
         compiled.rules.for_each_rule_match(d, |m| {
             let digest = hasher.values(m.key_fields.iter().map(|f| d.get(f).unwrap_or("")));
             for limit in m.limits {
-                matches.push(Match {
-                    index: limit.index,
-                    key: hasher.for_limit(limit.id, digest),
+                matches.push(Match::rule(
+                    limit.index,
+                    hasher.for_limit(limit.id, digest),
                     check,
-                });
+                ));
             }
         });
         Ok(())
@@ -149,18 +240,17 @@ impl<C: Clock> Limiter<C> {
     #[inline]
     pub(super) fn decide_alone(
         &self,
-        compiled: &Compiled,
+        table: &KeyTable,
+        limit: &CompiledLimit,
         now: Nanos,
-        index: usize,
         key: KeyDigest,
         cost: u32,
         hint: &mut u32,
     ) -> Decision {
-        if let Some(never) = never_admissible(&compiled.rules, index, now, cost) {
+        if let Some(never) = never_admissible(limit, now, cost) {
             return never;
         }
-        let limit = &compiled.rules.limits()[index];
-        let mut entry = compiled.tables[index].get_or_insert_hinted(key, now, hint);
+        let mut entry = table.get_or_insert_hinted(key, now, hint);
         let mut counts = CountsBuf::new();
         let (verdict, summary) = judge_alone(&entry, &limit.algorithm, now, cost, &mut counts);
         if verdict.is_allowed() && cost > 0 {
@@ -171,10 +261,11 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// Decides a request whose limits and keys are resolved (`matches`,
-    /// sorted) and whose checks cost `costs`.
+    /// sorted, with their limits in `targets`) and whose checks cost
+    /// `costs`.
     pub(super) fn decide(
         &self,
-        compiled: &Compiled,
+        targets: &Targets<'_>,
         now: Nanos,
         matches: &[Match],
         costs: &[u32],
@@ -183,11 +274,12 @@ impl<C: Clock> Limiter<C> {
         if let (None, &[m], &[cost]) = (&self.cluster, matches, costs) {
             // The common case in process: one check, one limit, no peers.
             let mut hint = table::NO_HINT;
-            let decision = self.decide_alone(compiled, now, m.index, m.key, cost, &mut hint);
+            let (table, limit) = (targets.table(m.target), targets.limit(m.target));
+            let decision = self.decide_alone(table, limit, now, m.key, cost, &mut hint);
             return Begun::Decided(Decided::single(decision));
         }
         let several = costs.len() != 1;
-        if let Some(never) = never_admissible_request(&compiled.rules, now, matches, costs) {
+        if let Some(never) = never_admissible_request(targets, now, matches, costs) {
             return Begun::Decided(never);
         }
         let view = self.cluster.as_ref().map(|c| c.view.load());
@@ -201,10 +293,10 @@ impl<C: Clock> Limiter<C> {
         let mut counts = CountsBuf::new();
         let mut confirm = false;
         for group in Groups::new(matches, costs) {
-            let table = &compiled.tables[group.index];
+            let table = targets.table(group.target);
             let spec = table.spec();
             let mut entry = table.get_or_insert(group.key, now);
-            let limit = &compiled.rules.limits()[group.index];
+            let limit = targets.limit(group.target);
             let mut summary = None;
             let verdict = match view.as_deref() {
                 None => {
@@ -254,7 +346,15 @@ impl<C: Clock> Limiter<C> {
         }
         let decided = Decided::new(overall, each, costs.len());
         let journal = self.cluster.as_ref().map(|c| &c.journal);
-        let mut pending = confirm.then(|| Pending::new(costs, now, decided.clone()));
+        let mut pending = confirm.then(|| {
+            let mut p = Pending::new(costs, now, decided.clone());
+            for m in matches {
+                if let Target::Request(j) = m.target {
+                    p.limits[m.check as usize] = Some(targets.requests[j as usize].1.clone());
+                }
+            }
+            p
+        });
         for (limit_id, entry, summary, group) in entries.iter_mut() {
             if group.cost == 0 {
                 continue;
@@ -298,7 +398,7 @@ impl<C: Clock> Limiter<C> {
 /// The requests' matches that share a limit and key, judged as one.
 #[derive(Clone, Copy)]
 pub(super) struct Group<'m> {
-    pub(super) index: usize,
+    pub(super) target: Target,
     pub(super) key: KeyDigest,
     /// The members' costs together.
     pub(super) cost: u32,
@@ -325,7 +425,7 @@ impl<'m> Iterator for Groups<'m, '_> {
         let len = self
             .matches
             .iter()
-            .take_while(|m| m.index == first.index && m.key == first.key)
+            .take_while(|m| m.order == first.order && m.key == first.key)
             .count();
         let (members, rest) = self.matches.split_at(len);
         self.matches = rest;
@@ -333,7 +433,7 @@ impl<'m> Iterator for Groups<'m, '_> {
             sum.saturating_add(self.costs.get(m.check as usize).copied().unwrap_or(0))
         });
         Some(Group {
-            index: first.index,
+            target: first.target,
             key: first.key,
             cost,
             members,
@@ -341,23 +441,22 @@ impl<'m> Iterator for Groups<'m, '_> {
     }
 }
 
-/// The `Never` decision when `cost` exceeds what the limit at `index` can
-/// ever admit, found without touching any key: such a request must not
-/// create entries (a flood of them would evict real keys).
+/// The `Never` decision when `cost` exceeds what `limit` can ever admit,
+/// found without touching any key: such a request must not create entries
+/// (a flood of them would evict real keys).
 #[inline]
-fn never_admissible(rules: &RuleSet, index: usize, now: Nanos, cost: u32) -> Option<Decision> {
+fn never_admissible(limit: &CompiledLimit, now: Nanos, cost: u32) -> Option<Decision> {
     // Every limit admits at least one hit.
     if cost <= 1 {
         return None;
     }
-    never_admissible_cost(rules, index, now, cost).map(|v| Decision::of(&rules.limits()[index], v))
+    never_admissible_cost(limit, now, cost).map(|v| Decision::of(limit, v))
 }
 
 /// [`never_admissible`] once the cost is above one: out of line, so that
 /// the common single-hit check stays a compare.
-fn never_admissible_cost(rules: &RuleSet, index: usize, now: Nanos, cost: u32) -> Option<Verdict> {
+fn never_admissible_cost(limit: &CompiledLimit, now: Nanos, cost: u32) -> Option<Verdict> {
     let empty = [0u64; MAX_BUCKETS];
-    let limit = &rules.limits()[index];
     let spec = limit.algorithm.window();
     let counts = WindowCounts {
         spec,
@@ -372,7 +471,7 @@ fn never_admissible_cost(rules: &RuleSet, index: usize, now: Nanos, cost: u32) -
 /// never admit its share of the request. The checks with such a limit say
 /// so; the others are reported unlimited (they were not looked at).
 fn never_admissible_request(
-    rules: &RuleSet,
+    targets: &Targets<'_>,
     now: Nanos,
     matches: &[Match],
     costs: &[u32],
@@ -382,10 +481,10 @@ fn never_admissible_request(
         if group.cost <= 1 {
             continue;
         }
-        let Some(verdict) = never_admissible_cost(rules, group.index, now, group.cost) else {
+        let limit = targets.limit(group.target);
+        let Some(verdict) = never_admissible_cost(limit, now, group.cost) else {
             continue;
         };
-        let limit = &rules.limits()[group.index];
         let (overall, each) = decided.get_or_insert_with(|| {
             let each = if costs.len() == 1 {
                 Vec::new()
@@ -404,187 +503,6 @@ fn never_admissible_request(
     decided.map(|(overall, each)| Decided::new(overall, each, costs.len()))
 }
 
-/// What a clustered decision found.
-struct Shared {
-    /// The verdict to report: the merged counts' own, without the peers'
-    /// reservations (so `remaining` is what is really left).
-    verdict: Verdict,
-    /// The request fits the merged counts but not with the peers' shares
-    /// reserved (or the key is under confirmation): ask the peers.
-    confirm: bool,
-    /// This node's in-flight share of the key is spent.
-    capped: bool,
-}
-
-/// The verdict of `algorithm` on `cost` more hits on the locked `entry` of
-/// a limiter with no peers, and for a window algorithm the window's summary
-/// before them. A hot key decides from the summary its last decision left,
-/// without reading the window (see `table`).
-#[inline]
-fn judge_alone(
-    entry: &Entry<'_>,
-    algorithm: &Algorithm,
-    now: Nanos,
-    cost: u32,
-    counts: &mut CountsBuf,
-) -> (Verdict, Option<Judged>) {
-    let spec = entry.spec();
-    let now_epoch = spec.epoch(now);
-    if let Some(s) = entry.memo(now_epoch) {
-        if let Some(verdict) = algorithm.admit_summary(now, now_epoch, s, cost) {
-            let judged = Judged {
-                summary: s,
-                epoch: now_epoch,
-                from_memo: true,
-            };
-            return (verdict, Some(judged));
-        }
-    }
-    let nets = counts.get(spec.buckets());
-    Ring::read(entry, &spec, now, nets);
-    let judged = algorithm.reads_summary().then(|| Judged {
-        summary: Summary::of(nets),
-        epoch: now_epoch,
-        from_memo: false,
-    });
-    let verdict = algorithm.decide(&WindowCounts { spec, now, nets }, cost);
-    (verdict, judged)
-}
-
-/// What [`judge_alone`] saw of a window algorithm's key.
-#[derive(Clone, Copy)]
-pub(super) struct Judged {
-    /// The window's summary before the request.
-    summary: Summary,
-    /// The bucket of now.
-    epoch: u64,
-    /// Decided from the key's memo: its newest bucket is `epoch`.
-    from_memo: bool,
-}
-
-/// Counts `cost` admitted hits in this node's slot of the locked `entry`
-/// and returns their bucket's epoch. Given what the decision saw of a
-/// window algorithm's key, leaves the summary after them for the next one.
-#[inline]
-fn count_hit(
-    entry: &mut Entry<'_>,
-    now: Nanos,
-    own: NodeSlot,
-    cost: u32,
-    judged: Option<Judged>,
-) -> u64 {
-    let spec = entry.spec();
-    let Some(mut j) = judged else {
-        return Ring::add(entry, &spec, now, own, cost);
-    };
-    // The hits just counted land in the current bucket.
-    j.summary.newer = j.summary.newer.saturating_add(u64::from(cost));
-    if j.from_memo {
-        let row = Ring::row_of_newest(entry, &spec, j.epoch);
-        entry.add_p_keeping_memo(row, own.index(), cost, j.summary.newer);
-        return j.epoch;
-    }
-    let epoch = Ring::add(entry, &spec, now, own, cost);
-    entry.set_memo(j.epoch, j.summary);
-    epoch
-}
-
-/// A decision on a cluster node (see `share`). A request that the merged
-/// counts refuse is refused (counts only grow: exact). One that fits even
-/// with every peer's in-flight share counted as already arrived, and within
-/// this node's own in-flight share, is admitted at once. Anything else is
-/// near the limit: with `can_confirm` it is confirmed with the peers
-/// (exact, one round trip), otherwise refused for one acknowledgement wait.
-#[allow(clippy::too_many_arguments)]
-fn decide_shared(
-    view: &ShareView,
-    algorithm: &Algorithm,
-    entry: &Entry<'_>,
-    nets: &mut [u64],
-    now: Nanos,
-    cost: u32,
-    confirming: bool,
-    can_confirm: bool,
-) -> Shared {
-    let spec = entry.spec();
-    let plain = algorithm.decide(&WindowCounts { spec, now, nets }, cost);
-    let done = |verdict| Shared {
-        verdict,
-        confirm: false,
-        capped: false,
-    };
-    if view.members == 1 << view.own || cost == 0 {
-        // Alone: nobody to reserve for, nobody to wait for. A status query
-        // (cost 0) counts nothing.
-        return done(plain);
-    }
-    let Verdict::Allow {
-        remaining,
-        reset_after,
-    } = plain
-    else {
-        return done(plain);
-    };
-    let near = |capped| {
-        if can_confirm {
-            Shared {
-                verdict: plain,
-                confirm: true,
-                capped,
-            }
-        } else {
-            Shared {
-                verdict: Verdict::Deny {
-                    remaining,
-                    retry_after: view.ack_wait,
-                    reset_after,
-                },
-                confirm: false,
-                capped,
-            }
-        }
-    };
-    if confirming || view.confirm_all {
-        return near(false);
-    }
-    let quota = algorithm.quota();
-    let mut totals = [0u64; MAX_NODES];
-    let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
-    Ring::slot_hits(entry, &spec, now, totals);
-    let shares = Shares::new(
-        view,
-        view.budget(quota, u64::from(MAX_INFLIGHT)),
-        quota,
-        totals,
-    );
-    let reserved = shares.reserved();
-    let fits = match nets.last_mut() {
-        Some(last) => {
-            *last += reserved;
-            let v = algorithm.decide(&WindowCounts { spec, now, nets }, cost);
-            if let Some(last) = nets.last_mut() {
-                *last -= reserved;
-            }
-            v.is_allowed()
-        }
-        None => false,
-    };
-    if !fits {
-        return near(false);
-    }
-    let inflight = u64::from(entry.inflight());
-    // What every peer this node waits for has surely seen of it.
-    let acked = totals
-        .get(usize::from(view.own))
-        .copied()
-        .unwrap_or(0)
-        .saturating_sub(inflight);
-    if inflight + u64::from(cost) > shares.own_cap(acked) {
-        return near(true);
-    }
-    done(plain)
-}
-
 /// The limits and keys of one request, on the stack for the common case.
 pub(super) struct Matches {
     inline: [Match; INLINE_MATCHES],
@@ -595,17 +513,13 @@ pub(super) struct Matches {
 impl Matches {
     pub(super) fn new() -> Self {
         Matches {
-            inline: [Match {
-                index: 0,
-                key: KeyDigest(0),
-                check: 0,
-            }; INLINE_MATCHES],
+            inline: [Match::rule(0, KeyDigest(0), 0); INLINE_MATCHES],
             len: 0,
             spill: Vec::new(),
         }
     }
     #[inline]
-    fn push(&mut self, m: Match) {
+    pub(super) fn push(&mut self, m: Match) {
         if self.len < INLINE_MATCHES && self.spill.is_empty() {
             self.inline[self.len] = m;
             self.len += 1;

@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::evaluate::{Begun, Match, Matches};
+use super::evaluate::{Begun, Match, Matches, Targets};
 use super::table::NO_HINT;
 use super::{CheckError, Compiled, Decision, Limiter};
 use crate::descriptor::Descriptors;
@@ -77,10 +77,12 @@ impl<C: Clock> Handle<'_, C> {
         if let (None, &[m]) = (&limiter.cluster, &*self.matches) {
             // One limit, no peers: straight to the entry where the key was
             // last found.
-            let compiled = &*self.compiled;
-            return Ok(limiter.decide_alone(compiled, now, m.index, m.key, cost, &mut self.hint));
+            let targets = Targets::rules(&self.compiled);
+            let (table, limit) = (targets.table(m.target), targets.limit(m.target));
+            return Ok(limiter.decide_alone(table, limit, now, m.key, cost, &mut self.hint));
         }
-        match limiter.decide(&self.compiled, now, &self.matches, &[cost], false) {
+        let targets = Targets::rules(&self.compiled);
+        match limiter.decide(&targets, now, &self.matches, &[cost], false) {
             Begun::Decided(decided) => Ok(decided.decision()),
             Begun::Confirm(p) => {
                 limiter.give_back(now, &p);

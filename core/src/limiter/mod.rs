@@ -13,7 +13,9 @@ mod evaluate;
 mod handle;
 pub mod index;
 pub mod journal;
+mod judge;
 pub mod receipts;
+mod requests;
 pub mod table;
 
 use std::collections::HashMap;
@@ -26,6 +28,7 @@ use crate::algorithm::RateAlgorithm;
 use crate::clock::SystemClock;
 use crate::descriptor::{self, DescriptorError, Descriptors};
 use crate::key::{CounterKey, KeyHasher, KeySeed, LimitId};
+use crate::rules::request::{RequestLimitError, RequestLimitPolicy};
 use crate::rules::{RuleSet, UnknownEndpoint};
 use crate::share::{ShareView, MAX_NODES};
 use crate::slot::NodeSlot;
@@ -55,6 +58,8 @@ pub struct LimiterConfig {
     pub max_memory: Option<usize>,
     /// Seed of key digests, shared by the cluster.
     pub seed: KeySeed,
+    /// What requests may ask of request-defined limits.
+    pub request_limits: RequestLimitPolicy,
 }
 
 impl Default for LimiterConfig {
@@ -65,6 +70,7 @@ impl Default for LimiterConfig {
             max_keys: 1 << 20,
             max_memory: None,
             seed: KeySeed::default(),
+            request_limits: RequestLimitPolicy::default(),
         }
     }
 }
@@ -78,6 +84,10 @@ pub enum CheckError {
     #[error(transparent)]
     /// The request names an endpoint no rule knows.
     UnknownEndpoint(#[from] UnknownEndpoint),
+    #[error(transparent)]
+    /// A request-defined limit was refused (off, out of bounds, invalid,
+    /// or too many distinct ones on this node).
+    RequestLimit(#[from] RequestLimitError),
     /// The node restarted and has not yet recovered its counts from its
     /// peers or its snapshot; admitting now could reset someone's quota.
     #[error("this node is recovering its counts after a restart and admits nothing yet")]
@@ -149,6 +159,8 @@ pub struct Limiter<C: Clock = SystemClock> {
     cluster: Option<ClusterHooks>,
     receipts: receipts::Receipts,
     budget: Arc<MemoryBudget>,
+    /// The tables of request-defined limits, one per bucket grid.
+    requests: requests::RequestTables,
 }
 
 impl Limiter<SystemClock> {
@@ -180,6 +192,7 @@ impl<C: Clock> Limiter<C> {
             clock,
             hasher: KeyHasher::new(config.seed),
             generation: AtomicU64::new(0),
+            requests: requests::RequestTables::new(config.request_limits),
             config,
             compiled: ArcSwap::from_pointee(compiled),
             cluster: None,
@@ -245,22 +258,49 @@ impl<C: Clock> Limiter<C> {
             .is_none_or(|c| c.admitting.load(Ordering::Acquire))
     }
 
-    /// The key table of the limit with stable id `id` in the rules in force.
+    /// The key table of the limit with stable id `id`: a limit of the rules
+    /// in force, or the grid of request-defined limits this node has.
     pub(crate) fn table_by_id(&self, id: LimitId) -> Option<Arc<KeyTable>> {
         let compiled = self.compiled.load();
-        compiled.by_id.get(&id).map(|&i| compiled.tables[i].clone())
+        match compiled.by_id.get(&id) {
+            Some(&i) => Some(compiled.tables[i].clone()),
+            None => self.requests.get(id),
+        }
     }
 
-    /// Every `(limit id, table)` of the rules in force.
+    /// [`Limiter::table_by_id`], making the table of a request-defined
+    /// limits' grid this node has not seen yet (a peer's counts, a
+    /// snapshot's), as far as the operator's bound allows.
+    pub(crate) fn table_for_merge(&self, id: LimitId) -> Option<Arc<KeyTable>> {
+        self.table_by_id(id)
+            .or_else(|| self.requests.get_or_make(id, &self.config, &self.budget))
+    }
+
+    /// Every `(limit id, table)`: the rules in force, then the grids of
+    /// request-defined limits.
     pub fn tables(&self) -> Vec<(LimitId, Arc<KeyTable>)> {
         let compiled = self.compiled.load();
-        compiled
+        let mut all: Vec<(LimitId, Arc<KeyTable>)> = compiled
             .rules
             .limits()
             .iter()
             .zip(&compiled.tables)
             .map(|(l, t)| (l.id, t.clone()))
-            .collect()
+            .collect();
+        all.extend(self.requests.all());
+        all
+    }
+
+    /// What requests may ask of request-defined limits here: the policy a
+    /// front-end checks a request's own limit against
+    /// (`RequestLimit::new`).
+    pub fn request_limit_policy(&self) -> &RequestLimitPolicy {
+        self.requests.policy()
+    }
+
+    /// Distinct parameter sets of request-defined limits remembered now.
+    pub fn request_parameter_sets(&self) -> usize {
+        self.requests.parameter_sets()
     }
 
     /// The configuration this limiter was built with.
@@ -375,8 +415,13 @@ impl<C: Clock> Limiter<C> {
     /// little of this; a driver may call it on a timer to return memory sooner.
     pub fn sweep_at(&self, now: Nanos, budget: usize) -> usize {
         self.prune_confirming(now);
-        let compiled = self.compiled.load();
-        compiled.tables.iter().map(|t| t.sweep(now, budget)).sum()
+        let freed = self
+            .tables()
+            .iter()
+            .map(|(_, t)| t.sweep(now, budget))
+            .sum();
+        self.requests.sweep();
+        freed
     }
 
     /// The node's memory budget: bytes held by every key table, the limit
@@ -387,7 +432,7 @@ impl<C: Clock> Limiter<C> {
 
     /// Keys tracked, over all limits.
     pub fn keys_tracked(&self) -> usize {
-        self.compiled.load().tables.iter().map(|t| t.len()).sum()
+        self.tables().iter().map(|(_, t)| t.len()).sum()
     }
 
     /// Live keys pushed out by the key cap, over all limits since start.
@@ -401,12 +446,7 @@ impl<C: Clock> Limiter<C> {
     }
 
     fn sum_stat(&self, f: impl Fn(&TableStats) -> u64) -> u64 {
-        self.compiled
-            .load()
-            .tables
-            .iter()
-            .map(|t| f(t.stats()))
-            .sum()
+        self.tables().iter().map(|(_, t)| f(t.stats())).sum()
     }
 
     /// The key table of the limit at `index` in the rules in force.

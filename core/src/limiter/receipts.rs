@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::{CheckError, Decision, Limiter};
+use super::{Check, CheckError, Decision, Limiter};
 use crate::descriptor::Descriptors;
 use crate::key::{CounterKey, LimitId};
 use crate::receipt::{Charge, Receipt, ReceiptError, ReceiptKey, MAX_CHARGES};
@@ -153,13 +153,14 @@ impl<C: Clock> Limiter<C> {
     ) -> Result<(Decision, Option<String>), CheckError> {
         let now = self.clock.now();
         let decision = self.check_at(now, d, cost)?;
-        let receipt = self.issue_receipt_at(now, d, cost, &decision);
+        let receipt = self.issue_receipt_at(now, &Check::new(*d, cost), &decision);
         Ok((decision, receipt))
     }
 
     /// The receipt of a check already decided (by [`Limiter::check`] or a
-    /// node's own decision path) at `now`: pass exactly the descriptors,
-    /// cost and decision of that check. Trusted, in-process: a receipt lets
+    /// node's own decision path) at `now`: pass exactly that check (its
+    /// descriptors, cost and any limit it carried) and its decision.
+    /// Trusted, in-process: a receipt lets
     /// its holder give `cost` back. `None` when the check was not allowed,
     /// cost 0, no limit counted it, it counted more than
     /// [`MAX_CHARGES`] limits, or the rules changed since the decision (the
@@ -167,22 +168,30 @@ impl<C: Clock> Limiter<C> {
     pub(crate) fn issue_receipt_at(
         &self,
         now: Nanos,
-        d: &Descriptors<'_>,
-        cost: u32,
+        check: &Check<'_>,
         decision: &Decision,
     ) -> Option<String> {
+        let (d, cost) = (&check.descriptors, check.cost);
         if !decision.is_allowed() || cost == 0 {
             return None;
         }
-        let compiled = self.compiled.load();
         let mut charges = Vec::new();
-        compiled.rules.for_each_match(d, |m| {
-            let values = m.key_fields.iter().map(|f| d.get(f).unwrap_or(""));
-            charges.push(Charge {
-                limit_id: m.limit.id,
-                key: self.hasher.key(m.limit.id, values),
-            });
-        });
+        match &check.limit {
+            Some(limit) => charges.push(Charge {
+                limit_id: limit.limit().id,
+                key: self.request_key(d, limit),
+            }),
+            None => {
+                let compiled = self.compiled.load();
+                compiled.rules.for_each_match(d, |m| {
+                    let values = m.key_fields.iter().map(|f| d.get(f).unwrap_or(""));
+                    charges.push(Charge {
+                        limit_id: m.limit.id,
+                        key: self.hasher.key(m.limit.id, values),
+                    });
+                });
+            }
+        }
         let decided_by_these = decision
             .quota
             .is_some_and(|q| charges.iter().any(|c| c.limit_id == q.limit_id));

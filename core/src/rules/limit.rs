@@ -24,16 +24,16 @@ use super::Scope;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimit {
-    algorithm: Spanned<String>,
-    limit: Option<Spanned<u32>>,
-    window: Option<Spanned<String>>,
-    precision: Option<Spanned<u32>>,
-    capacity: Option<Spanned<u32>>,
-    refill: Option<Spanned<u32>>,
-    leak: Option<Spanned<u32>>,
-    per: Option<Spanned<String>>,
-    burst: Option<Spanned<u32>>,
-    granularity: Option<Spanned<String>>,
+    pub(super) algorithm: Spanned<String>,
+    pub(super) limit: Option<Spanned<u32>>,
+    pub(super) window: Option<Spanned<String>>,
+    pub(super) precision: Option<Spanned<u32>>,
+    pub(super) capacity: Option<Spanned<u32>>,
+    pub(super) refill: Option<Spanned<u32>>,
+    pub(super) leak: Option<Spanned<u32>>,
+    pub(super) per: Option<Spanned<String>>,
+    pub(super) burst: Option<Spanned<u32>>,
+    pub(super) granularity: Option<Spanned<String>>,
 }
 
 /// A limit entry that passed every check.
@@ -362,7 +362,8 @@ pub(super) fn limit_id(
         part(field.as_bytes());
     }
     part(shape.as_bytes());
-    LimitId(stable_digest(&bytes))
+    // Never the bit that marks a request-defined limits' grid.
+    LimitId(stable_digest(&bytes) & !super::request::GRID_BIT)
 }
 
 /// The sliding window's precision when a limit gives none: 10 sub-buckets

@@ -54,6 +54,7 @@ mod error;
 mod limit;
 mod matching;
 mod parse;
+pub mod request;
 
 use std::fmt;
 use std::ops::Range;
