@@ -6,7 +6,7 @@ use crate::time::{Clock, Nanos};
 
 /// Wall-clock time since the Unix epoch. Bucket boundaries come from absolute
 /// time so that nodes agree on them; the effect of skew between nodes is
-/// bounded and measured (see DESIGN.md).
+/// bounded (DESIGN.md, "Clocks") and measured (docs/report.md).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 

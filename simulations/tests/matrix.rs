@@ -25,7 +25,7 @@ fn every_limit_size_is_exact_on_every_cluster_size() {
 
 #[test]
 fn the_earlier_design_is_not_exact_for_small_limits() {
-    // The comparison DESIGN.md reports: reserving a share for every peer
+    // The comparison docs/report.md reports: reserving a share for every peer
     // refuses small limits outright on larger clusters.
     let bounds = BoundsFile::load(&crate_dir().join("bounds.toml")).unwrap();
     let mut m = Matrix::load(&crate_dir().join("matrices/small-limits.toml")).unwrap();

@@ -1,9 +1,9 @@
 //! The key index: key digest → arena entry.
 //!
 //! Kept behind a small trait so that the benchmark can run the same table on
-//! dashmap and on papaya side by side (`benches/keymap.rs`, which holds the
-//! papaya index); dashmap won on random keys and inserts and is the default
-//! (figures in README.md).
+//! dashmap and on papaya side by side (`core/benches/keymap.rs`, which holds
+//! the papaya index); dashmap won on random keys and inserts and is the
+//! default (figures in docs/report.md, "The key index").
 
 use std::hash::{BuildHasher, Hasher};
 
@@ -92,7 +92,7 @@ const INITIAL_INDEX: usize = 64;
 /// dashmap: sharded hash tables with the value stored in place, so a lookup
 /// is one shard read lock and two dependent memory reads (papaya's lock-free
 /// reads cost a third: the separately allocated entry). Chosen over papaya
-/// by `benches/keymap.rs` (figures in README.md).
+/// by `core/benches/keymap.rs` (figures in docs/report.md).
 pub struct DashMapIndex(dashmap::DashMap<Digest, u32, BuildDigestHasher>);
 
 impl KeyIndex for DashMapIndex {

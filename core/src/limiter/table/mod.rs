@@ -86,7 +86,7 @@ const ENTRY_MASK: u32 = (1 << CLASS_SHIFT) - 1;
 /// What the index costs per key, counted against the memory budget: a
 /// dashmap slot (digest and handle, 12 bytes, and a control byte) at its
 /// load factor, which swings between 7/16 and 7/8 as the tables double
-/// (`examples/memory_per_key.rs` measures 27.7 bytes at 1M keys, just
+/// (`core/examples/memory_per_key.rs` measures 27.7 bytes at 1M keys, just
 /// past a doubling).
 pub const INDEX_BYTES_PER_KEY: usize = 20;
 /// Most keys one insertion evicts to bring the node back within its budget.
