@@ -30,7 +30,7 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::service::headers::decision_headers;
+use crate::service::headers::{decision_headers, shadow_header};
 use drl_core::decide::Decider;
 use drl_core::descriptor::Descriptors;
 use drl_core::limiter::{CheckError, Outcome};
@@ -126,6 +126,9 @@ pub async fn rate_limit(
     };
     if let Some((name, q)) = rule {
         decision_headers(response.headers_mut(), decision.outcome, name.as_str(), &q);
+    }
+    if let Some(s) = &decision.shadow {
+        shadow_header(response.headers_mut(), s);
     }
     response
 }

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::envoy_request::RlsRequest;
 use super::state::{rule_name, GrpcState};
-use crate::service::headers::decision_headers;
+use crate::service::headers::{decision_headers, shadow_header};
 use drl_core::descriptor::Descriptors;
 use std::sync::Arc;
 
@@ -96,6 +96,9 @@ pub fn response(decided: &Decided) -> RateLimitResponse {
     let decision = decided.decision();
     if let Some(q) = decision.quota {
         decision_headers(&mut headers, decision.outcome, rule_name(&q), &q);
+    }
+    if let Some(s) = &decision.shadow {
+        shadow_header(&mut headers, s);
     }
     RateLimitResponse {
         overall_code: if over { Code::OverLimit } else { Code::Ok } as i32,
@@ -199,6 +202,7 @@ mod tests {
         let denied = Decision {
             outcome: Outcome::Denied,
             quota: Some(quota(0, 2_100)),
+            shadow: None,
         };
         let r = response(&Decided::from_parts(
             denied,

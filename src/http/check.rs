@@ -10,7 +10,7 @@ use super::error::ApiError;
 use super::request::{CheckRequest, RefundRequest};
 use super::{json_response, AppState, MAX_BODY_BYTES};
 use crate::metrics::Protocol;
-use crate::service::headers::decision_headers;
+use crate::service::headers::{decision_headers, shadow_header};
 use std::sync::Arc;
 
 use drl_core::limiter::{Check, CheckError, Decision, Outcome};
@@ -37,6 +37,17 @@ struct CheckAnswer<'a> {
     /// must present to give this check's cost back.
     #[serde(skip_serializing_if = "Option::is_none")]
     receipt: Option<String>,
+    /// Present when a rule in shadow mode would have denied the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow: Option<ShadowAnswer<'a>>,
+}
+
+/// What a rule in shadow mode would have said.
+#[derive(Serialize)]
+struct ShadowAnswer<'a> {
+    rule: &'a str,
+    limit: u64,
+    remaining: u64,
 }
 
 #[derive(Serialize)]
@@ -185,6 +196,7 @@ fn answer(
                     retry_after_ms: None,
                     message: None,
                     receipt: None,
+                    shadow: shadow_answer(decision),
                 },
                 Some((q, rule)) => {
                     let never = decision.outcome == Outcome::Never;
@@ -212,6 +224,7 @@ fn answer(
                             )
                         }),
                         receipt,
+                        shadow: shadow_answer(decision),
                     }
                 }
             };
@@ -221,5 +234,16 @@ fn answer(
     if let Some((q, rule)) = deciding {
         decision_headers(response.headers_mut(), decision.outcome, rule, &q);
     }
+    if let Some(s) = &decision.shadow {
+        shadow_header(response.headers_mut(), s);
+    }
     response.into_response()
+}
+
+fn shadow_answer(decision: &Decision) -> Option<ShadowAnswer<'static>> {
+    decision.shadow.map(|s| ShadowAnswer {
+        rule: s.rule.as_str(),
+        limit: s.limit,
+        remaining: s.remaining,
+    })
 }

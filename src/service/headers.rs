@@ -23,6 +23,17 @@ pub fn decision_headers(headers: &mut HeaderMap, outcome: Outcome, rule: &str, q
     insert_fields(headers, RateLimitFields::new(outcome, rule, q));
 }
 
+/// The header that names a rule in shadow mode that would have denied the
+/// request (which passed).
+pub const SHADOW_DENIED: HeaderName = HeaderName::from_static("x-drl-shadow-denied");
+
+/// Names the shadow-mode limit `q` that would have denied the request.
+pub fn shadow_header(headers: &mut HeaderMap, q: &QuotaState) {
+    if let Some(v) = header_value(drl_core::fields::sf_string(q.rule.as_str())) {
+        headers.insert(SHADOW_DENIED, v);
+    }
+}
+
 /// Puts `fields` in `headers`.
 pub fn insert_fields(headers: &mut HeaderMap, fields: RateLimitFields) {
     if let Some(v) = header_value(fields.policy) {

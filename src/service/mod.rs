@@ -78,11 +78,24 @@ impl Service {
         result
     }
 
-    /// Counts a decision that stands, under the rule of its deciding limit.
+    /// Counts a decision that stands, under the rule of its deciding limit,
+    /// and what a rule in shadow mode would have denied (also logged).
     pub fn count(&self, protocol: Protocol, decision: &Decision) {
         let limit = decision.quota.map(|q| (q.limit_id, q.rule.as_str()));
         self.0
             .metrics
             .count_decision_via(protocol, decision.outcome, limit);
+        if let Some(s) = decision.shadow {
+            self.0
+                .metrics
+                .count_shadow_via(protocol, s.limit_id, s.rule.as_str());
+            tracing::debug!(
+                rule = s.rule.as_str(),
+                limit = s.limit,
+                remaining = s.remaining,
+                protocol = protocol.label(),
+                "shadow mode: would have denied"
+            );
+        }
     }
 }

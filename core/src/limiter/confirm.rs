@@ -11,7 +11,8 @@ use std::sync::atomic::Ordering;
 use super::decision::{Decided, Decision, Outcome, QuotaState};
 use super::evaluate::CountsBuf;
 use super::table::{Entry, MAX_INFLIGHT};
-use super::Limiter;
+use super::{Compiled, Limiter};
+use crate::rules::CompiledLimit;
 use std::sync::Arc;
 
 use crate::algorithm::RateAlgorithm;
@@ -98,6 +99,9 @@ pub struct PendingHit {
     pub check: u32,
     /// Hits counted.
     pub cost: u32,
+    /// The index of the rules' limit it was counted for (`u32::MAX` for a
+    /// limit the check carried).
+    pub index: u32,
 }
 
 /// How a confirmed request ended, or why its decision must wait a little.
@@ -168,26 +172,10 @@ impl<C: Clock> Limiter<C> {
                 .count();
             let group = start..start + len;
             start += len;
-            // The limit the check carries, or the rules' (a limit removed
-            // by a reload in the meantime no longer applies).
-            let carried = pending.limits[first.check as usize].clone();
-            let (table, rule_limit) = match &carried {
-                Some(_) => match self.table_by_id(first.limit) {
-                    Some(t) => (t, None),
-                    None => continue,
-                },
-                None => match compiled.by_id.get(&first.limit) {
-                    Some(&i) => (
-                        compiled.tables[i].clone(),
-                        Some(&compiled.rules.limits()[i]),
-                    ),
-                    None => continue,
-                },
-            };
-            let limit = match (&carried, rule_limit) {
-                (Some(r), _) => r.limit(),
-                (None, Some(l)) => l,
-                (None, None) => continue,
+            // The counter's table (a limit removed by a reload in the
+            // meantime no longer applies).
+            let Some(table) = self.table_by_id(first.limit) else {
+                continue;
             };
             let spec = *table.spec();
             let Some(mut entry) = table.get(first.key) else {
@@ -221,35 +209,43 @@ impl<C: Clock> Limiter<C> {
             if let Some(i) = Ring::read_index(&spec, at, spec.epoch(at)) {
                 nets[i] = nets[i].saturating_sub(u64::from(cost));
             }
-            if let Some(view) = view.as_deref() {
-                let silent = view.reserve & !answered & !(1u64 << view.own);
-                if silent != 0 {
-                    let mut totals = [0u64; MAX_NODES];
-                    let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
-                    Ring::slot_hits(&entry, &spec, at, totals);
-                    let quota = limit.algorithm.quota();
-                    let shares = Shares::new(
-                        view,
-                        view.budget(quota, u64::from(MAX_INFLIGHT)),
-                        quota,
-                        totals,
-                    );
-                    if let Some(last) = nets.last_mut() {
-                        *last += shares.reserved_for(silent);
+            let reads = nets.to_vec();
+            // Every hit is judged by its own limit (the checks of one request
+            // may reach one counter through different lists of a rule).
+            for hit in &pending.hits[group] {
+                let Some(limit) = self.limit_of(&compiled, pending, hit) else {
+                    continue;
+                };
+                let nets = counts.get(spec.buckets());
+                nets.copy_from_slice(&reads);
+                if let Some(view) = view.as_deref() {
+                    let silent = view.reserve & !answered & !(1u64 << view.own);
+                    if silent != 0 {
+                        let mut totals = [0u64; MAX_NODES];
+                        let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
+                        Ring::slot_hits(&entry, &spec, at, totals);
+                        let quota = limit.algorithm.quota();
+                        let shares = Shares::new(
+                            view,
+                            view.budget(quota, u64::from(MAX_INFLIGHT)),
+                            quota,
+                            totals,
+                        );
+                        if let Some(last) = nets.last_mut() {
+                            *last += shares.reserved_for(silent);
+                        }
                     }
                 }
-            }
-            let verdict = limit.algorithm.decide(
-                &WindowCounts {
-                    spec,
-                    now: at,
-                    nets,
-                },
-                cost,
-            );
-            overall.absorb(limit, verdict);
-            if several {
-                for hit in &pending.hits[group] {
+                let verdict = limit.algorithm.decide(
+                    &WindowCounts {
+                        spec,
+                        now: at,
+                        nets,
+                    },
+                    cost,
+                );
+                overall.absorb(limit, verdict);
+                if several {
                     each[hit.check as usize].absorb(limit, verdict);
                 }
             }
@@ -299,6 +295,25 @@ impl<C: Clock> Limiter<C> {
         Finished::Decided(Decided::new(overall, each, pending.costs.len()))
     }
 
+    /// The limit a provisional hit is judged by: the one its check carries,
+    /// else the rules' limit it was counted for (found by index, or by id
+    /// if a reload moved it; `None` if a reload removed it).
+    fn limit_of<'c>(
+        &self,
+        compiled: &'c Compiled,
+        pending: &'c Pending,
+        hit: &PendingHit,
+    ) -> Option<&'c CompiledLimit> {
+        if let Some(carried) = &pending.limits[hit.check as usize] {
+            return Some(carried.limit());
+        }
+        let limits = compiled.rules.limits();
+        match limits.get(hit.index as usize) {
+            Some(l) if l.id == hit.limit => Some(l),
+            _ => compiled.by_id.get(&hit.limit).map(|&i| &limits[i]),
+        }
+    }
+
     /// Peers (bit per slot) holding claims on `pending`'s keys that were
     /// counted after it (ties by slot) and may still be undecided.
     fn later_claims(&self, now: Nanos, pending: &Pending) -> u64 {
@@ -335,6 +350,7 @@ impl<C: Clock> Limiter<C> {
             .map_or(Nanos::from_millis(10), |c| c.view.load().ack_wait);
         let refuse = |d: &Decision| Decision {
             outcome: Outcome::Denied,
+            shadow: d.shadow,
             quota: d.quota.map(|q| QuotaState {
                 retry_after: wait,
                 ..q

@@ -82,6 +82,9 @@ pub struct Decision {
     pub outcome: Outcome,
     /// The deciding limit, or `None` when no limit applied.
     pub quota: Option<QuotaState>,
+    /// A limit of a rule in shadow mode that would have denied the request
+    /// (it counted, but does not deny): the one with the longest wait.
+    pub shadow: Option<QuotaState>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,6 +116,7 @@ impl Decision {
     pub const UNLIMITED: Decision = Decision {
         outcome: Outcome::Allowed,
         quota: None,
+        shadow: None,
     };
 
     /// True when the request was admitted.
@@ -156,6 +160,17 @@ impl Decision {
             reset_after,
             retry_after,
         };
+        if limit.shadow {
+            // Counted, reported, never deciding.
+            if outcome != Outcome::Allowed
+                && self
+                    .shadow
+                    .is_none_or(|s| candidate.retry_after > s.retry_after)
+            {
+                self.shadow = Some(candidate);
+            }
+            return;
+        }
         self.absorb_quota(outcome, candidate);
     }
 
@@ -164,6 +179,14 @@ impl Decision {
     pub(super) fn absorb_decision(&mut self, other: &Decision) {
         if let Some(q) = other.quota {
             self.absorb_quota(other.outcome, q);
+        }
+        if let Some(s) = other.shadow {
+            if self
+                .shadow
+                .is_none_or(|mine| s.retry_after > mine.retry_after)
+            {
+                self.shadow = Some(s);
+            }
         }
     }
 

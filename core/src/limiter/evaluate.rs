@@ -69,10 +69,11 @@ pub(super) struct Match {
 }
 
 impl Match {
-    /// A match of limit `index` of the rules in force.
-    pub(super) fn rule(index: usize, key: KeyDigest, check: u32) -> Self {
+    /// A match of limit `index` of the rules in force, whose table stands
+    /// at `order` in the lock order.
+    pub(super) fn rule(index: usize, order: u32, key: KeyDigest, check: u32) -> Self {
         Match {
-            order: index as u64,
+            order: u64::from(order),
             key,
             check,
             target: Target::Rule(index as u32),
@@ -220,16 +221,24 @@ impl<C: Clock> Limiter<C> {
     ) -> Result<(), CheckError> {
         compiled.rules.check_endpoint(d)?;
         let hasher = &self.hasher;
+        let start = matches.as_slice().len();
+        let mut unlimited = false;
         compiled.rules.for_each_rule_match(d, |m| {
+            if m.unlimited || unlimited {
+                unlimited = true;
+                return;
+            }
             let digest = hasher.values(m.key_fields.iter().map(|f| d.get(f).unwrap_or("")));
             for limit in m.limits {
-                matches.push(Match::rule(
-                    limit.index,
-                    hasher.for_limit(limit.id, digest),
-                    check,
-                ));
+                let key = hasher.for_limit(limit.id, digest);
+                let order = compiled.order[limit.index];
+                matches.push(Match::rule(limit.index, order, key, check));
             }
         });
+        if unlimited {
+            // An unlimited rule exempts the check from every other.
+            matches.truncate(start);
+        }
         Ok(())
     }
 
@@ -298,39 +307,47 @@ impl<C: Clock> Limiter<C> {
             let mut entry = table.get_or_insert(group.key, now);
             let limit = targets.limit(group.target);
             let mut summary = None;
-            let verdict = match view.as_deref() {
-                None => {
-                    let (verdict, s) =
-                        judge_alone(&entry, &limit.algorithm, now, group.cost, &mut counts);
-                    summary = s;
-                    verdict
-                }
-                Some(view) => {
-                    let nets = counts.get(spec.buckets());
-                    Ring::read(&entry, spec, now, nets);
-                    let confirming = self.is_confirming(&mut entry, limit.id, now);
-                    let shared = decide_shared(
-                        view,
-                        &limit.algorithm,
-                        &entry,
-                        nets,
-                        now,
-                        group.cost,
-                        confirming,
-                        can_confirm,
-                    );
-                    if shared.capped {
-                        if let Some(wake) = self.cluster.as_ref().and_then(|c| c.wake.get()) {
-                            wake();
-                        }
+            // Every member is judged by its own limit (the checks of one
+            // request may reach one counter through different lists of a
+            // rule); nearly always there is one member.
+            for (n, m) in group.members.iter().enumerate() {
+                let limit = targets.limit(m.target);
+                let verdict = match view.as_deref() {
+                    None => {
+                        let (verdict, s) =
+                            judge_alone(&entry, &limit.algorithm, now, group.cost, &mut counts);
+                        // A memo is the summary before this request's hits;
+                        // keep it only when one limit judged the key.
+                        summary = if n == 0 { s } else { None };
+                        verdict
                     }
-                    confirm |= shared.confirm;
-                    shared.verdict
-                }
-            };
-            overall.absorb(limit, verdict);
-            if several {
-                for m in group.members {
+                    Some(view) => {
+                        let nets = counts.get(spec.buckets());
+                        Ring::read(&entry, spec, now, nets);
+                        // A shadow limit never denies: nothing to confirm.
+                        let confirming =
+                            !limit.shadow && self.is_confirming(&mut entry, limit.id, now);
+                        let shared = decide_shared(
+                            view,
+                            &limit.algorithm,
+                            &entry,
+                            nets,
+                            now,
+                            group.cost,
+                            confirming,
+                            can_confirm || limit.shadow,
+                        );
+                        if shared.capped {
+                            if let Some(wake) = self.cluster.as_ref().and_then(|c| c.wake.get()) {
+                                wake();
+                            }
+                        }
+                        confirm |= shared.confirm && !limit.shadow;
+                        shared.verdict
+                    }
+                };
+                overall.absorb(limit, verdict);
+                if several {
                     each[m.check as usize].absorb(limit, verdict);
                 }
             }
@@ -377,6 +394,10 @@ impl<C: Clock> Limiter<C> {
                                 epoch,
                                 check: m.check,
                                 cost,
+                                index: match m.target {
+                                    Target::Rule(i) => i,
+                                    Target::Request(_) => u32::MAX,
+                                },
                             });
                         }
                     }
@@ -481,20 +502,20 @@ fn never_admissible_request(
         if group.cost <= 1 {
             continue;
         }
-        let limit = targets.limit(group.target);
-        let Some(verdict) = never_admissible_cost(limit, now, group.cost) else {
-            continue;
-        };
-        let (overall, each) = decided.get_or_insert_with(|| {
-            let each = if costs.len() == 1 {
-                Vec::new()
-            } else {
-                vec![Decision::UNLIMITED; costs.len()]
-            };
-            (Decision::UNLIMITED, each)
-        });
-        overall.absorb(limit, verdict);
         for m in group.members {
+            let limit = targets.limit(m.target);
+            let Some(verdict) = never_admissible_cost(limit, now, group.cost) else {
+                continue;
+            };
+            let (overall, each) = decided.get_or_insert_with(|| {
+                let each = if costs.len() == 1 {
+                    Vec::new()
+                } else {
+                    vec![Decision::UNLIMITED; costs.len()]
+                };
+                (Decision::UNLIMITED, each)
+            });
+            overall.absorb(limit, verdict);
             if let Some(d) = each.get_mut(m.check as usize) {
                 d.absorb(limit, verdict);
             }
@@ -513,7 +534,7 @@ pub(super) struct Matches {
 impl Matches {
     pub(super) fn new() -> Self {
         Matches {
-            inline: [Match::rule(0, KeyDigest(0), 0); INLINE_MATCHES],
+            inline: [Match::rule(0, 0, KeyDigest(0), 0); INLINE_MATCHES],
             len: 0,
             spill: Vec::new(),
         }
@@ -528,6 +549,13 @@ impl Matches {
                 self.spill.extend_from_slice(&self.inline[..self.len]);
             }
             self.spill.push(m);
+        }
+    }
+    fn truncate(&mut self, len: usize) {
+        if self.spill.is_empty() {
+            self.len = self.len.min(len);
+        } else {
+            self.spill.truncate(len);
         }
     }
     pub(super) fn as_slice(&self) -> &[Match] {

@@ -119,10 +119,16 @@ pub enum SetupError {
     TooManySlots(usize),
 }
 
-/// A rule set with one key table per limit.
+/// A rule set with a key table per counter: limits of one rule's lists that
+/// share a counter (see `rules::limit::limit_id`) share their table.
 struct Compiled {
     rules: Arc<RuleSet>,
+    /// The table of each limit, by index.
     tables: Vec<Arc<KeyTable>>,
+    /// Each limit's place in the lock order: the index of the first limit
+    /// of its table, so that limits sharing a table lock it once.
+    order: Vec<u32>,
+    /// Each counter's first limit, by id.
     by_id: HashMap<LimitId, usize>,
 }
 
@@ -276,15 +282,17 @@ impl<C: Clock> Limiter<C> {
             .or_else(|| self.requests.get_or_make(id, &self.config, &self.budget))
     }
 
-    /// Every `(limit id, table)`: the rules in force, then the grids of
-    /// request-defined limits.
+    /// Every `(limit id, table)`, each table once: the rules in force, then
+    /// the grids of request-defined limits.
     pub fn tables(&self) -> Vec<(LimitId, Arc<KeyTable>)> {
         let compiled = self.compiled.load();
+        // Each table once: limits that share a counter share its table.
         let mut all: Vec<(LimitId, Arc<KeyTable>)> = compiled
             .rules
             .limits()
             .iter()
             .zip(&compiled.tables)
+            .filter(|(l, _)| compiled.order[l.index] as usize == l.index)
             .map(|(l, t)| (l.id, t.clone()))
             .collect();
         all.extend(self.requests.all());
@@ -472,8 +480,18 @@ fn compile(
     reuse: &HashMap<LimitId, Arc<KeyTable>>,
     budget: &Arc<MemoryBudget>,
 ) -> Result<Compiled, SetupError> {
-    let mut tables = Vec::with_capacity(rules.limits().len());
+    let mut tables: Vec<Arc<KeyTable>> = Vec::with_capacity(rules.limits().len());
+    let mut order = Vec::with_capacity(rules.limits().len());
+    // Limits of one rule's lists that share a counter share its table.
+    let mut by_id: HashMap<LimitId, usize> = HashMap::new();
     for limit in rules.limits() {
+        if let Some(&first) = by_id.get(&limit.id) {
+            tables.push(tables[first].clone());
+            order.push(first as u32);
+            continue;
+        }
+        by_id.insert(limit.id, limit.index);
+        order.push(limit.index as u32);
         let spec = limit.algorithm.window();
         let table = match reuse.get(&limit.id) {
             Some(t) if *t.spec() == spec && t.slots() == config.slots => t.clone(),
@@ -495,10 +513,10 @@ fn compile(
         };
         tables.push(table);
     }
-    let by_id = rules.limits().iter().map(|l| (l.id, l.index)).collect();
     Ok(Compiled {
         rules,
         tables,
+        order,
         by_id,
     })
 }

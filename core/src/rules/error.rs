@@ -151,6 +151,10 @@ pub enum RulesErrorKind {
     /// A file of more than [`MAX_RULES`] rules.
     #[error("at most {MAX_RULES} rules fit in one file")]
     TooManyRules,
+    /// `unlimited = true` beside limits or `shadow_mode`: a rule either
+    /// limits or exempts.
+    #[error("an unlimited rule exempts the requests it matches from every limit: it takes no `limits`, `tiers`, `overrides` or `shadow_mode`")]
+    UnlimitedWithLimits,
     /// A rule with more than [`MAX_OVERRIDES_PER_RULE`] overrides.
     #[error("at most {MAX_OVERRIDES_PER_RULE} overrides fit in one rule")]
     TooManyOverrides,

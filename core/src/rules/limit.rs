@@ -18,7 +18,6 @@ use crate::key::{stable_digest, LimitId};
 use crate::time::{parse_duration, Nanos};
 
 use super::error::RulesErrorKind;
-use super::Scope;
 
 /// A limit entry as written, before any checks beyond TOML types.
 #[derive(Debug, Deserialize)]
@@ -313,6 +312,8 @@ fn param_key(algorithm: &str, e: &ParamError, has_granularity: bool) -> &'static
 pub(super) struct LimitOwner<'r> {
     pub(super) name: &'r str,
     pub(super) key_fields: &'r [String],
+    /// The rule is in shadow mode: its limits never deny.
+    pub(super) shadow: bool,
 }
 
 /// What a limit's counts mean: its algorithm kind and the bucket grid they
@@ -333,29 +334,20 @@ pub(super) fn count_shape(algorithm: &Algorithm) -> String {
 
 /// The id is a digest of length-prefixed parts, so that no two different
 /// tuples can be written as the same bytes. `shape` is [`count_shape`].
-pub(super) fn limit_id(
-    rule: &LimitOwner<'_>,
-    scope: &Scope,
-    position: usize,
-    shape: &str,
-) -> LimitId {
+///
+/// The list a limit belongs to (the rule's own, a tier's, an override's)
+/// is not part of it: the limits at one position of a rule's lists that
+/// count on the same grid share one counter, and a list only sets the
+/// number the counts are held against. A key that moves to another tier,
+/// or gets an override, keeps what it spent; and an override table of
+/// thousands of customers costs one key table, not one per customer.
+pub(super) fn limit_id(rule: &LimitOwner<'_>, position: usize, shape: &str) -> LimitId {
     let mut bytes = Vec::with_capacity(64 + shape.len());
     let mut part = |p: &[u8]| {
         bytes.extend_from_slice(&(p.len() as u64).to_le_bytes());
         bytes.extend_from_slice(p);
     };
     part(rule.name.as_bytes());
-    match scope {
-        Scope::Default => part(b"default"),
-        Scope::Tier(name) => {
-            part(b"tier");
-            part(name.as_bytes());
-        }
-        Scope::Override(i) => {
-            part(b"override");
-            part(&(*i as u64).to_le_bytes());
-        }
-    }
     part(&(position as u64).to_le_bytes());
     part(&(rule.key_fields.len() as u64).to_le_bytes());
     for field in rule.key_fields {

@@ -72,8 +72,10 @@ use matching::{EndpointList, Matcher};
 pub const MAX_RULES: usize = 10_000;
 /// Most limits in one list (a rule's defaults, a tier or an override).
 pub const MAX_LIMITS_PER_LIST: usize = 16;
-/// Most overrides in one rule.
-pub const MAX_OVERRIDES_PER_RULE: usize = 1_000;
+/// Most overrides in one rule: a per-customer quota table. Overrides that
+/// count on the rule's own grid share its counters and key tables, so an
+/// override costs its matcher and its numbers, not a table.
+pub const MAX_OVERRIDES_PER_RULE: usize = 100_000;
 /// Longest rule name.
 pub const MAX_RULE_NAME_LEN: usize = 64;
 
@@ -94,6 +96,8 @@ pub struct RuleSet {
 struct CompiledRule {
     matcher: Matcher,
     key_fields: Vec<String>,
+    /// Requests this rule matches are limited by nothing.
+    unlimited: bool,
     default: Range<usize>,
     /// Sorted by tier name, for binary search.
     tiers: Vec<(String, Range<usize>)>,
@@ -143,6 +147,9 @@ pub struct CompiledLimit {
     pub rule_name: RuleName,
     /// Which requests share a counter.
     pub scope: Scope,
+    /// Shadow mode: the limit counts and reports what it would deny, but
+    /// never denies.
+    pub shadow: bool,
     /// The algorithm and its parameters.
     pub algorithm: Algorithm,
 }
@@ -205,6 +212,8 @@ pub struct RuleMatch<'s> {
     pub limits: &'s [CompiledLimit],
     /// The descriptor fields that pick the counter.
     pub key_fields: &'s [String],
+    /// The rule is `unlimited`: the request is limited by nothing.
+    pub unlimited: bool,
 }
 
 /// A limit that applies to a request, with the descriptor fields whose
@@ -328,6 +337,7 @@ impl RuleSet {
                 f(RuleMatch {
                     limits: &self.limits[self.chosen(rule, d)],
                     key_fields: &rule.key_fields,
+                    unlimited: rule.unlimited,
                 });
             }
             true

@@ -53,6 +53,11 @@ struct RawRule {
     tiers: BTreeMap<Spanned<String>, Spanned<RawTier>>,
     #[serde(default)]
     overrides: Vec<Spanned<RawOverride>>,
+    /// Count, and report would-be denials, but never deny.
+    #[serde(default)]
+    shadow_mode: bool,
+    /// The requests this rule matches are limited by nothing.
+    unlimited: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,7 +196,17 @@ impl Compiler<'_> {
             // Sorted by name, as the TOML table already is.
             None => matcher.names().map(str::to_owned).collect(),
         };
-        if raw.limits.is_none() && raw.tiers.is_empty() && raw.overrides.is_empty() {
+        let has_limits = raw.limits.is_some() || !raw.tiers.is_empty() || !raw.overrides.is_empty();
+        let unlimited = raw.unlimited.as_ref().is_some_and(|u| *u.get_ref());
+        if unlimited && (has_limits || raw.shadow_mode) {
+            let span = raw.unlimited.as_ref().map_or(raw.name.span(), |u| u.span());
+            return Err(self.err(
+                span,
+                format!("{at}.unlimited"),
+                RulesErrorKind::UnlimitedWithLimits,
+            ));
+        }
+        if !has_limits && !unlimited {
             return Err(self.err(raw.name.span(), at, RulesErrorKind::RuleWithoutLimits));
         }
         if let Some(extra) = raw.overrides.get(MAX_OVERRIDES_PER_RULE) {
@@ -202,6 +217,7 @@ impl Compiler<'_> {
         let rule = LimitOwner {
             name,
             key_fields: &key_fields,
+            shadow: raw.shadow_mode,
         };
         let default = match &raw.limits {
             Some(limits) => self.limits(&rule, Scope::Default, &format!("{at}.limits"), limits)?,
@@ -238,6 +254,7 @@ impl Compiler<'_> {
         Ok(CompiledRule {
             matcher,
             key_fields,
+            unlimited,
             default,
             tiers,
             override_dispatch: Dispatch::new(overrides.iter().map(|(m, _)| m)),
@@ -310,7 +327,7 @@ impl Compiler<'_> {
                 };
                 self.err(e.span, path, e.kind)
             })?;
-            let id = limit_id(rule, &scope, position, &count_shape(&built.algorithm));
+            let id = limit_id(rule, position, &count_shape(&built.algorithm));
             self.limits.push(CompiledLimit {
                 id,
                 parameters: built.normalized,
@@ -318,6 +335,7 @@ impl Compiler<'_> {
                 rule: rule.name.to_owned(),
                 rule_name: RuleName::intern(rule.name),
                 scope: scope.clone(),
+                shadow: rule.shadow,
                 algorithm: built.algorithm,
             });
         }

@@ -200,6 +200,7 @@ impl RequestLimit {
                 rule: REQUEST_RULE.to_owned(),
                 rule_name: RuleName::from_static(REQUEST_RULE),
                 scope: Scope::Default,
+                shadow: false,
                 algorithm,
             },
             params,

@@ -260,10 +260,17 @@ fn limit_ids_survive_a_reparse_and_follow_the_count_grid_not_the_numbers() {
     };
     let first = ids(EXAMPLE);
     assert_eq!(first, ids(EXAMPLE));
-    let mut unique = first.clone();
-    unique.sort_unstable();
-    unique.dedup();
-    assert_eq!(unique.len(), first.len(), "ids must differ between limits");
+    // Limits: default 1s, default 1h, tier `paid` 1s, override (a bucket).
+    assert_eq!(first.len(), 4);
+    assert_ne!(
+        first[0], first[1],
+        "two positions of one list: two counters"
+    );
+    assert_eq!(
+        first[2], first[0],
+        "the tier's 1 s window at the same position shares the default's counter"
+    );
+    assert_ne!(first[3], first[0], "another algorithm: another counter");
 
     // Only the first limit's window changes: only its id moves.
     let changed = ids(&EXAMPLE.replacen(r#"window = "1s" },"#, r#"window = "2s" },"#, 1));

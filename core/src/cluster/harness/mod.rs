@@ -464,7 +464,7 @@ impl MemCluster {
         for (_, (id, provisional)) in std::mem::take(&mut self.nodes[node].waiting) {
             let decision = Decision {
                 outcome: Outcome::Denied,
-                quota: provisional.quota,
+                ..provisional
             };
             self.completed.push((id, node, decision, self.now));
         }
