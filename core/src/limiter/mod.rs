@@ -8,6 +8,7 @@
 //! and a denial by one limit leaves all others untouched.
 
 mod confirm;
+mod counters;
 mod decision;
 mod evaluate;
 mod handle;
@@ -36,6 +37,7 @@ use crate::time::{Clock, Nanos};
 use crate::window::Ring;
 
 pub use confirm::{Finished, Pending, PendingHit, DEFAULT_CONFIRM_HOLD};
+pub use counters::CounterView;
 pub use decision::{Check, Decided, Decision, Outcome, QuotaState};
 pub use evaluate::Begun;
 pub use handle::Handle;

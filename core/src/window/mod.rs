@@ -430,17 +430,7 @@ impl Ring {
         now: Nanos,
         out: &mut [u64],
     ) {
-        let now_epoch = spec.epoch(now);
-        let newest = grid.newest(now_epoch);
-        let b = spec.buckets() as u64;
-        let oldest = (now_epoch + 1).saturating_sub(b);
-        // Which rows hold a live bucket at `now`.
-        let mut live = [false; MAX_BUCKETS];
-        for e in oldest..=newest.max(now_epoch) {
-            if Self::holds(spec, newest, e) {
-                live[Self::row(spec, e)] = true;
-            }
-        }
+        let live = Self::live_rows(grid, spec, now);
         let slots = grid.slot_count();
         grid.for_each_value(&mut |row, slot, v| {
             if live[row] && slot < slots {
@@ -449,6 +439,70 @@ impl Ring {
                 }
             }
         });
+    }
+
+    /// Adds each slot's net hits (`p − n`) over the live buckets at `now`
+    /// into `out[slot]`: what each node counted of a key, less what it gave
+    /// back.
+    pub fn slot_nets<G: SlotGrid + ?Sized>(
+        grid: &G,
+        spec: &WindowSpec,
+        now: Nanos,
+        out: &mut [i64],
+    ) {
+        let live = Self::live_rows(grid, spec, now);
+        let slots = grid.slot_count();
+        grid.for_each_value(&mut |row, slot, v| {
+            if live[row] && slot < slots {
+                if let Some(total) = out.get_mut(slot) {
+                    *total += i64::from(v.p) - i64::from(v.n);
+                }
+            }
+        });
+    }
+
+    /// Clears slot `own` of every live bucket at `now` by raising its `p`
+    /// and `n` to the larger of the two: its net count becomes zero while
+    /// both components only grow, so no merge can undo it (a reset).
+    /// Returns the net hits cleared.
+    pub fn reset_slot<G: SlotGrid + ?Sized>(
+        grid: &mut G,
+        spec: &WindowSpec,
+        now: Nanos,
+        own: NodeSlot,
+    ) -> u64 {
+        let live = Self::live_rows(grid, spec, now);
+        let mut cleared = 0;
+        for (row, _) in live.iter().enumerate().filter(|(_, &l)| l) {
+            let mut v = grid.get(row, own.index());
+            if v.p == v.n {
+                continue;
+            }
+            cleared += u64::from(v.p.saturating_sub(v.n));
+            let top = v.p.max(v.n);
+            v.p = top;
+            v.n = top;
+            grid.set(row, own.index(), v);
+        }
+        cleared
+    }
+
+    /// Which rows hold a live bucket at `now`.
+    fn live_rows<G: SlotGrid + ?Sized>(
+        grid: &G,
+        spec: &WindowSpec,
+        now: Nanos,
+    ) -> [bool; MAX_BUCKETS] {
+        let now_epoch = spec.epoch(now);
+        let newest = grid.newest(now_epoch);
+        let oldest = (now_epoch + 1).saturating_sub(spec.buckets() as u64);
+        let mut live = [false; MAX_BUCKETS];
+        for e in oldest..=newest.max(now_epoch) {
+            if Self::holds(spec, newest, e) {
+                live[Self::row(spec, e)] = true;
+            }
+        }
+        live
     }
 
     /// True when nothing in the ring can count at `now` any more.
