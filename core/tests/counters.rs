@@ -79,7 +79,10 @@ fn deliver(to: &Limiter<ManualClock>, frame: &Slots) {
     );
 }
 
-fn counts(l: &Limiter<ManualClock>, user: &str) -> Vec<(u64, u64, Vec<(u16, i64)>)> {
+/// Count, remaining and net hits per slot, of each limit.
+type Seen = Vec<(u64, u64, Vec<(u16, i64)>)>;
+
+fn counts(l: &Limiter<ManualClock>, user: &str) -> Seen {
     let pairs = [("user", user)];
     let check = Check::new(Descriptors::new(&pairs).unwrap(), 0);
     l.counters(&check)

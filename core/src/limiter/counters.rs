@@ -12,12 +12,15 @@
 //! hit clears that hit too when the record reaches it (a reset clears what
 //! was counted before each node learned of it).
 
+use std::sync::Arc;
+
 use super::decision::{Check, Decision, QuotaState};
 use super::evaluate::{Match, Matches, Target};
 use super::table::KeyTable;
 use super::{CheckError, Limiter};
 use crate::algorithm::RateAlgorithm;
 use crate::key::CounterKey;
+use crate::rules::request::RequestLimit;
 use crate::slot::NodeSlot;
 use crate::time::{Clock, Nanos};
 use crate::window::{Ring, SlotGrid, WindowCounts};
@@ -40,6 +43,9 @@ pub struct CounterView {
     /// counted (negative when a node gave back hits another counted).
     pub slots: Vec<(NodeSlot, i64)>,
 }
+
+/// A check's request-defined limit and its table.
+type RequestTarget = (Arc<KeyTable>, Arc<RequestLimit>);
 
 impl<C: Clock> Limiter<C> {
     /// The counters the check's descriptors (and request-defined limit, if
@@ -166,21 +172,11 @@ impl<C: Clock> Limiter<C> {
 
     /// The limits a check reaches and their keys, as a decision would
     /// resolve them, with the check's request-defined limit and its table.
-    #[allow(clippy::type_complexity)]
     fn counter_matches(
         &self,
         now: Nanos,
         check: &Check<'_>,
-    ) -> Result<
-        (
-            Matches,
-            Option<(
-                std::sync::Arc<KeyTable>,
-                std::sync::Arc<crate::rules::request::RequestLimit>,
-            )>,
-        ),
-        CheckError,
-    > {
+    ) -> Result<(Matches, Option<RequestTarget>), CheckError> {
         let compiled = self.compiled.load();
         let mut matches = Matches::new();
         let mut request = None;
