@@ -5,6 +5,8 @@
 //!
 //! The protocol itself (tickets, claims, answers, timeouts, yields) is the
 //! cluster's: `cluster::confirm`. This module only reads and writes counts.
+//! Without the `cluster` feature nothing confirms, and most of it is unused.
+#![cfg_attr(not(feature = "cluster"), allow(dead_code))]
 
 use std::sync::atomic::Ordering;
 

@@ -176,6 +176,7 @@ impl Decision {
 
     /// Folds another decision into this one, by the rule of
     /// [`Decision::absorb`].
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     pub(super) fn absorb_decision(&mut self, other: &Decision) {
         if let Some(q) = other.quota {
             self.absorb_quota(other.outcome, q);

@@ -236,6 +236,7 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// Replaces the cluster picture (after a membership change).
+    #[cfg(feature = "cluster")]
     pub(crate) fn set_share_view(&self, view: ShareView) {
         if let Some(c) = &self.cluster {
             c.view.store(Arc::new(view));
@@ -248,6 +249,7 @@ impl<C: Clock> Limiter<C> {
     }
 
     /// Keys changed locally, for the replicator. `None` when not clustered.
+    #[cfg(feature = "cluster")]
     pub(crate) fn journal(&self) -> Option<&Arc<Journal>> {
         self.cluster.as_ref().map(|c| &c.journal)
     }
