@@ -9,7 +9,8 @@
 use std::path::PathBuf;
 
 use drl_core::wire::{
-    Ack, BucketSlot, Frame, Hello, KeySlots, LimitGroup, RulesFrame, Slots, Swim, VERSION,
+    Ack, BucketSlot, Frame, Hello, KeySlots, LimitGroup, ResetAck, ResetFrame, ResetKey,
+    RulesFrame, Slots, Swim, VERSION,
 };
 
 fn vectors() -> Vec<(&'static str, Frame)> {
@@ -93,6 +94,28 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 version: 3,
                 origin: 1,
                 text: "[[rules]]\nname = \"x\"\n".into(),
+            }),
+        ),
+        (
+            "reset",
+            Frame::Reset(ResetFrame {
+                origin: 1,
+                seq: 111_411_200_000_000_001,
+                keys: vec![
+                    ResetKey {
+                        limit: 0x0123_4567_89ab_cdef,
+                        key: 0xfeed_face_cafe_beef,
+                    },
+                    ResetKey { limit: 42, key: 1 },
+                ],
+            }),
+        ),
+        (
+            "reset_ack",
+            Frame::ResetAck(ResetAck {
+                slot: 2,
+                origin: 1,
+                seq: 111_411_200_000_000_001,
             }),
         ),
     ]

@@ -18,7 +18,7 @@ use drl_core::wire::MAX_RULES_BYTES;
 /// Refuses the request unless it carries the configured admin token. With
 /// no token configured the admin API is off (403), so that a node never
 /// runs with an open admin API by accident.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = state.service().admin_token() else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

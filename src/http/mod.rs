@@ -6,6 +6,7 @@
 //! | `GET /v1/allow?user=..&endpoint=..` | the same, with a tiny body |
 //! | `POST /v1/refund` | gives back hits |
 //! | `GET /v1/rules`, `PUT /v1/rules`, `POST /v1/rules/validate` | rules admin (bearer token) |
+//! | `POST /v1/counters`, `POST /v1/counters/reset` | a key's counters, and their reset cluster-wide (bearer token) |
 //! | `GET /healthz`, `GET /readyz`, `GET /metrics` | operations |
 //!
 //! `docs/http-api.md` is the contract: bodies, status codes and headers.
@@ -15,7 +16,7 @@
 //! # Layout
 //!
 //! - [`request`]: parsing bodies and query strings into descriptor fields.
-//! - `check`, `admin`: the handlers.
+//! - `check`, `admin`, `counters`: the handlers.
 //! - [`server`]: the listeners (decision and operations ports) and how one
 //!   connection is served.
 //! - [`client`]: the HTTP/1.1 client (hyper's) of the CLI, the load generator and tests.
@@ -24,6 +25,7 @@ mod admin;
 pub mod body;
 mod check;
 pub mod client;
+mod counters;
 pub mod error;
 pub mod request;
 pub mod server;
@@ -76,6 +78,8 @@ pub fn router(state: AppState) -> Router {
     let admin = Router::new()
         .route("/v1/rules", get(admin::get_rules).put(admin::put_rules))
         .route("/v1/rules/validate", post(admin::validate_rules))
+        .route("/v1/counters", post(counters::read))
+        .route("/v1/counters/reset", post(counters::reset))
         .layer(rules_limit);
     let api = Router::new()
         .route("/v1/check", post(check::check))
@@ -106,6 +110,8 @@ pub fn operations_router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/rules", get(admin::get_rules).put(admin::put_rules))
         .route("/v1/rules/validate", post(admin::validate_rules))
+        .route("/v1/counters", post(counters::read))
+        .route("/v1/counters/reset", post(counters::reset))
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),

@@ -21,7 +21,9 @@ use drl_core::time::{Clock, Nanos};
 #[cfg(feature = "harness")]
 use super::config;
 use super::files::{file_stamp, write_snapshot};
-use super::{rules_state, Command, NodeSettings, NodeStatus, PutRulesError, RulesVersion};
+use super::{
+    rules_state, Command, NodeSettings, NodeStatus, PutRulesError, ResetOutcome, RulesVersion,
+};
 use crate::net::{Incoming, Transport};
 
 /// Idle keys each table looks at per second, beside the two every new key
@@ -49,6 +51,9 @@ pub(super) struct Driver {
     pub(super) chaos: Option<(config::Chaos, rand::rngs::StdRng)>,
     /// Who waits for each request under confirmation.
     pub(super) waiters: std::collections::HashMap<Ticket, tokio::sync::oneshot::Sender<Decided>>,
+    /// Who waits for each admin reset, and what it cleared here.
+    pub(super) reset_waiters:
+        std::collections::HashMap<u64, (u64, tokio::sync::oneshot::Sender<ResetOutcome>)>,
 }
 
 impl Driver {
@@ -131,6 +136,11 @@ impl Driver {
                 let now = self.clock.now();
                 let ticket = self.core.handle_confirm(now, pending);
                 self.waiters.insert(ticket, reply);
+            }
+            Command::ResetCounters { counters, reply } => {
+                let now = self.clock.now();
+                let (ticket, cleared) = self.core.handle_reset(now, &counters);
+                self.reset_waiters.insert(ticket, (cleared, reply));
             }
         }
     }
@@ -254,6 +264,15 @@ impl Driver {
             if !told {
                 // The caller is gone: nobody was told yes, give it back.
                 self.core.handle_abandoned(now, &confirmed);
+            }
+        }
+        while let Some(done) = self.core.poll_reset_done() {
+            if let Some((cleared_here, reply)) = self.reset_waiters.remove(&done.ticket) {
+                let _ = reply.send(ResetOutcome {
+                    cleared_here,
+                    acked: done.acked.iter().map(|s| s.get()).collect(),
+                    pending: done.pending.iter().map(|s| s.get()).collect(),
+                });
             }
         }
         while let Some(event) = self.core.poll_event() {

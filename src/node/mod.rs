@@ -42,6 +42,7 @@ use drl_core::clock::SystemClock;
 use drl_core::cluster::node_core::{CoreConfig, NodeCore};
 use drl_core::cluster::replication::{PeerState, ReplicationStats};
 use drl_core::decide::{Confirm, ConfirmFuture, Decider, Unconfirmed};
+use drl_core::key::CounterKey;
 use drl_core::limiter::{Decided, Limiter, LimiterConfig, Pending};
 use drl_core::rules::{RuleSet, RulesError};
 use drl_core::share::ShareView;
@@ -98,7 +99,29 @@ enum Command {
         pending: Pending,
         reply: tokio::sync::oneshot::Sender<Decided>,
     },
+    /// An admin reset of counters, cluster-wide.
+    ResetCounters {
+        counters: Vec<CounterKey>,
+        reply: tokio::sync::oneshot::Sender<ResetOutcome>,
+    },
 }
+
+/// The answer to [`NodeApi::reset_counters`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResetOutcome {
+    /// Net hits this node cleared from its own slot.
+    pub cleared_here: u64,
+    /// Peers that cleared their own slot before the answer.
+    pub acked: Vec<u16>,
+    /// Configured peers that had not: the record goes to them until they
+    /// do (a partitioned peer applies it when the partition heals).
+    pub pending: Vec<u16>,
+}
+
+/// The node stopped before it could answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the node is stopping")]
+pub struct Stopping;
 
 /// The longest a request waits for its confirmation before it is refused,
 /// should the node's task be held up: ten claim timeouts.
@@ -181,6 +204,22 @@ impl NodeApi {
             .await
             .map_err(|_| PutRulesError::Stopped)?;
         answer.await.map_err(|_| PutRulesError::Stopped)?
+    }
+    /// Resets `counters` cluster-wide (an admin operation): this node clears
+    /// its own slot of them at once, every other node clears its own when
+    /// the record reaches it, once, and no merge brings the old counts
+    /// back. Answers once the live peers have applied it (or after a
+    /// second), naming those that had not.
+    pub async fn reset_counters(
+        &self,
+        counters: Vec<CounterKey>,
+    ) -> Result<ResetOutcome, Stopping> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::ResetCounters { counters, reply })
+            .await
+            .map_err(|_| Stopping)?;
+        answer.await.map_err(|_| Stopping)
     }
 }
 
@@ -393,6 +432,7 @@ impl Node {
                 (c, rand::rngs::StdRng::seed_from_u64(c.seed))
             }),
             waiters: std::collections::HashMap::new(),
+            reset_waiters: std::collections::HashMap::new(),
         };
         let (commands, command_rx) = mpsc::channel(4096);
         let task = tokio::spawn(driver.run(incoming, stop_rx, wake, command_rx));

@@ -17,6 +17,8 @@ pub struct LocalCluster {
     pub grpc: u16,
     /// RESP port of node 0.
     pub resp: u16,
+    /// The cluster's directory (`node-<i>.toml` are its nodes' configs).
+    pub dir: std::path::PathBuf,
 }
 
 impl LocalCluster {
@@ -61,6 +63,7 @@ impl LocalCluster {
             http,
             grpc,
             resp,
+            dir,
         };
         assert!(up, "the cluster did not come up:\n{banner}");
         cluster
@@ -82,6 +85,31 @@ impl LocalCluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+    }
+}
+
+impl LocalCluster {
+    /// The process id of node `slot` (a child of `drl cluster`), found by
+    /// its command line.
+    pub fn node_pid(&self, slot: usize) -> u32 {
+        let dir = self.dir.file_name().unwrap().to_string_lossy().into_owned();
+        let config = format!("{dir}/node-{slot}.toml");
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.iter().any(|a| a == "node") && args.iter().any(|a| a.ends_with(&config)) {
+                return pid;
+            }
+        }
+        panic!("no process runs {config}");
     }
 }
 

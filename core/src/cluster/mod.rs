@@ -8,6 +8,7 @@
 //! | [`confirm`] | requests near a limit waiting for their peers' answers, by ticket |
 //! | [`replication`] | deltas, acknowledgements, syncs and claims between peers |
 //! | [`membership`] | who is in the cluster and alive (SWIM) |
+//! | [`resets`] | admin counter resets, applied once by every node |
 //! | [`store`] | the view of the key tables replication reads and writes |
 //! | [`snapshot`] | local snapshots for a whole-cluster restart |
 //! | `harness` | an in-memory cluster on virtual time (tests, `harness` feature) |
@@ -18,5 +19,6 @@ pub mod harness;
 pub mod membership;
 pub mod node_core;
 pub mod replication;
+pub mod resets;
 pub mod snapshot;
 pub mod store;

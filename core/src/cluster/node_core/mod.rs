@@ -14,12 +14,14 @@
 //!    [`NodeCore::handle_disconnected`], [`NodeCore::handle_frame`],
 //!    [`NodeCore::handle_wake`], [`NodeCore::handle_confirm`] (a request
 //!    near its limit, counted provisionally by the limiter),
-//!    [`NodeCore::commit_rules`] (after [`NodeCore::prepare_rules`]), and
+//!    [`NodeCore::commit_rules`] (after [`NodeCore::prepare_rules`]),
+//!    [`NodeCore::handle_reset`] (an admin counter reset), and
 //!    [`NodeCore::handle_timeout`] once [`NodeCore::poll_timeout`] has
 //!    passed.
 //! 2. Drain [`NodeCore::poll_confirmed`] (decided confirmations: hand each
 //!    to whoever waits on its ticket, or [`NodeCore::handle_abandoned`] if
-//!    nobody does), [`NodeCore::poll_event`] (recovered, rules in force,
+//!    nobody does), [`NodeCore::poll_reset_done`] (answered resets),
+//!    [`NodeCore::poll_event`] (recovered, rules in force,
 //!    the peers to dial), then [`NodeCore::poll_transmit`].
 //! 3. Re-arm the timer from [`NodeCore::poll_timeout`].
 
@@ -32,6 +34,8 @@ use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConf
 use crate::cluster::replication::{
     Delivered, ReplicationConfig, ReplicationEvent, Replicator, Transmit,
 };
+use crate::cluster::resets::{ResetDone, Resets};
+use crate::key::CounterKey;
 use crate::limiter::{Limiter, Pending, SetupError};
 use crate::rules::{RuleSet, RulesError};
 use crate::share::{SharePolicy, ShareView, MAX_NODES};
@@ -173,6 +177,7 @@ pub struct NodeCore<C: Clock = crate::clock::SystemClock> {
     outbox: VecDeque<Transmit>,
     events: VecDeque<CoreEvent>,
     confirmations: Confirmations,
+    resets: Resets,
     /// The latest time an input brought.
     now: Nanos,
 }
@@ -221,6 +226,7 @@ impl<C: Clock> NodeCore<C> {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             confirmations: Confirmations::new(),
+            resets: Resets::new(cfg.slot, cfg.incarnation),
             now,
             cfg,
         };
@@ -280,6 +286,8 @@ impl<C: Clock> NodeCore<C> {
         self.saw(now);
         self.addrs.insert(slot, addr);
         self.repl.peer_connected(now, slot, self.rules_digest);
+        // Resets it has not acknowledged reach it before new counts do.
+        self.resets.on_connected(slot);
         // A peer that missed a rules change learns it here.
         let frame = self.rules_frame();
         self.outbox.push_back(Transmit {
@@ -310,6 +318,19 @@ impl<C: Clock> NodeCore<C> {
                 let _ = self.membership.handle_data(now, &swim);
             }
             Ok(Delivered::Rules(rules)) => self.on_peer_rules(rules),
+            Ok(Delivered::Reset(reset)) => {
+                if let Some(keys) = self.resets.on_reset(now, from, &reset) {
+                    let cleared = self.limiter.reset_counters_at(now, &keys);
+                    tracing::info!(
+                        origin = reset.origin,
+                        seq = reset.seq,
+                        counters = keys.len(),
+                        cleared,
+                        "counters reset by a peer"
+                    );
+                }
+            }
+            Ok(Delivered::ResetAck(ack)) => self.resets.on_ack(now, from, &ack),
             Ok(Delivered::Applied) if hello => self.introduce(now, from),
             Ok(Delivered::Applied) => {}
             Err(e) => tracing::debug!(from = from.get(), error = %e, "frame refused"),
@@ -363,7 +384,8 @@ impl<C: Clock> NodeCore<C> {
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
     pub fn poll_timeout(&self) -> Nanos {
         let repl = self.repl.poll_timeout();
-        self.membership.poll_timeout().map_or(repl, |m| m.min(repl))
+        let t = self.membership.poll_timeout().map_or(repl, |m| m.min(repl));
+        self.resets.poll_timeout().map_or(t, |r| r.min(t))
     }
 
     /// Runs what is due at `now`: membership probes, the sync tick, resends
@@ -372,7 +394,30 @@ impl<C: Clock> NodeCore<C> {
         self.saw(now);
         self.membership.handle_timeout(now);
         self.repl.handle_timeout(now, &*self.limiter);
+        self.resets.handle_timeout(now);
         self.after_input();
+    }
+
+    /// An admin reset of `counters`: clears this node's own slot of them
+    /// now and sends the record to every other configured node, which
+    /// clears its own slot once (see [`crate::cluster::resets`]). Returns
+    /// the ticket its answer comes out of [`NodeCore::poll_reset_done`]
+    /// under, and the hits cleared here.
+    pub fn handle_reset(&mut self, now: Nanos, counters: &[CounterKey]) -> (u64, u64) {
+        self.saw(now);
+        let cleared = self.limiter.reset_counters_at(now, counters);
+        let others: BTreeSet<NodeSlot> = (0..self.cfg.cluster_size)
+            .map(|i| NodeSlot::new(i as u16))
+            .filter(|&s| s != self.cfg.slot)
+            .collect();
+        let ticket = self.resets.begin(now, counters, &others, &self.live);
+        self.after_input();
+        (ticket, cleared)
+    }
+
+    /// The next answered reset: which peers had applied it.
+    pub fn poll_reset_done(&mut self) -> Option<ResetDone> {
+        self.resets.poll_done()
     }
 
     /// A node that has lost every member announces itself again to the
@@ -517,6 +562,20 @@ impl<C: Clock> NodeCore<C> {
     fn after_input(&mut self) {
         while let Some(event) = self.membership.poll_event() {
             self.on_member_event(event);
+        }
+        while let Some((to, frame)) = self.resets.poll_send() {
+            self.outbox.push_back(Transmit {
+                to,
+                bytes: Frame::Reset(frame).encode(),
+                reliable: true,
+            });
+        }
+        while let Some((to, ack)) = self.resets.poll_ack() {
+            self.outbox.push_back(Transmit {
+                to,
+                bytes: Frame::ResetAck(ack).encode(),
+                reliable: true,
+            });
         }
         while let Some((to, payload)) = self.membership.poll_transmit() {
             self.outbox.push_back(Transmit {

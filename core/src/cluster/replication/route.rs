@@ -5,7 +5,7 @@ use super::claim::carried_keys;
 use super::{ReplicaStore, Replicator};
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
-use crate::wire::{DecodeError, Frame, RulesFrame, Slots};
+use crate::wire::{DecodeError, Frame, ResetAck, ResetFrame, RulesFrame, Slots};
 
 /// What an accepted frame leaves for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,10 @@ pub enum Delivered {
     Swim(Vec<u8>),
     /// Rules a peer put in force, for the node to weigh against its own.
     Rules(RulesFrame),
+    /// Counters a peer's admin reset, for the node to apply once.
+    Reset(ResetFrame),
+    /// A peer applied one of this node's resets.
+    ResetAck(ResetAck),
 }
 
 /// Why an incoming frame was refused. The frame changed nothing.
@@ -80,6 +84,9 @@ fn check(frame: &Frame, from: NodeSlot, own: NodeSlot, recovering: bool) -> Resu
             }
         }
         Frame::Ack(a) => carried_by(from, a.slot, from),
+        // Resets are not relayed: each comes from its origin.
+        Frame::Reset(r) => carried_by(from, r.origin, from),
+        Frame::ResetAck(a) => carried_by(from, a.slot, from),
         _ => Ok(()),
     }
 }
@@ -177,6 +184,8 @@ impl Replicator {
                 }
                 return Ok(Delivered::Rules(r));
             }
+            Frame::Reset(r) => return Ok(Delivered::Reset(r)),
+            Frame::ResetAck(a) => return Ok(Delivered::ResetAck(a)),
         }
         if let Some(keys) = carried {
             self.heard_from(from, Some(&keys));
