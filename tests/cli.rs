@@ -247,9 +247,16 @@ fn the_example_node_config_is_valid() {
     let file = drl::node::NodeFile::load(&path).unwrap();
     let settings = file.settings(path.parent().unwrap()).unwrap();
     assert_eq!(settings.listen_http.port(), 8400);
-    // The example shows the defaults.
+    // The rules file it names exists beside it and is valid.
+    let rules = std::fs::read_to_string(&settings.rules).unwrap();
+    drl_core::rules::RuleSet::from_toml(&rules).unwrap();
+    // The example shows the defaults, but for the rules file's name.
+    let shown = drl::node::NodeFile {
+        rules: "rules.toml".into(),
+        ..file
+    };
     assert_eq!(
-        format!("{file:?}"),
+        format!("{shown:?}"),
         format!("{:?}", drl::node::NodeFile::default())
     );
 }
