@@ -87,9 +87,7 @@ pub async fn run(
         "node started"
     );
     crate::node::notices::warn_development_key_seed(&server.node().settings);
-    let waiting = tokio::spawn(crate::node::notices::log_while_waiting(
-        server.node().api(),
-    ));
+    let waiting = tokio::spawn(crate::node::notices::log_while_waiting(server.node().api()));
     let result = server.serve(shutdown).await;
     waiting.abort();
     result

@@ -159,7 +159,14 @@ fn a_node_serves_checks_admin_and_load_then_stops_on_sigterm() {
     );
     assert!(out.contains("retry-after:"), "{out}");
     let o = drl(&[
-        "check", "--node", &url, "-f", "user=alice", "-f", "endpoint=/v1/login", "-f",
+        "check",
+        "--node",
+        &url,
+        "-f",
+        "user=alice",
+        "-f",
+        "endpoint=/v1/login",
+        "-f",
         "ip=10.0.0.2",
     ]);
     assert!(o.status.success(), "allowed exits 0: {o:?}");

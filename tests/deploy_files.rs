@@ -127,14 +127,22 @@ fn the_kubernetes_manifest_agrees_with_itself_and_the_node() {
             "{var}={addr} has no container port {name}/{proto}"
         );
     }
-    assert_eq!(ports.len(), listeners.len(), "a container port with no listener");
+    assert_eq!(
+        ports.len(),
+        listeners.len(),
+        "a container port with no listener"
+    );
 
     // Probes: on the operations port, at routes it serves.
     let routes = operations_routes();
     for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
         let get = &container[probe]["httpGet"];
         assert_eq!(get["path"].as_str(), Some(path), "{probe}");
-        assert_eq!(get["port"].as_str(), Some("admin"), "{probe} on the decision port");
+        assert_eq!(
+            get["port"].as_str(),
+            Some("admin"),
+            "{probe} on the decision port"
+        );
         assert!(routes.contains(path), "{path} is not served: {routes:?}");
     }
     assert_eq!(
@@ -245,6 +253,9 @@ fn the_compose_file_agrees_with_itself_and_the_node() {
         .get("certs")
         .and_then(|c| c["command"].as_sequence())
         .expect("the certs job");
-    let at = certs.iter().position(|a| a.as_str() == Some("--nodes")).unwrap();
+    let at = certs
+        .iter()
+        .position(|a| a.as_str() == Some("--nodes"))
+        .unwrap();
     assert_eq!(certs[at + 1].as_str(), Some(n.to_string().as_str()));
 }

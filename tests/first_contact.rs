@@ -31,7 +31,13 @@ fn text(bytes: &[u8]) -> String {
 /// A node of `cluster_size` with no seeds, on `http`; its log goes to
 /// `dir/node.log`.
 fn lone_node(dir: &Path, http: u16, cluster_size: &str, key_seed: Option<&str>) -> Child {
-    let o = drl(&["certs", "--dir", dir.join("certs").to_str().unwrap(), "--nodes", "1"]);
+    let o = drl(&[
+        "certs",
+        "--dir",
+        dir.join("certs").to_str().unwrap(),
+        "--nodes",
+        "1",
+    ]);
     assert!(o.status.success(), "{o:?}");
     std::fs::write(dir.join("rules.toml"), EXAMPLE_RULES).unwrap();
     let mut cmd = Command::new(DRL);
@@ -78,11 +84,17 @@ fn a_lone_node_says_why_it_waits_and_doctor_reads_it() {
     let http = free_port();
     let node = lone_node(&dir, http, "3", None);
     let log = dir.join("node.log");
-    wait_for(30, "no HTTP", || status(http, "GET", "/healthz", "").is_some());
+    wait_for(30, "no HTTP", || {
+        status(http, "GET", "/healthz", "").is_some()
+    });
     // /readyz answers 503 with the reason and what to change.
     let (code, answer) = request(http, "GET", "/readyz", "").unwrap();
     assert_eq!(code, 503, "{answer}");
-    for words in ["cluster_size is 3", "no seeds are configured", "cluster_size = 1"] {
+    for words in [
+        "cluster_size is 3",
+        "no seeds are configured",
+        "cluster_size = 1",
+    ] {
         assert!(answer.contains(words), "{words:?} not in {answer}");
     }
     // The log says it too, once the recovery timeout has passed, and warns
@@ -100,10 +112,17 @@ fn a_lone_node_says_why_it_waits_and_doctor_reads_it() {
     let o = drl(&["doctor", "--node", &url]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     let out = text(&o.stdout);
-    assert!(out.contains("problem: not ready: waiting for its peers"), "{out}");
+    assert!(
+        out.contains("problem: not ready: waiting for its peers"),
+        "{out}"
+    );
     assert!(out.contains("development default"), "{out}");
     // An address nothing answers on is a problem too, said in words.
-    let o = drl(&["doctor", "--node", &format!("http://127.0.0.1:{}", free_port())]);
+    let o = drl(&[
+        "doctor",
+        "--node",
+        &format!("http://127.0.0.1:{}", free_port()),
+    ]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     assert!(text(&o.stdout).contains("problem: unreachable"), "{o:?}");
     stop(node);
@@ -116,7 +135,10 @@ fn a_lone_node_says_why_it_waits_and_doctor_reads_it() {
     let o = drl(&["doctor", "--node", &format!("http://127.0.0.1:{http}")]);
     let out = text(&o.stdout);
     assert!(o.status.success(), "{o:?}");
-    assert!(out.contains("ok: ready") && out.contains("ok: no development defaults"), "{out}");
+    assert!(
+        out.contains("ok: ready") && out.contains("ok: no development defaults"),
+        "{out}"
+    );
     assert!(
         !std::fs::read_to_string(dir.join("node.log"))
             .unwrap()
@@ -152,7 +174,10 @@ fn cluster_refuses_ports_another_cluster_holds_and_names_its_children_logs() {
     let mut seen = String::new();
     loop {
         let mut line = String::new();
-        assert!(err.read_line(&mut line).unwrap() > 0, "stderr closed:\n{seen}");
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "stderr closed:\n{seen}"
+        );
         seen.push_str(&line);
         if line.starts_with("node-0 | ") && line.contains("node started") {
             break;
@@ -160,7 +185,9 @@ fn cluster_refuses_ports_another_cluster_holds_and_names_its_children_logs() {
         assert!(start.elapsed() < Duration::from_secs(60), "{seen}");
     }
     std::thread::spawn(move || for _ in err.lines() {});
-    wait_for(60, "the first cluster is not ready", || support::ready(base));
+    wait_for(60, "the first cluster is not ready", || {
+        support::ready(base)
+    });
 
     // A second cluster on the same HTTP port: the first one would answer
     // its readiness probe; it must fail at once, naming the port.
@@ -206,11 +233,22 @@ fn load_gives_up_on_a_stalled_node_after_its_timeout_and_shows_progress() {
     let node = lone_node(&dir, http, "1", Some("8f14e45fceea167a5a36dedd4bea2543"));
     wait_for(30, "node not ready", || support::ready(http));
     let pid = node.id().to_string();
-    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
     let started = Instant::now();
     let mut load = Command::new(DRL)
         .args(["load", "--node", &format!("http://127.0.0.1:{http}")])
-        .args(["--connections", "2", "--duration", "2s", "--timeout", "300ms"])
+        .args([
+            "--connections",
+            "2",
+            "--duration",
+            "2s",
+            "--timeout",
+            "300ms",
+        ])
         .args(["--progress", "500ms", "-f", "endpoint=/v1/search"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -224,7 +262,11 @@ fn load_gives_up_on_a_stalled_node_after_its_timeout_and_shows_progress() {
     if !finished {
         let _ = load.kill();
     }
-    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
     let o = load.wait_with_output().unwrap();
     stop(node);
     assert!(finished, "drl load still waiting after 20 s: {o:?}");
@@ -234,7 +276,11 @@ fn load_gives_up_on_a_stalled_node_after_its_timeout_and_shows_progress() {
     assert!(out.contains("decisions: 0 "), "{out}");
     let progress = text(&o.stderr);
     assert!(
-        progress.lines().filter(|l| l.contains("s] decisions:")).count() >= 2,
+        progress
+            .lines()
+            .filter(|l| l.contains("s] decisions:"))
+            .count()
+            >= 2,
         "{progress}"
     );
 }

@@ -251,8 +251,15 @@ async fn valid_requests_then_garbage(http2: bool, garbage: &str) {
     .concat();
     s.write_all(batch.as_bytes()).await.unwrap();
     let (text, closed) = read_until_closed(&mut s).await;
-    assert_eq!(statuses(&text), ["200", "200", "400"], "{garbage:?}: {text}");
-    assert!(closed, "{garbage:?}: the connection stays open after the 400: {text}");
+    assert_eq!(
+        statuses(&text),
+        ["200", "200", "400"],
+        "{garbage:?}: {text}"
+    );
+    assert!(
+        closed,
+        "{garbage:?}: the connection stays open after the 400: {text}"
+    );
     node.shutdown().await;
 }
 

@@ -488,8 +488,14 @@ fn first_contact_works_on_every_protocol_and_refusals_say_what_to_change() {
 
     // RESP, as redis-cli sends it.
     let resp = cluster.resp_base.unwrap();
-    let allowed = resp_command(resp, &["DRL.CHECK", "endpoint", "/v1/search", "user", "dave"]);
-    assert!(allowed.starts_with("*5\r\n:1\r\n"), "1: allowed: {allowed:?}");
+    let allowed = resp_command(
+        resp,
+        &["DRL.CHECK", "endpoint", "/v1/search", "user", "dave"],
+    );
+    assert!(
+        allowed.starts_with("*5\r\n:1\r\n"),
+        "1: allowed: {allowed:?}"
+    );
     // README's redis-cell line: its own limit, not the rules' allow-list.
     let cell = resp_command(resp, &["CL.THROTTLE", "user123", "15", "30", "60"]);
     assert!(cell.starts_with("*5\r\n:0\r\n:16\r\n:15\r\n"), "{cell:?}");
@@ -501,7 +507,14 @@ fn first_contact_works_on_every_protocol_and_refusals_say_what_to_change() {
     // error, and the summary says why.
     let out = Command::new(DRL)
         .args(["load", "--node", &format!("http://127.0.0.1:{http}")])
-        .args(["--connections", "2", "--duration", "500ms", "--progress", "0s"])
+        .args([
+            "--connections",
+            "2",
+            "--duration",
+            "500ms",
+            "--progress",
+            "0s",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -510,6 +523,9 @@ fn first_contact_works_on_every_protocol_and_refusals_say_what_to_change() {
         .lines()
         .find(|l| l.trim_start().starts_with("error ("))
         .unwrap_or_else(|| panic!("no error reason in:\n{text}"));
-    assert!(reason.contains("400: the request has no `endpoint`"), "{reason}");
+    assert!(
+        reason.contains("400: the request has no `endpoint`"),
+        "{reason}"
+    );
     assert!(says_what_to_change(reason), "{reason}");
 }

@@ -297,8 +297,9 @@ async fn drl_check_uses_the_rules() {
         .unwrap()
         .text();
     let decisions = |result: &str, rule: &str| {
-        let series =
-            format!("drl_decisions_total{{result=\"{result}\",rule=\"{rule}\",protocol=\"resp\"}} ");
+        let series = format!(
+            "drl_decisions_total{{result=\"{result}\",rule=\"{rule}\",protocol=\"resp\"}} "
+        );
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(series.as_str()))

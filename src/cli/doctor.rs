@@ -105,7 +105,11 @@ pub fn diagnose(readyz_status: u16, readyz: &serde_json::Value, metrics: &str) -
         .into_iter()
         .map(|(labels, v)| {
             let name = label(labels, "peer_name").unwrap_or("?");
-            let state = if v > 0.0 { "connected" } else { "not connected" };
+            let state = if v > 0.0 {
+                "connected"
+            } else {
+                "not connected"
+            };
             format!("{name} {state}")
         })
         .collect();
@@ -204,8 +208,14 @@ mod tests {
         let f = diagnose(503, &readyz, METRICS);
         assert_eq!(f.problems, 1, "{f:?}");
         let text = f.lines.join("\n");
-        assert!(text.contains("problem: not ready: waiting for its peers"), "{text}");
-        assert!(text.contains("warn: peers: 1 live of 2 known: node-1 connected, node-2 not connected"), "{text}");
+        assert!(
+            text.contains("problem: not ready: waiting for its peers"),
+            "{text}"
+        );
+        assert!(
+            text.contains("warn: peers: 1 live of 2 known: node-1 connected, node-2 not connected"),
+            "{text}"
+        );
         assert!(text.contains("node-1's clock is -0.250s"), "{text}");
         assert!(!text.contains("node-2's clock"), "{text}");
         assert!(text.contains("1 development default(s)"), "{text}");

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::load_report::{print_report, refusal_reason, Progress};
 pub use super::load_report::LoadReport;
+use super::load_report::{print_report, refusal_reason, Progress};
 use super::{parse_fields, CliError};
 use crate::http::client::{authority, Connection};
 
@@ -173,7 +173,11 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     let turns = Pacer::start(rate, conns.len(), start, deadline)?;
     let progress = Arc::new(Progress::default());
     if !progress_every.is_zero() {
-        tokio::spawn(progress.clone().print_every(progress_every, start, stop.clone()));
+        tokio::spawn(
+            progress
+                .clone()
+                .print_every(progress_every, start, stop.clone()),
+        );
     }
     let mut tasks = Vec::with_capacity(conns.len());
     for ((i, mut conn), mut turn) in conns.into_iter().enumerate().zip(turns) {

@@ -87,7 +87,12 @@ pub(super) struct Progress {
 
 impl Progress {
     /// Prints one line to stderr every `every` until `stop` is set.
-    pub(super) async fn print_every(self: Arc<Self>, every: Duration, start: Instant, stop: Arc<AtomicBool>) {
+    pub(super) async fn print_every(
+        self: Arc<Self>,
+        every: Duration,
+        start: Instant,
+        stop: Arc<AtomicBool>,
+    ) {
         let mut next = start + every;
         loop {
             tokio::time::sleep_until(next.into()).await;
@@ -108,7 +113,6 @@ impl Progress {
         }
     }
 }
-
 
 pub(super) fn print_report(args: &LoadArgs, r: &LoadReport) {
     let us = |q: f64| r.latency.quantile(q) as f64 / 1000.0;
@@ -153,4 +157,3 @@ pub(super) fn print_report(args: &LoadArgs, r: &LoadReport) {
         us(0.999)
     );
 }
-

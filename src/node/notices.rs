@@ -81,7 +81,8 @@ pub fn waiting_reason(settings: &NodeSettings, status: &NodeStatus, ready: bool)
 /// once its recovery timeout and a second have passed, then every
 /// [`WAITING_LOG_EVERY`]. Returns once the node is ready.
 pub async fn log_while_waiting(api: NodeApi) {
-    let first = Duration::from_nanos(api.settings.recovery_timeout.as_u64()) + Duration::from_secs(1);
+    let first =
+        Duration::from_nanos(api.settings.recovery_timeout.as_u64()) + Duration::from_secs(1);
     tokio::time::sleep(first).await;
     loop {
         let ready = api.is_ready();
@@ -116,7 +117,10 @@ mod tests {
         assert!(why.contains("no seeds"), "{why}");
         assert!(why.contains("cluster_size = 1"), "{why}");
         let why = waiting_reason(&settings(5, &["a:1"]), &NodeStatus::default(), false).unwrap();
-        assert!(why.contains("2 other nodes of 4") && why.contains("seeds: a:1"), "{why}");
+        assert!(
+            why.contains("2 other nodes of 4") && why.contains("seeds: a:1"),
+            "{why}"
+        );
         assert_eq!(
             waiting_reason(&settings(3, &[]), &NodeStatus::default(), true),
             None
