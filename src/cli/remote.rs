@@ -32,12 +32,13 @@ pub fn check(node: &str, args: &CheckCommand) -> Result<(), CliError> {
         let mut denied = 0;
         for i in 1..=args.repeat {
             let answer = conn.post_json("/v1/check", &body).await?;
-            print_decision(i, &answer);
             match answer.status {
                 200 => {}
                 429 => denied += 1,
+                // A refusal is no decision: its reason is the error.
                 _ => return Err(refused(&answer)),
             }
+            print_decision(i, &answer);
         }
         match denied {
             0 => Ok(()),
