@@ -8,7 +8,11 @@
 //! and its response carries the rate-limit fields too. A gRPC request
 //! (`content-type: application/grpc...`) is refused the gRPC way instead:
 //! status 200 with `grpc-status: 8` (resource exhausted) and the same
-//! fields.
+//! fields. A request that cannot be checked (a malformed descriptor, an
+//! endpoint the rules' `endpoints` list does not name) gets `400` (gRPC:
+//! `grpc-status: 3`) with the reason in [`ERROR_HEADER`] (`x-drl-error`),
+//! which names the rules file's line to change: the layer cannot write a
+//! body of the wrapped service's own type.
 //!
 //! The decider is a [`Client`] (remote or embedded) or an in-process
 //! [`Limiter`] (`Arc<Limiter>`).
