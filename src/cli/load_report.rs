@@ -24,7 +24,7 @@ pub struct LoadReport {
     pub denied: u64,
     /// Answers other than 200 and 429, and failed exchanges.
     pub errors: u64,
-    /// Why: up to [`MAX_ERROR_REASONS`] distinct reasons (`"400: unknown
+    /// Why: up to eight distinct reasons (`"400: unknown
     /// endpoint ..."`, `"timeout"`, `"connection: ..."`) with their counts.
     pub error_reasons: Vec<(String, u64)>,
     /// Latency of every answered request, in nanoseconds, measured from when

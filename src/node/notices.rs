@@ -79,7 +79,7 @@ pub fn waiting_reason(settings: &NodeSettings, status: &NodeStatus, ready: bool)
 
 /// Logs, while the node is not ready, why ([`waiting_reason`]): first
 /// once its recovery timeout and a second have passed, then every
-/// [`WAITING_LOG_EVERY`]. Returns once the node is ready.
+/// ten seconds. Returns once the node is ready.
 pub async fn log_while_waiting(api: NodeApi) {
     let first =
         Duration::from_nanos(api.settings.recovery_timeout.as_u64()) + Duration::from_secs(1);
