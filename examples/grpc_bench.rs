@@ -166,6 +166,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed: 1,
         resp: false,
         cell: String::new(),
+        timeout: "2s".into(),
+        progress: "0s".into(),
     };
     let report = generate(&load).await?;
     let http_phase = Phase {

@@ -67,6 +67,8 @@ compose() {
   local -a files=(-f "$CHAOS_ROOT/deploy/docker-compose.yml")
   [ -z "${CHAOS_OVERRIDE:-}" ] || files+=(-f "$CHAOS_OVERRIDE")
   DRL_HTTP_PORT_0='' DRL_HTTP_PORT_1='' DRL_HTTP_PORT_2='' \
+    DRL_GRPC_PORT_0='' DRL_GRPC_PORT_1='' DRL_GRPC_PORT_2='' \
+    DRL_RESP_PORT_0='' DRL_RESP_PORT_1='' DRL_RESP_PORT_2='' \
     DRL_RULES_FILE="$CHAOS_RULES" DRL_SNAPSHOT_INTERVAL=1s \
     "${cmd[@]}" -p "$PROJECT" --project-directory "$CHAOS_ROOT/deploy" "${files[@]}" "$@"
 }
@@ -130,6 +132,22 @@ wait_ready() {
   done
 }
 
+# The shipped Compose file serves every protocol out of the box: on each
+# node, gRPC answers grpc.health.v1 SERVING (curl over h2c, the protobuf
+# reply 08 01) and RESP answers PING with +PONG.
+check_protocols() {
+  local node reply
+  for node in "$@"; do
+    reply=$(in_node "$node" sh -c "printf '\\000\\000\\000\\000\\000' | curl -s -m 5 --http2-prior-knowledge \
+      -H 'content-type: application/grpc' -H 'te: trailers' --data-binary @- \
+      http://127.0.0.1:9400/grpc.health.v1.Health/Check | od -An -tx1 | tr -d ' \n'") || true
+    [ "$reply" = 00000000020801 ] || die "$node: gRPC health answered '$reply', not SERVING"
+    reply=$(in_node "$node" bash -c 'exec 3<>/dev/tcp/127.0.0.1/6380 && printf "*1\r\n\$4\r\nPING\r\n" >&3 && head -c 5 <&3') || true
+    [ "$reply" = "+PONG" ] || die "$node: RESP answered '$reply' to PING"
+  done
+  log "gRPC and RESP answer on every node"
+}
+
 up() {
   [ -n "$CHAOS_RULES" ] || write_rules
   [ -n "${CHAOS_DIR:-}" ] || CHAOS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/drl-chaos.XXXXXX")
@@ -141,6 +159,7 @@ up() {
   compose up -d >/dev/null 2>&1 || { compose up -d; die "compose up failed"; }
   wait_ready "${NODES[@]}"
   log "3 nodes ready"
+  check_protocols "${NODES[@]}"
 }
 
 down() {

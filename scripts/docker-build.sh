@@ -48,4 +48,13 @@ cp "$BIN" deploy/dist/drl
 strip deploy/dist/drl
 docker build -q -t "$IMAGE" -f deploy/Dockerfile deploy >/dev/null 2>&1 || docker build -t "$IMAGE" -f deploy/Dockerfile deploy
 docker run --rm "$IMAGE" --version
-echo "built $IMAGE ($PROFILE, $(du -h deploy/dist/drl | cut -f1) binary)"
+SIZE=$(docker image inspect -f '{{.Size}}' "$IMAGE")
+echo "built $IMAGE ($PROFILE, $(du -h deploy/dist/drl | cut -f1) binary, image $SIZE bytes)"
+# docs/http-api.md states the release image's size; say so when a build
+# lands more than 10% away from it, so the figure is measured again.
+if [ "$PROFILE" = release ]; then
+  DOC=$(sed -n 's/.*The release image is [0-9.]* MB (\([0-9,]*\) bytes.*/\1/p' docs/http-api.md | tr -d ,)
+  if [ -n "$DOC" ] && { [ "$SIZE" -gt $((DOC * 11 / 10)) ] || [ "$SIZE" -lt $((DOC * 9 / 10)) ]; }; then
+    echo "warning: the image is $SIZE bytes; docs/http-api.md says $DOC: measure and update it" >&2
+  fi
+fi

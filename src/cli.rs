@@ -9,13 +9,36 @@
 //! - [`cluster`]: `drl cluster`, a local cluster of child processes.
 //! - [`remote`]: `drl check --node`, `drl rules get|put|validate`, over HTTP.
 //! - [`local`]: `drl check --rules`, `drl rules validate FILE`, in process.
-//! - [`load`]: `drl load`, the load generator, and [`latency`], its histogram.
+//! - [`load`]: `drl load`, the load generator, and [`latency`], its histogram;
+//!   `load_report`, what a run measured (errors with their reasons) and how
+//!   it is printed.
 //! - [`logging`]: the log format (text or JSON; colour only on a terminal).
+//! - [`doctor`]: `drl doctor`, what a running node or cluster waits for.
 //! - `drl certs`: a development CA and node certificates.
 
+/// `println!` for the long-running commands (`drl load`, `drl cluster`),
+/// which keep `SIGPIPE` ignored for their sockets: a line written to a
+/// closed stdout (`drl load | head -1`) is dropped instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that drops the line if stderr is gone, for the same commands.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub mod cluster;
+pub mod doctor;
 pub mod latency;
 pub mod load;
+mod load_report;
 pub mod local;
 pub mod logging;
 pub mod node;
@@ -28,9 +51,34 @@ use clap::{Parser, Subcommand};
 
 pub use local::{check, load_rules, validate_rules, CheckArgs};
 
-/// Why a command failed; [`execute`] prints it and exits with status 2.
+/// Exit status of `drl check` when a request was denied (429, or
+/// `denied`/`never` in process), and of `drl doctor` when a node needs
+/// attention: the command worked, the answer was no.
+pub const EXIT_DENIED: u8 = 1;
+
+/// Exit status of a command that failed (any [`CliError`] but
+/// [`CliError::Denied`]).
+pub const EXIT_ERROR: u8 = 2;
+
+/// Why a command failed; [`execute`] prints it and exits with status
+/// [`EXIT_ERROR`] ([`EXIT_DENIED`] for [`CliError::Denied`]).
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
+    /// `drl check`: some of the requests sent were denied. Not a failure
+    /// of the command, but a script must be able to tell it from an allow.
+    #[error("{denied} of {sent} requests denied")]
+    Denied {
+        /// Requests denied (429).
+        denied: u32,
+        /// Requests sent.
+        sent: u32,
+    },
+    /// `drl doctor`: some node is unreachable or not well; its lines say why.
+    #[error("{problems} problem(s) found")]
+    Attention {
+        /// Problem lines printed.
+        problems: usize,
+    },
     /// A file named on the command line could not be read.
     #[error("cannot read {path}: {source}")]
     Read {
@@ -114,6 +162,9 @@ pub enum Command {
     Certs(CertsArgs),
     /// Generate load against one or more nodes and report throughput and latency.
     Load(load::LoadArgs),
+    /// Tell what a running node or cluster is waiting for: reachable, ready
+    /// (and why not), peers, development defaults, clock offsets.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// `drl check`: exactly one of `--node` and `--rules`.
@@ -187,6 +238,33 @@ pub struct CertsArgs {
     pub if_missing: bool,
 }
 
+impl Command {
+    /// Whether the command only prints and exits (no sockets of its own that
+    /// outlive a write to stdout): `check`, `rules`, `certs`, `doctor`.
+    /// `node`, `cluster` and `load` hold connections, on which a write to a
+    /// peer that is gone must be an error, not a signal.
+    pub fn prints_and_exits(&self) -> bool {
+        matches!(
+            self,
+            Command::Check(_) | Command::Rules { .. } | Command::Certs(_) | Command::Doctor(_)
+        )
+    }
+}
+
+/// Lets a closed stdout end the process quietly, as it ends any Unix filter
+/// (`drl rules get | head -1`): restores the default action of `SIGPIPE`,
+/// which the Rust runtime sets to ignore (a write to the closed pipe would
+/// then fail, and `println!` panic). Only for commands that
+/// [print and exit](Command::prints_and_exits).
+pub fn end_quietly_on_broken_pipe() {
+    #[cfg(unix)]
+    // SAFETY: signal(2) with a valid signal number and the default handler,
+    // called from `main` before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// Runs one command to its end.
 pub fn execute(cli: Cli) -> ExitCode {
     let result = match cli.command {
@@ -212,12 +290,17 @@ pub fn execute(cli: Cli) -> ExitCode {
         },
         Command::Certs(args) => certs(&args),
         Command::Load(args) => load::run_load(&args),
+        Command::Doctor(args) => doctor::doctor(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ (CliError::Denied { .. } | CliError::Attention { .. })) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_DENIED)
+        }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(2)
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }

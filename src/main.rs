@@ -6,5 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    drl::cli::execute(drl::cli::Cli::parse())
+    let cli = drl::cli::Cli::parse();
+    if cli.command.prints_and_exits() {
+        drl::cli::end_quietly_on_broken_pipe();
+    }
+    drl::cli::execute(cli)
 }

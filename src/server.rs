@@ -86,7 +86,11 @@ pub async fn run(
         peer = %server.node().peer_addr(),
         "node started"
     );
-    server.serve(shutdown).await
+    crate::node::notices::warn_development_key_seed(&server.node().settings);
+    let waiting = tokio::spawn(crate::node::notices::log_while_waiting(server.node().api()));
+    let result = server.serve(shutdown).await;
+    waiting.abort();
+    result
 }
 
 impl Server {

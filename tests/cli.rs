@@ -87,7 +87,12 @@ fn rules_validate_and_check_work_offline() {
         "--repeat",
         "11",
     ]);
-    assert!(o.status.success(), "{o:?}");
+    // A denial is an answer, not an error: exit status 1, not 0 or 2.
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("1 of 11 requests denied"),
+        "{o:?}"
+    );
     let out = stdout(&o);
     assert!(
         out.contains("10: allowed") && out.contains("11: denied"),
@@ -146,13 +151,25 @@ fn a_node_serves_checks_admin_and_load_then_stops_on_sigterm() {
         "--repeat",
         "4",
     ]);
-    assert!(o.status.success(), "{o:?}");
+    assert_eq!(o.status.code(), Some(1), "a 429 exits 1: {o:?}");
     let out = stdout(&o);
     assert!(
         out.contains("1: 200 allowed") && out.contains("4: 429 denied"),
         "{out}"
     );
     assert!(out.contains("retry-after:"), "{out}");
+    let o = drl(&[
+        "check",
+        "--node",
+        &url,
+        "-f",
+        "user=alice",
+        "-f",
+        "endpoint=/v1/login",
+        "-f",
+        "ip=10.0.0.2",
+    ]);
+    assert!(o.status.success(), "allowed exits 0: {o:?}");
 
     let o = drl(&["rules", "get", "--node", &url]);
     assert_eq!(o.status.code(), Some(2), "no token: refused");
@@ -237,9 +254,16 @@ fn the_example_node_config_is_valid() {
     let file = drl::node::NodeFile::load(&path).unwrap();
     let settings = file.settings(path.parent().unwrap()).unwrap();
     assert_eq!(settings.listen_http.port(), 8400);
-    // The example shows the defaults.
+    // The rules file it names exists beside it and is valid.
+    let rules = std::fs::read_to_string(&settings.rules).unwrap();
+    drl_core::rules::RuleSet::from_toml(&rules).unwrap();
+    // The example shows the defaults, but for the rules file's name.
+    let shown = drl::node::NodeFile {
+        rules: "rules.toml".into(),
+        ..file
+    };
     assert_eq!(
-        format!("{file:?}"),
+        format!("{shown:?}"),
         format!("{:?}", drl::node::NodeFile::default())
     );
 }

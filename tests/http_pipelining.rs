@@ -218,3 +218,82 @@ async fn h2c_is_off_by_default() {
     assert!(node.api.is_ready());
     node.shutdown().await;
 }
+
+/// Everything the server writes until it closes the connection (or 10 s).
+async fn read_until_closed(s: &mut TcpStream) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
+
+fn statuses(text: &str) -> Vec<&str> {
+    text.match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i + 9..i + 12])
+        .collect()
+}
+
+async fn valid_requests_then_garbage(http2: bool, garbage: &str) {
+    let node = TestNode::start(http2).await;
+    let mut s = TcpStream::connect(node.addr).await.unwrap();
+    let batch = [
+        check_request("carol", 1),
+        check_request("carol", 1),
+        garbage.to_owned(),
+    ]
+    .concat();
+    s.write_all(batch.as_bytes()).await.unwrap();
+    let (text, closed) = read_until_closed(&mut s).await;
+    assert_eq!(
+        statuses(&text),
+        ["200", "200", "400"],
+        "{garbage:?}: {text}"
+    );
+    assert!(
+        closed,
+        "{garbage:?}: the connection stays open after the 400: {text}"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_requests_followed_by_garbage_are_answered_then_400_then_close() {
+    for garbage in [
+        "GARBAGE\r\n\r\n",
+        "\x00\x01\x02 not http at all\r\n\r\n",
+        "GET /v1/allow?user=x HTTP/1.1\r\nbad header line\r\n\r\n",
+    ] {
+        valid_requests_then_garbage(false, garbage).await;
+        valid_requests_then_garbage(true, garbage).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_heads_get_a_400_not_a_silent_close() {
+    let node = TestNode::start(false).await;
+    for head in [
+        "GARBAGE\r\n\r\n",
+        "GET\r\n\r\n",
+        "GET / HTTP/9.9\r\n\r\n",
+        "GET / HTTP/1.1\r\nno-colon\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: x\r\ncontent-length: nope\r\n\r\n",
+        "GET / HTTP/1.1\r\nhost: x\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+        "G\x01T / HTTP/1.1\r\n\r\n",
+        "GET /\x7f HTTP/1.1\r\n\r\n",
+        "\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\nhost x\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (text, closed) = read_until_closed(&mut s).await;
+        assert!(text.starts_with("HTTP/1.1 400"), "{head:?}: {text:?}");
+        assert!(closed, "{head:?}: not closed after the 400");
+    }
+    node.shutdown().await;
+}

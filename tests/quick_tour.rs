@@ -50,22 +50,34 @@ struct Cluster {
     dir: PathBuf,
     http_base: u16,
     grpc_base: u16,
+    resp_base: Option<u16>,
     banner: String,
 }
 
 impl Cluster {
     fn start(name: &str, nodes: u16) -> Cluster {
+        Cluster::start_with(name, nodes, false)
+    }
+
+    /// With `resp`, every node also serves RESP (`--resp-base-port`).
+    fn start_with(name: &str, nodes: u16, resp: bool) -> Cluster {
         let dir = std::env::temp_dir().join(format!("drl-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let http_base = free_ports(nodes.into());
         let peer_base = free_ports(nodes.into());
         let grpc_base = free_ports(nodes.into());
-        let mut child = Command::new(DRL)
+        let resp_base = resp.then(|| free_ports(nodes.into()));
+        let mut command = Command::new(DRL);
+        command
             .args(["cluster", "--nodes", &nodes.to_string(), "--dir"])
             .arg(&dir)
             .args(["--base-port", &http_base.to_string()])
             .args(["--peer-base-port", &peer_base.to_string()])
-            .args(["--grpc-base-port", &grpc_base.to_string()])
+            .args(["--grpc-base-port", &grpc_base.to_string()]);
+        if let Some(p) = resp_base {
+            command.args(["--resp-base-port", &p.to_string()]);
+        }
+        let mut child = command
             .args(["--admin-token", TOKEN])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -84,6 +96,7 @@ impl Cluster {
             dir,
             http_base,
             grpc_base,
+            resp_base,
             banner: String::new(),
         };
         // Generous: three nodes start on a loaded two-core machine.
@@ -361,4 +374,158 @@ fn alerts_and_dashboard_query_metrics_the_nodes_export() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// One RESP command over a raw TCP connection, as `redis-cli` sends it;
+/// the reply's text, as far as it has arrived within a second.
+fn resp_command(port: u16, args: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut request = format!("*{}\r\n", args.len());
+    for a in args {
+        request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(request.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        // A simple reply ends with its line; an array of 5 integers with
+        // its sixth.
+        let text = String::from_utf8_lossy(&got);
+        if (text.starts_with('-') || text.starts_with('+')) && text.ends_with("\r\n")
+            || text.matches("\r\n").count() >= 6
+        {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// A first contact on every protocol of a `drl cluster` with the sample
+/// rules: README's curl, an Envoy RLS call with a real gRPC client, a RESP
+/// call as `redis-cli` makes it; and a request the sample's `endpoints`
+/// allow-list does not cover is refused on each of them, and by `drl load`,
+/// with words that name the list's line and what to change.
+#[test]
+fn first_contact_works_on_every_protocol_and_refusals_say_what_to_change() {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+        rate_limit_descriptor::Entry, RateLimitDescriptor,
+    };
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
+    use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+    use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+
+    curl_present();
+    let cluster = Cluster::start_with("first-contact", 1, true);
+    let line = include_str!("../deploy/rules.example.toml")
+        .lines()
+        .position(|l| l.starts_with("endpoints = "))
+        .expect("the sample rules have an allow-list")
+        + 1;
+    let says_what_to_change = |text: &str| {
+        text.contains(&format!("`endpoints` allow-list (line {line})"))
+            && text.contains("remove the list")
+    };
+    let http = cluster.http_base;
+
+    // HTTP: README's request, then one outside the allow-list.
+    let tour = run_shell(&format!(
+        "curl -s -X POST http://127.0.0.1:{http}/v1/check -d '{{\"user\":\"bob\",\"endpoint\":\"/v1/search\"}}'"
+    ));
+    assert!(tour.contains("\"allowed\":true"), "{tour}");
+    let refused = run_shell(&format!(
+        "curl -s -w ' %{{http_code}}' -X POST http://127.0.0.1:{http}/v1/check -d '{{\"user\":\"bob\",\"endpoint\":\"/v2/other\"}}'"
+    ));
+    assert!(refused.ends_with(" 400"), "{refused}");
+    assert!(says_what_to_change(&refused), "{refused}");
+
+    // gRPC: Envoy's rate limit service with a tonic client.
+    let grpc = format!("http://127.0.0.1:{}", cluster.grpc_base);
+    let descriptor = |entries: &[(&str, &str)]| RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: (*k).into(),
+                value: (*v).into(),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ok, refused) = rt.block_on(async {
+        let mut client = RateLimitServiceClient::connect(grpc).await.unwrap();
+        let ok = client
+            .should_rate_limit(RateLimitRequest {
+                domain: "edge".into(),
+                descriptors: vec![descriptor(&[("endpoint", "/v1/search"), ("user", "carol")])],
+                hits_addend: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Envoy's generic descriptors carry no `endpoint`.
+        let refused = client
+            .should_rate_limit(RateLimitRequest {
+                domain: "edge".into(),
+                descriptors: vec![descriptor(&[("remote_address", "10.0.0.1")])],
+                hits_addend: 1,
+            })
+            .await
+            .unwrap_err();
+        (ok, refused)
+    });
+    assert_eq!(ok.overall_code, Code::Ok as i32, "{ok:?}");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(says_what_to_change(refused.message()), "{refused:?}");
+
+    // RESP, as redis-cli sends it.
+    let resp = cluster.resp_base.unwrap();
+    let allowed = resp_command(
+        resp,
+        &["DRL.CHECK", "endpoint", "/v1/search", "user", "dave"],
+    );
+    assert!(
+        allowed.starts_with("*5\r\n:1\r\n"),
+        "1: allowed: {allowed:?}"
+    );
+    // README's redis-cell line: its own limit, not the rules' allow-list.
+    let cell = resp_command(resp, &["CL.THROTTLE", "user123", "15", "30", "60"]);
+    assert!(cell.starts_with("*5\r\n:0\r\n:16\r\n:15\r\n"), "{cell:?}");
+    let refused = resp_command(resp, &["DRL.CHECK", "user", "dave"]);
+    assert!(refused.starts_with("-ERR "), "{refused:?}");
+    assert!(says_what_to_change(&refused), "{refused:?}");
+
+    // drl load with its defaults sends no endpoint: every request is an
+    // error, and the summary says why.
+    let out = Command::new(DRL)
+        .args(["load", "--node", &format!("http://127.0.0.1:{http}")])
+        .args([
+            "--connections",
+            "2",
+            "--duration",
+            "500ms",
+            "--progress",
+            "0s",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let reason = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("error ("))
+        .unwrap_or_else(|| panic!("no error reason in:\n{text}"));
+    assert!(
+        reason.contains("400: the request has no `endpoint`"),
+        "{reason}"
+    );
+    assert!(says_what_to_change(reason), "{reason}");
 }

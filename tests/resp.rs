@@ -43,6 +43,7 @@ fn scratch(name: &str, size: u16) -> PathBuf {
 
 struct TestNode {
     resp: SocketAddr,
+    http: SocketAddr,
     peer: String,
     api: NodeApi,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -58,6 +59,7 @@ impl TestNode {
         };
         let node = Server::start(file.settings(dir).unwrap()).await.unwrap();
         let resp = node.resp_addr().expect("RESP listener configured");
+        let http = node.http_addr();
         let peer = node.node().peer_addr().to_string();
         let api = node.node().api();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -66,6 +68,7 @@ impl TestNode {
         }));
         TestNode {
             resp,
+            http,
             peer,
             api,
             stop: Some(stop),
@@ -285,6 +288,32 @@ async fn drl_check_uses_the_rules() {
         .await
         .unwrap();
     assert_eq!(free, [1, -1, -1, -1, -1]);
+    // Monitoring sees them as RESP decisions, by result and rule.
+    let metrics = drl::http::client::Connection::open_addr(node.http)
+        .await
+        .unwrap()
+        .get("/metrics")
+        .await
+        .unwrap()
+        .text();
+    let decisions = |result: &str, rule: &str| {
+        let series = format!(
+            "drl_decisions_total{{result=\"{result}\",rule=\"{rule}\",protocol=\"resp\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {series}in\n{metrics}"))
+    };
+    assert_eq!(decisions("allowed", "search"), 2);
+    assert_eq!(decisions("denied", "search"), 1);
+    assert_eq!(decisions("never", "search"), 1);
+    assert_eq!(decisions("allowed", ""), 1);
+    assert!(
+        metrics.contains("drl_decision_duration_seconds_count{protocol=\"resp\"} 5"),
+        "{metrics}"
+    );
     node.shutdown().await;
 }
 

@@ -8,7 +8,11 @@
 //! and its response carries the rate-limit fields too. A gRPC request
 //! (`content-type: application/grpc...`) is refused the gRPC way instead:
 //! status 200 with `grpc-status: 8` (resource exhausted) and the same
-//! fields.
+//! fields. A request that cannot be checked (a malformed descriptor, an
+//! endpoint the rules' `endpoints` list does not name) gets `400` (gRPC:
+//! `grpc-status: 3`) with the reason in [`ERROR_HEADER`] (`x-drl-error`),
+//! which names the rules file's line to change: the layer cannot write a
+//! body of the wrapped service's own type.
 //!
 //! The decider is a [`Client`] (remote or embedded) or an in-process
 //! [`Limiter`] (`Arc<Limiter>`).
@@ -173,7 +177,11 @@ where
                     rate_limit_headers(response.headers_mut(), &d);
                     Ok(response)
                 }
-                Err(ClientError::Refused(_)) => Ok(refusal(StatusCode::BAD_REQUEST, grpc, 3)),
+                Err(ClientError::Refused(why)) => {
+                    let mut response = refusal(StatusCode::BAD_REQUEST, grpc, 3);
+                    explain(&mut response, grpc, &why);
+                    Ok(response)
+                }
                 Err(_) => {
                     let mut response = refusal(StatusCode::SERVICE_UNAVAILABLE, grpc, 14);
                     response
@@ -184,6 +192,29 @@ where
             }
         })
     }
+}
+
+/// The header that says why a request could not be checked (an endpoint
+/// the rules do not list, a malformed descriptor): the layer cannot write a
+/// body of the wrapped service's type, so the reason goes in a header (and
+/// in `grpc-message` for gRPC).
+pub const ERROR_HEADER: &str = "x-drl-error";
+
+/// Puts `why` on a refusal: [`ERROR_HEADER`], and `grpc-message` for gRPC.
+/// Bytes a header cannot carry are replaced.
+fn explain<B>(response: &mut Response<B>, grpc: bool, why: &str) {
+    let text: String = why
+        .chars()
+        .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+        .collect();
+    let Ok(value) = HeaderValue::try_from(text) else {
+        return;
+    };
+    let h = response.headers_mut();
+    if grpc {
+        h.insert("grpc-message", value.clone());
+    }
+    h.insert(ERROR_HEADER, value);
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -360,6 +391,38 @@ mod tests {
         std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
         let r = svc.call(b.body(String::new()).unwrap()).await.unwrap();
         assert_eq!(r.status(), 400);
+    }
+
+    #[tokio::test]
+    async fn an_unlisted_endpoint_is_refused_with_what_to_change() {
+        let rules = RuleSet::from_toml(
+            "endpoints = [\"/v1/search\"]\n[[rules]]\nname = \"r\"\nmatch = {}\n\
+             limits = [ { algorithm = \"fixed_window\", limit = 2, window = \"1h\" } ]\n",
+        )
+        .unwrap();
+        let l = Arc::new(Limiter::new(rules, LimiterConfig::default()).unwrap());
+        let mut svc = RateLimitLayer::new(l, |_: &http::request::Parts| {
+            Some(vec![("endpoint".into(), "/other".into())])
+        })
+        .layer(Echo);
+        for grpc in [false, true] {
+            let mut b = Request::builder().uri("/other");
+            if grpc {
+                b = b.header("content-type", "application/grpc");
+            }
+            std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+            let r = svc.call(b.body(String::new()).unwrap()).await.unwrap();
+            assert_eq!(r.status(), if grpc { 200 } else { 400 });
+            let why = r.headers()[ERROR_HEADER].to_str().unwrap().to_owned();
+            assert!(
+                why.contains("\"/other\"") && why.contains("`endpoints` allow-list (line 1)"),
+                "{why}"
+            );
+            if grpc {
+                assert_eq!(r.headers()["grpc-status"], "3");
+                assert_eq!(r.headers()["grpc-message"].to_str().unwrap(), why);
+            }
+        }
     }
 
     #[test]

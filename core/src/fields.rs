@@ -11,7 +11,10 @@
 //! ```
 //!
 //! Seconds are whole and rounded up, so a client that waits the advertised
-//! time never comes back too early. `w` is at least 1.
+//! time never comes back too early. `w` is at least 1, and `t` never exceeds
+//! `w`: the quota of a window is whole again within one window, and a `t`
+//! rounded up past it (a 1.2 s reset of a 1 s window) would tell a client a
+//! reset later than the policy it states.
 
 use crate::limiter::{Outcome, QuotaState};
 use crate::time::Nanos;
@@ -33,7 +36,8 @@ impl RateLimitFields {
     /// `rule`.
     pub fn new(outcome: Outcome, rule: &str, q: &QuotaState) -> Self {
         let name = sf_string(rule);
-        let policy = format!("{name};q={};w={}", q.limit, window_secs(q.period));
+        let w = window_secs(q.period);
+        let policy = format!("{name};q={};w={w}", q.limit);
         if outcome == Outcome::Never {
             return RateLimitFields {
                 policy,
@@ -44,7 +48,7 @@ impl RateLimitFields {
         let ratelimit = format!(
             "{name};r={};t={}",
             q.remaining,
-            q.reset_after.as_secs_ceil()
+            q.reset_after.as_secs_ceil().min(w)
         );
         RateLimitFields {
             policy,
@@ -111,9 +115,23 @@ mod tests {
 
     #[test]
     fn denied_rounds_retry_after_up() {
-        let f = RateLimitFields::new(Outcome::Denied, "r", &quota(0, 3000, 2001));
+        let f = RateLimitFields::new(Outcome::Denied, "r", &quota(0, 1200, 2001));
         assert_eq!(f.retry_after, Some(3));
-        assert_eq!(f.ratelimit.as_deref(), Some("\"r\";r=0;t=3"));
+        assert_eq!(f.ratelimit.as_deref(), Some("\"r\";r=0;t=2"));
+    }
+
+    #[test]
+    fn the_reset_never_exceeds_the_window() {
+        // A 1.5 s window states w=2; a reset 3 s away would round to t=3.
+        let f = RateLimitFields::new(Outcome::Denied, "r", &quota(0, 3000, 2001));
+        assert_eq!(f.policy, "\"r\";q=10;w=2");
+        assert_eq!(f.ratelimit.as_deref(), Some("\"r\";r=0;t=2"));
+        // The issue's case: a 1 s window whose reset is 1.2 s away.
+        let mut q = quota(0, 1200, 0);
+        q.period = Nanos::from_secs(1);
+        let f = RateLimitFields::new(Outcome::Allowed, "r", &q);
+        assert_eq!(f.policy, "\"r\";q=10;w=1");
+        assert_eq!(f.ratelimit.as_deref(), Some("\"r\";r=0;t=1"));
     }
 
     #[test]

@@ -106,6 +106,23 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
     {
         return Err(CliError::Usage("ports out of range".into()));
     }
+    let mut ports = Vec::new();
+    for slot in 0..args.nodes {
+        ports.push((Proto::Tcp, args.base_port + slot, "HTTP (--base-port)"));
+        ports.push((Proto::Udp, peer_base + slot, "peer (--peer-base-port)"));
+        ports.push((Proto::Tcp, grpc_base + slot, "gRPC (--grpc-base-port)"));
+        if let Some(p) = args.resp_base_port {
+            ports.push((Proto::Tcp, p + slot, "RESP (--resp-base-port)"));
+        }
+    }
+    let taken = ports_taken(&ports);
+    if !taken.is_empty() {
+        return Err(CliError::Usage(format!(
+            "ports already in use: {} (another `drl cluster` or program holds them; stop it, \
+             or choose other ports with --base-port, --peer-base-port, --grpc-base-port)",
+            taken.join(", ")
+        )));
+    }
     let dir = std::path::absolute(cluster_dir(args))?;
     std::fs::create_dir_all(dir.join("data"))?;
     crate::net::generate_dev_certs(
@@ -189,12 +206,73 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
     })
 }
 
+/// A port's transport, for [`ports_taken`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// The ports of `ports` that cannot be bound on 127.0.0.1 now, as
+/// `"8400/tcp (HTTP (--base-port))"`. Checked before any child starts: a
+/// child that cannot bind would exit, while another program answering on
+/// its port could pass for it being ready.
+fn ports_taken(ports: &[(Proto, u16, &'static str)]) -> Vec<String> {
+    ports
+        .iter()
+        .filter(|(proto, port, _)| {
+            let at = ("127.0.0.1", *port);
+            match proto {
+                Proto::Tcp => std::net::TcpListener::bind(at).is_err(),
+                Proto::Udp => std::net::UdpSocket::bind(at).is_err(),
+            }
+        })
+        .map(|(proto, port, what)| {
+            let p = if *proto == Proto::Tcp { "tcp" } else { "udp" };
+            format!("{port}/{p} ({what})")
+        })
+        .collect()
+}
+
+/// Copies each line a child writes to `from` onto this process's stderr,
+/// prefixed with the child's node name, so the logs of several nodes can be
+/// told apart. Lines are written whole; a closed stderr drops them.
+fn relay_lines(name: String, from: impl Read + Send + 'static) {
+    use std::io::{BufRead, BufReader, Write};
+    let thread_name = format!("{name}-log");
+    let spawned = std::thread::Builder::new()
+        .name(thread_name.clone())
+        .spawn(move || {
+            let mut lines = BufReader::new(from);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match lines.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let mut out = format!("{name} | ").into_bytes();
+                        out.extend_from_slice(&line);
+                        if !out.ends_with(b"\n") {
+                            out.push(b'\n');
+                        }
+                        let _ = std::io::stderr().lock().write_all(&out);
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        errln!("{thread_name}: cannot relay the logs: {e}");
+    }
+}
+
 fn spawn(exe: &Path, config: &Path) -> Result<Child, CliError> {
     let mut cmd = Command::new(exe);
     cmd.arg("node")
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         // The child must read its config, not ours.
         .env_remove("DRL_CONFIG");
     #[cfg(target_os = "linux")]
@@ -210,7 +288,17 @@ fn spawn(exe: &Path, config: &Path) -> Result<Child, CliError> {
             });
         }
     }
-    Ok(cmd.spawn()?)
+    let mut child = cmd.spawn()?;
+    let name = config
+        .file_stem()
+        .map_or_else(|| "node".to_owned(), |s| s.to_string_lossy().into_owned());
+    if let Some(out) = child.stdout.take() {
+        relay_lines(name.clone(), out);
+    }
+    if let Some(err) = child.stderr.take() {
+        relay_lines(name, err);
+    }
+    Ok(child)
 }
 
 fn terminate(child: &Child) {
@@ -397,7 +485,7 @@ pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
                     for (i, c) in children.iter_mut().enumerate() {
                         if let Some(status) = c.try_wait()? {
                             if let Some(delay) = supervisor.exited(i, now) {
-                                eprintln!(
+                                errln!(
                                     "node-{i} exited on its own ({status}); starting it again in {delay:?}"
                                 );
                             }
@@ -408,11 +496,11 @@ pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
                             Ok(c) => {
                                 children[i] = c;
                                 supervisor.started(i, now);
-                                eprintln!("node-{i} started again");
+                                errln!("node-{i} started again");
                             }
                             Err(e) => {
                                 let delay = supervisor.retry(i, now);
-                                eprintln!("node-{i} could not be started again ({e}); next try in {delay:?}");
+                                errln!("node-{i} could not be started again ({e}); next try in {delay:?}");
                             }
                         }
                     }
@@ -420,31 +508,31 @@ pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
             }
         }
     });
-    eprintln!("stopping {} nodes...", children.len());
+    errln!("stopping {} nodes...", children.len());
     stop_all(&mut children, Duration::from_secs(15));
-    eprintln!("all nodes stopped");
+    errln!("all nodes stopped");
     outcome
 }
 
 fn print_banner(args: &ClusterArgs, plan: &Plan) {
-    println!("\n{} nodes ready:", plan.http.len());
+    outln!("\n{} nodes ready:", plan.http.len());
     for (i, ((url, grpc), resp)) in plan.http.iter().zip(&plan.grpc).zip(&plan.resp).enumerate() {
-        println!("  node-{i}  {url}  {grpc}{resp}");
+        outln!("  node-{i}  {url}  {grpc}{resp}");
     }
     let first = &plan.http[0];
-    println!("\nfiles: {}", cluster_dir(args).display());
-    println!("admin token: {}", plan.token);
-    println!("\ntry:");
-    println!(
+    outln!("\nfiles: {}", cluster_dir(args).display());
+    outln!("admin token: {}", plan.token);
+    outln!("\ntry:");
+    outln!(
         "  curl -si -X POST {first}/v1/check -d '{{\"user\":\"alice\",\"endpoint\":\"/v1/search\"}}'"
     );
-    println!("  curl -s '{first}/v1/allow?user=bob&endpoint=/v1/search'");
-    println!(
+    outln!("  curl -s '{first}/v1/allow?user=bob&endpoint=/v1/search'");
+    outln!(
         "  curl -s -H 'Authorization: Bearer {}' {first}/v1/rules",
         plan.token
     );
-    println!("  curl -s {first}/metrics | grep drl_decisions");
-    println!("\nCtrl-C stops the cluster.");
+    outln!("  curl -s {first}/metrics | grep drl_decisions");
+    outln!("\nCtrl-C stops the cluster.");
 }
 
 #[cfg(test)]

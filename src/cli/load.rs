@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::latency::LatencyHistogram;
+pub use super::load_report::LoadReport;
+use super::load_report::{print_report, refusal_reason, Progress};
 use super::{parse_fields, CliError};
 use crate::http::client::{authority, Connection};
 
@@ -71,40 +72,13 @@ pub struct LoadArgs {
     /// `CL.THROTTLE`'s max_burst, count_per_period and period with --resp.
     #[arg(long, default_value = "99 10 1")]
     pub cell: String,
-}
-
-/// What one run measured.
-#[derive(Clone, Default)]
-pub struct LoadReport {
-    /// From the start of the load (connections already open) until every
-    /// connection stopped.
-    pub elapsed: Duration,
-    /// Answers 200: the request was allowed.
-    pub allowed: u64,
-    /// Answers 429: the request was denied.
-    pub denied: u64,
-    /// Answers other than 200 and 429, and failed exchanges.
-    pub errors: u64,
-    /// Latency of every answered request, in nanoseconds, measured from when
-    /// the request was due (see the module docs).
-    pub latency: LatencyHistogram,
-}
-
-impl LoadReport {
-    /// Requests that got a decision, allowed or denied; errors excluded.
-    pub fn decisions(&self) -> u64 {
-        self.allowed + self.denied
-    }
-    /// Decisions per second of [`elapsed`](Self::elapsed).
-    pub fn per_second(&self) -> f64 {
-        self.decisions() as f64 / self.elapsed.as_secs_f64().max(1e-9)
-    }
-    fn merge(&mut self, other: &LoadReport) {
-        self.allowed += other.allowed;
-        self.denied += other.denied;
-        self.errors += other.errors;
-        self.latency.merge(&other.latency);
-    }
+    /// Longest wait for one answer; a request not answered by then counts as
+    /// an error (`timeout`) and its connection is opened again.
+    #[arg(long, default_value = "2s")]
+    pub timeout: String,
+    /// Print a progress line to stderr every this long ("0s": never).
+    #[arg(long, default_value = "1s")]
+    pub progress: String,
 }
 
 /// A small, seeded generator (SplitMix64): the same seed draws the same users.
@@ -144,47 +118,6 @@ pub fn run_load(args: &LoadArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn print_report(args: &LoadArgs, r: &LoadReport) {
-    let us = |q: f64| r.latency.quantile(q) as f64 / 1000.0;
-    println!(
-        "{} connections to {} node(s) for {:.1}s{}",
-        args.connections,
-        args.node.len(),
-        r.elapsed.as_secs_f64(),
-        args.rate
-            .map(|x| format!(" at a target of {x:.0}/s"))
-            .unwrap_or_default()
-    );
-    println!(
-        "decisions: {} ({:.0}/s)  allowed: {}  denied: {}  errors: {}",
-        r.decisions(),
-        r.per_second(),
-        r.allowed,
-        r.denied,
-        r.errors
-    );
-    println!(
-        "latency: p50 {:.0}us  p90 {:.0}us  p99 {:.0}us  p99.9 {:.0}us  max {:.0}us",
-        us(0.5),
-        us(0.9),
-        us(0.99),
-        us(0.999),
-        r.latency.max() as f64 / 1000.0
-    );
-    // One line for scripts.
-    println!(
-        "result: decisions_per_sec={:.0} allowed={} denied={} errors={} p50_us={:.1} p90_us={:.1} p99_us={:.1} p999_us={:.1}",
-        r.per_second(),
-        r.allowed,
-        r.denied,
-        r.errors,
-        us(0.5),
-        us(0.9),
-        us(0.99),
-        us(0.999)
-    );
-}
-
 /// Runs the load and returns what it measured.
 pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     if args.connections == 0 || args.node.is_empty() {
@@ -203,6 +136,15 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
         Some(r) => return Err(CliError::Usage(format!("--rate must be positive, got {r}"))),
         None => None,
     };
+    let timeout: Duration = drl_core::time::parse_duration(&args.timeout)
+        .map_err(|e| CliError::Usage(format!("--timeout: {e}")))?
+        .into();
+    if timeout.is_zero() {
+        return Err(CliError::Usage("--timeout must be above 0".into()));
+    }
+    let progress_every: Duration = drl_core::time::parse_duration(&args.progress)
+        .map_err(|e| CliError::Usage(format!("--progress: {e}")))?
+        .into();
     if args.resp {
         return resp_load(args, duration, rate).await;
     }
@@ -229,6 +171,14 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     let start = Instant::now();
     let deadline = start + duration;
     let turns = Pacer::start(rate, conns.len(), start, deadline)?;
+    let progress = Arc::new(Progress::default());
+    if !progress_every.is_zero() {
+        tokio::spawn(
+            progress
+                .clone()
+                .print_every(progress_every, start, stop.clone()),
+        );
+    }
     let mut tasks = Vec::with_capacity(conns.len());
     for ((i, mut conn), mut turn) in conns.into_iter().enumerate().zip(turns) {
         let host = conn.host().to_owned();
@@ -236,6 +186,7 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
         let user_key = user_key.clone();
         let keys = args.keys;
         let stop = stop.clone();
+        let progress = progress.clone();
         let mut rng = SplitMix(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
         tasks.push(tokio::spawn(async move {
             let mut report = LoadReport::default();
@@ -262,29 +213,43 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
                         body.clone(),
                     )));
                 let Ok(request) = request else {
-                    report.errors += 1;
+                    report.error("request could not be built");
                     break;
                 };
-                match conn.send(request).await {
-                    Ok(status) => {
+                let failure = match tokio::time::timeout(timeout, conn.send(request)).await {
+                    Ok(Ok((status, body))) => {
                         last_answer = Instant::now();
                         let took = last_answer.duration_since(scheduled);
                         report
                             .latency
                             .record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
                         match status {
-                            200 => report.allowed += 1,
-                            429 => report.denied += 1,
-                            _ => report.errors += 1,
+                            200 => {
+                                report.allowed += 1;
+                                progress.allowed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            429 => {
+                                report.denied += 1;
+                                progress.denied.fetch_add(1, Ordering::Relaxed);
+                            }
+                            _ => {
+                                report.error(&refusal_reason(status, body.as_deref()));
+                                progress.errors.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
+                        None
                     }
-                    Err(_) => {
-                        report.errors += 1;
-                        // A broken connection: open a new one, or give up.
-                        match Connection::open(&host).await {
-                            Ok(c) => conn = c,
-                            Err(_) => break,
-                        }
+                    Ok(Err(e)) => Some(format!("connection: {e}")),
+                    Err(_) => Some(format!("timeout: no answer within {timeout:?}")),
+                };
+                if let Some(reason) = failure {
+                    report.error(&reason);
+                    progress.errors.fetch_add(1, Ordering::Relaxed);
+                    last_answer = Instant::now();
+                    // A broken or stuck connection: open a new one, or give up.
+                    match tokio::time::timeout(timeout, Connection::open(&host)).await {
+                        Ok(Ok(c)) => conn = c,
+                        _ => break,
                     }
                 }
             }

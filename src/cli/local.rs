@@ -66,8 +66,12 @@ pub fn check(args: &CheckArgs) -> Result<(), CliError> {
         .collect::<Result<Vec<_>, _>>()?;
     let d = Descriptors::new(&pairs).map_err(drl_core::limiter::CheckError::from)?;
     let limiter = Limiter::new(rules, LimiterConfig::default())?;
+    let mut denied = 0;
     for i in 1..=args.repeat {
         let decision = limiter.check(&d, args.cost)?;
+        if !decision.is_allowed() {
+            denied += 1;
+        }
         let verdict = match decision.outcome {
             Outcome::Allowed => "allowed",
             Outcome::Denied => "denied",
@@ -90,5 +94,11 @@ pub fn check(args: &CheckArgs) -> Result<(), CliError> {
             ),
         }
     }
-    Ok(())
+    match denied {
+        0 => Ok(()),
+        denied => Err(CliError::Denied {
+            denied,
+            sent: args.repeat,
+        }),
+    }
 }

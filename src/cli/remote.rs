@@ -17,7 +17,8 @@ pub struct AdminArgs {
     pub token: Option<String>,
 }
 
-/// `drl check --node URL -f name=value ...`: one `POST /v1/check` per repeat.
+/// `drl check --node URL -f name=value ...`: one `POST /v1/check` per
+/// repeat; [`CliError::Denied`] if any was answered 429.
 pub fn check(node: &str, args: &CheckCommand) -> Result<(), CliError> {
     let fields = parse_fields(&args.fields)?;
     let mut body = serde_json::Map::new();
@@ -28,14 +29,24 @@ pub fn check(node: &str, args: &CheckCommand) -> Result<(), CliError> {
     let body = serde_json::Value::Object(body).to_string();
     runtime()?.block_on(async {
         let mut conn = Connection::open(node).await?;
+        let mut denied = 0;
         for i in 1..=args.repeat {
             let answer = conn.post_json("/v1/check", &body).await?;
-            print_decision(i, &answer);
-            if answer.status != 200 && answer.status != 429 {
-                return Err(refused(&answer));
+            match answer.status {
+                200 => {}
+                429 => denied += 1,
+                // A refusal is no decision: its reason is the error.
+                _ => return Err(refused(&answer)),
             }
+            print_decision(i, &answer);
         }
-        Ok(())
+        match denied {
+            0 => Ok(()),
+            denied => Err(CliError::Denied {
+                denied,
+                sent: args.repeat,
+            }),
+        }
     })
 }
 

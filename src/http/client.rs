@@ -196,16 +196,29 @@ impl Connection {
     }
 
     /// Sends a request built by the caller (the load generator) and returns
-    /// the answer's status, discarding the body.
-    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> Result<u16, ClientError> {
+    /// the answer's status, with its body when the status is neither 200
+    /// nor 429 (a refusal says why in it); other bodies are discarded.
+    pub async fn send(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(u16, Option<Vec<u8>>), ClientError> {
         self.send.ready().await?;
         let answer = self.send.send_request(request).await?;
         let status = answer.status().as_u16();
         let mut body = answer.into_body();
-        while let Some(frame) = body.frame().await {
-            frame?;
+        if status == 200 || status == 429 {
+            while let Some(frame) = body.frame().await {
+                frame?;
+            }
+            return Ok((status, None));
         }
-        Ok(status)
+        let bytes = Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Malformed(format!("body: {e}")))?
+            .to_bytes()
+            .to_vec();
+        Ok((status, Some(bytes)))
     }
 
     async fn exchange(&mut self, request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {

@@ -186,6 +186,9 @@ struct NotARefusal;
 #[derive(Serialize)]
 struct Readiness {
     ready: bool,
+    /// Why the node is not ready, and what to change; absent once ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
     /// The last reload of the rules file failed (the rules in force stay).
     rules_file_error: Option<String>,
     live_peers: usize,
@@ -195,8 +198,11 @@ struct Readiness {
 async fn readyz(State(state): State<AppState>) -> Response {
     let ready = state.service.node().is_ready();
     let status = state.service.node().status();
+    let reason =
+        crate::node::notices::waiting_reason(&state.service.node().settings, &status, ready);
     let body = Readiness {
         ready,
+        reason,
         rules_file_error: status.rules_file_error,
         live_peers: status.live.len(),
         known_peers: status.known.len(),

@@ -211,8 +211,12 @@ fn serve_thread(
 /// Serves one connection until it closes, is idle too long, or the server
 /// drains (then the request in flight finishes and the connection closes).
 ///
-/// HTTP/1.1 requests pipelined on a connection are answered in order, and
-/// answers ready together leave in one write (`pipeline_flush`). With
+/// HTTP/1.1 requests pipelined on a connection are answered in order. A
+/// request head that does not parse gets a 400 and the connection closes,
+/// after every request before it on the connection was answered. hyper's
+/// `pipeline_flush` is off: it holds answers back while unread bytes wait
+/// in the read buffer, and bytes that never parse stay there, so the
+/// answers before them and the 400 were dropped with the connection. With
 /// `http2`, a connection that opens with the HTTP/2 preface is served as
 /// h2c (prior knowledge); any other as HTTP/1.1.
 async fn serve_connection(
@@ -264,7 +268,7 @@ async fn serve_connection(
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .keep_alive(true)
-            .pipeline_flush(true);
+            .pipeline_flush(false);
         builder
             .http2()
             .timer(TokioTimer::new())
@@ -276,7 +280,7 @@ async fn serve_connection(
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_timeout)
             .keep_alive(true)
-            .pipeline_flush(true);
+            .pipeline_flush(false);
         drive!(builder.serve_connection(io, service));
     }
 }

@@ -176,6 +176,7 @@ impl NodeCollector {
             ("peer_handshakes_refused_per_source", "Connection attempts refused because their source IP had too many handshakes in flight.", Counter(a.refused_per_source)),
             ("peer_handshakes_failed", "Incoming handshakes that failed or timed out.", Counter(a.failed)),
             ("snapshots_refused", "Snapshots refused at start (corrupt or unreadable) and moved aside.", Counter(status.snapshots_refused)),
+            ("insecure_defaults", "Development defaults this node runs with (the published key seed); 0 in production.", Gauge(f64::from(crate::node::notices::insecure_defaults(settings)))),
             ("node", "This node's identity.", Info(settings.name.clone(), settings.slot.to_string())),
         ]
     }

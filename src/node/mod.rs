@@ -23,10 +23,13 @@
 //! - `files`: snapshots and kept rules on disk.
 //! - [`config`]: the configuration file and its checks; [`rules_state`]:
 //!   the rules in force kept across restarts.
+//! - [`notices`]: why a node is not ready, and the development defaults it
+//!   runs with, in words for its operator.
 
 pub mod config;
 mod driver;
 mod files;
+pub mod notices;
 pub mod rules_state;
 
 use std::collections::BTreeMap;
@@ -60,11 +63,14 @@ pub enum NodeError {
     /// The configuration is invalid.
     Config(#[from] ConfigError),
     /// The rules file could not be read.
-    #[error("rules file {}", path.display())]
+    #[error(
+        "cannot read the rules file {}: {source} (set `rules` in the node's config, \
+         DRL_RULES or --rules; deploy/rules.example.toml is a sample to start from)",
+        path.display()
+    )]
     RulesFile {
         /// The rules file named in the configuration.
         path: std::path::PathBuf,
-        #[source]
         /// The I/O error.
         source: std::io::Error,
     },

@@ -128,14 +128,18 @@ impl Matcher {
 /// costs one lookup; prefixes are tried in turn.
 #[derive(Clone, Debug)]
 pub(super) struct EndpointList {
+    /// The line of the rules text where the list is written, for refusals
+    /// that tell what to change.
+    pub(super) line: u32,
     any: bool,
     exact: std::collections::HashSet<Box<str>, rapidhash::fast::RandomState>,
     prefixes: Vec<String>,
 }
 
 impl EndpointList {
-    pub(super) fn new(patterns: Vec<Pattern>) -> EndpointList {
+    pub(super) fn new(patterns: Vec<Pattern>, line: u32) -> EndpointList {
         let mut list = EndpointList {
+            line,
             any: false,
             exact: Default::default(),
             prefixes: Vec::new(),

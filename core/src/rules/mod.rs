@@ -230,16 +230,24 @@ pub struct LimitMatch<'s> {
 /// The request's endpoint is not in the `endpoints` list, or it named none.
 /// A client error: nothing was counted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", describe_endpoint(.endpoint.as_deref()))]
+#[error("{}", describe_endpoint(.endpoint.as_deref(), *.line))]
 pub struct UnknownEndpoint {
     endpoint: Option<String>,
+    line: u32,
 }
 
-fn describe_endpoint(endpoint: Option<&str>) -> String {
+/// The refusal in words a first-time user can act on: what the request
+/// lacked, where the allow-list is, and the two ways out.
+fn describe_endpoint(endpoint: Option<&str>, line: u32) -> String {
+    let list = format!("the rules file's `endpoints` allow-list (line {line})");
     match endpoint {
-        Some(e) => format!("unknown endpoint {e:?}"),
+        Some(e) => format!(
+            "unknown endpoint {e:?}: {list} does not name it; add it to that list, \
+             or remove the list to serve any endpoint"
+        ),
         None => format!(
-            "the request has no `{ENDPOINT}` descriptor, and only listed endpoints are served"
+            "the request has no `{ENDPOINT}` descriptor, and {list} serves only the \
+             endpoints it names: send an `{ENDPOINT}`, or remove the list to serve any request"
         ),
     }
 }
@@ -304,6 +312,7 @@ impl RuleSet {
             Some(e) if list.admits(e) => Ok(()),
             endpoint => Err(UnknownEndpoint {
                 endpoint: endpoint.map(str::to_owned),
+                line: list.line,
             }),
         }
     }

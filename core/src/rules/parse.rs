@@ -158,6 +158,7 @@ impl Compiler<'_> {
         if list.get_ref().is_empty() {
             return Err(self.err(list.span(), "endpoints", RulesErrorKind::NoEndpoints));
         }
+        let span_start = list.span().start;
         let patterns = list
             .into_inner()
             .into_iter()
@@ -167,7 +168,15 @@ impl Compiler<'_> {
                     .map_err(|e| self.err(p.span(), format!("endpoints[{i}]"), e.into()))
             })
             .collect::<Result<_, _>>()?;
-        Ok(EndpointList::new(patterns))
+        let line = self.text[..span_start.min(self.text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1;
+        Ok(EndpointList::new(
+            patterns,
+            u32::try_from(line).unwrap_or(u32::MAX),
+        ))
     }
 
     fn rule(&mut self, i: usize, raw: RawRule) -> Result<CompiledRule, RulesError> {

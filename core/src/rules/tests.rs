@@ -319,10 +319,26 @@ fn endpoints_list_refuses_unknown_and_missing_endpoints() {
     assert_eq!(check(&[("endpoint", "/v1/items/42")]), Ok(()));
     let unknown = check(&[("endpoint", "/v1/items")]).unwrap_err();
     assert_eq!(unknown.endpoint(), Some("/v1/items"));
-    assert_eq!(unknown.to_string(), r#"unknown endpoint "/v1/items""#);
+    // The refusal says where the list is and what to change.
+    let line = EXAMPLE
+        .lines()
+        .position(|l| l.starts_with("endpoints = "))
+        .unwrap()
+        + 1;
+    assert_eq!(
+        unknown.to_string(),
+        format!(
+            "unknown endpoint \"/v1/items\": the rules file's `endpoints` allow-list \
+             (line {line}) does not name it; add it to that list, or remove the list to serve \
+             any endpoint"
+        )
+    );
     let missing = check(&[("user", "alice")]).unwrap_err();
     assert_eq!(missing.endpoint(), None);
-    assert!(missing.to_string().contains("no `endpoint`"), "{missing}");
+    let said = missing.to_string();
+    assert!(said.contains("no `endpoint`"), "{said}");
+    assert!(said.contains(&format!("(line {line})")), "{said}");
+    assert!(said.contains("remove the list"), "{said}");
 
     let open = RuleSet::from_toml("[[rules]]\nname = 'r'\nmatch = {}\nlimits = [{ algorithm = 'gcra', limit = 1, per = '1s' }]").unwrap();
     assert_eq!(

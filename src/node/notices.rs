@@ -1,0 +1,148 @@
+//! What a node tells its operator in plain words: why it is not ready yet
+//! (the `/readyz` reason and a log line) and which development defaults it
+//! runs with (a warning at start and the `drl_insecure_defaults` gauge).
+
+use std::time::Duration;
+
+use drl_core::key::KeySeed;
+
+use super::{NodeApi, NodeSettings, NodeStatus};
+
+/// How often a node that is still not ready says why.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The key seed of the shipped Docker Compose file when `DRL_KEY_SEED` is
+/// unset: public, like [`KeySeed::default`].
+const COMPOSE_DEV_SEED: KeySeed = KeySeed(0x0123_4567_89ab_cdef, 0x0123_4567_89ab_cdef);
+
+/// Whether the node digests keys under a seed anyone can read in this
+/// repository: the built-in development seed (no `key_seed` set) or the
+/// Compose file's default. Anyone who knows the seed can pick descriptor
+/// values whose keys collide.
+pub fn development_key_seed(settings: &NodeSettings) -> bool {
+    settings.key_seed == KeySeed::default() || settings.key_seed == COMPOSE_DEV_SEED
+}
+
+/// How many development defaults the node runs with, for the
+/// `drl_insecure_defaults` gauge: the development key seed.
+pub fn insecure_defaults(settings: &NodeSettings) -> u32 {
+    u32::from(development_key_seed(settings))
+}
+
+/// Logs a warning for the development key seed; called once at start.
+pub fn warn_development_key_seed(settings: &NodeSettings) {
+    if development_key_seed(settings) {
+        tracing::warn!(
+            "key_seed is a development default (published in this project's sources): \
+             set DRL_KEY_SEED (or key_seed) to 32 random hex digits, the same on every node, \
+             e.g. `openssl rand -hex 16`"
+        );
+    }
+}
+
+/// Why a node that is not ready is waiting, and what would change it; `None`
+/// once it is ready.
+///
+/// A node admits once it has its counts back: from every peer, or after
+/// `recovery_timeout` from a majority of the configured cluster, itself
+/// included (never on time alone). The words name the setting to change.
+pub fn waiting_reason(settings: &NodeSettings, status: &NodeStatus, ready: bool) -> Option<String> {
+    if ready {
+        return None;
+    }
+    let size = settings.cluster_size;
+    let majority = size / 2 + 1;
+    let connected = status.peers.values().filter(|p| p.connected).count();
+    let mut reason = format!(
+        "waiting for its peers to send back this node's counts: cluster_size is {size}, so it \
+         needs answers from a majority ({} other node{} of {}); {connected} connected",
+        majority - 1,
+        if majority == 2 { "" } else { "s" },
+        size - 1,
+    );
+    if settings.seeds.is_empty() {
+        reason.push_str(
+            "; no seeds are configured, so no peer can be found: set seeds (DRL_SEEDS, --seeds) \
+             to the other nodes' peer addresses, or run a single node with cluster_size = 1 \
+             (DRL_CLUSTER_SIZE=1, --cluster-size 1)",
+        );
+    } else {
+        reason.push_str(&format!(
+            "; seeds: {}. Start the other nodes (they must share the cluster CA and \
+             cluster_size), check that their peer ports (UDP) are reachable, or run a single \
+             node with cluster_size = 1",
+            settings.seeds.join(", ")
+        ));
+    }
+    Some(reason)
+}
+
+/// Logs, while the node is not ready, why ([`waiting_reason`]): first
+/// once its recovery timeout and a second have passed, then every
+/// ten seconds. Returns once the node is ready.
+pub async fn log_while_waiting(api: NodeApi) {
+    let first =
+        Duration::from_nanos(api.settings.recovery_timeout.as_u64()) + Duration::from_secs(1);
+    tokio::time::sleep(first).await;
+    loop {
+        let ready = api.is_ready();
+        match waiting_reason(&api.settings, &api.status(), ready) {
+            None => return,
+            Some(reason) => tracing::warn!("not ready: {reason}"),
+        }
+        tokio::time::sleep(WAITING_LOG_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn settings(size: usize, seeds: &[&str]) -> NodeSettings {
+        crate::node::NodeFile {
+            cluster_size: size,
+            seeds: seeds.iter().map(|s| s.to_string()).collect(),
+            ..crate::node::NodeFile::default()
+        }
+        .settings(Path::new("/base"))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_lone_node_with_the_default_size_is_told_what_to_change() {
+        let why = waiting_reason(&settings(3, &[]), &NodeStatus::default(), false).unwrap();
+        assert!(why.contains("cluster_size is 3"), "{why}");
+        assert!(why.contains("1 other node of 2"), "{why}");
+        assert!(why.contains("no seeds"), "{why}");
+        assert!(why.contains("cluster_size = 1"), "{why}");
+        let why = waiting_reason(&settings(5, &["a:1"]), &NodeStatus::default(), false).unwrap();
+        assert!(
+            why.contains("2 other nodes of 4") && why.contains("seeds: a:1"),
+            "{why}"
+        );
+        assert_eq!(
+            waiting_reason(&settings(3, &[]), &NodeStatus::default(), true),
+            None
+        );
+    }
+
+    #[test]
+    fn published_seeds_are_development_seeds() {
+        assert!(development_key_seed(&settings(3, &[])));
+        let compose = crate::node::NodeFile {
+            key_seed: Some("0123456789abcdef0123456789abcdef".into()),
+            ..crate::node::NodeFile::default()
+        }
+        .settings(Path::new("/base"))
+        .unwrap();
+        assert!(development_key_seed(&compose));
+        let own = crate::node::NodeFile {
+            key_seed: Some("8f14e45fceea167a5a36dedd4bea2543".into()),
+            ..crate::node::NodeFile::default()
+        }
+        .settings(Path::new("/base"))
+        .unwrap();
+        assert!(!development_key_seed(&own));
+    }
+}
