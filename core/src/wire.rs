@@ -47,6 +47,8 @@ pub enum Kind {
     Claim = 8,
     /// [`Frame::Answer`].
     Answer = 9,
+    /// [`Frame::RulesAck`].
+    RulesAck = 10,
 }
 
 impl Kind {
@@ -61,6 +63,7 @@ impl Kind {
             7 => Kind::Rules,
             8 => Kind::Claim,
             9 => Kind::Answer,
+            10 => Kind::RulesAck,
             _ => return None,
         })
     }
@@ -171,6 +174,31 @@ pub struct RulesFrame {
     pub text: String,
 }
 
+/// One rules version's identity: its Lamport counter, the slot of the node
+/// that made it, and the digest of its text. Ordered by these three fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RulesId {
+    /// The version's counter.
+    pub counter: u64,
+    /// The slot of the node that made the change.
+    pub origin: u16,
+    /// `stable_digest` of the rules text.
+    #[serde(with = "postcard::fixint::le")]
+    pub digest: u64,
+}
+
+/// The answer to a [`RulesFrame`]: which version the sender offered, and
+/// which version the receiver runs now that it has weighed it (the offered
+/// one, a later one that wins over it, or an earlier one if it could not
+/// put the offered rules in force).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RulesAck {
+    /// The version the Rules frame carried.
+    pub offered: RulesId,
+    /// The version the receiver runs after it.
+    pub current: RulesId,
+}
+
 /// Largest rules text carried.
 pub const MAX_RULES_BYTES: usize = 512 * 1024;
 
@@ -200,6 +228,8 @@ pub enum Frame {
     /// The answer to a claim: the sender's own values of the claimed keys,
     /// with `round` echoing the claim's.
     Answer(Slots),
+    /// The answer to a Rules frame: the version offered and the one in force.
+    RulesAck(RulesAck),
 }
 
 /// Why a frame was refused. The frame changed nothing.
@@ -246,6 +276,7 @@ impl Frame {
             Frame::Rules(_) => Kind::Rules,
             Frame::Claim(_) => Kind::Claim,
             Frame::Answer(_) => Kind::Answer,
+            Frame::RulesAck(_) => Kind::RulesAck,
         }
     }
 
@@ -263,6 +294,7 @@ impl Frame {
             Frame::Ack(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Rules(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Swim(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::RulesAck(b) => postcard::to_extend(b, std::mem::take(out)),
         };
         // Serialising plain structs into a Vec cannot fail.
         *out = body.unwrap_or_default();
@@ -296,6 +328,7 @@ impl Frame {
             Kind::Swim => Frame::Swim(body_of(kind, body)?),
             Kind::Claim => Frame::Claim(body_of(kind, body)?),
             Kind::Answer => Frame::Answer(body_of(kind, body)?),
+            Kind::RulesAck => Frame::RulesAck(body_of(kind, body)?),
         };
         frame.check()?;
         Ok(frame)

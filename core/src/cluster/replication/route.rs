@@ -5,7 +5,7 @@ use super::claim::carried_keys;
 use super::{ReplicaStore, Replicator};
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
-use crate::wire::{DecodeError, Frame, RulesFrame, Slots};
+use crate::wire::{DecodeError, Frame, RulesAck, RulesFrame, Slots};
 
 /// What an accepted frame leaves for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub enum Delivered {
     Swim(Vec<u8>),
     /// Rules a peer put in force, for the node to weigh against its own.
     Rules(RulesFrame),
+    /// A peer's answer to our rules, for the rules register.
+    RulesAck(RulesAck),
 }
 
 /// Why an incoming frame was refused. The frame changed nothing.
@@ -177,6 +179,7 @@ impl Replicator {
                 }
                 return Ok(Delivered::Rules(r));
             }
+            Frame::RulesAck(a) => return Ok(Delivered::RulesAck(a)),
         }
         if let Some(keys) = carried {
             self.heard_from(from, Some(&keys));
