@@ -65,6 +65,10 @@ impl PreparedRules {
     pub fn text(&self) -> &str {
         &self.text
     }
+    /// The parsed rules.
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
 }
 
 fn prepare(rules: RuleSet, version: RulesVersion) -> Result<PreparedRules, PutRulesError> {
