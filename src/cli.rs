@@ -218,14 +218,7 @@ pub fn execute(cli: Cli) -> ExitCode {
                 admin,
                 force,
                 allow_empty,
-            } => remote::rules_put(
-                &file,
-                &admin,
-                remote::PutOptions {
-                    force,
-                    allow_empty,
-                },
-            ),
+            } => remote::rules_put(&file, &admin, remote::PutOptions { force, allow_empty }),
             RulesCommand::Validate { file, node, token } => match node {
                 None => validate_rules(&file),
                 Some(node) => remote::rules_validate(&file, &node, token.as_deref()),

@@ -286,9 +286,16 @@ async fn a_rule_change_on_one_node_reaches_every_node_and_concurrent_edits_agree
     );
     let (oa, ob) = (oa.unwrap(), ob.unwrap());
     let winner = match (&oa, &ob) {
-        (RulesOutcome::Confirmed { version: va, .. }, RulesOutcome::Confirmed { version: vb, .. }) => {
+        (
+            RulesOutcome::Confirmed { version: va, .. },
+            RulesOutcome::Confirmed { version: vb, .. },
+        ) => {
             // One after the other: the later one is in force.
-            if va > vb { a } else { b }
+            if va > vb {
+                a
+            } else {
+                b
+            }
         }
         (RulesOutcome::Confirmed { .. }, RulesOutcome::Superseded { .. }) => a,
         (RulesOutcome::Superseded { .. }, RulesOutcome::Confirmed { .. }) => b,

@@ -46,7 +46,10 @@ fn call(
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer tok\r\n{extra}content-length: {}\r\n\r\n{body}",
@@ -141,7 +144,10 @@ fn concurrent_admin_changes_are_ordered_and_never_silently_lost() {
                         // In force on every node the moment it is answered.
                         for i in 0..3 {
                             let (v, _) = rules_on(port - node + i);
-                            assert!(v >= version, "round {round}: node {i} runs {v:?} < {version:?}");
+                            assert!(
+                                v >= version,
+                                "round {round}: node {i} runs {v:?} < {version:?}"
+                            );
                         }
                     } else {
                         assert!(version > before, "round {round}: the winner is new");
@@ -159,7 +165,10 @@ fn concurrent_admin_changes_are_ordered_and_never_silently_lost() {
         let puts: Vec<Put> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         let (last, text) = converged(&cluster);
         let accepted: Vec<&Put> = puts.iter().filter(|p| p.code == 200).collect();
-        assert!(!accepted.is_empty(), "round {round}: neither change stood: {puts:?}");
+        assert!(
+            !accepted.is_empty(),
+            "round {round}: neither change stood: {puts:?}"
+        );
         for p in &puts {
             *tally.entry(p.code).or_insert(0) += 1;
             match p.code {
@@ -218,10 +227,13 @@ fn stale_changes_empty_rules_audit_lines_and_the_cli() {
     assert_eq!(json["confirmed_by"].as_array().map(Vec::len), Some(2));
 
     // Again against the old version, through another node: 412, unchanged.
-    for stale in [e0.as_str(), "\"not-a-version\"", "W/\"1.0.0000000000000000\""] {
+    for stale in [
+        e0.as_str(),
+        "\"not-a-version\"",
+        "W/\"1.0.0000000000000000\"",
+    ] {
         let other = rules("audit-two", 6);
-        let (code, head, json) =
-            call(node + 1, "PUT", "/v1/rules", &[("if-match", stale)], &other);
+        let (code, head, json) = call(node + 1, "PUT", "/v1/rules", &[("if-match", stale)], &other);
         assert_eq!(code, 412, "{stale}: {json}");
         assert_eq!(header(&head, "etag"), Some(e1.as_str()));
         assert_eq!(json["etag"].as_str(), Some(e1.as_str()));
@@ -233,7 +245,10 @@ fn stale_changes_empty_rules_audit_lines_and_the_cli() {
     for body in ["", "# nothing\n", free] {
         let (code, _, json) = call(node, "PUT", "/v1/rules", &[], body);
         assert_eq!(code, 400, "{body:?}: {json}");
-        assert!(json["error"].as_str().unwrap().contains("allow_empty"), "{json}");
+        assert!(
+            json["error"].as_str().unwrap().contains("allow_empty"),
+            "{json}"
+        );
     }
     let (code, _, json) = call(node, "PUT", "/v1/rules?allow_emptyy=true", &[], "");
     assert_eq!(code, 400, "{json}");
@@ -248,12 +263,19 @@ fn stale_changes_empty_rules_audit_lines_and_the_cli() {
     let empty = write(&dir, "empty.toml", "");
     let out = drl(&["rules", "put", &empty, "--node", &url, "--token", "tok"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("allow_empty"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("allow_empty"),
+        "{err}"
+    );
     let cli_rules = rules("cli-change", 7);
     let file = write(&dir, "rules.toml", &cli_rules);
     let out = drl(&["rules", "put", &file, "--node", &url, "--token", "tok"]);
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (now, text) = converged(&cluster);
     assert_eq!(text, cli_rules);
     assert!(
@@ -263,7 +285,11 @@ fn stale_changes_empty_rules_audit_lines_and_the_cli() {
     let out = drl(&[
         "rules", "put", &file, "--node", &url, "--token", "tok", "--force",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // One audit line per accepted change, naming who, the version and the
     // rules added, removed and changed; none for the refused ones.
@@ -287,6 +313,10 @@ fn stale_changes_empty_rules_audit_lines_and_the_cli() {
     assert!(first.contains("added=[\"audit-one\"]"), "{first}");
     assert!(audit[1].contains("removed=[\"audit-one\"]"), "{}", audit[1]);
     assert!(audit[2].contains("added=[\"cli-change\"]"), "{}", audit[2]);
-    assert!(audit[3].contains("added=[]") && audit[3].contains("changed=[]"), "{}", audit[3]);
+    assert!(
+        audit[3].contains("added=[]") && audit[3].contains("changed=[]"),
+        "{}",
+        audit[3]
+    );
     let _ = request(node, "GET", "/healthz", "");
 }

@@ -213,7 +213,7 @@ pub fn rules_put(file: &Path, args: &AdminArgs, options: PutOptions) -> Result<(
         412 => Err(CliError::Refused {
             status: 412,
             body: format!(
-            "not changed: the rules changed since they were read (read {}, now {etag}). \
+                "not changed: the rules changed since they were read (read {}, now {etag}). \
              Read them again (drl rules get) and redo the change, or use --force to overwrite",
                 read_etag.as_deref().unwrap_or("?")
             ),
@@ -221,7 +221,7 @@ pub fn rules_put(file: &Path, args: &AdminArgs, options: PutOptions) -> Result<(
         409 => Err(CliError::Refused {
             status: 409,
             body: format!(
-            "not in force: another change made at the same time won (now {etag}). \
+                "not in force: another change made at the same time won (now {etag}). \
              Read the rules again (drl rules get) and redo the change if it is still needed.\n  {}",
                 json["error"].as_str().unwrap_or("")
             ),

@@ -166,7 +166,10 @@ fn if_match(headers: &HeaderMap, current: RulesVersion) -> Result<Option<RulesVe
         return Ok(None);
     }
     // A list matches if any of its tags does.
-    let tags: Vec<RulesVersion> = value.split(',').filter_map(RulesVersion::from_etag).collect();
+    let tags: Vec<RulesVersion> = value
+        .split(',')
+        .filter_map(RulesVersion::from_etag)
+        .collect();
     if tags.contains(&current) {
         return Ok(Some(current));
     }

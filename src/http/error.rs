@@ -123,7 +123,11 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if let Some(v) = self.etag.as_deref().and_then(|e| HeaderValue::from_str(e).ok()) {
+        if let Some(v) = self
+            .etag
+            .as_deref()
+            .and_then(|e| HeaderValue::from_str(e).ok())
+        {
             headers.insert(header::ETAG, v);
         }
         if self.challenge {

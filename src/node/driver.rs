@@ -157,7 +157,11 @@ impl Driver {
     /// (`admin`) is refused if the node sees no majority or cannot keep it
     /// on disk; a file reload is put in force regardless (the failure is
     /// logged). Every change put in force is logged under `drl::audit`.
-    fn put_rules(&mut self, change: RulesChange, admin: bool) -> Result<RulesTicket, PutRulesError> {
+    fn put_rules(
+        &mut self,
+        change: RulesChange,
+        admin: bool,
+    ) -> Result<RulesTicket, PutRulesError> {
         if admin {
             self.core.check_quorum()?;
         }

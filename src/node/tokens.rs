@@ -206,7 +206,11 @@ mod tests {
     fn bad_token_lists_are_refused_with_the_reason() {
         for (single, list, says) in [
             (Some("a"), vec![named("admin", "b")], "two tokens are named"),
-            (None, vec![named("x", "t"), named("y", "t")], "the same as another"),
+            (
+                None,
+                vec![named("x", "t"), named("y", "t")],
+                "the same as another",
+            ),
             (None, vec![named("", "t")], "token name"),
             (None, vec![named("a b", "t")], "token name"),
             (None, vec![named("x", "")], "is empty"),

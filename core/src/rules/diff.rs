@@ -67,10 +67,18 @@ fn same_rule(old: &RuleSet, a: &CompiledRule, new: &RuleSet, b: &CompiledRule) -
     let same_lists = a.matcher == b.matcher
         && a.key_fields == b.key_fields
         && a.unlimited == b.unlimited
-        && a.tiers.iter().map(|(t, _)| t).eq(b.tiers.iter().map(|(t, _)| t))
-        && a.overrides.iter().map(|(m, _)| m).eq(b.overrides.iter().map(|(m, _)| m));
+        && a.tiers
+            .iter()
+            .map(|(t, _)| t)
+            .eq(b.tiers.iter().map(|(t, _)| t))
+        && a.overrides
+            .iter()
+            .map(|(m, _)| m)
+            .eq(b.overrides.iter().map(|(m, _)| m));
     same_lists
-        && limits_of(old, &a.name).map(limit_shape).eq(limits_of(new, &b.name).map(limit_shape))
+        && limits_of(old, &a.name)
+            .map(limit_shape)
+            .eq(limits_of(new, &b.name).map(limit_shape))
 }
 
 fn limit_shape(l: &CompiledLimit) -> (&super::Scope, &str, bool) {
@@ -121,8 +129,10 @@ mod tests {
     #[test]
     fn empty_unlimited_or_shadow_only_rules_deny_nothing() {
         assert!(set("").denies_nothing());
-        assert!(set("[[rules]]\nname = \"free\"\nmatch = { user = \"*\" }\nunlimited = true\n")
-            .denies_nothing());
+        assert!(
+            set("[[rules]]\nname = \"free\"\nmatch = { user = \"*\" }\nunlimited = true\n")
+                .denies_nothing()
+        );
         assert!(set(&A.replace("limits =", "shadow_mode = true\nlimits =")).denies_nothing());
         assert!(!set(A).denies_nothing());
     }

@@ -26,7 +26,9 @@ pub enum PutRulesError {
     TooLarge(usize),
     /// The change was made against a version that is no longer in force
     /// (`If-Match`).
-    #[error("the rules in force are version {current}, not the version the change was made against")]
+    #[error(
+        "the rules in force are version {current}, not the version the change was made against"
+    )]
     Stale {
         /// The version in force.
         current: RulesVersion,

@@ -3,8 +3,8 @@
 use super::*;
 use crate::limiter::LimiterConfig;
 use crate::rules::RuleSet;
-use crate::wire::MAX_RULES_BYTES;
 use crate::time::ManualClock;
+use crate::wire::MAX_RULES_BYTES;
 
 const RULES: &str = r#"
     [[rules]]

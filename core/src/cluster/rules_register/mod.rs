@@ -402,7 +402,10 @@ impl RulesRegister {
                 return true;
             }
             let confirmed = std::mem::take(&mut p.confirmed);
-            let outcome = if p.waiting.is_empty() && p.refused.is_empty() && confirmed.len() + 1 >= majority {
+            let outcome = if p.waiting.is_empty()
+                && p.refused.is_empty()
+                && confirmed.len() + 1 >= majority
+            {
                 RulesOutcome::Confirmed {
                     version: p.version,
                     peers: confirmed,

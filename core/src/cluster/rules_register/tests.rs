@@ -204,7 +204,10 @@ impl Model {
     }
 
     fn broadcast(&mut self, from: usize) {
-        let (v, text) = (self.nodes[from].version(), self.nodes[from].text().to_owned());
+        let (v, text) = (
+            self.nodes[from].version(),
+            self.nodes[from].text().to_owned(),
+        );
         for to in 0..self.nodes.len() {
             if to != from {
                 self.net.push((from, to, Msg::Offer(v, text.clone())));
@@ -262,7 +265,10 @@ impl Model {
                 RulesOutcome::Superseded { version, winner } => assert!(winner > version),
                 RulesOutcome::Unconfirmed { .. } => panic!("every node is live and answers"),
             }
-            assert!(self.outcomes.insert((at, t), outcome).is_none(), "one outcome");
+            assert!(
+                self.outcomes.insert((at, t), outcome).is_none(),
+                "one outcome"
+            );
         }
     }
 }
