@@ -1,9 +1,10 @@
 //! What a rules change changes, rule by rule, for the audit log and the
 //! admin API's guard against a change that would limit nothing.
 
+use std::collections::HashMap;
 use std::fmt;
 
-use super::{CompiledLimit, CompiledRule, RuleSet};
+use super::{CompiledRule, RuleSet, Scope};
 
 /// The rules a change adds, removes and changes, by name, in file order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,13 +19,19 @@ pub struct RulesDiff {
 }
 
 impl RulesDiff {
-    /// What replacing `old` by `new` changes.
+    /// What replacing `old` by `new` changes. Linear in the sizes of both.
     pub fn between(old: &RuleSet, new: &RuleSet) -> RulesDiff {
+        let before: HashMap<&str, &CompiledRule> =
+            old.rules.iter().map(|r| (r.name.as_str(), r)).collect();
+        let after: HashMap<&str, &CompiledRule> =
+            new.rules.iter().map(|r| (r.name.as_str(), r)).collect();
+        let (old_limits, new_limits) = (limits_by_rule(old), limits_by_rule(new));
         let mut diff = RulesDiff::default();
         for rule in &new.rules {
-            match old.rules.iter().find(|r| r.name == rule.name) {
+            let name = rule.name.as_str();
+            match before.get(name) {
                 None => diff.added.push(rule.name.clone()),
-                Some(before) if !same_rule(old, before, new, rule) => {
+                Some(b) if !same_rule(b, rule) || old_limits.get(name) != new_limits.get(name) => {
                     diff.changed.push(rule.name.clone())
                 }
                 Some(_) => {}
@@ -33,7 +40,7 @@ impl RulesDiff {
         diff.removed = old
             .rules
             .iter()
-            .filter(|r| !new.rules.iter().any(|n| n.name == r.name))
+            .filter(|r| !after.contains_key(r.name.as_str()))
             .map(|r| r.name.clone())
             .collect();
         diff
@@ -58,31 +65,26 @@ impl fmt::Display for RulesDiff {
     }
 }
 
-/// The limits of the rule named `name`, which are contiguous.
-fn limits_of<'s>(set: &'s RuleSet, name: &'s str) -> impl Iterator<Item = &'s CompiledLimit> {
-    set.limits.iter().filter(move |l| l.rule == name)
+type LimitShape<'s> = (&'s Scope, &'s str, bool);
+
+/// Each rule's limits, by rule name, as what a change can alter.
+fn limits_by_rule(set: &RuleSet) -> HashMap<&str, Vec<LimitShape<'_>>> {
+    let mut by_rule: HashMap<&str, Vec<LimitShape<'_>>> = HashMap::new();
+    for l in &set.limits {
+        by_rule
+            .entry(l.rule.as_str())
+            .or_default()
+            .push((&l.scope, l.parameters.as_str(), l.shadow));
+    }
+    by_rule
 }
 
-fn same_rule(old: &RuleSet, a: &CompiledRule, new: &RuleSet, b: &CompiledRule) -> bool {
-    let same_lists = a.matcher == b.matcher
+fn same_rule(a: &CompiledRule, b: &CompiledRule) -> bool {
+    a.matcher == b.matcher
         && a.key_fields == b.key_fields
         && a.unlimited == b.unlimited
-        && a.tiers
-            .iter()
-            .map(|(t, _)| t)
-            .eq(b.tiers.iter().map(|(t, _)| t))
-        && a.overrides
-            .iter()
-            .map(|(m, _)| m)
-            .eq(b.overrides.iter().map(|(m, _)| m));
-    same_lists
-        && limits_of(old, &a.name)
-            .map(limit_shape)
-            .eq(limits_of(new, &b.name).map(limit_shape))
-}
-
-fn limit_shape(l: &CompiledLimit) -> (&super::Scope, &str, bool) {
-    (&l.scope, l.parameters.as_str(), l.shadow)
+        && a.tiers.iter().map(|(t, _)| t).eq(b.tiers.iter().map(|(t, _)| t))
+        && a.overrides.iter().map(|(m, _)| m).eq(b.overrides.iter().map(|(m, _)| m))
 }
 
 impl RuleSet {

@@ -233,6 +233,10 @@ impl<C: Clock> NodeCore<C> {
     /// The connection to `slot` closed.
     pub fn handle_disconnected(&mut self, slot: NodeSlot) {
         self.repl.peer_disconnected(slot);
+        if !self.live.contains(&slot) {
+            // Waited for only as a connected peer: no longer.
+            self.register.handle_peer_down(self.now, slot);
+        }
         self.after_input();
     }
 

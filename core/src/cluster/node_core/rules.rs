@@ -104,9 +104,10 @@ impl<C: Clock> NodeCore<C> {
     }
 
     /// Refuses a change this node could not get confirmed: it sees fewer
-    /// live nodes (itself included) than a majority of the cluster.
+    /// live or connected nodes (itself included) than a majority of the
+    /// cluster.
     pub fn check_quorum(&self) -> Result<(), PutRulesError> {
-        let live = self.live.len() + 1;
+        let live = self.rules_audience().len() + 1;
         let majority = self.register.config().majority();
         if live < majority {
             return Err(PutRulesError::NoQuorum {
@@ -132,7 +133,8 @@ impl<C: Clock> NodeCore<C> {
             });
         }
         let result = self.put_in_force(prepared);
-        let ticket = result.map(|()| self.register.propose(now, &self.live));
+        let audience = self.rules_audience();
+        let ticket = result.map(|()| self.register.propose(now, &audience));
         self.after_input();
         ticket
     }
@@ -145,6 +147,20 @@ impl<C: Clock> NodeCore<C> {
     /// Whether `text` is already the rules in force.
     pub fn runs(&self, text: &str) -> bool {
         self.register.text() == text
+    }
+
+    /// The peers a change made here waits for: those the membership holds
+    /// alive, and those connected that it has not declared alive yet (a
+    /// node that has just joined), so that no node this one can reach is
+    /// left out of a confirmation.
+    fn rules_audience(&self) -> std::collections::BTreeSet<NodeSlot> {
+        let connected = self
+            .repl
+            .peers()
+            .iter()
+            .filter(|(_, p)| p.connected)
+            .map(|(&s, _)| s);
+        self.live.iter().copied().chain(connected).collect()
     }
 
     pub(super) fn rules_digest(&self) -> u64 {

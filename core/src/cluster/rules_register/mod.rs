@@ -9,7 +9,8 @@
 //! made at once on two nodes end the same way everywhere.
 //!
 //! A change made here is a *proposal*: it is in force here at once, and
-//! sent to every live peer, which answers with a `RulesAck` naming the
+//! sent to every live peer (the node core counts a connected peer the
+//! membership has not declared alive yet as live), which answers with a `RulesAck` naming the
 //! version it runs after weighing it. The proposal ends with one
 //! [`RulesOutcome`]:
 //!
@@ -186,13 +187,14 @@ pub struct RegisterConfig {
 
 impl RegisterConfig {
     /// Defaults for the node in `own` of a cluster of `cluster_size`:
-    /// answers within 5 s, sent again every 250 ms.
+    /// answers within 5 s, sent again every second (a stream is not lost
+    /// while its connection lives; a new connection carries the rules anyway).
     pub fn new(own: NodeSlot, cluster_size: usize) -> Self {
         RegisterConfig {
             own,
             cluster_size,
             confirm_timeout: Nanos::from_secs(5),
-            resend_interval: Nanos::from_millis(250),
+            resend_interval: Nanos::from_secs(1),
         }
     }
 
