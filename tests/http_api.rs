@@ -984,9 +984,10 @@ async fn named_admin_tokens_and_the_development_token() {
     node.wait_ready().await;
     let metrics = node.get("/metrics").await.text();
     assert!(metrics.contains("drl_insecure_defaults 1"), "{metrics}");
+    let on = &node;
     let get = |token: &'static str| async move {
         let auth = format!("Bearer {token}");
-        node.request("GET", "/v1/rules", &[("authorization", &auth)], b"")
+        on.request("GET", "/v1/rules", &[("authorization", &auth)], b"")
             .await
     };
     assert_eq!(get("change-me").await.status, 200);

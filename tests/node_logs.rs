@@ -212,7 +212,10 @@ fn the_development_admin_token_is_refused_unless_allowed_and_then_warned_about()
         .lines()
         .find(|l| l.contains("INSECURE DEVELOPMENT DEFAULT"))
         .unwrap_or_else(|| panic!("no warning in:\n{log}"));
-    assert!(warning.contains("WARN") && warning.contains("change-me"), "{warning}");
+    assert!(
+        warning.contains("WARN") && warning.contains("change-me"),
+        "{warning}"
+    );
     let quiet = run_node(&dir, &["--admin-token", "0123456789abcdef"], &[]);
     assert!(!quiet.contains("INSECURE"), "{quiet}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -71,10 +71,11 @@ type LimitShape<'s> = (&'s Scope, &'s str, bool);
 fn limits_by_rule(set: &RuleSet) -> HashMap<&str, Vec<LimitShape<'_>>> {
     let mut by_rule: HashMap<&str, Vec<LimitShape<'_>>> = HashMap::new();
     for l in &set.limits {
-        by_rule
-            .entry(l.rule.as_str())
-            .or_default()
-            .push((&l.scope, l.parameters.as_str(), l.shadow));
+        by_rule.entry(l.rule.as_str()).or_default().push((
+            &l.scope,
+            l.parameters.as_str(),
+            l.shadow,
+        ));
     }
     by_rule
 }
@@ -83,8 +84,14 @@ fn same_rule(a: &CompiledRule, b: &CompiledRule) -> bool {
     a.matcher == b.matcher
         && a.key_fields == b.key_fields
         && a.unlimited == b.unlimited
-        && a.tiers.iter().map(|(t, _)| t).eq(b.tiers.iter().map(|(t, _)| t))
-        && a.overrides.iter().map(|(m, _)| m).eq(b.overrides.iter().map(|(m, _)| m))
+        && a.tiers
+            .iter()
+            .map(|(t, _)| t)
+            .eq(b.tiers.iter().map(|(t, _)| t))
+        && a.overrides
+            .iter()
+            .map(|(m, _)| m)
+            .eq(b.overrides.iter().map(|(m, _)| m))
 }
 
 impl RuleSet {
