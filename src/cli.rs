@@ -204,6 +204,15 @@ pub enum RulesCommand {
         /// The node to put them through.
         #[command(flatten)]
         admin: remote::AdminArgs,
+        /// Replace whatever rules are in force, without reading their
+        /// version first (no If-Match): a change made meanwhile by someone
+        /// else is overwritten.
+        #[arg(long)]
+        force: bool,
+        /// Put in force rules that deny nothing (no limit, or only unlimited
+        /// or shadow-mode rules), which lifts every limit of the cluster.
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// Validate a rules file: offline, or by a node with `--node`.
     Validate {
@@ -282,7 +291,12 @@ pub fn execute(cli: Cli) -> ExitCode {
         },
         Command::Rules { command } => match command {
             RulesCommand::Get { admin } => remote::rules_get(&admin),
-            RulesCommand::Put { file, admin } => remote::rules_put(&file, &admin),
+            RulesCommand::Put {
+                file,
+                admin,
+                force,
+                allow_empty,
+            } => remote::rules_put(&file, &admin, remote::PutOptions { force, allow_empty }),
             RulesCommand::Validate { file, node, token } => match node {
                 None => validate_rules(&file),
                 Some(node) => remote::rules_validate(&file, &node, token.as_deref()),

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drl::net::{generate_dev_certs, local_cluster_specs};
-use drl::node::{Node, NodeFile, NodeHandle, NodeSettings, PutRulesError};
+use drl::node::{
+    Node, NodeFile, NodeHandle, NodeSettings, PutRulesError, RulesChange, RulesOutcome,
+};
 use drl_core::descriptor::Descriptors;
 use drl_core::rules::RuleSet;
 use drl_core::wire::MAX_RULES_BYTES;
@@ -247,7 +249,12 @@ async fn a_rule_change_on_one_node_reaches_every_node_and_concurrent_edits_agree
     let dir = cluster_dir("rules", 3);
     let nodes = three_nodes(&dir).await;
     let strict = RULES.replace("limit = 600", "limit = 5");
-    let version = nodes[1].put_rules(parsed(&strict)).await.unwrap();
+    let change = |text: &str| RulesChange::new(parsed(text), "test");
+    let outcome = nodes[1].put_rules(change(&strict)).await.unwrap();
+    let RulesOutcome::Confirmed { version, peers } = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(peers.len(), 2, "every live peer confirmed");
     let start = Instant::now();
     wait_for("the new rules everywhere", Duration::from_secs(1), || {
         nodes.iter().all(|n| n.limiter.rules().source() == strict)
@@ -265,19 +272,35 @@ async fn a_rule_change_on_one_node_reaches_every_node_and_concurrent_edits_agree
     // Rules too large to replicate are refused and change nothing (invalid
     // text never gets this far: the node takes parsed rules).
     let padded = format!("{strict}\n#{}\n", "x".repeat(MAX_RULES_BYTES));
-    let err = nodes[0].put_rules(parsed(&padded)).await.unwrap_err();
+    let err = nodes[0].put_rules(change(&padded)).await.unwrap_err();
     assert_eq!(err, PutRulesError::TooLarge(padded.len()));
     assert!(nodes.iter().all(|n| n.limiter.rules().source() == strict));
 
-    // Two nodes edit at once: every node ends with the same text, the one
-    // with the larger (version, origin).
+    // Two nodes edit at once: every node ends with the same text, that of
+    // the greater version, and a change that lost is told so.
     let a = RULES.replace("limit = 600", "limit = 7");
     let b = RULES.replace("limit = 600", "limit = 9");
-    let (va, vb) = tokio::join!(
-        nodes[0].put_rules(parsed(&a)),
-        nodes[2].put_rules(parsed(&b))
+    let (oa, ob) = tokio::join!(
+        nodes[0].put_rules(change(&a)),
+        nodes[2].put_rules(change(&b))
     );
-    let winner = if va.unwrap() > vb.unwrap() { a } else { b };
+    let (oa, ob) = (oa.unwrap(), ob.unwrap());
+    let winner = match (&oa, &ob) {
+        (
+            RulesOutcome::Confirmed { version: va, .. },
+            RulesOutcome::Confirmed { version: vb, .. },
+        ) => {
+            // One after the other: the later one is in force.
+            if va > vb {
+                a
+            } else {
+                b
+            }
+        }
+        (RulesOutcome::Confirmed { .. }, RulesOutcome::Superseded { .. }) => a,
+        (RulesOutcome::Superseded { .. }, RulesOutcome::Confirmed { .. }) => b,
+        other => panic!("{other:?}"),
+    };
     wait_for("agreement", Duration::from_secs(2), || {
         nodes.iter().all(|n| n.limiter.rules().source() == winner)
     })

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use drl::http::client::{Answer, Connection};
 use drl::net::{generate_dev_certs, local_cluster_specs};
+use drl::node::tokens::{AdminFile, NamedToken};
 use drl::node::{NodeApi, NodeFile};
 use drl::server::{RunError, Server};
 use serde_json::Value;
@@ -65,6 +66,9 @@ struct Options {
     seeds: Vec<String>,
     token: Option<&'static str>,
     recovery: &'static str,
+    /// Named admin tokens: (name, token).
+    named: Vec<(&'static str, &'static str)>,
+    allow_dev_token: bool,
 }
 
 impl Default for Options {
@@ -75,6 +79,8 @@ impl Default for Options {
             seeds: vec![],
             token: Some(TOKEN),
             recovery: "100ms",
+            named: vec![],
+            allow_dev_token: false,
         }
     }
 }
@@ -93,6 +99,17 @@ impl TestNode {
         let file = NodeFile {
             recovery_timeout: o.recovery.into(),
             admin_token: o.token.map(str::to_owned),
+            allow_dev_admin_token: o.allow_dev_token,
+            admin: AdminFile {
+                tokens: o
+                    .named
+                    .iter()
+                    .map(|(name, token)| NamedToken {
+                        name: (*name).into(),
+                        token: (*token).into(),
+                    })
+                    .collect(),
+            },
             ..NodeFile::local(dir, o.slot, o.cluster_size, o.seeds)
         };
         let node = Server::start(file.settings(dir).unwrap()).await.unwrap();
@@ -940,4 +957,63 @@ async fn rules_put_on_one_node_reach_every_node_and_metrics_parse() {
     for n in nodes {
         n.shutdown().await;
     }
+}
+
+/// Named admin tokens each open the admin API; the development token is
+/// refused unless allowed, and a node allowed to run with it says so in
+/// `drl_insecure_defaults`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_admin_tokens_and_the_development_token() {
+    let dir = cluster_dir("tokens", 1);
+    let dev = NodeFile {
+        admin_token: Some("change-me".into()),
+        ..NodeFile::local(&dir, 0, 1, vec![])
+    };
+    let e = dev.settings(&dir).unwrap_err().to_string();
+    assert!(e.contains("allow_dev_admin_token"), "{e}");
+
+    let node = TestNode::start(
+        &dir,
+        Options {
+            token: Some("change-me"),
+            allow_dev_token: true,
+            named: vec![("ci", "ci-secret")],
+            ..Options::default()
+        },
+    )
+    .await;
+    node.wait_ready().await;
+    let metrics = node.get("/metrics").await.text();
+    assert!(metrics.contains("drl_insecure_defaults 1"), "{metrics}");
+    let on = &node;
+    let get = |token: &'static str| async move {
+        let auth = format!("Bearer {token}");
+        on.request("GET", "/v1/rules", &[("authorization", &auth)], b"")
+            .await
+    };
+    assert_eq!(get("change-me").await.status, 200);
+    let a = get("ci-secret").await;
+    assert_eq!(a.status, 200);
+    let etag = header(&a, "etag").unwrap().to_owned();
+    assert_eq!(a.json()["version"]["etag"], etag.as_str());
+    assert_eq!(get("ci-secret2").await.status, 401);
+    // A change through the named token, against the version read.
+    let new_rules = RULES.replace("limit = 3, window", "limit = 4, window");
+    let a = node
+        .request(
+            "PUT",
+            "/v1/rules",
+            &[("authorization", "Bearer ci-secret"), ("if-match", &etag)],
+            new_rules.as_bytes(),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_ne!(header(&a, "etag"), Some(etag.as_str()));
+    node.shutdown().await;
+
+    let fine = TestNode::start(&dir, Options::default()).await;
+    fine.wait_ready().await;
+    let metrics = fine.get("/metrics").await.text();
+    assert!(metrics.contains("drl_insecure_defaults 0"), "{metrics}");
+    fine.shutdown().await;
 }

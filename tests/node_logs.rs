@@ -186,3 +186,37 @@ fn an_unknown_log_format_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn the_development_admin_token_is_refused_unless_allowed_and_then_warned_about() {
+    let out = Command::new(DRL)
+        .args(["node", "--admin-token", "change-me"])
+        .env_remove("DRL_ALLOW_DEV_ADMIN_TOKEN")
+        .env_remove("DRL_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("development token") && err.contains("allow_dev_admin_token"),
+        "{err}"
+    );
+
+    let dir = scratch("dev-token");
+    let log = run_node(
+        &dir,
+        &["--admin-token", "change-me", "--allow-dev-admin-token"],
+        &[],
+    );
+    let warning = log
+        .lines()
+        .find(|l| l.contains("INSECURE DEVELOPMENT DEFAULT"))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("change-me"),
+        "{warning}"
+    );
+    let quiet = run_node(&dir, &["--admin-token", "0123456789abcdef"], &[]);
+    assert!(!quiet.contains("INSECURE"), "{quiet}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

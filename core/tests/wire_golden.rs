@@ -9,8 +9,8 @@
 use std::path::PathBuf;
 
 use drl_core::wire::{
-    Ack, BucketSlot, Frame, Hello, KeySlots, LimitGroup, ResetAck, ResetFrame, ResetKey,
-    RulesFrame, Slots, Swim, VERSION,
+    Ack, BucketSlot, DecodeError, Frame, Hello, KeySlots, LimitGroup, ResetAck, ResetFrame,
+    ResetKey, RulesAck, RulesFrame, RulesId, Slots, Swim, VERSION,
 };
 
 fn vectors() -> Vec<(&'static str, Frame)> {
@@ -118,6 +118,21 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 seq: 111_411_200_000_000_001,
             }),
         ),
+        (
+            "rules-ack",
+            Frame::RulesAck(RulesAck {
+                offered: RulesId {
+                    counter: 3,
+                    origin: 1,
+                    digest: 0x0123_4567_89ab_cdef,
+                },
+                current: RulesId {
+                    counter: 300,
+                    origin: 2,
+                    digest: 0xfedc_ba98_7654_3210,
+                },
+            }),
+        ),
     ]
 }
 
@@ -183,4 +198,28 @@ fn the_delta_vector_has_the_layout_the_spec_describes() {
         .position(|w| w == 0x0123_4567_89ab_cdef_u64.to_le_bytes())
         .expect("fixint limit id");
     assert!(at > 8);
+}
+
+#[test]
+fn the_rules_ack_vector_has_the_layout_the_spec_describes() {
+    let golden = from_hex(&std::fs::read_to_string(path("rules-ack")).unwrap());
+    // version, kind (RulesAck = 10), offered: counter 3, origin 1, digest
+    // as 8 bytes little-endian; current: counter 300 as a two-byte varint,
+    // origin 2, digest.
+    let mut expected = vec![1, 10, 3, 1];
+    expected.extend_from_slice(&0x0123_4567_89ab_cdef_u64.to_le_bytes());
+    expected.extend_from_slice(&[0xac, 0x02, 2]);
+    expected.extend_from_slice(&0xfedc_ba98_7654_3210_u64.to_le_bytes());
+    assert_eq!(golden, expected);
+    // Cut anywhere, or followed by anything, it is refused whole.
+    for cut in 2..golden.len() {
+        assert!(Frame::decode(&golden[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut longer = golden.clone();
+    longer.push(0);
+    assert_eq!(Frame::decode(&longer), Err(DecodeError::Trailing(1)));
+    // A kind this version does not know is refused, not guessed at.
+    let mut unknown = golden;
+    unknown[1] = 11;
+    assert_eq!(Frame::decode(&unknown), Err(DecodeError::UnknownKind(11)));
 }

@@ -171,6 +171,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
              tls_key = \"certs/{name_raw}-key.pem\"\n\
              key_seed = \"{seed}\"\n\
              admin_token = {token}\n\
+             allow_dev_admin_token = true\n\
              http2 = {http2}\n{resp}",
             name = toml_string(&name),
             name_raw = name,

@@ -117,6 +117,9 @@ pub struct NodeArgs {
     /// Bearer token of the admin routes (none: the admin API is disabled).
     #[arg(long, env = "DRL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Run even with the development admin token (a development node).
+    #[arg(long, env = "DRL_ALLOW_DEV_ADMIN_TOKEN")]
+    pub allow_dev_admin_token: bool,
     /// Log lines as text or JSON (one object per line), on stderr.
     #[arg(long, env = "DRL_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -199,6 +202,9 @@ impl NodeArgs {
         }
         if let Some(v) = &self.admin_token {
             file.admin_token = Some(v.clone());
+        }
+        if self.allow_dev_admin_token {
+            file.allow_dev_admin_token = true;
         }
         if let Some(v) = &self.snapshot_path {
             file.snapshot_path = Some(from_cwd(v));

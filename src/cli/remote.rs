@@ -1,5 +1,6 @@
 //! Commands that talk to a node over HTTP: `drl check --node` and
-//! `drl rules get|put|validate`.
+//! `drl rules get|put|validate` (`put` against the version it read first,
+//! with If-Match, unless `--force`).
 
 use std::path::Path;
 
@@ -96,8 +97,19 @@ async fn admin_request(
     body: &[u8],
 ) -> Result<Answer, CliError> {
     let mut conn = Connection::open(node).await?;
+    admin_call(&mut conn, token, method, path, &[], body).await
+}
+
+async fn admin_call(
+    conn: &mut Connection,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Answer, CliError> {
     let auth = auth_header(token);
-    let mut headers = vec![];
+    let mut headers = extra.to_vec();
     if let Some(a) = &auth {
         headers.push(("authorization", a.as_str()));
     }
@@ -105,6 +117,16 @@ async fn admin_request(
         headers.push(("content-type", "application/toml"));
     }
     Ok(conn.request(method, path, &headers, body).await?)
+}
+
+/// A version as the admin API writes it: `counter.origin.digest`.
+fn version(v: &serde_json::Value) -> String {
+    format!(
+        "{}.{}.{}",
+        v["counter"],
+        v["origin"],
+        v["digest"].as_str().unwrap_or("?")
+    )
 }
 
 /// `drl rules get`: the rules text to stdout, its version to stderr.
@@ -121,9 +143,8 @@ pub fn rules_get(args: &AdminArgs) -> Result<(), CliError> {
     }
     let json = answer.json();
     eprintln!(
-        "# version {}.{}{}",
-        json["version"]["counter"],
-        json["version"]["origin"],
+        "# version {}{}",
+        version(&json["version"]),
         json["file_error"]
             .as_str()
             .map(|e| format!(" (the rules file failed to reload: {e})"))
@@ -153,26 +174,71 @@ fn print_limits(json: &serde_json::Value) {
     }
 }
 
-/// `drl rules put FILE`: replaces the rules cluster-wide.
-pub fn rules_put(file: &Path, args: &AdminArgs) -> Result<(), CliError> {
+/// How `drl rules put` makes its change.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PutOptions {
+    /// No If-Match: replace whatever is in force.
+    pub force: bool,
+    /// `?allow_empty=true`: rules that deny nothing may go in force.
+    pub allow_empty: bool,
+}
+
+/// `drl rules put FILE`: replaces the rules cluster-wide, against the
+/// version in force when it starts (If-Match) unless `--force`, and says
+/// what happened.
+pub fn rules_put(file: &Path, args: &AdminArgs, options: PutOptions) -> Result<(), CliError> {
     let body = read(file)?;
-    let answer = runtime()?.block_on(admin_request(
-        &args.node,
-        args.token.as_deref(),
-        "PUT",
-        "/v1/rules",
-        &body,
-    ))?;
-    if answer.status != 200 {
-        return Err(refused(&answer));
-    }
+    let token = args.token.as_deref();
+    let path = if options.allow_empty {
+        "/v1/rules?allow_empty=true"
+    } else {
+        "/v1/rules"
+    };
+    let (read_etag, answer) = runtime()?.block_on(async {
+        let mut conn = Connection::open(&args.node).await?;
+        let mut etag = None;
+        if !options.force {
+            let current = admin_call(&mut conn, token, "GET", "/v1/rules", &[], b"").await?;
+            if current.status != 200 {
+                return Err(refused(&current));
+            }
+            etag = current.header("etag").map(str::to_owned);
+        }
+        let extra: Vec<(&str, &str)> = etag.iter().map(|e| ("if-match", e.as_str())).collect();
+        let answer = admin_call(&mut conn, token, "PUT", path, &extra, &body).await?;
+        Ok((etag, answer))
+    })?;
     let json = answer.json();
-    println!(
-        "rules in force: version {}.{}",
-        json["version"]["counter"], json["version"]["origin"]
-    );
-    print_limits(&json);
-    Ok(())
+    let etag = answer.header("etag").unwrap_or("?");
+    match answer.status {
+        200 => {
+            println!(
+                "rules in force on every live node: version {} (replaced {}; confirmed by peer slots {})",
+                version(&json["version"]),
+                version(&json["replaced"]),
+                json["confirmed_by"]
+            );
+            print_limits(&json);
+            Ok(())
+        }
+        412 => Err(CliError::Refused {
+            status: 412,
+            body: format!(
+                "not changed: the rules changed since they were read (read {}, now {etag}). \
+             Read them again (drl rules get) and redo the change, or use --force to overwrite",
+                read_etag.as_deref().unwrap_or("?")
+            ),
+        }),
+        409 => Err(CliError::Refused {
+            status: 409,
+            body: format!(
+                "not in force: another change made at the same time won (now {etag}). \
+             Read the rules again (drl rules get) and redo the change if it is still needed.\n  {}",
+                json["error"].as_str().unwrap_or("")
+            ),
+        }),
+        _ => Err(refused(&answer)),
+    }
 }
 
 /// `drl rules validate FILE --node URL`: the node's verdict.

@@ -115,7 +115,7 @@ pub(crate) async fn reset(
     headers: HeaderMap,
     LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    let by = authorize(&state, &headers)?;
     let before = views(&state, &body)?;
     if before.is_empty() {
         return Err(ApiError::bad_request(
@@ -133,6 +133,7 @@ pub(crate) async fn reset(
     tracing::info!(
         target: "drl::audit",
         action = "counters.reset",
+        by = %by,
         counters = %reset.iter().map(|c| format!("{}={}", c.rule, c.counter)).collect::<Vec<_>>().join(","),
         cleared_here = outcome.cleared_here,
         acked = ?outcome.acked,

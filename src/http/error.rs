@@ -22,6 +22,9 @@ pub struct ApiError {
     pub retry_after: Option<u64>,
     /// Adds `WWW-Authenticate: Bearer` (401).
     pub challenge: bool,
+    /// The rules version in force, as an entity tag: the `ETag` header and
+    /// the body's `etag` field (412, 409).
+    pub etag: Option<String>,
 }
 
 /// Where in a rules file an error is.
@@ -45,6 +48,7 @@ impl ApiError {
             position: None,
             retry_after: None,
             challenge: false,
+            etag: None,
         }
     }
     /// A 400 Bad Request.
@@ -103,6 +107,8 @@ struct ErrorBody<'a> {
     error: &'a str,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     position: Option<&'a Position>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etag: Option<&'a str>,
 }
 
 impl IntoResponse for ApiError {
@@ -110,11 +116,19 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: &self.message,
             position: self.position.as_ref(),
+            etag: self.etag.as_deref(),
         };
         let mut response = super::json_response(self.status, &body);
         let headers = response.headers_mut();
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(v) = self
+            .etag
+            .as_deref()
+            .and_then(|e| HeaderValue::from_str(e).ok())
+        {
+            headers.insert(header::ETAG, v);
         }
         if self.challenge {
             headers.insert(

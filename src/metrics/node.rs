@@ -131,6 +131,7 @@ impl NodeCollector {
         let RulesVersion {
             counter: version,
             origin,
+            ..
         } = status.rules_version;
         let memory = limiter.memory();
         vec![
@@ -166,8 +167,9 @@ impl NodeCollector {
             ("peer_clock_offset_seconds", "Estimated peer clock minus this node's clock (smoothed).", per_peer(&|_, p| p.clock_offset_ns as f64 / 1e9)),
             ("peer_rtt_seconds", "Smoothed round-trip time to the peer.", per_peer(&|_, p| p.rtt.as_u64() as f64 / 1e9)),
             ("peer_unacked_rounds", "Delta rounds of this node the peer has not acknowledged.", per_peer(&|slot, _| status.peer_unacked_rounds.get(&slot).copied().unwrap_or(0) as f64)),
-            ("rules_version", "Version counter of the rules in force (cluster-wide, last writer wins).", Gauge(version as f64)),
+            ("rules_version", "Version counter of the rules in force (cluster-wide; the greatest version wins).", Gauge(version as f64)),
             ("rules_origin_slot", "Slot of the node that put the rules in force.", Gauge(f64::from(origin))),
+            ("insecure_defaults", "Development defaults this node runs with (the development admin token): 0 in production.", Gauge(settings.insecure_defaults.len() as f64)),
             ("rules_file_error", "1 when the last reload of the rules file failed (the rules in force stay).", Gauge(flag(status.rules_file_error.is_some()))),
             ("rules_limits", "Limits in the rules in force.", Gauge(limiter.rules().limits().len() as f64)),
             ("snapshots_written", "Local snapshots written.", Counter(status.snapshots_written)),

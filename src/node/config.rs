@@ -88,8 +88,12 @@ pub struct NodeFile {
     pub tls_key: PathBuf,
     /// Cluster secret for key digests: 32 hex digits, the same on every node.
     pub key_seed: Option<String>,
-    /// Bearer token for the admin routes of the HTTP API.
+    /// Bearer token for the admin routes of the HTTP API (named `admin`).
     pub admin_token: Option<String>,
+    /// Run even with the development admin token (development nodes only).
+    pub allow_dev_admin_token: bool,
+    /// `[admin]`: named admin tokens.
+    pub admin: super::tokens::AdminFile,
     /// Requests may carry their own limits (`CL.THROTTLE`, a check's
     /// `limit`), counted apart from the rules.
     pub request_limits: bool,
@@ -136,6 +140,8 @@ impl Default for NodeFile {
             tls_key: PathBuf::from("certs/node-0-key.pem"),
             key_seed: None,
             admin_token: None,
+            allow_dev_admin_token: false,
+            admin: Default::default(),
             request_limits: true,
             request_limit_max: 1_000_000,
             request_window_max: "1d".into(),
@@ -203,8 +209,12 @@ pub struct NodeSettings {
     pub tls_key: PathBuf,
     /// Cluster secret for key digests; the same on every node.
     pub key_seed: KeySeed,
-    /// Bearer token of the admin routes; none: the admin API is disabled.
-    pub admin_token: Option<String>,
+    /// Bearer tokens of the admin routes, by holder; none: the admin API is
+    /// disabled.
+    pub admin_tokens: super::tokens::AdminTokens,
+    /// Development defaults in use, one line each (see
+    /// `node::tokens::insecure_defaults`).
+    pub insecure_defaults: Vec<String>,
     /// What requests may ask of request-defined limits.
     pub request_limits: RequestLimitPolicy,
     /// Faults injected into this node's outgoing datagrams (tests only; not
@@ -424,7 +434,10 @@ impl NodeFile {
                 base.join(p)
             }
         };
+        let admin_tokens = self.admin_tokens()?;
         Ok(NodeSettings {
+            insecure_defaults: super::tokens::insecure_defaults(&admin_tokens),
+            admin_tokens,
             name: self.name.clone(),
             slot: self.slot,
             cluster_size: self.cluster_size,
@@ -475,7 +488,6 @@ impl NodeFile {
             tls_cert: path(&self.tls_cert),
             tls_key: path(&self.tls_key),
             key_seed,
-            admin_token: self.admin_token.clone(),
             request_limits: self.request_limit_policy()?,
             #[cfg(feature = "harness")]
             chaos: None,
@@ -484,6 +496,13 @@ impl NodeFile {
 }
 
 impl NodeFile {
+    fn admin_tokens(&self) -> Result<super::tokens::AdminTokens, ConfigError> {
+        let tokens =
+            super::tokens::AdminTokens::new(self.admin_token.as_deref(), &self.admin.tokens)?;
+        tokens.check_development(self.allow_dev_admin_token)?;
+        Ok(tokens)
+    }
+
     fn request_limit_policy(&self) -> Result<RequestLimitPolicy, ConfigError> {
         if self.request_limit_max == 0 {
             return Err(invalid("request_limit_max", "must be at least 1"));

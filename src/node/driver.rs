@@ -11,10 +11,10 @@ use tokio::sync::{mpsc, watch};
 
 use drl_core::clock::SystemClock;
 use drl_core::cluster::confirm::Ticket;
-use drl_core::cluster::node_core::{CoreEvent, NodeCore};
+use drl_core::cluster::node_core::{CoreEvent, NodeCore, RulesOutcome, RulesTicket};
 use drl_core::cluster::snapshot;
 use drl_core::limiter::{Decided, Limiter};
-use drl_core::rules::RuleSet;
+use drl_core::rules::{RuleSet, RulesDiff};
 use drl_core::slot::NodeSlot;
 use drl_core::time::{Clock, Nanos};
 
@@ -22,13 +22,17 @@ use drl_core::time::{Clock, Nanos};
 use super::config;
 use super::files::{file_stamp, write_snapshot};
 use super::{
-    rules_state, Command, NodeSettings, NodeStatus, PutRulesError, ResetOutcome, RulesVersion,
+    rules_state, Command, NodeSettings, NodeStatus, PutRulesError, ResetOutcome, RulesChange,
+    RulesInForce, RulesVersion,
 };
 use crate::net::{Incoming, Transport};
 
 /// Idle keys each table looks at per second, beside the two every new key
 /// pays for.
 const SWEEP_PER_TABLE: usize = 32;
+
+/// Where the outcome of a rules change goes.
+pub(super) type RulesReply = tokio::sync::oneshot::Sender<Result<RulesOutcome, PutRulesError>>;
 
 /// The one task that owns the node's core and does its I/O.
 pub(super) struct Driver {
@@ -38,6 +42,12 @@ pub(super) struct Driver {
     pub(super) transport: Transport,
     pub(super) core: NodeCore,
     pub(super) status: Arc<Mutex<NodeStatus>>,
+    /// The rules in force and their version, published as they change.
+    pub(super) rules_in_force: Arc<Mutex<RulesInForce>>,
+    /// The version last written to the rules state file.
+    pub(super) kept_version: Option<RulesVersion>,
+    /// Who waits for the outcome of each rules change made here.
+    pub(super) rules_waiters: std::collections::HashMap<RulesTicket, RulesReply>,
     pub(super) next_snapshot: Nanos,
     pub(super) next_discovery: Nanos,
     pub(super) next_status: Nanos,
@@ -129,9 +139,14 @@ impl Driver {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::PutRules { rules, reply } => {
-                let _ = reply.send(self.put_rules(rules, true));
-            }
+            Command::PutRules { change, reply } => match self.put_rules(change, true) {
+                Ok(ticket) => {
+                    self.rules_waiters.insert(ticket, reply);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Command::Confirm { pending, reply } => {
                 let now = self.clock.now();
                 let ticket = self.core.handle_confirm(now, pending);
@@ -145,26 +160,48 @@ impl Driver {
         }
     }
 
-    /// Keeps `rules` on disk and puts them in force as the next
-    /// version from this node. When `must_persist` (an admin change) a
-    /// failure to keep it refuses the change; a file reload is put in force
-    /// regardless (the failure is logged).
+    /// Keeps a change's rules on disk and puts them in force as the next
+    /// version from this node, proposed to its peers. An admin change
+    /// (`admin`) is refused if the node sees no majority or cannot keep it
+    /// on disk; a file reload is put in force regardless (the failure is
+    /// logged). Every change put in force is logged under `drl::audit`.
     fn put_rules(
         &mut self,
-        rules: RuleSet,
-        must_persist: bool,
-    ) -> Result<RulesVersion, PutRulesError> {
-        let prepared = self.core.prepare_rules(rules)?;
+        change: RulesChange,
+        admin: bool,
+    ) -> Result<RulesTicket, PutRulesError> {
+        if admin {
+            self.core.check_quorum()?;
+        }
+        let prepared = self.core.prepare_rules(change.rules, change.if_match)?;
+        let diff = RulesDiff::between(&self.limiter.rules(), prepared.rules());
         if let Err(e) = self.keep_rules(prepared.version(), prepared.text()) {
-            if must_persist {
+            if admin {
                 return Err(PutRulesError::NotPersisted(e.to_string()));
             }
         }
-        Ok(self.core.commit_rules(prepared))
+        let (version, replaced) = (prepared.version(), self.core.rules_version());
+        let ticket = self.core.commit_rules(prepared).inspect_err(|_| {
+            // Not in force: the kept rules go back to those that are.
+            let text = self.core.rules_text().to_owned();
+            let _ = self.keep_rules(self.core.rules_version(), &text);
+        })?;
+        tracing::info!(
+            target: "drl::audit",
+            by = %change.by,
+            version = %version,
+            replaced = %replaced,
+            if_match = change.if_match.is_some(),
+            added = ?diff.added,
+            removed = ?diff.removed,
+            changed = ?diff.changed,
+            "rules change accepted"
+        );
+        Ok(ticket)
     }
 
     /// Writes the rules in force to the rules state file, if there is one.
-    fn keep_rules(&self, version: RulesVersion, text: &str) -> std::io::Result<()> {
+    fn keep_rules(&mut self, version: RulesVersion, text: &str) -> std::io::Result<()> {
         let Some(path) = &self.rules_state else {
             return Ok(());
         };
@@ -173,8 +210,9 @@ impl Driver {
             text: text.to_owned(),
         };
         let result = kept.store(path);
-        if let Err(e) = &result {
-            tracing::error!(path = %path.display(), error = %e, "rules not kept on disk");
+        match &result {
+            Ok(()) => self.kept_version = Some(version),
+            Err(e) => tracing::error!(path = %path.display(), error = %e, "rules not kept on disk"),
         }
         result
     }
@@ -200,7 +238,7 @@ impl Driver {
         }
         let put = RuleSet::from_toml(&text)
             .map_err(PutRulesError::from)
-            .and_then(|rules| self.put_rules(rules, false));
+            .and_then(|rules| self.put_rules(RulesChange::new(rules, "rules file"), false));
         self.rules_file_error = put.err().map(|e| e.to_string());
         if let Some(e) = &self.rules_file_error {
             tracing::warn!(error = %e, "rules file not reloaded");
@@ -281,7 +319,18 @@ impl Driver {
                 CoreEvent::RulesInForce { version, text } => {
                     // Rules committed here were kept before; peers' are kept
                     // now (a failure is logged, the rules stay in force).
-                    let _ = self.keep_rules(version, &text);
+                    if self.kept_version != Some(version) {
+                        let _ = self.keep_rules(version, &text);
+                    }
+                    // Published before any answer to the peer leaves: a
+                    // change confirmed by this node reads here at once.
+                    *self
+                        .rules_in_force
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = RulesInForce {
+                        version: self.core.rules_version(),
+                        rules: self.limiter.rules(),
+                    };
                 }
                 CoreEvent::DialPeers(peers) => self
                     .transport
@@ -292,6 +341,12 @@ impl Driver {
                 CoreEvent::MemberDown { slot, name } => {
                     tracing::info!(slot = slot.get(), %name, "member down")
                 }
+            }
+        }
+        while let Some((ticket, outcome)) = self.core.poll_rules_outcome() {
+            tracing::info!(target: "drl::audit", outcome = ?outcome, "rules change ended");
+            if let Some(reply) = self.rules_waiters.remove(&ticket) {
+                let _ = reply.send(Ok(outcome));
             }
         }
         while let Some(t) = self.core.poll_transmit() {

@@ -25,12 +25,15 @@
 //!   the rules in force kept across restarts.
 //! - [`notices`]: why a node is not ready, and the development defaults it
 //!   runs with, in words for its operator.
+//!   the rules in force kept across restarts; [`tokens`]: admin tokens by
+//!   holder and the development defaults a node warns about.
 
 pub mod config;
 mod driver;
 mod files;
 pub mod notices;
 pub mod rules_state;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -88,7 +91,7 @@ pub enum NodeError {
     Limiter(#[from] drl_core::limiter::SetupError),
 }
 
-pub use drl_core::cluster::node_core::{PutRulesError, RulesVersion};
+pub use drl_core::cluster::node_core::{PutRulesError, RulesOutcome, RulesVersion};
 pub use files::{SnapshotLoad, SnapshotLoadError};
 
 use driver::Driver;
@@ -96,8 +99,8 @@ use files::{file_stamp, load_rules_state, load_snapshot};
 
 enum Command {
     PutRules {
-        rules: RuleSet,
-        reply: tokio::sync::oneshot::Sender<Result<RulesVersion, PutRulesError>>,
+        change: RulesChange,
+        reply: tokio::sync::oneshot::Sender<Result<RulesOutcome, PutRulesError>>,
     },
     /// A request counted provisionally near its limit, to be confirmed by
     /// the peers' answers.
@@ -128,6 +131,36 @@ pub struct ResetOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the node is stopping")]
 pub struct Stopping;
+/// A rules change as an operator asks for it.
+pub struct RulesChange {
+    /// The new rules, parsed.
+    pub rules: RuleSet,
+    /// Made against this version (`If-Match`): refused unless it is still
+    /// the version in force.
+    pub if_match: Option<RulesVersion>,
+    /// Who asks (an admin token's name), for the audit log.
+    pub by: String,
+}
+
+impl RulesChange {
+    /// `rules` asked for by `by`, whatever version is in force.
+    pub fn new(rules: RuleSet, by: impl Into<String>) -> RulesChange {
+        RulesChange {
+            rules,
+            if_match: None,
+            by: by.into(),
+        }
+    }
+}
+
+/// The rules in force with their version, as one consistent pair.
+#[derive(Clone)]
+pub struct RulesInForce {
+    /// The version.
+    pub version: RulesVersion,
+    /// The rules.
+    pub rules: Arc<RuleSet>,
+}
 
 /// The longest a request waits for its confirmation before it is refused,
 /// should the node's task be held up: ten claim timeouts.
@@ -179,10 +212,16 @@ pub struct NodeApi {
     pub settings: NodeSettings,
     decider: Decider,
     status: Arc<Mutex<NodeStatus>>,
+    rules: Arc<Mutex<RulesInForce>>,
     commands: mpsc::Sender<Command>,
 }
 
 impl NodeApi {
+    /// The rules in force and their version, as the node's task last put
+    /// them in force (at once, not on the status tick).
+    pub fn rules(&self) -> RulesInForce {
+        self.rules.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
     /// The latest published status (refreshed every 50 ms).
     pub fn status(&self) -> NodeStatus {
         self.status
@@ -199,14 +238,18 @@ impl NodeApi {
     pub fn decider(&self) -> &Decider {
         &self.decider
     }
-    /// Puts parsed `rules` in force on every node of the cluster (they
-    /// reach connected peers within a round trip and any node that connects
-    /// later on its first connection). Parse with [`RuleSet::from_toml`]
-    /// first: text is checked once, at the edge. A refusal changes nothing.
-    pub async fn put_rules(&self, rules: RuleSet) -> Result<RulesVersion, PutRulesError> {
+    /// Puts parsed rules in force here and proposes them to every live
+    /// peer (they reach connected peers within a round trip and any node
+    /// that connects later on its first connection), and answers once the
+    /// outcome is known: confirmed by every live peer and a majority,
+    /// superseded by a greater version, or unconfirmed in time (see
+    /// `drl_core::cluster::rules_register`). Parse with
+    /// [`RuleSet::from_toml`] first: text is checked once, at the edge. A
+    /// refusal ([`PutRulesError`]) changes nothing.
+    pub async fn put_rules(&self, change: RulesChange) -> Result<RulesOutcome, PutRulesError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands
-            .send(Command::PutRules { rules, reply })
+            .send(Command::PutRules { change, reply })
             .await
             .map_err(|_| PutRulesError::Stopped)?;
         answer.await.map_err(|_| PutRulesError::Stopped)?
@@ -270,6 +313,7 @@ pub struct NodeHandle {
     pub settings: NodeSettings,
     peer_addr: SocketAddr,
     status: Arc<Mutex<NodeStatus>>,
+    rules: Arc<Mutex<RulesInForce>>,
     transport: Transport,
     stop: watch::Sender<bool>,
     commands: mpsc::Sender<Command>,
@@ -293,8 +337,8 @@ impl NodeHandle {
         &self.transport
     }
     /// See [`NodeApi::put_rules`].
-    pub async fn put_rules(&self, rules: RuleSet) -> Result<RulesVersion, PutRulesError> {
-        self.api().put_rules(rules).await
+    pub async fn put_rules(&self, change: RulesChange) -> Result<RulesOutcome, PutRulesError> {
+        self.api().put_rules(change).await
     }
     /// A cloneable handle for the protocol front-ends and metrics.
     pub fn api(&self) -> NodeApi {
@@ -303,6 +347,7 @@ impl NodeHandle {
             settings: self.settings.clone(),
             decider: self.decider(),
             status: self.status.clone(),
+            rules: self.rules.clone(),
             commands: self.commands.clone(),
         }
     }
@@ -351,14 +396,19 @@ impl Node {
     ) -> Result<NodeHandle, NodeError> {
         let clock = SystemClock;
         let now = clock.now();
+        for line in &settings.insecure_defaults {
+            tracing::warn!("INSECURE DEVELOPMENT DEFAULT: {line}");
+        }
         // Rules put in force before the restart (admin API, peers) win over
         // the configuration file's: they are newer by construction.
         let rules_state = settings.rules_state_path();
         let (rules, rules_version) = match rules_state.as_deref().map(load_rules_state) {
             Some(Some((kept, version))) => (kept, version),
-            _ => (rules, RulesVersion::new(0, settings.slot)),
+            _ => {
+                let version = RulesVersion::new(0, settings.slot, rules.digest());
+                (rules, version)
+            }
         };
-        let rules_digest = rules.digest();
         let rules_text = rules.source().to_owned();
         let config = LimiterConfig {
             own_slot: NodeSlot::new(settings.slot),
@@ -405,9 +455,12 @@ impl Node {
             limiter.clone(),
             rules_text,
             rules_version,
-            rules_digest,
             now,
         );
+        let rules_in_force = Arc::new(Mutex::new(RulesInForce {
+            version: rules_version,
+            rules: limiter.rules(),
+        }));
         let status = Arc::new(Mutex::new(NodeStatus {
             snapshots_refused: u64::from(snapshot_load.moved_aside.is_some()),
             snapshot_moved_aside: snapshot_load.moved_aside.clone(),
@@ -424,6 +477,9 @@ impl Node {
             transport: transport.clone(),
             core,
             status: status.clone(),
+            rules_in_force: rules_in_force.clone(),
+            rules_waiters: std::collections::HashMap::new(),
+            kept_version: None,
             next_snapshot: now + settings.snapshot_interval,
             next_discovery: now,
             next_status: now,
@@ -447,6 +503,7 @@ impl Node {
             settings,
             peer_addr,
             status,
+            rules: rules_in_force,
             transport,
             stop,
             commands,

@@ -1,6 +1,9 @@
 //! The rules in force, kept on local disk so that a restarted node runs the
 //! cluster's current rules and not its configuration file's older ones.
 //!
+//! The file keeps a version's counter and origin; its digest is the
+//! text's, computed again at load.
+//!
 //! Every time a node puts rules in force (through the admin API, from a
 //! peer, or from its rules file) it writes them here, with their version,
 //! durably (temporary file, fsync, rename, directory fsync). At start it
@@ -36,7 +39,7 @@ const HEADER: &str = "drl-rules-state 1";
 /// Rules as kept on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PersistedRules {
-    /// The rules' place in the cluster's last-writer-wins order.
+    /// The rules' place in the cluster's order (its digest is the text's).
     pub version: RulesVersion,
     /// The rules file, as TOML, exactly as put in force.
     pub text: String,
@@ -120,7 +123,7 @@ impl PersistedRules {
             .next()
             .and_then(|l| l.strip_prefix("version "))
             .and_then(|v| v.split_once(' '))
-            .and_then(|(c, o)| Some(RulesVersion::new(c.parse().ok()?, o.parse().ok()?)))
+            .and_then(|(c, o)| Some((c.parse::<u64>().ok()?, o.parse::<u16>().ok()?)))
             .ok_or_else(|| field("version"))?;
         let length: usize = lines
             .next()
@@ -140,6 +143,8 @@ impl PersistedRules {
                 path: path.to_owned(),
             });
         }
+        // The digest is the text's: the file need not carry it.
+        let version = RulesVersion::of_text(version.0, version.1, body);
         if checksum(version, body) != sum {
             return Err(RulesStateError::Checksum {
                 path: path.to_owned(),
@@ -175,9 +180,10 @@ mod tests {
     use super::*;
 
     fn sample() -> PersistedRules {
+        let text = "[[rules]]\nname = \"a\"\n\n# two blank lines above\n";
         PersistedRules {
-            version: RulesVersion::new(7, 2),
-            text: "[[rules]]\nname = \"a\"\n\n# two blank lines above\n".into(),
+            version: RulesVersion::of_text(7, 2, text),
+            text: text.into(),
         }
     }
 

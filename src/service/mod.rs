@@ -16,6 +16,7 @@ use drl_core::decide::Decider;
 use drl_core::limiter::{Check, CheckError, Decided, Decision};
 
 use crate::metrics::{Metrics, Protocol};
+use crate::node::tokens::AdminTokens;
 use crate::node::NodeApi;
 
 /// The shared state of a node's front-ends (see the module docs).
@@ -25,19 +26,19 @@ pub struct Service(Arc<Shared>);
 struct Shared {
     node: NodeApi,
     metrics: Metrics,
-    /// `None` (or empty in the config): the admin routes answer 403.
-    admin_token: Option<String>,
+    /// No token: the admin routes answer 403.
+    admin_tokens: AdminTokens,
 }
 
 impl Service {
     /// The service of the node behind `node`.
     pub fn new(node: NodeApi) -> Service {
-        let admin_token = node.settings.admin_token.clone().filter(|t| !t.is_empty());
+        let admin_tokens = node.settings.admin_tokens.clone();
         let metrics = Metrics::new(node.clone());
         Service(Arc::new(Shared {
             node,
             metrics,
-            admin_token,
+            admin_tokens,
         }))
     }
 
@@ -56,9 +57,9 @@ impl Service {
         &self.0.metrics
     }
 
-    /// The admin token, when the admin routes are open.
-    pub fn admin_token(&self) -> Option<&str> {
-        self.0.admin_token.as_deref()
+    /// The admin tokens by holder (none: the admin routes are closed).
+    pub fn admin_tokens(&self) -> &AdminTokens {
+        &self.0.admin_tokens
     }
 
     /// Decides a request of one or more checks through the node's decision

@@ -23,6 +23,16 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     pub fn start(name: &str) -> LocalCluster {
+        Self::start_with(name, Stdio::null(), "warn")
+    }
+
+    /// A cluster whose nodes log at `filter` (a `RUST_LOG` value) into
+    /// `log`.
+    pub fn start_logged(name: &str, log: &std::path::Path, filter: &str) -> LocalCluster {
+        Self::start_with(name, super::log_file(log), filter)
+    }
+
+    fn start_with(name: &str, stderr: Stdio, filter: &str) -> LocalCluster {
         let dir = scratch(name);
         let (http, peer, grpc, resp) = (free_ports(3), free_ports(3), free_ports(3), free_ports(3));
         let mut child = Command::new(DRL)
@@ -33,9 +43,9 @@ impl LocalCluster {
             .args(["--grpc-base-port", &grpc.to_string()])
             .args(["--resp-base-port", &resp.to_string()])
             .args(["--admin-token", "tok"])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", filter)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let out = child.stdout.take().unwrap();

@@ -86,7 +86,7 @@ fn port_free(port: u16) -> bool {
 /// admin token; the status code and the whole response text.
 pub fn request(port: u16, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer tok\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",

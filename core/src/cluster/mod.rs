@@ -7,6 +7,7 @@
 //! | [`node_core`] | one node's orchestration: replication, confirmation, membership, rules, recovery gate |
 //! | [`confirm`] | requests near a limit waiting for their peers' answers, by ticket |
 //! | [`replication`] | deltas, acknowledgements, syncs and claims between peers |
+//! | [`rules_register`] | the rules in force, their cluster-wide order, and the confirmation of a change |
 //! | [`membership`] | who is in the cluster and alive (SWIM) |
 //! | [`resets`] | admin counter resets, applied once by every node |
 //! | [`store`] | the view of the key tables replication reads and writes |
@@ -20,5 +21,6 @@ pub mod membership;
 pub mod node_core;
 pub mod replication;
 pub mod resets;
+pub mod rules_register;
 pub mod snapshot;
 pub mod store;

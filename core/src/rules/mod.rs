@@ -49,6 +49,7 @@
 //! for requests with no `tier` or a tier it does not list: list a default if
 //! such requests must be limited too.
 
+mod diff;
 mod dispatch;
 mod error;
 mod limit;
@@ -59,6 +60,7 @@ pub mod request;
 use std::fmt;
 use std::ops::Range;
 
+pub use diff::RulesDiff;
 pub use error::{RulesError, RulesErrorKind};
 pub use matching::PatternError;
 
@@ -94,6 +96,7 @@ pub struct RuleSet {
 /// One rule, with its limit lists as ranges of [`RuleSet::limits`].
 #[derive(Debug)]
 struct CompiledRule {
+    name: String,
     matcher: Matcher,
     key_fields: Vec<String>,
     /// Requests this rule matches are limited by nothing.

@@ -261,6 +261,7 @@ impl Compiler<'_> {
             overrides.push((matcher, range));
         }
         Ok(CompiledRule {
+            name: name.to_owned(),
             matcher,
             key_fields,
             unlimited,

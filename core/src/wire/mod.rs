@@ -50,6 +50,8 @@ pub enum Kind {
     Claim = 8,
     /// [`Frame::Answer`].
     Answer = 9,
+    /// [`Frame::RulesAck`].
+    RulesAck = 10,
     /// [`Frame::Reset`].
     Reset = 12,
     /// [`Frame::ResetAck`].
@@ -68,6 +70,7 @@ impl Kind {
             7 => Kind::Rules,
             8 => Kind::Claim,
             9 => Kind::Answer,
+            10 => Kind::RulesAck,
             12 => Kind::Reset,
             13 => Kind::ResetAck,
             _ => return None,
@@ -180,6 +183,31 @@ pub struct RulesFrame {
     pub text: String,
 }
 
+/// One rules version's identity: its Lamport counter, the slot of the node
+/// that made it, and the digest of its text. Ordered by these three fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RulesId {
+    /// The version's counter.
+    pub counter: u64,
+    /// The slot of the node that made the change.
+    pub origin: u16,
+    /// `stable_digest` of the rules text.
+    #[serde(with = "postcard::fixint::le")]
+    pub digest: u64,
+}
+
+/// The answer to a [`RulesFrame`]: which version the sender offered, and
+/// which version the receiver runs now that it has weighed it (the offered
+/// one, a later one that wins over it, or an earlier one if it could not
+/// put the offered rules in force).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RulesAck {
+    /// The version the Rules frame carried.
+    pub offered: RulesId,
+    /// The version the receiver runs after it.
+    pub current: RulesId,
+}
+
 /// Largest rules text carried.
 pub const MAX_RULES_BYTES: usize = 512 * 1024;
 
@@ -209,6 +237,8 @@ pub enum Frame {
     /// The answer to a claim: the sender's own values of the claimed keys,
     /// with `round` echoing the claim's.
     Answer(Slots),
+    /// The answer to a Rules frame: the version offered and the one in force.
+    RulesAck(RulesAck),
     /// Counters an admin reset: every node clears its own slot of them once.
     Reset(ResetFrame),
     /// A node applied a reset.
@@ -259,6 +289,7 @@ impl Frame {
             Frame::Rules(_) => Kind::Rules,
             Frame::Claim(_) => Kind::Claim,
             Frame::Answer(_) => Kind::Answer,
+            Frame::RulesAck(_) => Kind::RulesAck,
             Frame::Reset(_) => Kind::Reset,
             Frame::ResetAck(_) => Kind::ResetAck,
         }
@@ -278,6 +309,7 @@ impl Frame {
             Frame::Ack(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Rules(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Swim(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::RulesAck(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Reset(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::ResetAck(b) => postcard::to_extend(b, std::mem::take(out)),
         };
@@ -313,6 +345,7 @@ impl Frame {
             Kind::Swim => Frame::Swim(body_of(kind, body)?),
             Kind::Claim => Frame::Claim(body_of(kind, body)?),
             Kind::Answer => Frame::Answer(body_of(kind, body)?),
+            Kind::RulesAck => Frame::RulesAck(body_of(kind, body)?),
             Kind::Reset => Frame::Reset(body_of(kind, body)?),
             Kind::ResetAck => Frame::ResetAck(body_of(kind, body)?),
         };

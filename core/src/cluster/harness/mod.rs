@@ -243,8 +243,7 @@ impl MemCluster {
                 cfg,
                 limiter.clone(),
                 self.spec.rules.clone(),
-                RulesVersion::default(),
-                self.rules_digest,
+                RulesVersion::new(0, 0, self.rules_digest),
                 local,
             );
             for peer in 0..self.spec.nodes {
@@ -314,8 +313,11 @@ impl MemCluster {
             panic!("only whole-core clusters replicate rules");
         };
         let rules = RuleSet::from_toml(text)?;
-        let prepared = core.prepare_rules(rules)?;
-        let version = core.commit_rules(prepared);
+        let prepared = core.prepare_rules(rules, None)?;
+        let version = prepared.version();
+        // The harness does not wait for the outcome: tests read the
+        // versions in force instead.
+        core.commit_rules(prepared)?;
         self.flush(node);
         Ok(version)
     }

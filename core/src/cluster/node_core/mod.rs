@@ -14,7 +14,8 @@
 //!    [`NodeCore::handle_disconnected`], [`NodeCore::handle_frame`],
 //!    [`NodeCore::handle_wake`], [`NodeCore::handle_confirm`] (a request
 //!    near its limit, counted provisionally by the limiter),
-//!    [`NodeCore::commit_rules`] (after [`NodeCore::prepare_rules`]),
+//!    [`NodeCore::commit_rules`] (after [`NodeCore::prepare_rules`]; its
+//!    outcome from [`NodeCore::poll_rules_outcome`]),
 //!    [`NodeCore::handle_reset`] (an admin counter reset), and
 //!    [`NodeCore::handle_timeout`] once [`NodeCore::poll_timeout`] has
 //!    passed.
@@ -35,52 +36,16 @@ use crate::cluster::replication::{
     Delivered, ReplicationConfig, ReplicationEvent, Replicator, Transmit,
 };
 use crate::cluster::resets::{ResetDone, Resets};
+use crate::cluster::rules_register::{RegisterConfig, RulesRegister};
 use crate::key::CounterKey;
-use crate::limiter::{Limiter, Pending, SetupError};
-use crate::rules::{RuleSet, RulesError};
+use crate::limiter::{Limiter, Pending};
 use crate::share::{SharePolicy, ShareView, MAX_NODES};
 use crate::slot::NodeSlot;
 use crate::time::{Clock, Nanos};
-use crate::wire::{Frame, Kind, RulesFrame, Swim, MAX_RULES_BYTES};
+use crate::wire::{Frame, Kind, Swim};
 
-/// The version of the rules in force: a Lamport-style counter and the slot
-/// of the node that put them in force. Larger wins everywhere (the counter
-/// first, then the origin).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RulesVersion {
-    /// One more than the version it replaced.
-    pub counter: u64,
-    /// The slot of the node that put it in force.
-    pub origin: u16,
-}
-
-impl RulesVersion {
-    /// Version `counter` from the node in slot `origin`.
-    pub fn new(counter: u64, origin: u16) -> Self {
-        RulesVersion { counter, origin }
-    }
-}
-
-/// Why new rules were refused. The rules in force stay.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PutRulesError {
-    /// The text is not a valid rule file (line, column and field path).
-    #[error(transparent)]
-    Invalid(#[from] RulesError),
-    /// The rules are valid but the limiter cannot hold them (a key table
-    /// too large for its limit, say).
-    #[error(transparent)]
-    Setup(#[from] SetupError),
-    #[error("rules text of {0} bytes exceeds the {max}-byte limit", max = MAX_RULES_BYTES)]
-    /// The rules text is longer than [`MAX_RULES_BYTES`].
-    TooLarge(usize),
-    #[error("the node is shutting down")]
-    /// The node is stopping and takes no new rules.
-    Stopped,
-    /// The rules could not be kept on disk; they were not put in force.
-    #[error("rules not kept on disk: {0}")]
-    NotPersisted(String),
-}
+pub use crate::cluster::rules_register::{RulesOutcome, RulesTicket, RulesVersion};
+pub use rules::{PreparedRules, PutRulesError};
 
 /// What the core settles on its own.
 #[derive(Clone, Debug)]
@@ -143,24 +108,6 @@ pub enum CoreEvent {
     },
 }
 
-/// Rules checked by [`NodeCore::prepare_rules`], not yet in force.
-pub struct PreparedRules {
-    rules: RuleSet,
-    text: String,
-    version: RulesVersion,
-}
-
-impl PreparedRules {
-    /// The version these rules will carry once committed.
-    pub fn version(&self) -> RulesVersion {
-        self.version
-    }
-    /// The rules file's text.
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-}
-
 /// One node's cluster state machine (see the module docs for the calling
 /// order).
 pub struct NodeCore<C: Clock = crate::clock::SystemClock> {
@@ -168,8 +115,7 @@ pub struct NodeCore<C: Clock = crate::clock::SystemClock> {
     limiter: Arc<Limiter<C>>,
     repl: Replicator,
     membership: Membership,
-    rules: crdts::LWWReg<String, RulesVersion>,
-    rules_digest: u64,
+    register: RulesRegister,
     /// Peer slot → its peer address, as learned from connections.
     addrs: BTreeMap<NodeSlot, SocketAddr>,
     known: BTreeSet<NodeSlot>,
@@ -190,7 +136,6 @@ impl<C: Clock> NodeCore<C> {
         limiter: Arc<Limiter<C>>,
         rules_text: String,
         rules_version: RulesVersion,
-        rules_digest: u64,
         now: Nanos,
     ) -> Self {
         let mut rc = ReplicationConfig::new(cfg.slot, cfg.name.clone());
@@ -215,11 +160,11 @@ impl<C: Clock> NodeCore<C> {
             limiter,
             repl,
             membership,
-            rules: crdts::LWWReg {
-                val: rules_text,
-                marker: rules_version,
-            },
-            rules_digest,
+            register: RulesRegister::new(
+                RegisterConfig::new(cfg.slot, cfg.cluster_size),
+                rules_text,
+                rules_version,
+            ),
             addrs: BTreeMap::new(),
             known: BTreeSet::new(),
             live: BTreeSet::new(),
@@ -262,11 +207,11 @@ impl<C: Clock> NodeCore<C> {
     }
     /// The version of the rules in force.
     pub fn rules_version(&self) -> RulesVersion {
-        self.rules.marker
+        self.register.version()
     }
     /// The text of the rules in force.
     pub fn rules_text(&self) -> &str {
-        &self.rules.val
+        self.register.text()
     }
     /// Every peer slot ever seen up since start.
     pub fn known(&self) -> &BTreeSet<NodeSlot> {
@@ -285,22 +230,21 @@ impl<C: Clock> NodeCore<C> {
     pub fn handle_connected(&mut self, now: Nanos, slot: NodeSlot, addr: SocketAddr) {
         self.saw(now);
         self.addrs.insert(slot, addr);
-        self.repl.peer_connected(now, slot, self.rules_digest);
+        self.repl.peer_connected(now, slot, self.rules_digest());
         // Resets it has not acknowledged reach it before new counts do.
         self.resets.on_connected(slot);
         // A peer that missed a rules change learns it here.
-        let frame = self.rules_frame();
-        self.outbox.push_back(Transmit {
-            to: slot,
-            bytes: frame,
-            reliable: true,
-        });
+        self.send_rules(slot);
         self.after_input();
     }
 
     /// The connection to `slot` closed.
     pub fn handle_disconnected(&mut self, slot: NodeSlot) {
         self.repl.peer_disconnected(slot);
+        if !self.live.contains(&slot) {
+            // Waited for only as a connected peer: no longer.
+            self.register.handle_peer_down(self.now, slot);
+        }
         self.after_input();
     }
 
@@ -311,13 +255,12 @@ impl<C: Clock> NodeCore<C> {
         let hello = bytes.get(1) == Some(&(Kind::Hello as u8));
         match self
             .repl
-            .handle_frame(now, from, bytes, &*self.limiter, self.rules_digest)
+            .handle_frame(now, from, bytes, &*self.limiter, self.rules_digest())
         {
             Ok(Delivered::Swim(swim)) => {
                 // Malformed membership payloads are refused inside.
                 let _ = self.membership.handle_data(now, &swim);
             }
-            Ok(Delivered::Rules(rules)) => self.on_peer_rules(rules),
             Ok(Delivered::Reset(reset)) => {
                 if let Some(keys) = self.resets.on_reset(now, from, &reset) {
                     let cleared = self.limiter.reset_counters_at(now, &keys);
@@ -331,6 +274,11 @@ impl<C: Clock> NodeCore<C> {
                 }
             }
             Ok(Delivered::ResetAck(ack)) => self.resets.on_ack(now, from, &ack),
+            Ok(Delivered::Rules(rules)) => self.on_peer_rules(from, rules),
+            Ok(Delivered::RulesAck(ack)) => {
+                self.register
+                    .handle_ack(now, from, ack.offered, ack.current)
+            }
             Ok(Delivered::Applied) if hello => self.introduce(now, from),
             Ok(Delivered::Applied) => {}
             Err(e) => tracing::debug!(from = from.get(), error = %e, "frame refused"),
@@ -384,8 +332,14 @@ impl<C: Clock> NodeCore<C> {
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
     pub fn poll_timeout(&self) -> Nanos {
         let repl = self.repl.poll_timeout();
-        let t = self.membership.poll_timeout().map_or(repl, |m| m.min(repl));
-        self.resets.poll_timeout().map_or(t, |r| r.min(t))
+        [
+            self.membership.poll_timeout(),
+            self.register.poll_timeout(),
+            self.resets.poll_timeout(),
+        ]
+            .into_iter()
+            .flatten()
+            .fold(repl, Nanos::min)
     }
 
     /// Runs what is due at `now`: membership probes, the sync tick, resends
@@ -395,6 +349,11 @@ impl<C: Clock> NodeCore<C> {
         self.membership.handle_timeout(now);
         self.repl.handle_timeout(now, &*self.limiter);
         self.resets.handle_timeout(now);
+        // Proposals still waiting: the rules again to whoever has not
+        // answered.
+        for slot in self.register.handle_timeout(now) {
+            self.send_rules(slot);
+        }
         self.after_input();
     }
 
@@ -444,29 +403,6 @@ impl<C: Clock> NodeCore<C> {
         self.after_input();
     }
 
-    /// Takes parsed `rules` as the next version of the rules from this
-    /// node (refused only when their text is too large to replicate). The
-    /// driver keeps them on disk, then calls [`NodeCore::commit_rules`].
-    pub fn prepare_rules(&self, rules: RuleSet) -> Result<PreparedRules, PutRulesError> {
-        let version = RulesVersion::new(self.rules.marker.counter + 1, self.cfg.slot.get());
-        prepare(rules, version)
-    }
-
-    /// Puts prepared rules in force and sends them to every connected peer.
-    pub fn commit_rules(&mut self, prepared: PreparedRules) -> RulesVersion {
-        let version = prepared.version;
-        if let Err(e) = self.put_in_force(prepared) {
-            tracing::warn!(error = %e, "rules refused");
-        }
-        self.after_input();
-        version
-    }
-
-    /// Whether `text` is already the rules in force.
-    pub fn runs(&self, text: &str) -> bool {
-        self.rules.val == text
-    }
-
     /// Ships what is pending and leaves the membership: a clean stop.
     pub fn finish(&mut self, now: Nanos) {
         self.saw(now);
@@ -487,58 +423,6 @@ impl<C: Clock> NodeCore<C> {
             return Some(t);
         }
         self.repl.poll_transmit()
-    }
-
-    fn rules_frame(&self) -> Vec<u8> {
-        Frame::Rules(RulesFrame {
-            version: self.rules.marker.counter,
-            origin: self.rules.marker.origin,
-            text: self.rules.val.clone(),
-        })
-        .encode()
-    }
-
-    fn put_in_force(&mut self, p: PreparedRules) -> Result<(), PutRulesError> {
-        let digest = p.rules.digest();
-        self.limiter.replace_rules(p.rules)?;
-        self.rules_digest = digest;
-        self.rules.update(p.text.clone(), p.version);
-        // Flooding: a node that adopts newer rules forwards them once, so
-        // they reach nodes the origin cannot.
-        let frame = self.rules_frame();
-        for (&slot, peer) in self.repl.peers() {
-            if peer.connected {
-                self.outbox.push_back(Transmit {
-                    to: slot,
-                    bytes: frame.clone(),
-                    reliable: true,
-                });
-            }
-        }
-        tracing::info!(
-            version = p.version.counter,
-            origin = p.version.origin,
-            "rules in force"
-        );
-        self.events.push_back(CoreEvent::RulesInForce {
-            version: p.version,
-            text: p.text,
-        });
-        Ok(())
-    }
-
-    fn on_peer_rules(&mut self, r: RulesFrame) {
-        let version = RulesVersion::new(r.version, r.origin);
-        if version <= self.rules.marker {
-            return;
-        }
-        let prepared = RuleSet::from_toml(&r.text)
-            .map_err(PutRulesError::from)
-            .and_then(|rules| prepare(rules, version));
-        match prepared.and_then(|p| self.put_in_force(p)) {
-            Ok(()) => {}
-            Err(e) => tracing::warn!(error = %e, "rules from a peer refused"),
-        }
     }
 
     /// After a peer's hello: make sure membership knows it.
@@ -619,7 +503,7 @@ impl<C: Clock> NodeCore<C> {
                 self.live.insert(m.slot);
                 self.repl.add_peer(m.slot);
                 self.repl
-                    .set_liveness(&*self.limiter, m.slot, true, self.rules_digest);
+                    .set_liveness(&*self.limiter, m.slot, true, self.rules_digest());
                 self.events.push_back(CoreEvent::MemberUp {
                     slot: m.slot,
                     name: m.name,
@@ -627,8 +511,9 @@ impl<C: Clock> NodeCore<C> {
             }
             MemberEvent::Down(m) => {
                 self.live.remove(&m.slot);
+                self.register.handle_peer_down(self.now, m.slot);
                 self.repl
-                    .set_liveness(&*self.limiter, m.slot, false, self.rules_digest);
+                    .set_liveness(&*self.limiter, m.slot, false, self.rules_digest());
                 self.events.push_back(CoreEvent::MemberDown {
                     slot: m.slot,
                     name: m.name,
@@ -645,18 +530,6 @@ impl<C: Clock> NodeCore<C> {
     }
 }
 
-fn prepare(rules: RuleSet, version: RulesVersion) -> Result<PreparedRules, PutRulesError> {
-    let text = rules.source().to_owned();
-    if text.len() > MAX_RULES_BYTES {
-        return Err(PutRulesError::TooLarge(text.len()));
-    }
-    Ok(PreparedRules {
-        rules,
-        text,
-        version,
-    })
-}
-
 /// The share view of node `cfg.slot` in the configured cluster (see
 /// [`NodeCore::share_view`]). `live`: the peers believed alive.
 pub fn configured_view(cfg: &CoreConfig, live: u64, minority: bool) -> ShareView {
@@ -671,6 +544,8 @@ pub fn configured_view(cfg: &CoreConfig, live: u64, minority: bool) -> ShareView
         cfg.sync_interval * 2,
     )
 }
+
+mod rules;
 
 #[cfg(test)]
 mod tests;

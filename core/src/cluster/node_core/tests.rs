@@ -2,7 +2,9 @@
 
 use super::*;
 use crate::limiter::LimiterConfig;
+use crate::rules::RuleSet;
 use crate::time::ManualClock;
+use crate::wire::MAX_RULES_BYTES;
 
 const RULES: &str = r#"
     [[rules]]
@@ -19,7 +21,6 @@ fn core(
     now: Nanos,
 ) -> (TestCore, Arc<Limiter<Arc<ManualClock>>>) {
     let rules = RuleSet::from_toml(RULES).unwrap();
-    let digest = rules.digest();
     let config = LimiterConfig {
         own_slot: NodeSlot::new(slot),
         slots: 2,
@@ -47,8 +48,7 @@ fn core(
         cfg,
         limiter.clone(),
         RULES.into(),
-        RulesVersion::new(0, slot),
-        digest,
+        RulesVersion::of_text(0, slot, RULES),
         now,
     );
     (core, limiter)
@@ -72,6 +72,84 @@ fn pump(cores: &mut [TestCore; 2], now: Nanos) {
 
 fn events(core: &mut TestCore) -> Vec<CoreEvent> {
     std::iter::from_fn(|| core.poll_event()).collect()
+}
+
+/// Two cores, connected and recovered from each other.
+fn pair(clock: &Arc<ManualClock>) -> ([TestCore; 2], Nanos) {
+    let mut now = clock.now();
+    let (a, _) = core(0, clock, now);
+    let (b, _) = core(1, clock, now);
+    let mut cores = [a, b];
+    for (me, peer) in [(0u16, 1u16), (1, 0)] {
+        cores[usize::from(me)].handle_connected(
+            now,
+            NodeSlot::new(peer),
+            SocketAddr::from(([127, 0, 0, 1], 7400 + peer)),
+        );
+    }
+    for _ in 0..8 {
+        now = now + Nanos::from_millis(5);
+        for c in cores.iter_mut() {
+            c.handle_timeout(now);
+        }
+        pump(&mut cores, now);
+    }
+    (cores, now)
+}
+
+#[test]
+fn concurrent_changes_on_two_cores_end_with_one_winner_and_one_told_it_lost() {
+    let clock = Arc::new(ManualClock::new(Nanos::from_secs(1_700_000_000)));
+    let (mut cores, now) = pair(&clock);
+    assert!(cores.iter().all(|c| c.check_quorum().is_ok()));
+    let texts = [
+        RULES.replace("limit = 100", "limit = 7"),
+        RULES.replace("limit = 100", "limit = 9"),
+    ];
+    let mut tickets = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let prepared = cores[i]
+            .prepare_rules(RuleSet::from_toml(text).unwrap(), None)
+            .unwrap();
+        tickets.push((prepared.version(), cores[i].commit_rules(prepared).unwrap()));
+    }
+    // Both made version 1 without seeing the other: node 1's wins.
+    assert_eq!(tickets[0].0.counter, tickets[1].0.counter);
+    pump(&mut cores, now);
+    assert!(cores.iter().all(|c| c.runs(&texts[1])));
+    assert_eq!(
+        cores[0].poll_rules_outcome(),
+        Some((
+            tickets[0].1,
+            RulesOutcome::Superseded {
+                version: tickets[0].0,
+                winner: tickets[1].0
+            }
+        ))
+    );
+    assert!(matches!(
+        cores[1].poll_rules_outcome(),
+        Some((t, RulesOutcome::Confirmed { .. })) if t == tickets[1].1
+    ));
+    // A frame of an unknown kind, or a malformed answer, changes nothing.
+    let before = cores[0].rules_version();
+    cores[0].handle_frame(now, NodeSlot::new(1), &[1, 200, 1, 2, 3]);
+    cores[0].handle_frame(now, NodeSlot::new(1), &[1, 10, 0xff]);
+    assert_eq!(cores[0].rules_version(), before);
+}
+
+#[test]
+fn a_core_alone_in_a_cluster_of_two_refuses_changes_it_cannot_get_confirmed() {
+    let clock = Arc::new(ManualClock::new(Nanos::from_secs(1_700_000_000)));
+    let (a, _) = core(0, &clock, clock.now());
+    assert_eq!(
+        a.check_quorum(),
+        Err(PutRulesError::NoQuorum {
+            live: 1,
+            size: 2,
+            majority: 2
+        })
+    );
 }
 
 #[test]
@@ -112,24 +190,44 @@ fn two_cores_recover_from_each_other_and_agree_on_rules_without_io() {
     }
     // A rule change on one core reaches the other.
     let text = RULES.replace("limit = 100", "limit = 50");
+    let v1 = RulesVersion::of_text(1, 0, &text);
     let prepared = cores[0]
-        .prepare_rules(RuleSet::from_toml(&text).unwrap())
+        .prepare_rules(RuleSet::from_toml(&text).unwrap(), None)
         .unwrap();
-    assert_eq!(cores[0].commit_rules(prepared), RulesVersion::new(1, 0));
+    assert_eq!(prepared.version(), v1);
+    let ticket = cores[0].commit_rules(prepared).unwrap();
+    assert_eq!(cores[0].poll_rules_outcome(), None, "waits for node 1");
     pump(&mut cores, now);
     assert!(events(&mut cores[1]).contains(&CoreEvent::RulesInForce {
-        version: RulesVersion::new(1, 0),
+        version: v1,
         text: text.clone(),
     }));
-    assert_eq!(cores[1].rules_version(), RulesVersion::new(1, 0));
+    assert_eq!(cores[1].rules_version(), v1);
     assert!(cores[1].runs(&text));
+    // Node 1's answer confirms the change.
+    assert_eq!(
+        cores[0].poll_rules_outcome(),
+        Some((
+            ticket,
+            RulesOutcome::Confirmed {
+                version: v1,
+                peers: vec![NodeSlot::new(1)]
+            }
+        ))
+    );
+    // A change made against an older version is refused and changes nothing.
+    let stale = cores[1].prepare_rules(
+        RuleSet::from_toml(RULES).unwrap(),
+        Some(RulesVersion::of_text(0, 1, RULES)),
+    );
+    assert_eq!(stale.err(), Some(PutRulesError::Stale { current: v1 }));
     // Rules too large to replicate change nothing.
     let padded = format!("{text}\n#{}\n", "x".repeat(MAX_RULES_BYTES));
     assert_eq!(
         cores[0]
-            .prepare_rules(RuleSet::from_toml(&padded).unwrap())
+            .prepare_rules(RuleSet::from_toml(&padded).unwrap(), None)
             .err(),
         Some(PutRulesError::TooLarge(padded.len()))
     );
-    assert_eq!(cores[0].rules_version(), RulesVersion::new(1, 0));
+    assert_eq!(cores[0].rules_version(), v1);
 }

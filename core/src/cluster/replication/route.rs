@@ -5,7 +5,7 @@ use super::claim::carried_keys;
 use super::{ReplicaStore, Replicator};
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
-use crate::wire::{DecodeError, Frame, ResetAck, ResetFrame, RulesFrame, Slots};
+use crate::wire::{DecodeError, Frame, ResetAck, ResetFrame, RulesAck, RulesFrame, Slots};
 
 /// What an accepted frame leaves for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,8 @@ pub enum Delivered {
     Reset(ResetFrame),
     /// A peer applied one of this node's resets.
     ResetAck(ResetAck),
+    /// A peer's answer to our rules, for the rules register.
+    RulesAck(RulesAck),
 }
 
 /// Why an incoming frame was refused. The frame changed nothing.
@@ -186,6 +188,7 @@ impl Replicator {
             }
             Frame::Reset(r) => return Ok(Delivered::Reset(r)),
             Frame::ResetAck(a) => return Ok(Delivered::ResetAck(a)),
+            Frame::RulesAck(a) => return Ok(Delivered::RulesAck(a)),
         }
         if let Some(keys) = carried {
             self.heard_from(from, Some(&keys));
