@@ -4,7 +4,7 @@
 # stopped on exit).
 #
 # Each round puts a rule set of LIMITS limits (625 rules of 16 limits each,
-# about 505 KiB of TOML, written tight: under the 512 KiB rules limit) through node 0 with
+# about 501 KiB of TOML, written tight: under the 512 KiB rules limit) through node 0 with
 # If-Match, and times the PUT: the admin API answers 200 only once every
 # live node runs the new version (each peer has parsed, compiled and kept
 # it on disk, then confirmed it), so the answer's latency is the time to be

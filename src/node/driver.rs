@@ -174,7 +174,9 @@ impl Driver {
             self.core.check_quorum()?;
         }
         let prepared = self.core.prepare_rules(change.rules, change.if_match)?;
-        let diff = RulesDiff::between(&self.limiter.rules(), prepared.rules());
+        // Fifty names a list: a rule set of thousands changed whole is
+        // still one readable line.
+        let diff = RulesDiff::between(&self.limiter.rules(), prepared.rules()).capped(50);
         if let Err(e) = self.keep_rules(prepared.version(), prepared.text()) {
             if admin {
                 return Err(PutRulesError::NotPersisted(e.to_string()));

@@ -46,6 +46,23 @@ impl RulesDiff {
         diff
     }
 
+    /// The same diff with each list cut to its first `max` names and a
+    /// last entry saying how many more there were: a log line's worth.
+    pub fn capped(&self, max: usize) -> RulesDiff {
+        let cut = |names: &[String]| {
+            let mut out: Vec<String> = names.iter().take(max).cloned().collect();
+            if names.len() > max {
+                out.push(format!("... and {} more", names.len() - max));
+            }
+            out
+        };
+        RulesDiff {
+            added: cut(&self.added),
+            removed: cut(&self.removed),
+            changed: cut(&self.changed),
+        }
+    }
+
     /// No rule added, removed or changed (the endpoint list or comments
     /// may still differ).
     pub fn is_empty(&self) -> bool {
@@ -127,6 +144,12 @@ mod tests {
         assert_eq!(diff.removed, vec!["b"]);
         assert_eq!(diff.changed, vec!["a"]);
         assert_eq!(diff.to_string(), "added [c] removed [b] changed [a]");
+        let long = RulesDiff {
+            added: (0..5).map(|i| format!("r{i}")).collect(),
+            ..RulesDiff::default()
+        };
+        assert_eq!(long.capped(2).added, vec!["r0", "r1", "... and 3 more"]);
+        assert_eq!(long.capped(5), long);
         // A new match with the same limits is a change too.
         let moved = set(&A.replace("user = \"*\"", "user = \"x*\""));
         assert_eq!(RulesDiff::between(&set(A), &moved).changed, vec!["a"]);
