@@ -21,12 +21,16 @@
 //!   confirmation (its `Confirm`: a request near its limit goes to the task).
 //! - `driver`: the task that owns the core.
 //! - `files`: snapshots and kept rules on disk.
+//! - `journal`, `journal_files`: the write-ahead journal's writer thread,
+//!   its segment files and their replay at start (see [`Durability`]).
 //! - [`config`]: the configuration file and its checks; [`rules_state`]:
 //!   the rules in force kept across restarts.
 
 pub mod config;
 mod driver;
 mod files;
+mod journal;
+mod journal_files;
 pub mod rules_state;
 
 use std::collections::BTreeMap;
@@ -41,7 +45,7 @@ use crate::net::{NodeTls, Transport};
 use drl_core::clock::SystemClock;
 use drl_core::cluster::node_core::{CoreConfig, NodeCore};
 use drl_core::cluster::replication::{PeerState, ReplicationStats};
-use drl_core::decide::{Confirm, ConfirmFuture, Decider, Unconfirmed};
+use drl_core::decide::{Commit, Confirm, ConfirmFuture, Decider, Unconfirmed};
 use drl_core::limiter::{Decided, Limiter, LimiterConfig, Pending};
 use drl_core::rules::{RuleSet, RulesError};
 use drl_core::share::ShareView;
@@ -51,6 +55,7 @@ use drl_core::time::{Clock, Nanos};
 #[cfg(feature = "harness")]
 pub use config::Chaos;
 pub use config::{ConfigError, GrpcTls, NodeFile, NodeSettings};
+pub use journal::{Durability, JournalStats};
 
 /// Why a node could not start. Nothing is left running.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +84,9 @@ pub enum NodeError {
     #[error("limiter: {0}")]
     /// The limiter could not hold the rules.
     Limiter(#[from] drl_core::limiter::SetupError),
+    #[error("journal writer: {0}")]
+    /// The journal's writer thread could not be started.
+    Journal(#[source] std::io::Error),
 }
 
 pub use drl_core::cluster::node_core::{PutRulesError, RulesVersion};
@@ -151,9 +159,15 @@ pub struct NodeApi {
     decider: Decider,
     status: Arc<Mutex<NodeStatus>>,
     commands: mpsc::Sender<Command>,
+    journal: Option<Arc<JournalStats>>,
 }
 
 impl NodeApi {
+    /// The write-ahead journal's state; `None` when the node keeps no
+    /// journal (`durability = "none"` or no `snapshot_path`).
+    pub fn journal(&self) -> Option<&JournalStats> {
+        self.journal.as_deref()
+    }
     /// The latest published status (refreshed every 50 ms).
     pub fn status(&self) -> NodeStatus {
         self.status
@@ -229,6 +243,9 @@ pub struct NodeHandle {
     stop: watch::Sender<bool>,
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
+    journal: Option<Arc<journal::Journal>>,
+    /// Under `sync` durability, what answers wait for.
+    commit: Option<Arc<dyn Commit>>,
 }
 
 impl NodeHandle {
@@ -259,6 +276,7 @@ impl NodeHandle {
             decider: self.decider(),
             status: self.status.clone(),
             commands: self.commands.clone(),
+            journal: self.journal.as_ref().map(|j| j.stats().clone()),
         }
     }
     /// The node's decision path (see [`NodeApi::decider`]).
@@ -266,7 +284,11 @@ impl NodeHandle {
         let confirm = ConfirmThroughTask {
             commands: self.commands.clone(),
         };
-        Decider::clustered(self.limiter.clone(), Arc::new(confirm))
+        let decider = Decider::clustered(self.limiter.clone(), Arc::new(confirm));
+        match &self.commit {
+            Some(commit) => decider.with_commit(commit.clone()),
+            None => decider,
+        }
     }
     /// Stops the node cleanly: final delta, leave, snapshot, close.
     pub async fn shutdown(self) {
@@ -274,8 +296,11 @@ impl NodeHandle {
         let _ = self.task.await;
     }
     /// Stops the node dead, as a crash would: no final delta, no leave, no
-    /// snapshot. For tests of crash recovery.
+    /// snapshot, nothing more journaled. For tests of crash recovery.
     pub async fn kill(self) {
+        if let Some(j) = &self.journal {
+            j.abort();
+        }
         self.task.abort();
         let _ = self.task.await;
         self.transport.shutdown().await;
@@ -331,6 +356,16 @@ impl Node {
             Some(path) => load_snapshot(&limiter, path, now),
             None => SnapshotLoad::default(),
         };
+        // Snapshot, then journal, then (once running) peers: each can only
+        // raise what the one before restored.
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let (journal, journal_replayed) = start_journal(&settings, &limiter, now)?;
+        let commit: Option<Arc<dyn Commit>> = match &journal {
+            Some(j) if settings.durability == Durability::Sync => {
+                Some(Arc::new(j.commit(limiter.clone(), wake.clone())))
+            }
+            _ => None,
+        };
         let (transport, incoming) = Transport::bind(settings.listen_peer, tls, settings.slot)?;
         let peer_addr = match settings.advertise_peer {
             Some(a) => a,
@@ -352,7 +387,7 @@ impl Node {
                 inflight_ppm: settings.inflight_ppm,
                 sync_interval: settings.sync_interval,
                 recovery_timeout: settings.recovery_timeout,
-                snapshot_restored: snapshot_load.restored,
+                snapshot_restored: snapshot_load.restored || journal_replayed,
                 incarnation,
                 peer_addr,
                 recovering: true,
@@ -369,7 +404,6 @@ impl Node {
             ..NodeStatus::default()
         }));
         let (stop, stop_rx) = watch::channel(false);
-        let wake = Arc::new(tokio::sync::Notify::new());
         let waker = wake.clone();
         limiter.set_wake(move || waker.notify_one());
         let driver = Driver {
@@ -393,6 +427,7 @@ impl Node {
                 (c, rand::rngs::StdRng::seed_from_u64(c.seed))
             }),
             waiters: std::collections::HashMap::new(),
+            journal: journal.clone(),
         };
         let (commands, command_rx) = mpsc::channel(4096);
         let task = tokio::spawn(driver.run(incoming, stop_rx, wake, command_rx));
@@ -405,6 +440,43 @@ impl Node {
             stop,
             commands,
             task,
+            journal,
+            commit,
         })
     }
+}
+
+/// Replays the journal beside the snapshot, if any, and starts its writer
+/// unless `durability` is `none` (then what was replayed is put in a
+/// snapshot and the segments removed). Says whether anything was replayed.
+fn start_journal(
+    settings: &NodeSettings,
+    limiter: &Arc<Limiter>,
+    now: Nanos,
+) -> Result<(Option<Arc<journal::Journal>>, bool), NodeError> {
+    let Some(path) = &settings.snapshot_path else {
+        return Ok((None, false));
+    };
+    let recovered = journal::recover(limiter, path, now);
+    let replayed = recovered.records > 0;
+    if settings.durability == Durability::None {
+        if recovered.segments > 0 {
+            let bytes = drl_core::cluster::snapshot::capture(limiter, now);
+            match files::write_snapshot(path, &bytes) {
+                Ok(()) => {
+                    let mut old = journal::FileSegments::new(path, settings.key_seed, 0);
+                    let _ = journal::Segments::remove_before(&mut old, u64::MAX);
+                }
+                Err(e) => tracing::warn!(error = %e, "snapshot after journal replay not written"),
+            }
+        }
+        return Ok((None, replayed));
+    }
+    let stats = Arc::new(JournalStats::new(settings.durability));
+    stats.recovered(&recovered);
+    let segments =
+        journal::FileSegments::new(path, settings.key_seed, recovered.next_seq);
+    let journal = journal::Journal::start(limiter.clone(), segments, stats)
+        .map_err(NodeError::Journal)?;
+    Ok((Some(Arc::new(journal)), replayed))
 }

@@ -10,6 +10,7 @@
 //! | [`membership`] | who is in the cluster and alive (SWIM) |
 //! | [`store`] | the view of the key tables replication reads and writes |
 //! | [`snapshot`] | local snapshots for a whole-cluster restart |
+//! | [`wal`] | the write-ahead journal of this node's slot values: records and their replay |
 //! | `harness` | an in-memory cluster on virtual time (tests, `harness` feature) |
 
 pub mod confirm;
@@ -20,3 +21,4 @@ pub mod node_core;
 pub mod replication;
 pub mod snapshot;
 pub mod store;
+pub mod wal;
