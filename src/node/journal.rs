@@ -35,7 +35,7 @@ use drl_core::limiter::Limiter;
 use drl_core::slot::NodeSlot;
 use drl_core::time::{Clock, Nanos};
 
-pub use super::journal_files::{recover, FileSegments, Recovered};
+pub(crate) use super::journal_files::{recover, FileSegments, Recovered};
 
 /// What the journal keeps on disk, and what a crash of every node at once
 /// can cost (see DESIGN.md, "Durability").
@@ -43,7 +43,7 @@ pub use super::journal_files::{recover, FileSegments, Recovered};
 pub enum Durability {
     /// No journal: counts reach disk with the snapshot only.
     None,
-    /// Groups are written every [`WRITE_PERIOD`] and fsynced every interval.
+    /// Groups are written every 10 ms and fsynced every interval.
     Interval(Nanos),
     /// An answer that counted hits waits for its group's fsync.
     Sync,
@@ -51,11 +51,11 @@ pub enum Durability {
 
 /// How often `interval` writes a group (without fsync): what a crash of
 /// the process alone, its kernel surviving, can lose.
-pub const WRITE_PERIOD: Duration = Duration::from_millis(10);
+pub(crate) const WRITE_PERIOD: Duration = Duration::from_millis(10);
 /// How often `sync` looks for groups to commit.
 const SYNC_PERIOD: Duration = Duration::from_millis(1);
 /// An fsync slower than this marks durability degraded.
-pub const SLOW_FSYNC: Duration = Duration::from_millis(200);
+pub(crate) const SLOW_FSYNC: Duration = Duration::from_millis(200);
 /// How often a failing disk is tried again.
 const RETRY_PERIOD: Duration = Duration::from_secs(1);
 /// The longest a `sync` answer waits for its commit (a writer stuck on a
@@ -128,7 +128,7 @@ impl JournalStats {
         }
     }
     /// Why durability is degraded now, if it is: the last write or fsync
-    /// failed, or an fsync took (or is taking) longer than [`SLOW_FSYNC`].
+    /// failed, or an fsync took (or is taking) longer than 200 ms.
     pub fn degraded(&self) -> Option<String> {
         if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Some(e);
@@ -205,7 +205,7 @@ impl JournalStats {
 
 /// Where the writer puts its groups: numbered segment files on disk
 /// ([`FileSegments`]), or a fault-injecting stand-in in tests.
-pub trait Segments: Send + 'static {
+pub(crate) trait Segments: Send + 'static {
     /// Appends `bytes` to the current segment (created, header first, if
     /// it does not exist yet).
     fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
@@ -229,7 +229,7 @@ enum Command {
 }
 
 /// The driver's and the decision path's handle on the writer thread.
-pub struct Journal {
+pub(crate) struct Journal {
     stats: Arc<JournalStats>,
     aborted: Arc<std::sync::atomic::AtomicBool>,
     commands: Mutex<Option<mpsc::Sender<Command>>>,
@@ -240,7 +240,7 @@ pub struct Journal {
 impl Journal {
     /// Starts the writer thread over `segments`; from now on the limiter's
     /// replicator keeps the keys it takes for it.
-    pub fn start<S: Segments>(
+    pub(crate) fn start<S: Segments>(
         limiter: Arc<Limiter>,
         segments: S,
         stats: Arc<JournalStats>,
@@ -276,7 +276,7 @@ impl Journal {
     }
 
     /// The journal's statistics.
-    pub fn stats(&self) -> &Arc<JournalStats> {
+    pub(crate) fn stats(&self) -> &Arc<JournalStats> {
         &self.stats
     }
 
@@ -289,7 +289,7 @@ impl Journal {
     /// number goes to [`Journal::checkpointed`] once the snapshot is on
     /// disk. `None` if no new segment could be started (nothing may then be
     /// removed).
-    pub async fn rotate(&self) -> Option<u64> {
+    pub(crate) async fn rotate(&self) -> Option<u64> {
         let (reply, answer) = oneshot::channel();
         if !self.send(Command::Rotate(reply)) {
             return None;
@@ -299,18 +299,18 @@ impl Journal {
 
     /// A snapshot captured after segment `seq` was started is on disk: the
     /// segments before it are covered by it and removed.
-    pub fn checkpointed(&self, seq: u64) {
+    pub(crate) fn checkpointed(&self, seq: u64) {
         self.send(Command::RemoveBefore(seq));
     }
 
     /// Stops the writer at once, writing nothing more (a crash, in tests).
-    pub fn abort(&self) {
+    pub(crate) fn abort(&self) {
         self.aborted.store(true, Ordering::SeqCst);
         self.stop();
     }
 
     /// Writes and fsyncs what is pending, then stops the writer.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.commands
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -323,7 +323,7 @@ impl Journal {
 
     /// A [`Commit`] for `sync` durability: `wake` asks the node's task to
     /// ship (and so hand the decision's key to the writer) at once.
-    pub fn commit(&self, limiter: Arc<Limiter>, wake: Arc<Notify>) -> SyncCommit {
+    pub(crate) fn commit(&self, limiter: Arc<Limiter>, wake: Arc<Notify>) -> SyncCommit {
         SyncCommit {
             limiter,
             wake,
@@ -334,7 +334,7 @@ impl Journal {
 
 /// Holds an answer until the group holding its hits is fsynced (see the
 /// module docs).
-pub struct SyncCommit {
+pub(crate) struct SyncCommit {
     limiter: Arc<Limiter>,
     wake: Arc<Notify>,
     durable: watch::Receiver<u64>,

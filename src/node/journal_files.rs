@@ -18,7 +18,7 @@ use drl_core::time::Nanos;
 use super::journal::Segments;
 
 /// Segment files on disk (see the module docs).
-pub struct FileSegments {
+pub(crate) struct FileSegments {
     dir: PathBuf,
     prefix: String,
     seed: KeySeed,
@@ -58,7 +58,7 @@ fn list(dir: &Path, prefix: &str) -> Vec<(u64, PathBuf)> {
 
 impl FileSegments {
     /// Segments beside `snapshot`; the first one written is numbered `seq`.
-    pub fn new(snapshot: &Path, seed: KeySeed, seq: u64) -> Self {
+    pub(crate) fn new(snapshot: &Path, seed: KeySeed, seq: u64) -> Self {
         let (dir, prefix) = prefix_of(snapshot);
         FileSegments {
             dir,
@@ -142,7 +142,7 @@ impl Segments for FileSegments {
 
 /// What replaying the journal at start did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Recovered {
+pub(crate) struct Recovered {
     /// Segments read.
     pub segments: u64,
     /// Records merged.
@@ -164,7 +164,7 @@ pub struct Recovered {
 /// file (what precedes it stays); a segment that is not this cluster's
 /// journal is moved aside as `<segment>.corrupt-<unix seconds>`. Never
 /// fails the start.
-pub fn recover(limiter: &Limiter, snapshot: &Path, now: Nanos) -> Recovered {
+pub(crate) fn recover(limiter: &Limiter, snapshot: &Path, now: Nanos) -> Recovered {
     let (dir, prefix) = prefix_of(snapshot);
     let mut out = Recovered::default();
     for (seq, path) in list(&dir, &prefix) {
