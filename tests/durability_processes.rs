@@ -384,6 +384,32 @@ fn sync_loses_nothing_when_every_node_is_killed_at_once() {
 }
 
 #[test]
+fn readiness_and_metrics_report_the_journal() {
+    let mut c = ProcCluster::new("report", "sync");
+    c.start_all();
+    let load = Load::start(&c.http, "report", 10);
+    std::thread::sleep(Duration::from_millis(500));
+    load.stop();
+    let (code, ready) = support::request(c.http[0], "GET", "/readyz", "").unwrap();
+    assert_eq!(code, 200);
+    assert!(ready.contains("\"durability\":\"sync\""), "{ready}");
+    assert!(ready.contains("\"durability_degraded\":null"), "{ready}");
+    let (_, metrics) = support::request(c.http[0], "GET", "/metrics", "").unwrap();
+    let value = |name: &str| -> f64 {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("drl_durability{policy=\"sync\"}"), 1.0);
+    assert_eq!(value("drl_durability_degraded "), 0.0);
+    assert!(value("drl_journal_groups_total ") > 0.0);
+    assert!(value("drl_journal_bytes ") > 0.0);
+    assert!(value("drl_journal_fsync_seconds_count ") > 0.0);
+}
+
+#[test]
 fn interval_loses_at_most_each_keys_last_second() {
     for l in run_policy("interval", 2, 60) {
         check_bound("interval", &l);

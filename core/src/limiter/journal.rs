@@ -7,6 +7,7 @@
 //! different keys off each other's lock.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashSet;
 use std::sync::Mutex;
 
 use crate::key::CounterKey;
@@ -44,7 +45,9 @@ impl Default for Journal {
 #[derive(Debug, Default)]
 pub struct ShippedKeys {
     on: AtomicBool,
-    keys: Mutex<Vec<CounterKey>>,
+    /// A set: a writer held up (a slow disk) must not see a hot key once
+    /// per round it missed.
+    keys: Mutex<HashSet<CounterKey>>,
     started: AtomicU64,
     sealed: AtomicU64,
 }
@@ -68,7 +71,7 @@ impl ShippedKeys {
             self.keys
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(key);
+                .insert(key);
         }
     }
     /// No round is under way: every round begun so far has been taken in
@@ -90,7 +93,7 @@ impl ShippedKeys {
     pub fn drain(&self) -> (u64, Vec<CounterKey>) {
         let sealed = self.sealed();
         let keys = std::mem::take(&mut *self.keys.lock().unwrap_or_else(|p| p.into_inner()));
-        (sealed, keys)
+        (sealed, keys.into_iter().collect())
     }
 }
 
