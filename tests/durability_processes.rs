@@ -139,7 +139,9 @@ impl ProcCluster {
             if start.elapsed() > Duration::from_secs(30) {
                 let mut report = String::new();
                 for &s in slots {
-                    let state = self.children[s].as_mut().map_or("not started".into(), exit_state);
+                    let state = self.children[s]
+                        .as_mut()
+                        .map_or("not started".into(), exit_state);
                     let log = log_tail(&self.dir.join(format!("node-{s}.log")), 20);
                     report.push_str(&format!("\n--- node {s} ({state}):\n{log}"));
                 }
@@ -300,7 +302,12 @@ struct KeyLoss {
 
 /// What the cluster counts for each key now, against what its clients
 /// were told (`crash`: when the nodes died; `None` for a run without one).
-fn losses(c: &ProcCluster, prefix: &str, admitted: &Admissions, crash: Option<Instant>) -> Vec<KeyLoss> {
+fn losses(
+    c: &ProcCluster,
+    prefix: &str,
+    admitted: &Admissions,
+    crash: Option<Instant>,
+) -> Vec<KeyLoss> {
     // Let acknowledgements settle: `remaining` reserves only what peers
     // may still have in flight.
     std::thread::sleep(Duration::from_millis(500));
@@ -369,7 +376,12 @@ fn run_policy(policy: &str, reps: usize, keys: usize) -> Vec<Vec<KeyLoss>> {
     c.start_all();
     (0..reps)
         .map(|rep| {
-            let l = crash_once(&mut c, &format!("{policy}{rep}"), keys, Duration::from_secs(2));
+            let l = crash_once(
+                &mut c,
+                &format!("{policy}{rep}"),
+                keys,
+                Duration::from_secs(2),
+            );
             eprintln!("{}", summary(policy, rep, &l));
             l
         })
@@ -443,7 +455,11 @@ fn a_rolling_restart_under_load_loses_nothing() {
     eprintln!("{}", summary("rolling", 0, &l));
     for (key, k) in l.iter().enumerate() {
         assert!(k.admitted > 0);
-        assert!(k.lost <= 0, "rolling restart lost {} hits of key {key}", k.lost);
+        assert!(
+            k.lost <= 0,
+            "rolling restart lost {} hits of key {key}",
+            k.lost
+        );
     }
 }
 

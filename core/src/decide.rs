@@ -266,6 +266,10 @@ mod tests {
         assert!(decide(1).is_allowed());
         assert_eq!(commits.0.load(Ordering::SeqCst), 1);
         assert!(!decide(1).is_allowed());
-        assert_eq!(commits.0.load(Ordering::SeqCst), 1, "a refusal counts nothing");
+        assert_eq!(
+            commits.0.load(Ordering::SeqCst),
+            1,
+            "a refusal counts nothing"
+        );
     }
 }

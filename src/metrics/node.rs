@@ -204,7 +204,8 @@ impl prometheus_client::collector::Collector for NodeCollector {
                     ConstGauge::new(v).encode(family.encode_family(&[(label, value)])?)?;
                 }
                 Family::Histogram(sum, count, buckets) => {
-                    let mut family = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
+                    let mut family =
+                        e.encode_descriptor(name, help, None, MetricType::Histogram)?;
                     family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                         sum, count, &buckets, None,
                     )?;

@@ -141,12 +141,8 @@ impl JournalStats {
             (self.epoch.elapsed().as_nanos() as u64).saturating_sub(started)
         };
         let last = self.last_fsync_ns.load(Ordering::Relaxed);
-        (running > slow || last > slow).then(|| {
-            format!(
-                "journal fsync slow: {} ms",
-                running.max(last) / 1_000_000
-            )
-        })
+        (running > slow || last > slow)
+            .then(|| format!("journal fsync slow: {} ms", running.max(last) / 1_000_000))
     }
     /// Bytes of journal segments on disk.
     pub fn bytes(&self) -> u64 {
@@ -189,7 +185,10 @@ impl JournalStats {
         self.segments_refused.store(r.refused, Ordering::Relaxed);
     }
     fn has_error(&self) -> bool {
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
     fn set_error(&self, e: Option<String>) {
         *self.error.lock().unwrap_or_else(|p| p.into_inner()) = e;

@@ -209,8 +209,11 @@ pub(crate) fn recover(limiter: &Limiter, snapshot: &Path, now: Nanos) -> Recover
     }
     if out.segments > 0 {
         tracing::info!(
-            segments = out.segments, records = out.records, applied = out.applied,
-            tail_cuts = out.tail_cuts, "journal replayed"
+            segments = out.segments,
+            records = out.records,
+            applied = out.applied,
+            tail_cuts = out.tail_cuts,
+            "journal replayed"
         );
     }
     out

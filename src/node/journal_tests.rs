@@ -1,11 +1,11 @@
 use super::*;
 use drl_core::descriptor::Descriptors;
 use drl_core::key::KeySeed;
-use std::fs::OpenOptions;
-use std::io::Write;
 use drl_core::limiter::LimiterConfig;
 use drl_core::rules::RuleSet;
 use drl_core::share::ShareView;
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::path::PathBuf;
 
 const RULES: &str = r#"
@@ -109,11 +109,16 @@ fn what_the_writer_wrote_comes_back_and_checkpoints_cut_it() {
     assert_eq!(seq, 1);
     spend(&a, "alice", 2);
     round(&a);
-    wait_until("the third group", || stats.bytes() > 0 && stats.groups() >= 2);
+    wait_until("the third group", || {
+        stats.bytes() > 0 && stats.groups() >= 2
+    });
     journal.stop();
     let b = limiter();
     let r = recover(&b, &snapshot, b.clock().now());
-    assert_eq!((r.segments, r.tail_cuts, r.refused, r.next_seq), (2, 0, 0, 2));
+    assert_eq!(
+        (r.segments, r.tail_cuts, r.refused, r.next_seq),
+        (2, 0, 0, 2)
+    );
     assert_eq!(remaining(&b, "alice"), 958);
     assert_eq!(remaining(&b, "bob"), 997);
     // Once a snapshot covers segment 0 it goes; segment 1 stays.
@@ -122,7 +127,11 @@ fn what_the_writer_wrote_comes_back_and_checkpoints_cut_it() {
     let c = limiter();
     let r = recover(&c, &snapshot, c.clock().now());
     assert_eq!(r.segments, 1);
-    assert_eq!(remaining(&c, "alice"), 958, "the later group holds the values");
+    assert_eq!(
+        remaining(&c, "alice"),
+        958,
+        "the later group holds the values"
+    );
     assert_eq!(remaining(&c, "bob"), 1000, "bob was only in segment 0");
     let _ = std::fs::remove_dir_all(&dir);
 }

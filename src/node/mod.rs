@@ -474,9 +474,8 @@ fn start_journal(
     }
     let stats = Arc::new(JournalStats::new(settings.durability));
     stats.recovered(&recovered);
-    let segments =
-        journal::FileSegments::new(path, settings.key_seed, recovered.next_seq);
-    let journal = journal::Journal::start(limiter.clone(), segments, stats)
-        .map_err(NodeError::Journal)?;
+    let segments = journal::FileSegments::new(path, settings.key_seed, recovered.next_seq);
+    let journal =
+        journal::Journal::start(limiter.clone(), segments, stats).map_err(NodeError::Journal)?;
     Ok((Some(Arc::new(journal)), replayed))
 }

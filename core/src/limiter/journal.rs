@@ -6,8 +6,8 @@
 //! drains the journal every sync interval. Shards keep threads that dirty
 //! different keys off each other's lock.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::key::CounterKey;
