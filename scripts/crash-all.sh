@@ -42,9 +42,9 @@ for policy in "${POLICIES[@]}"; do
   echo "== $policy: $REPS crashes of all 3 nodes, $KEYS keys"
   DRL_CRASH_POLICY=$policy DRL_CRASH_REPS=$REPS DRL_CRASH_KEYS=$KEYS \
     cargo test --release --test durability_processes crash_all_measured -- \
-    --ignored --nocapture --test-threads 1 2>&1 | grep -E "^($policy|test result|thread|  left|  right)"
+    --ignored --nocapture --test-threads 1 2>&1 | grep -E "($policy +rep|^$policy:|test result|panicked|lost)"
 done
 
 echo "== rolling restart under load (interval)"
 cargo test --release --test durability_processes a_rolling_restart_under_load_loses_nothing -- \
-  --nocapture --test-threads 1 2>&1 | grep -E "^(rolling|test result|thread)"
+  --nocapture --test-threads 1 2>&1 | grep -E "(rolling +rep|test result|panicked)"

@@ -284,12 +284,17 @@ fn remaining(port: u16, user: &str) -> u64 {
         .expect("an answer");
     assert_eq!(code, 200, "{body}");
     let at = body.find("\"remaining\":").expect("remaining") + 12;
-    body[at..]
+    let r: u64 = body[at..]
         .chars()
         .take_while(char::is_ascii_digit)
         .collect::<String>()
         .parse()
-        .unwrap()
+        .unwrap();
+    assert!(
+        r <= HOUR_LIMIT,
+        "the hour limit is the one reported: {body}"
+    );
+    r
 }
 
 /// Per key: admitted before the crash, admitted in its last second, lost.
@@ -302,23 +307,45 @@ struct KeyLoss {
 
 /// What the cluster counts for each key now, against what its clients
 /// were told (`crash`: when the nodes died; `None` for a run without one).
+/// A node counts a key as its fresh keys' remaining quota less the key's;
+/// each key is read on every node, the largest count taken, until two
+/// readings 300 ms apart agree (peers' values still arriving after a
+/// restart are not a loss).
 fn losses(
     c: &ProcCluster,
     prefix: &str,
     admitted: &Admissions,
     crash: Option<Instant>,
 ) -> Vec<KeyLoss> {
-    // Let acknowledgements settle: `remaining` reserves only what peers
-    // may still have in flight.
-    std::thread::sleep(Duration::from_millis(500));
-    let fresh = remaining(c.http[0], &format!("{prefix}-never-seen"));
-    assert!(fresh <= HOUR_LIMIT);
+    let read = || -> Vec<u64> {
+        let fresh: Vec<u64> = (0..3)
+            .map(|n| remaining(c.http[n], &format!("{prefix}-never-seen")))
+            .collect();
+        (0..admitted.len())
+            .map(|key| {
+                (0..3)
+                    .map(|n| fresh[n] - remaining(c.http[n], &format!("{prefix}-{key}")))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let start = Instant::now();
+    let mut counted = read();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let again = read();
+        if again == counted || start.elapsed() > Duration::from_secs(15) {
+            counted = again;
+            break;
+        }
+        counted = again;
+    }
     admitted
         .iter()
-        .enumerate()
-        .map(|(key, times)| {
+        .zip(counted)
+        .map(|(times, counted)| {
             let times = times.lock().unwrap();
-            let counted = fresh - remaining(c.http[key % 3], &format!("{prefix}-{key}"));
             let last_second = crash.map_or(0, |t| {
                 times
                     .iter()
