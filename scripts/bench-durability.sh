@@ -15,7 +15,8 @@
 #
 # Knobs (environment): ROUNDS (3), CONNS (50), DURATION (10s), KEYS (10000),
 # THREADS (1), PROTOCOLS ("http resp"), POLICIES ("none interval sync"),
-# BASE_PORT (18600), CARGO_TARGET_DIR (target).
+# BASE_PORT (18600), CARGO_TARGET_DIR (target), DRL (a release binary to use
+# instead of building one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,9 +31,12 @@ BASE_PORT=${BASE_PORT:-18600}
 TARGET=${CARGO_TARGET_DIR:-target}
 N=3
 
-echo "== building (release)"
-cargo build --release --bin drl
-DRL=$TARGET/release/drl
+if [ -z "${DRL:-}" ]; then
+  echo "== building (release)"
+  cargo build --release --bin drl
+  DRL=$TARGET/release/drl
+fi
+DRL=$(realpath "$DRL")
 
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/drl-bench-durability.XXXXXX")
 declare -a PIDS=()

@@ -7,8 +7,8 @@
 #
 #   full   — a file fills the tmpfs: node 0's journal writes fail
 #   freed  — the file is removed
-#   ro     — the tmpfs is remounted read-only
-#   rw     — and read-write again
+#   ro     — the directory turns read-only (a read-only bind mount over it)
+#   rw     — and writable again
 #
 # For each phase it prints node 0's decisions in the phase (they must go
 # on), its /readyz status and `durability_degraded` reason, and
@@ -17,7 +17,8 @@
 # segment or its snapshot (a torn tail may be cut), and be ready.
 #
 # Usage: scripts/disk-faults.sh
-# Environment: PHASE_SECONDS (4), BASE_PORT (18700), CARGO_TARGET_DIR.
+# Environment: PHASE_SECONDS (4), BASE_PORT (18700), CARGO_TARGET_DIR, DRL
+# (a release binary to use instead of building one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,19 +28,26 @@ BASE_PORT=${BASE_PORT:-18700}
 TARGET=${CARGO_TARGET_DIR:-target}
 N=3
 
-echo "== building (release)"
-cargo build --release --bin drl
-DRL=$TARGET/release/drl
+if [ -z "${DRL:-}" ]; then
+  echo "== building (release)"
+  cargo build --release --bin drl
+  DRL=$TARGET/release/drl
+fi
+DRL=$(realpath "$DRL")
 
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/drl-disk-faults.XXXXXX")
 MNT=$DIR/data0
 declare -a PIDS=()
 LOAD_PID=""
 cleanup() {
+  local rc=$?
+  if [ "$rc" != 0 ]; then
+    for log in "$DIR"/node-*.log; do [ -f "$log" ] && { echo "--- $log"; tail -5 "$log"; }; done
+  fi
   [ -z "$LOAD_PID" ] || kill -9 "$LOAD_PID" 2>/dev/null || true
   for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  mountpoint -q "$MNT" && umount "$MNT"
+  while mountpoint -q "$MNT"; do umount "$MNT" || break; done
   rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -120,9 +128,14 @@ dd if=/dev/zero of="$MNT/filler" bs=64k 2>/dev/null || true
 phase full
 rm -f "$MNT/filler"
 phase freed
-mount -o remount,ro "$MNT"
+# Read-only: a read-only bind mount over the directory (a plain remount is
+# refused while the journal's segment is open for writing). What is
+# already open stays writable; the next segment (after the next snapshot)
+# and the snapshot itself are refused.
+mount --bind "$MNT" "$MNT"
+mount -o remount,bind,ro "$MNT"
 phase ro
-mount -o remount,rw "$MNT"
+umount "$MNT"
 phase rw
 sleep 1
 echo "== kill -9 of every node, restart"
