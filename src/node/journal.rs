@@ -467,11 +467,12 @@ impl<S: Segments> Writer<S> {
                 self.stats.set_error(Some(why));
             }
             // Everything taken is written and fsynced again.
-            None if self.pending.is_empty() && self.written.is_empty() => {
-                if self.stats.has_error() {
-                    tracing::info!("journal writes and fsyncs again");
-                    self.stats.set_error(None);
-                }
+            None if self.pending.is_empty()
+                && self.written.is_empty()
+                && self.stats.has_error() =>
+            {
+                tracing::info!("journal writes and fsyncs again");
+                self.stats.set_error(None);
             }
             None => {}
         }
