@@ -85,11 +85,25 @@ pub trait Confirm: Send + Sync {
     fn confirm(&self, pending: Pending) -> ConfirmFuture;
 }
 
-/// The one decision path (see the module docs). Cheap to clone: two
-/// reference counts.
+/// What [`Commit::commit`] returns: resolves once what was counted before
+/// the call is on disk (or the journal gave up on it, degraded).
+pub type CommitFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where a decision that counted hits waits for the write-ahead journal
+/// to make them durable before it is answered (a node's `sync`
+/// durability; the server implements it).
+pub trait Commit: Send + Sync {
+    /// Called after a decision counted hits; the answer waits for the
+    /// future. Called on the decision path: it must not block.
+    fn commit(&self) -> CommitFuture;
+}
+
+/// The one decision path (see the module docs). Cheap to clone: three
+/// reference counts at most.
 pub struct Decider<C: Clock = SystemClock> {
     limiter: Arc<Limiter<C>>,
     confirm: Option<Arc<dyn Confirm>>,
+    commit: Option<Arc<dyn Commit>>,
 }
 
 impl<C: Clock> Clone for Decider<C> {
@@ -97,6 +111,7 @@ impl<C: Clock> Clone for Decider<C> {
         Decider {
             limiter: self.limiter.clone(),
             confirm: self.confirm.clone(),
+            commit: self.commit.clone(),
         }
     }
 }
@@ -114,6 +129,7 @@ impl<C: Clock> Decider<C> {
         Decider {
             limiter,
             confirm: None,
+            commit: None,
         }
     }
 
@@ -123,7 +139,15 @@ impl<C: Clock> Decider<C> {
         Decider {
             limiter,
             confirm: Some(confirm),
+            commit: None,
         }
+    }
+
+    /// Decisions that count hits are answered only once `commit` says
+    /// they are durable (a node's `sync` durability).
+    pub fn with_commit(mut self, commit: Arc<dyn Commit>) -> Self {
+        self.commit = Some(commit);
+        self
     }
 
     /// The limiter decisions are made by (its rules, its metrics).
@@ -139,6 +163,16 @@ impl<C: Clock> Decider<C> {
     /// On `Err` nothing was counted: bad input, an endpoint the rules do
     /// not know, or a node still recovering its counts.
     pub async fn decide(&self, checks: &[Check<'_>]) -> Result<Decided, CheckError> {
+        let decided = self.decide_counted(checks).await?;
+        if let Some(commit) = &self.commit {
+            if decided.is_allowed() && checks.iter().any(|c| c.cost > 0) {
+                commit.commit().await;
+            }
+        }
+        Ok(decided)
+    }
+
+    async fn decide_counted(&self, checks: &[Check<'_>]) -> Result<Decided, CheckError> {
         let now = self.limiter.clock().now();
         let pending = match self.limiter.begin_at(now, checks)? {
             Begun::Decided(decided) => return Ok(decided),
@@ -191,5 +225,51 @@ pub fn block_on_ready<F: Future>(f: F) -> Option<F::Output> {
     match f.as_mut().poll(&mut cx) {
         std::task::Poll::Ready(out) => Some(out),
         std::task::Poll::Pending => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::LimiterConfig;
+    use crate::rules::RuleSet;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// Counts the commits asked for; each is durable at once.
+    #[derive(Default)]
+    struct Counting(AtomicU32);
+
+    impl Commit for Counting {
+        fn commit(&self) -> CommitFuture {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(std::future::ready(()))
+        }
+    }
+
+    #[test]
+    fn only_decisions_that_count_wait_for_the_commit() {
+        let rules = RuleSet::from_toml(
+            "[[rules]]\nname = \"u\"\nmatch = { user = \"*\" }\n\
+             limits = [ { algorithm = \"fixed_window\", limit = 1, window = \"1m\" } ]\n",
+        )
+        .unwrap();
+        let commits = Arc::new(Counting::default());
+        let decider = Decider::local(Arc::new(
+            Limiter::new(rules, LimiterConfig::default()).unwrap(),
+        ))
+        .with_commit(commits.clone());
+        let f = [("user", "a")];
+        let d = Descriptors::new(&f).unwrap();
+        let decide = |cost| block_on_ready(decider.check(&d, cost)).unwrap().unwrap();
+        assert!(decide(0).is_allowed());
+        assert_eq!(commits.0.load(Ordering::SeqCst), 0, "cost 0 counts nothing");
+        assert!(decide(1).is_allowed());
+        assert_eq!(commits.0.load(Ordering::SeqCst), 1);
+        assert!(!decide(1).is_allowed());
+        assert_eq!(
+            commits.0.load(Ordering::SeqCst),
+            1,
+            "a refusal counts nothing"
+        );
     }
 }

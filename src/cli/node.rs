@@ -99,6 +99,12 @@ pub struct NodeArgs {
     /// How often to write the snapshot ("10s").
     #[arg(long, env = "DRL_SNAPSHOT_INTERVAL")]
     pub snapshot_interval: Option<String>,
+    /// The journal beside the snapshot: none, interval or sync.
+    #[arg(long, env = "DRL_DURABILITY")]
+    pub durability: Option<String>,
+    /// How often `interval` fsyncs the journal ("1s").
+    #[arg(long, env = "DRL_DURABILITY_INTERVAL")]
+    pub durability_interval: Option<String>,
     /// How long a restarted node waits for peers before admitting anyway.
     #[arg(long, env = "DRL_RECOVERY_TIMEOUT")]
     pub recovery_timeout: Option<String>,
@@ -168,6 +174,8 @@ impl NodeArgs {
             inflight_fraction,
             max_keys,
             snapshot_interval,
+            durability,
+            durability_interval,
             recovery_timeout
         );
         if let Some(v) = self.advertise_peer {

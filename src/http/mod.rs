@@ -193,6 +193,12 @@ struct Readiness {
     rules_file_error: Option<String>,
     live_peers: usize,
     known_peers: usize,
+    /// The write-ahead journal's policy (`none` without a journal).
+    durability: &'static str,
+    /// Why durability is degraded (a failing or slow disk), if it is. The
+    /// node stays ready: it decides as well as ever, only a crash of every
+    /// node at once would cost more than the policy says.
+    durability_degraded: Option<String>,
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -206,6 +212,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
         rules_file_error: status.rules_file_error,
         live_peers: status.live.len(),
         known_peers: status.known.len(),
+        durability: state
+            .service
+            .node()
+            .journal()
+            .map_or("none", |j| j.policy.name()),
+        durability_degraded: state.service.node().journal().and_then(|j| j.degraded()),
     };
     let code = if ready {
         StatusCode::OK

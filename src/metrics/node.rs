@@ -85,6 +85,8 @@ enum Family {
     Labelled(&'static str, &'static str, f64),
     /// The node's identity (`name`, `slot`).
     Info(String, String),
+    /// A histogram: sum, count, per-bucket counts by upper bound.
+    Histogram(f64, u64, Vec<(f64, u64)>),
 }
 
 /// A row of the table: name (without the `drl_` prefix), help, value.
@@ -94,7 +96,7 @@ impl NodeCollector {
     /// Every family of the node's status, in the order it is written. One
     /// row per metric: a new metric is a new row.
     fn table(&self) -> Vec<Row> {
-        use Family::{Counter, Gauge, Info, Labelled, PerPeer};
+        use Family::{Counter, Gauge, Histogram, Info, Labelled, PerPeer};
         let status = self.api.status();
         let limiter = &self.api.limiter;
         let settings = &self.api.settings;
@@ -134,6 +136,7 @@ impl NodeCollector {
             ..
         } = status.rules_version;
         let memory = limiter.memory();
+        let journal = self.api.journal();
         vec![
             ("ready", "1 once the node has recovered its counts and admits requests.", Gauge(flag(self.api.is_ready()))),
             ("keys_tracked", "Keys tracked over all limits.", Gauge(limiter.keys_tracked() as f64)),
@@ -180,6 +183,14 @@ impl NodeCollector {
             ("snapshots_refused", "Snapshots refused at start (corrupt or unreadable) and moved aside.", Counter(status.snapshots_refused)),
             ("insecure_defaults", "Development defaults this node runs with (the published key seed); 0 in production.", Gauge(f64::from(crate::node::notices::insecure_defaults(settings)))),
             ("node", "This node's identity.", Info(settings.name.clone(), settings.slot.to_string())),
+            ("durability", "The write-ahead journal's policy in force (none, interval, sync; none also without snapshot_path).", Labelled("policy", journal.map_or("none", |j| j.policy.name()), 1.0)),
+            ("durability_degraded", "1 while the journal cannot keep its promise: a write or fsync failed, or an fsync took over 200 ms. Decisions go on.", Gauge(flag(journal.is_some_and(|j| j.degraded().is_some())))),
+            ("journal_bytes", "Bytes of write-ahead journal segments on disk (cut at each snapshot).", Gauge(journal.map_or(0.0, |j| j.bytes() as f64))),
+            ("journal_groups", "Groups of changed values appended to the journal.", Counter(journal.map_or(0, |j| j.groups()))),
+            ("journal_write_errors", "Journal writes and fsyncs that failed.", Counter(journal.map_or(0, |j| j.write_errors()))),
+            ("journal_tail_cuts", "Torn or corrupt journal tails cut at start.", Counter(journal.map_or(0, |j| j.tail_cuts()))),
+            ("journal_segments_refused", "Journal segments refused at start (another cluster or format) and moved aside.", Counter(journal.map_or(0, |j| j.segments_refused()))),
+            ("journal_fsync_seconds", "Time each journal fsync took.", { let (sum, count, buckets) = journal.map(|j| j.fsync_histogram()).unwrap_or_default(); Histogram(sum, count, buckets) }),
         ]
     }
 }
@@ -194,6 +205,13 @@ impl prometheus_client::collector::Collector for NodeCollector {
                 Family::Labelled(label, value, v) => {
                     let mut family = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
                     ConstGauge::new(v).encode(family.encode_family(&[(label, value)])?)?;
+                }
+                Family::Histogram(sum, count, buckets) => {
+                    let mut family =
+                        e.encode_descriptor(name, help, None, MetricType::Histogram)?;
+                    family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        sum, count, &buckets, None,
+                    )?;
                 }
                 Family::Info(node, slot) => {
                     let mut family = e.encode_descriptor(name, help, None, MetricType::Info)?;

@@ -10,6 +10,8 @@ use drl_core::rules::request::RequestLimitPolicy;
 use drl_core::share::SharePolicy;
 use drl_core::time::{parse_duration, Nanos};
 
+pub use super::journal::Durability;
+
 /// The configuration file as written. Every field has a default except the
 /// TLS material's location.
 #[derive(Clone, Debug, Deserialize)]
@@ -73,6 +75,12 @@ pub struct NodeFile {
     pub snapshot_path: Option<PathBuf>,
     /// How often the snapshot is written (a duration such as `10s`).
     pub snapshot_interval: String,
+    /// The write-ahead journal beside the snapshot: `none`, `interval`
+    /// (fsync every `durability_interval`) or `sync` (an answer waits for
+    /// its group's fsync). Needs `snapshot_path`.
+    pub durability: String,
+    /// For `interval`: how often the journal is fsynced (e.g. `1s`, `200ms`).
+    pub durability_interval: String,
     /// Where the node keeps what it must find after a restart (the rules put
     /// in force through the admin API or by peers). Default: the snapshot's
     /// directory; with neither, rule changes are not kept across restarts.
@@ -133,6 +141,8 @@ impl Default for NodeFile {
             max_memory: None,
             snapshot_path: None,
             snapshot_interval: "10s".into(),
+            durability: "interval".into(),
+            durability_interval: "1s".into(),
             data_dir: None,
             recovery_timeout: "3s".into(),
             tls_ca: PathBuf::from("certs/ca.pem"),
@@ -195,6 +205,8 @@ pub struct NodeSettings {
     pub snapshot_path: Option<PathBuf>,
     /// How often the snapshot is written.
     pub snapshot_interval: Nanos,
+    /// What the write-ahead journal keeps on disk (with `snapshot_path`).
+    pub durability: Durability,
     /// Where the rules in force are kept across restarts; see
     /// [`rules_state_path`](Self::rules_state_path).
     pub data_dir: Option<PathBuf>,
@@ -482,6 +494,11 @@ impl NodeFile {
                 .transpose()?,
             snapshot_path: self.snapshot_path.as_ref().map(path),
             snapshot_interval: duration("snapshot_interval", &self.snapshot_interval)?,
+            durability: Durability::parse(
+                &self.durability,
+                duration("durability_interval", &self.durability_interval)?,
+            )
+            .map_err(|why| invalid("durability", why))?,
             data_dir: self.data_dir.as_ref().map(path),
             recovery_timeout: duration("recovery_timeout", &self.recovery_timeout)?,
             tls_ca: path(&self.tls_ca),

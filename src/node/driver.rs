@@ -64,6 +64,8 @@ pub(super) struct Driver {
     /// Who waits for each admin reset, and what it cleared here.
     pub(super) reset_waiters:
         std::collections::HashMap<u64, (u64, tokio::sync::oneshot::Sender<ResetOutcome>)>,
+    /// The write-ahead journal, cut at each snapshot.
+    pub(super) journal: Option<Arc<super::journal::Journal>>,
 }
 
 impl Driver {
@@ -361,6 +363,10 @@ impl Driver {
             // replication resends what matters.
             let _ = self.transport.send(t.to.get(), t.bytes);
         }
+        // Between rounds: every key a round took is with the journal now.
+        if let Some(tap) = drl_core::cluster::store::shipped_keys(&self.limiter) {
+            tap.seal();
+        }
     }
 
     /// Loses, duplicates or delays a datagram as the test's chaos says.
@@ -426,9 +432,25 @@ impl Driver {
         let Some(path) = self.settings.snapshot_path.clone() else {
             return;
         };
+        // A checkpoint: what the journal wrote before the new segment is in
+        // the snapshot captured after it. The node's task never waits long
+        // on a slow disk: without a new segment nothing is removed.
+        let segment = match &self.journal {
+            Some(j) => tokio::time::timeout(Duration::from_millis(50), j.rotate())
+                .await
+                .ok()
+                .flatten(),
+            None => None,
+        };
+        let now = self.clock.now().max(now);
         let bytes = snapshot::capture(&self.limiter, now);
         match tokio::task::spawn_blocking(move || write_snapshot(&path, &bytes)).await {
-            Ok(Ok(())) => self.snapshots_written += 1,
+            Ok(Ok(())) => {
+                self.snapshots_written += 1;
+                if let (Some(j), Some(seq)) = (&self.journal, segment) {
+                    j.checkpointed(seq);
+                }
+            }
             Ok(Err(e)) => tracing::warn!(error = %e, "snapshot not written"),
             Err(e) => tracing::warn!(error = %e, "snapshot task failed"),
         }
@@ -441,6 +463,9 @@ impl Driver {
         self.flush();
         if self.settings.snapshot_path.is_some() {
             self.snapshot(now).await;
+        }
+        if let Some(j) = self.journal.clone() {
+            let _ = tokio::task::spawn_blocking(move || j.stop()).await;
         }
         self.publish_status();
         // Give the last datagrams a moment to leave before closing.

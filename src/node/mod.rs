@@ -21,6 +21,8 @@
 //!   confirmation (its `Confirm`: a request near its limit goes to the task).
 //! - `driver`: the task that owns the core.
 //! - `files`: snapshots and kept rules on disk.
+//! - `journal`, `journal_files`: the write-ahead journal's writer thread,
+//!   its segment files and their replay at start (see [`Durability`]).
 //! - [`config`]: the configuration file and its checks; [`rules_state`]:
 //!   the rules in force kept across restarts.
 //! - [`notices`]: why a node is not ready, and the development defaults it
@@ -32,6 +34,8 @@ pub mod config;
 mod driver;
 mod files;
 pub mod notices;
+mod journal;
+mod journal_files;
 pub mod rules_state;
 pub mod tokens;
 
@@ -47,7 +51,7 @@ use crate::net::{NodeTls, Transport};
 use drl_core::clock::SystemClock;
 use drl_core::cluster::node_core::{CoreConfig, NodeCore};
 use drl_core::cluster::replication::{PeerState, ReplicationStats};
-use drl_core::decide::{Confirm, ConfirmFuture, Decider, Unconfirmed};
+use drl_core::decide::{Commit, Confirm, ConfirmFuture, Decider, Unconfirmed};
 use drl_core::key::CounterKey;
 use drl_core::limiter::{Decided, Limiter, LimiterConfig, Pending};
 use drl_core::rules::{RuleSet, RulesError};
@@ -58,6 +62,7 @@ use drl_core::time::{Clock, Nanos};
 #[cfg(feature = "harness")]
 pub use config::Chaos;
 pub use config::{ConfigError, GrpcTls, NodeFile, NodeSettings};
+pub use journal::{Durability, JournalStats};
 
 /// Why a node could not start. Nothing is left running.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,9 @@ pub enum NodeError {
     #[error("limiter: {0}")]
     /// The limiter could not hold the rules.
     Limiter(#[from] drl_core::limiter::SetupError),
+    #[error("journal writer: {0}")]
+    /// The journal's writer thread could not be started.
+    Journal(#[source] std::io::Error),
 }
 
 pub use drl_core::cluster::node_core::{PutRulesError, RulesOutcome, RulesVersion};
@@ -214,6 +222,7 @@ pub struct NodeApi {
     status: Arc<Mutex<NodeStatus>>,
     rules: Arc<Mutex<RulesInForce>>,
     commands: mpsc::Sender<Command>,
+    journal: Option<Arc<JournalStats>>,
 }
 
 impl NodeApi {
@@ -221,6 +230,11 @@ impl NodeApi {
     /// them in force (at once, not on the status tick).
     pub fn rules(&self) -> RulesInForce {
         self.rules.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    /// The write-ahead journal's state; `None` when the node keeps no
+    /// journal (`durability = "none"` or no `snapshot_path`).
+    pub fn journal(&self) -> Option<&JournalStats> {
+        self.journal.as_deref()
     }
     /// The latest published status (refreshed every 50 ms).
     pub fn status(&self) -> NodeStatus {
@@ -318,6 +332,9 @@ pub struct NodeHandle {
     stop: watch::Sender<bool>,
     commands: mpsc::Sender<Command>,
     task: JoinHandle<()>,
+    journal: Option<Arc<journal::Journal>>,
+    /// Under `sync` durability, what answers wait for.
+    commit: Option<Arc<dyn Commit>>,
 }
 
 impl NodeHandle {
@@ -349,6 +366,7 @@ impl NodeHandle {
             status: self.status.clone(),
             rules: self.rules.clone(),
             commands: self.commands.clone(),
+            journal: self.journal.as_ref().map(|j| j.stats().clone()),
         }
     }
     /// The node's decision path (see [`NodeApi::decider`]).
@@ -356,7 +374,11 @@ impl NodeHandle {
         let confirm = ConfirmThroughTask {
             commands: self.commands.clone(),
         };
-        Decider::clustered(self.limiter.clone(), Arc::new(confirm))
+        let decider = Decider::clustered(self.limiter.clone(), Arc::new(confirm));
+        match &self.commit {
+            Some(commit) => decider.with_commit(commit.clone()),
+            None => decider,
+        }
     }
     /// Stops the node cleanly: final delta, leave, snapshot, close.
     pub async fn shutdown(self) {
@@ -364,8 +386,11 @@ impl NodeHandle {
         let _ = self.task.await;
     }
     /// Stops the node dead, as a crash would: no final delta, no leave, no
-    /// snapshot. For tests of crash recovery.
+    /// snapshot, nothing more journaled. For tests of crash recovery.
     pub async fn kill(self) {
+        if let Some(j) = &self.journal {
+            j.abort();
+        }
         self.task.abort();
         let _ = self.task.await;
         self.transport.shutdown().await;
@@ -426,6 +451,16 @@ impl Node {
             Some(path) => load_snapshot(&limiter, path, now),
             None => SnapshotLoad::default(),
         };
+        // Snapshot, then journal, then (once running) peers: each can only
+        // raise what the one before restored.
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let (journal, journal_replayed) = start_journal(&settings, &limiter, now)?;
+        let commit: Option<Arc<dyn Commit>> = match &journal {
+            Some(j) if settings.durability == Durability::Sync => {
+                Some(Arc::new(j.commit(limiter.clone(), wake.clone())))
+            }
+            _ => None,
+        };
         let (transport, incoming) = Transport::bind(settings.listen_peer, tls, settings.slot)?;
         let peer_addr = match settings.advertise_peer {
             Some(a) => a,
@@ -447,7 +482,7 @@ impl Node {
                 inflight_ppm: settings.inflight_ppm,
                 sync_interval: settings.sync_interval,
                 recovery_timeout: settings.recovery_timeout,
-                snapshot_restored: snapshot_load.restored,
+                snapshot_restored: snapshot_load.restored || journal_replayed,
                 incarnation,
                 peer_addr,
                 recovering: true,
@@ -467,7 +502,6 @@ impl Node {
             ..NodeStatus::default()
         }));
         let (stop, stop_rx) = watch::channel(false);
-        let wake = Arc::new(tokio::sync::Notify::new());
         let waker = wake.clone();
         limiter.set_wake(move || waker.notify_one());
         let driver = Driver {
@@ -495,6 +529,7 @@ impl Node {
             }),
             waiters: std::collections::HashMap::new(),
             reset_waiters: std::collections::HashMap::new(),
+            journal: journal.clone(),
         };
         let (commands, command_rx) = mpsc::channel(4096);
         let task = tokio::spawn(driver.run(incoming, stop_rx, wake, command_rx));
@@ -508,6 +543,42 @@ impl Node {
             stop,
             commands,
             task,
+            journal,
+            commit,
         })
     }
+}
+
+/// Replays the journal beside the snapshot, if any, and starts its writer
+/// unless `durability` is `none` (then what was replayed is put in a
+/// snapshot and the segments removed). Says whether anything was replayed.
+fn start_journal(
+    settings: &NodeSettings,
+    limiter: &Arc<Limiter>,
+    now: Nanos,
+) -> Result<(Option<Arc<journal::Journal>>, bool), NodeError> {
+    let Some(path) = &settings.snapshot_path else {
+        return Ok((None, false));
+    };
+    let recovered = journal::recover(limiter, path, now);
+    let replayed = recovered.records > 0;
+    if settings.durability == Durability::None {
+        if recovered.segments > 0 {
+            let bytes = drl_core::cluster::snapshot::capture(limiter, now);
+            match files::write_snapshot(path, &bytes) {
+                Ok(()) => {
+                    let mut old = journal::FileSegments::new(path, settings.key_seed, 0);
+                    let _ = journal::Segments::remove_before(&mut old, u64::MAX);
+                }
+                Err(e) => tracing::warn!(error = %e, "snapshot after journal replay not written"),
+            }
+        }
+        return Ok((None, replayed));
+    }
+    let stats = Arc::new(JournalStats::new(settings.durability));
+    stats.recovered(&recovered);
+    let segments = journal::FileSegments::new(path, settings.key_seed, recovered.next_seq);
+    let journal =
+        journal::Journal::start(limiter.clone(), segments, stats).map_err(NodeError::Journal)?;
+    Ok((Some(Arc::new(journal)), replayed))
 }

@@ -12,6 +12,7 @@
 //! | [`resets`] | admin counter resets, applied once by every node |
 //! | [`store`] | the view of the key tables replication reads and writes |
 //! | [`snapshot`] | local snapshots for a whole-cluster restart |
+//! | [`wal`] | the write-ahead journal of this node's slot values: records and their replay |
 //! | `harness` | an in-memory cluster on virtual time (tests, `harness` feature) |
 
 pub mod confirm;
@@ -24,3 +25,4 @@ pub mod resets;
 pub mod rules_register;
 pub mod snapshot;
 pub mod store;
+pub mod wal;

@@ -7,7 +7,7 @@
 //! table's public [`Entry`] API; tests can implement it over anything.
 
 use crate::key::{KeyDigest, LimitId};
-use crate::limiter::{Entry, Limiter};
+use crate::limiter::{Entry, Limiter, ShippedKeys};
 use crate::slot::{NodeSlot, PnSlot};
 use crate::time::{Clock, Nanos};
 use crate::window::{MergeOutcome, Ring};
@@ -91,6 +91,12 @@ pub fn entry_values(entry: &Entry<'_>, now: Nanos, slot: NodeSlot) -> Option<Slo
     (!buckets.is_empty()).then_some(SlotValues { newest, buckets })
 }
 
+/// The keys the replicator takes, kept for the write-ahead journal (see
+/// [`ShippedKeys`]); `None` when the limiter is not clustered.
+pub fn shipped_keys<C: Clock>(limiter: &Limiter<C>) -> Option<&ShippedKeys> {
+    limiter.journal().map(|j| j.shipped())
+}
+
 /// Merges the values of `slot` that `s` carries into the limiter's tables,
 /// each with a per-slot maximum. Limits the limiter does not know are
 /// skipped (the rules may be mid-reload). Gossip and snapshots both land here.
@@ -129,7 +135,11 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
     }
 
     fn drain_changed(&self) -> Vec<CounterKey> {
-        self.journal().map(|j| j.drain()).unwrap_or_default()
+        let Some(journal) = self.journal() else {
+            return Vec::new();
+        };
+        journal.shipped().begin_round();
+        journal.drain()
     }
 
     fn take_shipment(
@@ -142,6 +152,9 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
         let mut entry = table.get(key)?;
         if !entry.take_dirty() {
             return None;
+        }
+        if let Some(j) = self.journal() {
+            j.shipped().taken(CounterKey::new(limit, key));
         }
         let hits = entry.ship();
         Some(Shipment {

@@ -6,6 +6,8 @@
 //! drains the journal every sync interval. Shards keep threads that dirty
 //! different keys off each other's lock.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::key::CounterKey;
@@ -16,13 +18,82 @@ const SHARDS: usize = 16;
 #[derive(Debug)]
 pub struct Journal {
     shards: [Mutex<Vec<CounterKey>>; SHARDS],
+    shipped: ShippedKeys,
 }
 
 impl Default for Journal {
     fn default() -> Self {
         Journal {
             shards: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            shipped: ShippedKeys::default(),
         }
+    }
+}
+
+/// The keys whose values the replicator took, kept for the node's
+/// write-ahead journal while it is on.
+///
+/// A key is taken (its dirty bit cleared and its values read, under its
+/// lock) once per shipping round after it changed; a change after that
+/// marks it dirty again and it is taken in a later round. So the keys
+/// taken, read again when the journal writes, cover every change of this
+/// node's slots, and replication keeps its single dirty bit.
+///
+/// Rounds are counted so that a decision can wait for its own change to be
+/// written: a change made while `started` reads `r` is taken by round
+/// `r + 1` at the latest, and is among the kept keys once `sealed ≥ r + 1`.
+#[derive(Debug, Default)]
+pub struct ShippedKeys {
+    on: AtomicBool,
+    /// A set: a writer held up (a slow disk) must not see a hot key once
+    /// per round it missed.
+    keys: Mutex<HashSet<CounterKey>>,
+    started: AtomicU64,
+    sealed: AtomicU64,
+}
+
+impl ShippedKeys {
+    /// Starts keeping taken keys (the journal's writer drains them).
+    pub fn keep(&self) {
+        self.on.store(true, Ordering::SeqCst);
+    }
+    /// Whether taken keys are kept.
+    pub fn is_kept(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+    /// A shipping round begins (the replicator drains the changed keys).
+    pub fn begin_round(&self) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+    }
+    /// The replicator took `key`'s values in the current round.
+    pub fn taken(&self, key: CounterKey) {
+        if self.is_kept() {
+            self.keys
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key);
+        }
+    }
+    /// No round is under way: every round begun so far has been taken in
+    /// full. Called by the task that runs the rounds, between them.
+    pub fn seal(&self) {
+        self.sealed
+            .store(self.started.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+    /// Rounds begun so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::SeqCst)
+    }
+    /// Rounds taken in full so far.
+    pub fn sealed(&self) -> u64 {
+        self.sealed.load(Ordering::SeqCst)
+    }
+    /// Takes the kept keys, with the sealed rounds they include at least
+    /// (read before the keys, so every key of those rounds is here).
+    pub fn drain(&self) -> (u64, Vec<CounterKey>) {
+        let sealed = self.sealed();
+        let keys = std::mem::take(&mut *self.keys.lock().unwrap_or_else(|p| p.into_inner()));
+        (sealed, keys.into_iter().collect())
     }
 }
 
@@ -49,6 +120,11 @@ impl Journal {
         }
         all
     }
+
+    /// The keys taken for shipping, for the write-ahead journal.
+    pub fn shipped(&self) -> &ShippedKeys {
+        &self.shipped
+    }
 }
 
 #[cfg(test)]
@@ -67,5 +143,25 @@ mod tests {
         assert_eq!(got.len(), 100);
         assert_eq!(got[99], CounterKey::new(LimitId(7), KeyDigest(99)));
         assert!(j.drain().is_empty());
+    }
+
+    #[test]
+    fn shipped_keys_are_kept_only_when_asked_and_sealed_by_round() {
+        let j = Journal::default();
+        let key = CounterKey::new(LimitId(1), KeyDigest(2));
+        let s = j.shipped();
+        s.begin_round();
+        s.taken(key);
+        assert_eq!(s.drain(), (0, vec![]), "not kept yet");
+        s.keep();
+        s.begin_round();
+        s.taken(key);
+        // The round is under way: its keys are there but not sealed.
+        assert_eq!(s.drain(), (0, vec![key]));
+        s.taken(key);
+        s.seal();
+        assert_eq!(s.started(), 2);
+        assert_eq!(s.drain(), (2, vec![key]));
+        assert_eq!(s.drain(), (2, vec![]));
     }
 }

@@ -41,7 +41,7 @@ pub use counters::CounterView;
 pub use decision::{Check, Decided, Decision, Outcome, QuotaState};
 pub use evaluate::Begun;
 pub use handle::Handle;
-pub use journal::Journal;
+pub use journal::{Journal, ShippedKeys};
 pub use receipts::{LimitRefund, RefundError, RefundOutcome};
 pub use table::{Entry, KeyTable, MemoryBudget, TableError, TableStats, MAX_INFLIGHT};
 
