@@ -33,9 +33,9 @@
 pub mod config;
 mod driver;
 mod files;
-pub mod notices;
 mod journal;
 mod journal_files;
+pub mod notices;
 pub mod rules_state;
 pub mod tokens;
 

@@ -337,9 +337,9 @@ impl<C: Clock> NodeCore<C> {
             self.register.poll_timeout(),
             self.resets.poll_timeout(),
         ]
-            .into_iter()
-            .flatten()
-            .fold(repl, Nanos::min)
+        .into_iter()
+        .flatten()
+        .fold(repl, Nanos::min)
     }
 
     /// Runs what is due at `now`: membership probes, the sync tick, resends
