@@ -128,7 +128,7 @@ class Cluster:
         return "127.0.0.1:%d" % (self.grpc + node)
 
 
-def descriptor(entries, hits=None, limit=None):
+def descriptor(entries, hits=None, limit=None, unit=1):
     d = ratelimit_pb2.RateLimitDescriptor(
         entries=[
             ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v)
@@ -139,7 +139,7 @@ def descriptor(entries, hits=None, limit=None):
         d.hits_addend.value = hits
     if limit is not None:
         d.limit.requests_per_unit = limit
-        d.limit.unit = 1
+        d.limit.unit = unit
     return d
 
 
@@ -285,6 +285,27 @@ class Cases:
         self.expect_invalid(request("", [descriptor([("path", "/empty")])]))
         expect(self.path_remaining("/empty") == before - 1, "the refused request counted")
 
+    def case_limit_override(self):
+        # A descriptor's own limit is a request-defined limit: exactly its
+        # own quota (3 per minute here) through every node, whatever the
+        # rules say about the path (per-path would allow 1000 per hour).
+        path = "/override-%d" % time.time_ns()
+        oks = 0
+        last = None
+        for i in range(6):
+            time.sleep(SETTLE)
+            last = self.ask(
+                request("edge", [descriptor([("path", path)], limit=3, unit=2)]),
+                node=i % len(self.stubs),
+            )
+            if last.overall_code == OK:
+                oks += 1
+                s = last.statuses[0]
+                expect(s.current_limit.requests_per_unit == 3, s)
+                expect(s.current_limit.unit == rls_pb2.RateLimitResponse.RateLimit.MINUTE, s)
+        expect(oks == 3, "admitted %d of an override of 3 per minute" % oks)
+        expect(last.overall_code == OVER, last)
+
     def case_malformed_requests(self):
         before = self.path_remaining("/malformed")
         good = lambda: descriptor([("path", "/malformed")])
@@ -294,7 +315,8 @@ class Cases:
             request("edge", [good(), descriptor([("Bad-Key", "v")])]),
             request("edge", [good(), descriptor([("path", "")])]),
             request("edge", [good(), descriptor([("domain", "x")])]),
-            request("edge", [good(), descriptor([("path", "/a")], limit=5)]),
+            # An override with a unit Envoy does not define.
+            request("edge", [good(), descriptor([("path", "/a")], limit=5, unit=99)]),
             request("edge", [good(), descriptor([("a", "1"), ("a", "2")])]),
             request("bad\x7fdomain", [good()]),
         ]:
