@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use serde_yaml::Value;
+use serde_norway::Value;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -21,7 +21,7 @@ fn read(path: &str) -> String {
 
 fn documents(path: &str) -> Vec<Value> {
     let text = read(path);
-    serde_yaml::Deserializer::from_str(&text)
+    serde_norway::Deserializer::from_str(&text)
         .map(|d| {
             let mut v = Value::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}"));
             v.apply_merge().unwrap();
