@@ -57,8 +57,11 @@ put() {
   rules_text "$1" >"$dir/rules-$1.toml"
   local start end
   start=$(date +%s%N)
-  curl -sS --fail-with-body -X PUT -H "Authorization: Bearer tok" --data-binary "@$dir/rules-$1.toml" \
-    "http://127.0.0.1:$BASE/v1/rules" >/dev/null
+  if ! curl -sS --fail-with-body -X PUT -H "Authorization: Bearer tok" --data-binary "@$dir/rules-$1.toml" \
+    "http://127.0.0.1:$BASE/v1/rules" -o "$dir/put-$1.json"; then
+    cat "$dir/put-$1.json"; echo
+    return 1
+  fi
   end=$(date +%s%N)
   echo "PUT $1 of $RULES rules: $(((end - start) / 1000000)) ms"
 }
