@@ -31,6 +31,8 @@ pub const ANSWER_WITHIN: Nanos = Nanos::from_millis(1_000);
 /// how long a node remembers the records it applied (a copy arriving later
 /// is applied again, clearing only what was counted since).
 pub const KEEP_FOR: Nanos = Nanos::from_secs(24 * 3600);
+/// How often applied records are looked at for expiry.
+const PRUNE_EVERY: Nanos = Nanos::from_secs(60);
 /// Most records kept, outgoing and applied each; the oldest are forgotten
 /// first.
 pub const MAX_RECORDS: usize = 4096;
@@ -74,6 +76,9 @@ pub struct Resets {
     done: VecDeque<ResetDone>,
     sends: VecDeque<(NodeSlot, ResetFrame)>,
     acks: VecDeque<(NodeSlot, ResetAck)>,
+    /// When the applied records are next looked at for expiry: the core's
+    /// timer fires every sync tick, far more often than records expire.
+    next_prune: Nanos,
 }
 
 impl Resets {
@@ -89,6 +94,7 @@ impl Resets {
             done: VecDeque::new(),
             sends: VecDeque::new(),
             acks: VecDeque::new(),
+            next_prune: Nanos::ZERO,
         }
     }
 
