@@ -234,9 +234,14 @@ impl Resets {
                 }
             }
         }
-        self.applied
-            .retain(|_, at| now.saturating_sub(*at) < KEEP_FOR);
-        self.settle(now);
+        if now >= self.next_prune {
+            self.next_prune = now + PRUNE_EVERY;
+            self.applied
+                .retain(|_, at| now.saturating_sub(*at) < KEEP_FOR);
+        }
+        if !self.outgoing.is_empty() {
+            self.settle(now);
+        }
     }
 
     /// The next answered reset.
