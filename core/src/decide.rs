@@ -98,12 +98,26 @@ pub trait Commit: Send + Sync {
     fn commit(&self) -> CommitFuture;
 }
 
-/// The one decision path (see the module docs). Cheap to clone: three
+/// What [`ForwardRefund::forward`] returns: the issuer's answer.
+pub type RefundFuture = Pin<Box<dyn Future<Output = Result<RefundOutcome, RefundError>> + Send>>;
+
+/// Where a refund of a receipt another node issued goes: to the issuer,
+/// over the peer connection (the server implements it; see
+/// `cluster::refunds`).
+pub trait ForwardRefund: Send + Sync {
+    /// Asks the node in `slot`, which issued `receipt`, to apply its
+    /// refund; resolves to the issuer's answer, or
+    /// [`RefundError::Unreachable`].
+    fn forward(&self, slot: u16, receipt: String) -> RefundFuture;
+}
+
+/// The one decision path (see the module docs). Cheap to clone: four
 /// reference counts at most.
 pub struct Decider<C: Clock = SystemClock> {
     limiter: Arc<Limiter<C>>,
     confirm: Option<Arc<dyn Confirm>>,
     commit: Option<Arc<dyn Commit>>,
+    forward: Option<Arc<dyn ForwardRefund>>,
 }
 
 impl<C: Clock> Clone for Decider<C> {
@@ -112,6 +126,7 @@ impl<C: Clock> Clone for Decider<C> {
             limiter: self.limiter.clone(),
             confirm: self.confirm.clone(),
             commit: self.commit.clone(),
+            forward: self.forward.clone(),
         }
     }
 }
@@ -130,6 +145,7 @@ impl<C: Clock> Decider<C> {
             limiter,
             confirm: None,
             commit: None,
+            forward: None,
         }
     }
 
@@ -140,6 +156,7 @@ impl<C: Clock> Decider<C> {
             limiter,
             confirm: Some(confirm),
             commit: None,
+            forward: None,
         }
     }
 
@@ -147,6 +164,13 @@ impl<C: Clock> Decider<C> {
     /// they are durable (a node's `sync` durability).
     pub fn with_commit(mut self, commit: Arc<dyn Commit>) -> Self {
         self.commit = Some(commit);
+        self
+    }
+
+    /// Refunds of receipts other nodes issued go to them through
+    /// `forward` (a cluster node's peer connections).
+    pub fn with_forward(mut self, forward: Arc<dyn ForwardRefund>) -> Self {
+        self.forward = Some(forward);
         self
     }
 
@@ -209,9 +233,20 @@ impl<C: Clock> Decider<C> {
         self.limiter.issue_receipt_at(now, check, decision)
     }
 
-    /// Gives back what the check that issued `receipt` charged, once.
-    pub fn refund(&self, receipt: &str) -> Result<RefundOutcome, RefundError> {
-        self.limiter.refund_receipt(receipt)
+    /// Gives back what the check that issued `receipt` charged, once. A
+    /// receipt another node issued is refunded there: the refund is
+    /// forwarded to the issuer (one round trip) and its answer returned;
+    /// without a way to forward (an embedded limiter) it is refused
+    /// [`RefundError::OtherNode`]. A receipt that does not open with the
+    /// cluster's key never leaves this node.
+    pub async fn refund(&self, receipt: &str) -> Result<RefundOutcome, RefundError> {
+        match self.limiter.refund_receipt(receipt) {
+            Err(RefundError::OtherNode { slot }) => match &self.forward {
+                Some(forward) => forward.forward(slot, receipt.to_owned()).await,
+                None => Err(RefundError::OtherNode { slot }),
+            },
+            other => other,
+        }
     }
 }
 

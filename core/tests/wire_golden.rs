@@ -9,8 +9,9 @@
 use std::path::PathBuf;
 
 use drl_core::wire::{
-    Ack, BucketSlot, DecodeError, Frame, Hello, KeySlots, LimitGroup, ResetAck, ResetFrame,
-    ResetKey, RulesAck, RulesFrame, RulesId, Slots, Swim, VERSION,
+    Ack, BucketSlot, DecodeError, Frame, Hello, KeySlots, LimitGroup, RefundAnswer, RefundAsk,
+    RefundReply, RefundedLimit, ResetAck, ResetFrame, ResetKey, RulesAck, RulesFrame, RulesId,
+    Slots, Swim, VERSION,
 };
 
 fn vectors() -> Vec<(&'static str, Frame)> {
@@ -116,6 +117,36 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 slot: 2,
                 origin: 1,
                 seq: 111_411_200_000_000_001,
+            }),
+        ),
+        (
+            "refund_ask",
+            Frame::RefundAsk(RefundAsk {
+                slot: 1,
+                id: 7,
+                receipt: "01000200".into(),
+            }),
+        ),
+        (
+            "refund_reply",
+            Frame::RefundReply(RefundReply {
+                slot: 2,
+                id: 7,
+                outcome: RefundAnswer::Refunded {
+                    requested: 3,
+                    limits: vec![RefundedLimit {
+                        limit: 0x0123_4567_89ab_cdef,
+                        refunded: 3,
+                    }],
+                },
+            }),
+        ),
+        (
+            "refund_refused",
+            Frame::RefundReply(RefundReply {
+                slot: 2,
+                id: 8,
+                outcome: RefundAnswer::Refused(4),
             }),
         ),
         (

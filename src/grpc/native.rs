@@ -233,6 +233,7 @@ impl RateLimiter for NativeRateLimiter {
             .service()
             .decider()
             .refund(receipt)
+            .await
             .map_err(|e| self.state.refuse(refund_status(&e)))?;
         Ok(Response::new(RefundResponse {
             refunded: outcome.refunded(),
@@ -297,6 +298,6 @@ fn refund_status(e: &drl_core::limiter::RefundError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         E::AlreadyRefunded => Status::already_exists(e.to_string()),
-        E::LedgerFull | E::Recovering => Status::unavailable(e.to_string()),
+        E::LedgerFull | E::Recovering | E::Unreachable { .. } => Status::unavailable(e.to_string()),
     }
 }

@@ -115,7 +115,7 @@ pub(crate) async fn refund(
     LimitedBody(body): LimitedBody<MAX_BODY_BYTES>,
 ) -> Result<Response, ApiError> {
     let request = RefundRequest::from_json(&body)?;
-    let outcome = state.service().decider().refund(&request.receipt)?;
+    let outcome = state.service().decider().refund(&request.receipt).await?;
     let rules = state.service().decider().limiter().rules();
     let limits = outcome
         .limits

@@ -86,7 +86,9 @@ impl From<drl_core::limiter::RefundError> for ApiError {
             R::OtherNode { .. } => StatusCode::MISDIRECTED_REQUEST,
             R::OtherRun | R::Expired => StatusCode::GONE,
             R::AlreadyRefunded => StatusCode::CONFLICT,
-            R::LedgerFull | R::Recovering => StatusCode::SERVICE_UNAVAILABLE,
+            R::LedgerFull | R::Recovering | R::Unreachable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         let retry_after = (status == StatusCode::SERVICE_UNAVAILABLE).then_some(1);
         ApiError {

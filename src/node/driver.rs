@@ -64,6 +64,13 @@ pub(super) struct Driver {
     /// Who waits for each admin reset, and what it cleared here.
     pub(super) reset_waiters:
         std::collections::HashMap<u64, (u64, tokio::sync::oneshot::Sender<ResetOutcome>)>,
+    /// Who waits for each forwarded refund.
+    pub(super) refund_waiters: std::collections::HashMap<
+        u64,
+        tokio::sync::oneshot::Sender<
+            Result<drl_core::limiter::RefundOutcome, drl_core::limiter::RefundError>,
+        >,
+    >,
     /// The write-ahead journal, cut at each snapshot.
     pub(super) journal: Option<Arc<super::journal::Journal>>,
 }
@@ -158,6 +165,17 @@ impl Driver {
                 let now = self.clock.now();
                 let (ticket, cleared) = self.core.handle_reset(now, &counters);
                 self.reset_waiters.insert(ticket, (cleared, reply));
+            }
+            Command::ForwardRefund {
+                issuer,
+                receipt,
+                reply,
+            } => {
+                let now = self.clock.now();
+                let ticket = self
+                    .core
+                    .handle_forward_refund(now, NodeSlot::new(issuer), receipt);
+                self.refund_waiters.insert(ticket, reply);
             }
         }
     }
@@ -315,6 +333,11 @@ impl Driver {
                     acked: done.acked.iter().map(|s| s.get()).collect(),
                     pending: done.pending.iter().map(|s| s.get()).collect(),
                 });
+            }
+        }
+        while let Some(done) = self.core.poll_refund_done() {
+            if let Some(reply) = self.refund_waiters.remove(&done.ticket) {
+                let _ = reply.send(done.result);
             }
         }
         while let Some(event) = self.core.poll_event() {

@@ -51,9 +51,11 @@ use crate::net::{NodeTls, Transport};
 use drl_core::clock::SystemClock;
 use drl_core::cluster::node_core::{CoreConfig, NodeCore};
 use drl_core::cluster::replication::{PeerState, ReplicationStats};
-use drl_core::decide::{Commit, Confirm, ConfirmFuture, Decider, Unconfirmed};
+use drl_core::decide::{
+    Commit, Confirm, ConfirmFuture, Decider, ForwardRefund, RefundFuture, Unconfirmed,
+};
 use drl_core::key::CounterKey;
-use drl_core::limiter::{Decided, Limiter, LimiterConfig, Pending};
+use drl_core::limiter::{Decided, Limiter, LimiterConfig, Pending, RefundError, RefundOutcome};
 use drl_core::rules::{RuleSet, RulesError};
 use drl_core::share::ShareView;
 use drl_core::slot::NodeSlot;
@@ -120,6 +122,12 @@ enum Command {
     ResetCounters {
         counters: Vec<CounterKey>,
         reply: tokio::sync::oneshot::Sender<ResetOutcome>,
+    },
+    /// A refund of a receipt the node in `issuer` issued, to forward there.
+    ForwardRefund {
+        issuer: u16,
+        receipt: String,
+        reply: tokio::sync::oneshot::Sender<Result<RefundOutcome, RefundError>>,
     },
 }
 
@@ -319,6 +327,43 @@ impl Confirm for ConfirmThroughTask {
     }
 }
 
+/// The node's side of [`ForwardRefund`]: the refund goes to the node's
+/// task, which forwards it to the issuer over the peer connection.
+struct ForwardThroughTask {
+    commands: mpsc::Sender<Command>,
+}
+
+impl ForwardRefund for ForwardThroughTask {
+    fn forward(&self, issuer: u16, receipt: String) -> RefundFuture {
+        let commands = self.commands.clone();
+        Box::pin(async move {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let unreachable = RefundError::Unreachable { slot: issuer };
+            if commands
+                .send(Command::ForwardRefund {
+                    issuer,
+                    receipt,
+                    reply,
+                })
+                .await
+                .is_err()
+            {
+                return Err(unreachable);
+            }
+            // The core answers within its forward timeout; a task held up
+            // longer than twice that is answered for.
+            match tokio::time::timeout(2 * REFUND_PATIENCE, answer).await {
+                Ok(Ok(result)) => result,
+                _ => Err(unreachable),
+            }
+        })
+    }
+}
+
+/// How long the core waits for an issuer's answer to a forwarded refund.
+const REFUND_PATIENCE: std::time::Duration =
+    std::time::Duration::from_nanos(drl_core::cluster::refunds::FORWARD_TIMEOUT.as_u64());
+
 /// A running node.
 pub struct NodeHandle {
     /// The node's limiter, for decisions.
@@ -374,7 +419,11 @@ impl NodeHandle {
         let confirm = ConfirmThroughTask {
             commands: self.commands.clone(),
         };
-        let decider = Decider::clustered(self.limiter.clone(), Arc::new(confirm));
+        let forward = ForwardThroughTask {
+            commands: self.commands.clone(),
+        };
+        let decider = Decider::clustered(self.limiter.clone(), Arc::new(confirm))
+            .with_forward(Arc::new(forward));
         match &self.commit {
             Some(commit) => decider.with_commit(commit.clone()),
             None => decider,
@@ -529,6 +578,7 @@ impl Node {
             }),
             waiters: std::collections::HashMap::new(),
             reset_waiters: std::collections::HashMap::new(),
+            refund_waiters: std::collections::HashMap::new(),
             journal: journal.clone(),
         };
         let (commands, command_rx) = mpsc::channel(4096);

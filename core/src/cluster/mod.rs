@@ -10,6 +10,7 @@
 //! | [`rules_register`] | the rules in force, their cluster-wide order, and the confirmation of a change |
 //! | [`membership`] | who is in the cluster and alive (SWIM) |
 //! | [`resets`] | admin counter resets, applied once by every node |
+//! | [`refunds`] | refunds of receipts another node issued, forwarded to the issuer |
 //! | [`store`] | the view of the key tables replication reads and writes |
 //! | [`snapshot`] | local snapshots for a whole-cluster restart |
 //! | [`wal`] | the write-ahead journal of this node's slot values: records and their replay |
@@ -20,6 +21,7 @@ pub mod confirm;
 pub mod harness;
 pub mod membership;
 pub mod node_core;
+pub mod refunds;
 pub mod replication;
 pub mod resets;
 pub mod rules_register;

@@ -140,6 +140,15 @@ pub enum RefundError {
     /// The node is still recovering its counts after a restart.
     #[error("this node is recovering its counts after a restart and refunds nothing yet")]
     Recovering,
+    /// Issued by another node, which did not answer the forwarded refund
+    /// in time (down, paused or cut off). Whether it applied the refund is
+    /// not known; a retry is safe: a receipt is refunded once however often
+    /// it is presented.
+    #[error("this receipt was issued by the node in slot {slot}, which did not answer in time: retry later (a receipt is never refunded twice)")]
+    Unreachable {
+        /// The issuing node's slot.
+        slot: u16,
+    },
 }
 
 impl<C: Clock> Limiter<C> {

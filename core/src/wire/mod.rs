@@ -9,7 +9,11 @@
 
 use serde::{Deserialize, Serialize};
 
+mod refund;
 mod reset;
+pub use refund::{
+    RefundAnswer, RefundAsk, RefundReply, RefundedLimit, RefusedCode, MAX_REFUND_LIMITS,
+};
 pub use reset::{ResetAck, ResetFrame, ResetKey, MAX_RESET_KEYS};
 
 /// The protocol version this code speaks.
@@ -56,6 +60,10 @@ pub enum Kind {
     Reset = 12,
     /// [`Frame::ResetAck`].
     ResetAck = 13,
+    /// [`Frame::RefundAsk`].
+    RefundAsk = 14,
+    /// [`Frame::RefundReply`].
+    RefundReply = 15,
 }
 
 impl Kind {
@@ -73,6 +81,8 @@ impl Kind {
             10 => Kind::RulesAck,
             12 => Kind::Reset,
             13 => Kind::ResetAck,
+            14 => Kind::RefundAsk,
+            15 => Kind::RefundReply,
             _ => return None,
         })
     }
@@ -243,6 +253,10 @@ pub enum Frame {
     Reset(ResetFrame),
     /// A node applied a reset.
     ResetAck(ResetAck),
+    /// A refund taken elsewhere, for the node that issued its receipt.
+    RefundAsk(RefundAsk),
+    /// The issuer's answer to a forwarded refund.
+    RefundReply(RefundReply),
 }
 
 /// Why a frame was refused. The frame changed nothing.
@@ -292,6 +306,8 @@ impl Frame {
             Frame::RulesAck(_) => Kind::RulesAck,
             Frame::Reset(_) => Kind::Reset,
             Frame::ResetAck(_) => Kind::ResetAck,
+            Frame::RefundAsk(_) => Kind::RefundAsk,
+            Frame::RefundReply(_) => Kind::RefundReply,
         }
     }
 
@@ -312,6 +328,8 @@ impl Frame {
             Frame::RulesAck(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Reset(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::ResetAck(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::RefundAsk(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::RefundReply(b) => postcard::to_extend(b, std::mem::take(out)),
         };
         // Serialising plain structs into a Vec cannot fail.
         *out = body.unwrap_or_default();
@@ -348,6 +366,8 @@ impl Frame {
             Kind::RulesAck => Frame::RulesAck(body_of(kind, body)?),
             Kind::Reset => Frame::Reset(body_of(kind, body)?),
             Kind::ResetAck => Frame::ResetAck(body_of(kind, body)?),
+            Kind::RefundAsk => Frame::RefundAsk(body_of(kind, body)?),
+            Kind::RefundReply => Frame::RefundReply(body_of(kind, body)?),
         };
         frame.check()?;
         Ok(frame)
@@ -370,6 +390,8 @@ impl Frame {
                 Err(DecodeError::Invalid("rules text too large"))
             }
             Frame::Reset(r) => r.check(),
+            Frame::RefundAsk(r) => r.check(),
+            Frame::RefundReply(r) => r.check(),
             _ => Ok(()),
         }
     }

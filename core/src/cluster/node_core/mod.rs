@@ -16,12 +16,15 @@
 //!    near its limit, counted provisionally by the limiter),
 //!    [`NodeCore::commit_rules`] (after [`NodeCore::prepare_rules`]; its
 //!    outcome from [`NodeCore::poll_rules_outcome`]),
-//!    [`NodeCore::handle_reset`] (an admin counter reset), and
+//!    [`NodeCore::handle_reset`] (an admin counter reset),
+//!    [`NodeCore::handle_forward_refund`] (a refund of a receipt a peer
+//!    issued), and
 //!    [`NodeCore::handle_timeout`] once [`NodeCore::poll_timeout`] has
 //!    passed.
 //! 2. Drain [`NodeCore::poll_confirmed`] (decided confirmations: hand each
 //!    to whoever waits on its ticket, or [`NodeCore::handle_abandoned`] if
 //!    nobody does), [`NodeCore::poll_reset_done`] (answered resets),
+//!    [`NodeCore::poll_refund_done`] (answered refund forwards),
 //!    [`NodeCore::poll_event`] (recovered, rules in force,
 //!    the peers to dial), then [`NodeCore::poll_transmit`].
 //! 3. Re-arm the timer from [`NodeCore::poll_timeout`].
@@ -32,6 +35,7 @@ use std::sync::Arc;
 
 use crate::cluster::confirm::{Confirmations, Confirmed, Ticket};
 use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
+use crate::cluster::refunds::Forwards;
 use crate::cluster::replication::{
     Delivered, ReplicationConfig, ReplicationEvent, Replicator, Transmit,
 };
@@ -124,6 +128,7 @@ pub struct NodeCore<C: Clock = crate::clock::SystemClock> {
     events: VecDeque<CoreEvent>,
     confirmations: Confirmations,
     resets: Resets,
+    refunds: Forwards,
     /// The latest time an input brought.
     now: Nanos,
 }
@@ -172,6 +177,7 @@ impl<C: Clock> NodeCore<C> {
             events: VecDeque::new(),
             confirmations: Confirmations::new(),
             resets: Resets::new(cfg.slot, cfg.incarnation),
+            refunds: Forwards::new(cfg.slot),
             now,
             cfg,
         };
@@ -274,6 +280,8 @@ impl<C: Clock> NodeCore<C> {
                 }
             }
             Ok(Delivered::ResetAck(ack)) => self.resets.on_ack(now, from, &ack),
+            Ok(Delivered::RefundAsk(ask)) => self.on_refund_ask(now, from, ask),
+            Ok(Delivered::RefundReply(reply)) => self.on_refund_reply(from, &reply),
             Ok(Delivered::Rules(rules)) => self.on_peer_rules(from, rules),
             Ok(Delivered::RulesAck(ack)) => {
                 self.register
@@ -336,6 +344,7 @@ impl<C: Clock> NodeCore<C> {
             self.membership.poll_timeout(),
             self.register.poll_timeout(),
             self.resets.poll_timeout(),
+            self.refunds.poll_timeout(),
         ]
         .into_iter()
         .flatten()
@@ -349,6 +358,7 @@ impl<C: Clock> NodeCore<C> {
         self.membership.handle_timeout(now);
         self.repl.handle_timeout(now, &*self.limiter);
         self.resets.handle_timeout(now);
+        self.refunds.handle_timeout(now);
         // Proposals still waiting: the rules again to whoever has not
         // answered.
         for slot in self.register.handle_timeout(now) {
@@ -447,6 +457,7 @@ impl<C: Clock> NodeCore<C> {
         while let Some(event) = self.membership.poll_event() {
             self.on_member_event(event);
         }
+        self.send_refund_asks();
         while let Some((to, frame)) = self.resets.poll_send() {
             self.outbox.push_back(Transmit {
                 to,
@@ -511,6 +522,7 @@ impl<C: Clock> NodeCore<C> {
             }
             MemberEvent::Down(m) => {
                 self.live.remove(&m.slot);
+                self.refunds.on_down(m.slot);
                 self.register.handle_peer_down(self.now, m.slot);
                 self.repl
                     .set_liveness(&*self.limiter, m.slot, false, self.rules_digest());
@@ -545,6 +557,7 @@ pub fn configured_view(cfg: &CoreConfig, live: u64, minority: bool) -> ShareView
     )
 }
 
+mod refunds;
 mod rules;
 
 #[cfg(test)]

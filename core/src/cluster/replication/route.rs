@@ -5,7 +5,9 @@ use super::claim::carried_keys;
 use super::{ReplicaStore, Replicator};
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
-use crate::wire::{DecodeError, Frame, ResetAck, ResetFrame, RulesAck, RulesFrame, Slots};
+use crate::wire::{
+    DecodeError, Frame, RefundAsk, RefundReply, ResetAck, ResetFrame, RulesAck, RulesFrame, Slots,
+};
 
 /// What an accepted frame leaves for the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +24,10 @@ pub enum Delivered {
     ResetAck(ResetAck),
     /// A peer's answer to our rules, for the rules register.
     RulesAck(RulesAck),
+    /// A refund a peer took for a receipt this node issued.
+    RefundAsk(RefundAsk),
+    /// A peer's answer to a refund this node forwarded to it.
+    RefundReply(RefundReply),
 }
 
 /// Why an incoming frame was refused. The frame changed nothing.
@@ -89,6 +95,8 @@ fn check(frame: &Frame, from: NodeSlot, own: NodeSlot, recovering: bool) -> Resu
         // Resets are not relayed: each comes from its origin.
         Frame::Reset(r) => carried_by(from, r.origin, from),
         Frame::ResetAck(a) => carried_by(from, a.slot, from),
+        Frame::RefundAsk(r) => carried_by(from, r.slot, from),
+        Frame::RefundReply(r) => carried_by(from, r.slot, from),
         _ => Ok(()),
     }
 }
@@ -189,6 +197,8 @@ impl Replicator {
             Frame::Reset(r) => return Ok(Delivered::Reset(r)),
             Frame::ResetAck(a) => return Ok(Delivered::ResetAck(a)),
             Frame::RulesAck(a) => return Ok(Delivered::RulesAck(a)),
+            Frame::RefundAsk(r) => return Ok(Delivered::RefundAsk(r)),
+            Frame::RefundReply(r) => return Ok(Delivered::RefundReply(r)),
         }
         if let Some(keys) = carried {
             self.heard_from(from, Some(&keys));
