@@ -87,6 +87,7 @@ pub async fn run(
         "node started"
     );
     crate::node::notices::warn_development_key_seed(&server.node().settings);
+    crate::node::notices::warn_nothing_on_disk(&server.node().settings);
     let waiting = tokio::spawn(crate::node::notices::log_while_waiting(server.node().api()));
     let result = server.serve(shutdown).await;
     waiting.abort();

@@ -71,13 +71,14 @@ pub struct NodeFile {
     /// Most memory all limits' keys may hold together, in bytes or with a
     /// unit (`512MiB`, `2GB`); none: only `max_keys` bounds memory.
     pub max_memory: Option<String>,
-    /// Where to keep the local snapshot (none: no snapshots).
+    /// Where to keep the local snapshot. Default: `<name>.snapshot` in
+    /// `data_dir`; with neither, no snapshots and no journal.
     pub snapshot_path: Option<PathBuf>,
     /// How often the snapshot is written (a duration such as `10s`).
     pub snapshot_interval: String,
     /// The write-ahead journal beside the snapshot: `none`, `interval`
     /// (fsync every `durability_interval`) or `sync` (an answer waits for
-    /// its group's fsync). Needs `snapshot_path`.
+    /// its group's fsync). Needs `snapshot_path` (or `data_dir`).
     pub durability: String,
     /// For `interval`: how often the journal is fsynced (e.g. `1s`, `200ms`).
     pub durability_interval: String,
@@ -492,7 +493,13 @@ impl NodeFile {
                 .as_deref()
                 .map(|t| parse_memory(t).map_err(|e| invalid("max_memory", e)))
                 .transpose()?,
-            snapshot_path: self.snapshot_path.as_ref().map(path),
+            // A data directory alone keeps counts too: the snapshot (and
+            // the journal beside it) default to it.
+            snapshot_path: match (&self.snapshot_path, &self.data_dir) {
+                (Some(p), _) => Some(path(p)),
+                (None, Some(dir)) => Some(path(dir).join(format!("{}.snapshot", self.name))),
+                (None, None) => None,
+            },
             snapshot_interval: duration("snapshot_interval", &self.snapshot_interval)?,
             durability: Durability::parse(
                 &self.durability,
@@ -675,6 +682,30 @@ mod tests {
                 .max_memory,
             None
         );
+    }
+
+    #[test]
+    fn a_data_dir_alone_keeps_the_snapshot_and_journal_in_it() {
+        let base = Path::new("/base");
+        let none = NodeFile::default().settings(base).unwrap();
+        assert_eq!(none.snapshot_path, None);
+        let dir = NodeFile {
+            name: "n1".into(),
+            data_dir: Some("state".into()),
+            ..NodeFile::default()
+        }
+        .settings(base)
+        .unwrap();
+        assert_eq!(dir.snapshot_path, Some(base.join("state/n1.snapshot")));
+        // An explicit snapshot path wins.
+        let both = NodeFile {
+            data_dir: Some("state".into()),
+            snapshot_path: Some("/elsewhere/s.bin".into()),
+            ..NodeFile::default()
+        }
+        .settings(base)
+        .unwrap();
+        assert_eq!(both.snapshot_path, Some(PathBuf::from("/elsewhere/s.bin")));
     }
 
     #[test]

@@ -40,6 +40,23 @@ pub fn warn_development_key_seed(settings: &NodeSettings) {
     }
 }
 
+/// Logs a warning when the node keeps nothing on disk (no `snapshot_path`,
+/// which `data_dir` also gives) although its durability asks for a journal: its
+/// counts and rules live in memory only, and a restart of every node at
+/// once forgets them. Called once at start.
+pub fn warn_nothing_on_disk(settings: &NodeSettings) {
+    let wants_journal = !matches!(settings.durability, super::journal::Durability::None);
+    if wants_journal && settings.snapshot_path.is_none() {
+        tracing::warn!(
+            "durability = \"{}\" but neither snapshot_path nor data_dir is set: counts and \
+             rules are kept in memory only, and a restart of every node at once forgets them; \
+             set snapshot_path (DRL_SNAPSHOT_PATH) to keep them, or durability = \"none\" to \
+             silence this",
+            settings.durability.name()
+        );
+    }
+}
+
 /// Why a node that is not ready is waiting, and what would change it; `None`
 /// once it is ready.
 ///
