@@ -148,6 +148,34 @@ check_protocols() {
   log "gRPC and RESP answer on every node"
 }
 
+# Real clients against the shipped deployment, when they are installed:
+# redis-cli sends CL.THROTTLE (3 per minute, redis-cell's parameters) nine
+# times round robin over the nodes, and an Envoy RLS client (grpcio, the
+# python of DRL_GRPC_PYTHON: a virtualenv with grpcio and xds-protos) sends
+# ShouldRateLimit with a limit of 3 per minute nine times: exactly 3
+# admitted either way.
+check_clients() {
+  local i allowed=0 key="compose:cli:$RANDOM$RANDOM" first targets=()
+  if command -v redis-cli >/dev/null; then
+    for i in 0 1 2 3 4 5 6 7 8; do
+      first=$(in_node "${NODES[$((i % 3))]}" redis-cli -p 6380 CL.THROTTLE "$key" 2 3 60 1 | head -n 1) || true
+      [ "$first" = 0 ] && allowed=$((allowed + 1))
+      sleep 0.03
+    done
+    [ "$allowed" = 3 ] || die "redis-cli CL.THROTTLE (3 per minute) admitted $allowed of 9 through the nodes"
+    log "redis-cli: CL.THROTTLE admitted 3 of 9 through the three nodes"
+  else
+    log "redis-cli not installed: CL.THROTTLE with a real client not checked"
+  fi
+  if [ -n "${DRL_GRPC_PYTHON:-}" ]; then
+    for i in "${NODES[@]}"; do targets+=("$(node_ip "$i"):9400"); done
+    in_node node-0 "$DRL_GRPC_PYTHON" "$CHAOS_ROOT/tests/grpc/rls_smoke.py" "${targets[@]}" >&2 \
+      || die "Envoy RLS with a real gRPC client did not admit exactly 3 of 9"
+  else
+    log "DRL_GRPC_PYTHON not set: Envoy RLS with a real gRPC client not checked"
+  fi
+}
+
 up() {
   [ -n "$CHAOS_RULES" ] || write_rules
   [ -n "${CHAOS_DIR:-}" ] || CHAOS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/drl-chaos.XXXXXX")
@@ -160,6 +188,7 @@ up() {
   wait_ready "${NODES[@]}"
   log "3 nodes ready"
   check_protocols "${NODES[@]}"
+  check_clients
 }
 
 down() {
