@@ -50,6 +50,11 @@ pub(super) struct OpenClaim {
     pub(super) answered: u64,
     pub(super) deadline: Nanos,
     pub(super) resend_at: Nanos,
+    /// When the claim left.
+    pub(super) sent: Nanos,
+    /// When to check for peers silent since the claim left (cleared once
+    /// checked): the claim waits on a silent peer no longer than this.
+    pub(super) silence_check: Option<Nanos>,
 }
 
 /// The counters a frame carries.
@@ -149,6 +154,8 @@ impl Replicator {
             answered: 0,
             deadline: now + self.cfg.claim_timeout,
             resend_at: now + self.cfg.claim_resend,
+            sent: now,
+            silence_check: Some(now + self.cfg.confirm_timeout.min(self.cfg.claim_timeout)),
         };
         let frame = self.values_frame(now, started, ticket, &claim.keys, store);
         let bytes = Frame::Claim(frame).encode();
@@ -244,11 +251,26 @@ impl Replicator {
     /// Expires claims past their deadline and resends the others to the
     /// peers that have not answered yet.
     pub(super) fn claim_timers(&mut self, now: Nanos, store: &(impl ReplicaStore + ?Sized)) {
-        let (events, stats) = (&mut self.claim_events, &mut self.stats);
+        let (events, stats, peers) = (&mut self.claim_events, &mut self.stats, &self.peers);
         self.claims.retain(|&ticket, c| {
-            let live = c.deadline > now;
+            // A peer silent since the claim left is not waited for past the
+            // confirm timeout; a slow one that is still heard from, up to
+            // the claim timeout.
+            let silent = c.silence_check.is_some_and(|at| at <= now)
+                && c.waiting.iter().any(|slot| {
+                    peers
+                        .get(slot)
+                        .is_none_or(|p| p.last_heard.is_none_or(|t| t < c.sent))
+                });
+            if c.silence_check.is_some_and(|at| at <= now) {
+                c.silence_check = None;
+            }
+            let live = c.deadline > now && !silent;
             if !live {
                 stats.claims_expired += 1;
+                if silent {
+                    stats.claims_silent += 1;
+                }
                 events.push_back(ClaimEvent::Expired { ticket });
             }
             live
