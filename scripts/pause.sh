@@ -12,10 +12,10 @@
 # most admitted in one window against the limit.
 #
 # Usage:
-#   scripts/pause.sh                     # 100/s and 10/s, fence_after 40ms and off
+#   scripts/pause.sh                     # 100/s and 10/s, fence_after 60ms and off
 #   scripts/pause.sh 100                 # one limit
 # Environment: DRL (binary; default target/release/drl, else target/debug/drl),
-#   PAUSE (10), FENCES ("40ms off"), BASE_PORT (28400).
+#   PAUSE (10), FENCES ("60ms off"), BASE_PORT (28400).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +25,7 @@ if [[ -z "$DRL" ]]; then
 fi
 [[ -x "$DRL" ]] || { echo "no drl binary: cargo build --release --bin drl" >&2; exit 1; }
 PAUSE=${PAUSE:-10}
-FENCES=${FENCES:-"40ms off"}
+FENCES=${FENCES:-"60ms off"}
 BASE_PORT=${BASE_PORT:-28400}
 LIMITS=("$@")
 [[ ${#LIMITS[@]} -gt 0 ]] || LIMITS=(100 10)
@@ -120,7 +120,31 @@ print(f"pause: {len(during)} offered, {denied} refused (false 429s), {errors} er
       f"longest gap {gap*1000:.0f} ms (requests every {interval*1000:.1f} ms per node loop); "
       f"decision p99 {p99*1000:.1f} ms, max {lat[-1]*1000 if lat else 0:.1f} ms")
 print(f"after SIGCONT (2x through all three): admitted per whole second {whole} against {limit}")
+if os.environ.get("TIMELINE"):
+    line = {}
+    for e in log:
+        if e[0] == "pause" and e[1] >= stopped:
+            k = int((e[2] - stopped) * 10)
+            a, d, x = line.get(k, (0, 0, 0))
+            line[k] = (a + (e[3] == 200), d + (e[3] == 429), x + (e[3] not in (200, 429)))
+    print("while stopped, per 100 ms (admitted/refused/errors):",
+          " ".join(f"{a}/{d}/{x}" for k, (a, d, x) in sorted(line.items())))
+    line = {}
+    for e in log:
+        if e[0] == "after":
+            k = int((e[2] - resumed) * 10)
+            a, d, x = line.get(k, (0, 0, 0))
+            line[k] = (a + (e[3] == 200), d + (e[3] == 429), x + (e[3] not in (200, 429)))
+    print("after SIGCONT, per 100 ms (admitted/refused/errors):",
+          " ".join(f"{a}/{d}/{x}" for k, (a, d, x) in sorted(line.items())))
 PY
+  if [[ -n "${TIMELINE:-}" ]]; then
+    for i in 0 2; do
+      echo "node-$i:"
+      curl -s "http://127.0.0.1:$((BASE_PORT + i))/metrics" |
+        grep -E '^drl_(peers_fenced_total|confirm_(claims|expired|silent|answered)|local_late_ticks|peer_fenced|peer_live|gossip_full_syncs)' || true
+    done
+  fi
   kill "$cluster" 2>/dev/null || true
   wait "$cluster" 2>/dev/null || true
   rm -rf "$dir"

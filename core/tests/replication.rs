@@ -584,9 +584,7 @@ fn pause_run_with(
     .unwrap()
 }
 
-const FENCE: SilencePolicy = SilencePolicy::Fence {
-    after: Nanos::from_millis(40),
-};
+const FENCE: SilencePolicy = SilencePolicy::DEFAULT;
 
 #[test]
 fn a_paused_node_costs_the_others_no_stall_and_no_overshoot() {
@@ -627,10 +625,10 @@ fn pause_comparison() {
             ms(50),
         ),
         ("detector, 5 ms confirm", SilencePolicy::Detector, ms(5)),
-        ("fence 40 ms", FENCE, ms(5)),
+        ("fence 60 ms", FENCE, ms(5)),
         (
-            "fence 40 ms + lease",
-            SilencePolicy::FenceLease { after: ms(40) },
+            "fence 60 ms + lease",
+            SilencePolicy::FenceLease { after: ms(60) },
             ms(5),
         ),
     ];
@@ -662,13 +660,13 @@ fn only_a_node_that_hears_a_majority_fences_a_silent_peer() {
     // peers; each of them hears the other and fences node 0 within the
     // fence time and a tick.
     c.isolate(&[0], true);
-    c.advance(Nanos::from_millis(50));
+    c.advance(Nanos::from_millis(70));
     assert_eq!(c.replicator(0).fenced(), 0);
     assert_eq!(c.replicator(1).fenced(), 1);
     assert_eq!(c.replicator(2).fenced(), 1);
     // Heard again: the fence lifts.
     c.isolate(&[0], false);
-    c.advance(Nanos::from_millis(50));
+    c.advance(Nanos::from_millis(70));
     assert_eq!((0..3).map(|n| c.replicator(n).fenced()).sum::<usize>(), 0);
 }
 
@@ -702,7 +700,7 @@ fn a_node_whose_own_tick_came_late_fences_nobody() {
     assert_eq!(r.fenced(), 0, "it was the one stopped");
     // A peer silent while this node runs is fenced.
     let mut at = woke;
-    while at < woke + Nanos::from_millis(60) {
+    while at < woke + Nanos::from_millis(80) {
         at = at + Nanos::from_millis(5);
         r.handle_frame(at, NodeSlot::new(1), &beat(1, at), &l, 0)
             .unwrap();

@@ -57,7 +57,7 @@ pub struct ClusterArgs {
     pub share_policy: String,
     /// Silence after which a node stops waiting for a peer (a duration, or
     /// `off` to wait for the failure detector).
-    #[arg(long, default_value = "40ms")]
+    #[arg(long, default_value = "60ms")]
     pub fence_after: String,
 }
 
@@ -588,7 +588,7 @@ mod tests {
             http2: false,
             admin_token: Some("tok".into()),
             share_policy: "strict".into(),
-            fence_after: "40ms".into(),
+            fence_after: "60ms".into(),
         }
     }
 

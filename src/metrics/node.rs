@@ -159,7 +159,7 @@ impl NodeCollector {
             ("confirm_answered", "Confirmations that every peer waited for answered in time.", Counter(r.claims_answered)),
             ("confirm_expired", "Confirmations that timed out (the request was refused and its hits given back).", Counter(r.claims_expired)),
             ("confirm_silent", "Confirmations refused after confirm_timeout because a peer they waited for was silent (counted in confirm_expired too).", Counter(r.claims_silent)),
-            ("peers_fenced_total", "Times a peer silent for fence_after was fenced (its acknowledgements and answers no longer awaited until it is heard again).", Counter(r.peers_fenced)),
+            ("peers_fenced", "Times a peer silent for fence_after was fenced (its acknowledgements and answers no longer awaited until it is heard again).", Counter(r.peers_fenced)),
             ("peer_heartbeats_sent", "Empty frames sent to peers nothing else went to, so that they keep hearing this node.", Counter(r.heartbeats_sent)),
             ("local_late_ticks", "Sync ticks that came over half of fence_after late (this node was stopped or starved); it fenced nobody on them.", Counter(r.late_ticks)),
             ("peer_fenced", "1 while the peer is fenced: silent for fence_after, not waited for.", per_peer(&|_, p| flag(p.fenced))),

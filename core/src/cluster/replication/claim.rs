@@ -52,8 +52,11 @@ pub(super) struct OpenClaim {
     pub(super) resend_at: Nanos,
     /// When the claim left.
     pub(super) sent: Nanos,
-    /// When to check for peers silent since the claim left (cleared once
-    /// checked): the claim waits on a silent peer no longer than this.
+    /// From when the claim gives up on a silent peer (`sent` plus the
+    /// confirm timeout).
+    pub(super) patience: Nanos,
+    /// The first look for silent peers, for the timer (cleared once done;
+    /// later looks come with the sync ticks).
     pub(super) silence_check: Option<Nanos>,
 }
 
@@ -155,6 +158,7 @@ impl Replicator {
             deadline: now + self.cfg.claim_timeout,
             resend_at: now + self.cfg.claim_resend,
             sent: now,
+            patience: now + self.cfg.confirm_timeout.min(self.cfg.claim_timeout),
             silence_check: Some(now + self.cfg.confirm_timeout.min(self.cfg.claim_timeout)),
         };
         let frame = self.values_frame(now, started, ticket, &claim.keys, store);
@@ -252,15 +256,24 @@ impl Replicator {
     /// peers that have not answered yet.
     pub(super) fn claim_timers(&mut self, now: Nanos, store: &(impl ReplicaStore + ?Sized)) {
         let (events, stats, peers) = (&mut self.claim_events, &mut self.stats, &self.peers);
+        // A peer is silent when unheard from for half the fence time (it
+        // is then suspected; a peer fenced is not waited for at all), or,
+        // without fencing, since the claim left.
+        let quiet = self
+            .cfg
+            .silence
+            .fence_after()
+            .map(|after| Nanos::new(after.as_u64() / 2));
         self.claims.retain(|&ticket, c| {
-            // A peer silent since the claim left is not waited for past the
-            // confirm timeout; a slow one that is still heard from, up to
-            // the claim timeout.
-            let silent = c.silence_check.is_some_and(|at| at <= now)
+            // A claim waits on a silent peer no longer than the confirm
+            // timeout; on a slow one that is still heard from, up to the
+            // claim timeout.
+            let since = quiet.map_or(c.sent, |q| now.saturating_sub(q));
+            let silent = c.patience <= now
                 && c.waiting.iter().any(|slot| {
                     peers
                         .get(slot)
-                        .is_none_or(|p| p.last_heard.is_none_or(|t| t < c.sent))
+                        .is_none_or(|p| p.last_heard.is_none_or(|t| t < since))
                 });
             if c.silence_check.is_some_and(|at| at <= now) {
                 c.silence_check = None;

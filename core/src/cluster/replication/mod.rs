@@ -85,7 +85,8 @@ pub struct ReplicationConfig {
     /// waits for is still heard from (slow, not silent).
     pub claim_timeout: Nanos,
     /// The longest a claim waits on a *silent* peer: one not heard from
-    /// since the claim left. Past it the request is refused at once.
+    /// for half the fence time (without fencing: since the claim left).
+    /// Past it the request is refused at once.
     pub confirm_timeout: Nanos,
     /// When this node stops waiting for a peer that has gone silent.
     pub silence: SilencePolicy,
@@ -160,9 +161,9 @@ pub enum SilencePolicy {
 }
 
 impl SilencePolicy {
-    /// Fencing after 40 ms of silence.
+    /// Fencing after 60 ms of silence.
     pub const DEFAULT: SilencePolicy = SilencePolicy::Fence {
-        after: Nanos::from_millis(40),
+        after: Nanos::from_millis(60),
     };
 
     /// The silence after which a peer is fenced, if it ever is.
