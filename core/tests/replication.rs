@@ -725,3 +725,49 @@ fn a_resumed_node_accuses_nobody_and_waits_for_its_peers() {
     assert_eq!(c.replicator(0).fenced(), 0);
     assert_eq!(c.replicator(1).fenced(), 0);
 }
+
+/// The known exception of the fence (DESIGN.md, "A silent peer"): a link
+/// cut between two nodes that both still hear the third. Each fences the
+/// other and both may spend what the other serves. Prints the most admitted
+/// in one window under the fence and under the detector; run with
+/// `cargo test -p drl-core --test replication non_transitive -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn non_transitive_cut_probe() {
+    let ms = Nanos::from_millis;
+    for (name, silence) in [("fence", FENCE), ("detector", SilencePolicy::Detector)] {
+        let mut spec = ClusterSpec::new(3, &PauseRun::rules(100, "1s"), 11);
+        spec.silence = silence;
+        let mut c = MemCluster::new(spec).unwrap();
+        c.advance(ms(100));
+        c.set_link(0, 1, false);
+        let mut windows = std::collections::BTreeMap::new();
+        let mut pending = std::collections::BTreeMap::new();
+        // 2x the limit through nodes 0 and 1 for 5 s.
+        for i in 0..1000u64 {
+            let node = (i % 2) as usize;
+            let now = c.now();
+            match c.submit(node, &[("user", "cut")], 1) {
+                Ok(drl_core::cluster::harness::Submitted::Done(d)) if d.is_allowed() => {
+                    *windows.entry(now.as_u64() / 1_000_000_000).or_insert(0u64) += 1;
+                }
+                Ok(drl_core::cluster::harness::Submitted::Waiting(id)) => {
+                    pending.insert(id, now);
+                }
+                _ => {}
+            }
+            c.advance(ms(5));
+            for (id, _, d, _) in c.take_completed() {
+                if let Some(at) = pending.remove(&id) {
+                    if d.is_allowed() {
+                        *windows.entry(at.as_u64() / 1_000_000_000).or_insert(0u64) += 1;
+                    }
+                }
+            }
+        }
+        println!(
+            "{name}: admitted per window {:?} (limit 100)",
+            windows.values().collect::<Vec<_>>()
+        );
+    }
+}
