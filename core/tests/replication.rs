@@ -584,7 +584,7 @@ fn pause_run_with(
     .unwrap()
 }
 
-const FENCE: SilencePolicy = SilencePolicy::DEFAULT;
+const FENCE: SilencePolicy = SilencePolicy::FENCE_60MS;
 
 #[test]
 fn a_paused_node_costs_the_others_no_stall_and_no_overshoot() {
@@ -653,7 +653,9 @@ fn pause_comparison() {
 
 #[test]
 fn only_a_node_that_hears_a_majority_fences_a_silent_peer() {
-    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(100, "1s"), 3)).unwrap();
+    let mut spec = ClusterSpec::new(3, &rules(100, "1s"), 3);
+    spec.silence = FENCE;
+    let mut c = MemCluster::new(spec).unwrap();
     c.advance(Nanos::from_millis(100));
     assert_eq!((0..3).map(|n| c.replicator(n).fenced()).sum::<usize>(), 0);
     // Node 0 is cut off: it hears nobody, so it keeps waiting for both
@@ -676,6 +678,7 @@ fn a_node_whose_own_tick_came_late_fences_nobody() {
     let t0 = clock.as_ref().now_value();
     let mut cfg = ReplicationConfig::new(NodeSlot::new(0), "node-0");
     cfg.expected_peers = 2;
+    cfg.silence = FENCE;
     let mut r = Replicator::new(cfg, 1, false, t0);
     for peer in [1, 2] {
         r.peer_connected(t0, NodeSlot::new(peer), 0);
@@ -712,7 +715,9 @@ fn a_node_whose_own_tick_came_late_fences_nobody() {
 
 #[test]
 fn a_resumed_node_accuses_nobody_and_waits_for_its_peers() {
-    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(100, "1s"), 5)).unwrap();
+    let mut spec = ClusterSpec::new(3, &rules(100, "1s"), 5);
+    spec.silence = FENCE;
+    let mut c = MemCluster::new(spec).unwrap();
     c.advance(Nanos::from_millis(100));
     c.pause(2);
     c.advance(Nanos::from_secs(1));

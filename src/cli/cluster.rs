@@ -57,7 +57,7 @@ pub struct ClusterArgs {
     pub share_policy: String,
     /// Silence after which a node stops waiting for a peer (a duration, or
     /// `off` to wait for the failure detector).
-    #[arg(long, env = "DRL_FENCE_AFTER", default_value = "60ms")]
+    #[arg(long, env = "DRL_FENCE_AFTER", default_value = "off")]
     pub fence_after: String,
 }
 

@@ -161,8 +161,12 @@ pub enum SilencePolicy {
 }
 
 impl SilencePolicy {
-    /// Fencing after 60 ms of silence.
-    pub const DEFAULT: SilencePolicy = SilencePolicy::Fence {
+    /// Waiting for the failure detector: fencing is opt-in until it is
+    /// corroborated by a majority (DESIGN.md, "A silent peer").
+    pub const DEFAULT: SilencePolicy = SilencePolicy::Detector;
+
+    /// Fencing after 60 ms of silence (`fence_after = "60ms"`).
+    pub const FENCE_60MS: SilencePolicy = SilencePolicy::Fence {
         after: Nanos::from_millis(60),
     };
 
