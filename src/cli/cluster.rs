@@ -55,6 +55,10 @@ pub struct ClusterArgs {
     /// strict, available or bounded.
     #[arg(long, default_value = "strict")]
     pub share_policy: String,
+    /// Silence after which a node stops waiting for a peer (a duration, or
+    /// `off` to wait for the failure detector).
+    #[arg(long, env = "DRL_FENCE_AFTER", default_value = "off")]
+    pub fence_after: String,
 }
 
 /// Random hex from the OS (a dev token and key seed, not key material).
@@ -165,6 +169,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
              seeds = [{seeds}]\n\
              rules = \"rules.toml\"\n\
              share_policy = {policy}\n\
+             fence_after = {fence}\n\
              snapshot_path = \"data/{name_raw}.snapshot\"\n\
              tls_ca = \"certs/ca.pem\"\n\
              tls_cert = \"certs/{name_raw}.pem\"\n\
@@ -180,6 +185,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
             http = toml_string(&http_addr),
             grpc = toml_string(&grpc_addr),
             policy = toml_string(&args.share_policy),
+            fence = toml_string(&args.fence_after),
             token = toml_string(&token),
             http2 = args.http2,
             resp = args.resp_base_port.map_or_else(String::new, |p| {
@@ -582,6 +588,7 @@ mod tests {
             http2: false,
             admin_token: Some("tok".into()),
             share_policy: "strict".into(),
+            fence_after: "60ms".into(),
         }
     }
 

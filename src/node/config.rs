@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use drl_core::cluster::replication::SilencePolicy;
 use drl_core::key::KeySeed;
 use drl_core::rules::request::RequestLimitPolicy;
 use drl_core::share::SharePolicy;
@@ -60,6 +61,13 @@ pub struct NodeFile {
     pub rules: PathBuf,
     /// How often deltas are shipped to peers.
     pub sync_interval: String,
+    /// The longest a request near its limit waits on a peer that has gone
+    /// silent before it is refused (a duration such as `5ms`).
+    pub confirm_timeout: String,
+    /// Silence after which a peer is fenced: its acknowledgements and
+    /// answers are no longer awaited until it is heard again (a duration,
+    /// or `off` to wait for the failure detector to declare it dead).
+    pub fence_after: String,
     /// `strict`, `available` or `bounded`.
     pub share_policy: String,
     /// For `bounded`: the fraction of a limit a cut-off node may exceed by.
@@ -135,6 +143,8 @@ impl Default for NodeFile {
             discovery_interval: "5s".into(),
             rules: PathBuf::from("rules.toml"),
             sync_interval: "5ms".into(),
+            confirm_timeout: "5ms".into(),
+            fence_after: "off".into(),
             share_policy: "strict".into(),
             bounded_fraction: 0.05,
             inflight_fraction: 0.02,
@@ -194,6 +204,10 @@ pub struct NodeSettings {
     pub rules: PathBuf,
     /// How often deltas are shipped to peers: 1ms to 1s.
     pub sync_interval: Nanos,
+    /// The longest a confirmation waits on a silent peer: 1ms to 1s.
+    pub confirm_timeout: Nanos,
+    /// When a silent peer stops being waited for.
+    pub silence: SilencePolicy,
     /// How a limit is shared while peers cannot be reached.
     pub policy: SharePolicy,
     /// In-flight budget per limit, in millionths of the limit.
@@ -421,6 +435,23 @@ impl NodeFile {
         if sync_interval < Nanos::from_millis(1) || sync_interval > Nanos::from_secs(1) {
             return Err(invalid("sync_interval", "between 1ms and 1s"));
         }
+        let confirm_timeout = duration("confirm_timeout", &self.confirm_timeout)?;
+        if confirm_timeout < Nanos::from_millis(1) || confirm_timeout > Nanos::from_secs(1) {
+            return Err(invalid("confirm_timeout", "between 1ms and 1s"));
+        }
+        let silence = match self.fence_after.as_str() {
+            "off" => SilencePolicy::Detector,
+            text => {
+                let after = duration("fence_after", text)?;
+                if after < sync_interval * 4 || after > Nanos::from_secs(10) {
+                    return Err(invalid(
+                        "fence_after",
+                        "`off`, or between 4 sync intervals and 10s",
+                    ));
+                }
+                SilencePolicy::Fence { after }
+            }
+        };
         let policy = match self.share_policy.as_str() {
             "strict" => SharePolicy::Strict,
             "available" => SharePolicy::Available,
@@ -485,6 +516,8 @@ impl NodeFile {
             discovery_interval: duration("discovery_interval", &self.discovery_interval)?,
             rules: path(&self.rules),
             sync_interval,
+            confirm_timeout,
+            silence,
             policy,
             inflight_ppm: fraction_ppm("inflight_fraction", self.inflight_fraction)?,
             max_keys: self.max_keys,

@@ -535,6 +535,8 @@ impl Node {
                 incarnation,
                 peer_addr,
                 recovering: true,
+                confirm_timeout: settings.confirm_timeout,
+                silence: settings.silence,
             },
             limiter.clone(),
             rules_text,

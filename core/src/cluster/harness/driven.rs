@@ -117,9 +117,6 @@ impl Driven {
             r.set_liveness(limiter, slot, live, digest);
         }
     }
-    pub(super) fn unsynced_live(&self) -> bool {
-        self.repl().unsynced_live()
-    }
     pub(super) fn poll_timeout(&self) -> Nanos {
         match self {
             Driven::Replicator(r, _) => r.poll_timeout(),

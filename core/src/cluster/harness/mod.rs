@@ -14,6 +14,7 @@
 
 mod driven;
 mod network;
+mod pause;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -25,10 +26,11 @@ use rand::SeedableRng;
 use driven::{node_name, sim_addr, slot, Driven};
 use network::InFlight;
 pub use network::NetFaults;
+pub use pause::{PauseFigures, PauseRun};
 
 use crate::cluster::confirm::{Confirmations, Ticket};
 use crate::cluster::node_core::{CoreConfig, NodeCore, RulesVersion};
-use crate::cluster::replication::{ReplicationConfig, Replicator};
+use crate::cluster::replication::{ReplicationConfig, Replicator, SilencePolicy};
 use crate::descriptor::Descriptors;
 use crate::limiter::{Begun, Check, CheckError, Decision, Limiter, LimiterConfig, Outcome};
 use crate::rules::RuleSet;
@@ -69,6 +71,10 @@ pub struct ClusterSpec {
     /// membership and rules replication, as a node runs it) instead of the
     /// replicator with the harness's silence rule for failures.
     pub whole_core: bool,
+    /// When a node stops waiting for a silent peer.
+    pub silence: SilencePolicy,
+    /// The longest a confirmation waits on a silent peer.
+    pub confirm_timeout: Nanos,
 }
 
 impl ClusterSpec {
@@ -88,6 +94,8 @@ impl ClusterSpec {
             recovery_timeout: Nanos::from_secs(3),
             confirm: true,
             whole_core: false,
+            silence: SilencePolicy::DEFAULT,
+            confirm_timeout: Nanos::from_millis(5),
         }
     }
 }
@@ -103,6 +111,10 @@ struct SimNode {
     /// This node's clock minus the reference clock, in ns.
     skew: i64,
     up: bool,
+    /// Stopped (SIGSTOP): runs nothing, loses nothing; frames for it wait.
+    paused: bool,
+    /// Frames that arrived while paused, read when it resumes.
+    held: Vec<InFlight>,
     incarnation: u64,
     /// Requests waiting for their confirmation: ticket → request id and
     /// what it would be answered if admitted.
@@ -223,6 +235,8 @@ impl MemCluster {
         rc.expected_peers = self.spec.nodes - 1;
         rc.recovery_timeout = self.spec.recovery_timeout;
         rc.snapshot_restored = snapshot.is_some();
+        rc.silence = self.spec.silence;
+        rc.confirm_timeout = self.spec.confirm_timeout;
         limiter.set_confirm_hold(rc.claim_timeout * 2);
         let limiter = Arc::new(limiter);
         let repl = if self.spec.whole_core {
@@ -238,6 +252,8 @@ impl MemCluster {
                 incarnation,
                 peer_addr: sim_addr(slot),
                 recovering,
+                confirm_timeout: self.spec.confirm_timeout,
+                silence: self.spec.silence,
             };
             let mut core = NodeCore::new(
                 cfg,
@@ -264,6 +280,8 @@ impl MemCluster {
             clock,
             skew: 0,
             up: true,
+            paused: false,
+            held: Vec::new(),
             incarnation,
             waiting: BTreeMap::new(),
         })
@@ -330,6 +348,29 @@ impl MemCluster {
         }
     }
 
+    /// Stops `node` as SIGSTOP does: it runs nothing (no timer, no frame,
+    /// no request) and forgets nothing; frames sent to it wait, and its
+    /// clock keeps running.
+    pub fn pause(&mut self, node: usize) {
+        self.nodes[node].paused = true;
+    }
+
+    /// Resumes a paused node (SIGCONT): its timers fire late and the
+    /// frames that arrived meanwhile are read, in arrival order.
+    pub fn resume(&mut self, node: usize) {
+        self.nodes[node].paused = false;
+        self.sync_clock(node);
+        for mut f in std::mem::take(&mut self.nodes[node].held) {
+            f.at = self.now;
+            self.net.push(Reverse(f));
+        }
+    }
+
+    /// True while `node` is paused.
+    pub fn is_paused(&self, node: usize) -> bool {
+        self.nodes[node].paused
+    }
+
     /// False between a crash of `node` and its restart.
     pub fn is_up(&self, node: usize) -> bool {
         self.nodes[node].up
@@ -392,7 +433,7 @@ impl MemCluster {
         node: usize,
         checks: &[(&[(&str, &str)], u32)],
     ) -> Result<Submitted, CheckError> {
-        if !self.nodes[node].up {
+        if !self.nodes[node].up || self.nodes[node].paused {
             return Err(CheckError::Recovering);
         }
         let checks = checks

@@ -39,7 +39,7 @@ impl Default for NetFaults {
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct InFlight {
-    at: Nanos,
+    pub(super) at: Nanos,
     seq: u64,
     from: NodeSlot,
     to: NodeSlot,
@@ -90,7 +90,7 @@ impl MemCluster {
         self.finish_claims(node);
         while let Some(t) = self.nodes[node].repl.poll_transmit() {
             let from = slot(node);
-            if !self.nodes[node].up || self.cut.contains(&(from, t.to)) {
+            if !self.nodes[node].up || self.nodes[node].paused || self.cut.contains(&(from, t.to)) {
                 continue;
             }
             let copies = if t.reliable {
@@ -129,7 +129,7 @@ impl MemCluster {
         loop {
             let next_frame = self.net.peek().map(|r| r.0.at);
             let next_tick = (0..self.nodes.len())
-                .filter(|&i| self.nodes[i].up)
+                .filter(|&i| self.nodes[i].up && !self.nodes[i].paused)
                 .map(|i| {
                     let local = self.nodes[i].repl.poll_timeout();
                     // Convert the node's local deadline to reference time.
@@ -151,7 +151,7 @@ impl MemCluster {
                 self.deliver(f);
             } else {
                 for i in 0..self.nodes.len() {
-                    if !self.nodes[i].up {
+                    if !self.nodes[i].up || self.nodes[i].paused {
                         continue;
                     }
                     let local = self.local_now(i);
@@ -177,6 +177,11 @@ impl MemCluster {
             || !self.nodes[f.from.index()].up
             || self.cut.contains(&(f.from, f.to))
         {
+            return;
+        }
+        if self.nodes[to].paused {
+            // The socket buffers it; the process reads it on resume.
+            self.nodes[to].held.push(f);
             return;
         }
         if !self.linked.contains(&(f.to, f.from)) {
@@ -222,13 +227,17 @@ impl MemCluster {
     fn detect_failures(&mut self) {
         for a in 0..self.nodes.len() {
             for b in 0..self.nodes.len() {
-                if a != b && self.nodes[b].up && !self.cut.contains(&(slot(b), slot(a))) {
+                if a != b
+                    && self.nodes[b].up
+                    && !self.nodes[b].paused
+                    && !self.cut.contains(&(slot(b), slot(a)))
+                {
                     self.heard.insert((slot(a), slot(b)), self.now);
                 }
             }
         }
         for a in 0..self.nodes.len() {
-            if !self.nodes[a].up {
+            if !self.nodes[a].up || self.nodes[a].paused {
                 continue;
             }
             if matches!(self.nodes[a].repl, Driven::Core(_)) {
@@ -283,7 +292,7 @@ impl MemCluster {
             }
             let view = self
                 .view(slot(a), &dead)
-                .confirming_all(self.nodes[a].repl.unsynced_live());
+                .confirming_all(self.nodes[a].repl.repl().confirm_all(self.local_now(a)));
             if self.nodes[a].limiter.share_view().as_deref() != Some(&view) {
                 self.nodes[a].limiter.set_share_view(view);
             }

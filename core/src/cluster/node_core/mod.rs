@@ -37,7 +37,7 @@ use crate::cluster::confirm::{Confirmations, Confirmed, Ticket};
 use crate::cluster::membership::{Member, MemberEvent, Membership, MembershipConfig};
 use crate::cluster::refunds::Forwards;
 use crate::cluster::replication::{
-    Delivered, ReplicationConfig, ReplicationEvent, Replicator, Transmit,
+    Delivered, ReplicationConfig, ReplicationEvent, Replicator, SilencePolicy, Transmit,
 };
 use crate::cluster::resets::{ResetDone, Resets};
 use crate::cluster::rules_register::{RegisterConfig, RulesRegister};
@@ -79,6 +79,10 @@ pub struct CoreConfig {
     /// admits (a real node always does; a simulated cluster's first boot
     /// does not).
     pub recovering: bool,
+    /// The longest a confirmation waits on a silent peer.
+    pub confirm_timeout: Nanos,
+    /// When a silent peer stops being waited for.
+    pub silence: SilencePolicy,
 }
 
 /// What the core asks of its driver.
@@ -149,6 +153,8 @@ impl<C: Clock> NodeCore<C> {
         rc.recovery_timeout = cfg.recovery_timeout;
         rc.expected_peers = cfg.cluster_size.saturating_sub(1);
         rc.snapshot_restored = cfg.snapshot_restored;
+        rc.confirm_timeout = cfg.confirm_timeout;
+        rc.silence = cfg.silence;
         // Ready only with the peers' rules in hand: a restarted node must not
         // decide on rules older than the cluster's.
         rc.await_rules = true;
@@ -191,7 +197,7 @@ impl<C: Clock> NodeCore<C> {
     /// as if alone.
     pub fn share_view(&self) -> ShareView {
         configured_view(&self.cfg, self.live_mask(), self.repl.in_minority())
-            .confirming_all(self.repl.unsynced_live())
+            .confirming_all(self.repl.confirm_all(self.now))
     }
 
     fn live_mask(&self) -> u64 {
@@ -490,7 +496,7 @@ impl<C: Clock> NodeCore<C> {
         }
         // A returning peer's whole state arrived (or a peer came back):
         // confirm every request exactly while some live peer is unsynced.
-        let unsynced = self.repl.unsynced_live();
+        let unsynced = self.repl.confirm_all(self.now);
         if self
             .limiter
             .share_view()

@@ -43,6 +43,8 @@ fn core(
         incarnation: 1,
         peer_addr: SocketAddr::from(([127, 0, 0, 1], 7400 + slot)),
         recovering: true,
+        confirm_timeout: Nanos::from_millis(5),
+        silence: SilencePolicy::DEFAULT,
     };
     let core = NodeCore::new(
         cfg,

@@ -106,6 +106,9 @@ impl Replicator {
         a: &Ack,
         store: &(impl ReplicaStore + ?Sized),
     ) {
+        if a.echo_sent_at != 0 {
+            self.note_acked(from, Nanos::new(a.echo_sent_at));
+        }
         let times = AckTimes::of(a, now);
         if let Some(p) = self.peers.get_mut(&from) {
             let est = p.clock().update(times);

@@ -50,6 +50,14 @@ pub(super) struct OpenClaim {
     pub(super) answered: u64,
     pub(super) deadline: Nanos,
     pub(super) resend_at: Nanos,
+    /// When the claim left.
+    pub(super) sent: Nanos,
+    /// From when the claim gives up on a silent peer (`sent` plus the
+    /// confirm timeout).
+    pub(super) patience: Nanos,
+    /// The first look for silent peers, for the timer (cleared once done;
+    /// later looks come with the sync ticks).
+    pub(super) silence_check: Option<Nanos>,
 }
 
 /// The counters a frame carries.
@@ -149,6 +157,9 @@ impl Replicator {
             answered: 0,
             deadline: now + self.cfg.claim_timeout,
             resend_at: now + self.cfg.claim_resend,
+            sent: now,
+            patience: now + self.cfg.confirm_timeout.min(self.cfg.claim_timeout),
+            silence_check: Some(now + self.cfg.confirm_timeout.min(self.cfg.claim_timeout)),
         };
         let frame = self.values_frame(now, started, ticket, &claim.keys, store);
         let bytes = Frame::Claim(frame).encode();
@@ -244,11 +255,35 @@ impl Replicator {
     /// Expires claims past their deadline and resends the others to the
     /// peers that have not answered yet.
     pub(super) fn claim_timers(&mut self, now: Nanos, store: &(impl ReplicaStore + ?Sized)) {
-        let (events, stats) = (&mut self.claim_events, &mut self.stats);
+        let (events, stats, peers) = (&mut self.claim_events, &mut self.stats, &self.peers);
+        // A peer is silent when unheard from for half the fence time (it
+        // is then suspected; a peer fenced is not waited for at all), or,
+        // without fencing, since the claim left.
+        let quiet = self
+            .cfg
+            .silence
+            .fence_after()
+            .map(|after| Nanos::new(after.as_u64() / 2));
         self.claims.retain(|&ticket, c| {
-            let live = c.deadline > now;
+            // A claim waits on a silent peer no longer than the confirm
+            // timeout; on a slow one that is still heard from, up to the
+            // claim timeout.
+            let since = quiet.map_or(c.sent, |q| now.saturating_sub(q));
+            let silent = c.patience <= now
+                && c.waiting.iter().any(|slot| {
+                    peers
+                        .get(slot)
+                        .is_none_or(|p| p.last_heard.is_none_or(|t| t < since))
+                });
+            if c.silence_check.is_some_and(|at| at <= now) {
+                c.silence_check = None;
+            }
+            let live = c.deadline > now && !silent;
             if !live {
                 stats.claims_expired += 1;
+                if silent {
+                    stats.claims_silent += 1;
+                }
                 events.push_back(ClaimEvent::Expired { ticket });
             }
             live

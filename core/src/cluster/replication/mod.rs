@@ -38,6 +38,7 @@
 
 mod ack;
 mod claim;
+mod fence;
 mod route;
 mod ship;
 mod sync;
@@ -80,8 +81,15 @@ pub struct ReplicationConfig {
     /// [`Replicator::recovery_complete`]). It never opens the gate on its own.
     pub recovery_timeout: Nanos,
     /// How long a claim (provisional hits near a limit) waits for every
-    /// peer's answer before the request is refused.
+    /// peer's answer before the request is refused, when every peer it
+    /// waits for is still heard from (slow, not silent).
     pub claim_timeout: Nanos,
+    /// The longest a claim waits on a *silent* peer: one not heard from
+    /// for half the fence time (without fencing: since the claim left).
+    /// Past it the request is refused at once.
+    pub confirm_timeout: Nanos,
+    /// When this node stops waiting for a peer that has gone silent.
+    pub silence: SilencePolicy,
     /// A claim not answered after this long is sent again to the peers
     /// that have not answered.
     pub claim_resend: Nanos,
@@ -114,11 +122,59 @@ impl ReplicationConfig {
             max_ahead: 1,
             recovery_timeout: Nanos::from_secs(3),
             claim_timeout: Nanos::from_millis(50),
+            confirm_timeout: Nanos::from_millis(5),
+            silence: SilencePolicy::DEFAULT,
             claim_resend: Nanos::from_millis(10),
             expected_peers: 0,
             snapshot_restored: false,
             await_rules: false,
             policy: SharePolicy::Strict,
+        }
+    }
+}
+
+/// When a node stops waiting for the acknowledgements and claim answers of
+/// a peer that has gone silent (paused, crashed, cut off). See DESIGN.md,
+/// "A silent peer".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SilencePolicy {
+    /// Only once the failure detector declares it dead (seconds): the
+    /// behaviour before fencing, kept for comparison.
+    Detector,
+    /// After `after` without a frame from it, while this node hears from
+    /// a majority of the cluster within the same time: it is *fenced*
+    /// (its acknowledgements and answers are no longer awaited) until a
+    /// frame from it arrives. Every connected peer is sent a heartbeat when
+    /// nothing else went to it for a quarter of `after`.
+    Fence {
+        /// Silence after which a peer is fenced.
+        after: Nanos,
+    },
+    /// As `Fence`, and in addition a node decides locally only while every
+    /// peer it waits for has acknowledged a frame it sent within three
+    /// quarters of `after` (a lease); without one it confirms every
+    /// request.
+    FenceLease {
+        /// Silence after which a peer is fenced.
+        after: Nanos,
+    },
+}
+
+impl SilencePolicy {
+    /// Waiting for the failure detector: fencing is opt-in until it is
+    /// corroborated by a majority (DESIGN.md, "A silent peer").
+    pub const DEFAULT: SilencePolicy = SilencePolicy::Detector;
+
+    /// Fencing after 60 ms of silence (`fence_after = "60ms"`).
+    pub const FENCE_60MS: SilencePolicy = SilencePolicy::Fence {
+        after: Nanos::from_millis(60),
+    };
+
+    /// The silence after which a peer is fenced, if it ever is.
+    pub fn fence_after(self) -> Option<Nanos> {
+        match self {
+            SilencePolicy::Detector => None,
+            SilencePolicy::Fence { after } | SilencePolicy::FenceLease { after } => Some(after),
         }
     }
 }
@@ -174,6 +230,16 @@ pub struct ReplicationStats {
     pub claims_answered: u64,
     /// Claims that timed out unanswered.
     pub claims_expired: u64,
+    /// Of those, claims refused after `confirm_timeout` because a peer
+    /// they waited for was silent.
+    pub claims_silent: u64,
+    /// Times a silent peer was fenced.
+    pub peers_fenced: u64,
+    /// Heartbeats sent to peers nothing else went to.
+    pub heartbeats_sent: u64,
+    /// Sync ticks that came more than half the fence time late (this node
+    /// was stopped or starved): no peer was fenced on them.
+    pub late_ticks: u64,
 }
 
 /// What this node knows about one peer.
@@ -193,6 +259,13 @@ pub struct PeerState {
     pub rtt: Nanos,
     /// When the last frame from the peer arrived.
     pub last_heard: Option<Nanos>,
+    /// Silent for longer than the fence time: its acknowledgements and
+    /// answers are not awaited until a frame from it arrives.
+    pub fenced: bool,
+    /// A frame to the peer was queued since the last heartbeat check.
+    sent_recently: bool,
+    /// When the newest frame of ours the peer acknowledged left (our clock).
+    acked_sent: Option<Nanos>,
     needs_sync: bool,
     /// Our full sync to this peer under way, if any.
     sync_out: Option<SyncOut>,
@@ -243,6 +316,10 @@ pub struct Replicator {
     claim_events: VecDeque<ClaimEvent>,
     /// Answered claims that yield to later claims of these peers.
     yielding: BTreeMap<u64, Yielding>,
+    /// When peers without other traffic are next sent a heartbeat.
+    next_beat: Nanos,
+    /// When silent peers were last looked for.
+    last_fence_check: Option<Nanos>,
 }
 
 impl Replicator {
@@ -268,6 +345,8 @@ impl Replicator {
             claims: BTreeMap::new(),
             claim_events: VecDeque::new(),
             yielding: BTreeMap::new(),
+            next_beat: now,
+            last_fence_check: None,
         }
     }
 
@@ -330,7 +409,7 @@ impl Replicator {
 
     /// True when this node and the live peers are at most half the cluster.
     pub fn in_minority(&self) -> bool {
-        let live = 1 + self.peers.values().filter(|p| p.live).count();
+        let live = 1 + self.peers.values().filter(|p| p.live && !p.fenced).count();
         // Configured members count even before they are heard from.
         let members = 1 + self.peers.len().max(self.cfg.expected_peers);
         live * 2 <= members && members > 1
@@ -339,7 +418,8 @@ impl Replicator {
     /// Whether frames must wait for `peer`'s acknowledgement before their
     /// hits are settled.
     fn must_wait_for(&self, peer: &PeerState) -> bool {
-        peer.live || (self.cfg.policy != SharePolicy::Available && self.in_minority())
+        (peer.live && !peer.fenced)
+            || (self.cfg.policy != SharePolicy::Available && self.in_minority())
     }
 
     /// Which peers a frame sent now must hear back from.
@@ -351,7 +431,8 @@ impl Replicator {
             .collect()
     }
 
-    /// The failure detector's verdict on a peer changed.
+    /// The failure detector's verdict on a peer changed (whether or not it
+    /// is fenced: see [`SilencePolicy`]).
     pub fn set_liveness(
         &mut self,
         store: &(impl ReplicaStore + ?Sized),
@@ -413,6 +494,7 @@ impl Replicator {
     }
 
     fn send(&mut self, to: NodeSlot, bytes: Vec<u8>, reliable: bool) {
+        self.sent_to(to);
         self.stats.frames_sent += 1;
         self.stats.bytes_sent += bytes.len() as u64;
         let reliable = reliable || bytes.len() > self.cfg.datagram_bytes;
@@ -438,7 +520,11 @@ impl Replicator {
     pub fn poll_timeout(&self) -> Nanos {
         self.claims
             .values()
-            .map(|c| c.deadline.min(c.resend_at))
+            .map(|c| {
+                c.silence_check
+                    .map_or(c.deadline, |at| at.min(c.deadline))
+                    .min(c.resend_at)
+            })
             .chain(self.yielding.values().map(|y| y.deadline))
             .fold(self.next_tick, Nanos::min)
     }
@@ -453,7 +539,9 @@ impl Replicator {
         self.next_tick = now + self.cfg.sync_interval;
         store.prune_confirming(now);
         self.check_recovered(now);
+        self.fence_silent(now, store);
         self.ship_deltas(now, store);
         self.resend_lost(now, store);
+        self.heartbeats(now);
     }
 }

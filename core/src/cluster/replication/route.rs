@@ -138,6 +138,7 @@ impl Replicator {
         if let Some(p) = self.peers.get_mut(&from) {
             p.last_heard = Some(now);
         }
+        self.unfence(from, rules_digest);
         // A peer we settled rounds without is back: our whole state first.
         if self
             .peers

@@ -117,8 +117,9 @@ impl Replicator {
         for frame in frames {
             self.next_round = frame.round + 1;
             let bytes = Frame::Delta(frame.clone()).encode();
-            for (&slot, p) in &self.peers {
+            for (&slot, p) in &mut self.peers {
                 if p.connected {
+                    p.sent_recently = true;
                     self.outbox.push_back(Transmit {
                         to: slot,
                         reliable: bytes.len() > self.cfg.datagram_bytes,
