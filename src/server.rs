@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::grpc::{GrpcError, GrpcListener};
 use crate::http::{HttpLimits, HttpListeners};
+use crate::listen::AdmissionLimits;
 use crate::node::{Node, NodeError, NodeHandle, NodeSettings};
 use crate::resp::{RespLimits, RespListener};
 use crate::service::Service;
@@ -34,6 +35,24 @@ pub struct ServerLimits {
     pub http: HttpLimits,
     /// The RESP listener's, when `resp_listen` is set.
     pub resp: RespLimits,
+    /// Overload admission of each decision listener (HTTP, gRPC, RESP: each
+    /// has its own requests in flight); the operations listener is never
+    /// shed.
+    pub admission: AdmissionLimits,
+}
+
+impl ServerLimits {
+    /// The defaults, with the admission `settings` configure.
+    pub fn from_settings(settings: &NodeSettings) -> ServerLimits {
+        ServerLimits {
+            admission: AdmissionLimits {
+                max_in_flight: settings.max_in_flight,
+                queue_deadline: settings.queue_deadline,
+                ..AdmissionLimits::default()
+            },
+            ..ServerLimits::default()
+        }
+    }
 }
 
 /// Why a node with its front-ends could not start or serve.
@@ -96,7 +115,8 @@ pub async fn run(
 impl Server {
     /// Binds every configured listener, then starts the node.
     pub async fn start(settings: NodeSettings) -> Result<Server, RunError> {
-        Server::start_with_limits(settings, ServerLimits::default()).await
+        let limits = ServerLimits::from_settings(&settings);
+        Server::start_with_limits(settings, limits).await
     }
 
     /// [`Server::start`] with explicit connection limits.
@@ -200,6 +220,7 @@ impl Server {
             .spawn(
                 service.clone(),
                 &limits.http,
+                &limits.admission,
                 node.settings.http2,
                 draining.clone(),
                 done_tx.clone(),
@@ -208,6 +229,7 @@ impl Server {
                 Some(resp) => resp.spawn(
                     service.clone(),
                     limits.resp.clone(),
+                    &limits.admission,
                     draining.clone(),
                     done_tx.clone(),
                 ),
@@ -221,9 +243,11 @@ impl Server {
         }
         let grpc_task = grpc.map(|grpc| {
             let mut stop = draining.clone();
-            tokio::spawn(grpc.serve(service.clone(), async move {
-                let _ = stop.wait_for(|d| *d).await;
-            }))
+            tokio::spawn(
+                grpc.serve(service.clone(), limits.admission.clone(), async move {
+                    let _ = stop.wait_for(|d| *d).await;
+                }),
+            )
         });
 
         let mut result = Ok(());

@@ -20,6 +20,15 @@
 //! With `--resp` the nodes are RESP addresses (`host:port`) and each request
 //! is `CL.THROTTLE user-<n> <burst> <count> <period>` (`--cell`), one in
 //! flight per connection, paced and measured the same way.
+//!
+//! Every mode waits at most `--timeout` for an answer (then counts an error,
+//! with its reason, and opens the connection again) and prints a progress
+//! line every `--progress`. An overloaded node's fast refusal (HTTP 503
+//! with `Retry-After`, RESP `-TRYAGAIN`) is counted as shed, apart from
+//! the decisions and the errors, with its own latency; with
+//! `--honor-retry-after` the connection then waits as long as it was told.
+//! `--source` spreads the connections over local addresses (127.0.0.2,
+//! 127.0.0.3, ...), to stay under a node's cap of connections per source.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +39,7 @@ use tokio::sync::Notify;
 pub use super::load_report::LoadReport;
 use super::load_report::{print_report, refusal_reason, Progress};
 use super::{parse_fields, CliError};
-use crate::http::client::{authority, Connection};
+use crate::http::client::{authority, connect_from, Connection};
 
 /// `drl load`: where to send, how hard and for how long.
 #[derive(Debug, Clone, clap::Args)]
@@ -79,6 +88,20 @@ pub struct LoadArgs {
     /// Print a progress line to stderr every this long ("0s": never).
     #[arg(long, default_value = "1s")]
     pub progress: String,
+    /// Local addresses to connect from, comma-separated, used in turn by
+    /// the connections (default: any).
+    #[arg(long, value_delimiter = ',')]
+    pub source: Vec<std::net::IpAddr>,
+    /// After a shed answer (503 or `-TRYAGAIN`), wait as long as its
+    /// `Retry-After` says (RESP: 1 s) before the connection's next request,
+    /// as a well-behaved client does.
+    #[arg(long)]
+    pub honor_retry_after: bool,
+}
+
+/// The source address of connection `i`, if `--source` names any.
+fn source_of(args: &LoadArgs, i: usize) -> Option<std::net::IpAddr> {
+    (!args.source.is_empty()).then(|| args.source[i % args.source.len()])
 }
 
 /// A small, seeded generator (SplitMix64): the same seed draws the same users.
@@ -146,7 +169,7 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
         .map_err(|e| CliError::Usage(format!("--progress: {e}")))?
         .into();
     if args.resp {
-        return resp_load(args, duration, rate).await;
+        return resp_load(args, duration, rate, timeout, progress_every).await;
     }
     let hosts = args
         .node
@@ -165,7 +188,7 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     let mut conns = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
         let host = &hosts[i % hosts.len()];
-        conns.push(Connection::open(host).await?);
+        conns.push(Connection::open_from(host, source_of(args, i)).await?);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
@@ -182,6 +205,8 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     let mut tasks = Vec::with_capacity(conns.len());
     for ((i, mut conn), mut turn) in conns.into_iter().enumerate().zip(turns) {
         let host = conn.host().to_owned();
+        let source = source_of(args, i);
+        let honor_retry_after = args.honor_retry_after;
         let tail = tail.clone();
         let user_key = user_key.clone();
         let keys = args.keys;
@@ -217,20 +242,31 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
                     break;
                 };
                 let failure = match tokio::time::timeout(timeout, conn.send(request)).await {
-                    Ok(Ok((status, body))) => {
+                    Ok(Ok((status, body, retry_after))) => {
                         last_answer = Instant::now();
                         let took = last_answer.duration_since(scheduled);
-                        report
-                            .latency
-                            .record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+                        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
                         match status {
                             200 => {
                                 report.allowed += 1;
+                                report.latency.record(took);
                                 progress.allowed.fetch_add(1, Ordering::Relaxed);
                             }
                             429 => {
                                 report.denied += 1;
+                                report.latency.record(took);
                                 progress.denied.fetch_add(1, Ordering::Relaxed);
+                            }
+                            503 if retry_after.is_some() => {
+                                report.shed += 1;
+                                report.shed_latency.record(took);
+                                progress.shed.fetch_add(1, Ordering::Relaxed);
+                                if honor_retry_after {
+                                    let wait = Duration::from_secs(retry_after.unwrap_or(1));
+                                    let left = deadline.saturating_duration_since(Instant::now());
+                                    tokio::time::sleep(wait.min(left)).await;
+                                    last_answer = Instant::now();
+                                }
                             }
                             _ => {
                                 report.error(&refusal_reason(status, body.as_deref()));
@@ -247,7 +283,8 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
                     progress.errors.fetch_add(1, Ordering::Relaxed);
                     last_answer = Instant::now();
                     // A broken or stuck connection: open a new one, or give up.
-                    match tokio::time::timeout(timeout, Connection::open(&host)).await {
+                    match tokio::time::timeout(timeout, Connection::open_from(&host, source)).await
+                    {
                         Ok(Ok(c)) => conn = c,
                         _ => break,
                     }
@@ -398,25 +435,41 @@ impl Turns {
     }
 }
 
-/// One answer of a RESP node: `true` for an array whose first integer is 0
-/// (admitted), `false` for 1 (limited); `Err` for an error reply or a
-/// broken connection.
+/// One answer of a RESP node to `CL.THROTTLE`.
+#[derive(Debug, PartialEq, Eq)]
+enum RespAnswer {
+    /// An array whose first integer is 0 (`true`: admitted) or 1.
+    Decision(bool),
+    /// `-TRYAGAIN ...`: the node was overloaded and counted nothing.
+    Shed,
+    /// Any other error reply, as sent.
+    Error(String),
+}
+
+/// Reads one answer of a RESP node into `buf`; `Err` for a broken
+/// connection or an answer that is not RESP.
 async fn resp_answer(
     stream: &mut tokio::net::TcpStream,
     buf: &mut Vec<u8>,
-) -> std::io::Result<bool> {
+) -> std::io::Result<RespAnswer> {
     use tokio::io::AsyncReadExt;
     let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
     loop {
         // `*5\r\n:<limited>\r\n` and four more integer lines.
         let lines = buf.windows(2).filter(|w| w == b"\r\n").count();
         if buf.first() == Some(&b'-') && lines >= 1 {
-            return Err(bad(&String::from_utf8_lossy(buf)));
+            let text = String::from_utf8_lossy(buf).trim_end().to_owned();
+            buf.clear();
+            return Ok(if text.starts_with("-TRYAGAIN") {
+                RespAnswer::Shed
+            } else {
+                RespAnswer::Error(text)
+            });
         }
         if lines >= 6 {
             let limited = buf.get(5) == Some(&b'1');
             buf.clear();
-            return Ok(!limited);
+            return Ok(RespAnswer::Decision(!limited));
         }
         if buf.len() > 4096 {
             return Err(bad("answer too long"));
@@ -435,6 +488,8 @@ async fn resp_load(
     args: &LoadArgs,
     duration: Duration,
     rate: Option<f64>,
+    timeout: Duration,
+    progress_every: Duration,
 ) -> Result<LoadReport, CliError> {
     use tokio::io::AsyncWriteExt;
     let cell: Vec<&str> = args.cell.split_whitespace().collect();
@@ -446,18 +501,36 @@ async fn resp_load(
     let mut conns = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
         let node = &args.node[i % args.node.len()];
-        let stream = tokio::net::TcpStream::connect(node.as_str()).await?;
-        stream.set_nodelay(true)?;
+        let stream = tokio::time::timeout(timeout, connect_from(node, source_of(args, i)))
+            .await
+            .map_err(|_| {
+                CliError::Usage(format!(
+                    "cannot connect to {node}: no answer within {timeout:?}"
+                ))
+            })?
+            .map_err(|e| CliError::Usage(format!("cannot connect to {node}: {e}")))?;
         conns.push(stream);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let deadline = start + duration;
     let turns = Pacer::start(rate, conns.len(), start, deadline)?;
+    let progress = Arc::new(Progress::default());
+    if !progress_every.is_zero() {
+        tokio::spawn(
+            progress
+                .clone()
+                .print_every(progress_every, start, stop.clone()),
+        );
+    }
     let mut tasks = Vec::with_capacity(conns.len());
     for ((i, mut stream), mut turn) in conns.into_iter().enumerate().zip(turns) {
         let keys = args.keys;
         let stop = stop.clone();
+        let progress = progress.clone();
+        let node = args.node[i % args.node.len()].clone();
+        let source = source_of(args, i);
+        let honor_retry_after = args.honor_retry_after;
         let tail: Vec<u8> = cell
             .iter()
             .flat_map(|a| format!("${}\r\n{a}\r\n", a.len()).into_bytes())
@@ -481,29 +554,55 @@ async fn resp_load(
                     format!("*5\r\n$11\r\nCL.THROTTLE\r\n${}\r\n{key}\r\n", key.len()).as_bytes(),
                 );
                 request.extend_from_slice(&tail);
-                let sent = stream.write_all(&request).await;
-                match sent.and(Ok(())) {
-                    Ok(()) => match resp_answer(&mut stream, &mut answer).await {
-                        Ok(admitted) => {
-                            last_answer = Instant::now();
-                            let took = last_answer.duration_since(scheduled);
-                            report
-                                .latency
-                                .record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
-                            if admitted {
+                let exchange = async {
+                    stream.write_all(&request).await?;
+                    resp_answer(&mut stream, &mut answer).await
+                };
+                let failure = match tokio::time::timeout(timeout, exchange).await {
+                    Ok(Ok(got)) => {
+                        last_answer = Instant::now();
+                        let took = last_answer.duration_since(scheduled);
+                        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+                        match got {
+                            RespAnswer::Decision(true) => {
                                 report.allowed += 1;
-                            } else {
+                                report.latency.record(took);
+                                progress.allowed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            RespAnswer::Decision(false) => {
                                 report.denied += 1;
+                                report.latency.record(took);
+                                progress.denied.fetch_add(1, Ordering::Relaxed);
+                            }
+                            RespAnswer::Shed => {
+                                report.shed += 1;
+                                report.shed_latency.record(took);
+                                progress.shed.fetch_add(1, Ordering::Relaxed);
+                                if honor_retry_after {
+                                    let left = deadline.saturating_duration_since(Instant::now());
+                                    tokio::time::sleep(Duration::from_secs(1).min(left)).await;
+                                    last_answer = Instant::now();
+                                }
+                            }
+                            RespAnswer::Error(text) => {
+                                report.error(&text);
+                                progress.errors.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                        Err(_) => {
-                            report.errors += 1;
-                            break;
-                        }
-                    },
-                    Err(_) => {
-                        report.errors += 1;
-                        break;
+                        None
+                    }
+                    Ok(Err(e)) => Some(format!("connection: {e}")),
+                    Err(_) => Some(format!("timeout: no answer within {timeout:?}")),
+                };
+                if let Some(reason) = failure {
+                    report.error(&reason);
+                    progress.errors.fetch_add(1, Ordering::Relaxed);
+                    last_answer = Instant::now();
+                    answer.clear();
+                    // A broken or stuck connection: open a new one, or give up.
+                    match tokio::time::timeout(timeout, connect_from(&node, source)).await {
+                        Ok(Ok(s)) => stream = s,
+                        _ => break,
                     }
                 }
             }
@@ -593,5 +692,103 @@ mod tests {
         };
         assert_eq!(a, b);
         assert_ne!(a[0], a[1]);
+    }
+}
+
+#[cfg(test)]
+mod resp_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        load: LoadArgs,
+    }
+
+    #[test]
+    fn a_resp_node_that_never_answers_costs_timeouts_with_their_reason_not_a_hang() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Accepts, reads and never answers.
+            let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = silent.local_addr().unwrap();
+            tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((s, _)) = silent.accept().await {
+                    held.push(s);
+                }
+            });
+            let args = Wrap::parse_from([
+                "x",
+                "--resp",
+                "--node",
+                &addr.to_string(),
+                "--connections",
+                "2",
+                "--duration",
+                "600ms",
+                "--timeout",
+                "100ms",
+                "--progress",
+                "0s",
+            ])
+            .load;
+            let report = generate(&args).await.unwrap();
+            assert_eq!(report.decisions(), 0);
+            assert!(report.errors >= 2, "{}", report.errors);
+            assert!(
+                report.error_reasons[0].0.starts_with("timeout"),
+                "{:?}",
+                report.error_reasons
+            );
+            assert!(
+                report.elapsed < Duration::from_secs(5),
+                "{:?}",
+                report.elapsed
+            );
+        });
+    }
+
+    #[test]
+    fn tryagain_is_shed_and_other_errors_keep_their_text() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let answers: [&[u8]; 3] = [
+                    b"-TRYAGAIN overloaded\r\n",
+                    b"-ERR unknown endpoint\r\n",
+                    b"*5\r\n:1\r\n:10\r\n:0\r\n:1\r\n:1\r\n",
+                ];
+                let mut byte = [0u8; 1];
+                for a in answers {
+                    // One answer per request, as a server does.
+                    s.read_exact(&mut byte).await.unwrap();
+                    s.write_all(a).await.unwrap();
+                }
+            });
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut buf = Vec::new();
+            let mut next = async || {
+                c.write_all(b"?").await.unwrap();
+                resp_answer(&mut c, &mut buf).await.unwrap()
+            };
+            assert_eq!(next().await, RespAnswer::Shed);
+            assert_eq!(
+                next().await,
+                RespAnswer::Error("-ERR unknown endpoint".into())
+            );
+            assert_eq!(next().await, RespAnswer::Decision(false));
+        });
     }
 }

@@ -65,6 +65,14 @@ pub struct NodeArgs {
     /// TCP address of the operations listener (probes, metrics, rules admin).
     #[arg(long, env = "DRL_LISTEN_ADMIN")]
     pub listen_admin: Option<SocketAddr>,
+    /// Overload: most requests in flight on each decision listener; one
+    /// more is answered 503 at once (0: no cap).
+    #[arg(long, env = "DRL_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+    /// Overload: a request that would wait longer than this is answered
+    /// 503 at once ("5ms"; "0s": never).
+    #[arg(long, env = "DRL_QUEUE_DEADLINE")]
+    pub queue_deadline: Option<String>,
     /// Peers to contact at start, comma-separated `host:port` (DNS names are
     /// resolved again every discovery_interval).
     #[arg(long, env = "DRL_SEEDS", value_delimiter = ',')]
@@ -176,7 +184,9 @@ impl NodeArgs {
             snapshot_interval,
             durability,
             durability_interval,
-            recovery_timeout
+            recovery_timeout,
+            max_in_flight,
+            queue_deadline
         );
         if let Some(v) = self.advertise_peer {
             file.advertise_peer = Some(v);

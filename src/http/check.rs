@@ -157,7 +157,8 @@ async fn decide(
     let decided = state
         .service()
         .decide(Protocol::Http, std::slice::from_ref(&check))
-        .await?;
+        .await
+        .map_err(|e| ApiError::from_check(e, state.service()))?;
     let decision = decided.decision();
     let receipt = match shape {
         Shape::Full => state.service().decider().receipt(&check, &decision),
