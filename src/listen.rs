@@ -376,7 +376,12 @@ mod tests {
             queue_deadline: Duration::from_millis(5),
             retry_after: Duration::from_secs(1),
         });
-        let lag = Lag::new();
+        // A measure that has run for a second.
+        let lag = Lag {
+            origin: std::time::Instant::now() - Duration::from_secs(1),
+            due: AtomicU64::new(u64::MAX),
+            last: AtomicU64::new(0),
+        };
         assert!(
             admission.admit(Some(&lag)).is_ok(),
             "no probe ran yet: on time"

@@ -26,7 +26,9 @@
 //! line every `--progress`. An overloaded node's fast refusal (HTTP 503
 //! with `Retry-After`, RESP `-TRYAGAIN`) is counted as shed, apart from
 //! the decisions and the errors, with its own latency; with
-//! `--honor-retry-after` the connection then waits as long as it was told.
+//! `--honor-retry-after` the connection then waits about as long as it was
+//! told (between half and one and a half times, so that the connections
+//! shed together do not come back together).
 //! `--source` spreads the connections over local addresses (127.0.0.2,
 //! 127.0.0.3, ...), to stay under a node's cap of connections per source.
 
@@ -92,11 +94,19 @@ pub struct LoadArgs {
     /// the connections (default: any).
     #[arg(long, value_delimiter = ',')]
     pub source: Vec<std::net::IpAddr>,
-    /// After a shed answer (503 or `-TRYAGAIN`), wait as long as its
-    /// `Retry-After` says (RESP: 1 s) before the connection's next request,
-    /// as a well-behaved client does.
+    /// After a shed answer (503 or `-TRYAGAIN`), wait about as long as its
+    /// `Retry-After` says (RESP: 1 s), spread over half to one and a half
+    /// times that, before the connection's next request, as a well-behaved
+    /// client does.
     #[arg(long)]
     pub honor_retry_after: bool,
+}
+
+/// A wait of `secs` seconds spread over [0.5, 1.5) of it, so that the
+/// clients a node shed at once do not all come back at once.
+fn jittered(secs: u64, rng: &mut SplitMix) -> Duration {
+    let spread = 0.5 + (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+    Duration::from_secs_f64(secs as f64 * spread)
 }
 
 /// The source address of connection `i`, if `--source` names any.
@@ -262,7 +272,7 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
                                 report.shed_latency.record(took);
                                 progress.shed.fetch_add(1, Ordering::Relaxed);
                                 if honor_retry_after {
-                                    let wait = Duration::from_secs(retry_after.unwrap_or(1));
+                                    let wait = jittered(retry_after.unwrap_or(1), &mut rng);
                                     let left = deadline.saturating_duration_since(Instant::now());
                                     tokio::time::sleep(wait.min(left)).await;
                                     last_answer = Instant::now();
@@ -579,8 +589,9 @@ async fn resp_load(
                                 report.shed_latency.record(took);
                                 progress.shed.fetch_add(1, Ordering::Relaxed);
                                 if honor_retry_after {
+                                    let wait = jittered(1, &mut rng);
                                     let left = deadline.saturating_duration_since(Instant::now());
-                                    tokio::time::sleep(Duration::from_secs(1).min(left)).await;
+                                    tokio::time::sleep(wait.min(left)).await;
                                     last_answer = Instant::now();
                                 }
                             }

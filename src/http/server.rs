@@ -159,6 +159,7 @@ impl HttpListeners {
                 gate: decisions.clone(),
                 http2,
                 admission: Some(admission.clone()),
+                direct: Some(state.clone()),
             })
             .collect();
         if let Some(l) = self.admin {
@@ -172,6 +173,7 @@ impl HttpListeners {
                 gate: Arc::new(gate),
                 http2: false,
                 admission: None,
+                direct: None,
             });
         }
         let threads = jobs.len();
@@ -204,6 +206,8 @@ struct Job {
     /// The decision port's admission (shared by its threads); none on the
     /// operations listener.
     admission: Option<Arc<Admission>>,
+    /// The decision port's state, for the routes served without the router.
+    direct: Option<AppState>,
 }
 
 /// One HTTP thread: a single-threaded runtime serving one listener until
@@ -220,6 +224,7 @@ fn serve_thread(
         gate,
         http2,
         admission,
+        direct,
         ..
     } = job;
     // This thread's own measure of how far behind it is.
@@ -229,6 +234,7 @@ fn serve_thread(
         .map(|_| Lag::new());
     let admitted = Admitted {
         inner: TowerToHyperService::new(app),
+        direct,
         admission: admission.map(|admission| AdmissionState {
             admission,
             lag: lag.clone(),
@@ -263,6 +269,8 @@ fn serve_thread(
 struct Admitted {
     inner: TowerToHyperService<Router>,
     admission: Option<AdmissionState>,
+    /// On the decision port: `GET /v1/allow` is served without the router.
+    direct: Option<AppState>,
 }
 
 #[derive(Clone)]
@@ -284,27 +292,31 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Adm
     type Future = AdmittedFuture;
 
     fn call(&self, request: axum::http::Request<hyper::body::Incoming>) -> AdmittedFuture {
-        let Some(a) = &self.admission else {
-            return AdmittedFuture::Admitted {
-                future: self.inner.call(request),
-                _in_flight: None,
-            };
-        };
-        if never_shed(request.uri().path()) {
-            return AdmittedFuture::Admitted {
-                future: self.inner.call(request),
-                _in_flight: None,
-            };
-        }
-        match a.admission.admit(a.lag.as_deref()) {
-            Ok(flight) => AdmittedFuture::Admitted {
-                future: self.inner.call(request),
-                _in_flight: Some(flight),
-            },
-            Err(shed) => {
-                a.service.metrics().count_shed(Protocol::Http, shed.label());
-                AdmittedFuture::Shed(Some(overloaded(shed, a.admission.retry_after_secs())))
+        let in_flight = match &self.admission {
+            Some(a) if !never_shed(request.uri().path()) => {
+                match a.admission.admit(a.lag.as_deref()) {
+                    Ok(flight) => Some(flight),
+                    Err(shed) => {
+                        a.service.metrics().count_shed(Protocol::Http, shed.label());
+                        let retry_after = a.admission.retry_after_secs();
+                        return AdmittedFuture::Shed(Some(overloaded(shed, retry_after)));
+                    }
+                }
             }
+            _ => None,
+        };
+        if let Some(state) = &self.direct {
+            if request.method() == axum::http::Method::GET && request.uri().path() == "/v1/allow" {
+                let query = request.uri().query().map(str::to_owned);
+                return AdmittedFuture::Direct {
+                    future: Box::pin(super::check::allow_direct(state.clone(), query)),
+                    _in_flight: in_flight,
+                };
+            }
+        }
+        AdmittedFuture::Admitted {
+            future: self.inner.call(request),
+            _in_flight: in_flight,
         }
     }
 }
@@ -324,14 +336,20 @@ fn overloaded(shed: Shed, retry_after: u64) -> axum::response::Response {
     response
 }
 
-/// The future of [`Admitted`]: the router's, holding the request's place
-/// in flight until it is answered, or a ready 503.
+/// The future of [`Admitted`]: the router's or a direct route's, holding
+/// the request's place in flight until it is answered, or a ready 503.
 enum AdmittedFuture {
     Admitted {
         future: hyper_util::service::TowerToHyperServiceFuture<
             Router,
             axum::http::Request<hyper::body::Incoming>,
         >,
+        /// Held, not read: the request's place in flight.
+        _in_flight: Option<InFlight>,
+    },
+    /// A route served without the router.
+    Direct {
+        future: Pin<Box<dyn std::future::Future<Output = axum::response::Response> + Send>>,
         /// Held, not read: the request's place in flight.
         _in_flight: Option<InFlight>,
     },
@@ -344,6 +362,7 @@ impl std::future::Future for AdmittedFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut *self {
             AdmittedFuture::Admitted { future, .. } => Pin::new(future).poll(cx),
+            AdmittedFuture::Direct { future, .. } => future.as_mut().poll(cx).map(Ok),
             AdmittedFuture::Shed(response) => match response.take() {
                 Some(r) => Poll::Ready(Ok(r)),
                 // Polled again after it was ready: a bug of the caller's.
