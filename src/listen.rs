@@ -189,6 +189,38 @@ impl Default for AdmissionLimits {
     }
 }
 
+/// The `[overload]` table of a node's configuration file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OverloadFile {
+    /// Most requests in flight on each decision listener; 0: no cap.
+    pub max_in_flight: usize,
+    /// Longest wait to be served before a request is shed ("0s": never).
+    pub queue_deadline: String,
+}
+
+impl Default for OverloadFile {
+    fn default() -> Self {
+        OverloadFile {
+            max_in_flight: AdmissionLimits::default().max_in_flight,
+            queue_deadline: "0s".into(),
+        }
+    }
+}
+
+impl OverloadFile {
+    /// The limits the table sets; `Err` names a bad field.
+    pub fn limits(&self) -> Result<AdmissionLimits, String> {
+        let deadline = drl_core::time::parse_duration(&self.queue_deadline)
+            .map_err(|e| format!("[overload] queue_deadline: {e}"))?;
+        Ok(AdmissionLimits {
+            max_in_flight: self.max_in_flight,
+            queue_deadline: deadline.into(),
+            ..AdmissionLimits::default()
+        })
+    }
+}
+
 /// Why a request was shed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shed {
@@ -346,6 +378,25 @@ impl Lag {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_overload_table_sets_the_limits_and_a_bad_deadline_is_named() {
+        let file: OverloadFile =
+            toml::from_str("max_in_flight = 8\nqueue_deadline = \"5ms\"\n").unwrap();
+        let limits = file.limits().unwrap();
+        assert_eq!(limits.max_in_flight, 8);
+        assert_eq!(limits.queue_deadline, Duration::from_millis(5));
+        assert_eq!(
+            OverloadFile::default().limits().unwrap(),
+            AdmissionLimits::default()
+        );
+        let bad = OverloadFile {
+            queue_deadline: "soon".into(),
+            ..OverloadFile::default()
+        };
+        assert!(bad.limits().unwrap_err().contains("queue_deadline"));
+        assert!(toml::from_str::<OverloadFile>("max_in_fligth = 1\n").is_err());
+    }
 
     #[test]
     fn admission_caps_requests_in_flight_and_gives_places_back() {

@@ -41,20 +41,6 @@ pub struct ServerLimits {
     pub admission: AdmissionLimits,
 }
 
-impl ServerLimits {
-    /// The defaults, with the admission `settings` configure.
-    pub fn from_settings(settings: &NodeSettings) -> ServerLimits {
-        ServerLimits {
-            admission: AdmissionLimits {
-                max_in_flight: settings.max_in_flight,
-                queue_deadline: settings.queue_deadline,
-                ..AdmissionLimits::default()
-            },
-            ..ServerLimits::default()
-        }
-    }
-}
-
 /// Why a node with its front-ends could not start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -95,7 +81,17 @@ pub async fn run(
     settings: NodeSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let server = Server::start(settings).await?;
+    run_with_limits(settings, ServerLimits::default(), shutdown).await
+}
+
+/// [`run`] under explicit `limits` (`drl node` passes the `[overload]`
+/// table's admission).
+pub async fn run_with_limits(
+    settings: NodeSettings,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let server = Server::start_with_limits(settings, limits).await?;
     let off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
         http = %server.http_addr(),
@@ -115,8 +111,7 @@ pub async fn run(
 impl Server {
     /// Binds every configured listener, then starts the node.
     pub async fn start(settings: NodeSettings) -> Result<Server, RunError> {
-        let limits = ServerLimits::from_settings(&settings);
-        Server::start_with_limits(settings, limits).await
+        Server::start_with_limits(settings, ServerLimits::default()).await
     }
 
     /// [`Server::start`] with explicit connection limits.

@@ -41,7 +41,7 @@ use tokio::sync::Notify;
 pub use super::load_report::LoadReport;
 use super::load_report::{print_report, refusal_reason, Progress};
 use super::{parse_fields, CliError};
-use crate::http::client::{authority, connect_from, Connection};
+use crate::http::client::{authority, Connection};
 
 /// `drl load`: where to send, how hard and for how long.
 #[derive(Debug, Clone, clap::Args)]
@@ -104,21 +104,21 @@ pub struct LoadArgs {
 
 /// A wait of `secs` seconds spread over [0.5, 1.5) of it, so that the
 /// clients a node shed at once do not all come back at once.
-fn jittered(secs: u64, rng: &mut SplitMix) -> Duration {
+pub(super) fn jittered(secs: u64, rng: &mut SplitMix) -> Duration {
     let spread = 0.5 + (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
     Duration::from_secs_f64(secs as f64 * spread)
 }
 
 /// The source address of connection `i`, if `--source` names any.
-fn source_of(args: &LoadArgs, i: usize) -> Option<std::net::IpAddr> {
+pub(super) fn source_of(args: &LoadArgs, i: usize) -> Option<std::net::IpAddr> {
     (!args.source.is_empty()).then(|| args.source[i % args.source.len()])
 }
 
 /// A small, seeded generator (SplitMix64): the same seed draws the same users.
-struct SplitMix(u64);
+pub(super) struct SplitMix(pub(super) u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -179,7 +179,7 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
         .map_err(|e| CliError::Usage(format!("--progress: {e}")))?
         .into();
     if args.resp {
-        return resp_load(args, duration, rate, timeout, progress_every).await;
+        return super::load_resp::resp_load(args, duration, rate, timeout, progress_every).await;
     }
     let hosts = args
         .node
@@ -321,10 +321,10 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
 /// timer slack of 1 ns (Linux), and releases each connection's turns as
 /// they fall due, at most [`Pacer::TICK`] late; tokio's 1 ms timers would
 /// release a millisecond's requests at once.
-struct Pacer;
+pub(super) struct Pacer;
 
 /// One connection's turns.
-struct Turns {
+pub(super) struct Turns {
     /// `None`: closed loop, every turn is now.
     paced: Option<PacedTurns>,
 }
@@ -354,7 +354,7 @@ impl Pacer {
     const TICK: Duration = Duration::from_micros(200);
 
     /// One [`Turns`] per connection; for a paced run, starts the thread.
-    fn start(
+    pub(super) fn start(
         rate: Option<f64>,
         connections: usize,
         start: Instant,
@@ -428,7 +428,7 @@ impl Turns {
     /// turn: the scheduled time if the connection was still waiting for the
     /// previous answer then (the server's delay), else now (a late wake-up
     /// is the generator's delay). `None` once the schedule has ended.
-    async fn next(&mut self, last_answer: Instant) -> Option<Instant> {
+    pub(super) async fn next(&mut self, last_answer: Instant) -> Option<Instant> {
         let Some(p) = self.paced.as_mut() else {
             return Some(Instant::now());
         };
@@ -443,193 +443,6 @@ impl Turns {
         let at = p.start + Duration::from_nanos((j as f64 * p.step_ns) as u64);
         Some(if last_answer > at { at } else { Instant::now() })
     }
-}
-
-/// One answer of a RESP node to `CL.THROTTLE`.
-#[derive(Debug, PartialEq, Eq)]
-enum RespAnswer {
-    /// An array whose first integer is 0 (`true`: admitted) or 1.
-    Decision(bool),
-    /// `-TRYAGAIN ...`: the node was overloaded and counted nothing.
-    Shed,
-    /// Any other error reply, as sent.
-    Error(String),
-}
-
-/// Reads one answer of a RESP node into `buf`; `Err` for a broken
-/// connection or an answer that is not RESP.
-async fn resp_answer(
-    stream: &mut tokio::net::TcpStream,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<RespAnswer> {
-    use tokio::io::AsyncReadExt;
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-    loop {
-        // `*5\r\n:<limited>\r\n` and four more integer lines.
-        let lines = buf.windows(2).filter(|w| w == b"\r\n").count();
-        if buf.first() == Some(&b'-') && lines >= 1 {
-            let text = String::from_utf8_lossy(buf).trim_end().to_owned();
-            buf.clear();
-            return Ok(if text.starts_with("-TRYAGAIN") {
-                RespAnswer::Shed
-            } else {
-                RespAnswer::Error(text)
-            });
-        }
-        if lines >= 6 {
-            let limited = buf.get(5) == Some(&b'1');
-            buf.clear();
-            return Ok(RespAnswer::Decision(!limited));
-        }
-        if buf.len() > 4096 {
-            return Err(bad("answer too long"));
-        }
-        let mut chunk = [0u8; 512];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(bad("closed"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// [`generate`] over RESP: `CL.THROTTLE` against `args.node` (host:port).
-async fn resp_load(
-    args: &LoadArgs,
-    duration: Duration,
-    rate: Option<f64>,
-    timeout: Duration,
-    progress_every: Duration,
-) -> Result<LoadReport, CliError> {
-    use tokio::io::AsyncWriteExt;
-    let cell: Vec<&str> = args.cell.split_whitespace().collect();
-    if cell.len() != 3 {
-        return Err(CliError::Usage(
-            "--cell: max_burst count_per_period period".into(),
-        ));
-    }
-    let mut conns = Vec::with_capacity(args.connections);
-    for i in 0..args.connections {
-        let node = &args.node[i % args.node.len()];
-        let stream = tokio::time::timeout(timeout, connect_from(node, source_of(args, i)))
-            .await
-            .map_err(|_| {
-                CliError::Usage(format!(
-                    "cannot connect to {node}: no answer within {timeout:?}"
-                ))
-            })?
-            .map_err(|e| CliError::Usage(format!("cannot connect to {node}: {e}")))?;
-        conns.push(stream);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let deadline = start + duration;
-    let turns = Pacer::start(rate, conns.len(), start, deadline)?;
-    let progress = Arc::new(Progress::default());
-    if !progress_every.is_zero() {
-        tokio::spawn(
-            progress
-                .clone()
-                .print_every(progress_every, start, stop.clone()),
-        );
-    }
-    let mut tasks = Vec::with_capacity(conns.len());
-    for ((i, mut stream), mut turn) in conns.into_iter().enumerate().zip(turns) {
-        let keys = args.keys;
-        let stop = stop.clone();
-        let progress = progress.clone();
-        let node = args.node[i % args.node.len()].clone();
-        let source = source_of(args, i);
-        let honor_retry_after = args.honor_retry_after;
-        let tail: Vec<u8> = cell
-            .iter()
-            .flat_map(|a| format!("${}\r\n{a}\r\n", a.len()).into_bytes())
-            .collect();
-        let mut rng = SplitMix(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
-        tasks.push(tokio::spawn(async move {
-            let mut report = LoadReport::default();
-            let mut request = Vec::with_capacity(128);
-            let mut answer = Vec::with_capacity(128);
-            let mut last_answer = start;
-            while !stop.load(Ordering::Relaxed) {
-                let Some(scheduled) = turn.next(last_answer).await else {
-                    break;
-                };
-                if scheduled >= deadline {
-                    break;
-                }
-                let key = format!("user-{}", rng.next() % keys);
-                request.clear();
-                request.extend_from_slice(
-                    format!("*5\r\n$11\r\nCL.THROTTLE\r\n${}\r\n{key}\r\n", key.len()).as_bytes(),
-                );
-                request.extend_from_slice(&tail);
-                let exchange = async {
-                    stream.write_all(&request).await?;
-                    resp_answer(&mut stream, &mut answer).await
-                };
-                let failure = match tokio::time::timeout(timeout, exchange).await {
-                    Ok(Ok(got)) => {
-                        last_answer = Instant::now();
-                        let took = last_answer.duration_since(scheduled);
-                        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-                        match got {
-                            RespAnswer::Decision(true) => {
-                                report.allowed += 1;
-                                report.latency.record(took);
-                                progress.allowed.fetch_add(1, Ordering::Relaxed);
-                            }
-                            RespAnswer::Decision(false) => {
-                                report.denied += 1;
-                                report.latency.record(took);
-                                progress.denied.fetch_add(1, Ordering::Relaxed);
-                            }
-                            RespAnswer::Shed => {
-                                report.shed += 1;
-                                report.shed_latency.record(took);
-                                progress.shed.fetch_add(1, Ordering::Relaxed);
-                                if honor_retry_after {
-                                    let wait = jittered(1, &mut rng);
-                                    let left = deadline.saturating_duration_since(Instant::now());
-                                    tokio::time::sleep(wait.min(left)).await;
-                                    last_answer = Instant::now();
-                                }
-                            }
-                            RespAnswer::Error(text) => {
-                                report.error(&text);
-                                progress.errors.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        None
-                    }
-                    Ok(Err(e)) => Some(format!("connection: {e}")),
-                    Err(_) => Some(format!("timeout: no answer within {timeout:?}")),
-                };
-                if let Some(reason) = failure {
-                    report.error(&reason);
-                    progress.errors.fetch_add(1, Ordering::Relaxed);
-                    last_answer = Instant::now();
-                    answer.clear();
-                    // A broken or stuck connection: open a new one, or give up.
-                    match tokio::time::timeout(timeout, connect_from(&node, source)).await {
-                        Ok(Ok(s)) => stream = s,
-                        _ => break,
-                    }
-                }
-            }
-            report
-        }));
-    }
-    tokio::time::sleep_until(deadline.into()).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut total = LoadReport::default();
-    for t in tasks {
-        if let Ok(r) = t.await {
-            total.merge(&r);
-        }
-    }
-    total.elapsed = start.elapsed();
-    Ok(total)
 }
 
 #[cfg(test)]
@@ -703,103 +516,5 @@ mod tests {
         };
         assert_eq!(a, b);
         assert_ne!(a[0], a[1]);
-    }
-}
-
-#[cfg(test)]
-mod resp_tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Wrap {
-        #[command(flatten)]
-        load: LoadArgs,
-    }
-
-    #[test]
-    fn a_resp_node_that_never_answers_costs_timeouts_with_their_reason_not_a_hang() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            // Accepts, reads and never answers.
-            let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = silent.local_addr().unwrap();
-            tokio::spawn(async move {
-                let mut held = Vec::new();
-                while let Ok((s, _)) = silent.accept().await {
-                    held.push(s);
-                }
-            });
-            let args = Wrap::parse_from([
-                "x",
-                "--resp",
-                "--node",
-                &addr.to_string(),
-                "--connections",
-                "2",
-                "--duration",
-                "600ms",
-                "--timeout",
-                "100ms",
-                "--progress",
-                "0s",
-            ])
-            .load;
-            let report = generate(&args).await.unwrap();
-            assert_eq!(report.decisions(), 0);
-            assert!(report.errors >= 2, "{}", report.errors);
-            assert!(
-                report.error_reasons[0].0.starts_with("timeout"),
-                "{:?}",
-                report.error_reasons
-            );
-            assert!(
-                report.elapsed < Duration::from_secs(5),
-                "{:?}",
-                report.elapsed
-            );
-        });
-    }
-
-    #[test]
-    fn tryagain_is_shed_and_other_errors_keep_their_text() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = l.local_addr().unwrap();
-            tokio::spawn(async move {
-                let (mut s, _) = l.accept().await.unwrap();
-                let answers: [&[u8]; 3] = [
-                    b"-TRYAGAIN overloaded\r\n",
-                    b"-ERR unknown endpoint\r\n",
-                    b"*5\r\n:1\r\n:10\r\n:0\r\n:1\r\n:1\r\n",
-                ];
-                let mut byte = [0u8; 1];
-                for a in answers {
-                    // One answer per request, as a server does.
-                    s.read_exact(&mut byte).await.unwrap();
-                    s.write_all(a).await.unwrap();
-                }
-            });
-            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let mut buf = Vec::new();
-            let mut next = async || {
-                c.write_all(b"?").await.unwrap();
-                resp_answer(&mut c, &mut buf).await.unwrap()
-            };
-            assert_eq!(next().await, RespAnswer::Shed);
-            assert_eq!(
-                next().await,
-                RespAnswer::Error("-ERR unknown endpoint".into())
-            );
-            assert_eq!(next().await, RespAnswer::Decision(false));
-        });
     }
 }

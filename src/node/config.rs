@@ -112,12 +112,8 @@ pub struct NodeFile {
     /// Most distinct request-defined limits (parameter sets) a node tracks
     /// at once.
     pub request_parameter_sets_max: usize,
-    /// Overload: most requests in flight on each decision listener (HTTP,
-    /// gRPC, RESP); one more is answered 503 at once. 0: no cap.
-    pub max_in_flight: usize,
-    /// Overload: a request that would wait longer than this to be served
-    /// is answered 503 at once ("0s", the default: never).
-    pub queue_deadline: String,
+    /// `[overload]`: admission of the decision listeners (HTTP, gRPC, RESP).
+    pub overload: crate::listen::OverloadFile,
 }
 
 impl Default for NodeFile {
@@ -162,8 +158,7 @@ impl Default for NodeFile {
             request_limit_max: 1_000_000,
             request_window_max: "1d".into(),
             request_parameter_sets_max: 10_000,
-            max_in_flight: 4_096,
-            queue_deadline: "0s".into(),
+            overload: Default::default(),
         }
     }
 }
@@ -237,11 +232,6 @@ pub struct NodeSettings {
     pub insecure_defaults: Vec<String>,
     /// What requests may ask of request-defined limits.
     pub request_limits: RequestLimitPolicy,
-    /// Most requests in flight on each decision listener; 0: no cap.
-    pub max_in_flight: usize,
-    /// How long a request may wait to be served before it is shed; zero:
-    /// never shed for waiting.
-    pub queue_deadline: std::time::Duration,
     /// Faults injected into this node's outgoing datagrams (tests only; not
     /// settable from the file; built with the `harness` feature).
     #[cfg(feature = "harness")]
@@ -519,8 +509,6 @@ impl NodeFile {
             tls_key: path(&self.tls_key),
             key_seed,
             request_limits: self.request_limit_policy()?,
-            max_in_flight: self.max_in_flight,
-            queue_deadline: duration("queue_deadline", &self.queue_deadline)?.into(),
             #[cfg(feature = "harness")]
             chaos: None,
         })
