@@ -168,6 +168,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         cell: String::new(),
         timeout: "2s".into(),
         progress: "0s".into(),
+        source: vec![],
+        honor_retry_after: false,
     };
     let report = generate(&load).await?;
     let http_phase = Phase {

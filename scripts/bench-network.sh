@@ -4,11 +4,21 @@
 #
 #   scripts/bench-network.sh
 #
+# The headline figure beside throughput is the server's CPU per decision:
+# the server process's utime + stime (/proc/PID/stat) over a run, divided by
+# the decisions it answered in that run (drl: the growth of
+# drl_decisions_total; Redis: of EVALSHA's calls in INFO commandstats). The
+# load generator shares the machine's cores with the server, so throughput
+# says as much about the generator as about the server; CPU per decision
+# does not.
+#
 # 1. RESP, same client: `redis-benchmark` (c=CONNS, with and without -P 16,
 #    keys drawn from 10k and 1M with -r) runs Redis's EVALSHA of a Lua token
 #    bucket and drl's `CL.THROTTLE` on the same bucket (capacity 100, 10/s).
 # 2. HTTP and gRPC, one generator: `h2load` runs drl's HTTP API over
-#    HTTP/1.1 and over HTTP/2 (h2c), and its gRPC `drl.v1.RateLimiter/Check`.
+#    HTTP/1.1 and over HTTP/2 (h2c), its gRPC `drl.v1.RateLimiter/Check`,
+#    and Envoy's pattern: `ShouldRateLimit` with 2 descriptors over 2 HTTP/2
+#    connections with 50 streams each (100 in flight).
 # 3. Latency at a fixed rate, half of the node's median peak, open loop with
 #    corrected latency: `oha --latency-correction` over HTTP (if oha is
 #    installed; else `drl load --rate`, which corrects the same way), and
@@ -44,6 +54,7 @@ need redis-server redis-server
 need redis-benchmark redis-tools
 need h2load nghttp2-client
 need taskset util-linux
+need curl curl
 
 echo "== building (release)"
 cargo build --release --bin drl
@@ -82,6 +93,8 @@ start_cluster() {
     sleep 0.1
   done
   grep -q "nodes ready" "$dir/out.log" || { echo "cluster of $nodes did not start:"; cat "$dir/err.log"; exit 1; }
+  # The (first) node: a child of `drl cluster`.
+  NODE_PID=$(pgrep -P "$CLUSTER_PID" | head -1)
   # Put the CL.THROTTLE triple's rule in force before anything is measured.
   redis-cli -p "$4" CL.THROTTLE warmup 99 10 1 >/dev/null
 }
@@ -116,13 +129,48 @@ redis.call("HMSET", KEYS[1], "tokens", tokens, "ts", now)
 return allowed
 '
 SHA=$(redis-cli -p "$REDIS_PORT" SCRIPT LOAD "$LUA")
+REDIS_PID=${PIDS[-1]}
+
+# Server CPU per decision: CPU ticks of a process, and decisions answered.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+redis_decisions() {
+  redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' \
+    | sed -n 's/^cmdstat_evalsha:calls=\([0-9]*\).*/\1/p'
+}
+# drl_decisions [PROTOCOL [PER_CALL]]: decisions of the node on HTTP1 (all
+# protocols, or one), divided by PER_CALL (a call that decides 2
+# descriptors counts 2 decisions: per call, divide by 2).
+drl_decisions() {
+  curl -s "http://127.0.0.1:$HTTP1/metrics" \
+    | awk -v p="${1:-}" -v per="${2:-1}" '/^drl_decisions_total\{/ && (p == "" || index($0, "protocol=\"" p "\"")) { s += $NF }
+        END { printf "%d\n", s / per }'
+}
+# with_cpu PID COUNTER... -- CMD...: runs CMD (which prints "rps p50 p99")
+# and prints "rps p50 p99 cpu_us_per_decision".
+with_cpu() {
+  local pid=$1 counter=() t0 c0 t1 c1 r
+  shift
+  while [ "$1" != "--" ]; do counter+=("$1"); shift; done
+  shift
+  t0=$(cpu_ticks "$pid"); c0=$("${counter[@]}")
+  r=$("$@")
+  t1=$(cpu_ticks "$pid"); c1=$("${counter[@]}")
+  echo "$r" | awk -v dt=$((t1 - t0)) -v dc=$((c1 - c0)) -v hz="$CLK_TCK" \
+    '{ printf "%s %s %s %.2f\n", $1, $2, $3, (dc > 0 ? dt / hz * 1e6 / dc : 0) }'
+}
 
 declare -A RUNS
-record() { RUNS[$1]="${RUNS[$1]:-}$2;"; }   # record SETUP "rps p50_us p99_us"
-median_of() { # the median round by decisions/s: "rps p50 p99"
+record() { RUNS[$1]="${RUNS[$1]:-}$2;"; }   # record SETUP "rps p50_us p99_us [cpu_us]"
+median_of() { # the median round by decisions/s: "rps p50 p99 cpu"
   echo "${RUNS[$1]}" | tr ';' '\n' | grep . | sort -n -k1,1 \
     | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'
 }
+median_cpu() { # the median CPU per decision over the rounds
+  echo "${RUNS[$1]}" | tr ';' '\n' | grep . | awk '{ print ($4 == "" ? "-" : $4) }' | sort -g \
+    | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }'
+}
+all_cpu() { echo "${RUNS[$1]}" | tr ';' '\n' | grep . | awk '{ printf "%s%s", s, ($4 == "" ? "-" : $4); s = " " }'; }
 all_of() { echo "${RUNS[$1]}" | tr ';' '\n' | grep . | awk '{ printf "%s%s", s, $1; s = " " }'; }
 
 # redis-benchmark PORT KEYS PIPELINE N ARGS...: "rps p50_us p99_us"
@@ -152,12 +200,21 @@ done
 # The body of a gRPC drl.v1.RateLimiter/Check: CheckRequest { descriptors:
 # { "user": "user-1" } }, in a gRPC frame (uncompressed, 16 bytes).
 printf '\x00\x00\x00\x00\x10\x0a\x0e\x0a\x04user\x12\x06user-1' > "$WORK/grpc.bin"
+# Envoy's ShouldRateLimit with 2 descriptors: RateLimitRequest { domain:
+# "bench", descriptors: [ [user=user-1], [user=user-2] ] }, in a gRPC frame.
+python3 - "$WORK/envoy.bin" <<'PY'
+import struct, sys
+def field(n, payload): return bytes([n << 3 | 2, len(payload)]) + payload
+def entry(k, v): return field(1, field(1, k.encode()) + field(2, v.encode()))
+msg = field(1, b"bench") + field(2, entry("user", "user-1")) + field(2, entry("user", "user-2"))
+open(sys.argv[1], "wb").write(b"\x00" + struct.pack(">I", len(msg)) + msg)
+PY
 # 10k users for the HTTP API, cycled by every h2load client.
 for i in $(seq 0 9999); do echo "http://127.0.0.1:$HTTP1/v1/allow?user=user-$i"; done > "$WORK/uris1"
 
-# h2load ARGS...: "rps mean_us -"
+# h2load ARGS...: "rps mean_us -" (c=CONNS, 1 stream each, unless H2C/H2M)
 h2() {
-  h2load -c "$CONNS" -m 1 -D "$DURATION" --warm-up-time 1 "$@" 2>&1 \
+  h2load -c "${H2C:-$CONNS}" -m "${H2M:-1}" -D "$DURATION" --warm-up-time 1 "$@" 2>&1 \
     | awk '/^finished in/ { rps = $4 } /^time for request:/ { m = $6; u = m; sub(/[a-z]+$/, "", u);
            if (m ~ /ms$/) u *= 1000; else if (m ~ /us$/) u += 0; else u *= 1000000 }
            /^status codes:|^requests:/ { print > "/dev/stderr" } END { printf "%d %.0f -\n", rps, u }'
@@ -168,17 +225,23 @@ for round in $(seq 1 "$ROUNDS"); do
   for keys in 10000 1000000; do
     for pipe in 1 16; do
       # shellcheck disable=SC2046
-      r=$(rb "$REDIS_PORT" "$keys" "$pipe" "${N[redis-$pipe]}" $(redis_cmd)); echo "redis   keys=$keys P=$pipe: $r"
+      r=$(with_cpu "$REDIS_PID" redis_decisions -- rb "$REDIS_PORT" "$keys" "$pipe" "${N[redis-$pipe]}" $(redis_cmd))
+      echo "redis   keys=$keys P=$pipe: $r"
       record "redis-$keys-$pipe" "$r"
       # shellcheck disable=SC2046
-      r=$(rb "$RESP1" "$keys" "$pipe" "${N[drl-$pipe]}" $(drl_cmd)); echo "drl     keys=$keys P=$pipe: $r"
+      r=$(with_cpu "$NODE_PID" drl_decisions resp -- rb "$RESP1" "$keys" "$pipe" "${N[drl-$pipe]}" $(drl_cmd))
+      echo "drl     keys=$keys P=$pipe: $r"
       record "drl-$keys-$pipe" "$r"
     done
   done
-  r=$(h2 --h1 -i "$WORK/uris1"); echo "http/1.1: $r"; record http1 "$r"
-  r=$(h2 -i "$WORK/uris1"); echo "h2c: $r"; record h2c "$r"
-  r=$(h2 -d "$WORK/grpc.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
-    "http://127.0.0.1:$GRPC1/drl.v1.RateLimiter/Check"); echo "grpc: $r"; record grpc "$r"
+  r=$(with_cpu "$NODE_PID" drl_decisions http -- h2 --h1 -i "$WORK/uris1"); echo "http/1.1: $r"; record http1 "$r"
+  r=$(with_cpu "$NODE_PID" drl_decisions http -- h2 -i "$WORK/uris1"); echo "h2c: $r"; record h2c "$r"
+  r=$(with_cpu "$NODE_PID" drl_decisions grpc -- h2 -d "$WORK/grpc.bin" -H 'content-type: application/grpc' \
+    -H 'te: trailers' "http://127.0.0.1:$GRPC1/drl.v1.RateLimiter/Check"); echo "grpc: $r"; record grpc "$r"
+  r=$(H2C=2 H2M=50 with_cpu "$NODE_PID" drl_decisions grpc 2 -- h2 -d "$WORK/envoy.bin" \
+    -H 'content-type: application/grpc' -H 'te: trailers' \
+    "http://127.0.0.1:$GRPC1/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit")
+  echo "envoy: $r"; record envoy "$r"
 done
 
 # Half of the node's median peaks, open loop, corrected latency.
@@ -226,29 +289,31 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 row() { # row LABEL SETUP [PEER]
-  local m p ratio="" all
-  m=$(median_of "$2"); all=$(all_of "$2")
+  local m p ratio="" all cpu pcpu cratio="" allc
+  m=$(median_of "$2"); all=$(all_of "$2"); cpu=$(median_cpu "$2"); allc=$(all_cpu "$2")
   if [ -n "${3:-}" ]; then
-    p=$(median_of "$3")
+    p=$(median_of "$3"); pcpu=$(median_cpu "$3")
     ratio=$(awk -v a="${m%% *}" -v b="${p%% *}" 'BEGIN { printf "%.2fx", a / b }')
+    cratio=$(awk -v a="$cpu" -v b="$pcpu" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2fx", a / b }')
   fi
-  echo "$m" | awk -v l="$1" -v r="$ratio" -v all="$all" \
-    '{ printf "| %s | %s | %s | %s | %s | %s |\n", l, $1, $2, $3, r, all }'
+  echo "$m" | awk -v l="$1" -v r="$ratio" -v all="$all" -v c="$cpu" -v cr="$cratio" -v allc="$allc" \
+    '{ printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", l, c, cr, $1, r, $2, $3, allc, all }'
 }
 {
   echo "$CONNS connections, ${DURATION}s runs, $ROUNDS interleaved rounds (median), token bucket 100 + 10/s per key, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
   echo
-  echo "| setup | decisions/s | p50 (us) | p99 (us) | ratio | all rounds (decisions/s) |"
-  echo "|---|---|---|---|---|---|"
+  echo "| setup | server CPU per decision (us) | CPU ratio | decisions/s | ratio | p50 (us) | p99 (us) | all rounds (CPU us) | all rounds (decisions/s) |"
+  echo "|---|---|---|---|---|---|---|---|---|"
   for keys in 10000 1000000; do
     for pipe in 1 16; do
       row "Redis + Lua, redis-benchmark, $keys keys, -P $pipe" "redis-$keys-$pipe"
       row "drl RESP CL.THROTTLE, redis-benchmark, $keys keys, -P $pipe (vs Redis)" "drl-$keys-$pipe" "redis-$keys-$pipe"
     done
   done
-  row "drl HTTP/1.1 GET /v1/allow, h2load, 10k keys (p50 = mean)" http1
+  row "drl HTTP/1.1 GET /v1/allow, h2load, 10k keys (p50 = mean; vs Redis, 10k keys, -P 1)" http1 redis-10000-1
   row "drl HTTP/2 h2c GET /v1/allow, h2load, 10k keys (p50 = mean; vs HTTP/1.1)" h2c http1
   row "drl gRPC drl.v1 Check, h2load, one key (p50 = mean; vs HTTP/1.1)" grpc http1
+  row "drl Envoy ShouldRateLimit, 2 descriptors, 2 conns x 50 streams, h2load (per call; p50 = mean; vs HTTP/1.1)" envoy http1
   row "drl HTTP at half its peak, $HALF_TOOL" http-half
   row "drl RESP at half its peak, drl load --resp --rate" resp-half
   row "1 node, generator pinned to core 0, drl load --resp" scale1

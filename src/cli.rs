@@ -39,6 +39,7 @@ pub mod doctor;
 pub mod latency;
 pub mod load;
 mod load_report;
+mod load_resp;
 pub mod local;
 pub mod logging;
 pub mod node;

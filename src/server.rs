@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::grpc::{GrpcError, GrpcListener};
 use crate::http::{HttpLimits, HttpListeners};
+use crate::listen::AdmissionLimits;
 use crate::node::{Node, NodeError, NodeHandle, NodeSettings};
 use crate::resp::{RespLimits, RespListener};
 use crate::service::Service;
@@ -34,6 +35,10 @@ pub struct ServerLimits {
     pub http: HttpLimits,
     /// The RESP listener's, when `resp_listen` is set.
     pub resp: RespLimits,
+    /// Overload admission of each decision listener (HTTP, gRPC, RESP: each
+    /// has its own requests in flight); the operations listener is never
+    /// shed.
+    pub admission: AdmissionLimits,
 }
 
 /// Why a node with its front-ends could not start or serve.
@@ -76,7 +81,17 @@ pub async fn run(
     settings: NodeSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let server = Server::start(settings).await?;
+    run_with_limits(settings, ServerLimits::default(), shutdown).await
+}
+
+/// [`run`] under explicit `limits` (`drl node` passes the `[overload]`
+/// table's admission).
+pub async fn run_with_limits(
+    settings: NodeSettings,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let server = Server::start_with_limits(settings, limits).await?;
     let off = |a: Option<SocketAddr>| a.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(
         http = %server.http_addr(),
@@ -201,6 +216,7 @@ impl Server {
             .spawn(
                 service.clone(),
                 &limits.http,
+                &limits.admission,
                 node.settings.http2,
                 draining.clone(),
                 done_tx.clone(),
@@ -209,6 +225,7 @@ impl Server {
                 Some(resp) => resp.spawn(
                     service.clone(),
                     limits.resp.clone(),
+                    &limits.admission,
                     draining.clone(),
                     done_tx.clone(),
                 ),
@@ -222,9 +239,11 @@ impl Server {
         }
         let grpc_task = grpc.map(|grpc| {
             let mut stop = draining.clone();
-            tokio::spawn(grpc.serve(service.clone(), async move {
-                let _ = stop.wait_for(|d| *d).await;
-            }))
+            tokio::spawn(
+                grpc.serve(service.clone(), limits.admission.clone(), async move {
+                    let _ = stop.wait_for(|d| *d).await;
+                }),
+            )
         });
 
         let mut result = Ok(());

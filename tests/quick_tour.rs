@@ -430,6 +430,8 @@ fn first_contact_works_on_every_protocol_and_refusals_say_what_to_change() {
     let says_what_to_change = |text: &str| {
         text.contains(&format!("`endpoints` allow-list (line {line})"))
             && text.contains("remove the list")
+            && text.contains("rules file: ")
+            && text.contains("rules.toml")
     };
     let http = cluster.http_base;
 

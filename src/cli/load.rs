@@ -20,6 +20,17 @@
 //! With `--resp` the nodes are RESP addresses (`host:port`) and each request
 //! is `CL.THROTTLE user-<n> <burst> <count> <period>` (`--cell`), one in
 //! flight per connection, paced and measured the same way.
+//!
+//! Every mode waits at most `--timeout` for an answer (then counts an error,
+//! with its reason, and opens the connection again) and prints a progress
+//! line every `--progress`. An overloaded node's fast refusal (HTTP 503
+//! with `Retry-After`, RESP `-TRYAGAIN`) is counted as shed, apart from
+//! the decisions and the errors, with its own latency; with
+//! `--honor-retry-after` the connection then waits about as long as it was
+//! told (between half and one and a half times, so that the connections
+//! shed together do not come back together).
+//! `--source` spreads the connections over local addresses (127.0.0.2,
+//! 127.0.0.3, ...), to stay under a node's cap of connections per source.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -79,13 +90,35 @@ pub struct LoadArgs {
     /// Print a progress line to stderr every this long ("0s": never).
     #[arg(long, default_value = "1s")]
     pub progress: String,
+    /// Local addresses to connect from, comma-separated, used in turn by
+    /// the connections (default: any).
+    #[arg(long, value_delimiter = ',')]
+    pub source: Vec<std::net::IpAddr>,
+    /// After a shed answer (503 or `-TRYAGAIN`), wait about as long as its
+    /// `Retry-After` says (RESP: 1 s), spread over half to one and a half
+    /// times that, before the connection's next request, as a well-behaved
+    /// client does.
+    #[arg(long)]
+    pub honor_retry_after: bool,
+}
+
+/// A wait of `secs` seconds spread over [0.5, 1.5) of it, so that the
+/// clients a node shed at once do not all come back at once.
+pub(super) fn jittered(secs: u64, rng: &mut SplitMix) -> Duration {
+    let spread = 0.5 + (rng.next() >> 11) as f64 / (1u64 << 53) as f64;
+    Duration::from_secs_f64(secs as f64 * spread)
+}
+
+/// The source address of connection `i`, if `--source` names any.
+pub(super) fn source_of(args: &LoadArgs, i: usize) -> Option<std::net::IpAddr> {
+    (!args.source.is_empty()).then(|| args.source[i % args.source.len()])
 }
 
 /// A small, seeded generator (SplitMix64): the same seed draws the same users.
-struct SplitMix(u64);
+pub(super) struct SplitMix(pub(super) u64);
 
 impl SplitMix {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -146,7 +179,7 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
         .map_err(|e| CliError::Usage(format!("--progress: {e}")))?
         .into();
     if args.resp {
-        return resp_load(args, duration, rate).await;
+        return super::load_resp::resp_load(args, duration, rate, timeout, progress_every).await;
     }
     let hosts = args
         .node
@@ -165,7 +198,7 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     let mut conns = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
         let host = &hosts[i % hosts.len()];
-        conns.push(Connection::open(host).await?);
+        conns.push(Connection::open_from(host, source_of(args, i)).await?);
     }
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
@@ -182,6 +215,8 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
     let mut tasks = Vec::with_capacity(conns.len());
     for ((i, mut conn), mut turn) in conns.into_iter().enumerate().zip(turns) {
         let host = conn.host().to_owned();
+        let source = source_of(args, i);
+        let honor_retry_after = args.honor_retry_after;
         let tail = tail.clone();
         let user_key = user_key.clone();
         let keys = args.keys;
@@ -217,20 +252,31 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
                     break;
                 };
                 let failure = match tokio::time::timeout(timeout, conn.send(request)).await {
-                    Ok(Ok((status, body))) => {
+                    Ok(Ok((status, body, retry_after))) => {
                         last_answer = Instant::now();
                         let took = last_answer.duration_since(scheduled);
-                        report
-                            .latency
-                            .record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+                        let took = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
                         match status {
                             200 => {
                                 report.allowed += 1;
+                                report.latency.record(took);
                                 progress.allowed.fetch_add(1, Ordering::Relaxed);
                             }
                             429 => {
                                 report.denied += 1;
+                                report.latency.record(took);
                                 progress.denied.fetch_add(1, Ordering::Relaxed);
+                            }
+                            503 if retry_after.is_some() => {
+                                report.shed += 1;
+                                report.shed_latency.record(took);
+                                progress.shed.fetch_add(1, Ordering::Relaxed);
+                                if honor_retry_after {
+                                    let wait = jittered(retry_after.unwrap_or(1), &mut rng);
+                                    let left = deadline.saturating_duration_since(Instant::now());
+                                    tokio::time::sleep(wait.min(left)).await;
+                                    last_answer = Instant::now();
+                                }
                             }
                             _ => {
                                 report.error(&refusal_reason(status, body.as_deref()));
@@ -247,7 +293,8 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
                     progress.errors.fetch_add(1, Ordering::Relaxed);
                     last_answer = Instant::now();
                     // A broken or stuck connection: open a new one, or give up.
-                    match tokio::time::timeout(timeout, Connection::open(&host)).await {
+                    match tokio::time::timeout(timeout, Connection::open_from(&host, source)).await
+                    {
                         Ok(Ok(c)) => conn = c,
                         _ => break,
                     }
@@ -274,10 +321,10 @@ pub async fn generate(args: &LoadArgs) -> Result<LoadReport, CliError> {
 /// timer slack of 1 ns (Linux), and releases each connection's turns as
 /// they fall due, at most [`Pacer::TICK`] late; tokio's 1 ms timers would
 /// release a millisecond's requests at once.
-struct Pacer;
+pub(super) struct Pacer;
 
 /// One connection's turns.
-struct Turns {
+pub(super) struct Turns {
     /// `None`: closed loop, every turn is now.
     paced: Option<PacedTurns>,
 }
@@ -307,7 +354,7 @@ impl Pacer {
     const TICK: Duration = Duration::from_micros(200);
 
     /// One [`Turns`] per connection; for a paced run, starts the thread.
-    fn start(
+    pub(super) fn start(
         rate: Option<f64>,
         connections: usize,
         start: Instant,
@@ -381,7 +428,7 @@ impl Turns {
     /// turn: the scheduled time if the connection was still waiting for the
     /// previous answer then (the server's delay), else now (a late wake-up
     /// is the generator's delay). `None` once the schedule has ended.
-    async fn next(&mut self, last_answer: Instant) -> Option<Instant> {
+    pub(super) async fn next(&mut self, last_answer: Instant) -> Option<Instant> {
         let Some(p) = self.paced.as_mut() else {
             return Some(Instant::now());
         };
@@ -396,130 +443,6 @@ impl Turns {
         let at = p.start + Duration::from_nanos((j as f64 * p.step_ns) as u64);
         Some(if last_answer > at { at } else { Instant::now() })
     }
-}
-
-/// One answer of a RESP node: `true` for an array whose first integer is 0
-/// (admitted), `false` for 1 (limited); `Err` for an error reply or a
-/// broken connection.
-async fn resp_answer(
-    stream: &mut tokio::net::TcpStream,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<bool> {
-    use tokio::io::AsyncReadExt;
-    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-    loop {
-        // `*5\r\n:<limited>\r\n` and four more integer lines.
-        let lines = buf.windows(2).filter(|w| w == b"\r\n").count();
-        if buf.first() == Some(&b'-') && lines >= 1 {
-            return Err(bad(&String::from_utf8_lossy(buf)));
-        }
-        if lines >= 6 {
-            let limited = buf.get(5) == Some(&b'1');
-            buf.clear();
-            return Ok(!limited);
-        }
-        if buf.len() > 4096 {
-            return Err(bad("answer too long"));
-        }
-        let mut chunk = [0u8; 512];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(bad("closed"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// [`generate`] over RESP: `CL.THROTTLE` against `args.node` (host:port).
-async fn resp_load(
-    args: &LoadArgs,
-    duration: Duration,
-    rate: Option<f64>,
-) -> Result<LoadReport, CliError> {
-    use tokio::io::AsyncWriteExt;
-    let cell: Vec<&str> = args.cell.split_whitespace().collect();
-    if cell.len() != 3 {
-        return Err(CliError::Usage(
-            "--cell: max_burst count_per_period period".into(),
-        ));
-    }
-    let mut conns = Vec::with_capacity(args.connections);
-    for i in 0..args.connections {
-        let node = &args.node[i % args.node.len()];
-        let stream = tokio::net::TcpStream::connect(node.as_str()).await?;
-        stream.set_nodelay(true)?;
-        conns.push(stream);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let deadline = start + duration;
-    let turns = Pacer::start(rate, conns.len(), start, deadline)?;
-    let mut tasks = Vec::with_capacity(conns.len());
-    for ((i, mut stream), mut turn) in conns.into_iter().enumerate().zip(turns) {
-        let keys = args.keys;
-        let stop = stop.clone();
-        let tail: Vec<u8> = cell
-            .iter()
-            .flat_map(|a| format!("${}\r\n{a}\r\n", a.len()).into_bytes())
-            .collect();
-        let mut rng = SplitMix(args.seed.wrapping_mul(1_000_003).wrapping_add(i as u64));
-        tasks.push(tokio::spawn(async move {
-            let mut report = LoadReport::default();
-            let mut request = Vec::with_capacity(128);
-            let mut answer = Vec::with_capacity(128);
-            let mut last_answer = start;
-            while !stop.load(Ordering::Relaxed) {
-                let Some(scheduled) = turn.next(last_answer).await else {
-                    break;
-                };
-                if scheduled >= deadline {
-                    break;
-                }
-                let key = format!("user-{}", rng.next() % keys);
-                request.clear();
-                request.extend_from_slice(
-                    format!("*5\r\n$11\r\nCL.THROTTLE\r\n${}\r\n{key}\r\n", key.len()).as_bytes(),
-                );
-                request.extend_from_slice(&tail);
-                let sent = stream.write_all(&request).await;
-                match sent.and(Ok(())) {
-                    Ok(()) => match resp_answer(&mut stream, &mut answer).await {
-                        Ok(admitted) => {
-                            last_answer = Instant::now();
-                            let took = last_answer.duration_since(scheduled);
-                            report
-                                .latency
-                                .record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
-                            if admitted {
-                                report.allowed += 1;
-                            } else {
-                                report.denied += 1;
-                            }
-                        }
-                        Err(_) => {
-                            report.errors += 1;
-                            break;
-                        }
-                    },
-                    Err(_) => {
-                        report.errors += 1;
-                        break;
-                    }
-                }
-            }
-            report
-        }));
-    }
-    tokio::time::sleep_until(deadline.into()).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut total = LoadReport::default();
-    for t in tasks {
-        if let Ok(r) = t.await {
-            total.merge(&r);
-        }
-    }
-    total.elapsed = start.elapsed();
-    Ok(total)
 }
 
 #[cfg(test)]

@@ -22,14 +22,19 @@ pub struct LoadReport {
     pub allowed: u64,
     /// Answers 429: the request was denied.
     pub denied: u64,
-    /// Answers other than 200 and 429, and failed exchanges.
+    /// Answers that said the node was overloaded and counted nothing (HTTP
+    /// 503 with `Retry-After`, RESP `-TRYAGAIN`): shed, not errors.
+    pub shed: u64,
+    /// Answers other than 200, 429 and a shed, and failed exchanges.
     pub errors: u64,
     /// Why: up to eight distinct reasons (`"400: unknown
     /// endpoint ..."`, `"timeout"`, `"connection: ..."`) with their counts.
     pub error_reasons: Vec<(String, u64)>,
-    /// Latency of every answered request, in nanoseconds, measured from when
-    /// the request was due (see the module docs).
+    /// Latency of every decision (allowed or denied), in nanoseconds,
+    /// measured from when the request was due (see the module docs).
     pub latency: LatencyHistogram,
+    /// Latency of the shed answers, measured the same way.
+    pub shed_latency: LatencyHistogram,
 }
 
 impl LoadReport {
@@ -44,11 +49,13 @@ impl LoadReport {
     pub(super) fn merge(&mut self, other: &LoadReport) {
         self.allowed += other.allowed;
         self.denied += other.denied;
+        self.shed += other.shed;
         self.errors += other.errors;
         for (reason, n) in &other.error_reasons {
             self.note_error_reason(reason, *n);
         }
         self.latency.merge(&other.latency);
+        self.shed_latency.merge(&other.shed_latency);
     }
 
     /// Counts one error with its reason.
@@ -82,6 +89,7 @@ pub(super) fn refusal_reason(status: u16, body: Option<&[u8]>) -> String {
 pub(super) struct Progress {
     pub(super) allowed: AtomicU64,
     pub(super) denied: AtomicU64,
+    pub(super) shed: AtomicU64,
     pub(super) errors: AtomicU64,
 }
 
@@ -100,13 +108,14 @@ impl Progress {
                 return;
             }
             next += every;
-            let (a, d, e) = (
+            let (a, d, s, e) = (
                 self.allowed.load(Ordering::Relaxed),
                 self.denied.load(Ordering::Relaxed),
+                self.shed.load(Ordering::Relaxed),
                 self.errors.load(Ordering::Relaxed),
             );
             errln!(
-                "[{:>5.1}s] decisions: {}  allowed: {a}  denied: {d}  errors: {e}",
+                "[{:>5.1}s] decisions: {}  allowed: {a}  denied: {d}  shed: {s}  errors: {e}",
                 start.elapsed().as_secs_f64(),
                 a + d
             );
@@ -126,11 +135,12 @@ pub(super) fn print_report(args: &LoadArgs, r: &LoadReport) {
             .unwrap_or_default()
     );
     outln!(
-        "decisions: {} ({:.0}/s)  allowed: {}  denied: {}  errors: {}",
+        "decisions: {} ({:.0}/s)  allowed: {}  denied: {}  shed: {}  errors: {}",
         r.decisions(),
         r.per_second(),
         r.allowed,
         r.denied,
+        r.shed,
         r.errors
     );
     for (reason, n) in &r.error_reasons {
@@ -144,9 +154,18 @@ pub(super) fn print_report(args: &LoadArgs, r: &LoadReport) {
         us(0.999),
         r.latency.max() as f64 / 1000.0
     );
+    let shed_us = |q: f64| r.shed_latency.quantile(q) as f64 / 1000.0;
+    if r.shed > 0 {
+        outln!(
+            "shed answers: p50 {:.0}us  p99 {:.0}us  max {:.0}us",
+            shed_us(0.5),
+            shed_us(0.99),
+            r.shed_latency.max() as f64 / 1000.0
+        );
+    }
     // One line for scripts.
     outln!(
-        "result: decisions_per_sec={:.0} allowed={} denied={} errors={} p50_us={:.1} p90_us={:.1} p99_us={:.1} p999_us={:.1}",
+        "result: decisions_per_sec={:.0} allowed={} denied={} errors={} p50_us={:.1} p90_us={:.1} p99_us={:.1} p999_us={:.1} shed={} shed_p99_ms={:.3}",
         r.per_second(),
         r.allowed,
         r.denied,
@@ -154,6 +173,8 @@ pub(super) fn print_report(args: &LoadArgs, r: &LoadReport) {
         us(0.5),
         us(0.9),
         us(0.99),
-        us(0.999)
+        us(0.999),
+        r.shed,
+        shed_us(0.99) / 1000.0
     );
 }

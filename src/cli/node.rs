@@ -65,6 +65,14 @@ pub struct NodeArgs {
     /// TCP address of the operations listener (probes, metrics, rules admin).
     #[arg(long, env = "DRL_LISTEN_ADMIN")]
     pub listen_admin: Option<SocketAddr>,
+    /// Overload: most requests in flight on each decision listener; one
+    /// more is answered 503 at once (0: no cap).
+    #[arg(long, env = "DRL_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+    /// Overload: a request that would wait longer than this is answered
+    /// 503 at once ("5ms"; "0s": never).
+    #[arg(long, env = "DRL_QUEUE_DEADLINE")]
+    pub queue_deadline: Option<String>,
     /// Peers to contact at start, comma-separated `host:port` (DNS names are
     /// resolved again every discovery_interval).
     #[arg(long, env = "DRL_SEEDS", value_delimiter = ',')]
@@ -178,6 +186,12 @@ impl NodeArgs {
             durability_interval,
             recovery_timeout
         );
+        if let Some(v) = self.max_in_flight {
+            file.overload.max_in_flight = v;
+        }
+        if let Some(v) = &self.queue_deadline {
+            file.overload.queue_deadline = v.clone();
+        }
         if let Some(v) = self.advertise_peer {
             file.advertise_peer = Some(v);
         }
@@ -238,6 +252,20 @@ impl NodeArgs {
         let (file, base) = self.node_file()?;
         Ok(file.settings(&base)?)
     }
+
+    /// Checked settings, and the listeners' limits (the `[overload]`
+    /// table's admission).
+    pub fn settings_and_limits(
+        &self,
+    ) -> Result<(NodeSettings, crate::server::ServerLimits), CliError> {
+        let (file, base) = self.node_file()?;
+        let admission = file.overload.limits().map_err(CliError::Usage)?;
+        let limits = crate::server::ServerLimits {
+            admission,
+            ..Default::default()
+        };
+        Ok((file.settings(&base)?, limits))
+    }
 }
 
 /// `drl-2` → 2.
@@ -254,10 +282,11 @@ pub fn slot_from_name(name: &str) -> Result<u16, CliError> {
 /// `drl node`: runs until SIGTERM or SIGINT, then drains and stops.
 pub fn run_node(args: &NodeArgs) -> Result<(), CliError> {
     logging::init(args.log_format);
-    let settings = args.settings()?;
+    let (settings, limits) = args.settings_and_limits()?;
     runtime()?.block_on(async {
         let mut signal = ShutdownSignal::new()?;
-        crate::server::run(settings, async move { signal.recv().await }).await?;
+        crate::server::run_with_limits(settings, limits, async move { signal.recv().await })
+            .await?;
         Ok(())
     })
 }

@@ -82,6 +82,7 @@ impl RateLimitService for EnvoyRateLimit {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let _in_flight = self.state.admit()?;
         self.decide(request.get_ref()).await.map(Response::new)
     }
 }

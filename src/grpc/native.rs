@@ -46,7 +46,7 @@ impl NativeRateLimiter {
             .state
             .decide(std::slice::from_ref(&check))
             .await
-            .map_err(|e| check_status(&e))?;
+            .map_err(|e| self.state.check_status(&e))?;
         let decision = decided.decision();
         self.state.count(&decision);
         Ok(self.answer_with_receipt(&check, &decision))
@@ -115,7 +115,7 @@ impl NativeRateLimiter {
             .state
             .decide(&checks)
             .await
-            .map_err(|e| check_status(&e))?;
+            .map_err(|e| self.state.check_status(&e))?;
         let refused = decided.decision();
         let results = checks
             .iter()
@@ -169,6 +169,7 @@ impl RateLimiter for NativeRateLimiter {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
+        let _in_flight = self.state.admit()?;
         self.check_one(request.get_ref())
             .await
             .map(Response::new)
@@ -179,6 +180,7 @@ impl RateLimiter for NativeRateLimiter {
         &self,
         request: Request<CheckBatchRequest>,
     ) -> Result<Response<CheckBatchResponse>, Status> {
+        let _in_flight = self.state.admit()?;
         let checks = &request.get_ref().checks;
         if checks.len() > MAX_BATCH {
             return Err(self.state.refuse(Status::invalid_argument(format!(

@@ -18,6 +18,7 @@ use super::envoy_service::EnvoyRateLimit;
 use super::native::NativeRateLimiter;
 use super::pb::rate_limiter_server::RateLimiterServer;
 use super::state::GrpcState;
+use crate::listen::AdmissionLimits;
 use crate::node::GrpcTls;
 use crate::service::Service;
 
@@ -106,12 +107,17 @@ impl GrpcListener {
 
     /// Serves the three services over `service` until `shutdown`
     /// resolves, then stops accepting and waits for in-flight calls.
+    /// Decision calls are shed under `admission` (`UNAVAILABLE`); health
+    /// is always answered.
     pub async fn serve(
         self,
         service: Service,
+        admission: AdmissionLimits,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GrpcError> {
-        let state = GrpcState::new(service);
+        let state = GrpcState::with_admission(service, admission);
+        // The lag of the runtime that serves the calls: this one.
+        let probe = state.lag().map(|lag| tokio::spawn(lag.clone().probe()));
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", ServingStatus::NotServing)
@@ -155,6 +161,9 @@ impl GrpcListener {
             .await;
         let _ = stop_health.send(true);
         let _ = follow.await;
+        if let Some(probe) = probe {
+            probe.abort();
+        }
         Ok(result?)
     }
 }

@@ -2,22 +2,58 @@
 //! `grpc` protocol label, and the way a limiter error becomes a gRPC
 //! status.
 
+use std::sync::Arc;
+
 use tonic::{Code, Status};
 
+use crate::listen::{Admission, AdmissionLimits, InFlight, Lag};
 use crate::metrics::Protocol;
 use crate::service::Service;
 use drl_core::limiter::{Check, CheckError, Decided, Decision, QuotaState};
 
-/// Cheap to clone: the node's [`Service`].
+/// Cheap to clone: the node's [`Service`] and the listener's admission.
 #[derive(Clone)]
 pub struct GrpcState {
     service: Service,
+    admission: Arc<Admission>,
+    /// How far behind the runtime serving the calls is (none without a
+    /// queue deadline; its probe is started by the listener).
+    lag: Option<Arc<Lag>>,
 }
 
 impl GrpcState {
-    /// The state of the gRPC services over `service`.
-    pub fn new(service: Service) -> GrpcState {
-        GrpcState { service }
+    /// The state of the gRPC services over `service`, shedding calls under
+    /// `limits`.
+    pub fn with_admission(service: Service, limits: AdmissionLimits) -> GrpcState {
+        let lag = (!limits.queue_deadline.is_zero()).then(Lag::new);
+        GrpcState {
+            service,
+            admission: Admission::new(limits),
+            lag,
+        }
+    }
+
+    /// The measure of the serving runtime's lag, whose probe the listener
+    /// runs.
+    pub fn lag(&self) -> Option<&Arc<Lag>> {
+        self.lag.as_ref()
+    }
+
+    /// Admits one call, or answers `UNAVAILABLE` at once (with
+    /// `retry-after` and `grpc-retry-pushback-ms` metadata) when the
+    /// listener is overloaded; nothing is counted then.
+    pub fn admit(&self) -> Result<InFlight, Status> {
+        self.admission.admit(self.lag.as_deref()).map_err(|shed| {
+            self.service
+                .metrics()
+                .count_shed(Protocol::Grpc, shed.label());
+            let secs = self.admission.retry_after_secs();
+            let mut status = Status::unavailable(shed.message(secs));
+            let metadata = status.metadata_mut();
+            metadata.insert("retry-after", secs.into());
+            metadata.insert("grpc-retry-pushback-ms", (secs * 1_000).into());
+            status
+        })
     }
 
     /// The node's shared service.
@@ -46,9 +82,17 @@ impl GrpcState {
         status
     }
 
-    /// [`GrpcState::refuse`] for a limiter error.
+    /// [`GrpcState::refuse`] for a limiter error, in the words of
+    /// [`Service::describe_check_error`].
     pub fn refuse_check(&self, e: CheckError) -> Status {
-        self.refuse(check_status(&e))
+        self.refuse(self.check_status(&e))
+    }
+
+    /// The status of a limiter error, in the words of
+    /// [`Service::describe_check_error`]; not counted (the caller refuses
+    /// with it).
+    pub fn check_status(&self, e: &CheckError) -> Status {
+        Status::new(check_status(e).code(), self.service.describe_check_error(e))
     }
 }
 

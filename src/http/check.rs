@@ -95,6 +95,21 @@ pub(crate) async fn allow(
     decide(&state, &request, Shape::Tiny).await
 }
 
+/// `GET /v1/allow` served straight from the connection, without the
+/// router: the same handler and the same answers, and a refusal counted as
+/// the router's error layer counts it. The decision port's busiest route
+/// skips the route lookup, the boxed route service and the layer.
+pub(crate) async fn allow_direct(state: AppState, query: Option<String>) -> Response {
+    let response = allow(State(state.clone()), RawQuery(query))
+        .await
+        .into_response();
+    let status = response.status();
+    if !status.is_success() && status != StatusCode::TOO_MANY_REQUESTS {
+        state.service().metrics().count_rejected(status.as_u16());
+    }
+    response
+}
+
 /// `HEAD /v1/allow` would count a hit with no answer to read: refused,
 /// counting nothing (axum would otherwise run the `GET` handler).
 pub(crate) async fn head_allow() -> Response {
@@ -157,7 +172,8 @@ async fn decide(
     let decided = state
         .service()
         .decide(Protocol::Http, std::slice::from_ref(&check))
-        .await?;
+        .await
+        .map_err(|e| ApiError::from_check(e, state.service()))?;
     let decision = decided.decision();
     let receipt = match shape {
         Shape::Full => state.service().decider().receipt(&check, &decision),

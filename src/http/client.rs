@@ -6,7 +6,7 @@
 //! answers (`Content-Length`, chunked, or to the end of the connection) and
 //! this module caps what it keeps of them.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -114,15 +114,19 @@ impl Drop for Connection {
 impl Connection {
     /// Connects to `url` (`http://host:port` or `host:port`).
     pub async fn open(url: &str) -> Result<Connection, ClientError> {
+        Connection::open_from(url, None).await
+    }
+
+    /// Connects to `url` from the local address `source` (any port), or
+    /// from any address when `None`.
+    pub async fn open_from(url: &str, source: Option<IpAddr>) -> Result<Connection, ClientError> {
         let host = authority(url)?;
-        let stream =
-            TcpStream::connect(host.as_str())
-                .await
-                .map_err(|source| ClientError::Connect {
-                    addr: host.clone(),
-                    source,
-                })?;
-        stream.set_nodelay(true)?;
+        let stream = connect_from(&host, source)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: host.clone(),
+                source,
+            })?;
         let (send, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let driver = tokio::spawn(async move {
@@ -197,20 +201,26 @@ impl Connection {
 
     /// Sends a request built by the caller (the load generator) and returns
     /// the answer's status, with its body when the status is neither 200
-    /// nor 429 (a refusal says why in it); other bodies are discarded.
+    /// nor 429 (a refusal says why in it; other bodies are discarded), and
+    /// its `Retry-After` in seconds when it has one.
     pub async fn send(
         &mut self,
         request: Request<Full<Bytes>>,
-    ) -> Result<(u16, Option<Vec<u8>>), ClientError> {
+    ) -> Result<(u16, Option<Vec<u8>>, Option<u64>), ClientError> {
         self.send.ready().await?;
         let answer = self.send.send_request(request).await?;
         let status = answer.status().as_u16();
+        let retry_after = answer
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
         let mut body = answer.into_body();
         if status == 200 || status == 429 {
             while let Some(frame) = body.frame().await {
                 frame?;
             }
-            return Ok((status, None));
+            return Ok((status, None, retry_after));
         }
         let bytes = Limited::new(body, MAX_BODY)
             .collect()
@@ -218,7 +228,7 @@ impl Connection {
             .map_err(|e| ClientError::Malformed(format!("body: {e}")))?
             .to_bytes()
             .to_vec();
-        Ok((status, Some(bytes)))
+        Ok((status, Some(bytes), retry_after))
     }
 
     async fn exchange(&mut self, request: Request<Full<Bytes>>) -> Result<Answer, ClientError> {
@@ -252,6 +262,41 @@ impl Connection {
     pub fn host(&self) -> &str {
         &self.host
     }
+}
+
+/// A TCP connection to `host` (`host:port`), from the local address
+/// `source` when given, with `TCP_NODELAY`.
+pub async fn connect_from(host: &str, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        let stream = TcpStream::connect(host).await?;
+        stream.set_nodelay(true)?;
+        return Ok(stream);
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host(host).await? {
+        if addr.is_ipv4() != source.is_ipv4() {
+            continue;
+        }
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        match socket.connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            format!("{host} has no address of the family of {source}"),
+        )
+    }))
 }
 
 #[cfg(test)]

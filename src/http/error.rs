@@ -78,6 +78,18 @@ impl From<CheckError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// [`ApiError::from`] a [`CheckError`], in the words of the node's
+    /// [`Service::describe_check_error`](crate::service::Service::describe_check_error).
+    pub fn from_check(e: CheckError, service: &crate::service::Service) -> ApiError {
+        let message = service.describe_check_error(&e);
+        ApiError {
+            message,
+            ..ApiError::from(e)
+        }
+    }
+}
+
 impl From<drl_core::limiter::RefundError> for ApiError {
     fn from(e: drl_core::limiter::RefundError) -> ApiError {
         use drl_core::limiter::RefundError as R;

@@ -31,8 +31,10 @@ use tokio::sync::watch;
 
 use super::{operations_router, router, AppState};
 use crate::listen::{
-    accept_loop, reuseport_listener, serve_threads, Gate, Ticket, MAX_CONNECTIONS,
+    accept_loop, reuseport_listener, serve_threads, Admission, AdmissionLimits, Gate, InFlight,
+    Lag, Shed, Ticket, MAX_CONNECTIONS,
 };
+use crate::metrics::Protocol;
 use crate::service::Service;
 
 /// Most requests in flight on one HTTP/2 connection.
@@ -137,46 +139,53 @@ impl HttpListeners {
         self,
         service: Service,
         limits: &HttpLimits,
+        admission: &AdmissionLimits,
         http2: bool,
         draining: watch::Receiver<bool>,
         done: tokio::sync::mpsc::Sender<io::Result<()>>,
     ) -> io::Result<usize> {
-        let state = AppState::new(service, limits.body_timeout);
+        let state = AppState::new(service.clone(), limits.body_timeout);
         let decisions = Arc::new(Gate::new(limits.max_connections, limits.max_per_source));
         let api = router(state.clone());
-        let mut jobs: Vec<(String, std::net::TcpListener, Router, Arc<Gate>, bool)> = self
+        let admission = Admission::new(admission.clone());
+        let mut jobs: Vec<Job> = self
             .listeners
             .into_iter()
             .enumerate()
-            .map(|(i, l)| {
-                (
-                    format!("drl-http-{i}"),
-                    l,
-                    api.clone(),
-                    decisions.clone(),
-                    http2,
-                )
+            .map(|(i, l)| Job {
+                name: format!("drl-http-{i}"),
+                listener: l,
+                app: api.clone(),
+                gate: decisions.clone(),
+                http2,
+                admission: Some(admission.clone()),
+                direct: Some(state.clone()),
             })
             .collect();
         if let Some(l) = self.admin {
             let gate = Gate::new(limits.admin_max_connections, limits.admin_max_per_source);
-            // The operations listener speaks HTTP/1.1 only.
-            jobs.push((
-                "drl-admin".into(),
-                l,
-                operations_router(state),
-                Arc::new(gate),
-                false,
-            ));
+            // The operations listener speaks HTTP/1.1 only, and is never
+            // shed: a probe must always be answered.
+            jobs.push(Job {
+                name: "drl-admin".into(),
+                listener: l,
+                app: operations_router(state),
+                gate: Arc::new(gate),
+                http2: false,
+                admission: None,
+                direct: None,
+            });
         }
         let threads = jobs.len();
-        for (name, listener, app, gate, http2) in jobs {
+        for job in jobs {
             let limits = limits.clone();
-            let (draining, done) = (draining.clone(), done.clone());
-            std::thread::Builder::new().name(name).spawn(move || {
-                let result = serve_thread(listener, app, gate, limits, http2, draining);
-                let _ = done.blocking_send(result);
-            })?;
+            let (draining, done, service) = (draining.clone(), done.clone(), service.clone());
+            std::thread::Builder::new()
+                .name(job.name.clone())
+                .spawn(move || {
+                    let result = serve_thread(job, service, limits, draining);
+                    let _ = done.blocking_send(result);
+                })?;
         }
         Ok(threads)
     }
@@ -187,25 +196,180 @@ impl HttpListeners {
     }
 }
 
-/// One HTTP thread: a single-threaded runtime serving one listener until
-/// `draining` turns true and its connections have finished.
-fn serve_thread(
+/// What one HTTP thread serves.
+struct Job {
+    name: String,
     listener: std::net::TcpListener,
     app: Router,
     gate: Arc<Gate>,
-    limits: HttpLimits,
     http2: bool,
+    /// The decision port's admission (shared by its threads); none on the
+    /// operations listener.
+    admission: Option<Arc<Admission>>,
+    /// The decision port's state, for the routes served without the router.
+    direct: Option<AppState>,
+}
+
+/// One HTTP thread: a single-threaded runtime serving one listener until
+/// `draining` turns true and its connections have finished.
+fn serve_thread(
+    job: Job,
+    service: Service,
+    limits: HttpLimits,
     draining: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    let Job {
+        listener,
+        app,
+        gate,
+        http2,
+        admission,
+        direct,
+        ..
+    } = job;
+    // This thread's own measure of how far behind it is.
+    let lag = admission
+        .as_ref()
+        .filter(|a| !a.limits().queue_deadline.is_zero())
+        .map(|_| Lag::new());
+    let admitted = Admitted {
+        inner: TowerToHyperService::new(app),
+        direct,
+        admission: admission.map(|admission| AdmissionState {
+            admission,
+            lag: lag.clone(),
+            service,
+        }),
+    };
     accept_loop(
         listener,
         gate,
+        lag,
         draining,
         "HTTP",
         move |stream, ticket, draining| {
-            serve_connection(stream, ticket, app.clone(), limits.clone(), http2, draining)
+            serve_connection(
+                stream,
+                ticket,
+                admitted.clone(),
+                limits.clone(),
+                http2,
+                draining,
+            )
         },
     )
+}
+
+/// The decision port's router behind overload admission: a request that
+/// would exceed `max_in_flight`, or that finds its thread further behind
+/// than `queue_deadline`, is answered at once with a 503 and
+/// `Retry-After`, and nothing is counted. Probes and metrics are never
+/// shed.
+#[derive(Clone)]
+struct Admitted {
+    inner: TowerToHyperService<Router>,
+    admission: Option<AdmissionState>,
+    /// On the decision port: `GET /v1/allow` is served without the router.
+    direct: Option<AppState>,
+}
+
+#[derive(Clone)]
+struct AdmissionState {
+    admission: Arc<Admission>,
+    lag: Option<Arc<Lag>>,
+    service: Service,
+}
+
+/// Paths that are never shed: a probe or a scrape under overload must
+/// still be answered.
+fn never_shed(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+}
+
+impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Admitted {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = AdmittedFuture;
+
+    fn call(&self, request: axum::http::Request<hyper::body::Incoming>) -> AdmittedFuture {
+        let in_flight = match &self.admission {
+            Some(a) if !never_shed(request.uri().path()) => {
+                match a.admission.admit(a.lag.as_deref()) {
+                    Ok(flight) => Some(flight),
+                    Err(shed) => {
+                        a.service.metrics().count_shed(Protocol::Http, shed.label());
+                        let retry_after = a.admission.retry_after_secs();
+                        return AdmittedFuture::Shed(Some(overloaded(shed, retry_after)));
+                    }
+                }
+            }
+            _ => None,
+        };
+        if let Some(state) = &self.direct {
+            if request.method() == axum::http::Method::GET && request.uri().path() == "/v1/allow" {
+                let query = request.uri().query().map(str::to_owned);
+                return AdmittedFuture::Direct {
+                    future: Box::pin(super::check::allow_direct(state.clone(), query)),
+                    _in_flight: in_flight,
+                };
+            }
+        }
+        AdmittedFuture::Admitted {
+            future: self.inner.call(request),
+            _in_flight: in_flight,
+        }
+    }
+}
+
+/// The answer to a shed request: 503, `Retry-After`, and the reason.
+fn overloaded(shed: Shed, retry_after: u64) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut response = super::ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        shed.message(retry_after),
+    )
+    .into_response();
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from(retry_after),
+    );
+    response
+}
+
+/// The future of [`Admitted`]: the router's or a direct route's, holding
+/// the request's place in flight until it is answered, or a ready 503.
+enum AdmittedFuture {
+    Admitted {
+        future: hyper_util::service::TowerToHyperServiceFuture<
+            Router,
+            axum::http::Request<hyper::body::Incoming>,
+        >,
+        /// Held, not read: the request's place in flight.
+        _in_flight: Option<InFlight>,
+    },
+    /// A route served without the router.
+    Direct {
+        future: Pin<Box<dyn std::future::Future<Output = axum::response::Response> + Send>>,
+        /// Held, not read: the request's place in flight.
+        _in_flight: Option<InFlight>,
+    },
+    Shed(Option<axum::response::Response>),
+}
+
+impl std::future::Future for AdmittedFuture {
+    type Output = Result<axum::response::Response, std::convert::Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut *self {
+            AdmittedFuture::Admitted { future, .. } => Pin::new(future).poll(cx),
+            AdmittedFuture::Direct { future, .. } => future.as_mut().poll(cx).map(Ok),
+            AdmittedFuture::Shed(response) => match response.take() {
+                Some(r) => Poll::Ready(Ok(r)),
+                // Polled again after it was ready: a bug of the caller's.
+                None => Poll::Pending,
+            },
+        }
+    }
 }
 
 /// Serves one connection until it closes, is idle too long, or the server
@@ -222,7 +386,7 @@ fn serve_thread(
 async fn serve_connection(
     stream: TcpStream,
     _ticket: Ticket,
-    app: Router,
+    app: Admitted,
     limits: HttpLimits,
     http2: bool,
     mut draining: watch::Receiver<bool>,
@@ -234,7 +398,7 @@ async fn serve_connection(
         start,
         activity: activity.clone(),
     });
-    let service = TowerToHyperService::new(app);
+    let service = app;
     // Both connection types have the same driving loop.
     macro_rules! drive {
         ($conn:expr) => {{

@@ -85,6 +85,7 @@ pub struct Metrics {
     latency: Arc<LatencyHistograms>,
     rejected: Arc<RejectCounters>,
     grpc_rejected: Arc<GrpcRejectCounters>,
+    shed: Arc<ShedCounters>,
 }
 
 impl Metrics {
@@ -94,11 +95,13 @@ impl Metrics {
         let latency = Arc::new(LatencyHistograms::default());
         let rejected = Arc::new(RejectCounters::default());
         let grpc_rejected = Arc::new(GrpcRejectCounters::default());
+        let shed = Arc::new(ShedCounters::default());
         let mut registry = Registry::with_prefix("drl");
         registry.register_collector(Box::new(decisions.clone()));
         registry.register_collector(Box::new(latency.clone()));
         registry.register_collector(Box::new(rejected.clone()));
         registry.register_collector(Box::new(grpc_rejected.clone()));
+        registry.register_collector(Box::new(shed.clone()));
         registry.register_collector(Box::new(NodeCollector { api }));
         Metrics {
             registry,
@@ -106,6 +109,7 @@ impl Metrics {
             latency,
             rejected,
             grpc_rejected,
+            shed,
         }
     }
 
@@ -145,6 +149,12 @@ impl Metrics {
     /// (`invalid_argument`, `unavailable`, ...).
     pub fn count_grpc_rejected(&self, code: &str) {
         self.grpc_rejected.count(code);
+    }
+
+    /// Counts a request shed by overload admission on `protocol`'s
+    /// listener, by reason (`in_flight`, `queue`).
+    pub fn count_shed(&self, protocol: Protocol, reason: &str) {
+        self.shed.count(protocol, reason);
     }
 
     /// Counts a request refused before any decision, by HTTP status.
@@ -480,6 +490,50 @@ impl prometheus_client::collector::Collector for GrpcRejectCounters {
             let code = GRPC_REJECT_CODES.get(i).copied().unwrap_or("other");
             let labels = [("code", code)];
             ConstCounter::new(c.load(Ordering::Relaxed)).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `reason` labels of `drl_shed_total`.
+const SHED_REASONS: [&str; 2] = ["in_flight", "queue"];
+
+/// Requests shed by overload admission, by protocol and reason.
+#[derive(Default)]
+pub struct ShedCounters {
+    counts: [[AtomicU64; SHED_REASONS.len()]; PROTOCOL_COUNT],
+}
+
+impl ShedCounters {
+    fn count(&self, protocol: Protocol, reason: &str) {
+        let r = SHED_REASONS
+            .iter()
+            .position(|&c| c == reason)
+            .unwrap_or(SHED_REASONS.len() - 1);
+        self.counts[protocol.index()][r].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for ShedCounters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShedCounters").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for ShedCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "shed",
+            "Requests (RESP: commands) answered at once without a decision because the listener was overloaded (HTTP 503, gRPC UNAVAILABLE, RESP TRYAGAIN), by protocol and reason: in_flight (max_in_flight reached) or queue (waited longer than queue_deadline).",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in PROTOCOLS {
+            for (i, reason) in SHED_REASONS.iter().enumerate() {
+                let labels = [("protocol", p.label()), ("reason", reason)];
+                ConstCounter::new(self.counts[p.index()][i].load(Ordering::Relaxed))
+                    .encode(family.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -121,6 +121,8 @@ pub struct NodeFile {
     /// Most distinct request-defined limits (parameter sets) a node tracks
     /// at once.
     pub request_parameter_sets_max: usize,
+    /// `[overload]`: admission of the decision listeners (HTTP, gRPC, RESP).
+    pub overload: crate::listen::OverloadFile,
 }
 
 impl Default for NodeFile {
@@ -167,6 +169,7 @@ impl Default for NodeFile {
             request_limit_max: 1_000_000,
             request_window_max: "1d".into(),
             request_parameter_sets_max: 10_000,
+            overload: Default::default(),
         }
     }
 }

@@ -12,7 +12,15 @@ pub fn simple(out: &mut Vec<u8>, text: &str) {
 /// `-ERR text\r\n`; CR and LF in `text` become spaces, so that a message
 /// that quotes client input cannot break the framing.
 pub fn error(out: &mut Vec<u8>, text: &str) {
-    out.extend_from_slice(b"-ERR ");
+    error_with(out, "ERR", text);
+}
+
+/// `-CODE text\r\n` (`TRYAGAIN`: overloaded, retry later), framed as
+/// [`error`].
+pub fn error_with(out: &mut Vec<u8>, code: &str, text: &str) {
+    out.push(b'-');
+    out.extend_from_slice(code.as_bytes());
+    out.push(b' ');
     out.extend(
         text.bytes()
             .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),

@@ -21,7 +21,11 @@ use tokio::sync::watch;
 use super::parse::{parse_command, FrameLimits, Parsed, ProtocolError, MAX_ARGS};
 use super::reply;
 use super::service::{Flow, RespService};
-use crate::listen::{accept_loop, reuseport_listener, serve_threads, Gate, Ticket};
+use crate::listen::{
+    accept_loop, reuseport_listener, serve_threads, Admission, AdmissionLimits, Gate, Lag, Shed,
+    Ticket,
+};
+use crate::metrics::Protocol;
 use crate::service::Service;
 
 /// What one client may hold of the RESP listener, and for how long.
@@ -88,29 +92,32 @@ impl RespListener {
 
     /// Starts one thread per listener. Each serves until `draining` turns
     /// true, lets every connection finish the batch it is answering, and
-    /// sends its result on `done`.
+    /// sends its result on `done`. `admission` sheds batches of commands
+    /// when the listener is overloaded (`-TRYAGAIN` for each command).
     pub fn spawn(
         self,
         service: Service,
         limits: RespLimits,
+        admission: &AdmissionLimits,
         draining: watch::Receiver<bool>,
         done: tokio::sync::mpsc::Sender<io::Result<()>>,
     ) -> io::Result<usize> {
         let service = RespService::new(service);
         let gate = Arc::new(Gate::new(limits.max_connections, limits.max_per_source));
+        let admission = Admission::new(admission.clone());
         let threads = self.listeners.len();
         for (i, listener) in self.listeners.into_iter().enumerate() {
-            let (service, limits, draining, done, gate) = (
-                service.clone(),
-                limits.clone(),
-                draining.clone(),
-                done.clone(),
-                gate.clone(),
-            );
+            let edge = Edge {
+                service: service.clone(),
+                limits: limits.clone(),
+                admission: admission.clone(),
+                lag: (!admission.limits().queue_deadline.is_zero()).then(Lag::new),
+            };
+            let (draining, done, gate) = (draining.clone(), done.clone(), gate.clone());
             std::thread::Builder::new()
                 .name(format!("drl-resp-{i}"))
                 .spawn(move || {
-                    let result = serve_thread(listener, service, gate, limits, draining);
+                    let result = serve_thread(listener, edge, gate, draining);
                     let _ = done.blocking_send(result);
                 })?;
         }
@@ -118,33 +125,50 @@ impl RespListener {
     }
 }
 
+/// What every connection of one RESP thread shares.
+#[derive(Clone)]
+struct Edge {
+    service: RespService,
+    limits: RespLimits,
+    admission: Arc<Admission>,
+    /// This thread's measure of how far behind it is (none without a
+    /// queue deadline).
+    lag: Option<Arc<Lag>>,
+}
+
 fn serve_thread(
     listener: std::net::TcpListener,
-    service: RespService,
+    edge: Edge,
     gate: Arc<Gate>,
-    limits: RespLimits,
     draining: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    let lag = edge.lag.clone();
     accept_loop(
         listener,
         gate,
+        lag,
         draining,
         "RESP",
-        move |stream, ticket, draining| {
-            serve_connection(stream, ticket, service.clone(), limits.clone(), draining)
-        },
+        move |stream, ticket, draining| serve_connection(stream, ticket, edge.clone(), draining),
     )
 }
 
 /// Serves one connection until the client closes it or sends `QUIT`, a
-/// protocol error, the idle timeout, or the server drains.
+/// protocol error, the idle timeout, or the server drains. A batch read
+/// while the listener is overloaded is answered at once with one
+/// `-TRYAGAIN` per command, and nothing is counted.
 async fn serve_connection(
     mut stream: TcpStream,
     _ticket: Ticket,
-    service: RespService,
-    limits: RespLimits,
+    edge: Edge,
     mut draining: watch::Receiver<bool>,
 ) {
+    let Edge {
+        service,
+        limits,
+        admission,
+        lag,
+    } = edge;
     let mut conn = Connection::new(limits.frame);
     loop {
         let read = tokio::select! {
@@ -155,7 +179,16 @@ async fn serve_connection(
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
             Ok(Ok(_)) => {}
         }
-        let flow = conn.answer(&service).await;
+        let flow = match admission.admit(lag.as_deref()) {
+            Ok(_in_flight) => conn.answer(&service).await,
+            Err(shed) => {
+                let metrics = service.service().metrics();
+                for _ in 0..conn.shed(shed, admission.retry_after_secs()) {
+                    metrics.count_shed(Protocol::Resp, shed.label());
+                }
+                Flow::Continue
+            }
+        };
         if !conn.out.is_empty() {
             let write = tokio::time::timeout(limits.idle_timeout, stream.write_all(&conn.out));
             if !matches!(write.await, Ok(Ok(()))) {
@@ -264,6 +297,45 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Answers every whole command received with `-TRYAGAIN` and the
+    /// reason, running none; returns how many. A protocol error is left
+    /// for the next batch that is answered.
+    pub fn shed(&mut self, shed: Shed, retry_after_secs: u64) -> usize {
+        let message = shed.message(retry_after_secs);
+        let mut n = 0;
+        while let Ok(Parsed::Command { len }) =
+            parse_command(&self.input[self.start..], &self.limits, &mut self.args)
+        {
+            reply::error_with(&mut self.out, "TRYAGAIN", &message);
+            self.start += len;
+            n += 1;
+        }
+        n
+    }
+}
+
 fn protocol_error(out: &mut Vec<u8>, e: &ProtocolError) {
     reply::error(out, &format!("Protocol error: {e}"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shed_batch_answers_every_whole_command_with_tryagain_and_runs_none() {
+        let mut c = Connection::new(FrameLimits::default());
+        c.receive(b"*1\r\n$4\r\nPING\r\n*2\r\n$4\r\nECHO\r\n$1\r\na\r\n*1\r\n$4\r\nPI");
+        assert_eq!(c.shed(Shed::Queue, 1), 2);
+        let out = String::from_utf8(c.out.clone()).unwrap();
+        assert_eq!(out.matches("-TRYAGAIN overloaded: ").count(), 2, "{out}");
+        assert!(out.contains("retry after 1 s"), "{out}");
+        assert!(!out.contains("PONG"));
+        // The unfinished command waits for its end, and is answered alone.
+        c.out.clear();
+        c.receive(b"NG\r\n");
+        assert_eq!(c.shed(Shed::InFlight, 2), 1);
+        assert!(String::from_utf8_lossy(&c.out).contains("max_in_flight"));
+    }
 }

@@ -42,6 +42,11 @@ impl RespService {
         }
     }
 
+    /// The node's shared service.
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
     /// One check through the node's decision path, counted under the
     /// `resp` protocol label.
     async fn decide(&self, check: Check<'_>) -> Result<Decision, CheckError> {
@@ -134,7 +139,7 @@ impl RespService {
                 Some(values) => reply::integers(out, &values),
                 None => reply::error(out, "CL.THROTTLE: no limit decided"),
             },
-            Err(e) => check_error(out, &e),
+            Err(e) => reply::error(out, &self.service.describe_check_error(&e)),
         }
     }
 
@@ -191,7 +196,7 @@ impl RespService {
         };
         match self.decide(Check::new(d, cost)).await {
             Ok(decision) => reply::integers(out, &check_reply(&decision)),
-            Err(e) => check_error(out, &e),
+            Err(e) => reply::error(out, &self.service.describe_check_error(&e)),
         }
     }
 }
@@ -219,10 +224,6 @@ pub fn check_reply(decision: &Decision) -> [i64; 5] {
         ],
         Outcome::Never => [0, limit, remaining, -1, ms(q.reset_after)],
     }
-}
-
-fn check_error(out: &mut Vec<u8>, e: &CheckError) {
-    reply::error(out, &e.to_string());
 }
 
 fn arity(out: &mut Vec<u8>, command: &str) {

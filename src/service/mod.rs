@@ -79,6 +79,19 @@ impl Service {
         result
     }
 
+    /// What a refused check is told: the error, and for a request outside
+    /// the `endpoints` allow-list also the rules file the list is in (the
+    /// error names its line), so the one to edit is never a guess.
+    pub fn describe_check_error(&self, e: &CheckError) -> String {
+        match e {
+            CheckError::UnknownEndpoint(_) => format!(
+                "{e} (rules file: {}; GET /v1/rules shows the rules in force)",
+                self.0.node.settings.rules.display()
+            ),
+            _ => e.to_string(),
+        }
+    }
+
     /// Counts a decision that stands, under the rule of its deciding limit,
     /// and what a rule in shadow mode would have denied (also logged).
     pub fn count(&self, protocol: Protocol, decision: &Decision) {
