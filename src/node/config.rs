@@ -88,6 +88,12 @@ pub struct NodeFile {
     /// How long a restarted node waits for every peer's answer; after it, a
     /// majority's answers are enough. Time alone never opens the gate.
     pub recovery_timeout: String,
+    /// The furthest this node's corrected clock may be from the cluster's
+    /// before it stops admitting (DESIGN.md, "Clocks"). Default 50ms.
+    pub max_clock_offset: String,
+    /// FOR TESTS ONLY: plays a node whose clock is this many milliseconds
+    /// off the operating system's (negative: behind). Default 0.
+    pub test_clock_offset_ms: i64,
     /// The cluster CA, this node's certificate and key (PEM).
     pub tls_ca: PathBuf,
     /// This node's certificate (PEM), signed by `tls_ca`.
@@ -145,6 +151,8 @@ impl Default for NodeFile {
             durability_interval: "1s".into(),
             data_dir: None,
             recovery_timeout: "3s".into(),
+            max_clock_offset: "50ms".into(),
+            test_clock_offset_ms: 0,
             tls_ca: PathBuf::from("certs/ca.pem"),
             tls_cert: PathBuf::from("certs/node-0.pem"),
             tls_key: PathBuf::from("certs/node-0-key.pem"),
@@ -213,6 +221,10 @@ pub struct NodeSettings {
     /// How long a restarted node waits for every peer before a majority's
     /// answers are enough.
     pub recovery_timeout: Nanos,
+    /// Beyond this offset from the cluster's time the node admits nothing.
+    pub max_clock_offset: Nanos,
+    /// For tests only: this node's clock is played this far off (ns).
+    pub test_clock_offset_ns: i64,
     /// The cluster CA (PEM).
     pub tls_ca: PathBuf,
     /// This node's certificate (PEM).
@@ -501,6 +513,8 @@ impl NodeFile {
             .map_err(|why| invalid("durability", why))?,
             data_dir: self.data_dir.as_ref().map(path),
             recovery_timeout: duration("recovery_timeout", &self.recovery_timeout)?,
+            max_clock_offset: duration("max_clock_offset", &self.max_clock_offset)?,
+            test_clock_offset_ns: self.test_clock_offset_ms.saturating_mul(1_000_000),
             tls_ca: path(&self.tls_ca),
             tls_cert: path(&self.tls_cert),
             tls_key: path(&self.tls_key),
