@@ -55,6 +55,27 @@ pub struct ClusterArgs {
     /// strict, available or bounded.
     #[arg(long, default_value = "strict")]
     pub share_policy: String,
+    /// FOR TESTS ONLY: `SLOT=MS` plays node SLOT with a clock MS
+    /// milliseconds off (negative: behind), to measure clock skew on real
+    /// processes. Hidden from --help.
+    #[arg(long = "test-clock-offset", hide = true, value_parser = slot_offset)]
+    pub test_clock_offset: Vec<(u16, i64)>,
+}
+
+/// `SLOT=MS`, e.g. `0=-250`.
+fn slot_offset(text: &str) -> Result<(u16, i64), String> {
+    let (slot, ms) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected SLOT=MS, e.g. 0=-250"))?;
+    let slot = slot
+        .trim()
+        .parse()
+        .map_err(|e| format!("slot {slot:?}: {e}"))?;
+    let ms = ms
+        .trim()
+        .parse()
+        .map_err(|e| format!("offset {ms:?}: {e}"))?;
+    Ok((slot, ms))
 }
 
 /// Random hex from the OS (a dev token and key seed, not key material).
@@ -172,7 +193,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
              key_seed = \"{seed}\"\n\
              admin_token = {token}\n\
              allow_dev_admin_token = true\n\
-             http2 = {http2}\n{resp}",
+             http2 = {http2}\n{resp}{skew}",
             name = toml_string(&name),
             name_raw = name,
             size = args.nodes,
@@ -185,6 +206,12 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
             resp = args.resp_base_port.map_or_else(String::new, |p| {
                 format!("resp_listen = \"127.0.0.1:{}\"\n", p + slot)
             }),
+            skew = args
+                .test_clock_offset
+                .iter()
+                .filter(|(s, _)| *s == slot)
+                .map(|(_, ms)| format!("test_clock_offset_ms = {ms}\n"))
+                .collect::<String>(),
         );
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, text)?;
@@ -582,6 +609,7 @@ mod tests {
             http2: false,
             admin_token: Some("tok".into()),
             share_policy: "strict".into(),
+            test_clock_offset: Vec::new(),
         }
     }
 
