@@ -60,6 +60,10 @@ pub struct ClusterArgs {
     /// processes. Hidden from --help.
     #[arg(long = "test-clock-offset", hide = true, value_parser = slot_offset)]
     pub test_clock_offset: Vec<(u16, i64)>,
+    /// FOR TESTS ONLY: every node leaves its clock uncorrected (the earlier
+    /// design, to compare with). Hidden from --help.
+    #[arg(long = "test-clock-uncorrected", hide = true)]
+    pub test_clock_uncorrected: bool,
 }
 
 /// `SLOT=MS`, e.g. `0=-250`.
@@ -211,6 +215,10 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
                 .iter()
                 .filter(|(s, _)| *s == slot)
                 .map(|(_, ms)| format!("test_clock_offset_ms = {ms}\n"))
+                .chain(
+                    args.test_clock_uncorrected
+                        .then(|| "test_clock_uncorrected = true\n".to_owned()),
+                )
                 .collect::<String>(),
         );
         let path = dir.join(format!("{name}.toml"));
@@ -610,6 +618,7 @@ mod tests {
             admin_token: Some("tok".into()),
             share_policy: "strict".into(),
             test_clock_offset: Vec::new(),
+            test_clock_uncorrected: false,
         }
     }
 

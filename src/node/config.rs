@@ -94,6 +94,9 @@ pub struct NodeFile {
     /// FOR TESTS ONLY: plays a node whose clock is this many milliseconds
     /// off the operating system's (negative: behind). Default 0.
     pub test_clock_offset_ms: i64,
+    /// FOR TESTS ONLY: leave the clock uncorrected and the clock gate open
+    /// (the earlier design, to compare with). Default false.
+    pub test_clock_uncorrected: bool,
     /// The cluster CA, this node's certificate and key (PEM).
     pub tls_ca: PathBuf,
     /// This node's certificate (PEM), signed by `tls_ca`.
@@ -153,6 +156,7 @@ impl Default for NodeFile {
             recovery_timeout: "3s".into(),
             max_clock_offset: "50ms".into(),
             test_clock_offset_ms: 0,
+            test_clock_uncorrected: false,
             tls_ca: PathBuf::from("certs/ca.pem"),
             tls_cert: PathBuf::from("certs/node-0.pem"),
             tls_key: PathBuf::from("certs/node-0-key.pem"),
@@ -225,6 +229,8 @@ pub struct NodeSettings {
     pub max_clock_offset: Nanos,
     /// For tests only: this node's clock is played this far off (ns).
     pub test_clock_offset_ns: i64,
+    /// For tests only: no clock correction, no clock gate.
+    pub test_clock_uncorrected: bool,
     /// The cluster CA (PEM).
     pub tls_ca: PathBuf,
     /// This node's certificate (PEM).
@@ -515,6 +521,7 @@ impl NodeFile {
             recovery_timeout: duration("recovery_timeout", &self.recovery_timeout)?,
             max_clock_offset: duration("max_clock_offset", &self.max_clock_offset)?,
             test_clock_offset_ns: self.test_clock_offset_ms.saturating_mul(1_000_000),
+            test_clock_uncorrected: self.test_clock_uncorrected,
             tls_ca: path(&self.tls_ca),
             tls_cert: path(&self.tls_cert),
             tls_key: path(&self.tls_key),

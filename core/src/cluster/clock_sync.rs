@@ -17,10 +17,11 @@
 //! corrected clock (a clock step, a node that just started with a wrong
 //! clock), the node admits nothing ([`crate::limiter::Limiter::set_clock_in_bounds`]);
 //! it reopens once the offset is back within half the bound (hysteresis,
-//! so that it does not flap at the edge). A node connected to live peers
-//! none of which it has measured yet stays closed (its clock has not been
-//! compared with anything); a node with no live peer has nothing to
-//! compare with and stays open.
+//! so that it does not flap at the edge). A node that has measured no peer
+//! yet has nothing to compare with and stays open: closing it until the
+//! first acknowledgement made every node unavailable for a sync interval
+//! at start and changed no measured figure (a node that starts recovers
+//! its counts from its peers first, and measures them meanwhile).
 //!
 //! Calling order: [`ClockDiscipline::handle_timeout`] on every timer tick
 //! of the node, with the *raw* (uncorrected) time.
@@ -109,11 +110,8 @@ impl ClockDiscipline {
             }
         }
         let bound = self.max_offset.as_u64();
-        let unmeasured = repl.peers().values().any(|p| p.live && p.connected);
         let in_bounds = match offset {
-            // Connected to peers, none measured yet: this clock has not
-            // been compared with the cluster's, so it is not trusted.
-            None => !unmeasured,
+            None => true,
             Some(e) if self.status.in_bounds => e.unsigned_abs() <= bound,
             Some(e) => e.unsigned_abs() <= bound / 2,
         };
