@@ -17,7 +17,7 @@
 #
 # Usage: scripts/skew.sh
 # Environment: DRL (binary; default target/release/drl, else
-# target/debug/drl), OFFSETS ("250 -250 500 -500"), SECONDS (10), KEYS (4),
+# target/debug/drl), OFFSETS ("250 -250 500 -500"), RUN_SECONDS (10), KEYS (4),
 # BASE_PORT (18700), MODES ("corrected uncorrected").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ fi
 [ -x "$DRL" ] || { echo "no drl binary at $DRL (cargo build --release)" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "python3 is required" >&2; exit 1; }
 OFFSETS=${OFFSETS:-"250 -250 500 -500"}
-SECONDS_RUN=${SECONDS:-10}
+SECONDS_RUN=${RUN_SECONDS:-10}
 KEYS=${KEYS:-4}
 BASE_PORT=${BASE_PORT:-18700}
 MODES=${MODES:-"corrected uncorrected"}
