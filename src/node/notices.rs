@@ -130,6 +130,18 @@ mod tests {
     }
 
     #[test]
+    fn a_node_off_the_cluster_clock_says_how_far_and_what_to_check() {
+        let mut status = NodeStatus::default();
+        assert_eq!(waiting_reason(&settings(3, &["a:1"]), &status, true), None);
+        status.clock.in_bounds = false;
+        status.clock.offset_ns = Some(-320_000_000);
+        let why = waiting_reason(&settings(3, &["a:1"]), &status, false).unwrap();
+        assert!(why.contains("+320.0 ms off"), "{why}");
+        assert!(why.contains("max_clock_offset (50 ms)"), "{why}");
+        assert!(why.contains("chrony"), "{why}");
+    }
+
+    #[test]
     fn a_lone_node_with_the_default_size_is_told_what_to_change() {
         let why = waiting_reason(&settings(3, &[]), &NodeStatus::default(), false).unwrap();
         assert!(why.contains("cluster_size is 3"), "{why}");

@@ -46,8 +46,9 @@ pub const DEFAULT_MAX_CLOCK_OFFSET: Nanos = Nanos::from_millis(50);
 /// every clock wander with it (measured: docs/report.md, "Clock skew").
 pub const DEADBAND: Nanos = Nanos::from_millis(2);
 
-/// Where this node's clock stands against the cluster's.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Where this node's clock stands against the cluster's. The default is
+/// a node that has measured nothing yet: no offset, no correction, open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClockStatus {
     /// The cluster's time minus this node's corrected time (ns); `None`
     /// before any peer has been measured.
@@ -56,6 +57,16 @@ pub struct ClockStatus {
     pub correction_ns: i64,
     /// The clock gate is open: the node may admit.
     pub in_bounds: bool,
+}
+
+impl Default for ClockStatus {
+    fn default() -> Self {
+        ClockStatus {
+            offset_ns: None,
+            correction_ns: 0,
+            in_bounds: true,
+        }
+    }
 }
 
 /// The steering state of one node's clock correction.
@@ -75,10 +86,7 @@ impl ClockDiscipline {
             correction,
             max_offset,
             applied: 0,
-            status: ClockStatus {
-                in_bounds: true,
-                ..ClockStatus::default()
-            },
+            status: ClockStatus::default(),
         }
     }
 
