@@ -217,7 +217,7 @@ fn hot_key(c: &mut Criterion) {
     let mut group = c.benchmark_group("decision/hot_key");
     configure(&mut group);
     let user = "user-00000042";
-    let now = SystemClock.now();
+    let now = SystemClock::raw().now();
 
     // Fresh limiters per run: a frozen clock never frees quota, so each stays
     // far below its 10⁹ hits.
@@ -317,7 +317,7 @@ fn hot_key(c: &mut Criterion) {
 
 fn random_keys(c: &mut Criterion, count: usize, label: &str) {
     let keys: Vec<String> = (0..count).map(|i| format!("user-{i:08}")).collect();
-    let now = SystemClock.now();
+    let now = SystemClock::raw().now();
     let mut group = c.benchmark_group(format!("decision/random_{label}"));
     configure(&mut group);
 

@@ -44,7 +44,7 @@ fn limiter(overrides: usize) -> Limiter {
 }
 
 fn rule_scale(c: &mut Criterion) {
-    let now = SystemClock.now();
+    let now = SystemClock::raw().now();
     let one = limiter(0);
     let many = limiter(CUSTOMERS);
     let mut group = c.benchmark_group("rule_scale");

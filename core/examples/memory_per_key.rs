@@ -349,7 +349,7 @@ fn fill_drl(users: &[String], rule: &str, nodes: usize, load: Load) -> Limiter {
         ..LimiterConfig::default()
     };
     let limiter = Limiter::new(rules, config).expect("example limiter builds");
-    let now = SystemClock.now();
+    let now = SystemClock::raw().now();
     for user in users {
         let fields = [("user", user.as_str())];
         let d = Descriptors::new(&fields).expect("valid user");

@@ -37,6 +37,7 @@
 //!   state machine (`cluster::node_core`) and its parts, and (feature
 //!   `harness`) an in-memory cluster on virtual time.
 //! - [`clock`]: the one reader of real time.
+//! - [`corrected`]: a clock correction toward the cluster's time, slewed.
 //!
 //! # Example
 //!
@@ -63,6 +64,7 @@ pub mod algorithm;
 pub mod clock;
 #[cfg(feature = "cluster")]
 pub mod cluster;
+pub mod corrected;
 pub mod decide;
 pub mod descriptor;
 pub mod fields;

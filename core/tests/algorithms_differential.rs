@@ -16,6 +16,10 @@ use drl_core::window::{BucketWindow, WindowCounts};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
+#[path = "exact/meters.rs"]
+mod meters;
+use meters::{Exact, ExactGcra, ExactLeakyBucket, ExactTokenBucket};
+
 fn config(default: u32) -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
@@ -456,120 +460,19 @@ impl DrainParams {
     }
     fn reference(&self, start: u64) -> Box<dyn Exact> {
         match self.kind {
-            Drain::TokenBucket => Box::new(ExactTokenBucket::new(self, start)),
-            Drain::LeakyBucket => Box::new(ExactLeakyBucket::new(self)),
-            Drain::Gcra => Box::new(ExactGcra::new(self)),
+            Drain::TokenBucket => Box::new(ExactTokenBucket::new(
+                self.capacity,
+                self.amount,
+                self.period,
+                start,
+            )),
+            Drain::LeakyBucket => Box::new(ExactLeakyBucket::new(
+                self.capacity,
+                self.amount,
+                self.period,
+            )),
+            Drain::Gcra => Box::new(ExactGcra::new(self.capacity, self.amount, self.period)),
         }
-    }
-}
-
-/// An exact, continuous-time meter in integer arithmetic.
-trait Exact {
-    fn allows(&self, now: u64, cost: u32) -> bool;
-    fn admit(&mut self, now: u64, cost: u32);
-}
-
-/// Tokens (scaled by the period), refilled by `amount` per nanosecond.
-struct ExactTokenBucket {
-    per_token: u128,
-    amount: u128,
-    cap: u128,
-    tokens: u128,
-    last: u64,
-}
-
-impl ExactTokenBucket {
-    fn new(p: &DrainParams, start: u64) -> Self {
-        ExactTokenBucket {
-            per_token: p.per_token(),
-            amount: u128::from(p.amount),
-            cap: p.cap_scaled(),
-            tokens: p.cap_scaled(),
-            last: start,
-        }
-    }
-    fn tokens_at(&self, now: u64) -> u128 {
-        (self.tokens + self.amount * u128::from(now - self.last)).min(self.cap)
-    }
-}
-
-impl Exact for ExactTokenBucket {
-    fn allows(&self, now: u64, cost: u32) -> bool {
-        self.tokens_at(now) >= u128::from(cost) * self.per_token
-    }
-    fn admit(&mut self, now: u64, cost: u32) {
-        self.tokens = self.tokens_at(now) - u128::from(cost) * self.per_token;
-        self.last = now;
-    }
-}
-
-/// A bucket that leaks `amount` per nanosecond (scaled); a request pours in.
-struct ExactLeakyBucket {
-    per_token: u128,
-    amount: u128,
-    cap: u128,
-    level: u128,
-    last: u64,
-}
-
-impl ExactLeakyBucket {
-    fn new(p: &DrainParams) -> Self {
-        ExactLeakyBucket {
-            per_token: p.per_token(),
-            amount: u128::from(p.amount),
-            cap: p.cap_scaled(),
-            level: 0,
-            last: 0,
-        }
-    }
-    fn level_at(&self, now: u64) -> u128 {
-        self.level
-            .saturating_sub(self.amount * u128::from(now.saturating_sub(self.last)))
-    }
-}
-
-impl Exact for ExactLeakyBucket {
-    fn allows(&self, now: u64, cost: u32) -> bool {
-        self.level_at(now) + u128::from(cost) * self.per_token <= self.cap
-    }
-    fn admit(&mut self, now: u64, cost: u32) {
-        self.level = self.level_at(now) + u128::from(cost) * self.per_token;
-        self.last = now;
-    }
-}
-
-/// GCRA, virtual scheduling: a theoretical arrival time, emission interval
-/// `period / amount`, tolerance `burst` intervals. Times are multiplied by
-/// `amount` so the interval is the integer `period`.
-struct ExactGcra {
-    amount: u128,
-    interval: u128,
-    tolerance: u128,
-    tat: u128,
-}
-
-impl ExactGcra {
-    fn new(p: &DrainParams) -> Self {
-        ExactGcra {
-            amount: u128::from(p.amount),
-            interval: u128::from(p.period),
-            tolerance: u128::from(p.capacity) * u128::from(p.period),
-            tat: 0,
-        }
-    }
-    fn next_tat(&self, now: u64, cost: u32) -> (u128, u128) {
-        let now = u128::from(now) * self.amount;
-        (now, self.tat.max(now) + u128::from(cost) * self.interval)
-    }
-}
-
-impl Exact for ExactGcra {
-    fn allows(&self, now: u64, cost: u32) -> bool {
-        let (now, tat) = self.next_tat(now, cost);
-        tat - now <= self.tolerance
-    }
-    fn admit(&mut self, now: u64, cost: u32) {
-        self.tat = self.next_tat(now, cost).1;
     }
 }
 
@@ -923,7 +826,7 @@ fn drain_meters_admit_at_least_seven_eighths_of_an_exact_bucket() {
             let mean_gap = period / u64::from(amount) / 2;
             let start = T0 + rng.up_to(SECOND - 1);
             let mut h = Harness::new(alg.as_ref());
-            let mut exact = ExactTokenBucket::new(&p, start);
+            let mut exact = ExactTokenBucket::new(p.capacity, p.amount, p.period, start);
             let (mut ours, mut theirs) = (0u64, 0u64);
             let mut now = start;
             while now < start + 30 * SECOND {

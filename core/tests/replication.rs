@@ -330,7 +330,10 @@ fn random_bytes_never_panic_the_replicator() {
 
 #[test]
 fn clock_offsets_between_nodes_are_estimated() {
-    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(100_000, "1h"), 9)).unwrap();
+    // Raw estimates: with the clocks left uncorrected.
+    let mut spec = ClusterSpec::new(3, &rules(100_000, "1h"), 9);
+    spec.max_clock_offset = None;
+    let mut c = MemCluster::new(spec).unwrap();
     c.set_skew(1, 50_000_000);
     c.set_skew(2, -20_000_000);
     for i in 0..300u64 {
@@ -774,5 +777,37 @@ fn non_transitive_cut_probe() {
             "{name}: admitted per window {:?} (limit 100)",
             windows.values().collect::<Vec<_>>()
         );
+    }
+}
+
+#[test]
+fn corrected_clocks_converge_on_the_median_and_a_far_clock_stops_admitting_until_then() {
+    // Node 1 starts 300 ms ahead, node 2 20 ms behind: the median clock is
+    // node 0's, so node 1 must slew back 300 ms (half a second per second)
+    // and node 2 jump forward 20 ms.
+    let mut spec = ClusterSpec::new(3, &rules(100_000, "1h"), 9);
+    spec.clock_offsets = vec![0, 300_000_000, -20_000_000];
+    let mut c = MemCluster::new(spec).unwrap();
+    let mut refused_at_1 = 0;
+    for i in 0..600u64 {
+        let user = format!("u{}", i % 10);
+        if c.check((i % 3) as usize, &[("user", &user)], 1).is_err() {
+            refused_at_1 += usize::from(i % 3 == 1);
+        }
+        c.advance(Nanos::from_millis(2));
+    }
+    // 300 ms is beyond max_clock_offset (50 ms): node 1 admitted nothing
+    // until its correction brought it within 25 ms (about 0.55 s).
+    assert!(refused_at_1 > 50, "node 1 refused only {refused_at_1}");
+    assert!(c.clock_status(0).offset_ns.is_some());
+    let near = |got: i64, want: i64| (got - want).abs() < 2_000_000;
+    let st: Vec<_> = (0..3).map(|n| c.clock_status(n)).collect();
+    assert!(near(st[0].correction_ns, 0), "{st:?}");
+    assert!(near(st[1].correction_ns, -300_000_000), "{st:?}");
+    assert!(near(st[2].correction_ns, 20_000_000), "{st:?}");
+    assert!(st.iter().all(|s| s.in_bounds), "{st:?}");
+    // Once corrected, every node admits again.
+    for n in 0..3 {
+        assert!(c.check(n, &[("user", "late")], 1).is_ok(), "node {n}");
     }
 }

@@ -13,7 +13,7 @@ use drl_core::time::Nanos;
 use crate::oracle::{overshoot, percentile};
 use crate::probe::ProbeKind;
 use crate::run::{RunOutput, Served};
-use crate::scenario::{LimitSpec, Scenario};
+use crate::scenario::Scenario;
 
 pub type Figures = BTreeMap<String, f64>;
 
@@ -152,12 +152,8 @@ fn key_stats(s: &Scenario, out: &RunOutput, records: &[u32]) -> KeyStats {
     k.baseline_samples = b.samples;
     k.baseline_excess = b.excess;
     k.algo_overshoot = max_in_window(&refused, period) as f64 / quota as f64;
-    let denominator = match *spec {
-        LimitSpec::TokenBucket {
-            capacity,
-            refill,
-            per,
-        } => {
+    let denominator = match spec.envelope() {
+        Some((capacity, refill, per)) => {
             let envelope =
                 capacity as f64 + refill as f64 * s.duration.as_u64() as f64 / per.as_u64() as f64;
             (k.requests as f64).min(envelope)

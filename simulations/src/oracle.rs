@@ -6,9 +6,14 @@
 //! - sliding window: every window `(t − w, t]` ending at an admission
 //!   instant (an exact sliding log, not the counter's estimate);
 //! - fixed window: every aligned window `[k·w, (k+1)·w)`;
-//! - token bucket: the burst-plus-rate envelope, `admitted in (s, t] ≤
-//!   capacity + rate·(t − s)` for every `s < t`, whose worst `s` Lindley's
-//!   recursion finds exactly (debt `D ← max(0, D − rate·Δt) + 1`).
+//! - token bucket, leaky bucket and GCRA: the burst-plus-rate envelope,
+//!   `admitted in (s, t] ≤ capacity + rate·(t − s)` for every `s < t`, whose
+//!   worst `s` Lindley's recursion finds exactly (debt `D ← max(0, D −
+//!   rate·Δt) + 1`). All three meters enforce that envelope: the leaky
+//!   bucket (as a meter) with its capacity and leak rate, GCRA with its
+//!   burst as the capacity and `limit` per `per` as the rate. The property
+//!   tests below hold the greedy limiter of the envelope to the exact
+//!   continuous-time references the algorithms' own differential tests use.
 //!
 //! Overshoot is reported per *(key, period)*: the worst window ending in each
 //! aligned period (of length `w`, or `per` for the bucket) that saw an
@@ -18,6 +23,8 @@
 //! constraints) drops exactly that many.
 
 use std::collections::VecDeque;
+
+use drl_core::time::Nanos;
 
 use crate::scenario::LimitSpec;
 
@@ -36,12 +43,79 @@ pub fn overshoot(spec: &LimitSpec, times: &[u64]) -> KeyOvershoot {
     match *spec {
         LimitSpec::Sliding { limit, window, .. } => sliding(limit, window.as_u64(), times),
         LimitSpec::Fixed { limit, window } => fixed(limit, window.as_u64(), times),
-        LimitSpec::TokenBucket {
-            capacity,
-            refill,
-            per,
-        } => bucket(capacity, refill, per.as_u64(), times),
+        LimitSpec::TokenBucket { .. } | LimitSpec::LeakyBucket { .. } | LimitSpec::Gcra { .. } => {
+            let (capacity, rate, per) = spec.envelope().unwrap_or((0, 0, Nanos::new(1)));
+            bucket(capacity, rate, per.as_u64().max(1), times)
+        }
     }
+}
+
+/// What an exact single limiter of `spec`, seeing every arrival of one key
+/// at once (one hit each, in order), admits: `true` per arrival it keeps.
+/// The greedy choice (keep each arrival that fits among the kept ones) is
+/// the limiter's own decision, and the `excess` of [`overshoot`] is the
+/// count of `false` on an admitted history.
+pub fn exact_decisions(spec: &LimitSpec, times: &[u64]) -> Vec<bool> {
+    match *spec {
+        LimitSpec::Sliding { limit, window, .. } => {
+            let w = window.as_u64();
+            let mut kept: VecDeque<u64> = VecDeque::new();
+            times
+                .iter()
+                .map(|&t| {
+                    while kept.front().is_some_and(|&k| k + w <= t) {
+                        kept.pop_front();
+                    }
+                    let fits = (kept.len() as u64) < limit;
+                    if fits {
+                        kept.push_back(t);
+                    }
+                    fits
+                })
+                .collect()
+        }
+        LimitSpec::Fixed { limit, window } => {
+            let w = window.as_u64().max(1);
+            let mut current = (u64::MAX, 0u64);
+            times
+                .iter()
+                .map(|&t| {
+                    if current.0 != t / w {
+                        current = (t / w, 0);
+                    }
+                    let fits = current.1 < limit;
+                    current.1 += u64::from(fits);
+                    fits
+                })
+                .collect()
+        }
+        _ => {
+            let (capacity, rate, per) = spec.envelope().unwrap_or((0, 0, Nanos::new(1)));
+            bucket_decisions(capacity, rate, per.as_u64().max(1), times)
+        }
+    }
+}
+
+/// The greedy limiter of the burst-plus-rate envelope: debt in units of
+/// 1/per tokens (one hit is `per` units, `Δt` ns pay back `rate·Δt`).
+fn bucket_decisions(capacity: u64, rate: u64, per: u64, times: &[u64]) -> Vec<bool> {
+    let full = u128::from(capacity) * u128::from(per);
+    let (hit, rate) = (u128::from(per), u128::from(rate));
+    let mut kept_debt = 0u128;
+    let mut last: Option<u64> = None;
+    times
+        .iter()
+        .map(|&t| {
+            let dt = u128::from(t - last.unwrap_or(t));
+            last = Some(t);
+            kept_debt = kept_debt.saturating_sub(rate * dt);
+            let fits = kept_debt + hit <= full;
+            if fits {
+                kept_debt += hit;
+            }
+            fits
+        })
+        .collect()
 }
 
 /// Collects the worst value per period.
@@ -138,22 +212,19 @@ fn bucket(capacity: u64, refill: u64, per: u64, times: &[u64]) -> KeyOvershoot {
     let hit = u128::from(per);
     let rate = u128::from(refill);
     let mut samples = PerPeriod::new(per);
-    let (mut debt, mut kept_debt) = (0u128, 0u128);
+    let mut debt = 0u128;
     let mut last: Option<u64> = None;
-    let mut excess = 0;
     for &t in times {
         let dt = u128::from(t - last.unwrap_or(t));
         last = Some(t);
         debt = debt.saturating_sub(rate * dt) + hit;
         let over = debt.saturating_sub(full);
         samples.push(t, over as f64 / full.max(1) as f64);
-        kept_debt = kept_debt.saturating_sub(rate * dt);
-        if kept_debt + hit <= full {
-            kept_debt += hit;
-        } else {
-            excess += 1;
-        }
     }
+    let excess = bucket_decisions(capacity, refill, per, times)
+        .iter()
+        .filter(|&&kept| !kept)
+        .count() as u64;
     KeyOvershoot {
         samples: samples.finish(),
         excess,
@@ -170,9 +241,14 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 #[cfg(test)]
+#[path = "../../core/tests/exact/meters.rs"]
+mod meters;
+
+#[cfg(test)]
 mod tests {
+    use super::meters::{Exact, ExactGcra, ExactLeakyBucket, ExactTokenBucket};
     use super::*;
-    use drl_core::time::Nanos;
+    use proptest::prelude::*;
 
     const S: u64 = 1_000_000_000;
 
@@ -235,5 +311,99 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), 99.0);
         assert_eq!(percentile(&v, 1.0), 100.0);
         assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    /// Arrival times: bursts, spacing around the rate, idle gaps.
+    fn arrivals() -> impl Strategy<Value = Vec<u64>> {
+        let gap = prop_oneof![
+            4 => 0u64..2_000_000,
+            5 => 0u64..400_000_000,
+            1 => 0u64..5 * S,
+        ];
+        prop::collection::vec(gap, 1..300).prop_map(|gaps| {
+            let mut t = 1_000 * S;
+            gaps.iter()
+                .map(|g| {
+                    t += g;
+                    t
+                })
+                .collect()
+        })
+    }
+
+    /// The reference's own decisions on every arrival, one hit each.
+    fn reference_decisions(exact: &mut dyn Exact, times: &[u64]) -> Vec<bool> {
+        times
+            .iter()
+            .map(|&t| {
+                let fits = exact.allows(t, 1);
+                if fits {
+                    exact.admit(t, 1);
+                }
+                fits
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn drain_meters_decide_as_their_exact_references(
+            capacity in 1u32..=20,
+            amount in 1u32..=20,
+            per_ms in 1u64..=3_000,
+            times in arrivals(),
+        ) {
+            let per = per_ms * 1_000_000;
+            let first = times[0];
+            let cases: [(LimitSpec, Box<dyn Exact>); 3] = [
+                (
+                    LimitSpec::TokenBucket { capacity: capacity.into(), refill: amount.into(), per: Nanos::new(per) },
+                    Box::new(ExactTokenBucket::new(capacity, amount, per, first)),
+                ),
+                (
+                    LimitSpec::LeakyBucket { capacity: capacity.into(), leak: amount.into(), per: Nanos::new(per) },
+                    Box::new(ExactLeakyBucket::new(capacity, amount, per)),
+                ),
+                (
+                    LimitSpec::Gcra { limit: amount.into(), per: Nanos::new(per), burst: capacity.into() },
+                    Box::new(ExactGcra::new(capacity, amount, per)),
+                ),
+            ];
+            for (spec, mut exact) in cases {
+                let ours = exact_decisions(&spec, &times);
+                let theirs = reference_decisions(exact.as_mut(), &times);
+                prop_assert_eq!(&ours, &theirs, "{}", spec.name());
+                // The excess on a history is the count of arrivals the exact
+                // limiter refuses, and its admitted history has none.
+                let refused = ours.iter().filter(|&&k| !k).count() as u64;
+                prop_assert_eq!(overshoot(&spec, &times).excess, refused);
+                let kept: Vec<u64> = times.iter().zip(&ours).filter(|p| *p.1).map(|p| *p.0).collect();
+                let o = overshoot(&spec, &kept);
+                prop_assert_eq!(o.excess, 0);
+                prop_assert!(o.samples.iter().all(|&v| v == 0.0), "{:?}", o.samples);
+            }
+        }
+
+        #[test]
+        fn window_limiters_keep_their_admitted_history_within_the_limit(
+            limit in 1u64..=12,
+            window_ms in 1u64..=2_000,
+            times in arrivals(),
+        ) {
+            let window = Nanos::new(window_ms * 1_000_000);
+            for spec in [
+                LimitSpec::Sliding { limit, window, precision: 1 },
+                LimitSpec::Fixed { limit, window },
+            ] {
+                let ours = exact_decisions(&spec, &times);
+                let refused = ours.iter().filter(|&&k| !k).count() as u64;
+                prop_assert_eq!(overshoot(&spec, &times).excess, refused);
+                let kept: Vec<u64> = times.iter().zip(&ours).filter(|p| *p.1).map(|p| *p.0).collect();
+                prop_assert_eq!(overshoot(&spec, &kept).excess, 0);
+                prop_assert!(overshoot(&spec, &kept).samples.iter().all(|&v| v == 0.0));
+            }
+        }
     }
 }

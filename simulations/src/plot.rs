@@ -19,7 +19,7 @@ use plotters::prelude::*;
 use plotters::style::FontStyle;
 
 use crate::run::{RunOutput, Served};
-use crate::scenario::{FaultAction, LimitSpec, Scenario};
+use crate::scenario::{FaultAction, Scenario};
 
 pub const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const SIZE: (u32, u32) = (800, 400);
@@ -119,11 +119,9 @@ fn draw(
         Vec::new()
     };
     let quota = s.limit.quota() as f64;
-    let (limit_line, envelope) = match s.limit {
-        LimitSpec::TokenBucket {
-            capacity, refill, ..
-        } => (refill as f64, Some((capacity + refill) as f64)),
-        _ => (quota, None),
+    let (limit_line, envelope) = match s.limit.envelope() {
+        Some((capacity, refill, _)) => (refill as f64, Some((capacity + refill) as f64)),
+        None => (quota, None),
     };
     let peak = total
         .iter()

@@ -95,6 +95,19 @@ fn cluster_spec(s: &Scenario, seed: u64) -> ClusterSpec {
     spec.max_keys = s.max_keys.max(s.total_keys() + 1);
     spec.confirm = s.confirm;
     spec.whole_core = s.whole_core;
+    if !s.correct_clocks {
+        spec.max_clock_offset = None;
+    }
+    // A clock offset from the very start is the node's clock as it boots
+    // (its timers start on it), not a step while it runs.
+    for f in &s.faults {
+        if let FaultAction::Skew { node, offset_ns } = f.action {
+            if f.at == Nanos::ZERO {
+                spec.clock_offsets.resize(s.nodes, 0);
+                spec.clock_offsets[node] = offset_ns;
+            }
+        }
+    }
     spec
 }
 

@@ -36,6 +36,16 @@ pub enum LimitSpec {
         refill: u64,
         per: Nanos,
     },
+    /// A meter that holds `capacity` and leaks `leak` per `per`: the same
+    /// envelope as a token bucket of that capacity and refill.
+    LeakyBucket {
+        capacity: u64,
+        leak: u64,
+        per: Nanos,
+    },
+    /// `limit` per `per` with a tolerance of `burst` cells: the envelope of
+    /// a token bucket of capacity `burst` refilled by `limit` per `per`.
+    Gcra { limit: u64, per: Nanos, burst: u64 },
 }
 
 impl LimitSpec {
@@ -44,21 +54,40 @@ impl LimitSpec {
     pub fn quota(&self) -> u64 {
         match *self {
             LimitSpec::Sliding { limit, .. } | LimitSpec::Fixed { limit, .. } => limit,
-            LimitSpec::TokenBucket { capacity, .. } => capacity,
+            _ => self.envelope().map_or(0, |(capacity, _, _)| capacity),
         }
     }
     /// The period samples are grouped by and the limit refers to.
     pub fn period(&self) -> Nanos {
         match *self {
             LimitSpec::Sliding { window, .. } | LimitSpec::Fixed { window, .. } => window,
-            LimitSpec::TokenBucket { per, .. } => per,
+            _ => self.envelope().map_or(Nanos::ZERO, |(_, _, per)| per),
         }
     }
     /// What the limit admits per period in the long run.
     pub fn rate_per_period(&self) -> u64 {
         match *self {
             LimitSpec::Sliding { limit, .. } | LimitSpec::Fixed { limit, .. } => limit,
-            LimitSpec::TokenBucket { refill, .. } => refill,
+            _ => self.envelope().map_or(0, |(_, rate, _)| rate),
+        }
+    }
+    /// For the three drain meters, the burst-plus-rate envelope they all
+    /// enforce: `(capacity, rate, per)`, at most `capacity + rate·(t − s)/per`
+    /// hits in every `(s, t]`. `None` for the two window algorithms.
+    pub fn envelope(&self) -> Option<(u64, u64, Nanos)> {
+        match *self {
+            LimitSpec::TokenBucket {
+                capacity,
+                refill,
+                per,
+            } => Some((capacity, refill, per)),
+            LimitSpec::LeakyBucket {
+                capacity,
+                leak,
+                per,
+            } => Some((capacity, leak, per)),
+            LimitSpec::Gcra { limit, per, burst } => Some((burst, limit, per)),
+            LimitSpec::Sliding { .. } | LimitSpec::Fixed { .. } => None,
         }
     }
     pub fn name(&self) -> &'static str {
@@ -66,6 +95,8 @@ impl LimitSpec {
             LimitSpec::Sliding { .. } => "sliding_window",
             LimitSpec::Fixed { .. } => "fixed_window",
             LimitSpec::TokenBucket { .. } => "token_bucket",
+            LimitSpec::LeakyBucket { .. } => "leaky_bucket",
+            LimitSpec::Gcra { .. } => "gcra",
         }
     }
 }
@@ -203,6 +234,10 @@ pub struct Scenario {
     /// file; by default on for scenarios that crash, restart, partition or
     /// cut links, off for the others.
     pub whole_core: bool,
+    /// Steer every node's clock toward the cluster's (the design in force);
+    /// `correct_clocks = false` in the file leaves clocks as they are (the
+    /// earlier design, for comparison).
+    pub correct_clocks: bool,
 }
 
 // ---- the file format -------------------------------------------------------
@@ -230,6 +265,7 @@ struct ScenarioFile {
     quick: Option<QuickFile>,
     confirm: Option<bool>,
     whole_core: Option<bool>,
+    correct_clocks: Option<bool>,
 }
 
 fn default_policy() -> String {
@@ -315,6 +351,8 @@ struct LimitPeek {
     precision: Option<u32>,
     capacity: Option<u64>,
     refill: Option<u64>,
+    leak: Option<u64>,
+    burst: Option<u64>,
     per: Option<String>,
 }
 
@@ -395,9 +433,21 @@ fn limit_spec(rules: &str) -> Result<LimitSpec, String> {
             refill: need(l.refill, "refill")?,
             per: need_d(&l.per, "per")?,
         }),
-        other => Err(format!(
-            "rules: the oracle knows sliding_window, fixed_window and token_bucket, not {other}"
-        )),
+        "leaky_bucket" => Ok(LimitSpec::LeakyBucket {
+            capacity: need(l.capacity, "capacity")?,
+            leak: need(l.leak, "leak")?,
+            per: need_d(&l.per, "per")?,
+        }),
+        "gcra" => {
+            let limit = need(l.limit, "limit")?;
+            Ok(LimitSpec::Gcra {
+                limit,
+                per: need_d(&l.per, "per")?,
+                // As the rules default it: a burst of the whole limit.
+                burst: l.burst.unwrap_or(limit),
+            })
+        }
+        other => Err(format!("rules: the oracle does not know {other}")),
     }
 }
 
@@ -495,6 +545,7 @@ impl Scenario {
             is_quick: false,
             confirm: f.confirm.unwrap_or(true),
             whole_core: f.whole_core.unwrap_or(topology),
+            correct_clocks: f.correct_clocks.unwrap_or(true),
         };
         if s.duration == Nanos::ZERO {
             return Err("duration must be positive".into());
@@ -785,6 +836,7 @@ mod tests {
         assert!(Scenario::from_toml(&bad)
             .unwrap_err()
             .contains("out of range"));
+        // GCRA without `per` is refused by the rules themselves.
         let bad = BASE.replace("sliding_window", "gcra");
         assert!(Scenario::from_toml(&bad).is_err());
         let bad = BASE.replace("keys = 2", "keys = 2\nrate = 5");

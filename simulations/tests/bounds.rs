@@ -71,6 +71,16 @@ scenario_tests! {
     lossy_network => "lossy-network",
     zipf_3 => "zipf-3",
     zipf_20 => "zipf-20",
+    gcra => "gcra",
+    leaky_bucket => "leaky-bucket",
+    skew_5n_plus_50ms => "skew-5n-plus-50ms",
+    skew_5n_minus_50ms => "skew-5n-minus-50ms",
+    skew_5n_plus_250ms => "skew-5n-plus-250ms",
+    skew_5n_minus_250ms => "skew-5n-minus-250ms",
+    skew_5n_plus_500ms => "skew-5n-plus-500ms",
+    skew_5n_minus_500ms => "skew-5n-minus-500ms",
+    loss_2pct_7n => "loss-2pct-7n",
+    loss_5pct_7n => "loss-5pct-7n",
 }
 
 #[test]

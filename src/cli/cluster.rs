@@ -59,6 +59,31 @@ pub struct ClusterArgs {
     /// `off` to wait for the failure detector).
     #[arg(long, env = "DRL_FENCE_AFTER", default_value = "off")]
     pub fence_after: String,
+    /// FOR TESTS ONLY: `SLOT=MS` plays node SLOT with a clock MS
+    /// milliseconds off (negative: behind), to measure clock skew on real
+    /// processes. Hidden from --help.
+    #[arg(long = "test-clock-offset", hide = true, value_parser = slot_offset)]
+    pub test_clock_offset: Vec<(u16, i64)>,
+    /// FOR TESTS ONLY: every node leaves its clock uncorrected (the earlier
+    /// design, to compare with). Hidden from --help.
+    #[arg(long = "test-clock-uncorrected", hide = true)]
+    pub test_clock_uncorrected: bool,
+}
+
+/// `SLOT=MS`, e.g. `0=-250`.
+fn slot_offset(text: &str) -> Result<(u16, i64), String> {
+    let (slot, ms) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected SLOT=MS, e.g. 0=-250"))?;
+    let slot = slot
+        .trim()
+        .parse()
+        .map_err(|e| format!("slot {slot:?}: {e}"))?;
+    let ms = ms
+        .trim()
+        .parse()
+        .map_err(|e| format!("offset {ms:?}: {e}"))?;
+    Ok((slot, ms))
 }
 
 /// Random hex from the OS (a dev token and key seed, not key material).
@@ -177,7 +202,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
              key_seed = \"{seed}\"\n\
              admin_token = {token}\n\
              allow_dev_admin_token = true\n\
-             http2 = {http2}\n{resp}",
+             http2 = {http2}\n{resp}{skew}",
             name = toml_string(&name),
             name_raw = name,
             size = args.nodes,
@@ -191,6 +216,16 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
             resp = args.resp_base_port.map_or_else(String::new, |p| {
                 format!("resp_listen = \"127.0.0.1:{}\"\n", p + slot)
             }),
+            skew = args
+                .test_clock_offset
+                .iter()
+                .filter(|(s, _)| *s == slot)
+                .map(|(_, ms)| format!("test_clock_offset_ms = {ms}\n"))
+                .chain(
+                    args.test_clock_uncorrected
+                        .then(|| "test_clock_uncorrected = true\n".to_owned()),
+                )
+                .collect::<String>(),
         );
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, text)?;
@@ -589,6 +624,8 @@ mod tests {
             admin_token: Some("tok".into()),
             share_policy: "strict".into(),
             fence_after: "60ms".into(),
+            test_clock_offset: Vec::new(),
+            test_clock_uncorrected: false,
         }
     }
 

@@ -134,6 +134,10 @@ pub struct NodeArgs {
     /// Run even with the development admin token (a development node).
     #[arg(long, env = "DRL_ALLOW_DEV_ADMIN_TOKEN")]
     pub allow_dev_admin_token: bool,
+    /// FOR TESTS ONLY: play this node with a clock this many milliseconds
+    /// off (negative: behind). Hidden from --help.
+    #[arg(long, hide = true, allow_hyphen_values = true)]
+    pub test_clock_offset_ms: Option<i64>,
     /// Log lines as text or JSON (one object per line), on stderr.
     #[arg(long, env = "DRL_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -240,6 +244,9 @@ impl NodeArgs {
             if let Some(v) = flag {
                 *field = from_cwd(v);
             }
+        }
+        if let Some(ms) = self.test_clock_offset_ms {
+            file.test_clock_offset_ms = ms;
         }
         if self.slot_from_name {
             file.slot = slot_from_name(&file.name)?;

@@ -37,6 +37,8 @@ pub(super) type RulesReply = tokio::sync::oneshot::Sender<Result<RulesOutcome, P
 /// The one task that owns the node's core and does its I/O.
 pub(super) struct Driver {
     pub(super) clock: SystemClock,
+    /// Steers `clock`'s correction toward the cluster's time.
+    pub(super) clock_sync: drl_core::cluster::clock_sync::ClockDiscipline,
     pub(super) limiter: Arc<Limiter>,
     pub(super) settings: NodeSettings,
     pub(super) transport: Transport,
@@ -268,6 +270,10 @@ impl Driver {
     }
 
     async fn on_timeout(&mut self) {
+        if !self.settings.test_clock_uncorrected {
+            let raw = self.clock.raw_now();
+            self.core.discipline_clock(raw, &mut self.clock_sync);
+        }
         let now = self.clock.now();
         self.core.handle_timeout(now);
         if now >= self.next_discovery {
@@ -427,6 +433,7 @@ impl Driver {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         let repl = self.core.replicator();
         s.ready = self.limiter.is_admitting();
+        s.clock = self.clock_sync.status();
         // The status reports slots by number.
         s.live = self.core.live().iter().map(|s| s.get()).collect();
         s.known = self.core.known().iter().map(|s| s.get()).collect();

@@ -58,7 +58,7 @@ pub(super) fn load_rules_state(path: &Path) -> Option<(RuleSet, RulesVersion)> {
     let mut aside = path.as_os_str().to_owned();
     aside.push(format!(
         ".corrupt-{}",
-        SystemClock.now().as_u64() / 1_000_000_000
+        SystemClock::raw().now().as_u64() / 1_000_000_000
     ));
     let moved = std::fs::rename(path, std::path::PathBuf::from(&aside));
     tracing::error!(

@@ -215,6 +215,8 @@ pub struct NodeStatus {
     pub snapshot_moved_aside: Option<std::path::PathBuf>,
     /// What the transport did with incoming connection attempts.
     pub admission: crate::net::AdmissionStats,
+    /// This node's clock against the cluster's (offset, correction, gate).
+    pub clock: drl_core::cluster::clock_sync::ClockStatus,
 }
 
 /// What the protocol front-ends and metrics need of a running node.
@@ -468,7 +470,12 @@ impl Node {
         rules: RuleSet,
         tls: NodeTls,
     ) -> Result<NodeHandle, NodeError> {
-        let clock = SystemClock;
+        // Decisions and windows read the node's clock corrected toward the
+        // cluster's (DESIGN.md, "Clocks"); the driver steers the correction.
+        let correction = drl_core::corrected::ClockCorrection::new();
+        let clock = SystemClock::raw()
+            .with_test_offset(settings.test_clock_offset_ns)
+            .corrected(correction.clone());
         let now = clock.now();
         for line in &settings.insecure_defaults {
             tracing::warn!("INSECURE DEVELOPMENT DEFAULT: {line}");
@@ -494,8 +501,10 @@ impl Node {
         };
         // From the first request on, the node sees the configured cluster:
         // members it has not heard from yet are reserved, never ignored.
-        let limiter =
-            Arc::new(Limiter::new(rules, config)?.clustered(ShareView::alone(settings.slot))?);
+        let limiter = Arc::new(
+            Limiter::with_clock(rules, config, clock.clone())?
+                .clustered(ShareView::alone(settings.slot))?,
+        );
         let snapshot_load = match &settings.snapshot_path {
             Some(path) => load_snapshot(&limiter, path, now),
             None => SnapshotLoad::default(),
@@ -556,6 +565,10 @@ impl Node {
         let waker = wake.clone();
         limiter.set_wake(move || waker.notify_one());
         let driver = Driver {
+            clock_sync: drl_core::cluster::clock_sync::ClockDiscipline::new(
+                correction,
+                settings.max_clock_offset,
+            ),
             clock,
             limiter: limiter.clone(),
             settings: settings.clone(),

@@ -67,6 +67,9 @@ pub fn waiting_reason(settings: &NodeSettings, status: &NodeStatus, ready: bool)
     if ready {
         return None;
     }
+    if let Some(reason) = clock_reason(settings, status) {
+        return Some(reason);
+    }
     let size = settings.cluster_size;
     let majority = size / 2 + 1;
     let connected = status.peers.values().filter(|p| p.connected).count();
@@ -92,6 +95,23 @@ pub fn waiting_reason(settings: &NodeSettings, status: &NodeStatus, ready: bool)
         ));
     }
     Some(reason)
+}
+
+/// Why a node whose clock gate is closed admits nothing: its clock is
+/// further from the cluster's than `max_clock_offset` (DESIGN.md, "Clocks").
+fn clock_reason(settings: &NodeSettings, status: &NodeStatus) -> Option<String> {
+    if status.clock.in_bounds {
+        return None;
+    }
+    let bound_ms = settings.max_clock_offset.as_u64() as f64 / 1e6;
+    Some(match status.clock.offset_ns {
+        Some(offset) => format!(
+            "this node's clock is {:+.1} ms off the cluster's (the median of its peers' clocks),              more than max_clock_offset ({bound_ms} ms): it admits nothing until its correction              brings it within {:.1} ms (at most half a second per second behind, at once ahead);              check the host's time synchronisation (chrony, ntpd)",
+            -(offset as f64) / 1e6,
+            bound_ms / 2.0,
+        ),
+        None => "this node has not yet compared its clock with any connected peer's".to_owned(),
+    })
 }
 
 /// Logs, while the node is not ready, why ([`waiting_reason`]): first
@@ -124,6 +144,18 @@ mod tests {
         }
         .settings(Path::new("/base"))
         .unwrap()
+    }
+
+    #[test]
+    fn a_node_off_the_cluster_clock_says_how_far_and_what_to_check() {
+        let mut status = NodeStatus::default();
+        assert_eq!(waiting_reason(&settings(3, &["a:1"]), &status, true), None);
+        status.clock.in_bounds = false;
+        status.clock.offset_ns = Some(-320_000_000);
+        let why = waiting_reason(&settings(3, &["a:1"]), &status, false).unwrap();
+        assert!(why.contains("+320.0 ms off"), "{why}");
+        assert!(why.contains("max_clock_offset (50 ms)"), "{why}");
+        assert!(why.contains("chrony"), "{why}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! | [`replication`] | deltas, acknowledgements, syncs and claims between peers |
 //! | [`rules_register`] | the rules in force, their cluster-wide order, and the confirmation of a change |
 //! | [`membership`] | who is in the cluster and alive (SWIM) |
+//! | [`clock_sync`] | steers the clock correction toward the cluster's time; the clock gate |
 //! | [`resets`] | admin counter resets, applied once by every node |
 //! | [`refunds`] | refunds of receipts another node issued, forwarded to the issuer |
 //! | [`store`] | the view of the key tables replication reads and writes |
@@ -16,6 +17,7 @@
 //! | [`wal`] | the write-ahead journal of this node's slot values: records and their replay |
 //! | `harness` | an in-memory cluster on virtual time (tests, `harness` feature) |
 
+pub mod clock_sync;
 pub mod confirm;
 #[cfg(any(test, feature = "harness"))]
 pub mod harness;

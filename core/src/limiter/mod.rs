@@ -140,6 +140,9 @@ struct ClusterHooks {
     view: ArcSwap<ShareView>,
     journal: Arc<Journal>,
     admitting: AtomicBool,
+    /// The clock gate: false while this node's clock is further from the
+    /// cluster's than the configured bound (`cluster::clock_sync`).
+    clock_in_bounds: AtomicBool,
     /// Called when a request was refused only because this node's in-flight
     /// share of a key is spent: shipping now, rather than at the next sync
     /// tick, brings the acknowledgements that free it sooner.
@@ -175,7 +178,7 @@ impl Limiter<SystemClock> {
     /// A limiter on the system clock. Errors if `config` is inconsistent or a
     /// limit's table cannot be built.
     pub fn new(rules: RuleSet, config: LimiterConfig) -> Result<Self, SetupError> {
-        Limiter::with_clock(rules, config, SystemClock)
+        Limiter::with_clock(rules, config, SystemClock::raw())
     }
 }
 
@@ -221,6 +224,7 @@ impl<C: Clock> Limiter<C> {
             view: ArcSwap::from_pointee(view),
             journal: Arc::new(Journal::default()),
             admitting: AtomicBool::new(false),
+            clock_in_bounds: AtomicBool::new(true),
             wake: std::sync::OnceLock::new(),
             confirming: dashmap::DashMap::new(),
             confirm_hold: std::sync::atomic::AtomicU64::new(DEFAULT_CONFIRM_HOLD.as_u64()),
@@ -261,11 +265,28 @@ impl<C: Clock> Limiter<C> {
         }
     }
 
-    /// False while a clustered node is still recovering its counts.
+    /// False while a clustered node is still recovering its counts, or
+    /// while its clock is off the cluster's by more than the bound.
     pub fn is_admitting(&self) -> bool {
+        self.cluster.as_ref().is_none_or(|c| {
+            c.admitting.load(Ordering::Acquire) && c.clock_in_bounds.load(Ordering::Acquire)
+        })
+    }
+
+    /// Opens (or closes) the clock gate of a clustered limiter: closed, the
+    /// node admits nothing (as while recovering), because its windows would
+    /// not be the cluster's.
+    pub fn set_clock_in_bounds(&self, in_bounds: bool) {
+        if let Some(c) = &self.cluster {
+            c.clock_in_bounds.store(in_bounds, Ordering::Release);
+        }
+    }
+
+    /// False while the clock gate is closed.
+    pub fn clock_in_bounds(&self) -> bool {
         self.cluster
             .as_ref()
-            .is_none_or(|c| c.admitting.load(Ordering::Acquire))
+            .is_none_or(|c| c.clock_in_bounds.load(Ordering::Acquire))
     }
 
     /// The key table of the limit with stable id `id`: a limit of the rules

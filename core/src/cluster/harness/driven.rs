@@ -44,6 +44,23 @@ impl Driven {
             Driven::Core(c) => c.replicator(),
         }
     }
+    /// One tick of the node's clock discipline at raw time `raw`.
+    pub(super) fn discipline_clock(
+        &mut self,
+        raw: Nanos,
+        sync: &mut crate::cluster::clock_sync::ClockDiscipline,
+        limiter: &SimLimiter,
+    ) {
+        match self {
+            Driven::Replicator(r, _) => {
+                let status = sync.handle_timeout(raw, r);
+                limiter.set_clock_in_bounds(status.in_bounds);
+            }
+            Driven::Core(c) => {
+                c.discipline_clock(raw, sync);
+            }
+        }
+    }
     pub(super) fn ship_now(&mut self, now: Nanos, limiter: &SimLimiter) {
         match self {
             Driven::Replicator(r, _) => r.ship_now(now, limiter),

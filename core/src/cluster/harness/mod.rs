@@ -75,6 +75,15 @@ pub struct ClusterSpec {
     pub silence: SilencePolicy,
     /// The longest a confirmation waits on a silent peer.
     pub confirm_timeout: Nanos,
+    /// Steer every node's clock toward the cluster's and close a node's
+    /// clock gate beyond this offset (`cluster::clock_sync`); `None` leaves
+    /// every clock as it is (the earlier design, kept for comparison).
+    pub max_clock_offset: Option<Nanos>,
+    /// Each node's raw clock minus the reference clock from its boot on,
+    /// in ns (missing entries: zero): a node that starts with a wrong
+    /// clock, rather than one whose clock steps while it runs
+    /// ([`MemCluster::set_skew`]).
+    pub clock_offsets: Vec<i64>,
 }
 
 impl ClusterSpec {
@@ -96,6 +105,8 @@ impl ClusterSpec {
             whole_core: false,
             silence: SilencePolicy::DEFAULT,
             confirm_timeout: Nanos::from_millis(5),
+            max_clock_offset: Some(crate::cluster::clock_sync::DEFAULT_MAX_CLOCK_OFFSET),
+            clock_offsets: Vec::new(),
         }
     }
 }
@@ -108,8 +119,10 @@ struct SimNode {
     wake: Arc<std::sync::atomic::AtomicBool>,
     repl: Driven,
     clock: Arc<ManualClock>,
-    /// This node's clock minus the reference clock, in ns.
+    /// This node's raw clock minus the reference clock, in ns.
     skew: i64,
+    /// Steers the node's clock correction (when clocks are corrected).
+    clock_sync: crate::cluster::clock_sync::ClockDiscipline,
     up: bool,
     /// Stopped (SIGSTOP): runs nothing, loses nothing; frames for it wait.
     paused: bool,
@@ -211,7 +224,8 @@ impl MemCluster {
         snapshot: Option<&[u8]>,
     ) -> Result<SimNode, String> {
         let rules = RuleSet::from_toml(&self.spec.rules).map_err(|e| e.to_string())?;
-        let clock = Arc::new(ManualClock::new(self.now));
+        let local = Nanos::new((self.now.as_u64() as i64 + self.skew_of(slot)).max(0) as u64);
+        let clock = Arc::new(ManualClock::new(local));
         let config = LimiterConfig {
             own_slot: slot,
             slots: self.spec.nodes,
@@ -222,7 +236,6 @@ impl MemCluster {
             .and_then(|l| l.clustered(self.view(slot, &BTreeSet::new())))
             .map_err(|e| e.to_string())?;
         limiter.set_admitting(!recovering);
-        let local = Nanos::new((self.now.as_u64() as i64 + self.skew_of(slot)).max(0) as u64);
         if let Some(bytes) = snapshot {
             crate::cluster::snapshot::restore(&limiter, local, bytes).map_err(|e| e.to_string())?;
         }
@@ -267,7 +280,7 @@ impl MemCluster {
             }
             Driven::Core(Box::new(core))
         } else {
-            let mut repl = Replicator::new(rc, incarnation, recovering, self.now);
+            let mut repl = Replicator::new(rc, incarnation, recovering, local);
             for peer in 0..self.spec.nodes {
                 repl.add_peer(self::slot(peer));
             }
@@ -278,7 +291,11 @@ impl MemCluster {
             wake,
             repl,
             clock,
-            skew: 0,
+            skew: self.skew_of(slot),
+            clock_sync: crate::cluster::clock_sync::ClockDiscipline::new(
+                crate::corrected::ClockCorrection::new(),
+                self.spec.max_clock_offset.unwrap_or(Nanos::MAX),
+            ),
             up: true,
             paused: false,
             held: Vec::new(),
@@ -383,11 +400,50 @@ impl MemCluster {
     }
 
     fn skew_of(&self, slot: NodeSlot) -> i64 {
-        self.nodes.get(slot.index()).map_or(0, |n| n.skew)
+        self.nodes.get(slot.index()).map_or_else(
+            || {
+                self.spec
+                    .clock_offsets
+                    .get(slot.index())
+                    .copied()
+                    .unwrap_or(0)
+            },
+            |n| n.skew,
+        )
     }
 
-    fn local_now(&self, node: usize) -> Nanos {
+    fn raw_now(&self, node: usize) -> Nanos {
         Nanos::new((self.now.as_u64() as i64 + self.nodes[node].skew).max(0) as u64)
+    }
+
+    /// The node's clock as it decides by: its raw clock, corrected.
+    fn local_now(&self, node: usize) -> Nanos {
+        let raw = self.raw_now(node);
+        self.nodes[node].clock_sync.correction().corrected(raw)
+    }
+
+    /// The node's clock minus the reference clock now, in ns (skew and
+    /// correction), to convert its times to reference time.
+    fn local_offset(&self, node: usize) -> i64 {
+        let raw = self.raw_now(node);
+        self.nodes[node]
+            .skew
+            .saturating_add(self.nodes[node].clock_sync.correction().offset_at(raw))
+    }
+
+    /// One tick of the node's clock discipline (when clocks are corrected).
+    fn discipline_clock(&mut self, node: usize) {
+        if self.spec.max_clock_offset.is_none() {
+            return;
+        }
+        let raw = self.raw_now(node);
+        let n = &mut self.nodes[node];
+        n.repl.discipline_clock(raw, &mut n.clock_sync, &n.limiter);
+    }
+
+    /// Where `node`'s clock stands against the cluster's.
+    pub fn clock_status(&self, node: usize) -> crate::cluster::clock_sync::ClockStatus {
+        self.nodes[node].clock_sync.status()
     }
 
     fn sync_clock(&self, node: usize) {
@@ -492,7 +548,7 @@ impl MemCluster {
                 continue;
             };
             // When it was judged, on the reference clock.
-            let skew = self.nodes[node].skew;
+            let skew = self.local_offset(node);
             let judged = confirmed.pending.judged_at.as_u64() as i64;
             let when = Nanos::new((judged - skew).max(0) as u64);
             self.completed

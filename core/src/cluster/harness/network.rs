@@ -133,7 +133,7 @@ impl MemCluster {
                 .map(|i| {
                     let local = self.nodes[i].repl.poll_timeout();
                     // Convert the node's local deadline to reference time.
-                    Nanos::new((local.as_u64() as i64 - self.nodes[i].skew).max(0) as u64)
+                    Nanos::new((local.as_u64() as i64 - self.local_offset(i)).max(0) as u64)
                 })
                 .min();
             let next = match (next_frame, next_tick) {
@@ -156,6 +156,7 @@ impl MemCluster {
                     }
                     let local = self.local_now(i);
                     if self.nodes[i].repl.poll_timeout() <= local {
+                        self.discipline_clock(i);
                         self.sync_clock(i);
                         let limiter = self.nodes[i].limiter.clone();
                         self.nodes[i].repl.handle_timeout(local, &limiter);

@@ -564,6 +564,21 @@ pub fn configured_view(cfg: &CoreConfig, live: u64, minority: bool) -> ShareView
 }
 
 mod refunds;
+impl<C: Clock> NodeCore<C> {
+    /// One tick of the clock discipline at raw (uncorrected) time `raw`:
+    /// steers the node's clock correction toward the cluster's time and
+    /// opens or closes the limiter's clock gate (`cluster::clock_sync`).
+    pub fn discipline_clock(
+        &mut self,
+        raw: Nanos,
+        sync: &mut crate::cluster::clock_sync::ClockDiscipline,
+    ) -> crate::cluster::clock_sync::ClockStatus {
+        let status = sync.handle_timeout(raw, &mut self.repl);
+        self.limiter.set_clock_in_bounds(status.in_bounds);
+        status
+    }
+}
+
 mod rules;
 
 #[cfg(test)]

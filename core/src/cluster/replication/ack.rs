@@ -81,6 +81,25 @@ impl ClockEstimate {
 }
 
 impl Replicator {
+    /// The clock offsets (`peer clock − ours`, ns) of the peers that can
+    /// speak for the cluster's time: live, connected, and measured at
+    /// least once. What `cluster::clock_sync` steers by.
+    pub fn clock_offsets(&self) -> impl Iterator<Item = i64> + '_ {
+        self.peers
+            .values()
+            .filter(|p| p.live && p.connected && p.rtt > Nanos::ZERO)
+            .map(|p| p.clock_offset_ns)
+    }
+
+    /// Our clock moved by `by_ns` (its correction changed): every peer's
+    /// offset from it moves by as much the other way, at once, so that the
+    /// smoothed estimates stay true instead of lagging the correction.
+    pub fn shift_clock_estimates(&mut self, by_ns: i64) {
+        for p in self.peers.values_mut() {
+            p.clock_offset_ns = p.clock_offset_ns.saturating_sub(by_ns);
+        }
+    }
+
     /// Acknowledges a frame at once. The ack echoes the frame's timestamp.
     pub(super) fn note_received(&mut self, now: Nanos, from: NodeSlot, s: &Slots) {
         if self.peers.get(&from).is_some_and(|p| p.owed_sync) {
