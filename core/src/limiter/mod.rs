@@ -379,6 +379,9 @@ impl<C: Clock> Limiter<C> {
         d: &Descriptors<'_>,
         cost: u32,
     ) -> Result<Decision, CheckError> {
+        if self.cluster.is_none() {
+            return self.decide_check_alone(now, d, cost);
+        }
         let check = Check::new(*d, cost);
         self.check_all_at(now, std::slice::from_ref(&check))
             .map(|decided| decided.decision())
