@@ -307,6 +307,7 @@ impl RuleSet {
 
     /// Refuses requests for endpoints outside the `endpoints` list; admits
     /// everything when the file has no such list.
+    #[inline]
     pub fn check_endpoint(&self, d: &Descriptors<'_>) -> Result<(), UnknownEndpoint> {
         let Some(list) = &self.endpoints else {
             return Ok(());
@@ -357,7 +358,11 @@ impl RuleSet {
     }
 
     /// The list of `rule` that applies to `d` (which fits the rule).
+    #[inline]
     fn chosen(&self, rule: &CompiledRule, d: &Descriptors<'_>) -> Range<usize> {
+        if rule.overrides.is_empty() && rule.tiers.is_empty() {
+            return rule.default.clone();
+        }
         let mut chosen = None;
         rule.override_dispatch.candidates(d, |j, proven| {
             let (matcher, range) = &rule.overrides[j];
