@@ -270,12 +270,22 @@ impl<C: Clock> Limiter<C> {
         let hasher = &self.hasher;
         let start = matches.as_slice().len();
         let mut unlimited = false;
+        // Rules keyed by the same fields hash the same values: a request
+        // that many rules match (each keyed by `user`, say) hashes once.
+        let mut last: Option<(&[String], u64)> = None;
         compiled.rules.for_each_rule_match(d, |m| {
             if m.unlimited || unlimited {
                 unlimited = true;
                 return;
             }
-            let digest = hasher.values(m.key_fields.iter().map(|f| d.get(f).unwrap_or("")));
+            let digest = match last {
+                Some((fields, digest)) if fields == m.key_fields => digest,
+                _ => {
+                    let digest = hasher.values(m.key_fields.iter().map(|f| d.get(f).unwrap_or("")));
+                    last = Some((m.key_fields, digest));
+                    digest
+                }
+            };
             for limit in m.limits {
                 let key = hasher.for_limit(limit.id, digest);
                 let order = compiled.order[limit.index];

@@ -132,6 +132,17 @@ struct Compiled {
     order: Vec<u32>,
     /// Each counter's first limit, by id.
     by_id: HashMap<LimitId, usize>,
+    /// The budget this rule set's bytes are charged to while it lives.
+    budget: Arc<MemoryBudget>,
+    /// Bytes charged: the rule set and the lists above (the key tables
+    /// charge their own).
+    bytes: usize,
+}
+
+impl Drop for Compiled {
+    fn drop(&mut self) {
+        self.budget.credit_rules(self.bytes);
+    }
 }
 
 /// What a clustered limiter adds: shares, the journal of changed keys, and
@@ -445,6 +456,13 @@ impl<C: Clock> Limiter<C> {
         &self.budget
     }
 
+    /// Bytes held by the rules in force (compiled rule set and the key
+    /// tables' fixed parts), counted against the memory budget: see
+    /// [`MemoryBudget::rules_bytes`].
+    pub fn rules_memory(&self) -> usize {
+        self.budget.rules_bytes()
+    }
+
     /// Keys tracked, over all limits.
     pub fn keys_tracked(&self) -> usize {
         self.tables().iter().map(|(_, t)| t.len()).sum()
@@ -520,10 +538,19 @@ fn compile(
         };
         tables.push(table);
     }
+    use std::mem::size_of;
+    let bytes = rules.heap_bytes()
+        + tables.capacity() * size_of::<Arc<KeyTable>>()
+        + order.capacity() * size_of::<u32>()
+        // A hash map slot is the entry and a control byte.
+        + by_id.capacity() * (size_of::<(LimitId, usize)>() + 1);
+    budget.charge_rules(bytes);
     Ok(Compiled {
         rules,
         tables,
         order,
         by_id,
+        budget: budget.clone(),
+        bytes,
     })
 }

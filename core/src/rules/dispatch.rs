@@ -98,6 +98,27 @@ impl Dispatch {
         dispatch
     }
 
+    /// Heap bytes this dispatch holds (a hash map slot is its key, its
+    /// list and a control byte).
+    pub(super) fn heap_bytes(&self) -> usize {
+        let slot = std::mem::size_of::<(Box<str>, Vec<u32>)>() + 1;
+        self.fields.capacity() * std::mem::size_of::<FieldFiling>()
+            + self
+                .fields
+                .iter()
+                .map(|f| {
+                    f.name.len()
+                        + f.exact.capacity() * slot
+                        + f.exact
+                            .iter()
+                            .map(|(k, v)| k.len() + v.capacity() * 4)
+                            .sum::<usize>()
+                        + f.present.capacity() * 4
+                })
+                .sum::<usize>()
+            + self.always.capacity() * 4
+    }
+
     fn filing(&mut self, name: &str) -> &mut FieldFiling {
         let at = match self.fields.iter().position(|f| short_eq(&f.name, name)) {
             Some(at) => at,

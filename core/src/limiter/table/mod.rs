@@ -127,11 +127,15 @@ fn entry_of(handle: u32) -> u32 {
 /// window of slot counters, read and written under a per-key lock. Full
 /// tables evict by CLOCK and remember evicted usage in an
 /// [`EvictedSketch`].
+///
+/// Laid out in declaration order, what a lookup reads first (a decision
+/// over thousands of limits touches one table per limit).
+#[repr(C)]
 pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     spec: WindowSpec,
+    classes: Box<[Arena]>,
     slots: usize,
     capacity: u32,
-    classes: Box<[Arena]>,
     hand: AtomicU32,
     sweep_cursor: AtomicU32,
     index: I,
@@ -151,6 +155,9 @@ pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     /// (whose shard lock is two atomic read-modify-writes per lookup) and
     /// trusted only once the entry, locked, holds the key.
     recent: [AtomicU64; RECENT_SLOTS],
+    /// Bytes of the table before any key: charged to the budget as rules'
+    /// memory while the table lives.
+    fixed: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -189,7 +196,7 @@ impl<I: KeyIndex> KeyTable<I> {
                 break;
             }
         }
-        Ok(KeyTable {
+        let mut table = KeyTable {
             spec,
             slots,
             capacity: capacity as u32,
@@ -204,7 +211,27 @@ impl<I: KeyIndex> KeyTable<I> {
             charged: AtomicUsize::new(0),
             last_now: AtomicU64::new(0),
             recent: std::array::from_fn(|_| AtomicU64::new(RECENT_EMPTY)),
-        })
+            fixed: 0,
+        };
+        table.fixed = std::mem::size_of::<Self>()
+            + table
+                .classes
+                .iter()
+                .map(|a| {
+                    std::mem::size_of::<Arena>()
+                        + a.chunks.len() * std::mem::size_of::<OnceLock<Box<[AtomicU32]>>>()
+                })
+                .sum::<usize>()
+            + table.index.allocated_bytes();
+        table.budget.charge_rules(table.fixed);
+        Ok(table)
+    }
+
+    /// Bytes the table holds before any key (the table, its size classes'
+    /// chunk lists, the index's first slots): counted as the rules' memory
+    /// ([`MemoryBudget::rules_bytes`]).
+    pub fn fixed_bytes(&self) -> usize {
+        self.fixed
     }
 
     /// Sets the slot that usage restored after an eviction is counted in
@@ -221,6 +248,8 @@ impl<I: KeyIndex> KeyTable<I> {
     /// is inserted; register the table with [`MemoryBudget::register`] so
     /// that other tables can ask it to give memory back.
     pub fn with_budget(mut self, budget: Arc<MemoryBudget>) -> Self {
+        self.budget.credit_rules(self.fixed);
+        budget.charge_rules(self.fixed);
         self.budget = budget;
         self
     }
@@ -573,6 +602,7 @@ impl<I: KeyIndex> KeyTable<I> {
 impl<I: KeyIndex> Drop for KeyTable<I> {
     fn drop(&mut self) {
         self.budget.credit(self.charged.load(Ordering::Relaxed));
+        self.budget.credit_rules(self.fixed);
     }
 }
 
