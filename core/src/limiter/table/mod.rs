@@ -89,11 +89,6 @@ const ENTRY_MASK: u32 = (1 << CLASS_SHIFT) - 1;
 /// (`core/examples/memory_per_key.rs` measures 27.7 bytes at 1M keys, just
 /// past a doubling).
 pub const INDEX_BYTES_PER_KEY: usize = 20;
-/// Slots of a table's recent-keys cache (see [`KeyTable::get`]): a power
-/// of two.
-const RECENT_SLOTS: usize = 64;
-/// An empty slot of the recent-keys cache: no handle is all ones.
-const RECENT_EMPTY: u64 = u64::MAX;
 /// Most keys one insertion evicts to bring the node back within its budget.
 const BUDGET_EVICTIONS_PER_INSERT: usize = 8;
 
@@ -150,11 +145,6 @@ pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     /// The latest time a key was inserted at: what a key growing into a
     /// larger class (a write with no time of its own) takes as now.
     last_now: AtomicU64,
-    /// Where recently found keys were, by the digest's low bits: the high
-    /// half of the digest and the entry's handle. Tried before the index
-    /// (whose shard lock is two atomic read-modify-writes per lookup) and
-    /// trusted only once the entry, locked, holds the key.
-    recent: [AtomicU64; RECENT_SLOTS],
     /// Bytes of the table before any key: charged to the budget as rules'
     /// memory while the table lives.
     fixed: usize,
@@ -210,7 +200,6 @@ impl<I: KeyIndex> KeyTable<I> {
             budget: Arc::new(MemoryBudget::unlimited()),
             charged: AtomicUsize::new(0),
             last_now: AtomicU64::new(0),
-            recent: std::array::from_fn(|_| AtomicU64::new(RECENT_EMPTY)),
             fixed: 0,
         };
         table.fixed = std::mem::size_of::<Self>()
@@ -405,47 +394,12 @@ impl<I: KeyIndex> KeyTable<I> {
         self.get_raw(key.0)
     }
 
-    /// The entry of `key` where the recent-keys cache last saw it, locked,
-    /// if it still holds the key. A stale slot (the key moved, was evicted,
-    /// or another key took the slot) is harmless: the entry is checked
-    /// under its lock, as a handle's hint is.
-    #[inline]
-    fn recent_entry(&self, key: u64) -> Option<Entry<'_, I>> {
-        let slot = self.recent[key as usize & (RECENT_SLOTS - 1)].load(Ordering::Relaxed);
-        if slot == RECENT_EMPTY || (slot >> 32) as u32 != (key >> 32) as u32 {
-            return None;
-        }
-        let e = self.entry_at(slot as u32);
-        Self::lock_words(e.words);
-        if e.raw_key() != key {
-            return None;
-        }
-        e.set_flags(REFERENCED);
-        Some(e)
-    }
-
-    /// Notes in the recent-keys cache that `key` is at `handle`.
-    #[inline]
-    fn note_recent(&self, key: u64, handle: u32) {
-        let slot = &self.recent[key as usize & (RECENT_SLOTS - 1)];
-        let value = (key >> 32) << 32 | u64::from(handle);
-        // Written only when it changes: a hot key's slot stays shared
-        // between the cores that read it.
-        if slot.load(Ordering::Relaxed) != value {
-            slot.store(value, Ordering::Relaxed);
-        }
-    }
-
     #[inline]
     fn get_raw(&self, key: u64) -> Option<Entry<'_, I>> {
-        if let Some(e) = self.recent_entry(key) {
-            return Some(e);
-        }
         let mut handle = self.index.get(key)?;
         loop {
             let e = self.lock_entry(handle);
             if e.raw_key() == key {
-                self.note_recent(key, handle);
                 return Some(e);
             }
             drop(e);
@@ -494,7 +448,6 @@ impl<I: KeyIndex> KeyTable<I> {
             self.restore(&mut e, now);
             match self.index.insert_if_absent(key, e.handle) {
                 Ok(()) => {
-                    self.note_recent(key, e.handle);
                     self.charge(INDEX_BYTES_PER_KEY);
                     // Amortised expiry: every new key pays for looking at two old ones.
                     self.sweep(now, 2);

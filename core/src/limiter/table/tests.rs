@@ -392,28 +392,3 @@ fn bad_sizes_are_refused() {
         Some(TableError::ZeroSlots)
     );
 }
-
-#[test]
-fn a_stale_recent_slot_never_finds_another_key() {
-    // Same slot and the same high half: the slot of one names the other's
-    // entry, which the lookup must check under its lock.
-    let (k1, k2) = (0x0000_0001_0000_0040u64, 0x0000_0001_0000_0080u64);
-    assert_eq!(k1 as usize % RECENT_SLOTS, k2 as usize % RECENT_SLOTS);
-    let t = table(4);
-    let now = Nanos::from_secs(1_000);
-    for (key, n) in [(k1, 1), (k2, 2)] {
-        let mut e = t.get_or_insert(KeyDigest(key), now);
-        let spec = e.spec();
-        Ring::add(&mut e, &spec, now, NodeSlot::new(0), n);
-    }
-    // The slot now names k2; k1 is found through the index.
-    assert_eq!(t.get(KeyDigest(k1)).map(|e| e.raw_key()), Some(k1));
-    assert_eq!((hits(&t, k1, now), hits(&t, k2, now)), (1, 2));
-    // And a key that is gone is not found through a slot naming its old
-    // entry.
-    let mut e = t.get(KeyDigest(k2)).unwrap();
-    t.forget(&mut e);
-    t.release(e);
-    assert!(t.get(KeyDigest(k2)).is_none());
-    assert_eq!(hits(&t, k1, now), 1);
-}
