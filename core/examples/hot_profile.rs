@@ -13,6 +13,11 @@
 //! * `check`: `Descriptors::new` then `Limiter::check_at` per decision, as
 //!   a server does per request;
 //! * `handle`: one `Limiter::handle`, then `Handle::check_at` per decision.
+//!
+//! With `DRL_PROFILE_RULES=n` in the environment the rule is written `n`
+//! times (rules `r0` … each matching every user): a decision then counts
+//! `n` limits, the many-rules case (`hot_profile 2000 check` against
+//! `hot_profile 0 check` with `DRL_PROFILE_RULES=3000`).
 use drl_core::descriptor::Descriptors;
 use drl_core::limiter::{Limiter, LimiterConfig};
 use drl_core::rules::RuleSet;
@@ -36,16 +41,24 @@ fn main() {
             )
         })
         .unwrap_or_default();
-    let rules = RuleSet::from_toml(&format!(
-        r#"
+    let copies: usize = std::env::var("DRL_PROFILE_RULES")
+        .ok()
+        .map(|n| n.parse().expect("DRL_PROFILE_RULES: a number"))
+        .unwrap_or(1);
+    let text: String = (0..copies)
+        .map(|r| {
+            format!(
+                r#"
         [[rules]]
-        name = "per-user"
+        name = "r{r}"
         match = {{ user = "*" }}
         key = ["user"]
         limits = [ {{ algorithm = "sliding_window", limit = 1000000000, window = "1s"{precision} }} ]
     "#
-    ))
-    .expect("valid rules");
+            )
+        })
+        .collect();
+    let rules = RuleSet::from_toml(&text).expect("valid rules");
     let config = LimiterConfig {
         slots: 3,
         ..LimiterConfig::default()

@@ -200,7 +200,7 @@ impl<C: Clock> Decider<C> {
         let now = self.limiter.clock().now();
         let pending = match self.limiter.begin_at(now, checks)? {
             Begun::Decided(decided) => return Ok(decided),
-            Begun::Confirm(pending) => pending,
+            Begun::Confirm(pending) => *pending,
         };
         let unconfirmed = match &self.confirm {
             Some(confirm) => match confirm.confirm(pending.clone()).await {

@@ -80,3 +80,71 @@ fn a_new_window_or_algorithm_starts_counts_over() {
     l.replace_rules(rules("fixed_window", 1000, "1h")).unwrap();
     assert_eq!(hit(&l, 0).1, 1000, "a new algorithm: new counts");
 }
+
+/// `n` rules that each match every user, one sliding-window limit each.
+fn many(n: usize) -> RuleSet {
+    let text: String = (0..n)
+        .map(|r| {
+            format!(
+                "[[rules]]\nname = \"r{r}\"\nmatch = {{ user = \"*\" }}\n\
+                 limits = [ {{ algorithm = \"sliding_window\", limit = 100000, window = \"1h\" }} ]\n"
+            )
+        })
+        .collect();
+    RuleSet::from_toml(&text).unwrap()
+}
+
+#[test]
+fn the_rules_memory_is_counted_and_a_change_gives_it_back() {
+    let l = limiter();
+    let one = l.rules_memory();
+    assert!(one > 0, "a rule set and its table hold memory");
+    let budget_keys = l.memory().used();
+
+    l.replace_rules(many(3_000)).unwrap();
+    let big = l.rules_memory();
+    // Each rule holds at least its table (a few hundred bytes) and its
+    // compiled limit.
+    assert!(big > one + 3_000 * 500, "{big} bytes for 3,000 rules");
+    assert!(hit(&l, 1).0);
+    assert_eq!(l.keys_tracked(), 3_000, "one key per matching limit");
+    assert!(l.memory().used() > budget_keys);
+
+    // Back to the first rules: the 3,000 rules, their tables and their keys
+    // are given back (nothing else holds them).
+    l.replace_rules(rules("sliding_window", 1000, "1h"))
+        .unwrap();
+    assert_eq!(l.rules_memory(), one);
+    assert_eq!(l.memory().used(), budget_keys);
+}
+
+#[test]
+fn the_rules_memory_counts_against_max_memory() {
+    // Room for the rules and the keys of ten users (fifty keys each):
+    // twenty users must evict, which they would not if the rules (more
+    // than the ten users' keys) were not counted.
+    let clock = Arc::new(ManualClock::new(Nanos::from_secs(1_700_000_000)));
+    let probe = Limiter::with_clock(many(50), LimiterConfig::default(), clock.clone()).unwrap();
+    let rules_bytes = probe.rules_memory();
+    drop(probe);
+    let per_user = 50 * (64 + drl_core::limiter::table::INDEX_BYTES_PER_KEY);
+    assert!(rules_bytes > 10 * per_user, "{rules_bytes} bytes of rules");
+    let config = LimiterConfig {
+        max_memory: Some(rules_bytes + 10 * per_user),
+        ..LimiterConfig::default()
+    };
+    let l = Limiter::with_clock(many(50), config, clock).unwrap();
+    for u in 0..20 {
+        let user = format!("u{u}");
+        let f = [("user", user.as_str())];
+        assert!(l
+            .check(&Descriptors::new(&f).unwrap(), 1)
+            .unwrap()
+            .is_allowed());
+    }
+    assert!(
+        l.memory().evictions() > 0,
+        "keys evicted to keep rules and keys within max_memory"
+    );
+    assert!(l.keys_tracked() < 20 * 50);
+}

@@ -146,6 +146,7 @@ impl NodeCollector {
             ("evictions", "Live keys pushed out by the key cap (max_keys), since start.", Counter(limiter.evictions())),
             ("expirations", "Keys freed because their window passed, since start.", Counter(limiter.expirations())),
             ("key_memory_bytes", "Bytes held by the key tables of all limits (entries, index share, eviction sketches).", Gauge(memory.used() as f64)),
+            ("rules_memory_bytes", "Bytes held by the rules in force (compiled rules, matchers, lookup maps, the key tables' fixed parts); counted against max_memory with key_memory_bytes.", Gauge(memory.rules_bytes() as f64)),
             ("key_memory_limit_bytes", "The node's key memory budget (max_memory); 0 when none is set.", Gauge(memory.limit().unwrap_or(0) as f64)),
             ("memory_evictions", "Live keys pushed out to stay within max_memory, since start.", Counter(memory.evictions())),
             ("gossip_frames_sent", "Replication frames sent to peers.", Counter(r.frames_sent)),

@@ -127,9 +127,22 @@ impl Decision {
     /// The decision of one limit's verdict.
     #[inline]
     pub(super) fn of(limit: &CompiledLimit, verdict: Verdict) -> Decision {
-        let mut decision = Decision::UNLIMITED;
-        decision.absorb(limit, verdict);
-        decision
+        // `absorb` into `UNLIMITED`, built in place: this is the answer of
+        // nearly every decision.
+        let (outcome, candidate) = quota_of(limit, verdict);
+        if limit.shadow {
+            Decision {
+                outcome: Outcome::Allowed,
+                quota: None,
+                shadow: (outcome != Outcome::Allowed).then_some(candidate),
+            }
+        } else {
+            Decision {
+                outcome,
+                quota: Some(candidate),
+                shadow: None,
+            }
+        }
     }
 
     /// Folds one limit's verdict into the decision: `Never` beats a denial,
@@ -137,29 +150,7 @@ impl Decision {
     /// among allowances the one with least left describes the decision.
     #[inline]
     pub(super) fn absorb(&mut self, limit: &CompiledLimit, verdict: Verdict) {
-        let algorithm = &limit.algorithm;
-        let (outcome, remaining, reset_after, retry_after) = match verdict {
-            Verdict::Allow {
-                remaining,
-                reset_after,
-            } => (Outcome::Allowed, remaining, reset_after, Nanos::ZERO),
-            Verdict::Deny {
-                remaining,
-                retry_after,
-                reset_after,
-            } => (Outcome::Denied, remaining, reset_after, retry_after),
-            Verdict::Never { .. } => (Outcome::Never, 0, Nanos::ZERO, Nanos::MAX),
-        };
-        let candidate = QuotaState {
-            limit_index: limit.index,
-            limit_id: limit.id,
-            rule: limit.rule_name,
-            limit: algorithm.quota(),
-            period: algorithm.quota_period(),
-            remaining,
-            reset_after,
-            retry_after,
-        };
+        let (outcome, candidate) = quota_of(limit, verdict);
         if limit.shadow {
             // Counted, reported, never deciding.
             if outcome != Outcome::Allowed
@@ -283,4 +274,33 @@ impl Decided {
             &self.each
         }
     }
+}
+
+/// The outcome of one limit's verdict and the quota report it makes.
+#[inline]
+fn quota_of(limit: &CompiledLimit, verdict: Verdict) -> (Outcome, QuotaState) {
+    let algorithm = &limit.algorithm;
+    let (outcome, remaining, reset_after, retry_after) = match verdict {
+        Verdict::Allow {
+            remaining,
+            reset_after,
+        } => (Outcome::Allowed, remaining, reset_after, Nanos::ZERO),
+        Verdict::Deny {
+            remaining,
+            retry_after,
+            reset_after,
+        } => (Outcome::Denied, remaining, reset_after, retry_after),
+        Verdict::Never { .. } => (Outcome::Never, 0, Nanos::ZERO, Nanos::MAX),
+    };
+    let candidate = QuotaState {
+        limit_index: limit.index,
+        limit_id: limit.id,
+        rule: limit.rule_name,
+        limit: algorithm.quota(),
+        period: algorithm.quota_period(),
+        remaining,
+        reset_after,
+        retry_after,
+    };
+    (outcome, candidate)
 }

@@ -34,8 +34,9 @@ use crate::window::{Ring, WindowCounts, MAX_BUCKETS, SMALL_RING};
 pub enum Begun {
     /// Decided at once, from local memory.
     Decided(Decided),
-    /// Counted provisionally; the peers' answers decide it.
-    Confirm(Pending),
+    /// Counted provisionally; the peers' answers decide it. Boxed: it is
+    /// the rare case, and every decision moves a `Begun`.
+    Confirm(Box<Pending>),
 }
 
 /// Most limits one request may match before the check falls back to a heap
@@ -165,6 +166,13 @@ impl<C: Clock> Limiter<C> {
         checks: &[Check<'_>],
         can_confirm: bool,
     ) -> Result<Begun, CheckError> {
+        if let (None, [c]) = (&self.cluster, checks) {
+            if c.limit.is_none() {
+                return self
+                    .decide_check_alone(now, &c.descriptors, c.cost)
+                    .map(|d| Begun::Decided(Decided::single(d)));
+            }
+        }
         let compiled = self.compiled.load();
         let mut matches = Matches::new();
         let mut requests = RequestTargets::new();
@@ -200,6 +208,45 @@ impl<C: Clock> Limiter<C> {
         Ok(self.decide(&targets, now, matches.as_slice(), &costs, can_confirm))
     }
 
+    /// A request of one check against the rules on a limiter with no
+    /// peers: what the general path ([`Limiter::decide`]) decides for it,
+    /// without assembling a request's answer, and for one limit without
+    /// the bookkeeping of several keys ([`Limiter::decide_alone`]). A
+    /// limiter with no peers never confirms and is always admitting.
+    #[inline]
+    pub(super) fn decide_check_alone(
+        &self,
+        now: Nanos,
+        d: &Descriptors<'_>,
+        cost: u32,
+    ) -> Result<Decision, CheckError> {
+        debug_assert!(self.cluster.is_none());
+        let compiled = self.compiled.load();
+        let mut matches = Matches::new();
+        self.resolve(&compiled, d, 0, &mut matches)?;
+        let targets = Targets::rules(&compiled);
+        match matches.as_slice() {
+            [] => return Ok(Decision::UNLIMITED),
+            [m] => {
+                let mut hint = table::NO_HINT;
+                let (table, limit) = (targets.table(m.target), targets.limit(m.target));
+                return Ok(self.decide_alone(table, limit, now, m.key, cost, &mut hint));
+            }
+            _ => {}
+        }
+        matches.sort();
+        Ok(
+            match self.decide(&targets, now, matches.as_slice(), &[cost], false) {
+                Begun::Decided(decided) => decided.decision(),
+                // Not produced without peers; deny rather than panic.
+                Begun::Confirm(p) => {
+                    self.give_back(now, &p);
+                    self.denied_for_now(&p).decision()
+                }
+            },
+        )
+    }
+
     /// The key a check carrying `limit` counts under: every descriptor of
     /// the check (names and values) and the limit's parameters.
     pub(super) fn request_key(&self, d: &Descriptors<'_>, limit: &RequestLimit) -> KeyDigest {
@@ -223,12 +270,22 @@ impl<C: Clock> Limiter<C> {
         let hasher = &self.hasher;
         let start = matches.as_slice().len();
         let mut unlimited = false;
+        // Rules keyed by the same fields hash the same values: a request
+        // that many rules match (each keyed by `user`, say) hashes once.
+        let mut last: Option<(&[String], u64)> = None;
         compiled.rules.for_each_rule_match(d, |m| {
             if m.unlimited || unlimited {
                 unlimited = true;
                 return;
             }
-            let digest = hasher.values(m.key_fields.iter().map(|f| d.get(f).unwrap_or("")));
+            let digest = match last {
+                Some((fields, digest)) if fields == m.key_fields => digest,
+                _ => {
+                    let digest = hasher.values(m.key_fields.iter().map(|f| d.get(f).unwrap_or("")));
+                    last = Some((m.key_fields, digest));
+                    digest
+                }
+            };
             for limit in m.limits {
                 let key = hasher.for_limit(limit.id, digest);
                 let order = compiled.order[limit.index];
@@ -410,7 +467,7 @@ impl<C: Clock> Limiter<C> {
             }
         }
         match pending {
-            Some(p) => Begun::Confirm(p),
+            Some(p) => Begun::Confirm(Box::new(p)),
             None => Begun::Decided(decided),
         }
     }
@@ -524,55 +581,30 @@ fn never_admissible_request(
     decided.map(|(overall, each)| Decided::new(overall, each, costs.len()))
 }
 
-/// The limits and keys of one request, on the stack for the common case.
-pub(super) struct Matches {
-    inline: [Match; INLINE_MATCHES],
-    len: usize,
-    spill: Vec<Match>,
-}
+/// The limits and keys of one request, on the stack for the common case
+/// (left uninitialised until pushed: a check of one limit writes one).
+pub(super) struct Matches(SmallVec<[Match; INLINE_MATCHES]>);
 
 impl Matches {
     pub(super) fn new() -> Self {
-        Matches {
-            inline: [Match::rule(0, 0, KeyDigest(0), 0); INLINE_MATCHES],
-            len: 0,
-            spill: Vec::new(),
-        }
+        Matches(SmallVec::new())
     }
     #[inline]
     pub(super) fn push(&mut self, m: Match) {
-        if self.len < INLINE_MATCHES && self.spill.is_empty() {
-            self.inline[self.len] = m;
-            self.len += 1;
-        } else {
-            if self.spill.is_empty() {
-                self.spill.extend_from_slice(&self.inline[..self.len]);
-            }
-            self.spill.push(m);
-        }
+        self.0.push(m);
     }
     fn truncate(&mut self, len: usize) {
-        if self.spill.is_empty() {
-            self.len = self.len.min(len);
-        } else {
-            self.spill.truncate(len);
-        }
+        self.0.truncate(len);
     }
+    #[inline]
     pub(super) fn as_slice(&self) -> &[Match] {
-        if self.spill.is_empty() {
-            &self.inline[..self.len]
-        } else {
-            &self.spill
-        }
+        &self.0
     }
     /// Into the lock order: by limit, then key, then check.
+    #[inline]
     pub(super) fn sort(&mut self) {
-        if self.spill.is_empty() {
-            if self.len > 1 {
-                self.inline[..self.len].sort_unstable();
-            }
-        } else {
-            self.spill.sort_unstable();
+        if self.0.len() > 1 {
+            self.0.sort_unstable();
         }
     }
 }

@@ -29,6 +29,11 @@ pub trait KeyIndex: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Bytes the index has allocated for slots, filled or not (0 when the
+    /// index cannot tell).
+    fn allocated_bytes(&self) -> usize {
+        0
+    }
 }
 
 /// Keys are already keyed SipHash digests, uniformly spread and unknown to
@@ -133,6 +138,10 @@ impl KeyIndex for DashMapIndex {
     }
     fn len(&self) -> usize {
         self.0.len()
+    }
+    fn allocated_bytes(&self) -> usize {
+        // A slot of digest and entry number, and its control byte.
+        self.0.capacity() * (std::mem::size_of::<(Digest, u32)>() + 1)
     }
 }
 

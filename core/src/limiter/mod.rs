@@ -132,6 +132,17 @@ struct Compiled {
     order: Vec<u32>,
     /// Each counter's first limit, by id.
     by_id: HashMap<LimitId, usize>,
+    /// The budget this rule set's bytes are charged to while it lives.
+    budget: Arc<MemoryBudget>,
+    /// Bytes charged: the rule set and the lists above (the key tables
+    /// charge their own).
+    bytes: usize,
+}
+
+impl Drop for Compiled {
+    fn drop(&mut self) {
+        self.budget.credit_rules(self.bytes);
+    }
 }
 
 /// What a clustered limiter adds: shares, the journal of changed keys, and
@@ -400,6 +411,9 @@ impl<C: Clock> Limiter<C> {
         d: &Descriptors<'_>,
         cost: u32,
     ) -> Result<Decision, CheckError> {
+        if self.cluster.is_none() {
+            return self.decide_check_alone(now, d, cost);
+        }
         let check = Check::new(*d, cost);
         self.check_all_at(now, std::slice::from_ref(&check))
             .map(|decided| decided.decision())
@@ -461,6 +475,13 @@ impl<C: Clock> Limiter<C> {
     /// (`max_memory`) and the keys evicted to keep it.
     pub fn memory(&self) -> &MemoryBudget {
         &self.budget
+    }
+
+    /// Bytes held by the rules in force (compiled rule set and the key
+    /// tables' fixed parts), counted against the memory budget: see
+    /// [`MemoryBudget::rules_bytes`].
+    pub fn rules_memory(&self) -> usize {
+        self.budget.rules_bytes()
     }
 
     /// Keys tracked, over all limits.
@@ -538,10 +559,19 @@ fn compile(
         };
         tables.push(table);
     }
+    use std::mem::size_of;
+    let bytes = rules.heap_bytes()
+        + tables.capacity() * size_of::<Arc<KeyTable>>()
+        + order.capacity() * size_of::<u32>()
+        // A hash map slot is the entry and a control byte.
+        + by_id.capacity() * (size_of::<(LimitId, usize)>() + 1);
+    budget.charge_rules(bytes);
     Ok(Compiled {
         rules,
         tables,
         order,
         by_id,
+        budget: budget.clone(),
+        bytes,
     })
 }

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 
 use rapidhash::fast::RandomState;
+use smallvec::SmallVec;
 
 use super::matching::{Matcher, Pattern};
 use crate::descriptor::Descriptors;
@@ -97,6 +98,27 @@ impl Dispatch {
         dispatch
     }
 
+    /// Heap bytes this dispatch holds (a hash map slot is its key, its
+    /// list and a control byte).
+    pub(super) fn heap_bytes(&self) -> usize {
+        let slot = std::mem::size_of::<(Box<str>, Vec<u32>)>() + 1;
+        self.fields.capacity() * std::mem::size_of::<FieldFiling>()
+            + self
+                .fields
+                .iter()
+                .map(|f| {
+                    f.name.len()
+                        + f.exact.capacity() * slot
+                        + f.exact
+                            .iter()
+                            .map(|(k, v)| k.len() + v.capacity() * 4)
+                            .sum::<usize>()
+                        + f.present.capacity() * 4
+                })
+                .sum::<usize>()
+            + self.always.capacity() * 4
+    }
+
     fn filing(&mut self, name: &str) -> &mut FieldFiling {
         let at = match self.fields.iter().position(|f| short_eq(&f.name, name)) {
             Some(at) => at,
@@ -120,24 +142,47 @@ impl Dispatch {
         if self.len == 0 {
             return;
         }
-        let mut found = Candidates::new();
-        found.extend(&self.always);
+        // The lists the request reaches, each already in list order: one
+        // list (the common case: one rule filed under one field) is walked
+        // as it is; several are merged and sorted.
+        let mut lists: SmallVec<[&[u32]; 4]> = SmallVec::new();
+        if !self.always.is_empty() {
+            lists.push(&self.always);
+        }
         for (name, value) in d.iter() {
             let Some(filing) = self.fields.iter().find(|f| short_eq(&f.name, name)) else {
                 continue;
             };
-            found.extend(&filing.present);
+            if !filing.present.is_empty() {
+                lists.push(&filing.present);
+            }
             if !filing.exact.is_empty() {
                 if let Some(list) = filing.exact.get(value) {
-                    found.extend(list);
+                    lists.push(list);
                 }
             }
         }
-        found.sort();
-        for &i in found.as_slice() {
-            if !f((i & !PROVEN) as usize, i & PROVEN != 0) {
-                return;
+        match lists.as_slice() {
+            [] => {}
+            [one] => walk(one, &mut f),
+            several => {
+                let mut found = Candidates::new();
+                for list in several {
+                    found.extend(list);
+                }
+                found.sort();
+                walk(found.as_slice(), &mut f);
             }
+        }
+    }
+}
+
+/// Calls `f` with each filed position of `list` until it returns `false`.
+#[inline]
+fn walk(list: &[u32], f: &mut impl FnMut(usize, bool) -> bool) {
+    for &i in list {
+        if !f((i & !PROVEN) as usize, i & PROVEN != 0) {
+            return;
         }
     }
 }

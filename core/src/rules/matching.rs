@@ -60,6 +60,14 @@ impl Pattern {
         })
     }
 
+    /// Heap bytes this pattern holds.
+    pub(super) fn heap_bytes(&self) -> usize {
+        match self {
+            Pattern::Any => 0,
+            Pattern::Prefix(t) | Pattern::Exact(t) => t.capacity(),
+        }
+    }
+
     pub(super) fn matches(&self, value: &str) -> bool {
         match self {
             Pattern::Any => true,
@@ -121,6 +129,16 @@ impl Matcher {
     pub(super) fn contains(&self, name: &str) -> bool {
         self.fields.iter().any(|(n, _)| n == name)
     }
+
+    /// Heap bytes this matcher holds (see `RuleSet::heap_bytes`).
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.fields.capacity() * std::mem::size_of::<(String, Pattern)>()
+            + self
+                .fields
+                .iter()
+                .map(|(n, p)| n.capacity() + p.heap_bytes())
+                .sum::<usize>()
+    }
 }
 
 /// The `endpoints` list: a request's `endpoint` must fit one of them.
@@ -154,6 +172,15 @@ impl EndpointList {
             }
         }
         list
+    }
+
+    /// Heap bytes this list holds (a hash set slot is the boxed text and a
+    /// control byte).
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.exact.capacity() * (std::mem::size_of::<Box<str>>() + 1)
+            + self.exact.iter().map(|e| e.len()).sum::<usize>()
+            + self.prefixes.capacity() * std::mem::size_of::<String>()
+            + self.prefixes.iter().map(String::capacity).sum::<usize>()
     }
 
     pub(super) fn admits(&self, endpoint: &str) -> bool {

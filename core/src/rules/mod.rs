@@ -288,6 +288,52 @@ impl RuleSet {
         }
     }
 
+    /// Heap bytes this rule set holds: its text, rules, matchers, limits
+    /// and lookup maps (the key tables its limits count in are not part of
+    /// it). An estimate from the capacities of what it allocated; a custom
+    /// algorithm's own state is not counted.
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let strings = |v: &[String]| v.iter().map(String::capacity).sum::<usize>();
+        let rules: usize = self
+            .rules
+            .iter()
+            .map(|r| {
+                r.name.capacity()
+                    + r.matcher.heap_bytes()
+                    + r.key_fields.capacity() * size_of::<String>()
+                    + strings(&r.key_fields)
+                    + r.tiers.capacity() * size_of::<(String, Range<usize>)>()
+                    + r.tiers.iter().map(|(n, _)| n.capacity()).sum::<usize>()
+                    + r.overrides.capacity() * size_of::<(Matcher, Range<usize>)>()
+                    + r.overrides
+                        .iter()
+                        .map(|(m, _)| m.heap_bytes())
+                        .sum::<usize>()
+                    + r.override_dispatch.heap_bytes()
+            })
+            .sum();
+        let limits: usize = self
+            .limits
+            .iter()
+            .map(|l| {
+                l.parameters.capacity()
+                    + l.rule.capacity()
+                    + match &l.scope {
+                        Scope::Tier(name) => name.capacity(),
+                        _ => 0,
+                    }
+            })
+            .sum();
+        self.source.capacity()
+            + self.rules.capacity() * size_of::<CompiledRule>()
+            + rules
+            + self.limits.capacity() * size_of::<CompiledLimit>()
+            + limits
+            + self.dispatch.heap_bytes()
+            + self.endpoints.as_ref().map_or(0, EndpointList::heap_bytes)
+    }
+
     /// The text this set was parsed from (`""` for [`RuleSet::empty`]).
     pub fn source(&self) -> &str {
         &self.source
@@ -307,6 +353,7 @@ impl RuleSet {
 
     /// Refuses requests for endpoints outside the `endpoints` list; admits
     /// everything when the file has no such list.
+    #[inline]
     pub fn check_endpoint(&self, d: &Descriptors<'_>) -> Result<(), UnknownEndpoint> {
         let Some(list) = &self.endpoints else {
             return Ok(());
@@ -357,7 +404,11 @@ impl RuleSet {
     }
 
     /// The list of `rule` that applies to `d` (which fits the rule).
+    #[inline]
     fn chosen(&self, rule: &CompiledRule, d: &Descriptors<'_>) -> Range<usize> {
+        if rule.overrides.is_empty() && rule.tiers.is_empty() {
+            return rule.default.clone();
+        }
         let mut chosen = None;
         rule.override_dispatch.candidates(d, |j, proven| {
             let (matcher, range) = &rule.overrides[j];

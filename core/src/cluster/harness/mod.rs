@@ -518,7 +518,7 @@ impl MemCluster {
                 let id = self.next_request;
                 self.next_request += 1;
                 let provisional = pending.provisional.decision();
-                let ticket = self.nodes[node].repl.confirm(local, pending, &limiter);
+                let ticket = self.nodes[node].repl.confirm(local, *pending, &limiter);
                 self.nodes[node].waiting.insert(ticket, (id, provisional));
                 self.flush(node);
                 Ok(Submitted::Waiting(id))

@@ -8,6 +8,14 @@
 //! all limits: a busy limit cannot grow by pushing the node past it, and
 //! whichever limit holds the most memory gives it back first.
 //!
+//! The rules count against the same budget ([`MemoryBudget::rules_bytes`]):
+//! each compiled rule set (its text, matchers, limits and lookup maps) and
+//! each key table's fixed part (the table, its size classes, chunk lists
+//! and the index's allocated slots), charged when built and given back when
+//! dropped, so that a rule change frees what the old rules held once no
+//! decision uses them. Keys are evicted to make room for them as for any
+//! other memory; rules themselves are never evicted.
+//!
 //! What the budget does not count: the chunks an arena has allocated but not
 //! yet filled (at most one chunk per size class per table, 256 KiB of class-0
 //! entries) and the index's spare capacity beyond its per-key share. A key
@@ -32,6 +40,8 @@ pub trait Reclaim: Send + Sync {
 pub struct MemoryBudget {
     limit: Option<usize>,
     used: AtomicUsize,
+    /// Bytes of the rules: compiled rule sets and key tables' fixed parts.
+    rules: AtomicUsize,
     evictions: AtomicU64,
     tables: Mutex<Vec<Weak<dyn Reclaim>>>,
 }
@@ -41,6 +51,7 @@ impl std::fmt::Debug for MemoryBudget {
         f.debug_struct("MemoryBudget")
             .field("limit", &self.limit)
             .field("used", &self.used())
+            .field("rules", &self.rules_bytes())
             .finish()
     }
 }
@@ -51,6 +62,7 @@ impl MemoryBudget {
         MemoryBudget {
             limit,
             used: AtomicUsize::new(0),
+            rules: AtomicUsize::new(0),
             evictions: AtomicU64::new(0),
             tables: Mutex::new(Vec::new()),
         }
@@ -66,9 +78,29 @@ impl MemoryBudget {
         self.limit
     }
 
-    /// Bytes charged by every table.
+    /// Bytes charged by every table for its keys (entries, index share,
+    /// sketches).
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes held by the rules in force and by the key tables' fixed parts
+    /// (see the module docs); counted against the budget with
+    /// [`MemoryBudget::used`].
+    pub fn rules_bytes(&self) -> usize {
+        self.rules.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn charge_rules(&self, bytes: usize) {
+        self.rules.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn credit_rules(&self, bytes: usize) {
+        let _ = self
+            .rules
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(bytes))
+            });
     }
 
     /// Keys evicted to stay within the budget, since start.
@@ -100,8 +132,12 @@ impl MemoryBudget {
 
     /// True when adding `more` bytes would take the node over its budget.
     pub(super) fn over(&self, more: usize) -> bool {
-        self.limit
-            .is_some_and(|limit| self.used().saturating_add(more) > limit)
+        self.limit.is_some_and(|limit| {
+            self.used()
+                .saturating_add(self.rules_bytes())
+                .saturating_add(more)
+                > limit
+        })
     }
 
     pub(super) fn charge(&self, bytes: usize) {

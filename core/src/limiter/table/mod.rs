@@ -122,11 +122,15 @@ fn entry_of(handle: u32) -> u32 {
 /// window of slot counters, read and written under a per-key lock. Full
 /// tables evict by CLOCK and remember evicted usage in an
 /// [`EvictedSketch`].
+///
+/// Laid out in declaration order, what a lookup reads first (a decision
+/// over thousands of limits touches one table per limit).
+#[repr(C)]
 pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     spec: WindowSpec,
+    classes: Box<[Arena]>,
     slots: usize,
     capacity: u32,
-    classes: Box<[Arena]>,
     hand: AtomicU32,
     sweep_cursor: AtomicU32,
     index: I,
@@ -141,6 +145,9 @@ pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     /// The latest time a key was inserted at: what a key growing into a
     /// larger class (a write with no time of its own) takes as now.
     last_now: AtomicU64,
+    /// Bytes of the table before any key: charged to the budget as rules'
+    /// memory while the table lives.
+    fixed: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -179,7 +186,7 @@ impl<I: KeyIndex> KeyTable<I> {
                 break;
             }
         }
-        Ok(KeyTable {
+        let mut table = KeyTable {
             spec,
             slots,
             capacity: capacity as u32,
@@ -193,7 +200,27 @@ impl<I: KeyIndex> KeyTable<I> {
             budget: Arc::new(MemoryBudget::unlimited()),
             charged: AtomicUsize::new(0),
             last_now: AtomicU64::new(0),
-        })
+            fixed: 0,
+        };
+        table.fixed = std::mem::size_of::<Self>()
+            + table
+                .classes
+                .iter()
+                .map(|a| {
+                    std::mem::size_of::<Arena>()
+                        + a.chunks.len() * std::mem::size_of::<OnceLock<Box<[AtomicU32]>>>()
+                })
+                .sum::<usize>()
+            + table.index.allocated_bytes();
+        table.budget.charge_rules(table.fixed);
+        Ok(table)
+    }
+
+    /// Bytes the table holds before any key (the table, its size classes'
+    /// chunk lists, the index's first slots): counted as the rules' memory
+    /// ([`MemoryBudget::rules_bytes`]).
+    pub fn fixed_bytes(&self) -> usize {
+        self.fixed
     }
 
     /// Sets the slot that usage restored after an eviction is counted in
@@ -210,6 +237,8 @@ impl<I: KeyIndex> KeyTable<I> {
     /// is inserted; register the table with [`MemoryBudget::register`] so
     /// that other tables can ask it to give memory back.
     pub fn with_budget(mut self, budget: Arc<MemoryBudget>) -> Self {
+        self.budget.credit_rules(self.fixed);
+        budget.charge_rules(self.fixed);
         self.budget = budget;
         self
     }
@@ -287,7 +316,24 @@ impl<I: KeyIndex> KeyTable<I> {
         self.classes[class].stride * 4
     }
 
+    #[inline]
     fn lock_words(words: &[AtomicU32]) {
+        let cur = words[0].load(Ordering::Relaxed);
+        if cur & LOCK == 0
+            && words[0]
+                .compare_exchange_weak(cur, cur | LOCK, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+        {
+            return;
+        }
+        Self::lock_words_contended(words);
+    }
+
+    /// [`KeyTable::lock_words`] once the first try failed: spins, then
+    /// yields.
+    #[cold]
+    #[inline(never)]
+    fn lock_words_contended(words: &[AtomicU32]) {
         let mut spins = 0u32;
         loop {
             let cur = words[0].load(Ordering::Relaxed);
@@ -307,6 +353,7 @@ impl<I: KeyIndex> KeyTable<I> {
         }
     }
 
+    #[inline]
     fn entry_at(&self, handle: u32) -> Entry<'_, I> {
         Entry {
             table: self,
@@ -315,6 +362,7 @@ impl<I: KeyIndex> KeyTable<I> {
         }
     }
 
+    #[inline]
     fn lock_entry(&self, handle: u32) -> Entry<'_, I> {
         let e = self.entry_at(handle);
         Self::lock_words(e.words);
@@ -346,6 +394,7 @@ impl<I: KeyIndex> KeyTable<I> {
         self.get_raw(key.0)
     }
 
+    #[inline]
     fn get_raw(&self, key: u64) -> Option<Entry<'_, I>> {
         let mut handle = self.index.get(key)?;
         loop {
@@ -506,6 +555,7 @@ impl<I: KeyIndex> KeyTable<I> {
 impl<I: KeyIndex> Drop for KeyTable<I> {
     fn drop(&mut self) {
         self.budget.credit(self.charged.load(Ordering::Relaxed));
+        self.budget.credit_rules(self.fixed);
     }
 }
 
