@@ -37,24 +37,43 @@
 //! - [`layer`]: the tower layer.
 //! - [`metrics`]: counters the application can export.
 
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod breaker;
 pub mod client;
 mod embedded;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod layer;
 pub mod lease;
+pub mod limits;
 pub mod metrics;
+#[cfg(feature = "grpc")]
+mod proto;
 mod remote;
 pub mod routing;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod transport;
+mod wire;
 
 pub use breaker::{BreakerConfig, BreakerState};
 pub use client::{
-    Client, ClientBuilder, ClientConfig, ClientError, Decision, Degraded, DegradedMode, Fallback,
-    NodeView, Source,
+    BatchDecision, Check, Client, ClientBuilder, ClientConfig, ClientError, Decision, Degraded,
+    DegradedMode, Fallback, NodeView, Protocol, Receipt, RefundRefusal, Refunded, RetryPolicy,
+    Source,
 };
 pub use drl_core::limiter::Outcome;
-pub use layer::{Decide, RateLimitLayer};
+#[cfg(feature = "grpc")]
+pub use grpc::GrpcTransport;
+pub use layer::{Decide, Key, RateLimitLayer};
 pub use lease::LeaseConfig;
 pub use metrics::ClientMetrics;
 pub use routing::RoutingConfig;
-pub use transport::{CheckAnswer, CheckRequest, HttpTransport, Quota, Transport, TransportError};
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;
+pub use transport::{
+    CheckAnswer, CheckRequest, HttpTransport, LimitSpec, Quota, RefundAnswer, Transport,
+    TransportError,
+};
+pub use wire::Wire;
