@@ -12,7 +12,8 @@
 //!
 //! `DRL_BIN` is the `drl` binary (default `target/release/drl`), `PHASES`
 //! a comma-separated subset of `batch,single,failover,outage` (default all),
-//! `SECONDS` the length of each timed run (default 5).
+//! `SECONDS` the length of each timed run (default 5), `FAILOVER_RATE`
+//! the checks per second of the failover run (default 200).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -298,8 +299,23 @@ fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1e3)
 }
 
+/// Deadlines far above a loaded machine's hiccups, so that a timed-out
+/// attempt does not open a breaker and turn the rest of a run into
+/// degraded decisions: these phases measure the nodes' answers.
+fn patient() -> ClientConfig {
+    ClientConfig {
+        attempt_timeout: Duration::from_secs(2),
+        call_timeout: Duration::from_secs(4),
+        ..ClientConfig::default()
+    }
+}
+
+fn on_node(d: &drl_client::Decision) -> bool {
+    matches!(d.source, Source::Node(_))
+}
+
 async fn phase_batch(secs: u64) -> Result<(), Error> {
-    let client = grpc_client(ClientConfig::default())?;
+    let client = grpc_client(patient())?;
     // Warm the connections and the EWMA.
     for i in 0..200 {
         client.check_batch(batch_of_ten(i)).await?;
@@ -307,7 +323,11 @@ async fn phase_batch(secs: u64) -> Result<(), Error> {
     let c = client.clone();
     let (peak, _) = closed_loop(32, secs, move |n| {
         let c = c.clone();
-        async move { c.check_batch(batch_of_ten(n)).await.is_ok() }
+        async move {
+            c.check_batch(batch_of_ten(n))
+                .await
+                .is_ok_and(|b| b.decisions.iter().all(on_node))
+        }
     })
     .await;
     let c = client.clone();
@@ -316,7 +336,7 @@ async fn phase_batch(secs: u64) -> Result<(), Error> {
         async move {
             c.check_batch(batch_of_ten(n))
                 .await
-                .is_ok_and(|b| b.is_allowed())
+                .is_ok_and(|b| b.is_allowed() && b.decisions.iter().all(on_node))
         }
     })
     .await;
@@ -335,8 +355,8 @@ async fn phase_batch(secs: u64) -> Result<(), Error> {
 async fn phase_single(secs: u64) -> Result<(), Error> {
     let mut rows = BTreeMap::new();
     for (name, client) in [
-        ("grpc", grpc_client(ClientConfig::default())?),
-        ("http", http_client(ClientConfig::default())?),
+        ("grpc", grpc_client(patient())?),
+        ("http", http_client(patient())?),
     ] {
         for i in 0..200 {
             client.check(&[("user", &format!("s{i}"))], 1).await?;
@@ -348,7 +368,9 @@ async fn phase_single(secs: u64) -> Result<(), Error> {
                 let c = c.clone();
                 async move {
                     let user = format!("s{}", n % 10_000);
-                    c.check(&[("user", &user)], 1).await.is_ok()
+                    c.check(&[("user", &user)], 1)
+                        .await
+                        .is_ok_and(|d| on_node(&d))
                 }
             })
             .await;
@@ -396,7 +418,10 @@ async fn phase_failover(cluster: &LocalCluster, retry: RetryPolicy) -> Result<()
     let degraded = Arc::new(AtomicU64::new(0));
     let timeline = Arc::new(Mutex::new(Vec::<(Duration, Duration)>::new()));
     let origin = Instant::now();
-    let rate = 1000.0;
+    let rate: f64 = std::env::var("FAILOVER_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(200.0);
     let secs = 6;
     let kill_at = Duration::from_secs(2);
     let killer = tokio::spawn(async move {
