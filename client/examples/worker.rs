@@ -1,73 +1,91 @@
-//! A worker that asks before each job, with failover between nodes.
+//! A worker that takes jobs in atomic batches over gRPC and refunds the
+//! charges of jobs that failed.
+//!
+//! Each job is charged to two limits at once: its tenant's and the shared
+//! export quota, as one atomic batch (both counted, or neither). A job that
+//! then fails gives both charges back by their receipts, so failed work
+//! costs no quota.
 //!
 //! ```sh
-//! # `drl cluster` stops every node when one dies; to stop just one, start
-//! # the nodes from the configurations it wrote (run it once, then Ctrl-C):
-//! for i in 0 1 2; do cargo run --release -- node --config /tmp/drl-cluster/node-$i.toml & done
+//! cargo run --release -- cluster --nodes 3        # in another terminal
 //! cargo run -p drl-client --example worker
 //! ```
 //!
-//! Kill one node while it runs: the worker's calls move to the next nearest
-//! node within the same call, and the per-second line shows the failovers
-//! and the dead node's breaker opening (and closing once it is back).
-//! `DRL_NODES` lists the nodes, `JOBS` how many jobs to run (default 5000).
+//! `DRL_GRPC_NODES` lists the nodes' gRPC addresses (default: the three of
+//! `drl cluster`), `JOBS` how many jobs to run (default 200).
+//! `tests/sdk_examples.rs` runs `work` against a real `drl cluster` and
+//! checks the cluster's counts against the report.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use drl_client::{Client, DegradedMode, Source};
+use drl_client::{Check, Client, Protocol};
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let nodes = std::env::var("DRL_NODES")
-        .unwrap_or_else(|_| "127.0.0.1:8400,127.0.0.1:8401,127.0.0.1:8402".into());
-    let jobs: u64 = std::env::var("JOBS")
-        .ok()
-        .and_then(|j| j.parse().ok())
-        .unwrap_or(5000);
+/// What a run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Jobs admitted and done.
+    pub done: u64,
+    /// Jobs admitted, failed, and refunded.
+    pub refunded: u64,
+    /// Jobs the limits refused.
+    pub refused: u64,
+}
+
+/// Runs `jobs` jobs for `tenants` tenants; every `fail_every`th job fails.
+pub async fn work(
+    nodes: Vec<String>,
+    jobs: u64,
+    tenants: u64,
+    fail_every: u64,
+) -> Result<Report, Box<dyn std::error::Error + Send + Sync>> {
     let client = Client::builder()
-        .nodes(nodes.split(','))
-        .degraded(DegradedMode::FailClosed)
+        .nodes(nodes)
+        .protocol(Protocol::Grpc)
         .build()
         .await?;
-
-    let (mut allowed, mut denied, mut degraded) = (0u64, 0u64, 0u64);
-    let mut last = Instant::now();
-    for job in 0..jobs {
-        let user = format!("tenant-{}", job % 5);
-        let d = client
-            .check(&[("user", user.as_str()), ("endpoint", "/v1/search")], 1)
+    let mut report = Report::default();
+    for job in 1..=jobs {
+        let tenant = format!("tenant-{}", job % tenants);
+        let batch = client
+            .check_batch(vec![
+                Check::new([("endpoint", "/v1/export"), ("tenant", tenant.as_str())]),
+                Check::new([("endpoint", "/v1/export"), ("quota", "export")]),
+            ])
             .await?;
-        match (d.is_allowed(), d.source) {
-            (_, Source::Degraded(_)) => degraded += 1,
-            (true, _) => allowed += 1,
-            (false, _) => denied += 1,
+        if !batch.is_allowed() {
+            report.refused += 1;
+            continue;
         }
-        if d.is_allowed() {
-            // The job itself.
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        } else if let Some(wait) = d.quota.and_then(|q| q.retry_after) {
-            tokio::time::sleep(wait.min(Duration::from_millis(100))).await;
-        }
-        if last.elapsed() >= Duration::from_secs(1) {
-            last = Instant::now();
-            let states: Vec<String> = client
-                .node_states()
-                .iter()
-                .map(|n| {
-                    format!(
-                        "{} {} {:?}",
-                        n.addr,
-                        n.breaker.as_str(),
-                        n.latency.unwrap_or_default()
-                    )
-                })
-                .collect();
-            println!(
-                "allowed {allowed} denied {denied} degraded {degraded} failovers {} | {}",
-                client.metrics().failovers.get(),
-                states.join(", ")
-            );
+        // The job itself.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if job % fail_every == 0 {
+            for d in &batch.decisions {
+                if let Some(receipt) = &d.receipt {
+                    client.refund(receipt).await?;
+                }
+            }
+            report.refunded += 1;
+        } else {
+            report.done += 1;
         }
     }
+    Ok(report)
+}
+
+#[tokio::main]
+#[allow(dead_code)]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let nodes = std::env::var("DRL_GRPC_NODES")
+        .unwrap_or_else(|_| "127.0.0.1:9400,127.0.0.1:9401,127.0.0.1:9402".into());
+    let jobs = std::env::var("JOBS")
+        .ok()
+        .and_then(|j| j.parse().ok())
+        .unwrap_or(200);
+    let nodes = nodes.split(',').map(str::to_owned).collect();
+    let report = work(nodes, jobs, 5, 10).await?;
+    println!(
+        "done {}, failed and refunded {}, refused {}",
+        report.done, report.refunded, report.refused
+    );
     Ok(())
 }

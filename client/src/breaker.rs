@@ -46,8 +46,11 @@ impl Default for BreakerConfig {
 /// The externally visible state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BreakerState {
+    /// Attempts pass.
     Closed,
+    /// Attempts are refused until the cool-down ends.
     Open,
+    /// One trial attempt at a time decides whether it closes.
     HalfOpen,
 }
 
@@ -60,6 +63,7 @@ impl BreakerState {
             BreakerState::Open => 2,
         }
     }
+    /// The state as a metric label.
     pub fn as_str(self) -> &'static str {
         match self {
             BreakerState::Closed => "closed",
@@ -95,6 +99,7 @@ pub enum Permit {
 }
 
 #[derive(Clone, Debug)]
+/// One node's circuit breaker (sans-IO: time is an input).
 pub struct CircuitBreaker {
     config: BreakerConfig,
     state: State,
@@ -103,6 +108,7 @@ pub struct CircuitBreaker {
 }
 
 impl CircuitBreaker {
+    /// A closed breaker.
     pub fn new(config: BreakerConfig) -> Self {
         CircuitBreaker {
             config,

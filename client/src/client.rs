@@ -24,41 +24,87 @@ use crate::lease::{LeaseBook, LeaseConfig, LeaseKey};
 use crate::metrics::{ClientMetrics, DegradedLabels};
 use crate::remote::{run_background, spawn_node, Remote};
 use crate::routing::{NodeTable, RoutingConfig};
-use crate::transport::{HttpTransport, Quota, Transport};
+pub use crate::transport::RefundRefusal;
+use crate::transport::{CheckRequest, HttpTransport, LimitSpec, Quota, Transport};
+use crate::wire::Wire;
 
-/// What the client decides when no node answers within the call's deadline.
+/// What the client decides when no node answers within the call's
+/// deadline. The contract of each mode (what the application sees, how much
+/// it can over-admit) is in the crate's documentation, "Degraded modes".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DegradedMode {
-    /// Admit everything.
+    /// Admit everything: unbounded over-admission while cut off.
     FailOpen,
-    /// Refuse everything.
+    /// Refuse everything (the default): no over-admission, no admission.
     FailClosed,
     /// Admit from the budget leased for the descriptor set while the cluster
     /// answered (see [`crate::lease`]); a set without a lease gets
     /// `otherwise`.
-    Local { otherwise: Fallback },
+    Local {
+        /// The decision for a set without a lease.
+        otherwise: Fallback,
+    },
 }
 
 /// The decision for a descriptor set with no lease in `Local` mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fallback {
+    /// Admit (as fail open).
     Allow,
+    /// Refuse (as fail closed).
     Deny,
 }
 
-/// Everything a client can be tuned with.
+/// When a check that got no answer is sent to another node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RetryPolicy {
+    /// Only when the node certainly counted nothing: no connection, the
+    /// connection was gone before the request was written, the node refused
+    /// the stream or said it decides nothing now (recovering, draining).
+    /// A check whose fate is unknown (sent, then a timeout or a reset) is
+    /// not sent again: the call ends with [`ClientError::Indeterminate`].
+    /// A check is never counted twice. The default.
+    #[default]
+    Safe,
+    /// Also after a failure whose fate is unknown: a dead node never costs
+    /// a decision, but a check it counted before dying is counted again by
+    /// the next node (at most once per attempt; the error is on the strict
+    /// side: the caller is charged twice, never admitted beyond a limit).
+    AtLeastOnce,
+}
+
+/// The wire a client built by [`ClientBuilder::build`] speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// The HTTP API (`POST /v1/check`), HTTP/1.1 keep-alive connections;
+    /// node addresses are HTTP ports (8400 for `drl cluster`). The default.
+    #[default]
+    Http,
+    /// The native gRPC API (feature `grpc`): one HTTP/2 call per batch;
+    /// node addresses are gRPC ports (9400 for `drl cluster`).
+    #[cfg(feature = "grpc")]
+    Grpc,
+}
+
+/// Everything a client can be tuned with. Defaults in brackets.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// Deadline of one `check`, failovers included.
+    /// Deadline of one `check`, failovers included [500 ms].
     pub call_timeout: Duration,
-    /// Deadline of one attempt on one node.
+    /// Deadline of one attempt on one node [150 ms].
     pub attempt_timeout: Duration,
-    /// Deadline of a probe.
+    /// Deadline of a probe [250 ms].
     pub probe_timeout: Duration,
+    /// Latency EWMA and probes ([`RoutingConfig`]).
     pub routing: RoutingConfig,
+    /// The per-node circuit breaker ([`BreakerConfig`]).
     pub breaker: BreakerConfig,
+    /// What decides when no node answers [`DegradedMode::FailClosed`].
     pub degraded: DegradedMode,
+    /// Leases of the `Local` degraded mode ([`LeaseConfig`]).
     pub lease: LeaseConfig,
+    /// When a check is sent again to another node [`RetryPolicy::Safe`].
+    pub retry: RetryPolicy,
     /// Most checks coalesced into one batch.
     pub max_batch: usize,
     /// How often the background task probes, renews and refreshes gauges.
@@ -78,6 +124,7 @@ impl Default for ClientConfig {
             breaker: BreakerConfig::default(),
             degraded: DegradedMode::FailClosed,
             lease: LeaseConfig::default(),
+            retry: RetryPolicy::Safe,
             max_batch: 64,
             tick: Duration::from_millis(50),
             dns_refresh: Some(Duration::from_secs(30)),
@@ -99,7 +146,9 @@ pub enum Source {
 /// Which degraded rule decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Degraded {
+    /// Admitted by fail open (or `Local` with `otherwise: Allow`, no lease).
     FailOpen,
+    /// Refused by fail closed (or `Local` with `otherwise: Deny`, no lease).
     FailClosed,
     /// From (or, when spent, against) the descriptor set's lease.
     Lease,
@@ -118,41 +167,215 @@ impl Degraded {
 /// A decision.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
+    /// Allowed, denied, or never (the cost exceeds what the limit can ever
+    /// admit: retrying cannot help).
     pub outcome: Outcome,
     /// The deciding limit; `None` when no rule limits the request, or when
     /// the degraded mode decided.
     pub quota: Option<Quota>,
+    /// Who decided.
     pub source: Source,
+    /// What [`Client::refund`] needs to give this check's cost back: set
+    /// when a node allowed it at a cost above 0 and a rule counted it.
+    pub receipt: Option<Receipt>,
 }
 
 impl Decision {
+    /// True when the request may proceed.
     pub fn is_allowed(&self) -> bool {
         self.outcome == Outcome::Allowed
     }
 }
 
-/// Why a client could not be built, or a check could not be made. A check
-/// that fails changed nothing.
+/// The proof of an allowed check that [`Client::refund`] presents, and the
+/// node that issued it (only that node can refund it). Opaque; it can be
+/// kept as text ([`Receipt::token`]) and rebuilt with [`Receipt::new`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Receipt {
+    token: Arc<str>,
+    node: Option<SocketAddr>,
+}
+
+impl Receipt {
+    /// A receipt from its token and, if known, the address of the node
+    /// that issued it (the client's address for that node).
+    pub fn new(token: impl Into<Arc<str>>, node: Option<SocketAddr>) -> Self {
+        Receipt {
+            token: token.into(),
+            node,
+        }
+    }
+
+    /// The sealed token, as the node issued it.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The node that issued it, if known.
+    pub fn node(&self) -> Option<SocketAddr> {
+        self.node
+    }
+}
+
+/// What a refund gave back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refunded {
+    /// The smallest amount given back across the receipt's limits (less
+    /// than `requested` when part of a window has passed).
+    pub refunded: u32,
+    /// The receipt's cost.
+    pub requested: u32,
+}
+
+/// One check of [`Client::check_batch`] or [`Client::check_request`]:
+/// descriptor fields, a cost (default 1), and optionally a limit of its
+/// own (a request-defined limit, see [`crate::limits`]).
+///
+/// ```
+/// use drl_client::{limits, Check};
+///
+/// let check = Check::new([("user", "alice"), ("endpoint", "/v1/search")]).cost(2);
+/// let own = Check::new([("user", "alice")]).limit(limits::sliding_window(5, "1m"));
+/// # let _ = (check, own);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Check {
+    fields: Vec<(String, String)>,
+    cost: u32,
+    limit: Option<Arc<LimitSpec>>,
+}
+
+impl Check {
+    /// A check of cost 1 on these descriptor fields.
+    pub fn new<I, N, V>(fields: I) -> Self
+    where
+        I: IntoIterator<Item = (N, V)>,
+        N: Into<String>,
+        V: Into<String>,
+    {
+        Check {
+            fields: fields
+                .into_iter()
+                .map(|(n, v)| (n.into(), v.into()))
+                .collect(),
+            cost: 1,
+            limit: None,
+        }
+    }
+
+    /// Hits this check weighs (0 reports the state and counts nothing).
+    pub fn cost(mut self, cost: u32) -> Self {
+        self.cost = cost;
+        self
+    }
+
+    /// Decides the check by this limit alone, not by the node's rules.
+    pub fn limit(mut self, limit: LimitSpec) -> Self {
+        self.limit = Some(Arc::new(limit));
+        self
+    }
+
+    pub(crate) fn into_parts(self) -> (Vec<(String, String)>, u32, Option<Arc<LimitSpec>>) {
+        (self.fields, self.cost, self.limit)
+    }
+
+    /// Validates the fields as a node would, and makes the wire request.
+    fn request(self) -> Result<CheckRequest, ClientError> {
+        validate_fields(&self.fields)?;
+        Ok(CheckRequest {
+            fields: self.fields.into(),
+            cost: self.cost,
+            limit: self.limit,
+        })
+    }
+}
+
+/// The node's own checks of descriptors, before anything is sent or noted:
+/// bad input is an error even while cut off, and changes nothing.
+fn validate_fields(fields: &[(String, String)]) -> Result<(), ClientError> {
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    Descriptors::new(&pairs)
+        .map(|_| ())
+        .map_err(|e| ClientError::Refused(e.to_string()))
+}
+
+/// The decision of an atomic batch: every check allowed and counted, or
+/// none counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchDecision {
+    /// Each check's decision, in order. When the batch was refused, every
+    /// one says not allowed (a check whose own limits had room is
+    /// `Denied`), and none has a receipt.
+    pub decisions: Vec<Decision>,
+}
+
+impl BatchDecision {
+    /// True when every check was allowed (and counted).
+    pub fn is_allowed(&self) -> bool {
+        !self.decisions.is_empty() && self.decisions.iter().all(Decision::is_allowed)
+    }
+}
+
+/// Why a client could not be built, or a call gave no decision.
+/// [`ClientError::decision_known`] says whether the application knows what
+/// was counted: for every variant but [`ClientError::Indeterminate`],
+/// nothing was.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The builder was given no node address.
     #[error("no node address given")]
     NoNodes,
+    /// A node name did not resolve.
     #[error("cannot resolve {0:?}: {1}")]
     Resolve(String, String),
+    /// A setting out of range (the message says which).
     #[error("invalid client configuration: {0}")]
     Config(String),
-    /// The request itself is invalid (descriptors, endpoint, cost): no node
-    /// would take it, and nothing was counted.
+    /// The request itself is invalid (descriptors, endpoint, cost, a
+    /// request-defined limit beyond the cluster's bounds): no node would
+    /// take it, and nothing was counted.
     #[error("refused: {0}")]
     Refused(String),
     /// No decision can be made now (an in-process limiter recovering its
-    /// counts). Nothing was counted.
+    /// counts; no node reachable for a refund). Nothing was counted.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A node got the request and no answer came back (a timeout, a reset
+    /// connection): it may have counted it or not. With
+    /// [`RetryPolicy::Safe`] the client does not send it to another node,
+    /// so it is counted at most once. [`Client::allow`] and the layer
+    /// decide such a request by the degraded mode.
+    #[error(
+        "no answer from {node} after the request was sent ({reason}): it may have been counted"
+    )]
+    Indeterminate {
+        /// The node that may have counted it.
+        node: SocketAddr,
+        /// What happened.
+        reason: String,
+    },
+    /// A refund was refused for good; nothing was given back.
+    #[error("refund refused ({0:?}): {1}")]
+    Refund(RefundRefusal, String),
+    /// The call needs what this client cannot do (an embedded client asked
+    /// for a request-defined limit, a transport without refunds).
+    #[error("not supported: {0}")]
+    Unsupported(String),
     /// The embedded node could not start (feature `node`).
     #[cfg(feature = "node")]
     #[error("embedded node: {0}")]
     Node(#[from] NodeError),
+}
+
+impl ClientError {
+    /// False only when a node may have counted the request without the
+    /// client learning its decision ([`ClientError::Indeterminate`]).
+    pub fn decision_known(&self) -> bool {
+        !matches!(self, ClientError::Indeterminate { .. })
+    }
 }
 
 /// Monotonic time since the client was built.
@@ -169,50 +392,152 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Builds a remote client.
+/// Builds a remote client. Every setting has a default: only the node
+/// addresses are required.
+///
+/// | setting | default |
+/// | --- | --- |
+/// | [`protocol`](Self::protocol) | HTTP |
+/// | [`call_timeout`](Self::call_timeout) | 500 ms, failovers included |
+/// | [`attempt_timeout`](Self::attempt_timeout) | 150 ms per node |
+/// | [`degraded`](Self::degraded) | fail closed |
+/// | [`retry`](Self::retry) | [`RetryPolicy::Safe`] |
+/// | [`bearer_token`](Self::bearer_token) | none |
+/// | `tls` (feature `tls`) | plaintext |
+/// | everything else | [`ClientConfig::default`] |
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), drl_client::ClientError> {
+/// use std::time::Duration;
+/// use drl_client::{Client, DegradedMode};
+///
+/// let client = Client::builder()
+///     .nodes(["10.0.0.1:8400", "10.0.0.2:8400"])
+///     .call_timeout(Duration::from_millis(200))
+///     .degraded(DegradedMode::FailOpen)
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Default)]
 pub struct ClientBuilder {
     addrs: Vec<String>,
     config: ClientConfig,
+    protocol: Protocol,
+    bearer: Option<String>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::TlsConfig>,
 }
 
 impl ClientBuilder {
-    /// A node address, `host:port` (an `http://` prefix is accepted). A name
-    /// is resolved when the client is built and again every
-    /// [`ClientConfig::dns_refresh`]; every address it resolves to becomes a
-    /// node (a headless service's DNS name lists every pod).
+    /// A node address, `host:port` (an `http://` or `grpc://` prefix is
+    /// accepted). A name is resolved when the client is built and again
+    /// every [`ClientConfig::dns_refresh`]; every address it resolves to
+    /// becomes a node (a headless service's DNS name lists every pod).
     pub fn node(mut self, addr: impl Into<String>) -> Self {
         self.addrs.push(addr.into());
         self
     }
 
+    /// Several node addresses (see [`ClientBuilder::node`]).
     pub fn nodes<I: IntoIterator<Item = S>, S: Into<String>>(mut self, addrs: I) -> Self {
         self.addrs.extend(addrs.into_iter().map(Into::into));
         self
     }
 
+    /// Every setting at once.
     pub fn config(mut self, config: ClientConfig) -> Self {
         self.config = config;
         self
     }
 
+    /// What decides when no node answers.
     pub fn degraded(mut self, mode: DegradedMode) -> Self {
         self.config.degraded = mode;
         self
     }
 
-    /// Resolves the addresses and starts the client's tasks over HTTP.
-    pub async fn build(self) -> Result<Client, ClientError> {
-        let transport = HttpTransport::new(self.config.attempt_timeout, self.config.max_batch);
-        self.build_with(transport).await
+    /// The wire: HTTP (default) or gRPC (feature `grpc`).
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
     }
 
-    /// The same over another transport.
+    /// Deadline of a whole call, failovers included.
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.config.call_timeout = timeout;
+        self
+    }
+
+    /// Deadline of one attempt on one node.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.config.attempt_timeout = timeout;
+        self
+    }
+
+    /// When a check that got no answer is sent to another node.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.config.retry = retry;
+        self
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request (for a
+    /// gateway or proxy in front of the nodes that checks it).
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.bearer = Some(token.into());
+        self
+    }
+
+    /// Speaks TLS to the nodes (features `grpc` and `tls`; the protocol
+    /// becomes gRPC, the only API a node serves over TLS).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::tls::TlsConfig) -> Self {
+        self.tls = Some(tls);
+        self.protocol = Protocol::Grpc;
+        self
+    }
+
+    /// Resolves the addresses and starts the client's tasks over the
+    /// chosen protocol.
+    pub async fn build(self) -> Result<Client, ClientError> {
+        let bad_token = |e: crate::transport::TransportError| ClientError::Config(e.to_string());
+        let wire = match self.protocol {
+            Protocol::Http => {
+                let mut t = HttpTransport::new(self.config.attempt_timeout, self.config.max_batch);
+                if let Some(token) = &self.bearer {
+                    t = t.with_bearer_token(token).map_err(bad_token)?;
+                }
+                Wire::Http(t)
+            }
+            #[cfg(feature = "grpc")]
+            Protocol::Grpc => {
+                let mut t = crate::grpc::GrpcTransport::new()
+                    .connect_timeout(self.config.attempt_timeout.max(Duration::from_millis(100)));
+                if let Some(token) = &self.bearer {
+                    t = t.bearer_token(token).map_err(bad_token)?;
+                }
+                #[cfg(feature = "tls")]
+                if let Some(tls) = &self.tls {
+                    t = t.tls(tls).map_err(|e| ClientError::Config(e.to_string()))?;
+                }
+                Wire::Grpc(t)
+            }
+        };
+        self.build_with(wire).await
+    }
+
+    /// The same over a transport of the caller's (the protocol, token and
+    /// TLS settings of this builder are then the transport's business).
     pub async fn build_with<T: Transport>(self, transport: T) -> Result<Client<T>, ClientError> {
         let mut nodes: Vec<SocketAddr> = Vec::new();
         let mut names = Vec::new();
         for a in &self.addrs {
-            let host = a.strip_prefix("http://").unwrap_or(a).trim_end_matches('/');
+            let host = a
+                .strip_prefix("http://")
+                .or_else(|| a.strip_prefix("grpc://"))
+                .or_else(|| a.strip_prefix("https://"))
+                .unwrap_or(a)
+                .trim_end_matches('/');
             if host.parse::<SocketAddr>().is_err() {
                 names.push(host.to_owned());
             }
@@ -234,7 +559,7 @@ impl ClientBuilder {
 
 /// A rate-limit client. Cheap to clone; every clone shares the nodes'
 /// state, the leases and the metrics.
-pub struct Client<T: Transport = HttpTransport> {
+pub struct Client<T: Transport = Wire> {
     inner: Arc<Inner<T>>,
 }
 
@@ -270,7 +595,8 @@ impl<T: Transport> Drop for Inner<T> {
     }
 }
 
-impl Client<HttpTransport> {
+impl Client {
+    /// A builder of a remote client.
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
     }
@@ -372,8 +698,12 @@ impl<T: Transport> Client<T> {
 
     /// Decides one request described by `fields`, costing `cost`. Goes to
     /// the nearest healthy node, fails over to the next within the call's
-    /// deadline, and falls back to the degraded mode when none answers.
-    /// An error means the request is invalid; nothing was counted.
+    /// deadline (see [`RetryPolicy`]), and falls back to the degraded mode
+    /// when none answers.
+    ///
+    /// Errors: [`ClientError::Refused`] when the request is invalid
+    /// (nothing counted); [`ClientError::Indeterminate`] when a node got it
+    /// and no answer came back (it may have been counted).
     pub async fn check(&self, fields: &[(&str, &str)], cost: u32) -> Result<Decision, ClientError> {
         let owned: Vec<(String, String)> = fields
             .iter()
@@ -388,20 +718,123 @@ impl<T: Transport> Client<T> {
         fields: Vec<(String, String)>,
         cost: u32,
     ) -> Result<Decision, ClientError> {
+        self.check_request(Check {
+            fields,
+            cost,
+            limit: None,
+        })
+        .await
+    }
+
+    /// Decides one [`Check`] (with a request-defined limit, if it has one).
+    pub async fn check_request(&self, check: Check) -> Result<Decision, ClientError> {
+        let inner = &*self.inner;
+        match &inner.backend {
+            Backend::Remote(r) => r.check(inner, check.request()?).await,
+            Backend::Embedded(e) => e.check(inner, check).await,
+        }
+    }
+
+    /// The simplest call: may `user` call `endpoint` now (cost 1)? Every
+    /// failure is decided by the degraded mode: `true` when it admits
+    /// (fail open, or a lease), `false` otherwise and for invalid input.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: drl_client::Client) {
+    /// if client.allow("alice", "/v1/search").await {
+    ///     // serve
+    /// }
+    /// # }
+    /// ```
+    pub async fn allow(&self, user: &str, endpoint: &str) -> bool {
+        match self
+            .check(&[("user", user), ("endpoint", endpoint)], 1)
+            .await
+        {
+            Ok(d) => d.is_allowed(),
+            Err(e) => self.on_error(&e),
+        }
+    }
+
+    /// What the degraded mode says of a call that failed with `e`: an
+    /// invalid request is refused; any other failure is admitted only by
+    /// fail open (or `Local` with `otherwise: Allow`: there is no lease to
+    /// spend for an answer that may already have been counted).
+    pub fn on_error(&self, e: &ClientError) -> bool {
+        if matches!(e, ClientError::Refused(_)) {
+            return false;
+        }
+        matches!(
+            self.inner.config.degraded,
+            DegradedMode::FailOpen
+                | DegradedMode::Local {
+                    otherwise: Fallback::Allow
+                }
+        )
+    }
+
+    /// Decides several checks as one request, atomically: every limit of
+    /// every check admits and every check is counted, or none is. The
+    /// batch goes to one node (the nearest healthy one); over gRPC it is
+    /// one `CheckBatch` call decided by that node at once; over HTTP it is
+    /// emulated (checks in order, the allowed ones refunded as soon as one
+    /// is refused: all or nothing, but not isolated from concurrent
+    /// requests; see [`HttpTransport`]). At most 1000 checks.
+    ///
+    /// When no node answers, the degraded mode decides the batch as a
+    /// whole: fail open admits it, fail closed refuses it, `Local` admits
+    /// it only if every check's lease covers its cost (spending them all),
+    /// else `otherwise` for a batch of which no check has a lease, else
+    /// refuses it.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: drl_client::Client) -> Result<(), drl_client::ClientError> {
+    /// use drl_client::Check;
+    ///
+    /// let batch = client
+    ///     .check_batch(vec![
+    ///         Check::new([("user", "alice")]),
+    ///         Check::new([("tenant", "acme")]).cost(10),
+    ///     ])
+    ///     .await?;
+    /// if batch.is_allowed() { /* both counted */ }
+    /// # Ok(()) }
+    /// ```
+    pub async fn check_batch(&self, checks: Vec<Check>) -> Result<BatchDecision, ClientError> {
+        if checks.is_empty() || checks.len() > 1000 {
+            return Err(ClientError::Refused(format!(
+                "a batch holds 1 to 1000 checks, not {}",
+                checks.len()
+            )));
+        }
         let inner = &*self.inner;
         match &inner.backend {
             Backend::Remote(r) => {
-                // The node's own checks of the descriptors, before anything
-                // is sent or noted: bad input is an error even while cut
-                // off, and changes nothing.
-                let pairs: Vec<(&str, &str)> = fields
-                    .iter()
-                    .map(|(n, v)| (n.as_str(), v.as_str()))
-                    .collect();
-                Descriptors::new(&pairs).map_err(|e| ClientError::Refused(e.to_string()))?;
-                r.check(inner, fields.into(), cost).await
+                let requests = checks
+                    .into_iter()
+                    .map(Check::request)
+                    .collect::<Result<Vec<_>, _>>()?;
+                r.check_batch(inner, requests).await
             }
-            Backend::Embedded(e) => e.check(inner, &fields, cost).await,
+            Backend::Embedded(e) => e.check_batch(checks).await,
+        }
+    }
+
+    /// Gives back what the check that issued `receipt` charged, once. The
+    /// refund goes to the node that issued the receipt (only it can refund
+    /// it); if that node cannot be reached, or answers that another node
+    /// issued it (HTTP 421), each other node is tried in turn (a receipt
+    /// is refunded at most once, wherever it is presented, so this is
+    /// safe).
+    ///
+    /// Errors: [`ClientError::Refund`] when a node refused it for good
+    /// (already refunded, expired, not a receipt);
+    /// [`ClientError::Unavailable`] when no node could take it.
+    pub async fn refund(&self, receipt: &Receipt) -> Result<Refunded, ClientError> {
+        let inner = &*self.inner;
+        match &inner.backend {
+            Backend::Remote(r) => r.refund(inner, receipt).await,
+            Backend::Embedded(e) => e.refund(receipt),
         }
     }
 
@@ -429,6 +862,7 @@ impl<T: Transport> Client<T> {
     }
 
     /// The state of each node's breaker and its latency EWMA (remote mode).
+    /// The order is that of [`Client::nodes`].
     pub fn node_states(&self) -> Vec<NodeView> {
         let now = self.inner.clock.now();
         match &self.inner.backend {
@@ -478,12 +912,16 @@ impl<T: Transport> Client<T> {
     /// client still go to the nodes (without probes or lease renewals);
     /// those of an embedded client are decided by the degraded mode, since
     /// its limiter is no longer part of the cluster.
+    ///
+    /// A remote client first gives back every lease it has not touched
+    /// (refunding its charge), so a stopping process wastes no quota.
     pub async fn shutdown(&self) {
         match &self.inner.backend {
             Backend::Remote(r) => {
                 if let Some(task) = lock(&r.background).take() {
                     task.abort();
                 }
+                r.return_leases(&self.inner, true).await;
             }
             Backend::Embedded(e) => e.shutdown().await,
         }
@@ -493,10 +931,15 @@ impl<T: Transport> Client<T> {
 /// One node as the client sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NodeView {
+    /// Its address.
     pub addr: SocketAddr,
+    /// Its breaker's state now.
     pub breaker: crate::breaker::BreakerState,
+    /// Its latency EWMA; `None` before its first answer.
     pub latency: Option<Duration>,
+    /// Times its breaker opened.
     pub opened: u64,
+    /// Times its breaker closed again.
     pub closed: u64,
 }
 
@@ -538,5 +981,6 @@ pub(crate) fn degraded_decision<T: Transport>(
         },
         quota: None,
         source: Source::Degraded(how),
+        receipt: None,
     }
 }

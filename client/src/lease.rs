@@ -30,11 +30,14 @@ use std::sync::Arc;
 
 use drl_core::time::Nanos;
 
+use crate::client::Receipt;
+
 /// A descriptor set, in a canonical order.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LeaseKey(Arc<str>);
 
 impl LeaseKey {
+    /// The key of a descriptor set (order of fields does not matter).
     pub fn new(fields: &[(String, String)]) -> LeaseKey {
         let mut sorted: Vec<&(String, String)> = fields.iter().collect();
         sorted.sort();
@@ -77,16 +80,23 @@ impl Default for LeaseConfig {
 /// What the cluster said of a descriptor set's deciding limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuotaSeen {
+    /// The limit's quota.
     pub limit: u64,
+    /// Its window.
     pub window: Nanos,
+    /// What was left.
     pub remaining: u64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Lease {
     left: u64,
     granted: u64,
     expires: Nanos,
+    /// The lease check's receipt: refunding it gives the whole lease back.
+    receipt: Option<Receipt>,
+    /// A return (refund) is in flight.
+    returning: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -105,8 +115,11 @@ struct KeyState {
 /// A lease check to make: charge `cost` to the cluster for `fields`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Renewal {
+    /// The set.
     pub key: LeaseKey,
+    /// Its fields.
     pub fields: Arc<[(String, String)]>,
+    /// The lease to charge.
     pub cost: u32,
 }
 
@@ -114,7 +127,10 @@ pub struct Renewal {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Spend {
     /// Admitted from the lease; `left` remains.
-    Admitted { left: u64 },
+    Admitted {
+        /// What is left of the lease.
+        left: u64,
+    },
     /// The set has a live lease, but not `cost` left of it.
     Exhausted,
     /// No live lease for this set.
@@ -132,6 +148,7 @@ pub struct LeaseBook {
 const DEFAULT_PERIOD: Nanos = Nanos::from_secs(1);
 
 impl LeaseBook {
+    /// An empty book.
     pub fn new(config: LeaseConfig) -> Self {
         LeaseBook {
             config,
@@ -202,7 +219,10 @@ impl LeaseBook {
                 continue;
             }
             let Some(q) = k.quota else { continue };
-            let live = k.lease.is_some_and(|l| l.left > 0 && now < l.expires);
+            let live = k
+                .lease
+                .as_ref()
+                .is_some_and(|l| l.left > 0 && now < l.expires);
             if live {
                 continue;
             }
@@ -225,8 +245,16 @@ impl LeaseBook {
     }
 
     /// The lease check for `key` was answered: `granted` when the cluster
-    /// admitted (and counted) its cost; the lease lives for `life`.
-    pub fn handle_grant(&mut self, now: Nanos, key: &LeaseKey, granted: bool, life: Nanos) {
+    /// admitted (and counted) its cost; the lease lives for `life`;
+    /// `receipt` gives it back whole while untouched.
+    pub fn handle_grant(
+        &mut self,
+        now: Nanos,
+        key: &LeaseKey,
+        granted: bool,
+        life: Nanos,
+        receipt: Option<Receipt>,
+    ) {
         if let Some(k) = self.keys.get_mut(key) {
             let Some(cost) = k.renewing.take() else {
                 return;
@@ -236,9 +264,81 @@ impl LeaseBook {
                     left: u64::from(cost),
                     granted: u64::from(cost),
                     expires: now.saturating_add(life),
+                    receipt,
+                    returning: false,
                 });
             }
         }
+    }
+
+    /// Leases to give back now (refund their receipt): live, untouched
+    /// (nothing spent from them), with a receipt, and either of a set that
+    /// went cold or, with `all`, every one (the client is stopping). Each
+    /// is marked as returning until [`Self::handle_returned`] reports it.
+    /// A lease partly spent is never returned: it expires with its window.
+    pub fn poll_returns(&mut self, now: Nanos, all: bool) -> Vec<(LeaseKey, Receipt)> {
+        let mut out = Vec::new();
+        for (key, k) in self.keys.iter_mut() {
+            let cold = now >= k.hot_until;
+            let Some(l) = &mut k.lease else { continue };
+            let untouched = l.left == l.granted && now < l.expires && !l.returning;
+            if !(untouched && (all || cold)) {
+                continue;
+            }
+            if let Some(r) = &l.receipt {
+                l.returning = true;
+                out.push((key.clone(), r.clone()));
+            }
+        }
+        out
+    }
+
+    /// A lease return ended: `done` when the cluster refunded it or refused
+    /// it for good (the lease is dropped either way); otherwise it is kept
+    /// (no node answered: it may be needed).
+    pub fn handle_returned(&mut self, key: &LeaseKey, done: bool) {
+        if let Some(k) = self.keys.get_mut(key) {
+            if done {
+                k.lease = None;
+            } else if let Some(l) = &mut k.lease {
+                l.returning = false;
+            }
+        }
+    }
+
+    /// No node answered an atomic batch: admit it only if every check's
+    /// lease covers its cost, then spend them all. `NoLease` when no check
+    /// has a live lease; `Exhausted` when some do but not all are covered.
+    pub fn try_spend_all(&mut self, now: Nanos, checks: &[(LeaseKey, u32)]) -> Spend {
+        let mut need: HashMap<&LeaseKey, u64> = HashMap::new();
+        for (k, cost) in checks {
+            *need.entry(k).or_default() += u64::from(*cost);
+        }
+        let mut any = false;
+        let mut all = true;
+        for (k, cost) in &need {
+            match self.keys.get(*k).and_then(|s| s.lease.as_ref()) {
+                Some(l) if now < l.expires && !l.returning => {
+                    any = true;
+                    all &= l.left >= *cost;
+                }
+                _ => all = false,
+            }
+        }
+        if !any {
+            return Spend::NoLease;
+        }
+        if !all {
+            return Spend::Exhausted;
+        }
+        let mut left = u64::MAX;
+        for (k, cost) in need {
+            if let Some(l) = self.keys.get_mut(k).and_then(|s| s.lease.as_mut()) {
+                l.left -= cost;
+                left = left.min(l.left);
+            }
+        }
+        Spend::Admitted { left }
     }
 
     /// The lease check for `key` got no answer: nothing was leased (or, if
@@ -255,7 +355,7 @@ impl LeaseBook {
             return Spend::NoLease;
         };
         match &mut k.lease {
-            Some(l) if now < l.expires => {
+            Some(l) if now < l.expires && !l.returning => {
                 if l.left >= u64::from(cost) {
                     l.left -= u64::from(cost);
                     Spend::Admitted { left: l.left }
@@ -269,7 +369,7 @@ impl LeaseBook {
 
     /// The live lease of `key`: (left, granted).
     pub fn lease(&self, now: Nanos, key: &LeaseKey) -> Option<(u64, u64)> {
-        let l = self.keys.get(key)?.lease?;
+        let l = self.keys.get(key)?.lease.as_ref()?;
         (now < l.expires).then_some((l.left, l.granted))
     }
 
@@ -278,15 +378,17 @@ impl LeaseBook {
         self.keys.retain(|_, k| {
             let period = k.quota.map_or(DEFAULT_PERIOD, |q| q.window);
             let recent = now < k.last_call.saturating_add(period).saturating_add(period);
-            let leased = k.lease.is_some_and(|l| now < l.expires);
+            let leased = k.lease.as_ref().is_some_and(|l| now < l.expires);
             recent || leased || k.renewing.is_some()
         });
     }
 
+    /// Descriptor sets tracked.
     pub fn len(&self) -> usize {
         self.keys.len()
     }
 
+    /// True when no set is tracked.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
@@ -348,7 +450,7 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].cost, 5, "10 % of 50 remaining");
         assert!(b.poll_renewals(ms(9)).is_empty(), "renewal in flight");
-        b.handle_grant(ms(10), &k, true, ms(1000));
+        b.handle_grant(ms(10), &k, true, ms(1000), None);
         assert_eq!(b.lease(ms(11), &k), Some((5, 5)));
     }
 
@@ -383,7 +485,7 @@ mod tests {
         b.handle_answer(ms(5), &k, quota(40));
         let r = b.poll_renewals(ms(6));
         assert_eq!(r[0].cost, 4);
-        b.handle_grant(ms(10), &k, true, ms(1000));
+        b.handle_grant(ms(10), &k, true, ms(1000), None);
         let mut admitted = 0;
         for _ in 0..10 {
             if let Spend::Admitted { .. } = b.try_spend(ms(20), &k, 1) {
@@ -405,7 +507,7 @@ mod tests {
         }
         b.handle_answer(ms(3), &k, quota(40));
         b.poll_renewals(ms(4));
-        b.handle_grant(ms(5), &k, false, ms(1000));
+        b.handle_grant(ms(5), &k, false, ms(1000), None);
         assert_eq!(b.try_spend(ms(6), &k, 1), Spend::NoLease);
         // And it may be asked again.
         assert_eq!(b.poll_renewals(ms(7)).len(), 1);
@@ -421,7 +523,7 @@ mod tests {
         }
         b.handle_answer(ms(3), &k, quota(20));
         b.poll_renewals(ms(4));
-        b.handle_grant(ms(5), &k, true, ms(1000));
+        b.handle_grant(ms(5), &k, true, ms(1000), None);
         assert!(b.poll_renewals(ms(6)).is_empty(), "lease live");
         assert!(matches!(
             b.try_spend(ms(7), &k, 2),

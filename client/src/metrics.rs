@@ -11,7 +11,8 @@
 //! | `drl_client_breaker_state` | gauge | `node` (0 closed, 1 half-open, 2 open) |
 //! | `drl_client_breaker_opened_total` | counter | `node` |
 //! | `drl_client_degraded_decisions_total` | counter | `mode` (fail_open, fail_closed, lease), `allowed` |
-//! | `drl_client_leases_total` | counter | `result` (granted, denied, failed) |
+//! | `drl_client_leases_total` | counter | `result` (granted, denied, failed, returned, return_failed) |
+//! | `drl_client_refunds_total` | counter | `result` (refunded, refused, undelivered) |
 //! | `drl_client_probes_total` | counter | `node`, `result` (ok, failed) |
 //! | `drl_client_batches_total`, `drl_client_batched_checks_total` | counter | |
 
@@ -21,39 +22,61 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+/// Labels of a per-node result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
+    /// The node's address.
     pub node: String,
+    /// What happened.
     pub result: String,
 }
 
+/// Labels of a per-node value.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
+    /// The node's address.
     pub node: String,
 }
 
+/// Labels of a degraded decision.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DegradedLabels {
+    /// `fail_open`, `fail_closed` or `lease`.
     pub mode: String,
+    /// `true` or `false`.
     pub allowed: String,
 }
 
+/// Labels of a result alone.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
+    /// What happened.
     pub result: String,
 }
 
-/// The client's counters. Cheap to clone (shared).
+/// The client's counters (table in the module's documentation). Cheap to
+/// clone (shared).
 #[derive(Clone, Debug, Default)]
 pub struct ClientMetrics {
+    /// `drl_client_calls_total`.
     pub calls: Family<CallLabels, Counter>,
+    /// `drl_client_failovers_total`.
     pub failovers: Counter,
+    /// `drl_client_breaker_state`.
     pub breaker_state: Family<NodeLabels, Gauge>,
+    /// `drl_client_breaker_opened_total`.
     pub breaker_opened: Family<NodeLabels, Counter>,
+    /// `drl_client_degraded_decisions_total`.
     pub degraded: Family<DegradedLabels, Counter>,
+    /// `drl_client_leases_total`.
     pub leases: Family<ResultLabels, Counter>,
+    /// `drl_client_refunds_total`.
+    pub refunds: Family<ResultLabels, Counter>,
+    /// `drl_client_batches_total`.
     pub batches: Counter,
+    /// `drl_client_batched_checks_total`.
     pub batched_checks: Counter,
+    /// `drl_client_probes_total`.
     pub probes: Family<CallLabels, Counter>,
 }
 
@@ -87,6 +110,7 @@ impl ClientMetrics {
             self.degraded.clone(),
         );
         r.register("leases", "Lease checks, by result", self.leases.clone());
+        r.register("refunds", "Refunds, by result", self.refunds.clone());
         r.register(
             "probes",
             "Probes of idle nodes and half-open trials, by node and result (ok, failed)",
@@ -141,6 +165,7 @@ impl ClientMetrics {
             .get()
     }
 
+    /// Times `node`'s breaker opened.
     pub fn breaker_opened_of(&self, node: &str) -> u64 {
         self.breaker_opened
             .get_or_create(&NodeLabels {
@@ -149,6 +174,7 @@ impl ClientMetrics {
             .get()
     }
 
+    /// Lease checks (and returns) that ended in `result`.
     pub fn leases_of(&self, result: &str) -> u64 {
         self.leases
             .get_or_create(&ResultLabels {
@@ -178,6 +204,14 @@ impl ClientMetrics {
 
     pub(crate) fn leases_of_inc(&self, result: &str) {
         self.leases
+            .get_or_create(&ResultLabels {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn refund(&self, result: &str) {
+        self.refunds
             .get_or_create(&ResultLabels {
                 result: result.to_owned(),
             })

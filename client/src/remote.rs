@@ -2,6 +2,7 @@
 //! batchers, and the background task (probes, half-open trials, lease
 //! renewals, gauges).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
 use std::time::{Duration, Instant};
@@ -12,13 +13,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::breaker::Permit;
 use crate::client::{
-    degraded_decision, lock, Backend, ClientError, Decision, Degraded, DegradedMode, Fallback,
-    Inner, Source,
+    degraded_decision, lock, Backend, BatchDecision, ClientError, Decision, Degraded, DegradedMode,
+    Fallback, Inner, Receipt, Refunded, RetryPolicy, Source,
 };
 use crate::lease::{LeaseBook, LeaseKey, QuotaSeen, Spend};
 use crate::metrics::{ClientMetrics, NodeLabels};
 use crate::routing::NodeTable;
-use crate::transport::{CheckAnswer, CheckRequest, Transport, TransportError};
+use crate::transport::{CheckAnswer, CheckRequest, RefundAnswer, Transport, TransportError};
 
 pub(crate) struct Remote<T: Transport> {
     pub(crate) transport: Arc<T>,
@@ -174,9 +175,21 @@ impl<T: Transport> Remote<T> {
         }
     }
 
-    /// Tries the nodes in routing order until one decides or the deadline
-    /// passes. `None`: no node answered.
-    async fn call(&self, inner: &Inner<T>, request: &CheckRequest) -> Option<(usize, CheckAnswer)> {
+    /// Tries the nodes in routing order until one answers, the deadline
+    /// passes, or an attempt fails in a way that may have counted the
+    /// request and the retry policy forbids sending it again. `attempt`
+    /// makes one attempt on node `i` within a timeout; `label` names an
+    /// answer in the `calls` metric.
+    async fn route<R, F, Fut>(
+        &self,
+        inner: &Inner<T>,
+        mut attempt: F,
+        label: impl Fn(&R) -> &'static str,
+    ) -> Routed<R>
+    where
+        F: FnMut(usize, Duration) -> Fut,
+        Fut: Future<Output = Result<R, TransportError>>,
+    {
         let deadline = Instant::now() + inner.config.call_timeout;
         let order = lock(&self.table).route(inner.clock.now());
         let mut failed = false;
@@ -202,72 +215,246 @@ impl<T: Transport> Remote<T> {
                 armed: permit == Permit::Trial,
             };
             let started = Instant::now();
-            let result = self
-                .attempt(i, request.clone(), inner.config.attempt_timeout.min(left))
-                .await;
+            let result = attempt(i, inner.config.attempt_timeout.min(left)).await;
             guard.armed = false;
             let elapsed = Nanos::from(started.elapsed());
             let now = inner.clock.now();
             let Some(node) = self.node(i) else {
                 continue;
             };
-            let label = &node.label;
+            let node_label = &node.label;
             match result {
                 Ok(answer) => {
                     lock(&self.table).handle_success(now, i, elapsed);
-                    let result = match &answer {
-                        CheckAnswer::Decided { outcome, .. } => outcome_str(*outcome),
-                        CheckAnswer::Refused(_) => "refused",
-                    };
-                    inner.metrics.call(label, result);
-                    self.record(inner, i, label, before);
-                    return Some((i, answer));
+                    inner.metrics.call(node_label, label(&answer));
+                    self.record(inner, i, node_label, before);
+                    return Routed::Answered(i, answer);
                 }
                 Err(e) => {
                     lock(&self.table).handle_failure(now, i, elapsed);
-                    inner.metrics.call(label, e.kind());
-                    self.record(inner, i, label, before);
+                    inner.metrics.call(node_label, e.kind());
+                    self.record(inner, i, node_label, before);
                     tracing::debug!(node = %node.addr, error = %e, "attempt failed");
+                    if !e.counted_nothing() && inner.config.retry == RetryPolicy::Safe {
+                        return Routed::Indeterminate(node.addr, e);
+                    }
                     failed = true;
                 }
             }
         }
-        None
+        Routed::Unreachable
+    }
+
+    /// One check through the nodes' batchers.
+    pub(crate) async fn call(
+        &self,
+        inner: &Inner<T>,
+        request: &CheckRequest,
+    ) -> Routed<CheckAnswer> {
+        self.route(
+            inner,
+            |i, timeout| self.attempt(i, request.clone(), timeout),
+            answer_label,
+        )
+        .await
+    }
+
+    fn addr(&self, i: usize) -> SocketAddr {
+        self.node(i)
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |n| n.addr)
+    }
+
+    fn decision(
+        &self,
+        i: usize,
+        outcome: Outcome,
+        quota: Option<crate::transport::Quota>,
+        receipt: Option<Arc<str>>,
+    ) -> Decision {
+        let addr = self.addr(i);
+        Decision {
+            outcome,
+            quota,
+            source: Source::Node(addr),
+            receipt: receipt.map(|r| Receipt::new(r, Some(addr))),
+        }
     }
 
     pub(crate) async fn check(
         &self,
         inner: &Inner<T>,
-        fields: Arc<[(String, String)]>,
-        cost: u32,
+        request: CheckRequest,
     ) -> Result<Decision, ClientError> {
         let local = matches!(inner.config.degraded, DegradedMode::Local { .. });
-        let key = local.then(|| LeaseKey::new(&fields));
+        // Leases are for the rules' limits; a request-defined limit has none.
+        let key = (local && request.limit.is_none()).then(|| LeaseKey::new(&request.fields));
         if let Some(key) = &key {
-            lock(&self.leases).note_call(inner.clock.now(), key, &fields);
+            lock(&self.leases).note_call(inner.clock.now(), key, &request.fields);
         }
-        let request = CheckRequest { fields, cost };
+        let cost = request.cost;
         match self.call(inner, &request).await {
-            Some((i, CheckAnswer::Decided { outcome, quota })) => {
-                if let Some(key) = &key {
-                    let seen = quota.as_ref().map(|q| QuotaSeen {
-                        limit: q.limit,
-                        window: Nanos::from(q.window),
-                        remaining: q.remaining,
-                    });
-                    lock(&self.leases).handle_answer(inner.clock.now(), key, seen);
-                }
-                Ok(Decision {
+            Routed::Answered(
+                i,
+                CheckAnswer::Decided {
                     outcome,
                     quota,
-                    source: Source::Node(
-                        self.node(i)
-                            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |n| n.addr),
-                    ),
-                })
+                    receipt,
+                },
+            ) => {
+                if let Some(key) = &key {
+                    lock(&self.leases).handle_answer(inner.clock.now(), key, quota_seen(&quota));
+                }
+                Ok(self.decision(i, outcome, quota, receipt))
             }
-            Some((_, CheckAnswer::Refused(message))) => Err(ClientError::Refused(message)),
-            None => Ok(self.degraded(inner, key.as_ref(), cost)),
+            Routed::Answered(_, CheckAnswer::Refused(message)) => {
+                Err(ClientError::Refused(message))
+            }
+            Routed::Indeterminate(node, e) => Err(ClientError::Indeterminate {
+                node,
+                reason: e.to_string(),
+            }),
+            Routed::Unreachable => Ok(self.degraded(inner, key.as_ref(), cost)),
+        }
+    }
+
+    /// An atomic batch on one node (no coalescing: it is one request).
+    pub(crate) async fn check_batch(
+        &self,
+        inner: &Inner<T>,
+        requests: Vec<CheckRequest>,
+    ) -> Result<BatchDecision, ClientError> {
+        let routed = self
+            .route(
+                inner,
+                |i, timeout| {
+                    let addr = self.addr(i);
+                    let batch = requests.clone();
+                    async move { self.transport.check_atomic(addr, batch, timeout).await }
+                },
+                |answers: &Vec<CheckAnswer>| answers.first().map_or("allowed", answer_label),
+            )
+            .await;
+        match routed {
+            Routed::Answered(i, answers) => {
+                let mut decisions = Vec::with_capacity(answers.len());
+                for a in answers {
+                    match a {
+                        CheckAnswer::Decided {
+                            outcome,
+                            quota,
+                            receipt,
+                        } => decisions.push(self.decision(i, outcome, quota, receipt)),
+                        CheckAnswer::Refused(message) => return Err(ClientError::Refused(message)),
+                    }
+                }
+                Ok(BatchDecision { decisions })
+            }
+            Routed::Indeterminate(node, e) => Err(ClientError::Indeterminate {
+                node,
+                reason: e.to_string(),
+            }),
+            Routed::Unreachable => Ok(self.degraded_batch(inner, &requests)),
+        }
+    }
+
+    /// The degraded decision of a whole batch.
+    fn degraded_batch(&self, inner: &Inner<T>, requests: &[CheckRequest]) -> BatchDecision {
+        let (how, allowed) = match inner.config.degraded {
+            DegradedMode::FailOpen => (Degraded::FailOpen, true),
+            DegradedMode::FailClosed => (Degraded::FailClosed, false),
+            DegradedMode::Local { otherwise } => {
+                let keys: Vec<(LeaseKey, u32)> = requests
+                    .iter()
+                    .map(|r| (LeaseKey::new(&r.fields), r.cost))
+                    .collect();
+                match lock(&self.leases).try_spend_all(inner.clock.now(), &keys) {
+                    Spend::Admitted { .. } => (Degraded::Lease, true),
+                    Spend::Exhausted => (Degraded::Lease, false),
+                    Spend::NoLease => match otherwise {
+                        Fallback::Allow => (Degraded::FailOpen, true),
+                        Fallback::Deny => (Degraded::FailClosed, false),
+                    },
+                }
+            }
+        };
+        BatchDecision {
+            decisions: requests
+                .iter()
+                .map(|_| degraded_decision(inner, how, allowed))
+                .collect(),
+        }
+    }
+
+    /// A refund: to the issuing node first, then to each other node.
+    pub(crate) async fn refund(
+        &self,
+        inner: &Inner<T>,
+        receipt: &Receipt,
+    ) -> Result<Refunded, ClientError> {
+        let deadline = Instant::now() + inner.config.call_timeout;
+        let nodes = self.node_list();
+        let mut order: Vec<usize> = lock(&self.table).route(inner.clock.now());
+        for i in 0..nodes.len() {
+            if !order.contains(&i) {
+                order.push(i);
+            }
+        }
+        if let Some(issuer) = receipt
+            .node()
+            .and_then(|a| nodes.iter().position(|n| n.addr == a))
+        {
+            order.retain(|&i| i != issuer);
+            order.insert(0, issuer);
+        }
+        let mut last = String::from("no node to send it to");
+        for i in order {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let addr = nodes[i].addr;
+            let timeout = inner.config.attempt_timeout.min(left);
+            match self.transport.refund(addr, receipt.token(), timeout).await {
+                Ok(RefundAnswer::Refunded {
+                    refunded,
+                    requested,
+                }) => {
+                    inner.metrics.refund("refunded");
+                    return Ok(Refunded {
+                        refunded,
+                        requested,
+                    });
+                }
+                Ok(RefundAnswer::OtherNode(m)) => last = m,
+                Ok(RefundAnswer::Refused(why, m)) => {
+                    inner.metrics.refund("refused");
+                    return Err(ClientError::Refund(why, m));
+                }
+                Err(TransportError::Unsupported(what)) => {
+                    return Err(ClientError::Unsupported(what.to_owned()))
+                }
+                // A receipt is spent at most once, and only by its issuer:
+                // trying another node (or the same again) is always safe.
+                Err(e) => last = e.to_string(),
+            }
+        }
+        inner.metrics.refund("undelivered");
+        Err(ClientError::Unavailable(format!(
+            "no node refunded the receipt: {last}"
+        )))
+    }
+
+    /// Refunds the leases that were never touched: of sets gone cold, or
+    /// every one when the client stops (`all`).
+    pub(crate) async fn return_leases(&self, inner: &Inner<T>, all: bool) {
+        let returns = lock(&self.leases).poll_returns(inner.clock.now(), all);
+        for (key, receipt) in returns {
+            let result = self.refund(inner, &receipt).await;
+            let ok = result.is_ok();
+            lock(&self.leases).handle_returned(&key, ok);
+            inner
+                .metrics
+                .leases_of_inc(if ok { "returned" } else { "return_failed" });
         }
     }
 
@@ -290,6 +477,31 @@ impl<T: Transport> Remote<T> {
         };
         degraded_decision(inner, how, allowed)
     }
+}
+
+/// Where a routed call ended.
+pub(crate) enum Routed<R> {
+    /// Node `i` answered.
+    Answered(usize, R),
+    /// No node answered, and none can have counted the request.
+    Unreachable,
+    /// A node may have counted it, and the retry policy stopped the call.
+    Indeterminate(SocketAddr, TransportError),
+}
+
+fn answer_label(a: &CheckAnswer) -> &'static str {
+    match a {
+        CheckAnswer::Decided { outcome, .. } => outcome_str(*outcome),
+        CheckAnswer::Refused(_) => "refused",
+    }
+}
+
+fn quota_seen(quota: &Option<crate::transport::Quota>) -> Option<QuotaSeen> {
+    quota.as_ref().map(|q| QuotaSeen {
+        limit: q.limit,
+        window: Nanos::from(q.window),
+        remaining: q.remaining,
+    })
 }
 
 /// Coalesces the checks waiting for one node into batches.
@@ -390,6 +602,14 @@ pub(crate) async fn run_background<T: Transport>(inner: Weak<Inner<T>>) {
                 let weak = inner.clone();
                 tokio::spawn(async move { renew(weak, r).await });
             }
+            let weak = inner.clone();
+            tokio::spawn(async move {
+                if let Some(strong) = weak.upgrade() {
+                    if let Backend::Remote(remote) = &strong.backend {
+                        remote.return_leases(&strong, false).await;
+                    }
+                }
+            });
         }
     }
 }
@@ -435,18 +655,20 @@ pub(crate) async fn renew<T: Transport>(inner: Weak<Inner<T>>, r: crate::lease::
     let request = CheckRequest {
         fields: r.fields.clone(),
         cost: r.cost,
+        limit: None,
     };
     let answer = remote.call(&strong, &request).await;
     let now = strong.clock.now();
     let mut leases = lock(&remote.leases);
     match answer {
-        Some((
-            _,
+        Routed::Answered(
+            i,
             CheckAnswer::Decided {
                 outcome: Outcome::Allowed,
                 quota: Some(q),
+                receipt,
             },
-        )) => {
+        ) => {
             // The lease lives as long as the cluster remembers its charge:
             // until the quota is whole again (a fixed window's end), at most
             // one window.
@@ -455,14 +677,15 @@ pub(crate) async fn renew<T: Transport>(inner: Weak<Inner<T>>, r: crate::lease::
             } else {
                 q.reset_after.min(q.window)
             };
-            leases.handle_grant(now, &r.key, true, Nanos::from(life));
+            let receipt = receipt.map(|t| Receipt::new(t, Some(remote.addr(i))));
+            leases.handle_grant(now, &r.key, true, Nanos::from(life), receipt);
             strong.metrics.leases_of_inc("granted");
         }
-        Some((_, CheckAnswer::Decided { .. })) | Some((_, CheckAnswer::Refused(_))) => {
-            leases.handle_grant(now, &r.key, false, Nanos::ZERO);
+        Routed::Answered(..) => {
+            leases.handle_grant(now, &r.key, false, Nanos::ZERO, None);
             strong.metrics.leases_of_inc("denied");
         }
-        None => {
+        Routed::Unreachable | Routed::Indeterminate(..) => {
             leases.handle_renewal_failed(&r.key);
             strong.metrics.leases_of_inc("failed");
         }

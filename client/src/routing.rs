@@ -52,6 +52,7 @@ pub struct NodeTable {
 }
 
 impl NodeTable {
+    /// A table of `nodes` nodes, none measured yet.
     pub fn new(nodes: usize, routing: RoutingConfig, breaker: BreakerConfig) -> Self {
         let mut table = NodeTable {
             config: routing,
@@ -76,10 +77,12 @@ impl NodeTable {
         self.nodes.len() - 1
     }
 
+    /// Nodes in the table.
     pub fn len(&self) -> usize {
         self.nodes.len()
     }
 
+    /// True when there is no node.
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
@@ -184,6 +187,7 @@ impl NodeTable {
         }
     }
 
+    /// Node `i`'s breaker state.
     pub fn breaker_state(&self, now: Nanos, i: usize) -> Option<BreakerState> {
         self.nodes.get(i).map(|n| n.breaker.state(now))
     }

@@ -5,8 +5,9 @@
 //! same node at the same moment into one [`Transport::check_batch`] call.
 //! [`HttpTransport`], over the node's HTTP API (`POST /v1/check`), sends
 //! the checks of a batch concurrently over a pool of keep-alive HTTP/1.1
-//! connections to that node (HTTP/1.1 has no batch request); a transport over
-//! a batch RPC would send one request per batch instead.
+//! connections to that node (HTTP/1.1 has no batch request);
+//! `GrpcTransport` (feature `grpc`) sends one `CheckBatch` call per batch
+//! over a multiplexed HTTP/2 connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -21,20 +23,34 @@ use serde_json::Value;
 
 use drl_core::limiter::Outcome;
 
-/// One check: descriptor fields and a cost.
+/// A limit a check carries itself (a request-defined limit, decided alone,
+/// without the rules): the fields of a rule file's limit entry. See
+/// [`crate::limits`] for constructors.
+pub use drl_core::rules::request::LimitSpec;
+
+/// One check: descriptor fields, a cost, and optionally a limit of its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckRequest {
+    /// Descriptor fields, `(name, value)`.
     pub fields: Arc<[(String, String)]>,
+    /// Hits this check weighs; 0 reports the state and counts nothing.
     pub cost: u32,
+    /// A request-defined limit: when present the check is decided by it
+    /// alone (the node's rules are not consulted).
+    pub limit: Option<Arc<LimitSpec>>,
 }
 
 /// The deciding limit of an answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Quota {
-    /// The rule the limit belongs to.
+    /// The rule the limit belongs to (`request` for a request-defined
+    /// limit).
     pub rule: String,
+    /// The limit's quota per window.
     pub limit: u64,
+    /// The limit's window (period).
     pub window: Duration,
+    /// What is left to admit now.
     pub remaining: u64,
     /// Until the quota is whole again.
     pub reset_after: Duration,
@@ -47,28 +63,81 @@ pub struct Quota {
 pub enum CheckAnswer {
     /// A decision; `quota` is `None` when no rule limits the request.
     Decided {
+        /// Allowed, denied or never.
         outcome: Outcome,
+        /// The deciding limit.
         quota: Option<Quota>,
+        /// The sealed receipt of an allowed check of cost above 0 that a
+        /// rule counted: what a refund presents (to the node that issued
+        /// it).
+        receipt: Option<Arc<str>>,
     },
     /// The node refused the request itself (bad descriptors, unknown
-    /// endpoint, cost out of range): no node would take it, nothing was
-    /// counted.
+    /// endpoint, cost out of range, a request-defined limit beyond the
+    /// node's bounds): no node would take it, nothing was counted.
     Refused(String),
 }
 
-/// Why a node gave no decision. Any of these moves the call to the next
-/// node; nothing was counted unless the node counted and the answer was
-/// lost (a timeout after the request was sent).
+/// What a node answered to a refund.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RefundAnswer {
+    /// Given back: `refunded` of the `requested` cost (less when part of a
+    /// window has passed).
+    Refunded {
+        /// The smallest amount given back across the receipt's limits.
+        refunded: u32,
+        /// The receipt's cost.
+        requested: u32,
+    },
+    /// Another node issued the receipt (HTTP 421, gRPC
+    /// `FAILED_PRECONDITION` naming the slot): only it can refund it.
+    OtherNode(String),
+    /// Refused for good, nothing given back: already refunded, expired,
+    /// issued before the node restarted, or not a receipt.
+    Refused(RefundRefusal, String),
+}
+
+/// Why a node refused a refund for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefundRefusal {
+    /// Spent already (HTTP 409, gRPC `ALREADY_EXISTS`).
+    AlreadyRefunded,
+    /// Every window it charged has passed, or its node restarted since
+    /// (HTTP 410, gRPC `FAILED_PRECONDITION`).
+    Expired,
+    /// Not a receipt, or forged (HTTP 400, gRPC `INVALID_ARGUMENT`).
+    Invalid,
+}
+
+/// Why a node gave no answer. [`TransportError::counted_nothing`] tells
+/// whether the request can have been counted: only a request that was
+/// certainly not counted is sent again to another node.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransportError {
+    /// No connection could be made (or the connection was gone before the
+    /// request was written): nothing was sent.
     #[error("cannot reach {0}: {1}")]
     Connect(SocketAddr, String),
+    /// The node answered that it decides nothing now (HTTP 503, gRPC
+    /// `UNAVAILABLE`: recovering its counts after a restart, or draining);
+    /// nothing was counted.
+    #[error("{0} is unavailable: {1}")]
+    Unavailable(SocketAddr, String),
+    /// No answer within the deadline; the node may have counted the
+    /// request.
     #[error("no answer from {0} within {1:?}")]
     Timeout(SocketAddr, Duration),
+    /// An unexpected status; the node may have counted the request.
     #[error("{0} answered {1}")]
     Status(SocketAddr, u16),
+    /// An answer that cannot be read, or a connection lost after the
+    /// request was sent; the node may have counted the request.
     #[error("malformed answer from {0}: {1}")]
     Malformed(SocketAddr, String),
+    /// The transport cannot make this call (a refund over a transport
+    /// without one).
+    #[error("not supported by this transport: {0}")]
+    Unsupported(&'static str),
 }
 
 impl TransportError {
@@ -77,15 +146,29 @@ impl TransportError {
         match self {
             TransportError::Connect(..) => "connect_error",
             TransportError::Timeout(..) => "timeout",
-            TransportError::Status(..) => "unavailable",
-            TransportError::Malformed(..) => "malformed",
+            TransportError::Status(..) | TransportError::Unavailable(..) => "unavailable",
+            TransportError::Malformed(..) | TransportError::Unsupported(..) => "malformed",
         }
+    }
+
+    /// True when the node certainly counted nothing: the request never
+    /// reached it, or it refused to decide. Sending it to another node
+    /// then cannot count it twice.
+    pub fn counted_nothing(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Connect(..)
+                | TransportError::Unavailable(..)
+                | TransportError::Unsupported(..)
+        )
     }
 }
 
-/// A way to send checks to nodes.
+/// A way to send checks to nodes. [`HttpTransport`] and (feature `grpc`)
+/// `GrpcTransport` implement it; a test can put its own in their place.
 pub trait Transport: Send + Sync + 'static {
-    /// Sends a batch of checks to `node`; one result per check, in order.
+    /// Sends independent checks to `node` (the client coalesces the single
+    /// checks waiting for the same node); one result per check, in order.
     /// Each check gets at most `timeout`.
     fn check_batch(
         &self,
@@ -93,6 +176,31 @@ pub trait Transport: Send + Sync + 'static {
         batch: Vec<CheckRequest>,
         timeout: Duration,
     ) -> impl Future<Output = Vec<Result<CheckAnswer, TransportError>>> + Send;
+
+    /// Sends checks to `node` as one request decided atomically: every
+    /// limit of every check admits, and every check is counted, or nothing
+    /// is. One answer per check, in order; when the node refused the
+    /// request itself, every answer is that [`CheckAnswer::Refused`].
+    fn check_atomic(
+        &self,
+        node: SocketAddr,
+        batch: Vec<CheckRequest>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<CheckAnswer>, TransportError>> + Send {
+        let _ = (node, batch, timeout);
+        async { Err(TransportError::Unsupported("atomic batches")) }
+    }
+
+    /// Gives back what the check that issued `receipt` charged, on `node`.
+    fn refund(
+        &self,
+        node: SocketAddr,
+        receipt: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<RefundAnswer, TransportError>> + Send {
+        let _ = (node, receipt, timeout);
+        async { Err(TransportError::Unsupported("refunds")) }
+    }
 
     /// A light request telling whether `node` is up and ready to decide.
     fn probe(
@@ -105,14 +213,34 @@ pub trait Transport: Send + Sync + 'static {
 /// Largest answer body read from a node.
 const MAX_ANSWER: usize = 64 * 1024;
 
-/// Checks over the HTTP API, on pooled keep-alive HTTP/1.1 connections.
+/// Checks over the HTTP API (`POST /v1/check`, `POST /v1/refund`,
+/// `GET /readyz`), on pooled keep-alive HTTP/1.1 connections.
+///
+/// The HTTP API has no batch request: independent checks of a batch go
+/// concurrently over the pool, and an atomic batch
+/// ([`Transport::check_atomic`]) is emulated on one node: its checks are
+/// made in order and, as soon as one is not allowed, the ones already
+/// allowed are refunded by their receipts. The result is all or nothing,
+/// but not isolated: while it runs, other requests can see (and be refused
+/// for) the counts of its first checks. The gRPC transport's `CheckBatch`
+/// is atomic on the node itself.
 #[derive(Clone)]
 pub struct HttpTransport {
     client: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
+    authorization: Option<HeaderValue>,
+}
+
+impl std::fmt::Debug for HttpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpTransport")
+            .field("bearer_token", &self.authorization.is_some())
+            .finish()
+    }
 }
 
 impl HttpTransport {
-    /// `max_idle` keep-alive connections are kept per node.
+    /// `max_idle` keep-alive connections are kept per node; a connection
+    /// must be made within `connect_timeout`.
     pub fn new(connect_timeout: Duration, max_idle: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -121,7 +249,18 @@ impl HttpTransport {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(max_idle)
             .build(connector);
-        HttpTransport { client }
+        HttpTransport {
+            client,
+            authorization: None,
+        }
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request (for a
+    /// gateway in front of the nodes; a node itself checks tokens only on
+    /// its admin routes). Errors if the token cannot be a header value.
+    pub fn with_bearer_token(mut self, token: &str) -> Result<Self, TransportError> {
+        self.authorization = Some(bearer(token)?);
+        Ok(self)
     }
 
     async fn request(
@@ -132,10 +271,14 @@ impl HttpTransport {
         body: Bytes,
     ) -> Result<(u16, Bytes), TransportError> {
         let uri = format!("http://{node}{path}");
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(method)
             .uri(uri)
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(auth) = &self.authorization {
+            request = request.header(http::header::AUTHORIZATION, auth.clone());
+        }
+        let request = request
             .body(Full::new(body))
             .map_err(|e| TransportError::Malformed(node, e.to_string()))?;
         let response = self.client.request(request).await.map_err(|e| {
@@ -171,6 +314,14 @@ impl HttpTransport {
     }
 }
 
+/// `Bearer <token>` as a header value (marked sensitive).
+pub(crate) fn bearer(token: &str) -> Result<HeaderValue, TransportError> {
+    let mut v = HeaderValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| TransportError::Unsupported("a bearer token that is not header text"))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
 impl Default for HttpTransport {
     fn default() -> Self {
         HttpTransport::new(Duration::from_millis(500), 64)
@@ -192,6 +343,104 @@ impl Transport for HttpTransport {
         .await
     }
 
+    async fn check_atomic(
+        &self,
+        node: SocketAddr,
+        batch: Vec<CheckRequest>,
+        timeout: Duration,
+    ) -> Result<Vec<CheckAnswer>, TransportError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut answers: Vec<CheckAnswer> = Vec::with_capacity(batch.len());
+        let mut failed = None;
+        for req in &batch {
+            let answer = self.check_one(node, req.clone(), left()).await;
+            match answer {
+                Ok(a @ CheckAnswer::Decided { outcome, .. }) => {
+                    let stop = outcome != Outcome::Allowed;
+                    answers.push(a);
+                    if stop {
+                        failed = Some(None);
+                        break;
+                    }
+                }
+                Ok(CheckAnswer::Refused(why)) => {
+                    failed = Some(Some(why));
+                    break;
+                }
+                Err(e) => {
+                    if answers.is_empty() && e.counted_nothing() {
+                        return Err(e);
+                    }
+                    // Part of the batch may be counted: undo what is known
+                    // to be, and report the rest as unknown.
+                    self.undo(node, &answers, left()).await;
+                    return Err(match e {
+                        e @ (TransportError::Timeout(..)
+                        | TransportError::Malformed(..)
+                        | TransportError::Status(..)) => e,
+                        other => TransportError::Malformed(node, other.to_string()),
+                    });
+                }
+            }
+        }
+        let Some(refused) = failed else {
+            return Ok(answers);
+        };
+        if !self.undo(node, &answers, left()).await {
+            return Err(TransportError::Malformed(
+                node,
+                "an atomic batch was refused, and a refund of its allowed checks failed".into(),
+            ));
+        }
+        if let Some(why) = refused {
+            return Ok(batch
+                .iter()
+                .map(|_| CheckAnswer::Refused(why.clone()))
+                .collect());
+        }
+        // Every answer says not allowed, as the node's own batch does:
+        // the allowed ones became denials, nothing stays counted.
+        let n = answers.len();
+        let mut out: Vec<CheckAnswer> = answers
+            .into_iter()
+            .map(|a| match a {
+                CheckAnswer::Decided { outcome, quota, .. } => CheckAnswer::Decided {
+                    outcome: if outcome == Outcome::Allowed {
+                        Outcome::Denied
+                    } else {
+                        outcome
+                    },
+                    quota,
+                    receipt: None,
+                },
+                other => other,
+            })
+            .collect();
+        out.extend(batch[n..].iter().map(|_| CheckAnswer::Decided {
+            outcome: Outcome::Denied,
+            quota: None,
+            receipt: None,
+        }));
+        Ok(out)
+    }
+
+    async fn refund(
+        &self,
+        node: SocketAddr,
+        receipt: &str,
+        timeout: Duration,
+    ) -> Result<RefundAnswer, TransportError> {
+        let body = Bytes::from(serde_json::json!({ "receipt": receipt }).to_string());
+        let (status, body) = tokio::time::timeout(
+            timeout,
+            self.request(node, http::Method::POST, "/v1/refund", body),
+        )
+        .await
+        .map_err(|_| TransportError::Timeout(node, timeout))??;
+        parse_refund(node, status, &body)
+    }
+
     async fn probe(&self, node: SocketAddr, timeout: Duration) -> Result<(), TransportError> {
         let (status, _) = tokio::time::timeout(
             timeout,
@@ -207,18 +456,83 @@ impl Transport for HttpTransport {
     }
 }
 
+impl HttpTransport {
+    /// Refunds the allowed answers of a batch being undone; false if one
+    /// could not be refunded.
+    async fn undo(&self, node: SocketAddr, answers: &[CheckAnswer], timeout: Duration) -> bool {
+        let mut all = true;
+        for a in answers {
+            if let CheckAnswer::Decided {
+                outcome: Outcome::Allowed,
+                receipt: Some(r),
+                ..
+            } = a
+            {
+                let ok = matches!(
+                    self.refund(node, r, timeout).await,
+                    Ok(RefundAnswer::Refunded { .. })
+                );
+                all &= ok;
+            }
+        }
+        all
+    }
+}
+
 /// The JSON body of `POST /v1/check`.
 pub fn check_body(req: &CheckRequest) -> Bytes {
-    let mut map = serde_json::Map::with_capacity(req.fields.len() + 1);
+    let mut map = serde_json::Map::with_capacity(req.fields.len() + 2);
     for (n, v) in req.fields.iter() {
         map.insert(n.clone(), Value::String(v.clone()));
     }
     map.insert("cost".into(), Value::from(req.cost));
+    if let Some(limit) = &req.limit {
+        map.insert("limit".into(), limit_json(limit));
+    }
     Bytes::from(Value::Object(map).to_string())
 }
 
-/// Reads a node's answer to `POST /v1/check` (docs/http-api.md). A status
-/// other than 200, 429, 400 and 413 is a node failure.
+/// A request-defined limit as the HTTP API takes it.
+fn limit_json(l: &LimitSpec) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert("algorithm".into(), Value::from(l.algorithm.clone()));
+    let nums = [
+        ("limit", l.limit),
+        ("precision", l.precision),
+        ("capacity", l.capacity),
+        ("refill", l.refill),
+        ("leak", l.leak),
+        ("burst", l.burst),
+    ];
+    for (k, v) in nums {
+        if let Some(v) = v {
+            m.insert(k.into(), Value::from(v));
+        }
+    }
+    let texts = [
+        ("window", &l.window),
+        ("per", &l.per),
+        ("granularity", &l.granularity),
+    ];
+    for (k, v) in texts {
+        if let Some(v) = v {
+            m.insert(k.into(), Value::from(v.clone()));
+        }
+    }
+    Value::Object(m)
+}
+
+fn error_message(body: &[u8], default: &str) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    v.get("error")
+        .and_then(Value::as_str)
+        .unwrap_or(default)
+        .to_owned()
+}
+
+/// Reads a node's answer to `POST /v1/check` (docs/http-api.md). 400 and
+/// 413 are refusals of the request, 503 a node that decides nothing now;
+/// any other status but 200 and 429 is a node failure.
 pub fn parse_check(
     node: SocketAddr,
     status: u16,
@@ -227,14 +541,12 @@ pub fn parse_check(
     let malformed = |why: &str| TransportError::Malformed(node, why.to_owned());
     match status {
         200 | 429 => {}
-        400 | 413 => {
-            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-            let message = v
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("refused")
-                .to_owned();
-            return Ok(CheckAnswer::Refused(message));
+        400 | 413 => return Ok(CheckAnswer::Refused(error_message(body, "refused"))),
+        503 => {
+            return Err(TransportError::Unavailable(
+                node,
+                error_message(body, "unavailable"),
+            ))
         }
         other => return Err(TransportError::Status(node, other)),
     }
@@ -260,7 +572,47 @@ pub fn parse_check(
             })
         }
     };
-    Ok(CheckAnswer::Decided { outcome, quota })
+    let receipt = v
+        .get("receipt")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty())
+        .map(Arc::from);
+    Ok(CheckAnswer::Decided {
+        outcome,
+        quota,
+        receipt,
+    })
+}
+
+/// Reads a node's answer to `POST /v1/refund`.
+pub fn parse_refund(
+    node: SocketAddr,
+    status: u16,
+    body: &[u8],
+) -> Result<RefundAnswer, TransportError> {
+    let why = || error_message(body, "refused");
+    match status {
+        200 => {
+            let v: Value = serde_json::from_slice(body)
+                .map_err(|e| TransportError::Malformed(node, e.to_string()))?;
+            let num = |k: &str| {
+                v.get(k)
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| TransportError::Malformed(node, format!("no {k}")))
+            };
+            Ok(RefundAnswer::Refunded {
+                refunded: num("refunded")?,
+                requested: num("requested")?,
+            })
+        }
+        421 => Ok(RefundAnswer::OtherNode(why())),
+        409 => Ok(RefundAnswer::Refused(RefundRefusal::AlreadyRefunded, why())),
+        410 => Ok(RefundAnswer::Refused(RefundRefusal::Expired, why())),
+        400 | 413 => Ok(RefundAnswer::Refused(RefundRefusal::Invalid, why())),
+        503 => Err(TransportError::Unavailable(node, why())),
+        other => Err(TransportError::Status(node, other)),
+    }
 }
 
 #[cfg(test)]
@@ -276,10 +628,14 @@ mod tests {
         let req = CheckRequest {
             fields: vec![("user".to_owned(), "a\"b".to_owned())].into(),
             cost: 7,
+            limit: Some(Arc::new(crate::limits::sliding_window(5, "1m"))),
         };
         let v: Value = serde_json::from_slice(&check_body(&req)).unwrap();
         assert_eq!(v["user"], "a\"b");
         assert_eq!(v["cost"], 7);
+        assert_eq!(v["limit"]["algorithm"], "sliding_window");
+        assert_eq!(v["limit"]["limit"], 5);
+        assert_eq!(v["limit"]["window"], "1m");
     }
 
     #[test]
@@ -290,20 +646,26 @@ mod tests {
             br#"{"allowed":true,"outcome":"allowed","rule":"r","limit":5,"window_ms":1000,"remaining":4,"reset_ms":200,"retry_after_ms":0}"#,
         )
         .unwrap();
-        let CheckAnswer::Decided { outcome, quota } = a else {
+        let CheckAnswer::Decided {
+            outcome,
+            quota,
+            receipt,
+        } = a
+        else {
             panic!()
         };
         assert_eq!(outcome, Outcome::Allowed);
         let q = quota.unwrap();
         assert_eq!((q.limit, q.remaining), (5, 4));
         assert_eq!(q.window, Duration::from_secs(1));
+        assert_eq!(receipt, None);
         let n = parse_check(
             node(),
             429,
             br#"{"allowed":false,"outcome":"never","rule":"r","limit":5,"window_ms":1000,"remaining":0,"reset_ms":0,"retry_after_ms":null}"#,
         )
         .unwrap();
-        let CheckAnswer::Decided { outcome, quota } = n else {
+        let CheckAnswer::Decided { outcome, quota, .. } = n else {
             panic!()
         };
         assert_eq!(outcome, Outcome::Never);
@@ -318,7 +680,8 @@ mod tests {
             u,
             CheckAnswer::Decided {
                 outcome: Outcome::Allowed,
-                quota: None
+                quota: None,
+                receipt: None
             }
         );
     }
@@ -329,10 +692,15 @@ mod tests {
             parse_check(node(), 400, br#"{"error":"bad"}"#).unwrap(),
             CheckAnswer::Refused("bad".into())
         );
+        let recovering = parse_check(node(), 503, br#"{"error":"recovering"}"#).unwrap_err();
         assert_eq!(
-            parse_check(node(), 503, b"{}"),
-            Err(TransportError::Status(node(), 503))
+            recovering,
+            TransportError::Unavailable(node(), "recovering".into())
         );
+        assert!(recovering.counted_nothing(), "a 503 counted nothing");
+        let odd = parse_check(node(), 502, b"{}").unwrap_err();
+        assert_eq!(odd, TransportError::Status(node(), 502));
+        assert!(!odd.counted_nothing(), "a proxy's 502 may hide a count");
         assert!(matches!(
             parse_check(node(), 200, b"not json"),
             Err(TransportError::Malformed(..))
@@ -341,5 +709,42 @@ mod tests {
             parse_check(node(), 200, br#"{"outcome":"maybe"}"#),
             Err(TransportError::Malformed(..))
         ));
+    }
+
+    #[test]
+    fn receipts_and_refund_answers_parse() {
+        let a = parse_check(
+            node(),
+            200,
+            br#"{"allowed":true,"outcome":"allowed","rule":"r","limit":5,"window_ms":1000,"remaining":4,"reset_ms":200,"retry_after_ms":0,"receipt":"01ab"}"#,
+        )
+        .unwrap();
+        let CheckAnswer::Decided { receipt, .. } = a else {
+            panic!()
+        };
+        assert_eq!(receipt.as_deref(), Some("01ab"));
+        assert_eq!(
+            parse_refund(node(), 200, br#"{"refunded":1,"requested":2,"limits":[]}"#).unwrap(),
+            RefundAnswer::Refunded {
+                refunded: 1,
+                requested: 2
+            }
+        );
+        assert!(matches!(
+            parse_refund(node(), 421, br#"{"error":"slot 2"}"#).unwrap(),
+            RefundAnswer::OtherNode(m) if m == "slot 2"
+        ));
+        assert!(matches!(
+            parse_refund(node(), 409, b"{}").unwrap(),
+            RefundAnswer::Refused(RefundRefusal::AlreadyRefunded, _)
+        ));
+        assert!(matches!(
+            parse_refund(node(), 410, b"{}").unwrap(),
+            RefundAnswer::Refused(RefundRefusal::Expired, _)
+        ));
+        assert!(parse_refund(node(), 503, b"{}")
+            .unwrap_err()
+            .counted_nothing());
+        assert!(parse_refund(node(), 200, b"{}").is_err(), "no amounts");
     }
 }

@@ -53,8 +53,14 @@ async fn concurrent_checks_to_one_node_are_coalesced() {
     let nodes = cluster.start(&[]).await;
     let transport = Recording::default();
     let batches = transport.batches.clone();
-    let client =
-        Client::with_nodes(vec![nodes[0].http], ClientConfig::default(), transport).unwrap();
+    // Deadlines far above a loaded machine's connection setup: this test
+    // is about coalescing, and a timed-out check is not retried.
+    let config = ClientConfig {
+        attempt_timeout: Duration::from_secs(3),
+        call_timeout: Duration::from_secs(5),
+        ..ClientConfig::default()
+    };
+    let client = Client::with_nodes(vec![nodes[0].http], config, transport).unwrap();
 
     let rounds = 5;
     let callers = 64;

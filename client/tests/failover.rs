@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::{percentile, Cluster, Proxy, TestNode};
 use drl_client::{
     BreakerConfig, BreakerState, Client, ClientConfig, DegradedMode, Fallback, HttpTransport,
-    LeaseConfig, RoutingConfig, Source,
+    LeaseConfig, RetryPolicy, RoutingConfig, Source, Wire,
 };
 use drl_core::time::Nanos;
 
@@ -45,6 +45,10 @@ fn config(attempt_ms: u64, threshold: u32, cool_ms: u64, probe_ms: u64) -> Clien
         },
         degraded: DegradedMode::FailClosed,
         lease: LeaseConfig::default(),
+        // These tests kill and hang nodes under calls in flight: a call
+        // whose attempt may have been counted still moves on (the safe
+        // policy is tested on its own below).
+        retry: RetryPolicy::AtLeastOnce,
         max_batch: 64,
         tick: Duration::from_millis(20),
         dns_refresh: None,
@@ -53,7 +57,7 @@ fn config(attempt_ms: u64, threshold: u32, cool_ms: u64, probe_ms: u64) -> Clien
 
 async fn client_to(addrs: &[SocketAddr], config: ClientConfig) -> Client {
     let transport = HttpTransport::new(Duration::from_millis(500), 64);
-    Client::with_nodes(addrs.to_vec(), config, transport).unwrap()
+    Client::with_nodes(addrs.to_vec(), config, Wire::Http(transport)).unwrap()
 }
 
 /// The proxy that took the most attempts so far.

@@ -33,6 +33,8 @@ pub fn scratch(name: &str) -> PathBuf {
 pub struct TestNode {
     pub slot: u16,
     pub http: SocketAddr,
+    /// The native gRPC API.
+    pub grpc: SocketAddr,
     pub peer: SocketAddr,
     pub api: NodeApi,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -91,6 +93,17 @@ impl Cluster {
 
     /// Starts node `slot` on `http` (port 0 for any) with `seeds`.
     pub async fn start_node(&self, slot: u16, http: SocketAddr, seeds: Vec<String>) -> TestNode {
+        self.start_node_tls(slot, http, seeds, None).await
+    }
+
+    /// [`Cluster::start_node`] with its gRPC API over `tls`.
+    pub async fn start_node_tls(
+        &self,
+        slot: u16,
+        http: SocketAddr,
+        seeds: Vec<String>,
+        tls: Option<drl::node::GrpcTls>,
+    ) -> TestNode {
         let file = NodeFile {
             recovery_timeout: "1s".into(),
             listen_http: http,
@@ -99,10 +112,12 @@ impl Cluster {
                 .then(|| self.dir.join(format!("snapshot-{slot}.bin"))),
             ..NodeFile::local(&self.dir, slot, self.size, seeds)
         };
-        let node = Server::start(file.settings(&self.dir).unwrap())
-            .await
-            .unwrap();
+        let mut settings = file.settings(&self.dir).unwrap();
+        settings.grpc_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        settings.grpc_tls = tls;
+        let node = Server::start(settings).await.unwrap();
         let http = node.http_addr();
+        let grpc = node.grpc_addr().unwrap();
         let peer = node.node().peer_addr();
         let api = node.node().api();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -112,6 +127,7 @@ impl Cluster {
         TestNode {
             slot,
             http,
+            grpc,
             peer,
             api,
             stop: Some(stop),
