@@ -121,7 +121,11 @@ impl Embedded {
     /// A refund on the in-process limiter.
     pub(crate) fn refund(&self, receipt: &Receipt) -> Result<Refunded, ClientError> {
         use drl_core::limiter::RefundError as E;
-        match self.decider.refund(receipt.token()) {
+        // An embedded decider has no peers to forward to: its refund never
+        // waits.
+        let outcome = drl_core::decide::block_on_ready(self.decider.refund(receipt.token()))
+            .unwrap_or(Err(E::Unreachable { slot: 0 }));
+        match outcome {
             Ok(o) => Ok(Refunded {
                 refunded: o.refunded(),
                 requested: o.requested,
