@@ -319,7 +319,7 @@ impl Drop for InFlight {
 const LAG_PERIOD: Duration = Duration::from_millis(5);
 
 /// How far behind its schedule one runtime is: a probe task on it sleeps
-/// [`LAG_PERIOD`] at a time and notes how late it was woken, which is
+/// 5 ms (`LAG_PERIOD`) at a time and notes how late it was woken, which is
 /// about how long a task that becomes ready now waits in the run queue.
 /// While the probe is overdue, how overdue it is counts too, so a runtime
 /// that falls behind is seen before the probe runs again.
