@@ -7,12 +7,11 @@
 
 mod support;
 
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::cluster::LocalCluster;
-use support::request;
+use support::{request, signal, Resume};
 
 const RULES: &str = r#"
 [[rules]]
@@ -20,25 +19,6 @@ name = "pause-probe"
 match = { user = "*" }
 limits = [ { algorithm = "fixed_window", limit = 100, window = "1s" } ]
 "#;
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
-/// Resumes the node even if an assertion fails first.
-struct Resume(u32);
-impl Drop for Resume {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.0.to_string()])
-            .status();
-    }
-}
 
 /// One answer: when the request left, when its answer came, its status.
 type Answer = (Instant, Instant, u16);

@@ -8,11 +8,10 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::cluster::LocalCluster;
-use support::request;
+use support::{request, signal, Resume};
 
 const RULES: &str = r#"
 [[rules]]
@@ -172,25 +171,4 @@ fn a_stopped_issuer_makes_the_refund_retryable_not_lost() {
         })
         .count();
     assert_eq!(admitted, 4);
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
-/// Sends SIGCONT when dropped, so a failed assertion never leaves a node
-/// stopped.
-struct Resume(u32);
-
-impl Drop for Resume {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.0.to_string()])
-            .status();
-    }
 }

@@ -7,11 +7,10 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::cluster::LocalCluster;
-use support::request;
+use support::{request, signal, Resume};
 
 const RULES: &str = r#"
 [[rules]]
@@ -92,15 +91,6 @@ fn converge(c: &LocalCluster, customer: &str, count: u64) {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 #[test]
 fn shadow_unlimited_and_overrides_hold_on_every_node() {
     let c = LocalCluster::start("rule-features");
@@ -159,7 +149,7 @@ fn a_reset_reaches_a_node_cut_off_during_it_and_stays() {
         r#"{"customer":"zed"}"#,
     )
     .unwrap();
-    let resumed = scopeguard(node2);
+    let resumed = Resume(node2);
     assert_eq!(code, 200, "{text}");
     assert!(text.contains(r#""acked":[1]"#), "{text}");
     assert!(text.contains(r#""pending":[2]"#), "{text}");
@@ -187,18 +177,4 @@ fn a_reset_reaches_a_node_cut_off_during_it_and_stays() {
     }
     // The quota is whole again, exactly.
     assert_eq!(admitted(&c, r#"{"customer":"zed"}"#, 9), 3);
-}
-
-/// Sends SIGCONT to `pid` when dropped, so a failed assertion never
-/// leaves a node stopped.
-fn scopeguard(pid: u32) -> impl Drop {
-    struct Resume(u32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-CONT", &self.0.to_string()])
-                .status();
-        }
-    }
-    Resume(pid)
 }

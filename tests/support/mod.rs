@@ -135,3 +135,25 @@ pub fn exit_state(child: &mut Child) -> String {
         Err(e) => format!("unknown: {e}"),
     }
 }
+
+/// Sends `sig` (`-STOP`, `-CONT`, `-KILL`…) to process `pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Sends SIGCONT to its process when dropped, so a failed assertion never
+/// leaves a node stopped.
+pub struct Resume(pub u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
