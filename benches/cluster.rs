@@ -38,7 +38,7 @@ async fn start(dir: &std::path::Path, slot: u16, seeds: Vec<String>) -> NodeHand
     let file = NodeFile {
         recovery_timeout: "1s".into(),
         max_keys: 1 << 18,
-        ..NodeFile::local(dir, slot, 3, seeds)
+        ..NodeFile::local(dir, slot, seeds)
     };
     Node::start(file.settings(dir).unwrap()).await.unwrap()
 }

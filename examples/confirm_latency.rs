@@ -55,7 +55,7 @@ async fn main() {
     let settings = |slot: u16, seeds: Vec<String>| {
         NodeFile {
             recovery_timeout: "2s".into(),
-            ..NodeFile::local(&dir, slot, 3, seeds)
+            ..NodeFile::local(&dir, slot, seeds)
         }
         .settings(&dir)
         .unwrap()

@@ -48,7 +48,7 @@ fn start_node(dir: &Path, http: u16) -> Child {
     let config = dir.join("node.toml");
     std::fs::write(
         &config,
-        "name = \"node-0\"\ncluster_size = 1\nlisten_http = \"127.0.0.1:1\"\nrules = \"rules.toml\"\n\
+        "name = \"node-0\"\nlisten_http = \"127.0.0.1:1\"\nrules = \"rules.toml\"\n\
          tls_ca = \"certs/ca.pem\"\ntls_cert = \"certs/node-0.pem\"\ntls_key = \"certs/node-0-key.pem\"\n",
     )
     .unwrap();

@@ -47,7 +47,7 @@ fn cluster_dir(name: &str, nodes: u16) -> PathBuf {
 fn settings(dir: &Path, slot: u16, seeds: Vec<String>) -> NodeSettings {
     let file = NodeFile {
         recovery_timeout: "2s".into(),
-        ..NodeFile::local(dir, slot, 3, seeds)
+        ..NodeFile::local(dir, slot, seeds)
     };
     file.settings(dir).unwrap()
 }

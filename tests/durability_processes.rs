@@ -71,7 +71,7 @@ impl ProcCluster {
         // A snapshot once a minute: within a run, what survives a crash is
         // what the journal kept.
         let text = format!(
-            "name = \"node-{slot}\"\nslot = {slot}\ncluster_size = 3\n\
+            "name = \"node-{slot}\"\nslot = {slot}\n\
              listen_peer = \"127.0.0.1:{peer}\"\nlisten_http = \"127.0.0.1:{http}\"\n\
              seeds = [{seeds}]\ndiscovery_interval = \"200ms\"\nrecovery_timeout = \"1s\"\n\
              rules = \"rules.toml\"\nsnapshot_path = \"data/node-{slot}.snapshot\"\n\

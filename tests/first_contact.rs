@@ -28,15 +28,16 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A node of `cluster_size` with no seeds, on `http`; its log goes to
-/// `dir/node.log`.
-fn lone_node(dir: &Path, http: u16, cluster_size: &str, key_seed: Option<&str>) -> Child {
+/// A node on `http` whose log goes to `dir/node.log`: with `joining`, node
+/// 1 seeded with an address nobody answers on (it waits to hear from a
+/// member); without, node 0 with no seeds (a cluster of its own).
+fn lone_node(dir: &Path, http: u16, joining: bool, key_seed: Option<&str>) -> Child {
     let o = drl(&[
         "certs",
         "--dir",
         dir.join("certs").to_str().unwrap(),
         "--nodes",
-        "1",
+        "2",
     ]);
     assert!(o.status.success(), "{o:?}");
     std::fs::write(dir.join("rules.toml"), EXAMPLE_RULES).unwrap();
@@ -44,7 +45,6 @@ fn lone_node(dir: &Path, http: u16, cluster_size: &str, key_seed: Option<&str>) 
     cmd.current_dir(dir)
         .args(["node", "--listen-http", &format!("127.0.0.1:{http}")])
         .args(["--listen-peer", &format!("127.0.0.1:{}", free_port())])
-        .args(["--cluster-size", cluster_size])
         .env("DRL_RECOVERY_TIMEOUT", "100ms")
         .env("RUST_LOG", "info")
         .env_remove("DRL_KEY_SEED")
@@ -52,6 +52,16 @@ fn lone_node(dir: &Path, http: u16, cluster_size: &str, key_seed: Option<&str>) 
         .stderr(log_file(&dir.join("node.log")));
     if let Some(seed) = key_seed {
         cmd.env("DRL_KEY_SEED", seed);
+    }
+    if joining {
+        cmd.args(["--name", "node-1", "--slot", "1"])
+            .args([
+                "--tls-cert",
+                "certs/node-1.pem",
+                "--tls-key",
+                "certs/node-1-key.pem",
+            ])
+            .args(["--seeds", &format!("127.0.0.1:{}", free_port())]);
     }
     cmd.spawn().unwrap()
 }
@@ -82,7 +92,7 @@ fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
 fn a_lone_node_says_why_it_waits_and_doctor_reads_it() {
     let dir = scratch("first-lone");
     let http = free_port();
-    let node = lone_node(&dir, http, "3", None);
+    let node = lone_node(&dir, http, true, None);
     let log = dir.join("node.log");
     wait_for(30, "no HTTP", || {
         status(http, "GET", "/healthz", "").is_some()
@@ -91,16 +101,16 @@ fn a_lone_node_says_why_it_waits_and_doctor_reads_it() {
     let (code, answer) = request(http, "GET", "/readyz", "").unwrap();
     assert_eq!(code, 503, "{answer}");
     for words in [
-        "cluster_size is 3",
-        "no seeds are configured",
-        "cluster_size = 1",
+        "waiting to hear from a member of the cluster",
+        "seeds: 127.0.0.1:",
+        "Start the other nodes",
     ] {
         assert!(answer.contains(words), "{words:?} not in {answer}");
     }
     // The log says it too, once the recovery timeout has passed, and warns
     // about the development key seed at start.
     wait_for(20, "no `not ready` log line", || {
-        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("not ready: waiting for its peers"))
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("not ready: waiting to hear"))
     });
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(said.contains("key_seed is a development default"), "{said}");
@@ -112,10 +122,7 @@ fn a_lone_node_says_why_it_waits_and_doctor_reads_it() {
     let o = drl(&["doctor", "--node", &url]);
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     let out = text(&o.stdout);
-    assert!(
-        out.contains("problem: not ready: waiting for its peers"),
-        "{out}"
-    );
+    assert!(out.contains("problem: not ready: waiting to hear"), "{out}");
     assert!(out.contains("development default"), "{out}");
     // An address nothing answers on is a problem too, said in words.
     let o = drl(&[
@@ -127,11 +134,14 @@ fn a_lone_node_says_why_it_waits_and_doctor_reads_it() {
     assert!(text(&o.stdout).contains("problem: unreachable"), "{o:?}");
     stop(node);
 
-    // A lone node of size 1 with its own seed: ready, and doctor says ok.
+    // A lone node without seeds, with its own key seed: ready (a cluster of
+    // its own), and doctor says ok.
     let dir = scratch("first-ready");
     let http = free_port();
-    let node = lone_node(&dir, http, "1", Some("8f14e45fceea167a5a36dedd4bea2543"));
-    wait_for(30, "node of size 1 not ready", || support::ready(http));
+    let node = lone_node(&dir, http, false, Some("8f14e45fceea167a5a36dedd4bea2543"));
+    wait_for(30, "a node without seeds not ready", || {
+        support::ready(http)
+    });
     let o = drl(&["doctor", "--node", &format!("http://127.0.0.1:{http}")]);
     let out = text(&o.stdout);
     assert!(o.status.success(), "{o:?}");
@@ -230,7 +240,7 @@ fn cluster_refuses_ports_another_cluster_holds_and_names_its_children_logs() {
 fn load_gives_up_on_a_stalled_node_after_its_timeout_and_shows_progress() {
     let dir = scratch("first-load");
     let http = free_port();
-    let node = lone_node(&dir, http, "1", Some("8f14e45fceea167a5a36dedd4bea2543"));
+    let node = lone_node(&dir, http, false, Some("8f14e45fceea167a5a36dedd4bea2543"));
     wait_for(30, "node not ready", || support::ready(http));
     let pid = node.id().to_string();
     assert!(Command::new("kill")

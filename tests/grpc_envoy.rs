@@ -71,7 +71,7 @@ fn header<'r>(r: &'r RateLimitResponse, name: &str) -> Option<&'r str> {
 
 async fn one_node(name: &str) -> (GrpcNode, Client) {
     let dir = cluster_dir(name, 1, RULES);
-    let node = GrpcNode::start(&dir, 0, 1, vec![]).await;
+    let node = GrpcNode::start(&dir, 0, vec![]).await;
     node.wait_ready().await;
     let client = Client::connect(node.grpc_url()).await.unwrap();
     (node, client)

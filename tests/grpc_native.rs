@@ -49,7 +49,7 @@ async fn decide(client: &mut Client, r: CheckRequest) -> CheckResponse {
 
 async fn one_node(name: &str) -> (GrpcNode, Client) {
     let dir = cluster_dir(name, 1, RULES);
-    let node = GrpcNode::start(&dir, 0, 1, vec![]).await;
+    let node = GrpcNode::start(&dir, 0, vec![]).await;
     node.wait_ready().await;
     let client = Client::connect(node.grpc_url()).await.unwrap();
     (node, client)

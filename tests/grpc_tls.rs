@@ -61,7 +61,7 @@ async fn mutual_tls_admits_only_clients_of_the_client_ca() {
         key: certs.join("node-0-key.pem"),
         client_ca: Some(clients.join("ca.pem")),
     };
-    let node = GrpcNode::start_with(&dir, 0, 1, vec![], Some(tls)).await;
+    let node = GrpcNode::start_with(&dir, 0, vec![], Some(tls)).await;
     node.wait_ready().await;
     let url = format!("https://{}", node.grpc);
     let server_ca = std::fs::read(certs.join("ca.pem")).unwrap();

@@ -59,7 +59,7 @@ impl TestNode {
         let file = NodeFile {
             recovery_timeout: "100ms".into(),
             listen_admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            ..NodeFile::local(&dir, 0, 1, vec![])
+            ..NodeFile::local(&dir, 0, vec![])
         };
         let node = Server::start_with_limits(file.settings(&dir).unwrap(), limits)
             .await

@@ -62,7 +62,6 @@ fn cluster_dir(name: &str, nodes: u16) -> PathBuf {
 
 struct Options {
     slot: u16,
-    cluster_size: usize,
     seeds: Vec<String>,
     token: Option<&'static str>,
     recovery: &'static str,
@@ -75,7 +74,6 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             slot: 0,
-            cluster_size: 1,
             seeds: vec![],
             token: Some(TOKEN),
             recovery: "100ms",
@@ -110,7 +108,7 @@ impl TestNode {
                     })
                     .collect(),
             },
-            ..NodeFile::local(dir, o.slot, o.cluster_size, o.seeds)
+            ..NodeFile::local(dir, o.slot, o.seeds)
         };
         let node = Server::start(file.settings(dir).unwrap()).await.unwrap();
         let addr = node.http_addr();
@@ -820,7 +818,6 @@ async fn rules_put_on_one_node_reach_every_node_and_metrics_parse() {
     let first = TestNode::start(
         &dir,
         Options {
-            cluster_size: 3,
             recovery: "1s",
             ..Options::default()
         },
@@ -834,7 +831,6 @@ async fn rules_put_on_one_node_reach_every_node_and_metrics_parse() {
                 &dir,
                 Options {
                     slot,
-                    cluster_size: 3,
                     seeds: vec![seed.clone()],
                     recovery: "1s",
                     ..Options::default()
@@ -967,7 +963,7 @@ async fn named_admin_tokens_and_the_development_token() {
     let dir = cluster_dir("tokens", 1);
     let dev = NodeFile {
         admin_token: Some("change-me".into()),
-        ..NodeFile::local(&dir, 0, 1, vec![])
+        ..NodeFile::local(&dir, 0, vec![])
     };
     let e = dev.settings(&dir).unwrap_err().to_string();
     assert!(e.contains("allow_dev_admin_token"), "{e}");

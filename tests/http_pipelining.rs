@@ -44,7 +44,7 @@ impl TestNode {
         let file = NodeFile {
             recovery_timeout: "100ms".into(),
             http2,
-            ..NodeFile::local(&dir, 0, 1, vec![])
+            ..NodeFile::local(&dir, 0, vec![])
         };
         let node = Server::start(file.settings(&dir).unwrap()).await.unwrap();
         let addr = node.http_addr();

@@ -70,7 +70,7 @@ impl TestNode {
         let file = NodeFile {
             recovery_timeout: "100ms".into(),
             listen_admin: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            ..NodeFile::local(&dir, 0, 1, vec![])
+            ..NodeFile::local(&dir, 0, vec![])
         };
         let limits = ServerLimits {
             admission: cap_of_one(),

@@ -51,11 +51,11 @@ struct TestNode {
 }
 
 impl TestNode {
-    async fn start(dir: &Path, slot: u16, size: usize, seeds: Vec<String>) -> TestNode {
+    async fn start(dir: &Path, slot: u16, seeds: Vec<String>) -> TestNode {
         let file = NodeFile {
             recovery_timeout: "200ms".into(),
             resp_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            ..NodeFile::local(dir, slot, size, seeds)
+            ..NodeFile::local(dir, slot, seeds)
         };
         let node = Server::start(file.settings(dir).unwrap()).await.unwrap();
         let resp = node.resp_addr().expect("RESP listener configured");
@@ -108,7 +108,7 @@ async fn ready(nodes: &[&TestNode]) {
 
 async fn one_node(name: &str) -> TestNode {
     let dir = scratch(name, 1);
-    let node = TestNode::start(&dir, 0, 1, vec![]).await;
+    let node = TestNode::start(&dir, 0, vec![]).await;
     ready(&[&node]).await;
     node
 }
@@ -380,10 +380,10 @@ async fn hostile_framing_closes_only_that_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cl_throttle_is_shared_by_the_cluster() {
     let dir = scratch("cluster", 3);
-    let first = TestNode::start(&dir, 0, 3, vec![]).await;
+    let first = TestNode::start(&dir, 0, vec![]).await;
     let seed = vec![first.peer.clone()];
-    let second = TestNode::start(&dir, 1, 3, seed.clone()).await;
-    let third = TestNode::start(&dir, 2, 3, seed).await;
+    let second = TestNode::start(&dir, 1, seed.clone()).await;
+    let third = TestNode::start(&dir, 2, seed).await;
     ready(&[&first, &second, &third]).await;
 
     let mut a = first.client().await;

@@ -48,10 +48,10 @@ struct TestNode {
 }
 
 impl TestNode {
-    async fn start(dir: &Path, slot: u16, size: usize, seeds: Vec<String>) -> (TestNode, String) {
+    async fn start(dir: &Path, slot: u16, seeds: Vec<String>) -> (TestNode, String) {
         let file = NodeFile {
             recovery_timeout: "2s".into(),
-            ..NodeFile::local(dir, slot, size, seeds)
+            ..NodeFile::local(dir, slot, seeds)
         };
         let node = Server::start(file.settings(dir).unwrap()).await.unwrap();
         let addr = node.http_addr();
@@ -93,14 +93,10 @@ impl TestNode {
 /// `size` nodes, every one seeded with the first, ready and fully meshed.
 async fn cluster(name: &str, size: u16) -> Vec<TestNode> {
     let dir = cluster_dir(name, size);
-    let (first, seed) = TestNode::start(&dir, 0, size.into(), vec![]).await;
+    let (first, seed) = TestNode::start(&dir, 0, vec![]).await;
     let mut nodes = vec![first];
     for slot in 1..size {
-        nodes.push(
-            TestNode::start(&dir, slot, size.into(), vec![seed.clone()])
-                .await
-                .0,
-        );
+        nodes.push(TestNode::start(&dir, slot, vec![seed.clone()]).await.0);
     }
     let start = Instant::now();
     while !nodes.iter().all(|n| {

@@ -128,7 +128,7 @@ async fn embedded_client_is_a_node_of_the_cluster() {
         .await;
     let settings = NodeFile {
         recovery_timeout: "1s".into(),
-        ..NodeFile::local(&cluster.dir, 1, 2, vec![remote.peer.to_string()])
+        ..NodeFile::local(&cluster.dir, 1, vec![remote.peer.to_string()])
     }
     .settings(&cluster.dir)
     .unwrap();
@@ -200,7 +200,7 @@ async fn embedded_node_recovering_answers_by_the_degraded_mode() {
     let cluster = Cluster::new("recovering", 2, WIDER, false);
     let settings = NodeFile {
         recovery_timeout: "60s".into(),
-        ..NodeFile::local(&cluster.dir, 0, 2, vec![])
+        ..NodeFile::local(&cluster.dir, 0, vec![])
     }
     .settings(&cluster.dir)
     .unwrap();

@@ -9,9 +9,9 @@
 use std::path::PathBuf;
 
 use drl_core::wire::{
-    Ack, BucketSlot, DecodeError, Frame, Hello, KeySlots, LimitGroup, RefundAnswer, RefundAsk,
-    RefundReply, RefundedLimit, ResetAck, ResetFrame, ResetKey, RulesAck, RulesFrame, RulesId,
-    Slots, Swim, VERSION,
+    Ack, BucketSlot, DecodeError, Frame, Hello, KeySlots, Leave, LimitGroup, RefundAnswer,
+    RefundAsk, RefundReply, RefundedLimit, ResetAck, ResetFrame, ResetKey, RulesAck, RulesFrame,
+    RulesId, Slots, Swim, VERSION,
 };
 
 fn vectors() -> Vec<(&'static str, Frame)> {
@@ -147,6 +147,13 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 slot: 2,
                 id: 8,
                 outcome: RefundAnswer::Refused(4),
+            }),
+        ),
+        (
+            "leave",
+            Frame::Leave(Leave {
+                slot: 3,
+                incarnation: 1_733_300_000_000,
             }),
         ),
         (

@@ -23,16 +23,22 @@ pub struct NodeArgs {
     /// Stable name of this node; also in its certificate.
     #[arg(long, env = "DRL_NAME")]
     pub name: Option<String>,
-    /// This node's slot: 0 ≤ slot < cluster_size, unique in the cluster.
+    /// This node's slot: 0 to 65535, unique in the cluster, kept across
+    /// restarts.
     #[arg(long, env = "DRL_SLOT")]
     pub slot: Option<u16>,
     /// Take the slot from the number after the last `-` of the node name
     /// (`drl-2` → 2): a StatefulSet pod's ordinal.
     #[arg(long, env = "DRL_SLOT_FROM_NAME")]
     pub slot_from_name: bool,
-    /// Slots per counter: the most nodes the cluster may ever have.
-    #[arg(long, env = "DRL_CLUSTER_SIZE")]
+    /// No longer used (the cluster's size is its membership); accepted
+    /// with a warning.
+    #[arg(long, env = "DRL_CLUSTER_SIZE", hide = true)]
     pub cluster_size: Option<usize>,
+    /// How long a member declared dead stays one before the majority
+    /// forgets it (default 30s).
+    #[arg(long, env = "DRL_FORGET_AFTER")]
+    pub forget_after: Option<String>,
     /// UDP address for peer traffic (QUIC).
     #[arg(long, env = "DRL_LISTEN_PEER")]
     pub listen_peer: Option<SocketAddr>,
@@ -158,6 +164,9 @@ impl NodeArgs {
             }
             None => (NodeFile::default(), cwd.clone()),
         };
+        if self.cluster_size.is_some() {
+            file.cluster_size = self.cluster_size;
+        }
         let from_cwd = |p: &PathBuf| -> PathBuf {
             if p.is_absolute() {
                 p.clone()
@@ -175,7 +184,7 @@ impl NodeArgs {
         lay!(
             name,
             slot,
-            cluster_size,
+            forget_after,
             listen_peer,
             listen_http,
             seeds,

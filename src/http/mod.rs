@@ -193,6 +193,8 @@ struct Readiness {
     rules_file_error: Option<String>,
     live_peers: usize,
     known_peers: usize,
+    /// Members of the cluster as this node knows them, itself included.
+    members: usize,
     /// The write-ahead journal's policy (`none` without a journal).
     durability: &'static str,
     /// Why durability is degraded (a failing or slow disk), if it is. The
@@ -212,6 +214,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         rules_file_error: status.rules_file_error,
         live_peers: status.live.len(),
         known_peers: status.known.len(),
+        members: status.members.len() + 1,
         durability: state
             .service
             .node()

@@ -127,7 +127,7 @@ impl NodeCollector {
         let overshoot = overshoot_estimate(
             settings.policy,
             status.minority,
-            status.known.len(),
+            status.members.len(),
             status.live.len(),
         );
         let RulesVersion {
@@ -169,6 +169,7 @@ impl NodeCollector {
             ("minority", "1 when this node cannot reach a majority of the cluster.", Gauge(flag(status.minority))),
             ("overshoot_estimate_ratio", "Estimated cluster-wide overshoot as a fraction of a limit under the share policy (see docs/http-api.md).", Labelled("policy", settings.policy.name(), overshoot)),
             ("peers_known", "Peers ever seen, this node excluded.", Gauge(status.known.len() as f64)),
+            ("members", "Members of the cluster as this node knows them, itself included (joined and not forgotten).", Gauge((status.members.len() + 1) as f64)),
             ("peers_live", "Peers alive according to the failure detector.", Gauge(status.live.len() as f64)),
             ("peer_connected", "1 while a verified QUIC connection to the peer is open.", per_peer(&|_, p| flag(p.connected))),
             ("peer_live", "1 while the failure detector considers the peer alive.", per_peer(&|_, p| flag(p.live))),

@@ -20,10 +20,16 @@ pub use super::journal::Durability;
 pub struct NodeFile {
     /// Stable name of this node; also in its certificate.
     pub name: String,
-    /// This node's slot: 0 ≤ slot < cluster_size, unique in the cluster.
+    /// This node's slot: 0 to 65535, unique in the cluster, kept across
+    /// restarts (a slot is a node's identity in every counter).
     pub slot: u16,
-    /// Slots per counter: the most nodes the cluster may ever have.
-    pub cluster_size: usize,
+    /// No longer used: the cluster's size is its membership, learned from
+    /// the peers. Accepted (with a warning) so that older files still load.
+    pub cluster_size: Option<usize>,
+    /// How long a member declared dead stays one (its share of every limit
+    /// reserved, counted in majorities) before the majority forgets it. A
+    /// member that stops cleanly is forgotten at once.
+    pub forget_after: String,
     /// UDP address for peer traffic (QUIC).
     pub listen_peer: SocketAddr,
     /// The address peers should dial (default: `listen_peer`).
@@ -139,7 +145,8 @@ impl Default for NodeFile {
         NodeFile {
             name: "node-0".into(),
             slot: 0,
-            cluster_size: 3,
+            cluster_size: None,
+            forget_after: "30s".into(),
             listen_peer: "127.0.0.1:7400".parse().expect("literal address"),
             advertise_peer: None,
             listen_http: "127.0.0.1:8400".parse().expect("literal address"),
@@ -191,10 +198,12 @@ impl Default for NodeFile {
 pub struct NodeSettings {
     /// Stable name of this node: 1 to 64 characters.
     pub name: String,
-    /// This node's slot: below `cluster_size`.
+    /// This node's slot.
     pub slot: u16,
-    /// Slots per counter: 1 to [`MAX_NODES`](drl_core::share::MAX_NODES).
-    pub cluster_size: usize,
+    /// The `cluster_size` an older configuration still sets (ignored).
+    pub ignored_cluster_size: Option<usize>,
+    /// How long a member declared dead stays one.
+    pub forget_after: Nanos,
     /// UDP address for peer traffic (QUIC).
     pub listen_peer: SocketAddr,
     /// The address peers should dial, if not `listen_peer`.
@@ -395,6 +404,14 @@ impl NodeSettings {
         };
         Some(dir.join(format!("{}.rules-state", self.name)))
     }
+
+    /// Where the node keeps the other members it knows of (beside the rules
+    /// state): a restarted node waits for them before it admits, instead of
+    /// taking itself for the first node of a new cluster.
+    pub fn members_path(&self) -> Option<PathBuf> {
+        let state = self.rules_state_path()?;
+        Some(state.with_file_name(format!("{}.members", self.name)))
+    }
 }
 
 impl NodeFile {
@@ -402,11 +419,10 @@ impl NodeFile {
     /// benchmarks do: `dir/rules.toml`, `dir/certs/` from
     /// [`crate::net::local_cluster_specs`], loopback addresses on ports the
     /// system picks.
-    pub fn local(dir: &Path, slot: u16, cluster_size: usize, seeds: Vec<String>) -> NodeFile {
+    pub fn local(dir: &Path, slot: u16, seeds: Vec<String>) -> NodeFile {
         NodeFile {
             name: format!("node-{slot}"),
             slot,
-            cluster_size,
             listen_peer: SocketAddr::from(([127, 0, 0, 1], 0)),
             listen_http: SocketAddr::from(([127, 0, 0, 1], 0)),
             seeds,
@@ -437,17 +453,9 @@ impl NodeFile {
         if self.name.is_empty() || self.name.len() > 64 {
             return Err(invalid("name", "1 to 64 characters"));
         }
-        if self.cluster_size == 0 || self.cluster_size > drl_core::share::MAX_NODES {
-            return Err(invalid(
-                "cluster_size",
-                format!("between 1 and {}", drl_core::share::MAX_NODES),
-            ));
-        }
-        if usize::from(self.slot) >= self.cluster_size {
-            return Err(invalid(
-                "slot",
-                format!("must be below cluster_size ({})", self.cluster_size),
-            ));
+        let forget_after = duration("forget_after", &self.forget_after)?;
+        if forget_after < Nanos::from_secs(1) || forget_after > Nanos::from_secs(3600) {
+            return Err(invalid("forget_after", "between 1s and 1h"));
         }
         if self.max_keys == 0 {
             return Err(invalid("max_keys", "must be at least 1"));
@@ -505,7 +513,8 @@ impl NodeFile {
             admin_tokens,
             name: self.name.clone(),
             slot: self.slot,
-            cluster_size: self.cluster_size,
+            ignored_cluster_size: self.cluster_size,
+            forget_after,
             listen_peer: self.listen_peer,
             advertise_peer: self.advertise_peer,
             listen_http: self.listen_http,

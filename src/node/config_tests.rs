@@ -82,10 +82,10 @@ fn bad_values_name_their_field() {
         ),
         (
             NodeFile {
-                cluster_size: 0,
+                forget_after: "100ms".into(),
                 ..NodeFile::default()
             },
-            "cluster_size",
+            "forget_after",
         ),
     ];
     for (file, field) in cases {

@@ -48,6 +48,8 @@ pub(super) struct Driver {
     pub(super) rules_in_force: Arc<Mutex<RulesInForce>>,
     /// The version last written to the rules state file.
     pub(super) kept_version: Option<RulesVersion>,
+    /// Where the member list is kept (none: nowhere).
+    pub(super) members_path: Option<std::path::PathBuf>,
     /// Who waits for the outcome of each rules change made here.
     pub(super) rules_waiters: std::collections::HashMap<RulesTicket, RulesReply>,
     pub(super) next_snapshot: Nanos,
@@ -374,6 +376,13 @@ impl Driver {
                 CoreEvent::MemberDown { slot, name } => {
                     tracing::info!(slot = slot.get(), %name, "member down")
                 }
+                CoreEvent::Members(members) => {
+                    if let Some(path) = &self.members_path {
+                        if let Err(e) = super::members::store(path, &members) {
+                            tracing::warn!(path = %path.display(), error = %e, "could not keep the member list");
+                        }
+                    }
+                }
             }
         }
         while let Some((ticket, outcome)) = self.core.poll_rules_outcome() {
@@ -437,6 +446,7 @@ impl Driver {
         // The status reports slots by number.
         s.live = self.core.live().iter().map(|s| s.get()).collect();
         s.known = self.core.known().iter().map(|s| s.get()).collect();
+        s.members = self.core.members().iter().map(|s| s.get()).collect();
         s.peers = repl
             .peers()
             .iter()

@@ -35,6 +35,7 @@ mod driver;
 mod files;
 mod journal;
 mod journal_files;
+mod members;
 pub mod notices;
 pub mod rules_state;
 pub mod tokens;
@@ -106,6 +107,7 @@ pub use files::{SnapshotLoad, SnapshotLoadError};
 
 use driver::Driver;
 use files::{file_stamp, load_rules_state, load_snapshot};
+use members::{alone_after, SLOT_CAPACITY};
 
 enum Command {
     PutRules {
@@ -197,6 +199,9 @@ pub struct NodeStatus {
     pub live: Vec<u16>,
     /// Every member ever seen, this node excluded.
     pub known: Vec<u16>,
+    /// The other members now: remembered, joined or heard of, and not
+    /// forgotten (the cluster's size is one more).
+    pub members: Vec<u16>,
     /// What replication knows of each peer, by slot.
     pub peers: BTreeMap<u16, PeerState>,
     /// Replication counters.
@@ -493,7 +498,7 @@ impl Node {
         let rules_text = rules.source().to_owned();
         let config = LimiterConfig {
             own_slot: NodeSlot::new(settings.slot),
-            slots: settings.cluster_size,
+            slots: SLOT_CAPACITY,
             max_keys: settings.max_keys,
             max_memory: settings.max_memory,
             seed: settings.key_seed,
@@ -529,13 +534,28 @@ impl Node {
                 })
             })?,
         };
+        // The members this node knew of when it last ran: it waits for them
+        // before it admits.
+        let remembered = settings
+            .members_path()
+            .map(|p| members::load(&p, NodeSlot::new(settings.slot)))
+            .unwrap_or_default();
+        if let Some(size) = settings.ignored_cluster_size {
+            tracing::warn!(
+                cluster_size = size,
+                "cluster_size is no longer used and is ignored: the cluster's size is its \
+                 membership, learned from the peers (remove the setting)"
+            );
+        }
         // Process start time: a restarted node is a new incarnation.
         let incarnation = now.as_u64() / 1_000_000;
         let core = NodeCore::new(
             CoreConfig {
                 name: settings.name.clone(),
                 slot: NodeSlot::new(settings.slot),
-                cluster_size: settings.cluster_size,
+                members: remembered.clone(),
+                alone_after: alone_after(&settings),
+                forget_after: settings.forget_after,
                 policy: settings.policy,
                 inflight_ppm: settings.inflight_ppm,
                 sync_interval: settings.sync_interval,
@@ -578,6 +598,7 @@ impl Node {
             rules_in_force: rules_in_force.clone(),
             rules_waiters: std::collections::HashMap::new(),
             kept_version: None,
+            members_path: settings.members_path(),
             next_snapshot: now + settings.snapshot_interval,
             next_discovery: now,
             next_status: now,

@@ -60,9 +60,9 @@ pub fn warn_nothing_on_disk(settings: &NodeSettings) {
 /// Why a node that is not ready is waiting, and what would change it; `None`
 /// once it is ready.
 ///
-/// A node admits once it has its counts back: from every peer, or after
-/// `recovery_timeout` from a majority of the configured cluster, itself
-/// included (never on time alone). The words name the setting to change.
+/// A node admits once it has its counts back: from every member it knows
+/// of, or after `recovery_timeout` from a majority of them, itself included
+/// (never on time alone, but for the first node of a new cluster). The words name the setting to change.
 pub fn waiting_reason(settings: &NodeSettings, status: &NodeStatus, ready: bool) -> Option<String> {
     if ready {
         return None;
@@ -70,27 +70,34 @@ pub fn waiting_reason(settings: &NodeSettings, status: &NodeStatus, ready: bool)
     if let Some(reason) = clock_reason(settings, status) {
         return Some(reason);
     }
-    let size = settings.cluster_size;
-    let majority = size / 2 + 1;
+    let members = status.members.len();
     let connected = status.peers.values().filter(|p| p.connected).count();
-    let mut reason = format!(
-        "waiting for its peers to send back this node's counts: cluster_size is {size}, so it \
-         needs answers from a majority ({} other node{} of {}); {connected} connected",
-        majority - 1,
-        if majority == 2 { "" } else { "s" },
-        size - 1,
-    );
+    let mut reason = if members == 0 {
+        "waiting to hear from a member of the cluster: it knows of none yet (its data \
+         directory keeps no member list), and only a node without seeds, or slot 0 after \
+         recovery_timeout, starts a new cluster on its own"
+            .to_owned()
+    } else {
+        let majority = (members + 1) / 2 + 1;
+        format!(
+            "waiting for its peers to send back this node's counts: it knows of {members} other \
+             member{} and needs answers from all of them, or after recovery_timeout from a \
+             majority ({} other node{}); {connected} connected",
+            if members == 1 { "" } else { "s" },
+            majority - 1,
+            if majority == 2 { "" } else { "s" },
+        )
+    };
     if settings.seeds.is_empty() {
         reason.push_str(
             "; no seeds are configured, so no peer can be found: set seeds (DRL_SEEDS, --seeds) \
-             to the other nodes' peer addresses, or run a single node with cluster_size = 1 \
-             (DRL_CLUSTER_SIZE=1, --cluster-size 1)",
+             to the other nodes' peer addresses, or remove the member list from the data \
+             directory to start a new cluster",
         );
     } else {
         reason.push_str(&format!(
-            "; seeds: {}. Start the other nodes (they must share the cluster CA and \
-             cluster_size), check that their peer ports (UDP) are reachable, or run a single \
-             node with cluster_size = 1",
+            "; seeds: {}. Start the other nodes (they must share the cluster CA), check that \
+             their peer ports (UDP) are reachable",
             settings.seeds.join(", ")
         ));
     }
@@ -136,9 +143,9 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn settings(size: usize, seeds: &[&str]) -> NodeSettings {
+    fn settings(slot: u16, seeds: &[&str]) -> NodeSettings {
         crate::node::NodeFile {
-            cluster_size: size,
+            slot,
             seeds: seeds.iter().map(|s| s.to_string()).collect(),
             ..crate::node::NodeFile::default()
         }
@@ -159,39 +166,25 @@ mod tests {
     }
 
     #[test]
-    fn a_lone_node_with_the_default_size_is_told_what_to_change() {
-        let why = waiting_reason(&settings(3, &[]), &NodeStatus::default(), false).unwrap();
-        assert!(why.contains("cluster_size is 3"), "{why}");
-        assert!(why.contains("1 other node of 2"), "{why}");
-        assert!(why.contains("no seeds"), "{why}");
-        assert!(why.contains("cluster_size = 1"), "{why}");
-        let why = waiting_reason(&settings(5, &["a:1"]), &NodeStatus::default(), false).unwrap();
+    fn a_node_waiting_for_its_members_is_told_how_many_and_what_to_check() {
+        let why = waiting_reason(&settings(1, &["a:1"]), &NodeStatus::default(), false).unwrap();
+        assert!(why.contains("knows of none yet"), "{why}");
+        assert!(why.contains("seeds: a:1"), "{why}");
+        let mut status = NodeStatus {
+            members: vec![0, 2, 3, 4],
+            ..NodeStatus::default()
+        };
+        let why = waiting_reason(&settings(1, &["a:1"]), &status, false).unwrap();
         assert!(
-            why.contains("2 other nodes of 4") && why.contains("seeds: a:1"),
+            why.contains("4 other members") && why.contains("majority (2 other nodes)"),
             "{why}"
         );
-        assert_eq!(
-            waiting_reason(&settings(3, &[]), &NodeStatus::default(), true),
-            None
+        status.members = vec![0, 2];
+        let why = waiting_reason(&settings(1, &[]), &status, false).unwrap();
+        assert!(
+            why.contains("2 other members") && why.contains("no seeds"),
+            "{why}"
         );
-    }
-
-    #[test]
-    fn published_seeds_are_development_seeds() {
-        assert!(development_key_seed(&settings(3, &[])));
-        let compose = crate::node::NodeFile {
-            key_seed: Some("0123456789abcdef0123456789abcdef".into()),
-            ..crate::node::NodeFile::default()
-        }
-        .settings(Path::new("/base"))
-        .unwrap();
-        assert!(development_key_seed(&compose));
-        let own = crate::node::NodeFile {
-            key_seed: Some("8f14e45fceea167a5a36dedd4bea2543".into()),
-            ..crate::node::NodeFile::default()
-        }
-        .settings(Path::new("/base"))
-        .unwrap();
-        assert!(!development_key_seed(&own));
+        assert_eq!(waiting_reason(&settings(1, &[]), &status, true), None);
     }
 }

@@ -37,21 +37,20 @@ pub struct GrpcNode {
 }
 
 impl GrpcNode {
-    pub async fn start(dir: &Path, slot: u16, cluster_size: usize, seeds: Vec<String>) -> GrpcNode {
-        GrpcNode::start_with(dir, slot, cluster_size, seeds, None).await
+    pub async fn start(dir: &Path, slot: u16, seeds: Vec<String>) -> GrpcNode {
+        GrpcNode::start_with(dir, slot, seeds, None).await
     }
 
     /// [`GrpcNode::start`] with the gRPC API over TLS.
     pub async fn start_with(
         dir: &Path,
         slot: u16,
-        cluster_size: usize,
         seeds: Vec<String>,
         tls: Option<GrpcTls>,
     ) -> GrpcNode {
         let mut settings = NodeFile {
             recovery_timeout: "100ms".into(),
-            ..NodeFile::local(dir, slot, cluster_size, seeds)
+            ..NodeFile::local(dir, slot, seeds)
         }
         .settings(dir)
         .unwrap();
@@ -128,11 +127,11 @@ impl GrpcNode {
 /// `n` nodes that know each other, ready and connected.
 pub async fn cluster(name: &str, n: u16, rules: &str) -> Vec<GrpcNode> {
     let dir = cluster_dir(name, n, rules);
-    let first = GrpcNode::start(&dir, 0, usize::from(n), vec![]).await;
+    let first = GrpcNode::start(&dir, 0, vec![]).await;
     let seed = first.peer.to_string();
     let mut nodes = vec![first];
     for slot in 1..n {
-        nodes.push(GrpcNode::start(&dir, slot, usize::from(n), vec![seed.clone()]).await);
+        nodes.push(GrpcNode::start(&dir, slot, vec![seed.clone()]).await);
     }
     for node in &nodes {
         node.wait_ready().await;

@@ -65,7 +65,7 @@ impl Nodes {
         for slot in 0..n {
             let mut settings = NodeFile {
                 recovery_timeout: "200ms".into(),
-                ..NodeFile::local(&dir, slot, usize::from(n), seed.iter().cloned().collect())
+                ..NodeFile::local(&dir, slot, seed.iter().cloned().collect())
             }
             .settings(&dir)
             .unwrap();

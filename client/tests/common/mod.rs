@@ -110,7 +110,7 @@ impl Cluster {
             snapshot_path: self
                 .snapshots
                 .then(|| self.dir.join(format!("snapshot-{slot}.bin"))),
-            ..NodeFile::local(&self.dir, slot, self.size, seeds)
+            ..NodeFile::local(&self.dir, slot, seeds)
         };
         let mut settings = file.settings(&self.dir).unwrap();
         settings.grpc_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));

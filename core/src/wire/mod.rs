@@ -64,6 +64,8 @@ pub enum Kind {
     RefundAsk = 14,
     /// [`Frame::RefundReply`].
     RefundReply = 15,
+    /// [`Frame::Leave`].
+    Leave = 16,
 }
 
 impl Kind {
@@ -83,6 +85,7 @@ impl Kind {
             13 => Kind::ResetAck,
             14 => Kind::RefundAsk,
             15 => Kind::RefundReply,
+            16 => Kind::Leave,
             _ => return None,
         })
     }
@@ -257,6 +260,20 @@ pub enum Frame {
     RefundAsk(RefundAsk),
     /// The issuer's answer to a forwarded refund.
     RefundReply(RefundReply),
+    /// The sender is leaving the cluster cleanly: forget it now.
+    Leave(Leave),
+}
+
+/// A node leaving the cluster cleanly (drained, scaled down): its peers
+/// stop counting it as a member instead of waiting for the failure
+/// detector and then the forget time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leave {
+    /// The leaving node's slot (the sender).
+    pub slot: u16,
+    /// Which run of it is leaving: a newer run of the same slot is a member
+    /// again.
+    pub incarnation: u64,
 }
 
 /// Why a frame was refused. The frame changed nothing.
@@ -308,6 +325,7 @@ impl Frame {
             Frame::ResetAck(_) => Kind::ResetAck,
             Frame::RefundAsk(_) => Kind::RefundAsk,
             Frame::RefundReply(_) => Kind::RefundReply,
+            Frame::Leave(_) => Kind::Leave,
         }
     }
 
@@ -330,6 +348,7 @@ impl Frame {
             Frame::ResetAck(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::RefundAsk(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::RefundReply(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::Leave(b) => postcard::to_extend(b, std::mem::take(out)),
         };
         // Serialising plain structs into a Vec cannot fail.
         *out = body.unwrap_or_default();
@@ -368,6 +387,7 @@ impl Frame {
             Kind::ResetAck => Frame::ResetAck(body_of(kind, body)?),
             Kind::RefundAsk => Frame::RefundAsk(body_of(kind, body)?),
             Kind::RefundReply => Frame::RefundReply(body_of(kind, body)?),
+            Kind::Leave => Frame::Leave(body_of(kind, body)?),
         };
         frame.check()?;
         Ok(frame)

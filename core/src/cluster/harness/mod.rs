@@ -29,7 +29,7 @@ pub use network::NetFaults;
 pub use pause::{PauseFigures, PauseRun};
 
 use crate::cluster::confirm::{Confirmations, Ticket};
-use crate::cluster::node_core::{CoreConfig, NodeCore, RulesVersion};
+use crate::cluster::node_core::{CoreConfig, NodeCore, RulesVersion, DEFAULT_FORGET_AFTER};
 use crate::cluster::replication::{ReplicationConfig, Replicator, SilencePolicy};
 use crate::descriptor::Descriptors;
 use crate::limiter::{Begun, Check, CheckError, Decision, Limiter, LimiterConfig, Outcome};
@@ -256,7 +256,12 @@ impl MemCluster {
             let cfg = CoreConfig {
                 name: node_name(slot),
                 slot,
-                cluster_size: self.spec.nodes,
+                members: (0..self.spec.nodes as u16)
+                    .map(NodeSlot::new)
+                    .filter(|&s| s != slot)
+                    .collect(),
+                alone_after: Some(Nanos::ZERO),
+                forget_after: DEFAULT_FORGET_AFTER,
                 policy: self.spec.policy,
                 inflight_ppm: self.spec.inflight_ppm,
                 sync_interval: self.spec.sync_interval,

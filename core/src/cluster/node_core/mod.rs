@@ -43,7 +43,7 @@ use crate::cluster::resets::{ResetDone, Resets};
 use crate::cluster::rules_register::{RegisterConfig, RulesRegister};
 use crate::key::CounterKey;
 use crate::limiter::{Limiter, Pending};
-use crate::share::{SharePolicy, ShareView, MAX_NODES};
+use crate::share::{SharePolicy, ShareView};
 use crate::slot::NodeSlot;
 use crate::time::{Clock, Nanos};
 use crate::wire::{Frame, Kind, Swim};
@@ -58,8 +58,19 @@ pub struct CoreConfig {
     pub name: String,
     /// This node's slot.
     pub slot: NodeSlot,
-    /// Slots per counter: the most nodes the cluster may have.
-    pub cluster_size: usize,
+    /// The other members this node knows of before it hears from anyone:
+    /// those it remembered from its last run (a real node keeps them in its
+    /// data directory), or every other node of a simulated cluster. More
+    /// join as they are heard of; recovery waits for all of them.
+    pub members: BTreeSet<NodeSlot>,
+    /// With no other member known, this node may start a new cluster of its
+    /// own: at once (`Some(0)`: it has no seeds), after waiting this long for
+    /// a peer to show up, or never (`None`).
+    pub alone_after: Option<Nanos>,
+    /// How long a member declared dead stays a member (its share reserved,
+    /// counted in every majority) before a node in the majority forgets it.
+    /// A member that leaves cleanly is forgotten at once.
+    pub forget_after: Nanos,
     /// How a limit is shared while peers cannot be reached.
     pub policy: SharePolicy,
     /// In-flight budget per limit, in millionths of the limit.
@@ -114,6 +125,9 @@ pub enum CoreEvent {
         /// Its name.
         name: String,
     },
+    /// The membership changed: these are the other members now (keep them
+    /// on disk: a restarted node waits for them before it admits).
+    Members(Vec<NodeSlot>),
 }
 
 /// One node's cluster state machine (see the module docs for the calling
@@ -128,6 +142,10 @@ pub struct NodeCore<C: Clock = crate::clock::SystemClock> {
     addrs: BTreeMap<NodeSlot, SocketAddr>,
     known: BTreeSet<NodeSlot>,
     live: BTreeSet<NodeSlot>,
+    /// The other members: remembered, joined or heard of, not forgotten.
+    members: BTreeSet<NodeSlot>,
+    /// Members declared dead, since when, and whether they left cleanly.
+    down: BTreeMap<NodeSlot, Down>,
     outbox: VecDeque<Transmit>,
     events: VecDeque<CoreEvent>,
     confirmations: Confirmations,
@@ -151,7 +169,12 @@ impl<C: Clock> NodeCore<C> {
         rc.sync_interval = cfg.sync_interval;
         rc.policy = cfg.policy;
         rc.recovery_timeout = cfg.recovery_timeout;
-        rc.expected_peers = cfg.cluster_size.saturating_sub(1);
+        rc.expected_peers = cfg.members.len();
+        rc.alone_after = if cfg.members.is_empty() {
+            cfg.alone_after
+        } else {
+            None
+        };
         rc.snapshot_restored = cfg.snapshot_restored;
         rc.confirm_timeout = cfg.confirm_timeout;
         rc.silence = cfg.silence;
@@ -164,7 +187,7 @@ impl<C: Clock> NodeCore<C> {
         let me = Member::new(cfg.name.clone(), cfg.slot, cfg.peer_addr, cfg.incarnation);
         let membership = Membership::new(
             me,
-            MembershipConfig::lan(cfg.cluster_size as u32),
+            MembershipConfig::lan((cfg.members.len() as u32 + 1).max(3)),
             cfg.incarnation ^ u64::from(cfg.slot.get()),
         );
         let core = NodeCore {
@@ -172,13 +195,15 @@ impl<C: Clock> NodeCore<C> {
             repl,
             membership,
             register: RulesRegister::new(
-                RegisterConfig::new(cfg.slot, cfg.cluster_size),
+                RegisterConfig::new(cfg.slot, cfg.members.len() + 1),
                 rules_text,
                 rules_version,
             ),
             addrs: BTreeMap::new(),
             known: BTreeSet::new(),
             live: BTreeSet::new(),
+            members: cfg.members.clone(),
+            down: BTreeMap::new(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             confirmations: Confirmations::new(),
@@ -191,13 +216,22 @@ impl<C: Clock> NodeCore<C> {
         core
     }
 
-    /// The share view of a node of the configured cluster: every configured
-    /// slot is a member whether or not it has been heard from, so a node
-    /// that hears nobody still reserves its peers' shares and never decides
-    /// as if alone.
+    /// The share view of this node: every member is one whether or not it
+    /// is heard from now, so a node that hears nobody still reserves its
+    /// peers' shares and never decides as if alone.
     pub fn share_view(&self) -> ShareView {
-        configured_view(&self.cfg, self.live_mask(), self.repl.in_minority())
-            .confirming_all(self.repl.confirm_all(self.now))
+        members_view(
+            &self.cfg,
+            &self.members,
+            self.live_mask(),
+            self.repl.in_minority(),
+        )
+        .confirming_all(self.repl.confirm_all(self.now))
+    }
+
+    /// The other members: remembered, joined or heard of, not forgotten.
+    pub fn members(&self) -> &BTreeSet<NodeSlot> {
+        &self.members
     }
 
     fn live_mask(&self) -> u64 {
@@ -288,6 +322,7 @@ impl<C: Clock> NodeCore<C> {
             Ok(Delivered::ResetAck(ack)) => self.resets.on_ack(now, from, &ack),
             Ok(Delivered::RefundAsk(ask)) => self.on_refund_ask(now, from, ask),
             Ok(Delivered::RefundReply(reply)) => self.on_refund_reply(from, &reply),
+            Ok(Delivered::Leave(leave)) => self.on_leave(now, from, leave.incarnation),
             Ok(Delivered::Rules(rules)) => self.on_peer_rules(from, rules),
             Ok(Delivered::RulesAck(ack)) => {
                 self.register
@@ -351,6 +386,7 @@ impl<C: Clock> NodeCore<C> {
             self.register.poll_timeout(),
             self.resets.poll_timeout(),
             self.refunds.poll_timeout(),
+            self.next_forget(),
         ]
         .into_iter()
         .flatten()
@@ -365,6 +401,7 @@ impl<C: Clock> NodeCore<C> {
         self.repl.handle_timeout(now, &*self.limiter);
         self.resets.handle_timeout(now);
         self.refunds.handle_timeout(now);
+        self.forget_due(now);
         // Proposals still waiting: the rules again to whoever has not
         // answered.
         for slot in self.register.handle_timeout(now) {
@@ -381,10 +418,7 @@ impl<C: Clock> NodeCore<C> {
     pub fn handle_reset(&mut self, now: Nanos, counters: &[CounterKey]) -> (u64, u64) {
         self.saw(now);
         let cleared = self.limiter.reset_counters_at(now, counters);
-        let others: BTreeSet<NodeSlot> = (0..self.cfg.cluster_size)
-            .map(|i| NodeSlot::new(i as u16))
-            .filter(|&s| s != self.cfg.slot)
-            .collect();
+        let others = self.members.clone();
         let ticket = self.resets.begin(now, counters, &others, &self.live);
         self.after_input();
         (ticket, cleared)
@@ -419,13 +453,108 @@ impl<C: Clock> NodeCore<C> {
         self.after_input();
     }
 
-    /// Ships what is pending and leaves the membership: a clean stop.
+    /// Ships what is pending, tells every member this node is leaving, and
+    /// leaves the membership: a clean stop. The members forget this node
+    /// at once (after a short grace for its last deltas) instead of
+    /// reserving its share until the forget time.
     pub fn finish(&mut self, now: Nanos) {
         self.saw(now);
         self.repl
             .handle_timeout(now.max(self.repl.poll_timeout()), &*self.limiter);
+        let leave = Frame::Leave(crate::wire::Leave {
+            slot: self.cfg.slot.get(),
+            incarnation: self.cfg.incarnation,
+        })
+        .encode();
+        for &to in &self.members {
+            self.outbox.push_back(Transmit {
+                to,
+                bytes: leave.clone(),
+                reliable: true,
+            });
+        }
         self.membership.leave(now);
         self.after_input();
+    }
+
+    /// `from` is leaving cleanly: forgotten after a short grace (its last
+    /// deltas may still be on their way), whatever side of a split this
+    /// node is on (a leaving node admits nothing more).
+    fn on_leave(&mut self, now: Nanos, from: NodeSlot, incarnation: u64) {
+        let current = self.repl.peers().get(&from).and_then(|p| p.incarnation);
+        if current.is_some_and(|c| c > incarnation) || !self.members.contains(&from) {
+            return; // a newer run of it is a member, or it is not one
+        }
+        tracing::info!(slot = from.get(), "a member is leaving the cluster");
+        self.down.insert(
+            from,
+            Down {
+                since: now,
+                left: true,
+            },
+        );
+    }
+
+    /// When the next member is due to be forgotten.
+    fn next_forget(&self) -> Option<Nanos> {
+        self.down
+            .iter()
+            .map(|(_, d)| d.since + d.wait(self.cfg.forget_after))
+            .min()
+    }
+
+    /// Forgets the members whose time has come: a member that left cleanly
+    /// after its grace; one declared dead after `forget_after`, but only
+    /// while this node is in the majority (a minority forgetting the
+    /// majority would make itself a cluster of its own).
+    fn forget_due(&mut self, now: Nanos) {
+        let due: Vec<NodeSlot> = self
+            .down
+            .iter()
+            .filter(|(_, d)| {
+                now >= d.since + d.wait(self.cfg.forget_after)
+                    && (d.left || !self.repl.in_minority())
+            })
+            .map(|(&s, _)| s)
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        for slot in due {
+            self.down.remove(&slot);
+            if !self.members.remove(&slot) {
+                continue;
+            }
+            tracing::info!(
+                slot = slot.get(),
+                "member forgotten: its share is no longer reserved"
+            );
+            self.known.remove(&slot);
+            self.live.remove(&slot);
+            self.addrs.remove(&slot);
+            self.refunds.on_down(slot);
+            self.register.handle_peer_down(now, slot);
+            self.repl.remove_peer(&*self.limiter, slot);
+        }
+        self.membership_changed(now);
+        self.dial_peers();
+    }
+
+    /// Keeps connections to every peer this node has reached or heard of
+    /// and not forgotten: a seed that answered is kept before membership
+    /// names it (closing it would cut the path its membership news takes).
+    fn dial_peers(&mut self) {
+        let peers = self.addrs.iter().map(|(s, a)| (*s, *a)).collect();
+        self.events.push_back(CoreEvent::DialPeers(peers));
+    }
+
+    /// Majorities, recovery, rules quorums and shares follow the members.
+    fn membership_changed(&mut self, now: Nanos) {
+        self.repl.set_expected_peers(self.members.len(), now);
+        self.register.set_cluster_size(self.members.len() + 1);
+        self.limiter.set_share_view(self.share_view());
+        self.events
+            .push_back(CoreEvent::Members(self.members.iter().copied().collect()));
     }
 
     /// What the driver must act on, in order; `None` when there is nothing.
@@ -512,8 +641,14 @@ impl<C: Clock> NodeCore<C> {
     fn on_member_event(&mut self, event: MemberEvent) {
         match event {
             MemberEvent::Up(m) | MemberEvent::Rejoined(m) => {
-                if m.slot.index() >= self.cfg.cluster_size || m.slot == self.cfg.slot {
+                if m.slot == self.cfg.slot {
                     return;
+                }
+                self.down.remove(&m.slot);
+                if self.members.insert(m.slot) {
+                    tracing::info!(slot = m.slot.get(), name = %m.name, "a member joined");
+                    let now = self.now;
+                    self.membership_changed(now);
                 }
                 self.addrs.insert(m.slot, m.addr);
                 self.known.insert(m.slot);
@@ -528,6 +663,11 @@ impl<C: Clock> NodeCore<C> {
             }
             MemberEvent::Down(m) => {
                 self.live.remove(&m.slot);
+                let now = self.now;
+                self.down.entry(m.slot).or_insert(Down {
+                    since: now,
+                    left: false,
+                });
                 self.refunds.on_down(m.slot);
                 self.register.handle_peer_down(self.now, m.slot);
                 self.repl
@@ -538,20 +678,48 @@ impl<C: Clock> NodeCore<C> {
                 });
             }
         }
-        let peers = self
-            .known
-            .iter()
-            .filter_map(|s| self.addrs.get(s).map(|a| (*s, *a)))
-            .collect();
-        self.events.push_back(CoreEvent::DialPeers(peers));
+        self.dial_peers();
         self.limiter.set_share_view(self.share_view());
     }
 }
 
-/// The share view of node `cfg.slot` in the configured cluster (see
+/// A member declared dead, or leaving.
+#[derive(Clone, Copy, Debug)]
+struct Down {
+    since: Nanos,
+    /// It said it was leaving: forgotten after [`LEAVE_GRACE`].
+    left: bool,
+}
+
+/// How long a member declared dead stays one, unless configured otherwise:
+/// long enough for a paused node or a short partition to come back without
+/// a membership change, short enough that a crashed node's share returns
+/// within half a minute.
+pub const DEFAULT_FORGET_AFTER: Nanos = Nanos::from_secs(30);
+
+/// How long a member that left cleanly is still counted: its last deltas
+/// (sent just before its leave) are merged meanwhile.
+const LEAVE_GRACE: Nanos = Nanos::from_millis(200);
+
+impl Down {
+    fn wait(&self, forget_after: Nanos) -> Nanos {
+        if self.left {
+            LEAVE_GRACE
+        } else {
+            forget_after
+        }
+    }
+}
+
+/// The share view of node `cfg.slot` among `others` (see
 /// [`NodeCore::share_view`]). `live`: the peers believed alive.
-pub fn configured_view(cfg: &CoreConfig, live: u64, minority: bool) -> ShareView {
-    let members = (0..cfg.cluster_size.min(MAX_NODES)).fold(0u64, |m, s| m | 1 << s);
+pub fn members_view(
+    cfg: &CoreConfig,
+    others: &BTreeSet<NodeSlot>,
+    live: u64,
+    minority: bool,
+) -> ShareView {
+    let members = others.iter().fold(cfg.slot.bit(), |m, s| m | s.bit());
     ShareView::for_cluster(
         cfg.slot.get(),
         members,

@@ -112,7 +112,7 @@ impl<C: Clock> NodeCore<C> {
         if live < majority {
             return Err(PutRulesError::NoQuorum {
                 live,
-                size: self.cfg.cluster_size,
+                size: self.register.config().cluster_size,
                 majority,
             });
         }

@@ -34,7 +34,9 @@ fn core(
     let cfg = CoreConfig {
         name: format!("node-{slot}"),
         slot: NodeSlot::new(slot),
-        cluster_size: 2,
+        members: [NodeSlot::new(1 - slot)].into(),
+        alone_after: None,
+        forget_after: DEFAULT_FORGET_AFTER,
         policy: SharePolicy::Strict,
         inflight_ppm: 20_000,
         sync_interval: Nanos::from_millis(5),

@@ -93,9 +93,14 @@ pub struct ReplicationConfig {
     /// A claim not answered after this long is sent again to the peers
     /// that have not answered.
     pub claim_resend: Nanos,
-    /// The other members of the configured cluster (`cluster_size − 1`).
+    /// The other members this node knows of: remembered from its last run,
+    /// or heard of since (kept current with [`Replicator::set_expected_peers`]).
     /// Zero for a node alone.
     pub expected_peers: usize,
+    /// A node that knows of no other member may open alone, as the first
+    /// node of a new cluster: at once (`Some(0)`), after waiting this long
+    /// for a peer to show up, or never (`None`).
+    pub alone_after: Option<Nanos>,
     /// The node merged a verified snapshot at start: under `available` it
     /// may then open with no peer reachable.
     pub snapshot_restored: bool,
@@ -126,6 +131,7 @@ impl ReplicationConfig {
             silence: SilencePolicy::DEFAULT,
             claim_resend: Nanos::from_millis(10),
             expected_peers: 0,
+            alone_after: Some(Nanos::ZERO),
             snapshot_restored: false,
             await_rules: false,
             policy: SharePolicy::Strict,
@@ -398,6 +404,13 @@ impl Replicator {
                 ..PeerState::default()
             });
         }
+    }
+
+    /// The other members this node knows of changed (one joined, or one was
+    /// forgotten): majorities and recovery count them from now on.
+    pub fn set_expected_peers(&mut self, peers: usize, now: Nanos) {
+        self.cfg.expected_peers = peers;
+        self.check_recovered(now);
     }
 
     /// Removes a member that left for good: nobody waits for it any more.

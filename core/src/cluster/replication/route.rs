@@ -6,7 +6,8 @@ use super::{ReplicaStore, Replicator};
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
 use crate::wire::{
-    DecodeError, Frame, RefundAsk, RefundReply, ResetAck, ResetFrame, RulesAck, RulesFrame, Slots,
+    DecodeError, Frame, Leave, RefundAsk, RefundReply, ResetAck, ResetFrame, RulesAck, RulesFrame,
+    Slots,
 };
 
 /// What an accepted frame leaves for the caller.
@@ -28,6 +29,8 @@ pub enum Delivered {
     RefundAsk(RefundAsk),
     /// A peer's answer to a refund this node forwarded to it.
     RefundReply(RefundReply),
+    /// A peer is leaving the cluster cleanly.
+    Leave(Leave),
 }
 
 /// Why an incoming frame was refused. The frame changed nothing.
@@ -97,6 +100,7 @@ fn check(frame: &Frame, from: NodeSlot, own: NodeSlot, recovering: bool) -> Resu
         Frame::ResetAck(a) => carried_by(from, a.slot, from),
         Frame::RefundAsk(r) => carried_by(from, r.slot, from),
         Frame::RefundReply(r) => carried_by(from, r.slot, from),
+        Frame::Leave(l) => carried_by(from, l.slot, from),
         _ => Ok(()),
     }
 }
@@ -200,6 +204,7 @@ impl Replicator {
             Frame::RulesAck(a) => return Ok(Delivered::RulesAck(a)),
             Frame::RefundAsk(r) => return Ok(Delivered::RefundAsk(r)),
             Frame::RefundReply(r) => return Ok(Delivered::RefundReply(r)),
+            Frame::Leave(l) => return Ok(Delivered::Leave(l)),
         }
         if let Some(keys) = carried {
             self.heard_from(from, Some(&keys));

@@ -217,17 +217,20 @@ impl Replicator {
     /// Opens the recovery gate once this node has the counts it needs, and
     /// reports it ([`ReplicationEvent::Recovered`]).
     ///
-    /// - Every configured peer answered: open at once.
+    /// - No other member known (none remembered, none heard of): open only
+    ///   as the first node of a new cluster, after `alone_after`.
+    /// - Every known member answered: open at once.
     /// - After `recovery_timeout`, under `strict` and `bounded`: the peers
-    ///   that answered and this node make a majority of the *configured*
-    ///   cluster (`⌊n/2⌋` answers). A lone restarted node, or one whose peers
+    ///   that answered and this node make a majority of the *known*
+    ///   members (`⌊n/2⌋` answers). A lone restarted node, or one whose peers
     ///   are all silent, never opens: it would decide as if its own slot and
     ///   its peers' were empty.
     /// - After `recovery_timeout`, under `available`: every peer reachable
     ///   now (connected and live) answered, and at least one did, or the
     ///   node merged a verified snapshot.
     ///
-    /// Time alone never opens it.
+    /// Time alone never opens it, but for a node that knows of no member and
+    /// may start a new cluster.
     pub(super) fn check_recovered(&mut self, now: Nanos) {
         if self.recovering && self.recovery_complete(now) {
             self.recovering = false;
@@ -238,12 +241,17 @@ impl Replicator {
     /// Whether the recovery gate may open now (see `check_recovered`).
     pub fn recovery_complete(&self, now: Nanos) -> bool {
         let answered = self.peers.values().filter(|p| self.answered(p)).count();
+        let elapsed = self
+            .recovery_started
+            .map_or(Nanos::ZERO, |t| now.saturating_sub(t));
+        if self.cfg.expected_peers == 0 && answered == 0 {
+            // Nobody known: the first node of a new cluster, when allowed.
+            return self.cfg.alone_after.is_some_and(|d| elapsed >= d);
+        }
         if answered >= self.cfg.expected_peers {
             return true;
         }
-        let waited = self
-            .recovery_started
-            .is_some_and(|t| now.saturating_sub(t) >= self.cfg.recovery_timeout);
+        let waited = self.recovery_started.is_some() && elapsed >= self.cfg.recovery_timeout;
         if !waited {
             return false;
         }

@@ -177,7 +177,7 @@ pub enum Weighed {
 pub struct RegisterConfig {
     /// This node's slot.
     pub own: NodeSlot,
-    /// Nodes in the configured cluster.
+    /// Members of the cluster, this node included (follows membership).
     pub cluster_size: usize,
     /// How long a proposal waits for its answers.
     pub confirm_timeout: Nanos,
@@ -246,6 +246,12 @@ impl RulesRegister {
     pub fn text(&self) -> &str {
         &self.text
     }
+    /// The cluster's membership changed: majorities count `nodes` (this one
+    /// included) from now on.
+    pub fn set_cluster_size(&mut self, nodes: usize) {
+        self.cfg.cluster_size = nodes.max(1);
+    }
+
     /// The register's settings.
     pub fn config(&self) -> &RegisterConfig {
         &self.cfg
