@@ -7,11 +7,10 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use support::{exit_state, free_port, log_file, log_tail, request as admin, status as http, DRL};
+use support::procs::{check, ProcCluster};
+use support::{free_port, request as admin, signal, status as http};
 
 const LIMIT: u64 = 300;
 const RULES: &str = r#"
@@ -32,209 +31,8 @@ fn http_body(port: u16, path: &str) -> String {
         .unwrap_or_default()
 }
 
-fn check(port: u16, user: &str) -> Option<u16> {
-    http(
-        port,
-        "POST",
-        "/v1/check",
-        &format!("{{\"user\":\"{user}\"}}"),
-    )
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
-/// A cluster of `drl node` processes laid out as `drl cluster` writes it:
-/// every node seeded with every other.
-struct ProcCluster {
-    dir: PathBuf,
-    size: usize,
-    peer: Vec<u16>,
-    http: Vec<u16>,
-    children: Vec<Option<Child>>,
-    snapshot_interval: Option<&'static str>,
-}
-
-impl ProcCluster {
-    fn new(name: &str, size: usize, snapshot_interval: Option<&'static str>) -> Self {
-        let dir = support::scratch(&format!("restart-{name}"));
-        drl::net::generate_dev_certs(
-            &dir.join("certs"),
-            &drl::net::local_cluster_specs(size as u16),
-        )
-        .unwrap();
-        std::fs::write(dir.join("rules.toml"), RULES).unwrap();
-        ProcCluster {
-            dir,
-            size,
-            peer: (0..size).map(|_| free_port()).collect(),
-            http: (0..size).map(|_| free_port()).collect(),
-            children: (0..size).map(|_| None).collect(),
-            snapshot_interval,
-        }
-    }
-
-    fn config(&self, slot: usize, seeds: &[u16]) -> PathBuf {
-        let seeds = seeds
-            .iter()
-            .map(|p| format!("\"127.0.0.1:{p}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let snapshot = match self.snapshot_interval {
-            Some(every) => {
-                format!("snapshot_path = \"data/node-{slot}.snapshot\"\nsnapshot_interval = \"{every}\"\n")
-            }
-            None => String::new(),
-        };
-        let text = format!(
-            "name = \"node-{slot}\"\nslot = {slot}\n\
-             listen_peer = \"127.0.0.1:{peer}\"\nlisten_http = \"127.0.0.1:{http}\"\n\
-             seeds = [{seeds}]\ndiscovery_interval = \"200ms\"\nrecovery_timeout = \"1s\"\n\
-             rules = \"rules.toml\"\ndata_dir = \"data\"\n{snapshot}\
-             tls_ca = \"certs/ca.pem\"\ntls_cert = \"certs/node-{slot}.pem\"\n\
-             tls_key = \"certs/node-{slot}-key.pem\"\n\
-             key_seed = \"000102030405060708090a0b0c0d0e0f\"\nadmin_token = \"tok\"\n",
-            peer = self.peer[slot],
-            http = self.http[slot],
-        );
-        let path = self.dir.join(format!("node-{slot}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    fn start(&mut self, slot: usize) {
-        let seeds: Vec<u16> = (0..self.size)
-            .filter(|&s| s != slot)
-            .map(|s| self.peer[s])
-            .collect();
-        self.start_with_seeds(slot, &seeds);
-    }
-
-    fn start_with_seeds(&mut self, slot: usize, seeds: &[u16]) {
-        let config = self.config(slot, seeds);
-        let child = Command::new(DRL)
-            .args(["node", "--config"])
-            .arg(&config)
-            .current_dir(&self.dir)
-            .env_remove("DRL_ADMIN_TOKEN")
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file(&self.log(slot)))
-            .spawn()
-            .unwrap();
-        self.children[slot] = Some(child);
-    }
-
-    /// Node `slot`'s stderr, kept across its restarts.
-    fn log(&self, slot: usize) -> PathBuf {
-        self.dir.join(format!("node-{slot}.log"))
-    }
-
-    /// What each node of `slots` said last, and whether it still runs.
-    fn report(&mut self, slots: &[usize]) -> String {
-        let mut out = String::new();
-        for &slot in slots {
-            let state = match self.children[slot].as_mut() {
-                Some(c) => exit_state(c),
-                None => "not started".into(),
-            };
-            out.push_str(&format!(
-                "\n--- node {slot} ({state}), last lines of its log:\n{}\n",
-                log_tail(&self.log(slot), 30)
-            ));
-        }
-        out
-    }
-
-    fn child(&self, slot: usize) -> &Child {
-        self.children[slot].as_ref().unwrap()
-    }
-
-    fn kill9(&mut self, slot: usize) {
-        if let Some(mut c) = self.children[slot].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn ready(&self, slot: usize) -> bool {
-        http(self.http[slot], "GET", "/readyz", "") == Some(200)
-    }
-
-    fn wait_ready(&mut self, slots: &[usize], timeout: Duration) -> Duration {
-        let start = Instant::now();
-        while !slots.iter().all(|&s| self.ready(s)) {
-            if start.elapsed() >= timeout {
-                let report = self.report(slots);
-                panic!("nodes {slots:?} not ready after {timeout:?}{report}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        start.elapsed()
-    }
-
-    /// Requests for `user` through node `slot` until `want` are admitted
-    /// or `span` passed (refusals while the node's in-flight share waits for
-    /// acknowledgements are retried); returns the admitted count.
-    /// A run of 100 refusals in a row (at least 200 ms of them: longer than
-    /// any acknowledgement wait) means the limit is spent.
-    fn spend(&self, slot: usize, user: &str, want: u64, span: Duration) -> u64 {
-        let mut admitted = 0;
-        let mut refused_in_a_row = 0;
-        let start = Instant::now();
-        while admitted < want && refused_in_a_row < 100 && start.elapsed() < span {
-            match check(self.http[slot], user) {
-                Some(200) => {
-                    admitted += 1;
-                    refused_in_a_row = 0;
-                }
-                _ => {
-                    refused_in_a_row += 1;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-        }
-        admitted
-    }
-
-    /// Requests for `user` round-robin over `slots` for `span`; the admitted
-    /// count.
-    fn hammer(&self, slots: &[usize], user: &str, span: Duration) -> u64 {
-        let start = Instant::now();
-        let mut admitted = 0;
-        let mut i = 0;
-        while start.elapsed() < span {
-            if check(self.http[slots[i % slots.len()]], user) == Some(200) {
-                admitted += 1;
-            }
-            i += 1;
-        }
-        admitted
-    }
-}
-
-impl Drop for ProcCluster {
-    fn drop(&mut self) {
-        for slot in 0..self.size {
-            if let Some(c) = &self.children[slot] {
-                let _ = Command::new("kill")
-                    .args(["-CONT", &c.id().to_string()])
-                    .status();
-            }
-            self.kill9(slot);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn three_nodes(name: &str, snapshot_interval: Option<&'static str>) -> ProcCluster {
-    let mut c = ProcCluster::new(name, 3, snapshot_interval);
+    let mut c = ProcCluster::new(name, 3, snapshot_interval, RULES);
     for slot in 0..3 {
         c.start(slot);
     }
@@ -295,16 +93,16 @@ fn killing_the_seed_with_an_old_snapshot_resets_no_quota() {
 fn a_seed_killed_while_its_peers_are_stopped_admits_nothing_until_they_resume() {
     let mut c = three_nodes("stopped", None);
     let spent = spend_limit_on_node_0(&c, "carol", 0);
-    signal(c.child(1), "-STOP");
-    signal(c.child(2), "-STOP");
+    signal(c.child(1).id(), "-STOP");
+    signal(c.child(2).id(), "-STOP");
     c.kill9(0);
     c.start(0);
     // Far longer than the recovery timeout (1 s): time alone opens nothing.
     let during = c.hammer(&[0], "carol", Duration::from_secs(4));
     assert_eq!(during, 0, "admitted while every peer was stopped");
     assert!(!c.ready(0), "ready with no peer heard");
-    signal(c.child(1), "-CONT");
-    signal(c.child(2), "-CONT");
+    signal(c.child(1).id(), "-CONT");
+    signal(c.child(2).id(), "-CONT");
     c.wait_ready(&[0], Duration::from_secs(30));
     let after = c.hammer(&[0, 1, 2], "carol", Duration::from_secs(3));
     eprintln!(
@@ -318,7 +116,7 @@ fn a_seed_killed_while_its_peers_are_stopped_admits_nothing_until_they_resume() 
 
 #[test]
 fn a_joining_node_that_never_heard_a_member_admits_nothing() {
-    let mut c = ProcCluster::new("alone", 3, None);
+    let mut c = ProcCluster::new("alone", 3, None, RULES);
     // Node 1, new (no member list kept), seeded with ports where nobody
     // listens: only slot 0 may start a cluster of its own.
     let nobody = [free_port(), free_port()];

@@ -1,0 +1,176 @@
+//! Elastic membership on real `drl node` processes over QUIC: a cluster of
+//! three grows to six and shrinks back to three (two clean stops, one
+//! `kill -9`) while a spent key and small limits are checked after every
+//! change. No node other than the one joining or leaving restarts, and no
+//! cluster size is configured anywhere.
+//!
+//! After each change:
+//! - a key whose hourly limit was spent before the first change is
+//!   hammered through every running node: what it gains over all changes
+//!   stays within the in-flight bound (`Q = max(n, ⌈0.02·L⌉)`);
+//! - a fresh user with a request-defined limit of 5 per minute, asked 20
+//!   times round-robin over every running node, is admitted exactly 5 times.
+//!
+//! The figures (how long a join, a clean leave and a crash take to show in
+//! every node's member count) are printed; `scripts/membership.sh` runs the
+//! longer version (to ten nodes) on release builds.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::procs::{check, ProcCluster};
+use support::{request, status as http};
+
+const LIMIT: u64 = 300;
+const RULES: &str = r#"
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+limits = [ { algorithm = "sliding_window", limit = 300, window = "1h" } ]
+"#;
+
+fn inflight_bound(nodes: u64) -> u64 {
+    nodes.max((LIMIT * 2).div_ceil(100))
+}
+
+/// The member count node `slot` reports (itself included).
+fn members(c: &ProcCluster, slot: usize) -> Option<u64> {
+    let (_, body) = request(c.http[slot], "GET", "/readyz", "")?;
+    let at = body.find("\"members\":")? + "\"members\":".len();
+    let digits: String = body[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// Waits until every node of `running` counts `want` members; how long.
+fn wait_members(c: &mut ProcCluster, running: &[usize], want: u64, within: Duration) -> Duration {
+    let start = Instant::now();
+    while !running.iter().all(|&s| members(c, s) == Some(want)) {
+        if start.elapsed() > within {
+            let seen: Vec<_> = running.iter().map(|&s| members(c, s)).collect();
+            let report = c.report(running);
+            panic!("members {seen:?} after {within:?}, want {want} on {running:?}{report}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+/// A fresh user with a request-defined limit of 5 per minute, asked `asks`
+/// times round-robin over `running`: how many were admitted.
+fn small_limit(c: &ProcCluster, running: &[usize], user: &str, asks: usize) -> usize {
+    let body = format!(
+        "{{\"user\":\"{user}\",\"limit\":{{\"algorithm\":\"sliding_window\",\"limit\":5,\"window\":\"1m\"}}}}"
+    );
+    (0..asks)
+        .filter(|i| {
+            http(
+                c.http[running[i % running.len()]],
+                "POST",
+                "/v1/check",
+                &body,
+            ) == Some(200)
+        })
+        .count()
+}
+
+/// Requests for `user` round-robin over `running` for `span`: admitted.
+fn hammer(c: &ProcCluster, running: &[usize], user: &str, span: Duration) -> u64 {
+    let start = Instant::now();
+    let (mut admitted, mut i) = (0, 0);
+    while start.elapsed() < span {
+        if check(c.http[running[i % running.len()]], user) == Some(200) {
+            admitted += 1;
+        }
+        i += 1;
+    }
+    admitted
+}
+
+#[test]
+fn a_cluster_grows_from_three_to_six_and_back_keeping_quotas_and_small_limits_exact() {
+    let mut c = ProcCluster::new("members", 6, None, RULES);
+    c.extra_config = "forget_after = \"2s\"\n".into();
+    let mut running = vec![0, 1, 2];
+    for &slot in &running {
+        c.start(slot);
+    }
+    c.wait_ready(&running, Duration::from_secs(30));
+    wait_members(&mut c, &running, 3, Duration::from_secs(20));
+    assert_eq!(small_limit(&c, &running, "small-start", 20), 5);
+
+    // Spend alice's hourly limit through node 0.
+    let spent = c.spend(0, "alice", LIMIT, Duration::from_secs(30));
+    assert!(
+        spent + inflight_bound(3) >= LIMIT && spent <= LIMIT,
+        "spent {spent}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut gained = 0;
+    let mut report = String::new();
+    let steps: [(&str, usize); 6] = [
+        ("join", 3),
+        ("join", 4),
+        ("join", 5),
+        ("stop", 5),
+        ("kill", 4),
+        ("stop", 3),
+    ];
+    for (step, (what, slot)) in steps.into_iter().enumerate() {
+        let took = match what {
+            "join" => {
+                c.start(slot);
+                running.push(slot);
+                c.wait_ready(&[slot], Duration::from_secs(30));
+                wait_members(
+                    &mut c,
+                    &running,
+                    running.len() as u64,
+                    Duration::from_secs(20),
+                )
+            }
+            "stop" => {
+                running.retain(|&s| s != slot);
+                let start = Instant::now();
+                c.stop(slot);
+                wait_members(
+                    &mut c,
+                    &running,
+                    running.len() as u64,
+                    Duration::from_secs(20),
+                );
+                start.elapsed()
+            }
+            _ => {
+                running.retain(|&s| s != slot);
+                let start = Instant::now();
+                c.kill9(slot);
+                wait_members(
+                    &mut c,
+                    &running,
+                    running.len() as u64,
+                    Duration::from_secs(60),
+                );
+                start.elapsed()
+            }
+        };
+        let after = hammer(&c, &running, "alice", Duration::from_millis(800));
+        gained += after;
+        let small = small_limit(&c, &running, &format!("small-{step}"), 20);
+        report.push_str(&format!(
+            "{what} {slot}: every node agreed on {} members after {took:?}; alice +{after}; small limit {small} of 5\n",
+            running.len()
+        ));
+        assert_eq!(small, 5, "a 5/min limit after {what} {slot}:\n{report}");
+    }
+    eprintln!("{report}alice: {spent} spent before, {gained} gained over every change");
+    assert!(
+        spent + gained <= LIMIT + inflight_bound(6),
+        "{spent} + {gained} admitted against a limit of {LIMIT}:\n{report}"
+    );
+    assert_eq!(running, vec![0, 1, 2]);
+}
