@@ -1,5 +1,6 @@
 //! The shipped deploy files agree with themselves and with the node: the
-//! Kubernetes manifest's replicas with its cluster size, its probes with
+//! Kubernetes manifest's replicas with its certificates and disruption
+//! budget (and no cluster size anywhere), its probes with
 //! the operations port and routes a node serves, and the ports it exposes
 //! with the listeners it configures; the same for the Compose file. The
 //! schemas are CI's job (kubernetes-validate, `docker compose config`);
@@ -78,21 +79,38 @@ fn the_kubernetes_manifest_agrees_with_itself_and_the_node() {
         .iter()
         .filter_map(|e| Some((e["name"].as_str()?, e["value"].as_str()?)))
         .collect();
-    // Replicas and cluster size: a larger size reserves shares for nodes
-    // that never run and under-admits.
-    let size: u64 = env["DRL_CLUSTER_SIZE"].parse().unwrap();
-    assert_eq!(replicas, size, "replicas and DRL_CLUSTER_SIZE differ");
-    let pdb = kind(&docs, "PodDisruptionBudget", "drl");
-    assert_eq!(
-        pdb["spec"]["minAvailable"].as_u64(),
-        Some(majority(replicas)),
-        "the disruption budget keeps a majority"
-    );
-    // The manifest's instructions issue one certificate per replica.
-    let text = read("deploy/kubernetes/drl.yaml");
+    // No cluster size anywhere: the cluster is its membership, so
+    // `kubectl scale` is the whole of scaling.
     assert!(
-        text.contains(&format!("--nodes {replicas} --prefix drl")),
-        "the certificate step issues {replicas} certificates"
+        !env.contains_key("DRL_CLUSTER_SIZE"),
+        "the manifest sets a cluster size"
+    );
+    // The disruption budget keeps a majority at every replica count (a
+    // percentage of minAvailable rounds up; past 50 pods, one more).
+    let pdb = kind(&docs, "PodDisruptionBudget", "drl");
+    let percent: u64 = pdb["spec"]["minAvailable"]
+        .as_str()
+        .and_then(|p| p.strip_suffix('%'))
+        .and_then(|p| p.parse().ok())
+        .expect("minAvailable as a percentage");
+    for n in 1..=100u64 {
+        let kept = (n * percent).div_ceil(100);
+        assert!(
+            kept == majority(n) || (n > 50 && kept == majority(n) + 1),
+            "minAvailable {percent}% keeps {kept} of {n} pods, not a majority"
+        );
+    }
+    // The manifest's instructions issue at least one certificate per replica.
+    let text = read("deploy/kubernetes/drl.yaml");
+    let issued: u64 = text
+        .split("drl certs --dir certs --nodes ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the certificate step");
+    assert!(
+        issued >= replicas,
+        "{issued} certificates for {replicas} replicas"
     );
 
     // Every listener is on, and each has a named container port.
@@ -224,7 +242,10 @@ fn the_compose_file_agrees_with_itself_and_the_node() {
                     .unwrap_or_else(|| panic!("{name}: {var} is not set")),
             )
         };
-        assert_eq!(get("DRL_CLUSTER_SIZE"), n.to_string(), "{name}");
+        assert!(
+            env["DRL_CLUSTER_SIZE"].is_null(),
+            "{name} sets a cluster size"
+        );
         slots.insert(get("DRL_SLOT").parse::<u64>().unwrap());
         let seeds = get("DRL_SEEDS");
         for (other, _) in &nodes {

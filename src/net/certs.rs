@@ -56,6 +56,14 @@ pub enum CertError {
     /// rcgen could not build a key or certificate.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A PEM file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
     /// A PEM file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -99,34 +107,29 @@ impl ClusterCa {
     /// length 0, so a node certificate can never act as a CA.
     pub fn generate() -> Result<ClusterCa, CertError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        // A name of its own, so that a certificate from another cluster's
-        // CA fails as "unknown issuer" rather than "bad signature".
-        let tag: String = key
-            .public_key_raw()
-            .iter()
-            .skip(1)
-            .take(4)
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("drl cluster CA {tag}"));
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "drl");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let mut params = ca_params(&key);
         set_validity(&mut params, 20);
         let cert = params.self_signed(&key)?;
         Ok(ClusterCa {
             issuer: Issuer::new(params, key),
             cert_pem: cert.pem(),
+        })
+    }
+
+    /// The CA that [`generate_dev_certs`] wrote into `dir` (`ca.pem` and
+    /// `ca-key.pem`), to issue one more node certificate: the issuer's name
+    /// is rebuilt from the key as [`ClusterCa::generate`] made it.
+    pub fn load(dir: &Path) -> Result<ClusterCa, CertError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            fs::read_to_string(&path).map_err(|source| CertError::Read { path, source })
+        };
+        let cert_pem = read("ca.pem")?;
+        let key = KeyPair::from_pem(&read("ca-key.pem")?)?;
+        let params = ca_params(&key);
+        Ok(ClusterCa {
+            issuer: Issuer::new(params, key),
+            cert_pem,
         })
     }
 
@@ -242,6 +245,52 @@ pub fn generate_dev_certs(dir: &Path, nodes: &[NodeCertSpec]) -> Result<(), Cert
         )?;
     }
     Ok(())
+}
+
+/// A cluster CA's name and rights, from its key: a CA may sign node
+/// certificates only (path length 0), and its name carries a tag of its
+/// key, so that a certificate from another cluster's CA fails as "unknown
+/// issuer" rather than "bad signature".
+fn ca_params(key: &KeyPair) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let tag: String = key
+        .public_key_raw()
+        .iter()
+        .skip(1)
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("drl cluster CA {tag}"));
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "drl");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+/// Issues with the CA in `dir` one more node certificate and writes it
+/// there (`<name>.pem`, `<name>-key.pem`), for a node that joins a running
+/// cluster.
+pub fn issue_dev_cert(dir: &Path, spec: &NodeCertSpec) -> Result<(), CertError> {
+    let cert = ClusterCa::load(dir)?.issue(spec)?;
+    write_file(
+        &dir.join(format!("{}.pem", spec.name)),
+        &cert.cert_pem,
+        false,
+    )?;
+    write_file(
+        &dir.join(format!("{}-key.pem", spec.name)),
+        &cert.key_pem,
+        true,
+    )
 }
 
 fn node_params(spec: &NodeCertSpec) -> Result<CertificateParams, CertError> {

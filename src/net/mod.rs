@@ -50,7 +50,8 @@ mod link;
 mod peers;
 
 pub use certs::{
-    generate_dev_certs, local_cluster_specs, CertError, ClusterCa, NodeCert, NodeCertSpec,
+    generate_dev_certs, issue_dev_cert, local_cluster_specs, CertError, ClusterCa, NodeCert,
+    NodeCertSpec,
 };
 pub use tls::{verify_cert_name, verify_cert_slot, IdentityError, NodeTls, TlsError};
 pub use transport::{

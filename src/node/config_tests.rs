@@ -47,13 +47,6 @@ fn bad_values_name_their_field() {
     let cases: Vec<(NodeFile, &str)> = vec![
         (
             NodeFile {
-                slot: 3,
-                ..NodeFile::default()
-            },
-            "slot",
-        ),
-        (
-            NodeFile {
                 share_policy: "lax".into(),
                 ..NodeFile::default()
             },
