@@ -459,11 +459,11 @@ impl Scenario {
 
     pub fn from_toml(text: &str) -> Result<Scenario, String> {
         let f: ScenarioFile = toml::from_str(text).map_err(|e| e.to_string())?;
-        if f.nodes == 0 || f.nodes > drl_core::share::MAX_NODES {
+        if f.nodes == 0 || f.nodes > drl_core::slot::SLOT_SPACE {
             return Err(format!(
                 "nodes = {}: between 1 and {}",
                 f.nodes,
-                drl_core::share::MAX_NODES
+                drl_core::slot::SLOT_SPACE
             ));
         }
         let policy = match (f.policy.as_str(), f.bounded_fraction) {
@@ -586,22 +586,37 @@ impl Scenario {
             if n == 0 || n > s.nodes {
                 return Err(format!("quick.nodes = {n}: between 1 and {}", s.nodes));
             }
-            s.nodes = n;
-            for g in &mut s.traffic {
-                if g.split.len() != n {
-                    let uniform = g.split.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-12);
-                    if !uniform {
-                        return Err("quick.nodes needs a uniform traffic split".into());
-                    }
-                    g.split = vec![1.0 / n as f64; n];
+            s = s.with_nodes(n).map_err(|e| format!("quick.nodes: {e}"))?;
+        }
+        Ok(s)
+    }
+
+    /// The same scenario on `n` nodes (traffic spread evenly over them):
+    /// for scenarios without faults and with an even split, such as the
+    /// scale measurements (`run <scenario> --nodes N`).
+    pub fn with_nodes(&self, n: usize) -> Result<Scenario, String> {
+        if n == 0 || n > drl_core::slot::SLOT_SPACE {
+            return Err(format!(
+                "nodes = {n}: between 1 and {}",
+                drl_core::slot::SLOT_SPACE
+            ));
+        }
+        let mut s = self.clone();
+        s.nodes = n;
+        for g in &mut s.traffic {
+            if g.split.len() != n {
+                let uniform = g.split.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-12);
+                if !uniform {
+                    return Err("a new node count needs a uniform traffic split".into());
                 }
-                if g.bursts.iter().any(|b| b.node.is_some_and(|x| x >= n)) {
-                    return Err("quick.nodes leaves a burst without its node".into());
-                }
+                g.split = vec![1.0 / n as f64; n];
             }
-            if !s.faults.is_empty() {
-                return Err("quick.nodes is for scenarios without faults".into());
+            if g.bursts.iter().any(|b| b.node.is_some_and(|x| x >= n)) {
+                return Err("the new node count leaves a burst without its node".into());
             }
+        }
+        if !s.faults.is_empty() {
+            return Err("a new node count is for scenarios without faults".into());
         }
         Ok(s)
     }

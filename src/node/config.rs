@@ -193,7 +193,7 @@ pub struct NodeSettings {
     pub name: String,
     /// This node's slot: below `cluster_size`.
     pub slot: u16,
-    /// Slots per counter: 1 to [`MAX_NODES`](drl_core::share::MAX_NODES).
+    /// Slots per counter: 1 to [`SLOT_SPACE`](drl_core::slot::SLOT_SPACE) (65,536).
     pub cluster_size: usize,
     /// UDP address for peer traffic (QUIC).
     pub listen_peer: SocketAddr,
@@ -437,10 +437,10 @@ impl NodeFile {
         if self.name.is_empty() || self.name.len() > 64 {
             return Err(invalid("name", "1 to 64 characters"));
         }
-        if self.cluster_size == 0 || self.cluster_size > drl_core::share::MAX_NODES {
+        if self.cluster_size == 0 || self.cluster_size > drl_core::slot::SLOT_SPACE {
             return Err(invalid(
                 "cluster_size",
-                format!("between 1 and {}", drl_core::share::MAX_NODES),
+                format!("between 1 and {}", drl_core::slot::SLOT_SPACE),
             ));
         }
         if usize::from(self.slot) >= self.cluster_size {

@@ -43,7 +43,8 @@ use crate::cluster::resets::{ResetDone, Resets};
 use crate::cluster::rules_register::{RegisterConfig, RulesRegister};
 use crate::key::CounterKey;
 use crate::limiter::{Limiter, Pending};
-use crate::share::{SharePolicy, ShareView, MAX_NODES};
+use crate::peer_set::PeerSet;
+use crate::share::{SharePolicy, ShareView};
 use crate::slot::NodeSlot;
 use crate::time::{Clock, Nanos};
 use crate::wire::{Frame, Kind, Swim};
@@ -196,12 +197,12 @@ impl<C: Clock> NodeCore<C> {
     /// that hears nobody still reserves its peers' shares and never decides
     /// as if alone.
     pub fn share_view(&self) -> ShareView {
-        configured_view(&self.cfg, self.live_mask(), self.repl.in_minority())
+        configured_view(&self.cfg, &self.live_mask(), self.repl.in_minority())
             .confirming_all(self.repl.confirm_all(self.now))
     }
 
-    fn live_mask(&self) -> u64 {
-        self.live.iter().fold(0u64, |m, &s| m | s.bit())
+    fn live_mask(&self) -> PeerSet {
+        self.live.iter().copied().collect()
     }
 
     /// The replication state machine, for stats and tests.
@@ -550,12 +551,12 @@ impl<C: Clock> NodeCore<C> {
 
 /// The share view of node `cfg.slot` in the configured cluster (see
 /// [`NodeCore::share_view`]). `live`: the peers believed alive.
-pub fn configured_view(cfg: &CoreConfig, live: u64, minority: bool) -> ShareView {
-    let members = (0..cfg.cluster_size.min(MAX_NODES)).fold(0u64, |m, s| m | 1 << s);
+pub fn configured_view(cfg: &CoreConfig, live: &PeerSet, minority: bool) -> ShareView {
+    let members = PeerSet::first(cfg.cluster_size);
     ShareView::for_cluster(
         cfg.slot.get(),
         members,
-        live & members,
+        live,
         minority,
         cfg.policy,
         cfg.inflight_ppm,
