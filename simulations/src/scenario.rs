@@ -857,4 +857,34 @@ mod tests {
         let bad = BASE.replace("keys = 2", "keys = 2\nrate = 5");
         assert!(Scenario::from_toml(&bad).unwrap_err().contains("not both"));
     }
+
+    #[test]
+    fn any_node_count_is_accepted_and_a_scenario_can_be_resized() {
+        let one = r#"
+name = "n"
+description = "d"
+nodes = 300
+duration = "1s"
+rules = '''
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+limits = [ { algorithm = "sliding_window", limit = 10, window = "1s" } ]
+'''
+
+[[traffic]]
+name = "user"
+keys = 2
+rate = 10
+"#;
+        let s = Scenario::from_toml(one).unwrap();
+        assert_eq!(s.nodes, 300);
+        let n = s.with_nodes(1000).unwrap();
+        assert_eq!(n.nodes, 1000);
+        assert_eq!(n.traffic[0].split.len(), 1000);
+        assert!(s.with_nodes(0).is_err());
+        assert!(s.with_nodes(65_537).is_err());
+        // A scenario with faults keeps its node count.
+        assert!(Scenario::from_toml(BASE).unwrap().with_nodes(8).is_err());
+    }
 }
