@@ -70,6 +70,7 @@ pub mod descriptor;
 pub mod fields;
 pub mod key;
 pub mod limiter;
+pub mod peer_set;
 pub mod receipt;
 pub mod rules;
 pub mod share;

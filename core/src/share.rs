@@ -19,6 +19,8 @@
 //! safety argument needs nothing else. While `ΣP ≤ L` the shares sum to at
 //! most `Q`.
 
+use crate::peer_set::PeerSet;
+use crate::slot::NodeSlot;
 use crate::time::Nanos;
 
 /// What a node does about peers it cannot reach.
@@ -53,19 +55,16 @@ impl SharePolicy {
     }
 }
 
-/// Most nodes the share masks can describe.
-pub const MAX_NODES: usize = 64;
-
 /// The cluster as the decision path needs to see it. Built by the node
 /// driver from membership; swapped in whole when it changes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShareView {
     /// This node's slot.
     pub own: u16,
-    /// Every member of the cluster, this node included (bit per slot).
-    pub members: u64,
+    /// Every member of the cluster, this node included.
+    pub members: PeerSet,
     /// Peers whose share is reserved when deciding.
-    pub reserve: u64,
+    pub reserve: PeerSet,
     /// True when this node cannot reach a majority of the members.
     pub minority: bool,
     /// What to do about peers this node cannot reach.
@@ -86,8 +85,8 @@ impl ShareView {
     pub fn alone(own: u16) -> Self {
         ShareView {
             own,
-            members: 1 << own,
-            reserve: 0,
+            members: PeerSet::single(NodeSlot::new(own)),
+            reserve: PeerSet::new(),
             minority: false,
             policy: SharePolicy::Strict,
             inflight_ppm: 20_000,
@@ -101,18 +100,20 @@ impl ShareView {
     /// `available` only live peers are reserved, otherwise every member is.
     pub fn for_cluster(
         own: u16,
-        members: u64,
-        live: u64,
+        members: PeerSet,
+        live: &PeerSet,
         minority: bool,
         policy: SharePolicy,
         inflight_ppm: u32,
         ack_wait: Nanos,
     ) -> Self {
-        let members = members | 1 << own;
-        let reserve = match policy {
-            SharePolicy::Available => live,
-            _ => members,
-        } & !(1 << own);
+        let mut members = members;
+        members.insert(NodeSlot::new(own));
+        let mut reserve = match policy {
+            SharePolicy::Available => live.intersection(&members),
+            _ => members.clone(),
+        };
+        reserve.remove(NodeSlot::new(own));
         ShareView {
             own,
             members,
@@ -134,7 +135,7 @@ impl ShareView {
     /// Members of the cluster, this node included: the `n` of the share
     /// formula.
     pub fn node_count(&self) -> u64 {
-        u64::from(self.members.count_ones())
+        self.members.len() as u64
     }
 
     /// The in-flight budget `Q` of a limit whose quota is `quota`: a fraction
@@ -144,6 +145,11 @@ impl ShareView {
         fraction.max(self.node_count()).min(max_inflight)
     }
 }
+
+/// Per-slot hit totals of one key's window, as [`Shares`] reads them: on
+/// the stack up to 64 slots (every cluster the masks this replaced could
+/// describe decides without allocating), on the heap past that.
+pub type SlotTotals = smallvec::SmallVec<[u64; 64]>;
 
 /// Shares of one key, computed from the per-slot hit totals of its window.
 pub struct Shares<'a> {
@@ -181,14 +187,16 @@ impl<'a> Shares<'a> {
 
     /// Hits to count as already arrived on behalf of peers.
     pub fn reserved(&self) -> u64 {
-        self.reserved_for(self.view.reserve)
+        self.reserved_for(&self.view.reserve)
     }
 
-    /// Hits to count on behalf of the peers in `mask` only.
-    pub fn reserved_for(&self, mask: u64) -> u64 {
-        members(mask, self.totals.len())
-            .filter(|&j| j != usize::from(self.view.own))
-            .map(|j| self.of(j))
+    /// Hits to count on behalf of the peers in `peers` only (slots past
+    /// the key's window, which no counter of it has, are not counted).
+    pub fn reserved_for(&self, peers: &PeerSet) -> u64 {
+        peers
+            .below(self.totals.len())
+            .filter(|&j| j.get() != self.view.own)
+            .map(|j| self.of(j.index()))
             .sum()
     }
 
@@ -209,19 +217,21 @@ impl<'a> Shares<'a> {
     }
 }
 
-/// Slots set in `mask`, below `width`.
-fn members(mask: u64, width: usize) -> impl Iterator<Item = usize> {
-    (0..width.min(MAX_NODES)).filter(move |&j| mask & (1 << j) != 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn set(mask: u64) -> PeerSet {
+        (0..64)
+            .filter(|j| mask & (1 << j) != 0)
+            .map(NodeSlot::new)
+            .collect()
+    }
+
     fn view(members: u64, reserve: u64) -> ShareView {
         ShareView {
-            members,
-            reserve,
+            members: set(members),
+            reserve: set(reserve),
             ..ShareView::alone(0)
         }
     }
@@ -284,8 +294,52 @@ mod tests {
     fn alone_there_is_nothing_to_reserve() {
         let v = ShareView::alone(3);
         let s = Shares::new(&v, 10, 100, &[0, 0, 0, 7]);
+        assert!(v.members.is_just(NodeSlot::new(3)));
         assert_eq!(s.reserved(), 0);
         // The limiter skips shares entirely when alone; the formula still holds.
         assert_eq!(s.own_cap(7), 5);
+    }
+
+    #[test]
+    fn peers_past_slot_63_are_reserved_like_any_other() {
+        let members = PeerSet::first(300);
+        let dead: PeerSet = [64u16, 299].into_iter().map(NodeSlot::new).collect();
+        let live = members.difference(&dead);
+        let strict = ShareView::for_cluster(
+            70,
+            members.clone(),
+            &live,
+            false,
+            SharePolicy::Strict,
+            20_000,
+            Nanos::from_millis(10),
+        );
+        assert_eq!(strict.node_count(), 300);
+        assert_eq!(strict.reserve.len(), 299);
+        assert!(!strict.reserve.contains(NodeSlot::new(70)));
+        let available = ShareView::for_cluster(
+            70,
+            members,
+            &live,
+            false,
+            SharePolicy::Available,
+            20_000,
+            Nanos::from_millis(10),
+        );
+        assert_eq!(available.reserve.len(), 297, "neither itself nor the dead");
+        // Budget 300 over 300 nodes, limit 3000: q = 300·(300p + 3000)/1.8M.
+        let mut totals = vec![0u64; 300];
+        totals[299] = 6000;
+        let s = Shares::new(&strict, 300, 3000, &totals);
+        assert_eq!(s.of(0), 1);
+        assert_eq!(s.of(299), 300 * (300 * 6000 + 3000) / (2 * 300 * 3000));
+        assert_eq!(s.reserved(), 298 + s.of(299));
+        let a = Shares::new(&available, 300, 3000, &totals);
+        assert_eq!(a.reserved(), 297, "slot 299 is dead, not reserved");
+        // A window narrower than the view reserves only the slots it has.
+        assert_eq!(
+            Shares::new(&strict, 300, 3000, &totals[..100]).reserved(),
+            99
+        );
     }
 }

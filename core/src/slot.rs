@@ -9,6 +9,10 @@
 
 use std::fmt;
 
+/// How many distinct node slots there are: one per `u16`, so a cluster,
+/// and a counter, has at most 65,536 slots.
+pub const SLOT_SPACE: usize = 1 << 16;
+
 /// The index of a node's slot inside every counter of the cluster.
 ///
 /// Slots are dense small integers assigned by membership, not node ids, so
@@ -41,15 +45,6 @@ impl NodeSlot {
     /// The slot number as the wire and the certificates carry it.
     pub const fn get(self) -> u16 {
         self.0
-    }
-    /// This slot's bit in a 64-bit slot mask; zero for slots past 63, which
-    /// no mask can name.
-    pub const fn bit(self) -> u64 {
-        if self.0 < 64 {
-            1 << self.0
-        } else {
-            0
-        }
     }
 }
 

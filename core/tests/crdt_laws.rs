@@ -614,14 +614,15 @@ fn bucket_window_full_state_exchange_is_symmetric() {
 
 /// The key table stores a window as sparse cells in size-class arenas; it
 /// must read exactly as the owned window fed the same deltas, whatever
-/// their order and duplicates, with values that need wide cells and keys
-/// that grow through several classes on the way.
-fn table_deltas() -> impl Strategy<Value = Vec<(u64, u16, u32, u32)>> {
+/// their order and duplicates, with values that need wide cells, slots past
+/// 63 that need extended cells, and keys that grow through several classes
+/// on the way.
+fn table_deltas(slot: BoxedStrategy<u16>) -> impl Strategy<Value = Vec<(u64, u16, u32, u32)>> {
     // (bucket back from the newest, slot, p, n): p spans narrow and wide.
     prop::collection::vec(
         (
             0u64..BUCKETS as u64,
-            0u16..8,
+            slot,
             prop_oneof![1u32..100, 100_000u32..300_000, Just(u32::MAX)],
             0u32..3,
         ),
@@ -629,41 +630,65 @@ fn table_deltas() -> impl Strategy<Value = Vec<(u64, u16, u32, u32)>> {
     )
 }
 
+/// Slots either side of every cell form's edge: compact (below 64) and
+/// extended (64 up to `u16::MAX`).
+fn wide_slot() -> BoxedStrategy<u16> {
+    prop::sample::select(vec![0u16, 1, 63, 64, 255, 1000, 65534, 65535]).boxed()
+}
+
+/// Feeds `deltas` (each once, then the repeats in `order`) to a key table
+/// of `width` slots and to the owned window; both must read the same.
+fn table_reads_as_the_window(
+    width: usize,
+    deltas: &[(u64, u16, u32, u32)],
+    order: &[prop::sample::Index],
+) -> Result<(), TestCaseError> {
+    use drl_core::limiter::KeyTable;
+    use drl_core::window::Ring;
+    let s = spec();
+    let now = T0 + Nanos::from_millis(G_MS * BUCKETS as u64 - 1);
+    let newest = s.epoch(now);
+    let mut oracle = BucketWindow::new(s, width);
+    let table: KeyTable = KeyTable::new(s, width, 4).unwrap();
+    let feed = (0..deltas.len()).chain(order.iter().map(|i| i.index(deltas.len())));
+    for i in feed {
+        let (back, slot, p, n) = deltas[i];
+        let value = PnSlot { p, n };
+        let epoch = newest - back;
+        let mut e = table.get_or_insert(drl_core::key::KeyDigest(7), now);
+        let got = Ring::merge(&mut e, &s, now, 1, epoch, NodeSlot::new(slot), value);
+        let want = oracle.merge(now, 1, epoch, NodeSlot::new(slot), value);
+        prop_assert_eq!(got, want);
+    }
+    let e = table.get(drl_core::key::KeyDigest(7)).unwrap();
+    let mut out = vec![0; BUCKETS];
+    Ring::read(&e, &s, now, &mut out);
+    prop_assert_eq!(out, read(&oracle, now));
+    let mut shares = vec![0u64; width];
+    let mut want_shares = vec![0u64; width];
+    Ring::slot_hits(&e, &s, now, &mut shares);
+    Ring::slot_hits(&oracle, &s, now, &mut want_shares);
+    prop_assert_eq!(shares, want_shares);
+    prop_assert_eq!(table.len(), 1);
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(config(256))]
 
     #[test]
     fn key_table_reads_as_the_owned_window_under_reordered_duplicated_deltas(
-        deltas in table_deltas(),
+        deltas in table_deltas((0u16..8).boxed()),
         order in prop::collection::vec(any::<prop::sample::Index>(), 1..240),
     ) {
-        use drl_core::window::Ring;
-        use drl_core::limiter::KeyTable;
-        let s = spec();
-        let now = T0 + Nanos::from_millis(G_MS * BUCKETS as u64 - 1);
-        let newest = s.epoch(now);
-        let mut oracle = BucketWindow::new(s, 8);
-        let table: KeyTable = KeyTable::new(s, 8, 4).unwrap();
-        // Every delta once, then a random sequence of repeats.
-        let feed = (0..deltas.len()).chain(order.iter().map(|i| i.index(deltas.len())));
-        for i in feed {
-            let (back, slot, p, n) = deltas[i];
-            let value = PnSlot { p, n };
-            let epoch = newest - back;
-            let mut e = table.get_or_insert(drl_core::key::KeyDigest(7), now);
-            let got = Ring::merge(&mut e, &s, now, 1, epoch, NodeSlot::new(slot), value);
-            let want = oracle.merge(now, 1, epoch, NodeSlot::new(slot), value);
-            prop_assert_eq!(got, want);
-        }
-        let e = table.get(drl_core::key::KeyDigest(7)).unwrap();
-        let mut out = vec![0; BUCKETS];
-        Ring::read(&e, &s, now, &mut out);
-        prop_assert_eq!(out, read(&oracle, now));
-        let mut shares = vec![0u64; 8];
-        let mut want_shares = vec![0u64; 8];
-        Ring::slot_hits(&e, &s, now, &mut shares);
-        Ring::slot_hits(&oracle, &s, now, &mut want_shares);
-        prop_assert_eq!(shares, want_shares);
-        prop_assert_eq!(table.len(), 1);
+        table_reads_as_the_window(8, &deltas, &order)?;
+    }
+
+    #[test]
+    fn key_table_reads_as_the_owned_window_with_slots_up_to_the_last(
+        deltas in table_deltas(wide_slot()),
+        order in prop::collection::vec(any::<prop::sample::Index>(), 1..240),
+    ) {
+        table_reads_as_the_window(65_536, &deltas, &order)?;
     }
 }

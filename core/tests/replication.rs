@@ -80,6 +80,31 @@ fn one_key_through_three_nodes_stays_within_the_limit_and_near_it() {
 }
 
 #[test]
+fn a_cluster_past_64_nodes_reserves_and_confirms_with_every_slot() {
+    // 70 nodes: slots 64 to 69 are in every peer set and take extended
+    // cells. Every peer is reserved at least one hit (69 in all), so past
+    // 31 hits of the limit of 100 every admission is confirmed with every
+    // peer, those past slot 63 included.
+    let mut c = MemCluster::new(ClusterSpec::new(70, &rules(100, "1h"), 13)).unwrap();
+    let nodes = [0, 63, 64, 69];
+    let admitted = hammer(&mut c, &nodes, "u", 200, Nanos::from_millis(1));
+    c.advance(Nanos::from_millis(100));
+    assert_eq!(admitted, 100, "sequential demand of twice the limit");
+    for n in [0, 1, 63, 64, 65, 69] {
+        assert_eq!(counted(&c, n, "u"), admitted, "node {n} converged");
+    }
+    // Each of the four nodes' slots reads back on a node past slot 63.
+    let table = c.limiter(66).table(0).unwrap();
+    let now = c.limiter(66).clock().as_ref().now_value();
+    let mut per_slot = vec![0u64; 70];
+    table.for_each(|e| drl_core::window::Ring::slot_hits(e, &e.spec(), now, &mut per_slot));
+    assert_eq!(per_slot.iter().sum::<u64>(), 100);
+    for n in nodes {
+        assert!(per_slot[n] > 0, "slot {n} counted: {per_slot:?}");
+    }
+}
+
+#[test]
 fn lost_duplicated_and_reordered_frames_do_not_change_the_converged_counts() {
     let mut spec = ClusterSpec::new(3, &rules(100_000, "1h"), 11);
     spec.sync_interval = Nanos::from_millis(5);

@@ -40,6 +40,10 @@ enum Command {
         /// The shrunken version CI runs.
         #[arg(long)]
         quick: bool,
+        /// Run on this many nodes instead (scenarios without faults and
+        /// with an even split); the results are named `<scenario>-n<N>`.
+        #[arg(long)]
+        nodes: Option<usize>,
     },
     /// Runs a limit-size matrix (`matrices/<name>.toml`) and writes its
     /// table and JSON.
@@ -92,9 +96,18 @@ fn real_main() -> Result<ExitCode, String> {
             scenario,
             seed,
             quick,
+            nodes,
         } => {
             let s = simulations::find(&scenarios, &scenario)?;
             let s = if quick { s.quick()? } else { s };
+            let s = match nodes {
+                Some(n) => {
+                    let mut s = s.with_nodes(n)?;
+                    s.name = format!("{}-n{n}", s.name);
+                    s
+                }
+                None => s,
+            };
             println!(
                 "scenario {} seed {seed}{}",
                 s.name,

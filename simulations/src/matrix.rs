@@ -119,8 +119,9 @@ impl Matrix {
         if m.limits.is_empty() || m.nodes.is_empty() || m.spreads.is_empty() {
             return Err(format!("{}: limits, nodes and spreads", path.display()));
         }
-        if m.limits.contains(&0) || m.nodes.iter().any(|&n| n == 0 || n > 64) {
-            return Err(format!("{}: limits ≥ 1, 1 to 64 nodes", path.display()));
+        let most = drl_core::slot::SLOT_SPACE;
+        if m.limits.contains(&0) || m.nodes.iter().any(|&n| n == 0 || n > most) {
+            return Err(format!("{}: limits ≥ 1, 1 to {most} nodes", path.display()));
         }
         Ok(m)
     }

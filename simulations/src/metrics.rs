@@ -388,6 +388,19 @@ fn cluster_figures(s: &Scenario, out: &RunOutput, f: &mut Figures) {
     f.insert("failovers".into(), out.failovers as f64);
     f.insert("bytes_on_wire".into(), out.bytes_on_wire as f64);
     f.insert("frames_on_wire".into(), out.frames_on_wire as f64);
+    // Gossip cost: what one node sends per sync interval, on average (every
+    // frame counted once per copy put on the wire, claims and their answers
+    // included).
+    let node_syncs =
+        s.nodes as f64 * (s.duration.as_u64() as f64 / s.sync_interval.as_u64() as f64);
+    f.insert(
+        "bytes_per_node_per_sync".into(),
+        out.bytes_on_wire as f64 / node_syncs.max(1.0),
+    );
+    f.insert(
+        "frames_per_node_per_sync".into(),
+        out.frames_on_wire as f64 / node_syncs.max(1.0),
+    );
     f.insert("changed_key_rounds".into(), out.values_sent as f64);
     f.insert("full_syncs".into(), out.full_syncs as f64);
     f.insert("retransmissions".into(), out.retransmissions as f64);

@@ -459,11 +459,11 @@ impl Scenario {
 
     pub fn from_toml(text: &str) -> Result<Scenario, String> {
         let f: ScenarioFile = toml::from_str(text).map_err(|e| e.to_string())?;
-        if f.nodes == 0 || f.nodes > drl_core::share::MAX_NODES {
+        if f.nodes == 0 || f.nodes > drl_core::slot::SLOT_SPACE {
             return Err(format!(
                 "nodes = {}: between 1 and {}",
                 f.nodes,
-                drl_core::share::MAX_NODES
+                drl_core::slot::SLOT_SPACE
             ));
         }
         let policy = match (f.policy.as_str(), f.bounded_fraction) {
@@ -586,22 +586,37 @@ impl Scenario {
             if n == 0 || n > s.nodes {
                 return Err(format!("quick.nodes = {n}: between 1 and {}", s.nodes));
             }
-            s.nodes = n;
-            for g in &mut s.traffic {
-                if g.split.len() != n {
-                    let uniform = g.split.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-12);
-                    if !uniform {
-                        return Err("quick.nodes needs a uniform traffic split".into());
-                    }
-                    g.split = vec![1.0 / n as f64; n];
+            s = s.with_nodes(n).map_err(|e| format!("quick.nodes: {e}"))?;
+        }
+        Ok(s)
+    }
+
+    /// The same scenario on `n` nodes (traffic spread evenly over them):
+    /// for scenarios without faults and with an even split, such as the
+    /// scale measurements (`run <scenario> --nodes N`).
+    pub fn with_nodes(&self, n: usize) -> Result<Scenario, String> {
+        if n == 0 || n > drl_core::slot::SLOT_SPACE {
+            return Err(format!(
+                "nodes = {n}: between 1 and {}",
+                drl_core::slot::SLOT_SPACE
+            ));
+        }
+        let mut s = self.clone();
+        s.nodes = n;
+        for g in &mut s.traffic {
+            if g.split.len() != n {
+                let uniform = g.split.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-12);
+                if !uniform {
+                    return Err("a new node count needs a uniform traffic split".into());
                 }
-                if g.bursts.iter().any(|b| b.node.is_some_and(|x| x >= n)) {
-                    return Err("quick.nodes leaves a burst without its node".into());
-                }
+                g.split = vec![1.0 / n as f64; n];
             }
-            if !s.faults.is_empty() {
-                return Err("quick.nodes is for scenarios without faults".into());
+            if g.bursts.iter().any(|b| b.node.is_some_and(|x| x >= n)) {
+                return Err("the new node count leaves a burst without its node".into());
             }
+        }
+        if !s.faults.is_empty() {
+            return Err("a new node count is for scenarios without faults".into());
         }
         Ok(s)
     }
@@ -841,5 +856,35 @@ mod tests {
         assert!(Scenario::from_toml(&bad).is_err());
         let bad = BASE.replace("keys = 2", "keys = 2\nrate = 5");
         assert!(Scenario::from_toml(&bad).unwrap_err().contains("not both"));
+    }
+
+    #[test]
+    fn any_node_count_is_accepted_and_a_scenario_can_be_resized() {
+        let one = r#"
+name = "n"
+description = "d"
+nodes = 300
+duration = "1s"
+rules = '''
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+limits = [ { algorithm = "sliding_window", limit = 10, window = "1s" } ]
+'''
+
+[[traffic]]
+name = "user"
+keys = 2
+rate = 10
+"#;
+        let s = Scenario::from_toml(one).unwrap();
+        assert_eq!(s.nodes, 300);
+        let n = s.with_nodes(1000).unwrap();
+        assert_eq!(n.nodes, 1000);
+        assert_eq!(n.traffic[0].split.len(), 1000);
+        assert!(s.with_nodes(0).is_err());
+        assert!(s.with_nodes(65_537).is_err());
+        // A scenario with faults keeps its node count.
+        assert!(Scenario::from_toml(BASE).unwrap().with_nodes(8).is_err());
     }
 }

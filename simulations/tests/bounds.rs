@@ -67,6 +67,8 @@ scenario_tests! {
     flash_crowd => "flash-crowd",
     flash_crowd_precise => "flash-crowd-precise",
     scale => "scale",
+    scale_256 => "scale-256",
+    gossip_256 => "gossip-256",
     token_bucket => "token-bucket",
     lossy_network => "lossy-network",
     zipf_3 => "zipf-3",

@@ -28,8 +28,9 @@ use super::transport::{
     UNKNOWN_HANDSHAKE_TIMEOUT,
 };
 
-/// Most peer addresses remembered (a cluster has at most 64 nodes; this
-/// leaves room for address changes without growing without bound).
+/// Most peer addresses remembered (four per node of a 256-node cluster:
+/// room for address changes without growing without bound; past 1,024
+/// addresses, new ones are not remembered).
 const MAX_KNOWN_ADDRS: usize = 1024;
 
 /// A connection that lived this long resets the backoff.

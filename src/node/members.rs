@@ -19,7 +19,7 @@ use super::config::NodeSettings;
 /// node with any slot can join without the others restarting. Keys store
 /// only the slots that counted something, and nothing on the decision path
 /// grows with this number.
-pub(super) const SLOT_CAPACITY: usize = drl_core::share::MAX_NODES;
+pub(super) const SLOT_CAPACITY: usize = drl_core::slot::SLOT_SPACE;
 
 /// The members kept in `path`, less `own`; empty when there is no file.
 pub(super) fn load(path: &Path, own: NodeSlot) -> BTreeSet<NodeSlot> {

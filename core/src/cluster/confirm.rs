@@ -87,14 +87,14 @@ impl Confirmations {
             let Some(mut pending) = self.waiting.remove(&ticket) else {
                 continue;
             };
-            match limiter.finish_or_yield_at(now, &mut pending, answered, true) {
+            match limiter.finish_or_yield_at(now, &mut pending, answered.as_ref(), true) {
                 Finished::Yield { blocking } => {
                     let deadline = pending.started + repl.config().claim_timeout;
                     repl.yield_to(
                         ticket.0,
                         pending.keys(),
                         blocking,
-                        answered.unwrap_or(0),
+                        answered.unwrap_or_default(),
                         deadline,
                     );
                     self.waiting.insert(ticket, pending);

@@ -19,8 +19,10 @@ use std::sync::Arc;
 
 use crate::algorithm::RateAlgorithm;
 use crate::key::{CounterKey, KeyDigest, LimitId};
+use crate::peer_set::PeerSet;
 use crate::rules::request::RequestLimit;
-use crate::share::{Shares, MAX_NODES};
+use crate::share::{Shares, SlotTotals};
+use crate::slot::NodeSlot;
 use crate::time::{Clock, Nanos};
 use crate::window::{Ring, SlotGrid, WindowCounts};
 
@@ -111,22 +113,22 @@ pub struct PendingHit {
 pub enum Finished {
     /// The request's final decision; if allowed, its hits stay counted.
     Decided(Decided),
-    /// Refused as things stand, but peers (bit per slot) hold claims on
+    /// Refused as things stand, but peers hold claims on
     /// the same keys that were counted later than this one and may still be
     /// undecided: their losers give their hits back at once, so decide
     /// again when a frame from one of them arrives (or refuse at the
     /// claim's deadline). The earlier claim wins a conflict, as a single
     /// node deciding in arrival order would.
     Yield {
-        /// A bit per peer slot whose claims this request waits on.
-        blocking: u64,
+        /// The peer slots whose claims this request waits on.
+        blocking: PeerSet,
     },
 }
 
 impl<C: Clock> Limiter<C> {
     /// Decides a request that `Limiter::begin_at` counted provisionally,
     /// once the peers have answered: `answered` is the set of peer slots
-    /// (bit per slot) whose answers carried their own counts of the keys,
+    /// whose answers carried their own counts of the keys,
     /// or `None` when they did not all answer in time. Peers the view
     /// reserves for that did not answer (declared dead, under `strict`) are
     /// counted at their in-flight share. Admitted hits stay counted; refused
@@ -146,7 +148,7 @@ impl<C: Clock> Limiter<C> {
         &self,
         now: Nanos,
         pending: &mut Pending,
-        answered: Option<u64>,
+        answered: Option<&PeerSet>,
         may_yield: bool,
     ) -> Finished {
         let Some(answered) = answered else {
@@ -221,20 +223,21 @@ impl<C: Clock> Limiter<C> {
                 let nets = counts.get(spec.buckets());
                 nets.copy_from_slice(&reads);
                 if let Some(view) = view.as_deref() {
-                    let silent = view.reserve & !answered & !(1u64 << view.own);
-                    if silent != 0 {
-                        let mut totals = [0u64; MAX_NODES];
-                        let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
-                        Ring::slot_hits(&entry, &spec, at, totals);
+                    let mut silent = view.reserve.difference(answered);
+                    silent.remove(NodeSlot::new(view.own));
+                    if !silent.is_empty() {
+                        let mut totals =
+                            SlotTotals::from_elem(0, view.members.width().min(entry.slot_count()));
+                        Ring::slot_hits(&entry, &spec, at, &mut totals);
                         let quota = limit.algorithm.quota();
                         let shares = Shares::new(
                             view,
                             view.budget(quota, u64::from(MAX_INFLIGHT)),
                             quota,
-                            totals,
+                            &totals,
                         );
                         if let Some(last) = nets.last_mut() {
-                            *last += shares.reserved_for(silent);
+                            *last += shares.reserved_for(&silent);
                         }
                     }
                 }
@@ -282,7 +285,7 @@ impl<C: Clock> Limiter<C> {
         }
         if overall.outcome == Outcome::Denied && may_yield {
             let blocking = self.later_claims(now, pending);
-            if blocking != 0 {
+            if !blocking.is_empty() {
                 return Finished::Yield { blocking };
             }
         }
@@ -316,20 +319,20 @@ impl<C: Clock> Limiter<C> {
         }
     }
 
-    /// Peers (bit per slot) holding claims on `pending`'s keys that were
-    /// counted after it (ties by slot) and may still be undecided.
-    fn later_claims(&self, now: Nanos, pending: &Pending) -> u64 {
+    /// Peers holding claims on `pending`'s keys that were counted after it
+    /// (ties by slot) and may still be undecided.
+    fn later_claims(&self, now: Nanos, pending: &Pending) -> PeerSet {
         let Some(c) = &self.cluster else {
-            return 0;
+            return PeerSet::new();
         };
         let own = self.config.own_slot.index() as u16;
         let mine = (pending.started, own);
-        let mut blocking = 0u64;
+        let mut blocking = PeerSet::new();
         for hit in &pending.hits {
             if let Some(hold) = c.confirming.get(&CounterKey::new(hit.limit, hit.key)) {
                 for &(slot, started, until) in &hold.claims {
-                    if until > now && (started, slot) > mine && usize::from(slot) < MAX_NODES {
-                        blocking |= 1 << slot;
+                    if until > now && (started, slot) > mine {
+                        blocking.insert(NodeSlot::new(slot));
                     }
                 }
             }

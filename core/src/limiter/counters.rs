@@ -86,7 +86,11 @@ impl<C: Clock> Limiter<C> {
             let mut slots = Vec::new();
             if let Some(entry) = table.get(m.key) {
                 Ring::read(&entry, &spec, now, &mut nets);
-                let mut per_slot = vec![0i64; entry.slot_count()];
+                // As wide as the highest slot the key holds, not the
+                // table's slot space (65,536 on a node).
+                let mut width = 0;
+                entry.for_each_value(&mut |_, slot, _| width = width.max(slot + 1));
+                let mut per_slot = vec![0i64; width];
                 Ring::slot_nets(&entry, &spec, now, &mut per_slot);
                 slots = per_slot
                     .into_iter()

@@ -7,7 +7,7 @@
 use super::evaluate::CountsBuf;
 use super::table::{Entry, MAX_INFLIGHT};
 use crate::algorithm::{Algorithm, RateAlgorithm, Summary, Verdict};
-use crate::share::{ShareView, Shares, MAX_NODES};
+use crate::share::{ShareView, Shares, SlotTotals};
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
 use crate::window::{Ring, SlotGrid, WindowCounts};
@@ -121,7 +121,7 @@ pub(super) fn decide_shared(
         confirm: false,
         capped: false,
     };
-    if view.members == 1 << view.own || cost == 0 {
+    if view.members.is_just(NodeSlot::new(view.own)) || cost == 0 {
         // Alone: nobody to reserve for, nobody to wait for. A status query
         // (cost 0) counts nothing.
         return done(plain);
@@ -156,14 +156,13 @@ pub(super) fn decide_shared(
         return near(false);
     }
     let quota = algorithm.quota();
-    let mut totals = [0u64; MAX_NODES];
-    let totals = &mut totals[..entry.slot_count().min(MAX_NODES)];
-    Ring::slot_hits(entry, &spec, now, totals);
+    let mut totals = SlotTotals::from_elem(0, view.members.width().min(entry.slot_count()));
+    Ring::slot_hits(entry, &spec, now, &mut totals);
     let shares = Shares::new(
         view,
         view.budget(quota, u64::from(MAX_INFLIGHT)),
         quota,
-        totals,
+        &totals,
     );
     let reserved = shares.reserved();
     let fits = match nets.last_mut() {

@@ -31,8 +31,8 @@ use crate::descriptor::{self, DescriptorError, Descriptors};
 use crate::key::{CounterKey, KeyHasher, KeySeed, LimitId};
 use crate::rules::request::{RequestLimitError, RequestLimitPolicy};
 use crate::rules::{RuleSet, UnknownEndpoint};
-use crate::share::{ShareView, MAX_NODES};
-use crate::slot::NodeSlot;
+use crate::share::ShareView;
+use crate::slot::{NodeSlot, SLOT_SPACE};
 use crate::time::{Clock, Nanos};
 use crate::window::Ring;
 
@@ -50,7 +50,8 @@ pub use table::{Entry, KeyTable, MemoryBudget, TableError, TableStats, MAX_INFLI
 pub struct LimiterConfig {
     /// This node's slot in every counter.
     pub own_slot: NodeSlot,
-    /// Slots per counter: the most nodes the cluster may have.
+    /// Slots per counter: the most nodes the cluster may have, up to
+    /// 65,536 ([`SLOT_SPACE`]).
     pub slots: usize,
     /// Most keys tracked per limit; beyond it the least recently used go.
     pub max_keys: usize,
@@ -116,8 +117,9 @@ pub enum SetupError {
         /// Why its table could not be built.
         source: TableError,
     },
-    #[error("a cluster has at most {MAX_NODES} slots, got {0}")]
-    /// More slots than [`MAX_NODES`].
+    #[error("a cluster has at most {SLOT_SPACE} slots (one per node slot number), got {0}")]
+    /// More slots than there are node slot numbers ([`SLOT_SPACE`],
+    /// 65,536).
     TooManySlots(usize),
 }
 
@@ -228,7 +230,9 @@ impl<C: Clock> Limiter<C> {
     /// replicator, and nothing is admitted until [`Limiter::set_admitting`]
     /// says the node has recovered its counts.
     pub fn clustered(mut self, view: ShareView) -> Result<Self, SetupError> {
-        if self.config.slots > MAX_NODES {
+        // Any cluster size the slot numbers can name: peer sets and the
+        // key table's cells hold every slot up to `u16::MAX`.
+        if self.config.slots > SLOT_SPACE {
             return Err(SetupError::TooManySlots(self.config.slots));
         }
         self.cluster = Some(ClusterHooks {

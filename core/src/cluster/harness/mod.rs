@@ -33,6 +33,7 @@ use crate::cluster::node_core::{CoreConfig, NodeCore, RulesVersion, DEFAULT_FORG
 use crate::cluster::replication::{ReplicationConfig, Replicator, SilencePolicy};
 use crate::descriptor::Descriptors;
 use crate::limiter::{Begun, Check, CheckError, Decision, Limiter, LimiterConfig, Outcome};
+use crate::peer_set::PeerSet;
 use crate::rules::RuleSet;
 use crate::share::{SharePolicy, ShareView};
 use crate::slot::NodeSlot;
@@ -310,13 +311,13 @@ impl MemCluster {
     }
 
     fn view(&self, own: NodeSlot, dead: &BTreeSet<NodeSlot>) -> ShareView {
-        let members = (0..self.spec.nodes).fold(0u64, |m, s| m | slot(s).bit());
-        let live = members & !dead.iter().fold(0u64, |m, &s| m | s.bit());
-        let minority = (live.count_ones() as usize) * 2 <= self.spec.nodes && self.spec.nodes > 1;
+        let members = PeerSet::first(self.spec.nodes);
+        let live = members.difference(&dead.iter().copied().collect());
+        let minority = live.len() * 2 <= self.spec.nodes && self.spec.nodes > 1;
         ShareView::for_cluster(
             own.get(),
             members,
-            live,
+            &live,
             minority,
             self.spec.policy,
             self.spec.inflight_ppm,

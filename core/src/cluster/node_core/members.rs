@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 
 use super::{CoreConfig, CoreEvent, NodeCore};
 use crate::cluster::membership::MemberEvent;
+use crate::peer_set::PeerSet;
 use crate::share::ShareView;
 use crate::slot::NodeSlot;
 use crate::time::{Clock, Nanos};
@@ -45,14 +46,14 @@ impl Down {
 pub fn members_view(
     cfg: &CoreConfig,
     others: &BTreeSet<NodeSlot>,
-    live: u64,
+    live: &PeerSet,
     minority: bool,
 ) -> ShareView {
-    let members = others.iter().fold(cfg.slot.bit(), |m, s| m | s.bit());
+    let members: PeerSet = others.iter().copied().collect();
     ShareView::for_cluster(
         cfg.slot.get(),
         members,
-        live & members,
+        live,
         minority,
         cfg.policy,
         cfg.inflight_ppm,

@@ -43,6 +43,7 @@ use crate::cluster::resets::{ResetDone, Resets};
 use crate::cluster::rules_register::{RegisterConfig, RulesRegister};
 use crate::key::CounterKey;
 use crate::limiter::{Limiter, Pending};
+use crate::peer_set::PeerSet;
 use crate::share::{SharePolicy, ShareView};
 use crate::slot::NodeSlot;
 use crate::time::{Clock, Nanos};
@@ -225,7 +226,7 @@ impl<C: Clock> NodeCore<C> {
         members_view(
             &self.cfg,
             &self.members,
-            self.live_mask(),
+            &self.live_mask(),
             self.repl.in_minority(),
         )
         .confirming_all(self.repl.confirm_all(self.now))
@@ -236,8 +237,8 @@ impl<C: Clock> NodeCore<C> {
         &self.members
     }
 
-    fn live_mask(&self) -> u64 {
-        self.live.iter().fold(0u64, |m, &s| m | s.bit())
+    fn live_mask(&self) -> PeerSet {
+        self.live.iter().copied().collect()
     }
 
     /// The replication state machine, for stats and tests.

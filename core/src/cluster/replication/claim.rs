@@ -8,20 +8,21 @@ use std::collections::BTreeSet;
 use super::{ReplicaStore, Replicator};
 use crate::cluster::store::CounterKey;
 use crate::key::{KeyDigest, LimitId};
+use crate::peer_set::PeerSet;
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
 use crate::wire::{Frame, Slots};
 
 /// How a claim ended, for the caller to decide the request it holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClaimEvent {
-    /// Every peer waited for answered; `answered` has a bit per peer slot
+    /// Every peer waited for answered; `answered` holds the peer slots
     /// whose own counts of the keys are now merged.
     Answered {
         /// The ticket [`Replicator::claim`](super::Replicator::claim) returned.
         ticket: u64,
-        /// A bit per peer slot that answered.
-        answered: u64,
+        /// The peer slots that answered.
+        answered: PeerSet,
     },
     /// Not every peer answered within the claim timeout.
     Expired {
@@ -33,10 +34,10 @@ pub enum ClaimEvent {
 /// An answered claim waiting for the outcome of later conflicting claims.
 pub(super) struct Yielding {
     pub(super) keys: Vec<CounterKey>,
-    /// Peers whose later claims it waits on, bit per slot.
-    pub(super) blocking: u64,
-    /// Who answered the claim, bit per slot.
-    pub(super) answered: u64,
+    /// Peers whose later claims it waits on.
+    pub(super) blocking: PeerSet,
+    /// Who answered the claim.
+    pub(super) answered: PeerSet,
     pub(super) deadline: Nanos,
 }
 
@@ -47,7 +48,7 @@ pub(super) struct OpenClaim {
     pub(super) started: Nanos,
     pub(super) keys: Vec<CounterKey>,
     pub(super) waiting: BTreeSet<NodeSlot>,
-    pub(super) answered: u64,
+    pub(super) answered: PeerSet,
     pub(super) deadline: Nanos,
     pub(super) resend_at: Nanos,
     /// When the claim left.
@@ -74,15 +75,15 @@ pub(super) fn carried_keys(s: &Slots) -> Vec<CounterKey> {
 
 impl Replicator {
     /// An answered claim that the limiter refused only because of peers'
-    /// later claims (`blocking`, bit per slot) that may still be undecided:
+    /// later claims (from the peers in `blocking`) that may still be undecided:
     /// decide it again ([`ClaimEvent::Answered`] once more) as soon as a
     /// frame from one of them arrives, or refuse it at `deadline`.
     pub fn yield_to(
         &mut self,
         ticket: u64,
         keys: Vec<CounterKey>,
-        blocking: u64,
-        answered: u64,
+        blocking: PeerSet,
+        answered: PeerSet,
         deadline: Nanos,
     ) {
         self.yielding.insert(
@@ -99,17 +100,17 @@ impl Replicator {
     /// Values from `slot` arrived (for `keys`, or for anything when `None`):
     /// yielding claims blocked by it on those keys decide again.
     pub(super) fn heard_from(&mut self, slot: NodeSlot, keys: Option<&[CounterKey]>) {
-        if self.yielding.is_empty() || slot.bit() == 0 {
+        if self.yielding.is_empty() {
             return;
         }
-        let again: Vec<(u64, u64)> = self
+        let again: Vec<(u64, PeerSet)> = self
             .yielding
             .iter()
             .filter(|(_, y)| {
-                y.blocking & slot.bit() != 0
+                y.blocking.contains(slot)
                     && keys.is_none_or(|ks| ks.iter().any(|k| y.keys.contains(k)))
             })
-            .map(|(&t, y)| (t, y.answered))
+            .map(|(&t, y)| (t, y.answered.clone()))
             .collect();
         for (ticket, answered) in again {
             self.yielding.remove(&ticket);
@@ -146,7 +147,7 @@ impl Replicator {
         if waiting.is_empty() {
             self.claim_events.push_back(ClaimEvent::Answered {
                 ticket,
-                answered: 0,
+                answered: PeerSet::new(),
             });
             return ticket;
         }
@@ -154,7 +155,7 @@ impl Replicator {
             started,
             keys,
             waiting,
-            answered: 0,
+            answered: PeerSet::new(),
             deadline: now + self.cfg.claim_timeout,
             resend_at: now + self.cfg.claim_resend,
             sent: now,
@@ -216,7 +217,7 @@ impl Replicator {
             store.hold_keys(now, &claim.keys, Some((from, Nanos::new(s.sent_at))));
         }
         if claim.waiting.remove(&from) {
-            claim.answered |= from.bit();
+            claim.answered.insert(from);
         }
         self.resolve_claim(s.round);
     }

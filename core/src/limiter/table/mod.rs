@@ -45,7 +45,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::algorithm::Summary;
 use crate::key::KeyDigest;
-use crate::slot::{NodeSlot, PnSlot};
+use crate::slot::{NodeSlot, PnSlot, SLOT_SPACE};
 use crate::time::Nanos;
 use crate::window::{unpack_epoch, Ring, SlotGrid, WindowSpec, MAX_BUCKETS};
 
@@ -162,6 +162,9 @@ pub enum TableError {
     #[error("a cluster needs at least one node slot")]
     /// Zero slots per window.
     ZeroSlots,
+    #[error("a window has at most {} node slots, one per slot number", SLOT_SPACE)]
+    /// More slots than there are slot numbers.
+    TooManySlots,
 }
 
 impl<I: KeyIndex> KeyTable<I> {
@@ -176,6 +179,9 @@ impl<I: KeyIndex> KeyTable<I> {
         }
         if slots == 0 {
             return Err(TableError::ZeroSlots);
+        }
+        if slots > SLOT_SPACE {
+            return Err(TableError::TooManySlots);
         }
         let worst = cells::worst_words(spec.buckets(), slots) + HEADER_WORDS;
         let mut classes = Vec::new();

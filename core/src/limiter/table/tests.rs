@@ -24,7 +24,7 @@ fn hits(t: &KeyTable, key: u64, now: Nanos) -> u64 {
 
 #[test]
 fn a_new_key_is_one_cache_line_whatever_the_cluster_size() {
-    for slots in [1, 3, 50, 64] {
+    for slots in [1, 3, 50, 64, 65, 256, 1001, 65_536] {
         let t: KeyTable = KeyTable::new(
             WindowSpec::new(Nanos::from_secs(60), 61).unwrap(),
             slots,
@@ -34,8 +34,10 @@ fn a_new_key_is_one_cache_line_whatever_the_cluster_size() {
         let now = Nanos::from_secs(1_000_000);
         let mut e = t.get_or_insert(KeyDigest(7), now);
         let spec = e.spec();
-        Ring::add(&mut e, &spec, now, NodeSlot::new(slots as u16 - 1), 3);
-        assert_eq!(e.footprint(), (1, 64), "{slots} slots");
+        Ring::add(&mut e, &spec, now, NodeSlot::new((slots - 1) as u16), 3);
+        // Slot 63 and below: one word; from 64 on, an extended cell of two.
+        let words = if slots <= 64 { 1 } else { 2 };
+        assert_eq!(e.footprint(), (words, 64), "{slots} slots");
         let mut out = [0u64; 61];
         Ring::read(&e, &spec, now, &mut out);
         assert_eq!(out.iter().sum::<u64>(), 3);
@@ -391,4 +393,61 @@ fn bad_sizes_are_refused() {
         KeyTable::<DashMapIndex>::new(spec, 0, 1).err(),
         Some(TableError::ZeroSlots)
     );
+    assert_eq!(
+        KeyTable::<DashMapIndex>::new(spec, 65_537, 1).err(),
+        Some(TableError::TooManySlots)
+    );
+    assert!(KeyTable::<DashMapIndex>::new(spec, 65_536, 1).is_ok());
+}
+
+/// Memory per key for a key every node touches in every bucket of a
+/// one-second sliding window of precision 10 (11 buckets): the worst case
+/// of a hot key, which DESIGN.md ("Past 64 nodes") reports. Slots below 64
+/// take a word per value, the others two; the entry is the smallest size
+/// class (a power of two of words) that holds the header and the cells.
+/// `cargo test -p drl-core --lib memory_of_a_key_every_node_touches -- --nocapture`
+/// prints the table.
+#[test]
+fn memory_of_a_key_every_node_touches() {
+    // 100 ms buckets, 11 of them: what `window = "1s", precision = 10` keeps.
+    let spec = WindowSpec::new(Nanos::from_millis(100), 11).unwrap();
+    let buckets = spec.buckets();
+    println!("nodes | cell words | entry bytes | bytes per key (with the index)");
+    for nodes in [3usize, 20, 64, 256] {
+        let t: KeyTable = KeyTable::new(spec, nodes, 4).unwrap();
+        let now = Nanos::from_secs(1_000);
+        let epoch = spec.epoch(now);
+        for back in (0..buckets as u64).rev() {
+            for slot in 0..nodes {
+                let mut e = t.get_or_insert(KeyDigest(1), now);
+                let value = PnSlot {
+                    p: 1 + slot as u32,
+                    n: 0,
+                };
+                Ring::merge(
+                    &mut e,
+                    &spec,
+                    now,
+                    1,
+                    epoch - back,
+                    NodeSlot::new(slot as u16),
+                    value,
+                );
+            }
+        }
+        let e = t.get(KeyDigest(1)).unwrap();
+        let (words, bytes) = e.footprint();
+        drop(e);
+        let want_words = buckets * (nodes.min(64) + 2 * nodes.saturating_sub(64));
+        assert_eq!(words, want_words, "{nodes} nodes");
+        let class = (HEADER_WORDS + want_words)
+            .next_power_of_two()
+            .max(CLASS0_WORDS);
+        assert_eq!(bytes, class * 4, "{nodes} nodes");
+        assert_eq!(t.bytes(), bytes + INDEX_BYTES_PER_KEY);
+        println!(
+            "{nodes:5} | {words:10} | {bytes:11} | {}",
+            bytes + INDEX_BYTES_PER_KEY
+        );
+    }
 }
