@@ -35,6 +35,7 @@ macro_rules! errln {
 }
 
 pub mod cluster;
+pub mod cluster_add;
 pub mod doctor;
 pub mod latency;
 pub mod load;

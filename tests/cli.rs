@@ -303,7 +303,8 @@ fn children_of(pid: u32) -> Vec<u32> {
 #[test]
 fn a_local_cluster_starts_serves_and_stops() {
     let dir = scratch("cluster");
-    let base = free_ports(2);
+    // Three of each: `drl cluster add` takes the next ports.
+    let base = free_ports(3);
     let mut cluster = Command::new(DRL)
         .args(["cluster", "--nodes", "2", "--dir"])
         .arg(&dir)
@@ -311,9 +312,9 @@ fn a_local_cluster_starts_serves_and_stops() {
             "--base-port",
             &base.to_string(),
             "--peer-base-port",
-            &free_ports(2).to_string(),
+            &free_ports(3).to_string(),
             "--grpc-base-port",
-            &free_ports(2).to_string(),
+            &free_ports(3).to_string(),
         ])
         .args(["--admin-token", "tok"])
         .env("RUST_LOG", "warn")
@@ -396,6 +397,84 @@ fn a_local_cluster_starts_serves_and_stops() {
     assert!(
         again.len() == 2 && again.contains(&nodes[0]) && !again.contains(&nodes[1]),
         "before {nodes:?}, after {again:?}"
+    );
+    // `drl cluster add` grows the running cluster by one node, and the
+    // cluster shrinks back when that node stops: no other node restarts.
+    let members = |port: u16| {
+        support::request(port, "GET", "/readyz", "")
+            .and_then(|(_, body)| body.split("\"members\":").nth(1).map(str::to_owned))
+            .and_then(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    let mut added = Command::new(DRL)
+        .args(["cluster", "add", "--dir"])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = added.stdout.take().unwrap();
+    let joined = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .find(|l| l.contains("node-2 joined the cluster"))
+    });
+    let start = Instant::now();
+    while http_get(base + 2, "/readyz") != Some(200)
+        || [base, base + 1, base + 2]
+            .iter()
+            .any(|&p| members(p) != Some(3))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node-2 did not join"
+        );
+        assert!(
+            added.try_wait().unwrap().is_none(),
+            "drl cluster add exited"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        joined.join().unwrap().is_some(),
+        "no line says node-2 joined"
+    );
+    assert!(dir.join("certs/node-2.pem").exists() && dir.join("node-2.toml").exists());
+    let o = drl(&[
+        "check",
+        "--node",
+        &format!("http://127.0.0.1:{}", base + 2),
+        "-f",
+        "user=carol",
+        "-f",
+        "endpoint=/v1/search",
+    ]);
+    assert!(stdout(&o).contains("1: 200 allowed"), "{o:?}");
+    assert!(Command::new("kill")
+        .args(["-TERM", &added.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    assert!(added.wait().unwrap().success());
+    let left = Instant::now();
+    while members(base) != Some(2) || members(base + 1) != Some(2) {
+        assert!(
+            left.elapsed() < Duration::from_secs(10),
+            "node-2 not forgotten"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        children_of(cluster.id()),
+        again,
+        "a node of the cluster restarted"
     );
     let stop = Instant::now();
     assert!(Command::new("kill")

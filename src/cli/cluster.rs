@@ -23,7 +23,11 @@ pub const EXAMPLE_RULES: &str = include_str!("../../deploy/rules.example.toml");
 
 /// `drl cluster`: how many nodes, where their files go, which ports.
 #[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ClusterArgs {
+    /// Something to do with a running local cluster instead of starting one.
+    #[command(subcommand)]
+    pub action: Option<ClusterAction>,
     /// How many nodes.
     #[arg(long, default_value_t = 3)]
     pub nodes: u16,
@@ -70,6 +74,16 @@ pub struct ClusterArgs {
     pub test_clock_uncorrected: bool,
 }
 
+/// What `drl cluster` can do to a local cluster that runs.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ClusterAction {
+    /// Add a node to the local cluster running in --dir, without restarting
+    /// the others: issues its certificate with the cluster's CA, writes its
+    /// config (every node a seed) and runs it here until Ctrl-C, when it
+    /// leaves the cluster cleanly.
+    Add(super::cluster_add::AddArgs),
+}
+
 /// `SLOT=MS`, e.g. `0=-250`.
 fn slot_offset(text: &str) -> Result<(u16, i64), String> {
     let (slot, ms) = text
@@ -94,8 +108,12 @@ fn random_hex(bytes: usize) -> Result<String, CliError> {
 }
 
 fn cluster_dir(args: &ClusterArgs) -> PathBuf {
-    args.dir
-        .clone()
+    cluster_dir_of(args.dir.as_ref())
+}
+
+/// `dir`, or `drl-cluster` in the system's temporary folder.
+pub(super) fn cluster_dir_of(dir: Option<&PathBuf>) -> PathBuf {
+    dir.cloned()
         .unwrap_or_else(|| std::env::temp_dir().join("drl-cluster"))
 }
 
@@ -187,7 +205,6 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
             "# Written by `drl cluster`; see deploy/node.example.toml for every field.\n\
              name = {name}\n\
              slot = {slot}\n\
-             cluster_size = {size}\n\
              listen_peer = \"127.0.0.1:{peer}\"\n\
              listen_http = {http}\n\
              grpc_listen = {grpc}\n\
@@ -205,7 +222,6 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
              http2 = {http2}\n{resp}{skew}",
             name = toml_string(&name),
             name_raw = name,
-            size = args.nodes,
             peer = peer_base + slot,
             http = toml_string(&http_addr),
             grpc = toml_string(&grpc_addr),
@@ -250,7 +266,7 @@ fn prepare(args: &ClusterArgs) -> Result<Plan, CliError> {
 
 /// A port's transport, for [`ports_taken`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proto {
+pub(super) enum Proto {
     Tcp,
     Udp,
 }
@@ -259,7 +275,7 @@ enum Proto {
 /// `"8400/tcp (HTTP (--base-port))"`. Checked before any child starts: a
 /// child that cannot bind would exit, while another program answering on
 /// its port could pass for it being ready.
-fn ports_taken(ports: &[(Proto, u16, &'static str)]) -> Vec<String> {
+pub(super) fn ports_taken(ports: &[(Proto, u16, &'static str)]) -> Vec<String> {
     ports
         .iter()
         .filter(|(proto, port, _)| {
@@ -307,7 +323,7 @@ fn relay_lines(name: String, from: impl Read + Send + 'static) {
     }
 }
 
-fn spawn(exe: &Path, config: &Path) -> Result<Child, CliError> {
+pub(super) fn spawn(exe: &Path, config: &Path) -> Result<Child, CliError> {
     let mut cmd = Command::new(exe);
     cmd.arg("node")
         .arg("--config")
@@ -353,7 +369,11 @@ fn terminate(child: &Child) {
     }
 }
 
-async fn wait_ready(url: &str, children: &mut [Child], timeout: Duration) -> Result<(), CliError> {
+pub(super) async fn wait_ready(
+    url: &str,
+    children: &mut [Child],
+    timeout: Duration,
+) -> Result<(), CliError> {
     let start = Instant::now();
     loop {
         for c in children.iter_mut() {
@@ -380,7 +400,7 @@ async fn wait_ready(url: &str, children: &mut [Child], timeout: Duration) -> Res
 }
 
 /// Stops every child with SIGTERM; kills those still running after `grace`.
-fn stop_all(children: &mut [Child], grace: Duration) {
+pub(super) fn stop_all(children: &mut [Child], grace: Duration) {
     for c in children.iter() {
         terminate(c);
     }
@@ -483,6 +503,9 @@ impl Supervisor {
 /// `drl node` per slot, waits until all are ready, then runs until a signal,
 /// starting again any node that exits on its own, and stops them all.
 pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
+    if let Some(ClusterAction::Add(add)) = &args.action {
+        return super::cluster_add::run_add(add);
+    }
     let plan = prepare(args)?;
     let exe = std::env::current_exe()?;
     let rt = runtime()?;
@@ -574,6 +597,10 @@ fn print_banner(args: &ClusterArgs, plan: &Plan) {
         plan.token
     );
     outln!("  curl -s {first}/metrics | grep drl_decisions");
+    outln!(
+        "\nmore nodes, while it runs: drl cluster add --dir {}",
+        cluster_dir(args).display()
+    );
     outln!("\nCtrl-C stops the cluster.");
 }
 
@@ -614,6 +641,7 @@ mod tests {
 
     fn args(dir: &Path, nodes: u16) -> ClusterArgs {
         ClusterArgs {
+            action: None,
             nodes,
             dir: Some(dir.to_path_buf()),
             base_port: 18_400,

@@ -78,7 +78,8 @@ pub fn waiting_reason(settings: &NodeSettings, status: &NodeStatus, ready: bool)
          recovery_timeout, starts a new cluster on its own"
             .to_owned()
     } else {
-        let majority = (members + 1) / 2 + 1;
+        // A majority of the cluster of members + 1 nodes.
+        let majority = members.div_ceil(2) + 1;
         format!(
             "waiting for its peers to send back this node's counts: it knows of {members} other \
              member{} and needs answers from all of them, or after recovery_timeout from a \

@@ -86,11 +86,20 @@ pub struct RestoreStats {
 /// Every non-zero slot value of every live key, as snapshot bytes.
 pub fn capture<C: Clock>(limiter: &Limiter<C>, now: Nanos) -> Vec<u8> {
     let mut out = Vec::new();
-    let slots = limiter.config().slots;
-    for slot in (0..slots)
-        .filter_map(|s| u16::try_from(s).ok())
-        .map(NodeSlot::new)
-    {
+    // The slots that hold something, in one pass: a node's counters span
+    // the whole slot space, and a pass per possible slot would be 65,536
+    // passes over every key.
+    let mut present = crate::peer_set::PeerSet::new();
+    for (_, table) in limiter.tables() {
+        table.for_each(|entry| {
+            crate::window::SlotGrid::for_each_value(&*entry, &mut |_, slot, _| {
+                if let Ok(slot) = u16::try_from(slot) {
+                    present.insert(NodeSlot::new(slot));
+                }
+            });
+        });
+    }
+    for slot in present.iter() {
         let mut packer = SlotsPacker::new(CHUNK_BYTES, slot.get(), 0, now.as_u64());
         limiter.each_slot_values(now, slot, &mut |CounterKey { limit, key }, v| {
             packer.push(
