@@ -4,10 +4,11 @@
 //! change. No node other than the one joining or leaving restarts, and no
 //! cluster size is configured anywhere.
 //!
-//! After each change:
+//! During and after each change:
 //! - a key whose hourly limit was spent before the first change is
-//!   hammered through every running node: what it gains over all changes
-//!   stays within the in-flight bound (`Q = max(n, ⌈0.02·L⌉)`);
+//!   hammered through the three nodes that never leave while the change
+//!   happens, then through every running node: what it gains over all
+//!   changes stays within the in-flight bound (`Q = max(n, ⌈0.02·L⌉)`);
 //! - a fresh user with a request-defined limit of 5 per minute, asked 20
 //!   times round-robin over every running node, is admitted exactly 5 times.
 //!
@@ -18,6 +19,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::procs::{check, ProcCluster};
@@ -62,10 +65,14 @@ fn wait_members(c: &mut ProcCluster, running: &[usize], want: u64, within: Durat
 
 /// A fresh user with a request-defined limit of 5 per minute, asked `asks`
 /// times round-robin over `running`: how many were admitted.
-fn small_limit(c: &ProcCluster, running: &[usize], user: &str, asks: usize) -> usize {
-    let body = format!(
+fn small_body(user: &str) -> String {
+    format!(
         "{{\"user\":\"{user}\",\"limit\":{{\"algorithm\":\"sliding_window\",\"limit\":5,\"window\":\"1m\"}}}}"
-    );
+    )
+}
+
+fn small_limit(c: &ProcCluster, running: &[usize], user: &str, asks: usize) -> usize {
+    let body = small_body(user);
     (0..asks)
         .filter(|i| {
             http(
@@ -128,6 +135,32 @@ fn a_cluster_grows_from_three_to_six_and_back_keeping_quotas_and_small_limits_ex
             .map(|s| (if s % 3 == 1 { "kill" } else { "stop" }, s)),
     );
     for (step, (what, slot)) in steps.into_iter().enumerate() {
+        // Requests race the change: alice is hammered through the three
+        // nodes that never leave while it happens.
+        let racing = Arc::new(AtomicBool::new(true));
+        // So is a fresh user's 5-per-minute limit, whose last admissions
+        // are decided while the membership changes.
+        let racer = format!("racer-{step}");
+        let hammering = {
+            let racing = racing.clone();
+            let ports: Vec<u16> = c.http[..3].to_vec();
+            let body = small_body(&racer);
+            std::thread::spawn(move || {
+                let (mut alice, mut small, mut i) = (0u64, 0usize, 0);
+                while racing.load(Ordering::Relaxed) {
+                    if check(ports[i % 3], "alice") == Some(200) {
+                        alice += 1;
+                    }
+                    if small < 4
+                        && http(ports[(i + 1) % 3], "POST", "/v1/check", &body) == Some(200)
+                    {
+                        small += 1;
+                    }
+                    i += 1;
+                }
+                (alice, small)
+            })
+        };
         let took = match what {
             "join" => {
                 c.start(slot);
@@ -165,14 +198,23 @@ fn a_cluster_grows_from_three_to_six_and_back_keeping_quotas_and_small_limits_ex
                 start.elapsed()
             }
         };
+        racing.store(false, Ordering::Relaxed);
+        let (during, raced) = hammering.join().unwrap();
+        // The racer's fifth and last admission, through any running node.
+        let racer_rest = small_limit(&c, &running, &racer, 12);
         let after = hammer(&c, &running, "alice", Duration::from_millis(800));
-        gained += after;
+        gained += during + after;
         let small = small_limit(&c, &running, &format!("small-{step}"), 20);
         report.push_str(&format!(
-            "{what} {slot}: every node agreed on {} members after {took:?}; alice +{after}; small limit {small} of 5\n",
+            "{what} {slot}: every node agreed on {} members after {took:?}; alice +{during} during, +{after} after; a 5/min limit {raced} during + {racer_rest} after, and {small} of 5 after\n",
             running.len()
         ));
         assert_eq!(small, 5, "a 5/min limit after {what} {slot}:\n{report}");
+        assert_eq!(
+            raced + racer_rest,
+            5,
+            "a 5/min limit asked during {what} {slot} ({raced} admitted then):\n{report}"
+        );
     }
     eprintln!("{report}alice: {spent} spent before, {gained} gained over every change");
     assert!(
