@@ -6,11 +6,19 @@
 //! set of thousands of limits costs kilobytes per limit, not a chunk of
 //! thousands of entries each), and one that grows allocates as a vector
 //! does, with at most half its entries unused.
+//!
+//! A class no key has used costs its struct only: the chunk list and the
+//! free lists are made on its first entry. A node's tables span the whole
+//! slot space, so their ladder of classes reaches sizes no key will need
+//! (every bucket of every one of 65,536 slots); those classes stay empty.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use super::{FREE_SHARDS, MIN_CHUNK_ENTRIES};
+
+/// One chunk of entries, allocated when first reached.
+pub(super) type Chunk = OnceLock<Box<[AtomicU32]>>;
 
 /// The entries of one size class. Laid out in declaration order: what
 /// finding an entry reads (stride, shifts, chunk list) shares the first
@@ -24,9 +32,13 @@ pub(super) struct Arena {
     /// two): the hot path finds an entry with shifts, not divisions.
     pub(super) base_shift: u32,
     pub(super) stride_shift: u32,
-    pub(super) chunks: Box<[OnceLock<Box<[AtomicU32]>>]>,
+    /// The chunk list, made on the class's first entry (`chunk_count`
+    /// chunks, each allocated when first reached).
+    pub(super) chunks: OnceLock<Box<[Chunk]>>,
+    pub(super) chunk_count: usize,
     pub(super) fresh: AtomicU32,
-    pub(super) free: [Mutex<Vec<u32>>; FREE_SHARDS],
+    /// Entries given back, sharded; made on the first one.
+    pub(super) free: OnceLock<Box<[Mutex<Vec<u32>>; FREE_SHARDS]>>,
     /// Entries holding a key (or being filled).
     pub(super) in_use: AtomicU32,
     pub(super) hand: AtomicU32,
@@ -34,6 +46,27 @@ pub(super) struct Arena {
 }
 
 impl Arena {
+    /// What the lazily made parts of a class cost once it is used: its
+    /// chunk list and its free lists (their headers; entries are charged
+    /// one by one as they are taken).
+    pub(super) fn used_overhead(&self) -> usize {
+        self.chunk_count * std::mem::size_of::<Chunk>()
+            + std::mem::size_of::<[Mutex<Vec<u32>>; FREE_SHARDS]>()
+    }
+
+    /// Makes the chunk list and free lists if this is the class's first
+    /// use; true when it was (the caller charges [`Arena::used_overhead`]).
+    pub(super) fn ensure_used(&self) -> bool {
+        let mut made = false;
+        self.chunks.get_or_init(|| {
+            made = true;
+            (0..self.chunk_count).map(|_| OnceLock::new()).collect()
+        });
+        self.free
+            .get_or_init(|| Box::new(std::array::from_fn(|_| Mutex::new(Vec::new()))));
+        made
+    }
+
     pub(super) fn new(stride: usize, capacity: u32) -> Arena {
         debug_assert!(stride.is_power_of_two() && MIN_CHUNK_ENTRIES.is_power_of_two());
         let base_shift = MIN_CHUNK_ENTRIES.trailing_zeros();
@@ -47,9 +80,10 @@ impl Arena {
             capacity,
             base_shift,
             stride_shift: stride.trailing_zeros(),
-            chunks: (0..chunks).map(|_| OnceLock::new()).collect(),
+            chunks: OnceLock::new(),
+            chunk_count: chunks,
             fresh: AtomicU32::new(0),
-            free: std::array::from_fn(|_| Mutex::new(Vec::new())),
+            free: OnceLock::new(),
             in_use: AtomicU32::new(0),
             hand: AtomicU32::new(0),
             sweep_cursor: AtomicU32::new(0),
@@ -63,7 +97,11 @@ impl Arena {
         let q = (e >> self.base_shift) + 1;
         let k = (usize::BITS - 1 - q.leading_zeros()) as usize;
         let start = ((1usize << k) - 1) << self.base_shift;
-        let chunk = self.chunks[k].get_or_init(|| {
+        // An entry exists only once its class was used (`ensure_used`).
+        let chunks = self
+            .chunks
+            .get_or_init(|| (0..self.chunk_count).map(|_| OnceLock::new()).collect());
+        let chunk = chunks[k].get_or_init(|| {
             let entries =
                 (1usize << (k as u32 + self.base_shift)).min(self.capacity as usize - start);
             std::iter::repeat_with(|| AtomicU32::new(0))
@@ -80,9 +118,10 @@ impl Arena {
     }
 
     pub(super) fn pop_free(&self, key: u64) -> Option<u32> {
+        let free = self.free.get()?;
         let shard = (key as usize) % FREE_SHARDS;
         for i in 0..FREE_SHARDS {
-            let popped = self.free[(shard + i) % FREE_SHARDS]
+            let popped = free[(shard + i) % FREE_SHARDS]
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .pop();
@@ -103,7 +142,10 @@ impl Arena {
     }
 
     pub(super) fn push_free(&self, entry: u32) {
-        self.free[(entry as usize) % FREE_SHARDS]
+        let free = self
+            .free
+            .get_or_init(|| Box::new(std::array::from_fn(|_| Mutex::new(Vec::new()))));
+        free[(entry as usize) % FREE_SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(entry);

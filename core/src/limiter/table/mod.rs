@@ -148,6 +148,9 @@ pub struct KeyTable<I: KeyIndex = DashMapIndex> {
     /// Bytes of the table before any key: charged to the budget as rules'
     /// memory while the table lives.
     fixed: usize,
+    /// What the classes keys have used cost beyond their structs (their
+    /// chunk and free lists), counted with `fixed` as the rules' memory.
+    classes_used: AtomicUsize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -207,16 +210,18 @@ impl<I: KeyIndex> KeyTable<I> {
             charged: AtomicUsize::new(0),
             last_now: AtomicU64::new(0),
             fixed: 0,
+            classes_used: AtomicUsize::new(0),
         };
+        // Every key starts in the first class: its lists are made now and
+        // counted with the table; a larger class's when a key first needs it.
+        table.classes[0].ensure_used();
         table.fixed = std::mem::size_of::<Self>()
             + table
                 .classes
                 .iter()
-                .map(|a| {
-                    std::mem::size_of::<Arena>()
-                        + a.chunks.len() * std::mem::size_of::<OnceLock<Box<[AtomicU32]>>>()
-                })
+                .map(|_| std::mem::size_of::<Arena>())
                 .sum::<usize>()
+            + table.classes[0].used_overhead()
             + table.index.allocated_bytes();
         table.budget.charge_rules(table.fixed);
         Ok(table)
@@ -226,7 +231,7 @@ impl<I: KeyIndex> KeyTable<I> {
     /// chunk lists, the index's first slots): counted as the rules' memory
     /// ([`MemoryBudget::rules_bytes`]).
     pub fn fixed_bytes(&self) -> usize {
-        self.fixed
+        self.fixed + self.classes_used.load(Ordering::Relaxed)
     }
 
     /// Sets the slot that usage restored after an eviction is counted in
@@ -497,6 +502,12 @@ impl<I: KeyIndex> KeyTable<I> {
 
     fn allocate_quiet(&self, class: usize, key: u64, now: Nanos) -> Entry<'_, I> {
         let arena = &self.classes[class];
+        if arena.ensure_used() {
+            // A class's first entry: its chunk and free lists now exist.
+            let bytes = arena.used_overhead();
+            self.classes_used.fetch_add(bytes, Ordering::Relaxed);
+            self.budget.charge_rules(bytes);
+        }
         if let Some(entry) = arena.pop_free(key) {
             return self.lock_entry(handle(class, entry));
         }
@@ -561,7 +572,8 @@ impl<I: KeyIndex> KeyTable<I> {
 impl<I: KeyIndex> Drop for KeyTable<I> {
     fn drop(&mut self) {
         self.budget.credit(self.charged.load(Ordering::Relaxed));
-        self.budget.credit_rules(self.fixed);
+        self.budget
+            .credit_rules(self.fixed + self.classes_used.load(Ordering::Relaxed));
     }
 }
 
