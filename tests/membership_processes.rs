@@ -223,3 +223,120 @@ fn a_cluster_grows_from_three_to_six_and_back_keeping_quotas_and_small_limits_ex
     );
     assert_eq!(running, vec![0, 1, 2]);
 }
+
+/// Churn on real processes: for `DRL_MEMBERSHIP_CHURN` seconds (not run
+/// unless set: `DRL_MEMBERSHIP_CHURN=60 cargo test --test
+/// membership_processes churn -- --ignored --nocapture`), a node joins or
+/// leaves every second (clean stops and kill -9, never below three
+/// members, slots coming back as their own next run), while three racers
+/// hammer a spent key and fresh 5-per-minute limits through the three nodes
+/// that stay. What the spent key gains and what each small limit admits
+/// over the whole churn is printed and checked against the bound.
+#[test]
+#[ignore = "long: a node joins or leaves every second for DRL_MEMBERSHIP_CHURN seconds"]
+fn churn_keeps_quotas_and_small_limits_exact() {
+    let secs: u64 = std::env::var("DRL_MEMBERSHIP_CHURN")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let most = 7usize;
+    let mut c = ProcCluster::new("churn", most, None, RULES);
+    c.extra_config = "forget_after = \"2s\"\n".into();
+    let mut running = vec![0, 1, 2];
+    for &slot in &running {
+        c.start(slot);
+    }
+    c.wait_ready(&running, Duration::from_secs(30));
+    wait_members(&mut c, &running, 3, Duration::from_secs(20));
+    let spent = c.spend(0, "alice", LIMIT, Duration::from_secs(30));
+    assert!(
+        spent + inflight_bound(3) >= LIMIT && spent <= LIMIT,
+        "spent {spent}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    let racing = Arc::new(AtomicBool::new(true));
+    let racers: Vec<_> = (0..3)
+        .map(|r| {
+            let racing = racing.clone();
+            let ports: Vec<u16> = c.http[..3].to_vec();
+            std::thread::spawn(move || {
+                // (alice admitted, per small user: admitted)
+                let (mut alice, mut smalls, mut i) = (0u64, Vec::new(), 0usize);
+                while racing.load(Ordering::Relaxed) {
+                    if check(ports[(i + r) % 3], "alice") == Some(200) {
+                        alice += 1;
+                    }
+                    // A new small user every 40 requests.
+                    let user = format!("churn-{r}-{}", i / 40);
+                    if smalls.len() <= i / 40 {
+                        smalls.push(0usize);
+                    }
+                    if http(
+                        ports[(i + r + 1) % 3],
+                        "POST",
+                        "/v1/check",
+                        &small_body(&user),
+                    ) == Some(200)
+                    {
+                        smalls[i / 40] += 1;
+                    }
+                    i += 1;
+                }
+                (alice, smalls)
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let mut changes = 0u64;
+    let mut kills = 0;
+    let mut step = 0usize;
+    while start.elapsed() < Duration::from_secs(secs) {
+        let tick = Instant::now();
+        let extra: Vec<usize> = running.iter().copied().filter(|&s| s >= 3).collect();
+        let idle: Vec<usize> = (3..most).filter(|s| !running.contains(s)).collect();
+        let join = extra.is_empty() || (!idle.is_empty() && step % 3 != 2);
+        if join {
+            let slot = idle[step % idle.len()];
+            c.start(slot);
+            running.push(slot);
+            c.wait_ready(&[slot], Duration::from_secs(30));
+        } else {
+            let slot = extra[step % extra.len()];
+            running.retain(|&s| s != slot);
+            if step % 2 == 0 {
+                c.kill9(slot);
+                kills += 1;
+            } else {
+                c.stop(slot);
+            }
+        }
+        changes += 1;
+        step += 1;
+        if let Some(rest) = Duration::from_secs(1).checked_sub(tick.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    racing.store(false, Ordering::Relaxed);
+    let (mut gained, mut smalls) = (0, Vec::new());
+    for r in racers {
+        let (alice, s) = r.join().unwrap();
+        gained += alice;
+        smalls.extend(s);
+    }
+    // The small limits' last users may have been cut short by the end.
+    let full: Vec<usize> = smalls.iter().copied().filter(|&n| n >= 5).collect();
+    let over: Vec<usize> = smalls.iter().copied().filter(|&n| n > 5).collect();
+    eprintln!(
+        "churn: {changes} changes in {secs} s ({kills} kill -9); alice: {spent} spent before, +{gained} during; \
+         {} small users, {} reached 5, {} went over 5 ({over:?})",
+        smalls.len(),
+        full.len(),
+        over.len()
+    );
+    assert!(
+        spent + gained <= LIMIT + inflight_bound(most as u64) * changes.max(1),
+        "{spent} + {gained} against {LIMIT}"
+    );
+    assert!(over.is_empty(), "small limits over 5: {over:?}");
+}
