@@ -304,7 +304,7 @@ fn churn_keeps_quotas_and_small_limits_exact() {
         } else {
             let slot = extra[step % extra.len()];
             running.retain(|&s| s != slot);
-            if step % 2 == 0 {
+            if step.is_multiple_of(2) {
                 c.kill9(slot);
                 kills += 1;
             } else {
