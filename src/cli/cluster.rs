@@ -369,11 +369,17 @@ fn terminate(child: &Child) {
     }
 }
 
+/// Waits until the node at `url` answers `/readyz` with 200 and, with
+/// `members`, counts that many members (itself included): a node admits
+/// once the members it knows of answered, and the rest of the cluster can
+/// reach it a few ms later.
 pub(super) async fn wait_ready(
     url: &str,
     children: &mut [Child],
     timeout: Duration,
+    members: Option<usize>,
 ) -> Result<(), CliError> {
+    let want = members.map(|n| format!("\"members\":{n},"));
     let start = Instant::now();
     loop {
         for c in children.iter_mut() {
@@ -385,7 +391,10 @@ pub(super) async fn wait_ready(
         }
         if let Ok(mut conn) = Connection::open(url).await {
             if let Ok(a) = conn.get("/readyz").await {
-                if a.status == 200 {
+                let counted = want
+                    .as_ref()
+                    .is_none_or(|w| String::from_utf8_lossy(&a.body).contains(w.as_str()));
+                if a.status == 200 && counted {
                     return Ok(());
                 }
             }
@@ -528,7 +537,8 @@ pub fn run_cluster(args: &ClusterArgs) -> Result<(), CliError> {
     let outcome = rt.block_on(async {
         let ready = async {
             for url in &plan.http {
-                wait_ready(url, &mut children, Duration::from_secs(60)).await?;
+                wait_ready(url, &mut children, Duration::from_secs(60), Some(plan.http.len()))
+                    .await?;
             }
             Ok::<_, CliError>(())
         };

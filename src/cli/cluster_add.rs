@@ -185,7 +185,7 @@ pub fn run_add(args: &AddArgs) -> Result<(), CliError> {
     let mut children = vec![spawn(&exe, &config)?];
     let outcome = rt.block_on(async {
         tokio::select! {
-            r = wait_ready(&url, &mut children, Duration::from_secs(60)) => r?,
+            r = wait_ready(&url, &mut children, Duration::from_secs(60), None) => r?,
             () = signal.recv() => return Ok(()),
         }
         outln!(
