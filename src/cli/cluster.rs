@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::cluster_add::wait_ready;
 use super::{node_cert_specs, runtime, CliError, ShutdownSignal};
-use crate::http::client::Connection;
 
 /// The sample rules a new cluster starts with.
 pub const EXAMPLE_RULES: &str = include_str!("../../deploy/rules.example.toml");
@@ -366,45 +366,6 @@ fn terminate(child: &Child) {
     // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
     unsafe {
         libc::kill(pid, libc::SIGTERM);
-    }
-}
-
-/// Waits until the node at `url` answers `/readyz` with 200 and, with
-/// `members`, counts that many members (itself included): a node admits
-/// once the members it knows of answered, and the rest of the cluster can
-/// reach it a few ms later.
-pub(super) async fn wait_ready(
-    url: &str,
-    children: &mut [Child],
-    timeout: Duration,
-    members: Option<usize>,
-) -> Result<(), CliError> {
-    let want = members.map(|n| format!("\"members\":{n},"));
-    let start = Instant::now();
-    loop {
-        for c in children.iter_mut() {
-            if let Some(status) = c.try_wait()? {
-                return Err(CliError::Usage(format!(
-                    "a node exited before the cluster was ready ({status})"
-                )));
-            }
-        }
-        if let Ok(mut conn) = Connection::open(url).await {
-            if let Ok(a) = conn.get("/readyz").await {
-                let counted = want
-                    .as_ref()
-                    .is_none_or(|w| String::from_utf8_lossy(&a.body).contains(w.as_str()));
-                if a.status == 200 && counted {
-                    return Ok(());
-                }
-            }
-        }
-        if start.elapsed() > timeout {
-            return Err(CliError::Usage(format!(
-                "{url} not ready after {timeout:?}"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

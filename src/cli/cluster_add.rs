@@ -12,8 +12,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::cluster::{cluster_dir_of, ports_taken, spawn, stop_all, wait_ready, Proto};
+use std::process::Child;
+use std::time::Instant;
+
+use super::cluster::{cluster_dir_of, ports_taken, spawn, stop_all, Proto};
 use super::{runtime, CliError, ShutdownSignal};
+use crate::http::client::Connection;
 use crate::node::NodeFile;
 
 /// `drl cluster add`: where the running cluster's files are.
@@ -207,6 +211,45 @@ pub fn run_add(args: &AddArgs) -> Result<(), CliError> {
     errln!("stopping node-{slot}...");
     stop_all(&mut children, Duration::from_secs(15));
     outcome
+}
+
+/// Waits until the node at `url` answers `/readyz` with 200 and, with
+/// `members`, counts that many members (itself included): a node admits
+/// once the members it knows of answered, and the rest of the cluster can
+/// reach it a few ms later.
+pub(super) async fn wait_ready(
+    url: &str,
+    children: &mut [Child],
+    timeout: Duration,
+    members: Option<usize>,
+) -> Result<(), CliError> {
+    let want = members.map(|n| format!("\"members\":{n},"));
+    let start = Instant::now();
+    loop {
+        for c in children.iter_mut() {
+            if let Some(status) = c.try_wait()? {
+                return Err(CliError::Usage(format!(
+                    "a node exited before the cluster was ready ({status})"
+                )));
+            }
+        }
+        if let Ok(mut conn) = Connection::open(url).await {
+            if let Ok(a) = conn.get("/readyz").await {
+                let counted = want
+                    .as_ref()
+                    .is_none_or(|w| String::from_utf8_lossy(&a.body).contains(w.as_str()));
+                if a.status == 200 && counted {
+                    return Ok(());
+                }
+            }
+        }
+        if start.elapsed() > timeout {
+            return Err(CliError::Usage(format!(
+                "{url} not ready after {timeout:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[cfg(test)]
