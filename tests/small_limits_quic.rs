@@ -101,7 +101,11 @@ async fn cluster(name: &str, size: u16) -> Vec<TestNode> {
     let start = Instant::now();
     while !nodes.iter().all(|n| {
         let s = n.api.status();
-        s.ready && s.live.len() == usize::from(size) - 1
+        // Live by SWIM (which gossip can say without a connection) and
+        // connected: a claim reaches only connected peers.
+        s.ready
+            && s.live.len() == usize::from(size) - 1
+            && s.peers.values().filter(|p| p.connected).count() == usize::from(size) - 1
     }) {
         assert!(
             start.elapsed() < Duration::from_secs(60),
