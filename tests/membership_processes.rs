@@ -23,20 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::procs::{check, ProcCluster};
+use support::procs::{check, inflight_bound, ProcCluster, LIMIT, RULES};
 use support::{request, status as http};
-
-const LIMIT: u64 = 300;
-const RULES: &str = r#"
-[[rules]]
-name = "per-user"
-match = { user = "*" }
-limits = [ { algorithm = "sliding_window", limit = 300, window = "1h" } ]
-"#;
-
-fn inflight_bound(nodes: u64) -> u64 {
-    nodes.max((LIMIT * 2).div_ceil(100))
-}
 
 /// The member count node `slot` reports (itself included).
 fn members(c: &ProcCluster, slot: usize) -> Option<u64> {
@@ -173,28 +161,18 @@ fn a_cluster_grows_from_three_to_six_and_back_keeping_quotas_and_small_limits_ex
                     Duration::from_secs(20),
                 )
             }
-            "stop" => {
-                running.retain(|&s| s != slot);
-                let start = Instant::now();
-                c.stop(slot);
-                wait_members(
-                    &mut c,
-                    &running,
-                    running.len() as u64,
-                    Duration::from_secs(20),
-                );
-                start.elapsed()
-            }
             _ => {
                 running.retain(|&s| s != slot);
                 let start = Instant::now();
-                c.kill9(slot);
-                wait_members(
-                    &mut c,
-                    &running,
-                    running.len() as u64,
-                    Duration::from_secs(60),
-                );
+                // A kill -9 waits for detection and forget_after too.
+                let within = if what == "stop" {
+                    c.stop(slot);
+                    Duration::from_secs(20)
+                } else {
+                    c.kill9(slot);
+                    Duration::from_secs(60)
+                };
+                wait_members(&mut c, &running, running.len() as u64, within);
                 start.elapsed()
             }
         };

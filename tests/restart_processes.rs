@@ -9,20 +9,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::procs::{check, ProcCluster};
+use support::procs::{check, inflight_bound, ProcCluster, LIMIT, RULES};
 use support::{free_port, request as admin, signal, status as http};
-
-const LIMIT: u64 = 300;
-const RULES: &str = r#"
-[[rules]]
-name = "per-user"
-match = { user = "*" }
-limits = [ { algorithm = "sliding_window", limit = 300, window = "1h" } ]
-"#;
-
-fn inflight_bound(nodes: u64) -> u64 {
-    nodes.max((LIMIT * 2).div_ceil(100))
-}
 
 /// The body of a GET.
 fn http_body(port: u16, path: &str) -> String {

@@ -233,18 +233,15 @@ pub fn generate_dev_certs(dir: &Path, nodes: &[NodeCertSpec]) -> Result<(), Cert
     write_file(&dir.join("ca.pem"), ca.cert_pem(), false)?;
     write_file(&dir.join("ca-key.pem"), &ca.key_pem(), true)?;
     for (spec, cert) in issued {
-        write_file(
-            &dir.join(format!("{}.pem", spec.name)),
-            &cert.cert_pem,
-            false,
-        )?;
-        write_file(
-            &dir.join(format!("{}-key.pem", spec.name)),
-            &cert.key_pem,
-            true,
-        )?;
+        write_node_cert(dir, &spec.name, &cert)?;
     }
     Ok(())
+}
+
+/// `<name>.pem` and `<name>-key.pem` (mode 0600) in `dir`.
+fn write_node_cert(dir: &Path, name: &str, cert: &NodeCert) -> Result<(), CertError> {
+    write_file(&dir.join(format!("{name}.pem")), &cert.cert_pem, false)?;
+    write_file(&dir.join(format!("{name}-key.pem")), &cert.key_pem, true)
 }
 
 /// A cluster CA's name and rights, from its key: a CA may sign node
@@ -281,16 +278,7 @@ fn ca_params(key: &KeyPair) -> CertificateParams {
 /// cluster.
 pub fn issue_dev_cert(dir: &Path, spec: &NodeCertSpec) -> Result<(), CertError> {
     let cert = ClusterCa::load(dir)?.issue(spec)?;
-    write_file(
-        &dir.join(format!("{}.pem", spec.name)),
-        &cert.cert_pem,
-        false,
-    )?;
-    write_file(
-        &dir.join(format!("{}-key.pem", spec.name)),
-        &cert.key_pem,
-        true,
-    )
+    write_node_cert(dir, &spec.name, &cert)
 }
 
 fn node_params(spec: &NodeCertSpec) -> Result<CertificateParams, CertError> {

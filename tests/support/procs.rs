@@ -7,6 +7,22 @@ use std::time::{Duration, Instant};
 
 use super::{exit_state, free_port, log_file, log_tail, status as http, DRL};
 
+/// The hourly limit the process tests spend: 300 per user.
+pub const LIMIT: u64 = 300;
+/// Rules with [`LIMIT`] per user per hour (a sliding window).
+pub const RULES: &str = r#"
+[[rules]]
+name = "per-user"
+match = { user = "*" }
+limits = [ { algorithm = "sliding_window", limit = 300, window = "1h" } ]
+"#;
+
+/// The in-flight bound on what a crash or a membership change can add
+/// beyond [`LIMIT`] on `nodes` nodes: `Q = max(n, ⌈0.02·L⌉)`.
+pub fn inflight_bound(nodes: u64) -> u64 {
+    nodes.max((LIMIT * 2).div_ceil(100))
+}
+
 /// `POST /v1/check` for `user` through `port`: the status code.
 pub fn check(port: u16, user: &str) -> Option<u16> {
     http(

@@ -60,11 +60,20 @@ impl Arena {
         let mut made = false;
         self.chunks.get_or_init(|| {
             made = true;
-            (0..self.chunk_count).map(|_| OnceLock::new()).collect()
+            self.empty_chunks()
         });
         self.free
             .get_or_init(|| Box::new(std::array::from_fn(|_| Mutex::new(Vec::new()))));
         made
+    }
+
+    /// The chunk list, made on first use.
+    fn chunk_list(&self) -> &[Chunk] {
+        self.chunks.get_or_init(|| self.empty_chunks())
+    }
+
+    fn empty_chunks(&self) -> Box<[Chunk]> {
+        (0..self.chunk_count).map(|_| OnceLock::new()).collect()
     }
 
     pub(super) fn new(stride: usize, capacity: u32) -> Arena {
@@ -97,11 +106,7 @@ impl Arena {
         let q = (e >> self.base_shift) + 1;
         let k = (usize::BITS - 1 - q.leading_zeros()) as usize;
         let start = ((1usize << k) - 1) << self.base_shift;
-        // An entry exists only once its class was used (`ensure_used`).
-        let chunks = self
-            .chunks
-            .get_or_init(|| (0..self.chunk_count).map(|_| OnceLock::new()).collect());
-        let chunk = chunks[k].get_or_init(|| {
+        let chunk = self.chunk_list()[k].get_or_init(|| {
             let entries =
                 (1usize << (k as u32 + self.base_shift)).min(self.capacity as usize - start);
             std::iter::repeat_with(|| AtomicU32::new(0))
