@@ -32,6 +32,14 @@ pub const DEFAULT_FORGET_AFTER: Nanos = Nanos::from_secs(30);
 const LEAVE_GRACE: Nanos = Nanos::from_millis(200);
 
 impl Down {
+    /// A member remembered from a previous run, not heard from yet.
+    pub(super) fn unheard(now: Nanos) -> Self {
+        Down {
+            since: now,
+            left: false,
+        }
+    }
+
     fn wait(&self, forget_after: Nanos) -> Nanos {
         if self.left {
             LEAVE_GRACE

@@ -206,7 +206,14 @@ impl<C: Clock> NodeCore<C> {
             known: BTreeSet::new(),
             live: BTreeSet::new(),
             members: cfg.members.clone(),
-            down: BTreeMap::new(),
+            // A remembered member is down until heard from: one that never
+            // comes back is forgotten like any dead member, instead of
+            // being reserved (and counted in majorities) for ever.
+            down: cfg
+                .members
+                .iter()
+                .map(|&s| (s, Down::unheard(now)))
+                .collect(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             confirmations: Confirmations::new(),

@@ -20,10 +20,21 @@ fn core(
     clock: &Arc<ManualClock>,
     now: Nanos,
 ) -> (TestCore, Arc<Limiter<Arc<ManualClock>>>) {
+    core_among(slot, &[1 - slot], DEFAULT_FORGET_AFTER, clock, now)
+}
+
+/// A core at `slot` that remembers `members` from an earlier run.
+fn core_among(
+    slot: u16,
+    members: &[u16],
+    forget_after: Nanos,
+    clock: &Arc<ManualClock>,
+    now: Nanos,
+) -> (TestCore, Arc<Limiter<Arc<ManualClock>>>) {
     let rules = RuleSet::from_toml(RULES).unwrap();
     let config = LimiterConfig {
         own_slot: NodeSlot::new(slot),
-        slots: 2,
+        slots: members.len() + 1,
         ..LimiterConfig::default()
     };
     let limiter = Arc::new(
@@ -34,9 +45,9 @@ fn core(
     let cfg = CoreConfig {
         name: format!("node-{slot}"),
         slot: NodeSlot::new(slot),
-        members: [NodeSlot::new(1 - slot)].into(),
+        members: members.iter().map(|&m| NodeSlot::new(m)).collect(),
         alone_after: None,
-        forget_after: DEFAULT_FORGET_AFTER,
+        forget_after,
         policy: SharePolicy::Strict,
         inflight_ppm: 20_000,
         sync_interval: Nanos::from_millis(5),
@@ -234,4 +245,68 @@ fn two_cores_recover_from_each_other_and_agree_on_rules_without_io() {
         Some(PutRulesError::TooLarge(padded.len()))
     );
     assert_eq!(cores[0].rules_version(), v1);
+}
+
+#[test]
+fn a_remembered_member_that_never_comes_back_is_forgotten_by_the_majority_only() {
+    let clock = Arc::new(ManualClock::new(Nanos::from_secs(1_700_000_000)));
+    let forget = Nanos::from_secs(2);
+    let mut now = clock.now();
+    // All three restarted; node 2 never comes back.
+    let mut cores: Vec<TestCore> = [(0u16, [1u16, 2]), (1, [0, 2])]
+        .iter()
+        .map(|(slot, members)| core_among(*slot, members, forget, &clock, now).0)
+        .collect();
+    let (mut lone, _) = core_among(0, &[1, 2], forget, &clock, now);
+    for (me, peer) in [(0u16, 1u16), (1, 0)] {
+        cores[usize::from(me)].handle_connected(
+            now,
+            NodeSlot::new(peer),
+            SocketAddr::from(([127, 0, 0, 1], 7400 + peer)),
+        );
+    }
+    let all: BTreeSet<NodeSlot> = [1, 2].map(NodeSlot::new).into();
+    let start = now;
+    let mut step = |cores: &mut Vec<TestCore>, lone: &mut TestCore, until: Nanos| {
+        while now < until {
+            now = now + Nanos::from_millis(5);
+            clock.set(now);
+            lone.handle_timeout(now);
+            while lone.poll_transmit().is_some() {}
+            for c in cores.iter_mut() {
+                c.handle_timeout(now);
+            }
+            // Frames between nodes 0 and 1; those to node 2 are lost.
+            loop {
+                let mut moved = false;
+                for from in 0..2 {
+                    while let Some(t) = cores[from].poll_transmit() {
+                        if let Some(to) = cores.get_mut(t.to.index()) {
+                            to.handle_frame(now, NodeSlot::new(from as u16), &t.bytes);
+                            moved = true;
+                        }
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+        }
+    };
+    step(&mut cores, &mut lone, start + Nanos::from_secs(1));
+    assert_eq!(
+        cores[0].members(),
+        &all,
+        "still reserved before forget_after"
+    );
+    step(
+        &mut cores,
+        &mut lone,
+        start + forget + Nanos::from_millis(500),
+    );
+    assert_eq!(cores[0].members(), &[NodeSlot::new(1)].into());
+    assert_eq!(cores[1].members(), &[NodeSlot::new(0)].into());
+    assert!(events(&mut cores[0]).contains(&CoreEvent::Members(vec![NodeSlot::new(1)])));
+    // A node that hears nobody is a minority: it forgets no one.
+    assert_eq!(lone.members(), &all);
 }
