@@ -40,9 +40,7 @@ fn offer(port: u16, per_sec: f64, start: Instant, end: Instant, log: Arc<Mutex<V
 
 #[test]
 fn a_stopped_node_does_not_stall_a_key_near_its_limit() {
-    // Fencing is opt-in (`fence_after`, default off); `drl cluster` takes
-    // it from the environment its nodes inherit.
-    std::env::set_var("DRL_FENCE_AFTER", "60ms");
+    // The default fence (`fence_after` 60 ms, corroborated by a majority).
     let c = LocalCluster::start("pause");
     c.put_rules(RULES, "pause-probe");
     let log = Arc::new(Mutex::new(Vec::new()));

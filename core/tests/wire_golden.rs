@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 
 use drl_core::wire::{
-    Ack, BucketSlot, DecodeError, Frame, Hello, KeySlots, Leave, LimitGroup, RefundAnswer,
+    Ack, BucketSlot, DecodeError, Frame, Hearing, Hello, KeySlots, Leave, LimitGroup, RefundAnswer,
     RefundAsk, RefundReply, RefundedLimit, ResetAck, ResetFrame, ResetKey, RulesAck, RulesFrame,
     RulesId, Slots, Swim, VERSION,
 };
@@ -154,6 +154,13 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             Frame::Leave(Leave {
                 slot: 3,
                 incarnation: 1_733_300_000_000,
+            }),
+        ),
+        (
+            "hearing",
+            Frame::Hearing(Hearing {
+                slot: 1,
+                silent: vec![2, 300],
             }),
         ),
         (

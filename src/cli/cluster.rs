@@ -59,9 +59,10 @@ pub struct ClusterArgs {
     /// strict, available or bounded.
     #[arg(long, default_value = "strict")]
     pub share_policy: String,
-    /// Silence after which a node stops waiting for a peer (a duration, or
-    /// `off` to wait for the failure detector).
-    #[arg(long, env = "DRL_FENCE_AFTER", default_value = "off")]
+    /// Silence after which a node stops waiting for a peer that a majority
+    /// also cannot hear (a duration, or `off` to wait for the failure
+    /// detector).
+    #[arg(long, env = "DRL_FENCE_AFTER", default_value = "60ms")]
     pub fence_after: String,
     /// FOR TESTS ONLY: `SLOT=MS` plays node SLOT with a clock MS
     /// milliseconds off (negative: behind), to measure clock skew on real

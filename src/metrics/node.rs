@@ -161,6 +161,8 @@ impl NodeCollector {
             ("confirm_expired", "Confirmations that timed out (the request was refused and its hits given back).", Counter(r.claims_expired)),
             ("confirm_silent", "Confirmations refused after confirm_timeout because a peer they waited for was silent (counted in confirm_expired too).", Counter(r.claims_silent)),
             ("peers_fenced", "Times a peer silent for fence_after was fenced (its acknowledgements and answers no longer awaited until it is heard again).", Counter(r.peers_fenced)),
+            ("fences_withheld", "Times a peer silent for fence_after was still waited for because no majority reported it silent (a one-way or partial link cut).", Counter(r.fences_withheld)),
+            ("hearing_reports_sent", "Reports to peers of whom this node has not heard lately (they corroborate fences).", Counter(r.hearing_sent)),
             ("peer_heartbeats_sent", "Empty frames sent to peers nothing else went to, so that they keep hearing this node.", Counter(r.heartbeats_sent)),
             ("local_late_ticks", "Sync ticks that came over half of fence_after late (this node was stopped or starved); it fenced nobody on them.", Counter(r.late_ticks)),
             ("peer_fenced", "1 while the peer is fenced: silent for fence_after, not waited for.", per_peer(&|_, p| flag(p.fenced))),

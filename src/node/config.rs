@@ -162,7 +162,7 @@ impl Default for NodeFile {
             rules: PathBuf::from("rules.toml"),
             sync_interval: "5ms".into(),
             confirm_timeout: "5ms".into(),
-            fence_after: "off".into(),
+            fence_after: "60ms".into(),
             share_policy: "strict".into(),
             bounded_fraction: 0.05,
             inflight_fraction: 0.02,

@@ -66,6 +66,8 @@ pub enum Kind {
     RefundReply = 15,
     /// [`Frame::Leave`].
     Leave = 16,
+    /// [`Frame::Hearing`].
+    Hearing = 17,
 }
 
 impl Kind {
@@ -86,6 +88,7 @@ impl Kind {
             14 => Kind::RefundAsk,
             15 => Kind::RefundReply,
             16 => Kind::Leave,
+            17 => Kind::Hearing,
             _ => return None,
         })
     }
@@ -262,6 +265,9 @@ pub enum Frame {
     RefundReply(RefundReply),
     /// The sender is leaving the cluster cleanly: forget it now.
     Leave(Leave),
+    /// Whom the sender cannot hear: a peer is fenced only when a majority
+    /// cannot hear it.
+    Hearing(Hearing),
 }
 
 /// A node leaving the cluster cleanly (drained, scaled down): its peers
@@ -275,6 +281,22 @@ pub struct Leave {
     /// again.
     pub incarnation: u64,
 }
+
+/// The peers the sender has not heard from for half the fence time (its
+/// suspects), sent to every peer when that set changes and every quarter
+/// of the fence time. A node fences a silent peer only when a majority of
+/// the cluster, itself included, reports it silent: a peer that only some
+/// nodes cannot hear (a one-way or non-transitive cut) is still awaited.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hearing {
+    /// The sender's slot.
+    pub slot: u16,
+    /// The slots it has not heard from lately, ascending.
+    pub silent: Vec<u16>,
+}
+
+/// Most suspects one [`Hearing`] frame may name.
+pub const MAX_SUSPECTS: usize = 4096;
 
 /// Why a frame was refused. The frame changed nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -326,6 +348,7 @@ impl Frame {
             Frame::RefundAsk(_) => Kind::RefundAsk,
             Frame::RefundReply(_) => Kind::RefundReply,
             Frame::Leave(_) => Kind::Leave,
+            Frame::Hearing(_) => Kind::Hearing,
         }
     }
 
@@ -349,6 +372,7 @@ impl Frame {
             Frame::RefundAsk(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::RefundReply(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Leave(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::Hearing(b) => postcard::to_extend(b, std::mem::take(out)),
         };
         // Serialising plain structs into a Vec cannot fail.
         *out = body.unwrap_or_default();
@@ -388,6 +412,7 @@ impl Frame {
             Kind::RefundAsk => Frame::RefundAsk(body_of(kind, body)?),
             Kind::RefundReply => Frame::RefundReply(body_of(kind, body)?),
             Kind::Leave => Frame::Leave(body_of(kind, body)?),
+            Kind::Hearing => Frame::Hearing(body_of(kind, body)?),
         };
         frame.check()?;
         Ok(frame)
@@ -412,6 +437,9 @@ impl Frame {
             Frame::Reset(r) => r.check(),
             Frame::RefundAsk(r) => r.check(),
             Frame::RefundReply(r) => r.check(),
+            Frame::Hearing(h) if h.silent.len() > MAX_SUSPECTS => {
+                Err(DecodeError::Invalid("too many suspects"))
+            }
             _ => Ok(()),
         }
     }

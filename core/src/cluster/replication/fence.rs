@@ -1,6 +1,10 @@
-//! Silent peers: a peer that has sent nothing for the fence time, while
-//! this node hears from a majority, is fenced (its acknowledgements and
-//! claim answers are no longer awaited) until a frame from it arrives.
+//! Silent peers: a peer that has sent nothing for the fence time, and that
+//! a majority of the cluster (this node included) reports silent, is
+//! fenced (its acknowledgements and claim answers are no longer awaited)
+//! until a frame from it arrives. Nodes tell each other whom they cannot
+//! hear in [`Hearing`] frames; a peer that others still hear is awaited,
+//! so a one-way or non-transitive cut never lets two nodes that cannot
+//! hear each other both stop waiting.
 //! Heartbeats keep idle peers heard; acknowledgements of them give the
 //! leases of [`SilencePolicy::FenceLease`].
 //!
@@ -13,11 +17,11 @@
 use super::{ReplicaStore, Replicator, SilencePolicy};
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
-use crate::wire::{Frame, Slots};
+use crate::wire::{Frame, Hearing, Slots};
 
 impl Replicator {
-    /// Fences every live peer silent for the fence time, if this node
-    /// hears from a majority of the cluster within it.
+    /// Fences every live peer silent for the fence time that a majority of
+    /// the cluster, this node included, reports silent.
     pub(super) fn fence_silent(&mut self, now: Nanos, store: &(impl ReplicaStore + ?Sized)) {
         let Some(after) = self.cfg.silence.fence_after() else {
             return;
@@ -39,23 +43,48 @@ impl Replicator {
             return;
         }
         let heard = |last: Option<Nanos>| last.is_some_and(|t| now.saturating_sub(t) < after);
+        self.report_hearing(now, after);
         let members = 1 + self.peers.len().max(self.cfg.expected_peers);
-        let hearing = 1 + self
-            .peers
-            .values()
-            .filter(|p| p.live && !p.fenced && heard(p.last_heard))
-            .count();
-        if hearing * 2 <= members {
-            // In a minority of what it hears: it keeps waiting, as a node
-            // cut off from the majority must.
-            return;
+        // How many nodes, this one included, say `slot` is silent: itself,
+        // and every peer it hears whose report within the fence time names
+        // it. A majority of them is needed to fence it.
+        let silent_to = |slot: NodeSlot| {
+            1 + self
+                .peers
+                .iter()
+                .filter(|(&q, p)| {
+                    q != slot
+                        && p.live
+                        && !p.fenced
+                        && heard(p.last_heard)
+                        && p.reported_silent.as_ref().is_some_and(|(at, set)| {
+                            now.saturating_sub(*at) < after && set.contains(&slot)
+                        })
+                })
+                .count()
+        };
+        let mut silent = Vec::new();
+        let mut withheld = Vec::new();
+        for (&slot, p) in &self.peers {
+            if !p.live || p.fenced || heard(p.last_heard) {
+                continue;
+            }
+            if silent_to(slot) * 2 > members {
+                silent.push(slot);
+            } else {
+                // Others still hear it (or this node is in a minority): it
+                // may still be admitting on what they tell it, so it is
+                // awaited, as a node cut off from the majority must be.
+                withheld.push(slot);
+            }
         }
-        let silent: Vec<NodeSlot> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.live && !p.fenced && !heard(p.last_heard))
-            .map(|(&s, _)| s)
-            .collect();
+        for (&slot, p) in self.peers.iter_mut() {
+            let now_withheld = withheld.contains(&slot);
+            if now_withheld && !p.withheld {
+                self.stats.fences_withheld += 1;
+            }
+            p.withheld = now_withheld;
+        }
         for slot in silent {
             if let Some(p) = self.peers.get_mut(&slot) {
                 p.fenced = true;
@@ -66,6 +95,50 @@ impl Replicator {
             self.stats.peers_fenced += 1;
             self.stop_waiting_for(store, slot, u64::MAX);
             self.stop_claims_waiting_for(slot);
+        }
+    }
+
+    /// Tells every connected peer whom this node has not heard from for
+    /// half the fence time, when that changes and every quarter of the
+    /// fence time while anyone is suspected.
+    fn report_hearing(&mut self, now: Nanos, after: Nanos) {
+        let quiet = Nanos::new(after.as_u64() / 2);
+        let suspects: Vec<NodeSlot> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.last_heard.is_none_or(|t| now.saturating_sub(t) >= quiet))
+            .map(|(&s, _)| s)
+            .collect();
+        let changed = suspects != self.suspects_sent;
+        if !changed && (suspects.is_empty() || now < self.next_hearing) {
+            return;
+        }
+        self.next_hearing = now + Nanos::new(after.as_u64() / 4);
+        let bytes = Frame::Hearing(Hearing {
+            slot: self.cfg.own.get(),
+            silent: suspects.iter().map(|s| s.get()).collect(),
+        })
+        .encode();
+        self.suspects_sent = suspects;
+        let to: Vec<NodeSlot> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connected)
+            .map(|(&s, _)| s)
+            .collect();
+        for slot in to {
+            self.stats.hearing_sent += 1;
+            // On a stream: a report that nobody is silent any more must
+            // not be lost, or a stale one could corroborate a fence.
+            self.send(slot, bytes.clone(), true);
+        }
+    }
+
+    /// `from` reported whom it cannot hear.
+    pub(super) fn on_hearing(&mut self, now: Nanos, from: NodeSlot, h: &Hearing) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            let set = h.silent.iter().map(|&s| NodeSlot::new(s)).collect();
+            p.reported_silent = Some((now, set));
         }
     }
 

@@ -147,8 +147,8 @@ pub enum SilencePolicy {
     /// Only once the failure detector declares it dead (seconds): the
     /// behaviour before fencing, kept for comparison.
     Detector,
-    /// After `after` without a frame from it, while this node hears from
-    /// a majority of the cluster within the same time: it is *fenced*
+    /// After `after` without a frame from it, when a majority of the
+    /// cluster (this node included) reports it silent: it is *fenced*
     /// (its acknowledgements and answers are no longer awaited) until a
     /// frame from it arrives. Every connected peer is sent a heartbeat when
     /// nothing else went to it for a quarter of `after`.
@@ -167,9 +167,9 @@ pub enum SilencePolicy {
 }
 
 impl SilencePolicy {
-    /// Waiting for the failure detector: fencing is opt-in until it is
-    /// corroborated by a majority (DESIGN.md, "A silent peer").
-    pub const DEFAULT: SilencePolicy = SilencePolicy::Detector;
+    /// Fencing after 60 ms, corroborated by a majority (DESIGN.md, "A
+    /// silent peer").
+    pub const DEFAULT: SilencePolicy = SilencePolicy::FENCE_60MS;
 
     /// Fencing after 60 ms of silence (`fence_after = "60ms"`).
     pub const FENCE_60MS: SilencePolicy = SilencePolicy::Fence {
@@ -246,6 +246,11 @@ pub struct ReplicationStats {
     /// Sync ticks that came more than half the fence time late (this node
     /// was stopped or starved): no peer was fenced on them.
     pub late_ticks: u64,
+    /// Times a silent peer was not fenced because a majority did not report
+    /// it silent (a one-way or partial cut): it is still awaited.
+    pub fences_withheld: u64,
+    /// Hearing reports sent (whom this node cannot hear).
+    pub hearing_sent: u64,
 }
 
 /// What this node knows about one peer.
@@ -270,6 +275,11 @@ pub struct PeerState {
     pub fenced: bool,
     /// A frame to the peer was queued since the last heartbeat check.
     sent_recently: bool,
+    /// The peer's newest report of whom it cannot hear, and when it came.
+    reported_silent: Option<(Nanos, Vec<NodeSlot>)>,
+    /// This peer's silence was found uncorroborated (counted once per
+    /// silence in [`ReplicationStats::fences_withheld`]).
+    withheld: bool,
     /// When the newest frame of ours the peer acknowledged left (our clock).
     acked_sent: Option<Nanos>,
     needs_sync: bool,
@@ -326,6 +336,10 @@ pub struct Replicator {
     next_beat: Nanos,
     /// When silent peers were last looked for.
     last_fence_check: Option<Nanos>,
+    /// The suspects last reported to the peers, and when that report is
+    /// next repeated.
+    suspects_sent: Vec<NodeSlot>,
+    next_hearing: Nanos,
 }
 
 impl Replicator {
@@ -353,6 +367,8 @@ impl Replicator {
             yielding: BTreeMap::new(),
             next_beat: now,
             last_fence_check: None,
+            suspects_sent: Vec::new(),
+            next_hearing: now,
         }
     }
 

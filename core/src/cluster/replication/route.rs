@@ -101,6 +101,7 @@ fn check(frame: &Frame, from: NodeSlot, own: NodeSlot, recovering: bool) -> Resu
         Frame::RefundAsk(r) => carried_by(from, r.slot, from),
         Frame::RefundReply(r) => carried_by(from, r.slot, from),
         Frame::Leave(l) => carried_by(from, l.slot, from),
+        Frame::Hearing(h) => carried_by(from, h.slot, from),
         _ => Ok(()),
     }
 }
@@ -205,6 +206,7 @@ impl Replicator {
             Frame::RefundAsk(r) => return Ok(Delivered::RefundAsk(r)),
             Frame::RefundReply(r) => return Ok(Delivered::RefundReply(r)),
             Frame::Leave(l) => return Ok(Delivered::Leave(l)),
+            Frame::Hearing(h) => self.on_hearing(now, from, &h),
         }
         if let Some(keys) = carried {
             self.heard_from(from, Some(&keys));
