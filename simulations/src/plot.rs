@@ -65,6 +65,8 @@ fn bands(s: &Scenario) -> Vec<(f64, f64)> {
             FaultAction::Heal(g) => (format!("p{g:?}"), false),
             FaultAction::Crash(n) => (format!("n{n}"), true),
             FaultAction::Restart(n) => (format!("n{n}"), false),
+            FaultAction::Pause(n) => (format!("z{n}"), true),
+            FaultAction::Resume(n) => (format!("z{n}"), false),
             FaultAction::Link { a, b, up } => (format!("l{a}-{b}"), !up),
             FaultAction::OneWay { from, to, up } => (format!("o{from}-{to}"), !up),
             _ => continue,

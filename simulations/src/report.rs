@@ -142,6 +142,8 @@ fn describe(action: &FaultAction) -> String {
         }
         FaultAction::Crash(n) => format!("crash {n}"),
         FaultAction::Restart(n) => format!("restart {n}"),
+        FaultAction::Pause(n) => format!("pause {n}"),
+        FaultAction::Resume(n) => format!("resume {n}"),
         FaultAction::Skew { node, offset_ns } => {
             format!("skew node {node} {:+}ms", *offset_ns as f64 / 1e6)
         }

@@ -371,6 +371,14 @@ impl Runner<'_> {
                 self.restarts.push((now, None));
                 self.waiting_admit.push((node, self.restarts.len() - 1));
             }
+            &FaultAction::Pause(node) => {
+                self.c.pause(node);
+                self.state.down.insert(node);
+            }
+            &FaultAction::Resume(node) => {
+                self.c.resume(node);
+                self.state.down.remove(&node);
+            }
             &FaultAction::Skew { node, offset_ns } => self.c.set_skew(node, offset_ns),
             FaultAction::Network(f) => self.c.faults = f.clone(),
         }

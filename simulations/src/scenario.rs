@@ -181,6 +181,12 @@ pub enum FaultAction {
     },
     Crash(usize),
     Restart(usize),
+    /// The node stops running (SIGSTOP): no timer fires, nothing is sent,
+    /// frames for it wait unread; clients fail over to the next node.
+    Pause(usize),
+    /// The paused node runs again (SIGCONT): its timers fire late and it
+    /// reads what arrived meanwhile.
+    Resume(usize),
     /// A node's clock minus the reference clock.
     Skew {
         node: usize,
@@ -504,6 +510,8 @@ impl Scenario {
                 f.action,
                 FaultAction::Crash(_)
                     | FaultAction::Restart(_)
+                    | FaultAction::Pause(_)
+                    | FaultAction::Resume(_)
                     | FaultAction::Isolate(_)
                     | FaultAction::Heal(_)
                     | FaultAction::Link { .. }
@@ -771,6 +779,8 @@ fn parse_fault(f: &FaultFile, nodes: usize) -> Result<Fault, String> {
         }
         "crash" => FaultAction::Crash(need_node()?),
         "restart" => FaultAction::Restart(need_node()?),
+        "pause" => FaultAction::Pause(need_node()?),
+        "resume" => FaultAction::Resume(need_node()?),
         "skew" => FaultAction::Skew {
             node: need_node()?,
             offset_ns: signed_duration(
@@ -789,7 +799,7 @@ fn parse_fault(f: &FaultFile, nodes: usize) -> Result<Fault, String> {
         )?),
         other => {
             return Err(ctx(&format!(
-            "unknown action {other:?}: isolate, heal, link, one_way, crash, restart, skew, network"
+            "unknown action {other:?}: isolate, heal, link, one_way, crash, restart, pause, resume, skew, network"
         )))
         }
     };

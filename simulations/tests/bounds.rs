@@ -83,6 +83,7 @@ scenario_tests! {
     skew_5n_minus_500ms => "skew-5n-minus-500ms",
     loss_2pct_7n => "loss-2pct-7n",
     loss_5pct_7n => "loss-5pct-7n",
+    pause_3n => "pause-3n",
 }
 
 #[test]

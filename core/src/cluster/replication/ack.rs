@@ -51,31 +51,63 @@ impl AckTimes {
 }
 
 /// A peer's clock as seen from here: `peer clock − our clock`, smoothed,
-/// and the last round trip.
+/// the last round trip taken, and the shortest seen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClockEstimate {
     /// Estimated `peer clock − our clock`, in nanoseconds, smoothed.
     pub offset_ns: i64,
-    /// The last measured round trip.
+    /// The round trip of the last sample taken.
     pub rtt: Nanos,
+    /// The shortest round trip seen (creeping up while samples are refused,
+    /// so that a lasting change of path is adopted).
+    pub floor: Nanos,
 }
+
+/// How much slower than the shortest round trip a sample may be and still
+/// be taken: its offset error is at most half its round trip, so a sample
+/// read late (a paused or starved process on either side) would move the
+/// clock by up to half the pause.
+const RTT_SLACK: Nanos = Nanos::from_millis(1);
+
+/// What a refused sample adds to the floor, besides an eighth of it.
+const FLOOR_CREEP: Nanos = Nanos::from_micros(100);
 
 impl ClockEstimate {
     /// Folds in one acknowledgement: the first sample is taken as it is,
     /// later offsets move the estimate by an eighth of the difference.
-    /// Samples that cannot be real change nothing.
+    /// Samples that cannot be real change nothing, and a sample whose round
+    /// trip exceeds twice the shortest seen plus a millisecond is refused
+    /// (the minimum-delay filter of NTP, simplified): each refusal raises
+    /// the floor by an eighth and 0.1 ms, however late the sample, so a
+    /// lasting change of path is taken after a dozen or two samples while a
+    /// burst of frames read late moves nothing.
     pub fn update(self, times: AckTimes) -> ClockEstimate {
         let Some((offset, rtt)) = times.sample() else {
             return self;
         };
-        let offset_ns = if self.rtt == Nanos::ZERO {
-            offset as i64
+        let rtt = Nanos::new(rtt as u64);
+        if self.rtt == Nanos::ZERO {
+            return ClockEstimate {
+                offset_ns: offset as i64,
+                rtt,
+                floor: rtt,
+            };
+        }
+        let floor = if self.floor == Nanos::ZERO {
+            self.rtt
         } else {
-            (i128::from(self.offset_ns) * 7 / 8 + offset / 8) as i64
+            self.floor
         };
+        if rtt > floor * 2 + RTT_SLACK {
+            return ClockEstimate {
+                floor: (floor + Nanos::new(floor.as_u64() / 8) + FLOOR_CREEP).min(rtt),
+                ..self
+            };
+        }
         ClockEstimate {
-            offset_ns,
-            rtt: Nanos::new(rtt as u64),
+            offset_ns: (i128::from(self.offset_ns) * 7 / 8 + offset / 8) as i64,
+            rtt,
+            floor: floor.min(rtt),
         }
     }
 }
@@ -130,9 +162,12 @@ impl Replicator {
         }
         let times = AckTimes::of(a, now);
         if let Some(p) = self.peers.get_mut(&from) {
-            let est = p.clock().update(times);
-            p.clock_offset_ns = est.offset_ns;
-            p.rtt = est.rtt;
+            if a.echo_sent_at >= p.clock_since.as_u64() {
+                let est = p.clock().update(times);
+                p.clock_offset_ns = est.offset_ns;
+                p.rtt = est.rtt;
+                p.rtt_floor = est.floor;
+            }
         }
         let acked: Vec<u64> = a
             .rounds
@@ -196,10 +231,43 @@ mod tests {
     }
 
     #[test]
+    fn a_sample_read_late_is_refused_and_a_lasting_slower_path_is_taken() {
+        let ms = |n: u64| n * 1_000_000;
+        // 400 ns round trips, the peer 1,000 ns ahead.
+        let est = ClockEstimate::default().update(times(10_000, 11_200, 11_250, 10_450));
+        // Read 200 ms late (a pause): the offset would jump by 100 ms.
+        let late = times(ms(10), ms(210) + 1_200, ms(210) + 1_250, ms(210) + 1_450);
+        let after = est.update(late);
+        assert_eq!(after.offset_ns, est.offset_ns);
+        assert_eq!(after.rtt, est.rtt);
+        assert!(after.floor > est.floor);
+        // A path that is 5 ms each way from now on is taken after a while.
+        let mut e = after;
+        let mut taken = None;
+        for i in 0..200u64 {
+            let t1 = ms(1_000 + i * 10);
+            let next = e.update(times(
+                t1,
+                t1 + ms(5) + 1_000,
+                t1 + ms(5) + 1_000,
+                t1 + ms(10),
+            ));
+            if next.rtt == Nanos::new(ms(10)) && taken.is_none() {
+                taken = Some(i);
+            }
+            e = next;
+        }
+        let taken = taken.expect("a lasting slower path is adopted");
+        assert!((5..60).contains(&taken), "after {taken} samples");
+        assert!((e.offset_ns - 1_000).abs() < 50, "{e:?}");
+    }
+
+    #[test]
     fn impossible_samples_change_nothing() {
         let est = ClockEstimate {
             offset_ns: 5,
             rtt: Nanos::new(9),
+            floor: Nanos::new(9),
         };
         // Nothing echoed.
         assert_eq!(est.update(times(0, 1, 2, 3)), est);

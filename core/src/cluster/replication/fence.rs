@@ -39,6 +39,8 @@ impl Replicator {
                 if p.last_heard.is_some() {
                     p.last_heard = Some(now);
                 }
+                // Answers to frames sent before the stop were read late.
+                p.clock_since = now;
             }
             return;
         }

@@ -275,6 +275,12 @@ pub struct PeerState {
     pub fenced: bool,
     /// A frame to the peer was queued since the last heartbeat check.
     sent_recently: bool,
+    /// The shortest round trip to the peer seen (see [`ClockEstimate`]).
+    rtt_floor: Nanos,
+    /// Clock samples of our frames sent before this are not taken: the
+    /// peer (or this node) was silent or stopped around then, and frames
+    /// read late would skew the estimate by up to the silence.
+    clock_since: Nanos,
     /// The peer's newest report of whom it cannot hear, and when it came.
     reported_silent: Option<(Nanos, Vec<NodeSlot>)>,
     /// This peer's silence was found uncorroborated (counted once per
@@ -305,6 +311,7 @@ impl PeerState {
     /// The clock estimate as the acknowledgements left it.
     fn clock(&self) -> ClockEstimate {
         ClockEstimate {
+            floor: self.rtt_floor,
             offset_ns: self.clock_offset_ns,
             rtt: self.rtt,
         }

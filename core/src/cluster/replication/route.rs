@@ -140,7 +140,14 @@ impl Replicator {
         // Check everything about the frame before any state changes.
         check(&frame, from, self.cfg.own, self.recovering)?;
         self.add_peer(from);
+        let gap = self.cfg.sync_interval * 4;
         if let Some(p) = self.peers.get_mut(&from) {
+            // Heard again after a silence (it was paused, cut off, or just
+            // idle): what it answers now about our frames of before may
+            // have been read late, so those answers do not time clocks.
+            if p.last_heard.is_some_and(|t| now.saturating_sub(t) > gap) {
+                p.clock_since = now;
+            }
             p.last_heard = Some(now);
         }
         self.unfence(from, rules_digest);
