@@ -86,6 +86,15 @@ impl<C: Clock> NodeCore<C> {
                 left: true,
             },
         );
+        // It admits nothing more and shipped its last deltas before this:
+        // nobody waits for its acknowledgements or answers during the
+        // grace (its share stays reserved until it is forgotten).
+        self.live.remove(&from);
+        self.refunds.on_down(from);
+        self.register.handle_peer_down(now, from);
+        self.repl
+            .set_liveness(&*self.limiter, from, false, self.rules_digest());
+        self.limiter.set_share_view(self.share_view());
     }
 
     /// When the next member is due to be forgotten.

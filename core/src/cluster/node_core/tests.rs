@@ -248,6 +248,29 @@ fn two_cores_recover_from_each_other_and_agree_on_rules_without_io() {
 }
 
 #[test]
+fn a_leaving_member_is_no_longer_waited_for_and_is_forgotten_after_the_grace() {
+    let clock = Arc::new(ManualClock::new(Nanos::from_secs(1_700_000_000)));
+    let (mut cores, mut now) = pair(&clock);
+    assert!(cores[0].replicator().peers()[&NodeSlot::new(1)].live);
+    cores[1].finish(now);
+    // Only its Leave frame arrives (not SWIM's farewell gossip).
+    while let Some(t) = cores[1].poll_transmit() {
+        if t.bytes.get(1) == Some(&(crate::wire::Kind::Leave as u8)) {
+            cores[0].handle_frame(now, NodeSlot::new(1), &t.bytes);
+        }
+    }
+    // At once: nothing waits for it any more, its share is still reserved.
+    assert!(!cores[0].replicator().peers()[&NodeSlot::new(1)].live);
+    assert_eq!(cores[0].members(), &[NodeSlot::new(1)].into());
+    for _ in 0..60 {
+        now = now + Nanos::from_millis(5);
+        cores[0].handle_timeout(now);
+        while cores[0].poll_transmit().is_some() {}
+    }
+    assert!(cores[0].members().is_empty());
+}
+
+#[test]
 fn a_remembered_member_that_never_comes_back_is_forgotten_by_the_majority_only() {
     let clock = Arc::new(ManualClock::new(Nanos::from_secs(1_700_000_000)));
     let forget = Nanos::from_secs(2);
