@@ -97,10 +97,16 @@ impl<C: Clock> NodeCore<C> {
         self.limiter.set_share_view(self.share_view());
     }
 
-    /// When the next member is due to be forgotten.
+    /// When the next member is due to be forgotten: only members
+    /// [`forget_due`](Self::forget_due) would forget now (a node in the
+    /// minority forgets only those that left), so that a deadline it
+    /// cannot act on never becomes a timer that fires at once, forever.
+    /// The next input after it regains a majority re-arms the rest.
     pub(super) fn next_forget(&self) -> Option<Nanos> {
+        let minority = self.repl.in_minority();
         self.down
             .values()
+            .filter(|d| d.left || !minority)
             .map(|d| d.since + d.wait(self.cfg.forget_after))
             .min()
     }
