@@ -65,6 +65,7 @@ fn bands(s: &Scenario) -> Vec<(f64, f64)> {
             FaultAction::Heal(g) => (format!("p{g:?}"), false),
             FaultAction::Crash(n) => (format!("n{n}"), true),
             FaultAction::Restart(n) => (format!("n{n}"), false),
+            FaultAction::Leave(n) => (format!("n{n}"), true),
             FaultAction::Pause(n) => (format!("z{n}"), true),
             FaultAction::Resume(n) => (format!("z{n}"), false),
             FaultAction::Link { a, b, up } => (format!("l{a}-{b}"), !up),

@@ -142,6 +142,8 @@ fn describe(action: &FaultAction) -> String {
         }
         FaultAction::Crash(n) => format!("crash {n}"),
         FaultAction::Restart(n) => format!("restart {n}"),
+        FaultAction::Join => "join".into(),
+        FaultAction::Leave(n) => format!("leave {n}"),
         FaultAction::Pause(n) => format!("pause {n}"),
         FaultAction::Resume(n) => format!("resume {n}"),
         FaultAction::Skew { node, offset_ns } => {

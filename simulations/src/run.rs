@@ -95,6 +95,11 @@ fn cluster_spec(s: &Scenario, seed: u64) -> ClusterSpec {
     spec.max_keys = s.max_keys.max(s.total_keys() + 1);
     spec.confirm = s.confirm;
     spec.whole_core = s.whole_core;
+    spec.spare_slots = s
+        .faults
+        .iter()
+        .filter(|f| matches!(f.action, FaultAction::Join))
+        .count();
     if !s.correct_clocks {
         spec.max_clock_offset = None;
     }
@@ -308,6 +313,18 @@ impl Runner<'_> {
 
     fn apply(&mut self, action: &FaultAction) -> Result<(), String> {
         let n = self.c.node_count() as u16;
+        let named = match action {
+            FaultAction::Crash(x)
+            | FaultAction::Restart(x)
+            | FaultAction::Leave(x)
+            | FaultAction::Pause(x)
+            | FaultAction::Resume(x)
+            | FaultAction::Skew { node: x, .. } => Some(*x),
+            _ => None,
+        };
+        if named.is_some_and(|x| x >= usize::from(n)) {
+            return Err(format!("{action:?} names a node that has not joined"));
+        }
         match action {
             FaultAction::Isolate(group) | FaultAction::Heal(group) => {
                 let cut = matches!(action, FaultAction::Isolate(_));
@@ -370,6 +387,13 @@ impl Runner<'_> {
                 }
                 self.restarts.push((now, None));
                 self.waiting_admit.push((node, self.restarts.len() - 1));
+            }
+            FaultAction::Join => {
+                self.c.join()?;
+            }
+            &FaultAction::Leave(node) => {
+                self.c.leave(node);
+                self.state.down.insert(node);
             }
             &FaultAction::Pause(node) => {
                 self.c.pause(node);
@@ -460,9 +484,16 @@ impl Runner<'_> {
             .map_err(|e| e.to_string())?
             .is_allowed();
         let n = self.c.node_count();
+        // Nodes that joined later take their part of the traffic: the
+        // first node asked is spread over every node there is.
+        let first = if n > self.s.nodes {
+            (a.node as usize + (a.at / 1_000) as usize) % n
+        } else {
+            a.node as usize
+        };
         let mut answer = None;
         for i in 0..n {
-            let node = (a.node as usize + i) % n;
+            let node = (first + i) % n;
             match self.c.submit(node, &fields, 1) {
                 Ok(Submitted::Done(decision)) => {
                     answer = Some((node, decision));

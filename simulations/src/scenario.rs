@@ -181,6 +181,11 @@ pub enum FaultAction {
     },
     Crash(usize),
     Restart(usize),
+    /// A new node joins, with the next slot never used (membership
+    /// finds it; whole-core only).
+    Join,
+    /// The node leaves cleanly (drained): it tells its peers and exits.
+    Leave(usize),
     /// The node stops running (SIGSTOP): no timer fires, nothing is sent,
     /// frames for it wait unread; clients fail over to the next node.
     Pause(usize),
@@ -494,8 +499,11 @@ impl Scenario {
             return Err("a scenario needs at least one [[traffic]] group".into());
         }
         let mut faults = Vec::new();
+        // Nodes that join take the next indices; a fault may name them
+        // (the run refuses one that names a node not joined yet).
+        let joins = f.faults.iter().filter(|x| x.action == "join").count();
         for fault in &f.faults {
-            faults.push(parse_fault(fault, f.nodes)?);
+            faults.push(parse_fault(fault, f.nodes + joins)?);
         }
         // Stable: faults at the same time apply in file order.
         faults.sort_by_key(|f| f.at);
@@ -512,6 +520,8 @@ impl Scenario {
                     | FaultAction::Restart(_)
                     | FaultAction::Pause(_)
                     | FaultAction::Resume(_)
+                    | FaultAction::Join
+                    | FaultAction::Leave(_)
                     | FaultAction::Isolate(_)
                     | FaultAction::Heal(_)
                     | FaultAction::Link { .. }
@@ -779,6 +789,8 @@ fn parse_fault(f: &FaultFile, nodes: usize) -> Result<Fault, String> {
         }
         "crash" => FaultAction::Crash(need_node()?),
         "restart" => FaultAction::Restart(need_node()?),
+        "join" => FaultAction::Join,
+        "leave" => FaultAction::Leave(need_node()?),
         "pause" => FaultAction::Pause(need_node()?),
         "resume" => FaultAction::Resume(need_node()?),
         "skew" => FaultAction::Skew {
@@ -799,7 +811,7 @@ fn parse_fault(f: &FaultFile, nodes: usize) -> Result<Fault, String> {
         )?),
         other => {
             return Err(ctx(&format!(
-            "unknown action {other:?}: isolate, heal, link, one_way, crash, restart, pause, resume, skew, network"
+            "unknown action {other:?}: isolate, heal, link, one_way, crash, restart, join, leave, pause, resume, skew, network"
         )))
         }
     };

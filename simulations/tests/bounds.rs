@@ -84,6 +84,7 @@ scenario_tests! {
     loss_2pct_7n => "loss-2pct-7n",
     loss_5pct_7n => "loss-5pct-7n",
     pause_3n => "pause-3n",
+    churn => "churn",
 }
 
 #[test]

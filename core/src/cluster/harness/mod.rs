@@ -76,6 +76,9 @@ pub struct ClusterSpec {
     pub silence: SilencePolicy,
     /// The longest a confirmation waits on a silent peer.
     pub confirm_timeout: Nanos,
+    /// Slots for nodes that join later ([`MemCluster::join`]): every
+    /// node's table holds `nodes + spare_slots` slots.
+    pub spare_slots: usize,
     /// Steer every node's clock toward the cluster's and close a node's
     /// clock gate beyond this offset (`cluster::clock_sync`); `None` leaves
     /// every clock as it is (the earlier design, kept for comparison).
@@ -108,6 +111,7 @@ impl ClusterSpec {
             confirm_timeout: Nanos::from_millis(5),
             max_clock_offset: Some(crate::cluster::clock_sync::DEFAULT_MAX_CLOCK_OFFSET),
             clock_offsets: Vec::new(),
+            spare_slots: 0,
         }
     }
 }
@@ -129,6 +133,9 @@ struct SimNode {
     paused: bool,
     /// Frames that arrived while paused, read when it resumes.
     held: Vec<InFlight>,
+    /// Left the cluster cleanly: down, but what it sent before is still
+    /// delivered.
+    left: bool,
     incarnation: u64,
     /// Requests waiting for their confirmation: ticket → request id and
     /// what it would be answered if admitted.
@@ -224,12 +231,23 @@ impl MemCluster {
         recovering: bool,
         snapshot: Option<&[u8]>,
     ) -> Result<SimNode, String> {
+        // The first nodes know each other from the start; a later one
+        // (a join) knows nobody until it is connected.
+        let founders = slot.index() < self.spec.nodes;
+        let members: BTreeSet<NodeSlot> = if founders {
+            (0..self.spec.nodes as u16)
+                .map(NodeSlot::new)
+                .filter(|&s| s != slot)
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         let rules = RuleSet::from_toml(&self.spec.rules).map_err(|e| e.to_string())?;
         let local = Nanos::new((self.now.as_u64() as i64 + self.skew_of(slot)).max(0) as u64);
         let clock = Arc::new(ManualClock::new(local));
         let config = LimiterConfig {
             own_slot: slot,
-            slots: self.spec.nodes,
+            slots: self.spec.nodes + self.spec.spare_slots,
             max_keys: self.spec.max_keys,
             ..LimiterConfig::default()
         };
@@ -257,11 +275,8 @@ impl MemCluster {
             let cfg = CoreConfig {
                 name: node_name(slot),
                 slot,
-                members: (0..self.spec.nodes as u16)
-                    .map(NodeSlot::new)
-                    .filter(|&s| s != slot)
-                    .collect(),
-                alone_after: Some(Nanos::ZERO),
+                alone_after: founders.then_some(Nanos::ZERO),
+                members: members.clone(),
                 forget_after: DEFAULT_FORGET_AFTER,
                 policy: self.spec.policy,
                 inflight_ppm: self.spec.inflight_ppm,
@@ -281,8 +296,8 @@ impl MemCluster {
                 RulesVersion::new(0, 0, self.rules_digest),
                 local,
             );
-            for peer in 0..self.spec.nodes {
-                core.add_peer(self::slot(peer));
+            for &peer in &members {
+                core.add_peer(peer);
             }
             Driven::Core(Box::new(core))
         } else {
@@ -305,6 +320,7 @@ impl MemCluster {
             up: true,
             paused: false,
             held: Vec::new(),
+            left: false,
             incarnation,
             waiting: BTreeMap::new(),
         })
@@ -573,6 +589,45 @@ impl MemCluster {
             };
             self.completed.push((id, node, decision, self.now));
         }
+    }
+
+    /// A new node joins (whole-core clusters only): the next slot, never
+    /// used before, empty memory, knowing nobody; the transport connects
+    /// it to every node it can reach, and membership does the rest.
+    /// Returns its index.
+    pub fn join(&mut self) -> Result<usize, String> {
+        if !self.spec.whole_core {
+            return Err("joins need whole-core nodes (membership)".into());
+        }
+        let node = self.nodes.len();
+        if node >= self.spec.nodes + self.spec.spare_slots {
+            return Err(format!(
+                "no spare slot for a join ({} nodes, {} spare)",
+                self.spec.nodes, self.spec.spare_slots
+            ));
+        }
+        let fresh = self.boot_from(slot(node), 1, true, None)?;
+        self.nodes.push(fresh);
+        self.sync_clock(node);
+        for peer in 0..node {
+            if self.nodes[peer].up {
+                self.connect(slot(node), slot(peer));
+            }
+        }
+        Ok(node)
+    }
+
+    /// `node` leaves cleanly (whole-core clusters only), as a drained node
+    /// stops: it ships what is pending, tells its peers it is leaving and
+    /// exits. Its clients fail over.
+    pub fn leave(&mut self, node: usize) {
+        let local = self.local_now(node);
+        if let Driven::Core(core) = &mut self.nodes[node].repl {
+            core.finish(local);
+        }
+        self.flush(node);
+        self.crash(node);
+        self.nodes[node].left = true;
     }
 
     /// Starts a crashed node again: new process, next incarnation, empty

@@ -174,10 +174,8 @@ impl MemCluster {
 
     fn deliver(&mut self, f: InFlight) {
         let to = f.to.index();
-        if !self.nodes[to].up
-            || !self.nodes[f.from.index()].up
-            || self.cut.contains(&(f.from, f.to))
-        {
+        let from = &self.nodes[f.from.index()];
+        if !self.nodes[to].up || !(from.up || from.left) || self.cut.contains(&(f.from, f.to)) {
             return;
         }
         if self.nodes[to].paused {
