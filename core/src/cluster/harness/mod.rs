@@ -33,7 +33,7 @@ use crate::cluster::confirm::{Confirmations, Ticket};
 use crate::cluster::node_core::{CoreConfig, NodeCore, RulesVersion, DEFAULT_FORGET_AFTER};
 use crate::cluster::replication::{ReplicationConfig, Replicator, SilencePolicy};
 use crate::descriptor::Descriptors;
-use crate::limiter::{Begun, Check, CheckError, Decision, Limiter, LimiterConfig, Outcome};
+use crate::limiter::{Begun, Check, CheckError, Decision, Limiter, LimiterConfig};
 use crate::peer_set::PeerSet;
 use crate::rules::RuleSet;
 use crate::share::{SharePolicy, ShareView};
