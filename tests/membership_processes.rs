@@ -86,6 +86,20 @@ fn hammer(c: &ProcCluster, running: &[usize], user: &str, span: Duration) -> u64
     admitted
 }
 
+/// A cluster with room for `most` nodes (dead members forgotten after
+/// 2 s), of which slots 0 to 2 run, are ready and count each other.
+fn three_running(name: &str, most: usize) -> (ProcCluster, Vec<usize>) {
+    let mut c = ProcCluster::new(name, most, None, RULES);
+    c.extra_config = "forget_after = \"2s\"\n".into();
+    let running = vec![0, 1, 2];
+    for &slot in &running {
+        c.start(slot);
+    }
+    c.wait_ready(&running, Duration::from_secs(30));
+    wait_members(&mut c, &running, 3, Duration::from_secs(20));
+    (c, running)
+}
+
 #[test]
 fn a_cluster_grows_from_three_to_six_and_back_keeping_quotas_and_small_limits_exact() {
     let most: u16 = std::env::var("DRL_MEMBERSHIP_NODES")
@@ -93,14 +107,7 @@ fn a_cluster_grows_from_three_to_six_and_back_keeping_quotas_and_small_limits_ex
         .and_then(|n| n.parse().ok())
         .unwrap_or(6)
         .max(4);
-    let mut c = ProcCluster::new("members", usize::from(most), None, RULES);
-    c.extra_config = "forget_after = \"2s\"\n".into();
-    let mut running = vec![0, 1, 2];
-    for &slot in &running {
-        c.start(slot);
-    }
-    c.wait_ready(&running, Duration::from_secs(30));
-    wait_members(&mut c, &running, 3, Duration::from_secs(20));
+    let (mut c, mut running) = three_running("members", usize::from(most));
     assert_eq!(small_limit(&c, &running, "small-start", 20), 5);
 
     // Spend alice's hourly limit through node 0.
@@ -218,14 +225,7 @@ fn churn_keeps_quotas_and_small_limits_exact() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let most = 7usize;
-    let mut c = ProcCluster::new("churn", most, None, RULES);
-    c.extra_config = "forget_after = \"2s\"\n".into();
-    let mut running = vec![0, 1, 2];
-    for &slot in &running {
-        c.start(slot);
-    }
-    c.wait_ready(&running, Duration::from_secs(30));
-    wait_members(&mut c, &running, 3, Duration::from_secs(20));
+    let (mut c, mut running) = three_running("churn", most);
     let spent = c.spend(0, "alice", LIMIT, Duration::from_secs(30));
     assert!(
         spent + inflight_bound(3) >= LIMIT && spent <= LIMIT,

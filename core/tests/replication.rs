@@ -776,6 +776,38 @@ fn a_resumed_node_accuses_nobody_and_waits_for_its_peers() {
     assert_eq!(c.replicator(1).fenced(), 0);
 }
 
+/// Offers `requests` hits of one key alternately through nodes 0 and 1,
+/// one every 5 ms, and counts the admitted per 1 s window (of reference
+/// time; a confirmed hit counts in the window it was asked in).
+fn admitted_per_window_through_0_and_1(
+    c: &mut MemCluster,
+    requests: u64,
+) -> std::collections::BTreeMap<u64, u64> {
+    let mut windows = std::collections::BTreeMap::new();
+    let mut pending = std::collections::BTreeMap::new();
+    for i in 0..requests {
+        let now = c.now();
+        match c.submit((i % 2) as usize, &[("user", "cut")], 1) {
+            Ok(drl_core::cluster::harness::Submitted::Done(d)) if d.is_allowed() => {
+                *windows.entry(now.as_u64() / 1_000_000_000).or_insert(0u64) += 1;
+            }
+            Ok(drl_core::cluster::harness::Submitted::Waiting(id)) => {
+                pending.insert(id, now);
+            }
+            _ => {}
+        }
+        c.advance(Nanos::from_millis(5));
+        for (id, _, d, _) in c.take_completed() {
+            if let Some(at) = pending.remove(&id) {
+                if d.is_allowed() {
+                    *windows.entry(at.as_u64() / 1_000_000_000).or_insert(0u64) += 1;
+                }
+            }
+        }
+    }
+    windows
+}
+
 #[test]
 fn a_link_cut_between_two_nodes_that_both_hear_a_third_fences_neither() {
     // Nodes 0 and 1 cannot reach each other; both reach node 2, which
@@ -789,28 +821,7 @@ fn a_link_cut_between_two_nodes_that_both_hear_a_third_fences_neither() {
     let mut c = MemCluster::new(spec).unwrap();
     c.advance(ms(100));
     c.set_link(0, 1, false);
-    let mut admitted = std::collections::BTreeMap::new();
-    let mut pending = std::collections::BTreeMap::new();
-    for i in 0..600u64 {
-        let now = c.now();
-        match c.submit((i % 2) as usize, &[("user", "cut")], 1) {
-            Ok(drl_core::cluster::harness::Submitted::Done(d)) if d.is_allowed() => {
-                *admitted.entry(now.as_u64() / 1_000_000_000).or_insert(0u64) += 1;
-            }
-            Ok(drl_core::cluster::harness::Submitted::Waiting(id)) => {
-                pending.insert(id, now);
-            }
-            _ => {}
-        }
-        c.advance(ms(5));
-        for (id, _, d, _) in c.take_completed() {
-            if let Some(at) = pending.remove(&id) {
-                if d.is_allowed() {
-                    *admitted.entry(at.as_u64() / 1_000_000_000).or_insert(0u64) += 1;
-                }
-            }
-        }
-    }
+    let admitted = admitted_per_window_through_0_and_1(&mut c, 600);
     assert!((0..3).all(|n| c.replicator(n).fenced() == 0));
     assert!(c.replicator(0).stats().fences_withheld >= 1);
     assert!(admitted.values().all(|&n| n <= 100), "{admitted:?}");
@@ -842,30 +853,8 @@ fn non_transitive_cut_probe() {
         let mut c = MemCluster::new(spec).unwrap();
         c.advance(ms(100));
         c.set_link(0, 1, false);
-        let mut windows = std::collections::BTreeMap::new();
-        let mut pending = std::collections::BTreeMap::new();
         // 2x the limit through nodes 0 and 1 for 5 s.
-        for i in 0..1000u64 {
-            let node = (i % 2) as usize;
-            let now = c.now();
-            match c.submit(node, &[("user", "cut")], 1) {
-                Ok(drl_core::cluster::harness::Submitted::Done(d)) if d.is_allowed() => {
-                    *windows.entry(now.as_u64() / 1_000_000_000).or_insert(0u64) += 1;
-                }
-                Ok(drl_core::cluster::harness::Submitted::Waiting(id)) => {
-                    pending.insert(id, now);
-                }
-                _ => {}
-            }
-            c.advance(ms(5));
-            for (id, _, d, _) in c.take_completed() {
-                if let Some(at) = pending.remove(&id) {
-                    if d.is_allowed() {
-                        *windows.entry(at.as_u64() / 1_000_000_000).or_insert(0u64) += 1;
-                    }
-                }
-            }
-        }
+        let windows = admitted_per_window_through_0_and_1(&mut c, 1000);
         println!(
             "{name}: admitted per window {:?} (limit 100)",
             windows.values().collect::<Vec<_>>()

@@ -32,8 +32,9 @@ pub const DEFAULT_FORGET_AFTER: Nanos = Nanos::from_secs(30);
 const LEAVE_GRACE: Nanos = Nanos::from_millis(200);
 
 impl Down {
-    /// A member remembered from a previous run, not heard from yet.
-    pub(super) fn unheard(now: Nanos) -> Self {
+    /// A member declared dead from `now` on (or remembered from a
+    /// previous run and not heard from yet).
+    pub(super) fn dead(now: Nanos) -> Self {
         Down {
             since: now,
             left: false,
@@ -89,12 +90,18 @@ impl<C: Clock> NodeCore<C> {
         // It admits nothing more and shipped its last deltas before this:
         // nobody waits for its acknowledgements or answers during the
         // grace (its share stays reserved until it is forgotten).
-        self.live.remove(&from);
-        self.refunds.on_down(from);
-        self.register.handle_peer_down(now, from);
-        self.repl
-            .set_liveness(&*self.limiter, from, false, self.rules_digest());
+        self.stop_waiting_for_member(now, from);
         self.limiter.set_share_view(self.share_view());
+    }
+
+    /// `slot` is dead or leaving: refunds, rules changes and replication no
+    /// longer wait for it (its share stays reserved until it is forgotten).
+    fn stop_waiting_for_member(&mut self, now: Nanos, slot: NodeSlot) {
+        self.live.remove(&slot);
+        self.refunds.on_down(slot);
+        self.register.handle_peer_down(now, slot);
+        self.repl
+            .set_liveness(&*self.limiter, slot, false, self.rules_digest());
     }
 
     /// When the next member is due to be forgotten: only members
@@ -189,16 +196,9 @@ impl<C: Clock> NodeCore<C> {
                 });
             }
             MemberEvent::Down(m) => {
-                self.live.remove(&m.slot);
                 let now = self.now;
-                self.down.entry(m.slot).or_insert(Down {
-                    since: now,
-                    left: false,
-                });
-                self.refunds.on_down(m.slot);
-                self.register.handle_peer_down(self.now, m.slot);
-                self.repl
-                    .set_liveness(&*self.limiter, m.slot, false, self.rules_digest());
+                self.down.entry(m.slot).or_insert(Down::dead(now));
+                self.stop_waiting_for_member(now, m.slot);
                 self.events.push_back(CoreEvent::MemberDown {
                     slot: m.slot,
                     name: m.name,

@@ -209,11 +209,7 @@ impl<C: Clock> NodeCore<C> {
             // A remembered member is down until heard from: one that never
             // comes back is forgotten like any dead member, instead of
             // being reserved (and counted in majorities) for ever.
-            down: cfg
-                .members
-                .iter()
-                .map(|&s| (s, Down::unheard(now)))
-                .collect(),
+            down: cfg.members.iter().map(|&s| (s, Down::dead(now))).collect(),
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             confirmations: Confirmations::new(),
