@@ -9,9 +9,9 @@
 use std::path::PathBuf;
 
 use drl_core::wire::{
-    Ack, BucketSlot, DecodeError, Frame, Hearing, Hello, KeySlots, Leave, LimitGroup, RefundAnswer,
-    RefundAsk, RefundReply, RefundedLimit, ResetAck, ResetFrame, ResetKey, RulesAck, RulesFrame,
-    RulesId, Slots, Swim, VERSION,
+    Ack, BucketSlot, DecodeError, Frame, Hearing, Hello, KeySlots, Leave, LimitGroup, RecoveryDone,
+    RefundAnswer, RefundAsk, RefundReply, RefundedLimit, ResetAck, ResetFrame, ResetKey, RulesAck,
+    RulesFrame, RulesId, Slots, Swim, VERSION,
 };
 
 fn vectors() -> Vec<(&'static str, Frame)> {
@@ -161,6 +161,14 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             Frame::Hearing(Hearing {
                 slot: 1,
                 silent: vec![2, 300],
+            }),
+        ),
+        (
+            "recovery-done",
+            Frame::RecoveryDone(RecoveryDone {
+                slot: 2,
+                first: 4_294_967_296,
+                last: 4_294_967_300,
             }),
         ),
         (

@@ -10,7 +10,7 @@ use crate::key::{KeyDigest, LimitId};
 use crate::limiter::{Entry, Limiter, ShippedKeys};
 use crate::slot::{NodeSlot, PnSlot};
 use crate::time::{Clock, Nanos};
-use crate::window::{MergeOutcome, Ring};
+use crate::window::{MergeOutcome, Ring, SlotGrid};
 use crate::wire::{BucketSlot, Slots};
 
 pub use crate::key::CounterKey;
@@ -62,6 +62,14 @@ pub trait ReplicaStore {
         now: Nanos,
         slot: NodeSlot,
         f: &mut dyn FnMut(CounterKey, SlotValues),
+    );
+    /// The values of every slot `relay` accepts, of every key at `now`:
+    /// one call per key and slot with any.
+    fn each_relayed_values(
+        &self,
+        now: Nanos,
+        relay: &dyn Fn(NodeSlot) -> bool,
+        f: &mut dyn FnMut(NodeSlot, CounterKey, SlotValues),
     );
     /// Merges the values of `slot` that `s` carries, each with a per-slot
     /// maximum. Limits the store does not know are skipped.
@@ -184,6 +192,32 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
             table.for_each(|entry| {
                 if let Some(values) = entry_values(entry, now, slot) {
                     f(CounterKey::new(limit, entry.key()), values);
+                }
+            });
+        }
+    }
+
+    fn each_relayed_values(
+        &self,
+        now: Nanos,
+        relay: &dyn Fn(NodeSlot) -> bool,
+        f: &mut dyn FnMut(NodeSlot, CounterKey, SlotValues),
+    ) {
+        let mut slots = Vec::new();
+        for (limit, table) in self.tables() {
+            table.for_each(|entry| {
+                slots.clear();
+                entry.for_each_value(&mut |_, slot, _| {
+                    // Slots are below the table's slot count, a `u16`.
+                    let slot = NodeSlot::new(u16::try_from(slot).unwrap_or(u16::MAX));
+                    if relay(slot) && !slots.contains(&slot) {
+                        slots.push(slot);
+                    }
+                });
+                for &slot in &slots {
+                    if let Some(values) = entry_values(entry, now, slot) {
+                        f(slot, CounterKey::new(limit, entry.key()), values);
+                    }
                 }
             });
         }

@@ -68,6 +68,8 @@ pub enum Kind {
     Leave = 16,
     /// [`Frame::Hearing`].
     Hearing = 17,
+    /// [`Frame::RecoveryDone`].
+    RecoveryDone = 18,
 }
 
 impl Kind {
@@ -89,6 +91,7 @@ impl Kind {
             15 => Kind::RefundReply,
             16 => Kind::Leave,
             17 => Kind::Hearing,
+            18 => Kind::RecoveryDone,
             _ => return None,
         })
     }
@@ -268,7 +271,28 @@ pub enum Frame {
     /// Whom the sender cannot hear: a peer is fenced only when a majority
     /// cannot hear it.
     Hearing(Hearing),
+    /// The sender has sent every chunk of a recovery: the rounds it names
+    /// make it complete, whatever order their streams arrive in.
+    RecoveryDone(RecoveryDone),
 }
+
+/// The end of a recovery sent to a restarted or joining node: its own slot
+/// as the sender knows it, and the slots of nodes the sender cannot vouch
+/// will answer themselves (members that left, died or are out of reach),
+/// in Recovery frames numbered `first..=last`. The receiver counts the
+/// sender as answered once it holds every one of those rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryDone {
+    /// The sender's slot.
+    pub slot: u16,
+    /// The first Recovery round of this recovery.
+    pub first: u64,
+    /// The last Recovery round of this recovery.
+    pub last: u64,
+}
+
+/// Most Recovery frames one recovery may take.
+pub const MAX_RECOVERY_ROUNDS: u64 = 1 << 20;
 
 /// A node leaving the cluster cleanly (drained, scaled down): its peers
 /// stop counting it as a member instead of waiting for the failure
@@ -349,6 +373,7 @@ impl Frame {
             Frame::RefundReply(_) => Kind::RefundReply,
             Frame::Leave(_) => Kind::Leave,
             Frame::Hearing(_) => Kind::Hearing,
+            Frame::RecoveryDone(_) => Kind::RecoveryDone,
         }
     }
 
@@ -373,6 +398,7 @@ impl Frame {
             Frame::RefundReply(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Leave(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Hearing(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::RecoveryDone(b) => postcard::to_extend(b, std::mem::take(out)),
         };
         // Serialising plain structs into a Vec cannot fail.
         *out = body.unwrap_or_default();
@@ -413,6 +439,7 @@ impl Frame {
             Kind::RefundReply => Frame::RefundReply(body_of(kind, body)?),
             Kind::Leave => Frame::Leave(body_of(kind, body)?),
             Kind::Hearing => Frame::Hearing(body_of(kind, body)?),
+            Kind::RecoveryDone => Frame::RecoveryDone(body_of(kind, body)?),
         };
         frame.check()?;
         Ok(frame)
@@ -439,6 +466,11 @@ impl Frame {
             Frame::RefundReply(r) => r.check(),
             Frame::Hearing(h) if h.silent.len() > MAX_SUSPECTS => {
                 Err(DecodeError::Invalid("too many suspects"))
+            }
+            Frame::RecoveryDone(d)
+                if d.last < d.first || d.last - d.first >= MAX_RECOVERY_ROUNDS =>
+            {
+                Err(DecodeError::Invalid("recovery rounds out of range"))
             }
             _ => Ok(()),
         }

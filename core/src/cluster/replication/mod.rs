@@ -249,6 +249,10 @@ pub struct ReplicationStats {
     /// Times a silent peer was not fenced because a majority did not report
     /// it silent (a one-way or partial cut): it is still awaited.
     pub fences_withheld: u64,
+    /// Recovery frames sent with the slots of nodes that may not answer a
+    /// recovering node themselves (members that left, died or are out of
+    /// reach).
+    pub recovery_frames_relayed: u64,
     /// Hearing reports sent (whom this node cannot hear).
     pub hearing_sent: u64,
 }
@@ -293,6 +297,11 @@ pub struct PeerState {
     sync_out: Option<SyncOut>,
     /// The peer finished sending us our own slot after our restart.
     recovered_from: bool,
+    /// Rounds of the peer's Recovery frames received so far, and the
+    /// range its RecoveryDone names: complete when the first holds the
+    /// second (streams deliver frames in any order).
+    recovery_rounds: BTreeSet<u64>,
+    recovery_done: Option<(u64, u64)>,
     /// We hold the peer's whole state since it last came (back) up: its
     /// full sync has arrived. Until then its admissions while we could not
     /// hear it may be unknown here, and requests are confirmed.

@@ -76,8 +76,8 @@ fn carried_by(from: NodeSlot, carried: u16, expected: NodeSlot) -> Result<(), Fr
 }
 
 /// Checks everything about a decoded frame that does not depend on the
-/// replicator's state beyond `own` and `recovering`.
-fn check(frame: &Frame, from: NodeSlot, own: NodeSlot, recovering: bool) -> Result<(), FrameError> {
+/// replicator's state beyond `recovering`.
+fn check(frame: &Frame, from: NodeSlot, recovering: bool) -> Result<(), FrameError> {
     match frame {
         Frame::Hello(h) if h.slot != from.get() => Err(FrameError::HelloMismatch {
             from,
@@ -86,14 +86,14 @@ fn check(frame: &Frame, from: NodeSlot, own: NodeSlot, recovering: bool) -> Resu
         Frame::Delta(s) | Frame::Sync(s) | Frame::Claim(s) | Frame::Answer(s) => {
             carried_by(from, s.slot, from)
         }
-        Frame::Recovery(s) => {
-            carried_by(from, s.slot, own)?;
-            if recovering {
-                Ok(())
-            } else {
-                Err(FrameError::UnexpectedRecovery)
-            }
+        // Recovery carries this node's own slot and the slots the sender
+        // relays (members that left or died); merging takes a per-slot
+        // maximum, so a relayed value raises a count at most to what its
+        // owner sent.
+        Frame::Recovery(_) | Frame::RecoveryDone(_) if !recovering => {
+            Err(FrameError::UnexpectedRecovery)
         }
+        Frame::RecoveryDone(d) => carried_by(from, d.slot, from),
         Frame::Ack(a) => carried_by(from, a.slot, from),
         // Resets are not relayed: each comes from its origin.
         Frame::Reset(r) => carried_by(from, r.origin, from),
@@ -138,7 +138,12 @@ impl Replicator {
         }
         let frame = Frame::decode(bytes)?;
         // Check everything about the frame before any state changes.
-        check(&frame, from, self.cfg.own, self.recovering)?;
+        check(&frame, from, self.recovering)?;
+        if let Frame::Recovery(s) = &frame {
+            if usize::from(s.slot) >= store.slots() {
+                return Err(FrameError::UnknownSlot(NodeSlot::new(s.slot)));
+            }
+        }
         self.add_peer(from);
         let gap = self.cfg.sync_interval * 4;
         if let Some(p) = self.peers.get_mut(&from) {
@@ -185,14 +190,18 @@ impl Replicator {
                 }
             }
             Frame::Recovery(s) => {
-                self.merge_slots(now, self.cfg.own, &s, store);
+                self.merge_slots(now, NodeSlot::new(s.slot), &s, store);
                 self.note_received(now, from, &s);
-                if s.last {
-                    if let Some(p) = self.peers.get_mut(&from) {
-                        p.recovered_from = true;
-                    }
-                    self.check_recovered(now);
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.recovery_rounds.insert(s.round);
                 }
+                self.recovery_progress(now, from);
+            }
+            Frame::RecoveryDone(d) => {
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.recovery_done = Some((d.first, d.last));
+                }
+                self.recovery_progress(now, from);
             }
             Frame::Ack(a) => self.on_ack(now, from, &a, store),
             Frame::Claim(s) => self.on_claim(now, from, &s, store),
@@ -239,7 +248,7 @@ impl Replicator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{Ack, Hello};
+    use crate::wire::{Ack, Hello, RecoveryDone};
 
     fn slots(slot: u16) -> Slots {
         Slots {
@@ -253,10 +262,10 @@ mod tests {
 
     #[test]
     fn frames_must_carry_the_sender_s_own_slot() {
-        let (me, peer) = (NodeSlot::new(0), NodeSlot::new(1));
-        assert_eq!(check(&Frame::Delta(slots(1)), peer, me, false), Ok(()));
+        let peer = NodeSlot::new(1);
+        assert_eq!(check(&Frame::Delta(slots(1)), peer, false), Ok(()));
         assert_eq!(
-            check(&Frame::Sync(slots(2)), peer, me, false),
+            check(&Frame::Sync(slots(2)), peer, false),
             Err(FrameError::ForeignSlot {
                 from: peer,
                 carried: NodeSlot::new(2)
@@ -269,7 +278,7 @@ mod tests {
             received_at: 0,
             replied_at: 0,
         };
-        assert!(check(&Frame::Ack(ack), peer, me, false).is_err());
+        assert!(check(&Frame::Ack(ack), peer, false).is_err());
         let hello = Hello {
             slot: 2,
             name: "n".into(),
@@ -278,7 +287,7 @@ mod tests {
             recovering: false,
         };
         assert_eq!(
-            check(&Frame::Hello(hello), peer, me, false),
+            check(&Frame::Hello(hello), peer, false),
             Err(FrameError::HelloMismatch {
                 from: peer,
                 claimed: NodeSlot::new(2)
@@ -287,15 +296,29 @@ mod tests {
     }
 
     #[test]
-    fn recovery_carries_our_slot_and_only_while_recovering() {
-        let (me, peer) = (NodeSlot::new(0), NodeSlot::new(1));
-        assert_eq!(check(&Frame::Recovery(slots(0)), peer, me, true), Ok(()));
+    fn recovery_relays_any_slot_and_only_while_recovering() {
+        let peer = NodeSlot::new(1);
+        // Our own slot, and the slot of a member that left (relayed).
+        assert_eq!(check(&Frame::Recovery(slots(0)), peer, true), Ok(()));
+        assert_eq!(check(&Frame::Recovery(slots(2)), peer, true), Ok(()));
         assert_eq!(
-            check(&Frame::Recovery(slots(0)), peer, me, false),
+            check(&Frame::Recovery(slots(0)), peer, false),
+            Err(FrameError::UnexpectedRecovery)
+        );
+        let done = |slot| {
+            Frame::RecoveryDone(RecoveryDone {
+                slot,
+                first: 1,
+                last: 2,
+            })
+        };
+        assert_eq!(check(&done(1), peer, true), Ok(()));
+        assert_eq!(
+            check(&done(1), peer, false),
             Err(FrameError::UnexpectedRecovery)
         );
         assert!(matches!(
-            check(&Frame::Recovery(slots(1)), peer, me, true),
+            check(&done(2), peer, true),
             Err(FrameError::ForeignSlot { .. })
         ));
     }

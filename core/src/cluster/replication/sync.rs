@@ -9,7 +9,7 @@ use crate::key::CounterKey;
 use crate::share::SharePolicy;
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
-use crate::wire::{Frame, Hello, KeySlots, Slots, SlotsPacker};
+use crate::wire::{Frame, Hello, KeySlots, RecoveryDone, Slots, SlotsPacker};
 
 /// A full-sync chunk not yet acknowledged.
 #[derive(Clone, Debug)]
@@ -130,24 +130,113 @@ impl Replicator {
         self.send_sync_frames(now, to, frames, SyncKind::Full);
     }
 
-    /// The peer's own slot as we know it, for its recovery after a restart.
+    /// The peer's own slot as we know it, for its recovery after a restart
+    /// or its first start, then the slots of nodes that may not answer it
+    /// themselves (see [`relays`](Self::relays)), then a RecoveryDone
+    /// naming the rounds: the peer counts this node as answered once it
+    /// holds them all.
     fn recovery_sync(&mut self, now: Nanos, to: NodeSlot, store: &(impl ReplicaStore + ?Sized)) {
-        let start = self.next_round;
-        let mut frames = self.collect_slots(now, store, start, to);
+        let first = self.next_round;
+        let mut frames = self.collect_slots(now, store, first, to);
         for f in &mut frames {
             f.slot = to.get();
+            f.last = false;
         }
+        let relayed = self.collect_relayed(now, store, first + frames.len() as u64, to);
+        self.stats.recovery_frames_relayed += relayed.len() as u64;
+        frames.extend(relayed);
         if frames.is_empty() {
-            // Nothing known of its slot: still say so, so it need not wait.
+            // Nothing known of its slot or anyone else's: still say so, so
+            // it need not wait.
             frames.push(Slots {
                 slot: to.get(),
-                round: start,
+                round: first,
                 sent_at: now.as_u64(),
-                last: true,
+                last: false,
                 groups: Vec::new(),
             });
         }
+        let last = first + frames.len() as u64 - 1;
+        if let Some(f) = frames.last_mut() {
+            f.last = true;
+        }
         self.send_sync_frames(now, to, frames, SyncKind::Recovery);
+        let done = Frame::RecoveryDone(RecoveryDone {
+            slot: self.cfg.own.get(),
+            first,
+            last,
+        });
+        self.send(to, done.encode(), true);
+    }
+
+    /// Whether a recovery sent to `to` relays `slot`'s values: every slot
+    /// but this node's and `to`'s own, unless its owner is a member this
+    /// node hears and reaches now (it answers `to` itself). A member that
+    /// left, was forgotten, died, is fenced or is out of reach is relayed,
+    /// so a node that joins after it went still learns what it spent.
+    /// Merging is a per-slot maximum: a relayed value can raise a count
+    /// to what its owner sent, never above.
+    fn relays(&self, slot: NodeSlot, to: NodeSlot) -> bool {
+        slot != self.cfg.own
+            && slot != to
+            && !self
+                .peers
+                .get(&slot)
+                .is_some_and(|p| p.live && p.connected && !p.fenced)
+    }
+
+    /// The values of the slots [`relays`](Self::relays) picks for `to`,
+    /// in chunks numbered from `start`, each chunk of one slot.
+    fn collect_relayed(
+        &self,
+        now: Nanos,
+        store: &(impl ReplicaStore + ?Sized),
+        start: u64,
+        to: NodeSlot,
+    ) -> Vec<Slots> {
+        let mut packers: BTreeMap<NodeSlot, SlotsPacker> = BTreeMap::new();
+        let relay = |slot: NodeSlot| self.relays(slot, to);
+        store.each_relayed_values(now, &relay, &mut |slot, CounterKey { limit, key }, v| {
+            packers
+                .entry(slot)
+                .or_insert_with(|| {
+                    SlotsPacker::new(self.cfg.chunk_bytes, slot.get(), 0, now.as_u64())
+                })
+                .push(
+                    limit.0,
+                    v.newest,
+                    KeySlots {
+                        key: key.0,
+                        buckets: v.buckets,
+                    },
+                );
+        });
+        let mut frames: Vec<Slots> = packers
+            .into_values()
+            .flat_map(SlotsPacker::finish)
+            .collect();
+        for (round, f) in (start..).zip(&mut frames) {
+            f.round = round;
+            f.last = false;
+        }
+        frames
+    }
+
+    /// A Recovery frame or the RecoveryDone of `from` arrived: once every
+    /// round the latter names is here, `from` has answered.
+    pub(super) fn recovery_progress(&mut self, now: Nanos, from: NodeSlot) {
+        let Some(p) = self.peers.get_mut(&from) else {
+            return;
+        };
+        let Some((first, last)) = p.recovery_done else {
+            return;
+        };
+        let held = p.recovery_rounds.range(first..=last).count() as u64;
+        if held == last - first + 1 {
+            p.recovered_from = true;
+            p.recovery_rounds.clear();
+            self.check_recovered(now);
+        }
     }
 
     /// `slot`'s values of every key, in chunks numbered from `start`.
