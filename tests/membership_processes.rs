@@ -318,3 +318,57 @@ fn churn_keeps_quotas_and_small_limits_exact() {
     );
     assert!(over.is_empty(), "small limits over 5: {over:?}");
 }
+
+/// Two of three nodes are killed at once: the survivor is in the minority,
+/// forgets nobody by itself and admits only its in-flight share; an
+/// operator's `POST /v1/members/{slot}/forget` of both dead members gives
+/// it the whole cluster back. Refusals (itself, a stranger, no token)
+/// change nothing.
+#[test]
+fn an_operator_forgets_the_dead_majority_and_the_survivor_admits_again() {
+    let (mut c, _) = three_running("forget", 3);
+    c.kill9(1);
+    c.kill9(2);
+    // Detection (2 to 3 s) and past `forget_after` (2 s): still members.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(members(&c, 0), Some(3), "a minority forgets nobody");
+    let (code, body) = request(c.http[0], "GET", "/v1/members", "").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"minority\":true"), "{body}");
+    let before = small_limit(&c, &[0], "before", 10);
+    assert!(
+        before < 5,
+        "the minority admitted {before} of a 5/min limit"
+    );
+
+    for (path, want) in [
+        ("/v1/members/0/forget", 409),
+        ("/v1/members/9/forget", 404),
+        ("/v1/members/x/forget", 400),
+    ] {
+        assert_eq!(http(c.http[0], "POST", path, ""), Some(want), "{path}");
+    }
+    let no_token = std::net::TcpStream::connect(("127.0.0.1", c.http[0])).and_then(|mut s| {
+        use std::io::{Read, Write};
+        s.write_all(b"POST /v1/members/1/forget HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    });
+    assert!(no_token.unwrap().starts_with("HTTP/1.1 401"));
+    assert_eq!(members(&c, 0), Some(3), "refusals changed nothing");
+
+    for slot in [1, 2] {
+        let (code, body) =
+            request(c.http[0], "POST", &format!("/v1/members/{slot}/forget"), "").unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(members(&c, 0), Some(1));
+    let (_, body) = request(c.http[0], "GET", "/v1/members", "").unwrap();
+    assert!(body.contains("\"minority\":false"), "{body}");
+    assert_eq!(
+        small_limit(&c, &[0], "after", 10),
+        5,
+        "the whole limit again"
+    );
+}

@@ -9,9 +9,9 @@
 use std::path::PathBuf;
 
 use drl_core::wire::{
-    Ack, BucketSlot, DecodeError, Frame, Hearing, Hello, KeySlots, Leave, LimitGroup, RecoveryDone,
-    RefundAnswer, RefundAsk, RefundReply, RefundedLimit, ResetAck, ResetFrame, ResetKey, RulesAck,
-    RulesFrame, RulesId, Slots, Swim, VERSION,
+    Ack, BucketSlot, DecodeError, Forget, Frame, Hearing, Hello, KeySlots, Leave, LimitGroup,
+    RecoveryDone, RefundAnswer, RefundAsk, RefundReply, RefundedLimit, ResetAck, ResetFrame,
+    ResetKey, RulesAck, RulesFrame, RulesId, Slots, Swim, VERSION,
 };
 
 fn vectors() -> Vec<(&'static str, Frame)> {
@@ -161,6 +161,13 @@ fn vectors() -> Vec<(&'static str, Frame)> {
             Frame::Hearing(Hearing {
                 slot: 1,
                 silent: vec![2, 300],
+            }),
+        ),
+        (
+            "forget",
+            Frame::Forget(Forget {
+                slot: 0,
+                member: 300,
             }),
         ),
         (

@@ -27,6 +27,7 @@ mod check;
 pub mod client;
 mod counters;
 pub mod error;
+mod members;
 pub mod request;
 pub mod server;
 
@@ -80,6 +81,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/rules/validate", post(admin::validate_rules))
         .route("/v1/counters", post(counters::read))
         .route("/v1/counters/reset", post(counters::reset))
+        .route("/v1/members", get(members::list))
+        .route("/v1/members/{slot}/forget", post(members::forget))
         .layer(rules_limit);
     let api = Router::new()
         .route("/v1/check", post(check::check))
@@ -112,6 +115,8 @@ pub fn operations_router(state: AppState) -> Router {
         .route("/v1/rules/validate", post(admin::validate_rules))
         .route("/v1/counters", post(counters::read))
         .route("/v1/counters/reset", post(counters::reset))
+        .route("/v1/members", get(members::list))
+        .route("/v1/members/{slot}/forget", post(members::forget))
         .fallback(not_found)
         .layer(axum::middleware::map_response_with_state(
             state.clone(),

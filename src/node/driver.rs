@@ -170,6 +170,13 @@ impl Driver {
                 let (ticket, cleared) = self.core.handle_reset(now, &counters);
                 self.reset_waiters.insert(ticket, (cleared, reply));
             }
+            Command::ForgetMember { slot, reply } => {
+                let now = self.clock.now();
+                let outcome = self.core.handle_forget(now, NodeSlot::new(slot));
+                // The answer shows the members as they are now.
+                self.publish_status();
+                let _ = reply.send(outcome);
+            }
             Command::ForwardRefund {
                 issuer,
                 receipt,

@@ -102,7 +102,7 @@ pub enum NodeError {
     Journal(#[source] std::io::Error),
 }
 
-pub use drl_core::cluster::node_core::{PutRulesError, RulesOutcome, RulesVersion};
+pub use drl_core::cluster::node_core::{ForgetError, PutRulesError, RulesOutcome, RulesVersion};
 pub use files::{SnapshotLoad, SnapshotLoadError};
 
 use driver::Driver;
@@ -124,6 +124,11 @@ enum Command {
     ResetCounters {
         counters: Vec<CounterKey>,
         reply: tokio::sync::oneshot::Sender<ResetOutcome>,
+    },
+    /// An operator forgets a member gone for good, cluster-wide.
+    ForgetMember {
+        slot: u16,
+        reply: tokio::sync::oneshot::Sender<Result<(), ForgetError>>,
     },
     /// A refund of a receipt the node in `issuer` issued, to forward there.
     ForwardRefund {
@@ -295,6 +300,17 @@ impl NodeApi {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands
             .send(Command::ResetCounters { counters, reply })
+            .await
+            .map_err(|_| Stopping)?;
+        answer.await.map_err(|_| Stopping)
+    }
+    /// Forgets member `slot` here and at every member that does not hold
+    /// it alive (see `NodeCore::handle_forget`): an operator's answer to a
+    /// majority lost at once.
+    pub async fn forget_member(&self, slot: u16) -> Result<Result<(), ForgetError>, Stopping> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::ForgetMember { slot, reply })
             .await
             .map_err(|_| Stopping)?;
         answer.await.map_err(|_| Stopping)

@@ -70,6 +70,8 @@ pub enum Kind {
     Hearing = 17,
     /// [`Frame::RecoveryDone`].
     RecoveryDone = 18,
+    /// [`Frame::Forget`].
+    Forget = 19,
 }
 
 impl Kind {
@@ -92,6 +94,7 @@ impl Kind {
             16 => Kind::Leave,
             17 => Kind::Hearing,
             18 => Kind::RecoveryDone,
+            19 => Kind::Forget,
             _ => return None,
         })
     }
@@ -274,6 +277,19 @@ pub enum Frame {
     /// The sender has sent every chunk of a recovery: the rounds it names
     /// make it complete, whatever order their streams arrive in.
     RecoveryDone(RecoveryDone),
+    /// The sender's operator forgot a member gone for good: forget it too.
+    Forget(Forget),
+}
+
+/// An operator forgot `member` at the sender (`POST
+/// /v1/members/{slot}/forget`): every receiver that does not hold it alive
+/// forgets it too, whatever side of a split it is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forget {
+    /// The sender's slot.
+    pub slot: u16,
+    /// The member forgotten.
+    pub member: u16,
 }
 
 /// The end of a recovery sent to a restarted or joining node: its own slot
@@ -374,6 +390,7 @@ impl Frame {
             Frame::Leave(_) => Kind::Leave,
             Frame::Hearing(_) => Kind::Hearing,
             Frame::RecoveryDone(_) => Kind::RecoveryDone,
+            Frame::Forget(_) => Kind::Forget,
         }
     }
 
@@ -399,6 +416,7 @@ impl Frame {
             Frame::Leave(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Hearing(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::RecoveryDone(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::Forget(b) => postcard::to_extend(b, std::mem::take(out)),
         };
         // Serialising plain structs into a Vec cannot fail.
         *out = body.unwrap_or_default();
@@ -440,6 +458,7 @@ impl Frame {
             Kind::Leave => Frame::Leave(body_of(kind, body)?),
             Kind::Hearing => Frame::Hearing(body_of(kind, body)?),
             Kind::RecoveryDone => Frame::RecoveryDone(body_of(kind, body)?),
+            Kind::Forget => Frame::Forget(body_of(kind, body)?),
         };
         frame.check()?;
         Ok(frame)

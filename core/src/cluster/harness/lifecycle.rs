@@ -117,3 +117,26 @@ impl MemCluster {
         Ok(())
     }
 }
+
+impl MemCluster {
+    /// An operator forgets member `slot` at `node` (whole-core clusters
+    /// only; see [`NodeCore::handle_forget`](crate::cluster::node_core::NodeCore::handle_forget)).
+    pub fn forget_member(&mut self, node: usize, slot: usize) -> Result<(), String> {
+        let local = self.local_now(node);
+        let Driven::Core(core) = &mut self.nodes[node].repl else {
+            return Err("forgetting needs whole-core nodes (membership)".into());
+        };
+        let result = core.handle_forget(local, super::driven::slot(slot));
+        self.flush(node);
+        result.map_err(|e| e.to_string())
+    }
+
+    /// The members `node` counts, itself excluded (whole-core clusters;
+    /// empty otherwise).
+    pub fn members(&self, node: usize) -> Vec<usize> {
+        match &self.nodes[node].repl {
+            Driven::Core(core) => core.members().iter().map(|s| s.index()).collect(),
+            Driven::Replicator(..) => Vec::new(),
+        }
+    }
+}

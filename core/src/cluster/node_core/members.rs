@@ -8,10 +8,12 @@ use std::collections::BTreeSet;
 
 use super::{CoreConfig, CoreEvent, NodeCore};
 use crate::cluster::membership::MemberEvent;
+use crate::cluster::replication::Transmit;
 use crate::peer_set::PeerSet;
 use crate::share::ShareView;
 use crate::slot::NodeSlot;
 use crate::time::{Clock, Nanos};
+use crate::wire::Frame;
 
 /// A member declared dead, or leaving.
 #[derive(Clone, Copy, Debug)]
@@ -19,6 +21,20 @@ pub(super) struct Down {
     since: Nanos,
     /// It said it was leaving: forgotten after [`LEAVE_GRACE`].
     left: bool,
+}
+
+/// Why an operator's forget was refused. It changed nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ForgetError {
+    /// The node cannot forget itself.
+    #[error("a node cannot forget itself")]
+    Itself,
+    /// The slot is not a member this node knows.
+    #[error("{0} is not a member")]
+    NotMember(NodeSlot),
+    /// The failure detector holds the member alive.
+    #[error("{0} is alive: stop it first (a clean stop leaves by itself)")]
+    Alive(NodeSlot),
 }
 
 /// How long a member declared dead stays one, unless configured otherwise:
@@ -136,23 +152,88 @@ impl<C: Clock> NodeCore<C> {
             return;
         }
         for slot in due {
-            self.down.remove(&slot);
-            if !self.members.remove(&slot) {
-                continue;
-            }
-            tracing::info!(
-                slot = slot.get(),
-                "member forgotten: its share is no longer reserved"
+            self.forget(
+                now,
+                slot,
+                "member forgotten: its share is no longer reserved",
             );
-            self.known.remove(&slot);
-            self.live.remove(&slot);
-            self.addrs.remove(&slot);
-            self.refunds.on_down(slot);
-            self.register.handle_peer_down(now, slot);
-            self.repl.remove_peer(&*self.limiter, slot);
         }
         self.membership_changed(now);
         self.dial_peers();
+    }
+
+    /// Drops `slot` from the members: its share is no longer reserved and
+    /// majorities no longer count it. Its counts stay in every counter.
+    fn forget(&mut self, now: Nanos, slot: NodeSlot, why: &'static str) {
+        self.down.remove(&slot);
+        if !self.members.remove(&slot) {
+            return;
+        }
+        tracing::info!(slot = slot.get(), "{why}");
+        self.known.remove(&slot);
+        self.live.remove(&slot);
+        self.addrs.remove(&slot);
+        self.refunds.on_down(slot);
+        self.register.handle_peer_down(now, slot);
+        self.repl.remove_peer(&*self.limiter, slot);
+    }
+
+    /// An operator forgets a member now, whatever side of a split this node
+    /// is on, and tells every other member to do the same: for members
+    /// known to be gone for good when half the cluster or more was lost at
+    /// once, which the survivors, in the minority, would otherwise wait
+    /// for forever. Refused for this node itself, a slot that is not a
+    /// member, and a member the failure detector holds alive (forgetting a
+    /// running node would stop reserving its share while it admits). A
+    /// member that is only cut off, forgotten on both sides of a split,
+    /// lets each side admit the whole limit: the caller must know it is
+    /// gone.
+    pub fn handle_forget(&mut self, now: Nanos, slot: NodeSlot) -> Result<(), ForgetError> {
+        self.saw(now);
+        if slot == self.cfg.slot {
+            return Err(ForgetError::Itself);
+        }
+        if !self.members.contains(&slot) {
+            return Err(ForgetError::NotMember(slot));
+        }
+        if self.live.contains(&slot) {
+            return Err(ForgetError::Alive(slot));
+        }
+        self.forget(now, slot, "member forgotten by an operator");
+        self.membership_changed(now);
+        self.dial_peers();
+        let frame = Frame::Forget(crate::wire::Forget {
+            slot: self.cfg.slot.get(),
+            member: slot.get(),
+        })
+        .encode();
+        for &to in &self.members {
+            self.outbox.push_back(Transmit {
+                to,
+                bytes: frame.clone(),
+                reliable: true,
+            });
+        }
+        self.after_input();
+        Ok(())
+    }
+
+    /// A peer's operator forgot `member`: so does this node, unless the
+    /// member is this node or one it holds alive.
+    pub(super) fn on_forget(&mut self, now: Nanos, from: NodeSlot, member: NodeSlot) {
+        if member == self.cfg.slot || self.live.contains(&member) {
+            tracing::warn!(
+                from = from.get(),
+                member = member.get(),
+                "a peer forgot a member this node holds alive: not forgotten here"
+            );
+            return;
+        }
+        if self.members.contains(&member) {
+            self.forget(now, member, "member forgotten by an operator on a peer");
+            self.membership_changed(now);
+            self.dial_peers();
+        }
     }
 
     /// Keeps connections to every peer this node has reached or heard of

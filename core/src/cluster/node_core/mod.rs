@@ -51,7 +51,7 @@ use crate::wire::{Frame, Kind, Swim};
 
 pub use crate::cluster::rules_register::{RulesOutcome, RulesTicket, RulesVersion};
 use members::Down;
-pub use members::{members_view, DEFAULT_FORGET_AFTER};
+pub use members::{members_view, ForgetError, DEFAULT_FORGET_AFTER};
 pub use rules::{PreparedRules, PutRulesError};
 
 /// What the core settles on its own.
@@ -329,6 +329,7 @@ impl<C: Clock> NodeCore<C> {
             Ok(Delivered::RefundAsk(ask)) => self.on_refund_ask(now, from, ask),
             Ok(Delivered::RefundReply(reply)) => self.on_refund_reply(from, &reply),
             Ok(Delivered::Leave(leave)) => self.on_leave(now, from, leave.incarnation),
+            Ok(Delivered::Forget(f)) => self.on_forget(now, from, NodeSlot::new(f.member)),
             Ok(Delivered::Rules(rules)) => self.on_peer_rules(from, rules),
             Ok(Delivered::RulesAck(ack)) => {
                 self.register

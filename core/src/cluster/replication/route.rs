@@ -6,8 +6,8 @@ use super::{ReplicaStore, Replicator};
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
 use crate::wire::{
-    DecodeError, Frame, Leave, RefundAsk, RefundReply, ResetAck, ResetFrame, RulesAck, RulesFrame,
-    Slots,
+    DecodeError, Forget, Frame, Leave, RefundAsk, RefundReply, ResetAck, ResetFrame, RulesAck,
+    RulesFrame, Slots,
 };
 
 /// What an accepted frame leaves for the caller.
@@ -31,6 +31,8 @@ pub enum Delivered {
     RefundReply(RefundReply),
     /// A peer is leaving the cluster cleanly.
     Leave(Leave),
+    /// A peer's operator forgot a member.
+    Forget(Forget),
 }
 
 /// Why an incoming frame was refused. The frame changed nothing.
@@ -101,6 +103,7 @@ fn check(frame: &Frame, from: NodeSlot, recovering: bool) -> Result<(), FrameErr
         Frame::RefundAsk(r) => carried_by(from, r.slot, from),
         Frame::RefundReply(r) => carried_by(from, r.slot, from),
         Frame::Leave(l) => carried_by(from, l.slot, from),
+        Frame::Forget(f) => carried_by(from, f.slot, from),
         Frame::Hearing(h) => carried_by(from, h.slot, from),
         _ => Ok(()),
     }
@@ -222,6 +225,7 @@ impl Replicator {
             Frame::RefundAsk(r) => return Ok(Delivered::RefundAsk(r)),
             Frame::RefundReply(r) => return Ok(Delivered::RefundReply(r)),
             Frame::Leave(l) => return Ok(Delivered::Leave(l)),
+            Frame::Forget(f) => return Ok(Delivered::Forget(f)),
             Frame::Hearing(h) => self.on_hearing(now, from, &h),
         }
         if let Some(keys) = carried {
