@@ -130,3 +130,28 @@ fn a_node_that_joins_after_a_member_is_forgotten_counts_its_spends() {
     let n = join_and_open(&mut c);
     the_rest_only(&mut c, n, spent);
 }
+
+#[test]
+fn a_newcomer_waits_for_the_members_its_seed_vouches_for_and_asks_again() {
+    let mut c = cluster(53);
+    let spent = spend(&mut c, &[1], 100);
+    assert_eq!(spent, 100);
+    c.advance(Nanos::from_millis(200));
+    // The newcomer reaches node 0 only; its first frames to and from the
+    // others are lost.
+    c.set_link(3, 1, false);
+    c.set_link(3, 2, false);
+    let n = c.join().unwrap();
+    c.advance(Nanos::from_secs(1));
+    assert!(
+        !c.limiter(n).is_admitting(),
+        "node 0 vouched for nodes 1 and 2: the newcomer waits for them"
+    );
+    c.set_link(3, 1, true);
+    c.set_link(3, 2, true);
+    // It asks the silent members again after the recovery timeout (3 s).
+    c.advance(Nanos::from_secs(3));
+    assert!(c.limiter(n).is_admitting(), "opened once they answered");
+    assert!(c.replicator(n).stats().recovery_retries > 0);
+    the_rest_only(&mut c, n, spent);
+}

@@ -176,6 +176,7 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 slot: 2,
                 first: 4_294_967_296,
                 last: 4_294_967_300,
+                vouched: vec![1, 300],
             }),
         ),
         (

@@ -297,7 +297,7 @@ pub struct Forget {
 /// will answer themselves (members that left, died or are out of reach),
 /// in Recovery frames numbered `first..=last`. The receiver counts the
 /// sender as answered once it holds every one of those rounds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecoveryDone {
     /// The sender's slot.
     pub slot: u16,
@@ -305,6 +305,10 @@ pub struct RecoveryDone {
     pub first: u64,
     /// The last Recovery round of this recovery.
     pub last: u64,
+    /// The members the sender hears and reaches now (the receiver
+    /// excluded): their slots were not relayed, so the receiver waits for
+    /// their own answers before it admits. At most [`MAX_SUSPECTS`].
+    pub vouched: Vec<u16>,
 }
 
 /// Most Recovery frames one recovery may take.
@@ -490,6 +494,9 @@ impl Frame {
                 if d.last < d.first || d.last - d.first >= MAX_RECOVERY_ROUNDS =>
             {
                 Err(DecodeError::Invalid("recovery rounds out of range"))
+            }
+            Frame::RecoveryDone(d) if d.vouched.len() > MAX_SUSPECTS => {
+                Err(DecodeError::Invalid("too many vouched members"))
             }
             _ => Ok(()),
         }

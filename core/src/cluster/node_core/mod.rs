@@ -335,7 +335,12 @@ impl<C: Clock> NodeCore<C> {
                 self.register
                     .handle_ack(now, from, ack.offered, ack.current)
             }
-            Ok(Delivered::Applied) if hello => self.introduce(now, from),
+            Ok(Delivered::Applied) if hello => {
+                self.introduce(now, from);
+                for slot in self.repl.take_rules_wanted() {
+                    self.send_rules(slot);
+                }
+            }
             Ok(Delivered::Applied) => {}
             Err(e) => tracing::debug!(from = from.get(), error = %e, "frame refused"),
         }

@@ -253,6 +253,9 @@ pub struct ReplicationStats {
     /// recovering node themselves (members that left, died or are out of
     /// reach).
     pub recovery_frames_relayed: u64,
+    /// Hellos sent again to peers that had not answered this node's
+    /// recovery within `recovery_timeout`.
+    pub recovery_retries: u64,
     /// Hearing reports sent (whom this node cannot hear).
     pub hearing_sent: u64,
 }
@@ -356,12 +359,22 @@ pub struct Replicator {
     /// next repeated.
     suspects_sent: Vec<NodeSlot>,
     next_hearing: Nanos,
+    /// Members a recovery answer vouched for: the gate waits for their own
+    /// answers too (until `recovery_timeout`, then a majority suffices).
+    awaited: BTreeSet<NodeSlot>,
+    /// When a recovering node next asks its silent peers again.
+    next_recovery_retry: Nanos,
+    /// The rules digest of the last hello sent.
+    rules_digest: u64,
+    /// Peers that asked for our rules again.
+    rules_wanted: Vec<NodeSlot>,
 }
 
 impl Replicator {
     /// `recovering`: this node has restarted and must recover its own slots
     /// before it admits.
     pub fn new(cfg: ReplicationConfig, incarnation: u64, recovering: bool, now: Nanos) -> Self {
+        let cfg_recovery_timeout = cfg.recovery_timeout;
         Replicator {
             next_tick: now + cfg.sync_interval,
             cfg,
@@ -385,6 +398,10 @@ impl Replicator {
             last_fence_check: None,
             suspects_sent: Vec::new(),
             next_hearing: now,
+            awaited: BTreeSet::new(),
+            next_recovery_retry: now + cfg_recovery_timeout,
+            rules_digest: 0,
+            rules_wanted: Vec::new(),
         }
     }
 
@@ -448,6 +465,7 @@ impl Replicator {
     /// Removes a member that left for good: nobody waits for it any more.
     pub fn remove_peer(&mut self, store: &(impl ReplicaStore + ?Sized), slot: NodeSlot) {
         self.peers.remove(&slot);
+        self.awaited.remove(&slot);
         self.stop_waiting_for(store, slot, u64::MAX);
         self.stop_claims_waiting_for(slot);
     }
@@ -584,6 +602,7 @@ impl Replicator {
         self.next_tick = now + self.cfg.sync_interval;
         store.prune_confirming(now);
         self.check_recovered(now);
+        self.retry_recovery(now);
         self.fence_silent(now, store);
         self.ship_deltas(now, store);
         self.resend_lost(now, store);

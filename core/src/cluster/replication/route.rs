@@ -204,6 +204,13 @@ impl Replicator {
                 if let Some(p) = self.peers.get_mut(&from) {
                     p.recovery_done = Some((d.first, d.last));
                 }
+                let own = self.cfg.own;
+                self.awaited.extend(
+                    d.vouched
+                        .iter()
+                        .map(|&s| NodeSlot::new(s))
+                        .filter(|&s| s != own && s != from),
+                );
                 self.recovery_progress(now, from);
             }
             Frame::Ack(a) => self.on_ack(now, from, &a, store),
@@ -314,6 +321,7 @@ mod tests {
                 slot,
                 first: 1,
                 last: 2,
+                vouched: Vec::new(),
             })
         };
         assert_eq!(check(&done(1), peer, true), Ok(()));

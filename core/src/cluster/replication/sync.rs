@@ -44,8 +44,35 @@ fn majority_answers(expected_peers: usize) -> usize {
 }
 
 impl Replicator {
+    /// While recovering, every `recovery_timeout`: the hello again to each
+    /// connected peer that has not answered, so that an answer (or rules)
+    /// lost at start is sent again instead of waited for.
+    pub(super) fn retry_recovery(&mut self, now: Nanos) {
+        if !self.recovering || now < self.next_recovery_retry {
+            return;
+        }
+        self.next_recovery_retry = now + self.cfg.recovery_timeout;
+        let silent: Vec<NodeSlot> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connected && !self.answered(p))
+            .map(|(&s, _)| s)
+            .collect();
+        for slot in silent {
+            self.stats.recovery_retries += 1;
+            self.introduce(slot, self.rules_digest);
+        }
+    }
+
+    /// Peers that asked for our rules again (see `on_hello`), for the
+    /// owner of the rules to send them.
+    pub fn take_rules_wanted(&mut self) -> Vec<NodeSlot> {
+        std::mem::take(&mut self.rules_wanted)
+    }
+
     /// Our hello: the peer answers it with its whole own state.
     pub(super) fn introduce(&mut self, slot: NodeSlot, rules_digest: u64) {
+        self.rules_digest = rules_digest;
         let hello = Frame::Hello(Hello {
             slot: self.cfg.own.get(),
             name: self.cfg.name.clone(),
@@ -69,6 +96,11 @@ impl Replicator {
         }
         let mut returned = false;
         if let Some(p) = self.peers.get_mut(&from) {
+            if h.recovering && p.incarnation == Some(h.incarnation) && p.connected {
+                // Asked again (its recovery is taking long): our rules
+                // too, in case they were what it missed.
+                self.rules_wanted.push(from);
+            }
             p.incarnation = Some(h.incarnation);
             p.name = h.name;
             p.connected = true;
@@ -161,10 +193,17 @@ impl Replicator {
             f.last = true;
         }
         self.send_sync_frames(now, to, frames, SyncKind::Recovery);
+        let vouched = self
+            .peers
+            .keys()
+            .filter(|&&s| s != to && !self.relays(s, to))
+            .map(|s| s.get())
+            .collect();
         let done = Frame::RecoveryDone(RecoveryDone {
             slot: self.cfg.own.get(),
             first,
             last,
+            vouched,
         });
         self.send(to, done.encode(), true);
     }
@@ -337,7 +376,13 @@ impl Replicator {
             // Nobody known: the first node of a new cluster, when allowed.
             return self.cfg.alone_after.is_some_and(|d| elapsed >= d);
         }
-        if answered >= self.cfg.expected_peers {
+        // Every known member answered, and every member the answers vouched
+        // for (one a seed hears, that this node has not met yet) too.
+        let vouched_answered = self
+            .awaited
+            .iter()
+            .all(|s| self.peers.get(s).is_some_and(|p| self.answered(p)));
+        if answered >= self.cfg.expected_peers && vouched_answered {
             return true;
         }
         let waited = self.recovery_started.is_some() && elapsed >= self.cfg.recovery_timeout;
