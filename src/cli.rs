@@ -160,6 +160,18 @@ pub enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// List a node's members, or forget members gone for good.
+    Members {
+        /// Forget this member (repeat for several), here and at every
+        /// member that does not hold it alive: only for members gone for
+        /// good when half the cluster or more was lost at once, never for
+        /// one that is only cut off.
+        #[arg(long = "forget", value_name = "SLOT")]
+        forget: Vec<u16>,
+        /// The node to ask.
+        #[command(flatten)]
+        admin: remote::AdminArgs,
+    },
     /// Write a development cluster CA and node certificates.
     Certs(CertsArgs),
     /// Generate load against one or more nodes and report throughput and latency.
@@ -303,6 +315,10 @@ pub fn execute(cli: Cli) -> ExitCode {
                 None => validate_rules(&file),
                 Some(node) => remote::rules_validate(&file, &node, token.as_deref()),
             },
+        },
+        Command::Members { forget, admin } => match forget.as_slice() {
+            [] => remote::members_list(&admin),
+            slots => remote::members_forget(&admin, slots),
         },
         Command::Certs(args) => certs(&args),
         Command::Load(args) => load::run_load(&args),

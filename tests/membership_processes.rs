@@ -358,11 +358,35 @@ fn an_operator_forgets_the_dead_majority_and_the_survivor_admits_again() {
     assert!(no_token.unwrap().starts_with("HTTP/1.1 401"));
     assert_eq!(members(&c, 0), Some(3), "refusals changed nothing");
 
-    for slot in [1, 2] {
-        let (code, body) =
-            request(c.http[0], "POST", &format!("/v1/members/{slot}/forget"), "").unwrap();
-        assert_eq!(code, 200, "{body}");
-    }
+    // One through the HTTP API, one through the CLI.
+    let (code, body) = request(c.http[0], "POST", "/v1/members/1/forget", "").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let node = format!("http://127.0.0.1:{}", c.http[0]);
+    let drl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_drl"))
+            .args(args)
+            .args(["--node", &node, "--token", "tok"])
+            .output()
+            .unwrap()
+    };
+    let listed = drl(&["members"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success() && text.contains("in the minority"),
+        "{text}"
+    );
+    assert!(
+        text.contains("slot 2") && text.contains("dead or unreachable"),
+        "{text}"
+    );
+    let refused = drl(&["members", "--forget", "0"]);
+    assert_eq!(refused.status.code(), Some(2), "a refusal is an error");
+    let forgot = drl(&["members", "--forget", "2"]);
+    let text = String::from_utf8_lossy(&forgot.stdout);
+    assert!(
+        forgot.status.success() && text.contains("slot 2 forgotten"),
+        "{text}"
+    );
     assert_eq!(members(&c, 0), Some(1));
     let (_, body) = request(c.http[0], "GET", "/v1/members", "").unwrap();
     assert!(body.contains("\"minority\":false"), "{body}");

@@ -1,6 +1,6 @@
-//! Commands that talk to a node over HTTP: `drl check --node` and
+//! Commands that talk to a node over HTTP: `drl check --node`,
 //! `drl rules get|put|validate` (`put` against the version it read first,
-//! with If-Match, unless `--force`).
+//! with If-Match, unless `--force`) and `drl members [--forget SLOT]`.
 
 use std::path::Path;
 
@@ -258,5 +258,71 @@ pub fn rules_validate(file: &Path, node: &str, token: Option<&str>) -> Result<()
     let json = answer.json();
     println!("{}: ok", file.display());
     print_limits(&json);
+    Ok(())
+}
+
+fn print_members(json: &serde_json::Value) {
+    println!(
+        "{} (slot {}){}",
+        json["name"].as_str().unwrap_or("?"),
+        json["slot"],
+        if json["minority"].as_bool() == Some(true) {
+            ": in the minority (it forgets no member that died; forget those gone for good with `drl members --forget SLOT`)"
+        } else {
+            ""
+        }
+    );
+    for m in json["members"].as_array().into_iter().flatten() {
+        let state = match (m["live"].as_bool(), m["connected"].as_bool()) {
+            (Some(true), Some(true)) => "live",
+            (Some(true), _) => "live, not connected",
+            _ => "dead or unreachable",
+        };
+        println!(
+            "  slot {:<5} {:<24} {state}",
+            m["slot"],
+            m["name"].as_str().unwrap_or("")
+        );
+    }
+}
+
+/// `drl members`: the members a node counts, and whether it is in the
+/// minority.
+pub fn members_list(args: &AdminArgs) -> Result<(), CliError> {
+    let answer = runtime()?.block_on(admin_request(
+        &args.node,
+        args.token.as_deref(),
+        "GET",
+        "/v1/members",
+        b"",
+    ))?;
+    if answer.status != 200 {
+        return Err(refused(&answer));
+    }
+    print_members(&answer.json());
+    Ok(())
+}
+
+/// `drl members --forget SLOT...`: one forget per slot, in order; stops at
+/// the first refusal (which changed nothing) and prints the members after.
+pub fn members_forget(args: &AdminArgs, slots: &[u16]) -> Result<(), CliError> {
+    let token = args.token.as_deref();
+    let last = runtime()?.block_on(async {
+        let mut conn = Connection::open(&args.node).await?;
+        let mut last = None;
+        for slot in slots {
+            let path = format!("/v1/members/{slot}/forget");
+            let answer = admin_call(&mut conn, token, "POST", &path, &[], b"").await?;
+            if answer.status != 200 {
+                return Err(refused(&answer));
+            }
+            println!("slot {slot} forgotten");
+            last = Some(answer);
+        }
+        Ok(last)
+    })?;
+    if let Some(answer) = last {
+        print_members(&answer.json());
+    }
     Ok(())
 }

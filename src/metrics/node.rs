@@ -163,6 +163,8 @@ impl NodeCollector {
             ("peers_fenced", "Times a peer silent for fence_after was fenced (its acknowledgements and answers no longer awaited until it is heard again).", Counter(r.peers_fenced)),
             ("fences_withheld", "Times a peer silent for fence_after was still waited for because no majority reported it silent (a one-way or partial link cut).", Counter(r.fences_withheld)),
             ("hearing_reports_sent", "Reports to peers of whom this node has not heard lately (they corroborate fences).", Counter(r.hearing_sent)),
+            ("recovery_frames_relayed", "Recovery frames sent to a restarted or joining node with the counts of members that left, died or are out of reach.", Counter(r.recovery_frames_relayed)),
+            ("recovery_retries", "Hellos sent again, while recovering, to peers that had not answered within recovery_timeout.", Counter(r.recovery_retries)),
             ("peer_heartbeats_sent", "Empty frames sent to peers nothing else went to, so that they keep hearing this node.", Counter(r.heartbeats_sent)),
             ("local_late_ticks", "Sync ticks that came over half of fence_after late (this node was stopped or starved); it fenced nobody on them.", Counter(r.late_ticks)),
             ("peer_fenced", "1 while the peer is fenced: silent for fence_after, not waited for.", per_peer(&|_, p| flag(p.fenced))),
