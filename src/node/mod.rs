@@ -297,20 +297,24 @@ impl NodeApi {
         &self,
         counters: Vec<CounterKey>,
     ) -> Result<ResetOutcome, Stopping> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.commands
-            .send(Command::ResetCounters { counters, reply })
+        self.ask(|reply| Command::ResetCounters { counters, reply })
             .await
-            .map_err(|_| Stopping)?;
-        answer.await.map_err(|_| Stopping)
     }
     /// Forgets member `slot` here and at every member that does not hold
     /// it alive (see `NodeCore::handle_forget`): an operator's answer to a
     /// majority lost at once.
     pub async fn forget_member(&self, slot: u16) -> Result<Result<(), ForgetError>, Stopping> {
+        self.ask(|reply| Command::ForgetMember { slot, reply })
+            .await
+    }
+    /// Sends the node's task a command and waits for its answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Stopping> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands
-            .send(Command::ForgetMember { slot, reply })
+            .send(command(reply))
             .await
             .map_err(|_| Stopping)?;
         answer.await.map_err(|_| Stopping)

@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 
 use super::{CoreConfig, CoreEvent, NodeCore};
 use crate::cluster::membership::MemberEvent;
-use crate::cluster::replication::Transmit;
 use crate::peer_set::PeerSet;
 use crate::share::ShareView;
 use crate::slot::NodeSlot;
@@ -202,18 +201,10 @@ impl<C: Clock> NodeCore<C> {
         self.forget(now, slot, "member forgotten by an operator");
         self.membership_changed(now);
         self.dial_peers();
-        let frame = Frame::Forget(crate::wire::Forget {
+        self.send_to_members(Frame::Forget(crate::wire::Forget {
             slot: self.cfg.slot.get(),
             member: slot.get(),
-        })
-        .encode();
-        for &to in &self.members {
-            self.outbox.push_back(Transmit {
-                to,
-                bytes: frame.clone(),
-                reliable: true,
-            });
-        }
+        }));
         self.after_input();
         Ok(())
     }

@@ -473,20 +473,24 @@ impl<C: Clock> NodeCore<C> {
         self.saw(now);
         self.repl
             .handle_timeout(now.max(self.repl.poll_timeout()), &*self.limiter);
-        let leave = Frame::Leave(crate::wire::Leave {
+        self.send_to_members(Frame::Leave(crate::wire::Leave {
             slot: self.cfg.slot.get(),
             incarnation: self.cfg.incarnation,
-        })
-        .encode();
+        }));
+        self.membership.leave(now);
+        self.after_input();
+    }
+
+    /// `frame` to every member, on a stream.
+    fn send_to_members(&mut self, frame: Frame) {
+        let bytes = frame.encode();
         for &to in &self.members {
             self.outbox.push_back(Transmit {
                 to,
-                bytes: leave.clone(),
+                bytes: bytes.clone(),
                 reliable: true,
             });
         }
-        self.membership.leave(now);
-        self.after_input();
     }
 
     /// What the driver must act on, in order; `None` when there is nothing.

@@ -169,14 +169,9 @@ impl Replicator {
     /// holds them all.
     fn recovery_sync(&mut self, now: Nanos, to: NodeSlot, store: &(impl ReplicaStore + ?Sized)) {
         let first = self.next_round;
-        let mut frames = self.collect_slots(now, store, first, to);
-        for f in &mut frames {
-            f.slot = to.get();
-            f.last = false;
-        }
-        let relayed = self.collect_relayed(now, store, first + frames.len() as u64, to);
-        self.stats.recovery_frames_relayed += relayed.len() as u64;
-        frames.extend(relayed);
+        let mut frames = self.collect_recovery(now, store, first, to);
+        self.stats.recovery_frames_relayed +=
+            frames.iter().filter(|f| f.slot != to.get()).count() as u64;
         if frames.is_empty() {
             // Nothing known of its slot or anyone else's: still say so, so
             // it need not wait.
@@ -224,9 +219,10 @@ impl Replicator {
                 .is_some_and(|p| p.live && p.connected && !p.fenced)
     }
 
-    /// The values of the slots [`relays`](Self::relays) picks for `to`,
-    /// in chunks numbered from `start`, each chunk of one slot.
-    fn collect_relayed(
+    /// `to`'s own values and those of the slots [`relays`](Self::relays)
+    /// picks for it, in one pass over the store, in chunks numbered from
+    /// `start`, each chunk of one slot.
+    fn collect_recovery(
         &self,
         now: Nanos,
         store: &(impl ReplicaStore + ?Sized),
@@ -234,8 +230,8 @@ impl Replicator {
         to: NodeSlot,
     ) -> Vec<Slots> {
         let mut packers: BTreeMap<NodeSlot, SlotsPacker> = BTreeMap::new();
-        let relay = |slot: NodeSlot| self.relays(slot, to);
-        store.each_relayed_values(now, &relay, &mut |slot, CounterKey { limit, key }, v| {
+        let wanted = |slot: NodeSlot| slot == to || self.relays(slot, to);
+        store.each_relayed_values(now, &wanted, &mut |slot, CounterKey { limit, key }, v| {
             packers
                 .entry(slot)
                 .or_insert_with(|| {
