@@ -893,3 +893,41 @@ fn corrected_clocks_converge_on_the_median_and_a_far_clock_stops_admitting_until
         assert!(c.check(n, &[("user", "late")], 1).is_ok(), "node {n}");
     }
 }
+
+/// A node that cannot hear one peer (a one-way cut that outlives a
+/// partition) and fences it, on a moment's corroboration by the third node,
+/// still learns what that peer spent: the third node heard it, and its
+/// answers to claims carry the peer's counts along with its own.
+#[test]
+fn a_node_that_cannot_hear_a_peer_learns_its_spending_through_the_answers_of_another() {
+    let mut spec = ClusterSpec::new(3, &rules(100, "1h"), 21);
+    spec.policy = SharePolicy::Strict;
+    let mut c = MemCluster::new(spec).unwrap();
+    c.advance(Nanos::from_millis(200));
+    // Node 2 is cut off; nodes 0 and 1 spend most of the limit meanwhile.
+    c.isolate(&[2], true);
+    c.advance(Nanos::from_secs(2));
+    let apart = hammer(&mut c, &[0, 1], "u", 80, Nanos::from_millis(2));
+    assert!(apart >= 60, "the majority admitted only {apart}");
+    // The cut heals except from node 1 to node 2, and node 0 briefly stops
+    // hearing node 1 too: node 2 fences node 1 on that corroboration, and
+    // keeps it fenced, since it never hears it again.
+    c.isolate(&[2], false);
+    c.set_one_way(1, 2, false);
+    c.set_one_way(1, 0, false);
+    c.advance(Nanos::from_millis(300));
+    c.set_one_way(1, 0, true);
+    c.advance(Nanos::from_millis(300));
+    assert_eq!(
+        counted(&c, 0, "u"),
+        apart,
+        "node 0 holds what the majority spent"
+    );
+    let after = hammer(&mut c, &[2], "u", 200, Nanos::from_millis(2));
+    let relayed = c.replicator(2).stats().values_relayed_in;
+    assert!(
+        apart + after <= 100 + inflight_bound(3, 100),
+        "{apart} + {after} admitted of 100 (relayed values: {relayed})"
+    );
+    assert!(relayed > 0, "no answer relayed node 1's counts");
+}

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use drl_core::wire::{
     Ack, BucketSlot, DecodeError, Forget, Frame, Hearing, Hello, KeySlots, Leave, LimitGroup,
-    RecoveryDone, RefundAnswer, RefundAsk, RefundReply, RefundedLimit, ResetAck, ResetFrame,
-    ResetKey, RulesAck, RulesFrame, RulesId, Slots, Swim, VERSION,
+    RecoveryDone, RefundAnswer, RefundAsk, RefundReply, RefundedLimit, RelayedAnswer, ResetAck,
+    ResetFrame, ResetKey, RulesAck, RulesFrame, RulesId, Slots, Swim, VERSION,
 };
 
 fn vectors() -> Vec<(&'static str, Frame)> {
@@ -73,6 +73,16 @@ fn vectors() -> Vec<(&'static str, Frame)> {
         ("recovery", Frame::Recovery(slots(2, 9, true))),
         ("claim", Frame::Claim(slots(1, 4_294_967_301, true))),
         ("answer", Frame::Answer(slots(2, 4_294_967_301, true))),
+        (
+            "relayed-answer",
+            Frame::RelayedAnswer(RelayedAnswer {
+                answer: slots(2, 4_294_967_301, true),
+                others: vec![
+                    slots(0, 4_294_967_301, true),
+                    slots(300, 4_294_967_301, true),
+                ],
+            }),
+        ),
         (
             "ack",
             Frame::Ack(Ack {
@@ -283,4 +293,22 @@ fn the_rules_ack_vector_has_the_layout_the_spec_describes() {
     let mut unknown = golden;
     unknown[1] = 11;
     assert_eq!(Frame::decode(&unknown), Err(DecodeError::UnknownKind(11)));
+}
+
+#[test]
+fn a_relayed_answer_never_relays_its_senders_own_slot() {
+    let golden = from_hex(&std::fs::read_to_string(path("relayed-answer")).unwrap());
+    // version, kind (RelayedAnswer = 20), then the sender's own slot 2.
+    assert_eq!(&golden[..3], &[1, 20, 2]);
+    let Ok(Frame::RelayedAnswer(mut relayed)) = Frame::decode(&golden) else {
+        panic!("the vector decodes as a RelayedAnswer");
+    };
+    relayed.others[1].slot = relayed.answer.slot;
+    let bytes = Frame::RelayedAnswer(relayed).encode();
+    assert_eq!(
+        Frame::decode(&bytes),
+        Err(DecodeError::Invalid(
+            "a relay carries the sender's own slot"
+        ))
+    );
 }

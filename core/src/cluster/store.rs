@@ -71,6 +71,15 @@ pub trait ReplicaStore {
         relay: &dyn Fn(NodeSlot) -> bool,
         f: &mut dyn FnMut(NodeSlot, CounterKey, SlotValues),
     );
+    /// The values of every slot `relay` accepts, of one key at `now`: one
+    /// call per slot with any.
+    fn key_slot_values(
+        &self,
+        now: Nanos,
+        key: CounterKey,
+        relay: &dyn Fn(NodeSlot) -> bool,
+        f: &mut dyn FnMut(NodeSlot, SlotValues),
+    );
     /// Merges the values of `slot` that `s` carries, each with a per-slot
     /// maximum. Limits the store does not know are skipped.
     fn merge(&self, now: Nanos, max_ahead: u64, slot: NodeSlot, s: &Slots) -> Merged;
@@ -220,6 +229,34 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
                     }
                 }
             });
+        }
+    }
+
+    fn key_slot_values(
+        &self,
+        now: Nanos,
+        CounterKey { limit, key }: CounterKey,
+        relay: &dyn Fn(NodeSlot) -> bool,
+        f: &mut dyn FnMut(NodeSlot, SlotValues),
+    ) {
+        let Some(table) = self.table_by_id(limit) else {
+            return;
+        };
+        let Some(entry) = table.get(key) else {
+            return;
+        };
+        let mut slots = Vec::new();
+        entry.for_each_value(&mut |_, slot, _| {
+            // Slots are below the table's slot count, a `u16`.
+            let slot = NodeSlot::new(u16::try_from(slot).unwrap_or(u16::MAX));
+            if relay(slot) && !slots.contains(&slot) {
+                slots.push(slot);
+            }
+        });
+        for slot in slots {
+            if let Some(values) = entry_values(&entry, now, slot) {
+                f(slot, values);
+            }
         }
     }
 

@@ -72,6 +72,8 @@ pub enum Kind {
     RecoveryDone = 18,
     /// [`Frame::Forget`].
     Forget = 19,
+    /// [`Frame::RelayedAnswer`].
+    RelayedAnswer = 20,
 }
 
 impl Kind {
@@ -95,6 +97,7 @@ impl Kind {
             17 => Kind::Hearing,
             18 => Kind::RecoveryDone,
             19 => Kind::Forget,
+            20 => Kind::RelayedAnswer,
             _ => return None,
         })
     }
@@ -279,6 +282,24 @@ pub enum Frame {
     RecoveryDone(RecoveryDone),
     /// The sender's operator forgot a member gone for good: forget it too.
     Forget(Forget),
+    /// The answer to a claim with what the sender knows of other nodes'
+    /// slots for the claimed keys: replaces [`Frame::Answer`].
+    RelayedAnswer(RelayedAnswer),
+}
+
+/// The answer to a claim: the sender's own values of the claimed keys (as
+/// in [`Frame::Answer`]) and, for each other node whose values of them it
+/// holds (the claimant excluded), those values. Two majorities share a
+/// node, so a claimant that hears from a majority learns every hit a
+/// majority has acknowledged, even from a node it cannot hear itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayedAnswer {
+    /// The sender's own values; `slot` is the sender's, `round` echoes
+    /// the claim's, `sent_at` as in [`Frame::Answer`].
+    pub answer: Slots,
+    /// Other nodes' values, one [`Slots`] per node (its `slot`), none the
+    /// sender's own. At most [`MAX_SUSPECTS`].
+    pub others: Vec<Slots>,
 }
 
 /// An operator forgot `member` at the sender (`POST
@@ -395,6 +416,7 @@ impl Frame {
             Frame::Hearing(_) => Kind::Hearing,
             Frame::RecoveryDone(_) => Kind::RecoveryDone,
             Frame::Forget(_) => Kind::Forget,
+            Frame::RelayedAnswer(_) => Kind::RelayedAnswer,
         }
     }
 
@@ -421,6 +443,7 @@ impl Frame {
             Frame::Hearing(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::RecoveryDone(b) => postcard::to_extend(b, std::mem::take(out)),
             Frame::Forget(b) => postcard::to_extend(b, std::mem::take(out)),
+            Frame::RelayedAnswer(b) => postcard::to_extend(b, std::mem::take(out)),
         };
         // Serialising plain structs into a Vec cannot fail.
         *out = body.unwrap_or_default();
@@ -463,6 +486,7 @@ impl Frame {
             Kind::Hearing => Frame::Hearing(body_of(kind, body)?),
             Kind::RecoveryDone => Frame::RecoveryDone(body_of(kind, body)?),
             Kind::Forget => Frame::Forget(body_of(kind, body)?),
+            Kind::RelayedAnswer => Frame::RelayedAnswer(body_of(kind, body)?),
         };
         frame.check()?;
         Ok(frame)
@@ -498,8 +522,27 @@ impl Frame {
             Frame::RecoveryDone(d) if d.vouched.len() > MAX_SUSPECTS => {
                 Err(DecodeError::Invalid("too many vouched members"))
             }
+            Frame::RelayedAnswer(a) => a.check(),
             _ => Ok(()),
         }
+    }
+}
+
+impl RelayedAnswer {
+    fn check(&self) -> Result<(), DecodeError> {
+        if self.others.len() > MAX_SUSPECTS {
+            return Err(DecodeError::Invalid("too many relayed slots"));
+        }
+        self.answer.check()?;
+        for other in &self.others {
+            if other.slot == self.answer.slot {
+                return Err(DecodeError::Invalid(
+                    "a relay carries the sender's own slot",
+                ));
+            }
+            other.check()?;
+        }
+        Ok(())
     }
 }
 

@@ -1,9 +1,10 @@
 //! Claims: near a limit, a node counts a request's hits provisionally and
 //! asks every peer it waits for to merge them and answer with its own
-//! counts of the keys, so that no two nodes spend the last of a quota on
-//! stale counts. Conflicting claims are settled in favour of the earlier.
+//! counts of the keys, and with what it holds of other nodes' counts of
+//! them, so that no two nodes spend the last of a quota on stale counts.
+//! Conflicting claims are settled in favour of the earlier.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{ReplicaStore, Replicator};
 use crate::cluster::store::CounterKey;
@@ -11,7 +12,7 @@ use crate::key::{KeyDigest, LimitId};
 use crate::peer_set::PeerSet;
 use crate::slot::NodeSlot;
 use crate::time::Nanos;
-use crate::wire::{Frame, Slots};
+use crate::wire::{Frame, KeySlots, LimitGroup, RelayedAnswer, Slots, MAX_SUSPECTS};
 
 /// How a claim ended, for the caller to decide the request it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,7 +198,52 @@ impl Replicator {
             .min()
             .unwrap_or(Nanos::ZERO);
         let answer = self.values_frame(now, ours, s.round, &keys, store);
-        self.send(from, Frame::Answer(answer).encode(), false);
+        let others = self.relayed_values(now, from, s.round, &keys, store);
+        self.send(
+            from,
+            Frame::RelayedAnswer(RelayedAnswer { answer, others }).encode(),
+            false,
+        );
+    }
+
+    /// What this node holds of other nodes' slots (neither its own nor the
+    /// claimant's) for `keys`, one [`Slots`] per node: the claimant may not
+    /// hear them, and any majority it hears from includes a node that
+    /// acknowledged what they settled.
+    fn relayed_values(
+        &self,
+        now: Nanos,
+        claimant: NodeSlot,
+        round: u64,
+        keys: &[CounterKey],
+        store: &(impl ReplicaStore + ?Sized),
+    ) -> Vec<Slots> {
+        let own = self.cfg.own;
+        let relay = |slot: NodeSlot| slot != own && slot != claimant;
+        let mut by_slot: BTreeMap<NodeSlot, Vec<LimitGroup>> = BTreeMap::new();
+        for &counter in keys {
+            store.key_slot_values(now, counter, &relay, &mut |slot, v| {
+                by_slot.entry(slot).or_default().push(LimitGroup {
+                    limit: counter.limit.0,
+                    newest: v.newest,
+                    keys: vec![KeySlots {
+                        key: counter.key.0,
+                        buckets: v.buckets,
+                    }],
+                });
+            });
+        }
+        by_slot
+            .into_iter()
+            .take(MAX_SUSPECTS)
+            .map(|(slot, groups)| Slots {
+                slot: slot.get(),
+                round,
+                sent_at: 0,
+                last: true,
+                groups,
+            })
+            .collect()
     }
 
     /// A peer's answer to one of our claims.

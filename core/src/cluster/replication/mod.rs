@@ -258,6 +258,9 @@ pub struct ReplicationStats {
     pub recovery_retries: u64,
     /// Hearing reports sent (whom this node cannot hear).
     pub hearing_sent: u64,
+    /// Values of other nodes' slots that claim answers carried to this
+    /// node (see [`crate::wire::RelayedAnswer`]).
+    pub values_relayed_in: u64,
 }
 
 /// What this node knows about one peer.

@@ -88,6 +88,9 @@ fn check(frame: &Frame, from: NodeSlot, recovering: bool) -> Result<(), FrameErr
         Frame::Delta(s) | Frame::Sync(s) | Frame::Claim(s) | Frame::Answer(s) => {
             carried_by(from, s.slot, from)
         }
+        // The slots relayed with an answer are checked against the store
+        // (and this node's own) before anything is merged.
+        Frame::RelayedAnswer(a) => carried_by(from, a.answer.slot, from),
         // Recovery carries this node's own slot and the slots the sender
         // relays (members that left or died); merging takes a per-slot
         // maximum, so a relayed value raises a count at most to what its
@@ -147,6 +150,18 @@ impl Replicator {
                 return Err(FrameError::UnknownSlot(NodeSlot::new(s.slot)));
             }
         }
+        if let Frame::RelayedAnswer(a) = &frame {
+            for other in &a.others {
+                let carried = NodeSlot::new(other.slot);
+                if usize::from(other.slot) >= store.slots() {
+                    return Err(FrameError::UnknownSlot(carried));
+                }
+                // Nobody knows this node's own counts better than it does.
+                if carried == self.cfg.own {
+                    return Err(FrameError::ForeignSlot { from, carried });
+                }
+            }
+        }
         self.add_peer(from);
         let gap = self.cfg.sync_interval * 4;
         if let Some(p) = self.peers.get_mut(&from) {
@@ -175,6 +190,7 @@ impl Replicator {
             {
                 Some(carried_keys(s))
             }
+            Frame::RelayedAnswer(a) if !self.yielding.is_empty() => Some(carried_keys(&a.answer)),
             _ => None,
         };
         match frame {
@@ -216,6 +232,16 @@ impl Replicator {
             Frame::Ack(a) => self.on_ack(now, from, &a, store),
             Frame::Claim(s) => self.on_claim(now, from, &s, store),
             Frame::Answer(s) => self.on_answer(now, from, &s, store),
+            Frame::RelayedAnswer(a) => {
+                // What the answerer knows of others first: the claim is
+                // decided on them too.
+                for other in &a.others {
+                    self.merge_slots(now, NodeSlot::new(other.slot), other, store);
+                }
+                self.stats.values_relayed_in +=
+                    a.others.iter().map(Slots::values).sum::<usize>() as u64;
+                self.on_answer(now, from, &a.answer, store);
+            }
             Frame::Swim(s) => return Ok(Delivered::Swim(s.payload)),
             Frame::Rules(r) => {
                 // Not a reason to re-check recovery now: the caller adopts
