@@ -931,3 +931,41 @@ fn a_node_that_cannot_hear_a_peer_learns_its_spending_through_the_answers_of_ano
     );
     assert!(relayed > 0, "no answer relayed node 1's counts");
 }
+
+/// A peer heard from on an open connection keeps it; one that goes silent
+/// on it for the link silence has it named for a reset, by the node that
+/// stopped hearing only; a node resuming from a pause accuses nobody on
+/// waking, since what its peers sent meanwhile is still to be read.
+#[test]
+fn a_link_silent_one_way_is_named_for_a_reset_by_the_end_that_stopped_hearing() {
+    let mut c = MemCluster::new(ClusterSpec::new(3, &rules(100, "1h"), 23)).unwrap();
+    c.advance(Nanos::from_secs(3));
+    let resets = |c: &MemCluster| {
+        (0..3)
+            .map(|n| c.replicator(n).stats().links_reset)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(resets(&c), [0, 0, 0], "a healthy cluster resets nothing");
+    c.set_one_way(1, 0, false);
+    c.advance(Nanos::from_millis(1500));
+    assert_eq!(resets(&c), [1, 0, 0], "node 0 stopped hearing node 1");
+    // At most once per link silence while it lasts.
+    c.advance(Nanos::from_millis(1500));
+    let during = resets(&c);
+    assert!((1..=2).contains(&during[0]), "{during:?}");
+    c.set_one_way(1, 0, true);
+    c.advance(Nanos::from_secs(3));
+    assert_eq!(resets(&c), during, "heard again: no more resets");
+    // A paused node: its peers stop hearing it (and reset its links);
+    // on waking it resets nothing.
+    c.pause(2);
+    c.advance(Nanos::from_secs(3));
+    c.resume(2);
+    c.advance(Nanos::from_secs(3));
+    let after = resets(&c);
+    assert!(
+        after[0] > during[0] && after[1] > 0,
+        "peers of the paused node: {after:?}"
+    );
+    assert_eq!(after[2], 0, "the resumed node accused nobody");
+}

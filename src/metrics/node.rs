@@ -165,6 +165,7 @@ impl NodeCollector {
             ("hearing_reports_sent", "Reports to peers of whom this node has not heard lately (they corroborate fences).", Counter(r.hearing_sent)),
             ("recovery_frames_relayed", "Recovery frames sent to a restarted or joining node with the counts of members that left, died or are out of reach.", Counter(r.recovery_frames_relayed)),
             ("recovery_retries", "Hellos sent again, while recovering, to peers that had not answered within recovery_timeout.", Counter(r.recovery_retries)),
+            ("peer_links_reset", "Times a peer's connections were closed and dialed again because nothing arrived on them for a second while open (a connection dead one way).", Counter(r.links_reset)),
             ("confirm_values_relayed", "Values of third nodes' counts that answers to this node's claims carried (what the answering node knew and this one may not have heard).", Counter(r.values_relayed_in)),
             ("peer_heartbeats_sent", "Empty frames sent to peers nothing else went to, so that they keep hearing this node.", Counter(r.heartbeats_sent)),
             ("local_late_ticks", "Sync ticks that came over half of fence_after late (this node was stopped or starved); it fenced nobody on them.", Counter(r.late_ticks)),

@@ -85,6 +85,9 @@ pub mod close_code {
     pub const FORGOTTEN: u32 = 3;
     /// The address turned out to be this node itself.
     pub const SELF: u32 = 4;
+    /// Nothing arrived on the peer's connections for a while although they
+    /// were open: closed so that both ends dial afresh.
+    pub const SILENT: u32 = 5;
     /// Stream code: the frame was longer than `MAX_FRAME_BYTES`.
     pub const FRAME_TOO_LONG: u32 = 16;
 }

@@ -376,6 +376,20 @@ impl Transport {
         Some(stats)
     }
 
+    /// Closes every connection to `slot` (the peer was silent on them while
+    /// they were open); the dialers of both ends connect again.
+    pub fn reset_links(&self, slot: u16) {
+        let state = self.shared().state();
+        if let Some(links) = state.links.get(&slot) {
+            for link in [&links.dialed, &links.accepted].into_iter().flatten() {
+                link.conn.close(
+                    quinn::VarInt::from_u32(super::close_code::SILENT),
+                    b"silent",
+                );
+            }
+        }
+    }
+
     /// Slots with at least one verified connection, ascending.
     pub fn connected(&self) -> Vec<u16> {
         let mut slots: Vec<u16> = self.shared().state().links.keys().copied().collect();

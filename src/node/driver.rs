@@ -398,6 +398,13 @@ impl Driver {
                 let _ = reply.send(Ok(outcome));
             }
         }
+        for slot in self.core.take_links_to_reset() {
+            tracing::warn!(
+                slot = slot.get(),
+                "peer silent on an open connection: its connections are reset"
+            );
+            self.transport.reset_links(slot.get());
+        }
         while let Some(t) = self.core.poll_transmit() {
             #[cfg(feature = "harness")]
             if !t.reliable && self.chaos.is_some() {

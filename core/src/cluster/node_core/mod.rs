@@ -498,6 +498,12 @@ impl<C: Clock> NodeCore<C> {
         self.events.pop_front()
     }
 
+    /// Peers whose connections the transport should close and dial again:
+    /// silent on an open link for the link silence.
+    pub fn take_links_to_reset(&mut self) -> Vec<NodeSlot> {
+        self.repl.take_links_to_reset()
+    }
+
     /// Frames for peers: replication, membership and rules.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         if let Some(t) = self.outbox.pop_front() {

@@ -39,6 +39,7 @@
 mod ack;
 mod claim;
 mod fence;
+mod links;
 mod route;
 mod ship;
 mod sync;
@@ -110,6 +111,9 @@ pub struct ReplicationConfig {
     pub await_rules: bool,
     /// Which peers must acknowledge hits before they are settled.
     pub policy: SharePolicy,
+    /// A connected peer silent this long on its link, either way, has its
+    /// connections reset (under fencing only; see `links.rs`).
+    pub link_silence: Nanos,
 }
 
 impl ReplicationConfig {
@@ -135,6 +139,7 @@ impl ReplicationConfig {
             snapshot_restored: false,
             await_rules: false,
             policy: SharePolicy::Strict,
+            link_silence: Nanos::from_secs(1),
         }
     }
 }
@@ -261,6 +266,9 @@ pub struct ReplicationStats {
     /// Values of other nodes' slots that claim answers carried to this
     /// node (see [`crate::wire::RelayedAnswer`]).
     pub values_relayed_in: u64,
+    /// Times a peer's connections were named for a reset: silent one way
+    /// for the link silence while open.
+    pub links_reset: u64,
 }
 
 /// What this node knows about one peer.
@@ -320,6 +328,10 @@ pub struct PeerState {
     owed_sync: bool,
     /// The peer's rules arrived since this node started.
     rules_heard: bool,
+    /// When the peer's connection last came up.
+    connected_at: Option<Nanos>,
+    /// When its connections were last named for a reset.
+    link_reset_at: Option<Nanos>,
 }
 
 impl PeerState {
@@ -358,6 +370,12 @@ pub struct Replicator {
     next_beat: Nanos,
     /// When silent peers were last looked for.
     last_fence_check: Option<Nanos>,
+    /// When dead links were last looked for, and from when a link's
+    /// silence counts (reset by a late tick: this node was stopped).
+    last_link_check: Option<Nanos>,
+    link_quiet_from: Option<Nanos>,
+    /// Peers whose connections the transport should reset.
+    links_to_reset: Vec<NodeSlot>,
     /// The suspects last reported to the peers, and when that report is
     /// next repeated.
     suspects_sent: Vec<NodeSlot>,
@@ -399,6 +417,9 @@ impl Replicator {
             yielding: BTreeMap::new(),
             next_beat: now,
             last_fence_check: None,
+            last_link_check: None,
+            link_quiet_from: None,
+            links_to_reset: Vec::new(),
             suspects_sent: Vec::new(),
             next_hearing: now,
             awaited: BTreeSet::new(),
@@ -538,6 +559,7 @@ impl Replicator {
         self.add_peer(slot);
         if let Some(p) = self.peers.get_mut(&slot) {
             p.connected = true;
+            p.connected_at = Some(now);
             p.last_heard = Some(now);
             p.synced_from = false;
         }
@@ -607,6 +629,7 @@ impl Replicator {
         self.check_recovered(now);
         self.retry_recovery(now);
         self.fence_silent(now, store);
+        self.find_dead_links(now);
         self.ship_deltas(now, store);
         self.resend_lost(now, store);
         self.heartbeats(now);

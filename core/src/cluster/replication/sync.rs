@@ -103,6 +103,9 @@ impl Replicator {
             }
             p.incarnation = Some(h.incarnation);
             p.name = h.name;
+            if !p.connected {
+                p.connected_at = Some(now);
+            }
             p.connected = true;
             returned = !p.live;
             p.live = true;
