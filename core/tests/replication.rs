@@ -10,7 +10,9 @@ use drl_core::rules::RuleSet;
 use drl_core::share::{SharePolicy, ShareView};
 use drl_core::slot::NodeSlot;
 use drl_core::time::{ManualClock, Nanos};
-use drl_core::wire::{BucketSlot, DecodeError, Frame, Hearing, Hello, KeySlots, LimitGroup, Slots};
+use drl_core::wire::{
+    BucketSlot, DecodeError, Frame, Hearing, Hello, KeySlots, LimitGroup, RelayedAnswer, Slots,
+};
 use std::sync::Arc;
 
 fn rules(limit: u32, window: &str) -> String {
@@ -310,6 +312,24 @@ fn hostile_frames_are_refused_and_change_nothing() {
             1,
         ),
         ("trailing bytes", [&good[..], &[0u8][..]].concat(), 1),
+        (
+            "a relayed answer with our own slot",
+            Frame::RelayedAnswer(RelayedAnswer {
+                answer: slots(1, 3),
+                others: vec![slots(0, 3)],
+            })
+            .encode(),
+            1,
+        ),
+        (
+            "a relayed answer with a slot outside the cluster",
+            Frame::RelayedAnswer(RelayedAnswer {
+                answer: slots(1, 3),
+                others: vec![slots(2, 3), slots(7, 3)],
+            })
+            .encode(),
+            1,
+        ),
     ];
     for (what, bytes, from) in cases {
         let res = r.handle_frame(now, NodeSlot::new(from), &bytes, &l, 0);
@@ -320,7 +340,7 @@ fn hostile_frames_are_refused_and_change_nothing() {
         r.handle_frame(now, NodeSlot::new(1), &[9, 2], &l, 0),
         Err(FrameError::Decode(DecodeError::UnknownVersion(9)))
     ));
-    assert_eq!(r.stats().frames_refused, 13);
+    assert_eq!(r.stats().frames_refused, 15);
     // The well-formed frame is accepted and counted.
     assert!(r.handle_frame(now, NodeSlot::new(1), &good, &l, 0).is_ok());
     assert_ne!(snapshot(&l), before);

@@ -1,7 +1,8 @@
 //! Claims: near a limit, a node counts a request's hits provisionally and
 //! asks every peer it waits for to merge them and answer with its own
-//! counts of the keys, and with what it holds of other nodes' counts of
-//! them, so that no two nodes spend the last of a quota on stale counts.
+//! counts of the keys, and with what it holds of the counts of nodes the
+//! claimant cannot hear, so that no two nodes spend the last of a quota on
+//! stale counts.
 //! Conflicting claims are settled in favour of the earlier.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -199,17 +200,20 @@ impl Replicator {
             .unwrap_or(Nanos::ZERO);
         let answer = self.values_frame(now, ours, s.round, &keys, store);
         let others = self.relayed_values(now, from, s.round, &keys, store);
-        self.send(
-            from,
-            Frame::RelayedAnswer(RelayedAnswer { answer, others }).encode(),
-            false,
-        );
+        let frame = if others.is_empty() {
+            Frame::Answer(answer)
+        } else {
+            Frame::RelayedAnswer(RelayedAnswer { answer, others })
+        };
+        self.send(from, frame.encode(), false);
     }
 
-    /// What this node holds of other nodes' slots (neither its own nor the
-    /// claimant's) for `keys`, one [`Slots`] per node: the claimant may not
-    /// hear them, and any majority it hears from includes a node that
-    /// acknowledged what they settled.
+    /// What this node holds, for `keys`, of the slots of the nodes the
+    /// claimant last reported it cannot hear (one [`Slots`] per node): the
+    /// claimant decides without their own answers (it fenced them, or
+    /// holds them dead), and any majority it hears from includes a node
+    /// that acknowledged what they settled. Nothing when it hears everyone;
+    /// every other slot without fencing (no reports then).
     fn relayed_values(
         &self,
         now: Nanos,
@@ -219,7 +223,19 @@ impl Replicator {
         store: &(impl ReplicaStore + ?Sized),
     ) -> Vec<Slots> {
         let own = self.cfg.own;
-        let relay = |slot: NodeSlot| slot != own && slot != claimant;
+        // Without fencing nobody reports whom it cannot hear: every slot.
+        let reports = self.cfg.silence.fence_after().is_some();
+        let unheard: &[NodeSlot] = self
+            .peers
+            .get(&claimant)
+            .and_then(|p| p.reported_silent.as_ref())
+            .map_or(&[], |(_, silent)| silent.as_slice());
+        if reports && unheard.is_empty() {
+            return Vec::new();
+        }
+        let relay = |slot: NodeSlot| {
+            slot != own && slot != claimant && (!reports || unheard.contains(&slot))
+        };
         let mut by_slot: BTreeMap<NodeSlot, Vec<LimitGroup>> = BTreeMap::new();
         for &counter in keys {
             store.key_slot_values(now, counter, &relay, &mut |slot, v| {
