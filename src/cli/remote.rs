@@ -100,6 +100,21 @@ async fn admin_request(
     admin_call(&mut conn, token, method, path, &[], body).await
 }
 
+/// One admin request on its own connection; anything but 200 is refused.
+fn admin_ok(args: &AdminArgs, method: &str, path: &str) -> Result<Answer, CliError> {
+    let answer = runtime()?.block_on(admin_request(
+        &args.node,
+        args.token.as_deref(),
+        method,
+        path,
+        b"",
+    ))?;
+    if answer.status != 200 {
+        return Err(refused(&answer));
+    }
+    Ok(answer)
+}
+
 async fn admin_call(
     conn: &mut Connection,
     token: Option<&str>,
@@ -131,16 +146,7 @@ fn version(v: &serde_json::Value) -> String {
 
 /// `drl rules get`: the rules text to stdout, its version to stderr.
 pub fn rules_get(args: &AdminArgs) -> Result<(), CliError> {
-    let answer = runtime()?.block_on(admin_request(
-        &args.node,
-        args.token.as_deref(),
-        "GET",
-        "/v1/rules",
-        b"",
-    ))?;
-    if answer.status != 200 {
-        return Err(refused(&answer));
-    }
+    let answer = admin_ok(args, "GET", "/v1/rules")?;
     let json = answer.json();
     eprintln!(
         "# version {}{}",
@@ -289,16 +295,7 @@ fn print_members(json: &serde_json::Value) {
 /// `drl members`: the members a node counts, and whether it is in the
 /// minority.
 pub fn members_list(args: &AdminArgs) -> Result<(), CliError> {
-    let answer = runtime()?.block_on(admin_request(
-        &args.node,
-        args.token.as_deref(),
-        "GET",
-        "/v1/members",
-        b"",
-    ))?;
-    if answer.status != 200 {
-        return Err(refused(&answer));
-    }
+    let answer = admin_ok(args, "GET", "/v1/members")?;
     print_members(&answer.json());
     Ok(())
 }

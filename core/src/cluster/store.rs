@@ -93,6 +93,30 @@ pub trait ReplicaStore {
     fn prune_confirming(&self, now: Nanos);
 }
 
+/// The values of every slot of `entry` that `relay` accepts, one call per
+/// slot with any; `slots` is scratch space, kept between entries.
+fn relayed_entry_values(
+    entry: &Entry<'_>,
+    now: Nanos,
+    relay: &dyn Fn(NodeSlot) -> bool,
+    slots: &mut Vec<NodeSlot>,
+    f: &mut dyn FnMut(NodeSlot, SlotValues),
+) {
+    slots.clear();
+    entry.for_each_value(&mut |_, slot, _| {
+        // Slots are below the table's slot count, a `u16`.
+        let slot = NodeSlot::new(u16::try_from(slot).unwrap_or(u16::MAX));
+        if relay(slot) && !slots.contains(&slot) {
+            slots.push(slot);
+        }
+    });
+    for &slot in slots.iter() {
+        if let Some(values) = entry_values(entry, now, slot) {
+            f(slot, values);
+        }
+    }
+}
+
 /// `slot`'s values in the entry's live buckets; `None` when all are zero.
 pub fn entry_values(entry: &Entry<'_>, now: Nanos, slot: NodeSlot) -> Option<SlotValues> {
     let (newest, column) = Ring::slot_column(entry, &entry.spec(), now, slot);
@@ -215,19 +239,10 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
         let mut slots = Vec::new();
         for (limit, table) in self.tables() {
             table.for_each(|entry| {
-                slots.clear();
-                entry.for_each_value(&mut |_, slot, _| {
-                    // Slots are below the table's slot count, a `u16`.
-                    let slot = NodeSlot::new(u16::try_from(slot).unwrap_or(u16::MAX));
-                    if relay(slot) && !slots.contains(&slot) {
-                        slots.push(slot);
-                    }
+                let key = CounterKey::new(limit, entry.key());
+                relayed_entry_values(entry, now, relay, &mut slots, &mut |slot, values| {
+                    f(slot, key, values)
                 });
-                for &slot in &slots {
-                    if let Some(values) = entry_values(entry, now, slot) {
-                        f(slot, CounterKey::new(limit, entry.key()), values);
-                    }
-                }
             });
         }
     }
@@ -245,19 +260,7 @@ impl<C: Clock> ReplicaStore for Limiter<C> {
         let Some(entry) = table.get(key) else {
             return;
         };
-        let mut slots = Vec::new();
-        entry.for_each_value(&mut |_, slot, _| {
-            // Slots are below the table's slot count, a `u16`.
-            let slot = NodeSlot::new(u16::try_from(slot).unwrap_or(u16::MAX));
-            if relay(slot) && !slots.contains(&slot) {
-                slots.push(slot);
-            }
-        });
-        for slot in slots {
-            if let Some(values) = entry_values(&entry, now, slot) {
-                f(slot, values);
-            }
-        }
+        relayed_entry_values(&entry, now, relay, &mut Vec::new(), f);
     }
 
     fn merge(&self, now: Nanos, max_ahead: u64, slot: NodeSlot, s: &Slots) -> Merged {
