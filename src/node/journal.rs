@@ -56,6 +56,9 @@ pub(crate) const WRITE_PERIOD: Duration = Duration::from_millis(10);
 const SYNC_PERIOD: Duration = Duration::from_millis(1);
 /// An fsync slower than this marks durability degraded.
 pub(crate) const SLOW_FSYNC: Duration = Duration::from_millis(200);
+/// How long a slow fsync stays reported when no other follows it (an idle
+/// node fsyncs only when it has something to write).
+const SLOW_SHOWN: Duration = Duration::from_secs(10);
 /// How often a failing disk is tried again.
 const RETRY_PERIOD: Duration = Duration::from_secs(1);
 /// The longest a `sync` answer waits for its commit (a writer stuck on a
@@ -99,6 +102,8 @@ pub struct JournalStats {
     fsync_buckets: [AtomicU64; FSYNC_BOUNDS.len() + 1],
     fsync_sum_ns: AtomicU64,
     last_fsync_ns: AtomicU64,
+    /// When the last fsync ended (ns since `epoch`).
+    last_fsync_end: AtomicU64,
     /// When the fsync under way started (ns since `epoch`), 0 when none.
     fsync_started: AtomicU64,
     epoch: Instant,
@@ -118,6 +123,7 @@ impl JournalStats {
             fsync_buckets: Default::default(),
             fsync_sum_ns: AtomicU64::new(0),
             last_fsync_ns: AtomicU64::new(0),
+            last_fsync_end: AtomicU64::new(0),
             fsync_started: AtomicU64::new(0),
             epoch: Instant::now(),
             bytes: AtomicU64::new(0),
@@ -128,19 +134,26 @@ impl JournalStats {
         }
     }
     /// Why durability is degraded now, if it is: the last write or fsync
-    /// failed, or an fsync took (or is taking) longer than 200 ms.
+    /// failed, or an fsync is taking longer than 200 ms, or one took that
+    /// long in the last 10 s.
     pub fn degraded(&self) -> Option<String> {
         if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Some(e);
         }
         let slow = SLOW_FSYNC.as_nanos() as u64;
+        let now = self.epoch.elapsed().as_nanos() as u64;
         let started = self.fsync_started.load(Ordering::Acquire);
         let running = if started == 0 {
             0
         } else {
-            (self.epoch.elapsed().as_nanos() as u64).saturating_sub(started)
+            now.saturating_sub(started)
         };
-        let last = self.last_fsync_ns.load(Ordering::Relaxed);
+        let ended = self.last_fsync_end.load(Ordering::Relaxed);
+        let last = if now.saturating_sub(ended) < SLOW_SHOWN.as_nanos() as u64 {
+            self.last_fsync_ns.load(Ordering::Relaxed)
+        } else {
+            0
+        };
         (running > slow || last > slow)
             .then(|| format!("journal fsync slow: {} ms", running.max(last) / 1_000_000))
     }
@@ -199,6 +212,8 @@ impl JournalStats {
         self.fsync_buckets[i].fetch_add(1, Ordering::Relaxed);
         self.fsync_sum_ns.fetch_add(ns, Ordering::Relaxed);
         self.last_fsync_ns.store(ns, Ordering::Relaxed);
+        self.last_fsync_end
+            .store(self.epoch.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 }
 
