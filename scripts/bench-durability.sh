@@ -13,6 +13,12 @@
 # `none`. The machine may be shared: rounds are interleaved so that a
 # neighbour's burst hits every policy alike.
 #
+# Throughput on a machine the nodes share with their load generator moves
+# with everything else that runs; what a policy costs the nodes is also
+# reported as server CPU per decision (user + system time of the three
+# node processes during the load, over the decisions answered), which
+# does not depend on how fast the generator could send.
+#
 # Knobs (environment): ROUNDS (3), CONNS (50), DURATION (10s), KEYS (10000),
 # THREADS (1), PROTOCOLS ("http resp"), POLICIES ("none interval sync"),
 # BASE_PORT (18600), CARGO_TARGET_DIR (target), DRL (a release binary to use
@@ -112,6 +118,16 @@ nodes() { # nodes PROTOCOL
 
 field() { echo "$2" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 
+# User + system CPU ticks of the node processes, summed.
+node_ticks() {
+  local total=0 pid
+  for pid in "${PIDS[@]}"; do
+    total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+  done
+  echo "$total"
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
 declare -A RUNS
 for round in $(seq 1 "$ROUNDS"); do
   for protocol in $PROTOCOLS; do
@@ -120,21 +136,26 @@ for round in $(seq 1 "$ROUNDS"); do
       start_cluster "$policy"
       extra=()
       [ "$protocol" = resp ] && extra=(--resp --cell "999999 999999 1")
+      before=$(node_ticks)
       out=$("$DRL" load --node "$(nodes "$protocol")" --connections "$CONNS" --duration "$DURATION" \
         --keys "$KEYS" --threads "$THREADS" "${extra[@]}")
+      after=$(node_ticks)
       line=$(echo "$out" | grep '^result:')
-      echo "$line"
+      decisions=$(($(field allowed "$line") + $(field denied "$line")))
+      cpu=$(awk -v t=$((after - before)) -v u="$TICK_US" -v d="$decisions" 'BEGIN { printf "%.2f", t * u / d }')
+      echo "$line cpu_us_per_decision=$cpu"
       stop_cluster
-      RUNS[$protocol-$policy]="${RUNS[$protocol-$policy]:-}$(field decisions_per_sec "$line") $(field p50_us "$line") $(field p99_us "$line");"
+      RUNS[$protocol-$policy]="${RUNS[$protocol-$policy]:-}$(field decisions_per_sec "$line") $(field p50_us "$line") $(field p99_us "$line") $cpu;"
     done
   done
 done
 
 echo
-echo "| protocol | durability | decisions/s (median of $ROUNDS) | vs none | p50 µs | p99 µs | every round |"
-echo "|---|---|---|---|---|---|---|"
+echo "| protocol | durability | decisions/s (median of $ROUNDS) | vs none | p50 µs | p99 µs | every round | server CPU µs per decision (median) | vs none | every round |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for protocol in $PROTOCOLS; do
   base=""
+  cpu_base=""
   for policy in $POLICIES; do
     runs=$(echo "${RUNS[$protocol-$policy]}" | tr ';' '\n' | grep .)
     line=$(echo "$runs" | sort -n -k1,1 | awk '{ a[NR] = $0 } END { print a[int((NR + 1) / 2)] }')
@@ -142,6 +163,10 @@ for protocol in $PROTOCOLS; do
     [ -n "$base" ] || base=$rps
     change=$(awk -v r="$rps" -v b="$base" 'BEGIN { printf "%+.1f %%", (r - b) * 100 / b }')
     all=$(echo "$runs" | awk '{ printf "%s%s", sep, $1; sep = " " }')
-    echo "| $protocol | $policy | $rps | $change | $(echo "$line" | awk '{ print $2 }') | $(echo "$line" | awk '{ print $3 }') | $all |"
+    cpu=$(echo "$runs" | sort -n -k4,4 | awk '{ a[NR] = $4 } END { print a[int((NR + 1) / 2)] }')
+    [ -n "$cpu_base" ] || cpu_base=$cpu
+    cpu_change=$(awk -v r="$cpu" -v b="$cpu_base" 'BEGIN { printf "%+.1f %%", (r - b) * 100 / b }')
+    cpu_all=$(echo "$runs" | awk '{ printf "%s%s", sep, $4; sep = " " }')
+    echo "| $protocol | $policy | $rps | $change | $(echo "$line" | awk '{ print $2 }') | $(echo "$line" | awk '{ print $3 }') | $all | $cpu | $cpu_change | $cpu_all |"
   done
 done

@@ -393,11 +393,7 @@ async fn serve_connection(
 ) {
     let start = Instant::now();
     let activity = Arc::new(AtomicU64::new(0));
-    let io = TokioIo::new(Watched {
-        stream,
-        start,
-        activity: activity.clone(),
-    });
+    let io = TokioIo::new(Watched::new(stream, start, activity.clone(), http2));
     let service = app;
     // Both connection types have the same driving loop.
     macro_rules! drive {
@@ -450,17 +446,89 @@ async fn serve_connection(
 }
 
 /// A TCP stream that records when it last moved a byte (milliseconds since
-/// `start`), for the idle timeout.
+/// `start`), for the idle timeout, and writes answers once per batch of
+/// requests rather than once per answer.
+///
+/// hyper flushes after every answer (`pipeline_flush` is off, see
+/// [`serve_connection`]), which costs pipelining clients one `write` per
+/// request. Here a flush only marks the answers as owed: they go out when
+/// the connection has nothing more to read (hyper has answered every
+/// request the client sent so far and waits for the next), when
+/// [`FLUSH_AT`] bytes are owed, when the connection shuts down, and, as a
+/// last attempt without waiting, when it is dropped (hyper drops a
+/// connection after a protocol error without flushing; the 400 and the
+/// answers before it fit in the socket's buffer).
+///
+/// HTTP/2 writes through at once: h2 already gathers a connection's
+/// frames, and it writes them after its read has come back empty, which
+/// would leave them owed. On a port that speaks both, the first bytes the
+/// server writes say which one the connection speaks (an HTTP/1 answer
+/// starts with its status line, h2 with a SETTINGS frame).
 struct Watched {
     stream: TcpStream,
     start: Instant,
     activity: Arc<AtomicU64>,
+    /// Answer bytes accepted but not yet written to the socket.
+    owed: Vec<u8>,
+    /// Whether answers are gathered per batch: known for HTTP/1.1 alone,
+    /// learnt from the first write where h2c is on.
+    batch: Option<bool>,
 }
 
+/// Owed bytes beyond which answers are written without waiting for the
+/// end of the batch.
+const FLUSH_AT: usize = 16 * 1024;
+
 impl Watched {
+    fn new(stream: TcpStream, start: Instant, activity: Arc<AtomicU64>, http2: bool) -> Self {
+        Watched {
+            stream,
+            start,
+            activity,
+            owed: Vec::new(),
+            batch: (!http2).then_some(true),
+        }
+    }
+    /// Whether writes starting with `first` are gathered per batch.
+    fn batching(&mut self, first: &[u8]) -> bool {
+        *self
+            .batch
+            .get_or_insert_with(|| first.starts_with(b"HTTP/1."))
+    }
     fn touch(&self) {
         self.activity
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    /// Writes every owed byte to the socket.
+    fn poll_pay(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.owed.is_empty() {
+            match Pin::new(&mut self.stream).poll_write(cx, &self.owed) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.owed.drain(..n);
+                    self.touch();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+    /// Takes `len` bytes of answers, paying what is owed first if that is
+    /// already [`FLUSH_AT`] or more.
+    fn poll_owe(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<()>> {
+        if self.owed.len() >= FLUSH_AT || self.owed.len() + len > 4 * FLUSH_AT {
+            return self.poll_pay(cx);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if !self.owed.is_empty() {
+            let _ = self.stream.try_write(&self.owed);
+        }
     }
 }
 
@@ -471,11 +539,19 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.touch();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.touch();
+                }
+                Poll::Ready(r)
+            }
+            // Every request read so far is answered: the batch ends here.
+            Poll::Pending => match self.poll_pay(cx) {
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                _ => Poll::Pending,
+            },
         }
-        r
     }
 }
 
@@ -485,16 +561,26 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+        if !self.batching(buf) {
+            let r = Pin::new(&mut self.stream).poll_write(cx, buf);
+            if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+                self.touch();
+            }
+            return r;
         }
-        r
+        std::task::ready!(self.poll_owe(cx, buf.len()))?;
+        self.owed.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.batch == Some(true) {
+            // Owed, paid at the end of the batch (see the type's docs).
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.poll_pay(cx))?;
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
     fn poll_write_vectored(
@@ -502,13 +588,29 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
+        if !self.batching(first) {
+            let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+            if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+                self.touch();
+            }
+            return r;
         }
-        r
+        let len = bufs.iter().map(|b| b.len()).sum();
+        std::task::ready!(self.poll_owe(cx, len))?;
+        for b in bufs {
+            self.owed.extend_from_slice(b);
+        }
+        Poll::Ready(Ok(len))
     }
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        true
     }
 }
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;
