@@ -223,3 +223,163 @@ async fn two_limits_are_confirmed_together_through_the_middleware_and_the_sdk() 
         nodes.stop().await;
     }
 }
+
+/// What `route` has left on every node, once they agree on `expected`.
+async fn route_left_everywhere(nodes: &Nodes, route: &str, expected: u64, what: &str) {
+    for (i, r) in nodes.servers.iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let pairs = [("route", route)];
+            let d = drl_core::descriptor::Descriptors::new(&pairs).unwrap();
+            let left = r
+                .decider
+                .check(&d, 0)
+                .await
+                .unwrap()
+                .quota
+                .unwrap()
+                .remaining;
+            if left == expected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: node {i} sees {left} left of the route, not {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_batch_is_atomic_over_three_nodes_and_independent_checks_stand_alone() {
+    let nodes = Nodes::start(scratch("http-batch"), 3, TWO_LIMITS).await;
+    let mut conns = Vec::new();
+    for r in &nodes.servers {
+        conns.push(
+            drl::http::client::Connection::open_addr(r.http)
+                .await
+                .unwrap(),
+        );
+    }
+    let batch = |independent: bool, checks: serde_json::Value| {
+        serde_json::json!({ "checks": checks, "independent": independent }).to_string()
+    };
+    // Atomic: the user's limit of 5 and the route's of 100, round robin.
+    let atomic = batch(
+        false,
+        serde_json::json!([{ "user": "alice" }, { "route": "/search" }]),
+    );
+    let mut admitted = 0;
+    for i in 0..20 {
+        let a = conns[i % 3]
+            .request(
+                "POST",
+                "/v1/check/batch",
+                &[("content-type", "application/json")],
+                atomic.as_bytes(),
+            )
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&a.text()).unwrap();
+        let results = v["results"].as_array().unwrap();
+        assert_eq!(results.len(), 2, "{v}");
+        match a.status {
+            200 => {
+                admitted += 1;
+                assert_eq!(v["allowed"], true);
+                assert!(results
+                    .iter()
+                    .all(|r| r["allowed"] == true && r["receipt"].is_string()));
+            }
+            429 => {
+                assert_eq!(v["allowed"], false);
+                // The route admitted it, but was not charged.
+                assert_eq!(results[1]["allowed"], false, "{v}");
+                assert!(results[1]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("not counted"));
+                assert!(results.iter().all(|r| r.get("receipt").is_none()));
+            }
+            other => panic!("status {other}: {v}"),
+        }
+    }
+    assert_eq!(admitted, 5, "a per-user limit of 5 over three nodes");
+    route_left_everywhere(&nodes, "/search", 95, "atomic batches").await;
+
+    // A check that cannot be decided refuses an atomic batch whole.
+    let bad = batch(
+        false,
+        serde_json::json!([{ "route": "/search" }, { "Bad Name": "x" }]),
+    );
+    let a = conns[0]
+        .request(
+            "POST",
+            "/v1/check/batch",
+            &[("content-type", "application/json")],
+            bad.as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 400, "{}", a.text());
+    assert!(a.text().contains("check 1"), "{}", a.text());
+    route_left_everywhere(&nodes, "/search", 95, "a refused batch").await;
+
+    // Independent: the bad check gets its own error, the others count.
+    let independent = batch(
+        true,
+        serde_json::json!([{ "route": "/search" }, { "Bad Name": "x" }, { "user": "alice" }]),
+    );
+    let a = conns[1]
+        .request(
+            "POST",
+            "/v1/check/batch",
+            &[("content-type", "application/json")],
+            independent.as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.text());
+    let v: serde_json::Value = serde_json::from_str(&a.text()).unwrap();
+    assert_eq!(v["results"][0]["allowed"], true, "{v}");
+    assert_eq!(v["results"][1]["status"], 400, "{v}");
+    assert_eq!(v["results"][2]["allowed"], false, "alice is spent: {v}");
+    route_left_everywhere(&nodes, "/search", 94, "independent checks").await;
+
+    // Malformed bodies change nothing.
+    for body in [
+        "",
+        "{}",
+        r#"{"checks": []}"#,
+        r#"{"checks": [{"route": "/search"}], "atomic": true}"#,
+        r#"{"checks": {"route": "/search"}}"#,
+    ] {
+        let a = conns[2]
+            .request(
+                "POST",
+                "/v1/check/batch",
+                &[("content-type", "application/json")],
+                body.as_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(a.status, 400, "{body:?}: {}", a.text());
+    }
+    let too_many = batch(
+        false,
+        serde_json::Value::Array(vec![serde_json::json!({ "route": "/search" }); 1001]),
+    );
+    let a = conns[2]
+        .request(
+            "POST",
+            "/v1/check/batch",
+            &[("content-type", "application/json")],
+            too_many.as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.status, 400, "{}", a.text());
+    route_left_everywhere(&nodes, "/search", 94, "refused bodies").await;
+    nodes.stop().await;
+}

@@ -373,11 +373,9 @@ impl<T: Transport> Client<T> {
 
     /// Decides several checks as one request, atomically: every limit of
     /// every check admits and every check is counted, or none is. The
-    /// batch goes to one node (the nearest healthy one); over gRPC it is
-    /// one `CheckBatch` call decided by that node at once; over HTTP it is
-    /// emulated (checks in order, the allowed ones refunded as soon as one
-    /// is refused: all or nothing, but not isolated from concurrent
-    /// requests; see [`HttpTransport`]). At most 1000 checks.
+    /// batch goes to one node (the nearest healthy one), which decides it
+    /// at once as one request: one `CheckBatch` call over gRPC, one
+    /// `POST /v1/check/batch` over HTTP. At most 1000 checks.
     ///
     /// When no node answers, the degraded mode decides the batch as a
     /// whole: fail open admits it, fail closed refuses it, `Local` admits

@@ -3,10 +3,9 @@
 //! [`Transport`] is the seam between the client's routing and the wire. Its
 //! unit is a batch: the client coalesces the checks that are waiting for the
 //! same node at the same moment into one [`Transport::check_batch`] call.
-//! [`HttpTransport`], over the node's HTTP API (`POST /v1/check`), sends
-//! the checks of a batch concurrently over a pool of keep-alive HTTP/1.1
-//! connections to that node (HTTP/1.1 has no batch request);
-//! `GrpcTransport` (feature `grpc`) sends one `CheckBatch` call per batch
+//! [`HttpTransport`], over the node's HTTP API, sends a batch as one
+//! `POST /v1/check/batch` over a pool of keep-alive HTTP/1.1 connections
+//! to that node; `GrpcTransport` (feature `grpc`) sends one `CheckBatch` call per batch
 //! over a multiplexed HTTP/2 connection.
 
 use std::future::Future;
@@ -210,20 +209,16 @@ pub trait Transport: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 }
 
-/// Largest answer body read from a node.
-const MAX_ANSWER: usize = 64 * 1024;
+/// Largest answer body read from a node (a batch of 1,000 decisions).
+const MAX_ANSWER: usize = 1024 * 1024;
 
 /// Checks over the HTTP API (`POST /v1/check`, `POST /v1/refund`,
 /// `GET /readyz`), on pooled keep-alive HTTP/1.1 connections.
 ///
-/// The HTTP API has no batch request: independent checks of a batch go
-/// concurrently over the pool, and an atomic batch
-/// ([`Transport::check_atomic`]) is emulated on one node: its checks are
-/// made in order and, as soon as one is not allowed, the ones already
-/// allowed are refunded by their receipts. The result is all or nothing,
-/// but not isolated: while it runs, other requests can see (and be refused
-/// for) the counts of its first checks. The gRPC transport's `CheckBatch`
-/// is atomic on the node itself.
+/// Batches go as one `POST /v1/check/batch`: an atomic batch
+/// ([`Transport::check_atomic`]) is decided on the node as one request
+/// (every limit of every check, or nothing counted), independent checks
+/// each on their own; a lone check goes as `POST /v1/check`.
 #[derive(Clone)]
 pub struct HttpTransport {
     client: hyper_util::client::legacy::Client<HttpConnector, Full<Bytes>>,
@@ -335,12 +330,13 @@ impl Transport for HttpTransport {
         batch: Vec<CheckRequest>,
         timeout: Duration,
     ) -> Vec<Result<CheckAnswer, TransportError>> {
-        futures_util::future::join_all(
-            batch
-                .into_iter()
-                .map(|req| self.check_one(node, req, timeout)),
-        )
-        .await
+        if let [req] = &batch[..] {
+            return vec![self.check_one(node, req.clone(), timeout).await];
+        }
+        match self.batch(node, &batch, true, timeout).await {
+            Ok(items) => items,
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+        }
     }
 
     async fn check_atomic(
@@ -349,80 +345,10 @@ impl Transport for HttpTransport {
         batch: Vec<CheckRequest>,
         timeout: Duration,
     ) -> Result<Vec<CheckAnswer>, TransportError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
-        let mut answers: Vec<CheckAnswer> = Vec::with_capacity(batch.len());
-        let mut failed = None;
-        for req in &batch {
-            let answer = self.check_one(node, req.clone(), left()).await;
-            match answer {
-                Ok(a @ CheckAnswer::Decided { outcome, .. }) => {
-                    let stop = outcome != Outcome::Allowed;
-                    answers.push(a);
-                    if stop {
-                        failed = Some(None);
-                        break;
-                    }
-                }
-                Ok(CheckAnswer::Refused(why)) => {
-                    failed = Some(Some(why));
-                    break;
-                }
-                Err(e) => {
-                    if answers.is_empty() && e.counted_nothing() {
-                        return Err(e);
-                    }
-                    // Part of the batch may be counted: undo what is known
-                    // to be, and report the rest as unknown.
-                    self.undo(node, &answers, left()).await;
-                    return Err(match e {
-                        e @ (TransportError::Timeout(..)
-                        | TransportError::Malformed(..)
-                        | TransportError::Status(..)) => e,
-                        other => TransportError::Malformed(node, other.to_string()),
-                    });
-                }
-            }
-        }
-        let Some(refused) = failed else {
-            return Ok(answers);
-        };
-        if !self.undo(node, &answers, left()).await {
-            return Err(TransportError::Malformed(
-                node,
-                "an atomic batch was refused, and a refund of its allowed checks failed".into(),
-            ));
-        }
-        if let Some(why) = refused {
-            return Ok(batch
-                .iter()
-                .map(|_| CheckAnswer::Refused(why.clone()))
-                .collect());
-        }
-        // Every answer says not allowed, as the node's own batch does:
-        // the allowed ones became denials, nothing stays counted.
-        let n = answers.len();
-        let mut out: Vec<CheckAnswer> = answers
+        self.batch(node, &batch, false, timeout)
+            .await?
             .into_iter()
-            .map(|a| match a {
-                CheckAnswer::Decided { outcome, quota, .. } => CheckAnswer::Decided {
-                    outcome: if outcome == Outcome::Allowed {
-                        Outcome::Denied
-                    } else {
-                        outcome
-                    },
-                    quota,
-                    receipt: None,
-                },
-                other => other,
-            })
-            .collect();
-        out.extend(batch[n..].iter().map(|_| CheckAnswer::Decided {
-            outcome: Outcome::Denied,
-            quota: None,
-            receipt: None,
-        }));
-        Ok(out)
+            .collect()
     }
 
     async fn refund(
@@ -457,25 +383,22 @@ impl Transport for HttpTransport {
 }
 
 impl HttpTransport {
-    /// Refunds the allowed answers of a batch being undone; false if one
-    /// could not be refunded.
-    async fn undo(&self, node: SocketAddr, answers: &[CheckAnswer], timeout: Duration) -> bool {
-        let mut all = true;
-        for a in answers {
-            if let CheckAnswer::Decided {
-                outcome: Outcome::Allowed,
-                receipt: Some(r),
-                ..
-            } = a
-            {
-                let ok = matches!(
-                    self.refund(node, r, timeout).await,
-                    Ok(RefundAnswer::Refunded { .. })
-                );
-                all &= ok;
-            }
-        }
-        all
+    /// `POST /v1/check/batch`: one result per check, in order.
+    async fn batch(
+        &self,
+        node: SocketAddr,
+        batch: &[CheckRequest],
+        independent: bool,
+        timeout: Duration,
+    ) -> Result<Vec<Result<CheckAnswer, TransportError>>, TransportError> {
+        let body = batch_body(batch, independent);
+        let (status, body) = tokio::time::timeout(
+            timeout,
+            self.request(node, http::Method::POST, "/v1/check/batch", body),
+        )
+        .await
+        .map_err(|_| TransportError::Timeout(node, timeout))??;
+        parse_batch(node, status, &body, batch.len())
     }
 }
 
@@ -551,6 +474,12 @@ pub fn parse_check(
         other => return Err(TransportError::Status(node, other)),
     }
     let v: Value = serde_json::from_slice(body).map_err(|e| malformed(&e.to_string()))?;
+    decision_of(node, &v)
+}
+
+/// A decision as the HTTP API writes it (alone, or as an item of a batch).
+fn decision_of(node: SocketAddr, v: &Value) -> Result<CheckAnswer, TransportError> {
+    let malformed = |why: &str| TransportError::Malformed(node, why.to_owned());
     let outcome = match v.get("outcome").and_then(Value::as_str) {
         Some("allowed") => Outcome::Allowed,
         Some("denied") => Outcome::Denied,
@@ -613,6 +542,71 @@ pub fn parse_refund(
         503 => Err(TransportError::Unavailable(node, why())),
         other => Err(TransportError::Status(node, other)),
     }
+}
+
+/// The JSON body of `POST /v1/check/batch`.
+pub fn batch_body(batch: &[CheckRequest], independent: bool) -> Bytes {
+    let checks = batch
+        .iter()
+        .map(|r| serde_json::from_slice::<Value>(&check_body(r)).unwrap_or(Value::Null))
+        .collect();
+    let mut map = serde_json::Map::with_capacity(2);
+    map.insert("checks".into(), Value::Array(checks));
+    map.insert("independent".into(), Value::Bool(independent));
+    Bytes::from(Value::Object(map).to_string())
+}
+
+/// Reads a node's answer to `POST /v1/check/batch` of `n` checks: one
+/// result per check. A batch refused as a whole (400, 413) is that
+/// refusal for every check; 503 is a node that decides nothing now.
+pub fn parse_batch(
+    node: SocketAddr,
+    status: u16,
+    body: &[u8],
+    n: usize,
+) -> Result<Vec<Result<CheckAnswer, TransportError>>, TransportError> {
+    match status {
+        200 | 429 => {}
+        400 | 413 => {
+            let why = error_message(body, "refused");
+            return Ok((0..n)
+                .map(|_| Ok(CheckAnswer::Refused(why.clone())))
+                .collect());
+        }
+        503 => {
+            return Err(TransportError::Unavailable(
+                node,
+                error_message(body, "unavailable"),
+            ))
+        }
+        other => return Err(TransportError::Status(node, other)),
+    }
+    let malformed = |why: &str| TransportError::Malformed(node, why.to_owned());
+    let v: Value = serde_json::from_slice(body).map_err(|e| malformed(&e.to_string()))?;
+    let results = v
+        .get("results")
+        .and_then(Value::as_array)
+        .ok_or_else(|| malformed("no results"))?;
+    if results.len() != n {
+        return Err(malformed(&format!(
+            "{} results for {n} checks",
+            results.len()
+        )));
+    }
+    Ok(results
+        .iter()
+        .map(|item| match item.get("error").and_then(Value::as_str) {
+            None => decision_of(node, item),
+            Some(why) => match item.get("status").and_then(Value::as_u64) {
+                Some(400 | 413) => Ok(CheckAnswer::Refused(why.to_owned())),
+                Some(503) => Err(TransportError::Unavailable(node, why.to_owned())),
+                other => Err(TransportError::Status(
+                    node,
+                    other.and_then(|s| u16::try_from(s).ok()).unwrap_or(500),
+                )),
+            },
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -129,3 +129,47 @@ fn receipts_and_refund_answers_parse() {
         .counted_nothing());
     assert!(parse_refund(node(), 200, b"{}").is_err(), "no amounts");
 }
+
+#[test]
+fn batch_answers_parse_per_check_and_refusals_of_the_whole_apply_to_each() {
+    let answer = br#"{"allowed":true,"results":[
+        {"allowed":true,"outcome":"allowed","rule":"r","limit":5,"window_ms":1000,"remaining":4,"receipt":"abc"},
+        {"status":400,"error":"bad name"},
+        {"status":503,"error":"recovering"}]}"#;
+    let items = parse_batch(node(), 200, answer, 3).unwrap();
+    assert!(matches!(
+        &items[0],
+        Ok(CheckAnswer::Decided { outcome: Outcome::Allowed, receipt: Some(r), .. }) if &**r == "abc"
+    ));
+    assert_eq!(items[1], Ok(CheckAnswer::Refused("bad name".into())));
+    assert!(matches!(items[2], Err(TransportError::Unavailable(..))));
+    // One result short is not a batch answer.
+    assert!(matches!(
+        parse_batch(node(), 200, answer, 4),
+        Err(TransportError::Malformed(..))
+    ));
+    let refused = parse_batch(node(), 400, br#"{"error":"check 1: bad"}"#, 2).unwrap();
+    assert_eq!(
+        refused,
+        vec![
+            Ok(CheckAnswer::Refused("check 1: bad".into())),
+            Ok(CheckAnswer::Refused("check 1: bad".into()))
+        ]
+    );
+    assert!(matches!(
+        parse_batch(node(), 503, b"{}", 2),
+        Err(TransportError::Unavailable(..))
+    ));
+    let body: Value = serde_json::from_slice(&batch_body(
+        &[CheckRequest {
+            fields: vec![("user".to_owned(), "a".to_owned())].into(),
+            cost: 2,
+            limit: None,
+        }],
+        true,
+    ))
+    .unwrap();
+    assert_eq!(body["independent"], true);
+    assert_eq!(body["checks"][0]["user"], "a");
+    assert_eq!(body["checks"][0]["cost"], 2);
+}

@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use drl::http::request::{CheckRequest, RefundRequest};
+use drl::http::request::{BatchRequest, CheckRequest, RefundRequest};
 use drl::resp::cell::{Throttle, KEY_FIELD};
 use drl::resp::parse::{parse_command, FrameLimits, Parsed};
 use drl_core::cluster::replication::{ReplicationConfig, Replicator};
@@ -108,8 +108,17 @@ pub fn snapshot(data: &[u8]) {
     let _ = snapshot::restore(&l, NOW, data);
 }
 
-/// A `POST /v1/check` body, then the check it asks for.
+/// A `POST /v1/check` body (and the same bytes as a batch body), then the
+/// check it asks for.
 pub fn check_body(data: &[u8]) {
+    // The same bytes as a `POST /v1/check/batch` body: each check's
+    // descriptors, as the route validates them.
+    if let Ok(batch) = BatchRequest::from_json(data) {
+        for request in &batch.checks {
+            let pairs = request.pairs();
+            let _ = pairs.descriptors();
+        }
+    }
     let Ok(request) = CheckRequest::from_json(data) else {
         return;
     };

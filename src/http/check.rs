@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::body::LimitedBody;
 use super::error::ApiError;
-use super::request::{CheckRequest, RefundRequest};
+use super::request::{BatchRequest, CheckRequest, RefundRequest};
 use super::{json_response, AppState, MAX_BODY_BYTES};
 use crate::metrics::Protocol;
 use crate::service::headers::{decision_headers, shadow_header};
@@ -50,6 +50,23 @@ struct ShadowAnswer<'a> {
     remaining: u64,
 }
 
+/// The answer to a batch: whether it was admitted (an atomic batch: every
+/// check counted; independent checks: always true) and one result per
+/// check, in order.
+#[derive(Serialize)]
+struct BatchAnswer<'a> {
+    allowed: bool,
+    results: Vec<BatchItem<'a>>,
+}
+
+/// One check's result in a batch: its decision, or why it was not decided.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BatchItem<'a> {
+    Decided(CheckAnswer<'a>),
+    Refused { status: u16, error: String },
+}
+
 #[derive(Serialize)]
 struct AllowAnswer {
     allowed: bool,
@@ -85,6 +102,143 @@ pub(crate) async fn check(
 ) -> Result<Response, ApiError> {
     let request = CheckRequest::from_json(&body)?;
     decide(&state, &request, Shape::Full).await
+}
+
+/// Largest batch body: room for [`super::request::MAX_BATCH`] checks.
+pub(super) const MAX_BATCH_BODY_BYTES: usize = 1024 * 1024;
+
+/// `POST /v1/check/batch`: many checks in one request. By default they
+/// are decided atomically, as one request through the node's decision path
+/// (every limit of every check admits and all are counted, or nothing is;
+/// a check that cannot be decided refuses the whole batch with 400); with
+/// `"independent": true` each on its own, a bad one getting its own error.
+/// The status is 429 for a refused atomic batch, 200 otherwise.
+pub(crate) async fn check_batch(
+    State(state): State<AppState>,
+    LimitedBody(body): LimitedBody<MAX_BATCH_BODY_BYTES>,
+) -> Result<Response, ApiError> {
+    let batch = BatchRequest::from_json(&body)?;
+    if batch.independent {
+        return Ok(decide_each(&state, &batch.checks).await);
+    }
+    let pairs: Vec<_> = batch.checks.iter().map(CheckRequest::pairs).collect();
+    let mut checks = Vec::with_capacity(pairs.len());
+    for (i, (pairs, request)) in pairs.iter().zip(&batch.checks).enumerate() {
+        let d = pairs
+            .descriptors()
+            .map_err(|e| ApiError::bad_request(format!("check {i}: {e}")))?;
+        let check = check_of(&state, d, request)
+            .map_err(|e| ApiError::bad_request(format!("check {i}: {e}")))?;
+        checks.push(check);
+    }
+    let decided = state
+        .service()
+        .decide(Protocol::Http, &checks)
+        .await
+        .map_err(|e| ApiError::from_check(e, state.service()))?;
+    let batch_decision = decided.decision();
+    let allowed = batch_decision.is_allowed();
+    let results = checks
+        .iter()
+        .zip(decided.each())
+        .map(|(check, decision)| {
+            state.service().count(Protocol::Http, decision);
+            let mut body = if allowed {
+                let receipt = state.service().decider().receipt(check, decision);
+                answer_body(decision, receipt)
+            } else {
+                answer_body(decision, None)
+            };
+            if !allowed && decision.outcome == Outcome::Allowed {
+                // Counted nothing: another check of the batch was refused.
+                body.allowed = false;
+                body.outcome = "denied";
+                body.retry_after_ms = batch_decision.quota.map(|q| q.retry_after.as_millis_ceil());
+                body.message =
+                    Some("not counted: another check of this atomic batch was refused".into());
+            }
+            BatchItem::Decided(body)
+        })
+        .collect();
+    let status = if allowed {
+        StatusCode::OK
+    } else {
+        StatusCode::TOO_MANY_REQUESTS
+    };
+    let mut response = json_response(status, &BatchAnswer { allowed, results });
+    if let Some(q) = batch_decision.quota {
+        decision_headers(
+            response.headers_mut(),
+            batch_decision.outcome,
+            q.rule.as_str(),
+            &q,
+        );
+    }
+    Ok(response)
+}
+
+/// Independent checks of a batch, each decided (or refused) on its own.
+async fn decide_each(state: &AppState, requests: &[CheckRequest<'_>]) -> Response {
+    let mut decisions = Vec::with_capacity(requests.len());
+    for request in requests {
+        let pairs = request.pairs();
+        let decided = match pairs.descriptors() {
+            Err(e) => Err(ApiError::bad_request(e.to_string())),
+            Ok(d) => match check_of(state, d, request) {
+                Err(e) => Err(ApiError::from_check(e, state.service())),
+                Ok(check) => match state
+                    .service()
+                    .decide(Protocol::Http, std::slice::from_ref(&check))
+                    .await
+                {
+                    Err(e) => Err(ApiError::from_check(e, state.service())),
+                    Ok(decided) => {
+                        let decision = decided.decision();
+                        let receipt = state.service().decider().receipt(&check, &decision);
+                        Ok((decision, receipt))
+                    }
+                },
+            },
+        };
+        decisions.push(decided);
+    }
+    let results = decisions
+        .iter()
+        .map(|d| match d {
+            Ok((decision, receipt)) => {
+                state.service().count(Protocol::Http, decision);
+                BatchItem::Decided(answer_body(decision, receipt.clone()))
+            }
+            Err(e) => BatchItem::Refused {
+                status: e.status.as_u16(),
+                error: e.message.clone(),
+            },
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &BatchAnswer {
+            allowed: true,
+            results,
+        },
+    )
+}
+
+/// The check of `request`'s descriptors `d`, with the request's own limit
+/// if it carries one.
+fn check_of<'d>(
+    state: &AppState,
+    d: drl_core::descriptor::Descriptors<'d>,
+    request: &CheckRequest<'_>,
+) -> Result<Check<'d>, CheckError> {
+    Ok(match &request.limit {
+        None => Check::new(d, request.cost),
+        Some(spec) => {
+            let policy = state.service().decider().limiter().request_limit_policy();
+            let limit = RequestLimit::new(spec, policy).map_err(CheckError::from)?;
+            Check::with_limit(d, request.cost, Arc::new(limit))
+        }
+    })
 }
 
 pub(crate) async fn allow(
@@ -161,14 +315,8 @@ async fn decide(
 ) -> Result<Response, ApiError> {
     let pairs = request.pairs();
     let d = pairs.descriptors()?;
-    let check = match &request.limit {
-        None => Check::new(d, request.cost),
-        Some(spec) => {
-            let policy = state.service().decider().limiter().request_limit_policy();
-            let limit = RequestLimit::new(spec, policy).map_err(CheckError::from)?;
-            Check::with_limit(d, request.cost, Arc::new(limit))
-        }
-    };
+    let check =
+        check_of(state, d, request).map_err(|e| ApiError::from_check(e, state.service()))?;
     let decided = state
         .service()
         .decide(Protocol::Http, std::slice::from_ref(&check))
@@ -199,24 +347,37 @@ fn answer(
     let allowed = decision.outcome == Outcome::Allowed;
     let mut response = match shape {
         Shape::Tiny => json_response(status, &AllowAnswer { allowed }),
-        Shape::Full => {
-            let body = match deciding {
-                None => CheckAnswer {
-                    allowed,
-                    outcome: "allowed",
-                    rule: None,
-                    limit: None,
-                    window_ms: None,
-                    remaining: None,
-                    reset_ms: None,
-                    retry_after_ms: None,
-                    message: None,
-                    receipt: None,
-                    shadow: shadow_answer(decision),
-                },
-                Some((q, rule)) => {
-                    let never = decision.outcome == Outcome::Never;
-                    CheckAnswer {
+        Shape::Full => json_response(status, &answer_body(decision, receipt)),
+    };
+    if let Some((q, rule)) = deciding {
+        decision_headers(response.headers_mut(), decision.outcome, rule, &q);
+    }
+    if let Some(s) = &decision.shadow {
+        shadow_header(response.headers_mut(), s);
+    }
+    response.into_response()
+}
+
+/// The body of a full decision.
+fn answer_body(decision: &Decision, receipt: Option<String>) -> CheckAnswer<'_> {
+    let allowed = decision.outcome == Outcome::Allowed;
+    match decision.quota.as_ref().map(|q| (q, q.rule.as_str())) {
+        None => CheckAnswer {
+            allowed,
+            outcome: "allowed",
+            rule: None,
+            limit: None,
+            window_ms: None,
+            remaining: None,
+            reset_ms: None,
+            retry_after_ms: None,
+            message: None,
+            receipt: None,
+            shadow: shadow_answer(decision),
+        },
+        Some((q, rule)) => {
+            let never = decision.outcome == Outcome::Never;
+            CheckAnswer {
                         allowed,
                         outcome: match decision.outcome {
                             Outcome::Allowed => "allowed",
@@ -242,18 +403,8 @@ fn answer(
                         receipt,
                         shadow: shadow_answer(decision),
                     }
-                }
-            };
-            json_response(status, &body)
         }
-    };
-    if let Some((q, rule)) = deciding {
-        decision_headers(response.headers_mut(), decision.outcome, rule, &q);
     }
-    if let Some(s) = &decision.shadow {
-        shadow_header(response.headers_mut(), s);
-    }
-    response.into_response()
 }
 
 fn shadow_answer(decision: &Decision) -> Option<ShadowAnswer<'static>> {

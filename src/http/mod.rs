@@ -86,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .layer(rules_limit);
     let api = Router::new()
         .route("/v1/check", post(check::check))
+        .route("/v1/check/batch", post(check::check_batch))
         .route("/v1/allow", get(check::allow).head(check::head_allow))
         .route("/v1/refund", post(check::refund))
         .route("/healthz", get(healthz))

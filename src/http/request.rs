@@ -113,6 +113,56 @@ impl<'a> CheckRequest<'a> {
     }
 }
 
+/// Most checks in one batch (the gRPC `CheckBatch` limit too).
+pub const MAX_BATCH: usize = 1_000;
+
+/// A batch of checks: `{"checks": [{...}, ...], "independent": false}`.
+/// Each check is an object as `POST /v1/check` takes it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest<'a> {
+    /// The checks, in order.
+    #[serde(borrow)]
+    pub checks: Vec<CheckRequest<'a>>,
+    /// Decide each check on its own rather than all together.
+    #[serde(default)]
+    pub independent: bool,
+}
+
+impl<'a> BatchRequest<'a> {
+    /// Parses a batch body; refuses an empty batch and one of more than
+    /// [`MAX_BATCH`] checks.
+    pub fn from_json(body: &'a [u8]) -> Result<BatchRequest<'a>, RequestError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(RequestError(
+                "the body is empty: send {\"checks\": [...]} with one object of descriptor fields per check".into(),
+            ));
+        }
+        let batch: BatchRequest<'a> = serde_json::from_slice(body).map_err(|e| {
+            RequestError(format!(
+                "{} (a batch is {{\"checks\": [...], \"independent\": false}})",
+                describe_json_error(&e)
+            ))
+        })?;
+        if batch.checks.is_empty() {
+            return Err(RequestError("the batch holds no check".into()));
+        }
+        if batch.checks.len() > MAX_BATCH {
+            return Err(RequestError(format!(
+                "at most {MAX_BATCH} checks fit in one batch, got {}",
+                batch.checks.len()
+            )));
+        }
+        Ok(batch)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for CheckRequest<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(RequestVisitor)
+    }
+}
+
 /// A refund request: `{"receipt": "..."}` and nothing else.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefundRequest<'a> {
