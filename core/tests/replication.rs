@@ -989,3 +989,62 @@ fn a_link_silent_one_way_is_named_for_a_reset_by_the_end_that_stopped_hearing() 
     );
     assert_eq!(after[2], 0, "the resumed node accused nobody");
 }
+
+/// Keys (their limit and key digest) carried by Delta frames of `t`.
+fn delta_keys(frames: &[drl_core::cluster::replication::Transmit]) -> Vec<(u64, u64)> {
+    let mut keys = Vec::new();
+    for t in frames {
+        if let Ok(Frame::Delta(s)) = Frame::decode(&t.bytes) {
+            for g in &s.groups {
+                keys.extend(g.keys.iter().map(|k| (g.limit, k.key)));
+            }
+        }
+    }
+    keys
+}
+
+#[test]
+fn a_key_of_several_lost_rounds_is_sent_again_once() {
+    let (l, clock) = lone_limiter(0, 3);
+    let mut r = Replicator::new(
+        ReplicationConfig::new(NodeSlot::new(0), "node-0"),
+        1,
+        false,
+        clock.as_ref().now_value(),
+    );
+    r.add_peer(NodeSlot::new(1));
+    r.peer_connected(clock.as_ref().now_value(), NodeSlot::new(1), 0);
+    let drain = |r: &mut Replicator| std::iter::from_fn(|| r.poll_transmit()).collect::<Vec<_>>();
+    drain(&mut r);
+    // The same user in three rounds, and another in the second: all lost.
+    let step = r.config().sync_interval;
+    for user in [&["hot"][..], &["hot", "cold"], &["hot"]] {
+        for u in user {
+            let d = [("user", *u)];
+            assert!(l
+                .check(&Descriptors::new(&d).unwrap(), 1)
+                .unwrap()
+                .is_allowed());
+        }
+        clock.advance(step);
+        r.handle_timeout(clock.as_ref().now_value(), &l);
+        assert!(
+            !delta_keys(&drain(&mut r)).is_empty(),
+            "a round was shipped"
+        );
+    }
+    assert!(r.unacked_rounds() >= 3);
+    // Past the resend time: every lost round is owed again, each key once.
+    clock.advance(r.config().retransmit_after);
+    r.handle_timeout(clock.as_ref().now_value(), &l);
+    let mut resent = delta_keys(&drain(&mut r));
+    let all = resent.len();
+    resent.sort();
+    resent.dedup();
+    assert_eq!(
+        resent.len(),
+        2,
+        "the hot and the cold user's keys: {resent:?}"
+    );
+    assert_eq!(all, 2, "each sent once, not once per lost round");
+}

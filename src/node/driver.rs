@@ -107,6 +107,12 @@ impl Driver {
                 // below would otherwise never reach its timer branch, and a
                 // busy node would stop shipping and resending.
                 self.on_timeout().await;
+                // And when a pass of the timers takes longer than their
+                // period, the next is due at once: without this, an
+                // overloaded node would only ever run timers, never hear
+                // the acknowledgements that end its resends, and never
+                // take a command.
+                self.take_queued(&mut incoming, &mut commands);
                 self.flush();
                 continue;
             }
@@ -117,13 +123,11 @@ impl Driver {
                 event = incoming.recv() => {
                     let Some(event) = event else { break };
                     self.on_incoming(event);
-                    // Take whatever else is already queued before sending.
-                    for _ in 0..256 {
-                        match incoming.try_recv() {
-                            Ok(event) => self.on_incoming(event),
-                            Err(_) => break,
-                        }
-                    }
+                    // Take whatever else is already queued before sending;
+                    // with frames always queued, the biased select would
+                    // never reach the commands (a rules change, a check
+                    // waiting to confirm): each batch of frames lets some in.
+                    self.take_queued(&mut incoming, &mut commands);
                 }
                 Some(command) = commands.recv() => self.on_command(command),
                 _ = wake.notified() => {
@@ -135,6 +139,26 @@ impl Driver {
             self.flush();
         }
         self.finish().await;
+    }
+
+    /// Takes a bounded batch of what is queued: frames, then commands.
+    fn take_queued(
+        &mut self,
+        incoming: &mut mpsc::Receiver<Incoming>,
+        commands: &mut mpsc::Receiver<Command>,
+    ) {
+        for _ in 0..256 {
+            match incoming.try_recv() {
+                Ok(event) => self.on_incoming(event),
+                Err(_) => break,
+            }
+        }
+        for _ in 0..64 {
+            match commands.try_recv() {
+                Ok(command) => self.on_command(command),
+                Err(_) => break,
+            }
+        }
     }
 
     fn on_incoming(&mut self, event: Incoming) {

@@ -2,7 +2,7 @@
 //! changed go to every peer; rounds a peer has not acknowledged in time go
 //! again with current values; acknowledged rounds settle their hits.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{ReplicaStore, Replicator, Transmit};
 use crate::cluster::store::CounterKey;
@@ -149,6 +149,14 @@ impl Replicator {
     /// acknowledged in time; a peer that keeps missing gets a full sync.
     pub(super) fn resend_lost(&mut self, now: Nanos, store: &(impl ReplicaStore + ?Sized)) {
         self.resend_sync_chunks(now);
+        // A resent frame that was lost too leaves its alias behind: drop
+        // those whose rounds are all settled, once they outnumber the
+        // rounds still open (amortised over the resends that made them).
+        if self.aliases.len() > 2 * self.rounds.len() + 1024 {
+            let rounds = &self.rounds;
+            self.aliases
+                .retain(|_, originals| originals.iter().any(|r| rounds.contains_key(r)));
+        }
         let mut per_peer: BTreeMap<NodeSlot, Vec<u64>> = BTreeMap::new();
         for (&id, r) in &self.rounds {
             if now.saturating_sub(r.sent_at) >= self.cfg.retransmit_after {
@@ -179,6 +187,8 @@ impl Replicator {
             let mut packer = self.delta_packer(now);
             // (resent frame, the lost round whose key it carries again)
             let mut alias_of: Vec<(u64, u64)> = Vec::new();
+            // A key of several lost rounds goes once, with its values now.
+            let mut packed: HashMap<CounterKey, u64> = HashMap::new();
             for id in &ids {
                 let Some(round) = self.rounds.get_mut(id) else {
                     continue;
@@ -186,17 +196,25 @@ impl Replicator {
                 round.resends += 1;
                 round.sent_at = now;
                 for rec in &round.records {
-                    if let Some(v) = store.slot_values(now, rec.counter, own) {
-                        let r = packer.push(
-                            rec.counter.limit.0,
-                            v.newest,
-                            KeySlots {
-                                key: rec.counter.key.0,
-                                buckets: v.buckets,
-                            },
-                        );
-                        alias_of.push((r, *id));
-                    }
+                    let r = match packed.get(&rec.counter) {
+                        Some(&r) => r,
+                        None => {
+                            let Some(v) = store.slot_values(now, rec.counter, own) else {
+                                continue;
+                            };
+                            let r = packer.push(
+                                rec.counter.limit.0,
+                                v.newest,
+                                KeySlots {
+                                    key: rec.counter.key.0,
+                                    buckets: v.buckets,
+                                },
+                            );
+                            packed.insert(rec.counter, r);
+                            r
+                        }
+                    };
+                    alias_of.push((r, *id));
                 }
             }
             let frames = packer.finish();
