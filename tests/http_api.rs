@@ -517,6 +517,23 @@ async fn bad_input_is_refused_and_changes_nothing() {
             400,
         ),
         ("/v1/refund", huge, 413),
+        // An atomic batch with one bad check counts none of them.
+        (
+            "/v1/check/batch",
+            r#"{"checks":[{"user":"gina","endpoint":"/v1/search"},{"user":"gina","endpoint":"/v1/unknown"}]}"#.into(),
+            400,
+        ),
+        (
+            "/v1/check/batch",
+            r#"{"checks":[{"user":"gina","endpoint":"/v1/search"},{"user":"gina"}]}"#.into(),
+            400,
+        ),
+        (
+            "/v1/check/batch",
+            r#"{"checks":[{"user":"gina","endpoint":"/v1/search","cost":-1}]}"#.into(),
+            400,
+        ),
+        ("/v1/check/batch", g(r#""cost":1"#), 400),
     ];
     let mut cases: Vec<(String, String, Vec<u8>, u16)> = json_cases
         .into_iter()
@@ -574,6 +591,13 @@ async fn bad_input_is_refused_and_changes_nothing() {
             a.text()
         );
         assert!(header(&a, "ratelimit").is_none());
+        if path.ends_with("/batch") && a.text().contains("endpoint") {
+            assert!(
+                a.text().contains("check 1"),
+                "names the bad check: {}",
+                a.text()
+            );
+        }
         assert_eq!(
             probe(&node).await,
             baseline,

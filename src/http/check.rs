@@ -123,10 +123,18 @@ pub(crate) async fn check_batch(
     }
     let pairs: Vec<_> = batch.checks.iter().map(CheckRequest::pairs).collect();
     let mut checks = Vec::with_capacity(pairs.len());
+    // The rules' endpoint list is checked here too, so that a refusal
+    // names its check (the decision would refuse it without the number).
+    let rules = state.service().decider().limiter().rules();
     for (i, (pairs, request)) in pairs.iter().zip(&batch.checks).enumerate() {
         let d = pairs
             .descriptors()
             .map_err(|e| ApiError::bad_request(format!("check {i}: {e}")))?;
+        if request.limit.is_none() {
+            rules
+                .check_endpoint(&d)
+                .map_err(|e| ApiError::bad_request(format!("check {i}: {e}")))?;
+        }
         let check = check_of(&state, d, request)
             .map_err(|e| ApiError::bad_request(format!("check {i}: {e}")))?;
         checks.push(check);
