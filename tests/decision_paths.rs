@@ -18,7 +18,6 @@
 mod paths_support;
 mod support;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::Code;
@@ -28,7 +27,6 @@ use tonic::transport::Channel;
 
 use drl::grpc::pb::rate_limiter_client::RateLimiterClient;
 use drl::grpc::pb::CheckRequest;
-use drl_core::decide::Decider;
 
 use paths_support::{descriptor, matrix_rules, Nodes, Path, PATHS};
 use support::cluster::LocalCluster;
@@ -199,29 +197,24 @@ async fn two_limits_are_confirmed_together_through_the_middleware_and_the_sdk() 
             "{kind}: a per-user limit of 5 over three nodes"
         );
         // The route was charged for the five admitted only, on every node.
-        let deciders: Vec<Arc<Decider>> = nodes
-            .servers
-            .iter()
-            .map(|r| Arc::new(r.decider.clone()))
-            .collect();
-        for (i, decider) in deciders.iter().enumerate() {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let pairs = [("route", "/search")];
-                let d = drl_core::descriptor::Descriptors::new(&pairs).unwrap();
-                let left = decider.check(&d, 0).await.unwrap().quota.unwrap().remaining;
-                if left == 95 {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{kind}: node {i} sees {left} left of the route, not 95"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        route_left_everywhere(&nodes, "/search", 95, kind).await;
         nodes.stop().await;
     }
+}
+
+/// `POST /v1/check/batch` of `body` on `conn`.
+async fn post_batch(
+    conn: &mut drl::http::client::Connection,
+    body: &str,
+) -> drl::http::client::Answer {
+    conn.request(
+        "POST",
+        "/v1/check/batch",
+        &[("content-type", "application/json")],
+        body.as_bytes(),
+    )
+    .await
+    .unwrap()
 }
 
 /// What `route` has left on every node, once they agree on `expected`.
@@ -272,15 +265,7 @@ async fn an_http_batch_is_atomic_over_three_nodes_and_independent_checks_stand_a
     );
     let mut admitted = 0;
     for i in 0..20 {
-        let a = conns[i % 3]
-            .request(
-                "POST",
-                "/v1/check/batch",
-                &[("content-type", "application/json")],
-                atomic.as_bytes(),
-            )
-            .await
-            .unwrap();
+        let a = post_batch(&mut conns[i % 3], &atomic).await;
         let v: serde_json::Value = serde_json::from_str(&a.text()).unwrap();
         let results = v["results"].as_array().unwrap();
         assert_eq!(results.len(), 2, "{v}");
@@ -313,15 +298,7 @@ async fn an_http_batch_is_atomic_over_three_nodes_and_independent_checks_stand_a
         false,
         serde_json::json!([{ "route": "/search" }, { "Bad Name": "x" }]),
     );
-    let a = conns[0]
-        .request(
-            "POST",
-            "/v1/check/batch",
-            &[("content-type", "application/json")],
-            bad.as_bytes(),
-        )
-        .await
-        .unwrap();
+    let a = post_batch(&mut conns[0], &bad).await;
     assert_eq!(a.status, 400, "{}", a.text());
     assert!(a.text().contains("check 1"), "{}", a.text());
     route_left_everywhere(&nodes, "/search", 95, "a refused batch").await;
@@ -331,15 +308,7 @@ async fn an_http_batch_is_atomic_over_three_nodes_and_independent_checks_stand_a
         true,
         serde_json::json!([{ "route": "/search" }, { "Bad Name": "x" }, { "user": "alice" }]),
     );
-    let a = conns[1]
-        .request(
-            "POST",
-            "/v1/check/batch",
-            &[("content-type", "application/json")],
-            independent.as_bytes(),
-        )
-        .await
-        .unwrap();
+    let a = post_batch(&mut conns[1], &independent).await;
     assert_eq!(a.status, 200, "{}", a.text());
     let v: serde_json::Value = serde_json::from_str(&a.text()).unwrap();
     assert_eq!(v["results"][0]["allowed"], true, "{v}");
@@ -355,30 +324,14 @@ async fn an_http_batch_is_atomic_over_three_nodes_and_independent_checks_stand_a
         r#"{"checks": [{"route": "/search"}], "atomic": true}"#,
         r#"{"checks": {"route": "/search"}}"#,
     ] {
-        let a = conns[2]
-            .request(
-                "POST",
-                "/v1/check/batch",
-                &[("content-type", "application/json")],
-                body.as_bytes(),
-            )
-            .await
-            .unwrap();
+        let a = post_batch(&mut conns[2], body).await;
         assert_eq!(a.status, 400, "{body:?}: {}", a.text());
     }
     let too_many = batch(
         false,
         serde_json::Value::Array(vec![serde_json::json!({ "route": "/search" }); 1001]),
     );
-    let a = conns[2]
-        .request(
-            "POST",
-            "/v1/check/batch",
-            &[("content-type", "application/json")],
-            too_many.as_bytes(),
-        )
-        .await
-        .unwrap();
+    let a = post_batch(&mut conns[2], &too_many).await;
     assert_eq!(a.status, 400, "{}", a.text());
     route_left_everywhere(&nodes, "/search", 94, "refused bodies").await;
     nodes.stop().await;

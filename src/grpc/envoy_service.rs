@@ -21,10 +21,8 @@ use super::envoy_request::RlsRequest;
 use super::state::{rule_name, GrpcState};
 use crate::service::headers::{decision_headers, shadow_header};
 use drl_core::descriptor::Descriptors;
-use std::sync::Arc;
 
-use drl_core::limiter::{Check, Decided, Decision, Outcome};
-use drl_core::rules::request::RequestLimit;
+use drl_core::limiter::{Decided, Decision, Outcome};
 use drl_core::time::Nanos;
 
 /// The Envoy rate limit service of one node.
@@ -49,20 +47,12 @@ impl EnvoyRateLimit {
             // Parsing checked every set already.
             let d = Descriptors::new(pairs)
                 .map_err(|e| self.state.refuse(Status::invalid_argument(e.to_string())))?;
-            checks.push(match &check.limit {
-                None => Check::new(d, check.cost),
-                Some(spec) => {
-                    let policy = self
-                        .state
-                        .service()
-                        .decider()
-                        .limiter()
-                        .request_limit_policy();
-                    let limit = RequestLimit::new(spec, policy)
-                        .map_err(|e| self.state.refuse_check(e.into()))?;
-                    Check::with_limit(d, check.cost, Arc::new(limit))
-                }
-            });
+            let limiter = self.state.service().decider().limiter();
+            checks.push(
+                limiter
+                    .request_check(d, check.cost, check.limit.as_ref())
+                    .map_err(|e| self.state.refuse_check(e))?,
+            );
         }
         let decided = self
             .state

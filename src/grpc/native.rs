@@ -16,10 +16,9 @@ use super::pb::{
 };
 use super::state::{check_status, rule_name, GrpcState};
 use drl_core::descriptor::Descriptors;
-use std::sync::Arc;
 
-use drl_core::limiter::{Check, CheckError, Decision, Outcome};
-use drl_core::rules::request::{LimitSpec, RequestLimit};
+use drl_core::limiter::{Check, Decision, Outcome};
+use drl_core::rules::request::LimitSpec;
 
 /// Most checks in one `CheckBatch` call (Gubernator's limit too).
 pub const MAX_BATCH: usize = 1_000;
@@ -60,10 +59,7 @@ impl NativeRateLimiter {
         request: &CheckRequest,
     ) -> Result<Check<'d>, Status> {
         let cost = request.cost.unwrap_or(1);
-        let Some(spec) = &request.limit else {
-            return Ok(Check::new(d, cost));
-        };
-        let spec = LimitSpec {
+        let spec = request.limit.as_ref().map(|spec| LimitSpec {
             algorithm: spec.algorithm.clone(),
             limit: spec.limit,
             window: spec.window.clone(),
@@ -74,16 +70,13 @@ impl NativeRateLimiter {
             per: spec.per.clone(),
             burst: spec.burst,
             granularity: spec.granularity.clone(),
-        };
-        let policy = self
-            .state
+        });
+        self.state
             .service()
             .decider()
             .limiter()
-            .request_limit_policy();
-        let limit =
-            RequestLimit::new(&spec, policy).map_err(|e| check_status(&CheckError::from(e)))?;
-        Ok(Check::with_limit(d, cost, Arc::new(limit)))
+            .request_check(d, cost, spec.as_ref())
+            .map_err(|e| check_status(&e))
     }
 
     /// The answer to one decided check, with the sealed receipt a refund

@@ -11,10 +11,8 @@ use super::request::{BatchRequest, CheckRequest, RefundRequest};
 use super::{json_response, AppState, MAX_BODY_BYTES};
 use crate::metrics::Protocol;
 use crate::service::headers::{decision_headers, shadow_header};
-use std::sync::Arc;
 
 use drl_core::limiter::{Check, CheckError, Decision, Outcome};
-use drl_core::rules::request::RequestLimit;
 
 /// The answer to a check.
 #[derive(Serialize)]
@@ -239,14 +237,11 @@ fn check_of<'d>(
     d: drl_core::descriptor::Descriptors<'d>,
     request: &CheckRequest<'_>,
 ) -> Result<Check<'d>, CheckError> {
-    Ok(match &request.limit {
-        None => Check::new(d, request.cost),
-        Some(spec) => {
-            let policy = state.service().decider().limiter().request_limit_policy();
-            let limit = RequestLimit::new(spec, policy).map_err(CheckError::from)?;
-            Check::with_limit(d, request.cost, Arc::new(limit))
-        }
-    })
+    state
+        .service()
+        .decider()
+        .limiter()
+        .request_check(d, request.cost, request.limit.as_ref())
 }
 
 pub(crate) async fn allow(

@@ -5,8 +5,6 @@
 //! limit if the request carries one; the cost is ignored), count nothing,
 //! and sit behind the admin token.
 
-use std::sync::Arc;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -17,8 +15,7 @@ use super::body::LimitedBody;
 use super::error::ApiError;
 use super::request::CheckRequest;
 use super::{json_response, AppState, MAX_BODY_BYTES};
-use drl_core::limiter::{Check, CheckError, CounterView};
-use drl_core::rules::request::RequestLimit;
+use drl_core::limiter::CounterView;
 
 #[derive(Serialize)]
 struct CounterAnswer {
@@ -89,14 +86,7 @@ fn views(state: &AppState, body: &[u8]) -> Result<Vec<CounterView>, ApiError> {
     let pairs = request.pairs();
     let d = pairs.descriptors()?;
     let limiter = state.service().decider().limiter();
-    let check = match &request.limit {
-        None => Check::new(d, 0),
-        Some(spec) => {
-            let limit = RequestLimit::new(spec, limiter.request_limit_policy())
-                .map_err(CheckError::from)?;
-            Check::with_limit(d, 0, Arc::new(limit))
-        }
-    };
+    let check = limiter.request_check(d, 0, request.limit.as_ref())?;
     Ok(limiter.counters(&check)?)
 }
 

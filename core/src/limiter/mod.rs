@@ -29,7 +29,7 @@ use crate::algorithm::RateAlgorithm;
 use crate::clock::SystemClock;
 use crate::descriptor::{self, DescriptorError, Descriptors};
 use crate::key::{CounterKey, KeyHasher, KeySeed, LimitId};
-use crate::rules::request::{RequestLimitError, RequestLimitPolicy};
+use crate::rules::request::{LimitSpec, RequestLimit, RequestLimitError, RequestLimitPolicy};
 use crate::rules::{RuleSet, UnknownEndpoint};
 use crate::share::ShareView;
 use crate::slot::{NodeSlot, SLOT_SPACE};
@@ -344,6 +344,23 @@ impl<C: Clock> Limiter<C> {
     /// (`RequestLimit::new`).
     pub fn request_limit_policy(&self) -> &RequestLimitPolicy {
         self.requests.policy()
+    }
+
+    /// The check of `d` at `cost` a front-end builds from a request:
+    /// against the rules, or, when the request carries a limit of its own,
+    /// against that limit alone, refused when it is beyond this node's
+    /// policy (nothing counted).
+    pub fn request_check<'d>(
+        &self,
+        d: Descriptors<'d>,
+        cost: u32,
+        limit: Option<&LimitSpec>,
+    ) -> Result<Check<'d>, CheckError> {
+        let Some(spec) = limit else {
+            return Ok(Check::new(d, cost));
+        };
+        let limit = RequestLimit::new(spec, self.request_limit_policy())?;
+        Ok(Check::with_limit(d, cost, Arc::new(limit)))
     }
 
     /// Distinct parameter sets of request-defined limits remembered now.
